@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+# Both create .venv when missing and install the project into it (idempotent: a stamp file
+# skips the install until pyproject.toml changes).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch first and exactly: pip takes 2.13.0 from a local CPU wheel; a looser request pulls a CUDA build.
+TORCH := torch==2.13.0
+PYTEST_WORKERS ?= 2
+
+.PHONY: run test test-slow lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/meshserve demo
+
+test: $(STAMP)
+	$(BIN)/ruff check meshserve tests benchmarks
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check meshserve tests benchmarks
+	$(BIN)/ruff format --check meshserve tests benchmarks
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache

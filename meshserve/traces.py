@@ -1,0 +1,110 @@
+"""Expert-load traces: the one format the serving engine writes and the wafer simulator replays.
+
+A trace holds, for every recorded step and MoE layer, how many tokens the router sent to each
+expert: ``counts[step, layer, expert]`` (int64, >= 0). Metadata says where it came from. It is
+stored as a single ``.npz`` file (``counts`` + ``meta`` as JSON) and written atomically, so a
+crashed writer never leaves half a file. See docs/traces.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meshserve.errors import InputError
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExpertTrace:
+    """Tokens routed to each expert, per step and MoE layer.
+
+    counts: int64 array [steps, layers, experts]; a token routed top-k counts k times per layer.
+    model: model name the trace belongs to (a preset name, or the HF model directory's name).
+    top_k: experts per token, so tokens per step = counts[s, l].sum() / top_k.
+    source: who made it, e.g. "engine" or "synthetic:fixed".
+    meta: anything else worth keeping (seed, generator parameters, engine settings).
+    """
+
+    counts: np.ndarray
+    model: str
+    top_k: int
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        counts = np.asarray(self.counts)
+        if counts.ndim != 3:
+            raise InputError("counts", f"must have shape [steps, layers, experts], got {counts.shape}")
+        if counts.size and (not np.issubdtype(counts.dtype, np.integer) or counts.min() < 0):
+            raise InputError("counts", "must be non-negative integers")
+        if self.top_k < 1 or self.top_k > max(counts.shape[2], 1):
+            raise InputError("top_k", f"must be in [1, {counts.shape[2]}] (experts), got {self.top_k}")
+        object.__setattr__(self, "counts", counts.astype(np.int64, copy=False))
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.counts.shape[1])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.counts.shape[2])
+
+    def tokens_per_step(self) -> np.ndarray:
+        """Tokens routed per step (float: mean over layers of counts / top_k)."""
+        return self.counts.sum(axis=2).mean(axis=1) / self.top_k
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically to ``path`` (.npz); returns the path written."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {
+            "format_version": FORMAT_VERSION,
+            "model": self.model,
+            "top_k": self.top_k,
+            "source": self.source,
+            "meta": self.meta,
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez_compressed(fh, counts=self.counts, meta=np.array(json.dumps(header)))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ExpertTrace:
+        """Read a trace written by :meth:`save`; a bad file raises InputError naming it."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError("trace", f"no such file: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                counts = data["counts"]
+                header = json.loads(str(data["meta"]))
+        except (OSError, ValueError, KeyError) as err:
+            raise InputError("trace", f"{path} is not a meshserve expert trace ({err})") from err
+        version = header.get("format_version")
+        if version != FORMAT_VERSION:
+            raise InputError("trace", f"{path}: format_version {version}, this meshserve reads {FORMAT_VERSION}")
+        return cls(
+            counts=counts,
+            model=header["model"],
+            top_k=int(header["top_k"]),
+            source=header["source"],
+            meta=header.get("meta", {}),
+        )
