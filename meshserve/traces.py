@@ -100,7 +100,9 @@ class ExpertTrace:
             raise InputError("trace", f"{path} is not a meshserve expert trace ({err})") from err
         version = header.get("format_version")
         if version != FORMAT_VERSION:
-            raise InputError("trace", f"{path}: format_version {version}, this meshserve reads {FORMAT_VERSION}")
+            raise InputError(
+                "trace", f"{path}: format_version {version}, this meshserve reads {FORMAT_VERSION}"
+            )
         return cls(
             counts=counts,
             model=header["model"],

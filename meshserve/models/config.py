@@ -1,0 +1,173 @@
+"""ModelConfig: the few numbers the engine and the layers need, parsed from a Hugging Face config.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from meshserve.errors import InputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Map "float32" / "bfloat16" (or the torch dtypes themselves) to a torch dtype."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise InputError("dtype", f"unsupported dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+
+
+@dataclass
+class ModelConfig:
+    """Model shape and options. The first block is the engine's contract; the rest feeds the layers."""
+
+    name: str
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    dtype: torch.dtype
+    num_experts: int = 0
+    top_k: int = 0
+    num_moe_layers: int = 0
+
+    intermediate_size: int = 0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    moe_layers: list[int] = field(default_factory=list)
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+
+def _get(hf: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    """Read one config.json field, checking its type; a missing field without default is an error."""
+    value = hf.get(key, default)
+    if value is None and default is None:
+        raise InputError(f"config.json:{key}", "missing required field")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InputError(f"config.json:{key}", f"expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def positive(hf: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = _get(hf, key, int, default)
+    if value <= 0:
+        raise InputError(f"config.json:{key}", f"must be a positive integer, got {value}")
+    return value
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """rope_theta and rope_scaling from either the classic fields or transformers v5 `rope_parameters`."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict):
+        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = _get(hf, "rope_theta", float, 10000.0)
+        scaling = hf.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise InputError("config.json:rope_scaling", f"expected an object or null, got {scaling!r}")
+    if scaling:
+        scaling = dict(scaling)
+        scaling.setdefault("rope_type", scaling.get("type", "default"))
+        if scaling["rope_type"] == "default":
+            scaling = None
+    return theta, scaling or None
+
+
+def _eos_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) for i in ids):
+        raise InputError("config.json:eos_token_id", f"expected an int or a list of ints, got {value!r}")
+    return list(ids)
+
+
+def parse_config(
+    hf: dict[str, Any], arch: str, name: str, dtype: torch.dtype, generation: dict[str, Any] | None = None
+) -> ModelConfig:
+    """Build a ModelConfig from config.json (and generation_config.json, whose token ids win)."""
+    generation = generation or {}
+    hidden = positive(hf, "hidden_size")
+    heads = positive(hf, "num_attention_heads")
+    kv_heads = positive(hf, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise InputError("config.json:num_key_value_heads", f"must divide num_attention_heads={heads}")
+    head_dim = hf.get("head_dim") or hidden // heads
+    num_layers = positive(hf, "num_hidden_layers")
+    theta, scaling = _rope(hf)
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise InputError("config.json:hidden_act", f"unsupported activation {act!r}; allowed: silu")
+    max_pos = positive(hf, "max_position_embeddings", 2048)
+    window = hf.get("sliding_window")
+    if hf.get("use_sliding_window", arch == "MixtralForCausalLM") and isinstance(window, int) and window > 0:
+        # Within the window sliding-window attention equals full attention; longer contexts are refused.
+        max_pos = min(max_pos, window)
+    eos = _eos_ids(generation.get("eos_token_id", hf.get("eos_token_id")))
+    bos = generation.get("bos_token_id", hf.get("bos_token_id"))
+
+    cfg = ModelConfig(
+        name=name,
+        arch=arch,
+        vocab_size=positive(hf, "vocab_size"),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=int(head_dim),
+        max_position_embeddings=max_pos,
+        bos_token_id=bos if isinstance(bos, int) else None,
+        eos_token_ids=eos,
+        dtype=dtype,
+        intermediate_size=positive(hf, "intermediate_size"),
+        rms_norm_eps=_get(hf, "rms_norm_eps", float, 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    return cfg
+
+
+def read_moe(cfg: ModelConfig, hf: dict[str, Any], experts_key: str, intermediate_key: str) -> None:
+    """Expert count, top-k and expert width (field names differ per architecture)."""
+    cfg.num_experts = positive(hf, experts_key)
+    cfg.top_k = positive(hf, "num_experts_per_tok")
+    if cfg.top_k > cfg.num_experts:
+        raise InputError(
+            "config.json:num_experts_per_tok", f"must be at most {experts_key}={cfg.num_experts}"
+        )
+    cfg.moe_intermediate_size = positive(hf, intermediate_key)
+
+
+def read_qwen_moe_layers(cfg: ModelConfig, hf: dict[str, Any]) -> None:
+    """Qwen's rule: layer i is MoE unless listed in mlp_only_layers or (i + 1) % decoder_sparse_step != 0."""
+    step = positive(hf, "decoder_sparse_step", 1)
+    dense = hf.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(i, int) for i in dense):
+        raise InputError("config.json:mlp_only_layers", f"expected a list of layer indices, got {dense!r}")
+    cfg.moe_layers = [i for i in range(cfg.num_layers) if i not in dense and (i + 1) % step == 0]
+    cfg.num_moe_layers = len(cfg.moe_layers)

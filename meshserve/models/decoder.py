@@ -1,0 +1,96 @@
+"""The decoder-only transformer every supported architecture shares; arch files choose the MLP per layer.
+
+Parameter names mirror Hugging Face's without the leading "model." (weights.py maps them), with two
+fusions: q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, so each needs one GEMM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshserve.kernels.meta_attention import plan_attention
+from meshserve.models.batch import BatchMetadata
+from meshserve.models.config import ModelConfig
+from meshserve.models.layers.attention import Attention, StepInputs
+from meshserve.models.layers.mlp import GatedMLP
+from meshserve.models.layers.moe import SparseMoE
+from meshserve.models.layers.norm import RMSNorm
+from meshserve.models.layers.rotary import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), kv_cache, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderLM(nn.Module):
+    """Causal LM over flat token batches and a paged KV cache (the engine <-> models contract).
+
+    Subclasses (one per Hugging Face architecture) set the class attributes below, read their extra
+    config.json fields in `configure`, and pick dense or MoE MLPs in `make_mlp`.
+    """
+
+    # (our name fragment, checkpoint name fragment) pairs tried when a tensor is not found as named.
+    checkpoint_aliases: tuple[tuple[str, str], ...] = ()
+    # Per-expert tensor names in classic checkpoints: (gate, up, down).
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.make_mlp(cfg, i)) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
+        self._moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
+
+    @classmethod
+    def configure(cls, cfg: ModelConfig, hf: dict[str, Any]) -> None:
+        """Read the architecture's own config.json fields into cfg (dense defaults: nothing to add)."""
+
+    def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
+        """The MLP of one layer; dense SiLU-gated by default."""
+        return GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, meta: BatchMetadata, kv_caches: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Run T flat tokens; returns final-normed hidden states [T, hidden]. Writes K/V into kv_caches."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(meta.positions, x.dtype)
+        step = StepInputs(cos, sin, plan_attention(meta, block_size=kv_caches[0].shape[2]))
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, kv_cache, step)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] in float32 for hidden rows [N, hidden]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def expert_counts(self) -> torch.Tensor | None:
+        """Tokens routed to each expert in the last forward, [num_moe_layers, num_experts]; None if dense."""
+        if not self._moe:
+            return None
+        return torch.stack([moe.last_counts for moe in self._moe])

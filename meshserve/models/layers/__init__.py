@@ -1,0 +1,1 @@
+"""Building blocks shared by every architecture: norm, rotary embedding, gated MLP, attention, MoE."""

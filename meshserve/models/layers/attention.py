@@ -1,0 +1,50 @@
+"""Self-attention block: fused qkv projection, optional per-head q/k norm, rotary, paged attention, o_proj."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from meshserve.kernels.meta_attention import AttentionPlan, paged_attention
+from meshserve.models.config import ModelConfig
+from meshserve.models.layers.norm import RMSNorm
+from meshserve.models.layers.rotary import apply_rotary
+
+
+@dataclass
+class StepInputs:
+    """What every layer of one forward shares: rotary cos/sin [T, head_dim] and the attention plan."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    plan: AttentionPlan
+
+
+class Attention(nn.Module):
+    """GQA attention over the paged KV cache. `qkv_proj` holds [q; k; v] so one GEMM serves all three."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        # Qwen3 normalises each head's q and k before rotary.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
+        out = paged_attention(q, k, v, kv_cache, step.plan, self.scale)
+        return self.o_proj(out.reshape(t, -1))

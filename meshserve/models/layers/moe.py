@@ -1,0 +1,100 @@
+"""Sparse MoE block: softmax router, top-k, optional renormalisation, stacked experts, optional shared expert.
+
+Experts run as two batched matmuls over all experts at once. Token-expert pairs are sorted by expert
+and packed into a [experts, capacity, hidden] buffer (capacity = the busiest expert's pair count), so
+every expert's rows sit contiguously and `torch.bmm` runs all experts in one call. Why this and not
+the alternatives: a Python loop per expert (what transformers does) costs one small GEMM launch per
+expert and layer; gathering each pair's expert weights ([pairs, 2I, H]) would copy gigabytes at
+prefill sizes. Padding to the busiest expert costs at most a few idle rows with a balanced router,
+and the bincount that sizes the buffer is the per-step expert load the engine records.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshserve.models.layers.mlp import GatedMLP
+
+
+class StackedExperts(nn.Module):
+    """All experts as two stacked tensors (transformers v5 layout): [E, 2I, H] ([gate; up]), [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def transposed_layout(self) -> None:
+        """Store each weight column-major (same shape and values) so `w.transpose(1, 2)` is contiguous.
+
+        The forward multiplies by the transposes; CPU bmm runs ~30% faster on contiguous operands.
+        """
+        for p in (self.gate_up_proj, self.down_proj):
+            p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+class SparseMoE(nn.Module):
+    """Routed experts (+ a sigmoid-gated shared expert when `shared_intermediate_size` > 0).
+
+    renormalize: divide the top-k probabilities by their sum (Mixtral always, Qwen when norm_topk_prob).
+    weights_in_model_dtype: Qwen casts routing weights to the model dtype before mixing; Mixtral keeps
+    them in float32. Matching this keeps bfloat16 results close to transformers'.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        renormalize: bool,
+        weights_in_model_dtype: bool,
+        shared_intermediate_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.renormalize, self.weights_in_model_dtype = renormalize, weights_in_model_dtype
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = StackedExperts(num_experts, hidden_size, intermediate_size)
+        self.shared_expert = (
+            GatedMLP(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
+        )
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_intermediate_size else None
+        self.register_buffer("last_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k routing weights [T, k] and expert ids [T, k] for tokens x [T, H]."""
+        logits = self.gate(x)
+        weights, experts = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.weights_in_model_dtype:
+            weights = weights.to(x.dtype)
+        return weights, experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, hidden = x.shape
+        weights, experts = self.route(x)
+        pair_expert = experts.reshape(-1)  # pair p = token p // k, choice p % k
+        counts = torch.bincount(pair_expert, minlength=self.num_experts)
+        self.last_counts = counts
+
+        order = torch.argsort(pair_expert, stable=True)
+        sorted_expert = pair_expert[order]
+        rank = (
+            torch.arange(order.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[sorted_expert]
+        )
+        packed = x.new_zeros(self.num_experts, int(counts.max()), hidden)
+        packed[sorted_expert, rank] = x[order // self.top_k]
+
+        gate, up = torch.bmm(packed, self.experts.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        expert_out = torch.bmm(F.silu(gate) * up, self.experts.down_proj.transpose(1, 2))
+        pair_out = x.new_empty(order.numel(), hidden)
+        pair_out[order] = expert_out[sorted_expert, rank]
+        out = (pair_out.view(t, self.top_k, hidden) * weights[..., None]).sum(dim=1).to(x.dtype)
+
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out

@@ -1,0 +1,80 @@
+"""load_model: a Hugging Face-format directory -> model, config and tokenizer ready for the engine."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meshserve.errors import InputError
+from meshserve.models.config import ModelConfig, parse_config, parse_dtype
+from meshserve.models.decoder import DecoderLM
+from meshserve.models.layers.moe import StackedExperts
+from meshserve.models.registry import ARCHITECTURES
+from meshserve.models.tokenizer import Tokenizer
+from meshserve.models.weights import load_weights
+
+
+@dataclass
+class LoadedModel:
+    """What the engine gets: the torch module, its config, and its tokenizer."""
+
+    model: DecoderLM
+    config: ModelConfig
+    tokenizer: Tokenizer
+
+
+def _read_json(path: Path, required: bool) -> dict[str, Any]:
+    if not path.is_file():
+        if required:
+            raise InputError(path.name, f"missing from {path.parent}")
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(path.name, f"invalid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise InputError(path.name, "expected a JSON object")
+    return data
+
+
+def _architecture(hf: dict[str, Any]) -> str:
+    names = hf.get("architectures")
+    supported = ", ".join(ARCHITECTURES)
+    if not isinstance(names, list) or not names:
+        raise InputError("config.json:architectures", f"missing; supported: {supported}")
+    for name in names:
+        if name in ARCHITECTURES:
+            return name
+    raise InputError("config.json:architectures", f"unsupported {names}; supported: {supported}")
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32") -> LoadedModel:
+    """Load config.json, safetensors weights (single or sharded) and tokenizer.json from `path`."""
+    path = Path(path)
+    torch_dtype = parse_dtype(dtype)
+    if not path.is_dir():
+        raise InputError("model", f"{path} is not a directory")
+    hf = _read_json(path / "config.json", required=True)
+    generation = _read_json(path / "generation_config.json", required=False)
+    arch = _architecture(hf)
+    cls = ARCHITECTURES[arch]
+    config = parse_config(hf, arch, name=path.name, dtype=torch_dtype, generation=generation)
+    cls.configure(config, hf)
+    tokenizer = Tokenizer.from_dir(path, config.bos_token_id, config.eos_token_ids)
+    if not config.eos_token_ids:
+        config.eos_token_ids = list(tokenizer.eos_token_ids)
+    if config.bos_token_id is None:
+        config.bos_token_id = tokenizer.bos_token_id
+
+    model = cls(config)
+    load_weights(model, path)
+    model.to(torch_dtype).requires_grad_(False).eval()
+    model.rotary.inv_freq = model.rotary.inv_freq.float()  # frequencies stay float32, as in transformers
+    for module in model.modules():
+        if isinstance(module, StackedExperts):
+            module.transposed_layout()
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer)

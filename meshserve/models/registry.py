@@ -1,0 +1,18 @@
+"""Hugging Face `architectures` names -> our model classes."""
+
+from __future__ import annotations
+
+from meshserve.models.decoder import DecoderLM
+from meshserve.models.llama import LlamaForCausalLM
+from meshserve.models.mixtral import MixtralForCausalLM
+from meshserve.models.qwen2 import Qwen2ForCausalLM
+from meshserve.models.qwen2_moe import Qwen2MoeForCausalLM
+from meshserve.models.qwen3_moe import Qwen3MoeForCausalLM
+
+ARCHITECTURES: dict[str, type[DecoderLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+}

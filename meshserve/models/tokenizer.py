@@ -1,0 +1,98 @@
+"""Tokenizer from tokenizer.json via the `tokenizers` library (no transformers at runtime), plus streaming."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from meshserve.errors import InputError
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """encode / decode text; knows the model's BOS and EOS ids."""
+
+    def __init__(self, tokenizer: HFTokenizer, bos_token_id: int | None, eos_token_ids: list[int]) -> None:
+        self._tok = tokenizer
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = list(eos_token_ids)
+
+    @classmethod
+    def from_dir(
+        cls, path: Path, bos_token_id: int | None = None, eos_token_ids: Sequence[int] = ()
+    ) -> Tokenizer:
+        """Load tokenizer.json (+ tokenizer_config.json for special tokens the model config lacks)."""
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise InputError("tokenizer.json", f"missing from {path}")
+        try:
+            tok = HFTokenizer.from_file(str(file))
+        except Exception as err:  # the Rust side raises a bare Exception for any parse error
+            raise InputError("tokenizer.json", f"cannot parse ({str(err)[:200]})") from None
+        extra: dict[str, Any] = {}
+        config = path / "tokenizer_config.json"
+        if config.is_file():
+            try:
+                extra = json.loads(config.read_text())
+            except json.JSONDecodeError as err:
+                raise InputError("tokenizer_config.json", f"invalid JSON ({err})") from None
+        if bos_token_id is None and (text := _token_text(extra.get("bos_token"))):
+            bos_token_id = tok.token_to_id(text)
+        eos = list(eos_token_ids)
+        if not eos and (text := _token_text(extra.get("eos_token"))) and tok.token_to_id(text) is not None:
+            eos = [tok.token_to_id(text)]
+        return cls(tok, bos_token_id, eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text; special tokens (e.g. BOS) as tokenizer.json's post-processor adds them."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def detokenizer(self) -> IncrementalDetokenizer:
+        """A fresh streaming detokenizer for one request's output."""
+        return IncrementalDetokenizer(self)
+
+
+class IncrementalDetokenizer:
+    """Turns output tokens into text deltas one token at a time.
+
+    Byte-level tokens can end inside a multi-byte character, and some decoders change earlier text
+    (spaces) once the next token is known. So each step decodes a short window twice, from
+    `prefix` to `read` (already emitted) and from `prefix` to the end, and emits the difference,
+    holding it back while it ends in an incomplete character (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0
+        self._read = 0
+
+    def add(self, token_id: int) -> str:
+        """Append one token; returns the newly complete text (may be empty)."""
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            delta = after[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
+            self.text += delta
+            return delta
+        return ""

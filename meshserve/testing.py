@@ -1,0 +1,296 @@
+"""make_tiny_model: small random Hugging Face-format models for tests and benchmarks (nothing downloaded).
+
+The directory holds what a real checkpoint holds (config.json, safetensors, tokenizer.json,
+tokenizer_config.json, generation_config.json) in the classic Hugging Face tensor names, so both
+meshserve and `transformers` load it. Weights use std 0.08 rather than the usual 0.02 so the top
+logits are well apart: with near-flat logits harmless float reassociation flips greedy choices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from meshserve.errors import InputError
+from meshserve.models.batch import BatchMetadata
+from meshserve.models.loader import LoadedModel
+
+WEIGHT_STD = 0.08
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
+BOS_ID, EOS_ID = 1, 2
+
+_COMMON: dict[str, Any] = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": BOS_ID,
+    "eos_token_id": EOS_ID,
+    "initializer_range": 0.02,
+    "use_cache": True,
+}
+_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False},
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False},
+    "mixtral": {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": None,
+        "router_jitter_noise": 0.0,
+    },
+    "qwen2_moe": {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        **_MOE,
+        "shared_expert_intermediate_size": 96,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": False,
+        "use_sliding_window": False,
+    },
+    "qwen3_moe": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        **_MOE,
+        "head_dim": 16,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "attention_bias": False,
+        "use_sliding_window": False,
+    },
+}
+
+# Text the byte-level BPE learns its merges from (any fixed text works; this one is about the project).
+_CORPUS = """meshserve serves large language models. Every step packs prefill chunks, decode tokens and
+verify tokens of many requests into one token budget, runs one forward pass over the flat batch, and
+samples the next token of every request. The paged key value cache holds blocks of sixteen tokens;
+block tables map each sequence to its blocks. Mixture of experts layers route every token to the top
+experts; the router records how many tokens each expert receives, and the wafer simulator replays
+those traces to plan where experts live on a mesh of dies. The quick brown fox jumps over the lazy
+dog. Hello world! Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 and punctuation, (brackets) [lists] {maps}.
+"""
+
+
+def _tokenizer(vocab_size: int) -> Tokenizer:
+    """Byte-level BPE: the 256 byte tokens, <pad>/<s>/</s>, and merges up to the model's vocab size."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    return tok
+
+
+def _tensor_shapes(cfg: dict[str, Any], arch: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the checkpoint, named as Hugging Face names them, with its shape."""
+    h, v, inter = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
+    d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (v, h)
+    qkv_bias = arch in ("qwen2", "qwen2_moe") or cfg.get("attention_bias", False)
+
+    def mlp(
+        prefix: str, width: int, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    ) -> None:
+        shapes[f"{prefix}.{names[0]}.weight"] = (width, h)
+        shapes[f"{prefix}.{names[1]}.weight"] = (width, h)
+        shapes[f"{prefix}.{names[2]}.weight"] = (h, width)
+
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        shapes[f"{p}.input_layernorm.weight"] = shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+        for name, size in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            shapes[f"{p}.self_attn.{name}.weight"] = (size, h)
+            if qkv_bias:
+                shapes[f"{p}.self_attn.{name}.bias"] = (size,)
+        shapes[f"{p}.self_attn.o_proj.weight"] = (h, q)
+        if cfg.get("attention_bias", False):
+            shapes[f"{p}.self_attn.o_proj.bias"] = (h,)
+        if arch == "qwen3_moe":
+            shapes[f"{p}.self_attn.q_norm.weight"] = shapes[f"{p}.self_attn.k_norm.weight"] = (d,)
+        if arch == "mixtral":
+            shapes[f"{p}.block_sparse_moe.gate.weight"] = (cfg["num_local_experts"], h)
+            for e in range(cfg["num_local_experts"]):
+                mlp(f"{p}.block_sparse_moe.experts.{e}", inter, ("w1", "w3", "w2"))
+        elif arch in ("qwen2_moe", "qwen3_moe") and _is_moe_layer(cfg, i):
+            shapes[f"{p}.mlp.gate.weight"] = (cfg["num_experts"], h)
+            for e in range(cfg["num_experts"]):
+                mlp(f"{p}.mlp.experts.{e}", cfg["moe_intermediate_size"])
+            if arch == "qwen2_moe":
+                mlp(f"{p}.mlp.shared_expert", cfg["shared_expert_intermediate_size"])
+                shapes[f"{p}.mlp.shared_expert_gate.weight"] = (1, h)
+        else:
+            mlp(f"{p}.mlp", inter)
+    return shapes
+
+
+def _is_moe_layer(cfg: dict[str, Any], i: int) -> bool:
+    return i not in (cfg.get("mlp_only_layers") or []) and (i + 1) % cfg.get("decoder_sparse_step", 1) == 0
+
+
+def _random_tensors(
+    shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Normal(0, WEIGHT_STD) weights and biases; norm scales near 1 (randomised, so a missed norm shows)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        t = torch.randn(shape, generator=gen) * WEIGHT_STD
+        if name.endswith("norm.weight"):
+            t = 1.0 + t
+        tensors[name] = t.to(dtype).contiguous()
+    return tensors
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def make_tiny_model(
+    path: str | Path,
+    arch: str = "llama",
+    seed: int = 0,
+    dtype: str = "float32",
+    num_shards: int = 1,
+    **config_overrides: Any,
+) -> Path:
+    """Write a small random `arch` model to `path` (created; its files are replaced) and return the path.
+
+    config_overrides are config.json fields, e.g. hidden_size=512, num_hidden_layers=8.
+    num_shards > 1 splits the weights over several files with a model.safetensors.index.json.
+    """
+    if arch not in ARCHS:
+        raise InputError("arch", f"unknown {arch!r}; allowed: {', '.join(ARCHS)}")
+    if dtype not in ("float32", "bfloat16"):
+        raise InputError("dtype", f"unsupported {dtype!r}; allowed: float32, bfloat16")
+    cfg = {**_COMMON, **ARCHS[arch], **config_overrides, "torch_dtype": dtype}
+    if arch == "mixtral" and "num_experts" in cfg:  # accept the Qwen spelling for Mixtral too
+        cfg["num_local_experts"] = cfg.pop("num_experts")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    tensors = _random_tensors(_tensor_shapes(cfg, arch), seed, getattr(torch, dtype))
+    names = list(tensors)
+    num_shards = max(1, min(num_shards, len(names)))
+    if num_shards == 1:
+        _save(tensors, path / "model.safetensors")
+    else:
+        weight_map = {}
+        for s in range(num_shards):
+            file = f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
+            shard = {n: tensors[n] for n in names[s::num_shards]}
+            _save(shard, path / file)
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _write_json(
+            path / "model.safetensors.index.json",
+            {"metadata": {"total_size": total}, "weight_map": weight_map},
+        )
+
+    _write_json(path / "config.json", cfg)
+    _write_json(path / "generation_config.json", {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID})
+    _tokenizer(cfg["vocab_size"]).save(str(path / "tokenizer.json"))
+    _write_json(
+        path / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": SPECIAL_TOKENS[BOS_ID],
+            "eos_token": SPECIAL_TOKENS[EOS_ID],
+            "pad_token": SPECIAL_TOKENS[0],
+            "model_max_length": cfg["max_position_embeddings"],
+        },
+    )
+    return path
+
+
+def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Write to a temp file and rename, so a crash never leaves half a checkpoint."""
+    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
+    os.close(fd)
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, file)
+
+
+class PagedSequences:
+    """A minimal paged-KV driver for model tests: no scheduler, the caller says what each step runs.
+
+    Blocks are handed out in a shuffled order so sequences' blocks are never contiguous, which is
+    what a real cache looks like after a while.
+    """
+
+    def __init__(self, lm: LoadedModel, num_blocks: int = 64, block_size: int = 4, seed: int = 0) -> None:
+        cfg = lm.config
+        self.lm, self.block_size = lm, block_size
+        shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=cfg.dtype) for _ in range(cfg.num_layers)]
+        self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.tokens: list[list[int]] = []
+        self.computed: list[int] = []
+        self.blocks: list[list[int]] = []
+
+    def add(self, token_ids: list[int]) -> int:
+        """Register a sequence; returns its id."""
+        self.tokens.append(list(token_ids))
+        self.computed.append(0)
+        self.blocks.append([])
+        return len(self.tokens) - 1
+
+    def step(self, work: dict[int, int]) -> dict[int, torch.Tensor]:
+        """Run the next n uncomputed tokens of each sequence {seq: n} in one flat forward.
+
+        Returns each sequence's logits [n, vocab] (float32), one row per token it ran.
+        """
+        ids, positions, slots, lens, starts = [], [], [], [], [0]
+        for seq, n in work.items():
+            begin, end = self.computed[seq], self.computed[seq] + n
+            while len(self.blocks[seq]) * self.block_size < end:
+                self.blocks[seq].append(self.free.pop())
+            pos = torch.arange(begin, end)
+            table = torch.tensor(self.blocks[seq])
+            ids.append(torch.tensor(self.tokens[seq][begin:end]))
+            positions.append(pos)
+            slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            lens.append(end)
+            starts.append(starts[-1] + n)
+            self.computed[seq] = end
+        width = max(len(self.blocks[s]) for s in work)
+        tables = torch.tensor([self.blocks[s] + [0] * (width - len(self.blocks[s])) for s in work])
+        meta = BatchMetadata(
+            positions=torch.cat(positions),
+            slot_mapping=torch.cat(slots),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            seq_lens=torch.tensor(lens, dtype=torch.int32),
+            block_tables=tables.to(torch.int32),
+            logits_indices=torch.arange(starts[-1]),
+        )
+        hidden = self.lm.model(torch.cat(ids), meta, self.kv_caches)
+        logits = self.lm.model.compute_logits(hidden[meta.logits_indices])
+        return {seq: logits[starts[i] : starts[i + 1]] for i, seq in enumerate(work)}
