@@ -1,0 +1,78 @@
+"""How fast is the wafer simulator? Prints one (mapping, layer) evaluation on 8x8 and the full
+`reproduce comm` sweep, each beside its target (10 ms and 60 s on 2 cores).
+
+Run: .venv/bin/python benchmarks/wafer_speed.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import yaml
+
+from meshserve.wafer.experiments import run_comm
+from meshserve.wafer.hardware import load_hardware
+from meshserve.wafer.mapping import make_mapping
+from meshserve.wafer.models import load_model
+from meshserve.wafer.plots import comparison_png
+from meshserve.wafer.presets import PRESET_DIR
+from meshserve.wafer.simulate import simulate_layer
+from meshserve.wafer.timemodel import collective_time
+from meshserve.wafer.topology import topology_for
+from meshserve.wafer.traffic import Collective
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def model_error() -> None:
+    """Bottleneck / fair-share for a saturated uniform all-to-all, beside the cycle-level reference."""
+    reference = yaml.safe_load((PRESET_DIR / "experiments" / "noc_reference.yaml").read_text())
+    wsc = load_hardware("wsc-8x8")
+    for side, booksim in reference["booksim_bottleneck_over_cycle"].items():
+        topo = topology_for(wsc.with_mesh(side, side))
+        traffic = np.full((side * side, side * side), 1e6)
+        np.fill_diagonal(traffic, 0)
+        c = Collective("uniform all-to-all", traffic, 1)
+        start = time.perf_counter()
+        fair = collective_time(topo, c, "fair-share").bandwidth_s
+        took = time.perf_counter() - start
+        ratio = collective_time(topo, c, "bottleneck").bandwidth_s / fair
+        print(f"uniform all-to-all {side}x{side}: bottleneck / fair-share = {ratio:.3f} "
+              f"(BookSim2 bottleneck / cycle-level = {booksim:.2f}); fair-share took {took:.2f} s")
+
+
+def main() -> None:
+    hw, model = load_hardware("wsc-8x8"), load_model("deepseek-v3")
+    build = timed(lambda: topology_for.__wrapped__(hw), 5)
+    topology_for(hw)
+    print(f"topology build wsc-8x8 (routes of 4096 pairs, once per platform): {min(build) * 1e3:.2f} ms")
+    for kind in ("baseline", "er", "er-bal"):
+        mapping = make_mapping(hw, 4, kind)
+        for time_model in ("bottleneck", "fair-share"):
+            runs = timed(lambda m=mapping, t=time_model: simulate_layer(hw, model, m, 64, time_model=t), 30)
+            median = statistics.median(runs) * 1e3
+            print(f"one MoE layer, wsc-8x8, {kind:8s} TP=4, {time_model:10s}: median {median:7.2f} ms "
+                  f"(target 10 ms: {median / 10:.2f}x of target)")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = run_comm(64, "bottleneck", progress=False)
+        comparison_png(result, f"{tmp}/comm.png")
+        total = time.perf_counter() - start
+    print(f"full reproduce comm (bottleneck, {len(result['rows'])} comparison rows + "
+          f"{result['regimes_total']} open-question regimes, plot included): {total:.2f} s "
+          f"(target 60 s: {total / 60:.3f}x of target)")
+    model_error()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""`meshserve wafer ...`: thin commands over the simulator. Heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Wafer-scale MoE simulator (MoEntwine).")
+reproduce = typer.Typer(no_args_is_help=True, help="Reproduce the paper's comparisons.")
+app.add_typer(reproduce, name="reproduce")
+
+HARDWARE = typer.Option("wsc-8x8", "--hardware", help="Hardware preset name or YAML path.")
+MODEL = typer.Option("deepseek-v3", "--model", help="Model preset name or YAML path.")
+TP = typer.Option(4, "--tp", help="Attention tensor-parallel degree (1, 2, 4, 8 ...).")
+MAPPING = typer.Option("er", "--mapping", help="baseline | er | er-bal | her | her-bal.")
+TOKENS = typer.Option(64, "--tokens-per-device", help="Decode tokens per device (a TP group holds TP x it).")
+EP = typer.Option(None, "--ep", help="Devices holding the experts (default: all).")
+CONTEXT = typer.Option(4096, "--context", help="Context length per sequence (KV-cache reads).")
+TIME_MODEL = typer.Option("bottleneck", "--time-model", help="bottleneck | fair-share.")
+
+
+@app.command()
+def simulate(
+    hardware: str = HARDWARE, model: str = MODEL, tp: int = TP, mapping: str = MAPPING,
+    tokens_per_device: float = TOKENS, ep: int = EP, context: int = CONTEXT, time_model: str = TIME_MODEL,
+) -> None:
+    """Print one MoE layer phase by phase: time, hottest link and its load."""
+    from meshserve.wafer.report import print_layer, run_layer
+
+    print_layer(*run_layer(hardware, model, tp, mapping, tokens_per_device, ep, context, time_model))
+
+
+@app.command()
+def heatmap(
+    hardware: str = HARDWARE, model: str = MODEL, tp: int = TP, mapping: str = MAPPING,
+    tokens_per_device: float = TOKENS, ep: int = EP,
+    out: str = typer.Option("out/wafer_heatmap.png", "--out", help="PNG file to write."),
+) -> None:
+    """Write link-load heatmaps of the attention reduction and the MoE all-to-all side by side."""
+    from meshserve.wafer.plots import heatmap_png
+    from meshserve.wafer.report import run_layer
+
+    hw, mo, m, tokens, layer = run_layer(hardware, model, tp, mapping, tokens_per_device, ep, 4096,
+                                         "bottleneck")
+    print(f"wrote {heatmap_png(hw, mo, m, tokens, layer, out)}")
+
+
+@reproduce.command("comm")
+def reproduce_comm(
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    out: str = typer.Option("out", "--out", help="Folder for the plot and the JSON results."),
+    tokens_per_device: float = TOKENS, time_model: str = TIME_MODEL,
+) -> None:
+    """Baseline vs ER vs hierarchical ER communication time, paper anchors beside ours."""
+    from meshserve.wafer.report import run_reproduce_comm
+
+    run_reproduce_comm(out, tokens_per_device=tokens_per_device, time_model=time_model, as_json=json_out)
+
+
+# --- helper B commands --- (balancing: `reproduce balance`, `sweep`; registered below by helper B)
+
+
+@reproduce.command("balance")
+def reproduce_balance(
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    out: str = typer.Option("out", "--out", help="Folder for balance.json and the plots."),
+    iterations: int = typer.Option(300, "--iterations", help="Decode iterations per run."),
+    tokens_per_device: int = typer.Option(64, "--tokens-per-device", help="Decode tokens per device."),
+    scenario: str = typer.Option("mixed", "--scenario", help="Synthetic trace: fixed | mixed."),
+    models: str = typer.Option("deepseek-v3,deepseek-v2,qwen3-235b-a22b", "--models",
+                               help="Comma-separated model presets."),
+) -> None:
+    """Ablation ladder NVL72 -> WSC -> ER -> HER -> greedy -> topology-aware -> NI-Balancer."""
+    from meshserve.wafer.reproduce_balance import reproduce_balance as run
+
+    run(out, as_json=json_out, iterations=iterations, tokens_per_device=tokens_per_device, scenario=scenario,
+        models=tuple(m.strip() for m in models.split(",") if m.strip()))
+
+
+@app.command()
+def sweep(
+    spec: str = typer.Argument(..., help="Sweep YAML (see meshserve/wafer/presets/sweeps/example.yaml)."),
+    executor: str = typer.Option("local", "--executor", help="local | ray (pip install 'meshserve[ray]')."),
+    out: str = typer.Option("out/sweep", "--out", help="Folder for results.csv and plots."),
+) -> None:
+    """Cross product models x platforms x TP x batch x balancer; CSV + plots."""
+    from meshserve.wafer.sweep import sweep_command
+
+    sweep_command(spec, executor=executor, out=out)

@@ -1,0 +1,103 @@
+"""Collectives as traffic matrices T[src, dst] (bytes), ready for Topology.link_loads.
+
+Each collective also records how many sequential steps it takes (a ring all-reduce over p
+members: 2 (p - 1) steps), which the time model multiplies by the slowest route's latency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from meshserve.errors import InputError
+from meshserve.wafer.mapping import Mapping
+
+
+@dataclass(frozen=True, eq=False)
+class Collective:
+    """One communication phase: bytes per (src, dst) device pair and its sequential step count."""
+
+    name: str
+    traffic: np.ndarray  # [N, N] bytes
+    steps: int
+
+    @property
+    def total_bytes(self) -> float:
+        return float(self.traffic.sum())
+
+
+def ring(name: str, num_devices: int, rings: np.ndarray, message_bytes: float, phases: int) -> Collective:
+    """Ring collective over rings[r] (device order): `phases` rounds of (p-1) steps of M/p each.
+
+    Reduce-scatter or all-gather: phases=1; all-reduce: phases=2. Each member sends
+    phases * (p-1)/p * M bytes to its ring successor.
+    """
+    rings = np.asarray(rings)
+    p = rings.shape[1]
+    traffic = np.zeros((num_devices, num_devices))
+    if p > 1:
+        traffic[rings, np.roll(rings, -1, axis=1)] = phases * (p - 1) / p * message_bytes
+    return Collective(name, traffic, phases * (p - 1))
+
+
+def attention_collectives(m: Mapping, tokens_per_group: float, token_bytes: float) -> list[Collective]:
+    """The attention output reduction: a ring all-reduce of each TP group's tokens (flat mappings),
+    or an intra-wafer reduce-scatter plus an inter-wafer all-gather of the shards (hierarchical)."""
+    message = tokens_per_group * token_bytes
+    n = m.num_devices
+    if not m.hierarchical:
+        return [ring("all-reduce", n, m.groups, message, phases=2)]
+    shard = message / m.tp
+    return [
+        ring("reduce-scatter", n, m.groups, message, phases=1),
+        ring("wafer all-gather", n, m.counterparts(), shard * m.num_wafers, phases=1),
+    ]
+
+
+def device_share(placement: np.ndarray, expert_load: np.ndarray | None = None) -> np.ndarray:
+    """[N] fraction of all routed (token, expert) copies that each device serves.
+
+    placement[e, d]: fraction of expert e's tokens served by device d (rows sum to 1).
+    expert_load[e]: tokens routed to expert e (any scale; uniform when None).
+    """
+    placement = np.asarray(placement, dtype=np.float64)
+    if placement.ndim != 2 or not np.allclose(placement.sum(axis=1), 1.0) or (placement < 0).any():
+        raise InputError("placement", "must be [experts, devices], non-negative, each row summing to 1")
+    e = placement.shape[0]
+    load = np.ones(e) if expert_load is None else np.asarray(expert_load, dtype=np.float64)
+    if load.shape != (e,) or (load < 0).any() or load.sum() <= 0:
+        raise InputError("expert_load", f"must be {e} non-negative numbers with a positive sum")
+    return (load / load.sum()) @ placement
+
+
+def dispatch(
+    m: Mapping, placement: np.ndarray, tokens_per_group: float, top_k: int, token_bytes: float,
+    expert_load: np.ndarray | None = None,
+) -> Collective:
+    """MoE all-to-all dispatch: every token goes to its top_k experts' devices (one copy each).
+
+    Flat mappings (FTD rule): group g's tokens for experts on device x leave from g's member in
+    x's FTD. Hierarchical: after the wafer all-gather every wafer holds all tokens, sharded over its
+    dies; the tokens for x leave from the shard holders on x's own wafer, so no byte leaves a wafer.
+    """
+    share = device_share(placement, expert_load)
+    if share.shape[0] != m.num_devices:
+        raise InputError("placement", f"has {share.shape[0]} devices; the mapping has {m.num_devices}")
+    n = m.num_devices
+    per_copy = top_k * token_bytes
+    traffic = np.zeros((n, n))
+    if not m.hierarchical:
+        senders = m.sender[:, m.ftd_of]  # [G, N]: who sends group g's tokens to device x
+        traffic[senders, np.arange(n)[None, :]] = tokens_per_group * per_copy * share[None, :]
+    else:
+        held = tokens_per_group * m.num_wafers / m.tp  # tokens each die holds after the all-gather
+        same_wafer = m.wafer_of[:, None] == m.wafer_of[None, :]
+        traffic = np.where(same_wafer, held * per_copy * share[None, :], 0.0)
+    np.fill_diagonal(traffic, 0.0)  # a device's own tokens for its own experts never touch a link
+    return Collective("dispatch", traffic, 1)
+
+
+def combine(d: Collective) -> Collective:
+    """MoE all-to-all combine: every expert output returns to the device that sent the token."""
+    return Collective("combine", d.traffic.T.copy(), d.steps)

@@ -1,0 +1,47 @@
+"""The max-min fair-share flow model against the bottleneck model."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshserve.wafer.hardware import load_hardware
+from meshserve.wafer.timemodel import collective_time
+from meshserve.wafer.topology import topology_for
+from meshserve.wafer.traffic import Collective
+
+WSC = load_hardware("wsc-8x8")
+
+
+def both(topo, traffic):
+    c = Collective("x", traffic, 1)
+    return collective_time(topo, c, "bottleneck"), collective_time(topo, c, "fair-share")
+
+
+def test_a_single_flow_runs_at_link_speed():
+    topo = topology_for(WSC.with_mesh(1, 4))
+    traffic = np.zeros((4, 4))
+    traffic[0, 3] = 9e8
+    bottleneck, fair = both(topo, traffic)
+    assert fair.bandwidth_s == pytest.approx(9e8 / WSC.link_bandwidth) == bottleneck.bandwidth_s
+    assert fair.model == "fair-share" and fair.latency_s == bottleneck.latency_s
+
+
+@pytest.mark.parametrize("side", [4, 8])
+def test_uniform_all_to_all_keeps_the_hottest_link_busy_to_the_end(side):
+    topo = topology_for(WSC.with_mesh(side, side))
+    traffic = np.ones((side * side, side * side)) * 1e5
+    np.fill_diagonal(traffic, 0)
+    bottleneck, fair = both(topo, traffic)
+    assert fair.bandwidth_s == pytest.approx(bottleneck.bandwidth_s, rel=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 4), cols=st.integers(2, 4), seed=st.integers(0, 10_000))
+def test_fair_share_is_never_faster_than_the_bottleneck(rows, cols, seed):
+    n = rows * cols
+    rng = np.random.default_rng(seed)
+    traffic = rng.pareto(1.0, (n, n)) * (rng.random((n, n)) < 0.4) * 1e6
+    np.fill_diagonal(traffic, 0)
+    bottleneck, fair = both(topology_for(WSC.with_mesh(rows, cols)), traffic)
+    assert fair.bandwidth_s >= bottleneck.bandwidth_s * (1 - 1e-9)
