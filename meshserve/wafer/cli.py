@@ -63,17 +63,20 @@ def reproduce_comm(
 def reproduce_balance(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     out: str = typer.Option("out", "--out", help="Folder for balance.json and the plots."),
-    iterations: int = typer.Option(300, "--iterations", help="Decode iterations per run."),
-    tokens_per_device: int = typer.Option(64, "--tokens-per-device", help="Decode tokens per device."),
-    scenario: str = typer.Option("mixed", "--scenario", help="Synthetic trace: fixed | mixed."),
-    models: str = typer.Option("deepseek-v3,deepseek-v2,qwen3-235b-a22b", "--models",
-                               help="Comma-separated model presets."),
+    iterations: int = typer.Option(None, "--iterations", help="Decode iterations per run [300]."),
+    tokens_per_device: int = typer.Option(None, "--tokens-per-device", help="Decode tokens per device [64]."),
+    scenario: str = typer.Option(None, "--scenario", help="Synthetic trace: fixed | mixed [mixed]."),
+    models: str = typer.Option(None, "--models", help="Comma-separated model presets "
+                               "[deepseek-v3,deepseek-v2,qwen3-235b-a22b]."),
 ) -> None:
-    """Ablation ladder NVL72 -> WSC -> ER -> HER -> greedy -> topology-aware -> NI-Balancer."""
+    """Ablation ladder NVL72 -> WSC -> ER -> HER -> greedy -> topology-aware -> NI-Balancer.
+
+    Defaults: meshserve/wafer/presets/experiments/balance.yaml."""
     from meshserve.wafer.reproduce_balance import reproduce_balance as run
 
+    names = None if models is None else tuple(m.strip() for m in models.split(",") if m.strip())
     run(out, as_json=json_out, iterations=iterations, tokens_per_device=tokens_per_device, scenario=scenario,
-        models=tuple(m.strip() for m in models.split(",") if m.strip()))
+        models=names)
 
 
 @app.command()

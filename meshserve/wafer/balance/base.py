@@ -1,0 +1,100 @@
+"""The balancer interface: when to re-plan (trigger), how to plan (planner), how migration runs.
+
+A balancer sees the recent expert loads and the current placement. When its trigger fires it
+returns a new placement; the iteration simulator turns the difference into replica copies and
+either stalls inference for them (``invasive``) or streams them over idle link time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from meshserve.errors import require
+from meshserve.wafer.balance.placement import Placement
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    """Balancer knobs, named as vLLM's EPLB (``--eplb-config``) where it has one.
+
+    num_redundant_experts: extra expert replicas per layer over all devices (vLLM / SGLang name);
+        None = one redundant slot per device.
+    window_size: iterations of load history a plan averages (vLLM ``window_size``).
+    step_interval: iterations between periodic re-plans (vLLM ``step_interval``); greedy baselines.
+    imbalance_threshold: NI-Balancer fires when the imbalance (max/mean device load - 1), summed
+        over the last ``window_size`` iterations above what the last plan predicted, exceeds this.
+    chunk_bytes: NI-Balancer moves replicas in chunks of this size; a chunk is sent only inside a
+        phase window whose idle link time fits it whole.
+    """
+
+    num_redundant_experts: int | None = None
+    window_size: int = 10
+    step_interval: int = 10
+    imbalance_threshold: float = 1.0
+    chunk_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        require(self.window_size >= 1, "window_size", f"must be >= 1, got {self.window_size}")
+        require(self.step_interval >= 1, "step_interval", f"must be >= 1, got {self.step_interval}")
+        require(
+            self.imbalance_threshold >= 0,
+            "imbalance_threshold",
+            f"must be >= 0, got {self.imbalance_threshold}",
+        )
+        require(self.chunk_bytes >= 1, "chunk_bytes", f"must be >= 1, got {self.chunk_bytes}")
+        if self.num_redundant_experts is not None:
+            require(
+                self.num_redundant_experts >= 0,
+                "num_redundant_experts",
+                f"must be >= 0, got {self.num_redundant_experts}",
+            )
+
+
+def imbalance(device_load: np.ndarray) -> np.ndarray:
+    """max/mean device load - 1, averaged over layers: [..., layers, devices] -> [...]."""
+    mean = device_load.mean(axis=-1)
+    ratio = device_load.max(axis=-1) / np.maximum(mean, 1e-12)
+    return (ratio - 1.0).mean(axis=-1)
+
+
+class Balancer:
+    """One balancing policy: a trigger, a planner and a migration style.
+
+    Subclasses set ``name`` and ``invasive`` and implement :meth:`plan`; the default trigger is
+    periodic every ``step_interval`` iterations once ``window_size`` iterations of history exist.
+    """
+
+    name = "base"
+    invasive = True
+
+    def __init__(self, config: BalanceConfig, hops: np.ndarray, num_redundant_experts: int) -> None:
+        self.config = config
+        self.hops = np.asarray(hops)
+        self.num_redundant_experts = num_redundant_experts
+
+    def should_plan(self, iteration: int, history_imbalance: np.ndarray) -> bool:
+        """True when a new plan is due. history_imbalance: imbalance of past iterations, oldest first."""
+        window = self.config.window_size
+        return iteration >= window and iteration % self.config.step_interval == 0
+
+    def plan(self, load: np.ndarray, current: Placement, base: Placement) -> Placement:
+        """A new placement for the mean expert load [layers, experts] of the history window."""
+        raise NotImplementedError
+
+    def planned(self, predicted_imbalance: float) -> None:
+        """Told what imbalance the plan it just made predicts on its own window (for triggers)."""
+
+
+class NoBalancer(Balancer):
+    """Static placement: experts spread evenly, never moved."""
+
+    name = "none"
+    invasive = False
+
+    def should_plan(self, iteration: int, history_imbalance: np.ndarray) -> bool:
+        return False
+
+    def plan(self, load: np.ndarray, current: Placement, base: Placement) -> Placement:
+        return current

@@ -1,0 +1,178 @@
+"""One balancing experiment, end to end: presets -> trace -> comm model -> iteration simulation.
+
+:class:`BalanceSetup` names a model, platform, TP degree, mapping, decode batch and balancer;
+:func:`run_setup` builds the platform's routes and FTDs from the simulator core, the routed
+expert roofline, a synthetic (or recorded) trace, and runs :func:`simulate_iterations`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from scipy import sparse
+
+from meshserve.errors import require
+from meshserve.traces import ExpertTrace
+from meshserve.wafer.balance import (
+    BALANCERS,
+    BalanceConfig,
+    make_balancer,
+    slots_per_device,
+    static_placement,
+)
+from meshserve.wafer.comm_model import CommModel, ExpertCost, LinkMap
+from meshserve.wafer.hardware import Hardware, load_hardware
+from meshserve.wafer.iteration import IterationResult, check_trace, simulate_iterations
+from meshserve.wafer.mapping import Mapping, make_mapping
+from meshserve.wafer.models import MoEModel, load_model
+from meshserve.wafer.synthetic import synthetic_trace
+from meshserve.wafer.timemodel import collective_time, latency_s
+from meshserve.wafer.topology import Topology, topology_for
+from meshserve.wafer.traffic import attention_collectives, dispatch
+
+
+@dataclass(frozen=True)
+class BalanceSetup:
+    """One iteration-level experiment.
+
+    mapping: None picks the platform's best: hierarchical ER (``her``) on several wafers, ER on
+    one wafer, ``baseline`` on switch platforms. tokens_per_device: decode tokens each device
+    owns (a TP group of ``tp`` devices runs ``tp * tokens_per_device`` tokens through attention).
+    trace: path of a recorded trace; None draws a synthetic one (``scenario``, ``seed``).
+    """
+
+    model: str = "deepseek-v3"
+    hardware: str = "wsc-4x8x8"
+    tp: int = 4
+    mapping: str | None = None
+    tokens_per_device: int = 64
+    balancer: str = "ni"
+    scenario: str = "mixed"
+    iterations: int = 200
+    seed: int = 0
+    config: BalanceConfig = field(default_factory=BalanceConfig)
+    trace: str | None = None
+
+    def resolved_mapping(self, hw: Hardware) -> str:
+        if self.mapping is not None:
+            return self.mapping
+        if hw.kind != "mesh":
+            return "baseline"
+        return "her" if hw.wafers > 1 else "er"
+
+    def check(self) -> None:
+        """Validate everything cheap to validate (presets, TP, mapping, balancer) without running."""
+        hw, model = load_hardware(self.hardware), load_model(self.model)
+        make_mapping(hw, self.tp, self.resolved_mapping(hw))
+        require(self.tokens_per_device >= 1, "batch", f"must be >= 1, got {self.tokens_per_device}")
+        require(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
+        require(self.balancer in BALANCERS, "balancer",
+                f"unknown {self.balancer!r}; allowed: {', '.join(BALANCERS)}")
+        if self.trace is not None:
+            check_trace(ExpertTrace.load(self.trace).counts, model.num_moe_layers, model.routed_experts)
+
+
+def a2a_domains(mapping: Mapping) -> np.ndarray:
+    """[devices] all-to-all domain of each device: its FTD, or its wafer under hierarchical ER.
+
+    The all-to-all never crosses a domain border, so links between domains are idle during it
+    (NI-Balancer's global steps) and links inside a domain are busy (its local steps wait for
+    the all-reduce).
+    """
+    return (mapping.wafer_of if mapping.hierarchical else mapping.ftd_of).copy()
+
+
+def a2a_per_slot(topo: Topology, unit: np.ndarray, slots: float) -> tuple[np.ndarray, np.ndarray]:
+    """Link bytes per routed (token, expert) slot that each device serves: (dispatch, combine).
+
+    The all-to-all is linear in the devices' loads, so one traffic matrix ``unit`` [src, dst]
+    with one expert per device and uniform load (``slots`` per device; the core's own FTD rules,
+    traffic.dispatch) gives every column. Returns two [devices, links] arrays: a layer's link
+    bytes = device_load @ them.
+    """
+    n = topo.num_devices
+    s, d = np.nonzero(unit)
+    w = unit[s, d] / slots
+    to_dst = sparse.csr_matrix((w, (d, s * n + d)), shape=(n, n * n)) @ topo.incidence
+    to_src = sparse.csr_matrix((w, (d, d * n + s)), shape=(n, n * n)) @ topo.incidence
+    return to_dst.toarray(), to_src.toarray()
+
+
+@lru_cache(maxsize=16)
+def comm_model(
+    hw: Hardware, tp: int, mapping_kind: str, model: MoEModel, tokens_per_device: int
+) -> CommModel:
+    """Routes, FTDs, all-to-all per-slot link loads and all-reduce link loads of one layout (cached)."""
+    topo = topology_for(hw)
+    mapping = make_mapping(hw, tp, mapping_kind)
+    tokens_per_group = tp * tokens_per_device
+    unit = dispatch(mapping, np.eye(topo.num_devices), tokens_per_group, 1, model.token_bytes)
+    disp, comb = a2a_per_slot(topo, unit.traffic, tokens_per_group * mapping.num_groups / topo.num_devices)
+    phases = [collective_time(topo, c) for c in attention_collectives(mapping, tokens_per_group,
+                                                                       model.token_bytes)]
+    domains, bw = a2a_domains(mapping), topo.link_bandwidth
+    return CommModel(
+        hops=topo.hops, ftd=domains, routes=topo.incidence, bandwidth=bw, path_latency=topo.path_latency,
+        dispatch=LinkMap.from_matrix(disp, domains, bw), combine=LinkMap.from_matrix(comb, domains, bw),
+        a2a_latency=latency_s(topo, unit),
+        allreduce_bytes=np.sum([p.loads for p in phases], axis=0),
+        allreduce_time=float(sum(p.time_s for p in phases)),
+    )
+
+
+def expert_cost(model: MoEModel, hw: Hardware) -> ExpertCost:
+    """Roofline of one routed expert: 2 FLOPs per weight per token; weights read once per layer."""
+    return ExpertCost(
+        flops_per_token=2.0 * model.expert_params,
+        weight_bytes=float(model.expert_params * model.bytes_per_element),
+        act_bytes_per_token=2.0 * model.token_bytes,
+        peak_flops=hw.die.peak_flops,
+        hbm_bandwidth=hw.die.hbm_bandwidth,
+    )
+
+
+def setup_trace(setup: BalanceSetup, model: MoEModel, num_devices: int) -> ExpertTrace:
+    """The recorded trace (checked against the model) or a synthetic one for this batch."""
+    if setup.trace is not None:
+        trace = ExpertTrace.load(setup.trace)
+        return dataclasses.replace(trace, counts=trace.counts[: setup.iterations])
+    return synthetic_trace(
+        model=model.name, num_layers=model.num_moe_layers, num_experts=model.routed_experts,
+        top_k=model.top_k, tokens_per_step=setup.tokens_per_device * num_devices,
+        steps=setup.iterations, scenario=setup.scenario, seed=setup.seed,
+    )
+
+
+def run_setup(setup: BalanceSetup) -> IterationResult:
+    """Simulate ``setup.iterations`` decode iterations with the setup's balancer."""
+    setup.check()
+    hw, model = load_hardware(setup.hardware), load_model(setup.model)
+    comm = comm_model(hw, setup.tp, setup.resolved_mapping(hw), model, setup.tokens_per_device)
+    n = hw.num_devices
+    redundant = setup.config.num_redundant_experts
+    redundant = n if redundant is None else redundant
+    most = model.routed_experts * n - max(model.routed_experts, n)
+    require(redundant <= most, "num_redundant_experts",
+            f"{redundant} replicas do not fit: at most {most} (one copy of every expert on every device)")
+    slots = slots_per_device(model.routed_experts, n, redundant)
+    base = static_placement(model.num_moe_layers, model.routed_experts, n, slots)
+    trace = setup_trace(setup, model, n)
+    balancer = make_balancer(setup.balancer, setup.config, comm.hops, redundant)
+    return simulate_iterations(
+        trace.counts, trace.tokens_per_step(), balancer, base, comm, expert_cost(model, hw)
+    )
+
+
+def run_summary(setup: BalanceSetup) -> dict:
+    """run_setup as one flat row: the setup's fields and the run's summary."""
+    result = run_setup(setup)
+    hw = load_hardware(setup.hardware)
+    row = {
+        "model": setup.model, "hardware": setup.hardware, "tp": setup.tp,
+        "mapping": setup.resolved_mapping(hw), "tokens_per_device": setup.tokens_per_device,
+        "balancer": setup.balancer, "scenario": setup.scenario, "seed": setup.seed,
+    }
+    return {**row, **result.summary()}

@@ -1,0 +1,111 @@
+"""What a platform, a mapping and a model contribute to the iteration-level simulation.
+
+:class:`CommModel`: routes, all-to-all domains, all-to-all link maps and the attention
+all-reduce of one layout; :class:`ExpertCost`: the roofline of one routed expert. Built over the
+simulator core by :func:`meshserve.wafer.balance_setup.comm_model`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+
+
+@dataclass(frozen=True, eq=False)
+class LinkMap:
+    """A linear map device loads [rows, devices] -> link bytes [rows, len(links)], in dense blocks.
+
+    links: global ids of the output columns. When the all-to-all domains use disjoint links (ER,
+    hierarchical ER) each domain is one block writing its own column range, so the zeros of the
+    full [devices, links] matrix are skipped; otherwise one dense block covers everything.
+    """
+
+    links: np.ndarray
+    blocks: tuple[tuple[np.ndarray, int, int, np.ndarray], ...]  # (devices, start, stop, [D, L])
+    inv_bandwidth: np.ndarray  # [len(links)] float32
+
+    @classmethod
+    def from_matrix(cls, matrix: np.ndarray, domains: np.ndarray, bandwidth: np.ndarray) -> LinkMap:
+        """Split a [devices, all links] matrix by the devices' domains."""
+        groups = [np.flatnonzero(domains == d) for d in np.unique(domains)]
+        cols = [np.flatnonzero((matrix[dev] != 0).any(axis=0)) for dev in groups]
+        if sum(len(c) for c in cols) != len(np.unique(np.concatenate(cols))):  # shared links
+            groups, cols = [np.arange(matrix.shape[0])], [np.flatnonzero((matrix != 0).any(axis=0))]
+        blocks, start = [], 0
+        for dev, c in zip(groups, cols, strict=True):
+            block = np.ascontiguousarray(matrix[np.ix_(dev, c)], dtype=np.float32)
+            blocks.append((dev, start, start + len(c), block))
+            start += len(c)
+        links = np.concatenate(cols)
+        return cls(links, tuple(blocks), (1.0 / bandwidth[links]).astype(np.float32))
+
+    def __call__(self, load: np.ndarray) -> np.ndarray:
+        out = np.empty((load.shape[0], len(self.links)), dtype=np.float32)
+        for dev, start, stop, block in self.blocks:
+            np.matmul(load[:, dev], block, out=out[:, start:stop])
+        return out
+
+    def time(self, link_bytes: np.ndarray, latency: float) -> np.ndarray:
+        """Bottleneck time of link bytes [..., len(links)] -> [...]."""
+        return (link_bytes * self.inv_bandwidth).max(axis=-1) + latency
+
+
+@dataclass(frozen=True)
+class CommModel:
+    """A platform + mapping as the iteration simulator needs it.
+
+    hops: [devices, devices] route lengths; path_latency: [devices, devices] seconds per route.
+    ftd: [devices] all-to-all domain (FTD, or wafer under hierarchical ER); migration steps
+      split at its borders.
+    routes: sparse [devices * devices, links] 0/1: links on the route src -> dst (row src*N+dst).
+    bandwidth: [links] bytes/s.
+    dispatch, combine: maps device loads [rows, devices] -> all-to-all link bytes on the links the
+      all-to-all can load (link bytes per routed token slot a device serves; combine: the way back).
+    a2a_latency: latency of the longest all-to-all route (seconds).
+    allreduce_bytes: [links] link bytes of one attention all-reduce; allreduce_time: its time.
+    """
+
+    hops: np.ndarray
+    ftd: np.ndarray
+    routes: sparse.csr_matrix
+    bandwidth: np.ndarray
+    path_latency: np.ndarray
+    dispatch: LinkMap
+    combine: LinkMap
+    a2a_latency: float
+    allreduce_bytes: np.ndarray
+    allreduce_time: float
+
+    @property
+    def num_devices(self) -> int:
+        return int(self.hops.shape[0])
+
+    def transfer_time(self, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray) -> float:
+        """Time for point-to-point copies all at once: hottest link's bytes / bandwidth + latency."""
+        if len(src) == 0:
+            return 0.0
+        link_bytes = self.routes[src * self.num_devices + dst].T @ np.asarray(nbytes, dtype=np.float64)
+        return float((link_bytes / self.bandwidth).max() + self.path_latency[src, dst].max())
+
+
+@dataclass(frozen=True)
+class ExpertCost:
+    """Roofline of one routed expert on one device.
+
+    flops_per_token: FLOPs one token spends in one expert; weight_bytes: one expert's weights;
+    act_bytes_per_token: activation bytes in and out; peak_flops, hbm_bandwidth: the device.
+    """
+
+    flops_per_token: float
+    weight_bytes: float
+    act_bytes_per_token: float
+    peak_flops: float
+    hbm_bandwidth: float
+
+    def device_time(self, tokens: np.ndarray, active_experts: np.ndarray) -> np.ndarray:
+        """Roofline time of a device serving ``tokens`` with ``active_experts`` weights read."""
+        flops = tokens * self.flops_per_token / self.peak_flops
+        mem = (active_experts * self.weight_bytes + tokens * self.act_bytes_per_token) / self.hbm_bandwidth
+        return np.maximum(flops, mem)

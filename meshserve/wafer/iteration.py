@@ -1,0 +1,190 @@
+"""Iteration-level simulation of MoE decode with expert load balancing.
+
+Per decode iteration and MoE layer: tokens per device from the trace and the placement; MoE
+compute time = the slowest device's roofline (its experts' weights read from HBM, or its FLOPs);
+all-to-all dispatch and combine time from link loads; attention all-reduce time (constant per
+layer). Balancers add stall time (invasive migration: all copies cross the mesh while inference
+waits) or stream copies in chunks through idle link time of the all-reduce (local steps) and of
+the all-to-all (global steps).
+
+Everything a platform and mapping contribute is in a :class:`CommModel` (built over the
+simulator core by :func:`meshserve.wafer.balance_setup.comm_model`). Iterations with a
+fixed placement are evaluated as one batch of matrix products; only iterations with a migration
+in flight are stepped one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshserve.errors import InputError
+from meshserve.wafer.balance import Balancer, Placement, imbalance, migrations
+from meshserve.wafer.balance.ni import split_steps
+from meshserve.wafer.balance.stream import Flight
+from meshserve.wafer.comm_model import CommModel, ExpertCost
+
+
+@dataclass
+class IterationResult:
+    """Per-iteration series (length = iterations) and run totals.
+
+    max_load, mean_load: device tokens per MoE layer (averaged over layers); compute_s, a2a_s,
+    allreduce_s: summed over MoE layers; stall_s: inference stopped for migration; migrated_bytes:
+    expert bytes that crossed the fabric; plans: iterations where the balancer re-planned.
+    """
+
+    balancer: str
+    tokens_per_iteration: np.ndarray
+    max_load: np.ndarray
+    mean_load: np.ndarray
+    compute_s: np.ndarray
+    a2a_s: np.ndarray
+    allreduce_s: np.ndarray
+    stall_s: np.ndarray
+    migrated_bytes: np.ndarray
+    num_devices: int
+    num_layers: int
+    plans: list[int] = field(default_factory=list)
+    max_link_utilization: float = 0.0
+
+    @property
+    def moe_time_s(self) -> np.ndarray:
+        """MoE layer time per iteration: compute + all-to-all + stalls."""
+        return self.compute_s + self.a2a_s + self.stall_s
+
+    def summary(self) -> dict[str, float]:
+        """Run totals: balancedness, times, bytes, per-device MoE throughput (tokens/s/device)."""
+        moe = self.moe_time_s.sum()
+        tokens = self.tokens_per_iteration.sum()
+        return {
+            "iterations": int(len(self.max_load)),
+            "balancedness": float((self.mean_load / np.maximum(self.max_load, 1e-12)).mean()),
+            "max_over_mean_load": float((self.max_load / np.maximum(self.mean_load, 1e-12)).mean()),
+            "moe_compute_s": float(self.compute_s.sum()),
+            "a2a_s": float(self.a2a_s.sum()),
+            "allreduce_s": float(self.allreduce_s.sum()),
+            "stall_s": float(self.stall_s.sum()),
+            "migrated_bytes": float(self.migrated_bytes.sum()),
+            "plans": len(self.plans),
+            "moe_tokens_per_s_per_device": float(tokens * self.num_layers / moe / self.num_devices)
+            if moe > 0 else 0.0,
+            "max_migration_link_utilization": float(self.max_link_utilization),
+        }
+
+
+def check_trace(counts: np.ndarray, num_layers: int, num_experts: int) -> None:
+    """Trace shape must match the model's MoE layers and routed experts."""
+    if counts.ndim != 3 or counts.shape[1:] != (num_layers, num_experts):
+        raise InputError(
+            "trace",
+            f"counts shape {tuple(counts.shape)} does not match the model: "
+            f"need [steps, {num_layers} MoE layers, {num_experts} experts]",
+        )
+
+
+@dataclass
+class _Block:
+    """Per-iteration figures of a block of iterations under one placement."""
+
+    max_load: np.ndarray
+    mean_load: np.ndarray
+    imbalance: np.ndarray
+    compute_s: np.ndarray
+    a2a_s: np.ndarray
+    dispatch_bytes: np.ndarray  # [S, L, a2a links]
+    combine_bytes: np.ndarray
+    dispatch_s: np.ndarray  # [S, L]
+    combine_s: np.ndarray
+
+
+def evaluate(counts: np.ndarray, placement: Placement, comm: CommModel, cost: ExpertCost) -> _Block:
+    """Loads, MoE compute and all-to-all times of iterations ``counts`` [S, L, E] under a placement."""
+    load = placement.device_load(counts)  # [S, L, N]
+    compute = cost.device_time(load, placement.busy_experts(counts)).max(axis=2)
+    flat = load.reshape(-1, load.shape[-1])
+    dispatch = comm.dispatch(flat).reshape(*load.shape[:2], -1)  # [S, L, a2a links]
+    combine = comm.combine(flat).reshape(*load.shape[:2], -1)
+    t_dispatch = comm.dispatch.time(dispatch, comm.a2a_latency)
+    t_combine = comm.combine.time(combine, comm.a2a_latency)
+    return _Block(
+        max_load=load.max(axis=2).mean(axis=1),
+        mean_load=load.mean(axis=2).mean(axis=1),
+        imbalance=imbalance(load),
+        compute_s=compute.sum(axis=1),
+        a2a_s=(t_dispatch + t_combine).sum(axis=1),
+        dispatch_bytes=dispatch,
+        combine_bytes=combine,
+        dispatch_s=t_dispatch,
+        combine_s=t_combine,
+    )
+
+
+def simulate_iterations(
+    counts: np.ndarray,
+    tokens_per_iteration: np.ndarray,
+    balancer: Balancer,
+    base: Placement,
+    comm: CommModel,
+    cost: ExpertCost,
+    *,
+    block_size: int = 32,
+) -> IterationResult:
+    """Run a balancer over a trace ``counts`` [iterations, layers, experts] (see module docstring)."""
+    check_trace(counts, base.num_layers, base.num_experts)
+    base.validate()
+    steps_total = counts.shape[0]
+    series = {k: np.zeros(steps_total) for k in
+              ("max_load", "mean_load", "imbalance", "compute_s", "a2a_s", "stall_s", "migrated_bytes")}
+    placement, flight = base, None
+    since, plans, worst = 0, [], 0.0
+    window = balancer.config.window_size
+    it = 0
+    while it < steps_total:
+        if flight is None and it > since and balancer.should_plan(it, series["imbalance"][since:it]):
+            history = counts[max(it - window, 0):it]
+            target = balancer.plan(history.mean(axis=0), placement, base)
+            target.validate()
+            moves = migrations(placement, target, comm.hops)
+            plans.append(it)
+            series["migrated_bytes"][it] += len(moves) * cost.weight_bytes
+            balancer.planned(float(evaluate(history, target, comm, cost).imbalance.mean()))
+            if balancer.invasive or len(moves) == 0:
+                nbytes = np.full(len(moves), cost.weight_bytes)
+                series["stall_s"][it] += comm.transfer_time(moves.src, moves.dst, nbytes)
+                placement, since = target, it
+            else:
+                steps = split_steps(moves, comm.ftd, comm.hops)
+                flight = Flight.begin(target, steps, len(moves), cost.weight_bytes)
+        end = min(it + block_size, steps_total)
+        block = evaluate(counts[it:end], placement, comm, cost)
+        landed = False
+        if flight is not None:  # stream chunks iteration by iteration until every copy landed
+            for j in range(end - it):
+                a2a = [(block.dispatch_bytes[j], block.dispatch_s[j], comm.dispatch.links),
+                       (block.combine_bytes[j], block.combine_s[j], comm.combine.links)]
+                landed, util = flight.advance(comm, a2a, balancer.config.chunk_bytes)
+                worst = max(worst, util)
+                if landed:
+                    end = it + j + 1
+                    break
+        else:  # cut the block where the trigger fires; later iterations are redone
+            hist = block.imbalance
+            end = next((i for i in range(it + 1, end) if balancer.should_plan(
+                i, np.concatenate([series["imbalance"][since:it], hist[: i - it]]))), end)
+        for key in ("max_load", "mean_load", "imbalance", "compute_s", "a2a_s"):
+            series[key][it:end] = getattr(block, key)[: end - it]
+        if landed:
+            placement, since, flight = flight.target, end, None
+        it = end
+    return IterationResult(
+        balancer=balancer.name,
+        tokens_per_iteration=np.asarray(tokens_per_iteration, dtype=np.float64),
+        max_load=series["max_load"], mean_load=series["mean_load"],
+        compute_s=series["compute_s"], a2a_s=series["a2a_s"],
+        allreduce_s=np.full(steps_total, comm.allreduce_time * base.num_layers),
+        stall_s=series["stall_s"], migrated_bytes=series["migrated_bytes"],
+        num_devices=base.num_devices, num_layers=base.num_layers,
+        plans=plans, max_link_utilization=worst,
+    )

@@ -1,0 +1,237 @@
+"""`meshserve wafer reproduce balance`: the MoEntwine Fig. 17 ablation ladder and Fig. 15 load traces.
+
+Per model, every rung is one iteration-level simulation (same synthetic trace seed, same decode
+tokens per device): NVL72 -> WSC baseline mapping -> +ER -> +hierarchical ER -> +greedy balance
+-> +topology-aware -> +non-invasive (NI-Balancer). "NVL72 + EPLB" is printed beside the ladder
+as the GPU system with its own balancer. The ladder, defaults and anchors live in
+presets/experiments/balance.yaml. Paper anchors are printed next to our figures; nothing
+here is tuned to them (docs/wafer.md, "Load balancing", explains the differences).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from meshserve.errors import require
+from meshserve.wafer.balance import BalanceConfig
+from meshserve.wafer.balance_setup import BalanceSetup, run_setup
+from meshserve.wafer.iteration import IterationResult
+from meshserve.wafer.presets import PRESET_DIR
+from meshserve.wafer.sweep import write_atomic
+
+SPEC_PATH = PRESET_DIR / "experiments" / "balance.yaml"
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One step of the ladder: a platform, a mapping and a balancer."""
+
+    label: str
+    hardware: str
+    mapping: str
+    balancer: str
+
+
+def load_spec() -> dict[str, Any]:
+    """The ladder, its defaults and the paper's anchors (presets/experiments/balance.yaml)."""
+    spec = yaml.safe_load(SPEC_PATH.read_text())
+    spec["ladder"] = [Rung(**r) for r in spec["ladder"]]
+    spec["references"] = [Rung(**r) for r in spec["references"]]
+    return spec
+
+
+def gain(before: float, after: float) -> float:
+    """Improvement as a fraction: before / after - 1 for times (0.54 = 1.54x faster)."""
+    return before / after - 1.0 if after > 0 else 0.0
+
+
+def run_ladder(
+    spec: dict[str, Any], *, config: BalanceConfig | None = None, progress: bool = True
+) -> tuple[dict, dict[str, IterationResult]]:
+    """Every rung for every model of ``spec`` (see :func:`load_spec`).
+
+    Returns (JSON-ready figures, the first model's runs that share the NI rung's platform and
+    mapping, by balancer: the Fig. 15 panels).
+    """
+    from rich.progress import Progress
+
+    config = config or BalanceConfig()
+    rungs = [*spec["ladder"], *spec["references"]]
+    roles = spec["roles"]
+    ni_rung = next(r for r in rungs if r.label == roles["ni"])
+    settings = {k: spec[k] for k in ("tp", "tokens_per_device", "iterations", "scenario", "seed")}
+    settings_out = {**settings, "wsc": ni_rung.hardware, "config": config.__dict__}
+    figures: dict = {"models": {}, "settings": settings_out}
+    traces: dict[str, IterationResult] = {}
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("reproduce balance", total=len(spec["models"]) * len(rungs))
+        for model in spec["models"]:
+            rows = []
+            for rung in rungs:
+                result = run_setup(BalanceSetup(
+                    model=model, hardware=rung.hardware, mapping=rung.mapping, balancer=rung.balancer,
+                    config=config, **settings,
+                ))
+                if model == spec["models"][0] and (rung.hardware, rung.mapping) == (
+                        ni_rung.hardware, ni_rung.mapping):
+                    traces[rung.balancer] = result
+                rows.append({"rung": rung.label, "hardware": rung.hardware, "mapping": rung.mapping,
+                             "balancer": rung.balancer, **result.summary()})
+                bar.advance(task)
+            figures["models"][model] = _model_figures(rows, roles)
+    per_model = figures["models"].values()
+    for key in ("ni_compute_gain", "ni_comm_gain", "wsc_vs_nvl72_gain", "wsc_vs_nvl72_eplb_gain"):
+        name = key.replace("_gain", "_avg_gain") if key.startswith("wsc") else key
+        figures[name] = float(np.mean([m[key] for m in per_model]))
+    figures["ni_compute_gain_max"] = float(max(m["ni_compute_gain"] for m in per_model))
+    figures["ni_comm_gain_max"] = float(max(m["ni_comm_gain"] for m in per_model))
+    figures["paper"] = dict(spec["paper"])
+    return figures, traces
+
+
+def _model_figures(rows: list[dict], roles: dict[str, str]) -> dict:
+    by = {r["rung"]: r for r in rows}
+    gpu = by[roles["gpu"]]["moe_tokens_per_s_per_device"]
+    for r in rows:
+        r["vs_nvl72"] = r["moe_tokens_per_s_per_device"] / gpu if gpu else 0.0
+    unbalanced, ni = by[roles["unbalanced"]], by[roles["ni"]]
+    eplb = by[roles["gpu_balanced"]]["moe_tokens_per_s_per_device"]
+    return {
+        "ladder": rows,
+        "ni_compute_gain": gain(unbalanced["moe_compute_s"], ni["moe_compute_s"]),
+        "ni_comm_gain": gain(unbalanced["a2a_s"], ni["a2a_s"]),
+        "wsc_vs_nvl72_gain": ni["vs_nvl72"] - 1.0,
+        "wsc_vs_nvl72_eplb_gain": ni["moe_tokens_per_s_per_device"] / eplb - 1.0 if eplb else 0.0,
+    }
+
+
+def print_ladder(figures: dict) -> None:
+    """Rich tables: one ladder per model, then our headline figures beside the paper's."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)
+    s = figures["settings"]
+    console.print(f"[bold]MoE decode with load balancing[/]: {s['iterations']} iterations, scenario "
+                  f"{s['scenario']}, TP={s['tp']}, {s['tokens_per_device']} tokens/device, WSC = {s['wsc']}")
+    for model, m in figures["models"].items():
+        table = Table(title=f"{model}: ablation ladder (sums over iterations; cf. paper Fig. 17)")
+        for col in ("rung", "compute ms", "all-to-all ms", "stall ms", "MoE ms", "max/mean load",
+                    "migrated GB", "tok/s/device", "vs NVL72"):
+            table.add_column(col, justify="left" if col == "rung" else "right")
+        for r in m["ladder"]:
+            moe = r["moe_compute_s"] + r["a2a_s"] + r["stall_s"]
+            table.add_row(r["rung"], f"{r['moe_compute_s'] * 1e3:.1f}", f"{r['a2a_s'] * 1e3:.1f}",
+                          f"{r['stall_s'] * 1e3:.1f}", f"{moe * 1e3:.1f}", f"{r['max_over_mean_load']:.2f}",
+                          f"{r['migrated_bytes'] / 1e9:.0f}", f"{r['moe_tokens_per_s_per_device']:,.0f}",
+                          f"{r['vs_nvl72']:.2f}x")
+        console.print(table)
+    table = Table(title="Headline figures (fractions; ours = mean over models)")
+    for col in ("figure", "ours", "paper"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    names = {"ni_compute_gain": "NI-Balancer MoE compute gain (vs +hierarchical ER, no balance)",
+             "ni_comm_gain": "NI-Balancer MoE all-to-all gain",
+             "wsc_vs_nvl72_avg_gain": "WSC (all techniques) vs NVL72, per-device MoE throughput"}
+    for key, label in names.items():
+        table.add_row(label, f"{figures[key]:+.1%}", f"{figures['paper'][key]:+.0%}")
+        if f"{key}_max" in figures:
+            table.add_row("  (best model)", f"{figures[key + '_max']:+.1%}", "")
+    eplb = figures["wsc_vs_nvl72_eplb_avg_gain"]
+    table.add_row("WSC vs NVL72 + EPLB (not in the paper)", f"{eplb:+.1%}", "-")
+    console.print(table)
+
+
+def plot_load_traces(traces: dict[str, IterationResult], model: str, wsc: str, out: Path) -> Path:
+    """Fig. 15-like: max and mean device load over iterations, one panel per balancer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(traces), 1, figsize=(9, 2.2 * len(traces)), sharex=True, squeeze=False)
+    for ax, (name, r) in zip(axes[:, 0], traces.items(), strict=True):
+        x = np.arange(len(r.max_load))
+        ax.plot(x, r.max_load, label="max device load", color="tab:red")
+        ax.plot(x, r.mean_load, label="mean device load", color="tab:blue")
+        stalls = np.flatnonzero(r.stall_s > 0)
+        if len(stalls):
+            ax.vlines(stalls, 0, r.max_load.max(), color="grey", alpha=0.4, label="inference stalled")
+        ax.set_title(f"{name}: max/mean {np.mean(r.max_load / r.mean_load):.2f}, "
+                     f"stall {r.stall_s.sum() * 1e3:.1f} ms, {len(r.plans)} plans", fontsize=9)
+        ax.set_ylabel("tokens / device\n(per MoE layer)")
+        ax.set_ylim(bottom=0)
+    axes[0, 0].legend(loc="lower right", fontsize=8)
+    axes[-1, 0].set_xlabel("decode iteration")
+    fig.suptitle(f"{model} on {wsc} (hierarchical ER): expert load per device over time (cf. paper Fig. 15)")
+    fig.tight_layout()
+    path = out / "balance_load_over_time.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_ladder(figures: dict, labels: list[str], out: Path) -> Path:
+    """Per-device MoE throughput of every rung, normalised to NVL72, one bar group per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(figures["models"])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(models)
+    for j, model in enumerate(models):
+        by = {r["rung"]: r["vs_nvl72"] for r in figures["models"][model]["ladder"]}
+        ax.bar(np.arange(len(labels)) + j * width, [by[lab] for lab in labels], width, label=model)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("per-device MoE throughput\n(relative to NVL72)")
+    ax.set_title("Ablation ladder (cf. paper Fig. 17)")
+    top = max(max(r["vs_nvl72"] for r in m["ladder"]) for m in figures["models"].values())
+    ax.set_ylim(0, top * 1.25)
+    ax.legend(ncol=len(models), loc="upper center", fontsize=8)
+    fig.tight_layout()
+    path = out / "balance_ladder.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def reproduce_balance(
+    out: str | os.PathLike[str] = "out", *, as_json: bool = False, iterations: int | None = None,
+    tokens_per_device: int | None = None, scenario: str | None = None, models: tuple[str, ...] | None = None,
+) -> dict:
+    """Run the ladder, write balance.json and the two plots under ``out``, print tables or JSON.
+
+    Arguments left None take the values of presets/experiments/balance.yaml.
+    """
+    spec = load_spec()
+    given = {"iterations": iterations, "tokens_per_device": tokens_per_device, "scenario": scenario,
+             "models": list(models) if models is not None else None}
+    spec.update({k: v for k, v in given.items() if v is not None})
+    require(len(spec["models"]) > 0, "models", "list at least one model preset, e.g. deepseek-v3")
+    require(spec["iterations"] >= 1, "iterations", f"must be >= 1, got {spec['iterations']}")
+    out = Path(out)
+    figures, traces = run_ladder(spec, progress=not as_json)
+    out.mkdir(parents=True, exist_ok=True)
+    figures["plots"] = [
+        str(plot_load_traces(traces, spec["models"][0], figures["settings"]["wsc"], out)),
+        str(plot_ladder(figures, [r.label for r in spec["ladder"]], out)),
+    ]
+    write_atomic(out / "balance.json", json.dumps(figures, indent=2).encode())
+    if as_json:
+        print(json.dumps(figures))
+    else:
+        print_ladder(figures)
+        print(f"wrote {out / 'balance.json'}, " + ", ".join(figures["plots"]))
+    return figures

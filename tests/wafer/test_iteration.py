@@ -1,0 +1,181 @@
+"""Iteration-level simulation: stalls, hidden migration, conservation, determinism, bad input."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshserve.errors import InputError
+from meshserve.wafer.balance import (
+    BalanceConfig,
+    Balancer,
+    Placement,
+    make_balancer,
+    slots_per_device,
+    static_placement,
+)
+from meshserve.wafer.balance.stream import window_bytes
+from meshserve.wafer.balance_setup import BalanceSetup, comm_model, expert_cost, run_setup
+from meshserve.wafer.hardware import load_hardware
+from meshserve.wafer.iteration import simulate_iterations
+from meshserve.wafer.models import load_model
+from meshserve.wafer.synthetic import synthetic_trace
+
+MODEL = dataclasses.replace(
+    load_model("deepseek-v3"), name="tiny", num_layers=3, first_dense_layers=0, routed_experts=16, top_k=2
+)
+
+
+def platform(rows: int, cols: int, tp: int, mapping: str, tokens: int = 64):
+    hw = load_hardware("wsc-8x8").with_mesh(rows, cols)
+    return hw, comm_model(hw, tp, mapping, MODEL, tokens)
+
+
+def tiny_trace(devices: int, steps: int = 60, scenario: str = "fixed", seed: int = 0):
+    return synthetic_trace(
+        model="tiny", num_layers=3, num_experts=16, top_k=2, tokens_per_step=64 * devices,
+        steps=steps, scenario=scenario, zipf_exponent=0.6, seed=seed,
+    )
+
+
+def run(name: str, rows=4, cols=4, tp=4, mapping="er", steps=60, seed=0, **config):
+    hw, comm = platform(rows, cols, tp, mapping)
+    n = hw.num_devices
+    redundant = config.pop("num_redundant_experts", n)
+    cfg = BalanceConfig(num_redundant_experts=redundant, **config)
+    base = static_placement(3, 16, n, slots_per_device(16, n, redundant))
+    trace = tiny_trace(n, steps, seed=seed)
+    balancer = make_balancer(name, cfg, comm.hops, redundant)
+    result = simulate_iterations(trace.counts, trace.tokens_per_step(), balancer, base, comm,
+                                 expert_cost(MODEL, hw))
+    return result, trace
+
+
+def test_static_run_conserves_tokens_and_never_migrates():
+    result, trace = run("none")
+    routed = trace.counts.sum(axis=2).mean(axis=1)  # token slots per layer
+    np.testing.assert_allclose(result.mean_load * 16, routed, rtol=1e-5)
+    assert result.stall_s.sum() == 0 and result.migrated_bytes.sum() == 0 and result.plans == []
+    assert (result.max_load >= result.mean_load).all()
+
+
+class MoveOnce(Balancer):
+    """Test balancer: at iteration 2 add the given (expert, device) replicas to layer 0."""
+
+    name = "move-once"
+    invasive = True
+
+    def __init__(self, adds):
+        super().__init__(BalanceConfig(window_size=1, step_interval=1), np.zeros((1, 1)), 0)
+        self.adds = adds
+
+    def should_plan(self, iteration, history_imbalance):
+        return iteration == 2
+
+    def plan(self, load, current, base):
+        holds = current.holds.copy()
+        for expert, device in self.adds:
+            holds[0, expert, device] = True
+        return Placement(holds, current.slots_per_device)
+
+
+@pytest.mark.parametrize(
+    ("adds", "bytes_on_hottest_link", "route"),
+    [([(0, 3)], 1, (0, 3)), ([(0, 2), (1, 3)], 2, (0, 2))],  # the second pair shares link 1->2
+)
+def test_invasive_stall_is_bytes_over_bandwidth(adds, bytes_on_hottest_link, route):
+    hw, comm = platform(1, 4, 1, "baseline")
+    base = static_placement(3, 16, 4, 5)  # expert e starts on device e % 4
+    trace = tiny_trace(4, steps=5)
+    result = simulate_iterations(trace.counts, trace.tokens_per_step(), MoveOnce(adds), base, comm,
+                                 expert_cost(MODEL, hw))
+    weight = MODEL.expert_params * MODEL.bytes_per_element
+    expected = bytes_on_hottest_link * weight / hw.link_bandwidth + comm.path_latency[route]
+    assert result.plans == [2]
+    assert result.stall_s[2] == pytest.approx(expected, rel=1e-9)
+    assert result.stall_s.sum() == result.stall_s[2]
+    assert result.migrated_bytes.sum() == len(adds) * weight
+
+
+def test_ni_balancer_never_stalls_and_stays_inside_idle_link_time():
+    ni, _ = run("ni", steps=80, imbalance_threshold=0.2)
+    none, _ = run("none", steps=80)
+    assert ni.plans and ni.migrated_bytes.sum() > 0
+    assert ni.stall_s.sum() == 0.0
+    assert 0 < ni.max_link_utilization <= 1.0 + 1e-9  # no phase ran longer because of migration
+    assert ni.max_load[-20:].mean() < none.max_load[-20:].mean()
+
+
+def test_greedy_stalls_for_its_migration_and_balances_best():
+    greedy, _ = run("greedy", steps=40)
+    topo, _ = run("topology", steps=40)
+    assert greedy.stall_s.sum() > topo.stall_s.sum() > 0
+    assert greedy.migrated_bytes.sum() > topo.migrated_bytes.sum()
+    assert greedy.plans == topo.plans == [10, 20, 30]
+
+
+def test_window_bytes_deals_whole_chunks_and_never_overfills_a_link():
+    hw, comm = platform(1, 4, 1, "baseline")
+    n = 4
+    rows = np.array([0 * n + 3, 1 * n + 2, 2 * n + 3])  # 0->3 and 1->2 share link 1->2; 2->3 too
+    slack = np.full(comm.bandwidth.shape, 10.0)
+    per = window_bytes(comm.routes, rows, slack, chunk_bytes=4)
+    link_bytes = comm.routes[rows].T @ per
+    assert (link_bytes <= slack).all()
+    assert per.tolist() == [4.0, 4.0, 4.0]  # 2 chunks per link, shared by two steps each
+    slack[:] = 4.0  # room for one chunk per link: the oldest step on a shared link gets it
+    assert window_bytes(comm.routes, rows, slack, chunk_bytes=4).tolist() == [4.0, 0.0, 0.0]
+    slack[:] = 3.0  # a chunk does not fit: nothing moves
+    assert window_bytes(comm.routes, rows, slack, chunk_bytes=4).tolist() == [0.0, 0.0, 0.0]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), steps=st.integers(1, 40), layers=st.integers(1, 3))
+def test_window_bytes_never_overfills_any_window(seed, steps, layers):
+    _, comm = platform(4, 4, 4, "er")
+    rng = np.random.default_rng(seed)
+    src, dst = rng.integers(0, 16, steps), rng.integers(0, 16, steps)
+    rows = (src * 16 + dst)[src != dst]
+    shape = (layers, len(comm.bandwidth))
+    slack = rng.uniform(0, 10, shape) * rng.integers(0, 2, shape)  # many links without room
+    per = window_bytes(comm.routes, rows, slack, chunk_bytes=2)  # [layers, steps]
+    assert (per % 2 == 0).all() and (per >= 0).all()
+    link_bytes = np.asarray(comm.routes[rows].T @ per.T).T if len(rows) else np.zeros_like(slack)
+    assert (link_bytes <= slack + 1e-9).all()
+    for layer in range(layers):  # a step crossing a link without room for a chunk sends nothing
+        blocked = np.asarray(comm.routes[rows][:, slack[layer] < 2].sum(axis=1)).ravel() > 0
+        assert (per[layer, blocked] == 0).all()
+
+
+def test_same_seed_same_result():
+    a, _ = run("ni", seed=5, steps=40)
+    b, _ = run("ni", seed=5, steps=40)
+    for field in ("max_load", "compute_s", "a2a_s", "stall_s", "migrated_bytes"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert a.plans == b.plans
+
+
+def test_trace_that_does_not_match_the_model_is_an_input_error():
+    hw, comm = platform(4, 4, 4, "er")
+    base = static_placement(3, 16, 16, 2)
+    wrong = np.zeros((5, 3, 8), dtype=np.int64)
+    with pytest.raises(InputError) as err:
+        simulate_iterations(wrong, np.ones(5), make_balancer("none", BalanceConfig(), comm.hops, 0),
+                            base, comm, expert_cost(MODEL, hw))
+    assert err.value.field == "trace" and "16 experts" in err.value.message
+
+
+def test_presets_end_to_end_and_bad_setups():
+    summary = run_setup(BalanceSetup(hardware="wsc-8x8", iterations=30, balancer="topology")).summary()
+    assert summary["plans"] == 2 and summary["moe_tokens_per_s_per_device"] > 0
+    for setup, field in [
+        (BalanceSetup(balancer="magic"), "balancer"),
+        (BalanceSetup(hardware="wsc-8x8", config=BalanceConfig(num_redundant_experts=10**6)),
+         "num_redundant_experts"),
+        (BalanceSetup(tp=3), "tp"),
+    ]:
+        with pytest.raises(InputError) as err:
+            run_setup(setup)
+        assert err.value.field == field
