@@ -1,0 +1,11 @@
+"""Serving engine: requests, token-budget scheduling, paged KV cache, model runner, sampler.
+
+    from meshserve.engine import LLM, SamplingParams
+"""
+
+from meshserve.engine.engine import Engine
+from meshserve.engine.llm import LLM
+from meshserve.engine.outputs import CompletionOutput, RequestOutput
+from meshserve.engine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "CompletionOutput", "Engine", "RequestOutput", "SamplingParams"]

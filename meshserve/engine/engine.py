@@ -1,0 +1,265 @@
+"""Engine: add requests, step, abort. One step = schedule -> one forward -> sample -> update.
+
+The engine owns the model, the paged KV cache (allocated once here), the scheduler and the sampler.
+Bad input raises InputError from ``add_request`` before anything changes, so requests already in
+flight never notice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from meshserve.config import EngineConfig, SchedulerConfig
+from meshserve.engine.kv_cache import BlockManager, allocate_kv_cache, block_bytes, num_kv_blocks
+from meshserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from meshserve.engine.prefix_cache import PrefixCache
+from meshserve.engine.request import Request, RequestStatus
+from meshserve.engine.runner import ModelRunner
+from meshserve.engine.sampler import Sampler
+from meshserve.engine.sampling_params import SamplingParams
+from meshserve.engine.scheduler import Scheduler, WorkItem, WorkKind
+from meshserve.engine.spec.decoder import SpecDecoder
+from meshserve.engine.stop import StopChecker
+from meshserve.errors import InputError, require
+from meshserve.models.loader import load_model
+from meshserve.traces import ExpertTrace
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """The serving loop's core: ``add_request`` / ``step`` / ``abort`` / ``has_unfinished`` / ``close``."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        loaded = load_model(config.model, config.dtype)
+        self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
+        mc = self.model_config
+        limit = mc.max_position_embeddings
+        max_model_len = config.scheduler.max_model_len or limit
+        require(max_model_len <= limit, "max_model_len",
+                f"must be <= the model's max_position_embeddings ({limit}), got {max_model_len}")
+        require(config.record_expert_trace is None or mc.is_moe, "record_expert_trace",
+                f"model {mc.name} ({mc.arch}) has no MoE layers to trace")
+        self.max_model_len = max_model_len
+        sched = SchedulerConfig(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs,
+                                max_model_len)
+        cache = config.cache
+        per_block = block_bytes(mc.num_layers, mc.num_kv_heads, mc.head_dim, cache.block_size, mc.dtype)
+        blocks = num_kv_blocks(cache, per_block, max_model_len, sched.max_num_seqs)
+        self.kv_caches = allocate_kv_cache(mc.num_layers, blocks, cache.block_size, mc.num_kv_heads,
+                                           mc.head_dim, mc.dtype)
+        prefix_cache = PrefixCache(cache.block_size) if cache.enable_prefix_caching else None
+        self.blocks = BlockManager(blocks, cache.block_size, prefix_cache, self.kv_caches)
+        self.scheduler = Scheduler(sched, self.blocks)
+        self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
+        self.sampler = Sampler(config.seed)
+        spec = config.speculative_config
+        self.spec = None if spec is None else SpecDecoder(spec, mc.vocab_size, config.dtype, cache.block_size,
+                                                          Sampler.probs, self.sampler.generator)
+        self.stopper = StopChecker(self.tokenizer, mc.eos_token_ids, max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.num_steps = 0
+        self.num_preemptions = 0
+        self.last_stats: dict[str, Any] = {}
+        self._expert_counts: list[np.ndarray] = []
+        self._ids = itertools.count()
+        self._closed = False
+        logger.info("engine: %s (%s, %s), %d KV blocks of %d tokens (%.3f GiB)", mc.name, mc.arch,
+                    config.dtype, blocks, cache.block_size, blocks * per_block / (1 << 30))
+
+    @classmethod
+    def from_args(cls, model: str, **engine_args: Any) -> Engine:
+        """``Engine.from_args("dir", max_num_seqs=16, ...)`` with vLLM's engine argument names."""
+        return cls(EngineConfig.from_args(model, **engine_args))
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a prompt (text or token ids); returns its request id. Bad input raises InputError."""
+        params = SamplingParams() if params is None else params
+        require(isinstance(params, SamplingParams), "sampling_params", "must be a SamplingParams")
+        if request_id is None:
+            request_id = next(i for i in map(str, self._ids) if i not in self.requests)
+        request_id = str(request_id)
+        require(request_id not in self.requests, "request_id", f"{request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self._prompt_tokens(prompt)
+        n = len(token_ids)
+        limit = self.max_model_len - 1
+        require(n <= limit, "prompt", f"{n} tokens is too long: at most max_model_len - 1 = {limit} "
+                                      f"(max_model_len={self.max_model_len}) so one token can be generated")
+        room = self.max_model_len - n
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        request = Request(request_id, token_ids, params, max_tokens, prompt=text)
+        self.stopper.start(request)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def _prompt_tokens(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            require(bool(prompt), "prompt", "must not be empty")
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            token_ids = [int(t) for t in prompt]
+        else:
+            raise InputError("prompt", "must be a string or a list of token ids")
+        require(len(token_ids) > 0, "prompt", "must not be empty")
+        vocab = self.model_config.vocab_size
+        require(min(token_ids) >= 0 and max(token_ids) < vocab, "prompt",
+                f"token ids must be in [0, {vocab - 1}] (vocab_size={vocab})")
+        return token_ids
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now, free its blocks and forget it; False if unknown or already finished."""
+        request = self.requests.get(str(request_id))
+        if request is None or request.is_finished:
+            return False
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        del self.requests[request.request_id]
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def output(self, request_id: str) -> RequestOutput:
+        """The current output of a request (final text once it has finished)."""
+        request = self.requests[str(request_id)]
+        text = self.stopper.final_text(request) if request.is_finished else request.output_text
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.token_ids[: request.num_prompt_tokens],
+            outputs=[CompletionOutput(0, text, request.output_token_ids, request.finish_reason,
+                                      request.stop_reason, request.logprobs)],
+            finished=request.is_finished,
+            metrics=RequestMetrics(request.arrival_time, request.first_token_time, request.finish_time),
+        )
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the final outputs of the requests that finished in it.
+
+        Finished requests are forgotten once returned; ``output(id)`` shows one still running.
+        """
+        if self.spec is not None:  # drafts first, so verify work is scheduled with everything else
+            self.spec.propose(self.scheduler.running, self.max_model_len)
+        plan = self.scheduler.schedule()
+        if self.spec is not None:
+            for request in plan.preempted:
+                self.spec.remove(request.request_id)
+        if not plan.items:
+            return []
+        logits = self.runner.execute(plan.items)
+        self._record_experts()
+        finished = []
+        for item, tokens in zip(plan.items, self._new_tokens(plan.items, logits), strict=True):
+            request = item.request
+            self.scheduler.advance(item, len(tokens))
+            for token, logprobs in tokens:  # a verify may add several; stop checks run after each
+                request.append_token(token, logprobs)
+                status = self.stopper.check(request)
+                if status is not None:
+                    self._finish(request, status)
+                    finished.append(self.output(request.request_id))
+                    del self.requests[request.request_id]
+                    break
+            if not request.is_finished:
+                if item.kind is WorkKind.VERIFY:  # rejected drafts: give back blocks past the kept tokens
+                    self.blocks.truncate(request, request.num_tokens)
+                self.blocks.publish(request)  # newly full blocks of verified tokens join the prefix cache
+        self.num_steps += 1
+        self.num_preemptions += len(plan.preempted)
+        self.last_stats = {
+            "step": self.num_steps,
+            "tokens": plan.tokens_by_kind(),
+            "num_seqs": len(plan.items),
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "preempted": len(plan.preempted),
+            "kv_usage": self.blocks.usage,
+        }
+        if self.blocks.prefix_cache is not None:
+            self.last_stats["prefix_hit_rate"] = self.blocks.prefix_cache.stats()["hit_rate"]
+        if self.spec is not None:
+            self.last_stats.update(self.spec.stats())
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("step %(step)d: tokens %(tokens)s, seqs %(num_seqs)d, running %(running)d, "
+                         "waiting %(waiting)d, preempted %(preempted)d, KV usage %(kv_usage).3f",
+                         self.last_stats)
+            logger.debug("step %d: prefix hit rate %s, spec acceptance %s, mean accepted length %s",
+                         self.num_steps, *(self.last_stats.get(k, "off") for k in (
+                             "prefix_hit_rate", "spec_acceptance_rate", "spec_mean_accepted_len")))
+        return finished
+
+    def _new_tokens(self, items: list[WorkItem], logits: torch.Tensor) -> list[list[tuple[int, Any]]]:
+        """(token, logprobs) pairs each item adds: none mid-prompt, one sampled, or a verify's kept tokens."""
+        first = np.concatenate([[0], np.cumsum([it.num_logits for it in items])[:-1]]).tolist()
+        out: list[list[tuple[int, Any]]] = [[] for _ in items]
+        plain = [i for i, it in enumerate(items) if it.num_logits and it.kind is not WorkKind.VERIFY]
+        if plain:
+            reqs = [items[i].request for i in plain]
+            sampled = self.sampler(logits[torch.tensor([first[i] for i in plain])], [r.params for r in reqs],
+                                   [r.generator for r in reqs])
+            for i, token, logprobs in zip(plain, sampled.token_ids, sampled.logprobs, strict=True):
+                out[i] = [(token, logprobs)]
+        verify = [i for i, it in enumerate(items) if it.kind is WorkKind.VERIFY]
+        if verify:
+            kept = self.spec.verify([items[i].request for i in verify], logits, [first[i] for i in verify],
+                                    [items[i].num_logits for i in verify])
+            for i, tokens in zip(verify, kept, strict=True):
+                out[i] = [(t, None) for t in tokens]
+        return out
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(request, status)
+        if self.spec is not None:
+            self.spec.remove(request.request_id)
+        request.finish_time = time.time()
+
+    def _record_experts(self) -> None:
+        if self.config.record_expert_trace is None:
+            return
+        counts = self.model.expert_counts()
+        if counts is not None:
+            self._expert_counts.append(counts.cpu().numpy().astype(np.int64))
+
+    # -- end --------------------------------------------------------------------------------------
+
+    def expert_trace(self) -> ExpertTrace | None:
+        """Tokens routed per expert for every recorded step so far (None when not recording)."""
+        if self.config.record_expert_trace is None:
+            return None
+        mc = self.model_config
+        counts = (np.stack(self._expert_counts) if self._expert_counts
+                  else np.zeros((0, mc.num_moe_layers, mc.num_experts), dtype=np.int64))
+        meta = {"dtype": self.config.dtype, "seed": self.config.seed,
+                "max_num_batched_tokens": self.scheduler.config.max_num_batched_tokens,
+                "max_num_seqs": self.scheduler.config.max_num_seqs, "arch": mc.arch}
+        return ExpertTrace(counts=counts, model=mc.name, top_k=mc.top_k, source="engine", meta=meta)
+
+    def close(self) -> None:
+        """Abort what is left and write the expert trace (atomically) if one was asked for."""
+        if self._closed:
+            return
+        self._closed = True
+        for request in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+        trace = self.expert_trace()
+        if trace is not None:
+            trace.save(self.config.record_expert_trace)
+            logger.info("expert trace: %d steps -> %s", trace.num_steps, self.config.record_expert_trace)

@@ -1,0 +1,110 @@
+"""A request and its state machine.
+
+    WAITING --schedule--> RUNNING --stop / length--> FINISHED_STOPPED / FINISHED_LENGTH
+       ^                     |
+       +----preempt----------+        (any unfinished state) --abort--> FINISHED_ABORTED
+
+The request's tokens are ``token_ids`` (prompt then outputs); ``num_computed_tokens`` of them have
+their K/V in the paged cache. Whatever remains is this request's pending work: a prompt (prefill,
+possibly in chunks), one sampled token (decode), or that token plus draft tokens (verify).
+Preemption by recompute drops the KV and sets ``num_computed_tokens`` back to 0; outputs are kept.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from typing import Any
+
+import torch
+
+from meshserve.engine.sampling_params import SamplingParams
+
+_arrivals = itertools.count()
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+
+
+class Request:
+    """One generation request: tokens, KV progress, block table, sampling state and timings."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        prompt: str | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.params = params
+        self.max_tokens = max_tokens  # resolved: params.max_tokens capped by max_model_len
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.spec_token_ids: list[int] = []  # draft tokens proposed for the next verify step
+        self.block_keys: list[int] = []  # prefix-cache chain keys of its leading full blocks (APC)
+        self.status = RequestStatus.WAITING
+        self.arrival_order = next(_arrivals)  # FCFS priority; preemption picks the largest
+        self.num_preemptions = 0
+        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        self.logprobs: list[dict[int, float]] | None = None if params.logprobs is None else []
+        self.output_text = ""
+        self.detokenizer: Any = None  # streaming detokenizer, made only when stop strings need the text
+        self.stop_reason: int | str | None = None
+        self.arrival_time = time.time() if arrival_time is None else arrival_time
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.finished else None
+
+    def query_tokens(self, start: int, n: int) -> list[int]:
+        """Tokens ``start .. start+n`` of the known tokens followed by the draft tokens."""
+        end = start + n
+        if end <= len(self.token_ids):
+            return self.token_ids[start:end]
+        return self.token_ids[start:] + self.spec_token_ids[: end - len(self.token_ids)]
+
+    def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
+        """Record one sampled token (and its top logprobs when asked for)."""
+        if self.first_token_time is None:
+            self.first_token_time = time.time()
+        self.token_ids.append(token_id)
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.append(logprobs)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, {self.status.name}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")

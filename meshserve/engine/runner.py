@@ -1,0 +1,74 @@
+"""Model runner: flattens a step's work items into one token batch and runs one forward.
+
+Prefill chunks, decodes and verifies of different requests become rows of the same flat batch;
+the model sees only ``input_ids`` and ``BatchMetadata`` (meshserve/models/batch.py), never requests.
+Token-level arrays are built with numpy (``repeat`` / ``arange`` / fancy indexing); Python loops
+run once per request, only to collect each request's token slice and block table.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import numpy as np
+import torch
+
+from meshserve.engine.scheduler import WorkItem
+from meshserve.models.batch import BatchMetadata
+
+
+def build_batch(items: list[WorkItem], block_size: int) -> tuple[torch.Tensor, BatchMetadata]:
+    """The flat ``input_ids`` and metadata for ``items`` (in order; each item's rows are contiguous)."""
+    n = np.fromiter((it.num_tokens for it in items), dtype=np.int64, count=len(items))
+    start = np.fromiter((it.start for it in items), dtype=np.int64, count=len(items))
+    num_logits = np.fromiter((it.num_logits for it in items), dtype=np.int64, count=len(items))
+    meta = batch_metadata(start, n, num_logits, [it.request.block_table for it in items], block_size)
+    chunks = [it.request.query_tokens(it.start, it.num_tokens) for it in items]
+    input_ids = np.fromiter(chain.from_iterable(chunks), dtype=np.int64, count=int(n.sum()))
+    return torch.from_numpy(input_ids), meta
+
+
+def batch_metadata(start: np.ndarray, n: np.ndarray, num_logits: np.ndarray, tables: list[list[int]],
+                   block_size: int) -> BatchMetadata:
+    """Metadata for sequences that each append ``n[s]`` tokens after ``start[s]`` cached ones, with
+    logits at their last ``num_logits[s]`` rows (the draft model's runner uses it too)."""
+    total = int(n.sum())
+    query_start = np.zeros(len(n) + 1, dtype=np.int64)
+    np.cumsum(n, out=query_start[1:])
+    seq_of_row = np.repeat(np.arange(len(n)), n)
+    positions = np.arange(total) - np.repeat(query_start[:-1] - start, n)
+
+    width = max(len(t) for t in tables)
+    block_tables = np.zeros((len(n), width), dtype=np.int64)
+    for i, table in enumerate(tables):
+        block_tables[i, : len(table)] = table
+    slot_mapping = block_tables[seq_of_row, positions // block_size] * block_size + positions % block_size
+
+    # The last num_logits rows of each item: its row end minus num_logits .. its row end.
+    ends = np.repeat(query_start[1:] - num_logits, num_logits)
+    logits_indices = ends + np.arange(int(num_logits.sum())) - np.repeat(np.cumsum(num_logits) - num_logits,
+                                                                          num_logits)
+    return BatchMetadata(
+        positions=torch.from_numpy(positions),
+        slot_mapping=torch.from_numpy(slot_mapping),
+        query_start_loc=torch.from_numpy(query_start.astype(np.int32)),
+        seq_lens=torch.from_numpy((start + n).astype(np.int32)),
+        block_tables=torch.from_numpy(block_tables.astype(np.int32)),
+        logits_indices=torch.from_numpy(logits_indices),
+    )
+
+
+class ModelRunner:
+    """Runs the model on a list of work items against the engine's paged KV cache."""
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+
+    @torch.inference_mode()
+    def execute(self, items: list[WorkItem]) -> torch.Tensor:
+        """One forward for all items; float32 logits [sum(num_logits), vocab], rows in item order."""
+        input_ids, meta = build_batch(items, self.block_size)
+        hidden = self.model(input_ids, meta, self.kv_caches)
+        return self.model.compute_logits(hidden[meta.logits_indices])

@@ -1,0 +1,183 @@
+"""Token-budget hybrid scheduling: one function fills each step with decode, verify and prefill work.
+
+Every step has ``max_num_batched_tokens`` tokens to hand out (XY-Serve's token-wise scheduling,
+SplitFuse / chunked prefill):
+
+1. running requests that are generating get their tokens first: 1 for a decode, 1 + drafts for a
+   verify (so time between tokens stays bounded);
+2. running requests still in their prompt get the next chunk of it;
+3. waiting requests are admitted in arrival order (FCFS) while budget, ``max_num_seqs`` and free
+   blocks allow, each starting with a chunk of its prompt.
+
+All of it runs as one flat batch in one forward. When blocks run out, the latest-arrived running
+request is preempted (its KV dropped, recomputed later), so the oldest request always makes
+progress and every request finishes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from dataclasses import dataclass, field
+
+from meshserve.config import SchedulerConfig
+from meshserve.engine.kv_cache import BlockManager
+from meshserve.engine.request import Request, RequestStatus
+
+
+class WorkKind(enum.Enum):
+    PREFILL = "prefill"  # a chunk of a prompt (or of a preempted request's tokens being recomputed)
+    DECODE = "decode"  # the one token sampled last step
+    VERIFY = "verify"  # the last sampled token plus draft tokens, all checked in one forward
+
+
+@dataclass(slots=True)
+class WorkItem:
+    """Work for one request in one step: query tokens ``start .. start + num_tokens`` of it.
+
+    num_logits: how many trailing rows need logits: 0 for a chunk that ends mid-prompt, 1 to sample
+    the next token, 1 + drafts to verify.
+    """
+
+    request: Request
+    kind: WorkKind
+    start: int
+    num_tokens: int
+    num_logits: int
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's plan: the work items (one flat batch) and the requests preempted to make room."""
+
+    items: list[WorkItem] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.num_tokens for item in self.items)
+
+    def tokens_by_kind(self) -> dict[str, int]:
+        counts = {kind.value: 0 for kind in WorkKind}
+        for item in self.items:
+            counts[item.kind.value] += item.num_tokens
+        return counts
+
+
+def _by_arrival(request: Request) -> int:
+    return request.arrival_order
+
+
+class Scheduler:
+    """Owns the waiting and running queues (both kept in arrival order) and the block manager."""
+
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        bisect.insort(self.waiting, request, key=_by_arrival)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Choose this step's work under the token budget (see the module docstring)."""
+        budget = self.config.max_num_batched_tokens
+        out = SchedulerOutput()
+        chosen: dict[Request, WorkItem] = {}
+        # Generating requests first (False sorts first), then prompts in progress; each in arrival order.
+        order = sorted(self.running, key=lambda r: (r.num_output_tokens == 0 or self._pending(r) > 1,
+                                                    r.arrival_order))
+        for request in order:
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            while True:
+                item = self._work(request, budget, shrink=True)
+                if self.blocks.allocate(request, item.start + item.num_tokens):
+                    chosen[request] = item
+                    budget -= item.num_tokens
+                    break
+                victim = self.running[-1]  # the latest arrival gives way
+                self._preempt(victim, out)
+                if victim in chosen:
+                    budget += chosen.pop(victim).num_tokens
+                if victim is request:
+                    break
+
+        # New work only when nothing had to be preempted: there is no room to spare this step.
+        while not out.preempted and self.waiting and budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            request = self.waiting[0]
+            reused = self.blocks.match_prefix(request)  # cached prefix blocks (APC): their KV is computed
+            item = self._work(request, budget, shrink=False)
+            if not self.blocks.allocate(request, item.start + item.num_tokens):
+                self.blocks.free(request)  # give the shared prefix back; matched again next step
+                request.num_computed_tokens = 0
+                break  # strict FCFS: later arrivals do not overtake the head of the queue
+            self.blocks.record_prefix(request, reused)
+            self.waiting.pop(0)
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=_by_arrival)
+            chosen[request] = item
+            budget -= item.num_tokens
+
+        out.items = list(chosen.values())
+        return out
+
+    def advance(self, item: WorkItem, num_new_tokens: int) -> None:
+        """After the forward: the item's tokens now have KV. A verify keeps only the accepted ones."""
+        request = item.request
+        if item.kind is WorkKind.VERIFY:
+            # KV is kept for the last token plus the accepted drafts: one fewer than the new tokens.
+            request.num_computed_tokens = item.start + num_new_tokens
+        else:
+            request.num_computed_tokens = item.start + item.num_tokens
+        request.spec_token_ids = []
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request (stop, length or abort) and free its blocks at once."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self.blocks.free(request)
+        request.status = status
+
+    def _pending(self, request: Request) -> int:
+        return request.num_tokens - request.num_computed_tokens
+
+    def _work(self, request: Request, budget: int, shrink: bool) -> WorkItem:
+        """The largest piece of the request's pending work that fits in ``budget`` tokens.
+
+        With ``shrink``, a prompt chunk also shrinks to the free KV space rather than evict anyone.
+        """
+        start = request.num_computed_tokens
+        pending = request.num_tokens - start
+        if pending == 1 and request.num_output_tokens > 0:
+            drafts = min(len(request.spec_token_ids), budget - 1)  # trailing drafts wait for a later step
+            if drafts > 0:
+                return WorkItem(request, WorkKind.VERIFY, start, 1 + drafts, 1 + drafts)
+            return WorkItem(request, WorkKind.DECODE, start, 1, 1)
+        n = min(pending, budget)
+        if shrink:
+            room = self.blocks.capacity(request) - start
+            if room > 0:
+                n = min(n, room)
+        return WorkItem(request, WorkKind.PREFILL, start, n, int(n == pending))
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Drop the request's KV and send it back to the waiting queue (it will be recomputed)."""
+        self.running.remove(request)
+        self.blocks.free(request)
+        request.num_computed_tokens = 0
+        request.spec_token_ids = []
+        request.num_preemptions += 1
+        self.add(request)
+        out.preempted.append(request)

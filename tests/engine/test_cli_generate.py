@@ -1,0 +1,29 @@
+"""`meshserve generate` prints the completion; bad input is one line on stderr and exit code 2."""
+
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from meshserve.cli import app, main
+from meshserve.engine import LLM, SamplingParams
+
+
+def test_generate_prints_the_greedy_completion(tiny_model_dir):
+    model = str(tiny_model_dir("llama"))
+    result = CliRunner().invoke(app, ["generate", "--model", model, "--prompt", "hello world",
+                                      "--max-tokens", "8", "--ignore-eos"])
+    assert result.exit_code == 0, result.output
+    (expected,) = LLM(model, max_num_seqs=1).generate(
+        "hello world", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert result.output == expected.text + "\n"
+
+
+def test_generate_bad_input_is_one_line_and_exit_2(tiny_model_dir, monkeypatch, capsys):
+    model = str(tiny_model_dir("llama"))
+    argv = ["meshserve", "generate", "--model", model, "--prompt", "hi", "--temperature", "-1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: temperature: must be >= 0 (0 = greedy), got -1.0\n"

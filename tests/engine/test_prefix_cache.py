@@ -1,0 +1,150 @@
+"""Prefix cache: hash chain lookups, copy-on-write partial matches, LRU eviction only at ref count 0."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshserve.engine.kv_cache import BlockManager
+from meshserve.engine.prefix_cache import PrefixCache, copy_blocks
+from meshserve.engine.request import Request
+from meshserve.engine.sampling_params import SamplingParams
+
+BS = 4
+
+
+class Pool:
+    """The engine's BlockManager wired to a PrefixCache, with requests whose prompts count as computed."""
+
+    def __init__(self, num_blocks: int, cache: PrefixCache) -> None:
+        self.cache = cache
+        self.kv = [torch.zeros(2, num_blocks, BS, 1, 2)]
+        self.blocks = BlockManager(num_blocks, BS, cache, self.kv)
+        self.requests: dict[int, Request] = {}
+
+    @property
+    def tables(self) -> dict[int, list[int]]:
+        return {rid: r.block_table for rid, r in self.requests.items()}
+
+    @property
+    def free(self) -> list[int]:
+        return list(self.blocks.free_blocks)
+
+    def add(self, rid: int, tokens: list[int]) -> bool:
+        """Admit a request (sharing its cached prefix) and 'compute' its prompt; False if it does not fit."""
+        request = Request(str(rid), tokens, SamplingParams(), max_tokens=1)
+        reused = self.blocks.match_prefix(request)
+        if not self.blocks.allocate(request, len(tokens)):
+            self.blocks.free(request)
+            return False
+        self.blocks.record_prefix(request, reused)
+        for pos in range(reused, len(tokens)):  # "compute" the rest: the KV of a token is its id
+            self.kv[0][0, request.block_table[pos // BS], pos % BS] = tokens[pos]
+        request.num_computed_tokens = len(tokens)
+        # Shared and copied-on-write blocks must hold exactly this prompt's KV.
+        assert self._kv(request)[: len(tokens)].tolist() == tokens
+        self.blocks.publish(request)
+        self.requests[rid] = request
+        return True
+
+    def _kv(self, request: Request) -> torch.Tensor:
+        """The request's K values in position order, read through its block table."""
+        return self.kv[0][0, request.block_table, :, 0, 0].reshape(-1)
+
+    def finish(self, rid: int) -> None:
+        self.blocks.free(self.requests.pop(rid))
+
+    def check(self) -> None:
+        refs = Counter(b for r in self.requests.values() for b in r.block_table)
+        counts = self.blocks.ref_counts
+        assert all(counts[b] == n for b, n in refs.items()) and min(counts) >= 0
+        free = set(self.blocks.free_blocks)
+        evictable = {b for b in range(len(counts)) if self.cache.is_evictable(b)}
+        assert not evictable & refs.keys(), "a referenced block is evictable"
+        assert not evictable & free and not free & refs.keys()
+        assert len(free) + len(evictable) + len(refs) == len(counts), "a block leaked"
+
+
+def test_longest_prefix_is_shared_block_by_block() -> None:
+    cache = PrefixCache(BS)
+    pool = Pool(16, cache)
+    assert pool.add(0, list(range(10)))  # blocks [0..3], [4..7] full; [8, 9] partial, not cached
+    assert cache.num_cached == 2
+    m = cache.match(list(range(8)) + [50, 51, 52])
+    assert m.block_ids == pool.tables[0][:2] and m.num_tokens == 8 and m.copy_src is None
+    assert cache.match([1, 2, 3, 4, 5]).num_tokens == 0  # same tokens at another position: no hit
+
+
+def test_partial_block_is_reused_by_copy_on_write() -> None:
+    cache = PrefixCache(BS)
+    pool = Pool(16, cache)
+    pool.add(0, list(range(12)))
+    m = cache.match([0, 1, 2, 3, 4, 5, 99, 98, 97])  # diverges inside the second block
+    assert m.block_ids == pool.tables[0][:1]
+    assert m.copy_src == pool.tables[0][1] and m.num_tokens == 6
+    # A whole cached prompt is matched one token short, so the last token is computed and sampled.
+    m = cache.match(list(range(12)), max_tokens=11)
+    assert m.block_ids == pool.tables[0][:2] and m.copy_src == pool.tables[0][2] and m.num_tokens == 11
+
+
+def test_evicted_only_when_unreferenced_and_least_recent_first() -> None:
+    cache = PrefixCache(BS)
+    pool = Pool(4, cache)
+    pool.add(0, list(range(8)))
+    pool.add(1, list(range(100, 108)))
+    assert cache.evict() is None  # everything is referenced
+    pool.finish(0)
+    pool.finish(1)
+    assert cache.num_evictable == 4 and not pool.free  # kept resident until space is needed
+    assert cache.match(list(range(8)) + [1]).num_tokens == 8
+    evicted = cache.evict()
+    # Request 0's tail went first.
+    assert evicted is not None and cache.match(list(range(8)) + [1]).num_tokens == 4
+
+
+def test_hit_rate_statistics() -> None:
+    cache = PrefixCache(BS)
+    pool = Pool(8, cache)
+    pool.add(0, list(range(9)))
+    pool.add(1, list(range(9)))
+    stats = cache.stats()
+    assert stats["queried_tokens"] == 18 and stats["hit_tokens"] == 8
+    assert abs(stats["hit_rate"] - 8 / 18) < 1e-9
+
+
+def test_copy_blocks_copies_every_layer() -> None:
+    kv = [torch.randn(2, 6, BS, 2, 3) for _ in range(3)]
+    before = [t.clone() for t in kv]
+    copy_blocks(kv, [1, 4], [5, 0])
+    for t, b in zip(kv, before, strict=True):
+        assert torch.equal(t[:, 5], b[:, 1]) and torch.equal(t[:, 0], b[:, 4])
+        assert torch.equal(t[:, 2], b[:, 2])
+
+
+ops = st.lists(st.tuples(st.booleans(), st.lists(st.integers(0, 2), min_size=1, max_size=14)),
+               min_size=1, max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=ops, num_blocks=st.integers(4, 12))
+def test_never_evicts_referenced_blocks_never_leaks(ops: list[tuple[bool, list[int]]],
+                                                    num_blocks: int) -> None:
+    cache = PrefixCache(BS)
+    pool = Pool(num_blocks, cache)
+    next_id = 0
+    for finish_one, tokens in ops:
+        if finish_one and pool.tables:
+            pool.finish(min(pool.tables))
+        elif pool.add(next_id, tokens):
+            next_id += 1
+        pool.check()
+    for rid in list(pool.tables):
+        pool.finish(rid)
+    pool.check()
+    assert len(pool.free) + cache.num_evictable == num_blocks
+    while cache.evict() is not None:
+        pass
+    assert cache.num_cached == 0

@@ -1,0 +1,93 @@
+"""Draft-model proposer: its own paged KV, batched across requests, rolled back after verification."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meshserve.engine.spec import DraftModelProposer
+from meshserve.models import load_model
+from meshserve.testing import make_tiny_model
+
+
+def _softmax(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return logits.softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory: pytest.TempPathFactory):
+    path = make_tiny_model(tmp_path_factory.mktemp("draft") / "m", arch="llama", seed=3, num_hidden_layers=1)
+    return load_model(path)
+
+
+def _greedy_continuation(loaded, context: list[int], n: int) -> list[int]:
+    """Reference: recompute the whole sequence for every token (a fresh proposer per token)."""
+    seq = list(context)
+    for _ in range(n):
+        fresh = DraftModelProposer(loaded, k=1, num_blocks=32, block_size=4)
+        seq.append(fresh.propose(["r"], [seq], [1], [True], [None], _softmax)[0][0][0])
+    return seq[len(context):]
+
+
+def test_greedy_drafts_follow_the_draft_models_own_greedy_path(draft) -> None:
+    prop = DraftModelProposer(draft, k=4, num_blocks=32, block_size=4)
+    a, b = list(range(40, 57)), list(range(90, 96))
+    drafts, q = prop.propose(["a", "b"], [a, b], [4, 2], [True, True], [None, None], _softmax)
+    assert drafts == [_greedy_continuation(draft, a, 4), _greedy_continuation(draft, b, 2)]
+    assert q.shape == (2, 4, draft.config.vocab_size)
+    assert torch.allclose(q[0].sum(-1), torch.ones(4)) and q[1, 2:].abs().sum() == 0
+
+
+def test_rollback_after_partial_acceptance_keeps_drafts_exact(draft) -> None:
+    prop = DraftModelProposer(draft, k=3, num_blocks=32, block_size=4)
+    ctx = list(range(60, 70))
+    first, _ = prop.propose(["r"], [ctx], [3], [True], [None], _softmax)
+    # The target accepted one draft and then emitted a different token: the rest of the draft KV is stale.
+    verified = ctx + first[0][:1] + [7]
+    again, _ = prop.propose(["r"], [verified], [3], [True], [None], _softmax)
+    assert again[0] == _greedy_continuation(draft, verified, 3)
+
+
+def test_blocks_return_on_remove_and_shortage_means_no_drafts(draft) -> None:
+    prop = DraftModelProposer(draft, k=2, num_blocks=4, block_size=4)
+    drafts, _ = prop.propose(["x", "y"], [list(range(10, 22)), list(range(30, 40))], [2, 2], [True, True],
+                             [None, None], _softmax)
+    assert len(drafts[0]) == 2 and drafts[1] == []  # x took 4 blocks (13 slots), nothing left for y
+    assert prop.num_free_blocks == 0
+    prop.remove("x")
+    prop.remove("y")
+    assert prop.num_free_blocks == 4
+
+
+def test_sampled_drafts_are_seeded(draft) -> None:
+    ctx = list(range(20, 31))
+    runs = []
+    for _ in range(2):
+        prop = DraftModelProposer(draft, k=3, num_blocks=32, block_size=4)
+        gen = torch.Generator().manual_seed(5)
+        runs.append(prop.propose(["s"], [ctx], [3], [False], [gen], _softmax)[0])
+    assert runs[0] == runs[1] and len(runs[0][0]) == 3
+
+
+def test_draft_identical_to_target_is_always_accepted(tiny_model_dir, tmp_path):
+    from meshserve.engine import LLM, SamplingParams
+    from meshserve.engine.spec.layer_skip import write_layer_skip_draft
+
+    target = tiny_model_dir("llama")
+    twin = write_layer_skip_draft(target, tmp_path / "twin", load_model(target).config.num_layers)
+    llm = LLM(str(target), max_num_batched_tokens=64, max_num_seqs=4,
+              speculative_config={"method": "draft_model", "model": str(twin), "num_speculative_tokens": 3})
+    llm.generate([[1, 5, 6, 7], [1] + list(range(60, 90))], SamplingParams(temperature=0, max_tokens=20,
+                                                                            ignore_eos=True), use_tqdm=False)
+    stats = llm.engine.last_stats
+    assert stats["spec_acceptance_rate"] > 0.95 and stats["spec_mean_accepted_len"] > 3.5
+
+
+def test_draft_with_another_vocabulary_is_refused(tiny_model_dir):
+    from meshserve.engine import LLM
+    from meshserve.errors import InputError
+
+    other = tiny_model_dir("llama", vocab_size=600)
+    with pytest.raises(InputError) as err:
+        LLM(str(tiny_model_dir("llama")), speculative_config={"method": "draft_model", "model": str(other)})
+    assert err.value.field == "speculative_config.model" and "600" in err.value.message
