@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test test-slow lint bench clean
+.PHONY: run test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,6 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check meshserve tests benchmarks
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not slow"
-
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check meshserve tests benchmarks
