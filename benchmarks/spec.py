@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from throughput import LLAMA, standard_workload  # benchmarks run as scripts: their folder is on sys.path
 from tqdm.auto import tqdm
 
+from meshserve.atomic import atomic_path
 from meshserve.engine.llm import LLM
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.engine.spec.layer_skip import write_layer_skip_draft
@@ -66,9 +67,8 @@ def scale_upper_layers(path: Path, first: int, scale: float) -> None:
             output = name.endswith(("o_proj.weight", "down_proj.weight"))
             if match and int(match.group(1)) >= first and output:
                 tensors[name] = tensor * scale
-        tmp = file.with_suffix(".tmp")
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, file)
+        with atomic_path(file) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def run(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> dict:

@@ -9,8 +9,6 @@ logits are well apart: with near-flat logits harmless float reassociation flips 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from meshserve.atomic import atomic_path
 from meshserve.errors import InputError
 from meshserve.models.batch import BatchMetadata
 from meshserve.models.loader import LoadedModel
@@ -233,10 +232,8 @@ def make_tiny_model(
 
 def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
     """Write to a temp file and rename, so a crash never leaves half a checkpoint."""
-    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, file)
+    with atomic_path(file) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 class PagedSequences:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from meshserve.atomic import atomic_path
 from meshserve.errors import InputError
 
 FORMAT_VERSION = 1
@@ -68,7 +68,6 @@ class ExpertTrace:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically to ``path`` (.npz); returns the path written."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = {
             "format_version": FORMAT_VERSION,
             "model": self.model,
@@ -76,14 +75,8 @@ class ExpertTrace:
             "source": self.source,
             "meta": self.meta,
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez_compressed(fh, counts=self.counts, meta=np.array(json.dumps(header)))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, tmp.open("wb") as fh:  # a file handle: savez adds no suffix
+            np.savez_compressed(fh, counts=self.counts, meta=np.array(json.dumps(header)))
         return path
 
     @classmethod

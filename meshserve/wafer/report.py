@@ -150,9 +150,9 @@ def run_reproduce_comm(out: str, tokens_per_device: float = 64, time_model: str 
                        as_json: bool = False) -> dict:
     """Run the comparison, write comm.json and the chart into `out`, print tables (or JSON)."""
     import json
-    import os
     from pathlib import Path
 
+    from meshserve.atomic import write_atomic
     from meshserve.wafer.experiments import run_comm
     from meshserve.wafer.plots import comparison_png
 
@@ -160,10 +160,8 @@ def run_reproduce_comm(out: str, tokens_per_device: float = 64, time_model: str 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     result["plot"] = str(comparison_png(result, folder / "wafer_comm.png"))
-    tmp = folder / "wafer_comm.json.tmp"
     text = json.dumps(result, default=lambda x: x.item())  # numpy scalars -> Python numbers
-    tmp.write_text(text)
-    os.replace(tmp, folder / "wafer_comm.json")
+    write_atomic(folder / "wafer_comm.json", text.encode())
     if as_json:
         print(text)
     else:

@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import yaml
 
+from meshserve.atomic import write_atomic
 from meshserve.errors import require
 from meshserve.wafer.balance import BalanceConfig
 from meshserve.wafer.balance_setup import BalanceSetup, run_setup
 from meshserve.wafer.iteration import IterationResult
 from meshserve.wafer.presets import PRESET_DIR
-from meshserve.wafer.sweep import write_atomic
 
 SPEC_PATH = PRESET_DIR / "experiments" / "balance.yaml"
 

@@ -12,7 +12,6 @@ import csv
 import io
 import itertools
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from meshserve.atomic import write_atomic
 from meshserve.errors import InputError, require
 from meshserve.wafer.balance import BALANCERS, BalanceConfig
 from meshserve.wafer.balance_setup import BalanceSetup, run_summary
@@ -156,20 +156,6 @@ def run_sweep(spec: SweepSpec, executor: str = "local", progress: bool = True) -
         _run_local if executor == "local" else _run_ray
     )
     return list(runner(setups, progress))
-
-
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write bytes to path through a temporary file and a rename (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_results(rows: list[dict], out: str | os.PathLike[str]) -> list[Path]:

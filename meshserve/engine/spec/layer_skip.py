@@ -8,15 +8,14 @@ small sibling). The result is an ordinary Hugging Face-format directory.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from meshserve.atomic import atomic_path
 from meshserve.errors import InputError, require
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -41,11 +40,8 @@ def write_layer_skip_draft(target: str | Path, path: str | Path, num_layers: int
                 layer = _LAYER.search(name)
                 if layer is None or int(layer.group(1)) < num_layers:
                     tensors[name] = handle.get_tensor(name)
-    path.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path / "model.safetensors")
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     config["num_hidden_layers"] = num_layers
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in _COPIED:
