@@ -129,8 +129,7 @@ def expert_cost(model: MoEModel, hw: Hardware) -> ExpertCost:
         flops_per_token=2.0 * model.expert_params,
         weight_bytes=float(model.expert_params * model.bytes_per_element),
         act_bytes_per_token=2.0 * model.token_bytes,
-        peak_flops=hw.die.peak_flops,
-        hbm_bandwidth=hw.die.hbm_bandwidth,
+        die=hw.die,
     )
 
 

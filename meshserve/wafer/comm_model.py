@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
+from meshserve.wafer.compute import roofline_s
+from meshserve.wafer.hardware import Die
+
 
 @dataclass(frozen=True, eq=False)
 class LinkMap:
@@ -95,17 +98,15 @@ class ExpertCost:
     """Roofline of one routed expert on one device.
 
     flops_per_token: FLOPs one token spends in one expert; weight_bytes: one expert's weights;
-    act_bytes_per_token: activation bytes in and out; peak_flops, hbm_bandwidth: the device.
+    act_bytes_per_token: activation bytes in and out; die: the device.
     """
 
     flops_per_token: float
     weight_bytes: float
     act_bytes_per_token: float
-    peak_flops: float
-    hbm_bandwidth: float
+    die: Die
 
     def device_time(self, tokens: np.ndarray, active_experts: np.ndarray) -> np.ndarray:
         """Roofline time of a device serving ``tokens`` with ``active_experts`` weights read."""
-        flops = tokens * self.flops_per_token / self.peak_flops
-        mem = (active_experts * self.weight_bytes + tokens * self.act_bytes_per_token) / self.hbm_bandwidth
-        return np.maximum(flops, mem)
+        hbm_bytes = active_experts * self.weight_bytes + tokens * self.act_bytes_per_token
+        return roofline_s(self.die, tokens * self.flops_per_token, hbm_bytes)
