@@ -58,9 +58,6 @@ class BlockManager:
         """Blocks to add so that ``request`` can hold ``num_tokens`` tokens."""
         return max(0, self.blocks_for(num_tokens) - len(request.block_table))
 
-    def can_hold(self, request: Request, num_tokens: int) -> bool:
-        return self.new_blocks_needed(request, num_tokens) <= self.num_free_blocks
-
     def capacity(self, request: Request) -> int:
         """Most tokens ``request`` could hold using only free blocks."""
         return (len(request.block_table) + self.num_free_blocks) * self.block_size

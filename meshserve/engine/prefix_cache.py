@@ -150,9 +150,6 @@ class PrefixCache:
         blocks = m.block_ids if m.copy_src is None else [*m.block_ids, m.copy_src]
         return sum(b in self._lru for b in blocks)
 
-    def is_cached(self, block: int) -> bool:
-        return block in self._entries
-
     def is_evictable(self, block: int) -> bool:
         return block in self._lru
 

@@ -29,8 +29,6 @@ class _Seq:
 class DraftModelProposer:
     """Proposes up to k tokens per request by running a small model autoregressively."""
 
-    deterministic = False
-
     def __init__(self, loaded, k: int, num_blocks: int, block_size: int) -> None:
         self.model = loaded.model
         self.config = loaded.config

@@ -31,8 +31,6 @@ def propose_ngram(tokens: Sequence[int] | np.ndarray, k: int, n_max: int, n_min:
 class NgramProposer:
     """Prompt-lookup proposer: deterministic, so its draft distribution is one-hot (q(x) = 1)."""
 
-    deterministic = True
-
     def __init__(self, k: int, n_max: int, n_min: int) -> None:
         self.k, self.n_max, self.n_min = k, n_max, n_min
 

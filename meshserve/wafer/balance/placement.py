@@ -100,12 +100,6 @@ class Placement:
                 f"a device holds {over} experts but has {self.slots_per_device} slots",
             )
 
-    def with_layers(self, layers: np.ndarray, holds: np.ndarray) -> Placement:
-        """A copy whose given layers take the given replica tables."""
-        new = self.holds.copy()
-        new[layers] = holds
-        return Placement(new, self.slots_per_device)
-
 
 def slots_per_device(num_experts: int, num_devices: int, num_redundant_experts: int) -> int:
     """Slots each device needs so all experts plus the redundant replicas fit (as vLLM's EPLB)."""
