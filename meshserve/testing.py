@@ -12,13 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from meshserve.atomic import atomic_path
+from meshserve.engine.kv_cache import allocate_kv_cache
+from meshserve.engine.runner import batch_metadata
 from meshserve.errors import InputError
-from meshserve.models.batch import BatchMetadata
 from meshserve.models.loader import LoadedModel
 
 WEIGHT_STD = 0.08
@@ -246,8 +248,8 @@ class PagedSequences:
     def __init__(self, lm: LoadedModel, num_blocks: int = 64, block_size: int = 4, seed: int = 0) -> None:
         cfg = lm.config
         self.lm, self.block_size = lm, block_size
-        shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=cfg.dtype) for _ in range(cfg.num_layers)]
+        self.kv_caches = allocate_kv_cache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
+                                           cfg.head_dim, cfg.dtype)
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
         self.tokens: list[list[int]] = []
         self.computed: list[int] = []
@@ -265,29 +267,16 @@ class PagedSequences:
 
         Returns each sequence's logits [n, vocab] (float32), one row per token it ran.
         """
-        ids, positions, slots, lens, starts = [], [], [], [], [0]
-        for seq, n in work.items():
-            begin, end = self.computed[seq], self.computed[seq] + n
+        seqs = list(work)
+        n = np.array([work[s] for s in seqs], dtype=np.int64)
+        begin = np.array([self.computed[s] for s in seqs], dtype=np.int64)
+        for seq, end in zip(seqs, begin + n, strict=True):
             while len(self.blocks[seq]) * self.block_size < end:
                 self.blocks[seq].append(self.free.pop())
-            pos = torch.arange(begin, end)
-            table = torch.tensor(self.blocks[seq])
-            ids.append(torch.tensor(self.tokens[seq][begin:end]))
-            positions.append(pos)
-            slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
-            lens.append(end)
-            starts.append(starts[-1] + n)
-            self.computed[seq] = end
-        width = max(len(self.blocks[s]) for s in work)
-        tables = torch.tensor([self.blocks[s] + [0] * (width - len(self.blocks[s])) for s in work])
-        meta = BatchMetadata(
-            positions=torch.cat(positions),
-            slot_mapping=torch.cat(slots),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            seq_lens=torch.tensor(lens, dtype=torch.int32),
-            block_tables=tables.to(torch.int32),
-            logits_indices=torch.arange(starts[-1]),
-        )
+            self.computed[seq] = int(end)
+        meta = batch_metadata(begin, n, n, [self.blocks[s] for s in seqs], self.block_size)
+        ids = [torch.tensor(self.tokens[s][b : b + k]) for s, b, k in zip(seqs, begin, n, strict=True)]
         hidden = self.lm.model(torch.cat(ids), meta, self.kv_caches)
         logits = self.lm.model.compute_logits(hidden[meta.logits_indices])
-        return {seq: logits[starts[i] : starts[i + 1]] for i, seq in enumerate(work)}
+        starts = meta.query_start_loc.tolist()
+        return {seq: logits[starts[i] : starts[i + 1]] for i, seq in enumerate(seqs)}
