@@ -25,13 +25,18 @@ def read_preset(kind: str, name_or_path: str, field: str) -> dict[str, Any]:
     if not path.is_file():
         allowed = ", ".join(preset_names(kind))
         raise InputError(field, f"unknown preset {name_or_path!r}; allowed: {allowed} (or a .yaml path)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise InputError(field, f"{path.name} is not valid YAML: {err}") from None
+    data = read_yaml(path, field)
     if not isinstance(data, dict):
         raise InputError(field, f"{path.name} must hold a mapping of fields")
     return data
+
+
+def read_yaml(path: Path, field: str) -> Any:
+    """Parse a YAML file; bad YAML raises InputError(field) naming the file."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(field, f"{path.name} is not valid YAML: {err}") from None
 
 
 class Section:

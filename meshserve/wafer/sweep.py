@@ -17,12 +17,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from meshserve.atomic import write_atomic
 from meshserve.errors import InputError, require
 from meshserve.wafer.balance import BALANCERS, BalanceConfig
 from meshserve.wafer.balance_setup import BalanceSetup, run_summary
+from meshserve.wafer.presets import read_yaml
 
 EXECUTORS = ("local", "ray")
 AXES = {"models": "model", "platforms": "hardware", "tp": "tp", "batch": "tokens_per_device",
@@ -107,11 +106,7 @@ def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
     """Read and validate a sweep YAML file."""
     path = Path(path)
     require(path.is_file(), "sweep", f"no such file: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise InputError("sweep", f"{path.name} is not valid YAML: {err}") from None
-    return parse_sweep(data)
+    return parse_sweep(read_yaml(path, "sweep"))
 
 
 def _run_local(setups: list[BalanceSetup], progress: bool) -> Iterable[dict]:
