@@ -21,7 +21,7 @@ import numpy as np
 
 from meshserve.errors import InputError
 from meshserve.wafer.balance import Balancer, Placement, imbalance, migrations
-from meshserve.wafer.balance.ni import split_steps
+from meshserve.wafer.balance.steps import split_steps
 from meshserve.wafer.balance.stream import Flight
 from meshserve.wafer.comm_model import CommModel, ExpertCost
 
