@@ -18,7 +18,7 @@ from meshserve.wafer.simulate import LayerResult
 from meshserve.wafer.topology import Topology, topology_for
 
 COLOURS = {"baseline": "#7f7f7f", "er": "#1f77b4", "er-bal": "#2ca02c", "her": "#ff7f0e",
-           "her-bal": "#d62728"}
+           "her-bal": "#d62728", "her-ftd": "#9467bd"}
 
 
 def save_figure(fig, path: str | Path) -> Path:
