@@ -116,6 +116,27 @@ def wafer_link_sweep(spec: dict, tokens: float, time_model: str, tick=lambda: No
     return out
 
 
+def injection_sweep(spec: dict, tokens: float, time_model: str, tick=lambda: None) -> list[dict]:
+    """ER against the baseline as each die's injection/ejection port bandwidth varies."""
+    s = spec["injection_sweep"]
+    base_hw, model = load_hardware(s["hardware"]), load_model(s["model"])
+    out = []
+    for gb in s["injection_bandwidth_gb_per_s"]:
+        hw = base_hw.with_injection(gb * 1e9)
+        layers = {k: simulate_layer(hw, model, make_mapping(hw, spec["tp"], k), tokens, time_model=time_model)
+                  for k in ["baseline", *s["mappings"]]}
+        base = layers["baseline"]
+        row = {"injection_gb_per_s": gb, "hardware": hw.name, "baseline_us": base.comm_s * 1e6}
+        for k in s["mappings"]:
+            layer = layers[k]
+            row[f"{k}_reduction"] = 1 - layer.comm_s / base.comm_s
+            row[f"{k}_a2a_reduction"] = 1 - layer.all_to_all_s / base.all_to_all_s
+            row[f"{k}_dispatch_ratio"] = layer.phase("dispatch").time_s / base.phase("dispatch").time_s
+        out.append(row)
+        tick()
+    return out
+
+
 def summary(rows: list[dict], question: dict, spec: dict) -> dict:
     """Headline figures beside the paper's anchors (fractions)."""
     def best(kind: str, what: str = "reduction") -> float | None:
@@ -153,16 +174,19 @@ def run_comm(tokens: float, time_model: str, progress: bool = True) -> dict:
     total = len(spec["models"]) * len(spec["scales"])
     total += len(q["mesh_sides"]) * len(q["tp"]) * len(q["top_k"]) * len(q["tokens_per_device"])
     total += len(spec["wafer_link_sweep"]["link_bandwidth_gb_per_s"]) + len(spec["models"])
+    total += len(spec["injection_sweep"]["injection_bandwidth_gb_per_s"])
     with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
         task = bar.add_task("simulating", total=total)
         tick = lambda: bar.advance(task)  # noqa: E731
         rows = comparison(spec, tokens, time_model, tick)
         question = open_question(spec, time_model, tick)
         links = wafer_link_sweep(spec, tokens, time_model, tick)
+        injection = injection_sweep(spec, tokens, time_model, tick)
         per_platform = platforms(spec, tokens, time_model, tick)
     wsc_vs_dgx = [1 - r["wsc-8x8"] / r["dgx-b200"] for r in per_platform]
     return {
         "wsc_vs_dgx_reduction_avg": sum(wsc_vs_dgx) / len(wsc_vs_dgx), "platforms": per_platform,
         "time_model": time_model, "tokens_per_device": tokens, "tp": spec["tp"],
         **summary(rows, question, spec), "rows": rows, "open_question": question, "wafer_link_sweep": links,
+        "injection_sweep": injection,
     }

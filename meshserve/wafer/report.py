@@ -139,6 +139,23 @@ def print_wafer_links(result: dict, console: Console) -> None:
     console.print(table)
 
 
+def print_injection(result: dict, console: Console) -> None:
+    """ER against the baseline as each die's injection/ejection port bandwidth varies."""
+    sweep = result["injection_sweep"]
+    kinds = [k.removesuffix("_dispatch_ratio") for k in sweep[0] if k.endswith("_dispatch_ratio")]
+    table = Table(title=f"What a die can inject ({sweep[0]['hardware']}, first model): change vs baseline as "
+                        "each die's injection/ejection port bandwidth varies")
+    cols = [f"{k}: {what}" for k in kinds for what in ("total", "all-to-all", "dispatch time ratio")]
+    for col in ["port GB/s per die", "baseline (us)", *cols]:
+        table.add_column(col, justify="right")
+    for s in sweep:
+        cells = [(_reduction(s[f"{k}_reduction"]), _reduction(s[f"{k}_a2a_reduction"]),
+                  f"{s[f'{k}_dispatch_ratio']:.2f}x") for k in kinds]
+        table.add_row(f"{s['injection_gb_per_s']:g}", f"{s['baseline_us']:.1f}",
+                      *(cell for row in cells for cell in row))
+    console.print(table)
+
+
 def print_platforms(result: dict, console: Console) -> None:
     """Communication per MoE layer on platforms of about the same size, baseline mapping."""
     rows = result["platforms"]
@@ -176,6 +193,7 @@ def run_reproduce_comm(out: str, tokens_per_device: float = 64, time_model: str 
         console = Console(width=max(Console().width, 150))
         print_comm(result, console)
         print_wafer_links(result, console)
+        print_injection(result, console)
         print_platforms(result, console)
         console.print(f"wrote {result['plot']} and {folder / 'wafer_comm.json'}")
     return result
