@@ -88,6 +88,7 @@ class Engine:
         request_id: str | None = None,
     ) -> str:
         """Queue a prompt (text or token ids); returns its request id. Bad input raises InputError."""
+        require(not self._closed, "engine", "is closed; create a new LLM / Engine to generate again")
         params = SamplingParams() if params is None else params
         require(isinstance(params, SamplingParams), "sampling_params", "must be a SamplingParams")
         if request_id is None:
@@ -111,7 +112,10 @@ class Engine:
     def _prompt_tokens(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             require(bool(prompt), "prompt", "must not be empty")
-            token_ids = self.tokenizer.encode(prompt)
+            try:
+                token_ids = self.tokenizer.encode(prompt)
+            except (TypeError, ValueError, UnicodeError) as err:  # e.g. lone surrogates the Rust side rejects
+                raise InputError("prompt", f"text cannot be tokenized ({str(err)[:120]})") from None
         elif isinstance(prompt, (list, tuple)) and all(
                 isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
             token_ids = [int(t) for t in prompt]

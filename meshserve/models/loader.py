@@ -69,6 +69,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32") -> Loaded
         config.eos_token_ids = list(tokenizer.eos_token_ids)
     if config.bos_token_id is None:
         config.bos_token_id = tokenizer.bos_token_id
+    if not config.eos_token_ids:  # without one, every request runs to max_tokens
+        raise InputError("config.json:eos_token_id", "no end-of-sequence token: set eos_token_id in "
+                                                     "config.json or generation_config.json, or eos_token in "
+                                                     "tokenizer_config.json")
 
     model = cls(config)
     load_weights(model, path)
