@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from meshserve.errors import InputError
-from meshserve.models.config import ModelConfig, parse_config, parse_dtype
+from meshserve.models.config import ModelConfig, parse_config, parse_dtype, resolve_aliases
 from meshserve.models.decoder import DecoderLM
 from meshserve.models.layers.moe import StackedExperts
 from meshserve.models.registry import ARCHITECTURES
@@ -62,6 +62,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32") -> Loaded
     generation = _read_json(path / "generation_config.json", required=False)
     arch = _architecture(hf)
     cls = ARCHITECTURES[arch]
+    hf = resolve_aliases(hf, cls.config_aliases)
     config = parse_config(hf, arch, name=path.name, dtype=torch_dtype, generation=generation)
     cls.configure(config, hf)
     tokenizer = Tokenizer.from_dir(path, config.bos_token_id, config.eos_token_ids)
