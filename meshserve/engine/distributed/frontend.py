@@ -132,8 +132,9 @@ class DistributedEngine:
             self.owner.pop(out.request_id, None)
         self.num_steps += 1
         self.last_stats = {"step": self.num_steps, "step_s": [i["step_s"] for i in infos]}
-        if "routed" in infos[0]:
+        if "routed" in infos[0]:  # expert-parallel: what each rank's experts computed, what was routed
             self.last_stats["routed"] = np.array([i["routed"] for i in infos])  # [rank, moe_layer]
+            self.last_stats["expert_counts"] = np.sum([i["counts"] for i in infos], axis=0)  # [layer, expert]
         for record in (r for r in infos[0].get("eplb", []) if r.get("final")):
             self.migrations.append(record)
             if record.get("error"):

@@ -77,8 +77,9 @@ class RankWorker:
         info: dict[str, Any] = {"forward": self.engine.num_steps > before}
         if self.ep is not None:
             info["routed"] = self.ep.received()
+            info["counts"] = self.ep.counts()
         if self.balancer is not None:
-            info["eplb"] = self.balancer.after_step(self.ep.counts())
+            info["eplb"] = self.balancer.after_step(info["counts"])
         info["step_s"] = time.perf_counter() - start
         return finished, info
 

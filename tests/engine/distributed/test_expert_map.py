@@ -46,3 +46,13 @@ def test_bad_placements_name_the_field_and_the_problem():
         validate_placement(holds, 2, 4, 3)
     with pytest.raises(InputError, match="data_parallel_size: .* 8 ranks > 4 experts"):
         spread_placement(2, 4, 8, 0)
+
+
+def test_the_engine_plans_with_meshserve_placement_and_never_imports_the_simulator():
+    import subprocess
+    import sys
+
+    code = ("import sys, meshserve.engine, meshserve.engine.distributed.eplb; "
+            "print(' '.join(m for m in sys.modules if m.startswith('meshserve.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "meshserve.placement" in loaded.split() and "meshserve.wafer" not in loaded
