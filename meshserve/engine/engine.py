@@ -40,6 +40,8 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        require(not config.parallel.distributed, "data_parallel_size",
+                "Engine runs one process; use LLM(...) or DistributedEngine for several ranks")
         loaded = load_model(config.model, config.dtype)
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         mc = self.model_config

@@ -1,6 +1,7 @@
 """LLM: the offline batch API, as in vLLM.
 
     llm = LLM("path/to/model", max_num_batched_tokens=512)
+    llm = LLM("path/to/moe", data_parallel_size=4, enable_expert_parallel=True)  # N rank processes
     outputs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0, max_tokens=32))
     outputs[0].text, outputs[0].token_ids, outputs[0].finish_reason, outputs[0].metrics
     llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=32))  # the model's chat template
@@ -9,7 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -19,6 +20,9 @@ from meshserve.engine.engine import Engine
 from meshserve.engine.outputs import RequestOutput
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.errors import InputError
+
+if TYPE_CHECKING:
+    from meshserve.engine.distributed import DistributedEngine
 
 Prompt = str | Sequence[int] | dict[str, Any]
 
@@ -31,7 +35,13 @@ class LLM:
     """
 
     def __init__(self, model: str, **engine_args: Any) -> None:
-        self.engine = Engine(EngineConfig.from_args(model, **engine_args))
+        config = EngineConfig.from_args(model, **engine_args)
+        if config.parallel.distributed:  # data_parallel_size > 1 or enable_expert_parallel
+            from meshserve.engine.distributed import DistributedEngine
+
+            self.engine: Engine | DistributedEngine = DistributedEngine(config)
+        else:
+            self.engine = Engine(config)
         self.tokenizer = self.engine.tokenizer
 
     def generate(
