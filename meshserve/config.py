@@ -8,6 +8,7 @@ unknown names, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,14 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = ("float32", "bfloat16")
 DEFAULT_MAX_NUM_SEQS = 128
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity; os.cpu_count() where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -85,6 +94,10 @@ class EngineConfig:
     record_expert_trace: path of an expert-load trace (.npz, docs/traces.md) written on close (MoE only).
     speculative_config: vLLM-style dict, e.g. ``{"method": "ngram", "num_speculative_tokens": 3}``
         (engine/spec/config.py); validated into a SpecConfig. None = no speculative decoding.
+    num_threads: torch threads for the forward (sets ``torch.set_num_threads`` for the process);
+        None = the cores this process may run on (``os.sched_getaffinity``).
+    kernel_profile: a GEMM profile written by ``meshserve profile``; None = this machine's profile when
+        one was written, else the shipped default (kernels/profile.py).
     """
 
     model: str
@@ -92,6 +105,8 @@ class EngineConfig:
     seed: int = 0
     record_expert_trace: str | None = None
     speculative_config: dict[str, Any] | SpecConfig | None = None
+    num_threads: int | None = None
+    kernel_profile: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -100,6 +115,13 @@ class EngineConfig:
         require(self.dtype in DTYPE_NAMES, "dtype",
                 f"unsupported dtype {self.dtype!r}; allowed: {', '.join(DTYPE_NAMES)}")
         require(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
+        cores = available_cores()
+        if self.num_threads is None:
+            self.num_threads = cores
+        require(isinstance(self.num_threads, int) and not isinstance(self.num_threads, bool)
+                and 1 <= self.num_threads <= cores, "num_threads",
+                f"must be an integer in [1, {cores}] (the cores this process may use), "
+                f"got {self.num_threads!r}")
         from meshserve.engine.spec.config import SpecConfig  # here: the engine package imports this module
 
         self.speculative_config = SpecConfig.from_dict(self.speculative_config)

@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from meshserve.kernels.meta_attention import plan_attention
+from meshserve.kernels.profile import GemmTable
+from meshserve.kernels.smooth_gemm import SmoothLinear
 from meshserve.models.batch import BatchMetadata
 from meshserve.models.config import ModelConfig
 from meshserve.models.layers.attention import Attention, StepInputs
@@ -58,9 +59,9 @@ class DecoderLM(nn.Module):
         )
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.make_mlp(cfg, i)) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = (
-            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        )
+        self.lm_head = SmoothLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:  # one parameter: named_parameters (and loading) see embed_tokens only
+            self.lm_head.weight = self.embed_tokens.weight
         self._moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
 
     @classmethod
@@ -86,8 +87,14 @@ class DecoderLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] in float32 for hidden rows [N, hidden]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self.lm_head(hidden).float()
+
+    def prepare_gemms(self, table: GemmTable, max_tokens: int) -> None:
+        """Hand every linear layer its SmoothGEMM choices for M = 0..max_tokens and prepack its weights."""
+        for module in self.modules():
+            if isinstance(module, SmoothLinear):
+                n, k = module.weight.shape
+                module.prepare(table.by_m(n, k, module.weight.dtype, max_tokens))
 
     def expert_counts(self) -> torch.Tensor | None:
         """Tokens routed to each expert in the last forward, [num_moe_layers, num_experts]; None if dense."""

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from meshserve.kernels.meta_attention import AttentionPlan, paged_attention
+from meshserve.kernels.smooth_gemm import SmoothLinear
 from meshserve.models.config import ModelConfig
 from meshserve.models.layers.norm import RMSNorm
 from meshserve.models.layers.rotary import apply_rotary
@@ -30,8 +31,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.split = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = SmoothLinear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
+        self.o_proj = SmoothLinear(q_size, cfg.hidden_size, bias=cfg.o_bias)
         # Qwen3 normalises each head's q and k before rotary.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
