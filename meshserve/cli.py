@@ -63,8 +63,8 @@ def generate(
 @app.command()
 def profile(
     model: str = typer.Option(..., help="Model directory whose linear shapes are profiled."),
-    out: str | None = typer.Option(None, help="Table to write (default: this machine's profile, "
-                                              "$MESHSERVE_PROFILE_DIR or ~/.cache/meshserve/gemm.json)."),
+    out: str | None = typer.Option(None, help="Table to write (default: $MESHSERVE_PROFILE_DIR/gemm.json "
+                                              "or ~/.cache/meshserve/profiles/gemm.json)."),
     dtype: list[str] = typer.Option(["float32", "bfloat16"], help="dtypes to profile (repeatable)."),
     max_tokens: int = typer.Option(512, help="Largest M: the engine's max_num_batched_tokens."),
     reps: int = typer.Option(7, help="Timed runs per candidate (the median counts)."),

@@ -109,6 +109,9 @@ def main() -> None:
     # vLLM's CPU worker binds its OpenMP threads to these cores; a fixed KV space keeps it small.
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # Its engine core in this process: a separate worker process keeps its OpenMP threads spinning on the
+    # same two cores while meshserve runs, which would measure the contention, not the engines.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     race(args)
 
 

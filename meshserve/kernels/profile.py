@@ -51,9 +51,9 @@ def machine_id() -> str:
 
 
 def user_table_path() -> Path:
-    """Where `meshserve profile` writes by default: $MESHSERVE_PROFILE_DIR or ~/.cache/meshserve."""
-    root = os.environ.get("MESHSERVE_PROFILE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "meshserve"
+    """Where `meshserve profile` writes by default: $MESHSERVE_PROFILE_DIR or ~/.cache/meshserve/profiles
+    (beside the attention tiles, kernels/attention_tiles.py)."""
+    root = os.environ.get("MESHSERVE_PROFILE_DIR") or Path.home() / ".cache" / "meshserve" / "profiles"
     return Path(root) / "gemm.json"
 
 
@@ -104,7 +104,15 @@ class GemmTable:
         return cls.from_json(data, field)
 
     def save(self, path: str | Path) -> Path:
-        return write_atomic(path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
+        """Write atomically, one line per shape so the file reads (and diffs) as a table."""
+        data = self.to_json()
+        dtypes = ",\n".join(
+            f'  {json.dumps(dtype)}: {{\n' + ",\n".join(f"   {json.dumps(k)}: {json.dumps(rows)}"
+                                                       for k, rows in shapes.items()) + "\n  }"
+            for dtype, shapes in data["gemm"].items())
+        text = f'{{"version": 1, "machine": {json.dumps(data["machine"])},\n "gemm": {{\n{dtypes}\n }}\n}}\n'
+
+        return write_atomic(path, text.encode())
 
     def rows(self, n: int, k: int, dtype: torch.dtype) -> list[tuple[int, GemmChoice]]:
         shapes = self.gemm.get(str(dtype).removeprefix("torch."), {})
@@ -258,7 +266,8 @@ def run_profile(model_dir: str, out: str | None, dtypes: list[str], max_tokens: 
         raise InputError("reps", f"must be >= 1, got {reps}")
     config = EngineConfig(model_dir, num_threads=num_threads)  # validates the thread count
     torch.set_num_threads(config.num_threads)
-    shapes = linear_shapes(load_model(model_dir).model)
+    loaded = load_model(model_dir)
+    shapes = linear_shapes(loaded.model)
     console = Console()
     console.print(f"profiling {len(shapes)} linear shapes x {len(dtypes)} dtypes, M up to {max_tokens}, "
                   f"on {machine_id()}")
@@ -275,15 +284,19 @@ def run_profile(model_dir: str, out: str | None, dtypes: list[str], max_tokens: 
             pass  # an unreadable old table is replaced
     table.save(path)
     console.print(f"GEMM table written to {path}")
-    _profile_attention(model_dir, dtypes, console)
+    _profile_attention(loaded.config, [parse_dtype(d) for d in dtypes], console)
     return path
 
 
-def _profile_attention(model_dir: str, dtypes: list[str], console: Any) -> None:
-    """Run the attention-tile profiler (kernels/attention_profile.py) where this checkout has one."""
-    try:
-        from meshserve.kernels.attention_profile import profile_attention  # type: ignore[import-not-found]
-    except ImportError:
-        console.print("attention tiles: no attention profiler in this build; the shipped tile sizes stay")
+def _profile_attention(cfg: Any, dtypes: list[torch.dtype], console: Any) -> None:
+    """The attention-tile profile (kernels/attention_profile.py) for the model's head shape, where the
+    native attention op is built; its table goes to its own file beside this one."""
+    from meshserve.kernels import native
+    from meshserve.kernels.attention_profile import profile_attention
+
+    if not native.load():
+        console.print(f"attention tiles: native op not built (`{native.BUILD_COMMAND}`); shipped tiles stay")
         return
-    profile_attention(model_dir, dtypes)
+    for dtype in dtypes:
+        best = profile_attention(cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, dtype)
+        console.print(f"attention tiles {dtype}: {best}")

@@ -53,6 +53,7 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    layer_windows: list[int | None] = field(default_factory=list)  # sliding window per layer; None: full
 
     @property
     def is_moe(self) -> bool:
@@ -123,10 +124,6 @@ def parse_config(
     if act != "silu":
         raise InputError("config.json:hidden_act", f"unsupported activation {act!r}; allowed: silu")
     max_pos = positive(hf, "max_position_embeddings", 2048)
-    window = hf.get("sliding_window")
-    if hf.get("use_sliding_window", arch == "MixtralForCausalLM") and isinstance(window, int) and window > 0:
-        # Within the window sliding-window attention equals full attention; longer contexts are refused.
-        max_pos = min(max_pos, window)
     eos = _eos_ids(generation.get("eos_token_id", hf.get("eos_token_id")))
     bos = generation.get("bos_token_id", hf.get("bos_token_id"))
 
@@ -149,7 +146,22 @@ def parse_config(
         rope_scaling=scaling,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
+    cfg.layer_windows = _sliding_windows(hf, arch, num_layers)
     return cfg
+
+
+def _sliding_windows(hf: dict[str, Any], arch: str, num_layers: int) -> list[int | None]:
+    """Each layer's sliding window (None: full attention). config.json's `layer_types` decides which layers
+    slide when present; otherwise every layer does (arch files narrow that to their own rule)."""
+    window = hf.get("sliding_window")
+    if not hf.get("use_sliding_window", arch == "MixtralForCausalLM") or window is None:
+        return [None] * num_layers
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        raise InputError("config.json:sliding_window", f"must be a positive integer or null, got {window!r}")
+    types = hf.get("layer_types")
+    if isinstance(types, list) and len(types) == num_layers:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * num_layers
 
 
 def read_moe(cfg: ModelConfig, hf: dict[str, Any], experts_key: str, intermediate_key: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meshserve.kernels.meta_attention import plan_attention
+from meshserve.kernels.attention import plan_step, use_native
 from meshserve.kernels.profile import GemmTable
 from meshserve.kernels.smooth_gemm import SmoothLinear
 from meshserve.models.batch import BatchMetadata
@@ -26,10 +26,10 @@ from meshserve.models.layers.rotary import RotaryEmbedding
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, mlp: nn.Module) -> None:
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module, window: int | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
 
@@ -57,7 +57,10 @@ class DecoderLM(nn.Module):
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
         )
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.make_mlp(cfg, i)) for i in range(cfg.num_layers))
+        windows = cfg.layer_windows or [None] * cfg.num_layers
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, self.make_mlp(cfg, i), windows[i]) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = SmoothLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:  # one parameter: named_parameters (and loading) see embed_tokens only
@@ -79,7 +82,12 @@ class DecoderLM(nn.Module):
         """Run T flat tokens; returns final-normed hidden states [T, hidden]. Writes K/V into kv_caches."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(meta.positions, x.dtype)
-        step = StepInputs(cos, sin, plan_attention(meta, block_size=kv_caches[0].shape[2]))
+        cache = kv_caches[0]
+        cfg = self.config
+        windows = {layer.self_attn.window for layer in self.layers}
+        plans = plan_step(meta, cache.shape[2], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache.dtype,
+                          windows, native_op=use_native(cache.device, cache.dtype))
+        step = StepInputs(cos, sin, plans)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, kv_cache, step)
         return self.norm(x)

@@ -69,3 +69,32 @@ def test_profile_picks_a_measured_choice_per_m_and_guards_against_slower_ones():
     rows = table.rows(32, 16, torch.bfloat16)
     assert rows[-1][0] == 8 and table.machine == machine_id()
     assert any("slowest chosen / F.linear" in line for line in lines)
+
+
+def test_profile_command_writes_this_machines_table(tiny_model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from meshserve.cli import app
+
+    monkeypatch.setenv("MESHSERVE_PROFILE_DIR", str(tmp_path))
+    before = torch.get_num_threads()
+    try:
+        args = ["--dtype", "float32", "--max-tokens", "4", "--reps", "1", "--num-threads", "1"]
+        result = CliRunner().invoke(app, ["profile", "--model", str(tiny_model_dir("llama")), *args])
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.output
+    assert "slowest chosen / F.linear" in result.output
+    table = GemmTable.load(tmp_path / "gemm.json")
+    assert table.machine == machine_id().replace(f"{before} threads", "1 threads")
+    # qkv, o, gate_up, down and lm_head of the tiny Llama
+    assert {"128x64", "64x64", "256x64", "64x128", "512x64"} <= set(table.gemm["float32"])
+
+
+def test_profile_command_refuses_bad_input(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from meshserve.cli import app
+
+    result = CliRunner().invoke(app, ["profile", "--model", str(tiny_model_dir("llama")), "--dtype", "int8"])
+    assert isinstance(result.exception, InputError) and result.exception.field == "dtype"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from meshserve.kernels.meta_attention import AttentionPlan, paged_attention
+from meshserve.kernels.attention import StepPlan, attend
 from meshserve.kernels.smooth_gemm import SmoothLinear
 from meshserve.models.config import ModelConfig
 from meshserve.models.layers.norm import RMSNorm
@@ -16,18 +16,20 @@ from meshserve.models.layers.rotary import apply_rotary
 
 @dataclass
 class StepInputs:
-    """What every layer of one forward shares: rotary cos/sin [T, head_dim] and the attention plan."""
+    """What every layer of one forward shares: rotary cos/sin [T, head_dim] and one attention plan per
+    sliding window (None: full attention)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
-    plan: AttentionPlan
+    plans: dict[int | None, StepPlan]
 
 
 class Attention(nn.Module):
     """GQA attention over the paged KV cache. `qkv_proj` holds [q; k; v] so one GEMM serves all three."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, window: int | None = None) -> None:
         super().__init__()
+        self.window = window  # sliding window of this layer (Mixtral, Qwen2); None: full causal attention
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.split = (q_size, kv_size, kv_size)
@@ -47,5 +49,5 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
-        out = paged_attention(q, k, v, kv_cache, step.plan, self.scale)
+        out = attend(q, k, v, kv_cache, step.plans[self.window], self.scale)
         return self.o_proj(out.reshape(t, -1))
