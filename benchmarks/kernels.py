@@ -40,7 +40,7 @@ from meshserve.kernels import native
 from meshserve.kernels.attention_tiles import plan_tasks, tile_sizes
 from meshserve.kernels.meta_attention import paged_attention, plan_attention, write_kv
 from meshserve.kernels.meta_attention_native import meta_attention
-from meshserve.kernels.profile import GemmTable, load_gemm_table
+from meshserve.kernels.profile import GemmTable, load_gemm_table, shape_key
 from meshserve.kernels.smooth_gemm import SmoothLinear, pad_to_bucket_linear
 from meshserve.models.batch import BatchMetadata
 from meshserve.testing import make_tiny_model
@@ -207,7 +207,7 @@ def time_gemm(name: str, n: int, k: int, dtype: torch.dtype, table: GemmTable, b
     gen = torch.Generator().manual_seed(0)
     layer = SmoothLinear(k, n, bias=False).to(dtype)
     layer.weight.data = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
-    layer.prepare(table.by_m(n, k, dtype, budget))
+    layer.prepare(table.by_m(shape_key(n, k), dtype, budget))
     xs = [torch.randn(m, k, generator=gen).to(dtype) for m in GEMM_SWEEP if m <= budget]
     w = layer.weight
     methods = {"F.linear": lambda x: F.linear(x, w), "pad-bucket": lambda x: pad_to_bucket_linear(

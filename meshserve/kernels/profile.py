@@ -30,7 +30,7 @@ import torch
 
 from meshserve.atomic import write_atomic
 from meshserve.errors import InputError
-from meshserve.kernels.smooth_gemm import KERNELS, PLAIN, GemmChoice, pack_weight, run_choice
+from meshserve.kernels.smooth_gemm import KERNELS, PLAIN, GemmChoice, pack_weight, run_bmm, run_choice
 
 SHIPPED_GEMM_TABLE = Path(__file__).parent / "profiles" / "gemm.json"
 # M values measured; an M between two of them takes the choice of the next one up.
@@ -59,6 +59,11 @@ def user_table_path() -> Path:
 
 def shape_key(n: int, k: int) -> str:
     return f"{n}x{k}"
+
+
+def bmm_key(e: int, n: int, k: int) -> str:
+    """Key of a stacked-expert batched matmul: E experts of [N, K] weights."""
+    return f"bmm:{e}x{n}x{k}"
 
 
 class GemmTable:
@@ -114,13 +119,14 @@ class GemmTable:
 
         return write_atomic(path, text.encode())
 
-    def rows(self, n: int, k: int, dtype: torch.dtype) -> list[tuple[int, GemmChoice]]:
+    def rows(self, key: str, dtype: torch.dtype) -> list[tuple[int, GemmChoice]]:
+        """Rows of a shape key (shape_key or bmm_key); "*" serves keys not listed, else F.linear."""
         shapes = self.gemm.get(str(dtype).removeprefix("torch."), {})
-        return shapes.get(shape_key(n, k)) or shapes.get("*") or [(1, PLAIN)]
+        return shapes.get(key) or shapes.get("*") or [(1, PLAIN)]
 
-    def by_m(self, n: int, k: int, dtype: torch.dtype, max_m: int) -> list[GemmChoice]:
+    def by_m(self, key: str, dtype: torch.dtype, max_m: int) -> list[GemmChoice]:
         """The choice for every M in 0..max_m (index = M), ready for SmoothLinear.prepare."""
-        rows = self.rows(n, k, dtype)
+        rows = self.rows(key, dtype)
         out, i = [], 0
         for m in range(max_m + 1):
             while i < len(rows) - 1 and rows[i][0] < m:
@@ -164,8 +170,12 @@ def _timer(fn: Callable[[], Any]) -> Callable[[], float]:
 
 def time_choices(choices: list[GemmChoice], x: torch.Tensor, weights: dict[str, Any],
                  reps: int) -> list[float]:
-    """Median seconds of each choice on x, runs interleaved so machine noise hits all of them alike."""
-    timers = [_timer(lambda c=c: run_choice(c, x, **weights)) for c in choices]
+    """Median seconds of each choice on x."""
+    return time_timers([_timer(lambda c=c: run_choice(c, x, **weights)) for c in choices], reps)
+
+
+def time_timers(timers: list[Callable[[], float]], reps: int) -> list[float]:
+    """Median of each timer's runs, interleaved so machine noise hits all of them alike."""
     for t in timers:  # warm-up: oneDNN creates and caches the primitive for this shape
         t()
         t()
@@ -225,17 +235,45 @@ def _merge_rows(rows: list[tuple[int, GemmChoice]]) -> list[tuple[int, GemmChoic
     return out
 
 
+def profile_bmm(e: int, n: int, k: int, dtype: torch.dtype, max_m: int, reps: int = 7,
+                report: Callable[[str], None] | None = None) -> list[tuple[int, GemmChoice]]:
+    """Rows for stacked experts [e, n, k] (MoE): torch.bmm in the model dtype or in float32, per capacity M.
+
+    The weight is stored column-major per expert, as the loader leaves it (StackedExperts.transposed_layout).
+    """
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(e, k, n, generator=gen) * 0.05).to(dtype).transpose(1, 2)
+    weights = {"weight": weight, "weight_f32": weight.float()}
+    options = [PLAIN, GemmChoice("packed_f32")]
+    rows = []
+    for m in [p for p in M_POINTS if p < max_m] + [max_m]:
+        x = torch.randn(e, m, k).to(dtype)
+        timers = [_timer(lambda c=c, x=x: run_bmm(c, x, **weights)) for c in options]
+        times = time_timers(timers, reps)
+        best = min(range(len(options)), key=times.__getitem__)
+        if times[best] > SLOWER_LIMIT * times[0]:
+            best = 0
+        rows.append((m, options[best]))
+    if report:
+        report(f"{bmm_key(e, n, k)} {dtype}: " + ", ".join(f"M<={m} {c.name}" for m, c in _merge_rows(rows)))
+    return _merge_rows(rows)
+
+
 def profile_gemm(shapes: Iterable[tuple[int, int]], dtypes: Iterable[torch.dtype], max_m: int,
                  reps: int = 7, report: Callable[[str], None] | None = None,
-                 progress: Callable[[], None] | None = None) -> GemmTable:
-    """Profile every (shape, dtype); the result holds one row list per shape."""
+                 progress: Callable[[], None] | None = None,
+                 bmm_shapes: Iterable[tuple[int, int, int]] = ()) -> GemmTable:
+    """Profile every (shape, dtype), and every stacked-expert shape in a non-float32 dtype (in float32 only
+    torch.bmm is a candidate); the result holds one row list per shape."""
     gemm: dict[str, dict[str, list[tuple[int, GemmChoice]]]] = {}
     for dtype in dtypes:
+        out = gemm.setdefault(str(dtype).removeprefix("torch."), {})
         for n, k in shapes:
-            rows = profile_shape(n, k, dtype, max_m, reps, report)
-            gemm.setdefault(str(dtype).removeprefix("torch."), {})[shape_key(n, k)] = rows
+            out[shape_key(n, k)] = profile_shape(n, k, dtype, max_m, reps, report)
             if progress:
                 progress()
+        for e, n, k in bmm_shapes if dtype != torch.float32 else ():
+            out[bmm_key(e, n, k)] = profile_bmm(e, n, k, dtype, max_m, reps, report)
     return GemmTable(gemm, machine_id())
 
 
@@ -244,6 +282,15 @@ def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
     from meshserve.kernels.smooth_gemm import SmoothLinear
 
     shapes = (tuple(m.weight.shape) for m in model.modules() if isinstance(m, SmoothLinear))
+    return list(dict.fromkeys(shapes))
+
+
+def expert_shapes(model: torch.nn.Module) -> list[tuple[int, int, int]]:
+    """The distinct (experts, out, in) shapes of a model's stacked MoE expert weights."""
+    from meshserve.models.layers.moe import StackedExperts
+
+    shapes = (tuple(w.shape) for m in model.modules() if isinstance(m, StackedExperts)
+              for w in (m.gate_up_proj, m.down_proj))
     return list(dict.fromkeys(shapes))
 
 
@@ -273,7 +320,8 @@ def run_profile(model_dir: str, out: str | None, dtypes: list[str], max_tokens: 
                   f"on {machine_id()}")
     with tqdm(total=len(shapes) * len(dtypes), desc="gemm profile", unit="shape") as bar:
         table = profile_gemm(shapes, [parse_dtype(d) for d in dtypes], max_tokens, reps,
-                             report=lambda line: bar.write(line), progress=lambda: bar.update(1))
+                             report=lambda line: bar.write(line), progress=lambda: bar.update(1),
+                             bmm_shapes=expert_shapes(loaded.model))
     path = Path(out) if out else user_table_path()
     if path.is_file():
         try:

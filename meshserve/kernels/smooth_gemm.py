@@ -95,6 +95,18 @@ def run_choice(choice: GemmChoice, x: torch.Tensor, weight: torch.Tensor, bias: 
     return out[:m].to(x.dtype)  # selective write: only the real rows come back
 
 
+def run_bmm(choice: GemmChoice, x: torch.Tensor, weight: torch.Tensor,
+            weight_f32: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched x [E, M, K] @ weight.transpose(1, 2) for stacked weights [E, N, K] (MoE experts).
+
+    ``packed_f32`` runs it in float32 with ``weight_f32`` (a float32 copy made once); any other kernel
+    runs torch.bmm in the model dtype.
+    """
+    if choice.kernel == "packed_f32" and weight_f32 is not None and x.dtype != torch.float32:
+        return torch.bmm(x.float(), weight_f32.transpose(1, 2)).to(x.dtype)
+    return torch.bmm(x, weight.transpose(1, 2))
+
+
 class SmoothLinear(nn.Linear):
     """``nn.Linear`` (same parameters, same loading) whose forward runs the primitive its table picks for M.
 

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from meshserve.kernels.attention import plan_step, use_native
-from meshserve.kernels.profile import GemmTable
+from meshserve.kernels.profile import GemmTable, bmm_key, shape_key
 from meshserve.kernels.smooth_gemm import SmoothLinear
 from meshserve.models.batch import BatchMetadata
 from meshserve.models.config import ModelConfig
 from meshserve.models.layers.attention import Attention, StepInputs
 from meshserve.models.layers.mlp import GatedMLP
-from meshserve.models.layers.moe import SparseMoE
+from meshserve.models.layers.moe import SparseMoE, StackedExperts
 from meshserve.models.layers.norm import RMSNorm
 from meshserve.models.layers.rotary import RotaryEmbedding
 
@@ -102,7 +102,10 @@ class DecoderLM(nn.Module):
         for module in self.modules():
             if isinstance(module, SmoothLinear):
                 n, k = module.weight.shape
-                module.prepare(table.by_m(n, k, module.weight.dtype, max_tokens))
+                module.prepare(table.by_m(shape_key(n, k), module.weight.dtype, max_tokens))
+            elif isinstance(module, StackedExperts):  # capacity M never exceeds the step's tokens
+                module.prepare(*(table.by_m(bmm_key(*w.shape), w.dtype, max_tokens)
+                                 for w in (module.gate_up_proj, module.down_proj)))
 
     def expert_counts(self) -> torch.Tensor | None:
         """Tokens routed to each expert in the last forward, [num_moe_layers, num_experts]; None if dense."""

@@ -28,18 +28,18 @@ def test_table_round_trips_through_its_file(tmp_path):
     table.save(tmp_path / "gemm.json")
     again = GemmTable.load(tmp_path / "gemm.json")
     assert again.to_json() == table.to_json()
-    assert again.rows(1, 1, torch.bfloat16)[0] == (8, GemmChoice("packed"))  # rows come back sorted by M
+    assert again.rows("1x1", torch.bfloat16)[0] == (8, GemmChoice("packed"))  # rows come back sorted by M
 
 
 def test_lookup_by_shape_then_default_then_plain():
     table = GemmTable.from_json(TABLE)
-    by_m = table.by_m(96, 64, torch.bfloat16, max_m=100)
+    by_m = table.by_m("96x64", torch.bfloat16, max_m=100)
     assert len(by_m) == 101
     assert by_m[1] == by_m[4] == PLAIN
     assert by_m[5] == by_m[64] == by_m[100] == GemmChoice("packed_f32", 16)  # past the last row: the last row
-    other = table.by_m(32, 64, torch.bfloat16, max_m=9)  # shape not listed: "*"
+    other = table.by_m("32x64", torch.bfloat16, max_m=9)  # shape not listed: "*"
     assert other[8] == GemmChoice("packed") and other[9] == GemmChoice("packed_f32")
-    assert set(GemmTable({}).by_m(8, 8, torch.float32, 4)) == {PLAIN}  # nothing for the dtype: F.linear
+    assert set(GemmTable({}).by_m("8x8", torch.float32, 4)) == {PLAIN}  # nothing for the dtype: F.linear
 
 
 @pytest.mark.parametrize("bad", [{"version": 2, "gemm": {}}, {"version": 1},
@@ -66,7 +66,7 @@ def test_shipped_table_loads_and_a_table_from_another_machine_is_ignored(tmp_pat
 def test_profile_picks_a_measured_choice_per_m_and_guards_against_slower_ones():
     lines = []
     table = profile_gemm([(32, 16)], [torch.bfloat16], max_m=8, reps=1, report=lines.append)
-    rows = table.rows(32, 16, torch.bfloat16)
+    rows = table.rows("32x16", torch.bfloat16)
     assert rows[-1][0] == 8 and table.machine == machine_id()
     assert any("slowest chosen / F.linear" in line for line in lines)
 
@@ -98,3 +98,9 @@ def test_profile_command_refuses_bad_input(tiny_model_dir):
 
     result = CliRunner().invoke(app, ["profile", "--model", str(tiny_model_dir("llama")), "--dtype", "int8"])
     assert isinstance(result.exception, InputError) and result.exception.field == "dtype"
+
+
+def test_profile_covers_moe_experts_in_bfloat16_only():
+    table = profile_gemm([], [torch.float32, torch.bfloat16], max_m=4, reps=1, bmm_shapes=[(2, 16, 8)])
+    assert "bmm:2x16x8" in table.gemm["bfloat16"] and "bmm:2x16x8" not in table.gemm["float32"]
+    assert {c.kernel for _, c in table.rows("bmm:2x16x8", torch.bfloat16)} <= {"linear", "packed_f32"}

@@ -15,6 +15,7 @@ from meshserve.kernels.smooth_gemm import (
     SmoothLinear,
     pack_weight,
     pad_to_bucket_linear,
+    run_bmm,
     run_choice,
 )
 
@@ -77,3 +78,12 @@ def test_pad_to_bucket_baseline_equals_f_linear():
 def test_unknown_kernel_is_refused():
     with pytest.raises(ValueError, match="allowed: linear, packed, packed_f32"):
         GemmChoice("cublas")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_expert_bmm_equals_torch_bmm(kernel):
+    w = (torch.randn(4, 8, 48) * 0.05).to(torch.bfloat16)  # 4 experts, [N=48, K=8] stored column-major
+    w = w.transpose(1, 2)
+    x = torch.randn(4, 5, 8).to(torch.bfloat16)
+    out = run_bmm(GemmChoice(kernel), x, w, w.float())
+    torch.testing.assert_close(out, torch.bmm(x, w.transpose(1, 2)), **TOL[torch.bfloat16])
