@@ -9,7 +9,11 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test lint clean
+.PHONY: run test lint clean native
+
+# Native kernels (kernels/csrc) compiled for this machine and torch; a no-op when that build exists.
+native: $(STAMP)
+	$(BIN)/python -m meshserve.kernels.native
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,10 +21,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+run: native
 	$(BIN)/meshserve demo
 
-test: $(STAMP)
+test: native
 	$(BIN)/ruff check meshserve tests benchmarks
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not slow"
 
@@ -29,4 +33,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check meshserve tests benchmarks
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .ruff_cache
+	rm -rf $(VENV) out build .pytest_cache .ruff_cache

@@ -5,8 +5,9 @@
 
 Standard workload: 64 requests, prompt lengths uniform in [32, 512], output lengths uniform in
 [16, 128], ignore_eos, random token ids from a seeded generator. Models: a tiny Llama (~28M
-parameters: hidden 512, 8 layers, 8 heads, 4 KV heads, intermediate 1408, vocab 4096) and a tiny
-Mixtral (the same with 8 experts, top-2, intermediate 704), random weights made on the spot.
+parameters: hidden 512, 8 layers, 8 heads, 4 KV heads, intermediate 1408, vocab 4096), a tiny
+Mixtral (the same with 8 experts, top-2, intermediate 704) and a ~5M Llama (hidden 256, 4 layers,
+4 heads, 2 KV heads, intermediate 704, vocab 4096), random weights made on the spot.
 
 transformers runs static batches of 16 requests in arrival order, left-padded, each batch
 generating as many tokens as its longest request; only the tokens each request asked for count.
@@ -40,6 +41,9 @@ LLAMA = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "
          "intermediate_size": 1408, "vocab_size": 4096, "max_position_embeddings": 1024}
 MODELS = {
     "llama": LLAMA,
+    # ~5M parameters: per-step overhead (Python, small ops), not GEMM time, decides its speed.
+    "llama-5m": {**LLAMA, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "intermediate_size": 704},
     "mixtral": {**LLAMA, "intermediate_size": 704, "num_local_experts": 8, "num_experts_per_tok": 2},
 }
 HF_BATCH = 16
@@ -79,7 +83,8 @@ def run_transformers(path: Path, dtype: str, prompts: list[list[int]], outputs: 
 
 
 def make_llm(path: Path, dtype: str, budget: int) -> LLM:
-    return LLM(str(path), dtype=dtype, max_num_batched_tokens=budget, max_num_seqs=64, kv_cache_memory=1.0)
+    return LLM(str(path), dtype=dtype, max_num_batched_tokens=budget, max_num_seqs=64, kv_cache_memory=1.0,
+               num_threads=torch.get_num_threads())
 
 
 def run_meshserve(llm: LLM, prompts: list[list[int]], outputs: list[int]) -> tuple[float, int]:
@@ -155,8 +160,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs:
             for dtype in args.dtypes:
-                path = make_tiny_model(Path(tmp) / f"{arch}-{dtype}", arch=arch, seed=args.seed, dtype=dtype,
-                                       **MODELS[arch])
+                path = make_tiny_model(Path(tmp) / f"{arch}-{dtype}", arch=arch.split("-")[0], seed=args.seed,
+                                       dtype=dtype, **MODELS[arch])
                 hf = run_transformers(path, dtype, prompts, outputs)
                 llm = make_llm(path, dtype, args.budget)
                 ours, steps = run_meshserve(llm, prompts, outputs)

@@ -117,6 +117,22 @@ def _json_option(name: str, text: str | None) -> dict | None:
     return value
 
 
+@app.command()
+def profile(
+    model: str = typer.Option(..., help="Model directory whose linear shapes are profiled."),
+    out: str | None = typer.Option(None, help="Table to write (default: $MESHSERVE_PROFILE_DIR/gemm.json "
+                                              "or ~/.cache/meshserve/profiles/gemm.json)."),
+    dtype: list[str] = typer.Option(["float32", "bfloat16"], help="dtypes to profile (repeatable)."),
+    max_tokens: int = typer.Option(512, help="Largest M: the engine's max_num_batched_tokens."),
+    reps: int = typer.Option(7, help="Timed runs per candidate (the median counts)."),
+    num_threads: int | None = typer.Option(None, help="torch threads (default: all usable cores)."),
+) -> None:
+    """Offline kernel profiling for this machine and the model's shapes (a few minutes)."""
+    from meshserve.kernels.profile import run_profile
+
+    run_profile(model, out, dtype, max_tokens, reps, num_threads)
+
+
 def main() -> None:
     """Console entry point: bad input becomes one line on stderr and exit code 2, no traceback."""
     try:

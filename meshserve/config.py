@@ -25,6 +25,14 @@ BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_TOKENS = 1 << 24  # token budgets and lengths beyond 16M are typos, not settings
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity; os.cpu_count() where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 @dataclass
 class CacheConfig:
     """Paged KV cache.
@@ -91,6 +99,10 @@ class EngineConfig:
         (engine/spec/config.py); validated into a SpecConfig. None = no speculative decoding.
     parallel: data-parallel ranks, expert parallelism and EPLB (engine/distributed/config.py); flat
         arguments ``data_parallel_size=4, enable_expert_parallel=True, ...`` land here.
+    num_threads: torch threads for the forward (sets ``torch.set_num_threads`` for the process);
+        None = the cores this process may run on (``os.sched_getaffinity``).
+    kernel_profile: a GEMM profile written by ``meshserve profile``; None = this machine's profile when
+        one was written, else the shipped default (kernels/profile.py).
     """
 
     model: str
@@ -98,6 +110,8 @@ class EngineConfig:
     seed: int = 0
     record_expert_trace: str | None = None
     speculative_config: dict[str, Any] | SpecConfig | None = None
+    num_threads: int | None = None
+    kernel_profile: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig | None = None
@@ -113,6 +127,13 @@ class EngineConfig:
                     "record_expert_trace", f"must be a path ending in .npz (an npz archive), got {trace!r}")
             check_writable(trace, "record_expert_trace")
             self.record_expert_trace = str(trace)
+        cores = available_cores()
+        if self.num_threads is None:
+            self.num_threads = cores
+        require(isinstance(self.num_threads, int) and not isinstance(self.num_threads, bool)
+                and 1 <= self.num_threads <= cores, "num_threads",
+                f"must be an integer in [1, {cores}] (the cores this process may use), "
+                f"got {self.num_threads!r}")
         # Imported here: the engine package imports this module.
         from meshserve.engine.distributed.config import ParallelConfig
         from meshserve.engine.spec.config import SpecConfig

@@ -29,6 +29,7 @@ from meshserve.engine.scheduler import Scheduler, WorkItem, WorkKind
 from meshserve.engine.spec.decoder import SpecDecoder
 from meshserve.engine.stop import StopChecker
 from meshserve.errors import InputError, require
+from meshserve.kernels.profile import load_gemm_table
 from meshserve.models.loader import load_model
 from meshserve.traces import ExpertTrace
 
@@ -42,6 +43,7 @@ class Engine:
         self.config = config
         require(not config.parallel.distributed, "data_parallel_size",
                 "Engine runs one process; use LLM(...) or DistributedEngine for several ranks")
+        torch.set_num_threads(config.num_threads)
         loaded = load_model(config.model, config.dtype)
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         mc = self.model_config
@@ -62,6 +64,7 @@ class Engine:
         prefix_cache = PrefixCache(cache.block_size) if cache.enable_prefix_caching else None
         self.blocks = BlockManager(blocks, cache.block_size, prefix_cache, self.kv_caches)
         self.scheduler = Scheduler(sched, self.blocks)
+        self.model.prepare_gemms(load_gemm_table(config.kernel_profile), sched.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
         self.sampler = Sampler(config.seed)
         spec = config.speculative_config

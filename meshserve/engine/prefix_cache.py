@@ -8,7 +8,11 @@ in least-recently-released order so that space is reclaimed only when needed).
 
 A partly matching block (the request diverges inside it, or the match is capped one token short of the
 prompt) is reused token-granularly by copy-on-write: the caller copies the cached block into a fresh one
-and recomputes only from the first differing token.
+and recomputes only from the first differing token. Finding it must not cost more as the cache grows
+(every prompt that starts with BOS partly matches every cached first block): each cached block is also
+indexed under every proper prefix of its tokens, ``(parent, tokens[:j])``, and the longest shared prefix
+is a binary search over j (a prefix that is cached implies all shorter ones are). A match shorter than
+``min_copy_tokens`` is not copied: moving a whole block to skip a token or two saves nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -46,11 +49,14 @@ class _Entry:
 class PrefixCache:
     """Prefix hash chain over KV blocks of ``block_size`` tokens, plus the LRU of evictable cached blocks."""
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, min_copy_tokens: int | None = None) -> None:
         self.block_size = block_size
+        # Default: a quarter block (4 tokens at block size 16; 1 at 4, so tiny blocks still copy).
+        self.min_copy_tokens = max(1, block_size // 4) if min_copy_tokens is None else min_copy_tokens
         self._by_key: dict[int, int] = {}  # prefix key -> block id
         self._entries: dict[int, _Entry] = {}  # block id -> its key, parent key and tokens
-        self._children: dict[int | None, set[int]] = {}  # parent key -> cached child block ids
+        # (parent key, hash of a proper token prefix) -> cached child blocks that start with that prefix
+        self._prefixes: dict[tuple[int | None, int], dict[int, None]] = {}
         self._lru: OrderedDict[int, None] = OrderedDict()  # cached blocks with ref count 0, oldest first
         self.queried_tokens = 0
         self.hit_tokens = 0
@@ -78,18 +84,32 @@ class PrefixCache:
         return PrefixMatch(blocks, src, len(blocks) * bs + extra)
 
     def _partial(self, parent: int | None, rest: Sequence[int]) -> tuple[int | None, int]:
-        """The cached child of ``parent`` sharing the longest token prefix with ``rest`` (vectorised)."""
-        children = self._children.get(parent)
-        if not children or not rest:
+        """A cached child of ``parent`` sharing the longest token prefix with ``rest``: O(log block_size)
+        index lookups, whatever the cache holds."""
+        lo, hi, best = 0, min(len(rest), self.block_size - 1), None
+        while lo < hi:  # invariant: some child shares lo tokens; none shares more than hi
+            mid = (lo + hi + 1) // 2
+            head = tuple(rest[:mid])
+            block = next(iter(self._prefixes.get((parent, hash(head)), ())), None)
+            if block is not None and self._entries[block].tokens[:mid] == head:  # not a hash collision
+                lo, best = mid, block
+            else:
+                hi = mid - 1
+        if best is None or lo < self.min_copy_tokens:
             return None, 0
-        ids = list(children)
-        stored = np.array([self._entries[b].tokens for b in ids], dtype=np.int64)
-        want = np.asarray(rest[: self.block_size], dtype=np.int64)
-        same = np.cumprod(stored[:, : len(want)] == want[None, :], axis=1).sum(axis=1)
-        best = int(np.argmax(same))
-        if same[best] == 0:
-            return None, 0
-        return ids[best], int(same[best])
+        return best, lo
+
+    def _index(self, block: int, entry: _Entry, add: bool) -> None:
+        """Add ``block`` to (or drop it from) the prefix index under each proper prefix of its tokens."""
+        for j in range(1, self.block_size):
+            key = (entry.parent, hash(entry.tokens[:j]))
+            if add:
+                self._prefixes.setdefault(key, {})[block] = None
+            else:
+                blocks = self._prefixes[key]
+                del blocks[block]
+                if not blocks:
+                    del self._prefixes[key]
 
     # -- publishing verified blocks --------------------------------------------------------------------
     def publish(self, block_table: Sequence[int], token_ids: Sequence[int], num_tokens: int,
@@ -112,7 +132,7 @@ class PrefixCache:
                 if key not in self._by_key:
                     self._entries[block] = _Entry(key, parent, chunk)
                     self._by_key[key] = block
-                    self._children.setdefault(parent, set()).add(block)
+                    self._index(block, self._entries[block], add=True)
             else:
                 key = entry.key
             keys.append(key)
@@ -138,10 +158,7 @@ class PrefixCache:
         block, _ = self._lru.popitem(last=False)
         entry = self._entries.pop(block)
         del self._by_key[entry.key]
-        siblings = self._children[entry.parent]
-        siblings.discard(block)
-        if not siblings:
-            del self._children[entry.parent]
+        self._index(block, entry, add=False)
         return block
 
     def num_pinned(self, m: PrefixMatch) -> int:

@@ -2,8 +2,8 @@
 
 Prefill chunks, decodes and verifies of different requests become rows of the same flat batch;
 the model sees only ``input_ids`` and ``BatchMetadata`` (meshserve/models/batch.py), never requests.
-Token-level arrays are built with numpy (``repeat`` / ``arange`` / fancy indexing); Python loops
-run once per request, only to collect each request's token slice and block table.
+Token-level arrays are built with numpy (``repeat`` / ``arange`` / fancy indexing); the only Python
+work per request is collecting its token slice and handing its block table to one flat copy.
 """
 
 from __future__ import annotations
@@ -28,6 +28,16 @@ def build_batch(items: list[WorkItem], block_size: int) -> tuple[torch.Tensor, B
     return torch.from_numpy(input_ids), meta
 
 
+def pad_tables(tables: list[list[int]]) -> np.ndarray:
+    """Block tables as one zero-padded int64 array [S, longest]: one flat copy and one scatter, no loop."""
+    lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(lens.sum()))
+    out = np.zeros((len(tables), int(lens.max(initial=0))), dtype=np.int64)
+    starts = np.cumsum(lens) - lens
+    out[np.repeat(np.arange(len(tables)), lens), np.arange(flat.size) - np.repeat(starts, lens)] = flat
+    return out
+
+
 def batch_metadata(start: np.ndarray, n: np.ndarray, num_logits: np.ndarray, tables: list[list[int]],
                    block_size: int) -> BatchMetadata:
     """Metadata for sequences that each append ``n[s]`` tokens after ``start[s]`` cached ones, with
@@ -38,10 +48,7 @@ def batch_metadata(start: np.ndarray, n: np.ndarray, num_logits: np.ndarray, tab
     seq_of_row = np.repeat(np.arange(len(n)), n)
     positions = np.arange(total) - np.repeat(query_start[:-1] - start, n)
 
-    width = max(len(t) for t in tables)
-    block_tables = np.zeros((len(n), width), dtype=np.int64)
-    for i, table in enumerate(tables):
-        block_tables[i, : len(table)] = table
+    block_tables = pad_tables(tables)
     slot_mapping = block_tables[seq_of_row, positions // block_size] * block_size + positions % block_size
 
     # The last num_logits rows of each item: its row end minus num_logits .. its row end.

@@ -10,8 +10,8 @@ Torch reference for the Meta-Attention primitive: every piece of work is GEMM(QK
   then for each tile group gathers the sequences' KV through their block tables and computes one
   masked batched softmax(QK^T)V. Loops run over the few tile groups, never over sequences or tokens.
 
-A later tile plan (query-row tiles x KV blocks with a mask kind each) or a Triton executor replaces
-these two functions behind the same signatures; model code does not change.
+This is the oracle: the native executor (meta_attention_native.py over attention_tiles.py's Task-Table)
+must match it, and `kernels/attention.py` falls back to it where the native op is not built.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class AttentionPlan:
     num_tokens: int
 
 
-def _tile_group(meta: BatchMetadata, seqs: torch.Tensor, block_size: int) -> TileGroup:
+def _tile_group(meta: BatchMetadata, seqs: torch.Tensor, block_size: int, window: int | None) -> TileGroup:
     starts = meta.query_start_loc[:-1].long()[seqs]
     q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()[seqs]
     seq_lens = meta.seq_lens.long()[seqs]
@@ -67,7 +67,10 @@ def _tile_group(meta: BatchMetadata, seqs: torch.Tensor, block_size: int) -> Til
     cols = torch.clamp(kv_pos // block_size, max=tables.shape[1] - 1)
     kv_slots = tables[:, cols] * block_size + kv_pos % block_size
     # Padded query rows repeat a real row's position, so no row is fully masked (no NaN); they are dropped.
-    mask = kv_pos[None, None, :] <= torch.where(valid, q_pos, q_pos[:, :1])[:, :, None]
+    row_pos = torch.where(valid, q_pos, q_pos[:, :1])[:, :, None]
+    mask = kv_pos[None, None, :] <= row_pos
+    if window:  # sliding window: a row sees only its last `window` positions (itself included)
+        mask &= kv_pos[None, None, :] > row_pos - window
     flat_valid = valid.reshape(-1)
     return TileGroup(
         gather_rows=gather_rows,
@@ -82,13 +85,16 @@ def _length_class(lengths: torch.Tensor, base: int) -> torch.Tensor:
     return torch.searchsorted(base ** torch.arange(32, device=lengths.device), lengths)
 
 
-def plan_attention(meta: BatchMetadata, block_size: int) -> AttentionPlan:
-    """Group the batch's sequences by query- and KV-length class; precompute their gathers and masks."""
+def plan_attention(meta: BatchMetadata, block_size: int, window: int | None = None) -> AttentionPlan:
+    """Group the batch's sequences by query- and KV-length class; precompute their gathers and masks.
+
+    window: sliding-window size (Mistral/Qwen2 semantics: position p sees p - window < k <= p); None: full.
+    """
     q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
     live = q_lens > 0
     key = _length_class(q_lens, _Q_CLASS_BASE) * 64 + _length_class(meta.seq_lens.long(), _KV_CLASS_BASE)
     groups = [
-        _tile_group(meta, (live & (key == k)).nonzero().squeeze(1), block_size)
+        _tile_group(meta, (live & (key == k)).nonzero().squeeze(1), block_size, window)
         for k in torch.unique(key[live]).tolist()
     ]
     return AttentionPlan(slot_mapping=meta.slot_mapping.long(), groups=groups, num_tokens=meta.num_tokens)

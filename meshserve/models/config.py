@@ -56,6 +56,7 @@ class ModelConfig:
     norm_topk_prob: bool = True
     # Sampling defaults from generation_config.json (SamplingParams names), used when a request omits them.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    layer_windows: list[int | None] = field(default_factory=list)  # sliding window per layer; None: full
 
     @property
     def is_moe(self) -> bool:
@@ -180,11 +181,6 @@ def parse_config(
     if act != "silu":
         raise InputError("config.json:hidden_act", f"unsupported activation {act!r}; allowed: silu")
     max_pos = positive(hf, "max_position_embeddings", 2048)
-    window = hf.get("sliding_window")
-    sliding = flag(hf, "use_sliding_window", arch == "MixtralForCausalLM")
-    if sliding and isinstance(window, int) and window > 0:
-        # Within the window sliding-window attention equals full attention; longer contexts are refused.
-        max_pos = min(max_pos, window)
     vocab = positive(hf, "vocab_size")
     def special(key: str) -> list[int]:  # both files checked; generation_config.json wins, as in transformers
         given = [_token_ids(f.get(key), f"{name}:{key}", vocab)
@@ -213,7 +209,22 @@ def parse_config(
         tie_word_embeddings=flag(hf, "tie_word_embeddings", False),
         generation_defaults=generation_defaults(generation),
     )
+    cfg.layer_windows = _sliding_windows(hf, arch, num_layers)
     return cfg
+
+
+def _sliding_windows(hf: dict[str, Any], arch: str, num_layers: int) -> list[int | None]:
+    """Each layer's sliding window (None: full attention). config.json's `layer_types` decides which layers
+    slide when present; otherwise every layer does (arch files narrow that to their own rule)."""
+    window = hf.get("sliding_window")
+    if not flag(hf, "use_sliding_window", arch == "MixtralForCausalLM") or window is None:
+        return [None] * num_layers
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        raise InputError("config.json:sliding_window", f"must be a positive integer or null, got {window!r}")
+    types = hf.get("layer_types")
+    if isinstance(types, list) and len(types) == num_layers:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * num_layers
 
 
 def read_moe(cfg: ModelConfig, hf: dict[str, Any], experts_key: str, intermediate_key: str) -> None:

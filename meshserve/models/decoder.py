@@ -9,15 +9,16 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from meshserve.kernels.meta_attention import plan_attention
+from meshserve.kernels.attention import plan_step, use_native
+from meshserve.kernels.profile import GemmTable, bmm_key, shape_key
+from meshserve.kernels.smooth_gemm import SmoothLinear
 from meshserve.models.batch import BatchMetadata
 from meshserve.models.config import ModelConfig
 from meshserve.models.layers.attention import Attention, StepInputs
 from meshserve.models.layers.mlp import GatedMLP
-from meshserve.models.layers.moe import SparseMoE
+from meshserve.models.layers.moe import SparseMoE, StackedExperts
 from meshserve.models.layers.norm import RMSNorm
 from meshserve.models.layers.rotary import RotaryEmbedding
 
@@ -25,10 +26,10 @@ from meshserve.models.layers.rotary import RotaryEmbedding
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, mlp: nn.Module) -> None:
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module, window: int | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
 
@@ -58,11 +59,14 @@ class DecoderLM(nn.Module):
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
         )
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.make_mlp(cfg, i)) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = (
-            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        windows = cfg.layer_windows or [None] * cfg.num_layers
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, self.make_mlp(cfg, i), windows[i]) for i in range(cfg.num_layers)
         )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = SmoothLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:  # one parameter: named_parameters (and loading) see embed_tokens only
+            self.lm_head.weight = self.embed_tokens.weight
         self._moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
 
     @classmethod
@@ -80,7 +84,12 @@ class DecoderLM(nn.Module):
         """Run T flat tokens; returns final-normed hidden states [T, hidden]. Writes K/V into kv_caches."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(meta.positions, x.dtype)
-        step = StepInputs(cos, sin, plan_attention(meta, block_size=kv_caches[0].shape[2]))
+        cache = kv_caches[0]
+        cfg = self.config
+        windows = {layer.self_attn.window for layer in self.layers}
+        plans = plan_step(meta, cache.shape[2], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache.dtype,
+                          windows, native_op=use_native(cache.device, cache.dtype))
+        step = StepInputs(cos, sin, plans)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, kv_cache, step)
         return self.norm(x)
@@ -88,8 +97,17 @@ class DecoderLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] in float32 for hidden rows [N, hidden]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self.lm_head(hidden).float()
+
+    def prepare_gemms(self, table: GemmTable, max_tokens: int) -> None:
+        """Hand every linear layer its SmoothGEMM choices for M = 0..max_tokens and prepack its weights."""
+        for module in self.modules():
+            if isinstance(module, SmoothLinear):
+                n, k = module.weight.shape
+                module.prepare(table.by_m(shape_key(n, k), module.weight.dtype, max_tokens))
+            elif isinstance(module, StackedExperts):  # capacity M never exceeds the step's tokens
+                module.prepare(*(table.by_m(bmm_key(*w.shape), w.dtype, max_tokens)
+                                 for w in (module.gate_up_proj, module.down_proj)))
 
     def expert_counts(self) -> torch.Tensor | None:
         """Tokens routed to each expert in the last forward, [num_moe_layers, num_experts]; None if dense."""

@@ -22,6 +22,10 @@ class Qwen2MoeForCausalLM(DecoderLM):
         read_qwen_moe_layers(cfg, hf)
         cfg.shared_expert_intermediate_size = positive(hf, "shared_expert_intermediate_size")
         cfg.norm_topk_prob = flag(hf, "norm_topk_prob", False)
+        if "layer_types" not in hf:  # Qwen2-MoE's rule: even layers below max_window_layers slide
+            last = positive(hf, "max_window_layers", 28)
+            slides = [i % 2 == 0 and i < last for i in range(cfg.num_layers)]
+            cfg.layer_windows = [w if s else None for s, w in zip(slides, cfg.layer_windows, strict=True)]
 
     def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
         if layer not in cfg.moe_layers:

@@ -148,3 +148,45 @@ def test_never_evicts_referenced_blocks_never_leaks(ops: list[tuple[bool, list[i
     while cache.evict() is not None:
         pass
     assert cache.num_cached == 0
+
+
+def scan_partial(cache: PrefixCache, parent: int | None, rest: list[int]) -> int:
+    """The old admission path, kept as the oracle: scan every cached child of ``parent``."""
+    children = [e for e in cache._entries.values() if e.parent == parent]
+    shared = [next((i for i, (a, b) in enumerate(zip(e.tokens, rest, strict=False)) if a != b),
+                   min(len(e.tokens), len(rest))) for e in children]
+    return max(shared, default=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompts=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=14), min_size=1, max_size=30),
+       queries=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=14), min_size=1, max_size=10),
+       num_blocks=st.integers(4, 16))
+def test_prefix_index_finds_what_a_scan_of_every_cached_block_finds(prompts, queries, num_blocks) -> None:
+    cache = PrefixCache(BS, min_copy_tokens=1)
+    pool = Pool(num_blocks, cache)
+    for rid, tokens in enumerate(prompts):  # publish, finish (evictable) and evict as space runs out
+        if pool.add(rid, tokens):
+            pool.finish(rid)
+    for tokens in queries:
+        m = cache.match(tokens)
+        parent = cache._entries[m.block_ids[-1]].key if m.block_ids else None
+        rest = tokens[len(m.block_ids) * BS :]
+        assert m.num_tokens - len(m.block_ids) * BS == scan_partial(cache, parent, rest)
+        if m.copy_src is not None:  # the block it copies really holds those tokens
+            extra = m.num_tokens - len(m.block_ids) * BS
+            assert cache._entries[m.copy_src].tokens[:extra] == tuple(rest[:extra])
+
+
+def test_short_partial_matches_are_not_copied() -> None:
+    cache = PrefixCache(16)
+    assert cache.min_copy_tokens == 4
+    blocks = BlockManager(8, 16, cache, [torch.zeros(2, 8, 16, 1, 2)])
+    first = Request("a", [1] + list(range(100, 120)), SamplingParams(), max_tokens=1)
+    blocks.allocate(first, first.num_tokens)
+    first.num_computed_tokens = first.num_tokens
+    blocks.publish(first)
+    bos_only = Request("b", [1, 7, 8, 9, 10], SamplingParams(), max_tokens=1)  # shares only BOS
+    assert blocks.match_prefix(bos_only) == 0 and bos_only.block_table == []
+    five = Request("c", [1, 100, 101, 102, 103, 9, 9], SamplingParams(), max_tokens=1)
+    assert blocks.match_prefix(five) == 5 and len(five.block_table) == 1  # worth a copy

@@ -6,14 +6,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from meshserve.kernels.profile import GemmTable
+from meshserve.kernels.smooth_gemm import GemmChoice
 from meshserve.models import load_model
 from meshserve.testing import PagedSequences
 
+# Every SmoothGEMM primitive, forced for all M (linears and MoE experts alike), stays within tolerance.
+KERNELS = [None, GemmChoice("packed"), GemmChoice("packed_f32", 16)]
 
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda c: "unprepared" if c is None else c.name)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe"])
-def test_bfloat16_runs_close_to_transformers(arch, tiny_model_dir):
+def test_bfloat16_runs_close_to_transformers(arch, kernel, tiny_model_dir):
     path = tiny_model_dir(arch)
     lm = load_model(path, dtype="bfloat16")
+    if kernel is not None:
+        lm.model.prepare_gemms(GemmTable({"bfloat16": {"*": [(1, kernel)]}}), max_tokens=64)
     assert lm.config.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in lm.model.parameters())
     seqs = PagedSequences(lm)

@@ -16,6 +16,9 @@ CASES = {
     "mixtral": ("mixtral", {}),
     "qwen2_moe": ("qwen2_moe", {"num_hidden_layers": 3, "decoder_sparse_step": 2}),
     "qwen3_moe": ("qwen3_moe", {"num_hidden_layers": 3, "mlp_only_layers": [0]}),
+    # Windows shorter than the prompts: Mixtral slides in every layer, Qwen2 from max_window_layers on.
+    "mixtral_window": ("mixtral", {"sliding_window": 5}),
+    "qwen2_window": ("qwen2", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),
     "llama_tied_rope": (
         "llama",
         {

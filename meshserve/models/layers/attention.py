@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from meshserve.kernels.meta_attention import AttentionPlan, paged_attention
+from meshserve.kernels.attention import StepPlan, attend
+from meshserve.kernels.smooth_gemm import SmoothLinear
 from meshserve.models.config import ModelConfig
 from meshserve.models.layers.norm import RMSNorm
 from meshserve.models.layers.rotary import apply_rotary
@@ -15,23 +16,25 @@ from meshserve.models.layers.rotary import apply_rotary
 
 @dataclass
 class StepInputs:
-    """What every layer of one forward shares: rotary cos/sin [T, head_dim] and the attention plan."""
+    """What every layer of one forward shares: rotary cos/sin [T, head_dim] and one attention plan per
+    sliding window (None: full attention)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
-    plan: AttentionPlan
+    plans: dict[int | None, StepPlan]
 
 
 class Attention(nn.Module):
     """GQA attention over the paged KV cache. `qkv_proj` holds [q; k; v] so one GEMM serves all three."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, window: int | None = None) -> None:
         super().__init__()
+        self.window = window  # sliding window of this layer (Mixtral, Qwen2); None: full causal attention
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.split = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = SmoothLinear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
+        self.o_proj = SmoothLinear(q_size, cfg.hidden_size, bias=cfg.o_bias)
         # Qwen3 normalises each head's q and k before rotary.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -46,5 +49,5 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
-        out = paged_attention(q, k, v, kv_cache, step.plan, self.scale)
+        out = attend(q, k, v, kv_cache, step.plans[self.window], self.scale)
         return self.o_proj(out.reshape(t, -1))

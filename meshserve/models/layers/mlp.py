@@ -6,14 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshserve.kernels.smooth_gemm import SmoothLinear
+
 
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)); `gate_up_proj` holds [gate; up] stacked so one GEMM serves both."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = SmoothLinear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = SmoothLinear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -15,11 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshserve.kernels.smooth_gemm import PLAIN, GemmChoice, run_bmm
 from meshserve.models.layers.mlp import GatedMLP
 
 
 class StackedExperts(nn.Module):
     """All experts as two stacked tensors (transformers v5 layout): [E, 2I, H] ([gate; up]), [E, H, I]."""
+
+    _by_m: tuple[list[GemmChoice], list[GemmChoice]] | None = None
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -33,6 +36,21 @@ class StackedExperts(nn.Module):
         """
         for p in (self.gate_up_proj, self.down_proj):
             p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
+
+    def prepare(self, gate_up_by_m: list[GemmChoice], down_by_m: list[GemmChoice]) -> None:
+        """SmoothGEMM choices per expert capacity M (index = M) for the two batched matmuls; a float32 copy
+        of a bf16 weight is made once when some M runs it in float32 (``packed_f32``)."""
+        self._by_m = (gate_up_by_m, down_by_m)
+        self._f32 = tuple(
+            p.detach().float() if p.dtype != torch.float32 and any(c.kernel == "packed_f32" for c in by_m)
+            else None for p, by_m in zip((self.gate_up_proj, self.down_proj), self._by_m, strict=True))
+
+    def matmul(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """x [E, M, K] times expert weights ``which`` (0: gate_up, 1: down), transposed: [E, M, N]."""
+        weight = self.gate_up_proj if which == 0 else self.down_proj
+        by_m = self._by_m[which] if self._by_m is not None else [PLAIN]
+        choice = by_m[min(x.shape[1], len(by_m) - 1)]
+        return run_bmm(choice, x, weight, self._f32[which] if self._by_m is not None else None)
 
 
 class SparseMoE(nn.Module):
@@ -89,8 +107,8 @@ class SparseMoE(nn.Module):
         packed = x.new_zeros(self.num_experts, int(counts.max()), hidden)
         packed[sorted_expert, rank] = x[order // self.top_k]
 
-        gate, up = torch.bmm(packed, self.experts.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-        expert_out = torch.bmm(F.silu(gate) * up, self.experts.down_proj.transpose(1, 2))
+        gate, up = self.experts.matmul(packed, 0).chunk(2, dim=-1)
+        expert_out = self.experts.matmul(F.silu(gate) * up, 1)
         pair_out = x.new_empty(order.numel(), hidden)
         pair_out[order] = expert_out[sorted_expert, rank]
         out = (pair_out.view(t, self.top_k, hidden) * weights[..., None]).sum(dim=1).to(x.dtype)

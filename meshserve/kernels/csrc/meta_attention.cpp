@@ -1,0 +1,230 @@
+// Meta-Attention executor: runs a Task-Table of attention tiles over a paged KV cache.
+//
+// Torch oracle: meshserve/kernels/meta_attention.py (paged_attention); planner: attention_tiles.py.
+// Each task is one tile (q_rows query rows of one sequence) x one KV head x one KV range. Its G query heads
+// (GQA) share every K/V row it reads, straight from the cache through the block table (no gather copy).
+// Online softmax over KV chunks of kChunk positions, fp32 accumulation for float and bfloat16. Tasks whose
+// KV range is one part of a split (long contexts, few tiles, many threads) leave unnormalised partials that
+// a combine step merges. Thread row t of the Task-Table runs on worker t, in the planner's order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace meshserve {
+namespace {
+
+constexpr int64_t kChunk = 32;  // KV positions per online-softmax step: K^T chunk [D, 32] stays in L1
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Task-Table columns (attention_tiles.py TASK_COLUMNS names the same fields).
+enum Col { SEQ, Q_START, Q_ROWS, Q_POS0, KV_HEAD, KV_LO, KV_HI, MASK, WINDOW, TREE_OFF, TREE_LEN, PARTIAL, NCOLS };
+enum Mask { NONE = 0, CAUSAL = 1, SLIDING = 2, TREE = 3 };
+
+struct Shapes {
+  int64_t heads, kv_heads, group, dim, block_size, blocks, max_blocks;
+};
+
+// Columns [lo, hi) of a chunk starting at KV position c0 that query position qpos may attend.
+inline void row_range(const int32_t* t, int64_t qpos, int64_t c0, int64_t n, int64_t& lo, int64_t& hi) {
+  lo = 0;
+  hi = n;
+  if (t[MASK] == NONE) return;
+  hi = std::min<int64_t>(n, qpos + 1 - c0);
+  if (t[MASK] == SLIDING) lo = std::max<int64_t>(0, qpos - t[WINDOW] + 1 - c0);
+}
+
+template <typename T>
+void run_task(const int32_t* t, const T* q, const T* cache, const int32_t* tables, const uint8_t* tree,
+              const Shapes& s, float scale, T* out, float* part_acc, float* part_ml, std::vector<float>& buf) {
+  const int64_t D = s.dim, G = s.group, rows = t[Q_ROWS] * G, h = t[KV_HEAD];
+  const int64_t lo = t[KV_LO], hi = t[KV_HI];
+  buf.resize(rows * D * 2 + rows * (2 + kChunk) + 2 * kChunk * D);
+  float* qf = buf.data();            // [rows, D] scaled queries; row r = query qi * G + head g
+  float* acc = qf + rows * D;        // [rows, D] unnormalised output
+  float* m = acc + rows * D;         // [rows] running max
+  float* l = m + rows;               // [rows] running sum
+  float* p = l + rows;               // [rows, kChunk] scores, then probabilities
+  float* kt = p + rows * kChunk;     // [D, kChunk] K chunk, transposed
+  float* vf = kt + D * kChunk;       // [kChunk, D] V chunk
+  for (int64_t qi = 0; qi < t[Q_ROWS]; ++qi) {
+    const T* src = q + ((t[Q_START] + qi) * s.heads + h * G) * D;  // the group's G heads are contiguous
+    float* dst = qf + qi * G * D;
+    for (int64_t i = 0; i < G * D; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+  }
+  std::fill(acc, acc + rows * D, 0.f);
+  std::fill(m, m + rows, kNegInf);
+  std::fill(l, l + rows, 0.f);
+  const int32_t* table = tables + t[SEQ] * s.max_blocks;
+  const int64_t v_half = s.blocks * s.block_size * s.kv_heads * D;  // cache[1] starts here
+  const int64_t tree_base = t[Q_POS0] + t[Q_ROWS] - t[TREE_LEN];  // first KV position of the tree block
+
+  for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, hi - c0);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t pos = c0 + j;
+      const int64_t slot = static_cast<int64_t>(table[pos / s.block_size]) * s.block_size + pos % s.block_size;
+      const T* kp = cache + (slot * s.kv_heads + h) * D;
+      const T* vp = kp + v_half;
+      for (int64_t d = 0; d < D; ++d) kt[d * kChunk + j] = static_cast<float>(kp[d]);
+      for (int64_t d = 0; d < D; ++d) vf[j * D + d] = static_cast<float>(vp[d]);
+    }
+    for (int64_t j = n; j < kChunk; ++j)
+      for (int64_t d = 0; d < D; ++d) kt[d * kChunk + j] = 0.f;
+    // Scores for all rows: broadcast q[r][d] against a row of K^T (vectorised over the chunk's positions).
+    for (int64_t r = 0; r < rows; ++r) {
+      float sc[kChunk] = {};
+      const float* qr = qf + r * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const float qd = qr[d];
+        const float* kr = kt + d * kChunk;
+#pragma omp simd
+        for (int64_t j = 0; j < kChunk; ++j) sc[j] += qd * kr[j];
+      }
+      const int64_t qpos = t[Q_POS0] + r / G;
+      int64_t jlo, jhi;
+      row_range(t, qpos, c0, n, jlo, jhi);
+      float* pr = p + r * kChunk;
+      float cmax = kNegInf;
+      for (int64_t j = 0; j < kChunk; ++j) {
+        bool ok = j >= jlo && j < jhi;
+        if (ok && t[MASK] == TREE && c0 + j >= tree_base) {
+          const int64_t qi = qpos - tree_base, kj = c0 + j - tree_base;
+          ok = tree[t[TREE_OFF] + qi * t[TREE_LEN] + kj] != 0;
+        }
+        pr[j] = ok ? sc[j] : kNegInf;
+        cmax = std::max(cmax, pr[j]);
+      }
+      if (cmax == kNegInf) continue;  // nothing visible to this row in this chunk
+      const float m_new = std::max(m[r], cmax);
+      const float alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first visible chunk
+      float sum = 0.f;
+      for (int64_t j = 0; j < kChunk; ++j) {
+        pr[j] = std::exp(pr[j] - m_new);
+        sum += pr[j];
+      }
+      m[r] = m_new;
+      l[r] = l[r] * alpha + sum;
+      float* ar = acc + r * D;
+      for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+      for (int64_t j = 0; j < n; ++j) {
+        const float pj = pr[j];
+        const float* vj = vf + j * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ar[d] += pj * vj[d];
+      }
+    }
+  }
+
+  if (t[PARTIAL] >= 0) {  // one part of a split KV range: the combine step normalises
+    std::copy(acc, acc + rows * D, part_acc + t[PARTIAL] * D);
+    for (int64_t r = 0; r < rows; ++r) {
+      part_ml[(t[PARTIAL] + r) * 2] = m[r];
+      part_ml[(t[PARTIAL] + r) * 2 + 1] = l[r];
+    }
+    return;
+  }
+  for (int64_t qi = 0; qi < t[Q_ROWS]; ++qi) {
+    T* dst = out + ((t[Q_START] + qi) * s.heads + h * G) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = qi * G + g;
+      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      for (int64_t d = 0; d < D; ++d) dst[g * D + d] = static_cast<T>(acc[r * D + d] * inv);
+    }
+  }
+}
+
+// Merge the parts of each split unit: out = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i.
+// combine rows: {q_start, q_rows, kv_head, first partial row, parts}.
+template <typename T>
+void combine_parts(const int32_t* c, const Shapes& s, const float* part_acc, const float* part_ml, T* out) {
+  const int64_t D = s.dim, G = s.group, rows = c[1] * G;
+  std::vector<float> acc(D);
+  for (int64_t r = 0; r < rows; ++r) {
+    float big = kNegInf;
+    for (int64_t i = 0; i < c[4]; ++i) big = std::max(big, part_ml[(c[3] + i * rows + r) * 2]);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    float total = 0.f;
+    for (int64_t i = 0; i < c[4]; ++i) {
+      const int64_t row = c[3] + i * rows + r;
+      if (part_ml[row * 2] == kNegInf) continue;
+      const float w = std::exp(part_ml[row * 2] - big);
+      total += w * part_ml[row * 2 + 1];
+      const float* a = part_acc + row * D;
+      for (int64_t d = 0; d < D; ++d) acc[d] += w * a[d];
+    }
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    T* dst = out + ((c[0] + r / G) * s.heads + c[2] * G + r % G) * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[d] * inv);
+  }
+}
+
+template <typename T>
+void execute(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables, const at::Tensor& tasks,
+             const at::Tensor& thread_starts, const at::Tensor& combine, const at::Tensor& tree, double scale,
+             int64_t partial_rows, at::Tensor& out) {
+  const Shapes s{q.size(1), cache.size(3), q.size(1) / cache.size(3), q.size(2),
+                 cache.size(2), cache.size(1), tables.size(1)};
+  auto part_acc = at::empty({std::max<int64_t>(partial_rows, 1), s.dim}, q.options().dtype(at::kFloat));
+  auto part_ml = at::empty({std::max<int64_t>(partial_rows, 1), 2}, q.options().dtype(at::kFloat));
+  const T* qp = q.data_ptr<T>();
+  const T* cp = cache.data_ptr<T>();
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  const int32_t* task = tasks.data_ptr<int32_t>();
+  const int64_t* starts = thread_starts.data_ptr<int64_t>();
+  const uint8_t* bits = tree.data_ptr<uint8_t>();
+  float* pa = part_acc.data_ptr<float>();
+  float* pm = part_ml.data_ptr<float>();
+  T* op = out.data_ptr<T>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, thread_starts.size(0) - 1, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t w = begin; w < end; ++w)
+      for (int64_t i = starts[w]; i < starts[w + 1]; ++i)
+        run_task<T>(task + i * NCOLS, qp, cp, tp, bits, s, sc, op, pa, pm, buf);
+  });
+  const int32_t* cb = combine.data_ptr<int32_t>();
+  at::parallel_for(0, combine.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) combine_parts<T>(cb + i * 5, s, pa, pm, op);
+  });
+}
+
+at::Tensor meta_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                          const at::Tensor& tasks, const at::Tensor& thread_starts, const at::Tensor& combine,
+                          const at::Tensor& tree_mask, double scale, int64_t partial_rows) {
+  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, "q [T,H,D], kv_cache [2,N,B,KV,D]");
+  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "q and kv_cache must share a dtype");
+  TORCH_CHECK(q.size(2) == kv_cache.size(4) && q.size(1) % kv_cache.size(3) == 0, "head shapes disagree");
+  TORCH_CHECK(tasks.scalar_type() == at::kInt && tasks.dim() == 2 && tasks.size(1) == NCOLS, "tasks int32 [N,12]");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && combine.scalar_type() == at::kInt, "tables int32");
+  TORCH_CHECK(thread_starts.scalar_type() == at::kLong && tree_mask.scalar_type() == at::kByte, "table dtypes");
+  auto qc = q.contiguous();
+  auto cache = kv_cache.contiguous();
+  auto tables = block_tables.contiguous();
+  auto out = at::zeros_like(qc);
+  if (q.scalar_type() == at::kFloat) {
+    execute<float>(qc, cache, tables, tasks.contiguous(), thread_starts.contiguous(), combine.contiguous(),
+                   tree_mask.contiguous(), scale, partial_rows, out);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "meta_attention supports float32 and bfloat16");
+    execute<c10::BFloat16>(qc, cache, tables, tasks.contiguous(), thread_starts.contiguous(),
+                           combine.contiguous(), tree_mask.contiguous(), scale, partial_rows, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(meshserve, m) {
+  m.def(
+      "meta_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor tasks, Tensor thread_starts, "
+      "Tensor combine, Tensor tree_mask, float scale, int partial_rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(meshserve, CPU, m) { m.impl("meta_attention", &meta_attention); }
+
+}  // namespace meshserve

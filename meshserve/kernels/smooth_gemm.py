@@ -1,0 +1,144 @@
+"""SmoothGEMM: linear layers over a token count M that changes every step (XY-Serve sec. 6).
+
+A linear layer's N and K come from the model and never change; only M (the step's tokens) does. So each
+layer holds a few fixed primitives with its weight prepacked once, and a table (from the offline profile,
+kernels/profile.py) says which primitive and M-tile serve each M:
+
+- ``linear``: plain ``F.linear`` on the exact M (the reference, and always a candidate);
+- ``packed``: oneDNN with the weight reordered once into its blocked layout (``mkldnn._linear_pointwise``),
+  which saves the per-call weight reorder that dominates small M in bfloat16;
+- ``packed_f32``: the same in float32 for a bfloat16 layer: bf16 x bf16 products are exact in float32, so
+  only the summation order changes, and on CPUs without AMX the float32 kernels run up to ~3x faster than
+  the bfloat16 ones at large M.
+
+A tile t > 1 rounds M up to a multiple of t so the GEMM only ever sees M in {t, 2t, .., budget}: shapes
+that stay cached in oneDNN. The padding is virtual: x is copied into a persistent staging buffer (the
+float32 kernel needs that copy anyway) and the rows past M are whatever the buffer held, never zeroed or
+written; rows of a GEMM are independent, so they cannot change the real rows, and only the real rows are
+read back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNELS = ("linear", "packed", "packed_f32")
+
+
+@dataclass(frozen=True)
+class GemmChoice:
+    """One primitive: a kernel from KERNELS and an M-tile (1 = the exact M, no padding)."""
+
+    kernel: str
+    tile: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown GEMM kernel {self.kernel!r}; allowed: {', '.join(KERNELS)}")
+        if self.tile < 1:
+            raise ValueError(f"GEMM tile must be >= 1, got {self.tile}")
+
+    @property
+    def name(self) -> str:
+        return self.kernel if self.tile == 1 else f"{self.kernel}/t{self.tile}"
+
+
+PLAIN = GemmChoice("linear")
+
+
+class StagingBuffers:
+    """Persistent [rows, K] buffers per (K, dtype), shared by every layer: the virtual-padding tiles."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def get(self, rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._buffers.get((k, dtype))
+        if buf is None or buf.shape[0] < rows:
+            buf = torch.empty(max(rows, 2 * (0 if buf is None else buf.shape[0])), k, dtype=dtype)
+            self._buffers[(k, dtype)] = buf
+        return buf[:rows]
+
+
+STAGING = StagingBuffers()
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight [N, K] in oneDNN's blocked layout, reordered once instead of in every call."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+def run_choice(choice: GemmChoice, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               packed: torch.Tensor | None = None, packed_f32: torch.Tensor | None = None,
+               bias_f32: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias [M, N] through ``choice``; the packed weights must exist for its kernel."""
+    m = x.shape[0]
+    if choice.kernel == "linear":
+        return F.linear(x, weight, bias)
+    f32 = choice.kernel == "packed_f32" and x.dtype != torch.float32
+    if choice.tile == 1 and not f32:
+        return _onednn(x, packed, bias)
+    if choice.tile == 1:
+        return _onednn(x.float(), packed_f32, bias_f32).to(x.dtype)
+    rows = -(-m // choice.tile) * choice.tile
+    staged = STAGING.get(rows, x.shape[1], torch.float32 if f32 else x.dtype)
+    staged[:m].copy_(x)  # selective read: only the real rows; rows m.. are virtual padding
+    out = _onednn(staged, packed_f32 if f32 else packed, bias_f32 if f32 else bias)
+    return out[:m].to(x.dtype)  # selective write: only the real rows come back
+
+
+def run_bmm(choice: GemmChoice, x: torch.Tensor, weight: torch.Tensor,
+            weight_f32: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched x [E, M, K] @ weight.transpose(1, 2) for stacked weights [E, N, K] (MoE experts).
+
+    ``packed_f32`` runs it in float32 with ``weight_f32`` (a float32 copy made once); any other kernel
+    runs torch.bmm in the model dtype.
+    """
+    if choice.kernel == "packed_f32" and weight_f32 is not None and x.dtype != torch.float32:
+        return torch.bmm(x.float(), weight_f32.transpose(1, 2)).to(x.dtype)
+    return torch.bmm(x, weight.transpose(1, 2))
+
+
+class SmoothLinear(nn.Linear):
+    """``nn.Linear`` (same parameters, same loading) whose forward runs the primitive its table picks for M.
+
+    Until ``prepare`` is called it is exactly ``nn.Linear``.
+    """
+
+    _by_m: list[GemmChoice] | None = None
+
+    def prepare(self, by_m: list[GemmChoice]) -> None:
+        """Use ``by_m[M]`` for M tokens (the last entry beyond its end); prepack the weights it needs."""
+        kernels = {c.kernel for c in by_m}
+        w = self.weight.detach()
+        # For a float32 layer "packed_f32" is just "packed".
+        needs_f32 = "packed_f32" in kernels and w.dtype != torch.float32
+        needs_packed = "packed" in kernels or ("packed_f32" in kernels and not needs_f32)
+        self._packed = pack_weight(w) if needs_packed else None
+        self._packed_f32 = pack_weight(w.float()) if needs_f32 else None
+        self._bias_f32 = None if self.bias is None or not needs_f32 else self.bias.detach().float()
+        self._by_m = list(by_m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        by_m = self._by_m
+        if by_m is None:
+            return F.linear(x, self.weight, self.bias)
+        choice = by_m[min(x.shape[0], len(by_m) - 1)]
+        return run_choice(choice, x, self.weight, self.bias, self._packed, self._packed_f32, self._bias_f32)
+
+
+def pad_to_bucket_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         buckets: list[int]) -> torch.Tensor:
+    """Baseline of graph-capture engines: zero-pad M to the next bucket, run, drop the padded rows."""
+    m = x.shape[0]
+    size = next((b for b in buckets if b >= m), m)
+    padded = x if size == m else torch.cat((x, x.new_zeros(size - m, x.shape[1])))
+    return F.linear(padded, weight, bias)[:m]

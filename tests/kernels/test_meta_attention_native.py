@@ -1,0 +1,118 @@
+"""The native Meta-Attention op equals the torch reference (and plain masked attention) for each mask kind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshserve.kernels import native
+from meshserve.kernels.attention_tiles import MaskKind, TileSizes, plan_tasks
+from meshserve.kernels.meta_attention import paged_attention, plan_attention
+from meshserve.kernels.meta_attention_native import meta_attention
+from tests.kernels.test_meta_attention import build_batch, dense_reference
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def test_native_op_is_built_and_loaded():
+    assert native.load(), f"native kernels missing: run `{native.BUILD_COMMAND}` (make test does)"
+    assert hasattr(torch.ops.meshserve, "meta_attention")
+
+
+def random_step(seqs, block_size, kv_heads, heads, dim, dtype, seed):
+    context, q_lens = [c for c, _ in seqs], [q for _, q in seqs]
+    meta, num_blocks = build_batch(context, q_lens, block_size, seed)
+    gen = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, dim, generator=gen).to(dtype)
+    q, k, v = (torch.randn(meta.num_tokens, n, dim, generator=gen).to(dtype)
+               for n in (heads, kv_heads, kv_heads))
+    return meta, cache, q, k, v
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seqs=st.lists(st.tuples(st.integers(0, 90), st.integers(0, 40)), min_size=1, max_size=5).filter(
+        lambda s: any(q for _, q in s)
+    ),
+    block_size=st.sampled_from([1, 4, 16]),
+    kv_heads=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 2, 4]),
+    dim=st.sampled_from([8, 64]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    window=st.sampled_from([None, 1, 6, 33]),
+    threads=st.sampled_from([1, 2, 3]),
+    split_kv=st.booleans(),
+    tile_rows=st.sampled_from([1, 5, 16]),
+    seed=st.integers(0, 1000),
+)
+def test_native_equals_torch_reference(
+    seqs, block_size, kv_heads, group, dim, dtype, window, threads, split_kv, tile_rows, seed
+):
+    heads = kv_heads * group
+    meta, cache, q, k, v = random_step(seqs, block_size, kv_heads, heads, dim, dtype, seed)
+    sizes = TileSizes(prefill_rows=tile_rows, short_rows=4, min_split_kv=4 if split_kv else 10**9)
+    native_cache = cache.clone()
+
+    expected = paged_attention(q, k, v, cache, plan_attention(meta, block_size, window), dim**-0.5)
+    table = plan_tasks(meta, heads, kv_heads, sizes, threads, window=window)
+    out = meta_attention(q, k, v, native_cache, table, dim**-0.5)
+
+    assert torch.equal(native_cache, cache)  # the same slot write
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def test_split_kv_parts_are_combined_for_one_long_decode():
+    meta, cache, q, k, v = random_step([(700, 1)], 16, 1, 4, 64, torch.float32, seed=3)
+    table = plan_tasks(meta, 4, 1, TileSizes(16, 4, 64), num_threads=2)
+    assert len(table.tasks) == 2 and table.combine.shape[0] == 1  # one unit, split across both threads
+    expected = paged_attention(q, k, v, cache.clone(), plan_attention(meta, 16), 0.125)
+    torch.testing.assert_close(meta_attention(q, k, v, cache, table, 0.125), expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_verify_mask_matches_masked_attention(dtype):
+    """A 4-token tree draft (root, two children of the root, a grandchild) verified over a 9-token prefix."""
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    meta, cache, q, k, v = random_step([(9, 4), (5, 1)], 4, 2, 4, 16, dtype, seed=5)
+    table = plan_tasks(meta, 4, 2, TileSizes(16, 8, 256), num_threads=2, tree_masks={0: tree})
+    assert (table.tasks[:, 7] == MaskKind.TREE).sum() == 2  # both KV heads of the tree tile
+    out = meta_attention(q, k, v, cache, table, 0.25)
+
+    keys, values = _history(cache, meta, 0, 13)  # read after the op: it wrote this step's K/V
+    allowed = torch.ones(4, 13, dtype=torch.bool)
+    allowed[:, 9:] = tree
+    group_keys = keys.repeat_interleave(2, dim=1).transpose(0, 1)
+    group_values = values.repeat_interleave(2, dim=1).transpose(0, 1)
+    scores = q[:4].float().transpose(0, 1) @ group_keys.transpose(1, 2) * 0.25
+    scores = scores.masked_fill(~allowed, -torch.inf)
+    expected = (torch.softmax(scores, -1) @ group_values).transpose(0, 1)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out[:4].float(), expected, atol=tol, rtol=tol)
+    decode = dense_reference(q[4:5].float(), *_history(cache, meta, 1, 6), 1, 0.25)
+    torch.testing.assert_close(out[4:5].float(), decode, atol=tol, rtol=tol)
+
+
+def _history(cache, meta, seq, length):
+    """K and V of one sequence's first `length` positions, read through its block table."""
+    pos = torch.arange(length)
+    slots = meta.block_tables[seq].long()[pos // 4] * 4 + pos % 4
+    flat = cache.reshape(2, -1, *cache.shape[-2:])
+    return flat[0, slots].float(), flat[1, slots].float()
+
+
+def test_models_run_the_native_op_by_default(tiny_model_dir, monkeypatch):
+    """A forward plans a Task-Table and every layer calls the native op (no silent torch fallback)."""
+    from meshserve.kernels import attention
+    from meshserve.models import load_model
+    from meshserve.testing import PagedSequences
+
+    calls = []
+    monkeypatch.setattr(attention, "meta_attention", lambda *args: calls.append(1) or meta_attention(*args))
+    lm = load_model(tiny_model_dir("llama"))
+    seqs = PagedSequences(lm)
+    first, second = seqs.add([1, 5, 6, 7]), seqs.add([1, 9])
+    seqs.step({first: 4, second: 2})
+    assert len(calls) == lm.config.num_layers

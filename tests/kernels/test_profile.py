@@ -1,0 +1,106 @@
+"""GEMM profile tables: round trip, lookup by shape and M, the 3% guard, and the `profile` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from meshserve.errors import InputError
+from meshserve.kernels.profile import (
+    SHIPPED_GEMM_TABLE,
+    GemmTable,
+    load_gemm_table,
+    machine_id,
+    profile_gemm,
+)
+from meshserve.kernels.smooth_gemm import PLAIN, GemmChoice
+
+TABLE = {"version": 1, "machine": "test box",
+         "gemm": {"bfloat16": {"*": [[512, "packed_f32", 1], [8, "packed", 1]],
+                               "96x64": [[4, "linear", 1], [64, "packed_f32", 16]]},
+                  "float32": {"*": [[1, "linear", 1]]}}}
+
+
+def test_table_round_trips_through_its_file(tmp_path):
+    table = GemmTable.from_json(TABLE)
+    table.save(tmp_path / "gemm.json")
+    again = GemmTable.load(tmp_path / "gemm.json")
+    assert again.to_json() == table.to_json()
+    assert again.rows("1x1", torch.bfloat16)[0] == (8, GemmChoice("packed"))  # rows come back sorted by M
+
+
+def test_lookup_by_shape_then_default_then_plain():
+    table = GemmTable.from_json(TABLE)
+    by_m = table.by_m("96x64", torch.bfloat16, max_m=100)
+    assert len(by_m) == 101
+    assert by_m[1] == by_m[4] == PLAIN
+    assert by_m[5] == by_m[64] == by_m[100] == GemmChoice("packed_f32", 16)  # past the last row: the last row
+    other = table.by_m("32x64", torch.bfloat16, max_m=9)  # shape not listed: "*"
+    assert other[8] == GemmChoice("packed") and other[9] == GemmChoice("packed_f32")
+    assert set(GemmTable({}).by_m("8x8", torch.float32, 4)) == {PLAIN}  # nothing for the dtype: F.linear
+
+
+@pytest.mark.parametrize("bad", [{"version": 2, "gemm": {}}, {"version": 1},
+                                 {"version": 1, "gemm": {"float32": {"*": [[4, "cublas", 1]]}}},
+                                 {"version": 1, "gemm": {"float32": {"*": [[0, "linear", 1]]}}}])
+def test_bad_tables_raise_input_error(tmp_path, bad):
+    path = tmp_path / "gemm.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(InputError) as err:
+        GemmTable.load(path)
+    assert err.value.field == "kernel_profile"
+
+
+def test_shipped_table_loads_and_a_table_from_another_machine_is_ignored(tmp_path, monkeypatch):
+    shipped = GemmTable.load(SHIPPED_GEMM_TABLE)
+    monkeypatch.setenv("MESHSERVE_PROFILE_DIR", str(tmp_path))
+    GemmTable.from_json(TABLE).save(tmp_path / "gemm.json")  # machine "test box"
+    assert load_gemm_table().to_json() == shipped.to_json()
+    mine = GemmTable.from_json({**TABLE, "machine": machine_id()})
+    mine.save(tmp_path / "gemm.json")
+    assert load_gemm_table().to_json() == mine.to_json()
+
+
+def test_profile_picks_a_measured_choice_per_m_and_guards_against_slower_ones():
+    lines = []
+    table = profile_gemm([(32, 16)], [torch.bfloat16], max_m=8, reps=1, report=lines.append)
+    rows = table.rows("32x16", torch.bfloat16)
+    assert rows[-1][0] == 8 and table.machine == machine_id()
+    assert any("slowest chosen / F.linear" in line for line in lines)
+
+
+def test_profile_command_writes_this_machines_table(tiny_model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from meshserve.cli import app
+
+    monkeypatch.setenv("MESHSERVE_PROFILE_DIR", str(tmp_path))
+    before = torch.get_num_threads()
+    try:
+        args = ["--dtype", "float32", "--max-tokens", "4", "--reps", "1", "--num-threads", "1"]
+        result = CliRunner().invoke(app, ["profile", "--model", str(tiny_model_dir("llama")), *args])
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.output
+    assert "slowest chosen / F.linear" in result.output
+    table = GemmTable.load(tmp_path / "gemm.json")
+    assert table.machine == machine_id().replace(f"{before} threads", "1 threads")
+    # qkv, o, gate_up, down and lm_head of the tiny Llama
+    assert {"128x64", "64x64", "256x64", "64x128", "512x64"} <= set(table.gemm["float32"])
+
+
+def test_profile_command_refuses_bad_input(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from meshserve.cli import app
+
+    result = CliRunner().invoke(app, ["profile", "--model", str(tiny_model_dir("llama")), "--dtype", "int8"])
+    assert isinstance(result.exception, InputError) and result.exception.field == "dtype"
+
+
+def test_profile_covers_moe_experts_in_bfloat16_only():
+    table = profile_gemm([], [torch.float32, torch.bfloat16], max_m=4, reps=1, bmm_shapes=[(2, 16, 8)])
+    assert "bmm:2x16x8" in table.gemm["bfloat16"] and "bmm:2x16x8" not in table.gemm["float32"]
+    assert {c.kernel for _, c in table.rows("bmm:2x16x8", torch.bfloat16)} <= {"linear", "packed_f32"}

@@ -1,0 +1,89 @@
+"""SmoothGEMM: every primitive equals F.linear on the real rows, whatever M, tile or padding rows hold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshserve.kernels.smooth_gemm import (
+    KERNELS,
+    STAGING,
+    GemmChoice,
+    SmoothLinear,
+    pack_weight,
+    pad_to_bucket_linear,
+    run_bmm,
+    run_choice,
+)
+
+# bfloat16 rounds the output once; the float32 kernels only sum in another order.
+TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 1.6e-2}}
+
+
+def weights(n: int, k: int, dtype: torch.dtype, bias: bool, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
+    b = (torch.randn(n, generator=gen) * 0.05).to(dtype) if bias else None
+    return {"weight": w, "bias": b, "packed": pack_weight(w), "packed_f32": pack_weight(w.float()),
+            "bias_f32": None if b is None else b.float()}
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(0, 200), n=st.sampled_from([8, 48, 96]), k=st.sampled_from([16, 64, 80]),
+       kernel=st.sampled_from(KERNELS), tile=st.sampled_from([1, 4, 16, 64]), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_every_primitive_equals_f_linear(m, n, k, kernel, tile, bias, dtype):
+    w = weights(n, k, dtype, bias)
+    x = torch.randn(m, k).to(dtype)
+    out = run_choice(GemmChoice(kernel, tile), x, **w)
+    assert out.shape == (m, n) and out.dtype == dtype
+    torch.testing.assert_close(out, F.linear(x, w["weight"], w["bias"]), **TOL[dtype])
+
+
+@pytest.mark.parametrize("kernel", ["packed", "packed_f32"])
+def test_virtual_padding_rows_never_reach_the_real_rows(kernel):
+    # Fill the staging buffer with NaN first: padded rows are computed from it but never read back.
+    m, k, tile = 37, 64, 16
+    w = weights(32, k, torch.bfloat16, bias=True)
+    dtype = torch.float32 if kernel == "packed_f32" else torch.bfloat16
+    STAGING.get(64, k, dtype).fill_(float("nan"))
+    x = torch.randn(m, k).to(torch.bfloat16)
+    out = run_choice(GemmChoice(kernel, tile), x, **w)
+    assert torch.isfinite(out).all()
+    exact = run_choice(GemmChoice(kernel, 1), x, **w)
+    assert torch.equal(out, exact)  # same kernel, same rows: the padding changed nothing, bit for bit
+
+
+def test_smooth_linear_follows_its_table_and_stays_nn_linear_until_prepared():
+    torch.manual_seed(0)
+    layer = SmoothLinear(64, 96, bias=True).to(torch.bfloat16)
+    x = torch.randn(50, 64).to(torch.bfloat16)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    by_m = [GemmChoice("packed")] * 9 + [GemmChoice("packed_f32", 16)] * 40  # M <= 8 packed, else f32 tiles
+    layer.prepare(by_m)
+    ref = F.linear(x, layer.weight, layer.bias)
+    for m in (1, 8, 9, 48, 50):  # 50 is past the table's end: the last entry serves it
+        torch.testing.assert_close(layer(x[:m]), ref[:m], **TOL[torch.bfloat16])
+
+
+def test_pad_to_bucket_baseline_equals_f_linear():
+    w = torch.randn(24, 16)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(pad_to_bucket_linear(x, w, None, [1, 2, 4, 8]), F.linear(x, w))
+
+
+def test_unknown_kernel_is_refused():
+    with pytest.raises(ValueError, match="allowed: linear, packed, packed_f32"):
+        GemmChoice("cublas")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_expert_bmm_equals_torch_bmm(kernel):
+    w = (torch.randn(4, 8, 48) * 0.05).to(torch.bfloat16)  # 4 experts, [N=48, K=8] stored column-major
+    w = w.transpose(1, 2)
+    x = torch.randn(4, 5, 8).to(torch.bfloat16)
+    out = run_bmm(GemmChoice(kernel), x, w, w.float())
+    torch.testing.assert_close(out, torch.bmm(x, w.transpose(1, 2)), **TOL[torch.bfloat16])
