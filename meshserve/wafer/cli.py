@@ -69,6 +69,8 @@ def reproduce_balance(
     scenario: str = typer.Option(None, "--scenario", help="Synthetic trace: fixed | mixed [mixed]."),
     models: str = typer.Option(None, "--models", help="Comma-separated model presets "
                                "[deepseek-v3,deepseek-v2,qwen3-235b-a22b]."),
+    curves: bool = typer.Option(True, "--curves/--no-curves", help="Also sweep tokens per device, expert "
+                                "weight type, inter-wafer bandwidth and trace skew (first model)."),
 ) -> None:
     """Ablation ladder NVL72 -> WSC -> ER -> HER -> greedy -> topology-aware -> NI-Balancer.
 
@@ -77,7 +79,7 @@ def reproduce_balance(
 
     names = None if models is None else tuple(m.strip() for m in models.split(",") if m.strip())
     run(out, as_json=json_out, iterations=iterations, tokens_per_device=tokens_per_device, scenario=scenario,
-        models=names)
+        models=names, curves=curves)
 
 
 @app.command()

@@ -220,6 +220,7 @@ def plot_ladder(figures: dict, labels: list[str], out: Path) -> Path:
 def reproduce_balance(
     out: str | os.PathLike[str] = "out", *, as_json: bool = False, iterations: int | None = None,
     tokens_per_device: int | None = None, scenario: str | None = None, models: tuple[str, ...] | None = None,
+    curves: bool = True,
 ) -> dict:
     """Run the ladder, write balance.json and the two plots under ``out``, print tables or JSON.
 
@@ -238,10 +239,22 @@ def reproduce_balance(
         str(plot_load_traces(traces, spec["models"][0], figures["settings"]["wsc"], out)),
         str(plot_ladder(figures, [r.label for r in spec["ladder"]], out)),
     ]
+    if curves:
+        from meshserve.wafer.curves import curves_png, run_curves
+
+        wsc, skew = run_curves(spec, BalanceConfig(), progress=not as_json)
+        figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"] = wsc, skew
+        figures["plots"].append(str(curves_png(wsc, skew, out / "balance_curves.png")))
     write_atomic(out / "balance.json", json.dumps(figures, indent=2).encode())
     if as_json:
         print(json.dumps(figures))
     else:
         print_ladder(figures)
+        if curves:
+            from rich.console import Console
+
+            from meshserve.wafer.curves import print_curves
+
+            print_curves(figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"], Console(width=150))
         print(f"wrote {out / 'balance.json'}, " + ", ".join(figures["plots"]))
     return figures
