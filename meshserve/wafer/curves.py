@@ -27,7 +27,7 @@ def _run(rung, model: str, settings: dict, config: BalanceConfig, **extra: Any) 
         hardware=rung.hardware,
         mapping=rung.mapping,
         balancer=rung.balancer,
-        config=config,
+        config=rung.balance_config(config),
         **{**settings, **extra},
     )
     return run_setup(setup).summary()

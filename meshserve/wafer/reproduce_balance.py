@@ -10,6 +10,7 @@ here is tuned to them (docs/wafer.md, "Load balancing", explains the differences
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -31,12 +32,16 @@ SPEC_PATH = PRESET_DIR / "experiments" / "balance.yaml"
 
 @dataclass(frozen=True)
 class Rung:
-    """One step of the ladder: a platform, a mapping and a balancer."""
+    """One step of the ladder: a platform, a mapping, a balancer and its BalanceConfig overrides."""
 
     label: str
     hardware: str
     mapping: str
     balancer: str
+    config: dict | None = None
+
+    def balance_config(self, base: BalanceConfig) -> BalanceConfig:
+        return dataclasses.replace(base, **self.config) if self.config else base
 
 
 def load_spec() -> dict[str, Any]:
@@ -77,7 +82,7 @@ def run_ladder(
             for rung in rungs:
                 result = run_setup(BalanceSetup(
                     model=model, hardware=rung.hardware, mapping=rung.mapping, balancer=rung.balancer,
-                    config=config, **settings,
+                    config=rung.balance_config(config), **settings,
                 ))
                 if model == spec["models"][0] and (rung.hardware, rung.mapping) == (
                         ni_rung.hardware, ni_rung.mapping):

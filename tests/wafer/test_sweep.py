@@ -79,7 +79,7 @@ def test_bad_sweep_through_the_cli_is_one_line_and_exit_2(tmp_path):
     proc = cli("wafer", "sweep", bad)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: sweep.balancers: unknown 'magic'; allowed: none, greedy, topology, ni"]
+        "error: sweep.balancers: unknown 'magic'; allowed: none, greedy, topology, ni, ni-eplb"]
 
 
 def test_recorded_trace_of_another_model_is_rejected_through_the_cli(tmp_path):
