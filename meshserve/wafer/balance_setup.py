@@ -16,6 +16,7 @@ from scipy import sparse
 
 from meshserve.errors import require
 from meshserve.traces import ExpertTrace
+from meshserve.wafer import compute
 from meshserve.wafer.balance import (
     BALANCERS,
     BalanceConfig,
@@ -142,17 +143,8 @@ def comm_model(
 
 
 def expert_cost(model: MoEModel, hw: Hardware, weight_bytes: float | None = None) -> ExpertCost:
-    """Roofline of one routed expert: 2 FLOPs per weight per token; weights read once per layer.
-
-    weight_bytes: bytes per expert weight (None = the model's element size; 1 = FP8 weights read
-    from HBM, compute assumed at the same peak, i.e. weight-only quantisation)."""
-    element = model.bytes_per_element if weight_bytes is None else weight_bytes
-    return ExpertCost(
-        flops_per_token=2.0 * model.expert_params,
-        weight_bytes=float(model.expert_params * element),
-        act_bytes_per_token=2.0 * model.token_bytes,
-        die=hw.die,
-    )
+    """The iteration simulator's expert roofline (compute.expert_cost; shared experts left out)."""
+    return compute.expert_cost(model, hw.die, weight_bytes)
 
 
 def setup_trace(setup: BalanceSetup, model: MoEModel, num_devices: int) -> ExpertTrace:
