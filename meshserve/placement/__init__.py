@@ -6,7 +6,8 @@ plain array, so this package never imports the simulator, the engine or torch.
 
 ``make_balancer(name, config, hops, ...)`` builds one of :data:`BALANCERS`:
 none (static), greedy (EPLB-style, invasive), topology (nearest free slot, invasive),
-ni (NI-Balancer: threshold trigger, migration hidden in idle link time).
+ni (NI-Balancer: threshold trigger, migration hidden in idle link time), ni-eplb (ours: NI's
+trigger and migration with a movement-aware EPLB-quality planner).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from meshserve.errors import require
 from meshserve.placement.eplb import GreedyBalancer
-from meshserve.placement.ni import NIBalancer
+from meshserve.placement.ni import NIBalancer, NIEplbBalancer
 from meshserve.placement.plan import (
     Migrations,
     Placement,
@@ -27,7 +28,7 @@ from meshserve.placement.policy import BalanceConfig, Balancer, NoBalancer, imba
 from meshserve.placement.topology import TopologyBalancer
 
 BALANCERS: dict[str, type[Balancer]] = {
-    cls.name: cls for cls in (NoBalancer, GreedyBalancer, TopologyBalancer, NIBalancer)
+    cls.name: cls for cls in (NoBalancer, GreedyBalancer, TopologyBalancer, NIBalancer, NIEplbBalancer)
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from meshserve.placement.eplb import pack, replica_counts
 from meshserve.placement.plan import Placement
 from meshserve.placement.policy import BalanceConfig, Balancer
 from meshserve.placement.topology import topology_plan
@@ -39,3 +40,21 @@ class NIBalancer(Balancer):
 
     def planned(self, predicted_imbalance: float) -> None:
         self.reference = predicted_imbalance
+
+
+class NIEplbBalancer(NIBalancer):
+    """NI-Balancer's trigger and non-invasive migration with an EPLB-quality planner (ours).
+
+    The paper's planner only adds replicas next to hot dies and never moves a primary, which caps
+    how well it can balance. This one takes EPLB's replica counts and packs them movement-aware
+    (eplb.pack with the current table and hops): within one replica's load of EPLB's choice, a
+    replica stays where a copy already is, else goes to the device nearest a current holder.
+    Primaries move too; the copies stream through idle link time as NI's, so there is no stall.
+    """
+
+    name = "ni-eplb"
+
+    def plan(self, load: np.ndarray, current: Placement, base: Placement) -> Placement:
+        reps = replica_counts(load, current, self.num_redundant_experts)
+        holds = pack(load, reps, current.num_devices, current.slots_per_device, current.holds, self.hops)
+        return Placement(holds, current.slots_per_device)

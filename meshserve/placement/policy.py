@@ -27,6 +27,10 @@ class BalanceConfig:
         over the last ``window_size`` iterations above what the last plan predicted, exceeds this.
     chunk_bytes: NI-Balancer moves replicas in chunks of this size; a chunk is sent only inside a
         phase window whose idle link time fits it whole.
+    reject_slower_plans: whoever applies a plan first predicts the MoE time of the plan's own
+        window with it and without it (roofline compute + all-to-all) and drops a plan that would
+        not lower it: balancers plan on token counts, and a replica adds its weight reads to its
+        die, which below the roofline ridge can make a balanced layer slower.
     """
 
     num_redundant_experts: int | None = None
@@ -34,6 +38,7 @@ class BalanceConfig:
     step_interval: int = 10
     imbalance_threshold: float = 1.0
     chunk_bytes: int = 1 << 20
+    reject_slower_plans: bool = True
 
     def __post_init__(self) -> None:
         integer(self.window_size, "window_size", 1)

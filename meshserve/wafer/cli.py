@@ -104,6 +104,8 @@ def reproduce_balance(
     scenario: str = typer.Option(None, "--scenario", help="Synthetic trace: fixed | mixed [mixed]."),
     models: str = typer.Option(None, "--models", help="Comma-separated model presets "
                                "[deepseek-v3,deepseek-v2,qwen3-235b-a22b]."),
+    curves: bool = typer.Option(True, "--curves/--no-curves", help="Also sweep tokens per device, expert "
+                                "weight type, inter-wafer bandwidth and trace skew (first model)."),
 ) -> None:
     """Ablation ladder NVL72 -> WSC -> ER -> HER -> greedy -> topology-aware -> NI-Balancer.
 
@@ -113,7 +115,7 @@ def reproduce_balance(
 
     names = None if models is None else tuple(m.strip() for m in models.split(",") if m.strip())
     run(out, as_json=json_out, iterations=iterations, tokens_per_device=tokens_per_device, scenario=scenario,
-        models=names)
+        models=names, curves=curves)
 
 
 @app.command()
@@ -127,3 +129,21 @@ def sweep(
     from meshserve.wafer.sweep import sweep_command
 
     sweep_command(spec, executor=executor, out=out)
+
+
+@app.command()
+def noc(
+    mesh: str = typer.Option("8x8", "--mesh", help="RxC mesh of routers, e.g. 8x8."),
+    pattern: str = typer.Option("uniform", "--pattern",
+                                help="uniform | transpose | bitcomp | tornado | neighbor | FILE.npy "
+                                     "([nodes, nodes] packets per source and destination)."),
+    packets_per_node: int = typer.Option(100, "--packets-per-node", help="Packets each node sends."),
+    flits_per_packet: int = typer.Option(20, "--flits-per-packet", help="Flits per packet."),
+    time_model: list[str] = typer.Option(
+        None, "--time-model", help="bottleneck | fair-share | packet | flit (repeat; default all)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Cycles one batch of synthetic traffic takes on a mesh (1 flit per cycle per link), per time model."""
+    from meshserve.wafer.noc import print_noc, run_noc
+
+    run_noc(mesh, pattern, packets_per_node, flits_per_packet, tuple(time_model or ()), json_out, print_noc)

@@ -10,6 +10,7 @@ here is tuned to them (docs/wafer.md, "Load balancing", explains the differences
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -31,12 +32,16 @@ SPEC_PATH = PRESET_DIR / "experiments" / "balance.yaml"
 
 @dataclass(frozen=True)
 class Rung:
-    """One step of the ladder: a platform, a mapping and a balancer."""
+    """One step of the ladder: a platform, a mapping, a balancer and its BalanceConfig overrides."""
 
     label: str
     hardware: str
     mapping: str
     balancer: str
+    config: dict | None = None
+
+    def balance_config(self, base: BalanceConfig) -> BalanceConfig:
+        return dataclasses.replace(base, **self.config) if self.config else base
 
 
 def load_spec() -> dict[str, Any]:
@@ -77,7 +82,7 @@ def run_ladder(
             for rung in rungs:
                 result = run_setup(BalanceSetup(
                     model=model, hardware=rung.hardware, mapping=rung.mapping, balancer=rung.balancer,
-                    config=config, **settings,
+                    config=rung.balance_config(config), **settings,
                 ))
                 if model == spec["models"][0] and (rung.hardware, rung.mapping) == (
                         ni_rung.hardware, ni_rung.mapping):
@@ -218,6 +223,7 @@ def plot_ladder(figures: dict, labels: list[str], out: Path) -> Path:
 def reproduce_balance(
     out: str | os.PathLike[str] = "out", *, as_json: bool = False, iterations: int | None = None,
     tokens_per_device: int | None = None, scenario: str | None = None, models: tuple[str, ...] | None = None,
+    curves: bool = True,
 ) -> dict:
     """Run the ladder, write balance.json and the two plots under ``out``, print tables or JSON.
 
@@ -236,10 +242,22 @@ def reproduce_balance(
             str(plot_load_traces(traces, spec["models"][0], figures["settings"]["wsc"], out)),
             str(plot_ladder(figures, [r.label for r in spec["ladder"]], out)),
         ]
+        if curves:
+            from meshserve.wafer.curves import curves_png, run_curves
+
+            wsc, skew = run_curves(spec, BalanceConfig(), progress=not as_json)
+            figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"] = wsc, skew
+            figures["plots"].append(str(curves_png(wsc, skew, out / "balance_curves.png")))
         write_atomic(out / "balance.json", json.dumps(figures, indent=2).encode())
     if as_json:
         print(json.dumps(figures))
     else:
         print_ladder(figures)
+        if curves:
+            from rich.console import Console
+
+            from meshserve.wafer.curves import print_curves
+
+            print_curves(figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"], Console(width=150))
         print(f"wrote {out / 'balance.json'}, " + ", ".join(figures["plots"]))
     return figures
