@@ -117,7 +117,9 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
-            reused = self.blocks.match_prefix(request)  # cached prefix blocks (APC): their KV is computed
+            reused = self.blocks.match_prefix(request, budget)  # cached prefix blocks (APC): KV computed
+            if reused is None:
+                break  # would not fit: nothing taken, no copy made; strict FCFS, so no one overtakes it
             item = self._work(request, budget, shrink=False)
             if not self.blocks.allocate(request, item.start + item.num_tokens):
                 self.blocks.free(request)  # give the shared prefix back; matched again next step
