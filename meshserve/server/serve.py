@@ -49,3 +49,40 @@ def serve(
 
 def _stopped(signum: int, frame: object) -> None:
     logger.info("stopped by signal %d", signum)
+
+
+class ServerThread:
+    """An in-process server on 127.0.0.1 in a background thread (tests, benchmarks); ``stop()`` ends it."""
+
+    def __init__(self, llm: AsyncLLM, served_model_name: str, port: int, log_level: str = "warning") -> None:
+        import threading
+        import time
+
+        import uvicorn
+
+        from meshserve.server.app import build_app
+
+        self.llm, self.url = llm, f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(build_app(llm, served_model_name), host="127.0.0.1", port=port,
+                                log_level=log_level)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"server on port {port} did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

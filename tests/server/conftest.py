@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from dataclasses import dataclass
 
 import pytest
-import uvicorn
 
 from meshserve import LLM
 from meshserve.engine.async_llm import AsyncLLM
-from meshserve.server.app import build_app
+from meshserve.server.serve import ServerThread, free_port
 
 ENGINE_ARGS = {"max_model_len": 96, "max_num_seqs": 32, "max_num_batched_tokens": 256, "block_size": 4}
 MODEL = "tiny-llama"
@@ -30,29 +26,8 @@ class Server:
         return blocks.num_free_blocks == blocks.num_blocks
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: str, **engine_args) -> tuple[Server, uvicorn.Server, threading.Thread]:
-    llm = AsyncLLM.from_args(model_dir, **{**ENGINE_ARGS, **engine_args})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(llm, MODEL), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    return Server(f"http://127.0.0.1:{port}", llm), server, thread
-
-
-@pytest.fixture(name="free_port")
-def free_port_fixture():
-    return free_port
+def start_server(model_dir: str, **engine_args) -> ServerThread:
+    return ServerThread(AsyncLLM.from_args(model_dir, **{**ENGINE_ARGS, **engine_args}), MODEL, free_port())
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +37,9 @@ def model_dir(tiny_model_dir) -> str:
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    running, uv, thread = start_server(model_dir)
-    yield running
-    uv.should_exit = True
-    thread.join(10)
+    running = start_server(model_dir)
+    yield Server(running.url, running.llm)
+    running.stop()
 
 
 @pytest.fixture(scope="module")

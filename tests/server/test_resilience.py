@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from meshserve import SamplingParams
+from meshserve.server.serve import free_port
 
 OK = {"prompt": "hello", "max_tokens": 2}
 HOSTILE = [  # (body, status, param named in the error)
@@ -111,7 +112,7 @@ def test_200_streams_with_random_disconnects(server, offline):
         time.sleep(0.05)
 
 
-def test_sigterm_stops_gracefully_with_exit_0(model_dir, free_port):
+def test_sigterm_stops_gracefully_with_exit_0(model_dir):
     port = free_port()
     cmd = [sys.executable, "-c", "from meshserve.cli import main; main()", "serve", "--model", model_dir,
            "--port", str(port), "--max-model-len", "64", "--uvicorn-log-level", "warning"]
