@@ -134,3 +134,16 @@ def test_sigterm_stops_gracefully_with_exit_0(model_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_its_blocks(server):
+    body = {"prompt": [1, 5, 6, 7], "max_tokens": 90, "n": 8, "ignore_eos": True}
+    steps = server.llm.engine.num_steps
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.2)
+    deadline = time.time() + 10  # far less than the ~90 steps the 8 completions would still need
+    while not (server.blocks_free and not server.llm.engine.has_unfinished()):
+        assert time.time() < deadline, "the abandoned request still holds blocks"
+        time.sleep(0.02)
+    assert server.llm.engine.num_steps - steps < 80  # aborted, not run to its 90 tokens
+    assert httpx.post(f"{server.url}/v1/completions", json=OK).status_code == 200
