@@ -67,7 +67,7 @@ def build_app(
 ) -> FastAPI:
     """The FastAPI app serving ``llm`` under ``served_model_name``."""
     metrics = ServerMetrics(served_model_name)
-    llm.on_step = metrics.on_step
+    llm.on_step, llm.on_abort = metrics.on_step, metrics.forget
     engine = llm.engine
     tokenizer = engine.tokenizer
     defaults = dict(engine.model_config.generation_defaults)

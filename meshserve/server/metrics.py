@@ -151,5 +151,10 @@ class ServerMetrics:
         self._token_time.pop(request_id, None)
         self._token_count.pop(request_id, None)
 
+    @property
+    def num_tracked(self) -> int:
+        """Requests with timing state held (0 once all have finished or been aborted: nothing leaks)."""
+        return len(self._token_time)
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), "text/plain; version=0.0.4; charset=utf-8"
