@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from meshserve.config import SchedulerConfig
 from meshserve.engine.kv_cache import BlockManager
+from meshserve.engine.prompt_logprobs import wants_prompt_logits
 from meshserve.engine.request import Request, RequestStatus
 
 
@@ -176,7 +177,8 @@ class Scheduler:
             room = self.blocks.capacity(request) - start
             if room > 0:
                 n = min(n, room)
-        return WorkItem(request, WorkKind.PREFILL, start, n, int(n == pending))
+        num_logits = n if wants_prompt_logits(request) else int(n == pending)
+        return WorkItem(request, WorkKind.PREFILL, start, n, num_logits)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Drop the request's KV and send it back to the waiting queue (it will be recomputed)."""

@@ -277,6 +277,9 @@ async def _merged(
             if isinstance(out, BaseException):
                 raise out
             prompt_tokens[i] = len(out.prompt_token_ids)
+            if out.prompt_logprobs is not None:
+                for state in states[i * n : (i + 1) * n]:
+                    state.prompt_logprobs = out.prompt_logprobs
             choices = [c for comp in out.outputs if (c := states[i * n + comp.index].delta(comp)) is not None]
             if choices:
                 yield make_chunk(out, choices)

@@ -30,6 +30,7 @@ SAMPLING_FIELDS = (
     "ignore_eos",
     "min_tokens",
     "logit_bias",
+    "prompt_logprobs",
 )
 
 
@@ -57,6 +58,7 @@ class _SamplingRequest(_Strict):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     logit_bias: dict[str, float] | None = None
+    prompt_logprobs: int | None = None  # vLLM's extension: logprobs of the prompt tokens
     max_tokens: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

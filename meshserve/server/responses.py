@@ -18,6 +18,7 @@ class ChoiceState:
         self.stop_reason: int | str | None = None
         self.logprobs: list[tuple[int, dict[int, float]]] = []
         self.sent_role = False
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
 
     def delta(self, out: CompletionOutput) -> dict[str, Any] | None:
         """Take a delta from the engine; the chunk's choice for it (None when there is nothing to send)."""
@@ -56,6 +57,13 @@ class ChoiceState:
             choice["message"] = {"role": "assistant", "content": self.text}
         else:
             choice["text"] = self.text
+        if self.prompt_logprobs is not None:  # vLLM's shape: per position None or {token id: details}
+            choice["prompt_logprobs"] = [
+                None
+                if entry is None
+                else {str(t): {"logprob": v, "decoded_token": self._token_text(t)} for t, v in entry.items()}
+                for entry in self.prompt_logprobs
+            ]
         return choice
 
     def _logprobs(self, entries: list[tuple[int, dict[int, float]]]) -> dict[str, Any] | None:
@@ -85,8 +93,9 @@ class ChoiceState:
             "tokens": [token(t) for t, _ in entries],
             "token_logprobs": [top[t] for t, top in entries],
             # keyed by text: where tokens decode alike, the sampled one's value is kept
-            "top_logprobs": [{token(i): v for i, v in top.items() if i != t} | {token(t): top[t]}
-                             for t, top in entries],
+            "top_logprobs": [
+                {token(i): v for i, v in top.items() if i != t} | {token(t): top[t]} for t, top in entries
+            ],
             "text_offset": offsets,
         }
 

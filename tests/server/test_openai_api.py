@@ -93,3 +93,12 @@ def test_metrics_use_vllm_names(client, server):
                  "vllm:num_preemptions_total",
                  'meshserve:step_tokens_count{kind="prefill"'):
         assert name in text, name
+
+
+def test_prompt_logprobs_as_vllm_returns_them(client, server, offline):
+    out = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=1,
+                                    extra_body={"prompt_logprobs": 1})
+    ids = offline.tokenizer.encode(PROMPT)
+    entries = out.choices[0].model_extra["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len(ids)
+    assert all(str(t) in e and e[str(t)]["logprob"] <= 0 for t, e in zip(ids[1:], entries[1:], strict=True))
