@@ -208,7 +208,10 @@ def build_app(
         check_model(body.model)
         max_tokens = check_max_tokens(body.completion_tokens(), "max_completion_tokens")
         params = body.sampling_params(defaults, max_tokens, body.num_logprobs())
-        prompt = tokenizer.apply_chat_template(body.messages, body.add_generation_prompt)
+        # off the event loop: a long chat takes a while to render and tokenize
+        prompt = await asyncio.to_thread(
+            tokenizer.apply_chat_template, body.messages, body.add_generation_prompt
+        )
         streams = await start([prompt], params)
         header = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
