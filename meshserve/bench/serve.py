@@ -2,7 +2,7 @@
 serving benchmark does (same metric names and JSON keys, so results compare side by side).
 
 Requests arrive as a Poisson process at ``request_rate`` (a gamma process with ``burstiness`` != 1;
-``inf`` sends all at once) and stream from /v1/completions. Per request: TTFT (first text),
+``inf`` sends all at once) and stream from /v1/completions. Per request: TTFT (first chunk),
 ITL (gaps between later chunks), TPOT ((latency - TTFT) / (output tokens - 1)) and E2EL.
 """
 
@@ -77,7 +77,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"]["completion_tokens"]
                     result.prompt_len = chunk["usage"]["prompt_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                if chunk.get("choices"):  # one chunk per step with new tokens, as vLLM's client counts them
                     now = time.perf_counter()
                     if result.ttft == 0.0:
                         result.ttft = now - start
@@ -87,7 +87,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
         result.latency = time.perf_counter() - start
         result.success = result.ttft > 0
         if not result.success:
-            result.error = "no text streamed"
+            result.error = "nothing streamed"
     except (httpx.HTTPError, json.JSONDecodeError) as err:
         result.error = f"{type(err).__name__}: {err}"
     return result

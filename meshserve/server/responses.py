@@ -29,8 +29,8 @@ class ChoiceState:
         self.num_tokens += len(out.token_ids)
         self.logprobs += new_logprobs
         self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
-        if not out.text and not out.finish_reason and self.sent_role:
-            return None
+        if not out.token_ids and not out.text and not out.finish_reason and self.sent_role:
+            return None  # one chunk per step with new tokens, even if their text is still held back
         choice: dict[str, Any] = {
             "index": self.index,
             "logprobs": self._logprobs(new_logprobs),
