@@ -9,6 +9,7 @@ import typer
 
 from meshserve import __version__
 from meshserve.atomic import check_writable
+from meshserve.bench.cli import app as bench_app
 from meshserve.errors import InputError
 from meshserve.wafer.cli import app as wafer_app
 
@@ -18,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(wafer_app, name="wafer", help="Wafer-scale MoE simulator and planner (MoEntwine).")
+app.add_typer(bench_app, name="bench", help="Benchmarks of a running server (HTTP only).")
 
 
 def _print_version(value: bool) -> None:
@@ -131,6 +133,35 @@ def profile(
     from meshserve.kernels.profile import run_profile
 
     run_profile(model, out, dtype, max_tokens, reps, num_threads)
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(..., help="Hugging Face-format model directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    served_model_name: str | None = typer.Option(None, help="Model name in the API (default: --model)."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    max_model_len: int | None = typer.Option(None, help="Longest prompt + output (default: the model's)."),
+    max_num_seqs: int | None = typer.Option(None, help="Requests running at once."),
+    max_num_batched_tokens: int = typer.Option(2048, help="Tokens per engine step."),
+    block_size: int = typer.Option(16, help="Tokens per KV block."),
+    kv_cache_memory: float | None = typer.Option(None, help="GiB for the KV cache (default: derived)."),
+    enable_prefix_caching: bool = typer.Option(True, help="Automatic prefix caching."),
+    speculative_config: str | None = typer.Option(None, help='JSON, e.g. \'{"method": "ngram", '
+                                                             '"num_speculative_tokens": 3}\'.'),
+    seed: int = typer.Option(0, help="Seed of the engine's shared generator (unseeded requests)."),
+    max_waiting_requests: int | None = typer.Option(1024, help="Waiting queue bound; past it: 503."),
+    uvicorn_log_level: str = typer.Option("info", help="uvicorn's log level."),
+) -> None:
+    """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /metrics)."""
+    from meshserve.server.serve import serve as run
+
+    run(model, host=host, port=port, served_model_name=served_model_name, max_waiting=max_waiting_requests,
+        log_level=uvicorn_log_level, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, kv_cache_memory=kv_cache_memory,
+        enable_prefix_caching=enable_prefix_caching, seed=seed,
+        speculative_config=_json_option("speculative_config", speculative_config))
 
 
 def main() -> None:

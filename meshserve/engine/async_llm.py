@@ -54,6 +54,7 @@ class AsyncLLM:
         self.engine = engine
         self.max_waiting = max_waiting
         self.on_step = on_step
+        self.on_abort: Callable[[str], None] | None = None  # engine thread, after an abort (metrics)
         self._inbox: queue.SimpleQueue[tuple[str, Any, concurrent.futures.Future | None]] = (
             queue.SimpleQueue()
         )
@@ -159,6 +160,8 @@ class AsyncLLM:
                 result = self.engine.add_request(prompt, params, request_id, stream=True)
             elif kind == "abort":
                 result = self.engine.abort(payload)
+                if self.on_abort is not None:
+                    self.on_abort(payload)
             elif kind == "call":
                 result = payload(self.engine)
             else:  # stop

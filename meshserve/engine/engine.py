@@ -21,6 +21,7 @@ from meshserve.engine.kv_cache import BlockManager, allocate_kv_cache, block_byt
 from meshserve.engine.logits_processors import process_logits
 from meshserve.engine.outputs import RequestOutput
 from meshserve.engine.prefix_cache import PrefixCache
+from meshserve.engine.prompt_logprobs import record_prompt_logprobs
 from meshserve.engine.request import Request, RequestStatus
 from meshserve.engine.runner import ModelRunner
 from meshserve.engine.sampler import Sampler
@@ -260,10 +261,19 @@ class Engine:
         """(token, logprobs) pairs each item adds: none mid-prompt, one sampled, or a verify's kept tokens."""
         first = np.concatenate([[0], np.cumsum([it.num_logits for it in items])[:-1]]).tolist()
         out: list[list[tuple[int, Any]]] = [[] for _ in items]
-        plain = [i for i, it in enumerate(items) if it.num_logits and it.kind is not WorkKind.VERIFY]
+        # Items that finish their pending tokens sample from their last logits row.
+        plain = [i for i, it in enumerate(items) if it.kind is not WorkKind.VERIFY
+                 and it.start + it.num_tokens == it.request.num_tokens]
+        prompt = [i for i, it in enumerate(items) if it.request.prompt_logprobs is not None
+                  and it.kind is WorkKind.PREFILL and it.num_logits == it.num_tokens]
+        if prompt:
+            chunks = [items[i] for i in prompt]
+            record_prompt_logprobs(logits, [c.request for c in chunks], [c.start for c in chunks],
+                                   [c.num_tokens for c in chunks], [first[i] for i in prompt])
         if plain:
             reqs = [items[i].request for i in plain]
-            rows = process_logits(logits[torch.tensor([first[i] for i in plain])], reqs,
+            last = [first[i] + items[i].num_logits - 1 for i in plain]
+            rows = process_logits(logits[torch.tensor(last)], reqs,
                                   self.model_config.eos_token_ids)
             sampled = self.sampler(rows, [r.params for r in reqs], [r.generator for r in reqs])
             for i, token, logprobs in zip(plain, sampled.token_ids, sampled.logprobs, strict=True):

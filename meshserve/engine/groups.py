@@ -63,6 +63,7 @@ class RequestGroup:
             metrics=RequestMetrics(
                 first.arrival_time, min(times, default=None), max(ends) if finished and ends else None
             ),
+            prompt_logprobs=first.prompt_logprobs,
         )
 
 

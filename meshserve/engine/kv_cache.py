@@ -100,16 +100,24 @@ class BlockManager:
 
     # -- automatic prefix caching and speculative rollback --------------------------------------------
 
-    def match_prefix(self, request: Request) -> int:
+    def match_prefix(self, request: Request, budget: int | None = None) -> int | None:
         """Give a request that holds no blocks the longest cached prefix of its tokens; returns the tokens
         reused (its ``num_computed_tokens``). A partly matching block is copied (copy-on-write) into a
-        fresh block. At least the last token is left to compute, so there is always a row to sample."""
+        fresh block. At least the last token is left to compute, so there is always a row to sample.
+
+        With ``budget`` (tokens the request may compute this step): when the prefix plus that much work
+        would not fit in the free blocks, return None and change nothing, so an admission that must fail
+        makes no copy (it would redo it every step while it waits)."""
         cache = self.prefix_cache
-        if cache is None or request.block_table or request.num_computed_tokens:
-            return 0
+        if cache is None or request.block_table or request.num_computed_tokens or request.prompt_logprobs:
+            return 0  # (a request that wants prompt logprobs must compute its whole prompt)
         m = cache.match(request.token_ids, max_tokens=request.num_tokens - 1)
         if m.copy_src is not None and self.num_free_blocks - cache.num_pinned(m) < 1:
             m.copy_src, m.num_tokens = None, len(m.block_ids) * self.block_size  # no room for the copy
+        if budget is not None:
+            end = min(request.num_tokens, m.num_tokens + budget)
+            if self.blocks_for(end) - len(m.block_ids) > self.num_free_blocks - cache.num_pinned(m):
+                return None
         for block in m.block_ids:
             self._ref(block)
         request.block_table = list(m.block_ids)

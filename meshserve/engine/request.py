@@ -68,6 +68,9 @@ class Request:
         self.num_preemptions = 0
         self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         self.logprobs: list[dict[int, float]] | None = None if params.logprobs is None else []
+        # position 0 has nothing before it; entries are added as prompt chunks are computed
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            None if params.prompt_logprobs is None else [None])
         self.output_text = ""
         self.detokenizer: Any = None  # incremental detokenizer, made for streaming or stop strings
         self.stop_reason: int | str | None = None

@@ -39,6 +39,7 @@ class SamplingParams:
     stop_token_ids: tokens that end generation (kept in token_ids, not shown in text).
     ignore_eos: keep generating after the model's EOS token.
     logprobs: return log-probabilities of the top n tokens (and the sampled one) at every step.
+    prompt_logprobs: the same for every prompt token (given the tokens before it; None for the first).
     """
 
     n: int = 1
@@ -57,6 +58,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +81,8 @@ class SamplingParams:
             _integer(self.seed, "seed", *SEED_RANGE, "(must fit in 64 bits)")
         if self.logprobs is not None:
             _integer(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _integer(self.prompt_logprobs, "prompt_logprobs", 0, MAX_LOGPROBS)
         self.stop_strings = _stop_strings(self.stop)
         require(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)),
                 "stop_token_ids", f"must be a list of token ids, got {self.stop_token_ids!r}")

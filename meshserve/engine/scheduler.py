@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from meshserve.config import SchedulerConfig
 from meshserve.engine.kv_cache import BlockManager
+from meshserve.engine.prompt_logprobs import wants_prompt_logits
 from meshserve.engine.request import Request, RequestStatus
 
 
@@ -117,7 +118,9 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
-            reused = self.blocks.match_prefix(request)  # cached prefix blocks (APC): their KV is computed
+            reused = self.blocks.match_prefix(request, budget)  # cached prefix blocks (APC): KV computed
+            if reused is None:
+                break  # would not fit: nothing taken, no copy made; strict FCFS, so no one overtakes it
             item = self._work(request, budget, shrink=False)
             if not self.blocks.allocate(request, item.start + item.num_tokens):
                 self.blocks.free(request)  # give the shared prefix back; matched again next step
@@ -174,7 +177,8 @@ class Scheduler:
             room = self.blocks.capacity(request) - start
             if room > 0:
                 n = min(n, room)
-        return WorkItem(request, WorkKind.PREFILL, start, n, int(n == pending))
+        num_logits = n if wants_prompt_logits(request) else int(n == pending)
+        return WorkItem(request, WorkKind.PREFILL, start, n, num_logits)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Drop the request's KV and send it back to the waiting queue (it will be recomputed)."""

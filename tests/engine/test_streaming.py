@@ -125,3 +125,22 @@ def test_verify_leaves_budget_for_every_decode(llama):
         before = {rid: r.num_output_tokens for rid, r in engine.requests.items()}
         engine.step()
         assert all(engine.requests[rid].num_output_tokens > n for rid, n in before.items())
+
+
+def test_prompt_logprobs_match_transformers_in_chunks(llama):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(llama, max_model_len=128, max_num_batched_tokens=8, max_num_seqs=2)  # prompt in 4 chunks
+    (out,) = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3),
+                          use_tqdm=False)
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(llama).float()
+        logp = hf(torch.tensor([PROMPT])).logits[0].log_softmax(-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(PROMPT)
+    for position, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        assert PROMPT[position] in entry and len(entry) <= 4
+        expected = logp[position - 1, PROMPT[position]].item()
+        assert abs(entry[PROMPT[position]] - expected) < 1e-3
+    assert out.token_ids == llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2),
+                                         use_tqdm=False)[0].token_ids
