@@ -16,6 +16,8 @@ from pathlib import Path
 
 from meshserve.errors import InputError
 
+# What meshserve writes; a results folder named like one of these is almost surely a mistake.
+FILE_SUFFIXES = (".png", ".json", ".csv", ".parquet", ".npz", ".safetensors")
 # Renames held back by an enclosing all_or_nothing() block: (temporary file, final path).
 _pending: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar(
     "meshserve_atomic_pending", default=None)
@@ -85,6 +87,8 @@ def check_writable(path: str | os.PathLike[str], field: str, *, folder: bool = F
     Probes the nearest existing folder with a temporary file, so nothing is left behind either way.
     """
     path = Path(path)
+    if folder and not path.is_dir() and path.suffix.lower() in FILE_SUFFIXES:
+        raise InputError(field, f"names a folder for the results, got a file name {str(path)!r}")
     if path.exists() and path.is_dir() != folder:
         raise InputError(field, f"{path} is {'a file' if folder else 'a folder'}; expected a "
                                 f"{'folder' if folder else 'file'} path")

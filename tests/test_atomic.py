@@ -54,7 +54,7 @@ def test_check_writable_refuses_paths_that_cannot_be_written_and_leaves_nothing(
     blocker = tmp_path / "file"
     blocker.write_text("x")
     for path, folder in [(blocker / "out.png", False), (blocker / "sub" / "dir", True), (tmp_path, False),
-                         (blocker, True)]:
+                         (blocker, True), (tmp_path / "results.csv", True)]:
         with pytest.raises(InputError) as err:
             check_writable(path, "out", folder=folder)
         assert err.value.field == "out"

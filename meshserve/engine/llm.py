@@ -58,6 +58,9 @@ class LLM:
         prompts = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
+        elif not isinstance(sampling_params, list | tuple):
+            raise InputError("sampling_params", "must be a SamplingParams or a list of them, got "
+                                                f"{type(sampling_params).__name__}")
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from meshserve.errors import InputError
+from meshserve.machine import available_memory
 from meshserve.models.config import ModelConfig, parse_config, parse_dtype, resolve_aliases
 from meshserve.models.decoder import DecoderLM
 from meshserve.models.layers.moe import StackedExperts
@@ -52,6 +53,17 @@ def _architecture(hf: dict[str, Any]) -> str:
     raise InputError("config.json:architectures", f"unsupported {names}; supported: {supported}")
 
 
+def _check_fits(cls: type[DecoderLM], config: ModelConfig, dtype: torch.dtype) -> None:
+    """Size the weights on the meta device first: a config.json can describe a model of any size."""
+    with torch.device("meta"):
+        need = sum(p.numel() for p in cls(config).parameters()) * dtype.itemsize
+    have = available_memory()
+    if need > have:
+        gib = 1 << 30
+        raise InputError("config.json", f"describes {need / gib:.1f} GiB of weights ({dtype}), more than the "
+                                        f"{have / gib:.1f} GiB this machine has available")
+
+
 def load_config(path: str | Path, dtype: str | torch.dtype = "float32") -> tuple[ModelConfig, Tokenizer]:
     """The model's config and tokenizer from `path`, without reading any weights."""
     path = Path(path)
@@ -80,10 +92,11 @@ def load_config(path: str | Path, dtype: str | torch.dtype = "float32") -> tuple
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32") -> LoadedModel:
     """Load config.json, safetensors weights (single or sharded) and tokenizer.json from `path`."""
     config, tokenizer = load_config(path, dtype)
-    torch_dtype = config.dtype
-    model = ARCHITECTURES[config.arch](config)
+    cls = ARCHITECTURES[config.arch]
+    _check_fits(cls, config, config.dtype)
+    model = cls(config)
     load_weights(model, Path(path))
-    model.to(torch_dtype).requires_grad_(False).eval()
+    model.to(config.dtype).requires_grad_(False).eval()
     model.rotary.inv_freq = model.rotary.inv_freq.float()  # frequencies stay float32, as in transformers
     for module in model.modules():
         if isinstance(module, StackedExperts):

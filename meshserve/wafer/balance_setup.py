@@ -14,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import sparse
 
-from meshserve.errors import require
+from meshserve.errors import InputError, require
 from meshserve.traces import ExpertTrace
 from meshserve.wafer import compute
 from meshserve.wafer.balance import (
@@ -93,7 +93,11 @@ class BalanceSetup:
         require(self.balancer in BALANCERS, "balancer",
                 f"unknown {self.balancer!r}; allowed: {', '.join(BALANCERS)}")
         if self.trace is not None:
-            check_trace(ExpertTrace.load(self.trace).counts, model.num_moe_layers, model.routed_experts)
+            counts = ExpertTrace.load(self.trace).counts
+            try:
+                check_trace(counts, model.num_moe_layers, model.routed_experts)
+            except InputError as err:  # name the file, as every other fault of a trace file does
+                raise InputError(f"trace {self.trace}", err.message) from None
 
 
 def a2a_domains(mapping: Mapping) -> np.ndarray:

@@ -152,3 +152,11 @@ def test_generate_after_close_is_an_error(tiny_model_dir):
     with pytest.raises(InputError) as err:
         llm.generate("hello", GREEDY, use_tqdm=False)
     assert err.value.field == "engine" and "closed" in err.value.message
+
+
+@pytest.mark.parametrize("params", [5, "greedy", [GREEDY, "x"], [GREEDY]])
+def test_bad_sampling_params_name_the_field_and_leave_nothing(llm, params):
+    with pytest.raises(InputError) as err:
+        llm.generate(["hello world", "the sky is"], params, use_tqdm=False)
+    assert err.value.field == "sampling_params"
+    assert_nothing_left(llm)

@@ -88,7 +88,7 @@ def test_recorded_trace_of_another_model_is_rejected_through_the_cli(tmp_path):
     spec = write(tmp_path, {**TINY, "trace": str(path)})
     proc = cli("wafer", "sweep", spec)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: trace: counts shape (4, 3, 8) does not match the model")
+    assert proc.stderr.startswith(f"error: trace {path}: counts shape (4, 3, 8) does not match the model")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
