@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from meshserve.errors import InputError
-from meshserve.models.config import ModelConfig, parse_config, parse_dtype
+from meshserve.models.config import ModelConfig, parse_config, parse_dtype, resolve_aliases
 from meshserve.models.decoder import DecoderLM
 from meshserve.models.layers.moe import StackedExperts
 from meshserve.models.registry import ARCHITECTURES
@@ -61,13 +61,19 @@ def load_config(path: str | Path, dtype: str | torch.dtype = "float32") -> tuple
     hf = _read_json(path / "config.json", required=True)
     generation = _read_json(path / "generation_config.json", required=False)
     arch = _architecture(hf)
+    cls = ARCHITECTURES[arch]
+    hf = resolve_aliases(hf, cls.config_aliases)
     config = parse_config(hf, arch, name=path.name, dtype=torch_dtype, generation=generation)
-    ARCHITECTURES[arch].configure(config, hf)
+    cls.configure(config, hf)
     tokenizer = Tokenizer.from_dir(path, config.bos_token_id, config.eos_token_ids)
     if not config.eos_token_ids:
         config.eos_token_ids = list(tokenizer.eos_token_ids)
     if config.bos_token_id is None:
         config.bos_token_id = tokenizer.bos_token_id
+    if not config.eos_token_ids:  # without one, every request runs to max_tokens
+        raise InputError("config.json:eos_token_id", "no end-of-sequence token: set eos_token_id in "
+                                                     "config.json or generation_config.json, or eos_token in "
+                                                     "tokenizer_config.json")
     return config, tokenizer
 
 

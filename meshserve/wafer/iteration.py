@@ -70,6 +70,11 @@ class IterationResult:
             "plans": len(self.plans),
             "moe_tokens_per_s_per_device": float(tokens * self.num_layers / moe / self.num_devices)
             if moe > 0 else 0.0,
+            # the same with the attention output reduction (all-reduce, or hierarchical collectives)
+            # in each layer's time: the paper does not say which of the two its Fig. 17 counts
+            "moe_and_reduction_tokens_per_s_per_device": float(
+                tokens * self.num_layers / (moe + self.allreduce_s.sum()) / self.num_devices)
+            if moe > 0 else 0.0,
             "max_migration_link_utilization": float(self.max_link_utilization),
         }
 
