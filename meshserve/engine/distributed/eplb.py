@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from meshserve.engine.distributed.config import EPLBConfig
 from meshserve.engine.distributed.expert_map import spread_placement
-from meshserve.engine.distributed.expert_parallel import ExpertParallel
+from meshserve.engine.distributed.expert_parallel import ExpertParallel, Prepared
 from meshserve.engine.distributed.worker import injected_fault
 from meshserve.placement import (
     BalanceConfig,
@@ -48,9 +48,10 @@ def balancedness(placement: Placement, load: np.ndarray) -> float:
 class ExpertCopies:
     """The replica copies of one migration, run in order by every rank (each acting on its own rows)."""
 
-    def __init__(self, moves: Migrations, ep: ExpertParallel, group: dist.ProcessGroup,
+    def __init__(self, target: np.ndarray, moves: Migrations, ep: ExpertParallel, group: dist.ProcessGroup,
                  cfg: EPLBConfig) -> None:
-        self.moves, self.ep, self.group = moves, ep, group
+        self.target, self.moves, self.ep, self.group = target, moves, ep, group
+        self.prepared: Prepared | None = None
         self.rank = ep.rank
         self.timeout = timedelta(seconds=cfg.migration_timeout_s)
         layer = ep.layers[0]
@@ -64,7 +65,8 @@ class ExpertCopies:
         self.thread: threading.Thread | None = None
 
     def run(self) -> None:
-        """Send what this rank holds, receive what it gains; sets ``finished`` or ``error``."""
+        """Send what this rank holds, receive what it gains, build the new slots aside; then sets
+        ``finished`` (or ``error``)."""
         try:
             for layer, expert, src, dst in zip(*(m.tolist() for m in (
                     self.moves.layer, self.moves.expert, self.moves.src, self.moves.dst)), strict=True):
@@ -81,6 +83,7 @@ class ExpertCopies:
                     for view in buf.split(self.chunk):
                         dist.irecv(view, src, group=self.group).wait(self.timeout)
                     self.arrived[(layer, expert)] = buf
+            self.prepared = self.ep.prepare(self.target, self.arrived)
             self.finished.set()
         except Exception as err:  # noqa: BLE001 - a stalled or broken copy becomes a reported error
             self.error = f"rank {self.rank}: {type(err).__name__}: {err}".strip()
@@ -147,9 +150,8 @@ class LiveBalancer:
             "balancedness_after": balancedness(target, load.numpy()),
             "holds_before": current.holds, "holds_after": target.holds, "load": load.numpy(),
         }
-        self._target = target.holds
         self._started = time.perf_counter()
-        self.copies = ExpertCopies(moves, self.ep, self.side, self.cfg)
+        self.copies = ExpertCopies(target.holds, moves, self.ep, self.side, self.cfg)
         if self.cfg.mode == "invasive":
             self.copies.run()
             return self._poll()
@@ -172,7 +174,7 @@ class LiveBalancer:
         if still_copying:
             return []
         switch = time.perf_counter()
-        self.ep.switch(self._target, copies.arrived)
+        self.ep.install(copies.prepared)
         return self._finish(switch_s=time.perf_counter() - switch)
 
     def _finish(self, **result: Any) -> list[dict[str, Any]]:

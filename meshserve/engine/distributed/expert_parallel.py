@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -9,7 +11,7 @@ from torch import nn
 
 from meshserve.engine.distributed.expert_map import ExpertMap
 from meshserve.models.layers.moe import SparseMoE
-from meshserve.models.layers.moe_ep import ExpertParallelMoE
+from meshserve.models.layers.moe_ep import ExpertParallelMoE, SlotExperts
 
 
 class ExpertParallel:
@@ -57,15 +59,27 @@ class ExpertParallel:
         assert slot >= 0, f"rank {self.rank} holds no expert {expert} in MoE layer {layer}"
         return self.layers[layer].local.weights(slot)
 
-    def switch(self, holds: np.ndarray, arrived: dict[tuple[int, int], torch.Tensor]) -> None:
-        """Serve ``holds`` from now on: kept experts from the old slots, new ones from ``arrived``."""
+    def prepare(self, holds: np.ndarray, arrived: dict[tuple[int, int], torch.Tensor]) -> Prepared:
+        """The expert slots of placement ``holds`` on this rank (kept experts copied from the current
+        slots, new ones from ``arrived``), built aside so the switch itself only swaps references."""
         new = ExpertMap(holds)
-        stacks = []
-        for i in range(len(self.layers)):
-            stacks.append(torch.stack([
-                arrived[(i, e)] if (i, e) in arrived else self.expert_weights(i, e)
-                for e in new.local_experts(i, self.rank)
-            ]))
-        for layer, stack in zip(self.layers, stacks, strict=True):
-            layer.set_experts(new, stack)
-        self.map = new
+        local = []
+        for i, layer in enumerate(self.layers):
+            stack = torch.stack([arrived[(i, e)] if (i, e) in arrived else self.expert_weights(i, e)
+                                 for e in new.local_experts(i, self.rank)])
+            local.append(layer.slot_experts(stack))
+        return Prepared(new, local)
+
+    def install(self, prepared: Prepared) -> None:
+        """Serve the prepared placement from the next forward on (called at a step boundary)."""
+        for layer, local in zip(self.layers, prepared.local, strict=True):
+            layer.placement, layer.local = prepared.map, local
+        self.map = prepared.map
+
+
+@dataclass
+class Prepared:
+    """A placement ready to install: its lookup tables and this rank's experts per MoE layer."""
+
+    map: ExpertMap
+    local: list[SlotExperts]

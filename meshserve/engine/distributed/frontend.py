@@ -167,7 +167,8 @@ class DistributedEngine:
                 try:
                     kind, value = conn.recv()
                 except (EOFError, OSError):
-                    self._fail(f"rank {rank} closed its pipe during {command}")
+                    self._procs[rank].join(1.0)
+                    self._fail(f"rank {rank} exited (code {self._procs[rank].exitcode}) during {command}")
                 if kind == "error":
                     self._raise(rank, command, value)
                 answers[rank] = value

@@ -76,13 +76,12 @@ class ExpertParallelMoE(nn.Module):
         """Elements of one expert's flat weights (see SlotExperts.weights)."""
         return 3 * self.intermediate_size * self.hidden_size
 
-    def set_experts(self, placement: Placement, flat_weights: torch.Tensor) -> None:
-        """Switch to a new placement with this rank's experts given as flat weights [slots, expert_size]."""
+    def slot_experts(self, flat_weights: torch.Tensor) -> SlotExperts:
+        """Experts given as flat weights [slots, expert_size] (SlotExperts.weights' layout) as slots."""
         i, h = self.intermediate_size, self.hidden_size
         gate_up = flat_weights[:, : 2 * i * h].reshape(-1, 2 * i, h)
         down = flat_weights[:, 2 * i * h:].reshape(-1, h, i)
-        self.local = SlotExperts(h, i, gate_up, down)
-        self.placement = placement
+        return SlotExperts(h, i, gate_up, down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t, hidden = x.shape
