@@ -62,21 +62,25 @@ def generate(
         None, help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' or '
                    '\'{"method": "draft_model", "model": DIR}\'.'),
     enable_prefix_caching: bool = typer.Option(True, help="Automatic prefix caching."),
+    data_parallel_size: int = typer.Option(1, help="Rank processes (data-parallel attention)."),
+    enable_expert_parallel: bool = typer.Option(False, help="Split MoE experts over the ranks."),
+    enable_eplb: bool = typer.Option(False, help="Rebalance experts live from the ranks' expert loads."),
+    eplb_config: str | None = typer.Option(
+        None, help='JSON, e.g. \'{"num_redundant_experts": 2, "balancer": "greedy", '
+                   '"mode": "non-invasive"}\'.'),
 ) -> None:
     """Complete prompts with a local model and print the completions."""
-    import json
-
     from meshserve.engine import LLM, SamplingParams
 
     prompts = _read_prompts(prompt, prompt_file)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
                             seed=seed, stop=stop or None, ignore_eos=ignore_eos)
-    try:
-        spec = None if speculative_config is None else json.loads(speculative_config)
-    except json.JSONDecodeError as err:
-        raise InputError("speculative_config", f"must be a JSON object ({err})") from None
+    spec = _json_option("speculative_config", speculative_config)
+    eplb = _json_option("eplb_config", eplb_config)
     with LLM(model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=min(len(prompts), 128),
-             speculative_config=spec, enable_prefix_caching=enable_prefix_caching) as llm:
+             speculative_config=spec, enable_prefix_caching=enable_prefix_caching,
+             data_parallel_size=data_parallel_size, enable_expert_parallel=enable_expert_parallel,
+             enable_eplb=enable_eplb, eplb_config=eplb or {}) as llm:
         outputs = llm.generate(prompts, params, use_tqdm=False)
     for out in outputs:
         print(out.text)
@@ -99,6 +103,18 @@ def _read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
     if not prompts:
         raise InputError("prompt_file", f"{prompt_file} holds no prompt (one prompt per non-empty line)")
     return prompts
+
+
+def _json_option(name: str, text: str | None) -> dict | None:
+    import json
+
+    try:
+        value = None if text is None else json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(name, f"must be a JSON object ({err})") from None
+    if value is not None and not isinstance(value, dict):
+        raise InputError(name, "must be a JSON object")
+    return value
 
 
 def main() -> None:

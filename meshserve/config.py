@@ -16,6 +16,7 @@ from meshserve.atomic import check_writable
 from meshserve.errors import InputError, boolean, integer, number, require
 
 if TYPE_CHECKING:
+    from meshserve.engine.distributed.config import ParallelConfig
     from meshserve.engine.spec.config import SpecConfig
 
 DTYPE_NAMES = ("float32", "bfloat16")
@@ -88,6 +89,8 @@ class EngineConfig:
     record_expert_trace: path of an expert-load trace (.npz, docs/traces.md) written on close (MoE only).
     speculative_config: vLLM-style dict, e.g. ``{"method": "ngram", "num_speculative_tokens": 3}``
         (engine/spec/config.py); validated into a SpecConfig. None = no speculative decoding.
+    parallel: data-parallel ranks, expert parallelism and EPLB (engine/distributed/config.py); flat
+        arguments ``data_parallel_size=4, enable_expert_parallel=True, ...`` land here.
     """
 
     model: str
@@ -97,6 +100,7 @@ class EngineConfig:
     speculative_config: dict[str, Any] | SpecConfig | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig | None = None
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and bool(self.model), "model", "must be a model directory")
@@ -109,23 +113,31 @@ class EngineConfig:
                     "record_expert_trace", f"must be a path ending in .npz (an npz archive), got {trace!r}")
             check_writable(trace, "record_expert_trace")
             self.record_expert_trace = str(trace)
-        from meshserve.engine.spec.config import SpecConfig  # here: the engine package imports this module
+        # Imported here: the engine package imports this module.
+        from meshserve.engine.distributed.config import ParallelConfig
+        from meshserve.engine.spec.config import SpecConfig
 
         self.speculative_config = SpecConfig.from_dict(self.speculative_config)
+        self.parallel = self.parallel or ParallelConfig()
 
     @classmethod
     def from_args(cls, model: str, **engine_args: Any) -> EngineConfig:
         """Build from flat vLLM-style keyword arguments (``block_size=8, max_num_seqs=16, ...``)."""
-        groups: dict[type, dict[str, Any]] = {CacheConfig: {}, SchedulerConfig: {}, cls: {}}
+        from meshserve.engine.distributed.config import ParallelConfig
+
+        groups: dict[type, dict[str, Any]] = {
+            CacheConfig: {}, SchedulerConfig: {}, ParallelConfig: {}, cls: {}}
         owner = {f.name: group for group in groups for f in dataclasses.fields(group)}
+        internal = ("cache", "scheduler", "parallel", "model")
         for name, value in engine_args.items():
-            if name not in owner or name in ("cache", "scheduler", "model"):
-                allowed = sorted(n for n in owner if n not in ("cache", "scheduler", "model"))
+            if name not in owner or name in internal:
+                allowed = sorted(n for n in owner if n not in internal)
                 raise InputError(name, f"unknown engine argument; allowed: {', '.join(allowed)}")
             groups[owner[name]][name] = value
         return cls(
             model=str(model),
             cache=CacheConfig(**groups[CacheConfig]),
             scheduler=SchedulerConfig(**groups[SchedulerConfig]),
+            parallel=ParallelConfig(**groups[ParallelConfig]),
             **groups[cls],
         )

@@ -130,8 +130,9 @@ class BlockManager:
     def publish(self, request: Request) -> None:
         """Add the request's newly filled blocks of verified, computed tokens to the prefix cache."""
         if self.prefix_cache is not None:
-            self.prefix_cache.publish(request.block_table, request.token_ids, request.num_computed_tokens,
-                                      request.block_keys)
+            # A verify that stopped early has KV past its last kept token: publish only kept tokens.
+            num_tokens = min(request.num_computed_tokens, request.num_tokens)
+            self.prefix_cache.publish(request.block_table, request.token_ids, num_tokens, request.block_keys)
 
     def truncate(self, request: Request, num_tokens: int) -> None:
         """Keep only the blocks holding the first ``num_tokens`` tokens (rejected drafts' tail blocks go)."""

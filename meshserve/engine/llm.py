@@ -1,14 +1,16 @@
 """LLM: the offline batch API, as in vLLM.
 
     llm = LLM("path/to/model", max_num_batched_tokens=512)
+    llm = LLM("path/to/moe", data_parallel_size=4, enable_expert_parallel=True)  # N rank processes
     outputs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0, max_tokens=32))
     outputs[0].text, outputs[0].token_ids, outputs[0].finish_reason, outputs[0].metrics
+    llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=32))  # the model's chat template
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -18,6 +20,9 @@ from meshserve.engine.engine import Engine
 from meshserve.engine.outputs import RequestOutput
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.errors import InputError
+
+if TYPE_CHECKING:
+    from meshserve.engine.distributed import DistributedEngine
 
 Prompt = str | Sequence[int] | dict[str, Any]
 
@@ -30,7 +35,13 @@ class LLM:
     """
 
     def __init__(self, model: str, **engine_args: Any) -> None:
-        self.engine = Engine(EngineConfig.from_args(model, **engine_args))
+        config = EngineConfig.from_args(model, **engine_args)
+        if config.parallel.distributed:  # data_parallel_size > 1 or enable_expert_parallel
+            from meshserve.engine.distributed import DistributedEngine
+
+            self.engine: Engine | DistributedEngine = DistributedEngine(config)
+        else:
+            self.engine = Engine(config)
         self.tokenizer = self.engine.tokenizer
 
     def generate(
@@ -46,7 +57,7 @@ class LLM:
         """
         prompts = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         elif not isinstance(sampling_params, list | tuple):
             raise InputError("sampling_params", "must be a SamplingParams or a list of them, got "
                                                 f"{type(sampling_params).__name__}")
@@ -75,6 +86,23 @@ class LLM:
                         done[out.request_id] = out
                         bar.update(1)
         return [done[i] for i in ids]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate a reply to one conversation (a list of {"role", "content"} messages) or to each of
+        several, formatted with the model's chat template (tokenizer_config.json) or a plain fallback."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (vLLM's behaviour)."""
+        return SamplingParams(**self.engine.model_config.generation_defaults)
 
     def close(self) -> None:
         """Finish up: writes the expert trace when one was asked for."""

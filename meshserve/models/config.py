@@ -54,10 +54,42 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    # Sampling defaults from generation_config.json (SamplingParams names), used when a request omits them.
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+
+# generation_config.json name -> SamplingParams name, for the defaults a request inherits (as vLLM does).
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def resolve_aliases(hf: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+    """config.json with each field readable under every name transformers accepts for it.
+
+    ``aliases`` maps a name to the one transformers stores (its config class's ``attribute_map``): e.g.
+    transformers 5 saves Qwen3-MoE's expert count as ``num_local_experts``, older versions ``num_experts``.
+    """
+    hf = dict(hf)
+    for alias, name in aliases.items():
+        if alias in hf and name in hf and hf[alias] != hf[name]:
+            raise InputError(f"config.json:{alias}", f"{hf[alias]!r} disagrees with {name}={hf[name]!r}")
+        value = hf.get(name, hf.get(alias))
+        if value is not None:
+            hf[alias] = hf[name] = value
+    return hf
+
+
+def generation_defaults(generation: dict[str, Any]) -> dict[str, Any]:
+    """The sampling fields generation_config.json sets (greedy when it says do_sample: false)."""
+    defaults = {ours: generation[theirs] for theirs, ours in GENERATION_DEFAULTS.items()
+                if generation.get(theirs) is not None}
+    if generation.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
 
 
 def _get(hf: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
@@ -179,6 +211,7 @@ def parse_config(
         rope_theta=theta,
         rope_scaling=scaling,
         tie_word_embeddings=flag(hf, "tie_word_embeddings", False),
+        generation_defaults=generation_defaults(generation),
     )
     return cfg
 

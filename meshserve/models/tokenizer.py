@@ -10,6 +10,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from meshserve.errors import InputError
+from meshserve.models.chat_template import check_messages, read_chat_template, render_chat
 
 
 def _token_text(value: Any) -> str | None:
@@ -41,6 +42,7 @@ class Tokenizer:
         self._tok = tokenizer
         self.bos_token_id = bos_token_id
         self.eos_token_ids = list(eos_token_ids)
+        self.chat_template: str | None = None
 
     @classmethod
     def from_dir(
@@ -68,7 +70,9 @@ class Tokenizer:
         eos = list(eos_token_ids)
         if not eos and (eos_id := _special_id(tok, extra, "eos_token")) is not None:
             eos = [eos_id]
-        return cls(tok, bos_token_id, eos)
+        tokenizer = cls(tok, bos_token_id, eos)
+        tokenizer.chat_template = read_chat_template(path)
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -80,6 +84,17 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a chat (OpenAI-style messages) rendered with the model's chat template.
+
+        A template writes its own special tokens (e.g. BOS), so only the plain fallback adds them."""
+        messages = check_messages(messages)
+        special = [self._tok.id_to_token(i) if i is not None else None
+                   for i in (self.bos_token_id, (self.eos_token_ids or [None])[0])]
+        text = render_chat(messages, self.chat_template, special[0] or "", special[1] or "",
+                           add_generation_prompt)
+        return self.encode(text, add_special_tokens=self.chat_template is None)
 
     def detokenizer(self) -> IncrementalDetokenizer:
         """A fresh streaming detokenizer for one request's output."""

@@ -82,13 +82,13 @@ class BalanceSetup:
 
 
 def a2a_domains(mapping: Mapping) -> np.ndarray:
-    """[devices] all-to-all domain of each device: its FTD, or its wafer under hierarchical ER.
+    """[devices] all-to-all domain of each device (its FTD, its wafer, or its FTD on its wafer).
 
     The all-to-all never crosses a domain border, so links between domains are idle during it
     (NI-Balancer's global steps) and links inside a domain are busy (its local steps wait for
     the all-reduce).
     """
-    return (mapping.wafer_of if mapping.hierarchical else mapping.ftd_of).copy()
+    return mapping.domain_of.copy()
 
 
 def a2a_per_slot(topo: Topology, unit: np.ndarray, slots: float) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from meshserve.errors import integer, number
-from meshserve.wafer.balance.placement import Placement
+from meshserve.placement.plan import Placement
 
 
 @dataclass(frozen=True)
