@@ -41,6 +41,8 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        require(not config.parallel.distributed, "data_parallel_size",
+                "Engine runs one process; use LLM(...) or DistributedEngine for several ranks")
         loaded = load_model(config.model, config.dtype)
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         mc = self.model_config
@@ -97,6 +99,7 @@ class Engine:
         ``stream``: ``step()`` reports this request's new tokens and text every step (deltas), not only
         its final output.
         """
+        require(not self._closed, "engine", "is closed; create a new LLM / Engine to generate again")
         params = SamplingParams() if params is None else params
         require(isinstance(params, SamplingParams), "sampling_params", "must be a SamplingParams")
         if request_id is None:
@@ -135,7 +138,10 @@ class Engine:
     def _prompt_tokens(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             require(bool(prompt), "prompt", "must not be empty")
-            token_ids = self.tokenizer.encode(prompt)
+            try:
+                token_ids = self.tokenizer.encode(prompt)
+            except (TypeError, ValueError, UnicodeError) as err:  # e.g. lone surrogates the Rust side rejects
+                raise InputError("prompt", f"text cannot be tokenized ({str(err)[:120]})") from None
         elif isinstance(prompt, (list, tuple)) and all(
                 isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
             token_ids = [int(t) for t in prompt]

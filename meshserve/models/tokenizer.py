@@ -20,6 +20,21 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _special_id(tok: HFTokenizer, extra: dict[str, Any], key: str) -> int | None:
+    """The id of a special token tokenizer_config.json names; a name tokenizer.json lacks is an error."""
+    value = extra.get(key)
+    if value is None:
+        return None
+    text = _token_text(value)
+    if text is None:
+        raise InputError(f"tokenizer_config.json:{key}",
+                         f'expected a string or {{"content": ...}}, got {value!r}')
+    token_id = tok.token_to_id(text)
+    if token_id is None:
+        raise InputError(f"tokenizer_config.json:{key}", f"{text!r} is not a token of tokenizer.json")
+    return token_id
+
+
 class Tokenizer:
     """encode / decode text; knows the model's BOS and EOS ids."""
 
@@ -46,13 +61,15 @@ class Tokenizer:
         if config.is_file():
             try:
                 extra = json.loads(config.read_text())
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise InputError("tokenizer_config.json", f"invalid JSON ({err})") from None
-        if bos_token_id is None and (text := _token_text(extra.get("bos_token"))):
-            bos_token_id = tok.token_to_id(text)
+            if not isinstance(extra, dict):
+                raise InputError("tokenizer_config.json", "expected a JSON object")
+        if bos_token_id is None:
+            bos_token_id = _special_id(tok, extra, "bos_token")
         eos = list(eos_token_ids)
-        if not eos and (text := _token_text(extra.get("eos_token"))) and tok.token_to_id(text) is not None:
-            eos = [tok.token_to_id(text)]
+        if not eos and (eos_id := _special_id(tok, extra, "eos_token")) is not None:
+            eos = [eos_id]
         tokenizer = cls(tok, bos_token_id, eos)
         tokenizer.chat_template = read_chat_template(path)
         return tokenizer

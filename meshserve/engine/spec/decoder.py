@@ -37,7 +37,10 @@ class SpecDecoder:
             self.proposer: NgramProposer | DraftModelProposer = NgramProposer(
                 self.k, config.prompt_lookup_max, config.prompt_lookup_min)
         else:
-            draft = load_model(config.model, dtype)
+            try:
+                draft = load_model(config.model, dtype)
+            except InputError as err:  # name the draft, so it is not taken for the target model
+                raise InputError("speculative_config.model", f"draft model {config.model}: {err}") from None
             if draft.config.vocab_size != vocab_size:
                 raise InputError("speculative_config.model", f"draft vocab_size {draft.config.vocab_size} "
                                                              f"differs from the target's {vocab_size}")
