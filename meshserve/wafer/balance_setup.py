@@ -27,6 +27,7 @@ from meshserve.wafer.balance import (
 from meshserve.wafer.comm_model import CommModel, ExpertCost, LinkMap
 from meshserve.wafer.hardware import Hardware, load_hardware
 from meshserve.wafer.iteration import IterationResult, check_trace, simulate_iterations
+from meshserve.wafer.limits import check_iterations
 from meshserve.wafer.mapping import Mapping, make_mapping
 from meshserve.wafer.models import MoEModel, load_model
 from meshserve.wafer.synthetic import synthetic_trace
@@ -88,6 +89,7 @@ class BalanceSetup:
         make_mapping(hw, self.tp, self.resolved_mapping(hw))
         require(self.tokens_per_device >= 1, "batch", f"must be >= 1, got {self.tokens_per_device}")
         require(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
+        check_iterations(hw, self.iterations, model.num_moe_layers, model.routed_experts)
         require(self.balancer in BALANCERS, "balancer",
                 f"unknown {self.balancer!r}; allowed: {', '.join(BALANCERS)}")
         if self.trace is not None:

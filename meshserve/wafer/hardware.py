@@ -96,6 +96,12 @@ def load_hardware(name: str) -> Hardware:
 def hardware_from_dict(data: dict, name: str) -> Hardware:
     """Build a Hardware from a preset mapping; every bad field raises InputError naming it."""
     top = Section(data, name)
+    hw = _platform(top, name)
+    top.reject_unknown()
+    return hw
+
+
+def _platform(top: Section, name: str) -> Hardware:
     kind = top.choice("kind", ("mesh", "switch"))
     d = top.section("die")
     die = Die(

@@ -21,14 +21,14 @@ COLOURS = {"baseline": "#7f7f7f", "er": "#1f77b4", "er-bal": "#2ca02c", "her": "
            "her-bal": "#d62728", "her-ftd": "#9467bd"}
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Write a figure atomically (temp file + os.replace) and close it."""
+def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
+    """Write a figure atomically (temp file + os.replace) as a PNG and close it."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meshserve.wafer.hardware import Hardware, load_hardware
+from meshserve.wafer.limits import check_platform
 from meshserve.wafer.mapping import Mapping, make_mapping
 from meshserve.wafer.models import MoEModel, load_model
 from meshserve.wafer.simulate import LayerResult, simulate_layer, step_s
@@ -18,6 +19,7 @@ def run_layer(
 ) -> tuple[Hardware, MoEModel, Mapping, float, LayerResult]:
     """Load presets, build the mapping and evaluate one MoE layer."""
     hw, mo = load_hardware(hardware), load_model(model)
+    check_platform(hw)
     m = make_mapping(hw, tp, mapping)
     layer = simulate_layer(hw, mo, m, tokens_per_device, ep=ep, context=context, time_model=time_model)
     return hw, mo, m, tokens_per_device, layer
@@ -177,16 +179,16 @@ def run_reproduce_comm(out: str, tokens_per_device: float = 64, time_model: str 
     import json
     from pathlib import Path
 
-    from meshserve.atomic import write_atomic
+    from meshserve.atomic import all_or_nothing, check_writable, write_atomic
     from meshserve.wafer.experiments import run_comm
     from meshserve.wafer.plots import comparison_png
 
+    folder = check_writable(Path(out), "out", folder=True)
     result = run_comm(tokens_per_device, time_model)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    result["plot"] = str(comparison_png(result, folder / "wafer_comm.png"))
-    text = json.dumps(result, default=lambda x: x.item())  # numpy scalars -> Python numbers
-    write_atomic(folder / "wafer_comm.json", text.encode())
+    with all_or_nothing():
+        result["plot"] = str(comparison_png(result, folder / "wafer_comm.png"))
+        text = json.dumps(result, default=lambda x: x.item())  # numpy scalars -> Python numbers
+        write_atomic(folder / "wafer_comm.json", text.encode())
     if as_json:
         print(text)
     else:

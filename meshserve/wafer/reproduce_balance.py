@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from meshserve.atomic import write_atomic
+from meshserve.atomic import all_or_nothing, check_writable, write_atomic
 from meshserve.errors import require
 from meshserve.wafer.balance import BalanceConfig
 from meshserve.wafer.balance_setup import BalanceSetup, run_setup
@@ -172,6 +172,8 @@ def plot_load_traces(traces: dict[str, IterationResult], model: str, wsc: str, o
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from meshserve.wafer.plots import save_figure
+
     fig, axes = plt.subplots(len(traces), 1, figsize=(9, 2.2 * len(traces)), sharex=True, squeeze=False)
     for ax, (name, r) in zip(axes[:, 0], traces.items(), strict=True):
         x = np.arange(len(r.max_load))
@@ -188,10 +190,7 @@ def plot_load_traces(traces: dict[str, IterationResult], model: str, wsc: str, o
     axes[-1, 0].set_xlabel("decode iteration")
     fig.suptitle(f"{model} on {wsc} (hierarchical ER): expert load per device over time (cf. paper Fig. 15)")
     fig.tight_layout()
-    path = out / "balance_load_over_time.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "balance_load_over_time.png", dpi=120)
 
 
 def plot_ladder(figures: dict, labels: list[str], out: Path) -> Path:
@@ -200,6 +199,8 @@ def plot_ladder(figures: dict, labels: list[str], out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from meshserve.wafer.plots import save_figure
 
     models = list(figures["models"])
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -216,10 +217,7 @@ def plot_ladder(figures: dict, labels: list[str], out: Path) -> Path:
     ax.set_ylim(0, top * 1.25)
     ax.legend(ncol=len(models), loc="upper center", fontsize=8)
     fig.tight_layout()
-    path = out / "balance_ladder.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "balance_ladder.png", dpi=120)
 
 
 def reproduce_balance(
@@ -237,20 +235,22 @@ def reproduce_balance(
     spec.update({k: v for k, v in given.items() if v is not None})
     require(len(spec["models"]) > 0, "models", "list at least one model preset, e.g. deepseek-v3")
     require(spec["iterations"] >= 1, "iterations", f"must be >= 1, got {spec['iterations']}")
-    out = Path(out)
+    out = check_writable(out, "out", folder=True)
     figures, traces = run_ladder(spec, progress=not as_json)
-    out.mkdir(parents=True, exist_ok=True)
-    figures["plots"] = [
-        str(plot_load_traces(traces, spec["models"][0], figures["settings"]["wsc"], out)),
-        str(plot_ladder(figures, [r.label for r in spec["ladder"]], out)),
-    ]
-    if curves:
+    if curves:  # computed before anything is written, so a failure leaves no half set of files
         from meshserve.wafer.curves import curves_png, run_curves
 
-        wsc, skew = run_curves(spec, BalanceConfig(), progress=not as_json)
-        figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"] = wsc, skew
-        figures["plots"].append(str(curves_png(wsc, skew, out / "balance_curves.png")))
-    write_atomic(out / "balance.json", json.dumps(figures, indent=2).encode())
+        figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"] = run_curves(
+            spec, BalanceConfig(), progress=not as_json)
+    with all_or_nothing():
+        figures["plots"] = [
+            str(plot_load_traces(traces, spec["models"][0], figures["settings"]["wsc"], out)),
+            str(plot_ladder(figures, [r.label for r in spec["ladder"]], out)),
+        ]
+        if curves:
+            figures["plots"].append(str(curves_png(figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"],
+                                                   out / "balance_curves.png")))
+        write_atomic(out / "balance.json", json.dumps(figures, indent=2).encode())
     if as_json:
         print(json.dumps(figures))
     else:
