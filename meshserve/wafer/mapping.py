@@ -63,16 +63,18 @@ def readings() -> dict[str, Reading]:
     out = {}
     for name, entry in Section(data, "mappings").data.items():
         sec = Section(entry, f"mappings.{name}")
-        steps = sec.data.get("attention")
+        steps = sec.data.get("attention") if sec.has("attention") else None
         if not isinstance(steps, list) or not steps:
             raise InputError(f"mappings.{name}.attention", "must be a non-empty list of {op, over}")
         sections = [Section(step, f"mappings.{name}.attention") for step in steps]
         attention = tuple((step.choice("op", OPS), step.choice("over", RING_OVER)) for step in sections)
-        domain = sec.data.get("a2a_domain")
+        domain = sec.data.get("a2a_domain") if sec.has("a2a_domain") else None
         if not isinstance(domain, list) or not domain or any(k not in DOMAIN_KEYS for k in domain):
             raise InputError(f"mappings.{name}.a2a_domain",
                              f"must be a non-empty list of {', '.join(DOMAIN_KEYS)}, got {domain!r}")
         out[name] = Reading(sec.choice("layout", LAYOUTS), attention, tuple(domain))
+        for part in (sec, *sections):  # strict, as every preset: a misspelt key is an error
+            part.reject_unknown()
     return out
 
 

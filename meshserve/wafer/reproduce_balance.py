@@ -237,17 +237,19 @@ def reproduce_balance(
     require(spec["iterations"] >= 1, "iterations", f"must be >= 1, got {spec['iterations']}")
     out = check_writable(out, "out", folder=True)
     figures, traces = run_ladder(spec, progress=not as_json)
+    if curves:  # computed before anything is written, so a failure leaves no half set of files
+        from meshserve.wafer.curves import curves_png, run_curves
+
+        figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"] = run_curves(
+            spec, BalanceConfig(), progress=not as_json)
     with all_or_nothing():
         figures["plots"] = [
             str(plot_load_traces(traces, spec["models"][0], figures["settings"]["wsc"], out)),
             str(plot_ladder(figures, [r.label for r in spec["ladder"]], out)),
         ]
         if curves:
-            from meshserve.wafer.curves import curves_png, run_curves
-
-            wsc, skew = run_curves(spec, BalanceConfig(), progress=not as_json)
-            figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"] = wsc, skew
-            figures["plots"].append(str(curves_png(wsc, skew, out / "balance_curves.png")))
+            figures["plots"].append(str(curves_png(figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"],
+                                                   out / "balance_curves.png")))
         write_atomic(out / "balance.json", json.dumps(figures, indent=2).encode())
     if as_json:
         print(json.dumps(figures))

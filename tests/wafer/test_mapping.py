@@ -113,5 +113,11 @@ def test_mapping_readings_come_from_data_and_bad_entries_name_the_field(monkeypa
         with pytest.raises(InputError) as err:
             mapping.readings()
         assert err.value.field == "mappings.odd.a2a_domain" and "ftd, wafer" in err.value.message
+        misspelt = "odd:\n  layout: compact\n  attention: [{op: all-reduce, over: tp-group, rings: 2}]\n"
+        (tmp_path / "mappings.yaml").write_text(misspelt + "  a2a_domain: [ftd]\n")
+        mapping.readings.cache_clear()
+        with pytest.raises(InputError) as err:
+            mapping.readings()
+        assert err.value.field == "mappings.odd.attention.rings" and "unknown field" in err.value.message
     finally:
         mapping.readings.cache_clear()
