@@ -114,15 +114,27 @@ class DistributedEngine:
 
     def abort(self, request_id: str) -> bool:
         rank = self.owner.pop(str(request_id), None)
-        return False if rank is None else bool(self._call(rank, "abort", (str(request_id),)))
+        if rank is None or self.closed:  # after a RankError there is nothing left to abort
+            return False
+        return bool(self._call(rank, "abort", (str(request_id),)))
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
 
     def has_unfinished(self) -> bool:
         return bool(self.owner)
 
     def step(self) -> list[RequestOutput]:
         """One lock-step step of every rank; the final outputs of requests that finished in it."""
-        for conn in self._conns:
-            conn.send(("step", ()))
+        if self.closed:
+            raise RankError("the engine's ranks have been shut down")
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send(("step", ()))
+            except OSError:
+                self._procs[rank].join(1.0)
+                self._fail(f"rank {rank} exited (code {self._procs[rank].exitcode}) before step")
         finished: list[RequestOutput] = []
         infos = []
         for outs, info in self._replies(list(range(self.num_ranks)), "step", self.step_timeout_s):
@@ -149,7 +161,13 @@ class DistributedEngine:
     # -- plumbing ---------------------------------------------------------------------------------
 
     def _call(self, rank: int, command: str, args: tuple) -> Any:
-        self._conns[rank].send((command, args))
+        if self.closed:
+            raise RankError("the engine's ranks have been shut down")
+        try:
+            self._conns[rank].send((command, args))
+        except OSError:
+            self._procs[rank].join(1.0)
+            self._fail(f"rank {rank} exited (code {self._procs[rank].exitcode}) before {command}")
         return self._replies([rank], command, self.step_timeout_s)[0]
 
     def _replies(self, ranks: list[int], command: str, timeout_s: float) -> list[Any]:
@@ -194,7 +212,7 @@ class DistributedEngine:
 
     def close(self) -> None:
         """Ask every live rank to finish, then make sure none is left running."""
-        if not self._finalizer.alive:
+        if self.closed:
             return
         for conn, proc in zip(self._conns, self._procs, strict=True):
             if proc.is_alive():
