@@ -137,9 +137,17 @@ def test_sigterm_stops_gracefully_with_exit_0(model_dir):
             proc.wait()
 
 
-def test_a_non_streaming_client_that_hangs_up_frees_its_blocks(server):
+def test_a_non_streaming_client_that_hangs_up_frees_its_blocks(server, monkeypatch):
     body = {"prompt": [1, 5, 6, 7], "max_tokens": 90, "n": 8, "ignore_eos": True}
-    steps = server.llm.engine.num_steps
+    engine = server.llm.engine
+    step = engine.step
+
+    def slow_step(*args, **kwargs):  # >= 5 ms a step: the 90 steps outlast the client's 0.2 s on any machine
+        time.sleep(0.005)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    steps = engine.num_steps
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.2)
     deadline = time.time() + 10  # far less than the ~90 steps the 8 completions would still need
