@@ -16,6 +16,13 @@ from tests.kernels.test_meta_attention import build_batch, dense_reference
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def native_op():
+    """Every test here needs the built op; the first test says how to build it when it is missing."""
+    if not native.load():
+        pytest.fail(f"native kernels missing: run `{native.BUILD_COMMAND}` (make test does)")
+
+
 def test_native_op_is_built_and_loaded():
     assert native.load(), f"native kernels missing: run `{native.BUILD_COMMAND}` (make test does)"
     assert hasattr(torch.ops.meshserve, "meta_attention")
@@ -116,3 +123,13 @@ def test_models_run_the_native_op_by_default(tiny_model_dir, monkeypatch):
     first, second = seqs.add([1, 5, 6, 7]), seqs.add([1, 9])
     seqs.step({first: 4, second: 2})
     assert len(calls) == lm.config.num_layers
+
+
+def test_op_registration_and_fake_impl_pass_torch_opcheck():
+    """Schema, fake (meta) impl and dispatch agree, so a compiled forward can treat the op as opaque."""
+    meta, cache, q, k, v = random_step([(9, 3), (20, 1)], 4, 2, 4, 16, torch.float32, seed=2)
+    table = plan_tasks(meta, 4, 2, TileSizes(16, 8, 4), num_threads=2)
+    args = (q, cache, table.block_tables, table.tasks, table.thread_starts, table.combine, table.tree_mask,
+            0.25, table.partial_rows)
+    torch.library.opcheck(torch.ops.meshserve.meta_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
