@@ -90,15 +90,17 @@ class Scheduler:
         out = SchedulerOutput()
         chosen: dict[Request, WorkItem] = {}
         # Generating requests first (False sorts first), then prompts in progress; each in arrival order.
-        order = sorted(self.running, key=lambda r: (r.num_output_tokens == 0 or self._pending(r) > 1,
-                                                    r.arrival_order))
+        order = sorted(self.running, key=lambda r: (not self._generating(r), r.arrival_order))
+        # Each generating request after the current one keeps 1 token of budget: drafts shrink first.
+        generating_after = sum(map(self._generating, order))
         for request in order:
             if budget == 0:
                 break
+            generating_after -= self._generating(request)
             if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             while True:
-                item = self._work(request, budget, shrink=True)
+                item = self._work(request, budget, shrink=True, reserve=generating_after)
                 if self.blocks.allocate(request, item.start + item.num_tokens):
                     chosen[request] = item
                     budget -= item.num_tokens
@@ -150,18 +152,20 @@ class Scheduler:
         self.blocks.free(request)
         request.status = status
 
-    def _pending(self, request: Request) -> int:
-        return request.num_tokens - request.num_computed_tokens
+    def _generating(self, request: Request) -> bool:
+        """Past its prompt: needs one token (decode) or one plus drafts (verify) this step."""
+        return request.num_output_tokens > 0 and request.num_tokens - request.num_computed_tokens == 1
 
-    def _work(self, request: Request, budget: int, shrink: bool) -> WorkItem:
+    def _work(self, request: Request, budget: int, shrink: bool, reserve: int = 0) -> WorkItem:
         """The largest piece of the request's pending work that fits in ``budget`` tokens.
 
         With ``shrink``, a prompt chunk also shrinks to the free KV space rather than evict anyone.
+        ``reserve``: budget tokens a verify leaves for the decodes scheduled after it.
         """
         start = request.num_computed_tokens
         pending = request.num_tokens - start
         if pending == 1 and request.num_output_tokens > 0:
-            drafts = min(len(request.spec_token_ids), budget - 1)  # trailing drafts wait for a later step
+            drafts = min(len(request.spec_token_ids), budget - 1 - reserve)  # the rest wait for a later step
             if drafts > 0:
                 return WorkItem(request, WorkKind.VERIFY, start, 1 + drafts, 1 + drafts)
             return WorkItem(request, WorkKind.DECODE, start, 1, 1)

@@ -26,6 +26,7 @@ from meshserve.wafer.balance import (
 from meshserve.wafer.comm_model import CommModel, ExpertCost, LinkMap
 from meshserve.wafer.hardware import Hardware, load_hardware
 from meshserve.wafer.iteration import IterationResult, check_trace, simulate_iterations
+from meshserve.wafer.limits import check_iterations
 from meshserve.wafer.mapping import Mapping, make_mapping
 from meshserve.wafer.models import MoEModel, load_model
 from meshserve.wafer.synthetic import synthetic_trace
@@ -69,6 +70,7 @@ class BalanceSetup:
         make_mapping(hw, self.tp, self.resolved_mapping(hw))
         require(self.tokens_per_device >= 1, "batch", f"must be >= 1, got {self.tokens_per_device}")
         require(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
+        check_iterations(hw, self.iterations, model.num_moe_layers, model.routed_experts)
         require(self.balancer in BALANCERS, "balancer",
                 f"unknown {self.balancer!r}; allowed: {', '.join(BALANCERS)}")
         if self.trace is not None:
@@ -76,13 +78,13 @@ class BalanceSetup:
 
 
 def a2a_domains(mapping: Mapping) -> np.ndarray:
-    """[devices] all-to-all domain of each device: its FTD, or its wafer under hierarchical ER.
+    """[devices] all-to-all domain of each device (its FTD, its wafer, or its FTD on its wafer).
 
     The all-to-all never crosses a domain border, so links between domains are idle during it
     (NI-Balancer's global steps) and links inside a domain are busy (its local steps wait for
     the all-reduce).
     """
-    return (mapping.wafer_of if mapping.hierarchical else mapping.ftd_of).copy()
+    return mapping.domain_of.copy()
 
 
 def a2a_per_slot(topo: Topology, unit: np.ndarray, slots: float) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from meshserve.errors import InputError
 from meshserve.wafer.balance import Balancer, Placement, imbalance, migrations
-from meshserve.wafer.balance.ni import split_steps
+from meshserve.wafer.balance.steps import split_steps
 from meshserve.wafer.balance.stream import Flight
 from meshserve.wafer.comm_model import CommModel, ExpertCost
 
@@ -69,6 +69,11 @@ class IterationResult:
             "migrated_bytes": float(self.migrated_bytes.sum()),
             "plans": len(self.plans),
             "moe_tokens_per_s_per_device": float(tokens * self.num_layers / moe / self.num_devices)
+            if moe > 0 else 0.0,
+            # the same with the attention output reduction (all-reduce, or hierarchical collectives)
+            # in each layer's time: the paper does not say which of the two its Fig. 17 counts
+            "moe_and_reduction_tokens_per_s_per_device": float(
+                tokens * self.num_layers / (moe + self.allreduce_s.sum()) / self.num_devices)
             if moe > 0 else 0.0,
             "max_migration_link_utilization": float(self.max_link_utilization),
         }

@@ -84,3 +84,18 @@ def test_seeded_request_gives_same_tokens_whatever_the_batch() -> None:
     batch = verify(p.expand(4, -1, -1), drafts.expand(4, -1), torch.full((4,), K),
                    torch.zeros(4, dtype=torch.bool), _gens(3, 5) + _gens(1, 77), q.expand(4, -1, -1))
     assert batch.tokens[3] == alone.tokens[0]
+
+
+def test_seeded_draws_do_not_depend_on_the_widest_verify_in_the_batch() -> None:
+    """A request verifying 1 draft consumes the same random numbers beside a 3-draft verify as alone."""
+    p, q = _setup(4)
+    one = torch.tensor([[1, 0, 0]])
+    gen = _gens(1, 9)
+    seq_alone = [verify(p[None], one, torch.tensor([1]), torch.tensor([False]), gen, q[None],
+                        draws_per_row=K + 1).tokens[0] for _ in range(6)]
+    gen = _gens(1, 9)
+    wide = torch.tensor([[1, 2, 3]])
+    seq_batch = [verify(p.expand(2, -1, -1), torch.cat([one, wide]), torch.tensor([1, K]),
+                        torch.tensor([False, False]), gen + _gens(1, i), q.expand(2, -1, -1),
+                        draws_per_row=K + 1).tokens[0] for i in range(6)]
+    assert seq_batch == seq_alone

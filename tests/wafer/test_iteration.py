@@ -59,6 +59,10 @@ def test_static_run_conserves_tokens_and_never_migrates():
     np.testing.assert_allclose(result.mean_load * 16, routed, rtol=1e-5)
     assert result.stall_s.sum() == 0 and result.migrated_bytes.sum() == 0 and result.plans == []
     assert (result.max_load >= result.mean_load).all()
+    s = result.summary()  # the attention reduction adds its time to every layer when counted
+    moe = result.moe_time_s.sum()
+    assert s["moe_and_reduction_tokens_per_s_per_device"] == pytest.approx(
+        s["moe_tokens_per_s_per_device"] * moe / (moe + result.allreduce_s.sum()))
 
 
 class MoveOnce(Balancer):

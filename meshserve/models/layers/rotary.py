@@ -67,15 +67,21 @@ def rope_frequencies(
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     try:
         if kind == "linear":
-            return inv_freq / scaling["factor"], 1.0
-        if kind == "llama3":
-            return _llama3(inv_freq, scaling), 1.0
-        if kind == "yarn":
-            return _yarn(head_dim, theta, scaling, max_pos)
+            inv_freq, scale = inv_freq / scaling["factor"], 1.0
+        elif kind == "llama3":
+            inv_freq, scale = _llama3(inv_freq, scaling), 1.0
+        elif kind == "yarn":
+            inv_freq, scale = _yarn(head_dim, theta, scaling, max_pos)
+        else:  # "dynamic" NTK only changes frequencies beyond max_position_embeddings, never reached here
+            scale = 1.0
     except KeyError as missing:
         raise InputError("config.json:rope_scaling", f"{kind} scaling needs field {missing}") from None
-    # "dynamic" NTK only changes frequencies beyond max_position_embeddings, which the engine never reaches.
-    return inv_freq, 1.0
+    except (TypeError, ValueError, ZeroDivisionError) as err:
+        raise InputError("config.json:rope_scaling", f"{kind} scaling has a bad value ({err})") from None
+    if not (bool(torch.isfinite(inv_freq).all()) and math.isfinite(scale) and scale > 0):
+        raise InputError("config.json:rope_scaling", f"{kind} scaling gives non-finite frequencies; check "
+                                                     f"its numbers ({scaling})")
+    return inv_freq, scale
 
 
 class RotaryEmbedding(nn.Module):

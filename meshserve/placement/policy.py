@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshserve.errors import require
-from meshserve.wafer.balance.placement import Placement
+from meshserve.errors import integer, number
+from meshserve.placement.plan import Placement
 
 
 @dataclass(frozen=True)
@@ -36,20 +36,12 @@ class BalanceConfig:
     chunk_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
-        require(self.window_size >= 1, "window_size", f"must be >= 1, got {self.window_size}")
-        require(self.step_interval >= 1, "step_interval", f"must be >= 1, got {self.step_interval}")
-        require(
-            self.imbalance_threshold >= 0,
-            "imbalance_threshold",
-            f"must be >= 0, got {self.imbalance_threshold}",
-        )
-        require(self.chunk_bytes >= 1, "chunk_bytes", f"must be >= 1, got {self.chunk_bytes}")
+        integer(self.window_size, "window_size", 1)
+        integer(self.step_interval, "step_interval", 1)
+        number(self.imbalance_threshold, "imbalance_threshold", 0)
+        integer(self.chunk_bytes, "chunk_bytes", 1)
         if self.num_redundant_experts is not None:
-            require(
-                self.num_redundant_experts >= 0,
-                "num_redundant_experts",
-                f"must be >= 0, got {self.num_redundant_experts}",
-            )
+            integer(self.num_redundant_experts, "num_redundant_experts", 0)
 
 
 def imbalance(device_load: np.ndarray) -> np.ndarray:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshserve.wafer.balance.base import Balancer
-from meshserve.wafer.balance.placement import Placement
+from meshserve.placement.plan import Placement
+from meshserve.placement.policy import Balancer
 
 
 def replicate(load: np.ndarray, extra: int, max_replicas: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Balancers: plans keep every expert, respect slots, conserve tokens, and beat static placement."""
+"""Balancers (meshserve.placement): plans keep every expert, fit their slots, conserve tokens, balance."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshserve.errors import InputError
-from meshserve.wafer.balance import (
+from meshserve.placement import (
     BALANCERS,
     BalanceConfig,
     Placement,
@@ -16,7 +16,6 @@ from meshserve.wafer.balance import (
     slots_per_device,
     static_placement,
 )
-from meshserve.wafer.balance.ni import GLOBAL, LOCAL, split_steps
 
 
 def mesh_hops(rows: int, cols: int) -> np.ndarray:
@@ -89,21 +88,6 @@ def test_migrations_copy_from_the_nearest_holder():
     new = Placement(np.array([[[1, 0, 1, 1]]], dtype=bool), 2)
     m = migrations(old, new, hops)
     assert (m.layer.tolist(), m.expert.tolist(), m.src.tolist(), m.dst.tolist()) == ([0], [0], [3], [2])
-
-
-def test_ni_steps_split_at_ftd_borders():
-    hops = mesh_hops(4, 4)
-    r, c = np.divmod(np.arange(16), 4)
-    ftd = (r // 2) * 2 + c // 2  # four 2x2 blocks
-    old = Placement(np.eye(16, dtype=bool)[None], 2)
-    holds = old.holds.copy()
-    holds[0, 0, 15] = True  # (0,0) -> (3,3): across blocks
-    holds[0, 1, 4] = True  # (0,1) -> (1,0): inside block 0
-    steps = split_steps(migrations(old, Placement(holds, 2), hops), ftd, hops)
-    legs = list(zip(steps.copy.tolist(), steps.phase.tolist(), steps.src.tolist(), steps.dst.tolist(),
-                    strict=True))
-    # copy 0 is expert 0: local (0 -> 5, nearest exit of block 0), global (5 -> 10), local (10 -> 15)
-    assert legs == [(0, LOCAL, 0, 5), (0, GLOBAL, 5, 10), (0, LOCAL, 10, 15), (1, LOCAL, 1, 4)]
 
 
 def test_ni_trigger_fires_on_accumulated_imbalance_only():
