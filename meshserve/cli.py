@@ -164,6 +164,34 @@ def serve(
         speculative_config=_json_option("speculative_config", speculative_config))
 
 
+@app.command("train-tiny")
+def train_tiny(
+    minutes: float = typer.Option(45.0, help="Training time budget (both models together)."),
+    work: str = typer.Option("out/train-tiny", help="Folder: token cache, checkpoint, curves, metrics."),
+    export: str | None = typer.Option(None, help="Write the Hugging Face model directories here "
+                                                 "(meshserve/assets/models for the shipped ones)."),
+    seed: int = typer.Option(0, help="Seed for initialisation and batch sampling."),
+    threads: int = typer.Option(2, help="torch CPU threads."),
+    batch_size: int = typer.Option(4, help="Sequences per step."),
+    seq_len: int = typer.Option(256, help="Tokens per sequence."),
+    bf16: bool = typer.Option(False, help="bfloat16 autocast (faster only on CPUs with bf16 matmul)."),
+    resume: bool = typer.Option(False, help="Continue from WORK/checkpoint.pt."),
+) -> None:
+    """Train the shipped tiny MoE target and dense draft on the Python standard library's sources."""
+    from pathlib import Path
+
+    from meshserve.errors import require
+    from meshserve.training.train import TrainSettings, train
+
+    require(minutes > 0, "minutes", f"must be > 0, got {minutes}")
+    require(threads >= 1, "threads", f"must be >= 1, got {threads}")
+    require(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}")
+    require(8 <= seq_len <= 512, "seq_len", f"must be in [8, 512] (max_position_embeddings), got {seq_len}")
+    settings = TrainSettings(minutes=minutes, seed=seed, threads=threads, batch_size=batch_size,
+                             seq_len=seq_len, autocast_bf16=bf16)
+    train(Path(work), Path(export) if export else None, settings, resume=resume)
+
+
 def main() -> None:
     """Console entry point: bad input becomes one line on stderr and exit code 2, no traceback."""
     try:

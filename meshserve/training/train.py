@@ -1,0 +1,393 @@
+"""`meshserve train-tiny`: train the shipped MoE target and its dense draft together, on a time budget.
+
+One loop, one batch per step for both models: the target learns next-token prediction (+ a small
+router balance loss), the draft learns from the data and from the target's logits on the same batch
+(distillation for free: the target's forward already ran), so the draft agrees with the target often,
+which is what speculative decoding needs. The learning rate follows a cosine over the time budget, so
+a run of N minutes ends annealed whatever the machine's speed. Checkpoints every few minutes;
+`--resume` continues one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from meshserve.atomic import atomic_path, write_atomic
+from meshserve.training.corpus import BOS_ID, EOS_ID, SPECIAL_TOKENS, read_split, stdlib_root, train_tokenizer
+from meshserve.training.model import TinyCausalLM
+
+PRESET = Path(__file__).with_name("models.yaml")
+ARCH_FIELDS = {
+    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False},
+    "mixtral": {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "sliding_window": None,
+        "router_jitter_noise": 0.0,
+    },
+}
+
+
+@dataclass
+class TrainSettings:
+    minutes: float = 45.0
+    seed: int = 0
+    seq_len: int = 256
+    batch_size: int = 4
+    lr_target: float = 3e-3
+    lr_draft: float = 4e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    balance_coef: float = 0.01
+    distill_weight: float = 0.5
+    threads: int = 2
+    autocast_bf16: bool = False
+    eval_windows: int = 64
+    checkpoint_minutes: float = 5.0
+    max_steps: int | None = None  # stop early after this many steps (tests); None = the time budget only
+
+
+def load_preset(path: Path = PRESET) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def prepare_data(
+    work: Path, vocab_size: int, root: Path | None = None
+) -> tuple[Tokenizer, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Tokenizer + train / held-out token streams (<s> before each file), cached under `work`."""
+    tok_file, data_file = work / "tokenizer.json", work / "tokens.npz"
+    if tok_file.is_file() and data_file.is_file():
+        data = np.load(data_file)
+        info = json.loads((work / "data.json").read_text())
+        return Tokenizer.from_file(str(tok_file)), data["train"], data["held_out"], info
+    root = root or stdlib_root()
+    train, held = read_split(root)
+    tok = train_tokenizer(list(train.values()), vocab_size)
+
+    def stream(texts: dict[str, str]) -> np.ndarray:
+        encs = tok.encode_batch(list(texts.values()))  # post-processor puts <s> first
+        return np.concatenate([np.asarray(e.ids, dtype=np.uint16) for e in encs])
+
+    train_ids, held_ids = stream(train), stream(held)
+    info = {
+        "stdlib": str(root),
+        "train_files": len(train),
+        "held_out_files": len(held),
+        "train_bytes": sum(len(t.encode()) for t in train.values()),
+        "held_out_bytes": sum(len(t.encode()) for t in held.values()),
+        "train_tokens": int(train_ids.size),
+        "held_out_tokens": int(held_ids.size),
+        "held_out_files_list": sorted(held),
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    with atomic_path(data_file) as tmp, open(tmp, "wb") as f:
+        np.savez(f, train=train_ids, held_out=held_ids)
+    tok.save(str(tok_file))
+    write_atomic(work / "data.json", json.dumps(info, indent=1).encode())
+    return tok, train_ids, held_ids, info
+
+
+def windows(stream: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
+    """ids [len(starts), length] cut from the token stream (vectorised gather)."""
+    return torch.from_numpy(stream[starts[:, None] + np.arange(length)].astype(np.int64))
+
+
+def unigram_loss(train_ids: np.ndarray, targets: np.ndarray, vocab: int) -> float:
+    """Cross-entropy (nats/token) of add-one-smoothed train unigram frequencies on the targets."""
+    counts = np.bincount(train_ids, minlength=vocab).astype(np.float64) + 1.0
+    return float(-np.log(counts[targets] / counts.sum()).mean())
+
+
+@torch.no_grad()
+def held_out_loss(model: TinyCausalLM, held: np.ndarray, seq_len: int, n: int) -> float:
+    starts = np.linspace(0, held.size - seq_len - 2, n).astype(np.int64)
+    total = 0.0
+    for chunk in np.array_split(starts, max(1, n // 16)):
+        ids = windows(held, chunk, seq_len + 1)
+        logits = model(ids[:, :-1])
+        total += F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
+    return total / (n * seq_len)
+
+
+def lr_factor(step: int, progress: float, warmup: int) -> float:
+    """Linear warm-up over steps, then cosine over the time budget down to 10%."""
+    return min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def hf_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    fields = {k: v for k, v in cfg.items() if k != "arch"}
+    return {
+        **ARCH_FIELDS[cfg["arch"]],
+        **fields,
+        "hidden_act": "silu",
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "torch_dtype": "bfloat16",
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+
+
+def export_hf(model: TinyCausalLM, tok: Tokenizer, path: Path) -> Path:
+    """A Hugging Face model directory (bfloat16 safetensors, config, tokenizer) that transformers loads."""
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    cfg = hf_config(model.cfg)
+    files = {
+        "config.json": cfg,
+        "generation_config.json": {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID},
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": SPECIAL_TOKENS[BOS_ID],
+            "eos_token": SPECIAL_TOKENS[EOS_ID],
+            "pad_token": SPECIAL_TOKENS[0],
+            "model_max_length": cfg["max_position_embeddings"],
+        },
+    }
+    for name, data in files.items():
+        write_atomic(path / name, (json.dumps(data, indent=2) + "\n").encode())
+    write_atomic(path / "tokenizer.json", tok.to_str().encode())
+    return path
+
+
+def plot_curves(
+    log: list[dict[str, float]], evals: list[dict[str, float]], unigram: float, out: Path
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tokens = [r["tokens"] / 1e6 for r in log]
+    ax.plot(tokens, [r["target"] for r in log], lw=0.8, label="target train")
+    ax.plot(tokens, [r["draft"] for r in log], lw=0.8, label="draft train (CE)")
+    ax.plot([e["tokens"] / 1e6 for e in evals], [e["target"] for e in evals], "o-", label="target held-out")
+    ax.plot([e["tokens"] / 1e6 for e in evals], [e["draft"] for e in evals], "s-", label="draft held-out")
+    ax.axhline(unigram, color="grey", ls="--", label=f"unigram baseline {unigram:.2f}")
+    ax.set(xlabel="training tokens (millions)", ylabel="loss (nats/token)", title="meshserve tiny models")
+    ax.set_ylim(0, max(unigram * 1.3, 1))
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out
+
+
+def train(
+    work: Path,
+    export: Path | None,
+    settings: TrainSettings,
+    resume: bool = False,
+    preset: dict[str, Any] | None = None,
+    root: Path | None = None,
+) -> dict[str, Any]:
+    """Train both models for settings.minutes; write checkpoints, curves, metrics; export HF dirs.
+
+    preset: models.yaml's content (default: the shipped models); root: the corpus (default: the stdlib).
+    """
+    torch.set_num_threads(settings.threads)
+    preset = preset or load_preset()
+    tok, train_ids, held_ids, data_info = prepare_data(work, preset["tokenizer"]["vocab_size"], root)
+    vocab = tok.get_vocab_size()
+    torch.manual_seed(settings.seed)
+    cfgs = {name: {**preset[name], "vocab_size": vocab} for name in ("target", "draft")}
+    target, draft = TinyCausalLM(cfgs["target"]), TinyCausalLM(cfgs["draft"])
+    opts = {
+        "target": torch.optim.AdamW(
+            target.parameters(), lr=settings.lr_target, betas=(0.9, 0.95), weight_decay=settings.weight_decay
+        ),
+        "draft": torch.optim.AdamW(
+            draft.parameters(), lr=settings.lr_draft, betas=(0.9, 0.95), weight_decay=settings.weight_decay
+        ),
+    }
+    base_lr = {"target": settings.lr_target, "draft": settings.lr_draft}
+    rng = np.random.default_rng(settings.seed)
+    step, elapsed, log, evals = 0, 0.0, [], []
+    ckpt = work / "checkpoint.pt"
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        target.load_state_dict(state["target"])
+        draft.load_state_dict(state["draft"])
+        for k in opts:
+            opts[k].load_state_dict(state["opt_" + k])
+        step, elapsed, log, evals, rng = (
+            state["step"],
+            state["elapsed"],
+            state["log"],
+            state["evals"],
+            state["rng"],
+        )
+    budget = settings.minutes * 60
+    tokens_per_step = settings.batch_size * settings.seq_len
+    eval_every = budget / 5
+    next_eval = (len(evals)) * eval_every
+    next_ckpt = elapsed + settings.checkpoint_minutes * 60
+    print(
+        f"target {target.num_parameters() / 1e6:.2f}M params, draft {draft.num_parameters() / 1e6:.2f}M; "
+        f"{data_info['train_tokens'] / 1e6:.2f}M train tokens, budget {settings.minutes} min",
+        flush=True,
+    )
+    bar = tqdm(total=int(budget), initial=int(elapsed), unit="s", mininterval=30, desc="train-tiny")
+    while elapsed < budget and (settings.max_steps is None or step < settings.max_steps):
+        t0 = time.perf_counter()
+        if elapsed >= next_eval:
+            evals.append(
+                {
+                    "tokens": step * tokens_per_step,
+                    "elapsed": elapsed,
+                    "target": held_out_loss(target, held_ids, settings.seq_len, 16),
+                    "draft": held_out_loss(draft, held_ids, settings.seq_len, 16),
+                }
+            )
+            print(
+                f"eval @ {step} steps: held-out target {evals[-1]['target']:.3f} "
+                f"draft {evals[-1]['draft']:.3f}",
+                flush=True,
+            )
+            next_eval += eval_every
+        starts = rng.integers(0, train_ids.size - settings.seq_len - 1, settings.batch_size)
+        ids = windows(train_ids, starts, settings.seq_len + 1)
+        inputs, labels = ids[:, :-1], ids[:, 1:].flatten()
+        for k, opt in opts.items():
+            for g in opt.param_groups:
+                g["lr"] = base_lr[k] * lr_factor(step, elapsed / budget, settings.warmup_steps)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.autocast_bf16):
+            t_logits = target(inputs).flatten(0, 1).float()
+            t_ce = F.cross_entropy(t_logits, labels)
+            t_loss = t_ce + settings.balance_coef * target.balance_loss()
+            d_logits = draft(inputs).flatten(0, 1).float()
+            d_ce = F.cross_entropy(d_logits, labels)
+            kl = F.kl_div(
+                F.log_softmax(d_logits, -1),
+                F.log_softmax(t_logits.detach(), -1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            d_loss = (1 - settings.distill_weight) * d_ce + settings.distill_weight * kl
+        for opt in opts.values():
+            opt.zero_grad(set_to_none=True)
+        (t_loss + d_loss).backward()  # the graphs are disjoint (target logits detached in the KL)
+        for model in (target, draft):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for opt in opts.values():
+            opt.step()
+        step += 1
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        bar.update(min(int(elapsed) - bar.n, int(budget) - bar.n))
+        log.append(
+            {
+                "step": step,
+                "tokens": step * tokens_per_step,
+                "elapsed": elapsed,
+                "target": t_ce.item(),
+                "draft": d_ce.item(),
+                "kl": kl.item(),
+                "tok_s": tokens_per_step / dt,
+            }
+        )
+        if step % 25 == 0:
+            recent = log[-25:]
+            print(
+                f"step {step} {elapsed / 60:.1f} min: "
+                + " ".join(f"{k} {np.mean([r[k] for r in recent]):.3f}" for k in ("target", "draft", "kl"))
+                + f" {np.median([r['tok_s'] for r in recent]):.0f} tok/s",
+                flush=True,
+            )
+        if elapsed >= next_ckpt or elapsed >= budget or step == settings.max_steps:
+            state = {
+                "target": target.state_dict(),
+                "draft": draft.state_dict(),
+                "step": step,
+                "elapsed": elapsed,
+                "log": log,
+                "evals": evals,
+                "rng": rng,
+                "settings": asdict(settings),
+                **{"opt_" + k: o.state_dict() for k, o in opts.items()},
+            }
+            with atomic_path(ckpt) as tmp:
+                torch.save(state, tmp)
+            next_ckpt = elapsed + settings.checkpoint_minutes * 60
+    bar.close()
+    return finish(
+        work, export, settings, tok, target, draft, train_ids, held_ids, data_info, step, elapsed, log, evals
+    )
+
+
+def finish(
+    work: Path,
+    export: Path | None,
+    settings: TrainSettings,
+    tok: Tokenizer,
+    target: TinyCausalLM,
+    draft: TinyCausalLM,
+    train_ids: np.ndarray,
+    held_ids: np.ndarray,
+    data_info: dict[str, Any],
+    step: int,
+    elapsed: float,
+    log: list[dict[str, float]],
+    evals: list[dict[str, float]],
+) -> dict[str, Any]:
+    """Final held-out evaluation beside the unigram baseline, curves, metrics JSON, exported models."""
+    n, t = settings.eval_windows, settings.seq_len
+    tokens_seen = step * settings.batch_size * t
+    evals.append(
+        {
+            "tokens": tokens_seen,
+            "elapsed": elapsed,
+            "target": held_out_loss(target, held_ids, t, n),
+            "draft": held_out_loss(draft, held_ids, t, n),
+        }
+    )
+    starts = np.linspace(0, held_ids.size - t - 2, n).astype(np.int64)
+    targets = held_ids[starts[:, None] + 1 + np.arange(t)].flatten()
+    unigram = unigram_loss(train_ids, targets, tok.get_vocab_size())
+    metrics = {
+        "settings": asdict(settings),
+        "data": {k: v for k, v in data_info.items() if k != "held_out_files_list"},
+        "steps": step,
+        "tokens_seen": tokens_seen,
+        "train_seconds": elapsed,
+        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+        "params": {"target": target.num_parameters(), "draft": draft.num_parameters()},
+        "held_out_loss": {"target": evals[-1]["target"], "draft": evals[-1]["draft"], "unigram": unigram},
+        "evals": evals,
+        "torch": torch.__version__,
+    }
+    print(
+        f"held-out loss (nats/token, {n} x {t} tokens): target {evals[-1]['target']:.3f}, "
+        f"draft {evals[-1]['draft']:.3f}, unigram baseline {unigram:.3f}",
+        flush=True,
+    )
+    print(
+        f"{step} steps, {tokens_seen / 1e6:.2f}M tokens seen, {elapsed / 60:.1f} min, "
+        f"{metrics['tokens_per_s']:.0f} tokens/s (both models per step)",
+        flush=True,
+    )
+    plot_curves(log, evals, unigram, work / "loss.png")
+    write_atomic(work / "metrics.json", json.dumps(metrics, indent=1).encode())
+    if export is not None:
+        export_hf(target, tok, export / "tiny-moe")
+        export_hf(draft, tok, export / "tiny-draft")
+        write_atomic(export / "training.json", json.dumps(metrics, indent=1).encode())
+        print(f"exported {export / 'tiny-moe'} and {export / 'tiny-draft'}", flush=True)
+    return metrics
