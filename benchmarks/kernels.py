@@ -11,7 +11,8 @@ shipped default). XY-Serve reports SmoothGEMM +14.6% over its baseline GEMM; pri
 
 The batches come from the standard workload (benchmarks/throughput.py: 64 requests, prompts 32-512,
 28M Llama shapes: 8 heads, 4 KV heads, head_dim 64, block size 16): the engine runs it and the metadata of
-a few steps spread over the run is kept. For each step, one layer's attention (KV write included) runs as
+a few mixed steps (chunks beside decodes) spread over the run is kept. For each step, one layer's
+attention (KV write included) runs as
 
 - meta-attention: the native op over the Task-Table (planning cost counted once per step, 1/layers share),
 - reference: meshserve's torch reference (gather KV per tile group, masked batched softmax),
@@ -67,8 +68,15 @@ def record_steps(num_steps: int, budget: int = 512) -> tuple[list[BatchMetadata]
         llm.generate(prompts, params, use_tqdm=True)
         blocks, block_size = llm.engine.kv_caches[0].shape[1:3]
         llm.close()
-    picks = torch.linspace(0, len(recorded) - 1, num_steps + 2).round().long()[1:-1].tolist()
-    return [recorded[i] for i in picks], int(blocks), int(block_size)
+    # Mixed steps (prefill chunks beside decodes) first: they are what Meta-Attention unifies.
+    mixed = [m for m in recorded if _is_mixed(m)] or recorded
+    picks = torch.linspace(0, len(mixed) - 1, num_steps + 2).round().long()[1:-1].tolist()
+    return [mixed[i] for i in picks], int(blocks), int(block_size)
+
+
+def _is_mixed(meta: BatchMetadata) -> bool:
+    q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
+    return bool((q_lens == 1).any() and (q_lens > 1).any())
 
 
 def describe(meta: BatchMetadata) -> str:

@@ -22,7 +22,6 @@ printed). glibc's mmap threshold is pinned for that part (see ``pin_mmap_thresho
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import tempfile
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from meshserve.engine import LLM, SamplingParams
+from meshserve.memory import pin_mmap_threshold, rss_mib
 from meshserve.testing import make_tiny_model
 
 LLAMA = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
@@ -58,29 +58,6 @@ def standard_workload(n: int = 64, vocab: int = 4096, seed: int = 0,
                for _ in range(n)]
     outputs = [int(rng.integers(output_range[0], output_range[1] + 1)) for _ in range(n)]
     return prompts, outputs
-
-
-def pin_mmap_threshold(size: int = 64 << 10) -> bool:
-    """Fix glibc's mmap threshold (as MALLOC_MMAP_THRESHOLD_ does) so large tensors always go back to the OS.
-
-    By default glibc raises the threshold each time a large block is freed, so later tensors of that size
-    come from the heap, which only grows: RSS creeps up towards the peak working set of the run (a few
-    hundred MiB here) without any leak. Returns False where there is no glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(-3, size))  # M_MMAP_THRESHOLD
-
-
-def rss_mib() -> float:
-    """Resident memory of this process (Linux /proc)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_transformers(path: Path, dtype: str, prompts: list[list[int]], outputs: list[int]) -> float:

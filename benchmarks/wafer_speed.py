@@ -1,5 +1,6 @@
 """How fast is the wafer simulator? Prints one (mapping, layer) evaluation on 8x8 and the full
-`reproduce comm` sweep, each beside its target (10 ms and 60 s on 2 cores).
+`reproduce comm` sweep, each beside its target (10 ms and 60 s on 2 cores), then the NoC time
+models' error against the cycle-level reference and the packet model's speed on 4x4-16x16.
 
 Run: .venv/bin/python benchmarks/wafer_speed.py
 """
@@ -51,6 +52,19 @@ def model_error() -> None:
               f"(BookSim2 bottleneck / cycle-level = {booksim:.2f}); fair-share took {took:.2f} s")
 
 
+def noc_speed() -> None:
+    """The congestion-aware models on the saturated uniform all-to-all: speed and error vs BookSim2."""
+    from meshserve.wafer.noc import booksim_reference, noc_cycles
+
+    for side in (4, 8, 16):
+        result = noc_cycles(side, side, "uniform", 100, 20, models=("bottleneck", "packet", "flit"))
+        booksim = booksim_reference(result)
+        for model, cycles in result["cycles"].items():
+            print(f"noc uniform {side}x{side}, 100 x 20-flit packets/node, {model:10s}: "
+                  f"{cycles:6,} cycles = {cycles / booksim:.3f}x BookSim2 ({booksim:,.0f}); "
+                  f"took {result['seconds'][model]:.2f} s")
+
+
 def main() -> None:
     hw, model = load_hardware("wsc-8x8"), load_model("deepseek-v3")
     build = timed(lambda: topology_for.__wrapped__(hw), 5)
@@ -72,6 +86,7 @@ def main() -> None:
           f"{result['regimes_total']} open-question regimes, plot included): {total:.2f} s "
           f"(target 60 s: {total / 60:.3f}x of target)")
     model_error()
+    noc_speed()
 
 
 if __name__ == "__main__":

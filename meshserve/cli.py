@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
+from meshserve import __version__
+from meshserve.atomic import check_writable
+from meshserve.bench.cli import app as bench_app
 from meshserve.errors import InputError
 from meshserve.wafer.cli import app as wafer_app
 
@@ -15,11 +19,27 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(wafer_app, name="wafer", help="Wafer-scale MoE simulator and planner (MoEntwine).")
+app.add_typer(bench_app, name="bench", help="Benchmarks of a running server (HTTP only).")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"meshserve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """meshserve: serve MoE/dense LLMs and plan expert-parallel deployment on wafer-scale chips."""
 
 
 @app.command()
 def demo(out: str = typer.Option("out", help="Folder for plots and JSON results.")) -> None:
     """The main job on the embedded defaults: the wafer communication comparison, with plots."""
+    check_writable(out, "out", folder=True)
     from meshserve.demo import run_demo
 
     run_demo(out)
@@ -28,7 +48,9 @@ def demo(out: str = typer.Option("out", help="Folder for plots and JSON results.
 @app.command()
 def generate(
     model: str = typer.Option(..., help="Hugging Face-format model directory."),
-    prompt: str = typer.Option(..., help="Prompt text."),
+    prompt: str | None = typer.Option(None, help="Prompt text ('-' reads it from stdin)."),
+    prompt_file: str | None = typer.Option(
+        None, help="File with one prompt per line ('-' = stdin); completions are printed in order."),
     max_tokens: int = typer.Option(64, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
@@ -42,22 +64,59 @@ def generate(
         None, help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' or '
                    '\'{"method": "draft_model", "model": DIR}\'.'),
     enable_prefix_caching: bool = typer.Option(True, help="Automatic prefix caching."),
+    data_parallel_size: int = typer.Option(1, help="Rank processes (data-parallel attention)."),
+    enable_expert_parallel: bool = typer.Option(False, help="Split MoE experts over the ranks."),
+    enable_eplb: bool = typer.Option(False, help="Rebalance experts live from the ranks' expert loads."),
+    eplb_config: str | None = typer.Option(
+        None, help='JSON, e.g. \'{"num_redundant_experts": 2, "balancer": "greedy", '
+                   '"mode": "non-invasive"}\'.'),
 ) -> None:
-    """Complete one prompt with a local model and print the completion."""
-    import json
-
+    """Complete prompts with a local model and print the completions."""
     from meshserve.engine import LLM, SamplingParams
 
+    prompts = _read_prompts(prompt, prompt_file)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
                             seed=seed, stop=stop or None, ignore_eos=ignore_eos)
+    spec = _json_option("speculative_config", speculative_config)
+    eplb = _json_option("eplb_config", eplb_config)
+    with LLM(model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=min(len(prompts), 128),
+             speculative_config=spec, enable_prefix_caching=enable_prefix_caching,
+             data_parallel_size=data_parallel_size, enable_expert_parallel=enable_expert_parallel,
+             enable_eplb=enable_eplb, eplb_config=eplb or {}) as llm:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    for out in outputs:
+        print(out.text)
+
+
+def _read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
+    """--prompt TEXT, --prompt - (stdin as one prompt), or --prompt-file FILE|- (one prompt per line)."""
+    if (prompt is None) == (prompt_file is None):
+        raise InputError("prompt", "give exactly one of --prompt TEXT and --prompt-file FILE ('-' = stdin)")
+    if prompt is not None:
+        return [sys.stdin.read() if prompt == "-" else prompt]
+    if prompt_file == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError("prompt_file", f"cannot read {prompt_file} ({err})") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError("prompt_file", f"{prompt_file} holds no prompt (one prompt per non-empty line)")
+    return prompts
+
+
+def _json_option(name: str, text: str | None) -> dict | None:
+    import json
+
     try:
-        spec = None if speculative_config is None else json.loads(speculative_config)
+        value = None if text is None else json.loads(text)
     except json.JSONDecodeError as err:
-        raise InputError("speculative_config", f"must be a JSON object ({err})") from None
-    with LLM(model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=1, speculative_config=spec,
-             enable_prefix_caching=enable_prefix_caching) as llm:
-        (out,) = llm.generate(prompt, params, use_tqdm=False)
-    print(out.text)
+        raise InputError(name, f"must be a JSON object ({err})") from None
+    if value is not None and not isinstance(value, dict):
+        raise InputError(name, "must be a JSON object")
+    return value
 
 
 @app.command()
@@ -76,6 +135,35 @@ def profile(
     run_profile(model, out, dtype, max_tokens, reps, num_threads)
 
 
+@app.command()
+def serve(
+    model: str = typer.Option(..., help="Hugging Face-format model directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    served_model_name: str | None = typer.Option(None, help="Model name in the API (default: --model)."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    max_model_len: int | None = typer.Option(None, help="Longest prompt + output (default: the model's)."),
+    max_num_seqs: int | None = typer.Option(None, help="Requests running at once."),
+    max_num_batched_tokens: int = typer.Option(2048, help="Tokens per engine step."),
+    block_size: int = typer.Option(16, help="Tokens per KV block."),
+    kv_cache_memory: float | None = typer.Option(None, help="GiB for the KV cache (default: derived)."),
+    enable_prefix_caching: bool = typer.Option(True, help="Automatic prefix caching."),
+    speculative_config: str | None = typer.Option(None, help='JSON, e.g. \'{"method": "ngram", '
+                                                             '"num_speculative_tokens": 3}\'.'),
+    seed: int = typer.Option(0, help="Seed of the engine's shared generator (unseeded requests)."),
+    max_waiting_requests: int | None = typer.Option(1024, help="Waiting queue bound; past it: 503."),
+    uvicorn_log_level: str = typer.Option("info", help="uvicorn's log level."),
+) -> None:
+    """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /metrics)."""
+    from meshserve.server.serve import serve as run
+
+    run(model, host=host, port=port, served_model_name=served_model_name, max_waiting=max_waiting_requests,
+        log_level=uvicorn_log_level, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, kv_cache_memory=kv_cache_memory,
+        enable_prefix_caching=enable_prefix_caching, seed=seed,
+        speculative_config=_json_option("speculative_config", speculative_config))
+
+
 def main() -> None:
     """Console entry point: bad input becomes one line on stderr and exit code 2, no traceback."""
     try:
@@ -83,3 +171,6 @@ def main() -> None:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -12,13 +12,17 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from meshserve.errors import InputError, require
+from meshserve.atomic import check_writable
+from meshserve.errors import InputError, boolean, integer, number, require
 
 if TYPE_CHECKING:
+    from meshserve.engine.distributed.config import ParallelConfig
     from meshserve.engine.spec.config import SpecConfig
 
 DTYPE_NAMES = ("float32", "bfloat16")
 DEFAULT_MAX_NUM_SEQS = 128
+BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+MAX_TOKENS = 1 << 24  # token budgets and lengths beyond 16M are typos, not settings
 
 
 def available_cores() -> int:
@@ -49,16 +53,15 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
+        self.block_size = integer(self.block_size, "block_size", 1, 128)
+        require(self.block_size in BLOCK_SIZES, "block_size",
                 f"must be a power of two in [1, 128], got {self.block_size}")
-        require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory",
-                f"must be a positive number of GiB, got {self.kv_cache_memory}")
-        require(0 < self.kv_cache_fraction <= 0.9, "kv_cache_fraction",
-                f"must be in (0, 0.9], got {self.kv_cache_fraction}")
-        require(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks",
-                f"must be >= 1, got {self.num_kv_blocks}")
-        require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
-                f"must be True or False, got {self.enable_prefix_caching!r}")
+        if self.kv_cache_memory is not None:  # checked against the machine once the model's size is known
+            self.kv_cache_memory = number(self.kv_cache_memory, "kv_cache_memory", 0, low_open=True)
+        self.kv_cache_fraction = number(self.kv_cache_fraction, "kv_cache_fraction", 0, 0.9, low_open=True)
+        if self.num_kv_blocks is not None:
+            self.num_kv_blocks = integer(self.num_kv_blocks, "num_kv_blocks", 1)
+        boolean(self.enable_prefix_caching, "enable_prefix_caching")
 
 
 @dataclass
@@ -75,16 +78,16 @@ class SchedulerConfig:
     max_model_len: int | None = None
 
     def __post_init__(self) -> None:
-        require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
-                f"must be >= 1, got {self.max_num_batched_tokens}")
+        self.max_num_batched_tokens = integer(self.max_num_batched_tokens, "max_num_batched_tokens", 1,
+                                              MAX_TOKENS)
         if self.max_num_seqs is None:
             self.max_num_seqs = min(DEFAULT_MAX_NUM_SEQS, self.max_num_batched_tokens)
-        require(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        self.max_num_seqs = integer(self.max_num_seqs, "max_num_seqs", 1, MAX_TOKENS)
         # Every running request must be able to decode in every step, or some would starve.
         require(self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens",
                 f"must be >= max_num_seqs ({self.max_num_seqs}), got {self.max_num_batched_tokens}")
-        require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len",
-                f"must be >= 1, got {self.max_model_len}")
+        if self.max_model_len is not None:  # the model's max_position_embeddings caps it (Engine)
+            self.max_model_len = integer(self.max_model_len, "max_model_len", 2, MAX_TOKENS)
 
 
 @dataclass
@@ -94,6 +97,8 @@ class EngineConfig:
     record_expert_trace: path of an expert-load trace (.npz, docs/traces.md) written on close (MoE only).
     speculative_config: vLLM-style dict, e.g. ``{"method": "ngram", "num_speculative_tokens": 3}``
         (engine/spec/config.py); validated into a SpecConfig. None = no speculative decoding.
+    parallel: data-parallel ranks, expert parallelism and EPLB (engine/distributed/config.py); flat
+        arguments ``data_parallel_size=4, enable_expert_parallel=True, ...`` land here.
     num_threads: torch threads for the forward (sets ``torch.set_num_threads`` for the process);
         None = the cores this process may run on (``os.sched_getaffinity``).
     kernel_profile: a GEMM profile written by ``meshserve profile``; None = this machine's profile when
@@ -109,12 +114,19 @@ class EngineConfig:
     kernel_profile: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig | None = None
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and bool(self.model), "model", "must be a model directory")
-        require(self.dtype in DTYPE_NAMES, "dtype",
+        require(isinstance(self.dtype, str) and self.dtype in DTYPE_NAMES, "dtype",
                 f"unsupported dtype {self.dtype!r}; allowed: {', '.join(DTYPE_NAMES)}")
-        require(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
+        self.seed = integer(self.seed, "seed", 0, 2**64 - 1)  # what torch.Generator.manual_seed takes
+        if self.record_expert_trace is not None:  # fail now, not when the trace is written on close
+            trace = self.record_expert_trace
+            require(isinstance(trace, str | os.PathLike) and str(trace).endswith(".npz"),
+                    "record_expert_trace", f"must be a path ending in .npz (an npz archive), got {trace!r}")
+            check_writable(trace, "record_expert_trace")
+            self.record_expert_trace = str(trace)
         cores = available_cores()
         if self.num_threads is None:
             self.num_threads = cores
@@ -122,23 +134,31 @@ class EngineConfig:
                 and 1 <= self.num_threads <= cores, "num_threads",
                 f"must be an integer in [1, {cores}] (the cores this process may use), "
                 f"got {self.num_threads!r}")
-        from meshserve.engine.spec.config import SpecConfig  # here: the engine package imports this module
+        # Imported here: the engine package imports this module.
+        from meshserve.engine.distributed.config import ParallelConfig
+        from meshserve.engine.spec.config import SpecConfig
 
         self.speculative_config = SpecConfig.from_dict(self.speculative_config)
+        self.parallel = self.parallel or ParallelConfig()
 
     @classmethod
     def from_args(cls, model: str, **engine_args: Any) -> EngineConfig:
         """Build from flat vLLM-style keyword arguments (``block_size=8, max_num_seqs=16, ...``)."""
-        groups: dict[type, dict[str, Any]] = {CacheConfig: {}, SchedulerConfig: {}, cls: {}}
+        from meshserve.engine.distributed.config import ParallelConfig
+
+        groups: dict[type, dict[str, Any]] = {
+            CacheConfig: {}, SchedulerConfig: {}, ParallelConfig: {}, cls: {}}
         owner = {f.name: group for group in groups for f in dataclasses.fields(group)}
+        internal = ("cache", "scheduler", "parallel", "model")
         for name, value in engine_args.items():
-            if name not in owner or name in ("cache", "scheduler", "model"):
-                allowed = sorted(n for n in owner if n not in ("cache", "scheduler", "model"))
+            if name not in owner or name in internal:
+                allowed = sorted(n for n in owner if n not in internal)
                 raise InputError(name, f"unknown engine argument; allowed: {', '.join(allowed)}")
             groups[owner[name]][name] = value
         return cls(
             model=str(model),
             cache=CacheConfig(**groups[CacheConfig]),
             scheduler=SchedulerConfig(**groups[SchedulerConfig]),
+            parallel=ParallelConfig(**groups[ParallelConfig]),
             **groups[cls],
         )

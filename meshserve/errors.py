@@ -1,5 +1,8 @@
 """One error type for bad user input, so every door (CLI, HTTP, Python) reports it the same way."""
 
+import math
+import numbers
+
 
 class InputError(ValueError):
     """Bad input: names the offending field and what is allowed.
@@ -17,3 +20,31 @@ def require(condition: bool, field: str, message: str) -> None:
     """Raise InputError(field, message) unless condition holds."""
     if not condition:
         raise InputError(field, message)
+
+
+def integer(value: object, field: str, low: int, high: int | None = None) -> int:
+    """``value`` as an int in [low, high]; bools, floats and strings are refused, not coerced."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < low or (high is not None and value > high):
+        bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise InputError(field, f"must be an integer {bounds}, got {value!r}")
+    return int(value)
+
+
+def number(value: object, field: str, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
+    """``value`` as a finite float in [low, high] ((low, high] if low_open); NaN, inf and bools refused."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]" if high < math.inf else (
+            f"{'>' if low_open else '>='} {low:g}")
+        raise InputError(field, f"must be a finite number {bounds}, got {value!r}")
+    return float(value)
+
+
+def boolean(value: object, field: str) -> bool:
+    """``value`` if it is True or False; "false", 0 and None are refused (they read as something else)."""
+    if not isinstance(value, bool):
+        raise InputError(field, f"must be true or false, got {value!r}")
+    return value

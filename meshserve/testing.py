@@ -9,6 +9,7 @@ logits are well apart: with near-flat logits harmless float reassociation flips 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -280,3 +281,34 @@ class PagedSequences:
         logits = self.lm.model.compute_logits(hidden[meta.logits_indices])
         starts = meta.query_start_loc.tolist()
         return {seq: logits[starts[i] : starts[i + 1]] for i, seq in enumerate(seqs)}
+
+
+@dataclass
+class CliResult:
+    """What a user sees from one `meshserve ...` run: exit code, stdout, stderr."""
+
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(args: list[str], stdin: str = "") -> CliResult:
+    """Run `meshserve ARGS` in this process exactly as the console entry point does (``cli.main``)."""
+    import contextlib
+    import io
+    import sys
+
+    from meshserve.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_argv, old_stdin = sys.argv, sys.stdin
+    sys.argv, sys.stdin = ["meshserve", *args], io.StringIO(stdin)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv, sys.stdin = old_argv, old_stdin
+    return CliResult(code, out.getvalue(), err.getvalue())

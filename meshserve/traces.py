@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,9 @@ from meshserve.atomic import atomic_path
 from meshserve.errors import InputError
 
 FORMAT_VERSION = 1
+# What numpy, zipfile and zlib raise on a truncated, corrupted or foreign file.
+DAMAGED = (OSError, ValueError, TypeError, AttributeError, EOFError, NotImplementedError, zipfile.BadZipFile,
+           zlib.error)
 
 
 @dataclass(frozen=True)
@@ -81,25 +86,28 @@ class ExpertTrace:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ExpertTrace:
-        """Read a trace written by :meth:`save`; a bad file raises InputError naming it."""
+        """Read a trace written by :meth:`save`; a bad file raises InputError("trace FILE", why)."""
         path = Path(path)
+        field = f"trace {path}"
         if not path.is_file():
-            raise InputError("trace", f"no such file: {path}")
+            raise InputError(field, "no such file")
         try:
             with np.load(path, allow_pickle=False) as data:
                 counts = data["counts"]
                 header = json.loads(str(data["meta"]))
-        except (OSError, ValueError, KeyError) as err:
-            raise InputError("trace", f"{path} is not a meshserve expert trace ({err})") from err
-        version = header.get("format_version")
-        if version != FORMAT_VERSION:
-            raise InputError(
-                "trace", f"{path}: format_version {version}, this meshserve reads {FORMAT_VERSION}"
-            )
-        return cls(
-            counts=counts,
-            model=header["model"],
-            top_k=int(header["top_k"]),
-            source=header["source"],
-            meta=header.get("meta", {}),
-        )
+            if not isinstance(header, dict):
+                raise InputError("meta", "must be a JSON object")
+            version = header.get("format_version")
+            if version != FORMAT_VERSION:
+                raise InputError("format_version", f"{version!r}; this meshserve reads {FORMAT_VERSION}")
+            top_k = header["top_k"]
+            if isinstance(top_k, bool) or not isinstance(top_k, int):
+                raise InputError("top_k", f"must be an integer, got {top_k!r}")
+            return cls(counts=counts, model=str(header["model"]), top_k=top_k, source=str(header["source"]),
+                       meta=header.get("meta", {}))
+        except InputError as err:
+            raise InputError(field, str(err)) from None
+        except KeyError as err:
+            raise InputError(field, f"not a meshserve expert trace (missing {err})") from None
+        except DAMAGED as err:
+            raise InputError(field, f"not a meshserve expert trace, or damaged ({err})") from None

@@ -16,9 +16,12 @@ import numpy as np
 import torch
 
 from meshserve.config import EngineConfig, SchedulerConfig
+from meshserve.engine.groups import RequestGroup, child_params
 from meshserve.engine.kv_cache import BlockManager, allocate_kv_cache, block_bytes, num_kv_blocks
-from meshserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from meshserve.engine.logits_processors import process_logits
+from meshserve.engine.outputs import RequestOutput
 from meshserve.engine.prefix_cache import PrefixCache
+from meshserve.engine.prompt_logprobs import record_prompt_logprobs
 from meshserve.engine.request import Request, RequestStatus
 from meshserve.engine.runner import ModelRunner
 from meshserve.engine.sampler import Sampler
@@ -39,6 +42,8 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        require(not config.parallel.distributed, "data_parallel_size",
+                "Engine runs one process; use LLM(...) or DistributedEngine for several ranks")
         torch.set_num_threads(config.num_threads)
         loaded = load_model(config.model, config.dtype)
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
@@ -67,7 +72,8 @@ class Engine:
         self.spec = None if spec is None else SpecDecoder(spec, mc.vocab_size, config.dtype, cache.block_size,
                                                           Sampler.probs, self.sampler.generator)
         self.stopper = StopChecker(self.tokenizer, mc.eos_token_ids, max_model_len)
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # every completion in flight, by its own id
+        self.groups: dict[str, RequestGroup] = {}  # by the caller's request id
         self.num_steps = 0
         self.num_preemptions = 0
         self.last_stats: dict[str, Any] = {}
@@ -89,32 +95,56 @@ class Engine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        stream: bool = False,
     ) -> str:
-        """Queue a prompt (text or token ids); returns its request id. Bad input raises InputError."""
+        """Queue a prompt (text or token ids); returns its request id. Bad input raises InputError.
+
+        ``stream``: ``step()`` reports this request's new tokens and text every step (deltas), not only
+        its final output.
+        """
+        require(not self._closed, "engine", "is closed; create a new LLM / Engine to generate again")
         params = SamplingParams() if params is None else params
         require(isinstance(params, SamplingParams), "sampling_params", "must be a SamplingParams")
         if request_id is None:
-            request_id = next(i for i in map(str, self._ids) if i not in self.requests)
+            request_id = next(i for i in map(str, self._ids) if i not in self.groups)
         request_id = str(request_id)
-        require(request_id not in self.requests, "request_id", f"{request_id!r} is already in use")
+        child_ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
+        require(request_id not in self.groups and not any(c in self.requests for c in child_ids),
+                "request_id", f"{request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         token_ids = self._prompt_tokens(prompt)
         n = len(token_ids)
         limit = self.max_model_len - 1
         require(n <= limit, "prompt", f"{n} tokens is too long: at most max_model_len - 1 = {limit} "
                                       f"(max_model_len={self.max_model_len}) so one token can be generated")
+        vocab = self.model_config.vocab_size
+        require(all(t < vocab for t in params.logit_bias or {}), "logit_bias",
+                f"token ids must be in [0, {vocab - 1}] (vocab_size={vocab})")
         room = self.max_model_len - n
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        request = Request(request_id, token_ids, params, max_tokens, prompt=text)
-        self.stopper.start(request)
-        self.requests[request_id] = request
-        self.scheduler.add(request)
+        children = []
+        for index, child_id in enumerate(child_ids):
+            child = Request(child_id, token_ids, params if params.n == 1 else child_params(params, index),
+                            max_tokens, prompt=text)
+            child.parent_id, child.index, child.stream = request_id, index, stream
+            self.stopper.start(child)
+            self.requests[child_id] = child
+            children.append(child)
+        # With prefix caching the other completions wait for the first one's prompt KV, then share it.
+        share = self.blocks.prefix_cache is not None and len(children) > 1
+        group = RequestGroup(request_id, children, stream, held=children[1:] if share else [])
+        self.groups[request_id] = group
+        for child in children[: 1 if share else None]:
+            self.scheduler.add(child)
         return request_id
 
     def _prompt_tokens(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             require(bool(prompt), "prompt", "must not be empty")
-            token_ids = self.tokenizer.encode(prompt)
+            try:
+                token_ids = self.tokenizer.encode(prompt)
+            except (TypeError, ValueError, UnicodeError) as err:  # e.g. lone surrogates the Rust side rejects
+                raise InputError("prompt", f"text cannot be tokenized ({str(err)[:120]})") from None
         elif isinstance(prompt, (list, tuple)) and all(
                 isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
             token_ids = [int(t) for t in prompt]
@@ -127,35 +157,34 @@ class Engine:
         return token_ids
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request now, free its blocks and forget it; False if unknown or already finished."""
-        request = self.requests.get(str(request_id))
-        if request is None or request.is_finished:
+        """Stop a request (all its n completions) now, free its blocks and forget it; False if unknown or
+        already finished."""
+        group = self.groups.get(str(request_id))
+        if group is None or group.finished:
             return False
-        self._finish(request, RequestStatus.FINISHED_ABORTED)
-        del self.requests[request.request_id]
+        for child in group.children:
+            if not child.is_finished:
+                self._finish(child, RequestStatus.FINISHED_ABORTED)
+        self._forget(group)
         return True
+
+    def _forget(self, group: RequestGroup) -> None:
+        del self.groups[group.request_id]
+        for child in group.children:
+            del self.requests[child.request_id]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def output(self, request_id: str) -> RequestOutput:
-        """The current output of a request (final text once it has finished)."""
-        request = self.requests[str(request_id)]
-        text = self.stopper.final_text(request) if request.is_finished else request.output_text
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.token_ids[: request.num_prompt_tokens],
-            outputs=[CompletionOutput(0, text, request.output_token_ids, request.finish_reason,
-                                      request.stop_reason, request.logprobs)],
-            finished=request.is_finished,
-            metrics=RequestMetrics(request.arrival_time, request.first_token_time, request.finish_time),
-        )
+        """The current output of a request, all n completions (final text once it has finished)."""
+        return self.groups[str(request_id)].output(self.stopper)
 
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns the final outputs of the requests that finished in it.
+        """Run one engine step; returns the final outputs of the requests that finished in it, and for
+        streamed requests what each completion added in it (deltas; ``finished`` marks the last one).
 
         Finished requests are forgotten once returned; ``output(id)`` shows one still running.
         """
@@ -169,7 +198,7 @@ class Engine:
             return []
         logits = self.runner.execute(plan.items)
         self._record_experts()
-        finished = []
+        touched: dict[str, list[Request]] = {}
         for item, tokens in zip(plan.items, self._new_tokens(plan.items, logits), strict=True):
             request = item.request
             self.scheduler.advance(item, len(tokens))
@@ -177,14 +206,16 @@ class Engine:
                 request.append_token(token, logprobs)
                 status = self.stopper.check(request)
                 if status is not None:
+                    self.blocks.publish(request)  # its full blocks serve the next turn of a chat
                     self._finish(request, status)
-                    finished.append(self.output(request.request_id))
-                    del self.requests[request.request_id]
                     break
+            if tokens:
+                touched.setdefault(request.parent_id, []).append(request)
             if not request.is_finished:
                 if item.kind is WorkKind.VERIFY:  # rejected drafts: give back blocks past the kept tokens
                     self.blocks.truncate(request, request.num_tokens)
                 self.blocks.publish(request)  # newly full blocks of verified tokens join the prefix cache
+        finished = self._outputs(touched)
         self.num_steps += 1
         self.num_preemptions += len(plan.preempted)
         self.last_stats = {
@@ -209,15 +240,42 @@ class Engine:
                              "prefix_hit_rate", "spec_acceptance_rate", "spec_mean_accepted_len")))
         return finished
 
+    def _outputs(self, touched: dict[str, list[Request]]) -> list[RequestOutput]:
+        """Release waiting completions whose prompt is now cached; report deltas and finished groups."""
+        outputs = []
+        for parent_id, children in touched.items():
+            group = self.groups[parent_id]
+            if group.ready_to_release():
+                for child in group.held:
+                    self.scheduler.add(child)
+                group.held = []
+            if group.stream:
+                outputs.append(group.output(self.stopper, delta_of=children))
+            elif group.finished:
+                outputs.append(group.output(self.stopper))
+            if group.finished:
+                self._forget(group)
+        return outputs
+
     def _new_tokens(self, items: list[WorkItem], logits: torch.Tensor) -> list[list[tuple[int, Any]]]:
         """(token, logprobs) pairs each item adds: none mid-prompt, one sampled, or a verify's kept tokens."""
         first = np.concatenate([[0], np.cumsum([it.num_logits for it in items])[:-1]]).tolist()
         out: list[list[tuple[int, Any]]] = [[] for _ in items]
-        plain = [i for i, it in enumerate(items) if it.num_logits and it.kind is not WorkKind.VERIFY]
+        # Items that finish their pending tokens sample from their last logits row.
+        plain = [i for i, it in enumerate(items) if it.kind is not WorkKind.VERIFY
+                 and it.start + it.num_tokens == it.request.num_tokens]
+        prompt = [i for i, it in enumerate(items) if it.request.prompt_logprobs is not None
+                  and it.kind is WorkKind.PREFILL and it.num_logits == it.num_tokens]
+        if prompt:
+            chunks = [items[i] for i in prompt]
+            record_prompt_logprobs(logits, [c.request for c in chunks], [c.start for c in chunks],
+                                   [c.num_tokens for c in chunks], [first[i] for i in prompt])
         if plain:
             reqs = [items[i].request for i in plain]
-            sampled = self.sampler(logits[torch.tensor([first[i] for i in plain])], [r.params for r in reqs],
-                                   [r.generator for r in reqs])
+            last = [first[i] + items[i].num_logits - 1 for i in plain]
+            rows = process_logits(logits[torch.tensor(last)], reqs,
+                                  self.model_config.eos_token_ids)
+            sampled = self.sampler(rows, [r.params for r in reqs], [r.generator for r in reqs])
             for i, token, logprobs in zip(plain, sampled.token_ids, sampled.logprobs, strict=True):
                 out[i] = [(token, logprobs)]
         verify = [i for i, it in enumerate(items) if it.kind is WorkKind.VERIFY]

@@ -21,6 +21,7 @@ from meshserve.config import CacheConfig
 from meshserve.engine.prefix_cache import PrefixCache, copy_blocks
 from meshserve.engine.request import Request
 from meshserve.errors import InputError
+from meshserve.machine import available_memory
 
 
 class BlockManager:
@@ -99,16 +100,24 @@ class BlockManager:
 
     # -- automatic prefix caching and speculative rollback --------------------------------------------
 
-    def match_prefix(self, request: Request) -> int:
+    def match_prefix(self, request: Request, budget: int | None = None) -> int | None:
         """Give a request that holds no blocks the longest cached prefix of its tokens; returns the tokens
         reused (its ``num_computed_tokens``). A partly matching block is copied (copy-on-write) into a
-        fresh block. At least the last token is left to compute, so there is always a row to sample."""
+        fresh block. At least the last token is left to compute, so there is always a row to sample.
+
+        With ``budget`` (tokens the request may compute this step): when the prefix plus that much work
+        would not fit in the free blocks, return None and change nothing, so an admission that must fail
+        makes no copy (it would redo it every step while it waits)."""
         cache = self.prefix_cache
-        if cache is None or request.block_table or request.num_computed_tokens:
-            return 0
+        if cache is None or request.block_table or request.num_computed_tokens or request.prompt_logprobs:
+            return 0  # (a request that wants prompt logprobs must compute its whole prompt)
         m = cache.match(request.token_ids, max_tokens=request.num_tokens - 1)
         if m.copy_src is not None and self.num_free_blocks - cache.num_pinned(m) < 1:
             m.copy_src, m.num_tokens = None, len(m.block_ids) * self.block_size  # no room for the copy
+        if budget is not None:
+            end = min(request.num_tokens, m.num_tokens + budget)
+            if self.blocks_for(end) - len(m.block_ids) > self.num_free_blocks - cache.num_pinned(m):
+                return None
         for block in m.block_ids:
             self._ref(block)
         request.block_table = list(m.block_ids)
@@ -129,8 +138,9 @@ class BlockManager:
     def publish(self, request: Request) -> None:
         """Add the request's newly filled blocks of verified, computed tokens to the prefix cache."""
         if self.prefix_cache is not None:
-            self.prefix_cache.publish(request.block_table, request.token_ids, request.num_computed_tokens,
-                                      request.block_keys)
+            # A verify that stopped early has KV past its last kept token: publish only kept tokens.
+            num_tokens = min(request.num_computed_tokens, request.num_tokens)
+            self.prefix_cache.publish(request.block_table, request.token_ids, num_tokens, request.block_keys)
 
     def truncate(self, request: Request, num_tokens: int) -> None:
         """Keep only the blocks holding the first ``num_tokens`` tokens (rejected drafts' tail blocks go)."""
@@ -147,18 +157,6 @@ def block_bytes(
     return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
-def available_memory() -> int:
-    """Bytes the OS says are available (Linux MemAvailable; 4 GiB if unknown)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
-
-
 def num_kv_blocks(cache: CacheConfig, per_block: int, max_model_len: int, max_num_seqs: int) -> int:
     """How many blocks to allocate, checked to hold at least one request of ``max_model_len`` tokens."""
     blocks_per_seq = math.ceil(max_model_len / cache.block_size)
@@ -169,6 +167,12 @@ def num_kv_blocks(cache: CacheConfig, per_block: int, max_model_len: int, max_nu
     else:
         budget = int(available_memory() * cache.kv_cache_fraction)
         blocks, field = min(budget // per_block, blocks_per_seq * max_num_seqs), "kv_cache_memory"
+    most = available_memory() // per_block
+    if blocks > most:
+        gib = 1 << 30
+        raise InputError(field, f"{blocks} KV blocks need {blocks * per_block / gib:.3f} GiB, more than "
+                                f"the {most * per_block / gib:.3f} GiB this machine has available; "
+                                f"allowed: at most {most} blocks")
     if blocks < blocks_per_seq:
         gib = blocks_per_seq * per_block / (1 << 30)
         raise InputError(field, f"{blocks} KV blocks cannot hold one request of max_model_len="

@@ -1,15 +1,18 @@
 """LLM: the offline batch API, as in vLLM.
 
     llm = LLM("path/to/model", max_num_batched_tokens=512)
+    llm = LLM("path/to/moe", data_parallel_size=4, enable_expert_parallel=True)  # N rank processes
     outputs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0, max_tokens=32))
     outputs[0].text, outputs[0].token_ids, outputs[0].finish_reason, outputs[0].metrics
+    llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=32))  # the model's chat template
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from meshserve.config import EngineConfig
@@ -18,7 +21,10 @@ from meshserve.engine.outputs import RequestOutput
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.errors import InputError
 
-Prompt = str | Sequence[int]
+if TYPE_CHECKING:
+    from meshserve.engine.distributed import DistributedEngine
+
+Prompt = str | Sequence[int] | dict[str, Any]
 
 
 class LLM:
@@ -29,7 +35,13 @@ class LLM:
     """
 
     def __init__(self, model: str, **engine_args: Any) -> None:
-        self.engine = Engine(EngineConfig.from_args(model, **engine_args))
+        config = EngineConfig.from_args(model, **engine_args)
+        if config.parallel.distributed:  # data_parallel_size > 1 or enable_expert_parallel
+            from meshserve.engine.distributed import DistributedEngine
+
+            self.engine: Engine | DistributedEngine = DistributedEngine(config)
+        else:
+            self.engine = Engine(config)
         self.tokenizer = self.engine.tokenizer
 
     def generate(
@@ -38,10 +50,17 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (a string, a token-id list, or a list of either)."""
+        """Generate for every prompt (a string, a token-id list, a vLLM prompt dict, or a list of them).
+
+        All or nothing: when anything goes wrong (bad input, Ctrl-C) the requests this call added are
+        aborted, so the engine serves later calls as if this one never happened.
+        """
         prompts = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
+        elif not isinstance(sampling_params, list | tuple):
+            raise InputError("sampling_params", "must be a SamplingParams or a list of them, got "
+                                                f"{type(sampling_params).__name__}")
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
@@ -51,10 +70,13 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params, strict=True):
                 ids.append(self.engine.add_request(prompt, p))
-        except InputError:
-            for request_id in ids:  # all or nothing: leave the engine as it was
+            return self._run(ids, use_tqdm)
+        except BaseException:  # bad input, Ctrl-C, anything: take back what this call added
+            for request_id in ids:
                 self.engine.abort(request_id)
             raise
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         wanted = set(ids)
         done: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
@@ -64,6 +86,23 @@ class LLM:
                         done[out.request_id] = out
                         bar.update(1)
         return [done[i] for i in ids]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate a reply to one conversation (a list of {"role", "content"} messages) or to each of
+        several, formatted with the model's chat template (tokenizer_config.json) or a plain fallback."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (vLLM's behaviour)."""
+        return SamplingParams(**self.engine.model_config.generation_defaults)
 
     def close(self) -> None:
         """Finish up: writes the expert trace when one was asked for."""
@@ -76,12 +115,34 @@ class LLM:
         self.close()
 
 
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(p, int) for p in prompts):
-        return [prompts]  # one prompt given as token ids
+def _as_prompt_list(prompts: object) -> list[str | list[int]]:
+    """One prompt or a list of them, each a str, token ids, or vLLM's {"prompt"} / {"prompt_token_ids"}."""
+    if isinstance(prompts, str | dict) or _is_token_ids(prompts):
+        prompts = [prompts]
+    if not isinstance(prompts, list | tuple):
+        raise InputError("prompts", f"must be a prompt or a list of prompts, got {type(prompts).__name__}")
     if not prompts:
         raise InputError("prompts", "must not be empty")
-    return prompts
+    return [_one_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+
+
+def _is_token_ids(value: object) -> bool:
+    return isinstance(value, list | tuple) and bool(value) and all(
+        isinstance(t, int | np.integer) and not isinstance(t, bool) for t in value)
+
+
+def _one_prompt(prompt: object, field: str) -> str | list[int]:
+    if isinstance(prompt, dict):
+        keys = set(prompt)
+        if keys == {"prompt"} and isinstance(prompt["prompt"], str):
+            return prompt["prompt"]
+        if keys == {"prompt_token_ids"} and _is_token_ids(prompt["prompt_token_ids"]):
+            return [int(t) for t in prompt["prompt_token_ids"]]
+        raise InputError(field, 'a dict prompt must be {"prompt": str} or {"prompt_token_ids": [int, ...]}, '
+                                f"got keys {sorted(map(str, keys))}")
+    if isinstance(prompt, str):
+        return prompt
+    if _is_token_ids(prompt):
+        return [int(t) for t in prompt]
+    raise InputError(field, "must be a string, a list of token ids, or a {\"prompt\": ...} / "
+                            f"{{\"prompt_token_ids\": ...}} dict, got {type(prompt).__name__}")

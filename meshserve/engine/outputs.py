@@ -40,6 +40,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # when asked for; None for position 0
 
     @property
     def text(self) -> str:

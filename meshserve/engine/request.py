@@ -49,6 +49,11 @@ class Request:
         arrival_time: float | None = None,
     ) -> None:
         self.request_id = request_id
+        self.parent_id = request_id  # the id the caller knows; differs for the n > 1 children
+        self.index = 0  # which of the parent's n completions this is
+        self.stream = False  # report new tokens / text every step, not only at the end
+        self.num_sent_tokens = 0  # output tokens and text characters already streamed
+        self.num_sent_chars = 0
         self.prompt = prompt
         self.params = params
         self.max_tokens = max_tokens  # resolved: params.max_tokens capped by max_model_len
@@ -63,8 +68,11 @@ class Request:
         self.num_preemptions = 0
         self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         self.logprobs: list[dict[int, float]] | None = None if params.logprobs is None else []
+        # position 0 has nothing before it; entries are added as prompt chunks are computed
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            None if params.prompt_logprobs is None else [None])
         self.output_text = ""
-        self.detokenizer: Any = None  # streaming detokenizer, made only when stop strings need the text
+        self.detokenizer: Any = None  # incremental detokenizer, made for streaming or stop strings
         self.stop_reason: int | str | None = None
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.first_token_time: float | None = None

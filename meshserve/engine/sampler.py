@@ -1,4 +1,4 @@
-"""Sampling the next token from a batch of logits rows: greedy, temperature, top-k, top-p, logprobs.
+"""Sampling the next token from a batch of logits rows: greedy, temperature, min-p, top-k, top-p, logprobs.
 
 One row per sampling request. Everything is done on the whole batch at once except drawing the
 random numbers: a seeded request draws its one uniform number from its own ``torch.Generator``, so
@@ -46,25 +46,21 @@ class Sampler:
     def _sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
     ) -> torch.Tensor:
-        vocab = logits.shape[1]
-        logits, order, drop = _filter(logits, params)
-        cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+        probs, order = _distribution(logits, params)
+        cdf = probs.cumsum(dim=-1)
         u = self._uniforms(generators) * cdf[:, -1]
         choice = torch.searchsorted(cdf, u.unsqueeze(1), right=True).squeeze(1)
-        if order is not None:
-            kept = (~drop).sum(dim=-1)
-            choice = torch.minimum(choice, kept - 1)
-            return order.gather(1, choice.unsqueeze(1)).squeeze(1)
-        return choice.clamp(max=vocab - 1)
+        # Never step past the last token with probability: rounding can leave u just above the cdf.
+        last = (probs > 0).long().cumsum(dim=-1).argmax(dim=-1)
+        return order.gather(1, torch.minimum(choice, last).unsqueeze(1)).squeeze(1)
 
     @staticmethod
     def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """The distribution each row samples from (temperature, top-k, top-p applied), in vocabulary
-        order: what speculative decoding's rejection sampling compares drafts against. Greedy rows get
-        the plain softmax (their token is the argmax either way)."""
-        filtered, order, _ = _filter(logits.float(), params)
-        probs = filtered.softmax(dim=-1)
-        return probs if order is None else torch.zeros_like(probs).scatter_(1, order, probs)
+        """The distribution each row samples from (temperature, min-p, top-k, top-p applied), in
+        vocabulary order: what speculative decoding's rejection sampling compares drafts against.
+        Greedy rows get the plain softmax (their token is the argmax either way)."""
+        probs, order = _distribution(logits.float(), params)
+        return torch.zeros_like(probs).scatter_(1, order, probs)
 
     def _uniforms(self, generators: list[torch.Generator | None]) -> torch.Tensor:
         """One number in [0, 1) per row: from the row's own generator when seeded, else the shared one."""
@@ -96,22 +92,27 @@ class Sampler:
         return result
 
 
-def _filter(
-    logits: torch.Tensor, params: list[SamplingParams]
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Logits after temperature and top-k / top-p (dropped ones at -inf). When any row filters, the rows
-    come back sorted descending, with the sort order and the drop mask; otherwise order and mask are None."""
+def _distribution(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's filtered probabilities (unnormalised is fine for sampling) and the token order they are
+    listed in. Rows with top-k / top-p are sorted descending; the others stay in vocabulary order. The
+    choice is made per row, so a row's numbers never depend on what its neighbours asked for."""
     temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params]).unsqueeze(1)
     logits = logits / temperature
     vocab = logits.shape[1]
+    probs = logits.softmax(dim=-1)
+    min_p = torch.tensor([p.min_p for p in params]).unsqueeze(1)
+    probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    order = torch.arange(vocab).expand(len(params), vocab).clone()
     top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params]).clamp(max=vocab)
     top_p = torch.tensor([p.top_p for p in params])
-    if not bool((top_k < vocab).any() or (top_p < 1).any()):
-        return logits, None, None
-    logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(vocab).unsqueeze(0)
-    drop = rank >= top_k.unsqueeze(1)
-    probs = logits.softmax(dim=-1)
-    # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-    drop |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)
-    return logits.masked_fill(drop, float("-inf")), order, drop
+    rows = torch.nonzero((top_k < vocab) | (top_p < 1)).flatten()
+    if len(rows):
+        sorted_probs, sorted_order = probs[rows].sort(dim=-1, descending=True)
+        rank = torch.arange(vocab).unsqueeze(0)
+        drop = rank >= top_k[rows].unsqueeze(1)
+        share = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+        drop |= (share.cumsum(dim=-1) - share) >= top_p[rows].unsqueeze(1)
+        probs[rows] = sorted_probs.masked_fill(drop, 0.0)
+        order[rows] = sorted_order
+    return probs, order

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from meshserve.config import SchedulerConfig
 from meshserve.engine.kv_cache import BlockManager
+from meshserve.engine.prompt_logprobs import wants_prompt_logits
 from meshserve.engine.request import Request, RequestStatus
 
 
@@ -90,15 +91,17 @@ class Scheduler:
         out = SchedulerOutput()
         chosen: dict[Request, WorkItem] = {}
         # Generating requests first (False sorts first), then prompts in progress; each in arrival order.
-        order = sorted(self.running, key=lambda r: (r.num_output_tokens == 0 or self._pending(r) > 1,
-                                                    r.arrival_order))
+        order = sorted(self.running, key=lambda r: (not self._generating(r), r.arrival_order))
+        # Each generating request after the current one keeps 1 token of budget: drafts shrink first.
+        generating_after = sum(map(self._generating, order))
         for request in order:
             if budget == 0:
                 break
+            generating_after -= self._generating(request)
             if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             while True:
-                item = self._work(request, budget, shrink=True)
+                item = self._work(request, budget, shrink=True, reserve=generating_after)
                 if self.blocks.allocate(request, item.start + item.num_tokens):
                     chosen[request] = item
                     budget -= item.num_tokens
@@ -115,7 +118,9 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
-            reused = self.blocks.match_prefix(request)  # cached prefix blocks (APC): their KV is computed
+            reused = self.blocks.match_prefix(request, budget)  # cached prefix blocks (APC): KV computed
+            if reused is None:
+                break  # would not fit: nothing taken, no copy made; strict FCFS, so no one overtakes it
             item = self._work(request, budget, shrink=False)
             if not self.blocks.allocate(request, item.start + item.num_tokens):
                 self.blocks.free(request)  # give the shared prefix back; matched again next step
@@ -150,18 +155,20 @@ class Scheduler:
         self.blocks.free(request)
         request.status = status
 
-    def _pending(self, request: Request) -> int:
-        return request.num_tokens - request.num_computed_tokens
+    def _generating(self, request: Request) -> bool:
+        """Past its prompt: needs one token (decode) or one plus drafts (verify) this step."""
+        return request.num_output_tokens > 0 and request.num_tokens - request.num_computed_tokens == 1
 
-    def _work(self, request: Request, budget: int, shrink: bool) -> WorkItem:
+    def _work(self, request: Request, budget: int, shrink: bool, reserve: int = 0) -> WorkItem:
         """The largest piece of the request's pending work that fits in ``budget`` tokens.
 
         With ``shrink``, a prompt chunk also shrinks to the free KV space rather than evict anyone.
+        ``reserve``: budget tokens a verify leaves for the decodes scheduled after it.
         """
         start = request.num_computed_tokens
         pending = request.num_tokens - start
         if pending == 1 and request.num_output_tokens > 0:
-            drafts = min(len(request.spec_token_ids), budget - 1)  # trailing drafts wait for a later step
+            drafts = min(len(request.spec_token_ids), budget - 1 - reserve)  # the rest wait for a later step
             if drafts > 0:
                 return WorkItem(request, WorkKind.VERIFY, start, 1 + drafts, 1 + drafts)
             return WorkItem(request, WorkKind.DECODE, start, 1, 1)
@@ -170,7 +177,8 @@ class Scheduler:
             room = self.blocks.capacity(request) - start
             if room > 0:
                 n = min(n, room)
-        return WorkItem(request, WorkKind.PREFILL, start, n, int(n == pending))
+        num_logits = n if wants_prompt_logits(request) else int(n == pending)
+        return WorkItem(request, WorkKind.PREFILL, start, n, num_logits)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Drop the request's KV and send it back to the waiting queue (it will be recomputed)."""

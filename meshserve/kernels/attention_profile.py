@@ -34,7 +34,8 @@ def synthetic_step(context: list[int], q_lens: list[int]) -> tuple[BatchMetadata
     blocks = -(-seq_lens // BLOCK_SIZE)
     first = torch.cumsum(blocks, 0) - blocks
     width = int(blocks.max())
-    tables = first[:, None] + torch.arange(width)[None, :]
+    col = torch.arange(width)[None, :]
+    tables = torch.where(col < blocks[:, None], first[:, None] + col, 0)  # padded with 0, as the engine does
     q = torch.tensor(q_lens)
     seq_of = torch.repeat_interleave(torch.arange(len(q_lens)), q)
     starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(q, 0)])

@@ -26,7 +26,8 @@ from meshserve.atomic import atomic_path
 CSRC = Path(__file__).parent / "csrc"
 # Git-ignored, inside the checkout so `make clean` and a fresh clone start from nothing.
 BUILD_ROOT = Path(os.environ.get("MESHSERVE_BUILD_DIR", Path(__file__).parents[2] / "build" / "native"))
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-fPIC", "-shared", "-w"]
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-fPIC", "-shared",
+          "-w"]
 BUILD_COMMAND = f"{sys.executable} -m meshserve.kernels.native"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,11 +54,43 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    # Sampling defaults from generation_config.json (SamplingParams names), used when a request omits them.
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
     layer_windows: list[int | None] = field(default_factory=list)  # sliding window per layer; None: full
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+
+# generation_config.json name -> SamplingParams name, for the defaults a request inherits (as vLLM does).
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def resolve_aliases(hf: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+    """config.json with each field readable under every name transformers accepts for it.
+
+    ``aliases`` maps a name to the one transformers stores (its config class's ``attribute_map``): e.g.
+    transformers 5 saves Qwen3-MoE's expert count as ``num_local_experts``, older versions ``num_experts``.
+    """
+    hf = dict(hf)
+    for alias, name in aliases.items():
+        if alias in hf and name in hf and hf[alias] != hf[name]:
+            raise InputError(f"config.json:{alias}", f"{hf[alias]!r} disagrees with {name}={hf[name]!r}")
+        value = hf.get(name, hf.get(alias))
+        if value is not None:
+            hf[alias] = hf[name] = value
+    return hf
+
+
+def generation_defaults(generation: dict[str, Any]) -> dict[str, Any]:
+    """The sampling fields generation_config.json sets (greedy when it says do_sample: false)."""
+    defaults = {ours: generation[theirs] for theirs, ours in GENERATION_DEFAULTS.items()
+                if generation.get(theirs) is not None}
+    if generation.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
 
 
 def _get(hf: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
@@ -79,14 +112,34 @@ def positive(hf: dict[str, Any], key: str, default: int | None = None) -> int:
     return value
 
 
+def positive_real(hf: dict[str, Any], key: str, default: float, where: str = "config.json") -> float:
+    """A finite float > 0 (rope_theta, rms_norm_eps): 0, negatives, NaN and inf make garbage, not text."""
+    value = hf.get(key)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise InputError(f"{where}:{key}", f"must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def flag(hf: dict[str, Any], key: str, default: bool) -> bool:
+    """A true/false field; the string "false" would read as True, so anything but a JSON bool is refused."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InputError(f"config.json:{key}", f"must be true or false, got {value!r}")
+    return value
+
+
 def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """rope_theta and rope_scaling from either the classic fields or transformers v5 `rope_parameters`."""
     params = hf.get("rope_parameters")
     if isinstance(params, dict):
-        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        theta = positive_real(params, "rope_theta", positive_real(hf, "rope_theta", 10000.0),
+                              "config.json:rope_parameters")
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
-        theta = _get(hf, "rope_theta", float, 10000.0)
+        theta = positive_real(hf, "rope_theta", 10000.0)
         scaling = hf.get("rope_scaling")
     if scaling is not None and not isinstance(scaling, dict):
         raise InputError("config.json:rope_scaling", f"expected an object or null, got {scaling!r}")
@@ -98,12 +151,14 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, scaling or None
 
 
-def _eos_ids(value: Any) -> list[int]:
+def _token_ids(value: Any, field: str, vocab_size: int) -> list[int]:
+    """eos/bos ids: an int or a list of ints, each a real token (an id past the vocabulary never stops)."""
     if value is None:
         return []
     ids = value if isinstance(value, list) else [value]
-    if not all(isinstance(i, int) for i in ids):
-        raise InputError("config.json:eos_token_id", f"expected an int or a list of ints, got {value!r}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+        raise InputError(field, f"expected token ids in [0, {vocab_size - 1}] (an int or a list), "
+                                f"got {value!r}")
     return list(ids)
 
 
@@ -117,34 +172,42 @@ def parse_config(
     kv_heads = positive(hf, "num_key_value_heads", heads)
     if heads % kv_heads:
         raise InputError("config.json:num_key_value_heads", f"must divide num_attention_heads={heads}")
-    head_dim = hf.get("head_dim") or hidden // heads
+    head_dim = positive(hf, "head_dim") if hf.get("head_dim") is not None else hidden // heads
+    if head_dim <= 0:
+        raise InputError("config.json:num_attention_heads", f"must be <= hidden_size ({hidden}), got {heads}")
     num_layers = positive(hf, "num_hidden_layers")
     theta, scaling = _rope(hf)
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise InputError("config.json:hidden_act", f"unsupported activation {act!r}; allowed: silu")
     max_pos = positive(hf, "max_position_embeddings", 2048)
-    eos = _eos_ids(generation.get("eos_token_id", hf.get("eos_token_id")))
-    bos = generation.get("bos_token_id", hf.get("bos_token_id"))
+    vocab = positive(hf, "vocab_size")
+    def special(key: str) -> list[int]:  # both files checked; generation_config.json wins, as in transformers
+        given = [_token_ids(f.get(key), f"{name}:{key}", vocab)
+                 for f, name in ((generation, "generation_config.json"), (hf, "config.json"))]
+        return given[0] or given[1]
+
+    eos, bos = special("eos_token_id"), special("bos_token_id")
 
     cfg = ModelConfig(
         name=name,
         arch=arch,
-        vocab_size=positive(hf, "vocab_size"),
+        vocab_size=vocab,
         hidden_size=hidden,
         num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=int(head_dim),
         max_position_embeddings=max_pos,
-        bos_token_id=bos if isinstance(bos, int) else None,
+        bos_token_id=bos[0] if bos else None,
         eos_token_ids=eos,
         dtype=dtype,
         intermediate_size=positive(hf, "intermediate_size"),
-        rms_norm_eps=_get(hf, "rms_norm_eps", float, 1e-6),
+        rms_norm_eps=positive_real(hf, "rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_word_embeddings=flag(hf, "tie_word_embeddings", False),
+        generation_defaults=generation_defaults(generation),
     )
     cfg.layer_windows = _sliding_windows(hf, arch, num_layers)
     return cfg
@@ -154,7 +217,7 @@ def _sliding_windows(hf: dict[str, Any], arch: str, num_layers: int) -> list[int
     """Each layer's sliding window (None: full attention). config.json's `layer_types` decides which layers
     slide when present; otherwise every layer does (arch files narrow that to their own rule)."""
     window = hf.get("sliding_window")
-    if not hf.get("use_sliding_window", arch == "MixtralForCausalLM") or window is None:
+    if not flag(hf, "use_sliding_window", arch == "MixtralForCausalLM") or window is None:
         return [None] * num_layers
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
         raise InputError("config.json:sliding_window", f"must be a positive integer or null, got {window!r}")

@@ -6,7 +6,7 @@ fusions: q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, so each needs on
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -47,6 +47,8 @@ class DecoderLM(nn.Module):
 
     # (our name fragment, checkpoint name fragment) pairs tried when a tensor is not found as named.
     checkpoint_aliases: tuple[tuple[str, str], ...] = ()
+    # config.json field aliases: name -> the name transformers stores (its config's attribute_map).
+    config_aliases: ClassVar[dict[str, str]] = {}
     # Per-expert tensor names in classic checkpoints: (gate, up, down).
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 

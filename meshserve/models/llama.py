@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshserve.errors import InputError
-from meshserve.models.config import ModelConfig
+from meshserve.models.config import ModelConfig, flag
 from meshserve.models.decoder import DecoderLM
 
 
@@ -14,6 +14,6 @@ class LlamaForCausalLM(DecoderLM):
 
     @classmethod
     def configure(cls, cfg: ModelConfig, hf: dict[str, Any]) -> None:
-        cfg.qkv_bias = cfg.o_bias = bool(hf.get("attention_bias", False))
-        if hf.get("mlp_bias"):
+        cfg.qkv_bias = cfg.o_bias = flag(hf, "attention_bias", False)
+        if flag(hf, "mlp_bias", False):
             raise InputError("config.json:mlp_bias", "MLP biases are not supported; allowed: false")

@@ -15,6 +15,7 @@ class MixtralForCausalLM(DecoderLM):
     """Mixtral 8x7B-style sparse MoE; checkpoints call the block `block_sparse_moe`, experts w1/w3/w2."""
 
     checkpoint_aliases = ((".mlp.", ".block_sparse_moe."),)
+    config_aliases = {"num_experts": "num_local_experts"}  # transformers' attribute_map
     expert_names = ("w1", "w3", "w2")
 
     @classmethod

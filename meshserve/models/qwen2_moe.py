@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from meshserve.models.config import ModelConfig, positive, read_moe, read_qwen_moe_layers
+from meshserve.models.config import ModelConfig, flag, positive, read_moe, read_qwen_moe_layers
 from meshserve.models.decoder import DecoderLM
 from meshserve.models.layers.mlp import GatedMLP
 from meshserve.models.layers.moe import SparseMoE
@@ -17,11 +17,11 @@ class Qwen2MoeForCausalLM(DecoderLM):
 
     @classmethod
     def configure(cls, cfg: ModelConfig, hf: dict[str, Any]) -> None:
-        cfg.qkv_bias = bool(hf.get("qkv_bias", True))
+        cfg.qkv_bias = flag(hf, "qkv_bias", True)
         read_moe(cfg, hf, experts_key="num_experts", intermediate_key="moe_intermediate_size")
         read_qwen_moe_layers(cfg, hf)
         cfg.shared_expert_intermediate_size = positive(hf, "shared_expert_intermediate_size")
-        cfg.norm_topk_prob = bool(hf.get("norm_topk_prob", False))
+        cfg.norm_topk_prob = flag(hf, "norm_topk_prob", False)
         if "layer_types" not in hf:  # Qwen2-MoE's rule: even layers below max_window_layers slide
             last = positive(hf, "max_window_layers", 28)
             slides = [i % 2 == 0 and i < last for i in range(cfg.num_layers)]

@@ -10,6 +10,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from meshserve.errors import InputError
+from meshserve.models.chat_template import check_messages, read_chat_template, render_chat
 
 
 def _token_text(value: Any) -> str | None:
@@ -19,6 +20,21 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _special_id(tok: HFTokenizer, extra: dict[str, Any], key: str) -> int | None:
+    """The id of a special token tokenizer_config.json names; a name tokenizer.json lacks is an error."""
+    value = extra.get(key)
+    if value is None:
+        return None
+    text = _token_text(value)
+    if text is None:
+        raise InputError(f"tokenizer_config.json:{key}",
+                         f'expected a string or {{"content": ...}}, got {value!r}')
+    token_id = tok.token_to_id(text)
+    if token_id is None:
+        raise InputError(f"tokenizer_config.json:{key}", f"{text!r} is not a token of tokenizer.json")
+    return token_id
+
+
 class Tokenizer:
     """encode / decode text; knows the model's BOS and EOS ids."""
 
@@ -26,6 +42,7 @@ class Tokenizer:
         self._tok = tokenizer
         self.bos_token_id = bos_token_id
         self.eos_token_ids = list(eos_token_ids)
+        self.chat_template: str | None = None
 
     @classmethod
     def from_dir(
@@ -44,14 +61,18 @@ class Tokenizer:
         if config.is_file():
             try:
                 extra = json.loads(config.read_text())
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise InputError("tokenizer_config.json", f"invalid JSON ({err})") from None
-        if bos_token_id is None and (text := _token_text(extra.get("bos_token"))):
-            bos_token_id = tok.token_to_id(text)
+            if not isinstance(extra, dict):
+                raise InputError("tokenizer_config.json", "expected a JSON object")
+        if bos_token_id is None:
+            bos_token_id = _special_id(tok, extra, "bos_token")
         eos = list(eos_token_ids)
-        if not eos and (text := _token_text(extra.get("eos_token"))) and tok.token_to_id(text) is not None:
-            eos = [tok.token_to_id(text)]
-        return cls(tok, bos_token_id, eos)
+        if not eos and (eos_id := _special_id(tok, extra, "eos_token")) is not None:
+            eos = [eos_id]
+        tokenizer = cls(tok, bos_token_id, eos)
+        tokenizer.chat_template = read_chat_template(path)
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -63,6 +84,17 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a chat (OpenAI-style messages) rendered with the model's chat template.
+
+        A template writes its own special tokens (e.g. BOS), so only the plain fallback adds them."""
+        messages = check_messages(messages)
+        special = [self._tok.id_to_token(i) if i is not None else None
+                   for i in (self.bos_token_id, (self.eos_token_ids or [None])[0])]
+        text = render_chat(messages, self.chat_template, special[0] or "", special[1] or "",
+                           add_generation_prompt)
+        return self.encode(text, add_special_tokens=self.chat_template is None)
 
     def detokenizer(self) -> IncrementalDetokenizer:
         """A fresh streaming detokenizer for one request's output."""

@@ -18,6 +18,7 @@ from meshserve.errors import InputError
 from meshserve.models.decoder import DecoderLM
 
 INDEX = "model.safetensors.index.json"
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Our fused tensors and the checkpoint tensors they concatenate (along dim 0).
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -30,8 +31,14 @@ class Checkpoint:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
                 raise InputError(INDEX, f"not a valid safetensors index ({err})") from None
+            ok = isinstance(weight_map, dict) and all(
+                isinstance(f, str) and f.endswith(".safetensors") and Path(f).name == f
+                for f in weight_map.values())
+            if not ok or not weight_map:
+                raise InputError(f"{INDEX}:weight_map", "must map tensor names to *.safetensors file names "
+                                                        "in the model directory")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
@@ -54,10 +61,19 @@ class Checkpoint:
         return key in self._where
 
     def get(self, key: str) -> torch.Tensor:
+        """One tensor, refused when its dtype is not a float we load or it holds NaN / inf."""
+        file = self._where[key]
         try:
-            return self._handles[self._where[key]].get_tensor(key)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise InputError(self._where[key], f"cannot read tensor {key} ({err})") from None
+            tensor = self._handles[file].get_tensor(key)
+        except (SafetensorError, OSError, ValueError, TypeError) as err:
+            raise InputError(file, f"cannot read tensor {key} ({err})") from None
+        if tensor.dtype not in WEIGHT_DTYPES:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_DTYPES)
+            raise InputError(f"{file}:{key}", f"dtype {str(tensor.dtype).removeprefix('torch.')} is not "
+                                              f"supported; allowed: {allowed}")
+        if not bool(torch.isfinite(tensor).all()):  # one vectorised pass per tensor
+            raise InputError(f"{file}:{key}", "holds NaN or infinite values")
+        return tensor
 
 
 def _candidates(name: str, aliases: tuple[tuple[str, str], ...]) -> list[str]:

@@ -14,8 +14,9 @@ from functools import lru_cache
 import numpy as np
 from scipy import sparse
 
-from meshserve.errors import require
+from meshserve.errors import InputError, require
 from meshserve.traces import ExpertTrace
+from meshserve.wafer import compute
 from meshserve.wafer.balance import (
     BALANCERS,
     BalanceConfig,
@@ -26,6 +27,7 @@ from meshserve.wafer.balance import (
 from meshserve.wafer.comm_model import CommModel, ExpertCost, LinkMap
 from meshserve.wafer.hardware import Hardware, load_hardware
 from meshserve.wafer.iteration import IterationResult, check_trace, simulate_iterations
+from meshserve.wafer.limits import check_iterations
 from meshserve.wafer.mapping import Mapping, make_mapping
 from meshserve.wafer.models import MoEModel, load_model
 from meshserve.wafer.synthetic import synthetic_trace
@@ -41,7 +43,11 @@ class BalanceSetup:
     mapping: None picks the platform's best: hierarchical ER (``her``) on several wafers, ER on
     one wafer, ``baseline`` on switch platforms. tokens_per_device: decode tokens each device
     owns (a TP group of ``tp`` devices runs ``tp * tokens_per_device`` tokens through attention).
-    trace: path of a recorded trace; None draws a synthetic one (``scenario``, ``seed``).
+    trace: path of a recorded trace; None draws a synthetic one (``scenario``, ``seed``,
+    ``zipf_exponent``: routing skew, None = the synthetic default).
+    expert_weight_bytes: bytes per routed-expert weight (1 = FP8 weights, compute unchanged);
+    None = the model preset's element size. wafer_link_gb_per_s: overrides the platform's
+    inter-wafer port bandwidth (multi-wafer meshes).
     """
 
     model: str = "deepseek-v3"
@@ -55,6 +61,20 @@ class BalanceSetup:
     seed: int = 0
     config: BalanceConfig = field(default_factory=BalanceConfig)
     trace: str | None = None
+    zipf_exponent: float | None = None
+    expert_weight_bytes: float | None = None
+    wafer_link_gb_per_s: float | None = None
+
+    def platform(self) -> Hardware:
+        """The hardware preset with this setup's inter-wafer bandwidth, if it sets one."""
+        hw = load_hardware(self.hardware)
+        if self.wafer_link_gb_per_s is None:
+            return hw
+        gb = self.wafer_link_gb_per_s
+        require(hw.kind == "mesh" and hw.wafers > 1, "wafer_link_gb_per_s",
+                f"{hw.name} has no inter-wafer ports")
+        require(gb > 0, "wafer_link_gb_per_s", f"must be > 0, got {gb}")
+        return dataclasses.replace(hw, wafer_link_bandwidth=gb * 1e9)
 
     def resolved_mapping(self, hw: Hardware) -> str:
         if self.mapping is not None:
@@ -65,24 +85,29 @@ class BalanceSetup:
 
     def check(self) -> None:
         """Validate everything cheap to validate (presets, TP, mapping, balancer) without running."""
-        hw, model = load_hardware(self.hardware), load_model(self.model)
+        hw, model = self.platform(), load_model(self.model)
         make_mapping(hw, self.tp, self.resolved_mapping(hw))
         require(self.tokens_per_device >= 1, "batch", f"must be >= 1, got {self.tokens_per_device}")
         require(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
+        check_iterations(hw, self.iterations, model.num_moe_layers, model.routed_experts)
         require(self.balancer in BALANCERS, "balancer",
                 f"unknown {self.balancer!r}; allowed: {', '.join(BALANCERS)}")
         if self.trace is not None:
-            check_trace(ExpertTrace.load(self.trace).counts, model.num_moe_layers, model.routed_experts)
+            counts = ExpertTrace.load(self.trace).counts
+            try:
+                check_trace(counts, model.num_moe_layers, model.routed_experts)
+            except InputError as err:  # name the file, as every other fault of a trace file does
+                raise InputError(f"trace {self.trace}", err.message) from None
 
 
 def a2a_domains(mapping: Mapping) -> np.ndarray:
-    """[devices] all-to-all domain of each device: its FTD, or its wafer under hierarchical ER.
+    """[devices] all-to-all domain of each device (its FTD, its wafer, or its FTD on its wafer).
 
     The all-to-all never crosses a domain border, so links between domains are idle during it
     (NI-Balancer's global steps) and links inside a domain are busy (its local steps wait for
     the all-reduce).
     """
-    return (mapping.wafer_of if mapping.hierarchical else mapping.ftd_of).copy()
+    return mapping.domain_of.copy()
 
 
 def a2a_per_slot(topo: Topology, unit: np.ndarray, slots: float) -> tuple[np.ndarray, np.ndarray]:
@@ -123,14 +148,9 @@ def comm_model(
     )
 
 
-def expert_cost(model: MoEModel, hw: Hardware) -> ExpertCost:
-    """Roofline of one routed expert: 2 FLOPs per weight per token; weights read once per layer."""
-    return ExpertCost(
-        flops_per_token=2.0 * model.expert_params,
-        weight_bytes=float(model.expert_params * model.bytes_per_element),
-        act_bytes_per_token=2.0 * model.token_bytes,
-        die=hw.die,
-    )
+def expert_cost(model: MoEModel, hw: Hardware, weight_bytes: float | None = None) -> ExpertCost:
+    """The iteration simulator's expert roofline (compute.expert_cost; shared experts left out)."""
+    return compute.expert_cost(model, hw.die, weight_bytes)
 
 
 def setup_trace(setup: BalanceSetup, model: MoEModel, num_devices: int) -> ExpertTrace:
@@ -142,13 +162,14 @@ def setup_trace(setup: BalanceSetup, model: MoEModel, num_devices: int) -> Exper
         model=model.name, num_layers=model.num_moe_layers, num_experts=model.routed_experts,
         top_k=model.top_k, tokens_per_step=setup.tokens_per_device * num_devices,
         steps=setup.iterations, scenario=setup.scenario, seed=setup.seed,
+        **({} if setup.zipf_exponent is None else {"zipf_exponent": setup.zipf_exponent}),
     )
 
 
 def run_setup(setup: BalanceSetup) -> IterationResult:
     """Simulate ``setup.iterations`` decode iterations with the setup's balancer."""
     setup.check()
-    hw, model = load_hardware(setup.hardware), load_model(setup.model)
+    hw, model = setup.platform(), load_model(setup.model)
     comm = comm_model(hw, setup.tp, setup.resolved_mapping(hw), model, setup.tokens_per_device)
     n = hw.num_devices
     redundant = setup.config.num_redundant_experts
@@ -161,7 +182,8 @@ def run_setup(setup: BalanceSetup) -> IterationResult:
     trace = setup_trace(setup, model, n)
     balancer = make_balancer(setup.balancer, setup.config, comm.hops, redundant)
     return simulate_iterations(
-        trace.counts, trace.tokens_per_step(), balancer, base, comm, expert_cost(model, hw)
+        trace.counts, trace.tokens_per_step(), balancer, base, comm,
+        expert_cost(model, hw, setup.expert_weight_bytes),
     )
 
 

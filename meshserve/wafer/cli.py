@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from meshserve.atomic import check_writable
+from meshserve.errors import require
+
 app = typer.Typer(no_args_is_help=True, help="Wafer-scale MoE simulator (MoEntwine).")
 reproduce = typer.Typer(no_args_is_help=True, help="Reproduce the paper's comparisons.")
 app.add_typer(reproduce, name="reproduce")
@@ -11,7 +14,8 @@ app.add_typer(reproduce, name="reproduce")
 HARDWARE = typer.Option("wsc-8x8", "--hardware", help="Hardware preset name or YAML path.")
 MODEL = typer.Option("deepseek-v3", "--model", help="Model preset name or YAML path.")
 TP = typer.Option(4, "--tp", help="Attention tensor-parallel degree (1, 2, 4, 8 ...).")
-MAPPING = typer.Option("er", "--mapping", help="baseline | er | er-bal | her | her-bal.")
+MAPPING = typer.Option("er", "--mapping", help="baseline | er | er-bal | her | her-bal | her-ftd "
+                       "(readings: meshserve/wafer/presets/mappings.yaml).")
 TOKENS = typer.Option(64, "--tokens-per-device", help="Decode tokens per device (a TP group holds TP x it).")
 EP = typer.Option(None, "--ep", help="Devices holding the experts (default: all).")
 CONTEXT = typer.Option(4096, "--context", help="Context length per sequence (KV-cache reads).")
@@ -30,12 +34,43 @@ def simulate(
 
 
 @app.command()
+def presets() -> None:
+    """List the built-in hardware and model presets (names for --hardware / --model)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from meshserve.wafer.hardware import hardware_names, load_hardware
+    from meshserve.wafer.models import load_model, model_names
+
+    hardware = Table(title="hardware presets (--hardware)")
+    for col in ("name", "kind", "devices", "link GB/s", "die TFLOP/s"):
+        hardware.add_column(col, justify="left" if col in ("name", "kind") else "right")
+    for name in hardware_names():
+        hw = load_hardware(name)
+        hardware.add_row(name, hw.kind, str(hw.num_devices), f"{hw.link_bandwidth / 1e9:g}",
+                         f"{hw.die.peak_flops / 1e12:g}")
+    models = Table(title="model presets (--model)")
+    for col in ("name", "layers", "MoE layers", "routed experts", "top-k", "hidden"):
+        models.add_column(col, justify="left" if col == "name" else "right")
+    for name in model_names():
+        mo = load_model(name)
+        models.add_row(name, str(mo.num_layers), str(mo.num_moe_layers), str(mo.routed_experts),
+                       str(mo.top_k), str(mo.hidden_size))
+    console = Console()
+    console.print(hardware)
+    console.print(models)
+    console.print("A YAML file path works wherever a preset name does (meshserve/wafer/presets/).")
+
+
+@app.command()
 def heatmap(
     hardware: str = HARDWARE, model: str = MODEL, tp: int = TP, mapping: str = MAPPING,
     tokens_per_device: float = TOKENS, ep: int = EP,
     out: str = typer.Option("out/wafer_heatmap.png", "--out", help="PNG file to write."),
 ) -> None:
     """Write link-load heatmaps of the attention reduction and the MoE all-to-all side by side."""
+    require(out.lower().endswith(".png"), "out", f"is a PNG image: give a path ending .png, got {out!r}")
+    check_writable(out, "out")
     from meshserve.wafer.plots import heatmap_png
     from meshserve.wafer.report import run_layer
 
@@ -51,6 +86,7 @@ def reproduce_comm(
     tokens_per_device: float = TOKENS, time_model: str = TIME_MODEL,
 ) -> None:
     """Baseline vs ER vs hierarchical ER communication time, paper anchors beside ours."""
+    check_writable(out, "out", folder=True)  # before the heavy imports, so a bad path fails at once
     from meshserve.wafer.report import run_reproduce_comm
 
     run_reproduce_comm(out, tokens_per_device=tokens_per_device, time_model=time_model, as_json=json_out)
@@ -68,15 +104,18 @@ def reproduce_balance(
     scenario: str = typer.Option(None, "--scenario", help="Synthetic trace: fixed | mixed [mixed]."),
     models: str = typer.Option(None, "--models", help="Comma-separated model presets "
                                "[deepseek-v3,deepseek-v2,qwen3-235b-a22b]."),
+    curves: bool = typer.Option(True, "--curves/--no-curves", help="Also sweep tokens per device, expert "
+                                "weight type, inter-wafer bandwidth and trace skew (first model)."),
 ) -> None:
     """Ablation ladder NVL72 -> WSC -> ER -> HER -> greedy -> topology-aware -> NI-Balancer.
 
     Defaults: meshserve/wafer/presets/experiments/balance.yaml."""
+    check_writable(out, "out", folder=True)
     from meshserve.wafer.reproduce_balance import reproduce_balance as run
 
     names = None if models is None else tuple(m.strip() for m in models.split(",") if m.strip())
     run(out, as_json=json_out, iterations=iterations, tokens_per_device=tokens_per_device, scenario=scenario,
-        models=names)
+        models=names, curves=curves)
 
 
 @app.command()
@@ -86,6 +125,25 @@ def sweep(
     out: str = typer.Option("out/sweep", "--out", help="Folder for results.csv and plots."),
 ) -> None:
     """Cross product models x platforms x TP x batch x balancer; CSV + plots."""
+    check_writable(out, "out", folder=True)
     from meshserve.wafer.sweep import sweep_command
 
     sweep_command(spec, executor=executor, out=out)
+
+
+@app.command()
+def noc(
+    mesh: str = typer.Option("8x8", "--mesh", help="RxC mesh of routers, e.g. 8x8."),
+    pattern: str = typer.Option("uniform", "--pattern",
+                                help="uniform | transpose | bitcomp | tornado | neighbor | FILE.npy "
+                                     "([nodes, nodes] packets per source and destination)."),
+    packets_per_node: int = typer.Option(100, "--packets-per-node", help="Packets each node sends."),
+    flits_per_packet: int = typer.Option(20, "--flits-per-packet", help="Flits per packet."),
+    time_model: list[str] = typer.Option(
+        None, "--time-model", help="bottleneck | fair-share | packet | flit (repeat; default all)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Cycles one batch of synthetic traffic takes on a mesh (1 flit per cycle per link), per time model."""
+    from meshserve.wafer.noc import print_noc, run_noc
+
+    run_noc(mesh, pattern, packets_per_node, flits_per_packet, tuple(time_model or ()), json_out, print_noc)

@@ -1,8 +1,8 @@
 """What a platform, a mapping and a model contribute to the iteration-level simulation.
 
 :class:`CommModel`: routes, all-to-all domains, all-to-all link maps and the attention
-all-reduce of one layout; :class:`ExpertCost`: the roofline of one routed expert. Built over the
-simulator core by :func:`meshserve.wafer.balance_setup.comm_model`.
+all-reduce of one layout (built over the simulator core by
+:func:`meshserve.wafer.balance_setup.comm_model`); the expert roofline is compute.ExpertCost.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
-from meshserve.wafer.compute import roofline_s
-from meshserve.wafer.hardware import Die
+from meshserve.wafer.compute import ExpertCost
+
+__all__ = ["CommModel", "ExpertCost", "LinkMap"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,22 +92,3 @@ class CommModel:
             return 0.0
         link_bytes = self.routes[src * self.num_devices + dst].T @ np.asarray(nbytes, dtype=np.float64)
         return float((link_bytes / self.bandwidth).max() + self.path_latency[src, dst].max())
-
-
-@dataclass(frozen=True)
-class ExpertCost:
-    """Roofline of one routed expert on one device.
-
-    flops_per_token: FLOPs one token spends in one expert; weight_bytes: one expert's weights;
-    act_bytes_per_token: activation bytes in and out; die: the device.
-    """
-
-    flops_per_token: float
-    weight_bytes: float
-    act_bytes_per_token: float
-    die: Die
-
-    def device_time(self, tokens: np.ndarray, active_experts: np.ndarray) -> np.ndarray:
-        """Roofline time of a device serving ``tokens`` with ``active_experts`` weights read."""
-        hbm_bytes = active_experts * self.weight_bytes + tokens * self.act_bytes_per_token
-        return roofline_s(self.die, tokens * self.flops_per_token, hbm_bytes)

@@ -1,6 +1,12 @@
-"""Decode compute time of one die from a roofline: max(FLOPs / peak, HBM bytes / bandwidth)."""
+"""Decode compute time of one die from a roofline: max(FLOPs / peak, HBM bytes / bandwidth).
+
+One roofline per kind of work: attention, the dense FFN, and the MoE experts (:class:`ExpertCost`,
+shared by the layer simulator and the iteration simulator).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,15 +38,60 @@ def dense_ffn_s(die: Die, model: MoEModel, tokens_per_group: float, tp: int) -> 
     return float(roofline_s(die, 2 * tokens_per_group * params, params * model.bytes_per_element))
 
 
+@dataclass(frozen=True)
+class ExpertCost:
+    """The one roofline of a device's MoE work, used by the layer and the iteration simulators.
+
+    A device serving ``tokens`` routed (token, expert) copies through ``active_experts`` experts
+    spends 2 FLOPs per expert weight per copy, reads each active expert's weights once and every
+    copy's activation in and out. Shared experts are an explicit choice: ``shared_params`` is the
+    device's share of their weights (its 1/TP), run for ``shared_tokens`` tokens (its TP group's);
+    0 leaves them out (the iteration simulator: the same on every platform and balancer).
+    """
+
+    flops_per_token: float
+    weight_bytes: float  # one routed expert's weights
+    act_bytes_per_token: float
+    die: Die
+    shared_params: float = 0.0
+    bytes_per_element: float = 2.0
+
+    def device_time(
+        self, tokens: np.ndarray, active_experts: np.ndarray, shared_tokens: float = 0.0
+    ) -> np.ndarray:
+        """Roofline seconds of a device serving ``tokens`` with ``active_experts`` weights read."""
+        flops = tokens * self.flops_per_token + 2.0 * shared_tokens * self.shared_params
+        hbm = active_experts * self.weight_bytes + tokens * self.act_bytes_per_token
+        hbm = hbm + self.shared_params * self.bytes_per_element
+        return roofline_s(self.die, flops, hbm)
+
+
+def expert_cost(
+    model: MoEModel, die: Die, weight_bytes: float | None = None, shared_tp: int | None = None
+) -> ExpertCost:
+    """The model's expert roofline on a die.
+
+    weight_bytes: bytes per routed-expert weight (None = the model's element size; 1 = FP8 weights,
+    compute at the same peak: weight-only quantisation). shared_tp: count the shared experts, split
+    over this TP degree (None = leave them out).
+    """
+    element = model.bytes_per_element if weight_bytes is None else weight_bytes
+    shared = 0.0 if shared_tp is None else model.shared_experts * model.expert_params / shared_tp
+    return ExpertCost(
+        flops_per_token=2.0 * model.expert_params,
+        weight_bytes=float(model.expert_params * element),
+        act_bytes_per_token=2.0 * model.token_bytes,
+        die=die,
+        shared_params=float(shared),
+        bytes_per_element=float(model.bytes_per_element),
+    )
+
+
 def experts_s(
     die: Die, model: MoEModel, placement: np.ndarray, copies: np.ndarray, tokens_per_group: float, tp: int,
 ) -> np.ndarray:
-    """[N] seconds for each device's routed experts (copies[d] token-expert pairs served) plus its
-    1/TP share of the shared experts for its group's tokens. Every hosted expert's weights are read
-    once per step."""
+    """[N] seconds for each device's routed experts (copies[d] token-expert pairs served), every
+    hosted expert's weights read once per step, plus its 1/TP share of the shared experts for its
+    group's tokens (ExpertCost, the same roofline as the iteration simulator's)."""
     hosted = (placement > 0).sum(axis=0)
-    flops = 2 * model.expert_params * copies
-    weights = hosted * model.expert_params * model.bytes_per_element
-    shared = model.shared_experts * model.expert_params / tp
-    flops = flops + 2 * tokens_per_group * shared
-    return roofline_s(die, flops, weights + shared * model.bytes_per_element)
+    return expert_cost(model, die, shared_tp=tp).device_time(copies, hosted, shared_tokens=tokens_per_group)

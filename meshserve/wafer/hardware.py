@@ -15,11 +15,17 @@ from meshserve.wafer.presets import Section, preset_names, read_preset
 
 @dataclass(frozen=True)
 class Die:
-    """One compute die / GPU: roofline parameters."""
+    """One compute die / GPU: roofline parameters and what it can put on the network.
+
+    injection_bandwidth: bytes/s the die can inject into (and, the same, eject from) the network,
+      each direction; 0 = what its links sum to (an assumption: a router port per link), which can
+      never bind, so the topology builds no port links then.
+    """
 
     peak_flops: float  # FLOP/s (BF16 dense)
     hbm_bytes: float
     hbm_bandwidth: float  # bytes/s
+    injection_bandwidth: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,12 @@ class Hardware:
         """Devices in one wafer (mesh) or one NVLink node (switch)."""
         return self.rows * self.cols if self.kind == "mesh" else self.devices_per_node
 
+    def with_injection(self, bandwidth: float) -> Hardware:
+        """The same platform with each die's injection/ejection port limited to ``bandwidth`` bytes/s."""
+        if not bandwidth > 0:
+            raise InputError("injection_bandwidth", f"must be > 0 bytes/s, got {bandwidth}")
+        return dataclasses.replace(self, die=dataclasses.replace(self.die, injection_bandwidth=bandwidth))
+
     def with_mesh(self, rows: int, cols: int, wafers: int | None = None) -> Hardware:
         """The same dies and links on another mesh shape (for sweeps and tests)."""
         if self.kind != "mesh":
@@ -84,12 +96,20 @@ def load_hardware(name: str) -> Hardware:
 def hardware_from_dict(data: dict, name: str) -> Hardware:
     """Build a Hardware from a preset mapping; every bad field raises InputError naming it."""
     top = Section(data, name)
+    hw = _platform(top, name)
+    top.reject_unknown()
+    return hw
+
+
+def _platform(top: Section, name: str) -> Hardware:
     kind = top.choice("kind", ("mesh", "switch"))
     d = top.section("die")
     die = Die(
         peak_flops=d.number("peak_tflops") * 1e12,
         hbm_bytes=d.number("hbm_capacity_gb") * 1e9,
         hbm_bandwidth=d.number("hbm_bandwidth_tb_per_s") * 1e12,
+        injection_bandwidth=d.number("injection_bandwidth_gb_per_s") * 1e9
+        if d.has("injection_bandwidth_gb_per_s") else 0.0,
     )
     if kind == "mesh":
         m = top.section("mesh")

@@ -21,7 +21,7 @@ import numpy as np
 
 from meshserve.errors import InputError
 from meshserve.wafer.balance import Balancer, Placement, imbalance, migrations
-from meshserve.wafer.balance.ni import split_steps
+from meshserve.wafer.balance.steps import split_steps
 from meshserve.wafer.balance.stream import Flight
 from meshserve.wafer.comm_model import CommModel, ExpertCost
 
@@ -32,7 +32,8 @@ class IterationResult:
 
     max_load, mean_load: device tokens per MoE layer (averaged over layers); compute_s, a2a_s,
     allreduce_s: summed over MoE layers; stall_s: inference stopped for migration; migrated_bytes:
-    expert bytes that crossed the fabric; plans: iterations where the balancer re-planned.
+    expert bytes that crossed the fabric; plans: iterations where the balancer re-planned;
+    rejected_plans: where its plan would not have lowered the predicted MoE time (dropped).
     """
 
     balancer: str
@@ -47,6 +48,7 @@ class IterationResult:
     num_devices: int
     num_layers: int
     plans: list[int] = field(default_factory=list)
+    rejected_plans: list[int] = field(default_factory=list)
     max_link_utilization: float = 0.0
 
     @property
@@ -68,7 +70,13 @@ class IterationResult:
             "stall_s": float(self.stall_s.sum()),
             "migrated_bytes": float(self.migrated_bytes.sum()),
             "plans": len(self.plans),
+            "rejected_plans": len(self.rejected_plans),
             "moe_tokens_per_s_per_device": float(tokens * self.num_layers / moe / self.num_devices)
+            if moe > 0 else 0.0,
+            # the same with the attention output reduction (all-reduce, or hierarchical collectives)
+            # in each layer's time: the paper does not say which of the two its Fig. 17 counts
+            "moe_and_reduction_tokens_per_s_per_device": float(
+                tokens * self.num_layers / (moe + self.allreduce_s.sum()) / self.num_devices)
             if moe > 0 else 0.0,
             "max_migration_link_utilization": float(self.max_link_utilization),
         }
@@ -138,7 +146,7 @@ def simulate_iterations(
     series = {k: np.zeros(steps_total) for k in
               ("max_load", "mean_load", "imbalance", "compute_s", "a2a_s", "stall_s", "migrated_bytes")}
     placement, flight = base, None
-    since, plans, worst = 0, [], 0.0
+    since, plans, rejected, worst = 0, [], [], 0.0
     window = balancer.config.window_size
     it = 0
     while it < steps_total:
@@ -146,6 +154,13 @@ def simulate_iterations(
             history = counts[max(it - window, 0):it]
             target = balancer.plan(history.mean(axis=0), placement, base)
             target.validate()
+            if balancer.config.reject_slower_plans:
+                now, then = evaluate(history, placement, comm, cost), evaluate(history, target, comm, cost)
+                if (then.compute_s + then.a2a_s).sum() >= (now.compute_s + now.a2a_s).sum():
+                    rejected.append(it)  # it would not lower the predicted MoE time of its own window
+                    balancer.planned(float(now.imbalance.mean()))
+                    since = it
+                    continue
             moves = migrations(placement, target, comm.hops)
             plans.append(it)
             series["migrated_bytes"][it] += len(moves) * cost.weight_bytes
@@ -186,5 +201,5 @@ def simulate_iterations(
         allreduce_s=np.full(steps_total, comm.allreduce_time * base.num_layers),
         stall_s=series["stall_s"], migrated_bytes=series["migrated_bytes"],
         num_devices=base.num_devices, num_layers=base.num_layers,
-        plans=plans, max_link_utilization=worst,
+        plans=plans, rejected_plans=rejected, max_link_utilization=worst,
     )

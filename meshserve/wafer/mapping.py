@@ -17,6 +17,10 @@ Mesh mappings (built per wafer, repeated on every wafer):
 - her / her-bal (hierarchical, multi-wafer): the er / er-bal layout on every wafer; the simulator
   then runs an intra-wafer reduce-scatter, an inter-wafer all-gather between dies at the same
   position, and keeps the all-to-all inside each wafer (see traffic.py).
+- her-ftd (hierarchical, the paper notes' reading): the er layout; a full all-reduce in each TP
+  group, an inter-wafer all-gather of the full tokens, then the all-to-all inside each wafer's FTDs.
+Which collectives reduce the attention output and which devices share an all-to-all are data
+(presets/mappings.yaml), so a new reading is a new entry there.
 Switch platforms use the same constructions on a nodes x GPUs-per-node grid (baseline: a group
 inside a node; er: an FTD = whole nodes).
 """
@@ -24,25 +28,67 @@ inside a node; er: an FTD = whole nodes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
 from meshserve.errors import InputError
 from meshserve.wafer.hardware import Hardware
+from meshserve.wafer.presets import PRESET_DIR, Section, read_yaml
 
-MAPPINGS = ("baseline", "er", "er-bal", "her", "her-bal")
+LAYOUTS = ("compact", "entwined", "entwined-balanced")
+OPS = ("all-reduce", "reduce-scatter", "all-gather")
+RING_OVER = ("tp-group", "wafers")
+DOMAIN_KEYS = ("ftd", "wafer")
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One mapping reading (presets/mappings.yaml): layout, attention collectives, all-to-all domain."""
+
+    layout: str
+    attention: tuple[tuple[str, str], ...]  # (op, over) in order
+    a2a_domain: tuple[str, ...]
+
+    @property
+    def hierarchical(self) -> bool:
+        """True when a collective runs across wafers (needs several wafers or nodes)."""
+        return any(over == "wafers" for _, over in self.attention)
+
+
+@lru_cache(maxsize=1)
+def readings() -> dict[str, Reading]:
+    """Every mapping reading by name, validated (InputError names the bad field)."""
+    data = read_yaml(PRESET_DIR / "mappings.yaml", "mapping")
+    out = {}
+    for name, entry in Section(data, "mappings").data.items():
+        sec = Section(entry, f"mappings.{name}")
+        steps = sec.data.get("attention") if sec.has("attention") else None
+        if not isinstance(steps, list) or not steps:
+            raise InputError(f"mappings.{name}.attention", "must be a non-empty list of {op, over}")
+        sections = [Section(step, f"mappings.{name}.attention") for step in steps]
+        attention = tuple((step.choice("op", OPS), step.choice("over", RING_OVER)) for step in sections)
+        domain = sec.data.get("a2a_domain") if sec.has("a2a_domain") else None
+        if not isinstance(domain, list) or not domain or any(k not in DOMAIN_KEYS for k in domain):
+            raise InputError(f"mappings.{name}.a2a_domain",
+                             f"must be a non-empty list of {', '.join(DOMAIN_KEYS)}, got {domain!r}")
+        out[name] = Reading(sec.choice("layout", LAYOUTS), attention, tuple(domain))
+        for part in (sec, *sections):  # strict, as every preset: a misspelt key is an error
+            part.reject_unknown()
+    return out
+
+
+MAPPINGS = tuple(readings())
 
 
 @dataclass(frozen=True, eq=False)
 class Mapping:
-    """TP rings, FTDs and wafers of one layout.
+    """TP rings, FTDs and wafers of one layout, and the reading's collectives.
 
     groups[g]: device ids of TP group g in ring order (shape [G, TP]).
     ftd_of[d]: FTD index (0..TP-1) of device d; each group has exactly one member per FTD.
     wafer_of[d]: wafer (or node, on switch platforms) of device d.
-    hierarchical: all-reduce = intra-wafer reduce-scatter + inter-wafer all-gather, all-to-all
-      confined to each wafer.
+    reading: its collectives (attention reduction, all-to-all domain), from presets/mappings.yaml.
     """
 
     name: str
@@ -50,7 +96,7 @@ class Mapping:
     groups: np.ndarray
     ftd_of: np.ndarray
     wafer_of: np.ndarray
-    hierarchical: bool = False
+    reading: Reading
 
     def __post_init__(self) -> None:
         counts = np.zeros((self.num_groups, self.tp), dtype=np.int64)
@@ -61,6 +107,33 @@ class Mapping:
     @property
     def num_devices(self) -> int:
         return self.groups.size
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.reading.hierarchical
+
+    @cached_property
+    def domain_of(self) -> np.ndarray:
+        """[N] all-to-all domain id: devices exchange tokens only with devices of the same id."""
+        keys = {"ftd": (self.ftd_of, self.tp), "wafer": (self.wafer_of, self.num_wafers)}
+        out = np.zeros(self.num_devices, dtype=np.int64)
+        for key in self.reading.a2a_domain:
+            values, count = keys[key]
+            out = out * count + values
+        return out
+
+    def ring_members(self, over: str) -> np.ndarray:
+        """[rings, members]: the TP groups, or the dies at one position on every wafer."""
+        return self.groups if over == "tp-group" else self.counterparts()
+
+    @property
+    def held_tokens_factor(self) -> float:
+        """Tokens a die holds after the attention collectives, per token of its TP group."""
+        factor = 1.0
+        for op, over in self.reading.attention:
+            p = self.ring_members(over).shape[1]
+            factor *= {"all-reduce": 1.0, "reduce-scatter": 1.0 / p, "all-gather": float(p)}[op]
+        return factor
 
     @property
     def num_groups(self) -> int:
@@ -159,19 +232,20 @@ def make_mapping(hw: Hardware, tp: int, kind: str = "baseline") -> Mapping:
         where = f"{rows}x{cols} mesh" if hw.kind == "mesh" else f"{cols}-GPU node"
         raise InputError("tp", f"{tp} does not tile the {where} of {hw.name}; allowed: "
                          f"{', '.join(map(str, fits))}")
-    hierarchical = kind.startswith("her")
-    if hierarchical and wafers < 2:
+    reading = readings()[kind]
+    if reading.hierarchical and wafers < 2:
+        flat = ", ".join(k for k, r in readings().items() if not r.hierarchical)
         raise InputError("mapping", f"{kind} needs several wafers/nodes; {hw.name} has one; "
-                         f"allowed here: baseline, er, er-bal")
-    if kind == "baseline":
+                         f"allowed here: {flat}")
+    if reading.layout == "compact":
         groups, ftd_of = _baseline(rows, cols, tp)
     else:
-        groups, ftd_of = _entwined(rows, cols, tp, balanced=kind.endswith("-bal"))
+        groups, ftd_of = _entwined(rows, cols, tp, balanced=reading.layout == "entwined-balanced")
     offsets = (np.arange(wafers) * per)[:, None, None]
     return Mapping(
         name=kind, tp=tp, groups=(groups[None] + offsets).reshape(-1, tp),
         ftd_of=np.tile(ftd_of, wafers), wafer_of=np.repeat(np.arange(wafers), per),
-        hierarchical=hierarchical,
+        reading=reading,
     )
 
 

@@ -112,6 +112,7 @@ def load_model(name: str) -> MoEModel:
         bytes_per_element=top.integer("bytes_per_element"),
         attention=attention,
     )
+    top.reject_unknown()
     if model.top_k > model.routed_experts:
         raise InputError(f"{name}.top_k", f"must be <= routed_experts ({model.routed_experts})")
     if model.first_dense_layers >= model.num_layers:

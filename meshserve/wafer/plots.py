@@ -18,17 +18,17 @@ from meshserve.wafer.simulate import LayerResult
 from meshserve.wafer.topology import Topology, topology_for
 
 COLOURS = {"baseline": "#7f7f7f", "er": "#1f77b4", "er-bal": "#2ca02c", "her": "#ff7f0e",
-           "her-bal": "#d62728"}
+           "her-bal": "#d62728", "her-ftd": "#9467bd"}
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Write a figure atomically (temp file + os.replace) and close it."""
+def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
+    """Write a figure atomically (temp file + os.replace) as a PNG and close it."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path
@@ -84,7 +84,7 @@ def heatmap_png(hw: Hardware, model: MoEModel, m: Mapping, tokens: float, layer:
     for ax, (name, loads, seconds) in zip(axes, phases, strict=True):
         mesh_max = loads[topo.link_kind == "mesh"].max() / 1e6
         title = f"{name}\n{seconds * 1e6:.1f} us, hottest mesh link {mesh_max:.2f} MB"
-        off = loads[topo.link_kind != "mesh"]
+        off = loads[np.isin(topo.link_kind, ("wafer-up", "wafer-down"))]
         if off.size:
             title += f"\nhottest off-wafer port {off.max() / 1e6:.2f} MB"
         lines = _draw_mesh(ax, topo, m, loads, title)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,31 +40,59 @@ def read_yaml(path: Path, field: str) -> Any:
         raise InputError(field, f"{path.name} is not valid YAML: {err}") from None
 
 
+# Keys any mapping may carry for people, never read by the simulator.
+NOTES = ("name", "description")
+
+
 class Section:
-    """Typed access to one mapping of a preset, naming the full field path in every error."""
+    """Typed access to one mapping of a preset, naming the full field path in every error.
+
+    The schema is what the loader reads: every accessor records its key, and ``reject_unknown()``
+    (called once the loader is done) refuses any other key, so a misspelt ``wafers:`` is an error,
+    not a silent default, and a new field is allowed simply by reading it.
+    """
 
     def __init__(self, data: Any, where: str) -> None:
         if not isinstance(data, dict):
             raise InputError(where, "must be a mapping of fields")
         self.data = data
         self.where = where
+        self.read: set[str] = set()
+        self.children: list[Section] = []
 
     def has(self, key: str) -> bool:
+        """Whether an optional key is there (it counts as known either way)."""
+        self.read.add(key)
         return key in self.data
 
     def section(self, key: str) -> Section:
+        self.read.add(key)
         if key not in self.data:
             raise InputError(f"{self.where}.{key}", "missing section")
-        return Section(self.data[key], f"{self.where}.{key}")
+        child = Section(self.data[key], f"{self.where}.{key}")
+        self.children.append(child)
+        return child
+
+    def reject_unknown(self) -> None:
+        """InputError naming the first key no accessor read, here or in a sub-section."""
+        unknown = sorted(set(map(str, self.data)) - self.read - set(NOTES))
+        if unknown:
+            raise InputError(f"{self.where}.{unknown[0]}",
+                             f"unknown field (misspelt?); allowed here: {', '.join(sorted(self.read))}")
+        for child in self.children:
+            child.reject_unknown()
 
     def number(self, key: str, *, positive: bool = True, default: float | None = None) -> float:
-        """A real number; positive (> 0) unless positive=False, which allows >= 0."""
+        """A finite real number; positive (> 0) unless positive=False, which allows >= 0."""
         field = f"{self.where}.{key}"
+        self.read.add(key)
         value = self.data.get(key, default)
         if value is None:
             raise InputError(field, "missing; must be a number")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InputError(field, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise InputError(field, f"must be a finite number, got {value}")
         if positive and not value > 0:
             raise InputError(field, f"must be > 0, got {value}")
         if not positive and value < 0:
@@ -72,12 +101,14 @@ class Section:
 
     def integer(self, key: str, *, minimum: int = 1, default: int | None = None) -> int:
         field = f"{self.where}.{key}"
+        self.read.add(key)
         value = self.data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise InputError(field, f"must be an integer >= {minimum}, got {value!r}")
         return value
 
     def choice(self, key: str, allowed: tuple[str, ...]) -> str:
+        self.read.add(key)
         value = self.data.get(key)
         if value not in allowed:
             raise InputError(f"{self.where}.{key}", f"got {value!r}; allowed: {', '.join(allowed)}")

@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meshserve.wafer.hardware import Hardware, load_hardware
+from meshserve.wafer.limits import check_platform
 from meshserve.wafer.mapping import Mapping, make_mapping
 from meshserve.wafer.models import MoEModel, load_model
 from meshserve.wafer.simulate import LayerResult, simulate_layer, step_s
@@ -18,6 +19,7 @@ def run_layer(
 ) -> tuple[Hardware, MoEModel, Mapping, float, LayerResult]:
     """Load presets, build the mapping and evaluate one MoE layer."""
     hw, mo = load_hardware(hardware), load_model(model)
+    check_platform(hw)
     m = make_mapping(hw, tp, mapping)
     layer = simulate_layer(hw, mo, m, tokens_per_device, ep=ep, context=context, time_model=time_model)
     return hw, mo, m, tokens_per_device, layer
@@ -59,7 +61,7 @@ def _reduction(x: float | None) -> str:
 
 def print_comm(result: dict, console: Console) -> None:
     """The reproduce-comm tables: comparison, anchors beside ours, and the open question."""
-    kinds = ["baseline", "er", "er-bal", "her", "her-bal"]
+    kinds = list(dict.fromkeys(k for r in result["rows"] for k in r["mappings"]))
     table = Table(title=f"Communication per MoE layer in us (change vs baseline), TP={result['tp']}, "
                         f"{result['tokens_per_device']:g} tokens/device, {result['time_model']} model")
     for col in ["model", "platform", *kinds]:
@@ -76,15 +78,23 @@ def print_comm(result: dict, console: Console) -> None:
     console.print(table)
 
     p = result["paper"]
-    anchors = Table(title="Paper anchors beside ours (reduction = 1 - mapping / baseline; max over rows)")
-    for col in ("figure", "paper", "ours: er (paper's construction)", "ours: er-bal (balanced rings)"):
+    anchors = Table(title="Paper anchors beside ours (reduction = 1 - mapping / baseline; max over rows). "
+                          "The paper does not say whether its figures count the attention reduction.")
+    for col in ("figure", "paper", "ours: total communication", "ours: all-to-all only"):
         anchors.add_column(col)
-    anchors.add_row("ER-Mapping reduction, max", f"{p['er_reduction_max'] * 100:.0f}%",
-                    _reduction(result["er_reduction_max"]), _reduction(result["er_bal_reduction_max"]))
-    anchors.add_row("hierarchical ER reduction, max", f"{p['her_reduction_max'] * 100:.0f}%",
-                    _reduction(result["her_reduction_max"]), _reduction(result["her_bal_reduction_max"]))
+    labels = {"er": "ER-Mapping (our reading of the paper's construction)", "er-bal": "ER, balanced rings",
+              "her": "hierarchical ER, wafer-wide all-to-all", "her-bal": "hierarchical ER, balanced rings",
+              "her-ftd": "hierarchical ER, FTD-block all-to-all"}
+    for k in kinds[1:]:
+        key = k.replace("-", "_")
+        paper = p["er_reduction_max"] if k.startswith("er") else p["her_reduction_max"]
+        anchors.add_row(f"{labels.get(k, k)}: reduction, max", f"up to {paper * 100:.0f}%",
+                        _reduction(result[f"{key}_reduction_max"]),
+                        _reduction(result[f"{key}_a2a_reduction_max"]))
     anchors.add_row("ER all-reduce slowdown (first model, wsc-8x8)", f"{p['er_allreduce_slowdown']:.1f}x",
-                    f"{result['er_allreduce_slowdown']:.2f}x", f"{result['er_bal_allreduce_slowdown']:.2f}x")
+                    f"er {result['er_allreduce_slowdown']:.2f}x, "
+                    f"er-bal {result['er_bal_allreduce_slowdown']:.2f}x",
+                    "-")
     console.print(anchors)
 
     q = result["open_question"]
@@ -131,6 +141,23 @@ def print_wafer_links(result: dict, console: Console) -> None:
     console.print(table)
 
 
+def print_injection(result: dict, console: Console) -> None:
+    """ER against the baseline as each die's injection/ejection port bandwidth varies."""
+    sweep = result["injection_sweep"]
+    kinds = [k.removesuffix("_dispatch_ratio") for k in sweep[0] if k.endswith("_dispatch_ratio")]
+    table = Table(title=f"What a die can inject ({sweep[0]['hardware']}, first model): change vs baseline as "
+                        "each die's injection/ejection port bandwidth varies")
+    cols = [f"{k}: {what}" for k in kinds for what in ("total", "all-to-all", "dispatch time ratio")]
+    for col in ["port GB/s per die", "baseline (us)", *cols]:
+        table.add_column(col, justify="right")
+    for s in sweep:
+        cells = [(_reduction(s[f"{k}_reduction"]), _reduction(s[f"{k}_a2a_reduction"]),
+                  f"{s[f'{k}_dispatch_ratio']:.2f}x") for k in kinds]
+        table.add_row(f"{s['injection_gb_per_s']:g}", f"{s['baseline_us']:.1f}",
+                      *(cell for row in cells for cell in row))
+    console.print(table)
+
+
 def print_platforms(result: dict, console: Console) -> None:
     """Communication per MoE layer on platforms of about the same size, baseline mapping."""
     rows = result["platforms"]
@@ -152,22 +179,23 @@ def run_reproduce_comm(out: str, tokens_per_device: float = 64, time_model: str 
     import json
     from pathlib import Path
 
-    from meshserve.atomic import write_atomic
+    from meshserve.atomic import all_or_nothing, check_writable, write_atomic
     from meshserve.wafer.experiments import run_comm
     from meshserve.wafer.plots import comparison_png
 
+    folder = check_writable(Path(out), "out", folder=True)
     result = run_comm(tokens_per_device, time_model)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    result["plot"] = str(comparison_png(result, folder / "wafer_comm.png"))
-    text = json.dumps(result, default=lambda x: x.item())  # numpy scalars -> Python numbers
-    write_atomic(folder / "wafer_comm.json", text.encode())
+    with all_or_nothing():
+        result["plot"] = str(comparison_png(result, folder / "wafer_comm.png"))
+        text = json.dumps(result, default=lambda x: x.item())  # numpy scalars -> Python numbers
+        write_atomic(folder / "wafer_comm.json", text.encode())
     if as_json:
         print(text)
     else:
         console = Console(width=max(Console().width, 150))
         print_comm(result, console)
         print_wafer_links(result, console)
+        print_injection(result, console)
         print_platforms(result, console)
         console.print(f"wrote {result['plot']} and {folder / 'wafer_comm.json'}")
     return result

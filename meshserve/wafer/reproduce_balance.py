@@ -10,6 +10,7 @@ here is tuned to them (docs/wafer.md, "Load balancing", explains the differences
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from meshserve.atomic import write_atomic
+from meshserve.atomic import all_or_nothing, check_writable, write_atomic
 from meshserve.errors import require
 from meshserve.wafer.balance import BalanceConfig
 from meshserve.wafer.balance_setup import BalanceSetup, run_setup
@@ -31,12 +32,16 @@ SPEC_PATH = PRESET_DIR / "experiments" / "balance.yaml"
 
 @dataclass(frozen=True)
 class Rung:
-    """One step of the ladder: a platform, a mapping and a balancer."""
+    """One step of the ladder: a platform, a mapping, a balancer and its BalanceConfig overrides."""
 
     label: str
     hardware: str
     mapping: str
     balancer: str
+    config: dict | None = None
+
+    def balance_config(self, base: BalanceConfig) -> BalanceConfig:
+        return dataclasses.replace(base, **self.config) if self.config else base
 
 
 def load_spec() -> dict[str, Any]:
@@ -77,7 +82,7 @@ def run_ladder(
             for rung in rungs:
                 result = run_setup(BalanceSetup(
                     model=model, hardware=rung.hardware, mapping=rung.mapping, balancer=rung.balancer,
-                    config=config, **settings,
+                    config=rung.balance_config(config), **settings,
                 ))
                 if model == spec["models"][0] and (rung.hardware, rung.mapping) == (
                         ni_rung.hardware, ni_rung.mapping):
@@ -87,7 +92,8 @@ def run_ladder(
                 bar.advance(task)
             figures["models"][model] = _model_figures(rows, roles)
     per_model = figures["models"].values()
-    for key in ("ni_compute_gain", "ni_comm_gain", "wsc_vs_nvl72_gain", "wsc_vs_nvl72_eplb_gain"):
+    for key in ("ni_compute_gain", "ni_comm_gain", "wsc_vs_nvl72_gain", "wsc_vs_nvl72_with_reduction_gain",
+                "wsc_vs_nvl72_eplb_gain"):
         name = key.replace("_gain", "_avg_gain") if key.startswith("wsc") else key
         figures[name] = float(np.mean([m[key] for m in per_model]))
     figures["ni_compute_gain_max"] = float(max(m["ni_compute_gain"] for m in per_model))
@@ -99,8 +105,11 @@ def run_ladder(
 def _model_figures(rows: list[dict], roles: dict[str, str]) -> dict:
     by = {r["rung"]: r for r in rows}
     gpu = by[roles["gpu"]]["moe_tokens_per_s_per_device"]
+    gpu_all = by[roles["gpu"]]["moe_and_reduction_tokens_per_s_per_device"]
     for r in rows:
         r["vs_nvl72"] = r["moe_tokens_per_s_per_device"] / gpu if gpu else 0.0
+        with_reduction = r["moe_and_reduction_tokens_per_s_per_device"]
+        r["vs_nvl72_with_reduction"] = with_reduction / gpu_all if gpu_all else 0.0
     unbalanced, ni = by[roles["unbalanced"]], by[roles["ni"]]
     eplb = by[roles["gpu_balanced"]]["moe_tokens_per_s_per_device"]
     return {
@@ -108,6 +117,7 @@ def _model_figures(rows: list[dict], roles: dict[str, str]) -> dict:
         "ni_compute_gain": gain(unbalanced["moe_compute_s"], ni["moe_compute_s"]),
         "ni_comm_gain": gain(unbalanced["a2a_s"], ni["a2a_s"]),
         "wsc_vs_nvl72_gain": ni["vs_nvl72"] - 1.0,
+        "wsc_vs_nvl72_with_reduction_gain": ni["vs_nvl72_with_reduction"] - 1.0,
         "wsc_vs_nvl72_eplb_gain": ni["moe_tokens_per_s_per_device"] / eplb - 1.0 if eplb else 0.0,
     }
 
@@ -125,17 +135,20 @@ def print_ladder(figures: dict) -> None:
                   f"{s['scenario']}, TP={s['tp']}, {s['tokens_per_device']} tokens/device, WSC = {s['wsc']}")
     for model, m in figures["models"].items():
         table = Table(title=f"{model}: ablation ladder (sums over iterations; cf. paper Fig. 17)")
-        for col in ("rung", "compute ms", "all-to-all ms", "stall ms", "MoE ms", "max/mean load",
-                    "migrated GB", "tok/s/device", "vs NVL72"):
+        for col in ("rung", "compute ms", "all-to-all ms", "stall ms", "MoE ms", "attn red. ms",
+                    "max/mean load", "migrated GB", "tok/s/device", "vs NVL72", "vs NVL72 incl. attn red."):
             table.add_column(col, justify="left" if col == "rung" else "right")
         for r in m["ladder"]:
             moe = r["moe_compute_s"] + r["a2a_s"] + r["stall_s"]
             table.add_row(r["rung"], f"{r['moe_compute_s'] * 1e3:.1f}", f"{r['a2a_s'] * 1e3:.1f}",
-                          f"{r['stall_s'] * 1e3:.1f}", f"{moe * 1e3:.1f}", f"{r['max_over_mean_load']:.2f}",
-                          f"{r['migrated_bytes'] / 1e9:.0f}", f"{r['moe_tokens_per_s_per_device']:,.0f}",
-                          f"{r['vs_nvl72']:.2f}x")
+                          f"{r['stall_s'] * 1e3:.1f}", f"{moe * 1e3:.1f}", f"{r['allreduce_s'] * 1e3:.1f}",
+                          f"{r['max_over_mean_load']:.2f}", f"{r['migrated_bytes'] / 1e9:.0f}",
+                          f"{r['moe_tokens_per_s_per_device']:,.0f}", f"{r['vs_nvl72']:.2f}x",
+                          f"{r['vs_nvl72_with_reduction']:.2f}x")
         console.print(table)
-    table = Table(title="Headline figures (fractions; ours = mean over models)")
+    console.print("  tok/s/device and 'vs NVL72': MoE time = expert compute + all-to-all + stall (the "
+                  "attention output reduction excluded); 'incl. attn red.' adds it to every layer.")
+    table = Table(title="Headline figures (fractions; ours = mean over models unless marked best)")
     for col in ("figure", "ours", "paper"):
         table.add_column(col, justify="left" if col == "figure" else "right")
     names = {"ni_compute_gain": "NI-Balancer MoE compute gain (vs +hierarchical ER, no balance)",
@@ -145,6 +158,8 @@ def print_ladder(figures: dict) -> None:
         table.add_row(label, f"{figures[key]:+.1%}", f"{figures['paper'][key]:+.0%}")
         if f"{key}_max" in figures:
             table.add_row("  (best model)", f"{figures[key + '_max']:+.1%}", "")
+    table.add_row("  (attention reduction included, mean over models)",
+                  f"{figures['wsc_vs_nvl72_with_reduction_avg_gain']:+.1%}", "")
     eplb = figures["wsc_vs_nvl72_eplb_avg_gain"]
     table.add_row("WSC vs NVL72 + EPLB (not in the paper)", f"{eplb:+.1%}", "-")
     console.print(table)
@@ -156,6 +171,8 @@ def plot_load_traces(traces: dict[str, IterationResult], model: str, wsc: str, o
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from meshserve.wafer.plots import save_figure
 
     fig, axes = plt.subplots(len(traces), 1, figsize=(9, 2.2 * len(traces)), sharex=True, squeeze=False)
     for ax, (name, r) in zip(axes[:, 0], traces.items(), strict=True):
@@ -173,10 +190,7 @@ def plot_load_traces(traces: dict[str, IterationResult], model: str, wsc: str, o
     axes[-1, 0].set_xlabel("decode iteration")
     fig.suptitle(f"{model} on {wsc} (hierarchical ER): expert load per device over time (cf. paper Fig. 15)")
     fig.tight_layout()
-    path = out / "balance_load_over_time.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "balance_load_over_time.png", dpi=120)
 
 
 def plot_ladder(figures: dict, labels: list[str], out: Path) -> Path:
@@ -185,6 +199,8 @@ def plot_ladder(figures: dict, labels: list[str], out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from meshserve.wafer.plots import save_figure
 
     models = list(figures["models"])
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -201,15 +217,13 @@ def plot_ladder(figures: dict, labels: list[str], out: Path) -> Path:
     ax.set_ylim(0, top * 1.25)
     ax.legend(ncol=len(models), loc="upper center", fontsize=8)
     fig.tight_layout()
-    path = out / "balance_ladder.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "balance_ladder.png", dpi=120)
 
 
 def reproduce_balance(
     out: str | os.PathLike[str] = "out", *, as_json: bool = False, iterations: int | None = None,
     tokens_per_device: int | None = None, scenario: str | None = None, models: tuple[str, ...] | None = None,
+    curves: bool = True,
 ) -> dict:
     """Run the ladder, write balance.json and the two plots under ``out``, print tables or JSON.
 
@@ -221,17 +235,31 @@ def reproduce_balance(
     spec.update({k: v for k, v in given.items() if v is not None})
     require(len(spec["models"]) > 0, "models", "list at least one model preset, e.g. deepseek-v3")
     require(spec["iterations"] >= 1, "iterations", f"must be >= 1, got {spec['iterations']}")
-    out = Path(out)
+    out = check_writable(out, "out", folder=True)
     figures, traces = run_ladder(spec, progress=not as_json)
-    out.mkdir(parents=True, exist_ok=True)
-    figures["plots"] = [
-        str(plot_load_traces(traces, spec["models"][0], figures["settings"]["wsc"], out)),
-        str(plot_ladder(figures, [r.label for r in spec["ladder"]], out)),
-    ]
-    write_atomic(out / "balance.json", json.dumps(figures, indent=2).encode())
+    if curves:  # computed before anything is written, so a failure leaves no half set of files
+        from meshserve.wafer.curves import curves_png, run_curves
+
+        figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"] = run_curves(
+            spec, BalanceConfig(), progress=not as_json)
+    with all_or_nothing():
+        figures["plots"] = [
+            str(plot_load_traces(traces, spec["models"][0], figures["settings"]["wsc"], out)),
+            str(plot_ladder(figures, [r.label for r in spec["ladder"]], out)),
+        ]
+        if curves:
+            figures["plots"].append(str(curves_png(figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"],
+                                                   out / "balance_curves.png")))
+        write_atomic(out / "balance.json", json.dumps(figures, indent=2).encode())
     if as_json:
         print(json.dumps(figures))
     else:
         print_ladder(figures)
+        if curves:
+            from rich.console import Console
+
+            from meshserve.wafer.curves import print_curves
+
+            print_curves(figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"], Console(width=150))
         print(f"wrote {out / 'balance.json'}, " + ", ".join(figures["plots"]))
     return figures

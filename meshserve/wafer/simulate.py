@@ -7,6 +7,7 @@ Phases run one after another (no overlap); the layer's time is their sum.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,8 +73,8 @@ def simulate_layer(
     placement [experts, devices] (default: mapping-independent round-robin over ep devices) and
     expert_load [experts] (default uniform) decide where routed tokens go.
     """
-    if tokens_per_device <= 0:
-        raise InputError("tokens_per_device", f"must be > 0, got {tokens_per_device}")
+    if not 0 < tokens_per_device < math.inf:  # also refuses NaN
+        raise InputError("tokens_per_device", f"must be a finite number > 0, got {tokens_per_device}")
     if context < 0:
         raise InputError("context", f"must be >= 0, got {context}")
     topo = topology_for(hw)

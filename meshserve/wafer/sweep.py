@@ -17,8 +17,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from meshserve.atomic import write_atomic
-from meshserve.errors import InputError, require
+from meshserve.atomic import all_or_nothing, check_writable, write_atomic
+from meshserve.errors import InputError, integer, require
 from meshserve.wafer.balance import BALANCERS, BalanceConfig
 from meshserve.wafer.balance_setup import BalanceSetup, run_summary
 from meshserve.wafer.presets import read_yaml
@@ -96,7 +96,7 @@ def parse_sweep(data: Any, where: str = "sweep") -> SweepSpec:
         mappings=_as_list(data, "mappings", str, where) if "mappings" in data else (None,),
         scenario=str(data.get("scenario", "mixed")),
         iterations=iterations,
-        seed=int(data.get("seed", 0)),
+        seed=integer(data.get("seed", 0), f"{where}.seed", 0),
         balance=BalanceConfig(**balance),
         trace=str(data["trace"]) if data.get("trace") is not None else None,
     )
@@ -179,6 +179,8 @@ def plot_sweep(rows: list[dict], out: str | os.PathLike[str]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from meshserve.wafer.plots import save_figure
+
     def key(r: dict) -> tuple:
         return (r["model"], r["hardware"], r["tp"], r["tokens_per_device"], r["mapping"])
 
@@ -196,19 +198,17 @@ def plot_sweep(rows: list[dict], out: str | os.PathLike[str]) -> Path:
     ax.set_title("Sweep: per-device MoE throughput by balancer")
     ax.legend(title="balancer")
     fig.tight_layout()
-    path = Path(out) / "sweep_throughput.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(out) / "sweep_throughput.png", dpi=120)
 
 
 def sweep_command(path: str, executor: str = "local", out: str = "out/sweep") -> list[dict]:
     """What `meshserve wafer sweep` does: load, run with a progress bar, write CSV and plot."""
+    check_writable(out, "out", folder=True)
     spec = load_sweep(path)
     rows = run_sweep(spec, executor=executor)
-    written = write_results(rows, out)
-    written.append(plot_sweep(rows, out))
+    with all_or_nothing():
+        written = write_results(rows, out)
+        written.append(plot_sweep(rows, out))
     from rich.console import Console
     from rich.table import Table
 

@@ -9,6 +9,12 @@ Meshes use dimension-order (XY) routing: first along the row to the destination 
 along the column. Multi-wafer meshes route XY on the source wafer to the destination's (row, col),
 then up and down through that position's wafer switch. Switch platforms route GPU -> switch -> GPU
 (NVLink inside a node, NIC links through the scale-out switch across nodes).
+
+A die whose preset limits what it can put on the network (``die.injection_bandwidth_gb_per_s``)
+gets two more links, its injection and ejection ports (kinds "inject", "eject", zero latency),
+on every route that starts or ends at it, so every time model costs them like any other link.
+Without the field a die injects what its links sum to; such a port carries exactly the bytes of
+its links and can never be the bottleneck, so it is not built (and hops count network links only).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from meshserve.wafer.hardware import Hardware
+
+PORT_KINDS = ("inject", "eject")
 
 
 def runs(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +48,7 @@ class Topology:
     link_dst: np.ndarray  # [L] node id
     link_bandwidth: np.ndarray  # [L] bytes/s
     link_latency: np.ndarray  # [L] seconds
-    link_kind: np.ndarray  # [L] str: mesh, wafer-up, wafer-down, nvlink-up, nvlink-down, nic-up, nic-down
+    link_kind: np.ndarray  # [L] str: mesh, wafer-up/-down, nvlink-up/-down, nic-up/-down, inject, eject
     coords: np.ndarray  # [N, 2] (row, col) for drawing; mesh: global die position
     incidence: sp.csr_matrix  # [N*N, L]
     mesh_shape: tuple[int, int] | None = None  # (rows, cols) of one wafer, None for switches
@@ -56,9 +64,10 @@ class Topology:
 
     @cached_property
     def hops(self) -> np.ndarray:
-        """[N, N] number of links on the route from src to dst (the device distance matrix)."""
+        """[N, N] number of network links on the route from src to dst (the device distance matrix)."""
         n = self.num_devices
-        return np.diff(self.incidence.indptr).reshape(n, n)
+        network = ~np.isin(self.link_kind, PORT_KINDS)
+        return np.rint(self.incidence @ network.astype(np.float64)).astype(np.int64).reshape(n, n)
 
     @cached_property
     def path_latency(self) -> np.ndarray:
@@ -81,6 +90,8 @@ class Topology:
             r, c = divmod(i % per, self.mesh_shape[1])
             return f"w{i // per}({r},{c})" if self.wafers > 1 else f"({r},{c})"
 
+        if self.link_kind[link] in PORT_KINDS:
+            return f"{node(int(self.link_src[link]))} {self.link_kind[link]}"
         return f"{node(int(self.link_src[link]))}->{node(int(self.link_dst[link]))}"
 
 
@@ -155,6 +166,7 @@ def _mesh_topology(hw: Hardware) -> Topology:
     r, c = np.divmod(np.arange(n) % per, cols)
     wr, wc = np.divmod(np.arange(n) // per, int(np.ceil(np.sqrt(wafers))))
     coords = np.stack([r + wr * (rows + 1), c + wc * (cols + 1)], axis=1)
+    pair, link = _add_ports(hw, n, link_src, link_dst, bandwidth, latency, kind, pair, link)
     return _build(hw.name, n, link_src, link_dst, bandwidth, latency, kind, coords, pair, link,
                   mesh_shape=(rows, cols), wafers=wafers)
 
@@ -184,7 +196,25 @@ def _switch_topology(hw: Hardware) -> Topology:
         pair = np.concatenate([pair, np.flatnonzero(cross), np.flatnonzero(cross)])
         link = np.concatenate([link, 2 * n + s[cross], 3 * n + d[cross]])
     coords = np.stack(np.divmod(dev, per), axis=1)
+    pair, link = _add_ports(hw, n, link_src, link_dst, bandwidth, latency, kind, pair, link)
     return _build(hw.name, n, link_src, link_dst, bandwidth, latency, kind, coords, pair, link)
+
+
+def _add_ports(hw: Hardware, n, link_src, link_dst, bandwidth, latency, kind, pair, link):
+    """Append each die's injection and ejection port (when its preset limits them) to every route."""
+    if not hw.die.injection_bandwidth:
+        return pair, link
+    base = sum(len(x) for x in link_src)
+    dev = np.arange(n)
+    link_src += [dev, dev]
+    link_dst += [dev, dev]
+    bandwidth.append(np.full(2 * n, hw.die.injection_bandwidth))
+    latency.append(np.zeros(2 * n))
+    kind += [np.full(n, "inject"), np.full(n, "eject")]
+    s, d = np.divmod(np.arange(n * n), n)
+    routed = np.flatnonzero(s != d)
+    return (np.concatenate([pair, routed, routed]),
+            np.concatenate([link, base + s[routed], base + n + d[routed]]))
 
 
 def _build(name, n, link_src, link_dst, bandwidth, latency, kind, coords, pair, link, **extra) -> Topology:

@@ -42,17 +42,24 @@ def ring(name: str, num_devices: int, rings: np.ndarray, message_bytes: float, p
 
 
 def attention_collectives(m: Mapping, tokens_per_group: float, token_bytes: float) -> list[Collective]:
-    """The attention output reduction: a ring all-reduce of each TP group's tokens (flat mappings),
-    or an intra-wafer reduce-scatter plus an inter-wafer all-gather of the shards (hierarchical)."""
-    message = tokens_per_group * token_bytes
-    n = m.num_devices
-    if not m.hierarchical:
-        return [ring("all-reduce", n, m.groups, message, phases=2)]
-    shard = message / m.tp
-    return [
-        ring("reduce-scatter", n, m.groups, message, phases=1),
-        ring("wafer all-gather", n, m.counterparts(), shard * m.num_wafers, phases=1),
-    ]
+    """The attention output reduction: the mapping's ring collectives in order (a flat mapping's
+    all-reduce in each TP group; a hierarchical one adds an all-gather between wafers).
+
+    Each member starts with its group's tokens; a reduce-scatter over p leaves 1/p of them, an
+    all-gather over p collects p times what each member had, an all-reduce keeps the size.
+    """
+    data = tokens_per_group * token_bytes
+    out = []
+    for op, over in m.reading.attention:
+        rings = m.ring_members(over)
+        p = rings.shape[1]
+        name = op if over == "tp-group" else f"wafer {op}"
+        if op == "all-gather":
+            data *= p
+        out.append(ring(name, m.num_devices, rings, data, phases=2 if op == "all-reduce" else 1))
+        if op == "reduce-scatter":
+            data /= p
+    return out
 
 
 def device_share(placement: np.ndarray, expert_load: np.ndarray | None = None) -> np.ndarray:
@@ -77,23 +84,19 @@ def dispatch(
 ) -> Collective:
     """MoE all-to-all dispatch: every token goes to its top_k experts' devices (one copy each).
 
-    Flat mappings (FTD rule): group g's tokens for experts on device x leave from g's member in
-    x's FTD. Hierarchical: after the wafer all-gather every wafer holds all tokens, sharded over its
-    dies; the tokens for x leave from the shard holders on x's own wafer, so no byte leaves a wafer.
+    Every die sends the tokens it holds after the attention collectives to the devices of its
+    all-to-all domain (``m.domain_of``). Flat mappings' FTD rule: group g's tokens for experts on
+    device x leave from g's member in x's FTD. Hierarchical mappings gather every wafer's tokens
+    first, so the domains can stay inside one wafer (``her``: the whole wafer, each die holding a
+    shard; ``her-ftd``: the wafer's FTD blocks, each die holding its group's and its counterparts'
+    full tokens) and no byte of the all-to-all leaves a wafer.
     """
     share = device_share(placement, expert_load)
     if share.shape[0] != m.num_devices:
         raise InputError("placement", f"has {share.shape[0]} devices; the mapping has {m.num_devices}")
-    n = m.num_devices
-    per_copy = top_k * token_bytes
-    traffic = np.zeros((n, n))
-    if not m.hierarchical:
-        senders = m.sender[:, m.ftd_of]  # [G, N]: who sends group g's tokens to device x
-        traffic[senders, np.arange(n)[None, :]] = tokens_per_group * per_copy * share[None, :]
-    else:
-        held = tokens_per_group * m.num_wafers / m.tp  # tokens each die holds after the all-gather
-        same_wafer = m.wafer_of[:, None] == m.wafer_of[None, :]
-        traffic = np.where(same_wafer, held * per_copy * share[None, :], 0.0)
+    held = tokens_per_group * m.held_tokens_factor
+    same = m.domain_of[:, None] == m.domain_of[None, :]
+    traffic = np.where(same, held * top_k * token_bytes * share[None, :], 0.0)
     np.fill_diagonal(traffic, 0.0)  # a device's own tokens for its own experts never touch a link
     return Collective("dispatch", traffic, 1)
 

@@ -27,3 +27,18 @@ def test_generate_bad_input_is_one_line_and_exit_2(tiny_model_dir, monkeypatch, 
         main()
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "error: temperature: must be >= 0 (0 = greedy), got -1.0\n"
+
+
+@pytest.mark.parametrize(("flags", "error"), [
+    (["--data-parallel-size", "8", "--enable-expert-parallel"],
+     "error: data_parallel_size: expert parallelism needs at least one expert per rank: "
+     "8 ranks > 4 experts\n"),
+    (["--data-parallel-size", "2", "--enable-expert-parallel", "--eplb-config", '{"mode": "fast"}'],
+     "error: mode: unknown 'fast'; allowed: invasive, non-invasive\n"),
+])
+def test_generate_parallel_flags_report_bad_values(tiny_model_dir, monkeypatch, capsys, flags, error):
+    model = str(tiny_model_dir("mixtral"))
+    monkeypatch.setattr(sys, "argv", ["meshserve", "generate", "--model", model, "--prompt", "hi", *flags])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and capsys.readouterr().err == error

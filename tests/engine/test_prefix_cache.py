@@ -190,3 +190,20 @@ def test_short_partial_matches_are_not_copied() -> None:
     assert blocks.match_prefix(bos_only) == 0 and bos_only.block_table == []
     five = Request("c", [1, 100, 101, 102, 103, 9, 9], SamplingParams(), max_tokens=1)
     assert blocks.match_prefix(five) == 5 and len(five.block_table) == 1  # worth a copy
+
+
+def test_an_admission_that_cannot_fit_makes_no_copy(monkeypatch) -> None:
+    cache = PrefixCache(BS)
+    pool = Pool(6, cache)
+    assert pool.add(0, list(range(8)))  # two full cached blocks
+    assert pool.add(1, [90 + i for i in range(12)])  # three more blocks held: one free block left
+    copies = []
+    monkeypatch.setattr("meshserve.engine.kv_cache.copy_blocks", lambda kv, src, dst: copies.append(src))
+    # 16 tokens = 4 blocks: one shared, one copied from [4..7] for its [4, 5], two new; only 1 is free
+    waiting = Request("w", list(range(6)) + list(range(60, 70)), SamplingParams(), max_tokens=1)
+    for _ in range(3):  # as the scheduler retries it every step
+        assert pool.blocks.match_prefix(waiting, budget=64) is None
+    assert copies == [] and waiting.block_table == [] and waiting.num_computed_tokens == 0
+    pool.check()
+    pool.finish(1)
+    assert pool.blocks.match_prefix(waiting, budget=64) == 6 and len(copies) == 1  # now it fits: one copy

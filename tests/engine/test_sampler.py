@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshserve.engine.sampler import Sampler
 from meshserve.engine.sampling_params import SamplingParams
@@ -74,9 +76,63 @@ def test_logprobs_of_top_n_and_of_the_sampled_token():
     ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"logprobs": 99}, "logprobs"),
     ({"stop": [""]}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"seed": 1.5}, "seed"),
-    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": "hot"}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": float("inf")}, "top_p"), ({"seed": 1 << 64}, "seed"), ({"seed": True}, "seed"),
+    ({"stop": 5}, "stop"), ({"stop": [None]}, "stop"), ({"max_tokens": True}, "max_tokens"),
+    ({"n": 0}, "n"), ({"n": 2.0}, "n"), ({"min_p": 1.5}, "min_p"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"logit_bias": {"7": 101}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": [1]}, "logit_bias"), ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+    ({"min_tokens": -1}, "min_tokens"), ({"stop_token_ids": 3}, "stop_token_ids"),
+    ({"ignore_eos": "yes"}, "ignore_eos"), ({"logprobs": 1.0}, "logprobs"),
 ])
 def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InputError) as err:
         SamplingParams(**kwargs)
     assert err.value.field == field
+    assert field in str(err.value) and "must" in err.value.message
+
+
+def test_sampling_params_accept_the_edges():
+    SamplingParams(seed=(1 << 64) - 1, n=64, min_p=1.0, presence_penalty=-2, logit_bias={"5": -100, 6: 100.0},
+                   min_tokens=16, max_tokens=16, stop=("a", "b"))
+
+
+NEIGHBOURS = st.builds(
+    SamplingParams,
+    temperature=st.sampled_from([0.0, 0.5, 1.0, 1.7]),
+    top_p=st.sampled_from([1.0, 0.9, 0.3]),
+    top_k=st.sampled_from([0, 1, 5]),
+    min_p=st.sampled_from([0.0, 0.1]),
+    seed=st.one_of(st.none(), st.integers(0, 1000)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(target=NEIGHBOURS, neighbours=st.lists(NEIGHBOURS, max_size=6), position=st.integers(0, 6),
+       seed=st.integers(0, 2**32))
+def test_seeded_row_ignores_any_mix_of_neighbours(target, neighbours, position, seed):
+    """A seeded row's filtering and draw depend on its own params only, whatever the others ask for."""
+    target = SamplingParams(temperature=target.temperature or 1.0, top_p=target.top_p, top_k=target.top_k,
+                            min_p=target.min_p, seed=seed)
+    position = min(position, len(neighbours))
+    row = logits_rows(1, seed=seed % 97)
+
+    def run(others: list[SamplingParams], at: int) -> list[int]:
+        rows = torch.cat([logits_rows(at, seed=1), row, logits_rows(len(others) - at, seed=2)])
+        params = others[:at] + [target] + others[at:]
+        gens = [None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in params]
+        gens[at] = torch.Generator().manual_seed(seed)
+        sampler = Sampler(seed=len(others))
+        return [sampler(rows, params, gens).token_ids[at] for _ in range(5)]
+
+    assert run(neighbours, position) == run([], 0)
+
+
+def test_min_p_drops_tokens_far_below_the_top():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.08, 0.02]]))
+    n = 3000
+    tokens = Sampler(seed=0)(logits.expand(n, 4), [SamplingParams(min_p=0.2)] * n, [None] * n).token_ids
+    counts = torch.bincount(torch.tensor(tokens), minlength=4)
+    assert counts[2] == counts[3] == 0 and abs(counts[0] / n - 2 / 3) < 0.03

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 from meshserve.engine.spec import verify
@@ -84,3 +86,30 @@ def test_seeded_request_gives_same_tokens_whatever_the_batch() -> None:
     batch = verify(p.expand(4, -1, -1), drafts.expand(4, -1), torch.full((4,), K),
                    torch.zeros(4, dtype=torch.bool), _gens(3, 5) + _gens(1, 77), q.expand(4, -1, -1))
     assert batch.tokens[3] == alone.tokens[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(width=st.integers(0, K), others=st.lists(st.tuples(st.integers(0, K), st.booleans()), max_size=5),
+       position=st.integers(0, 5), seed=st.integers(0, 2**31))
+def test_seeded_verify_ignores_any_mix_of_neighbours(width, others, position, seed) -> None:
+    """Whatever the neighbours' draft counts and greedy flags, a seeded request keeps the same tokens
+    over several verify steps (its generator advances by the same draws each step)."""
+    p, q = _setup(seed % 50)
+    position = min(position, len(others))
+
+    def run(neighbours: list[tuple[int, bool]], at: int) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(seed)
+        rows = neighbours[:at] + [(width, False)] + neighbours[at:]
+        n = len(rows)
+        gens = [torch.Generator().manual_seed(i) for i in range(n)]
+        gens[at] = gen
+        out = []
+        for _ in range(3):
+            widths, greedy = torch.tensor([w for w, _ in rows]), torch.tensor([g for _, g in rows])
+            k = int(widths.max())  # the engine sizes a step's verify tensors by its widest verify
+            result = verify(p[: k + 1].expand(n, -1, -1), torch.tensor([[1, 2, 3][:k]] * n), widths, greedy,
+                            gens, q[:k].expand(n, -1, -1), draws_per_row=K + 1)
+            out.append(result.tokens[at])
+        return out
+
+    assert run(others, position) == run([], 0)

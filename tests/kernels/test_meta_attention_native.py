@@ -11,9 +11,17 @@ from meshserve.kernels import native
 from meshserve.kernels.attention_tiles import MaskKind, TileSizes, plan_tasks
 from meshserve.kernels.meta_attention import paged_attention, plan_attention
 from meshserve.kernels.meta_attention_native import meta_attention
+from meshserve.models.batch import BatchMetadata
 from tests.kernels.test_meta_attention import build_batch, dense_reference
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def native_op():
+    """Every test here needs the built op; the first test says how to build it when it is missing."""
+    if not native.load():
+        pytest.fail(f"native kernels missing: run `{native.BUILD_COMMAND}` (make test does)")
 
 
 def test_native_op_is_built_and_loaded():
@@ -116,3 +124,38 @@ def test_models_run_the_native_op_by_default(tiny_model_dir, monkeypatch):
     first, second = seqs.add([1, 5, 6, 7]), seqs.add([1, 9])
     seqs.step({first: 4, second: 2})
     assert len(calls) == lm.config.num_layers
+
+
+def test_op_registration_and_fake_impl_pass_torch_opcheck():
+    """Schema, fake (meta) impl and dispatch agree, so a compiled forward can treat the op as opaque."""
+    meta, cache, q, k, v = random_step([(9, 3), (20, 1)], 4, 2, 4, 16, torch.float32, seed=2)
+    table = plan_tasks(meta, 4, 2, TileSizes(16, 8, 4), num_threads=2)
+    args = (q, cache, table.block_tables, table.tasks, table.thread_starts, table.combine, table.tree_mask,
+            0.25, table.partial_rows)
+    torch.library.opcheck(torch.ops.meshserve.meta_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sequences_sharing_prefix_blocks(dtype):
+    """Prefix caching: two sequences' tables point at the same two cached blocks, then at their own."""
+    block_size, gen = 4, torch.Generator().manual_seed(7)
+    tables = torch.tensor([[6, 2, 9, 0], [6, 2, 4, 1]], dtype=torch.int32)  # shared 6, 2; padded with 0
+    seq_lens, q_lens = torch.tensor([11, 14], dtype=torch.int32), torch.tensor([3, 6])
+    pos = torch.cat([torch.arange(8, 11), torch.arange(8, 14)])
+    seq_of = torch.repeat_interleave(torch.arange(2), q_lens)
+    meta = BatchMetadata(
+        positions=pos,
+        slot_mapping=tables.long()[seq_of, pos // block_size] * block_size + pos % block_size,
+        query_start_loc=torch.tensor([0, 3, 9], dtype=torch.int32),
+        seq_lens=seq_lens,
+        block_tables=tables,
+        logits_indices=torch.tensor([2, 8]),
+    )
+    cache = torch.randn(2, 10, block_size, 2, 16, generator=gen).to(dtype)
+    q = torch.randn(9, 4, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(9, 2, 16, generator=gen).to(dtype) for _ in "kv")
+    expected = paged_attention(q, k, v, cache.clone(), plan_attention(meta, block_size), 0.25)
+    out = meta_attention(q, k, v, cache, plan_tasks(meta, 4, 2, TileSizes(4, 4, 4), 2), 0.25)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from meshserve.errors import InputError
@@ -87,3 +88,66 @@ def test_missing_or_corrupt_tokenizer(model_dir):
     expect_error(model_dir, "tokenizer.json", "cannot parse")
     (model_dir / "tokenizer.json").unlink()
     expect_error(model_dir, "tokenizer.json", "missing")
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("head_dim", -16, "positive integer"),
+    ("head_dim", 16.0, "expected int"),
+    ("rope_theta", -10000.0, "finite number > 0"),
+    ("rope_theta", 0, "finite number > 0"),
+    ("rope_theta", float("inf"), "finite number > 0"),
+    ("rms_norm_eps", float("nan"), "finite number > 0"),
+    ("rms_norm_eps", "1e-6", "finite number > 0"),
+    ("tie_word_embeddings", "false", "true or false"),
+    ("attention_bias", "no", "true or false"),
+    ("eos_token_id", 10**6, "token ids in"),
+    ("eos_token_id", [2, -1], "token ids in"),
+])
+def test_config_values_that_parse_but_make_no_sense(model_dir, field, value, match):
+    edit_config(model_dir, **{field: value})
+    expect_error(model_dir, f"config.json:{field}", match)
+
+
+def test_rope_parameters_of_transformers_v5_are_checked_too(model_dir):
+    edit_config(model_dir, rope_parameters={"rope_theta": "big", "rope_type": "default"})
+    expect_error(model_dir, "config.json:rope_parameters:rope_theta", "finite number > 0")
+
+
+@pytest.mark.parametrize(("dtype", "poison"), [
+    (torch.int8, None), (torch.float64, None), (torch.float32, float("nan")), (torch.bfloat16, float("inf")),
+])
+def test_weights_of_an_unsupported_dtype_or_holding_nan_are_refused(model_dir, dtype, poison):
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(weights)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = tensors[name].to(dtype)
+    if poison is not None:
+        tensors[name][3, 5] = poison
+    save_file(tensors, weights)
+    expect_error(model_dir, f"model.safetensors:{name}", "NaN or infinite" if poison else "not supported")
+
+
+@pytest.mark.parametrize("weight_map", [[], {}, {"a.weight": 3}, {"a.weight": "../model.safetensors"},
+                                        {"a.weight": "weights.bin"}])
+def test_a_weight_map_of_the_wrong_shape_is_refused(tiny_model_dir, tmp_path, weight_map):
+    path = shutil.copytree(tiny_model_dir("llama", num_shards=2), tmp_path / "sharded")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    expect_error(path, "model.safetensors.index.json:weight_map", "file names")
+
+
+def test_a_tokenizer_config_without_usable_special_tokens_is_refused(model_dir):
+    edit_config(model_dir, eos_token_id=None, bos_token_id=None)
+    (model_dir / "generation_config.json").unlink()
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|end|>"}))
+    expect_error(model_dir, "tokenizer_config.json:eos_token", "not a token of tokenizer.json")
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": {"id": 2}}))
+    expect_error(model_dir, "tokenizer_config.json:eos_token", "expected a string")
+    del config["eos_token"]
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    expect_error(model_dir, "config.json:eos_token_id", "no end-of-sequence token")
+
+
+def test_a_config_describing_a_model_larger_than_the_machine_is_refused_before_allocating(model_dir):
+    edit_config(model_dir, hidden_size=1 << 16, intermediate_size=1 << 20, num_hidden_layers=64)
+    expect_error(model_dir, "config.json", "GiB of weights .* more than the .* available")

@@ -26,6 +26,8 @@ def test_summary_reports_fractions_beside_the_paper(small_spec):
     rows = comparison(small_spec, 64, "bottleneck")
     result = summary(rows, open_question(small_spec, "bottleneck"), small_spec)
     assert result["er_reduction_max"] == max(r["reduction"]["er"] for r in rows)
+    assert result["er_a2a_reduction_max"] == max(r["a2a_reduction"]["er"] for r in rows)
+    assert result["er_a2a_reduction_max"] == pytest.approx(0.5, abs=0.05)  # ER halves the all-to-all
     assert result["her_reduction_max"] is None  # no multi-wafer scale in this reduced sweep
     assert result["er_bal_reduction_max"] > result["er_reduction_max"]
     assert result["paper"]["er_reduction_max"] == 0.35 and result["paper"]["her_reduction_max"] == 0.62

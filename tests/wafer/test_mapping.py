@@ -97,3 +97,27 @@ def test_ep_larger_than_devices_and_hierarchical_on_one_wafer_are_input_errors()
         make_mapping(WSC, 4, "her")
     with pytest.raises(InputError, match="allowed: baseline, er, er-bal, her, her-bal"):
         make_mapping(WSC, 4, "snake")
+
+
+def test_mapping_readings_come_from_data_and_bad_entries_name_the_field(monkeypatch, tmp_path):
+    from meshserve.wafer import mapping
+
+    her_ftd = mapping.readings()["her-ftd"]
+    assert her_ftd.attention == (("all-reduce", "tp-group"), ("all-gather", "wafers"))
+    assert her_ftd.a2a_domain == ("wafer", "ftd") and her_ftd.hierarchical
+    (tmp_path / "mappings.yaml").write_text("odd:\n  layout: compact\n  attention: [{op: all-reduce, over: "
+                                            "tp-group}]\n  a2a_domain: [rack]\n")
+    monkeypatch.setattr(mapping, "PRESET_DIR", tmp_path)
+    mapping.readings.cache_clear()
+    try:
+        with pytest.raises(InputError) as err:
+            mapping.readings()
+        assert err.value.field == "mappings.odd.a2a_domain" and "ftd, wafer" in err.value.message
+        misspelt = "odd:\n  layout: compact\n  attention: [{op: all-reduce, over: tp-group, rings: 2}]\n"
+        (tmp_path / "mappings.yaml").write_text(misspelt + "  a2a_domain: [ftd]\n")
+        mapping.readings.cache_clear()
+        with pytest.raises(InputError) as err:
+            mapping.readings()
+        assert err.value.field == "mappings.odd.attention.rings" and "unknown field" in err.value.message
+    finally:
+        mapping.readings.cache_clear()

@@ -35,6 +35,9 @@ BAD = {
                                  "must be a number"),
     "missing rows": ("  rows: 8\n", "", "bad.mesh.rows", "integer"),
     "unknown kind": ("kind: mesh", "kind: torus", "bad.kind", "allowed: mesh, switch"),
+    "zero injection port": ("hbm_bandwidth_tb_per_s: 8", "hbm_bandwidth_tb_per_s: 8\n  "
+                            "injection_bandwidth_gb_per_s: 0", "bad.die.injection_bandwidth_gb_per_s",
+                            "must be > 0"),
 }
 
 
@@ -47,3 +50,12 @@ def test_bad_hardware_preset_names_the_field(case, tmp_path):
     with pytest.raises(InputError) as err:
         load_hardware(str(path))
     assert err.value.field == field and message in err.value.message
+
+
+def test_injection_port_is_an_optional_die_field(tmp_path):
+    assert load_hardware("wsc-8x8").die.injection_bandwidth == 0.0  # default: what the links sum to
+    source = (PRESET_DIR / "hardware" / "wsc-8x8.yaml").read_text()
+    path = tmp_path / "ported.yaml"
+    port = "hbm_bandwidth_tb_per_s: 8\n  injection_bandwidth_gb_per_s: 900"
+    path.write_text(source.replace("hbm_bandwidth_tb_per_s: 8", port))
+    assert load_hardware(str(path)).die.injection_bandwidth == 900e9

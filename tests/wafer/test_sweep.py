@@ -79,7 +79,7 @@ def test_bad_sweep_through_the_cli_is_one_line_and_exit_2(tmp_path):
     proc = cli("wafer", "sweep", bad)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: sweep.balancers: unknown 'magic'; allowed: none, greedy, topology, ni"]
+        "error: sweep.balancers: unknown 'magic'; allowed: none, greedy, topology, ni, ni-eplb"]
 
 
 def test_recorded_trace_of_another_model_is_rejected_through_the_cli(tmp_path):
@@ -88,13 +88,13 @@ def test_recorded_trace_of_another_model_is_rejected_through_the_cli(tmp_path):
     spec = write(tmp_path, {**TINY, "trace": str(path)})
     proc = cli("wafer", "sweep", spec)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: trace: counts shape (4, 3, 8) does not match the model")
+    assert proc.stderr.startswith(f"error: trace {path}: counts shape (4, 3, 8) does not match the model")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_reproduce_balance_json_has_the_headline_fractions(tmp_path):
     result = runner.invoke(app, ["wafer", "reproduce", "balance", "--json", "--iterations", "25",
-                                 "--models", "deepseek-v3", "--out", str(tmp_path)])
+                                 "--models", "deepseek-v3", "--out", str(tmp_path), "--no-curves"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     for key in ("ni_compute_gain", "ni_comm_gain", "wsc_vs_nvl72_avg_gain"):

@@ -61,3 +61,22 @@ def test_switch_platforms_route_through_one_uplink_and_one_downlink(name, nodes)
 
 def test_topologies_are_cached_per_hardware():
     assert topology_for(WSC) is topology_for(load_hardware("wsc-8x8"))
+
+
+def test_injection_ports_carry_what_a_die_sends_and_bind_when_narrow():
+    from meshserve.wafer.timemodel import collective_time
+    from meshserve.wafer.traffic import Collective
+
+    hw = WSC.with_mesh(4, 4)
+    plain, ported = topology_for(hw), topology_for(hw.with_injection(450e9))
+    assert (ported.hops == plain.hops).all()  # ports are not hops
+    assert ported.num_links == plain.num_links + 2 * 16
+    traffic = np.zeros((16, 16))
+    traffic[5, [4, 6, 1, 9]] = 1e6  # one die sends 1 MB to each neighbour
+    loads = ported.link_loads(traffic)
+    inject = np.flatnonzero(ported.link_kind == "inject")
+    assert loads[inject[5]] == 4e6 and ported.link_name(inject[5]) == "(1,1) inject"
+    assert np.allclose(loads[: plain.num_links], plain.link_loads(traffic))
+    c = Collective("fan-out", traffic, 1)
+    assert collective_time(plain, c).bandwidth_s == pytest.approx(1e6 / 900e9)  # its four links
+    assert collective_time(ported, c).bandwidth_s == pytest.approx(4e6 / 450e9)  # its port

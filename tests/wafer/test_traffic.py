@@ -6,6 +6,7 @@ import pytest
 from meshserve.errors import InputError
 from meshserve.wafer.hardware import load_hardware
 from meshserve.wafer.mapping import expert_placement, make_mapping
+from meshserve.wafer.topology import topology_for
 from meshserve.wafer.traffic import attention_collectives, combine, device_share, dispatch
 
 WSC = load_hardware("wsc-8x8")
@@ -62,3 +63,23 @@ def test_bad_placement_and_load_are_input_errors():
         dispatch(m, np.ones((4, 64)), T, K, B)
     with pytest.raises(InputError, match="expert_load"):
         dispatch(m, expert_placement(4, 64), T, K, B, expert_load=np.array([1.0, -1, 0, 0]))
+
+
+def test_her_ftd_all_to_all_stays_inside_each_wafers_ftd_blocks():
+    hw = load_hardware("wsc-4x8x8")
+    m = make_mapping(hw, 4, "her-ftd")
+    topo = topology_for(hw)
+    d = dispatch(m, expert_placement(256, 256), T, K, B)
+    domain = m.wafer_of * 4 + m.ftd_of
+    assert d.traffic[domain[:, None] != domain[None, :]].sum() == 0
+    loads = topo.link_loads(d.traffic + combine(d).traffic)
+    src, dst = topo.link_src, topo.link_dst
+    on_mesh = (src < 256) & (dst < 256)
+    inside = on_mesh & (domain[np.minimum(src, 255)] == domain[np.minimum(dst, 255)])
+    assert loads[~inside].sum() == 0 and loads[inside].sum() > 0  # no byte on a border or wafer link
+    # every token of all 64 groups reaches its K experts: each die holds its group's and its
+    # counterparts' full tokens (4 wafers x T), one holder per token in every block
+    assert np.allclose(d.traffic.sum(axis=0), 64 * T * K * B / 256 * (1 - 1 / 16))
+    ar, ag = attention_collectives(m, T, B)
+    assert ar.name == "all-reduce" and ag.name == "wafer all-gather"
+    assert ag.traffic.sum() == pytest.approx(256 * 3 * T * B)  # full tokens, not shards

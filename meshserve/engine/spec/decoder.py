@@ -37,7 +37,10 @@ class SpecDecoder:
             self.proposer: NgramProposer | DraftModelProposer = NgramProposer(
                 self.k, config.prompt_lookup_max, config.prompt_lookup_min)
         else:
-            draft = load_model(config.model, dtype)
+            try:
+                draft = load_model(config.model, dtype)
+            except InputError as err:  # name the draft, so it is not taken for the target model
+                raise InputError("speculative_config.model", f"draft model {config.model}: {err}") from None
             if draft.config.vocab_size != vocab_size:
                 raise InputError("speculative_config.model", f"draft vocab_size {draft.config.vocab_size} "
                                                              f"differs from the target's {vocab_size}")
@@ -51,11 +54,12 @@ class SpecDecoder:
         return request.generator if request.generator is not None else self.generator
 
     def propose(self, running: Sequence[Request], max_model_len: int) -> None:
-        """Set drafts on running requests about to decode (none for requests that want logprobs)."""
+        """Set drafts on running requests about to decode (none for requests that want logprobs or whose
+        logits are processed: penalties, bias, min_tokens)."""
         wanted, limits = [], []
         for r in running:
             decoding = r.num_output_tokens > 0 and r.num_tokens - r.num_computed_tokens == 1
-            if decoding and r.params.logprobs is None:
+            if decoding and r.params.logprobs is None and not r.params.processes_logits:
                 # Never draft past max_tokens (one token always comes from the target) or max_model_len.
                 limit = min(self.k, r.max_tokens - r.num_output_tokens - 1, max_model_len - r.num_tokens)
                 if limit > 0:
@@ -98,7 +102,8 @@ class SpecDecoder:
             d = r.spec_token_ids[: int(n[i]) - 1]
             drafts[i, : len(d)] = torch.as_tensor(d, dtype=torch.long)
         q = self._gather_draft_probs(requests, width - 1, logits.shape[-1])
-        out = verify(target, drafts, n - 1, greedy, [self._generator(r) for r in requests], q)
+        out = verify(target, drafts, n - 1, greedy, [self._generator(r) for r in requests], q,
+                     draws_per_row=self.k + 1)
         self.draft_tokens += int((n - 1).sum())
         self.accepted_tokens += sum(out.num_accepted)
         self.verify_steps += len(requests)

@@ -34,6 +34,7 @@ def verify(
     greedy: torch.Tensor,
     generators: Sequence[torch.Generator | None],
     draft_probs: torch.Tensor | None = None,
+    draws_per_row: int = 0,
 ) -> VerifyResult:
     """Accept or reject drafts of R requests at once.
 
@@ -44,13 +45,15 @@ def verify(
     greedy: bool [R].
     generators: per request (None = torch's default generator); sampled requests only draw from them.
     draft_probs: [R, K, V] the proposer's distributions q, or None for a deterministic proposer (one-hot q).
+    draws_per_row: uniforms each sampled request draws (at least K + 1): pass the proposer's k + 1 so a
+        request consumes the same random numbers however wide the other verifies in the batch are.
     """
     rows, k1, vocab = target_probs.shape
     k = k1 - 1
     r = torch.arange(rows)
     p = target_probs.float()
     d = draft_ids.long().clamp(min=0)
-    uniform, noise = _draws(rows, k1, vocab, greedy, generators)
+    uniform, noise = _draws(rows, k1, max(k1, draws_per_row), vocab, greedy, generators)
 
     valid = torch.arange(k)[None, :] < num_drafts[:, None]
     p_d = p[:, :k].gather(2, d[..., None]).squeeze(-1)
@@ -80,12 +83,13 @@ def verify(
     return VerifyResult(tokens, accepted)
 
 
-def _draws(rows: int, k1: int, vocab: int, greedy: torch.Tensor,
+def _draws(rows: int, k1: int, draws: int, vocab: int, greedy: torch.Tensor,
            generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniforms [R, K + 1] and Exp(1) noise [R, V] from each sampled request's generator (one call each)."""
+    """Uniforms [R, K + 1] (of ``draws`` per row) and Exp(1) noise [R, V] from each sampled request's
+    generator, the same count whatever the batch."""
     uniform = torch.zeros(rows, k1)
     noise = torch.ones(rows, vocab)
     for i in torch.nonzero(~greedy).flatten().tolist():
-        uniform[i] = torch.rand(k1, generator=generators[i])
+        uniform[i] = torch.rand(draws, generator=generators[i])[:k1]
         noise[i].exponential_(generator=generators[i])
     return uniform, noise

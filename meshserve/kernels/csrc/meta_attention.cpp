@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -19,11 +20,32 @@ namespace meshserve {
 namespace {
 
 constexpr int64_t kChunk = 32;  // KV positions per online-softmax step: K^T chunk [D, 32] stays in L1
+constexpr int64_t kDirectRows = 4;  // tasks with at most this many rows score by dot products
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Task-Table columns (attention_tiles.py TASK_COLUMNS names the same fields).
 enum Col { SEQ, Q_START, Q_ROWS, Q_POS0, KV_HEAD, KV_LO, KV_HI, MASK, WINDOW, TREE_OFF, TREE_LEN, PARTIAL, NCOLS };
 enum Mask { NONE = 0, CAUSAL = 1, SLIDING = 2, TREE = 3 };
+
+// exp(x) for x <= 0 (a score minus its row's running max) as plain arithmetic the compiler vectorises
+// (std::exp stays scalar without -ffast-math): Cephes' expf, 2^n * p(r), relative error < 2e-7;
+// exp(-inf) (a masked score) is exactly 0.
+inline float exp_nonpositive(float x) {
+  const float xc = std::max(x, -87.f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.f ? 0.f : p * scale;
+}
 
 struct Shapes {
   int64_t heads, kv_heads, group, dim, block_size, blocks, max_blocks;
@@ -38,18 +60,65 @@ inline void row_range(const int32_t* t, int64_t qpos, int64_t c0, int64_t n, int
   if (t[MASK] == SLIDING) lo = std::max<int64_t>(0, qpos - t[WINDOW] + 1 - c0);
 }
 
-template <typename T>
+// Scores of rows [r, r + R) against a K^T chunk [D, kChunk]: each q[r][d] is broadcast against a row of
+// K^T, so the inner loop runs over the chunk's positions (vector lanes) and R rows share every K^T load.
+template <int R>
+inline void scores_transposed(const float* qf, const float* kt, int64_t D, float* p) {
+  float sc[R][kChunk] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const float* kr = kt + d * kChunk;
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const float qd = qf[i * D + d];
+#pragma omp simd
+      for (int64_t j = 0; j < kChunk; ++j) sc[i][j] += qd * kr[j];
+    }
+  }
+  for (int i = 0; i < R; ++i) std::copy(sc[i], sc[i] + kChunk, p + i * kChunk);
+}
+
+// acc[0:D] = alpha * acc + sum_j p[j] V[j]. With DIM fixed the row lives in registers across the chunk
+// (a local array the compiler can keep there) instead of a load and a store per position.
+template <int DIM>
+inline void accumulate_pv(float* acc, const float* p, const float* vf, int64_t n, int64_t D, float alpha) {
+  if constexpr (DIM > 0) {
+    float a[DIM];
+#pragma omp simd
+    for (int d = 0; d < DIM; ++d) a[d] = acc[d] * alpha;
+    for (int64_t j = 0; j < n; ++j) {
+      const float pj = p[j];
+      const float* vj = vf + j * DIM;
+#pragma omp simd
+      for (int d = 0; d < DIM; ++d) a[d] += pj * vj[d];
+    }
+    std::copy(a, a + DIM, acc);
+  } else {
+    for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
+    for (int64_t j = 0; j < n; ++j) {
+      const float pj = p[j];
+      const float* vj = vf + j * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[d] += pj * vj[d];
+    }
+  }
+}
+
+// DIM > 0 fixes the head dim at compile time (full unrolling); 0 reads it at run time.
+template <typename T, int DIM>
 void run_task(const int32_t* t, const T* q, const T* cache, const int32_t* tables, const uint8_t* tree,
               const Shapes& s, float scale, T* out, float* part_acc, float* part_ml, std::vector<float>& buf) {
-  const int64_t D = s.dim, G = s.group, rows = t[Q_ROWS] * G, h = t[KV_HEAD];
+  const int64_t D = DIM > 0 ? DIM : s.dim, G = s.group, rows = t[Q_ROWS] * G, h = t[KV_HEAD];
   const int64_t lo = t[KV_LO], hi = t[KV_HI];
+  // Few rows (decodes): K rows stay as they are and each score is one dot product; transposing K would
+  // cost more than the rows save.
+  const bool direct = rows <= kDirectRows;
   buf.resize(rows * D * 2 + rows * (2 + kChunk) + 2 * kChunk * D);
   float* qf = buf.data();            // [rows, D] scaled queries; row r = query qi * G + head g
   float* acc = qf + rows * D;        // [rows, D] unnormalised output
   float* m = acc + rows * D;         // [rows] running max
   float* l = m + rows;               // [rows] running sum
   float* p = l + rows;               // [rows, kChunk] scores, then probabilities
-  float* kt = p + rows * kChunk;     // [D, kChunk] K chunk, transposed
+  float* kt = p + rows * kChunk;     // [D, kChunk] K chunk, transposed ([kChunk, D] when direct)
   float* vf = kt + D * kChunk;       // [kChunk, D] V chunk
   for (int64_t qi = 0; qi < t[Q_ROWS]; ++qi) {
     const T* src = q + ((t[Q_START] + qi) * s.heads + h * G) * D;  // the group's G heads are contiguous
@@ -70,53 +139,61 @@ void run_task(const int32_t* t, const T* q, const T* cache, const int32_t* table
       const int64_t slot = static_cast<int64_t>(table[pos / s.block_size]) * s.block_size + pos % s.block_size;
       const T* kp = cache + (slot * s.kv_heads + h) * D;
       const T* vp = kp + v_half;
-      for (int64_t d = 0; d < D; ++d) kt[d * kChunk + j] = static_cast<float>(kp[d]);
+      if (direct) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) kt[j * D + d] = static_cast<float>(kp[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) kt[d * kChunk + j] = static_cast<float>(kp[d]);
+      }
+#pragma omp simd
       for (int64_t d = 0; d < D; ++d) vf[j * D + d] = static_cast<float>(vp[d]);
     }
-    for (int64_t j = n; j < kChunk; ++j)
-      for (int64_t d = 0; d < D; ++d) kt[d * kChunk + j] = 0.f;
-    // Scores for all rows: broadcast q[r][d] against a row of K^T (vectorised over the chunk's positions).
+    if (direct) {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < n; ++j) {
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < D; ++d) dot += qf[r * D + d] * kt[j * D + d];
+          p[r * kChunk + j] = dot;
+        }
+    } else {
+      for (int64_t j = n; j < kChunk; ++j)
+        for (int64_t d = 0; d < D; ++d) kt[d * kChunk + j] = 0.f;
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) scores_transposed<4>(qf + r * D, kt, D, p + r * kChunk);
+      for (; r < rows; ++r) scores_transposed<1>(qf + r * D, kt, D, p + r * kChunk);
+    }
     for (int64_t r = 0; r < rows; ++r) {
-      float sc[kChunk] = {};
-      const float* qr = qf + r * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const float qd = qr[d];
-        const float* kr = kt + d * kChunk;
-#pragma omp simd
-        for (int64_t j = 0; j < kChunk; ++j) sc[j] += qd * kr[j];
-      }
+      float* sc = p + r * kChunk;
       const int64_t qpos = t[Q_POS0] + r / G;
       int64_t jlo, jhi;
       row_range(t, qpos, c0, n, jlo, jhi);
-      float* pr = p + r * kChunk;
+      float* pr = sc;
       float cmax = kNegInf;
+#pragma omp simd reduction(max : cmax)
       for (int64_t j = 0; j < kChunk; ++j) {
-        bool ok = j >= jlo && j < jhi;
-        if (ok && t[MASK] == TREE && c0 + j >= tree_base) {
-          const int64_t qi = qpos - tree_base, kj = c0 + j - tree_base;
-          ok = tree[t[TREE_OFF] + qi * t[TREE_LEN] + kj] != 0;
-        }
-        pr[j] = ok ? sc[j] : kNegInf;
+        pr[j] = (j >= jlo && j < jhi) ? sc[j] : kNegInf;
         cmax = std::max(cmax, pr[j]);
+      }
+      if (t[MASK] == TREE) {  // the verify block's own columns follow the tree, row by row
+        for (int64_t j = std::max<int64_t>(0, tree_base - c0); j < jhi; ++j) {
+          const int64_t qi = qpos - tree_base, kj = c0 + j - tree_base;
+          if (qi >= 0 && !tree[t[TREE_OFF] + qi * t[TREE_LEN] + kj]) pr[j] = kNegInf;
+        }
+        cmax = *std::max_element(pr, pr + kChunk);
       }
       if (cmax == kNegInf) continue;  // nothing visible to this row in this chunk
       const float m_new = std::max(m[r], cmax);
       const float alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first visible chunk
       float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < kChunk; ++j) {
-        pr[j] = std::exp(pr[j] - m_new);
+        pr[j] = exp_nonpositive(pr[j] - m_new);
         sum += pr[j];
       }
       m[r] = m_new;
       l[r] = l[r] * alpha + sum;
-      float* ar = acc + r * D;
-      for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
-      for (int64_t j = 0; j < n; ++j) {
-        const float pj = pr[j];
-        const float* vj = vf + j * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) ar[d] += pj * vj[d];
-      }
+      accumulate_pv<DIM>(acc + r * D, pr, vf, n, D, alpha);
     }
   }
 
@@ -181,11 +258,12 @@ void execute(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tab
   float* pm = part_ml.data_ptr<float>();
   T* op = out.data_ptr<T>();
   const float sc = static_cast<float>(scale);
+  auto run = s.dim == 64 ? run_task<T, 64> : s.dim == 128 ? run_task<T, 128> : run_task<T, 0>;
   at::parallel_for(0, thread_starts.size(0) - 1, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     for (int64_t w = begin; w < end; ++w)
       for (int64_t i = starts[w]; i < starts[w + 1]; ++i)
-        run_task<T>(task + i * NCOLS, qp, cp, tp, bits, s, sc, op, pa, pm, buf);
+        run(task + i * NCOLS, qp, cp, tp, bits, s, sc, op, pa, pm, buf);
   });
   const int32_t* cb = combine.data_ptr<int32_t>();
   at::parallel_for(0, combine.size(0), 1, [&](int64_t begin, int64_t end) {

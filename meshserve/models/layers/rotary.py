@@ -49,8 +49,9 @@ def _yarn(dim: int, base: float, s: dict[str, Any], max_pos: int) -> tuple[torch
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    ramp = torch.arange(dim // 2, dtype=torch.float32, device="cpu")  # cpu: also under a meta device
+    ramp = torch.clamp((ramp - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
     extrapolation = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, float(attention_factor)
@@ -64,18 +65,25 @@ def rope_frequencies(
     if kind not in ROPE_TYPES:
         allowed = ", ".join(ROPE_TYPES)
         raise InputError("config.json:rope_scaling", f"unsupported rope_type {kind!r}; allowed: {allowed}")
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    even = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu")  # cpu: also under a meta device
+    inv_freq = 1.0 / (theta ** (even.float() / head_dim))
     try:
         if kind == "linear":
-            return inv_freq / scaling["factor"], 1.0
-        if kind == "llama3":
-            return _llama3(inv_freq, scaling), 1.0
-        if kind == "yarn":
-            return _yarn(head_dim, theta, scaling, max_pos)
+            inv_freq, scale = inv_freq / scaling["factor"], 1.0
+        elif kind == "llama3":
+            inv_freq, scale = _llama3(inv_freq, scaling), 1.0
+        elif kind == "yarn":
+            inv_freq, scale = _yarn(head_dim, theta, scaling, max_pos)
+        else:  # "dynamic" NTK only changes frequencies beyond max_position_embeddings, never reached here
+            scale = 1.0
     except KeyError as missing:
         raise InputError("config.json:rope_scaling", f"{kind} scaling needs field {missing}") from None
-    # "dynamic" NTK only changes frequencies beyond max_position_embeddings, which the engine never reaches.
-    return inv_freq, 1.0
+    except (TypeError, ValueError, ZeroDivisionError) as err:
+        raise InputError("config.json:rope_scaling", f"{kind} scaling has a bad value ({err})") from None
+    if not (bool(torch.isfinite(inv_freq).all()) and math.isfinite(scale) and scale > 0):
+        raise InputError("config.json:rope_scaling", f"{kind} scaling gives non-finite frequencies; check "
+                                                     f"its numbers ({scaling})")
+    return inv_freq, scale
 
 
 class RotaryEmbedding(nn.Module):

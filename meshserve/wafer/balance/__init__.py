@@ -1,37 +1,21 @@
-"""Expert load balancers for the wafer simulator: one interface, four policies.
+"""The simulator's side of expert balancing: migration steps and their stream through idle links.
 
-``make_balancer(name, config, hops, ...)`` builds one of :data:`BALANCERS`:
-none (static), greedy (EPLB-style, invasive), topology (nearest free slot, invasive),
-ni (NI-Balancer: threshold trigger, migration hidden in idle link time).
+Plans (placements, balancers, triggers) come from :mod:`meshserve.placement`, re-exported here so
+simulator code has one import for both.
 """
 
-from __future__ import annotations
-
-import numpy as np
-
-from meshserve.errors import require
-from meshserve.wafer.balance.base import BalanceConfig, Balancer, NoBalancer, imbalance
-from meshserve.wafer.balance.eplb import GreedyBalancer
-from meshserve.wafer.balance.ni import NIBalancer
-from meshserve.wafer.balance.placement import (
+from meshserve.placement import (
+    BALANCERS,
+    BalanceConfig,
+    Balancer,
     Migrations,
     Placement,
+    imbalance,
+    make_balancer,
     migrations,
     slots_per_device,
     static_placement,
 )
-from meshserve.wafer.balance.topology import TopologyBalancer
-
-BALANCERS: dict[str, type[Balancer]] = {
-    cls.name: cls for cls in (NoBalancer, GreedyBalancer, TopologyBalancer, NIBalancer)
-}
-
-
-def make_balancer(name: str, config: BalanceConfig, hops: np.ndarray, num_redundant_experts: int) -> Balancer:
-    """The balancer called ``name`` (InputError naming ``balancer`` if unknown)."""
-    require(name in BALANCERS, "balancer", f"unknown {name!r}; allowed: {', '.join(BALANCERS)}")
-    return BALANCERS[name](config, hops, num_redundant_experts)
-
 
 __all__ = [
     "BALANCERS",

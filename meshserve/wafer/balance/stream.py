@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
-from meshserve.wafer.balance.ni import LOCAL, MigrationSteps
-from meshserve.wafer.balance.placement import Placement
+from meshserve.placement import Placement
+from meshserve.wafer.balance.steps import LOCAL, MigrationSteps
 from meshserve.wafer.comm_model import CommModel
 
 

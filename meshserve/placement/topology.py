@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshserve.wafer.balance.base import Balancer
-from meshserve.wafer.balance.placement import Placement
+from meshserve.placement.plan import Placement
+from meshserve.placement.policy import Balancer
 
 
 def topology_plan(

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshserve.errors import require
-from meshserve.wafer.balance.placement import Placement
+from meshserve.errors import integer, number
+from meshserve.placement.plan import Placement
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,10 @@ class BalanceConfig:
         over the last ``window_size`` iterations above what the last plan predicted, exceeds this.
     chunk_bytes: NI-Balancer moves replicas in chunks of this size; a chunk is sent only inside a
         phase window whose idle link time fits it whole.
+    reject_slower_plans: whoever applies a plan first predicts the MoE time of the plan's own
+        window with it and without it (roofline compute + all-to-all) and drops a plan that would
+        not lower it: balancers plan on token counts, and a replica adds its weight reads to its
+        die, which below the roofline ridge can make a balanced layer slower.
     """
 
     num_redundant_experts: int | None = None
@@ -34,22 +38,15 @@ class BalanceConfig:
     step_interval: int = 10
     imbalance_threshold: float = 1.0
     chunk_bytes: int = 1 << 20
+    reject_slower_plans: bool = True
 
     def __post_init__(self) -> None:
-        require(self.window_size >= 1, "window_size", f"must be >= 1, got {self.window_size}")
-        require(self.step_interval >= 1, "step_interval", f"must be >= 1, got {self.step_interval}")
-        require(
-            self.imbalance_threshold >= 0,
-            "imbalance_threshold",
-            f"must be >= 0, got {self.imbalance_threshold}",
-        )
-        require(self.chunk_bytes >= 1, "chunk_bytes", f"must be >= 1, got {self.chunk_bytes}")
+        integer(self.window_size, "window_size", 1)
+        integer(self.step_interval, "step_interval", 1)
+        number(self.imbalance_threshold, "imbalance_threshold", 0)
+        integer(self.chunk_bytes, "chunk_bytes", 1)
         if self.num_redundant_experts is not None:
-            require(
-                self.num_redundant_experts >= 0,
-                "num_redundant_experts",
-                f"must be >= 0, got {self.num_redundant_experts}",
-            )
+            integer(self.num_redundant_experts, "num_redundant_experts", 0)
 
 
 def imbalance(device_load: np.ndarray) -> np.ndarray:

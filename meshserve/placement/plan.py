@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from scipy import sparse
 
 from meshserve.errors import InputError, require
 
@@ -58,34 +57,34 @@ class Placement:
         return self.holds / r[:, :, None]
 
     @cached_property
-    def _tables(self) -> tuple[sparse.csr_matrix, sparse.csr_matrix]:
-        """Block-diagonal sparse [layers*experts, layers*devices]: token shares and 0/1 holds."""
+    def _entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every replica as (layer * experts + expert, layer * devices + device, 1 / replicas)."""
         layer, expert, device = np.nonzero(self.holds)
-        rows = layer * self.num_experts + expert
-        cols = layer * self.num_devices + device
-        shape = (self.num_layers * self.num_experts, self.num_layers * self.num_devices)
         reps = np.maximum(self.replicas(), 1)[layer, expert]
-        share = sparse.csr_matrix(((1.0 / reps).astype(np.float32), (rows, cols)), shape=shape)
-        ones = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)
-        return share, ones
+        return layer * self.num_experts + expert, layer * self.num_devices + device, 1.0 / reps
 
-    def _apply(self, table: sparse.csr_matrix, counts: np.ndarray) -> np.ndarray:
+    def _gather(self, counts: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+        """Sum counts [..., layers, experts] (times weight per replica) onto [..., layers, devices]."""
+        rows, cols, _ = self._entries
         counts = np.asarray(counts, dtype=np.float32)
         lead = counts.shape[:-2]
         flat = counts.reshape(-1, self.num_layers * self.num_experts)
-        out = np.asarray(flat @ table, dtype=np.float32)
-        return out.reshape(*lead, self.num_layers, self.num_devices)
+        values = flat[:, rows] if weight is None else flat[:, rows] * weight
+        width = self.num_layers * self.num_devices
+        index = (np.arange(len(flat))[:, None] * width + cols).ravel()
+        out = np.bincount(index, weights=values.ravel(), minlength=len(flat) * width)
+        return out.astype(np.float32).reshape(*lead, self.num_layers, self.num_devices)
 
     def device_load(self, counts: np.ndarray) -> np.ndarray:
         """Tokens per device for counts [..., layers, experts] -> [..., layers, devices] (float32)."""
-        return self._apply(self._tables[0], counts)
+        return self._gather(counts, self._entries[2].astype(np.float32))
 
     def busy_experts(self, counts: np.ndarray) -> np.ndarray:
         """Experts with tokens on each device: counts [..., layers, experts] -> [..., layers, devices]."""
         counts = np.asarray(counts)
         if (counts > 0).all():
             return np.broadcast_to(self._used.astype(np.float32), (*counts.shape[:-2], *self._used.shape))
-        return self._apply(self._tables[1], counts > 0)
+        return self._gather(counts > 0, None)
 
     def validate(self) -> None:
         """Every expert keeps a replica; no device holds more replicas than it has slots."""

@@ -1,8 +1,4 @@
-"""NI-Balancer (MoEntwine): threshold-triggered, topology-aware, non-invasive migration.
-
-Trigger: each iteration's imbalance (max/mean device load - 1) above what the last plan
-predicted is summed over the last ``window_size`` iterations; a plan fires when that sum passes
-``imbalance_threshold`` (first plan: as soon as a full window exists and the sum passes it).
+"""NI-Balancer's migration steps (MoEntwine); its trigger and planner live in meshserve.placement.ni.
 
 Migration: a copy a -> b is split into steps ``a -> a'`` (local, inside a's FTD), ``a' -> b'``
 (global, between FTDs) and ``b' -> b`` (local, inside b's FTD); a' is a's FTD member nearest b,
@@ -18,36 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshserve.wafer.balance.base import BalanceConfig, Balancer
-from meshserve.wafer.balance.placement import Migrations, Placement
-from meshserve.wafer.balance.topology import topology_plan
+from meshserve.placement import Migrations
 
 LOCAL, GLOBAL = 0, 1
-
-
-class NIBalancer(Balancer):
-    """Non-invasive balancer: imbalance-triggered topology-aware plans, migrated in hidden steps."""
-
-    name = "ni"
-    invasive = False
-
-    def __init__(self, config: BalanceConfig, hops: np.ndarray, num_redundant_experts: int) -> None:
-        super().__init__(config, hops, num_redundant_experts)
-        self.reference = 0.0
-
-    def should_plan(self, iteration: int, history_imbalance: np.ndarray) -> bool:
-        window = self.config.window_size
-        if len(history_imbalance) < window:
-            return False
-        excess = np.maximum(history_imbalance[-window:] - self.reference, 0.0).sum()
-        return bool(excess > self.config.imbalance_threshold)
-
-    def plan(self, load: np.ndarray, current: Placement, base: Placement) -> Placement:
-        holds = topology_plan(load, base, self.hops, self.num_redundant_experts)
-        return Placement(holds, current.slots_per_device)
-
-    def planned(self, predicted_imbalance: float) -> None:
-        self.reference = predicted_imbalance
 
 
 @dataclass(frozen=True)

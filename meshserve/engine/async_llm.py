@@ -1,0 +1,229 @@
+"""AsyncLLM: the engine for asyncio callers (the HTTP server). ``generate`` is an async stream of deltas.
+
+One thread owns the Engine and runs its loop: take new requests and aborts from an inbox, run a step,
+hand each step's outputs to the event loop. The event loop never waits on a forward; an add waits
+for the end of the current step (where the engine is free to take it), an abort is applied there too
+and frees the request's blocks before the next step. Nothing here knows HTTP.
+
+    llm = AsyncLLM.from_args("model_dir", max_num_seqs=32)
+    async for out in llm.generate("Hello", SamplingParams(max_tokens=8)):
+        print(out.outputs[0].text, end="")   # each output holds only what is new
+    llm.shutdown()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from meshserve.config import EngineConfig
+from meshserve.engine.engine import Engine
+from meshserve.engine.outputs import RequestOutput
+from meshserve.engine.sampling_params import SamplingParams
+from meshserve.errors import InputError, require
+
+logger = logging.getLogger(__name__)
+
+StepHook = Callable[[Engine, list[RequestOutput]], None]
+
+
+class EngineBusy(Exception):
+    """The waiting queue is full; the caller should retry later (HTTP 503 + Retry-After)."""
+
+
+class EngineDead(Exception):
+    """The engine thread stopped (shut down, or a step failed); no request can be served."""
+
+
+class AsyncLLM:
+    """An Engine run by its own thread; asyncio callers stream outputs and abort requests.
+
+    max_waiting: most requests waiting for admission; more raise EngineBusy (None = no limit).
+    on_step: called in the engine thread after every step with its outputs (metrics).
+    """
+
+    def __init__(
+        self, engine: Engine, max_waiting: int | None = None, on_step: StepHook | None = None
+    ) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.on_step = on_step
+        self.on_abort: Callable[[str], None] | None = None  # engine thread, after an abort (metrics)
+        self._inbox: queue.SimpleQueue[tuple[str, Any, concurrent.futures.Future | None]] = (
+            queue.SimpleQueue()
+        )
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="meshserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_args(cls, model: str, max_waiting: int | None = None, **engine_args: Any) -> AsyncLLM:
+        return cls(Engine(EngineConfig.from_args(model, **engine_args)), max_waiting)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    async def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestStream:
+        """Queue a request; returns its stream of outputs. Raises InputError / EngineBusy / EngineDead
+        before anything is queued. Call ``stream.abort()`` when done with it early (in a finally)."""
+        request_id = f"req-{next(self._ids)}" if request_id is None else request_id
+        require(request_id not in self._streams, "request_id", f"{request_id!r} is already in use")
+        stream = RequestStream(self, request_id)
+        self._streams[request_id] = (asyncio.get_running_loop(), stream.queue)
+        try:
+            await self._call("add", (prompt, params, request_id))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs: each holds the tokens / text its completions added since the
+        last one; the last has ``finished``. Leaving the loop early (or cancelling) aborts the request."""
+        stream = await self.add_request(prompt, params, request_id)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its blocks are freed before the engine's next step."""
+        self._inbox.put(("abort", request_id, None))
+
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run ``fn(engine)`` in the engine thread between steps (for consistent snapshots)."""
+        return await self._call("call", fn)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop, abort what is left (open streams end with EngineDead) and close the engine."""
+        self._stopping.set()
+        self._inbox.put(("stop", None, None))
+        self._thread.join(timeout)
+
+    async def _call(self, kind: str, payload: Any) -> Any:
+        if not self.alive:
+            raise EngineDead("the engine is not running")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put((kind, payload, future))
+        return await asyncio.wrap_future(future)
+
+    # -- the engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                # Block for work only while the engine is idle; otherwise take what has arrived and step.
+                self._handle(self._inbox.get() if not self.engine.has_unfinished() else None)
+                while not self._inbox.empty():
+                    self._handle(self._inbox.get_nowait())
+                if self._stopping.is_set() or not self.engine.has_unfinished():
+                    continue
+                outputs = self.engine.step()
+                if self.on_step is not None:
+                    self.on_step(self.engine, outputs)
+                self._deliver(outputs)
+        except BaseException as err:  # a failed step: every open stream learns of it, health goes red
+            logger.exception("engine loop failed")
+            self.error = err
+        finally:
+            self._stopping.set()
+            self._drain()
+            self.engine.close()
+            for loop, stream in list(self._streams.values()):
+                loop.call_soon_threadsafe(stream.put_nowait, EngineDead("the engine stopped"))
+
+    def _handle(self, message: tuple[str, Any, concurrent.futures.Future | None] | None) -> None:
+        if message is None:
+            return
+        kind, payload, future = message
+        try:
+            if kind == "add":
+                waiting = len(self.engine.scheduler.waiting)
+                if self.max_waiting is not None and waiting >= self.max_waiting:
+                    raise EngineBusy(f"{waiting} requests are waiting (max_waiting={self.max_waiting})")
+                prompt, params, request_id = payload
+                result = self.engine.add_request(prompt, params, request_id, stream=True)
+            elif kind == "abort":
+                result = self.engine.abort(payload)
+                if self.on_abort is not None:
+                    self.on_abort(payload)
+            elif kind == "call":
+                result = payload(self.engine)
+            else:  # stop
+                result = None
+        except Exception as err:  # bad input, a full queue: that caller's error, never the loop's
+            if not isinstance(err, (InputError, EngineBusy)):
+                logger.exception("engine call %s failed", kind)
+            if future is not None:
+                future.set_exception(err)
+            return
+        if future is not None:
+            future.set_result(result)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():  # one wake-up of the event loop per step
+            loop.call_soon_threadsafe(_put_all, items)
+
+    def _drain(self) -> None:
+        """Fail calls still in the inbox (the engine is stopping)."""
+        while not self._inbox.empty():
+            _, _, future = self._inbox.get_nowait()
+            if future is not None and not future.done():
+                future.set_exception(EngineDead("the engine stopped"))
+
+
+class RequestStream:
+    """Async iterator over one request's output deltas; ``abort()`` ends it early (no-op once finished)."""
+
+    def __init__(self, llm: AsyncLLM, request_id: str) -> None:
+        self.llm = llm
+        self.request_id = request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        if isinstance(out, BaseException):
+            self.finished = True
+            self.llm._streams.pop(self.request_id, None)
+            raise out
+        if out.finished:
+            self.finished = True
+            self.llm._streams.pop(self.request_id, None)
+        return out
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.llm._streams.pop(self.request_id, None)
+            self.llm.abort(self.request_id)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.put_nowait(out)

@@ -1,0 +1,85 @@
+"""A loaded model's MoE layers made expert-parallel on one rank, plus the step-boundary placement switch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from meshserve.engine.distributed.expert_map import ExpertMap
+from meshserve.models.layers.moe import SparseMoE
+from meshserve.models.layers.moe_ep import ExpertParallelMoE, SlotExperts
+
+
+class ExpertParallel:
+    """Wraps every SparseMoE of ``model`` in an ExpertParallelMoE holding this rank's experts of ``holds``."""
+
+    def __init__(self, model: nn.Module, holds: np.ndarray, rank: int,
+                 group: dist.ProcessGroup | None = None) -> None:
+        self.rank = rank
+        self.map = ExpertMap(holds)
+        self.layers: list[ExpertParallelMoE] = []
+        for block in model.layers:
+            if isinstance(block.mlp, SparseMoE):
+                i = len(self.layers)
+                held = self.map.local_experts(i, rank)
+                block.mlp = ExpertParallelMoE(block.mlp, i, self.map, held, rank, group)
+                self.layers.append(block.mlp)
+        self._dtype = next(model.parameters()).dtype
+
+    @property
+    def holds(self) -> np.ndarray:
+        return self.map.holds
+
+    @torch.inference_mode()
+    def idle(self) -> None:
+        """Join every MoE layer's all-to-alls with no tokens (this rank had no work this step)."""
+        for layer in self.layers:
+            layer(torch.zeros(0, layer.hidden_size, dtype=self._dtype))
+
+    def counts(self) -> np.ndarray:
+        """Tokens this rank routed to each expert in the last step, [moe_layers, experts]."""
+        return torch.stack([layer.moe.last_counts for layer in self.layers]).numpy()
+
+    def received(self) -> list[int]:
+        """Token-expert pairs this rank's experts computed in the last step, per MoE layer."""
+        return [layer.last_received for layer in self.layers]
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's weights (what a migration copies per replica)."""
+        layer = self.layers[0]
+        return layer.expert_size() * layer.local.experts.down_proj.element_size()
+
+    def expert_weights(self, layer: int, expert: int) -> torch.Tensor:
+        """This rank's copy of one expert, flat (it must hold it)."""
+        slot = int(self.map.slot_of[layer, expert, self.rank])
+        assert slot >= 0, f"rank {self.rank} holds no expert {expert} in MoE layer {layer}"
+        return self.layers[layer].local.weights(slot)
+
+    def prepare(self, holds: np.ndarray, arrived: dict[tuple[int, int], torch.Tensor]) -> Prepared:
+        """The expert slots of placement ``holds`` on this rank (kept experts copied from the current
+        slots, new ones from ``arrived``), built aside so the switch itself only swaps references."""
+        new = ExpertMap(holds)
+        local = []
+        for i, layer in enumerate(self.layers):
+            stack = torch.stack([arrived[(i, e)] if (i, e) in arrived else self.expert_weights(i, e)
+                                 for e in new.local_experts(i, self.rank)])
+            local.append(layer.slot_experts(stack))
+        return Prepared(new, local)
+
+    def install(self, prepared: Prepared) -> None:
+        """Serve the prepared placement from the next forward on (called at a step boundary)."""
+        for layer, local in zip(self.layers, prepared.local, strict=True):
+            layer.placement, layer.local = prepared.map, local
+        self.map = prepared.map
+
+
+@dataclass
+class Prepared:
+    """A placement ready to install: its lookup tables and this rank's experts per MoE layer."""
+
+    map: ExpertMap
+    local: list[SlotExperts]

@@ -1,0 +1,238 @@
+"""DistributedEngine: the Engine interface over N rank processes (data-parallel attention, EP MoE).
+
+The front end starts the ranks (torch.multiprocessing spawn), deals each request to the rank with
+the fewest unfinished ones, and steps all ranks together. Every wait has a deadline and checks that
+the ranks are alive: a rank that fails to start or dies mid-step shuts every rank down and raises
+RankError (no orphan processes, no silent hang). Bad input raised on a rank comes back as InputError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import tempfile
+import time
+import weakref
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import numpy as np
+import torch.multiprocessing as mp
+
+from meshserve.config import EngineConfig
+from meshserve.engine.distributed.config import ParallelConfig
+from meshserve.engine.distributed.expert_map import spread_placement, validate_placement
+from meshserve.engine.distributed.worker import RankSpec, run_rank
+from meshserve.engine.outputs import RequestOutput
+from meshserve.engine.sampling_params import SamplingParams
+from meshserve.errors import InputError, require
+from meshserve.models.config import ModelConfig
+from meshserve.models.loader import load_config
+
+logger = logging.getLogger(__name__)
+START_TIMEOUT_S = 300.0
+POLL_S = 0.5  # how often a wait checks that the ranks are alive
+
+
+class RankError(RuntimeError):
+    """A rank failed to start, died, or stopped answering; all ranks have been shut down."""
+
+
+def expert_placement(parallel: ParallelConfig, mc: ModelConfig) -> np.ndarray | None:
+    """The initial holds[moe_layer, expert, rank], or None when the MoE layers are not split."""
+    if not (parallel.enable_expert_parallel and mc.is_moe):
+        return None
+    n = parallel.data_parallel_size
+    require(n <= mc.num_experts, "data_parallel_size",
+            f"expert parallelism needs at least one expert per rank: {n} ranks > "
+            f"{mc.num_experts} experts")
+    if parallel.expert_placement is None:
+        redundant = parallel.eplb_config.num_redundant_experts
+        return spread_placement(mc.num_moe_layers, mc.num_experts, n, redundant)
+    return validate_placement(parallel.expert_placement, mc.num_moe_layers, mc.num_experts, n)
+
+
+class DistributedEngine:
+    """``add_request`` / ``step`` / ``abort`` / ``has_unfinished`` / ``close`` over N rank processes."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        parallel = config.parallel
+        self.model_config, self.tokenizer = load_config(config.model, config.dtype)
+        require(config.speculative_config is None, "speculative_config",
+                "is not supported with data_parallel_size / enable_expert_parallel yet")
+        require(config.record_expert_trace is None, "record_expert_trace",
+                "is not supported with data_parallel_size / enable_expert_parallel yet")
+        holds = expert_placement(parallel, self.model_config)
+        eplb = parallel.eplb_config if parallel.enable_eplb and holds is not None else None
+        self.num_ranks = n = parallel.data_parallel_size
+        self.step_timeout_s = parallel.step_timeout_s
+        single = EngineConfig(config.model, config.dtype, config.seed, cache=config.cache,
+                              scheduler=config.scheduler)
+        self._store = tempfile.NamedTemporaryFile(prefix="meshserve-ep-", delete=False)  # noqa: SIM115
+        self._store.close()
+        os.unlink(self._store.name)  # the file store creates it; it must not exist yet
+        threads = max(1, (os.cpu_count() or 1) // n)
+        ctx = mp.get_context("spawn")
+        self._procs: list[Any] = []
+        self._conns: list[Connection] = []
+        self._finalizer = weakref.finalize(self, _kill, self._procs, self._store.name)
+        for rank in range(n):
+            ours, theirs = ctx.Pipe()
+            spec = RankSpec(rank, n, self._store.name, single, holds, eplb, threads, parallel.step_timeout_s)
+            proc = ctx.Process(target=run_rank, args=(spec, theirs), daemon=True,
+                               name=f"meshserve-rank{rank}")
+            proc.start()
+            theirs.close()
+            self._procs.append(proc)
+            self._conns.append(ours)
+        self._replies(list(range(n)), "start", START_TIMEOUT_S)
+        self.owner: dict[str, int] = {}  # unfinished request -> its rank
+        self._ids = itertools.count()
+        self.num_steps = 0
+        self.last_stats: dict[str, Any] = {}
+        self.migrations: list[dict[str, Any]] = []  # one record per live migration (see eplb.py)
+        logger.info("distributed engine: %d ranks, expert parallel %s, EPLB %s", n, holds is not None,
+                    eplb is not None)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a prompt on the least-busy rank; returns its request id. Bad input raises InputError."""
+        if request_id is None:
+            request_id = next(i for i in map(str, self._ids) if i not in self.owner)
+        request_id = str(request_id)
+        require(request_id not in self.owner, "request_id", f"{request_id!r} is already in use")
+        busy = np.bincount(np.fromiter(self.owner.values(), dtype=np.int64), minlength=self.num_ranks)
+        rank = int(busy.argmin())
+        self._call(rank, "add", (prompt, params, request_id))
+        self.owner[request_id] = rank
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        rank = self.owner.pop(str(request_id), None)
+        if rank is None or self.closed:  # after a RankError there is nothing left to abort
+            return False
+        return bool(self._call(rank, "abort", (str(request_id),)))
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def has_unfinished(self) -> bool:
+        return bool(self.owner)
+
+    def step(self) -> list[RequestOutput]:
+        """One lock-step step of every rank; the final outputs of requests that finished in it."""
+        if self.closed:
+            raise RankError("the engine's ranks have been shut down")
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send(("step", ()))
+            except OSError:
+                self._procs[rank].join(1.0)
+                self._fail(f"rank {rank} exited (code {self._procs[rank].exitcode}) before step")
+        finished: list[RequestOutput] = []
+        infos = []
+        for outs, info in self._replies(list(range(self.num_ranks)), "step", self.step_timeout_s):
+            finished.extend(outs)
+            infos.append(info)
+        for out in finished:
+            self.owner.pop(out.request_id, None)
+        self.num_steps += 1
+        self.last_stats = {"step": self.num_steps, "step_s": [i["step_s"] for i in infos]}
+        if "routed" in infos[0]:  # expert-parallel: what each rank's experts computed, what was routed
+            self.last_stats["routed"] = np.array([i["routed"] for i in infos])  # [rank, moe_layer]
+            self.last_stats["expert_counts"] = np.sum([i["counts"] for i in infos], axis=0)  # [layer, expert]
+        for record in (r for r in infos[0].get("eplb", []) if r.get("final")):
+            self.migrations.append(record)
+            if record.get("error"):
+                logger.error("expert migration failed: %s; serving continues on the old placement",
+                             record["error"])
+        return finished
+
+    def holds(self) -> np.ndarray | None:
+        """The expert placement the ranks serve now (rank 0's view; all ranks switch together)."""
+        return self._call(0, "holds", ())
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _call(self, rank: int, command: str, args: tuple) -> Any:
+        if self.closed:
+            raise RankError("the engine's ranks have been shut down")
+        try:
+            self._conns[rank].send((command, args))
+        except OSError:
+            self._procs[rank].join(1.0)
+            self._fail(f"rank {rank} exited (code {self._procs[rank].exitcode}) before {command}")
+        return self._replies([rank], command, self.step_timeout_s)[0]
+
+    def _replies(self, ranks: list[int], command: str, timeout_s: float) -> list[Any]:
+        """Each rank's answer to ``command``, waiting on all at once so the first failure is seen first.
+
+        InputError from ``add`` (or from every rank's start) passes through; anything else, a dead
+        rank or a missed deadline shuts down all ranks and raises RankError.
+        """
+        answers: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(answers) < len(ranks):
+            waiting = {self._conns[r]: r for r in ranks if r not in answers}
+            for conn in wait(list(waiting), timeout=POLL_S):
+                rank = waiting[conn]
+                try:
+                    kind, value = conn.recv()
+                except (EOFError, OSError):
+                    self._procs[rank].join(1.0)
+                    self._fail(f"rank {rank} exited (code {self._procs[rank].exitcode}) during {command}")
+                if kind == "error":
+                    self._raise(rank, command, value)
+                answers[rank] = value
+            for rank in ranks:
+                proc = self._procs[rank]
+                if rank not in answers and not proc.is_alive() and not self._conns[rank].poll():
+                    self._fail(f"rank {rank} exited (code {proc.exitcode}) during {command}")
+            if time.monotonic() > deadline:
+                late = [r for r in ranks if r not in answers]
+                self._fail(f"ranks {late} did not answer {command} within {timeout_s:.0f} s")
+        return [answers[r] for r in ranks]
+
+    def _raise(self, rank: int, command: str, error: tuple[str, ...]) -> None:
+        if error[0] == "input":
+            if command != "add":
+                self._finalizer()
+            raise InputError(error[1], error[2])
+        self._fail(f"rank {rank} failed during {command}: {error[-1]}")
+
+    def _fail(self, message: str) -> None:
+        self._finalizer()  # terminate at once: a rank may be stuck in a collective
+        raise RankError(f"{message}; all {self.num_ranks} ranks have been shut down")
+
+    def close(self) -> None:
+        """Ask every live rank to finish, then make sure none is left running."""
+        if self.closed:
+            return
+        for conn, proc in zip(self._conns, self._procs, strict=True):
+            if proc.is_alive():
+                with contextlib.suppress(OSError):  # a rank that just died
+                    conn.send(("close", ()))
+        deadline = time.monotonic() + 10.0
+        for proc in self._procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        self._finalizer()
+
+
+def _kill(procs: list[Any], store: str) -> None:
+    """Terminate (then kill) ranks still running, and remove the rendezvous file."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(5.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5.0)
+    if os.path.exists(store):
+        os.unlink(store)

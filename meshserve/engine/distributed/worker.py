@@ -1,0 +1,133 @@
+"""One rank: a process group member running an ordinary Engine over its own requests.
+
+The front end (engine/distributed/frontend.py) sends commands through a pipe; every rank gets every
+``step``, so the ranks run their MoE layers' all-to-alls in lock-step (a rank without work joins
+them with empty buffers). Anything that goes wrong is sent back as ("error", exception) rather than
+left for the front end to discover by timing out.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from meshserve.config import EngineConfig
+from meshserve.engine.distributed.config import EPLBConfig
+from meshserve.engine.engine import Engine
+from meshserve.errors import InputError
+
+# Fault injection for tests and drills: "start:R" fails rank R while starting, "stall:R" makes rank R
+# never send its migration chunks (see eplb.py).
+FAULT_ENV = "MESHSERVE_EP_FAULT"
+
+
+def injected_fault(kind: str, rank: int) -> bool:
+    return os.environ.get(FAULT_ENV, "") == f"{kind}:{rank}"
+
+
+@dataclass
+class RankSpec:
+    """What one worker process needs to start."""
+
+    rank: int
+    world_size: int
+    store_path: str
+    config: EngineConfig  # a single-process config: parallel settings stripped
+    holds: np.ndarray | None  # expert placement; None = every rank holds every expert (dense or no EP)
+    eplb: EPLBConfig | None
+    threads: int
+    timeout_s: float
+
+
+class RankWorker:
+    """The engine of one rank and, with EP, its expert-parallel layers and live balancer."""
+
+    def __init__(self, spec: RankSpec) -> None:
+        if injected_fault("start", spec.rank):
+            raise RuntimeError(f"injected start failure on rank {spec.rank} ({FAULT_ENV})")
+        torch.set_num_threads(spec.threads)
+        dist.init_process_group("gloo", init_method=f"file://{spec.store_path}", rank=spec.rank,
+                                world_size=spec.world_size, timeout=timedelta(seconds=spec.timeout_s))
+        self.rank = spec.rank
+        self.engine = Engine(spec.config)
+        self.ep = self.balancer = None
+        if spec.holds is not None:
+            from meshserve.engine.distributed.expert_parallel import ExpertParallel
+
+            self.ep = ExpertParallel(self.engine.model, spec.holds, spec.rank)
+            if spec.eplb is not None:
+                from meshserve.engine.distributed.eplb import LiveBalancer
+
+                self.balancer = LiveBalancer(self.ep, spec.eplb, spec.rank, spec.world_size)
+
+    def step(self) -> tuple[list[Any], dict[str, Any]]:
+        start = time.perf_counter()
+        before = self.engine.num_steps
+        finished = self.engine.step()
+        if self.ep is not None and self.engine.num_steps == before:
+            self.ep.idle()
+        info: dict[str, Any] = {"forward": self.engine.num_steps > before}
+        if self.ep is not None:
+            info["routed"] = self.ep.received()
+            info["counts"] = self.ep.counts()
+        if self.balancer is not None:
+            info["eplb"] = self.balancer.after_step(info["counts"])
+        info["step_s"] = time.perf_counter() - start
+        return finished, info
+
+    def handle(self, command: str, args: tuple) -> Any:
+        if command == "add":
+            return self.engine.add_request(*args)
+        if command == "abort":
+            return self.engine.abort(*args)
+        if command == "step":
+            return self.step()
+        if command == "holds":
+            return None if self.ep is None else self.ep.holds
+        raise ValueError(f"unknown command {command!r}")
+
+    def close(self) -> None:
+        self.engine.close()
+        if self.balancer is not None:
+            self.balancer.close()
+        dist.destroy_process_group()
+
+
+def run_rank(spec: RankSpec, conn: Connection) -> None:
+    """Process entry point: start, say ("ready", None), then answer commands until "close" or EOF."""
+    try:
+        worker = RankWorker(spec)
+    except BaseException as err:  # noqa: BLE001 - every start failure goes back to the front end
+        conn.send(("error", _portable(err)))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            command, args = conn.recv()
+        except (EOFError, OSError):  # the front end is gone: leave, do not linger as an orphan
+            return
+        if command == "close":
+            try:
+                worker.close()
+            finally:
+                conn.send(("ok", None))
+            return
+        try:
+            conn.send(("ok", worker.handle(command, args)))
+        except BaseException as err:  # noqa: BLE001 - reported; the front end decides
+            conn.send(("error", _portable(err)))
+
+
+def _portable(err: BaseException) -> tuple[str, ...]:
+    """An exception as plain strings: ("input", field, message) for InputError, else ("other", text)."""
+    if isinstance(err, InputError):
+        return ("input", err.field, err.message)
+    return ("other", f"{type(err).__name__}: {err}")

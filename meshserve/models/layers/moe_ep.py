@@ -1,0 +1,116 @@
+"""Expert-parallel MoE: each rank routes its own tokens, sends every token-expert pair to one replica of
+its expert (all-to-all dispatch), runs the experts it holds, and gets the results back (all-to-all
+combine). Transport is torch.distributed's ``all_to_all_single`` with split sizes.
+
+The layer wraps a SparseMoE: the router, the shared expert and the final weighted sum are the same
+code and the same float operations as the single-process layer, and the held experts run through
+SparseMoE's own grouped GEMMs (``SlotExperts``), so outputs match the single-process engine. A rank
+with no tokens still calls ``forward`` on an empty batch: the all-to-alls need every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from meshserve.models.layers.moe import SparseMoE
+
+
+class Placement(Protocol):
+    """What dispatch needs from a placement (engine/distributed/expert_map.py's ExpertMap)."""
+
+    slot_of: torch.Tensor
+
+    def destinations(self, layer: int, experts: torch.Tensor, rank: int) -> torch.Tensor: ...
+
+
+class SlotExperts(SparseMoE):
+    """The experts one rank holds, as slots; rows arrive already routed (one slot each, weight 1)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, gate_up: torch.Tensor,
+                 down: torch.Tensor) -> None:
+        super().__init__(hidden_size, intermediate_size, len(gate_up), 1, renormalize=False,
+                         weights_in_model_dtype=True)
+        del self.gate  # routing is given
+        self.experts.gate_up_proj.data = gate_up.contiguous()
+        self.experts.down_proj.data = down.contiguous()
+        self.experts.transposed_layout()
+        self._slot = torch.zeros(0, dtype=torch.long)
+
+    def run(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Expert output of each row [R, H] through its slot [R]."""
+        self._slot = slot
+        return self(rows)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.new_ones(len(x), 1), self._slot[:, None]
+
+    def weights(self, slot: int) -> torch.Tensor:
+        """One slot's weights as one flat contiguous tensor ([gate; up] then down), for migration."""
+        experts = self.experts
+        return torch.cat([experts.gate_up_proj[slot].reshape(-1), experts.down_proj[slot].reshape(-1)])
+
+
+class ExpertParallelMoE(nn.Module):
+    """A SparseMoE whose routed experts live on several ranks; ``layer`` indexes the MoE layers."""
+
+    def __init__(self, moe: SparseMoE, layer: int, placement: Placement, held: np.ndarray, rank: int,
+                 group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        self.moe, self.layer, self.rank, self.group = moe, layer, rank, group
+        self.placement = placement
+        experts = moe.experts
+        self.intermediate_size = experts.down_proj.shape[2]
+        self.hidden_size = experts.down_proj.shape[1]
+        index = torch.from_numpy(held)
+        self.local = SlotExperts(self.hidden_size, self.intermediate_size, experts.gate_up_proj[index],
+                                 experts.down_proj[index])
+        moe.experts = None  # this rank keeps only the experts it holds
+        self.last_received = 0  # pairs this rank's experts computed in the last forward
+
+    def expert_size(self) -> int:
+        """Elements of one expert's flat weights (see SlotExperts.weights)."""
+        return 3 * self.intermediate_size * self.hidden_size
+
+    def slot_experts(self, flat_weights: torch.Tensor) -> SlotExperts:
+        """Experts given as flat weights [slots, expert_size] (SlotExperts.weights' layout) as slots."""
+        i, h = self.intermediate_size, self.hidden_size
+        gate_up = flat_weights[:, : 2 * i * h].reshape(-1, 2 * i, h)
+        down = flat_weights[:, 2 * i * h:].reshape(-1, h, i)
+        return SlotExperts(h, i, gate_up, down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, hidden = x.shape
+        k = self.moe.top_k
+        weights, experts = self.moe.route(x)
+        pair_expert = experts.reshape(-1)  # pair p = token p // k, choice p % k
+        self.moe.last_counts = torch.bincount(pair_expert, minlength=self.moe.num_experts)
+
+        dest = self.placement.destinations(self.layer, pair_expert, self.rank)
+        order = torch.argsort(dest, stable=True)
+        send_counts = torch.bincount(dest, minlength=self.placement.slot_of.shape[2])
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        self.last_received = sum(recv)
+        rows = self._exchange(x[order // k], recv, send)
+        row_expert = self._exchange(pair_expert[order], recv, send)
+
+        slot = self.placement.slot_of[self.layer, row_expert, self.rank]
+        back = self._exchange(self.local.run(rows, slot), send, recv)
+        pair_out = x.new_empty(order.numel(), hidden)
+        pair_out[order] = back
+        out = (pair_out.view(t, k, hidden) * weights[..., None]).sum(dim=1).to(x.dtype)
+        if self.moe.shared_expert is not None:
+            out = out + torch.sigmoid(self.moe.shared_expert_gate(x)) * self.moe.shared_expert(x)
+        return out
+
+    def _exchange(self, data: torch.Tensor, recv: list[int], send: list[int]) -> torch.Tensor:
+        """all_to_all_single of rows: ``send[r]`` rows to rank r, ``recv[r]`` rows from rank r."""
+        out = data.new_empty(sum(recv), *data.shape[1:])
+        dist.all_to_all_single(out, data.contiguous(), recv, send, group=self.group)
+        return out

@@ -1,0 +1,105 @@
+"""EPLB-style greedy balancer (DeepSeek EPLB's global policy), recomputed from scratch.
+
+1. Replicate: give the redundant replicas one by one to the expert with the highest load per
+   replica (load_e / replicas_e).
+2. Pack: take replicas heaviest first and put each on the least-loaded device that has a free
+   slot and no copy of that expert yet.
+
+Both loops run over replicas, vectorised across layers. The new packing ignores where experts
+were, so most slots change: migration is large, and it is invasive (inference waits for it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from meshserve.placement.plan import Placement
+from meshserve.placement.policy import Balancer
+
+
+def replicate(load: np.ndarray, extra: int, max_replicas: int) -> np.ndarray:
+    """Replica counts [layers, experts]: ``extra`` replicas added greedily to the hottest per replica."""
+    layers, experts = load.shape
+    reps = np.ones((layers, experts), dtype=np.int64)
+    rows = np.arange(layers)
+    for _ in range(extra):
+        per = np.where(reps < max_replicas, load / reps, -np.inf)
+        reps[rows, per.argmax(axis=1)] += 1
+    return reps
+
+
+def pack(load: np.ndarray, reps: np.ndarray, num_devices: int, slots: int,
+         current: np.ndarray | None = None, hops: np.ndarray | None = None) -> np.ndarray:
+    """Balanced packing: replica table [layers, experts, devices] for replica counts ``reps``.
+
+    With ``current`` (today's table) and ``hops``, packing is movement-aware: each replica may go
+    to any device it does not push past a perfectly even share (else, as EPLB, to the least
+    loaded), and among those it takes the one that already holds the expert, else the one nearest
+    a current holder: the fewest bytes x hops of copying for about EPLB's balance.
+    """
+    layers, experts = load.shape
+    rows = np.arange(layers)
+    # Every layer has the same number of replicas (sum of reps), laid out heaviest first.
+    items = [np.repeat(np.arange(experts), reps[i]) for i in range(layers)]
+    expert = np.stack(items)
+    weight = np.take_along_axis(load / reps, expert, axis=1)
+    order = np.argsort(-weight, axis=1, kind="stable")
+    expert = np.take_along_axis(expert, order, axis=1)
+    weight = np.take_along_axis(weight, order, axis=1)
+    holds = np.zeros((layers, experts, num_devices), dtype=bool)
+    used = np.zeros((layers, num_devices), dtype=np.int64)
+    dev_load = np.zeros((layers, num_devices))
+    near = None if current is None else nearest_holder(current, np.asarray(hops, dtype=np.float64))
+    ideal = load.sum(axis=1, keepdims=True) / num_devices  # [layers, 1]: a perfectly even share
+    for i in range(expert.shape[1]):
+        e = expert[:, i]
+        ok = (used < slots) & ~holds[rows, e]
+        loads = np.where(ok, dev_load, np.inf)
+        if near is None:
+            choice = loads.argmin(axis=1)
+        else:
+            # devices this replica does not push past a perfectly even share, or the least loaded
+            fits = ok & (loads + weight[:, i : i + 1] <= ideal)
+            close = np.where(fits.any(axis=1, keepdims=True), fits, loads == loads.min(axis=1, keepdims=True))
+            cost = np.where(close, near[rows, e], np.inf)  # 0 where it already holds the expert
+            choice = (cost + loads / (2 * ideal)).argmin(axis=1)
+        placed = ok[rows, choice]  # a layer with no room left for this expert drops the replica
+        r, c = rows[placed], choice[placed]
+        holds[r, e[placed], c] = True
+        used[r, c] += 1
+        dev_load[r, c] += weight[placed, i]
+    return holds
+
+
+def nearest_holder(holds: np.ndarray, hops: np.ndarray) -> np.ndarray:
+    """[layers, experts, devices] hops from each device to the nearest holder of each expert (0 = holds)."""
+    layers, experts, devices = holds.shape
+    most = int(holds.sum(axis=2).max())
+    # the holders of each (layer, expert), padded with the first one, as [layers, experts, most]
+    order = np.argsort(~holds, axis=2, kind="stable")[:, :, :most]
+    count = holds.sum(axis=2, keepdims=True)
+    slot = np.arange(most)[None, None, :]
+    holder = np.where(slot < count, order, order[:, :, :1])
+    return hops[holder].min(axis=2)
+
+
+class GreedyBalancer(Balancer):
+    """EPLB-style greedy: periodic, from scratch, invasive."""
+
+    name = "greedy"
+    invasive = True
+
+    def plan(self, load: np.ndarray, current: Placement, base: Placement) -> Placement:
+        reps = replica_counts(load, current, self.num_redundant_experts)
+        # Packing heaviest first always finds a slot for an expert's first replica (total replicas
+        # <= slots), so every expert keeps at least one copy.
+        holds = pack(load, reps, current.num_devices, current.slots_per_device)
+        return Placement(holds, current.slots_per_device)
+
+
+def replica_counts(load: np.ndarray, current: Placement, redundant: int) -> np.ndarray:
+    """EPLB's replica counts: the static layout's copies (one per device at least) plus the redundant ones."""
+    devices, experts = current.num_devices, current.num_experts
+    extra = max(experts, devices) - experts + redundant
+    extra = min(extra, devices * current.slots_per_device - experts)
+    return replicate(load, extra, devices)

@@ -1,0 +1,60 @@
+"""NI-Balancer (MoEntwine): threshold-triggered, topology-aware planning for non-invasive migration.
+
+Trigger: each iteration's imbalance (max/mean device load - 1) above what the last plan
+predicted is summed over the last ``window_size`` iterations; a plan fires when that sum passes
+``imbalance_threshold`` (first plan: as soon as a full window exists and the sum passes it).
+The copies it asks for are streamed through idle link time by whoever applies the plan (the
+simulator costs them in meshserve.wafer.balance), so inference never waits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from meshserve.placement.eplb import pack, replica_counts
+from meshserve.placement.plan import Placement
+from meshserve.placement.policy import BalanceConfig, Balancer
+from meshserve.placement.topology import topology_plan
+
+
+class NIBalancer(Balancer):
+    """Non-invasive balancer: imbalance-triggered topology-aware plans, migrated in hidden steps."""
+
+    name = "ni"
+    invasive = False
+
+    def __init__(self, config: BalanceConfig, hops: np.ndarray, num_redundant_experts: int) -> None:
+        super().__init__(config, hops, num_redundant_experts)
+        self.reference = 0.0
+
+    def should_plan(self, iteration: int, history_imbalance: np.ndarray) -> bool:
+        window = self.config.window_size
+        if len(history_imbalance) < window:
+            return False
+        excess = np.maximum(history_imbalance[-window:] - self.reference, 0.0).sum()
+        return bool(excess > self.config.imbalance_threshold)
+
+    def plan(self, load: np.ndarray, current: Placement, base: Placement) -> Placement:
+        holds = topology_plan(load, base, self.hops, self.num_redundant_experts)
+        return Placement(holds, current.slots_per_device)
+
+    def planned(self, predicted_imbalance: float) -> None:
+        self.reference = predicted_imbalance
+
+
+class NIEplbBalancer(NIBalancer):
+    """NI-Balancer's trigger and non-invasive migration with an EPLB-quality planner (ours).
+
+    The paper's planner only adds replicas next to hot dies and never moves a primary, which caps
+    how well it can balance. This one takes EPLB's replica counts and packs them movement-aware
+    (eplb.pack with the current table and hops): within one replica's load of EPLB's choice, a
+    replica stays where a copy already is, else goes to the device nearest a current holder.
+    Primaries move too; the copies stream through idle link time as NI's, so there is no stall.
+    """
+
+    name = "ni-eplb"
+
+    def plan(self, load: np.ndarray, current: Placement, base: Placement) -> Placement:
+        reps = replica_counts(load, current, self.num_redundant_experts)
+        holds = pack(load, reps, current.num_devices, current.slots_per_device, current.holds, self.hops)
+        return Placement(holds, current.slots_per_device)

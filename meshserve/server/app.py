@@ -1,0 +1,347 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over an AsyncLLM.
+
+/v1/completions and /v1/chat/completions (JSON or SSE streams), /v1/models, /health, /metrics.
+Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad
+parameters (named in ``param``), 404 for an unknown model, 503 with Retry-After when the waiting
+queue is full. A client that goes away has its request aborted and its KV blocks freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from meshserve.engine.async_llm import AsyncLLM, EngineBusy, EngineDead, RequestStream
+from meshserve.errors import InputError
+from meshserve.server.metrics import ServerMetrics
+from meshserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from meshserve.server.responses import ChoiceState, chat_chunk, completion_chunk, usage
+
+RETRY_AFTER_S = 1
+MAX_BODY_BYTES = 4 << 20  # far above max_model_len tokens of text; larger bodies get 413 unread
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def error_response(
+    status: int, message: str, kind: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose Content-Length is over ``limit`` gets 413 without being read."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            size = dict(scope["headers"]).get(b"content-length", b"0").decode("latin-1")
+            if not size.isdigit() or int(size) > self.limit:
+                response = error_response(
+                    413, f"body: at most {self.limit} bytes, got {size}", "BadRequestError", "body"
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(
+    llm: AsyncLLM, served_model_name: str, on_shutdown: Callable[[], None] | None = None
+) -> FastAPI:
+    """The FastAPI app serving ``llm`` under ``served_model_name``."""
+    metrics = ServerMetrics(served_model_name)
+    llm.on_step, llm.on_abort = metrics.on_step, metrics.forget
+    engine = llm.engine
+    tokenizer = engine.tokenizer
+    defaults = dict(engine.model_config.generation_defaults)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        (on_shutdown or llm.shutdown)()
+
+    app = FastAPI(title="meshserve", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"loc": ("body",), "msg": "invalid body"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            loc = []
+        param = loc[0] if loc else "body"  # the top-level field; the message has the full path
+        where = ".".join(loc) or "body"
+        return error_response(400, f"{where}: {first.get('msg', 'invalid')}", "BadRequestError", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        # e.g. a body that is not UTF-8 JSON, an unknown route or method
+        kind = "NotFoundError" if err.status_code == 404 else "BadRequestError"
+        return error_response(
+            err.status_code,
+            f"body: {err.detail}" if err.status_code == 400 else str(err.detail),
+            kind,
+            "body" if err.status_code == 400 else None,
+            headers=err.headers,
+        )
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return error_response(err.status, err.message, err.kind, err.param)
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, err: InputError) -> JSONResponse:
+        return error_response(400, str(err), "BadRequestError", err.field)
+
+    @app.exception_handler(EngineBusy)
+    async def busy(request: Request, err: EngineBusy) -> JSONResponse:
+        return error_response(
+            503,
+            f"server busy: {err}; retry later",
+            "ServiceUnavailableError",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    @app.exception_handler(EngineDead)
+    async def dead(request: Request, err: EngineDead) -> JSONResponse:
+        return error_response(503, f"engine unavailable: {err}", "ServiceUnavailableError")
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if llm.alive else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": served_model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "meshserve",
+            "root": engine.config.model,
+            "max_model_len": engine.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != served_model_name:
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server serves {served_model_name!r}",
+                "NotFoundError",
+                "model",
+            )
+
+    def check_max_tokens(value: int | None, name: str) -> int | None:
+        """A request can never get more than max_model_len tokens: asking for more is an error, as in vLLM."""
+        limit = engine.max_model_len
+        if value is not None and not isinstance(value, bool) and value > limit:
+            raise InputError(
+                name, f"must be <= max_model_len ({limit}) minus the prompt's tokens, got {value}"
+            )
+        return value
+
+    async def start(prompts: list[str | list[int]], params: Any) -> list[RequestStream]:
+        """Queue every prompt (all or nothing: on an error the ones queued are aborted)."""
+        streams: list[RequestStream] = []
+        try:
+            for prompt in prompts:
+                streams.append(await llm.add_request(prompt, params, f"cmpl-{uuid.uuid4().hex}"))
+        except BaseException:
+            for stream in streams:
+                stream.abort()
+            raise
+        return streams
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        params = body.sampling_params(
+            defaults, check_max_tokens(body.max_tokens, "max_tokens"), body.logprobs
+        )
+        prompts = [p for p in body.prompts()]
+        streams = await start(prompts, params)
+        header = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served_model_name}
+        states = [
+            ChoiceState(i * params.n + k, tokenizer, body.logprobs is not None, chat=False)
+            for i in range(len(streams))
+            for k in range(params.n)
+        ]
+        prompt_tokens = [0] * len(streams)
+        if body.stream:
+            chunks = _merged(
+                streams, params.n, states, prompt_tokens, lambda s, choices: completion_chunk(header, choices)
+            )
+            return StreamingResponse(
+                _sse(chunks, header, states, prompt_tokens, body.include_usage, "text_completion", streams),
+                media_type="text/event-stream",
+            )
+        await _until_done_or_gone(request, _collect(streams, params.n, states, prompt_tokens), streams)
+        choices = [s.final_choice() for s in states]
+        return JSONResponse(
+            {**header, "object": "text_completion", "choices": choices, "usage": usage(prompt_tokens, states)}
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        max_tokens = check_max_tokens(body.completion_tokens(), "max_completion_tokens")
+        params = body.sampling_params(defaults, max_tokens, body.num_logprobs())
+        # off the event loop: a long chat takes a while to render and tokenize
+        prompt = await asyncio.to_thread(
+            tokenizer.apply_chat_template, body.messages, body.add_generation_prompt
+        )
+        streams = await start([prompt], params)
+        header = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": served_model_name,
+        }
+        states = [ChoiceState(k, tokenizer, body.logprobs, chat=True) for k in range(params.n)]
+        prompt_tokens = [0]
+        if body.stream:
+            chunks = _merged(
+                streams, params.n, states, prompt_tokens, lambda s, choices: chat_chunk(header, choices)
+            )
+            return StreamingResponse(
+                _sse(
+                    chunks,
+                    header,
+                    states,
+                    prompt_tokens,
+                    body.include_usage,
+                    "chat.completion.chunk",
+                    streams,
+                ),
+                media_type="text/event-stream",
+            )
+        await _until_done_or_gone(request, _collect(streams, params.n, states, prompt_tokens), streams)
+        return JSONResponse(
+            {
+                **header,
+                "object": "chat.completion",
+                "choices": [s.final_choice() for s in states],
+                "usage": usage(prompt_tokens, states),
+            }
+        )
+
+    app.state.llm, app.state.metrics = llm, metrics
+    return app
+
+
+async def _merged(
+    streams: list[RequestStream],
+    n: int,
+    states: list[ChoiceState],
+    prompt_tokens: list[int],
+    make_chunk: Callable[[Any, list[dict]], dict],
+) -> AsyncIterator[dict]:
+    """Chunks of all prompts' streams, interleaved as they arrive."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except BaseException as err:
+            await queue.put((i, err))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            i, out = await queue.get()
+            if out is None:
+                open_streams -= 1
+                continue
+            if isinstance(out, BaseException):
+                raise out
+            prompt_tokens[i] = len(out.prompt_token_ids)
+            if out.prompt_logprobs is not None:
+                for state in states[i * n : (i + 1) * n]:
+                    state.prompt_logprobs = out.prompt_logprobs
+            choices = [c for comp in out.outputs if (c := states[i * n + comp.index].delta(comp)) is not None]
+            if choices:
+                yield make_chunk(out, choices)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.abort()
+
+
+async def _collect(
+    streams: list[RequestStream], n: int, states: list[ChoiceState], prompt_tokens: list[int]
+) -> None:
+    async for _ in _merged(streams, n, states, prompt_tokens, lambda out, choices: {}):
+        pass
+
+
+async def _until_done_or_gone(request: Request, work: Any, streams: list[RequestStream]) -> None:
+    """Run ``work``; if the client disconnects first, abort its requests (their blocks free at once)."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            for stream in streams:
+                stream.abort()
+    if task.cancelled():
+        raise APIError(499, "client disconnected", "ClientClosedRequest")
+    task.result()
+
+
+async def _sse(
+    chunks: AsyncIterator[dict],
+    header: dict,
+    states: list[ChoiceState],
+    prompt_tokens: list[int],
+    include_usage: bool,
+    kind: str,
+    streams: list[RequestStream],
+) -> AsyncIterator[str]:
+    """Server-sent events: one ``data:`` line per chunk, a usage chunk if asked, then ``[DONE]``."""
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        if include_usage:
+            last = {**header, "object": kind, "choices": [], "usage": usage(prompt_tokens, states)}
+            yield f"data: {json.dumps(last)}\n\n"
+    except (InputError, EngineDead) as err:  # headers are sent: report in the stream, as vLLM does
+        error = {"error": {"message": str(err), "type": "BadRequestError", "code": 400}}
+        yield f"data: {json.dumps(error)}\n\n"
+    finally:
+        for stream in streams:
+            stream.abort()
+    yield "data: [DONE]\n\n"

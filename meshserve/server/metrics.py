@@ -1,0 +1,160 @@
+"""Prometheus metrics of a served engine, under vLLM's names where vLLM has one (so dashboards carry over).
+
+Updated from the engine thread after every step (``ServerMetrics.on_step``): queue gauges, KV usage,
+counters fed by the engine's cumulative totals, and per-request latencies observed as outputs stream.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from meshserve.engine.engine import Engine
+from meshserve.engine.outputs import RequestOutput
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class ServerMetrics:
+    """All metrics in one registry (one server per process, but tests run several)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r, self.model = self.registry, model_name
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple = LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+
+        self.running = gauge("vllm:num_requests_running", "Requests in model execution batches.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be processed.")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent.")
+        self.prefix_hit_rate = gauge(
+            "meshserve:prefix_cache_hit_rate", "Prompt tokens found cached / queried."
+        )
+        self.prefix_queries = counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        )
+        self.prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.preemptions = counter(
+            "vllm:num_preemptions", "Requests preempted (KV dropped, recomputed later)."
+        )
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prefill tokens processed.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Generation tokens produced.")
+        self.spec_drafts = counter("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed.")
+        self.spec_accepted = counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.spec_acceptance = gauge("meshserve:spec_decode_acceptance_rate", "Accepted / proposed drafts.")
+        self.step_tokens = Histogram(
+            "meshserve:step_tokens",
+            "Tokens per engine step, by work kind.",
+            [*labels, "kind"],
+            buckets=STEP_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.")
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Time between streamed token batches.")
+        self.tpot = histogram(
+            "vllm:request_time_per_output_token_seconds", "Per request: decode time / token."
+        )
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.")
+        self.finished = Counter(
+            "vllm:request_success",
+            "Finished requests, by finish reason.",
+            [*labels, "finished_reason"],
+            registry=r,
+        )
+        self._last: dict[str, float] = {}  # engine totals at the previous step
+        self._token_time: dict[str, float] = {}  # request id -> time of its latest streamed tokens
+        self._token_count: dict[str, int] = {}  # request id -> tokens streamed so far
+
+    def on_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
+        """Engine-thread hook: read the step's stats and the outputs it produced."""
+        now = time.time()
+        stats, m = engine.last_stats, self.model
+        self.running.labels(m).set(stats.get("running", 0))
+        self.waiting.labels(m).set(stats.get("waiting", 0))
+        self.kv_usage.labels(m).set(stats.get("kv_usage", 0.0))
+        for kind, n in stats.get("tokens", {}).items():
+            if n:
+                self.step_tokens.labels(m, kind).observe(n)
+        self.prompt_tokens.labels(m).inc(stats.get("tokens", {}).get("prefill", 0))
+        totals: dict[str, float] = {"preemptions": engine.num_preemptions}
+        if engine.blocks.prefix_cache is not None:
+            cache = engine.blocks.prefix_cache.stats()
+            totals.update(prefix_queries=cache["queried_tokens"], prefix_hits=cache["hit_tokens"])
+            self.prefix_hit_rate.labels(m).set(cache["hit_rate"])
+        if engine.spec is not None:
+            counts = engine.spec.counters()
+            totals.update(spec_drafts=counts["draft_tokens"], spec_accepted=counts["accepted_tokens"])
+            self.spec_acceptance.labels(m).set(stats.get("spec_acceptance_rate", 0.0))
+        for name, total in totals.items():
+            getattr(self, name).labels(m).inc(max(0.0, total - self._last.get(name, 0.0)))
+            self._last[name] = total
+        for out in outputs:
+            self._observe(out, now)
+
+    def _observe(self, out: RequestOutput, now: float) -> None:
+        m, rid = self.model, out.request_id
+        new_tokens = sum(len(c.token_ids) for c in out.outputs)
+        self.generation_tokens.labels(m).inc(new_tokens)
+        last, count = self._token_time.get(rid), self._token_count.get(rid, 0)
+        if new_tokens:
+            if last is None and out.metrics.first_token_time is not None:
+                self.ttft.labels(m).observe(out.metrics.first_token_time - out.metrics.arrival_time)
+            elif last is not None:
+                self.itl.labels(m).observe(now - last)
+            self._token_time[rid], self._token_count[rid] = now, count + new_tokens
+        if out.finished:
+            self.forget(rid)
+            self.e2e.labels(m).observe(now - out.metrics.arrival_time)
+            first, count = out.metrics.first_token_time, count + new_tokens
+            if first is not None and count > 1:
+                self.tpot.labels(m).observe((now - first) / (count - 1))
+            for c in out.outputs:
+                if c.finish_reason:
+                    self.finished.labels(m, c.finish_reason).inc()
+
+    def forget(self, request_id: str) -> None:
+        """Drop a request's timing state (it finished, or was aborted and never will)."""
+        self._token_time.pop(request_id, None)
+        self._token_count.pop(request_id, None)
+
+    @property
+    def num_tracked(self) -> int:
+        """Requests with timing state held (0 once all have finished or been aborted: nothing leaks)."""
+        return len(self._token_time)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), "text/plain; version=0.0.4; charset=utf-8"

@@ -1,0 +1,144 @@
+"""Flit-level wormhole NoC model: virtual channels, credits and per-cycle allocation, vectorised.
+
+Every cycle, over all virtual channels (VCs) of all routers at once (numpy):
+1. flits, credits and freed VCs scheduled for this cycle land (ring buffers indexed by cycle);
+2. VC allocation: a packet whose head flit sits in a VC and has no VC at the next router asks for
+   a free one on its next channel; each channel grants its free VCs to the oldest requests
+   (ejection needs no VC);
+3. switch allocation, separable: each router input port picks one of its VCs that has a flit, a
+   granted VC downstream and a credit for it (round robin over VCs), then each output channel
+   picks one of the input ports asking for it (random, seeded: an arbiter without favourites);
+4. each winner sends one flit: it lands downstream after the channel's latency, the upstream
+   gets the credit back after ``credit_cycles``, and a VC is freed once its tail flit has left
+   and that credit has returned (BookSim's wait-for-tail-credit).
+A node injects its packets in order, one flit per cycle, through its injection port, and a packet
+holds the VCs its flits occupy (wormhole: a blocked head stalls its body in the VCs behind it).
+The pipeline (routing, VC and switch allocation, traversal, wire) is folded into each channel's
+latency; allocators run one iteration without speculation. Same interface as packetsim.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from meshserve.wafer.packetsim import NocParams, first_of_runs
+
+EJECT = -2
+
+
+def simulate_flits(route: np.ndarray, source: np.ndarray, latency: np.ndarray, is_eject: np.ndarray,
+                   params: NocParams, credit_cycles: int = 1, seed: int = 0) -> int:
+    """Cycles until the last flit has arrived (route, source, latency, is_eject as in packetsim)."""
+    F, V, B = params.flits_per_packet, params.vcs, params.vc_buffer_flits
+    num = len(route)
+    if num == 0:
+        return 0
+    latency = np.asarray(latency, dtype=np.int64)
+    C = len(latency)
+    nodes = int(source.max()) + 1
+    U = C * V + nodes  # real VCs (channel c's VCs are c*V .. c*V+V-1), then one sender per node
+    pkt = np.full(U, -1, dtype=np.int64)
+    hop = np.full(U, -1, dtype=np.int64)  # route index of the channel that feeds the VC
+    got = np.zeros(U, dtype=np.int64)  # flits of its packet arrived
+    sent = np.zeros(U, dtype=np.int64)  # flits of its packet gone on
+    out = np.full(U, -1, dtype=np.int64)  # granted VC downstream, EJECT, or -1
+    credit = np.full(U, B, dtype=np.int64)  # free slots the upstream may still fill
+    port = np.concatenate([np.repeat(np.arange(C), V), C + np.arange(nodes)])
+    # each node's queue of packets, in id order
+    queue = np.lexsort((np.arange(num), source))
+    first = np.searchsorted(source[queue], np.arange(nodes))
+    last = np.searchsorted(source[queue], np.arange(nodes), side="right")
+    nextq = first.copy()
+    senders = C * V + np.arange(nodes)
+
+    def load(nodes_idx: np.ndarray) -> None:
+        """Put each node's next queued packet into its sender slot (or empty it)."""
+        has = nextq[nodes_idx] < last[nodes_idx]
+        u = senders[nodes_idx]
+        pkt[u] = np.where(has, queue[np.minimum(nextq[nodes_idx], num - 1)], -1)
+        hop[u], got[u], sent[u], out[u] = -1, F, 0, -1
+        nextq[nodes_idx] += has
+
+    load(np.arange(nodes))
+    size = int(max(latency.max(), credit_cycles)) + 2
+    arrive = np.zeros((size, U), dtype=np.int64)
+    returned = np.zeros((size, U), dtype=np.int64)
+    freed = np.zeros((size, U), dtype=bool)
+    rng = np.random.default_rng(seed)
+    t, finish, delivered = 0, 0, 0
+    while delivered < num:
+        slot = t % size
+        got += arrive[slot]
+        credit += returned[slot]
+        arrive[slot] = 0
+        returned[slot] = 0
+        if freed[slot].any():
+            f = freed[slot]
+            pkt[f], hop[f], got[f], sent[f], out[f] = -1, -1, 0, 0, -1
+            freed[slot] = False
+        live = np.flatnonzero(pkt >= 0)
+        waiting = live[(out[live] == -1) & (got[live] > sent[live])]
+        if len(waiting):
+            _allocate_vcs(waiting, pkt, hop, got, sent, out, route, is_eject, C, V)
+        ready = live[out[live] != -1]
+        o = out[ready]
+        ready = ready[(got[ready] > sent[ready]) & ((o == EJECT) | (credit[np.maximum(o, 0)] > 0))]
+        if len(ready) == 0:
+            pending = np.flatnonzero(arrive.any(axis=1) | returned.any(axis=1) | freed.any(axis=1))
+            if len(pending) == 0:
+                raise RuntimeError("flit simulation stalled with packets left (a routing deadlock)")
+            ahead = (pending - slot) % size
+            t += int(ahead[ahead > 0].min()) if (ahead > 0).any() else 1
+            continue
+        # input stage: one VC per input port, round robin over its VCs
+        key = (ready - t) % V
+        pick = np.lexsort((key, port[ready]))
+        ports = port[ready][pick]
+        ready = ready[pick][first_of_runs(ports)]
+        # output stage: one input port per output channel, random priority
+        chan = np.where(out[ready] == EJECT, route[pkt[ready], hop[ready] + 1], out[ready] // V)
+        pick = np.lexsort((rng.random(len(ready)), chan))
+        chan = chan[pick]
+        keep = first_of_runs(chan)
+        win, chan = ready[pick][keep], chan[keep]
+        sent[win] += 1
+        to_vc = out[win] != EJECT
+        target = out[win][to_vc]
+        credit[target] -= 1
+        arrive[(t + latency[chan[to_vc]]) % size, target] += 1
+        real = win < C * V
+        back = (t + credit_cycles) % size
+        returned[back, win[real]] += 1
+        tail = sent[win] == F
+        freed[back, win[tail & real]] = True
+        done_sending = win[tail & ~real] - C * V
+        if len(done_sending):
+            load(done_sending)
+        ejected = tail & ~to_vc
+        if ejected.any():
+            delivered += int(ejected.sum())
+            finish = max(finish, t + int(latency[chan[ejected]].max()) + 1)
+        t += 1
+    return int(finish)
+
+
+def _allocate_vcs(waiting, pkt, hop, got, sent, out, route, is_eject, C: int, V: int) -> None:
+    """Grant the waiting heads a free VC on their next channel, oldest packet first."""
+    nxt = route[pkt[waiting], hop[waiting] + 1]
+    eject = is_eject[nxt]
+    out[waiting[eject]] = EJECT
+    waiting, nxt = waiting[~eject], nxt[~eject]
+    if len(waiting) == 0:
+        return
+    free = np.flatnonzero(pkt[: C * V] < 0)
+    free_chan = free // V
+    order = np.lexsort((pkt[waiting], nxt))
+    waiting, nxt = waiting[order], nxt[order]
+    rank = np.arange(len(nxt)) - np.searchsorted(nxt, nxt)
+    start = np.searchsorted(free_chan, nxt)
+    count = np.searchsorted(free_chan, nxt, side="right") - start
+    grant = rank < count
+    vc = free[start[grant] + rank[grant]]
+    w = waiting[grant]
+    out[w] = vc
+    pkt[vc], hop[vc], got[vc], sent[vc], out[vc] = pkt[w], hop[w] + 1, 0, 0, -1

@@ -1,0 +1,118 @@
+"""Problem sizes estimated before allocating: refuse a run that would not fit in memory, saying why.
+
+The simulator's memory grows with the routing table (every ordered device pair times its route
+length) and, for iteration-level runs, with iterations x MoE layers x (experts + links). Both are
+known from the presets alone, so the check costs microseconds and runs before any array exists.
+Constants live in presets/limits.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+from meshserve.errors import InputError, number
+from meshserve.machine import available_memory
+from meshserve.wafer.hardware import Hardware
+from meshserve.wafer.presets import PRESET_DIR, Section, read_yaml
+
+GIB = 1 << 30
+ENV_BUDGET = "MESHSERVE_WAFER_MEMORY_GIB"
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_budget_gib: float
+    memory_budget_fraction: float
+    base_mib: float
+    bytes_per_route_entry: float
+    bytes_per_device_pair: float
+    bytes_per_trace_entry: float
+    bytes_per_link_step: float
+
+
+@lru_cache(maxsize=1)
+def limits() -> Limits:
+    """presets/limits.yaml, validated like every preset (unknown keys refused)."""
+    top = Section(read_yaml(PRESET_DIR / "limits.yaml", "limits"), "limits")
+    out = Limits(**{f: top.number(f) for f in Limits.__dataclass_fields__})
+    top.reject_unknown()
+    return out
+
+
+def budget_bytes() -> int:
+    """The memory a run may use: the configured budget, capped by a share of what is available."""
+    lim = limits()
+    gib = lim.memory_budget_gib
+    if os.environ.get(ENV_BUDGET):
+        try:
+            gib = float(os.environ[ENV_BUDGET])
+        except ValueError:
+            gib = float("nan")
+        gib = number(gib, ENV_BUDGET, 0, low_open=True)
+    return int(min(gib * GIB, available_memory() * lim.memory_budget_fraction))
+
+
+def route_entries(hw: Hardware) -> int:
+    """Entries of the routing incidence matrix: sum over ordered device pairs of the route's links."""
+    n = hw.num_devices
+    if hw.kind != "mesh":
+        return 2 * n * n
+    r, c = hw.rows, hw.cols
+    mean_hops = (r * r - 1) / (3 * r) + (c * c - 1) / (3 * c)  # Manhattan distance of two random dies
+    return int(n * n * mean_hops + 2 * n * n)  # plus the off-wafer up and down ports
+
+
+def topology_bytes(hw: Hardware) -> int:
+    """Estimated peak bytes of building and using a platform's routes (link loads, hop counts)."""
+    lim = limits()
+    n = hw.num_devices
+    routes = route_entries(hw) * lim.bytes_per_route_entry + n * n * lim.bytes_per_device_pair
+    return int(lim.base_mib * (1 << 20) + routes)
+
+
+def iteration_bytes(hw: Hardware, iterations: int, moe_layers: int, experts: int) -> int:
+    """Estimated peak bytes of an iteration-level run (trace, per-step link loads), routes included."""
+    lim = limits()
+    links = 4 * hw.num_devices  # mesh: at most 4 links per die; switch: up and down, twice
+    per_step = moe_layers * (experts * lim.bytes_per_trace_entry + links * lim.bytes_per_link_step)
+    return topology_bytes(hw) + int(iterations * per_step)
+
+
+def check_fits(estimate: int, what: str, field: str) -> None:
+    """InputError(field) with the estimate when ``estimate`` bytes exceed the budget."""
+    budget = budget_bytes()
+    if estimate > budget:
+        raise InputError(field, f"{what} needs about {estimate / GIB:.1f} GiB (estimated before allocating), "
+                                f"more than the {budget / GIB:.1f} GiB budget; use a smaller problem or "
+                                f"raise {ENV_BUDGET} (README: Limits and errors)")
+
+
+def largest_square_mesh(hw: Hardware) -> int:
+    """Side k of the largest k x k mesh (with hw's wafers, dies and links) whose routes fit the budget."""
+    budget, k = budget_bytes(), 1
+    while topology_bytes(dataclasses.replace(hw, kind="mesh", rows=k + 1, cols=k + 1)) <= budget:
+        k += 1
+    return k
+
+
+def check_platform(hw: Hardware) -> None:
+    """Refuse a platform whose routes alone would not fit (field ``hardware``)."""
+    if topology_bytes(hw) <= budget_bytes():
+        return
+    what = f"{hw.name} ({hw.num_devices} devices)"
+    if hw.kind == "mesh":
+        k = largest_square_mesh(hw)
+        wafers = f" x {hw.wafers} wafers" if hw.wafers > 1 else ""
+        what += f" (largest square mesh that fits: {k}x{k}{wafers})"
+    check_fits(topology_bytes(hw), what, "hardware")
+
+
+def check_iterations(hw: Hardware, iterations: int, moe_layers: int, experts: int) -> None:
+    """Refuse an iteration-level run that would not fit (field ``iterations`` once the platform fits)."""
+    check_platform(hw)
+    check_fits(iteration_bytes(hw, iterations, moe_layers, experts),
+               f"{iterations} iterations x {moe_layers} MoE layers x {experts} experts on {hw.name}",
+               "iterations")

@@ -1,0 +1,265 @@
+"""`meshserve wafer noc`: cycles one batch of synthetic traffic takes on a mesh, under every time model.
+
+Units: a link carries one flit per cycle (bandwidth 1 = one flit per cycle, bytes = flits,
+seconds = cycles); every die has injection and ejection ports of ``injection_ports`` flits per
+cycle. Patterns on a rows x cols mesh, as BookSim defines them on k x k (each dimension uses its
+own k): transpose (r, c) -> (c, r) (square meshes only), bitcomp (r, c) -> (k-1-r, k-1-c), tornado
+(r, c) -> ((r + k/2 - 1) mod k, (c + k/2 - 1) mod k), neighbor (r, c) -> (r, (c + 1) mod k),
+uniform: every packet to a random other node, each source's packets spread as evenly as they go;
+or a .npy file holding a [nodes, nodes] matrix of packets per (source, destination).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from meshserve.errors import InputError, require
+from meshserve.wafer.flitsim import simulate_flits
+from meshserve.wafer.hardware import Hardware, load_hardware
+from meshserve.wafer.packetsim import NocParams, simulate_packets
+from meshserve.wafer.presets import PRESET_DIR, Section, read_yaml
+from meshserve.wafer.timemodel import TIME_MODELS, collective_time
+from meshserve.wafer.topology import Topology, topology_for
+from meshserve.wafer.traffic import Collective
+
+PATTERNS = ("uniform", "transpose", "bitcomp", "tornado", "neighbor")
+NOC_MODELS = (*TIME_MODELS, "packet", "flit")
+DEFAULT_ORDER = ("flit", "packet", "bottleneck")  # the most faithful model that ran sets the figure
+
+
+def noc_defaults() -> dict:
+    """Router parameters and the cycle-level reference figures (presets/noc.yaml)."""
+    return read_yaml(PRESET_DIR / "noc.yaml", "noc")
+
+
+def permutation(pattern: str, rows: int, cols: int) -> np.ndarray:
+    """[nodes] destination of every node under a BookSim permutation pattern."""
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    if pattern == "transpose":
+        require(rows == cols, "pattern", f"transpose needs a square mesh, got {rows}x{cols}")
+        return c * cols + r
+    if pattern == "bitcomp":
+        return (rows - 1 - r) * cols + (cols - 1 - c)
+    if pattern == "tornado":
+        return ((r + rows // 2 - 1) % rows) * cols + (c + cols // 2 - 1) % cols
+    if pattern == "neighbor":
+        return r * cols + (c + 1) % cols
+    raise InputError("pattern", f"unknown {pattern!r}; allowed: {', '.join(PATTERNS)} or a .npy file")
+
+
+def packet_matrix(pattern: str, rows: int, cols: int, packets_per_node: int, seed: int = 0) -> np.ndarray:
+    """[nodes, nodes] packets per (source, destination) for one batch."""
+    n = rows * cols
+    if pattern.endswith(".npy"):
+        path = Path(pattern)
+        require(path.is_file(), "pattern", f"no such file {pattern}")
+        matrix = np.load(path)
+        require(matrix.shape == (n, n), "pattern", f"{path.name} must be [{n}, {n}], got {matrix.shape}")
+        require(
+            bool(np.isfinite(matrix).all()) and (matrix >= 0).all() and (matrix == np.round(matrix)).all(),
+            "pattern",
+            f"{path.name} must hold whole packet counts >= 0",
+        )
+        return matrix.astype(np.int64)
+    out = np.zeros((n, n), dtype=np.int64)
+    if pattern == "uniform":
+        rng = np.random.default_rng(seed)
+        # packet j of a source goes to the (j mod (n-1))-th other node of a random order per source
+        order = np.argsort(rng.random((n, n - 1)), axis=1)
+        others = (np.arange(n)[:, None] + 1 + order) % n
+        dest = others[:, np.arange(packets_per_node) % (n - 1)]
+        np.add.at(out, (np.repeat(np.arange(n), packets_per_node), dest.ravel()), 1)
+        return out
+    out[np.arange(n), permutation(pattern, rows, cols)] = packets_per_node
+    np.fill_diagonal(out, 0)  # a node that maps to itself sends nothing over the network
+    return out
+
+
+def noc_platform(rows: int, cols: int, injection_ports: float, hop_cycles: float) -> Hardware:
+    """A mesh in flit units: links of one flit per cycle, ports of ``injection_ports`` flits per cycle."""
+    hw = load_hardware("wsc-8x8").with_mesh(rows, cols)
+    die = dataclasses.replace(hw.die, injection_bandwidth=float(injection_ports))
+    return dataclasses.replace(
+        hw, name=f"noc-{rows}x{cols}", die=die, link_bandwidth=1.0, hop_latency=float(hop_cycles)
+    )
+
+
+def packet_routes(topo: Topology, packets: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each packet's channels in travel order, [packets, longest route] padded with -1, and its source.
+
+    A source sends its packets in a random (seeded) order of destinations; packets are numbered
+    round-robin over sources (every source's k-th packet before any (k+1)-th), so packet ids
+    double as ages for the oldest-first allocation.
+    """
+    n = topo.num_devices
+    src, dst = np.nonzero(packets)
+    counts = packets[src, dst]
+    flow_src, flow_dst = np.repeat(src, counts), np.repeat(dst, counts)
+    shuffle = np.lexsort((np.random.default_rng(seed).random(len(flow_src)), flow_src))
+    flow_src, flow_dst = flow_src[shuffle], flow_dst[shuffle]
+    rank = np.arange(len(flow_src)) - np.searchsorted(flow_src, flow_src)
+    order = np.lexsort((flow_src, rank))
+    flow_src, flow_dst = flow_src[order], flow_dst[order]
+    pairs, which = np.unique(flow_src * n + flow_dst, return_inverse=True)
+    return ordered_routes(topo, pairs)[which], flow_src
+
+
+def ordered_routes(topo: Topology, pairs: np.ndarray) -> np.ndarray:
+    """Links of the routes ``pairs`` (src * N + dst) in travel order, padded with -1.
+
+    Injection port first, then the links by their distance from the source, ejection port last.
+    """
+    n = topo.num_devices
+    inc = topo.incidence[pairs]
+    row = np.repeat(np.arange(len(pairs)), np.diff(inc.indptr))
+    link = inc.indices
+    kind = topo.link_kind[link]
+    step = topo.hops[pairs[row] // n, np.minimum(topo.link_src[link], n - 1)].astype(np.float64)
+    step = np.where(kind == "inject", -1.0, np.where(kind == "eject", np.inf, step))
+    order = np.lexsort((step, row))
+    row, link = row[order], link[order]
+    col = np.arange(len(row)) - np.searchsorted(row, row)
+    out = np.full((len(pairs), int(col.max(initial=-1)) + 1), -1, dtype=np.int64)
+    out[row, col] = link
+    return out
+
+
+def noc_cycles(
+    rows: int,
+    cols: int,
+    pattern: str,
+    packets_per_node: int,
+    flits_per_packet: int,
+    models: tuple[str, ...] = NOC_MODELS,
+    seed: int = 0,
+) -> dict:
+    """Cycles each time model predicts for one batch, and how long each model took (seconds)."""
+    require(rows >= 2 and cols >= 2, "mesh", f"must be at least 2x2, got {rows}x{cols}")
+    require(packets_per_node >= 1, "packets_per_node", f"must be >= 1, got {packets_per_node}")
+    require(flits_per_packet >= 1, "flits_per_packet", f"must be >= 1, got {flits_per_packet}")
+    for m in models:
+        require(m in NOC_MODELS, "time_model", f"unknown {m!r}; allowed: {', '.join(NOC_MODELS)}")
+    d = Section(noc_defaults(), "noc")
+    params = NocParams(
+        flits_per_packet, d.integer("vcs"), d.integer("vc_buffer_flits"), d.integer("hop_cycles")
+    )
+    hw = noc_platform(rows, cols, d.number("injection_ports"), d.integer("hop_cycles"))
+    topo = topology_for(hw)
+    port = np.isin(topo.link_kind, ("inject", "eject"))
+    topo = dataclasses.replace(topo, link_latency=np.where(port, d.integer("port_cycles"), topo.link_latency))
+    packets = packet_matrix(pattern, rows, cols, packets_per_node, seed)
+    cycles, seconds = {}, {}
+    for model in models:
+        start = time.perf_counter()
+        if model in ("packet", "flit"):
+            route, source = packet_routes(topo, packets, seed)
+            simulate = simulate_packets if model == "packet" else simulate_flits
+            value = simulate(route, source, topo.link_latency, topo.link_kind == "eject", params)
+        else:
+            value = collective_time(
+                topo, Collective("batch", packets * float(flits_per_packet), 1), model
+            ).time_s
+        cycles[model] = int(np.ceil(value - 1e-9))
+        seconds[model] = time.perf_counter() - start
+    return {
+        "cycles": cycles,
+        "default": next((m for m in DEFAULT_ORDER if m in cycles), models[0]),
+        "seconds": seconds,
+        "mesh": f"{rows}x{cols}",
+        "pattern": pattern,
+        "packets_per_node": packets_per_node,
+        "flits_per_packet": flits_per_packet,
+    }
+
+
+def parse_mesh(mesh: str) -> tuple[int, int]:
+    """'RxC' -> (R, C)."""
+    parts = mesh.lower().split("x")
+    require(
+        len(parts) == 2 and all(p.isdigit() for p in parts), "mesh", f"must be RxC like 8x8, got {mesh!r}"
+    )
+    return int(parts[0]), int(parts[1])
+
+
+def booksim_reference(result: dict) -> float | None:
+    """BookSim2's cycles for this run when it is one of the known uniform cases, else None.
+
+    The known figures are bottleneck / cycle-level ratios for a saturated uniform all-to-all (XY,
+    8 VCs, 20-flit packets, 100 packets per node), so cycles = our bottleneck bandwidth term on the
+    expected uniform matrix / ratio.
+    """
+    rows, cols = parse_mesh(result["mesh"])
+    ratios = read_yaml(PRESET_DIR / "experiments" / "noc_reference.yaml", "noc")[
+        "booksim_bottleneck_over_cycle"
+    ]
+    known = (
+        result["pattern"] == "uniform"
+        and rows == cols
+        and rows in ratios
+        and result["packets_per_node"] == 100
+        and result["flits_per_packet"] == 20
+    )
+    if not known:
+        return None
+    n = rows * cols
+    flits = np.full((n, n), 100 * 20 / (n - 1))
+    np.fill_diagonal(flits, 0)
+    hw = noc_platform(rows, cols, 1.0, 1.0)
+    busy = collective_time(topology_for(hw), Collective("uniform", flits, 1)).bandwidth_s
+    return busy / ratios[rows]
+
+
+def run_noc(
+    mesh: str,
+    pattern: str,
+    packets_per_node: int,
+    flits_per_packet: int,
+    models: tuple[str, ...],
+    as_json: bool,
+    show,
+) -> dict:
+    """The `meshserve wafer noc` command: compute, then print JSON or tables."""
+    import json
+
+    rows, cols = parse_mesh(mesh)
+    result = noc_cycles(rows, cols, pattern, packets_per_node, flits_per_packet, models or NOC_MODELS)
+    reference = booksim_reference(result)
+    if reference is not None:
+        result["booksim2_cycles"] = reference
+        result["vs_booksim2"] = {m: c / reference for m, c in result["cycles"].items()}
+    if as_json:
+        print(json.dumps(result))
+    else:
+        show(result)
+    return result
+
+
+def print_noc(result: dict) -> None:
+    """One row per time model: cycles, ratio to BookSim2 where known, and its speed."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"{result['pattern']} on {result['mesh']}: {result['packets_per_node']} packets of "
+        f"{result['flits_per_packet']} flits per node, 1 flit/cycle/link"
+    )
+    for col in ("time model", "cycles", "vs BookSim2", "took (s)"):
+        table.add_column(col, justify="left" if col == "time model" else "right")
+    for model, cycles in result["cycles"].items():
+        ratio = result.get("vs_booksim2", {}).get(model)
+        table.add_row(
+            model + (" (default)" if model == result["default"] else ""),
+            f"{cycles:,}",
+            "-" if ratio is None else f"{ratio:.2f}x",
+            f"{result['seconds'][model]:.3f}",
+        )
+    Console().print(table)
+    if "booksim2_cycles" in result:
+        Console().print(
+            f"  BookSim2 (cycle-level, from its known bottleneck ratio): {result['booksim2_cycles']:,.0f} "
+            "cycles"
+        )

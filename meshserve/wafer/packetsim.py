@@ -1,0 +1,158 @@
+"""Congestion-aware NoC time model: a vectorised packet-level simulation with finite VC buffers.
+
+Mechanisms it keeps (the ones a flow model drops, docs/wafer.md "A NoC time model that knows its
+error"):
+- serialisation: a channel (link, injection or ejection port) carries one flit per cycle, so a
+  packet of F flits holds it for F cycles;
+- finite buffers: each channel feeds an input port of V virtual channels (VCs) at the next router;
+  a packet may start on a channel only when a VC there is free (credit flow control);
+- wormhole blocking: a VC holds ``vc_buffer_flits`` flits, so a packet's tail still sits in the
+  VCs of the ceil(F / b) - 1 hops behind its head; a blocked head keeps all of them, blocking
+  whoever waits for them (head-of-line blocking along the path);
+- a router input port reads one flit per cycle (one packet at a time to the crossbar), allocation
+  is separable (each input grants its oldest eligible packet, then each output its oldest request);
+- injection: each node sends its batch in order through its injection port (FIFO: the queue's
+  head blocks the rest), ejection takes one flit per cycle.
+What it leaves out: flit-by-flit interleaving of VCs on a link (a packet holds its channel for F
+consecutive cycles), allocator iterations and speculation, and per-flit credit timing. The head
+advances through a channel in that channel's latency (router pipeline + wire).
+
+Time advances cycle by cycle over all channels at once (numpy); idle stretches are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class NocParams:
+    """Router and packet parameters (defaults: presets/noc.yaml)."""
+
+    flits_per_packet: int
+    vcs: int
+    vc_buffer_flits: int
+    hop_cycles: int  # head latency of a mesh link (router pipeline + wire)
+
+
+def first_of_runs(keys: np.ndarray) -> np.ndarray:
+    """True at the first element of every run of equal values in sorted ``keys``."""
+    out = np.ones(len(keys), dtype=bool)
+    out[1:] = keys[1:] != keys[:-1]
+    return out
+
+
+def simulate_packets(
+    route: np.ndarray, source: np.ndarray, latency: np.ndarray, is_eject: np.ndarray, params: NocParams
+) -> int:
+    """Cycles until the last packet has arrived.
+
+    route[p]: channel ids packet p crosses in order, its injection port first and its ejection port
+    last, padded with -1; a source injects its packets in id order. source[p]: its node.
+    latency[c]: cycles the head needs through channel c (router pipeline + wire; at least 1 is
+    spent anyway, since a packet is allocated once per cycle). is_eject[c]: channel c delivers
+    into a node (no buffer behind it).
+    """
+    F, V = params.flits_per_packet, params.vcs
+    held = max(-(-F // params.vc_buffer_flits), 1)  # VCs a packet spans when its head is blocked
+    num = len(route)
+    if num == 0:
+        return 0
+    latency = np.asarray(latency, dtype=np.int64)
+    num_channels = len(latency)
+    start = np.full(route.shape, -1, dtype=np.int64)  # cycle each channel of the route was taken
+    pos = np.full(num, -1, dtype=np.int64)  # index in route of the channel whose VC the packet holds
+    ready = np.zeros(num, dtype=np.int64)  # cycle its head reaches the router at the end of that channel
+    done = np.zeros(num, dtype=bool)
+    # each source's queue in order: a packet may start injecting once its predecessor has
+    order = np.lexsort((np.arange(num), source))
+    queue_rank = np.empty(num, dtype=np.int64)
+    first = np.searchsorted(source[order], source[order])
+    queue_rank[order] = np.arange(num) - first
+    queued = np.ones(num, dtype=bool)
+    channel_free = np.zeros(num_channels, dtype=np.int64)  # cycle a channel can take the next packet
+    port_free = np.zeros(num_channels + int(source.max()) + 1, dtype=np.int64)  # input ports + sources
+    occupied = np.zeros(num_channels, dtype=np.int64)  # VCs in use behind each channel
+    releases = np.zeros((F + 2, num_channels), dtype=np.int64)  # VC frees, by cycle mod size
+    next_in_queue = np.zeros(int(source.max()) + 1, dtype=np.int64)
+    t, finish = 0, 0
+    while not done.all():
+        slot = t % len(releases)
+        occupied -= releases[slot]
+        releases[slot] = 0
+        inside = ~done & ~queued & (ready <= t)
+        heads = queued & (queue_rank == next_in_queue[source])
+        cand = np.flatnonzero(inside | heads)
+        nxt = route[cand, pos[cand] + 1]
+        port = np.where(queued[cand], num_channels + source[cand], route[cand, np.maximum(pos[cand], 0)])
+        ok = (channel_free[nxt] <= t) & (port_free[port] <= t) & (is_eject[nxt] | (occupied[nxt] < V))
+        cand, nxt, port = cand[ok], nxt[ok], port[ok]
+        if len(cand):
+            # separable allocation, oldest packet first: one grant per input port, then per output
+            pick = np.lexsort((cand, port))
+            pick = pick[first_of_runs(port[pick])]
+            cand, nxt, port = cand[pick], nxt[pick], port[pick]
+            pick = np.lexsort((cand, nxt))
+            pick = pick[first_of_runs(nxt[pick])]
+            win, nxt, port = cand[pick], nxt[pick], port[pick]
+            channel_free[nxt] = t + F
+            port_free[port] = t + F
+            np.add.at(occupied, nxt[~is_eject[nxt]], 1)
+            injected = queued[win]
+            next_in_queue[source[win[injected]]] += 1
+            queued[win] = False
+            pos[win] += 1
+            start[win, pos[win]] = t
+            ready[win] = t + latency[nxt]
+            _release(win, pos[win], start, route, is_eject[nxt], held, t, F, releases)
+            ejected = is_eject[nxt]
+            done[win[ejected]] = True
+            if ejected.any():  # the tail leaves the ejection port F cycles on, then crosses it
+                finish = max(finish, t + F + int(latency[nxt[ejected]].max()))
+            t += 1
+            continue
+        # nothing could move: jump to the next cycle where a channel, a port, a head or a VC frees
+        waiting = np.concatenate(
+            [channel_free[channel_free > t], port_free[port_free > t], ready[~done & (ready > t)]]
+        )
+        pending = np.flatnonzero(releases.any(axis=1))
+        ahead = (pending - slot) % len(releases)
+        candidates = [waiting.min()] if len(waiting) else []
+        candidates += [t + ahead[ahead > 0].min()] if (ahead > 0).any() else []
+        if not candidates:
+            raise RuntimeError("packet simulation stalled with packets left (a routing deadlock)")
+        t = int(min(candidates))
+    return int(finish)
+
+
+def _release(
+    win: np.ndarray,
+    at: np.ndarray,
+    start: np.ndarray,
+    route: np.ndarray,
+    ejected: np.ndarray,
+    held: int,
+    t: int,
+    F: int,
+    releases: np.ndarray,
+) -> None:
+    """Schedule the VC frees caused by packets ``win`` taking the channel at route index ``at``.
+
+    The VC behind channel q frees once the tail has left it (F cycles after the packet took
+    channel q + 1) and, under wormhole, not before the head is ``held`` hops further (a blocked
+    head keeps the tail's VCs). A packet entering its ejection port drains everything it holds.
+    """
+    size = len(releases)
+    behind = at - held  # the VC the head has now outrun
+    rows, qs = [win], [behind]
+    for k in range(1, held):  # on ejection the VCs still held free as the tail drains
+        rows.append(win[ejected])
+        qs.append((at - k)[ejected])
+    rows, qs = np.concatenate(rows), np.concatenate(qs)
+    keep = qs >= 0
+    rows, qs = rows[keep], qs[keep]
+    when = np.maximum(start[rows, qs + 1] + F, t + 1)
+    channel = route[rows, qs]
+    np.add.at(releases, (when % size, channel), 1)

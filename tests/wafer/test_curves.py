@@ -1,0 +1,34 @@
+"""`reproduce balance` curves: WSC vs NVL72 over tokens per device, NI-Balancer's gain over skew."""
+
+import json
+
+import pytest
+
+from meshserve.wafer import reproduce_balance as rb
+from meshserve.wafer.curves import crossover
+
+
+def test_crossover_interpolates_in_log_tokens():
+    assert crossover([8, 32], [0.5, -0.5]) == pytest.approx(16.0)
+    assert crossover([8, 16, 32], [0.4, 0.2, 0.1]) is None
+
+
+def test_reproduce_balance_json_has_both_curves(tmp_path, monkeypatch, capsys):
+    spec = rb.load_spec()
+    spec["curves"]["wsc_vs_nvl72"].update(tokens_per_device=[8, 256], wafer_link_gb_per_s=[200])
+    spec["curves"]["ni_skew"]["zipf_exponent"] = [0.0, 0.3]
+    monkeypatch.setattr(rb, "load_spec", lambda: spec)
+    rb.reproduce_balance(tmp_path, as_json=True, iterations=30, models=("deepseek-v3",))
+    data = json.loads(capsys.readouterr().out)
+    curve = data["wsc_vs_nvl72_curve"]
+    gain = {(p["expert_weights"], p["tokens_per_device"]): p["gain"] for p in curve["points"]}
+    assert set(gain) == {("bf16", 8), ("bf16", 256), ("fp8", 8), ("fp8", 256)}
+    # small batches are HBM-bound, where 256 dies' bandwidth beats 72 GPUs'; large ones are not
+    assert gain["bf16", 8] > 0 > gain["bf16", 256]
+    assert curve["crossover_tokens_per_device"]["bf16"] == pytest.approx(
+        crossover([8, 256], [gain["bf16", 8], gain["bf16", 256]]))
+    assert [p["wafer_link_gb_per_s"] for p in curve["wafer_link"]] == [200]
+    skew = data["ni_skew_curve"]["points"]
+    assert skew[1]["max_over_mean_load"] > skew[0]["max_over_mean_load"]
+    assert skew[1]["ni_compute_gain"] > skew[0]["ni_compute_gain"]
+    assert (tmp_path / "balance_curves.png").read_bytes()[:4] == b"\x89PNG"

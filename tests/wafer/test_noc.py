@@ -1,0 +1,85 @@
+"""`meshserve wafer noc`: BookSim traffic patterns and the congestion-aware packet model's bounds."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from meshserve.cli import app
+from meshserve.errors import InputError
+from meshserve.wafer.noc import noc_cycles, packet_matrix, permutation
+
+
+@pytest.mark.parametrize("pattern", ["transpose", "bitcomp", "tornado", "neighbor"])
+@pytest.mark.parametrize("k", [4, 8])
+def test_permutation_patterns_are_permutations(pattern, k):
+    dest = permutation(pattern, k, k)
+    assert sorted(dest) == list(range(k * k))
+
+
+def test_patterns_follow_booksim_definitions_on_4x4():
+    # node id = r * 4 + c
+    assert permutation("transpose", 4, 4)[1 * 4 + 2] == 2 * 4 + 1
+    assert permutation("bitcomp", 4, 4)[0] == 15
+    assert permutation("tornado", 4, 4)[0] == 1 * 4 + 1  # (0 + 4/2 - 1, 0 + 4/2 - 1)
+    assert permutation("neighbor", 4, 4)[3] == 0  # (0, 3) -> (0, 0)
+    with pytest.raises(InputError, match="square"):
+        permutation("transpose", 4, 8)
+
+
+def test_uniform_sends_every_packet_to_another_node_evenly():
+    packets = packet_matrix("uniform", 4, 4, 45, seed=1)
+    assert (packets.sum(axis=1) == 45).all() and (np.diag(packets) == 0).all()
+    assert packets[~np.eye(16, dtype=bool)].min() == 3  # 45 packets over 15 others: 3 each
+
+
+def test_one_flow_takes_exactly_the_bottleneck_time(tmp_path):
+    packets = np.zeros((16, 16))
+    packets[0, 15] = 7  # (0,0) -> (3,3): 6 hops
+    np.save(tmp_path / "one.npy", packets)
+    cycles = noc_cycles(4, 4, str(tmp_path / "one.npy"), 1, 20)["cycles"]
+    assert cycles["flit"] == cycles["packet"] == cycles["bottleneck"] == 7 * 20 + 6 * 5 + 2
+    cycles = noc_cycles(4, 4, "neighbor", 3, 20)["cycles"]  # flows that never share a link
+    assert cycles["flit"] == cycles["packet"] == cycles["bottleneck"]
+
+
+@pytest.mark.parametrize("model", ["packet", "flit"])
+@pytest.mark.parametrize("pattern", ["uniform", "transpose", "bitcomp", "tornado"])
+def test_congestion_models_are_never_faster_than_the_bottleneck_bound(pattern, model):
+    result = noc_cycles(4, 4, pattern, 12, 20, models=("bottleneck", model))
+    bound = result["cycles"]["bottleneck"]  # hottest channel's flits + the longest route's latency
+    # the hottest channel's flits are a hard bound; the latency term can overlap with them
+    assert bound - (6 * 5 + 2) <= result["cycles"][model]
+    assert result["cycles"][model] >= 12 * 20  # every node injects 12 x 20 flits through one port
+    if pattern == "uniform":  # contention: strictly slower than the bound
+        assert result["cycles"][model] > bound
+
+
+def test_contention_slows_the_congestion_models_where_flow_models_see_none():
+    cycles = noc_cycles(4, 4, "uniform", 30, 20)["cycles"]
+    assert cycles["flit"] > cycles["bottleneck"] == cycles["fair-share"]
+    assert cycles["packet"] > cycles["bottleneck"]
+
+
+def test_cli_prints_cycles_per_model_as_json(tmp_path):
+    runner = CliRunner()
+    args = ["--mesh", "4x4", "--pattern", "bitcomp", "--packets-per-node", "5", "--flits-per-packet", "4"]
+    result = runner.invoke(app, ["wafer", "noc", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data["cycles"]) == {"bottleneck", "fair-share", "packet", "flit"} and data["default"] == "flit"
+    matrix = np.zeros((16, 16))
+    matrix[0, 5] = 3
+    np.save(tmp_path / "m.npy", matrix)
+    result = runner.invoke(app, ["wafer", "noc", "--mesh", "4x4", "--pattern", str(tmp_path / "m.npy"),
+                                 "--flits-per-packet", "4", "--time-model", "bottleneck", "--json"])
+    assert json.loads(result.stdout)["cycles"] == {"bottleneck": 3 * 4 + 2 * 5 + 2}
+
+
+def test_bad_mesh_is_one_line_and_exit_code_2():
+    command = [sys.executable, "-c", "from meshserve.cli import main; main()", "wafer", "noc", "--mesh", "8"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == "error: mesh: must be RxC like 8x8, got '8'\n"
