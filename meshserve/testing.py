@@ -16,17 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from meshserve.atomic import atomic_path
 from meshserve.engine.kv_cache import allocate_kv_cache
 from meshserve.engine.runner import batch_metadata
 from meshserve.errors import InputError
 from meshserve.models.loader import LoadedModel
+from meshserve.training.corpus import BOS_ID, EOS_ID, SPECIAL_TOKENS, train_tokenizer  # one BPE recipe
 
 WEIGHT_STD = 0.08
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
-BOS_ID, EOS_ID = 1, 2
 
 _COMMON: dict[str, Any] = {
     "vocab_size": 512,
@@ -89,24 +87,6 @@ experts; the router records how many tokens each expert receives, and the wafer 
 those traces to plan where experts live on a mesh of dies. The quick brown fox jumps over the lazy
 dog. Hello world! Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 and punctuation, (brackets) [lists] {maps}.
 """
-
-
-def _tokenizer(vocab_size: int) -> Tokenizer:
-    """Byte-level BPE: the 256 byte tokens, <pad>/<s>/</s>, and merges up to the model's vocab size."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([_CORPUS] * 4, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
-    )
-    return tok
 
 
 def _tensor_shapes(cfg: dict[str, Any], arch: str) -> dict[str, tuple[int, ...]]:
@@ -219,7 +199,7 @@ def make_tiny_model(
 
     _write_json(path / "config.json", cfg)
     _write_json(path / "generation_config.json", {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID})
-    _tokenizer(cfg["vocab_size"]).save(str(path / "tokenizer.json"))
+    train_tokenizer([_CORPUS] * 4, cfg["vocab_size"]).save(str(path / "tokenizer.json"))
     _write_json(
         path / "tokenizer_config.json",
         {
