@@ -29,13 +29,14 @@ def replicate(load: np.ndarray, extra: int, max_replicas: int) -> np.ndarray:
 
 
 def pack(load: np.ndarray, reps: np.ndarray, num_devices: int, slots: int,
-         current: np.ndarray | None = None, hops: np.ndarray | None = None) -> np.ndarray:
+         current: np.ndarray | None = None, hops: np.ndarray | None = None, slack: float = 0.0) -> np.ndarray:
     """Balanced packing: replica table [layers, experts, devices] for replica counts ``reps``.
 
     With ``current`` (today's table) and ``hops``, packing is movement-aware: each replica may go
-    to any device it does not push past a perfectly even share (else, as EPLB, to the least
-    loaded), and among those it takes the one that already holds the expert, else the one nearest
-    a current holder: the fewest bytes x hops of copying for about EPLB's balance.
+    to any device it does not push more than ``slack`` (a fraction) past a perfectly even share
+    (else, as EPLB, to the least loaded), and among those it takes the one that already holds the
+    expert, else the one nearest a current holder: the fewest bytes x hops of copying for about
+    EPLB's balance.
     """
     layers, experts = load.shape
     rows = np.arange(layers)
@@ -59,7 +60,7 @@ def pack(load: np.ndarray, reps: np.ndarray, num_devices: int, slots: int,
             choice = loads.argmin(axis=1)
         else:
             # devices this replica does not push past a perfectly even share, or the least loaded
-            fits = ok & (loads + weight[:, i : i + 1] <= ideal)
+            fits = ok & (loads + weight[:, i : i + 1] <= ideal * (1.0 + slack))
             close = np.where(fits.any(axis=1, keepdims=True), fits, loads == loads.min(axis=1, keepdims=True))
             cost = np.where(close, near[rows, e], np.inf)  # 0 where it already holds the expert
             choice = (cost + loads / (2 * ideal)).argmin(axis=1)
@@ -71,6 +72,43 @@ def pack(load: np.ndarray, reps: np.ndarray, num_devices: int, slots: int,
     return holds
 
 
+def relabel(holds: np.ndarray, current: np.ndarray, hops: np.ndarray) -> np.ndarray:
+    """``holds`` with each layer's devices permuted so its replicas move the least from ``current``.
+
+    A packing's balance does not depend on which device gets which bin of replicas, so each bin
+    (a device's replicas in ``holds``) is given to the device nearest its experts' current holders
+    (cost: sum of hops to the nearest holder, 0 where the device holds it already). Assignment in
+    rounds, all layers at once: every bin left proposes to its cheapest free device, every device
+    keeps its cheapest proposal.
+    """
+    layers, experts, devices = holds.shape
+    near = nearest_holder(current, np.asarray(hops, dtype=np.float64))  # [L, E, D]
+    most = int(holds.sum(axis=1).max())
+    member = np.argsort(~holds, axis=1, kind="stable")[:, :most, :]  # [L, slot, bin]: experts of each bin
+    present = np.take_along_axis(holds, member, axis=1)
+    gathered = np.take_along_axis(near, member.transpose(0, 2, 1).reshape(layers, -1)[:, :, None], axis=1)
+    gathered = gathered.reshape(layers, devices, most, devices)  # [L, bin, slot, D]
+    cost = np.where(present.transpose(0, 2, 1)[..., None], gathered, 0.0).sum(axis=2)  # [L, bins, D]
+    rows = np.arange(layers)[:, None]
+    device_of = np.full((layers, devices), -1)
+    free = np.ones((layers, devices), dtype=bool)
+    while (device_of < 0).any():
+        open_cost = np.where(free[:, None, :] & (device_of < 0)[:, :, None], cost, np.inf)
+        want = open_cost.argmin(axis=2)  # [L, bins]
+        price = np.take_along_axis(open_cost, want[:, :, None], axis=2)[:, :, 0]
+        layer, bin_ = np.nonzero(np.isfinite(price))
+        key = layer * devices + want[layer, bin_]
+        order = np.lexsort((price[layer, bin_], key))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = key[order][1:] != key[order][:-1]
+        win = order[first]
+        device_of[layer[win], bin_[win]] = want[layer[win], bin_[win]]
+        free[layer[win], want[layer[win], bin_[win]]] = False
+    out = np.zeros_like(holds)
+    out[rows[:, :, None], np.arange(experts)[None, :, None], device_of[:, None, :]] = holds
+    return out
+
+
 def nearest_holder(holds: np.ndarray, hops: np.ndarray) -> np.ndarray:
     """[layers, experts, devices] hops from each device to the nearest holder of each expert (0 = holds)."""
     layers, experts, devices = holds.shape
@@ -80,7 +118,11 @@ def nearest_holder(holds: np.ndarray, hops: np.ndarray) -> np.ndarray:
     count = holds.sum(axis=2, keepdims=True)
     slot = np.arange(most)[None, None, :]
     holder = np.where(slot < count, order, order[:, :, :1])
-    return hops[holder].min(axis=2)
+    hops = np.asarray(hops, dtype=np.float32)
+    near = hops[holder[:, :, 0]]
+    for k in range(1, most):  # one [layers, experts, devices] slab per holder rank, not all at once
+        np.minimum(near, hops[holder[:, :, k]], out=near)
+    return near
 
 
 class GreedyBalancer(Balancer):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshserve.placement.eplb import pack, replica_counts
+from meshserve.placement.eplb import pack, relabel, replica_counts
 from meshserve.placement.plan import Placement
 from meshserve.placement.policy import BalanceConfig, Balancer
 from meshserve.placement.topology import topology_plan
@@ -46,15 +46,27 @@ class NIEplbBalancer(NIBalancer):
     """NI-Balancer's trigger and non-invasive migration with an EPLB-quality planner (ours).
 
     The paper's planner only adds replicas next to hot dies and never moves a primary, which caps
-    how well it can balance. This one takes EPLB's replica counts and packs them movement-aware
-    (eplb.pack with the current table and hops): within one replica's load of EPLB's choice, a
-    replica stays where a copy already is, else goes to the device nearest a current holder.
-    Primaries move too; the copies stream through idle link time as NI's, so there is no stall.
+    how well it can balance. This one takes EPLB's replica counts and makes two packings: a
+    movement-aware one (eplb.pack with the current table and hops: a replica stays where a copy
+    already is while its device stays within ``plan_slack`` of an even share, else goes to the
+    device nearest a current holder) and EPLB's own, its bins relabelled onto the devices that
+    already hold most of their experts (eplb.relabel). Each layer keeps the movement-aware one
+    unless EPLB's balances better by more than ``plan_slack``. Primaries move too; the copies
+    stream through idle link time as NI's, so there is no stall.
     """
 
     name = "ni-eplb"
 
     def plan(self, load: np.ndarray, current: Placement, base: Placement) -> Placement:
         reps = replica_counts(load, current, self.num_redundant_experts)
-        holds = pack(load, reps, current.num_devices, current.slots_per_device, current.holds, self.hops)
-        return Placement(holds, current.slots_per_device)
+        devices, slots, slack = current.num_devices, current.slots_per_device, self.config.plan_slack
+        near = pack(load, reps, devices, slots, current.holds, self.hops, slack)
+        eplb = relabel(pack(load, reps, devices, slots), current.holds, self.hops)
+        spread = [max_over_mean(Placement(h, slots).device_load(load)) for h in (near, eplb)]
+        keep = spread[0] <= spread[1] * (1.0 + slack) + 1e-9
+        return Placement(np.where(keep[:, None, None], near, eplb), slots)
+
+
+def max_over_mean(device_load: np.ndarray) -> np.ndarray:
+    """Hottest device over the mean, per layer: [..., devices] -> [...]."""
+    return device_load.max(axis=-1) / np.maximum(device_load.mean(axis=-1), 1e-12)

@@ -27,6 +27,8 @@ class BalanceConfig:
         over the last ``window_size`` iterations above what the last plan predicted, exceeds this.
     chunk_bytes: NI-Balancer moves replicas in chunks of this size; a chunk is sent only inside a
         phase window whose idle link time fits it whole.
+    plan_slack: how much less balanced than EPLB's plan (a fraction of max/mean load) ni-eplb's
+        plan may be to leave replicas where they are (fewer copies, so plans land sooner).
     reject_slower_plans: whoever applies a plan first predicts the MoE time of the plan's own
         window with it and without it (roofline compute + all-to-all) and drops a plan that would
         not lower it: balancers plan on token counts, and a replica adds its weight reads to its
@@ -39,12 +41,14 @@ class BalanceConfig:
     imbalance_threshold: float = 1.0
     chunk_bytes: int = 1 << 20
     reject_slower_plans: bool = True
+    plan_slack: float = 0.02
 
     def __post_init__(self) -> None:
         integer(self.window_size, "window_size", 1)
         integer(self.step_interval, "step_interval", 1)
         number(self.imbalance_threshold, "imbalance_threshold", 0)
         integer(self.chunk_bytes, "chunk_bytes", 1)
+        number(self.plan_slack, "plan_slack", 0)
         if self.num_redundant_experts is not None:
             integer(self.num_redundant_experts, "num_redundant_experts", 0)
 

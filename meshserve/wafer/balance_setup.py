@@ -187,6 +187,30 @@ def run_setup(setup: BalanceSetup) -> IterationResult:
     )
 
 
+def plan_floor(setup: BalanceSetup, samples: int = 5) -> float:
+    """The best max/mean device load a plan can reach per iteration on this setup's trace.
+
+    For ``samples`` windows of ``config.window_size`` iterations spread over the trace, EPLB plans
+    on the window's own mean load (it knows the future: no balancer can do this) and is scored
+    iteration by iteration on that window. What is left is the iterations' own sampling noise
+    around their mean, which no placement made ahead of time can follow.
+    """
+    hw, model = setup.platform(), load_model(setup.model)
+    n = hw.num_devices
+    redundant = n if setup.config.num_redundant_experts is None else setup.config.num_redundant_experts
+    slots = slots_per_device(model.routed_experts, n, redundant)
+    base = static_placement(model.num_moe_layers, model.routed_experts, n, slots)
+    counts = setup_trace(setup, model, n).counts
+    window = min(setup.config.window_size, len(counts))
+    greedy = make_balancer("greedy", setup.config, np.zeros((n, n)), redundant)
+    ratios = []
+    for start in np.linspace(0, len(counts) - window, samples).astype(int):
+        block = counts[start:start + window]
+        load = greedy.plan(block.mean(axis=0), base, base).device_load(block)  # [S, L, N]
+        ratios.append(load.max(axis=2).mean(axis=1) / load.mean(axis=2).mean(axis=1))
+    return float(np.mean(ratios))
+
+
 def run_summary(setup: BalanceSetup) -> dict:
     """run_setup as one flat row: the setup's fields and the run's summary."""
     result = run_setup(setup)

@@ -23,7 +23,7 @@ import yaml
 from meshserve.atomic import all_or_nothing, check_writable, write_atomic
 from meshserve.errors import require
 from meshserve.wafer.balance import BalanceConfig
-from meshserve.wafer.balance_setup import BalanceSetup, run_setup
+from meshserve.wafer.balance_setup import BalanceSetup, plan_floor, run_setup
 from meshserve.wafer.iteration import IterationResult
 from meshserve.wafer.presets import PRESET_DIR
 
@@ -88,9 +88,12 @@ def run_ladder(
                         ni_rung.hardware, ni_rung.mapping):
                     traces[rung.balancer] = result
                 rows.append({"rung": rung.label, "hardware": rung.hardware, "mapping": rung.mapping,
-                             "balancer": rung.balancer, **result.summary()})
+                             "balancer": rung.balancer, "config": rung.config or {}, **result.summary()})
                 bar.advance(task)
             figures["models"][model] = _model_figures(rows, roles)
+            # what any plan made ahead of time can reach per iteration: the loads' sampling noise
+            figures["models"][model]["plan_floor_max_over_mean"] = plan_floor(BalanceSetup(
+                model=model, hardware=ni_rung.hardware, config=config, **settings))
     per_model = figures["models"].values()
     for key in ("ni_compute_gain", "ni_comm_gain", "wsc_vs_nvl72_gain", "wsc_vs_nvl72_with_reduction_gain",
                 "wsc_vs_nvl72_eplb_gain"):
@@ -160,6 +163,12 @@ def print_ladder(figures: dict) -> None:
             table.add_row("  (best model)", f"{figures[key + '_max']:+.1%}", "")
     table.add_row("  (attention reduction included, mean over models)",
                   f"{figures['wsc_vs_nvl72_with_reduction_avg_gain']:+.1%}", "")
+    for model, m in figures["models"].items():  # the balancers on WSC with her: ni, ni-eplb, greedy
+        steady = {r["balancer"]: r["max_over_mean_load_steady"] for r in m["ladder"]
+                  if r["mapping"] == "her" and (r["balancer"] == "ni-eplb" or not r["config"])}
+        table.add_row(f"{model}: steady max/mean load, ni / ni-eplb (ours) / greedy (stalls) / floor",
+                      " / ".join(f"{steady[b]:.2f}" for b in ("ni", "ni-eplb", "greedy"))
+                      + f" / {m['plan_floor_max_over_mean']:.2f}", "-")
     eplb = figures["wsc_vs_nvl72_eplb_avg_gain"]
     table.add_row("WSC vs NVL72 + EPLB (not in the paper)", f"{eplb:+.1%}", "-")
     console.print(table)

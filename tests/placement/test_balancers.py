@@ -122,10 +122,48 @@ def test_ni_eplb_plans_as_well_as_eplb_with_fewer_shorter_copies():
     _, ours = plan("ni-eplb", load, hops=hops)
     quality = {name: imbalance(p.device_load(load)) for name, p in [("greedy", greedy), ("ni", ni),
                                                                      ("ours", ours)]}
-    # within a few points of EPLB's balance (max/mean 1.02 here), a third of the paper planner's gap
-    assert quality["ours"] <= quality["greedy"] + 0.05 and quality["ours"] < quality["ni"] / 2
+    # within plan_slack (0.02) of EPLB's balance (max/mean 1.02 here), well under the paper planner's
+    assert quality["ours"] <= quality["greedy"] + 0.02 and quality["ours"] < quality["ni"] / 2
     g, o = migrations(base, greedy, hops), migrations(base, ours, hops)
-    assert hops[o.src, o.dst].sum() < hops[g.src, g.dst].sum() / 2  # bytes x hops of copying
+    assert hops[o.src, o.dst].sum() < 0.8 * hops[g.src, g.dst].sum()  # bytes x hops of copying
     # re-planning a placement it made for the same load moves nothing
     again = make_balancer("ni-eplb", BalanceConfig(num_redundant_experts=16), hops, 16).plan(load, ours, base)
     assert len(migrations(ours, again, hops)) == 0
+
+
+def window_mean_load(seed: int = 0) -> np.ndarray:
+    """Mean expert load of 10 iterations of a seeded drifting trace: 4 layers, 64 experts, top-8."""
+    from meshserve.wafer.synthetic import synthetic_trace
+
+    trace = synthetic_trace(model="t", num_layers=4, num_experts=64, top_k=8, tokens_per_step=64 * 16,
+                            steps=10, scenario="mixed", seed=seed)
+    return trace.counts.mean(axis=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_on_a_seeded_trace_eplb_and_ni_eplb_plan_within_the_target(seed):
+    load = window_mean_load(seed)
+    ratio = {}
+    for name in ("greedy", "ni-eplb", "ni"):
+        _, placement = plan(name, load)
+        device = placement.device_load(load)
+        ratio[name] = float((device.max(axis=1) / device.mean(axis=1)).mean())
+    assert ratio["greedy"] <= 1.05  # EPLB's plan, scored on the loads it planned on
+    assert ratio["ni-eplb"] <= min(1.10, ratio["greedy"] + 0.02)  # the target, and within plan_slack
+    assert ratio["ni-eplb"] < ratio["ni"]  # the paper's planner: replicas beside hot dies, primaries stay
+
+
+def test_ni_eplb_slack_moves_fewer_copies_for_balance_within_the_slack():
+    hops = mesh_hops(4, 4)
+    base, first = plan("ni-eplb", window_mean_load(0), hops=hops)
+    later = window_mean_load(1)  # the load has moved on
+    copies, ratio = {}, {}
+    for slack in (0.0, 0.1):
+        config = BalanceConfig(num_redundant_experts=16, plan_slack=slack)
+        balancer = make_balancer("ni-eplb", config, hops, 16)
+        placement = balancer.plan(later, first, base)
+        copies[slack] = len(migrations(first, placement, hops))
+        device = placement.device_load(later)
+        ratio[slack] = float((device.max(axis=1) / device.mean(axis=1)).mean())
+    assert copies[0.1] < 0.8 * copies[0.0]
+    assert ratio[0.1] <= 1.10 + 0.02 and ratio[0.0] <= 1.10

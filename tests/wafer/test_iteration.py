@@ -19,7 +19,7 @@ from meshserve.wafer.balance import (
 from meshserve.wafer.balance.stream import window_bytes
 from meshserve.wafer.balance_setup import BalanceSetup, comm_model, expert_cost, run_setup
 from meshserve.wafer.hardware import load_hardware
-from meshserve.wafer.iteration import simulate_iterations
+from meshserve.wafer.iteration import faster_layers, simulate_iterations
 from meshserve.wafer.models import load_model
 from meshserve.wafer.synthetic import synthetic_trace
 
@@ -199,6 +199,21 @@ def test_a_plan_that_would_slow_its_own_window_is_rejected():
     assert forced.plans == [2] and forced.compute_s[3:].sum() > guarded.compute_s[3:].sum()
     assert guarded.plans == [] and guarded.rejected_plans == [2] and guarded.migrated_bytes.sum() == 0
     assert guarded.summary()["rejected_plans"] == 1
+
+
+def test_a_plan_is_applied_only_in_the_layers_it_makes_faster():
+    hw, comm = platform(1, 4, 1, "baseline")
+    static = static_placement(3, 16, 4, 5)
+    history = tiny_trace(4, steps=4).counts
+    cost = expert_cost(MODEL, hw)
+    # on this memory-bound die a second copy of expert 0 only adds weight reads to device 1
+    extra = static.holds.copy()
+    extra[:, 0, 1] = True
+    current = Placement(np.where(np.arange(3)[:, None, None] == 1, extra, static.holds), 5)  # layer 1 slow
+    target = Placement(np.where(np.arange(3)[:, None, None] == 0, extra, static.holds), 5)  # layer 0 slow
+    chosen = faster_layers(history, current, target, comm, cost)
+    np.testing.assert_array_equal(chosen.holds, static.holds)  # layer 0 kept, layer 1 taken
+    assert faster_layers(history, static, target, comm, cost) is None  # no layer gets faster
 
 
 def test_eplb_at_vllm_defaults_never_replans_inside_a_short_run():
