@@ -13,6 +13,7 @@ import numpy as np
 from scipy import sparse
 
 from meshserve.wafer.compute import ExpertCost
+from meshserve.wafer.timemodel import bottleneck_s
 
 __all__ = ["CommModel", "ExpertCost", "LinkMap"]
 
@@ -28,7 +29,7 @@ class LinkMap:
 
     links: np.ndarray
     blocks: tuple[tuple[np.ndarray, int, int, np.ndarray], ...]  # (devices, start, stop, [D, L])
-    inv_bandwidth: np.ndarray  # [len(links)] float32
+    bandwidth: np.ndarray  # [len(links)] float32 bytes/s
 
     @classmethod
     def from_matrix(cls, matrix: np.ndarray, domains: np.ndarray, bandwidth: np.ndarray) -> LinkMap:
@@ -43,7 +44,7 @@ class LinkMap:
             blocks.append((dev, start, start + len(c), block))
             start += len(c)
         links = np.concatenate(cols)
-        return cls(links, tuple(blocks), (1.0 / bandwidth[links]).astype(np.float32))
+        return cls(links, tuple(blocks), bandwidth[links].astype(np.float32))
 
     def __call__(self, load: np.ndarray) -> np.ndarray:
         out = np.empty((load.shape[0], len(self.links)), dtype=np.float32)
@@ -53,7 +54,7 @@ class LinkMap:
 
     def time(self, link_bytes: np.ndarray, latency: float) -> np.ndarray:
         """Bottleneck time of link bytes [..., len(links)] -> [...]."""
-        return (link_bytes * self.inv_bandwidth).max(axis=-1) + latency
+        return bottleneck_s(link_bytes, self.bandwidth) + latency
 
 
 @dataclass(frozen=True)
@@ -91,4 +92,4 @@ class CommModel:
         if len(src) == 0:
             return 0.0
         link_bytes = self.routes[src * self.num_devices + dst].T @ np.asarray(nbytes, dtype=np.float64)
-        return float((link_bytes / self.bandwidth).max() + self.path_latency[src, dst].max())
+        return float(bottleneck_s(link_bytes, self.bandwidth) + self.path_latency[src, dst].max())

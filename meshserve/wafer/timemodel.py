@@ -33,6 +33,15 @@ class PhaseTime:
     model: str
 
 
+def bottleneck_s(link_bytes: np.ndarray, bandwidth: np.ndarray) -> np.ndarray:
+    """Bottleneck bandwidth time of link bytes [..., links]: the hottest link's bytes / bandwidth.
+
+    The one bottleneck rule shared by the layer simulator (collective_time), the iteration
+    simulator's all-to-all (comm_model.LinkMap) and its migration stalls (CommModel.transfer_time).
+    """
+    return (np.asarray(link_bytes) / bandwidth).max(axis=-1, initial=0.0)
+
+
 def latency_s(topo: Topology, c: Collective) -> float:
     """steps x latency of the slowest route that carries bytes."""
     used = c.traffic > 0
@@ -47,7 +56,7 @@ def collective_time(topo: Topology, c: Collective, model: str = "bottleneck") ->
     busy = loads / topo.link_bandwidth
     hot = int(np.argmax(busy)) if loads.any() else -1
     if model == "bottleneck":
-        bandwidth = float(busy.max()) if loads.any() else 0.0
+        bandwidth = float(bottleneck_s(loads, topo.link_bandwidth))
     else:
         from meshserve.wafer.fairshare import fair_share_time
 
