@@ -141,9 +141,12 @@ def noc(
     flits_per_packet: int = typer.Option(20, "--flits-per-packet", help="Flits per packet."),
     time_model: list[str] = typer.Option(
         None, "--time-model", help="bottleneck | fair-share | packet | flit (repeat; default all)."),
+    injection_ports: int = typer.Option(
+        None, "--injection-ports", help="Flits a node injects and ejects per cycle (default: noc.yaml)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Cycles one batch of synthetic traffic takes on a mesh (1 flit per cycle per link), per time model."""
     from meshserve.wafer.noc import print_noc, run_noc
 
-    run_noc(mesh, pattern, packets_per_node, flits_per_packet, tuple(time_model or ()), json_out, print_noc)
+    run_noc(mesh, pattern, packets_per_node, flits_per_packet, tuple(time_model or ()), json_out, print_noc,
+            injection_ports)

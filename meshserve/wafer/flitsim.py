@@ -11,7 +11,7 @@ Every cycle, over all virtual channels (VCs) of all routers at once (numpy):
 4. each winner sends one flit: it lands downstream after the channel's latency, the upstream
    gets the credit back after ``credit_cycles``, and a VC is freed once its tail flit has left
    and that credit has returned (BookSim's wait-for-tail-credit).
-A node injects its packets in order, one flit per cycle, through its injection port, and a packet
+A node injects its packets in order, one flit per cycle per injection port, and a packet
 holds the VCs its flits occupy (wormhole: a blocked head stalls its body in the VCs behind it).
 The pipeline (routing, VC and switch allocation, traversal, wire) is folded into each channel's
 latency; allocators run one iteration without speculation. Same interface as packetsim.
@@ -21,45 +21,54 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshserve.wafer.packetsim import NocParams, first_of_runs
+from meshserve.wafer.packetsim import NocParams
 
 EJECT = -2
 
 
 def simulate_flits(route: np.ndarray, source: np.ndarray, latency: np.ndarray, is_eject: np.ndarray,
-                   params: NocParams, credit_cycles: int = 1, seed: int = 0) -> int:
-    """Cycles until the last flit has arrived (route, source, latency, is_eject as in packetsim)."""
+                   params: NocParams, credit_cycles: int = 1, seed: int = 0,
+                   width: np.ndarray | None = None) -> int:
+    """Cycles until the last flit has arrived (route, source, latency, is_eject as in packetsim).
+
+    width[c]: flits channel c carries per cycle (None: 1 everywhere). A node has as many injection
+    ports as its injection channel's width: that many of its packets are sent at once, and the
+    router input behind a wide channel, like a wide ejection channel, moves that many flits a cycle.
+    """
     F, V, B = params.flits_per_packet, params.vcs, params.vc_buffer_flits
     num = len(route)
     if num == 0:
         return 0
     latency = np.asarray(latency, dtype=np.int64)
     C = len(latency)
+    width = np.ones(C, dtype=np.int64) if width is None else np.maximum(np.asarray(width, np.int64), 1)
     nodes = int(source.max()) + 1
-    U = C * V + nodes  # real VCs (channel c's VCs are c*V .. c*V+V-1), then one sender per node
+    P = int(width[route[:, 0]].max())  # injection ports per node (its injection channel's width)
+    U = C * V + nodes * P  # real VCs (channel c's VCs are c*V .. c*V+V-1), then P senders per node
     pkt = np.full(U, -1, dtype=np.int64)
     hop = np.full(U, -1, dtype=np.int64)  # route index of the channel that feeds the VC
     got = np.zeros(U, dtype=np.int64)  # flits of its packet arrived
     sent = np.zeros(U, dtype=np.int64)  # flits of its packet gone on
     out = np.full(U, -1, dtype=np.int64)  # granted VC downstream, EJECT, or -1
     credit = np.full(U, B, dtype=np.int64)  # free slots the upstream may still fill
-    port = np.concatenate([np.repeat(np.arange(C), V), C + np.arange(nodes)])
+    port = np.concatenate([np.repeat(np.arange(C), V), C + np.repeat(np.arange(nodes), P)])
+    reads = np.concatenate([width, np.full(nodes, P)])  # flits an input port passes per cycle
     # each node's queue of packets, in id order
     queue = np.lexsort((np.arange(num), source))
     first = np.searchsorted(source[queue], np.arange(nodes))
     last = np.searchsorted(source[queue], np.arange(nodes), side="right")
     nextq = first.copy()
-    senders = C * V + np.arange(nodes)
 
-    def load(nodes_idx: np.ndarray) -> None:
-        """Put each node's next queued packet into its sender slot (or empty it)."""
+    def load(u: np.ndarray) -> None:
+        """Put each sender's node's next queued packet into it (or empty it); u: distinct nodes."""
+        nodes_idx = (u - C * V) // P
         has = nextq[nodes_idx] < last[nodes_idx]
-        u = senders[nodes_idx]
         pkt[u] = np.where(has, queue[np.minimum(nextq[nodes_idx], num - 1)], -1)
         hop[u], got[u], sent[u], out[u] = -1, F, 0, -1
         nextq[nodes_idx] += has
 
-    load(np.arange(nodes))
+    for k in range(P):  # sender k of every node, one batch per port so each takes its own packet
+        load(C * V + np.arange(nodes) * P + k)
     size = int(max(latency.max(), credit_cycles)) + 2
     arrive = np.zeros((size, U), dtype=np.int64)
     returned = np.zeros((size, U), dtype=np.int64)
@@ -90,16 +99,16 @@ def simulate_flits(route: np.ndarray, source: np.ndarray, latency: np.ndarray, i
             ahead = (pending - slot) % size
             t += int(ahead[ahead > 0].min()) if (ahead > 0).any() else 1
             continue
-        # input stage: one VC per input port, round robin over its VCs
+        # input stage: as many VCs per input port as it reads flits a cycle, round robin over VCs
         key = (ready - t) % V
         pick = np.lexsort((key, port[ready]))
         ports = port[ready][pick]
-        ready = ready[pick][first_of_runs(ports)]
-        # output stage: one input port per output channel, random priority
+        ready = ready[pick][rank_in_runs(ports) < reads[ports]]
+        # output stage: as many requests per output channel as its width, random priority
         chan = np.where(out[ready] == EJECT, route[pkt[ready], hop[ready] + 1], out[ready] // V)
         pick = np.lexsort((rng.random(len(ready)), chan))
         chan = chan[pick]
-        keep = first_of_runs(chan)
+        keep = rank_in_runs(chan) < width[chan]
         win, chan = ready[pick][keep], chan[keep]
         sent[win] += 1
         to_vc = out[win] != EJECT
@@ -111,15 +120,22 @@ def simulate_flits(route: np.ndarray, source: np.ndarray, latency: np.ndarray, i
         returned[back, win[real]] += 1
         tail = sent[win] == F
         freed[back, win[tail & real]] = True
-        done_sending = win[tail & ~real] - C * V
-        if len(done_sending):
-            load(done_sending)
+        done_sending = win[tail & ~real]
+        for k in range(P):  # one sender per node at a time, so two never take the same packet
+            batch = done_sending[(done_sending - C * V) % P == k]
+            if len(batch):
+                load(batch)
         ejected = tail & ~to_vc
         if ejected.any():
             delivered += int(ejected.sum())
             finish = max(finish, t + int(latency[chan[ejected]].max()) + 1)
         t += 1
     return int(finish)
+
+
+def rank_in_runs(keys: np.ndarray) -> np.ndarray:
+    """Position of every element inside its run of equal values in sorted ``keys``."""
+    return np.arange(len(keys)) - np.searchsorted(keys, keys)
 
 
 def _allocate_vcs(waiting, pkt, hop, got, sent, out, route, is_eject, C: int, V: int) -> None:

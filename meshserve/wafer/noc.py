@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meshserve.errors import InputError, require
+from meshserve.errors import InputError, integer, require
 from meshserve.wafer.flitsim import simulate_flits
 from meshserve.wafer.hardware import Hardware, load_hardware
 from meshserve.wafer.packetsim import NocParams, simulate_packets
@@ -136,8 +136,14 @@ def noc_cycles(
     flits_per_packet: int,
     models: tuple[str, ...] = NOC_MODELS,
     seed: int = 0,
+    injection_ports: int | None = None,
 ) -> dict:
-    """Cycles each time model predicts for one batch, and how long each model took (seconds)."""
+    """Cycles each time model predicts for one batch, and how long each model took (seconds).
+
+    injection_ports: flits per cycle a node injects and ejects (None: presets/noc.yaml). The
+    bottleneck and fair-share models cost it as port bandwidth, the flit model as that many
+    one-flit ports; the packet model keeps one port.
+    """
     require(rows >= 2 and cols >= 2, "mesh", f"must be at least 2x2, got {rows}x{cols}")
     require(packets_per_node >= 1, "packets_per_node", f"must be >= 1, got {packets_per_node}")
     require(flits_per_packet >= 1, "flits_per_packet", f"must be >= 1, got {flits_per_packet}")
@@ -147,7 +153,9 @@ def noc_cycles(
     params = NocParams(
         flits_per_packet, d.integer("vcs"), d.integer("vc_buffer_flits"), d.integer("hop_cycles")
     )
-    hw = noc_platform(rows, cols, d.number("injection_ports"), d.integer("hop_cycles"))
+    ports = d.integer("injection_ports") if injection_ports is None else injection_ports
+    integer(ports, "injection_ports", 1, 64)
+    hw = noc_platform(rows, cols, ports, d.integer("hop_cycles"))
     topo = topology_for(hw)
     port = np.isin(topo.link_kind, ("inject", "eject"))
     topo = dataclasses.replace(topo, link_latency=np.where(port, d.integer("port_cycles"), topo.link_latency))
@@ -157,8 +165,12 @@ def noc_cycles(
         start = time.perf_counter()
         if model in ("packet", "flit"):
             route, source = packet_routes(topo, packets, seed)
-            simulate = simulate_packets if model == "packet" else simulate_flits
-            value = simulate(route, source, topo.link_latency, topo.link_kind == "eject", params)
+            eject = topo.link_kind == "eject"
+            if model == "packet":
+                value = simulate_packets(route, source, topo.link_latency, eject, params)
+            else:  # a port of n flits per cycle is n ports of one flit
+                value = simulate_flits(route, source, topo.link_latency, eject, params,
+                                       width=np.rint(np.maximum(topo.link_bandwidth, 1.0)).astype(np.int64))
         else:
             value = collective_time(
                 topo, Collective("batch", packets * float(flits_per_packet), 1), model
@@ -173,6 +185,7 @@ def noc_cycles(
         "pattern": pattern,
         "packets_per_node": packets_per_node,
         "flits_per_packet": flits_per_packet,
+        "injection_ports": ports,
     }
 
 
@@ -202,6 +215,7 @@ def booksim_reference(result: dict) -> float | None:
         and rows in ratios
         and result["packets_per_node"] == 100
         and result["flits_per_packet"] == 20
+        and result["injection_ports"] == 1
     )
     if not known:
         return None
@@ -221,12 +235,14 @@ def run_noc(
     models: tuple[str, ...],
     as_json: bool,
     show,
+    injection_ports: int | None = None,
 ) -> dict:
     """The `meshserve wafer noc` command: compute, then print JSON or tables."""
     import json
 
     rows, cols = parse_mesh(mesh)
-    result = noc_cycles(rows, cols, pattern, packets_per_node, flits_per_packet, models or NOC_MODELS)
+    result = noc_cycles(rows, cols, pattern, packets_per_node, flits_per_packet, models or NOC_MODELS,
+                        injection_ports=injection_ports)
     reference = booksim_reference(result)
     if reference is not None:
         result["booksim2_cycles"] = reference
@@ -245,7 +261,8 @@ def print_noc(result: dict) -> None:
 
     table = Table(
         title=f"{result['pattern']} on {result['mesh']}: {result['packets_per_node']} packets of "
-        f"{result['flits_per_packet']} flits per node, 1 flit/cycle/link"
+        f"{result['flits_per_packet']} flits per node, 1 flit/cycle/link, "
+        f"{result['injection_ports']} injection port(s) per node"
     )
     for col in ("time model", "cycles", "vs BookSim2", "took (s)"):
         table.add_column(col, justify="left" if col == "time model" else "right")

@@ -83,3 +83,18 @@ def test_bad_mesh_is_one_line_and_exit_code_2():
     command = [sys.executable, "-c", "from meshserve.cli import main; main()", "wafer", "noc", "--mesh", "8"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr == "error: mesh: must be RxC like 8x8, got '8'\n"
+
+
+def test_injection_ports_follow_the_port_bandwidth_and_only_help_where_the_port_limits():
+    one, two = (noc_cycles(4, 4, "uniform", 20, 20, models=("bottleneck", "flit"), injection_ports=p)
+                for p in (1, 2))
+    assert one["injection_ports"] == 1 and two["injection_ports"] == 2
+    assert noc_cycles(4, 4, "uniform", 20, 20, models=("flit",))["cycles"]["flit"] == one["cycles"]["flit"]
+    assert two["cycles"]["bottleneck"] <= two["cycles"]["flit"] < one["cycles"]["flit"]  # two packets at once
+    # one flow per node over one link: the link, not the port, limits, so a second port changes nothing
+    single = [noc_cycles(4, 4, "neighbor", 5, 20, models=("flit",), injection_ports=p)["cycles"]["flit"]
+              for p in (1, 2)]
+    assert single[0] == single[1]
+    with pytest.raises(InputError) as err:
+        noc_cycles(4, 4, "uniform", 1, 1, injection_ports=0)
+    assert err.value.field == "injection_ports"
