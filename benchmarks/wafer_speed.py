@@ -1,6 +1,7 @@
 """How fast is the wafer simulator? Prints one (mapping, layer) evaluation on 8x8 and the full
 `reproduce comm` sweep, each beside its target (10 ms and 60 s on 2 cores), then the NoC time
-models' error against the cycle-level reference and the packet model's speed on 4x4-16x16.
+models' error against the cycle-level reference, the packet and flit models' speed on 4x4-16x16
+and the flit model with 1, 2 and 4 injection ports per node on 8x8.
 
 Run: .venv/bin/python benchmarks/wafer_speed.py
 """
@@ -65,6 +66,17 @@ def noc_speed() -> None:
                   f"took {result['seconds'][model]:.2f} s")
 
 
+def port_sweep() -> None:
+    """Flit model on the 8x8 uniform batch with 1, 2 and 4 injection/ejection ports per node."""
+    from meshserve.wafer.noc import noc_cycles
+
+    for ports in (1, 2, 4):
+        result = noc_cycles(8, 8, "uniform", 100, 20, models=("bottleneck", "flit"), injection_ports=ports)
+        cycles = result["cycles"]
+        print(f"noc uniform 8x8, {ports} injection port(s) per node: flit {cycles['flit']:,} cycles, "
+              f"bottleneck {cycles['bottleneck']:,}; flit took {result['seconds']['flit']:.2f} s")
+
+
 def main() -> None:
     hw, model = load_hardware("wsc-8x8"), load_model("deepseek-v3")
     build = timed(lambda: topology_for.__wrapped__(hw), 5)
@@ -87,6 +99,7 @@ def main() -> None:
           f"(target 60 s: {total / 60:.3f}x of target)")
     model_error()
     noc_speed()
+    port_sweep()
 
 
 if __name__ == "__main__":

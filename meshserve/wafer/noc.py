@@ -5,8 +5,10 @@ seconds = cycles); every die has injection and ejection ports of ``injection_por
 cycle. Patterns on a rows x cols mesh, as BookSim defines them on k x k (each dimension uses its
 own k): transpose (r, c) -> (c, r) (square meshes only), bitcomp (r, c) -> (k-1-r, k-1-c), tornado
 (r, c) -> ((r + k/2 - 1) mod k, (c + k/2 - 1) mod k), neighbor (r, c) -> (r, (c + 1) mod k),
-uniform: every packet to a random other node, each source's packets spread as evenly as they go;
-or a .npy file holding a [nodes, nodes] matrix of packets per (source, destination).
+uniform: every packet to a random node, itself included as in BookSim (its RandomInt(nodes - 1)
+is inclusive: 1/N of the packets only cross the node's injection and ejection ports), each
+source's packets spread as evenly as they go; or a .npy file holding a [nodes, nodes] matrix of
+packets per (source, destination).
 """
 
 from __future__ import annotations
@@ -68,10 +70,9 @@ def packet_matrix(pattern: str, rows: int, cols: int, packets_per_node: int, see
     out = np.zeros((n, n), dtype=np.int64)
     if pattern == "uniform":
         rng = np.random.default_rng(seed)
-        # packet j of a source goes to the (j mod (n-1))-th other node of a random order per source
-        order = np.argsort(rng.random((n, n - 1)), axis=1)
-        others = (np.arange(n)[:, None] + 1 + order) % n
-        dest = others[:, np.arange(packets_per_node) % (n - 1)]
+        # packet j of a source goes to the (j mod n)-th node of a random order per source
+        order = np.argsort(rng.random((n, n)), axis=1)
+        dest = order[:, np.arange(packets_per_node) % n]
         np.add.at(out, (np.repeat(np.arange(n), packets_per_node), dest.ravel()), 1)
         return out
     out[np.arange(n), permutation(pattern, rows, cols)] = packets_per_node
@@ -117,6 +118,14 @@ def ordered_routes(topo: Topology, pairs: np.ndarray) -> np.ndarray:
     inc = topo.incidence[pairs]
     row = np.repeat(np.arange(len(pairs)), np.diff(inc.indptr))
     link = inc.indices
+    own = np.flatnonzero(pairs // n == pairs % n)  # a packet to its own node: its two ports only
+    if len(own):
+        port = {k: np.flatnonzero(topo.link_kind == k) for k in ("inject", "eject")}
+        require(len(port["inject"]) == n, "pattern", "packets to their own node need injection ports")
+        node = pairs[own] // n
+        row = np.concatenate([row, own, own])
+        link = np.concatenate([link, port["inject"][np.argsort(topo.link_src[port["inject"]])][node],
+                               port["eject"][np.argsort(topo.link_dst[port["eject"]])][node]])
     kind = topo.link_kind[link]
     step = topo.hops[pairs[row] // n, np.minimum(topo.link_src[link], n - 1)].astype(np.float64)
     step = np.where(kind == "inject", -1.0, np.where(kind == "eject", np.inf, step))

@@ -30,10 +30,15 @@ def test_patterns_follow_booksim_definitions_on_4x4():
         permutation("transpose", 4, 8)
 
 
-def test_uniform_sends_every_packet_to_another_node_evenly():
-    packets = packet_matrix("uniform", 4, 4, 45, seed=1)
-    assert (packets.sum(axis=1) == 45).all() and (np.diag(packets) == 0).all()
-    assert packets[~np.eye(16, dtype=bool)].min() == 3  # 45 packets over 15 others: 3 each
+def test_uniform_sends_packets_to_every_node_itself_included_evenly_as_booksim(tmp_path):
+    packets = packet_matrix("uniform", 4, 4, 48, seed=1)
+    assert (packets == 3).all()  # 48 packets over 16 nodes (BookSim's RandomInt(nodes - 1) is inclusive)
+    # a packet to its own node crosses only that node's injection and ejection ports
+    alone = np.zeros((16, 16))
+    alone[5, 5] = 2
+    np.save(tmp_path / "alone.npy", alone)
+    cycles = noc_cycles(4, 4, str(tmp_path / "alone.npy"), 1, 20, models=("flit", "packet"))["cycles"]
+    assert cycles["flit"] == cycles["packet"] == 2 * 20 + 2  # two packets through two one-cycle ports
 
 
 def test_one_flow_takes_exactly_the_bottleneck_time(tmp_path):
