@@ -1,10 +1,11 @@
-"""ER vs baseline MoE dispatch on an 8x8 mesh through every NoC time model (one injection port per die).
+"""ER vs baseline MoE dispatch on an 8x8 mesh through every NoC time model, with 1 and 4 ports per die.
 
 The cycle-level cross-check in issue 13 (BookSim2 driven by the project's dispatch matrices for
 DeepSeek-V3, TP=4, 64 tokens per die) found ER's dispatch 0.67x the baseline's with one
-injection/ejection port per die, not the bottleneck model's 0.50x. This replays the same two
-traffic matrices, scaled to packets of 20 flits (the baseline's busiest die sends 100; ER's
-matrix with the same scale), through `meshserve wafer noc`'s models and prints the ratio.
+injection/ejection port per die, not the bottleneck model's 0.50x, and 0.49x with four ports.
+This replays the same two traffic matrices, scaled to packets of 20 flits (the baseline's busiest
+die sends 100; ER's matrix with the same scale), through `meshserve wafer noc`'s models with one
+and four injection/ejection ports per die and prints the ratios beside BookSim2's.
 
     .venv/bin/python benchmarks/noc_dispatch.py
 """
@@ -30,20 +31,22 @@ def main() -> None:
     traffic = {kind: dispatch(make_mapping(hw, 4, kind), expert_placement(256, 64), 4 * 64, model.top_k,
                               model.token_bytes).traffic for kind in ("baseline", "er")}
     scale = 100 / traffic["baseline"].sum(axis=1).max()
-    cycles = {}
+    booksim = {1: 0.67, 4: 0.49}  # ER / baseline dispatch, BookSim2, by ports per die
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, matrix in traffic.items():
-            path = Path(tmp) / f"{kind}.npy"
-            np.save(path, np.rint(matrix * scale).astype(np.int64))
-            result = noc_cycles(8, 8, str(path), 1, 20, models=MODELS)
-            cycles[kind] = result["cycles"]
-            took = ", ".join(f"{m} {s:.1f} s" for m, s in result["seconds"].items())
-            packets = int(np.load(path).sum())
-            print(f"{kind:8s} dispatch: {packets:,} packets, cycles {result['cycles']} ({took})")
-    for m in MODELS:
-        print(f"ER / baseline dispatch time, {m:10s}: {cycles['er'][m] / cycles['baseline'][m]:.3f} "
-              "(BookSim2, one port per die: 0.67)")
-
+        for ports, reference in booksim.items():
+            cycles = {}
+            for kind, matrix in traffic.items():
+                path = Path(tmp) / f"{kind}.npy"
+                np.save(path, np.rint(matrix * scale).astype(np.int64))
+                result = noc_cycles(8, 8, str(path), 1, 20, models=MODELS, injection_ports=ports)
+                cycles[kind] = result["cycles"]
+                took = ", ".join(f"{m} {s:.1f} s" for m, s in result["seconds"].items())
+                packets = int(np.load(path).sum())
+                print(f"{ports} port(s), {kind:8s} dispatch: {packets:,} packets, cycles {result['cycles']} "
+                      f"({took})")
+            for m in MODELS:
+                print(f"{ports} port(s): ER / baseline dispatch time, {m:10s}: "
+                      f"{cycles['er'][m] / cycles['baseline'][m]:.3f} (BookSim2: {reference})")
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,8 @@ Every cycle, over all virtual channels (VCs) of all routers at once (numpy):
    (ejection needs no VC);
 3. switch allocation, separable: each router input port picks one of its VCs that has a flit, a
    granted VC downstream and a credit for it (round robin over VCs), then each output channel
-   picks one of the input ports asking for it (random, seeded: an arbiter without favourites);
+   picks one of the input ports asking for it (round robin from the input it served last:
+   BookSim2's default arb_type, the grant arbiter of its iSLIP switch allocator);
 4. each winner sends one flit: it lands downstream after the channel's latency, the upstream
    gets the credit back after ``credit_cycles``, and a VC is freed once its tail flit has left
    and that credit has returned (BookSim's wait-for-tail-credit).
@@ -27,8 +28,7 @@ EJECT = -2
 
 
 def simulate_flits(route: np.ndarray, source: np.ndarray, latency: np.ndarray, is_eject: np.ndarray,
-                   params: NocParams, credit_cycles: int = 1, seed: int = 0,
-                   width: np.ndarray | None = None) -> int:
+                   params: NocParams, credit_cycles: int = 1, width: np.ndarray | None = None) -> int:
     """Cycles until the last flit has arrived (route, source, latency, is_eject as in packetsim).
 
     width[c]: flits channel c carries per cycle (None: 1 everywhere). A node has as many injection
@@ -73,7 +73,8 @@ def simulate_flits(route: np.ndarray, source: np.ndarray, latency: np.ndarray, i
     arrive = np.zeros((size, U), dtype=np.int64)
     returned = np.zeros((size, U), dtype=np.int64)
     freed = np.zeros((size, U), dtype=bool)
-    rng = np.random.default_rng(seed)
+    last_in = np.full(C, -1, dtype=np.int64)  # each output's round-robin pointer: the input it last served
+    num_in = C + nodes
     t, finish, delivered = 0, 0, 0
     while delivered < num:
         slot = t % size
@@ -104,12 +105,13 @@ def simulate_flits(route: np.ndarray, source: np.ndarray, latency: np.ndarray, i
         pick = np.lexsort((key, port[ready]))
         ports = port[ready][pick]
         ready = ready[pick][rank_in_runs(ports) < reads[ports]]
-        # output stage: as many requests per output channel as its width, random priority
+        # output stage: as many requests per output channel as its width, round robin over inputs
         chan = np.where(out[ready] == EJECT, route[pkt[ready], hop[ready] + 1], out[ready] // V)
-        pick = np.lexsort((rng.random(len(ready)), chan))
+        pick = np.lexsort(((port[ready] - last_in[chan] - 1) % num_in, chan))
         chan = chan[pick]
         keep = rank_in_runs(chan) < width[chan]
         win, chan = ready[pick][keep], chan[keep]
+        last_in[chan] = port[win]
         sent[win] += 1
         to_vc = out[win] != EJECT
         target = out[win][to_vc]
