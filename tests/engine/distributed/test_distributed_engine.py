@@ -1,42 +1,16 @@
-"""N rank processes (data-parallel attention, expert-parallel MoE) give the single-process engine's tokens.
-
-Every LLM here starts real processes (spawn + torch.distributed gloo), so each test builds as few as
-it can and bounds every wait (step_timeout_s); after close, no rank process is left running.
-"""
+"""N rank processes (data-parallel attention, expert-parallel MoE) give the single-process engine's tokens;
+after close, no rank process is left running."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from meshserve.engine import LLM, SamplingParams
+from meshserve.engine import LLM
 from meshserve.engine.distributed import RankError
 from meshserve.engine.distributed.worker import FAULT_ENV
 from meshserve.errors import InputError
-
-GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-PROMPTS = [[1, 40, 41, 42], [1] + list(range(50, 80)), [1, 7], [1] + list(range(100, 117)), [1, 9, 9]]
-ARGS = {"max_num_batched_tokens": 16, "max_num_seqs": 4, "block_size": 4, "max_model_len": 128,
-        "step_timeout_s": 60.0}
-
-
-@pytest.fixture(scope="module")
-def mixtral(tiny_model_dir):
-    return str(tiny_model_dir("mixtral"))
-
-
-@pytest.fixture(scope="module")
-def expected(mixtral):
-    with LLM(mixtral, max_num_batched_tokens=16, max_num_seqs=4, block_size=4, max_model_len=128) as llm:
-        return tokens(llm)
-
-
-def tokens(llm: LLM, prompts=PROMPTS) -> list[list[int]]:
-    return [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-
-
-def assert_all_exited(llm: LLM) -> None:
-    assert all(not p.is_alive() for p in llm.engine._procs)
+from tests.engine.distributed.helpers import ARGS, PROMPTS, SINGLE, assert_all_exited, tokens
 
 
 def test_two_ranks_with_redundant_experts_match_one_process(mixtral, expected):
@@ -57,7 +31,7 @@ def test_two_ranks_with_redundant_experts_match_one_process(mixtral, expected):
 @pytest.mark.slow
 def test_dense_model_runs_as_plain_data_parallel(tiny_model_dir):
     llama = str(tiny_model_dir("llama"))
-    with LLM(llama, max_num_batched_tokens=16, max_num_seqs=4, block_size=4, max_model_len=128) as one:
+    with LLM(llama, **SINGLE) as one:
         want = tokens(one)
     with LLM(llama, data_parallel_size=2, enable_expert_parallel=True, **ARGS) as llm:
         assert llm.engine.holds() is None
@@ -85,3 +59,4 @@ def test_a_rank_that_fails_to_start_shuts_every_rank_down(mixtral, monkeypatch):
     with pytest.raises(RankError, match="rank 1 failed during start: .*injected start failure"):
         LLM(mixtral, data_parallel_size=2, enable_expert_parallel=True, **ARGS)
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("meshserve-rank")]
+
