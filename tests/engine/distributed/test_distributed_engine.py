@@ -10,7 +10,8 @@ from meshserve.engine import LLM
 from meshserve.engine.distributed import RankError
 from meshserve.engine.distributed.worker import FAULT_ENV
 from meshserve.errors import InputError
-from tests.engine.distributed.helpers import ARGS, PROMPTS, SINGLE, assert_all_exited, tokens
+from meshserve.traces import ExpertTrace
+from tests.engine.distributed.helpers import ARGS, GREEDY, PROMPTS, SINGLE, assert_all_exited, tokens
 
 
 def test_two_ranks_with_redundant_experts_match_one_process(mixtral, expected):
@@ -60,3 +61,18 @@ def test_a_rank_that_fails_to_start_shuts_every_rank_down(mixtral, monkeypatch):
         LLM(mixtral, data_parallel_size=2, enable_expert_parallel=True, **ARGS)
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("meshserve-rank")]
 
+
+def test_speculative_decoding_per_rank_and_one_expert_trace_from_all_ranks(mixtral, expected, tmp_path):
+    spec = {"method": "ngram", "num_speculative_tokens": 2}
+    with LLM(mixtral, data_parallel_size=2, enable_expert_parallel=True, speculative_config=spec,
+             record_expert_trace=str(tmp_path / "t.npz"), **ARGS) as llm:
+        engine = llm.engine
+        ids = [engine.add_request(prompt, GREEDY) for prompt in PROMPTS]
+        outputs, forwarded = {}, 0
+        while engine.has_unfinished():
+            outputs.update((out.request_id, out.token_ids) for out in engine.step())
+            forwarded += sum(engine.last_stats["tokens"].values())  # prompts, drafts, verified: both ranks
+        assert [outputs[i] for i in ids] == expected
+    trace = ExpertTrace.load(tmp_path / "t.npz")
+    assert trace.meta["data_parallel_size"] == 2 and trace.counts.shape[1:] == (2, 4)
+    assert (trace.counts.sum(axis=(0, 2)) == trace.top_k * forwarded).all()  # every token, every MoE layer

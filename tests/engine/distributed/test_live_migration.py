@@ -12,10 +12,10 @@ from tests.engine.distributed.helpers import ARGS, tokens
 
 def generate_until_migrated(mixtral: str, ranks: int, expected: list[list[int]], **eplb) -> list[dict]:
     """Serve PROMPTS again and again (tokens checked every time) until a migration has switched in."""
-    config = {"window_size": 2, "step_interval": 2, "num_redundant_experts": 2, "chunk_bytes": 4096, **eplb}
+    config = {"window_size": 2, "step_interval": 2, "num_redundant_experts": 2, "chunk_bytes": 16384, **eplb}
     with LLM(mixtral, data_parallel_size=ranks, enable_expert_parallel=True, enable_eplb=True,
              eplb_config=config, **ARGS) as llm:
-        for _ in range(10):  # a side thread on a busy machine may need more than one round
+        for _ in range(10):  # copies in the gaps between steps may need more than one round
             assert tokens(llm) == expected
             done = [m for m in llm.engine.migrations if not m.get("error")]
             if done:
