@@ -8,13 +8,15 @@ output tokens each, dealt over the ranks. Every mode serves the same requests in
 so step i carries the same batch in every run; runs are interleaved (none, invasive,
 non-invasive, none, ...) and each figure is the median over repeats (best in brackets).
 
-Per mode: median step time; p99 of the steps a migration spans (plan, copies, switch) next to
-the p99 of the same steps in the run without balancing (the ratio is the target: <= 1.05 for
-non-invasive); stall (time the ranks waited on migration: the copies themselves when invasive,
-the step-boundary switch when non-invasive); balancedness (mean/max tokens over ranks, averaged
+Per mode, side by side: p50 / p99 of the steady steps and of the steps a migration spans (plan,
+copies, switch), in the same run; that p99 over the steady p99 (``p99_vs_steady``) and over the p99 of
+the same steps in the run without balancing (``p99_vs_none``; the target: <= 1.05 for non-invasive);
+stall (time the ranks waited on migration: the copies themselves when invasive, the step-boundary
+switch when non-invasive); steps a migration spans; balancedness (mean/max tokens over ranks, averaged
 over MoE layers, as vLLM reports it) measured from the pairs each rank's experts computed, summed over
 the steps the first placement served (before the first plan) and over the steps the first
-migration's placement served (its switch to the next plan); bytes moved.
+migration's placement served (its switch to the next plan); bytes moved. The "none" column reads the
+non-invasive run's migration steps in two runs without balancing: the noise floor of those ratios.
 
 Beside them, the simulator's prediction for the same placement changes (meshserve.wafer; the plans
 come from the same meshserve.placement code): bytes, copy time over the nvl72 switch preset cut to
@@ -64,7 +66,7 @@ def workload(n: int = 32, seed: int = 0) -> list[list[int]]:
     return [[1, *rng.integers(3, MODEL["vocab_size"], rng.integers(16, 65)).tolist()] for _ in range(n)]
 
 
-def serve(model: Path, ranks: int, mode: str | None, eplb: dict) -> dict:
+def serve(model: Path, ranks: int, mode: str | None, eplb: dict, requests: int) -> dict:
     """One run: per-step wall times, routed pairs per rank, expert counts, migration records."""
     args = dict(data_parallel_size=ranks, enable_expert_parallel=True, max_num_batched_tokens=128,
                 max_num_seqs=8, block_size=16, max_model_len=256, eplb_config=eplb)
@@ -73,7 +75,7 @@ def serve(model: Path, ranks: int, mode: str | None, eplb: dict) -> dict:
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     with LLM(str(model), **args) as llm:
         engine = llm.engine
-        for prompt in workload():
+        for prompt in workload(requests):
             engine.add_request(prompt, params)
         times, routed, counts = [], [], []
         while engine.has_unfinished():
@@ -113,21 +115,28 @@ def first_placement_steps(run: dict) -> tuple[slice, slice]:
     return slice(0, done[0]["tick"] - 1), slice(done[0]["switch_tick"], min(later, default=len(run["times"])))
 
 
-def live_figures(run: dict, baseline: dict) -> dict:
+def live_figures(run: dict, baseline: dict, steps: np.ndarray | None = None) -> dict:
+    """Figures of one run; ``steps``: the migration steps to read (default: the run's own)."""
     done = [m for m in run["migrations"] if not m.get("error")]
-    steps = migration_steps(run)
+    steps = migration_steps(run) if steps is None else steps
+    steady = np.setdiff1d(np.arange(len(run["times"])), steps)
     before, after = first_placement_steps(run)
-    p99 = float(np.percentile(run["times"][steps], 99)) if len(steps) else float("nan")
-    same = float(np.percentile(baseline["times"][steps], 99)) if len(steps) else float("nan")
+    ms = {name: 1e3 * np.percentile(run["times"][idx], q) if len(idx) else float("nan")
+          for name, idx, q in (("steady_p50", steady, 50), ("steady_p99", steady, 99),
+                               ("migr_p50", steps, 50), ("migr_p99", steps, 99))}
+    same = 1e3 * np.percentile(baseline["times"][steps], 99) if len(steps) else float("nan")
     mode = done[0]["mode"] if done else "none"
     stall = sum(m["migration_s"] if mode == "invasive" else m.get("switch_s", 0.0) for m in done)
     return {
-        "median_step_ms": 1e3 * float(np.median(run["times"])),
-        "p99_migration_ms": 1e3 * p99, "p99_same_steps_none_ms": 1e3 * same, "p99_ratio": p99 / same,
+        **{f"{k}_ms": v for k, v in ms.items()},
+        "p99_vs_steady": ms["migr_p99"] / ms["steady_p99"],
+        "p99_vs_none": ms["migr_p99"] / same,
         "stall_ms": 1e3 * stall,
         "migrations": len(done), "failed": len(run["migrations"]) - len(done),
+        "steps_per_migration": float(np.mean([m["switch_tick"] - m["tick"] + 1 for m in done])) if done
+        else float("nan"),
         "balancedness_before": balancedness(run["routed"][before]),
-        "balancedness_after": balancedness(run["routed"][after]),
+        "balancedness_after": balancedness(run["routed"][after]) if done else float("nan"),
         "bytes_moved": sum(m["bytes"] for m in done),
         "copy_s_live": sum(m["migration_s"] for m in done),
     }
@@ -168,6 +177,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=32, help="Requests served per run (64 tokens each).")
     parser.add_argument("--balancer", default="greedy", choices=("greedy", "topology", "ni"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -179,25 +189,33 @@ def main() -> None:
         with tqdm(total=args.repeats * len(MODES), desc="runs") as bar:
             for _ in range(args.repeats):
                 for name, mode in MODES.items():
-                    runs[name].append(serve(model, args.ranks, mode, eplb))
+                    runs[name].append(serve(model, args.ranks, mode, eplb, args.requests))
                     bar.update(1)
     tokens_per_device = 128 // args.ranks
     print(f"{args.ranks} ranks (gloo, CPU, 1 thread each, shared machine), balancer {args.balancer}, "
           f"{args.repeats} interleaved repeats; median [best] per figure")
+    # "none" read over the non-invasive run's migration steps: the noise floor of the p99 ratios.
+    steps = [migration_steps(run) for run in runs["non-invasive"]]
+    figures = {"none": [live_figures(run, other, s) for run, other, s in zip(
+        runs["none"], runs["none"][1:] + runs["none"][:1], steps, strict=True)]}
     for name in ("invasive", "non-invasive"):
-        figures = [live_figures(run, base) for run, base in zip(runs[name], runs["none"], strict=True)]
-        sim = simulator_figures(runs[name][0], args.ranks, tokens_per_device)
-        print(f"\n{name}:")
-        for key in figures[0]:
-            values = np.array([f[key] for f in figures], dtype=np.float64)
+        figures[name] = [live_figures(run, base) for run, base in zip(runs[name], runs["none"], strict=True)]
+    print(f"\n{'figure':24s}" + "".join(f"{name:>22s}" for name in figures))
+    for key in figures["invasive"][0]:
+        row = f"{key:24s}"
+        for name in figures:
+            values = np.array([f[key] for f in figures[name]], dtype=np.float64)
             best = values.max() if key.startswith("balancedness") else values.min()
-            print(f"  {key:24s} {np.median(values):12.4g} [{best:.4g}]")
-        print("  simulator (nvl72 switch cut to the same ranks, first repeat's placement changes):")
-        for key, value in sim.items():
-            print(f"  {'sim_' + key:24s} {value:12.4g}")
-    none = [live_figures(run, run) for run in runs["none"]]
-    print(f"\nnone: median_step_ms {np.median([f['median_step_ms'] for f in none]):.4g}, balancedness "
-          f"{np.median([balancedness(r['routed']) for r in runs['none']]):.4g}")
+            row += f"{np.median(values):12.4g} [{best:7.4g}]"
+        print(row)
+    print("\nsimulator (nvl72 switch cut to the same ranks; first repeat's placement changes, same planner):")
+    sims = {name: simulator_figures(runs[name][0], args.ranks, tokens_per_device)
+            for name in ("invasive", "non-invasive")}
+    for key in sims["invasive"]:
+        print(f"{'sim_' + key:24s}{'':22s}" + "".join(f"{sims[name].get(key, float('nan')):12.4g}{'':10s}"
+                                                    for name in sims))
+    print("\n(none's p99_vs_none compares two runs without balancing over the non-invasive run's migration "
+          "steps: the noise floor)")
 
 
 if __name__ == "__main__":

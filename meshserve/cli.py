@@ -45,6 +45,21 @@ def demo(out: str = typer.Option("out", help="Folder for plots and JSON results.
     run_demo(out)
 
 
+# Data / expert parallelism, shared by generate and serve (vLLM's flag names).
+DATA_PARALLEL_SIZE = typer.Option(1, help="Rank processes (data-parallel attention).")
+ENABLE_EXPERT_PARALLEL = typer.Option(False, help="Split MoE experts over the ranks.")
+ENABLE_EPLB = typer.Option(False, help="Rebalance experts live from the ranks' expert loads.")
+EPLB_CONFIG = typer.Option(
+    None, help='JSON: window_size, step_interval, num_redundant_experts, balancer (greedy|topology|ni), '
+               'mode (invasive|non-invasive), e.g. \'{"num_redundant_experts": 2, "balancer": "greedy"}\'.')
+
+
+def _parallel_args(data_parallel_size: int, enable_expert_parallel: bool, enable_eplb: bool,
+                   eplb_config: str | None) -> dict:
+    return {"data_parallel_size": data_parallel_size, "enable_expert_parallel": enable_expert_parallel,
+            "enable_eplb": enable_eplb, "eplb_config": _json_option("eplb_config", eplb_config) or {}}
+
+
 @app.command()
 def generate(
     model: str = typer.Option(..., help="Hugging Face-format model directory."),
@@ -64,12 +79,10 @@ def generate(
         None, help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' or '
                    '\'{"method": "draft_model", "model": DIR}\'.'),
     enable_prefix_caching: bool = typer.Option(True, help="Automatic prefix caching."),
-    data_parallel_size: int = typer.Option(1, help="Rank processes (data-parallel attention)."),
-    enable_expert_parallel: bool = typer.Option(False, help="Split MoE experts over the ranks."),
-    enable_eplb: bool = typer.Option(False, help="Rebalance experts live from the ranks' expert loads."),
-    eplb_config: str | None = typer.Option(
-        None, help='JSON, e.g. \'{"num_redundant_experts": 2, "balancer": "greedy", '
-                   '"mode": "non-invasive"}\'.'),
+    data_parallel_size: int = DATA_PARALLEL_SIZE,
+    enable_expert_parallel: bool = ENABLE_EXPERT_PARALLEL,
+    enable_eplb: bool = ENABLE_EPLB,
+    eplb_config: str | None = EPLB_CONFIG,
 ) -> None:
     """Complete prompts with a local model and print the completions."""
     from meshserve.engine import LLM, SamplingParams
@@ -78,11 +91,9 @@ def generate(
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
                             seed=seed, stop=stop or None, ignore_eos=ignore_eos)
     spec = _json_option("speculative_config", speculative_config)
-    eplb = _json_option("eplb_config", eplb_config)
     with LLM(model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=min(len(prompts), 128),
              speculative_config=spec, enable_prefix_caching=enable_prefix_caching,
-             data_parallel_size=data_parallel_size, enable_expert_parallel=enable_expert_parallel,
-             enable_eplb=enable_eplb, eplb_config=eplb or {}) as llm:
+             **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config)) as llm:
         outputs = llm.generate(prompts, params, use_tqdm=False)
     for out in outputs:
         print(out.text)
@@ -153,6 +164,10 @@ def serve(
     seed: int = typer.Option(0, help="Seed of the engine's shared generator (unseeded requests)."),
     max_waiting_requests: int | None = typer.Option(1024, help="Waiting queue bound; past it: 503."),
     uvicorn_log_level: str = typer.Option("info", help="uvicorn's log level."),
+    data_parallel_size: int = DATA_PARALLEL_SIZE,
+    enable_expert_parallel: bool = ENABLE_EXPERT_PARALLEL,
+    enable_eplb: bool = ENABLE_EPLB,
+    eplb_config: str | None = EPLB_CONFIG,
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /metrics)."""
     from meshserve.server.serve import serve as run
@@ -161,7 +176,8 @@ def serve(
         log_level=uvicorn_log_level, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, kv_cache_memory=kv_cache_memory,
         enable_prefix_caching=enable_prefix_caching, seed=seed,
-        speculative_config=_json_option("speculative_config", speculative_config))
+        speculative_config=_json_option("speculative_config", speculative_config),
+        **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config))
 
 
 @app.command("train-tiny")

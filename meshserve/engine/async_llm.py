@@ -24,6 +24,7 @@ from typing import Any
 
 from meshserve.config import EngineConfig
 from meshserve.engine.engine import Engine
+from meshserve.engine.llm import make_engine
 from meshserve.engine.outputs import RequestOutput
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.errors import InputError, require
@@ -67,7 +68,7 @@ class AsyncLLM:
 
     @classmethod
     def from_args(cls, model: str, max_waiting: int | None = None, **engine_args: Any) -> AsyncLLM:
-        return cls(Engine(EngineConfig.from_args(model, **engine_args)), max_waiting)
+        return cls(make_engine(EngineConfig.from_args(model, **engine_args)), max_waiting)
 
     @property
     def alive(self) -> bool:
@@ -153,7 +154,7 @@ class AsyncLLM:
         kind, payload, future = message
         try:
             if kind == "add":
-                waiting = len(self.engine.scheduler.waiting)
+                waiting = self.engine.num_waiting
                 if self.max_waiting is not None and waiting >= self.max_waiting:
                     raise EngineBusy(f"{waiting} requests are waiting (max_waiting={self.max_waiting})")
                 prompt, params, request_id = payload

@@ -173,6 +173,11 @@ class Engine:
         for child in group.children:
             del self.requests[child.request_id]
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued and not yet scheduled (the server's bound on waiting requests)."""
+        return len(self.scheduler.waiting)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

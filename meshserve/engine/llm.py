@@ -27,6 +27,16 @@ if TYPE_CHECKING:
 Prompt = str | Sequence[int] | dict[str, Any]
 
 
+def make_engine(config: EngineConfig) -> Engine | DistributedEngine:
+    """An Engine in this process, or N rank processes behind a DistributedEngine (data_parallel_size > 1
+    or enable_expert_parallel)."""
+    if config.parallel.distributed:
+        from meshserve.engine.distributed import DistributedEngine
+
+        return DistributedEngine(config)
+    return Engine(config)
+
+
 class LLM:
     """A model plus an engine; ``generate`` runs prompts to completion and returns them in order.
 
@@ -35,13 +45,7 @@ class LLM:
     """
 
     def __init__(self, model: str, **engine_args: Any) -> None:
-        config = EngineConfig.from_args(model, **engine_args)
-        if config.parallel.distributed:  # data_parallel_size > 1 or enable_expert_parallel
-            from meshserve.engine.distributed import DistributedEngine
-
-            self.engine: Engine | DistributedEngine = DistributedEngine(config)
-        else:
-            self.engine = Engine(config)
+        self.engine = make_engine(EngineConfig.from_args(model, **engine_args))
         self.tokenizer = self.engine.tokenizer
 
     def generate(

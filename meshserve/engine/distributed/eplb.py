@@ -3,21 +3,24 @@
 Every rank keeps the last ``window_size`` steps of the expert loads its router produced. Every
 ``step_interval`` steps the windows are summed onto rank 0, which runs the configured balancer
 (meshserve.placement: the same planners the wafer simulator costs) and broadcasts the new placement.
-Each new replica is copied from an old holder by point-to-point sends on a separate process group:
+The copies that build it (migration.py) run:
 
-- invasive: the copies run on the main thread; the step waits for them (vLLM / SGLang's way);
-- non-invasive: the copies run in chunks on a side thread while steps go on with the old placement.
+- invasive: all at once inside the step that planned them; that step waits (vLLM / SGLang's way);
+- non-invasive: a byte budget at a time between steps, in the time a rank waits for its next step
+  command; the old placement serves until the last chunk has landed.
 
-At every step boundary while a migration is in flight the ranks all-reduce two flags (still copying,
-failed). When no rank is copying, all switch to the new placement in that same step; when any copy
-failed (a send timed out: ``migration_timeout_s``), all drop the migration, keep the old placement,
-and the error is reported. No step ever waits for migration bytes in non-invasive mode.
+The budget adapts to the idle time it finds (no guessed rate): every rank proposes 1.5x the last
+budget when its copies finished before the next step command arrived, half when they ran into it;
+the ranks agree on the smallest proposal at the step boundary (one small all-reduce per step while a
+migration is in flight, which also carries "a copy failed"). No thread competes with the steps for
+the cores. When a copy failed (a peer did not answer within ``migration_timeout_s``), all ranks drop
+the migration, keep the old placement, and the error is reported.
 """
 
 from __future__ import annotations
 
-import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -27,11 +30,10 @@ import torch.distributed as dist
 
 from meshserve.engine.distributed.config import EPLBConfig
 from meshserve.engine.distributed.expert_map import spread_placement
-from meshserve.engine.distributed.expert_parallel import ExpertParallel, Prepared
-from meshserve.engine.distributed.worker import injected_fault
+from meshserve.engine.distributed.expert_parallel import ExpertParallel
+from meshserve.engine.distributed.migration import Migration
 from meshserve.placement import (
     BalanceConfig,
-    Migrations,
     Placement,
     make_balancer,
     migrations,
@@ -43,59 +45,6 @@ def balancedness(placement: Placement, load: np.ndarray) -> float:
     """vLLM's balancedness: mean over ranks / max over ranks of the token load, averaged over layers."""
     per_rank = placement.device_load(load)
     return float((per_rank.mean(axis=-1) / np.maximum(per_rank.max(axis=-1), 1e-12)).mean())
-
-
-class ExpertCopies:
-    """The replica copies of one migration, run in order by every rank (each acting on its own rows)."""
-
-    def __init__(self, target: np.ndarray, moves: Migrations, ep: ExpertParallel, group: dist.ProcessGroup,
-                 cfg: EPLBConfig) -> None:
-        self.target, self.moves, self.ep, self.group = target, moves, ep, group
-        self.prepared: Prepared | None = None
-        self.rank = ep.rank
-        self.timeout = timedelta(seconds=cfg.migration_timeout_s)
-        layer = ep.layers[0]
-        self.chunk = max(1, cfg.chunk_bytes // layer.local.experts.down_proj.element_size())
-        self.size = layer.expert_size()
-        self.dtype = layer.local.experts.down_proj.dtype
-        self.arrived: dict[tuple[int, int], torch.Tensor] = {}
-        self.error: str | None = None
-        self.finished = threading.Event()
-        self.abandoned = threading.Event()
-        self.thread: threading.Thread | None = None
-
-    def run(self) -> None:
-        """Send what this rank holds, receive what it gains, build the new slots aside; then sets
-        ``finished`` (or ``error``)."""
-        try:
-            for layer, expert, src, dst in zip(*(m.tolist() for m in (
-                    self.moves.layer, self.moves.expert, self.moves.src, self.moves.dst)), strict=True):
-                if self.abandoned.is_set():
-                    return
-                if self.rank == src:
-                    if injected_fault("stall", self.rank):
-                        self.abandoned.wait(2 * self.timeout.total_seconds())
-                        return
-                    for chunk in self.ep.expert_weights(layer, expert).split(self.chunk):
-                        dist.isend(chunk, dst, group=self.group).wait(self.timeout)
-                elif self.rank == dst:
-                    buf = torch.empty(self.size, dtype=self.dtype)
-                    for view in buf.split(self.chunk):
-                        dist.irecv(view, src, group=self.group).wait(self.timeout)
-                    self.arrived[(layer, expert)] = buf
-            self.prepared = self.ep.prepare(self.target, self.arrived)
-            self.finished.set()
-        except Exception as err:  # noqa: BLE001 - a stalled or broken copy becomes a reported error
-            self.error = f"rank {self.rank}: {type(err).__name__}: {err}".strip()
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name="expert-migration", daemon=True)
-        self.thread.start()
-
-    def abandon(self) -> None:
-        self.abandoned.set()
-        if self.thread is not None:
-            self.thread.join(1.0)
 
 
 class LiveBalancer:
@@ -113,8 +62,10 @@ class LiveBalancer:
         self.planner = make_balancer(cfg.balancer, policy, self.hops, cfg.num_redundant_experts)
         self.base = Placement(spread_placement(layers, experts, world_size, 0), self.slots)
         self.side = self._side_group()
-        self.copies: ExpertCopies | None = None
+        self.migration: Migration | None = None
         self.record: dict[str, Any] = {}
+        self.budget = float(cfg.chunk_bytes)  # bytes each rank may move in the coming gap (agreed)
+        self.overran = False  # the last gap's copies were still running when the next command came
 
     def _side_group(self) -> dist.ProcessGroup:
         return dist.new_group(backend="gloo", timeout=timedelta(seconds=self.cfg.migration_timeout_s))
@@ -123,11 +74,19 @@ class LiveBalancer:
         """Called by every rank after every step with its expert loads; returns migration records."""
         self.window[self.tick % self.cfg.window_size] = counts
         self.tick += 1
-        if self.copies is not None:
+        if self.migration is not None:
             return self._poll()
         if self.tick >= self.cfg.window_size and self.tick % self.cfg.step_interval == 0:
             return self._plan()
         return []
+
+    def between_steps(self, command_waiting: Callable[[], bool]) -> None:
+        """This gap's share of a non-invasive migration (the worker calls it after replying to a step)."""
+        migration = self.migration
+        if migration is None or migration.done or self.record.get("error"):
+            return
+        self._advance(self.budget)
+        self.overran = command_waiting()
 
     def _plan(self) -> list[dict[str, Any]]:
         load = torch.from_numpy(self.window.sum(axis=0).astype(np.float64))
@@ -151,38 +110,49 @@ class LiveBalancer:
             "holds_before": current.holds, "holds_after": target.holds, "load": load.numpy(),
         }
         self._started = time.perf_counter()
-        self.copies = ExpertCopies(target.holds, moves, self.ep, self.side, self.cfg)
+        self.migration = Migration(target.holds, moves, self.ep, self.side, self.cfg.chunk_bytes,
+                                   self.cfg.migration_timeout_s)
         if self.cfg.mode == "invasive":
-            self.copies.run()
+            self._advance(float("inf"))
             return self._poll()
-        self.copies.start()
+        self.budget, self.overran = float(self.cfg.chunk_bytes), False
         return [{**self.record, "final": False}]
 
+    def _advance(self, budget: float) -> None:
+        try:
+            self.migration.advance(budget)
+        except Exception as err:  # noqa: BLE001 - a stalled or broken copy becomes a reported error
+            self.record["error"] = f"rank {self.rank}: {type(err).__name__}: {err}".strip()
+
+    def _proposed_budget(self) -> float:
+        """The next gap's budget as this rank sees it: grow while the copies fit in the gaps, halve when
+        they ran into the next step (the wait for a step command is the idle time being measured)."""
+        grown = self.budget / 2 if self.overran else self.budget * 1.5
+        return max(float(self.cfg.chunk_bytes), grown)
+
     def _poll(self) -> list[dict[str, Any]]:
-        copies = self.copies
-        copying = not (copies.finished.is_set() or copies.error)
-        flags = torch.tensor([int(copying), int(copies.error is not None)])
-        dist.all_reduce(flags)
-        still_copying, failed = flags.tolist()
-        if failed:
+        """At a step boundary: agree on failure and the next gap's budget; switch once every chunk is in."""
+        failed = self.record.get("error") is not None
+        flags = torch.tensor([float(failed), -self._proposed_budget()], dtype=torch.float64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0] > 0:
             errors: list[str | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(errors, copies.error)
-            copies.abandon()
+            dist.all_gather_object(errors, self.record.get("error"))
             self.side = self._side_group()  # the old one may hold a half-done send
             message = "; ".join(e for e in errors if e)
             return self._finish(error=f"expert migration stalled ({message}); kept the old placement")
-        if still_copying:
+        if not self.migration.done:
+            self.budget = -float(flags[1])  # the smallest proposal: no rank's gap is overrun on purpose
             return []
         switch = time.perf_counter()
-        self.ep.install(copies.prepared)
+        self.ep.install(self.migration.new)
         return self._finish(switch_s=time.perf_counter() - switch)
 
     def _finish(self, **result: Any) -> list[dict[str, Any]]:
         record = {**self.record, **result, "final": True, "switch_tick": self.tick,
                   "migration_s": time.perf_counter() - self._started}
-        self.copies, self.record = None, {}
+        self.migration, self.record = None, {}
         return [record]
 
     def close(self) -> None:
-        if self.copies is not None:
-            self.copies.abandon()
+        self.migration = None

@@ -50,24 +50,21 @@ class ExpertParallel:
 
     def expert_bytes(self) -> int:
         """Bytes of one expert's weights (what a migration copies per replica)."""
-        layer = self.layers[0]
-        return layer.expert_size() * layer.local.experts.down_proj.element_size()
+        return sum(part.nbytes for part in self.parts(0, int(self.map.local_experts(0, self.rank)[0])))
 
-    def expert_weights(self, layer: int, expert: int) -> torch.Tensor:
-        """This rank's copy of one expert, flat (it must hold it)."""
+    def parts(self, layer: int, expert: int) -> list[torch.Tensor]:
+        """This rank's copy of one expert as flat views (SlotExperts.parts; it must hold the expert)."""
         slot = int(self.map.slot_of[layer, expert, self.rank])
         assert slot >= 0, f"rank {self.rank} holds no expert {expert} in MoE layer {layer}"
-        return self.layers[layer].local.weights(slot)
+        return self.layers[layer].local.parts(slot)
 
-    def prepare(self, holds: np.ndarray, arrived: dict[tuple[int, int], torch.Tensor]) -> Prepared:
-        """The expert slots of placement ``holds`` on this rank (kept experts copied from the current
-        slots, new ones from ``arrived``), built aside so the switch itself only swaps references."""
+    def allocate(self, holds: np.ndarray) -> Prepared:
+        """Empty expert slots for placement ``holds`` on this rank, to be filled in place (see migration.py)
+        while the current ones keep serving."""
         new = ExpertMap(holds)
-        local = []
-        for i, layer in enumerate(self.layers):
-            stack = torch.stack([arrived[(i, e)] if (i, e) in arrived else self.expert_weights(i, e)
-                                 for e in new.local_experts(i, self.rank)])
-            local.append(layer.slot_experts(stack))
+        local = [SlotExperts.empty(layer.hidden_size, layer.intermediate_size,
+                                   len(new.local_experts(i, self.rank)), self._dtype)
+                 for i, layer in enumerate(self.layers)]
         return Prepared(new, local)
 
     def install(self, prepared: Prepared) -> None:
@@ -83,3 +80,7 @@ class Prepared:
 
     map: ExpertMap
     local: list[SlotExperts]
+
+    def parts(self, layer: int, expert: int, rank: int) -> list[torch.Tensor]:
+        """Where expert ``expert`` of MoE layer ``layer`` goes on ``rank`` (this rank), as flat views."""
+        return self.local[layer].parts(int(self.map.slot_of[layer, expert, rank]))

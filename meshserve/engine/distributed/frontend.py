@@ -15,6 +15,8 @@ import os
 import tempfile
 import time
 import weakref
+from collections import Counter
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -30,6 +32,7 @@ from meshserve.engine.sampling_params import SamplingParams
 from meshserve.errors import InputError, require
 from meshserve.models.config import ModelConfig
 from meshserve.models.loader import load_config
+from meshserve.traces import ExpertTrace
 
 logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0
@@ -61,16 +64,16 @@ class DistributedEngine:
         self.config = config
         parallel = config.parallel
         self.model_config, self.tokenizer = load_config(config.model, config.dtype)
-        require(config.speculative_config is None, "speculative_config",
-                "is not supported with data_parallel_size / enable_expert_parallel yet")
-        require(config.record_expert_trace is None, "record_expert_trace",
-                "is not supported with data_parallel_size / enable_expert_parallel yet")
+        require(config.record_expert_trace is None or self.model_config.is_moe, "record_expert_trace",
+                f"model {self.model_config.name} ({self.model_config.arch}) has no MoE layers to trace")
         holds = expert_placement(parallel, self.model_config)
         eplb = parallel.eplb_config if parallel.enable_eplb and holds is not None else None
         self.num_ranks = n = parallel.data_parallel_size
         self.step_timeout_s = parallel.step_timeout_s
+        # Each rank is a single-process engine, speculative decoding included (drafts per rank); the
+        # expert trace is recorded here, from every rank's loads.
         single = EngineConfig(config.model, config.dtype, config.seed, cache=config.cache,
-                              scheduler=config.scheduler)
+                              scheduler=config.scheduler, speculative_config=config.speculative_config)
         self._store = tempfile.NamedTemporaryFile(prefix="meshserve-ep-", delete=False)  # noqa: SIM115
         self._store.close()
         os.unlink(self._store.name)  # the file store creates it; it must not exist yet
@@ -81,35 +84,46 @@ class DistributedEngine:
         self._finalizer = weakref.finalize(self, _kill, self._procs, self._store.name)
         for rank in range(n):
             ours, theirs = ctx.Pipe()
-            spec = RankSpec(rank, n, self._store.name, single, holds, eplb, threads, parallel.step_timeout_s)
+            spec = RankSpec(rank, n, self._store.name, single, holds, eplb, threads, parallel.step_timeout_s,
+                            record_counts=config.record_expert_trace is not None)
             proc = ctx.Process(target=run_rank, args=(spec, theirs), daemon=True,
                                name=f"meshserve-rank{rank}")
             proc.start()
             theirs.close()
             self._procs.append(proc)
             self._conns.append(ours)
-        self._replies(list(range(n)), "start", START_TIMEOUT_S)
+        self.max_model_len = self._replies(list(range(n)), "start", START_TIMEOUT_S)[0]
         self.owner: dict[str, int] = {}  # unfinished request -> its rank
         self._ids = itertools.count()
         self.num_steps = 0
         self.last_stats: dict[str, Any] = {}
         self.migrations: list[dict[str, Any]] = []  # one record per live migration (see eplb.py)
+        self._expert_counts: list[np.ndarray] = []  # per step with a forward: [moe_layer, expert], all ranks
+        # What the HTTP server reads of an Engine, summed over the ranks at every step.
+        self._added = 0
+        self.num_preemptions = 0
+        self.blocks = RankBlocks()
+        self.spec = None
         logger.info("distributed engine: %d ranks, expert parallel %s, EPLB %s", n, holds is not None,
                     eplb is not None)
 
     # -- requests ---------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a prompt on the least-busy rank; returns its request id. Bad input raises InputError."""
+                    request_id: str | None = None, stream: bool = False) -> str:
+        """Queue a prompt on the least-busy rank; returns its request id. Bad input raises InputError.
+
+        ``stream``: ``step()`` reports this request's deltas every step, as Engine.add_request's.
+        """
         if request_id is None:
             request_id = next(i for i in map(str, self._ids) if i not in self.owner)
         request_id = str(request_id)
         require(request_id not in self.owner, "request_id", f"{request_id!r} is already in use")
         busy = np.bincount(np.fromiter(self.owner.values(), dtype=np.int64), minlength=self.num_ranks)
         rank = int(busy.argmin())
-        self._call(rank, "add", (prompt, params, request_id))
+        self._call(rank, "add", (prompt, params, request_id, stream))
         self.owner[request_id] = rank
+        self._added += 1
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -125,8 +139,13 @@ class DistributedEngine:
     def has_unfinished(self) -> bool:
         return bool(self.owner)
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet scheduled on any rank (as of the last step, plus those added since)."""
+        return self.last_stats.get("waiting", 0) + self._added
+
     def step(self) -> list[RequestOutput]:
-        """One lock-step step of every rank; the final outputs of requests that finished in it."""
+        """One lock-step step of every rank; its outputs (final ones, and deltas of streamed requests)."""
         if self.closed:
             raise RankError("the engine's ranks have been shut down")
         for rank, conn in enumerate(self._conns):
@@ -135,24 +154,45 @@ class DistributedEngine:
             except OSError:
                 self._procs[rank].join(1.0)
                 self._fail(f"rank {rank} exited (code {self._procs[rank].exitcode}) before step")
-        finished: list[RequestOutput] = []
+        outputs: list[RequestOutput] = []
         infos = []
         for outs, info in self._replies(list(range(self.num_ranks)), "step", self.step_timeout_s):
-            finished.extend(outs)
+            outputs.extend(outs)
             infos.append(info)
-        for out in finished:
-            self.owner.pop(out.request_id, None)
+        for out in outputs:
+            if out.finished:
+                self.owner.pop(out.request_id, None)
         self.num_steps += 1
-        self.last_stats = {"step": self.num_steps, "step_s": [i["step_s"] for i in infos]}
-        if "routed" in infos[0]:  # expert-parallel: what each rank's experts computed, what was routed
+        self._added = 0
+        self.last_stats = {"step": self.num_steps, "step_s": [i["step_s"] for i in infos],
+                           **summed_stats([i["stats"] for i in infos])}
+        self.num_preemptions = sum(i["preemptions"] for i in infos)
+        self.blocks.prefix_cache = summed_prefix_cache([i["prefix_cache"] for i in infos])
+        if "routed" in infos[0]:  # expert-parallel: what each rank's experts computed
             self.last_stats["routed"] = np.array([i["routed"] for i in infos])  # [rank, moe_layer]
-            self.last_stats["expert_counts"] = np.sum([i["counts"] for i in infos], axis=0)  # [layer, expert]
+        if "counts" in infos[0]:  # what every rank's routers sent to each expert, [layer, expert]
+            self.last_stats["expert_counts"] = np.sum([i["counts"] for i in infos], axis=0)
+            if self.config.record_expert_trace is not None and any(i["forward"] for i in infos):
+                self._expert_counts.append(self.last_stats["expert_counts"])
         for record in (r for r in infos[0].get("eplb", []) if r.get("final")):
             self.migrations.append(record)
             if record.get("error"):
                 logger.error("expert migration failed: %s; serving continues on the old placement",
                              record["error"])
-        return finished
+        return outputs
+
+    def expert_trace(self) -> ExpertTrace | None:
+        """Tokens routed per expert, summed over the ranks, for every step some rank ran (None when not
+        recording): the single-process engine's trace format, which the simulator replays."""
+        if self.config.record_expert_trace is None:
+            return None
+        mc, sched = self.model_config, self.config.scheduler
+        counts = (np.stack(self._expert_counts) if self._expert_counts
+                  else np.zeros((0, mc.num_moe_layers, mc.num_experts), dtype=np.int64))
+        meta = {"dtype": self.config.dtype, "seed": self.config.seed, "arch": mc.arch,
+                "max_num_batched_tokens": sched.max_num_batched_tokens, "max_num_seqs": sched.max_num_seqs,
+                "data_parallel_size": self.num_ranks}
+        return ExpertTrace(counts=counts, model=mc.name, top_k=mc.top_k, source="engine", meta=meta)
 
     def holds(self) -> np.ndarray | None:
         """The expert placement the ranks serve now (rank 0's view; all ranks switch together)."""
@@ -222,6 +262,42 @@ class DistributedEngine:
         for proc in self._procs:
             proc.join(max(0.0, deadline - time.monotonic()))
         self._finalizer()
+        trace = self.expert_trace()
+        if trace is not None:
+            trace.save(self.config.record_expert_trace)
+            logger.info("expert trace: %d steps -> %s", trace.num_steps, self.config.record_expert_trace)
+
+
+@dataclass
+class RankBlocks:
+    """The ranks' KV block managers as the server's metrics see them: only the summed prefix cache."""
+
+    prefix_cache: SummedPrefixCache | None = None
+
+
+@dataclass
+class SummedPrefixCache:
+    queried_tokens: int
+    hit_tokens: int
+
+    def stats(self) -> dict[str, float]:
+        rate = self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+        return {"queried_tokens": self.queried_tokens, "hit_tokens": self.hit_tokens, "hit_rate": rate}
+
+
+def summed_prefix_cache(stats: list[dict[str, float] | None]) -> SummedPrefixCache | None:
+    if stats[0] is None:
+        return None
+    return SummedPrefixCache(sum(s["queried_tokens"] for s in stats), sum(s["hit_tokens"] for s in stats))
+
+
+def summed_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """One step's Engine.last_stats of every rank as one engine's: counts summed, KV usage averaged."""
+    total: dict[str, Any] = {key: sum(s.get(key, 0) for s in stats)
+                             for key in ("num_seqs", "running", "waiting", "preempted")}
+    total["kv_usage"] = float(np.mean([s.get("kv_usage", 0.0) for s in stats]))
+    total["tokens"] = dict(sum((Counter(s.get("tokens", {})) for s in stats), Counter()))
+    return total
 
 
 def _kill(procs: list[Any], store: str) -> None:

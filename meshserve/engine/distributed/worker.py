@@ -45,6 +45,7 @@ class RankSpec:
     eplb: EPLBConfig | None
     threads: int
     timeout_s: float
+    record_counts: bool = False  # report the router's expert counts every step (expert trace)
 
 
 class RankWorker:
@@ -56,7 +57,7 @@ class RankWorker:
         torch.set_num_threads(spec.threads)
         dist.init_process_group("gloo", init_method=f"file://{spec.store_path}", rank=spec.rank,
                                 world_size=spec.world_size, timeout=timedelta(seconds=spec.timeout_s))
-        self.rank = spec.rank
+        self.rank, self.record_counts = spec.rank, spec.record_counts
         self.engine = Engine(spec.config)
         self.ep = self.balancer = None
         if spec.holds is not None:
@@ -74,10 +75,19 @@ class RankWorker:
         finished = self.engine.step()
         if self.ep is not None and self.engine.num_steps == before:
             self.ep.idle()
-        info: dict[str, Any] = {"forward": self.engine.num_steps > before}
+        engine = self.engine
+        prefix = engine.blocks.prefix_cache
+        info: dict[str, Any] = {
+            "forward": engine.num_steps > before, "stats": engine.last_stats if engine.num_steps > before
+            else {"waiting": len(engine.scheduler.waiting)},
+            "preemptions": engine.num_preemptions, "prefix_cache": None if prefix is None else prefix.stats()}
         if self.ep is not None:
             info["routed"] = self.ep.received()
             info["counts"] = self.ep.counts()
+        elif self.record_counts:  # data parallel only: this rank's whole MoE layers routed these
+            mc = engine.model_config
+            info["counts"] = (engine.model.expert_counts().cpu().numpy().astype(np.int64) if info["forward"]
+                              else np.zeros((mc.num_moe_layers, mc.num_experts), dtype=np.int64))
         if self.balancer is not None:
             info["eplb"] = self.balancer.after_step(info["counts"])
         info["step_s"] = time.perf_counter() - start
@@ -102,13 +112,13 @@ class RankWorker:
 
 
 def run_rank(spec: RankSpec, conn: Connection) -> None:
-    """Process entry point: start, say ("ready", None), then answer commands until "close" or EOF."""
+    """Process entry point: start, say ("ready", max_model_len), then answer commands until "close" or EOF."""
     try:
         worker = RankWorker(spec)
     except BaseException as err:  # noqa: BLE001 - every start failure goes back to the front end
         conn.send(("error", _portable(err)))
         return
-    conn.send(("ready", None))
+    conn.send(("ready", worker.engine.max_model_len))
     while True:
         try:
             command, args = conn.recv()
@@ -124,6 +134,9 @@ def run_rank(spec: RankSpec, conn: Connection) -> None:
             conn.send(("ok", worker.handle(command, args)))
         except BaseException as err:  # noqa: BLE001 - reported; the front end decides
             conn.send(("error", _portable(err)))
+            continue
+        if command == "step" and worker.balancer is not None:
+            worker.balancer.between_steps(conn.poll)  # migration copies, in the wait for the next step
 
 
 def _portable(err: BaseException) -> tuple[str, ...]:

@@ -36,10 +36,18 @@ class SlotExperts(SparseMoE):
         super().__init__(hidden_size, intermediate_size, len(gate_up), 1, renormalize=False,
                          weights_in_model_dtype=True)
         del self.gate  # routing is given
-        self.experts.gate_up_proj.data = gate_up.contiguous()
-        self.experts.down_proj.data = down.contiguous()
-        self.experts.transposed_layout()
+        self.experts.gate_up_proj.data = gate_up
+        self.experts.down_proj.data = down
+        self.experts.transposed_layout()  # copies only weights not already in that layout
         self._slot = torch.zeros(0, dtype=torch.long)
+
+    @classmethod
+    def empty(cls, hidden_size: int, intermediate_size: int, slots: int, dtype: torch.dtype) -> SlotExperts:
+        """``slots`` experts with uninitialised weights, allocated in the transposed layout (so building
+        them copies nothing); a live migration fills them in place through ``parts``."""
+        i, h = intermediate_size, hidden_size
+        return cls(h, i, torch.empty(slots, h, 2 * i, dtype=dtype).transpose(1, 2),
+                   torch.empty(slots, i, h, dtype=dtype).transpose(1, 2))
 
     def run(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Expert output of each row [R, H] through its slot [R]."""
@@ -49,10 +57,11 @@ class SlotExperts(SparseMoE):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x.new_ones(len(x), 1), self._slot[:, None]
 
-    def weights(self, slot: int) -> torch.Tensor:
-        """One slot's weights as one flat contiguous tensor ([gate; up] then down), for migration."""
-        experts = self.experts
-        return torch.cat([experts.gate_up_proj[slot].reshape(-1), experts.down_proj[slot].reshape(-1)])
+    def parts(self, slot: int) -> list[torch.Tensor]:
+        """One slot's weights as flat tensors, each weight's transpose row by row (the transposed layout's
+        storage order, so these are views of the slot, not copies): what a migration sends and writes."""
+        weights = (self.experts.gate_up_proj, self.experts.down_proj)
+        return [w.detach()[slot].transpose(0, 1).contiguous().view(-1) for w in weights]
 
 
 class ExpertParallelMoE(nn.Module):
@@ -71,17 +80,6 @@ class ExpertParallelMoE(nn.Module):
                                  experts.down_proj[index])
         moe.experts = None  # this rank keeps only the experts it holds
         self.last_received = 0  # pairs this rank's experts computed in the last forward
-
-    def expert_size(self) -> int:
-        """Elements of one expert's flat weights (see SlotExperts.weights)."""
-        return 3 * self.intermediate_size * self.hidden_size
-
-    def slot_experts(self, flat_weights: torch.Tensor) -> SlotExperts:
-        """Experts given as flat weights [slots, expert_size] (SlotExperts.weights' layout) as slots."""
-        i, h = self.intermediate_size, self.hidden_size
-        gate_up = flat_weights[:, : 2 * i * h].reshape(-1, 2 * i, h)
-        down = flat_weights[:, 2 * i * h:].reshape(-1, h, i)
-        return SlotExperts(h, i, gate_up, down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t, hidden = x.shape

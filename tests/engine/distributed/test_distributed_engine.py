@@ -1,42 +1,17 @@
-"""N rank processes (data-parallel attention, expert-parallel MoE) give the single-process engine's tokens.
-
-Every LLM here starts real processes (spawn + torch.distributed gloo), so each test builds as few as
-it can and bounds every wait (step_timeout_s); after close, no rank process is left running.
-"""
+"""N rank processes (data-parallel attention, expert-parallel MoE) give the single-process engine's tokens;
+after close, no rank process is left running."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from meshserve.engine import LLM, SamplingParams
+from meshserve.engine import LLM
 from meshserve.engine.distributed import RankError
 from meshserve.engine.distributed.worker import FAULT_ENV
 from meshserve.errors import InputError
-
-GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-PROMPTS = [[1, 40, 41, 42], [1] + list(range(50, 80)), [1, 7], [1] + list(range(100, 117)), [1, 9, 9]]
-ARGS = {"max_num_batched_tokens": 16, "max_num_seqs": 4, "block_size": 4, "max_model_len": 128,
-        "step_timeout_s": 60.0}
-
-
-@pytest.fixture(scope="module")
-def mixtral(tiny_model_dir):
-    return str(tiny_model_dir("mixtral"))
-
-
-@pytest.fixture(scope="module")
-def expected(mixtral):
-    with LLM(mixtral, max_num_batched_tokens=16, max_num_seqs=4, block_size=4, max_model_len=128) as llm:
-        return tokens(llm)
-
-
-def tokens(llm: LLM, prompts=PROMPTS) -> list[list[int]]:
-    return [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-
-
-def assert_all_exited(llm: LLM) -> None:
-    assert all(not p.is_alive() for p in llm.engine._procs)
+from meshserve.traces import ExpertTrace
+from tests.engine.distributed.helpers import ARGS, GREEDY, PROMPTS, SINGLE, assert_all_exited, tokens
 
 
 def test_two_ranks_with_redundant_experts_match_one_process(mixtral, expected):
@@ -57,7 +32,7 @@ def test_two_ranks_with_redundant_experts_match_one_process(mixtral, expected):
 @pytest.mark.slow
 def test_dense_model_runs_as_plain_data_parallel(tiny_model_dir):
     llama = str(tiny_model_dir("llama"))
-    with LLM(llama, max_num_batched_tokens=16, max_num_seqs=4, block_size=4, max_model_len=128) as one:
+    with LLM(llama, **SINGLE) as one:
         want = tokens(one)
     with LLM(llama, data_parallel_size=2, enable_expert_parallel=True, **ARGS) as llm:
         assert llm.engine.holds() is None
@@ -85,3 +60,19 @@ def test_a_rank_that_fails_to_start_shuts_every_rank_down(mixtral, monkeypatch):
     with pytest.raises(RankError, match="rank 1 failed during start: .*injected start failure"):
         LLM(mixtral, data_parallel_size=2, enable_expert_parallel=True, **ARGS)
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("meshserve-rank")]
+
+
+def test_speculative_decoding_per_rank_and_one_expert_trace_from_all_ranks(mixtral, expected, tmp_path):
+    spec = {"method": "ngram", "num_speculative_tokens": 2}
+    with LLM(mixtral, data_parallel_size=2, enable_expert_parallel=True, speculative_config=spec,
+             record_expert_trace=str(tmp_path / "t.npz"), **ARGS) as llm:
+        engine = llm.engine
+        ids = [engine.add_request(prompt, GREEDY) for prompt in PROMPTS]
+        outputs, forwarded = {}, 0
+        while engine.has_unfinished():
+            outputs.update((out.request_id, out.token_ids) for out in engine.step())
+            forwarded += sum(engine.last_stats["tokens"].values())  # prompts, drafts, verified: both ranks
+        assert [outputs[i] for i in ids] == expected
+    trace = ExpertTrace.load(tmp_path / "t.npz")
+    assert trace.meta["data_parallel_size"] == 2 and trace.counts.shape[1:] == (2, 4)
+    assert (trace.counts.sum(axis=(0, 2)) == trace.top_k * forwarded).all()  # every token, every MoE layer

@@ -5,41 +5,25 @@ from __future__ import annotations
 
 import pytest
 
-from meshserve.engine import LLM, SamplingParams
+from meshserve.engine import LLM
 from meshserve.engine.distributed.worker import FAULT_ENV
-
-GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-PROMPTS = [[1, 40, 41, 42], [1] + list(range(50, 80)), [1, 7], [1] + list(range(100, 117)), [1, 9, 9],
-           [1, 300, 301], [1, 200, 7, 7]]
-ARGS = {"max_num_batched_tokens": 16, "max_num_seqs": 4, "block_size": 4, "max_model_len": 128,
-        "step_timeout_s": 60.0}
-
-
-@pytest.fixture(scope="module")
-def mixtral(tiny_model_dir):
-    return str(tiny_model_dir("mixtral"))
-
-
-@pytest.fixture(scope="module")
-def expected(mixtral):
-    with LLM(mixtral, max_num_batched_tokens=16, max_num_seqs=4, block_size=4, max_model_len=128) as llm:
-        return [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+from tests.engine.distributed.helpers import ARGS, tokens
 
 
 def generate_until_migrated(mixtral: str, ranks: int, expected: list[list[int]], **eplb) -> list[dict]:
     """Serve PROMPTS again and again (tokens checked every time) until a migration has switched in."""
-    config = {"window_size": 2, "step_interval": 2, "num_redundant_experts": 2, "chunk_bytes": 4096, **eplb}
+    config = {"window_size": 2, "step_interval": 2, "num_redundant_experts": 2, "chunk_bytes": 16384, **eplb}
     with LLM(mixtral, data_parallel_size=ranks, enable_expert_parallel=True, enable_eplb=True,
              eplb_config=config, **ARGS) as llm:
-        for _ in range(10):  # a side thread on a busy machine may need more than one round
-            assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+        for _ in range(10):  # copies in the gaps between steps may need more than one round
+            assert tokens(llm) == expected
             done = [m for m in llm.engine.migrations if not m.get("error")]
             if done:
                 break
         assert done, "no migration completed; the test would not cover the switch"
         assert (llm.engine.holds() == done[-1]["holds_after"]).all()
         # Tokens after the switch, on the new placement.
-        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+        assert tokens(llm) == expected
     return llm.engine.migrations
 
 
@@ -62,8 +46,8 @@ def test_a_stalled_migration_is_reported_and_the_old_placement_keeps_serving(mix
     with LLM(mixtral, data_parallel_size=2, enable_expert_parallel=True, enable_eplb=True,
              eplb_config=config, **ARGS) as llm:
         for _ in range(10):  # until the receiver's wait times out
-            assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+            assert tokens(llm) == expected
             if llm.engine.migrations:
                 break
         assert "expert migration stalled (rank 1: RuntimeError" in llm.engine.migrations[0]["error"]
-        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+        assert tokens(llm) == expected
