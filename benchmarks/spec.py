@@ -8,6 +8,10 @@ same tokenizer, trained alongside with distillation; docs/models.md). Prompts ar
 stdlib files the models never trained on; greedy, 64 output tokens each. Settings alternate within
 every repeat (a busy machine skews the ratios less) and the fastest repeat is kept. Every run must give
 the same tokens as the run without speculation (greedy verification is exact).
+
+Speculation pauses while more requests run than speculative_config.disable_by_batch_size (default
+DEFAULT_DISABLE_BY_BATCH_SIZE); batches above it also get "always" rows (disable_by_batch_size None),
+which show what the rule saves.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 from meshserve.assets import TINY_DRAFT, TINY_MOE
 from meshserve.engine.llm import LLM
 from meshserve.engine.sampling_params import SamplingParams
+from meshserve.engine.spec.config import DEFAULT_DISABLE_BY_BATCH_SIZE
 from meshserve.training.prompts import code_prompts
 
 
@@ -66,17 +71,21 @@ def main() -> None:
         "prompt_lookup_max": 4,
         "prompt_lookup_min": 2,
     }
+    for name in [n for n in setups if n != "none"]:
+        setups[f"{name} always"] = {**setups[name], "disable_by_batch_size": None}
+    rows = {b: [n for n in setups if b > DEFAULT_DISABLE_BY_BATCH_SIZE or not n.endswith("always")]
+            for b in args.batch}
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     llms = {
         (b, name): LLM(
             str(TINY_MOE),
             dtype=args.dtype,
             max_num_seqs=b,
-            speculative_config=spec or None,
+            speculative_config=setups[name] or None,
             enable_prefix_caching=False,
         )
         for b in args.batch
-        for name, spec in setups.items()
+        for name in rows[b]
     }
     prompts = code_prompts(next(iter(llms.values())).tokenizer, args.requests, 64, 160, seed=args.seed)
     results: dict[tuple[int, str], dict] = {}
@@ -91,13 +100,15 @@ def main() -> None:
         f"best of {args.repeats}"
     )
     header = ("batch", "method", "out tok/s", "speedup", "steps", "accept", "exact")
-    print("{:>5} {:<10} {:>10} {:>8} {:>6} {:>7} {:>6}".format(*header))
+    print(f"speculation pauses while more than {DEFAULT_DISABLE_BY_BATCH_SIZE} requests run "
+          "(disable_by_batch_size); 'always' rows speculate at any batch size")
+    print("{:>5} {:<17} {:>10} {:>8} {:>6} {:>7} {:>6}".format(*header))
     for b in args.batch:
         base = results[(b, "none")]
-        for name in setups:
+        for name in rows[b]:
             r = results[(b, name)]
             print(
-                f"{b:5d} {name:<10} {r['out_tok_s']:10.1f} {r['out_tok_s'] / base['out_tok_s']:7.2f}x "
+                f"{b:5d} {name:<17} {r['out_tok_s']:10.1f} {r['out_tok_s'] / base['out_tok_s']:7.2f}x "
                 f"{r['steps']:6d} {r['acceptance']:7.1%} {str(r['tokens'] == base['tokens']):>6}"
             )
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

@@ -23,6 +23,7 @@ from meshserve.wafer.trace_fit import balancedness
 
 def _serving_section(console: Console, out: Path, target: Path, draft: Path) -> Path:
     from meshserve.demo.serving import SPECULATIVE_TOKENS, run_serving
+    from meshserve.engine.spec.config import DEFAULT_DISABLE_BY_BATCH_SIZE
     from meshserve.models.tokenizer import Tokenizer
 
     console.rule("1. Serving engine: tiny MoE (8 experts, top-2) + draft, trained on Python's stdlib")
@@ -35,7 +36,8 @@ def _serving_section(console: Console, out: Path, target: Path, draft: Path) -> 
         )
         console.print(Text("-" * 40, style="dim"))
     table = Table(
-        title=f"{len(r.outputs)} requests, greedy, draft-model speculation (k={SPECULATIVE_TOKENS})"
+        title=f"{len(r.outputs)} requests, greedy, draft-model speculation (k={SPECULATIVE_TOKENS}, "
+        f"paused while more than {DEFAULT_DISABLE_BY_BATCH_SIZE} requests run)"
     )
     for col in ("figure", "value"):
         table.add_column(col)

@@ -34,8 +34,18 @@ def test_greedy_drafts_follow_the_draft_models_own_greedy_path(draft) -> None:
     a, b = list(range(40, 57)), list(range(90, 96))
     drafts, q = prop.propose(["a", "b"], [a, b], [4, 2], [True, True], [None, None], _softmax)
     assert drafts == [_greedy_continuation(draft, a, 4), _greedy_continuation(draft, b, 2)]
-    assert q.shape == (2, 4, draft.config.vocab_size)
-    assert torch.allclose(q[0].sum(-1), torch.ones(4)) and q[1, 2:].abs().sum() == 0
+    assert q is None  # greedy verification compares tokens: no draft distribution is computed
+
+
+def test_sampled_requests_get_their_draft_distribution_greedy_ones_none(draft) -> None:
+    prop = DraftModelProposer(draft, k=3, num_blocks=32, block_size=4)
+    gen = torch.Generator().manual_seed(1)
+    drafts, q = prop.propose(["g", "s"], [list(range(40, 50)), list(range(70, 75))], [3, 2], [True, False],
+                             [None, gen], _softmax)
+    assert [len(d) for d in drafts] == [3, 2] and q.shape == (2, 3, draft.config.vocab_size)
+    assert q[0].abs().sum() == 0  # the greedy request's rows are never read
+    assert torch.allclose(q[1, :2].sum(-1), torch.ones(2)) and q[1, 2].abs().sum() == 0
+    assert all(q[1, j, t] > 0 for j, t in enumerate(drafts[1]))  # each draft was drawn from its row
 
 
 def test_rollback_after_partial_acceptance_keeps_drafts_exact(draft) -> None:

@@ -11,10 +11,12 @@ from meshserve.engine import LLM, SamplingParams
 from meshserve.engine.spec.layer_skip import write_layer_skip_draft
 
 MAX_TOKENS = 12
+ALWAYS = {"disable_by_batch_size": None}  # speculate at every batch size: these tests check its mechanics
 SPEC = {
     "off": None,
-    "ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1},
-    "draft": {"method": "draft_model", "num_speculative_tokens": 2},
+    "ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1,
+              **ALWAYS},
+    "draft": {"method": "draft_model", "num_speculative_tokens": 2, **ALWAYS},
 }
 BUDGETS = {"small": {"max_num_batched_tokens": 7, "max_num_seqs": 4},
            "large": {"max_num_batched_tokens": 512, "max_num_seqs": 8}}
@@ -107,7 +109,7 @@ def test_prefill_decode_and_verify_share_steps(tiny_model_dir):
     from meshserve.engine import Engine
 
     engine = Engine.from_args(str(tiny_model_dir("llama")), max_num_batched_tokens=24, max_num_seqs=8,
-                              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+                              speculative_config={"method": "ngram", "num_speculative_tokens": 3, **ALWAYS})
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     kinds = []
     for i, prompt in enumerate([[30, 31] * 8, [1, 2, 3, 4], [40, 41, 42] * 5, [1] + list(range(100, 160))]):
@@ -121,3 +123,20 @@ def test_prefill_decode_and_verify_share_steps(tiny_model_dir):
     assert all(sum(k.values()) <= 24 for k in kinds)  # one token budget for all three kinds
     assert any(k["prefill"] and k["verify"] for k in kinds)
     assert any(k["prefill"] and k["verify"] and k["decode"] for k in kinds)
+
+
+def test_speculation_pauses_while_the_batch_is_larger_than_disable_by_batch_size(tiny_model_dir):
+    from meshserve.engine import Engine
+
+    engine = Engine.from_args(str(tiny_model_dir("llama")), max_num_seqs=8, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 2})
+    repetitive = [[30 + i, 31 + i] * 8 for i in range(4)]
+    for i, prompt in enumerate(repetitive):  # different lengths: the batch shrinks as requests finish
+        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=4 + 8 * i, ignore_eos=True))
+    verify_by_running = []
+    while engine.has_unfinished():
+        running = len(engine.scheduler.running)
+        engine.step()
+        verify_by_running.append((running, engine.last_stats["tokens"]["verify"]))
+    assert all(verify == 0 for running, verify in verify_by_running if running > 2)
+    assert any(verify > 0 for running, verify in verify_by_running if running <= 2)

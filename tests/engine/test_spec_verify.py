@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from meshserve.engine.spec import verify
+from meshserve.engine.spec import verify, verify_greedy
 
 V, K, N = 5, 3, 20000
 
@@ -29,6 +29,16 @@ def test_greedy_accepts_matching_prefix_then_emits_target_argmax() -> None:
     assert out.tokens[0] == [int(best[0, 0]), int(best[0, 1])]
     assert out.tokens[1] == best[1, :3].tolist()  # both drafts accepted + bonus from row 2
     assert out.tokens[2] == [int(best[2, 0])]
+
+
+def test_greedy_from_token_ids_equals_the_full_rule() -> None:
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(64, K + 1, 6, generator=gen)  # 6 tokens: drafts match the argmax often
+    drafts = torch.randint(0, 6, (64, K), generator=gen)
+    num = torch.randint(0, K + 1, (64,), generator=gen)
+    full = verify(logits, drafts, num, torch.ones(64, dtype=torch.bool), [None] * 64)
+    fast = verify_greedy(logits.argmax(-1), drafts, num)
+    assert fast == full and 0 < sum(full.num_accepted) < int(num.sum())
 
 
 def test_no_drafts_is_plain_sampling() -> None:

@@ -9,6 +9,7 @@ has exactly the target's distribution.
 from meshserve.engine.spec.config import SpecConfig
 from meshserve.engine.spec.draft import DraftModelProposer
 from meshserve.engine.spec.ngram import NgramProposer, propose_ngram
-from meshserve.engine.spec.verify import VerifyResult, verify
+from meshserve.engine.spec.verify import VerifyResult, verify, verify_greedy
 
-__all__ = ["DraftModelProposer", "NgramProposer", "SpecConfig", "VerifyResult", "propose_ngram", "verify"]
+__all__ = ["DraftModelProposer", "NgramProposer", "SpecConfig", "VerifyResult", "propose_ngram", "verify",
+           "verify_greedy"]

@@ -10,6 +10,7 @@ from meshserve.errors import InputError, require
 METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 16
 FIELD = "speculative_config"
+DEFAULT_DISABLE_BY_BATCH_SIZE = 4  # benchmarks/spec.py: speculation loses from batch 16 on (docs/engine.md)
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class SpecConfig:
     prompt_lookup_max / prompt_lookup_min: n-gram lengths tried, longest first (ngram only).
     model: draft model directory (draft_model only).
     draft_kv_blocks: KV blocks of the draft model's own cache (draft_model only).
+    disable_by_batch_size: no drafts in a step with more than this many running requests (vLLM's setting;
+        None = always speculate). A big batch already fills the forward that speculation would fill, so
+        extra verify tokens and draft forwards cost more than the steps they save (docs/engine.md).
     """
 
     method: str
@@ -30,6 +34,7 @@ class SpecConfig:
     prompt_lookup_min: int = 1
     model: str | None = None
     draft_kv_blocks: int = 2048
+    disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
 
     @classmethod
     def from_dict(cls, value: dict[str, Any] | SpecConfig | None) -> SpecConfig | None:
@@ -53,6 +58,9 @@ class SpecConfig:
             v = getattr(self, name)
             require(isinstance(v, int) and not isinstance(v, bool) and v >= low, f"{FIELD}.{name}",
                     f"must be an integer >= {low}, got {v!r}")
+        v = self.disable_by_batch_size
+        require(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                f"{FIELD}.disable_by_batch_size", f"must be None or an integer >= 1, got {v!r}")
         require(self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS, f"{FIELD}.num_speculative_tokens",
                 f"must be <= {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}")
         require(self.prompt_lookup_min <= self.prompt_lookup_max, f"{FIELD}.prompt_lookup_min",

@@ -16,7 +16,7 @@ from meshserve.engine.request import Request
 from meshserve.engine.spec.config import SpecConfig
 from meshserve.engine.spec.draft import DraftModelProposer
 from meshserve.engine.spec.ngram import NgramProposer
-from meshserve.engine.spec.verify import verify
+from meshserve.engine.spec.verify import verify, verify_greedy
 from meshserve.errors import InputError
 from meshserve.models.loader import load_model
 
@@ -55,7 +55,11 @@ class SpecDecoder:
 
     def propose(self, running: Sequence[Request], max_model_len: int) -> None:
         """Set drafts on running requests about to decode (none for requests that want logprobs or whose
-        logits are processed: penalties, bias, min_tokens)."""
+        logits are processed: penalties, bias, min_tokens), and none at all while more requests run than
+        ``disable_by_batch_size``."""
+        off = self.config.disable_by_batch_size
+        if off is not None and len(running) > off:
+            return
         wanted, limits = [], []
         for r in running:
             decoding = r.num_output_tokens > 0 and r.num_tokens - r.num_computed_tokens == 1
@@ -76,7 +80,9 @@ class SpecDecoder:
                 [r.request_id for r in wanted], contexts, limits, [r.params.greedy for r in wanted],
                 [self._generator(r) for r in wanted],
                 lambda logits, rows: self.probs(logits, [params[i] for i in rows]))
-            self.draft_probs.update((r.request_id, q[i]) for i, r in enumerate(wanted))
+            if q is not None:  # greedy requests need no q: verification compares tokens
+                self.draft_probs.update((r.request_id, q[i]) for i, r in enumerate(wanted)
+                                       if not r.params.greedy)
         for r, d in zip(wanted, drafts, strict=True):
             r.spec_token_ids = d
 
@@ -91,31 +97,32 @@ class SpecDecoder:
         width = int(n.max())
         offsets = torch.arange(width).clamp(max=n[:, None] - 1)  # pad rows repeat the item's last row
         rows = torch.as_tensor(list(first_rows), dtype=torch.long)[:, None] + offsets
-        target = logits[rows].float()  # [R, K + 1, V]
+        padded = [r.spec_token_ids[: m - 1] + [0] * (width - m)
+                  for r, m in zip(requests, n.tolist(), strict=True)]
+        drafts = torch.tensor(padded, dtype=torch.long).view(len(requests), width - 1)
         greedy = torch.tensor([r.params.greedy for r in requests])
-        sampled = torch.nonzero(~greedy).flatten().tolist()
-        if sampled:
+        if bool(greedy.all()):  # tokens only: the argmax of each verify row, no [R, K + 1, V] copy
+            out = verify_greedy(logits[rows.flatten()].argmax(-1).view(rows.shape), drafts, n - 1)
+        else:
+            target = logits[rows].float()  # [R, K + 1, V]
+            sampled = torch.nonzero(~greedy).flatten().tolist()
             params = [requests[i].params for i in sampled for _ in range(width)]
             target[sampled] = self.probs(target[sampled].flatten(0, 1), params).view(len(sampled), width, -1)
-        drafts = torch.zeros(len(requests), width - 1, dtype=torch.long)
-        for i, r in enumerate(requests):
-            d = r.spec_token_ids[: int(n[i]) - 1]
-            drafts[i, : len(d)] = torch.as_tensor(d, dtype=torch.long)
-        q = self._gather_draft_probs(requests, width - 1, logits.shape[-1])
-        out = verify(target, drafts, n - 1, greedy, [self._generator(r) for r in requests], q,
-                     draws_per_row=self.k + 1)
+            q = self._gather_draft_probs(requests, width - 1, logits.shape[-1])
+            out = verify(target, drafts, n - 1, greedy, [self._generator(r) for r in requests], q,
+                         draws_per_row=self.k + 1)
         self.draft_tokens += int((n - 1).sum())
         self.accepted_tokens += sum(out.num_accepted)
         self.verify_steps += len(requests)
         return out.tokens
 
     def _gather_draft_probs(self, requests: Sequence[Request], k: int, vocab: int) -> torch.Tensor | None:
+        """q [R, k, V] of the drafts (zero rows for greedy requests, which never read them)."""
         if isinstance(self.proposer, NgramProposer):
             return None
-        q = torch.zeros(len(requests), k, vocab)
-        for i, r in enumerate(requests):
-            q[i] = self.draft_probs[r.request_id][:k]
-        return q
+        zero = torch.zeros(k, vocab)
+        return torch.stack([self.draft_probs[r.request_id][:k] if not r.params.greedy else zero
+                            for r in requests])
 
     def remove(self, request_id: str) -> None:
         """Forget a finished, aborted or preempted request (frees its draft-model KV)."""

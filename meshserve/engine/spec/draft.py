@@ -54,30 +54,40 @@ class DraftModelProposer:
     @torch.inference_mode()
     def propose(self, req_ids: Sequence[str], contexts: Sequence[Sequence[int]], limits: Sequence[int],
                 greedy: Sequence[bool], generators: Sequence[torch.Generator | None],
-                to_probs: ProbsFn) -> tuple[list[list[int]], torch.Tensor]:
+                to_probs: ProbsFn) -> tuple[list[list[int]], torch.Tensor | None]:
         """Drafts (at most ``min(k, limits[i])`` each) and their distributions q [R, k, V].
 
-        Greedy requests take the draft's argmax; others sample q with their own generator.
+        Greedy requests take the draft's argmax and need no q (greedy verification compares tokens):
+        their q rows stay zero, and q is None when every request is greedy (no softmax is computed).
+        Others sample q with their own generator.
         """
         rows = len(req_ids)
-        n = [min(self.k, lim) if self._reserve(rid, len(ctx) + min(self.k, lim) - 1) else 0
-             for rid, ctx, lim in zip(req_ids, contexts, limits, strict=True)]
-        drafts: list[list[int]] = [[] for _ in range(rows)]
-        q = torch.zeros(rows, max(self.k, 1), self.config.vocab_size)
-        active = [i for i in range(rows) if n[i] > 0]
-        feeds = {i: self._catch_up(req_ids[i], contexts[i]) for i in active}
-        for step in range(self.k):
-            active = [i for i in active if n[i] > step]
-            if not active:
-                break
-            logits = self._forward([req_ids[i] for i in active], [feeds[i] for i in active])
-            probs = to_probs(logits, active)
-            tokens = self._pick(logits, probs, [greedy[i] for i in active], [generators[i] for i in active])
-            for row, i in enumerate(active):
-                drafts[i].append(tokens[row])
-                q[i, step] = probs[row]
-                feeds[i] = [tokens[row]]
-        return drafts, q
+        n = torch.tensor([min(self.k, lim) if self._reserve(rid, len(ctx) + min(self.k, lim) - 1) else 0
+                          for rid, ctx, lim in zip(req_ids, contexts, limits, strict=True)], dtype=torch.long)
+        tokens = torch.zeros(rows, self.k, dtype=torch.long)
+        sampled_rows = [i for i in range(rows) if not greedy[i] and n[i] > 0]
+        q = torch.zeros(rows, max(self.k, 1), self.config.vocab_size) if sampled_rows else None
+        active = torch.nonzero(n > 0).flatten()
+        feeds = [self._catch_up(req_ids[i], contexts[i]) for i in active.tolist()]
+        for step in range(int(n.max()) if rows else 0):
+            keep = n[active] > step  # requests whose drafts are done drop out of later forwards
+            if not bool(keep.all()):
+                feeds = [f for f, kept in zip(feeds, keep.tolist(), strict=True) if kept]
+                active = active[keep]
+            ids = active.tolist()
+            logits = self._forward([req_ids[i] for i in ids], feeds)
+            picked = logits.argmax(-1)
+            if q is not None:
+                sampled = [row for row, i in enumerate(ids) if not greedy[i]]
+                if sampled:
+                    probs = to_probs(logits[sampled], [ids[row] for row in sampled])
+                    q[active[sampled], step] = probs
+                    for j, row in enumerate(sampled):
+                        picked[row] = torch.multinomial(probs[j], 1, generator=generators[ids[row]])[0]
+            tokens[active, step] = picked
+            feeds = [[t] for t in picked.tolist()]
+        lens = n.tolist()
+        return [t[:m] for t, m in zip(tokens.tolist(), lens, strict=True)], q
 
     def _reserve(self, req_id: str, num_tokens: int) -> bool:
         """Make the request's draft block table cover ``num_tokens`` KV slots; False if out of blocks."""
@@ -108,13 +118,3 @@ class DraftModelProposer:
         for s, f in zip(seqs, feeds, strict=True):
             s.fed.extend(f)
         return self.model.compute_logits(hidden[meta.logits_indices]).float()
-
-    @staticmethod
-    def _pick(logits: torch.Tensor, probs: torch.Tensor, greedy: Sequence[bool],
-              generators: Sequence[torch.Generator | None]) -> list[int]:
-        out = logits.argmax(-1).tolist()
-        for row, g in enumerate(greedy):
-            if not g:
-                out[row] = int(torch.multinomial(probs[row], 1, generator=generators[row]))
-        return out
-

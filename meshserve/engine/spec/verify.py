@@ -83,6 +83,19 @@ def verify(
     return VerifyResult(tokens, accepted)
 
 
+def verify_greedy(
+    target_ids: torch.Tensor, draft_ids: torch.Tensor, num_drafts: torch.Tensor
+) -> VerifyResult:
+    """Greedy verification from token ids alone: ``target_ids`` int64 [R, K + 1] is the target's argmax at
+    each verify row; the same result as ``verify`` with every request greedy, in a few integer ops."""
+    k = draft_ids.shape[1]
+    valid = torch.arange(k)[None, :] < num_drafts[:, None]
+    num_accepted = ((draft_ids == target_ids[:, :k]) & valid).int().cumprod(1).sum(1)
+    extra = target_ids.gather(1, num_accepted[:, None].long()).squeeze(1)
+    drafts, accepted, extras = draft_ids.tolist(), num_accepted.tolist(), extra.tolist()
+    return VerifyResult([d[:a] + [e] for d, a, e in zip(drafts, accepted, extras, strict=True)], accepted)
+
+
 def _draws(rows: int, k1: int, draws: int, vocab: int, greedy: torch.Tensor,
            generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniforms [R, K + 1] (of ``draws`` per row) and Exp(1) noise [R, V] from each sampled request's
