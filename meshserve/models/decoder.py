@@ -24,7 +24,12 @@ from meshserve.models.layers.rotary import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Each residual add is fused with the norm that reads its sum: the attention add with this layer's
+    post-attention norm, the MLP add with the next layer's input norm (or the final norm), so the forward
+    passes (x, norm(x)) from layer to layer.
+    """
 
     def __init__(self, cfg: ModelConfig, mlp: nn.Module, window: int | None = None) -> None:
         super().__init__()
@@ -33,9 +38,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), kv_cache, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, h: torch.Tensor, kv_cache: torch.Tensor, step: StepInputs,
+                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream, h = input_layernorm(x); returns (x', next_norm(x'))."""
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, kv_cache, step))
+        return next_norm.add_forward(x, self.mlp(h))
 
 
 class DecoderLM(nn.Module):
@@ -90,9 +97,11 @@ class DecoderLM(nn.Module):
         plans = plan_step(meta, cache.shape[2], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache.dtype,
                           windows, native_op=use_native(cache.device, cache.dtype))
         step = StepInputs(cos, sin, plans)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, kv_cache, step)
-        return self.norm(x)
+        h = self.layers[0].input_layernorm(x)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, kv_cache, next_norm in zip(self.layers, kv_caches, next_norms, strict=True):
+            x, h = layer(x, h, kv_cache, step, next_norm)
+        return h
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

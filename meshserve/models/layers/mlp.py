@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from meshserve.kernels.fused import silu_mul
 from meshserve.kernels.smooth_gemm import SmoothLinear
 
 
@@ -18,5 +18,4 @@ class GatedMLP(nn.Module):
         self.down_proj = SmoothLinear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
