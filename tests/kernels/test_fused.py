@@ -65,7 +65,7 @@ def test_rotary_qkv_rotates_q_and_k_in_place(t, kv_heads, group, half, dtype, se
 def test_silu_mul_matches_reference(t, inter, dtype, scale, seed):
     gate_up = randn(t, 2 * inter, dtype=dtype, seed=seed, scale=scale)
     with torch.inference_mode():
-        ours = fused.silu_mul(gate_up)
+        ours = fused.silu_mul(gate_up, dtype)
     ref = fused.silu_mul_reference(gate_up)
     # bfloat16: our exp differs from torch's by < 2e-7 relative, which can move a rounding by one ulp.
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 8e-3}
@@ -92,7 +92,7 @@ def test_fake_impls_give_output_shapes():
 
     with FakeTensorMode():
         gate_up = torch.empty(5, 12)
-        assert torch.ops.meshserve.silu_mul(gate_up).shape == (5, 6)
+        assert torch.ops.meshserve.silu_mul(gate_up, torch.bfloat16).shape == (5, 6)
         x, w = torch.empty(5, 6), torch.empty(6)
         assert torch.ops.meshserve.add_rms_norm(x, x, w, 1e-6).shape == (5, 6)
         assert torch.ops.meshserve.rms_norm(x, w, 1e-6).shape == (5, 6)
@@ -104,4 +104,35 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.meshserve.rms_norm, (x, w, 1e-6))
     torch.library.opcheck(torch.ops.meshserve.add_rms_norm, (x.clone(), x, w, 1e-6))
     torch.library.opcheck(torch.ops.meshserve.rotary_qkv_, (qkv, cos, sin, 2, 1, 8))
-    torch.library.opcheck(torch.ops.meshserve.silu_mul, (qkv,))
+    torch.library.opcheck(torch.ops.meshserve.rotary_qkv_cast, (qkv, cos.bfloat16(), sin.bfloat16(), 2, 1, 8))
+    torch.library.opcheck(torch.ops.meshserve.silu_mul, (qkv, torch.bfloat16, True))
+
+
+@settings(max_examples=15, deadline=None)
+@given(t=rows, heads=st.integers(1, 4), half=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_float32_gemm_outputs_are_rounded_like_the_reference(t, heads, half, seed):
+    """A bfloat16 layer's float32 GEMM output goes straight into the fused ops: they round it on reading,
+    exactly as the reference's cast would, and out_f32 hands the next GEMM bfloat16 values in float32."""
+    dim, n = 2 * half, heads * 2 * half
+    x, weight = randn(t, n, dtype=torch.bfloat16, seed=seed), randn(n, dtype=torch.bfloat16, seed=seed + 1)
+    delta = randn(t, n, dtype=torch.float32, seed=seed + 2)
+    qkv = randn(t, 3 * n, dtype=torch.float32, seed=seed + 3)
+    cos = randn(t, dim, dtype=torch.bfloat16, seed=seed + 4)
+    sin = randn(t, dim, dtype=torch.bfloat16, seed=seed + 5)
+    with torch.inference_mode():
+        total, normed = fused.add_rms_norm(x.clone(), delta, weight, 1e-6, out_f32=True)
+        q, k, v = fused.rotary_qkv(qkv, cos, sin, heads, heads, dim)
+        act = fused.silu_mul(qkv[:, : 2 * n], torch.bfloat16, out_f32=True)
+    expected_sum = x + delta.bfloat16()
+    assert normed.dtype == torch.float32 and act.dtype == torch.float32
+    torch.testing.assert_close(total, expected_sum, atol=0, rtol=0)
+    torch.testing.assert_close(normed, fused.rms_norm_reference(expected_sum, weight, 1e-6).float(), atol=0,
+                               rtol=0)
+    rounded = qkv.bfloat16()
+    q_ref, k_ref, v_ref = rounded.split(n, dim=-1)
+    exact = {"atol": 0, "rtol": 0}
+    torch.testing.assert_close(q, fused.rotary_reference(q_ref.reshape(t, heads, dim), cos, sin), **exact)
+    torch.testing.assert_close(k, fused.rotary_reference(k_ref.reshape(t, heads, dim), cos, sin), **exact)
+    torch.testing.assert_close(v, v_ref.reshape(t, heads, dim), **exact)
+    silu_ref = fused.silu_mul_reference(rounded[:, : 2 * n]).float()
+    torch.testing.assert_close(act, silu_ref, atol=1e-2, rtol=8e-3)
