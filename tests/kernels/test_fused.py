@@ -1,5 +1,6 @@
-"""The native fused elementwise ops equal their torch references: bit for bit in bfloat16 (they round at
-the same points), within float32 rounding in float32."""
+"""The native fused elementwise ops equal their torch references: rotary bit for bit (it rounds at the
+same points), norms and SiLU within one bfloat16 rounding (a float32 sum in another order can move one)
+and within float32 rounding in float32."""
 
 from __future__ import annotations
 
@@ -11,13 +12,19 @@ from hypothesis import strategies as st
 from meshserve.kernels import fused, native
 
 DTYPES = [torch.float32, torch.bfloat16]
-TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 0, "rtol": 0}}
+TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 1e-3, "rtol": 8e-3}}
 
 
 @pytest.fixture(autouse=True, scope="module")
 def native_ops():
     if not native.load():
         pytest.fail(f"native kernels missing: run `{native.BUILD_COMMAND}` (make test does)")
+
+
+@pytest.fixture(autouse=True)
+def opt_in(monkeypatch):
+    """The native ops are opt-in (MESHSERVE_FUSED=native); every test here runs them."""
+    monkeypatch.setenv("MESHSERVE_FUSED", "native")
 
 
 def randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -79,11 +86,11 @@ def test_reference_path_keeps_autograd_for_training():
     assert x.grad is not None and weight.grad is not None
 
 
-def test_env_forces_the_reference(monkeypatch):
+def test_env_selects_the_native_ops(monkeypatch):
     with torch.inference_mode():
         x = torch.randn(4, 8)
         assert fused.use_fused(x)
-        monkeypatch.setenv("MESHSERVE_FUSED", "reference")
+        monkeypatch.delenv("MESHSERVE_FUSED")
         assert not fused.use_fused(x)
 
 
@@ -126,8 +133,8 @@ def test_float32_gemm_outputs_are_rounded_like_the_reference(t, heads, half, see
     expected_sum = x + delta.bfloat16()
     assert normed.dtype == torch.float32 and act.dtype == torch.float32
     torch.testing.assert_close(total, expected_sum, atol=0, rtol=0)
-    torch.testing.assert_close(normed, fused.rms_norm_reference(expected_sum, weight, 1e-6).float(), atol=0,
-                               rtol=0)
+    torch.testing.assert_close(normed, fused.rms_norm_reference(expected_sum, weight, 1e-6).float(),
+                               **TOLERANCE[torch.bfloat16])
     rounded = qkv.bfloat16()
     q_ref, k_ref, v_ref = rounded.split(n, dim=-1)
     exact = {"atol": 0, "rtol": 0}
