@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from meshserve.kernels import native
-from meshserve.kernels.attention_tiles import TaskTable, plan_tasks, tile_sizes
+from meshserve.kernels.attention_tiles import TaskTable, plan_tasks_native, tile_sizes
 from meshserve.kernels.meta_attention import AttentionPlan, paged_attention, plan_attention
 from meshserve.kernels.meta_attention_native import meta_attention
 
@@ -42,7 +42,7 @@ def plan_step(
         return {w: plan_attention(meta, block_size, window=w) for w in windows}
     sizes = tile_sizes(head_dim, dtype)
     threads = torch.get_num_threads()
-    return {w: plan_tasks(meta, num_heads, num_kv_heads, sizes, threads, window=w) for w in windows}
+    return {w: plan_tasks_native(meta, num_heads, num_kv_heads, sizes, threads, window=w) for w in windows}
 
 
 def attend(

@@ -78,21 +78,28 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def run_choice(choice: GemmChoice, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                packed: torch.Tensor | None = None, packed_f32: torch.Tensor | None = None,
-               bias_f32: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ weight.T + bias [M, N] through ``choice``; the packed weights must exist for its kernel."""
-    m = x.shape[0]
+               bias_f32: torch.Tensor | None = None, out_f32: bool = False) -> torch.Tensor:
+    """y = x @ weight.T + bias [M, N] through ``choice``; the packed weights must exist for its kernel.
+
+    x may be float32 holding weight-dtype values (a fused op's output for a float32 GEMM); out_f32 lets a
+    float32 GEMM return its float32 result for a consumer that rounds it itself (kernels/fused.py).
+    """
+    m, dtype = x.shape[0], weight.dtype
+    f32 = choice.kernel == "packed_f32" and dtype != torch.float32
+    if not f32:
+        x = x.to(dtype)
     if choice.kernel == "linear":
         return F.linear(x, weight, bias)
-    f32 = choice.kernel == "packed_f32" and x.dtype != torch.float32
     if choice.tile == 1 and not f32:
         return _onednn(x, packed, bias)
     if choice.tile == 1:
-        return _onednn(x.float(), packed_f32, bias_f32).to(x.dtype)
+        out = _onednn(x.float(), packed_f32, bias_f32)
+        return out if out_f32 else out.to(dtype)
     rows = -(-m // choice.tile) * choice.tile
-    staged = STAGING.get(rows, x.shape[1], torch.float32 if f32 else x.dtype)
+    staged = STAGING.get(rows, x.shape[1], torch.float32 if f32 else dtype)
     staged[:m].copy_(x)  # selective read: only the real rows; rows m.. are virtual padding
-    out = _onednn(staged, packed_f32 if f32 else packed, bias_f32 if f32 else bias)
-    return out[:m].to(x.dtype)  # selective write: only the real rows come back
+    out = _onednn(staged, packed_f32 if f32 else packed, bias_f32 if f32 else bias)[:m]
+    return out if f32 and out_f32 else out.to(dtype)  # selective write: only the real rows come back
 
 
 def run_bmm(choice: GemmChoice, x: torch.Tensor, weight: torch.Tensor,
@@ -127,12 +134,19 @@ class SmoothLinear(nn.Linear):
         self._bias_f32 = None if self.bias is None or not needs_f32 else self.bias.detach().float()
         self._by_m = list(by_m)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def wants_f32(self, m: int) -> bool:
+        """Whether M tokens run a float32 GEMM on this bfloat16 layer (then float32 input saves a cast)."""
+        by_m = self._by_m
+        return by_m is not None and self._packed_f32 is not None and by_m[min(m, len(by_m) - 1)].kernel == \
+            "packed_f32"
+
+    def forward(self, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
         by_m = self._by_m
         if by_m is None:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
         choice = by_m[min(x.shape[0], len(by_m) - 1)]
-        return run_choice(choice, x, self.weight, self.bias, self._packed, self._packed_f32, self._bias_f32)
+        return run_choice(choice, x, self.weight, self.bias, self._packed, self._packed_f32, self._bias_f32,
+                          out_f32)
 
 
 def pad_to_bucket_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -24,7 +24,12 @@ from meshserve.models.layers.rotary import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Each residual add is fused with the norm that reads its sum: the attention add with this layer's
+    post-attention norm, the MLP add with the next layer's input norm (or the final norm), so the forward
+    passes (x, norm(x)) from layer to layer.
+    """
 
     def __init__(self, cfg: ModelConfig, mlp: nn.Module, window: int | None = None) -> None:
         super().__init__()
@@ -32,10 +37,16 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
+        self.dense_mlp = isinstance(mlp, GatedMLP)  # takes and gives float32 around float32 GEMMs
 
-    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), kv_cache, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, h: torch.Tensor, kv_cache: torch.Tensor, step: StepInputs,
+                next_norm: RMSNorm, next_f32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream, h = input_layernorm(x); returns (x', next_norm(x')), the latter in
+        float32 when next_f32 (its consumer runs a float32 GEMM)."""
+        mlp_f32 = self.dense_mlp and self.mlp.gate_up_proj.wants_f32(x.shape[0])
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, kv_cache, step), mlp_f32)
+        out = self.mlp(h, out_f32=True) if self.dense_mlp else self.mlp(h)
+        return next_norm.add_forward(x, out, next_f32)
 
 
 class DecoderLM(nn.Module):
@@ -90,9 +101,13 @@ class DecoderLM(nn.Module):
         plans = plan_step(meta, cache.shape[2], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache.dtype,
                           windows, native_op=use_native(cache.device, cache.dtype))
         step = StepInputs(cos, sin, plans)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, kv_cache, step)
-        return self.norm(x)
+        t = x.shape[0]
+        f32 = [layer.self_attn.qkv_proj.wants_f32(t) for layer in self.layers] + [False]
+        h = self.layers[0].input_layernorm(x, f32[0])
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            x, h = layer(x, h, kv_cache, step, next_norms[i], f32[i + 1])
+        return h
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

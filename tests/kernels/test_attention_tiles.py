@@ -75,3 +75,24 @@ def test_task_table_covers_every_tile_and_head_once_sorted_and_dealt_snake_wise(
 def test_shipped_profile_gives_tile_sizes():
     sizes = tile_sizes(64, torch.bfloat16)
     assert sizes.prefill_rows >= 1 and sizes.short_rows >= 1 and sizes.min_split_kv >= 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seqs=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40)), min_size=1, max_size=10),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    group=st.sampled_from([1, 3]),
+    threads=st.integers(1, 5),
+    window=st.sampled_from([None, 5, 64]),
+)
+def test_native_planner_builds_the_numpy_planners_table(seqs, kv_heads, group, threads, window):
+    from meshserve.kernels import native
+    from meshserve.kernels.attention_tiles import plan_tasks_native
+
+    assert native.load(), f"native kernels missing: run `{native.BUILD_COMMAND}`"
+    meta, _ = build_batch([c for c, _ in seqs], [q for _, q in seqs], block_size=4, seed=2)
+    ours = plan_tasks_native(meta, group * kv_heads, kv_heads, SIZES, threads, window=window)
+    oracle = plan_tasks(meta, group * kv_heads, kv_heads, SIZES, threads, window=window)
+    for field in ("slot_mapping", "block_tables", "tasks", "thread_starts", "combine", "tree_mask"):
+        assert torch.equal(getattr(ours, field), getattr(oracle, field)), field
+    assert (ours.partial_rows, ours.num_tokens) == (oracle.partial_rows, oracle.num_tokens)

@@ -8,7 +8,8 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from meshserve.errors import InputError
-from meshserve.models.layers.rotary import apply_rotary, rope_frequencies
+from meshserve.kernels.fused import rotary_reference as apply_rotary
+from meshserve.models.layers.rotary import rope_frequencies
 
 SCALINGS = [
     {"rope_type": "linear", "factor": 4.0},

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from meshserve.kernels.attention import StepPlan, attend
+from meshserve.kernels.fused import rotary_qkv, rotary_reference
 from meshserve.kernels.smooth_gemm import SmoothLinear
 from meshserve.models.config import ModelConfig
 from meshserve.models.layers.norm import RMSNorm
-from meshserve.models.layers.rotary import apply_rotary
 
 
 @dataclass
@@ -42,12 +42,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, step: StepInputs) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
+        qkv = self.qkv_proj(x, out_f32=True)  # float32 only from a float32 GEMM; rotary rounds it
+        if self.q_norm is None:
+            q, k, v = rotary_qkv(qkv, step.cos, step.sin, self.num_heads, self.num_kv_heads, self.head_dim)
+        else:  # Qwen3: per-head norm between the projection and rotary
+            q, k, v = qkv.to(step.cos.dtype).split(self.split, dim=-1)
+            q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
+            q, k = rotary_reference(q, step.cos, step.sin), rotary_reference(k, step.cos, step.sin)
+            v = v.view(t, self.num_kv_heads, self.head_dim)
         out = attend(q, k, v, kv_cache, step.plans[self.window], self.scale)
-        return self.o_proj(out.reshape(t, -1))
+        return self.o_proj(out.reshape(t, -1), out_f32=True)  # the residual add rounds it

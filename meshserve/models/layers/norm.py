@@ -1,9 +1,11 @@
-"""RMSNorm, computed in float32 like Hugging Face so both sides round the same way."""
+"""RMSNorm, computed in float32 like Hugging Face so both sides round the same way (kernels/fused.py)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from meshserve.kernels.fused import add_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -14,8 +16,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(self, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, out_f32)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor,
+                    out_f32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)) in one pass; x may be updated in place. out_f32: the norm in float32
+        (holding model-dtype values) for a float32 GEMM, when the native op runs."""
+        return add_rms_norm(x, delta, self.weight, self.eps, out_f32)

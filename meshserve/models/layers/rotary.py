@@ -87,21 +87,32 @@ def rope_frequencies(
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for a batch of positions, computed once per forward and shared by all layers."""
+    """cos/sin rows for a batch of positions, shared by all layers of a forward.
+
+    The rows come from a table over positions 0..n-1 (grown by doubling when a step reaches past it), so a
+    step gathers rows instead of recomputing cos and sin; the table's values are the same elementwise
+    float32 products and roundings a direct computation would give.
+    """
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_pos: int) -> None:
         super().__init__()
         inv_freq, self.scale = rope_frequencies(head_dim, theta, scaling, max_pos)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, head_dim] for positions [T], computed directly."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by cos/sin [T, head_dim] (the rotate-half convention of HF Llama)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.numel() == 0:
+            return self.compute(positions, dtype)
+        table = self._tables.get(dtype)
+        needed = int(positions.max()) + 1
+        if table is None or table[0].shape[0] < needed or table[0].device != positions.device:
+            size = max(needed, 2 * (0 if table is None else table[0].shape[0]), 256)
+            table = self.compute(torch.arange(size, device=positions.device), dtype)
+            self._tables[dtype] = table
+        return table[0][positions], table[1][positions]
