@@ -87,9 +87,10 @@ def load() -> bool:
         )
         return False
     torch.ops.load_library(str(path))
-    from meshserve.kernels.meta_attention_native import register_fake
+    from meshserve.kernels import fused_moe, meta_attention_native
 
-    register_fake()
+    meta_attention_native.register_fake()
+    fused_moe.register_fake()
     return True
 
 
