@@ -101,3 +101,28 @@ def test_bad_expert_id_is_refused():
     packed = pack_experts(torch.zeros(2, 8, 4), torch.zeros(2, 4, 4))
     with pytest.raises(RuntimeError, match="expert id 5"):
         fused_moe(torch.zeros(1, 4), torch.tensor([[5]]), torch.ones(1, 1), packed)
+
+
+def test_op_registration_and_fake_impl_pass_torch_opcheck():
+    packed = pack_experts(torch.randn(3, 64, 32), torch.randn(3, 32, 32))
+    ids, weights = random_routing(5, 3, 2, 3, torch.Generator().manual_seed(3))
+    torch.library.opcheck(torch.ops.meshserve.fused_moe.default, (torch.randn(5, 32), ids, weights, *packed),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_prepared_models_run_the_native_op_in_every_moe_layer(tiny_model_dir, monkeypatch, arch):
+    """The engine's prepare_gemms packs the experts and every MoE layer calls the op (no silent fallback)."""
+    from meshserve.kernels.profile import load_gemm_table
+    from meshserve.models import load_model
+    from meshserve.models.layers import moe as moe_module
+    from meshserve.testing import PagedSequences
+
+    calls = []
+    monkeypatch.setattr(moe_module, "fused_moe", lambda *args: calls.append(1) or fused_moe(*args))
+    lm = load_model(tiny_model_dir(arch))
+    lm.model.prepare_gemms(load_gemm_table(), 64)
+    seqs = PagedSequences(lm)
+    seqs.step({seqs.add([1, 5, 6, 7]): 4})
+    assert len(calls) == lm.config.num_moe_layers
+    assert int(lm.model.expert_counts().sum()) == 4 * lm.config.top_k * lm.config.num_moe_layers

@@ -175,6 +175,20 @@ struct Block {
   int64_t expert, first, rows;  // pairs [first, first + rows) of the expert-sorted order
 };
 
+// The rows of blk (row(p): pair p's input row) times one packed block, in micro-tiles of kMaxRows;
+// done(p, c) receives pair p's 64 float32 results.
+template <typename T, typename Row, typename Done>
+void run_block(const Block& blk, const T* b, int64_t k, Row row, Done done) {
+  const T* a[kMaxRows];
+  float c[kMaxRows * kCols];
+  for (int64_t m = 0; m < blk.rows; m += kMaxRows) {
+    const int64_t rows = std::min(kMaxRows, blk.rows - m);
+    for (int64_t r = 0; r < rows; ++r) a[r] = row(blk.first + m + r);
+    tile<T>(a, b, k, rows, c);
+    for (int64_t r = 0; r < rows; ++r) done(blk.first + m + r, c + r * kCols);
+  }
+}
+
 template <typename T>
 at::Tensor fused_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                           const at::Tensor& w13, const at::Tensor& w2) {
@@ -215,44 +229,31 @@ at::Tensor fused_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
 
   // gate_up: task = (row block, column block of 32 gate + 32 up columns); epilogue SiLU(gate) * up.
   at::parallel_for(0, nblocks * blocks13, 1, [&](int64_t begin, int64_t end) {
-    const T* a[kMaxRows];
-    float c[kMaxRows * kCols], act_rows[kCols / 2];
+    float act_row[kCols / 2];
     for (int64_t task = begin; task < end; ++task) {
       const Block& blk = blocks[task / blocks13];
       const int64_t nb = task % blocks13;
       const T* b = w13s + (blk.expert * blocks13 + nb) * hidden * kCols;
-      for (int64_t m = 0; m < blk.rows; m += kMaxRows) {
-        const int64_t rows = std::min(kMaxRows, blk.rows - m);
-        for (int64_t r = 0; r < rows; ++r) a[r] = xs + token_of[blk.first + m + r] * hidden;
-        tile<T>(a, b, hidden, rows, c);
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* g = c + r * kCols;
-          for (int64_t col = 0; col < kCols / 2; ++col)
-            act_rows[col] = g[col] / (1.f + exp_clamped(-g[col])) * g[kCols / 2 + col];
-          store<T>(act_rows, acts + (blk.first + m + r) * inter + nb * kCols / 2, kCols / 2);
-        }
-      }
+      run_block<T>(blk, b, hidden, [&](int64_t p) { return xs + token_of[p] * hidden; },
+                   [&](int64_t p, const float* g) {
+                     for (int64_t col = 0; col < kCols / 2; ++col)
+                       act_row[col] = g[col] / (1.f + exp_clamped(-g[col])) * g[kCols / 2 + col];
+                     store<T>(act_row, acts + p * inter + nb * kCols / 2, kCols / 2);
+                   });
     }
   });
 
   // down: task = (row block, column block of 64 hidden columns); epilogue scales by the routing weight.
   at::parallel_for(0, nblocks * blocks2, 1, [&](int64_t begin, int64_t end) {
-    const T* a[kMaxRows];
-    float c[kMaxRows * kCols];
     for (int64_t task = begin; task < end; ++task) {
       const Block& blk = blocks[task / blocks2];
       const int64_t nb = task % blocks2;
       const T* b = w2s + (blk.expert * blocks2 + nb) * inter * kCols;
-      for (int64_t m = 0; m < blk.rows; m += kMaxRows) {
-        const int64_t rows = std::min(kMaxRows, blk.rows - m);
-        for (int64_t r = 0; r < rows; ++r) a[r] = acts + (blk.first + m + r) * inter;
-        tile<T>(a, b, inter, rows, c);
-        for (int64_t r = 0; r < rows; ++r) {
-          const float w = weight_of[blk.first + m + r];
-          float* dst = outs + (blk.first + m + r) * hidden_pad + nb * kCols;
-          for (int64_t col = 0; col < kCols; ++col) dst[col] = c[r * kCols + col] * w;
-        }
-      }
+      run_block<T>(blk, b, inter, [&](int64_t p) { return acts + p * inter; },
+                   [&](int64_t p, const float* y) {
+                     float* dst = outs + p * hidden_pad + nb * kCols;
+                     for (int64_t col = 0; col < kCols; ++col) dst[col] = y[col] * weight_of[p];
+                   });
     }
   });
 
