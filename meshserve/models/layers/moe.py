@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshserve.kernels import native
 from meshserve.kernels.fused_moe import fused_moe, pack_experts, use_fused_moe
 from meshserve.kernels.smooth_gemm import PLAIN, GemmChoice, run_bmm
 from meshserve.models.layers.mlp import GatedMLP
@@ -50,6 +51,8 @@ class StackedExperts(nn.Module):
         and the choices go unused."""
         w = self.gate_up_proj.detach()
         if use_fused_moe(w.dtype, w.shape[2]) if fused is None else fused:
+            if not native.load():
+                raise RuntimeError(f"the fused MoE op is not built: run `{native.BUILD_COMMAND}`")
             self.packed = pack_experts(w, self.down_proj.detach())
             return
         self.packed = None
