@@ -1,8 +1,11 @@
 """Sparse MoE block: softmax router, top-k, optional renormalisation, stacked experts, optional shared expert.
 
-Experts run as two batched matmuls over all experts at once. Token-expert pairs are sorted by expert
-and packed into a [experts, capacity, hidden] buffer (capacity = the busiest expert's pair count), so
-every expert's rows sit contiguously and `torch.bmm` runs all experts in one call. Why this and not
+Once prepared (the engine's prepare_gemms), the routed experts run as one native fused op
+(kernels/fused_moe.py: rows read by index, float32 accumulation, SiLU-mul and the combine fused). The torch
+path below stays as the reference and serves what the op does not (other dtypes, unprepared layers).
+Torch path: experts run as two batched matmuls over all experts at once. Token-expert pairs are sorted
+by expert and packed into a [experts, capacity, hidden] buffer (capacity = the busiest expert's pair
+count), so every expert's rows sit contiguously and `torch.bmm` runs all experts in one call. Why this and not
 the alternatives: a Python loop per expert (what transformers does) costs one small GEMM launch per
 expert and layer; gathering each pair's expert weights ([pairs, 2I, H]) would copy gigabytes at
 prefill sizes. Padding to the busiest expert costs at most a few idle rows with a balanced router,
@@ -15,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshserve.kernels import native
+from meshserve.kernels.fused_moe import fused_moe, pack_experts, use_fused_moe
 from meshserve.kernels.smooth_gemm import PLAIN, GemmChoice, run_bmm
 from meshserve.models.layers.mlp import GatedMLP
 
@@ -23,6 +28,7 @@ class StackedExperts(nn.Module):
     """All experts as two stacked tensors (transformers v5 layout): [E, 2I, H] ([gate; up]), [E, H, I]."""
 
     _by_m: tuple[list[GemmChoice], list[GemmChoice]] | None = None
+    packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the fused op's weights (pack_experts)
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -37,9 +43,19 @@ class StackedExperts(nn.Module):
         for p in (self.gate_up_proj, self.down_proj):
             p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
 
-    def prepare(self, gate_up_by_m: list[GemmChoice], down_by_m: list[GemmChoice]) -> None:
+    def prepare(self, gate_up_by_m: list[GemmChoice], down_by_m: list[GemmChoice],
+                fused: bool | None = None) -> None:
         """SmoothGEMM choices per expert capacity M (index = M) for the two batched matmuls; a float32 copy
-        of a bf16 weight is made once when some M runs it in float32 (``packed_f32``)."""
+        of a bf16 weight is made once when some M runs it in float32 (``packed_f32``). With ``fused`` (the
+        default wherever the native op serves this dtype) the weights are packed for the fused op instead
+        and the choices go unused."""
+        w = self.gate_up_proj.detach()
+        if use_fused_moe(w.dtype, w.shape[2]) if fused is None else fused:
+            if not native.load():
+                raise RuntimeError(f"the fused MoE op is not built: run `{native.BUILD_COMMAND}`")
+            self.packed = pack_experts(w, self.down_proj.detach())
+            return
+        self.packed = None
         self._by_m = (gate_up_by_m, down_by_m)
         self._f32 = tuple(
             p.detach().float() if p.dtype != torch.float32 and any(c.kernel == "packed_f32" for c in by_m)
@@ -93,11 +109,24 @@ class SparseMoE(nn.Module):
         return weights, experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t, hidden = x.shape
         weights, experts = self.route(x)
         pair_expert = experts.reshape(-1)  # pair p = token p // k, choice p % k
         counts = torch.bincount(pair_expert, minlength=self.num_experts)
         self.last_counts = counts
+        packed = self.experts.packed
+        if packed is not None and packed[0].dtype == x.dtype:
+            out = fused_moe(x, experts, weights, packed)
+        else:
+            out = self._experts_torch(x, weights, experts, counts)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def _experts_torch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                       counts: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum through two batched matmuls over a packed [E, capacity, H]."""
+        t, hidden = x.shape
+        pair_expert = experts.reshape(-1)
 
         order = torch.argsort(pair_expert, stable=True)
         sorted_expert = pair_expert[order]
@@ -111,8 +140,4 @@ class SparseMoE(nn.Module):
         expert_out = self.experts.matmul(F.silu(gate) * up, 1)
         pair_out = x.new_empty(order.numel(), hidden)
         pair_out[order] = expert_out[sorted_expert, rank]
-        out = (pair_out.view(t, self.top_k, hidden) * weights[..., None]).sum(dim=1).to(x.dtype)
-
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return (pair_out.view(t, self.top_k, hidden) * weights[..., None]).sum(dim=1).to(x.dtype)

@@ -1,0 +1,83 @@
+"""The native fused MoE operator (kernels/csrc/moe.cpp): weight packing, the call, and its torch oracle.
+
+`torch.ops.meshserve.fused_moe(x, topk_ids, topk_weights, w13, w2)` runs every routed expert of a step in
+one call: pairs sorted by expert, token rows read by index, float32 accumulation, SiLU-mul and the
+routing-weight combine fused. Weights are packed once (``pack_experts``) into 64-column blocks laid out
+the way its micro-kernel reads them. ``moe_reference`` computes the same thing with plain torch ops.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from meshserve.kernels import native
+
+COLS = 64  # output columns per packed block (csrc/moe.cpp kCols); gate_up blocks hold 32 gate + 32 up
+
+
+def use_fused_moe(dtype: torch.dtype, hidden_size: int) -> bool:
+    """The native op serves float32 and bfloat16 (even hidden size) unless MESHSERVE_MOE=reference."""
+    if os.environ.get("MESHSERVE_MOE", "native") == "reference":
+        return False
+    supported = dtype == torch.float32 or (dtype == torch.bfloat16 and hidden_size % 2 == 0)
+    return supported and native.load()
+
+
+def _pack_blocks(w: torch.Tensor) -> torch.Tensor:
+    """[E, N, K] (N a multiple of COLS) -> [E, N/COLS, K, COLS] in float32; bfloat16 keeps each k-pair of a
+    column together, [E, N/COLS, K/2, 2*COLS], for the two-element dot-product instruction."""
+    e, n, k = w.shape
+    blocks = w.reshape(e, n // COLS, COLS, k)
+    if w.dtype == torch.float32:
+        return blocks.permute(0, 1, 3, 2).contiguous()
+    pairs = blocks.reshape(e, n // COLS, COLS, k // 2, 2).permute(0, 1, 3, 2, 4)
+    return pairs.reshape(e, n // COLS, k // 2, 2 * COLS).contiguous()
+
+
+def pack_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked expert weights gate_up [E, 2I, H] ([gate; up]) and down [E, H, I] in the op's layout.
+
+    I is zero-padded to a multiple of 32 and H (down's output) to a multiple of COLS; padded gate and up
+    columns give SiLU(0) * 0 = 0, and padded down columns are never read back.
+    """
+    e, two_i, h = gate_up.shape
+    i = two_i // 2
+    half = COLS // 2
+    i_pad, h_pad = -(-i // half) * half, -(-h // COLS) * COLS
+    gate, up = (F.pad(w, (0, 0, 0, i_pad - i)).reshape(e, i_pad // half, half, h)
+                for w in (gate_up[:, :i], gate_up[:, i:]))
+    interleaved = torch.stack((gate, up), dim=2).reshape(e, 2 * i_pad, h)
+    return _pack_blocks(interleaved), _pack_blocks(F.pad(down, (0, i_pad - i, 0, h_pad - h)))
+
+
+def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+              packed: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for x [T, H]; weights from pack_experts."""
+    ids, weights = topk_ids.contiguous(), topk_weights.float().contiguous()
+    return torch.ops.meshserve.fused_moe(x.contiguous(), ids, weights, *packed)
+
+
+def moe_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
+                  down: torch.Tensor) -> torch.Tensor:
+    """The op's oracle: a loop over experts in float32, rounding the SiLU-mul activations and the result to
+    x's dtype where the op does."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    i = down.shape[2]
+    for e in range(gate_up.shape[0]):
+        token, choice = torch.nonzero(topk_ids == e, as_tuple=True)
+        h = x[token].float() @ gate_up[e].float().T
+        act = (F.silu(h[:, :i]) * h[:, i:]).to(x.dtype).float()
+        out.index_add_(0, token, (act @ down[e].float().T) * topk_weights[token, choice, None].float())
+    return out.to(x.dtype)
+
+
+def _fused_moe_fake(x, topk_ids, topk_weights, w13, w2):
+    return torch.empty_like(x)
+
+
+def register_fake() -> None:
+    """Give the op (just loaded by native.load) its shape function, for torch.compile and fake tensors."""
+    torch.library.register_fake("meshserve::fused_moe", _fused_moe_fake)
