@@ -8,7 +8,11 @@ the way its micro-kernel reads them. ``moe_reference`` computes the same thing w
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,16 @@ import torch.nn.functional as F
 from meshserve.kernels import native
 
 COLS = 64  # output columns per packed block (csrc/moe.cpp kCols); gate_up blocks hold 32 gate + 32 up
+
+
+LIMITS = Path(__file__).parent / "profiles" / "moe.json"
+
+
+@cache
+def fused_max_tokens(dtype: torch.dtype) -> int:
+    """Largest step (tokens) the op serves in this dtype (profiles/moe.json); no limit when not listed."""
+    limits = json.loads(LIMITS.read_text())["fused_max_tokens"]
+    return int(limits.get(str(dtype).removeprefix("torch."), sys.maxsize))
 
 
 def use_fused_moe(dtype: torch.dtype, hidden_size: int) -> bool:

@@ -90,6 +90,24 @@ def test_prepared_moe_runs_the_native_op_and_matches_torch_path(dtype, shared, t
     assert int(moe.last_counts.sum()) == tokens * 2
 
 
+def test_steps_over_the_fused_limit_take_the_batched_matmuls(monkeypatch):
+    """profiles/moe.json caps the op's step size; a larger step runs the torch path with the same result."""
+    from meshserve.models.layers import moe as moe_module
+
+    calls = []
+    monkeypatch.setattr(moe_module, "fused_moe", lambda *args: calls.append(len(args[0])) or fused_moe(*args))
+    torch.manual_seed(0)
+    moe = SparseMoE(64, 48, num_experts=4, top_k=2, renormalize=True, weights_in_model_dtype=False)
+    reference = copy.deepcopy(moe)
+    moe.experts.prepare([PLAIN], [PLAIN])
+    moe.experts.fused_max_tokens = 8
+    with torch.no_grad():
+        for tokens in (8, 9):
+            x = torch.randn(tokens, 64)
+            torch.testing.assert_close(moe(x), reference(x), atol=4e-5, rtol=1e-5)
+    assert calls == [8]
+
+
 def test_reference_mode_keeps_the_torch_path(monkeypatch):
     monkeypatch.setenv("MESHSERVE_MOE", "reference")
     moe = SparseMoE(16, 8, num_experts=2, top_k=1, renormalize=False, weights_in_model_dtype=False)

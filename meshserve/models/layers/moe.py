@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.kernels import native
-from meshserve.kernels.fused_moe import fused_moe, pack_experts, use_fused_moe
+from meshserve.kernels.fused_moe import fused_max_tokens, fused_moe, pack_experts, use_fused_moe
 from meshserve.kernels.smooth_gemm import PLAIN, GemmChoice, run_bmm
 from meshserve.models.layers.mlp import GatedMLP
 
@@ -29,6 +29,7 @@ class StackedExperts(nn.Module):
 
     _by_m: tuple[list[GemmChoice], list[GemmChoice]] | None = None
     packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the fused op's weights (pack_experts)
+    fused_max_tokens = 0  # steps of at most this many tokens take the fused op
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -47,15 +48,15 @@ class StackedExperts(nn.Module):
                 fused: bool | None = None) -> None:
         """SmoothGEMM choices per expert capacity M (index = M) for the two batched matmuls; a float32 copy
         of a bf16 weight is made once when some M runs it in float32 (``packed_f32``). With ``fused`` (the
-        default wherever the native op serves this dtype) the weights are packed for the fused op instead
-        and the choices go unused."""
+        default wherever the native op serves this dtype) the weights are also packed for the fused op,
+        which serves steps of up to ``fused_max_tokens`` tokens; larger steps keep the batched matmuls."""
         w = self.gate_up_proj.detach()
+        self.packed = None
         if use_fused_moe(w.dtype, w.shape[2]) if fused is None else fused:
             if not native.load():
                 raise RuntimeError(f"the fused MoE op is not built: run `{native.BUILD_COMMAND}`")
             self.packed = pack_experts(w, self.down_proj.detach())
-            return
-        self.packed = None
+            self.fused_max_tokens = fused_max_tokens(w.dtype)
         self._by_m = (gate_up_by_m, down_by_m)
         self._f32 = tuple(
             p.detach().float() if p.dtype != torch.float32 and any(c.kernel == "packed_f32" for c in by_m)
@@ -114,7 +115,7 @@ class SparseMoE(nn.Module):
         counts = torch.bincount(pair_expert, minlength=self.num_experts)
         self.last_counts = counts
         packed = self.experts.packed
-        if packed is not None and packed[0].dtype == x.dtype:
+        if packed is not None and packed[0].dtype == x.dtype and x.shape[0] <= self.experts.fused_max_tokens:
             out = fused_moe(x, experts, weights, packed)
         else:
             out = self._experts_torch(x, weights, experts, counts)
