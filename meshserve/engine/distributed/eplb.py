@@ -10,7 +10,9 @@ The copies that build it (migration.py) run:
   command; the old placement serves until the last chunk has landed.
 
 The budget adapts to the idle time it finds (no guessed rate): every rank proposes 1.5x the last
-budget when its copies finished before the next step command arrived, half when they ran into it;
+budget when its copies finished before the next step command arrived, half when they ran into it,
+but never less than the busiest rank's bytes / ``step_interval``, so a migration always lands before the
+next plan is due even on a machine with no idle time (there the copies cost step time instead);
 the ranks agree on the smallest proposal at the step boundary (one small all-reduce per step while a
 migration is in flight, which also carries "a copy failed"). No thread competes with the steps for
 the cores. When a copy failed (a peer did not answer within ``migration_timeout_s``), all ranks drop
@@ -115,7 +117,7 @@ class LiveBalancer:
         if self.cfg.mode == "invasive":
             self._advance(float("inf"))
             return self._poll()
-        self.budget, self.overran = float(self.cfg.chunk_bytes), False
+        self.budget, self.overran = self._budget_floor(), False
         return [{**self.record, "final": False}]
 
     def _advance(self, budget: float) -> None:
@@ -128,7 +130,11 @@ class LiveBalancer:
         """The next gap's budget as this rank sees it: grow while the copies fit in the gaps, halve when
         they ran into the next step (the wait for a step command is the idle time being measured)."""
         grown = self.budget / 2 if self.overran else self.budget * 1.5
-        return max(float(self.cfg.chunk_bytes), grown)
+        return max(self._budget_floor(), grown)
+
+    def _budget_floor(self) -> float:
+        """The least a gap moves: one chunk, and enough to finish within ``step_interval`` steps."""
+        return max(float(self.cfg.chunk_bytes), self.migration.max_rank_bytes / self.cfg.step_interval)
 
     def _poll(self) -> list[dict[str, Any]]:
         """At a step boundary: agree on failure and the next gap's budget; switch once every chunk is in."""
