@@ -98,6 +98,8 @@ def test_steps_over_the_fused_limit_take_the_batched_matmuls(monkeypatch):
     monkeypatch.setattr(moe_module, "fused_moe", lambda *args: calls.append(len(args[0])) or fused_moe(*args))
     torch.manual_seed(0)
     moe = SparseMoE(64, 48, num_experts=4, top_k=2, renormalize=True, weights_in_model_dtype=False)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
     reference = copy.deepcopy(moe)
     moe.experts.prepare([PLAIN], [PLAIN])
     moe.experts.fused_max_tokens = 8
