@@ -51,7 +51,7 @@ def library_path() -> Path:
     key = hashlib.sha256()
     for part in (torch.__version__, " ".join(CFLAGS), _cpu_signature(), platform.python_version()):
         key.update(part.encode())
-    for src in _sources():
+    for src in [*_sources(), *sorted(CSRC.glob("*.h"))]:  # headers too: a change must rebuild
         key.update(src.read_bytes())
     return BUILD_ROOT / key.hexdigest()[:16] / "meshserve_native.so"
 

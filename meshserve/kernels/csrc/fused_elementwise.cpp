@@ -13,6 +13,8 @@
 #include <cstring>
 #include <vector>
 
+#include "fast_exp.h"
+
 #pragma GCC optimize("fp-contract=off")  // no fused multiply-add: round like the separate torch ops
 
 namespace meshserve {
@@ -30,23 +32,6 @@ inline float rounded(float v) {
 
 int64_t grain(int64_t row_elements) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_elements)); }
 
-// exp(x) for x <= 0 as arithmetic the compiler vectorises (Cephes' expf, relative error < 2e-7).
-inline float exp_nonpositive(float x) {
-  const float xc = std::max(x, -87.f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.f ? 0.f : p * scale;
-}
 
 // A float32 operand of a bfloat16 op is the unrounded output of a float32 GEMM (SmoothGEMM's packed_f32
 // kernel): the reference rounds it to the model dtype T first, so it is rounded here on reading. A

@@ -16,6 +16,8 @@
 #include <limits>
 #include <vector>
 
+#include "fast_exp.h"
+
 namespace meshserve {
 namespace {
 
@@ -27,25 +29,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 enum Col { SEQ, Q_START, Q_ROWS, Q_POS0, KV_HEAD, KV_LO, KV_HI, MASK, WINDOW, TREE_OFF, TREE_LEN, PARTIAL, NCOLS };
 enum Mask { NONE = 0, CAUSAL = 1, SLIDING = 2, TREE = 3 };
 
-// exp(x) for x <= 0 (a score minus its row's running max) as plain arithmetic the compiler vectorises
-// (std::exp stays scalar without -ffast-math): Cephes' expf, 2^n * p(r), relative error < 2e-7;
-// exp(-inf) (a masked score) is exactly 0.
-inline float exp_nonpositive(float x) {
-  const float xc = std::max(x, -87.f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.f ? 0.f : p * scale;
-}
 
 struct Shapes {
   int64_t heads, kv_heads, group, dim, block_size, blocks, max_blocks;

@@ -22,6 +22,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "fast_exp.h"
+
 namespace meshserve {
 namespace {
 
@@ -36,24 +38,6 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-// exp(x) as plain arithmetic the compiler vectorises (Cephes' expf, 2^n * p(r), relative error < 2e-7),
-// clamped to float32's finite range so silu saturates cleanly.
-inline float exp_clamped(float x) {
-  const float xc = std::min(std::max(x, -87.f), 88.f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof scale);
-  return p * scale;
-}
 
 // c[r][0..64) = a[r] . packed block, r < MR. bfloat16 block layout [K/2][64][2]: a k-pair of 64 columns.
 template <int MR>
