@@ -50,8 +50,8 @@ class Migration:
         self.element_size = self.new.local[0].experts.down_proj.element_size()
         self.chunks = self._schedule(target, moves, max(1, chunk_bytes // self.element_size))
         per_rank = np.zeros(ep.holds.shape[2])
-        for c in self.chunks:  # a local copy loads its rank once
-            per_rank[list({c.src, c.dst})] += (c.stop - c.start) * self.element_size
+        for c in self.chunks:  # counted as advance() counts a gap's load (a local copy loads its rank once)
+            per_rank[[c.src, c.dst]] += (c.stop - c.start) * self.element_size
         self.max_rank_bytes = float(per_rank.max(initial=0.0))  # the busiest rank's share of the schedule
         self.cursor = 0
         self.moved_bytes = 0  # by this rank: sent, received or copied locally

@@ -2,7 +2,8 @@
 
 Once prepared (the engine's prepare_gemms), the routed experts run as one native fused op
 (kernels/fused_moe.py: rows read by index, float32 accumulation, SiLU-mul and the combine fused). The torch
-path below stays as the reference and serves what the op does not (other dtypes, unprepared layers).
+path below stays as the reference and serves what the op does not (other dtypes, unprepared layers, and
+bfloat16 steps over kernels/profiles/moe.json's limit, where oneDNN's batched matmuls win).
 Torch path: experts run as two batched matmuls over all experts at once. Token-expert pairs are sorted
 by expert and packed into a [experts, capacity, hidden] buffer (capacity = the busiest expert's pair
 count), so every expert's rows sit contiguously and `torch.bmm` runs all experts in one call. Why this and not
