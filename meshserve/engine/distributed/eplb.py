@@ -52,8 +52,10 @@ def balancedness(placement: Placement, load: np.ndarray) -> float:
 class LiveBalancer:
     """Per-rank EPLB state: the load window, the planner (used on rank 0) and the migration in flight."""
 
-    def __init__(self, ep: ExpertParallel, cfg: EPLBConfig, rank: int, world_size: int) -> None:
+    def __init__(self, ep: ExpertParallel, cfg: EPLBConfig, rank: int, world_size: int,
+                 group_timeout_s: float) -> None:
         self.ep, self.cfg, self.rank = ep, cfg, rank
+        self.group_timeout = timedelta(seconds=group_timeout_s)
         layers, experts, _ = ep.holds.shape
         self.window = np.zeros((cfg.window_size, layers, experts), dtype=np.int64)
         self.tick = 0
@@ -70,7 +72,9 @@ class LiveBalancer:
         self.overran = False  # the last gap's copies were still running when the next command came
 
     def _side_group(self) -> dist.ProcessGroup:
-        return dist.new_group(backend="gloo", timeout=timedelta(seconds=self.cfg.migration_timeout_s))
+        """The group migration copies travel on. Its own timeout bounds only setting it up (a barrier every
+        rank must reach, however loaded the machine): each copy waits ``migration_timeout_s`` (Migration)."""
+        return dist.new_group(backend="gloo", timeout=self.group_timeout)
 
     def after_step(self, counts: np.ndarray) -> list[dict[str, Any]]:
         """Called by every rank after every step with its expert loads; returns migration records."""
@@ -146,7 +150,7 @@ class LiveBalancer:
             dist.all_gather_object(errors, self.record.get("error"))
             self.side = self._side_group()  # the old one may hold a half-done send
             message = "; ".join(e for e in errors if e)
-            return self._finish(error=f"expert migration stalled ({message}); kept the old placement")
+            return self._finish(error=f"expert migration stalled ({message}); the old placement serves on")
         if not self.migration.done:
             self.budget = -float(flags[1])  # the smallest proposal: no rank's gap is overrun on purpose
             return []

@@ -1,46 +1,38 @@
-"""DistributedEngine: the Engine interface over N rank processes (data-parallel attention, EP MoE).
+"""DistributedEngine: the Engine interface over N ranks (data-parallel attention, EP MoE).
 
-The front end starts the ranks (torch.multiprocessing spawn), deals each request to the rank with
-the fewest unfinished ones, and steps all ranks together. Every wait has a deadline and checks that
-the ranks are alive: a rank that fails to start or dies mid-step shuts every rank down and raises
-RankError (no orphan processes, no silent hang). Bad input raised on a rank comes back as InputError.
+The front end starts the ranks (processes.py: spawned here; torchrun.py: started by torchrun, this
+process being rank 0), deals each request to the rank with the fewest unfinished ones, and steps all
+ranks together. A rank that fails to start or dies mid-step shuts every rank down and raises RankError
+(no orphan processes, no silent hang). Bad input raised on a rank comes back as InputError.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import itertools
 import logging
-import os
-import tempfile
-import time
-import weakref
 from collections import Counter
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import numpy as np
-import torch.multiprocessing as mp
 
-from meshserve.config import EngineConfig
+from meshserve.config import EngineConfig, available_cores
 from meshserve.engine.distributed.config import ParallelConfig
 from meshserve.engine.distributed.expert_map import spread_placement, validate_placement
-from meshserve.engine.distributed.worker import RankSpec, run_rank
+from meshserve.engine.distributed.processes import SpawnedRanks
+from meshserve.engine.distributed.ranks import RankError, Ranks
+from meshserve.engine.distributed.torchrun import TorchrunRanks, serve_rank, torchrun_launch
+from meshserve.engine.distributed.worker import RankSpec
 from meshserve.engine.outputs import RequestOutput
 from meshserve.engine.sampling_params import SamplingParams
-from meshserve.errors import InputError, require
+from meshserve.errors import require
 from meshserve.models.config import ModelConfig
 from meshserve.models.loader import load_config
 from meshserve.traces import ExpertTrace
 
 logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0
-POLL_S = 0.5  # how often a wait checks that the ranks are alive
-
-
-class RankError(RuntimeError):
-    """A rank failed to start, died, or stopped answering; all ranks have been shut down."""
 
 
 def expert_placement(parallel: ParallelConfig, mc: ModelConfig) -> np.ndarray | None:
@@ -55,6 +47,23 @@ def expert_placement(parallel: ParallelConfig, mc: ModelConfig) -> np.ndarray | 
         redundant = parallel.eplb_config.num_redundant_experts
         return spread_placement(mc.num_moe_layers, mc.num_experts, n, redundant)
     return validate_placement(parallel.expert_placement, mc.num_moe_layers, mc.num_experts, n)
+
+
+def start_ranks(spec: RankSpec) -> Ranks:
+    """Spawn the ranks here, or, under torchrun, join its launch: rank 0 returns, the others serve rank
+    0's commands and leave the process when it closes (they never return)."""
+    launch = torchrun_launch()
+    if launch is None:
+        return SpawnedRanks(spec)
+    require(launch.world_size == spec.world_size, "data_parallel_size",
+            f"must equal torchrun's WORLD_SIZE ({launch.world_size}) when torchrun starts the ranks, "
+            f"got {spec.world_size}")
+    spec = dataclasses.replace(spec.for_rank(launch.rank, "env://"),
+                               threads=max(1, available_cores() // launch.local_world_size))
+    if launch.rank == 0:
+        return TorchrunRanks(spec)
+    serve_rank(spec)
+    raise SystemExit(0)
 
 
 class DistributedEngine:
@@ -74,25 +83,11 @@ class DistributedEngine:
         # expert trace is recorded here, from every rank's loads.
         single = EngineConfig(config.model, config.dtype, config.seed, cache=config.cache,
                               scheduler=config.scheduler, speculative_config=config.speculative_config)
-        self._store = tempfile.NamedTemporaryFile(prefix="meshserve-ep-", delete=False)  # noqa: SIM115
-        self._store.close()
-        os.unlink(self._store.name)  # the file store creates it; it must not exist yet
-        threads = max(1, (os.cpu_count() or 1) // n)
-        ctx = mp.get_context("spawn")
-        self._procs: list[Any] = []
-        self._conns: list[Connection] = []
-        self._finalizer = weakref.finalize(self, _kill, self._procs, self._store.name)
-        for rank in range(n):
-            ours, theirs = ctx.Pipe()
-            spec = RankSpec(rank, n, self._store.name, single, holds, eplb, threads, parallel.step_timeout_s,
-                            record_counts=config.record_expert_trace is not None)
-            proc = ctx.Process(target=run_rank, args=(spec, theirs), daemon=True,
-                               name=f"meshserve-rank{rank}")
-            proc.start()
-            theirs.close()
-            self._procs.append(proc)
-            self._conns.append(ours)
-        self.max_model_len = self._replies(list(range(n)), "start", START_TIMEOUT_S)[0]
+        threads = max(1, available_cores() // n)
+        spec = RankSpec(0, n, "", single, holds, eplb, threads, parallel.step_timeout_s,
+                        record_counts=config.record_expert_trace is not None)
+        self.ranks = start_ranks(spec)
+        self.max_model_len = self.ranks.started(START_TIMEOUT_S)[0]
         self.owner: dict[str, int] = {}  # unfinished request -> its rank
         self._ids = itertools.count()
         self.num_steps = 0
@@ -134,7 +129,7 @@ class DistributedEngine:
 
     @property
     def closed(self) -> bool:
-        return not self._finalizer.alive
+        return self.ranks.closed
 
     def has_unfinished(self) -> bool:
         return bool(self.owner)
@@ -146,17 +141,9 @@ class DistributedEngine:
 
     def step(self) -> list[RequestOutput]:
         """One lock-step step of every rank; its outputs (final ones, and deltas of streamed requests)."""
-        if self.closed:
-            raise RankError("the engine's ranks have been shut down")
-        for rank, conn in enumerate(self._conns):
-            try:
-                conn.send(("step", ()))
-            except OSError:
-                self._procs[rank].join(1.0)
-                self._fail(f"rank {rank} exited (code {self._procs[rank].exitcode}) before step")
         outputs: list[RequestOutput] = []
         infos = []
-        for outs, info in self._replies(list(range(self.num_ranks)), "step", self.step_timeout_s):
+        for outs, info in self._call(list(range(self.num_ranks)), "step", ()):
             outputs.extend(outs)
             infos.append(info)
         for out in outputs:
@@ -177,8 +164,7 @@ class DistributedEngine:
         for record in (r for r in infos[0].get("eplb", []) if r.get("final")):
             self.migrations.append(record)
             if record.get("error"):
-                logger.error("expert migration failed: %s; serving continues on the old placement",
-                             record["error"])
+                logger.error("%s", record["error"])  # it says the old placement keeps serving
         return outputs
 
     def expert_trace(self) -> ExpertTrace | None:
@@ -200,68 +186,19 @@ class DistributedEngine:
 
     # -- plumbing ---------------------------------------------------------------------------------
 
-    def _call(self, rank: int, command: str, args: tuple) -> Any:
+    def _call(self, ranks: int | list[int], command: str, args: tuple) -> Any:
+        """The answer of one rank (an int), or of each listed rank."""
         if self.closed:
             raise RankError("the engine's ranks have been shut down")
-        try:
-            self._conns[rank].send((command, args))
-        except OSError:
-            self._procs[rank].join(1.0)
-            self._fail(f"rank {rank} exited (code {self._procs[rank].exitcode}) before {command}")
-        return self._replies([rank], command, self.step_timeout_s)[0]
-
-    def _replies(self, ranks: list[int], command: str, timeout_s: float) -> list[Any]:
-        """Each rank's answer to ``command``, waiting on all at once so the first failure is seen first.
-
-        InputError from ``add`` (or from every rank's start) passes through; anything else, a dead
-        rank or a missed deadline shuts down all ranks and raises RankError.
-        """
-        answers: dict[int, Any] = {}
-        deadline = time.monotonic() + timeout_s
-        while len(answers) < len(ranks):
-            waiting = {self._conns[r]: r for r in ranks if r not in answers}
-            for conn in wait(list(waiting), timeout=POLL_S):
-                rank = waiting[conn]
-                try:
-                    kind, value = conn.recv()
-                except (EOFError, OSError):
-                    self._procs[rank].join(1.0)
-                    self._fail(f"rank {rank} exited (code {self._procs[rank].exitcode}) during {command}")
-                if kind == "error":
-                    self._raise(rank, command, value)
-                answers[rank] = value
-            for rank in ranks:
-                proc = self._procs[rank]
-                if rank not in answers and not proc.is_alive() and not self._conns[rank].poll():
-                    self._fail(f"rank {rank} exited (code {proc.exitcode}) during {command}")
-            if time.monotonic() > deadline:
-                late = [r for r in ranks if r not in answers]
-                self._fail(f"ranks {late} did not answer {command} within {timeout_s:.0f} s")
-        return [answers[r] for r in ranks]
-
-    def _raise(self, rank: int, command: str, error: tuple[str, ...]) -> None:
-        if error[0] == "input":
-            if command != "add":
-                self._finalizer()
-            raise InputError(error[1], error[2])
-        self._fail(f"rank {rank} failed during {command}: {error[-1]}")
-
-    def _fail(self, message: str) -> None:
-        self._finalizer()  # terminate at once: a rank may be stuck in a collective
-        raise RankError(f"{message}; all {self.num_ranks} ranks have been shut down")
+        if isinstance(ranks, int):
+            return self.ranks.ask([ranks], command, args, self.step_timeout_s)[0]
+        return self.ranks.ask(ranks, command, args, self.step_timeout_s)
 
     def close(self) -> None:
         """Ask every live rank to finish, then make sure none is left running."""
         if self.closed:
             return
-        for conn, proc in zip(self._conns, self._procs, strict=True):
-            if proc.is_alive():
-                with contextlib.suppress(OSError):  # a rank that just died
-                    conn.send(("close", ()))
-        deadline = time.monotonic() + 10.0
-        for proc in self._procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        self._finalizer()
+        self.ranks.close()
         trace = self.expert_trace()
         if trace is not None:
             trace.save(self.config.record_expert_trace)
@@ -298,17 +235,3 @@ def summed_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
     total["kv_usage"] = float(np.mean([s.get("kv_usage", 0.0) for s in stats]))
     total["tokens"] = dict(sum((Counter(s.get("tokens", {})) for s in stats), Counter()))
     return total
-
-
-def _kill(procs: list[Any], store: str) -> None:
-    """Terminate (then kill) ranks still running, and remove the rendezvous file."""
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-    for proc in procs:
-        proc.join(5.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5.0)
-    if os.path.exists(store):
-        os.unlink(store)

@@ -49,10 +49,14 @@ class Migration:
         self.new: Prepared = ep.allocate(target)
         self.element_size = self.new.local[0].experts.down_proj.element_size()
         self.chunks = self._schedule(target, moves, max(1, chunk_bytes // self.element_size))
-        per_rank = np.zeros(ep.holds.shape[2])
-        for c in self.chunks:  # counted as advance() counts a gap's load (a local copy loads its rank once)
-            per_rank[[c.src, c.dst]] += (c.stop - c.start) * self.element_size
-        self.max_rank_bytes = float(per_rank.max(initial=0.0))  # the busiest rank's share of the schedule
+        # The busiest rank's share of the schedule, counted as advance() counts a gap's load: every replica
+        # of the target loads its rank (a local copy, once), a moved one its source rank as well.
+        layer_bytes = self.element_size * np.array([3 * moe.intermediate_size * moe.hidden_size
+                                                    for moe in ep.layers])
+        remote = moves.src != moves.dst
+        per_rank = (target * layer_bytes[:, None, None]).sum(axis=(0, 1)) + np.bincount(
+            moves.src[remote], weights=layer_bytes[moves.layer[remote]], minlength=target.shape[2])
+        self.max_rank_bytes = float(per_rank.max(initial=0.0))
         self.cursor = 0
         self.moved_bytes = 0  # by this rank: sent, received or copied locally
         self.busy_s = 0.0  # time this rank spent in advance()

@@ -1,15 +1,17 @@
 """One rank: a process group member running an ordinary Engine over its own requests.
 
-The front end (engine/distributed/frontend.py) sends commands through a pipe; every rank gets every
-``step``, so the ranks run their MoE layers' all-to-alls in lock-step (a rank without work joins
-them with empty buffers). Anything that goes wrong is sent back as ("error", exception) rather than
-left for the front end to discover by timing out.
+The front end (engine/distributed/frontend.py) sends commands through a pipe (processes.py) or over
+torch.distributed (torchrun.py); every rank gets every ``step``, so the ranks run their MoE layers'
+all-to-alls in lock-step (a rank without work joins them with empty buffers). Anything that goes
+wrong is sent back as ("error", exception) rather than left for the front end to discover by timing out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -39,13 +41,16 @@ class RankSpec:
 
     rank: int
     world_size: int
-    store_path: str
+    init_method: str  # torch.distributed rendezvous: file://PATH (spawned ranks) or env:// (torchrun)
     config: EngineConfig  # a single-process config: parallel settings stripped
     holds: np.ndarray | None  # expert placement; None = every rank holds every expert (dense or no EP)
     eplb: EPLBConfig | None
     threads: int
     timeout_s: float
     record_counts: bool = False  # report the router's expert counts every step (expert trace)
+
+    def for_rank(self, rank: int, init_method: str) -> RankSpec:
+        return dataclasses.replace(self, rank=rank, init_method=init_method)
 
 
 class RankWorker:
@@ -55,8 +60,8 @@ class RankWorker:
         if injected_fault("start", spec.rank):
             raise RuntimeError(f"injected start failure on rank {spec.rank} ({FAULT_ENV})")
         torch.set_num_threads(spec.threads)
-        dist.init_process_group("gloo", init_method=f"file://{spec.store_path}", rank=spec.rank,
-                                world_size=spec.world_size, timeout=timedelta(seconds=spec.timeout_s))
+        if not dist.is_initialized():  # torchrun.py joins first: its command group must come first
+            join(spec)
         self.rank, self.record_counts = spec.rank, spec.record_counts
         self.engine = Engine(spec.config)
         self.ep = self.balancer = None
@@ -67,7 +72,7 @@ class RankWorker:
             if spec.eplb is not None:
                 from meshserve.engine.distributed.eplb import LiveBalancer
 
-                self.balancer = LiveBalancer(self.ep, spec.eplb, spec.rank, spec.world_size)
+                self.balancer = LiveBalancer(self.ep, spec.eplb, spec.rank, spec.world_size, spec.timeout_s)
 
     def step(self) -> tuple[list[Any], dict[str, Any]]:
         start = time.perf_counter()
@@ -79,7 +84,7 @@ class RankWorker:
         prefix = engine.blocks.prefix_cache
         info: dict[str, Any] = {
             "forward": engine.num_steps > before, "stats": engine.last_stats if engine.num_steps > before
-            else {"waiting": len(engine.scheduler.waiting)},
+            else {"waiting": engine.num_waiting},
             "preemptions": engine.num_preemptions, "prefix_cache": None if prefix is None else prefix.stats()}
         if self.ep is not None:
             info["routed"] = self.ep.received()
@@ -94,6 +99,7 @@ class RankWorker:
         return finished, info
 
     def handle(self, command: str, args: tuple) -> Any:
+        """The answer to one front-end command ("step", "add", "abort", "holds")."""
         if command == "add":
             return self.engine.add_request(*args)
         if command == "abort":
@@ -110,13 +116,31 @@ class RankWorker:
             self.balancer.close()
         dist.destroy_process_group()
 
+    def reply(self, command: str, args: tuple) -> tuple[str, Any]:
+        """("ok", answer) or ("error", the exception as plain strings): what goes back to the front end."""
+        try:
+            return ("ok", self.handle(command, args))
+        except BaseException as err:  # noqa: BLE001 - reported; the front end decides
+            return ("error", portable(err))
+
+    def between_steps(self, command_waiting: Callable[[], bool]) -> None:
+        """Migration copies in the wait for the next command (see eplb.py)."""
+        if self.balancer is not None:
+            self.balancer.between_steps(command_waiting)
+
+
+def join(spec: RankSpec) -> None:
+    """Join the ranks' default process group (gloo: the transport on CPU)."""
+    dist.init_process_group("gloo", init_method=spec.init_method, rank=spec.rank, world_size=spec.world_size,
+                            timeout=timedelta(seconds=spec.timeout_s))
+
 
 def run_rank(spec: RankSpec, conn: Connection) -> None:
     """Process entry point: start, say ("ready", max_model_len), then answer commands until "close" or EOF."""
     try:
         worker = RankWorker(spec)
     except BaseException as err:  # noqa: BLE001 - every start failure goes back to the front end
-        conn.send(("error", _portable(err)))
+        conn.send(("error", portable(err)))
         return
     conn.send(("ready", worker.engine.max_model_len))
     while True:
@@ -130,16 +154,13 @@ def run_rank(spec: RankSpec, conn: Connection) -> None:
             finally:
                 conn.send(("ok", None))
             return
-        try:
-            conn.send(("ok", worker.handle(command, args)))
-        except BaseException as err:  # noqa: BLE001 - reported; the front end decides
-            conn.send(("error", _portable(err)))
-            continue
-        if command == "step" and worker.balancer is not None:
-            worker.balancer.between_steps(conn.poll)  # migration copies, in the wait for the next step
+        reply = worker.reply(command, args)
+        conn.send(reply)
+        if command == "step" and reply[0] == "ok":
+            worker.between_steps(conn.poll)
 
 
-def _portable(err: BaseException) -> tuple[str, ...]:
+def portable(err: BaseException) -> tuple[str, ...]:
     """An exception as plain strings: ("input", field, message) for InputError, else ("other", text)."""
     if isinstance(err, InputError):
         return ("input", err.field, err.message)

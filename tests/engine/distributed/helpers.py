@@ -20,6 +20,6 @@ def tokens(llm: LLM, prompts: list[list[int]] = PROMPTS) -> list[list[int]]:
 
 
 def assert_all_exited(llm: LLM) -> None:
-    assert all(not p.is_alive() for p in llm.engine._procs)
+    assert all(not p.is_alive() for p in llm.engine.ranks.procs)
 
 

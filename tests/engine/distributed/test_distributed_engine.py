@@ -22,7 +22,7 @@ def test_two_ranks_with_redundant_experts_match_one_process(mixtral, expected):
         assert tokens(llm) == expected
         assert tokens(llm, PROMPTS[:1]) == expected[:1]  # one request: rank 1 steps with empty buffers
 
-        llm.engine._procs[1].kill()  # a rank dies: the next call to it says so and stops every rank
+        llm.engine.ranks.procs[1].kill()  # a rank dies: the next call to it says so and stops every rank
         died = r"rank 1 exited \(code -9\) (during|before) (add|step); all 2 ranks"
         with pytest.raises(RankError, match=died):
             tokens(llm)

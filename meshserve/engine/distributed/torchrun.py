@@ -1,0 +1,186 @@
+"""Ranks started by ``torchrun`` (one or several hosts): commands travel over torch.distributed.
+
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-endpoint HOST:29500 \\
+        -m meshserve generate --model DIR --prompt-file P --data-parallel-size 8 --enable-expert-parallel
+
+Every rank runs the same command. Rank 0 runs the front door (LLM, ``meshserve generate`` / ``serve``)
+and rank 0's engine in one process; every other rank's ``LLM(...)`` never returns: it answers rank 0's
+commands and leaves the process (exit 0) when rank 0 closes. The ranks rendezvous through torchrun's
+environment (env://). Commands are pickled objects broadcast from rank 0 on a gloo group of their own;
+the answers come back by a gather on it. Rank 0 bounds every wait (``step_timeout_s``); a rank waits for
+its next command as long as the server idles, and leaves when rank 0's connection closes. When any rank
+exits with an error, torchrun stops the others (no orphans).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from meshserve.engine.distributed.ranks import answer, fail
+from meshserve.engine.distributed.worker import RankSpec, RankWorker, join, portable
+
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+IDLE_TIMEOUT = timedelta(days=7)  # a rank's wait for its next command: the server may idle for long
+CLOSE_TIMEOUT = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in a torchrun launch (from torchrun's environment variables)."""
+
+    rank: int
+    world_size: int
+    local_world_size: int  # ranks on this host: they share its cores
+
+
+def torchrun_launch() -> Launch | None:
+    """The launch this process is part of, or None when torchrun did not start it."""
+    if not all(name in os.environ for name in ENV_VARS):
+        return None
+    return Launch(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"]))
+
+
+class Channel:
+    """Pickled objects from rank 0 to every rank (broadcast) and back (gather), on a gloo group."""
+
+    def __init__(self, spec: RankSpec) -> None:
+        join(spec)  # first on every rank, so every rank creates its groups in the same order
+        self.group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        self.rank, self.world_size = spec.rank, spec.world_size
+        self._size = torch.zeros(1, dtype=torch.int64)
+        self._header: dist.Work | None = None
+
+    def send(self, obj: Any, timeout: timedelta) -> None:
+        """Rank 0: ``obj`` to every other rank."""
+        payload = _tensor(obj)
+        self._size[0] = len(payload)
+        dist.broadcast(self._size, 0, group=self.group, async_op=True).wait(timeout)
+        dist.broadcast(payload, 0, group=self.group, async_op=True).wait(timeout)
+
+    def post(self) -> dist.Work:
+        """Other ranks: start waiting for the next object; ``is_completed()`` says it is arriving."""
+        self._header = dist.broadcast(self._size, 0, group=self.group, async_op=True)
+        return self._header
+
+    def receive(self) -> Any:
+        """Other ranks: the object rank 0 sends next (after ``post``)."""
+        self._header.wait()
+        payload = torch.empty(int(self._size[0]), dtype=torch.uint8)
+        dist.broadcast(payload, 0, group=self.group)
+        return pickle.loads(payload.numpy().tobytes())
+
+    def gather(self, obj: Any, timeout: timedelta | None = None) -> list[Any] | None:
+        """Every rank's ``obj`` on rank 0 (in rank order); None on the other ranks."""
+        payload = _tensor(obj)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        _wait(dist.all_gather(sizes, torch.tensor([len(payload)]), group=self.group, async_op=True), timeout)
+        longest = int(max(sizes))
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[:len(payload)] = payload
+        into = [torch.empty(longest, dtype=torch.uint8) for _ in sizes] if self.rank == 0 else None
+        _wait(dist.gather(padded, into, dst=0, group=self.group, async_op=True), timeout)
+        if into is None:
+            return None
+        return [pickle.loads(t[:int(n)].numpy().tobytes()) for t, n in zip(into, sizes, strict=True)]
+
+
+def _tensor(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+
+def _wait(work: dist.Work, timeout: timedelta | None) -> None:
+    if timeout is None:
+        work.wait()
+    else:
+        work.wait(timeout)
+
+
+class TorchrunRanks:
+    """Rank 0's side of a torchrun launch: its own engine here, the others behind a Channel."""
+
+    def __init__(self, spec: RankSpec) -> None:
+        self.num_ranks = spec.world_size
+        self._closed = False
+        self.channel = Channel(spec)
+        try:
+            self.worker: RankWorker | None = RankWorker(spec)
+            self._start = ("ready", self.worker.engine.max_model_len)
+        except BaseException as err:  # noqa: BLE001 - reported with every other rank's start below
+            self.worker, self._start = None, ("error", portable(err))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def started(self, timeout_s: float) -> list[Any]:
+        """Every rank's ("ready", max_model_len) once all have built their engines."""
+        return self._answers(list(range(self.num_ranks)), "start", self._start, timeout_s)
+
+    def ask(self, ranks: list[int], command: str, args: tuple, timeout_s: float) -> list[Any]:
+        try:
+            self.channel.send((command, args, ranks), timedelta(seconds=timeout_s))
+        except RuntimeError as err:  # a rank died, or missed the deadline
+            fail(self, f"the ranks did not take {command} ({err})")
+        mine = self.worker.reply(command, args) if 0 in ranks else ("ok", None)
+        values = self._answers(ranks, command, mine, timeout_s)
+        if command == "step":
+            self.worker.between_steps(lambda: False)  # this rank's migration copies, before the next step
+        return values
+
+    def _answers(self, ranks: list[int], command: str, mine: tuple[str, Any], timeout_s: float) -> list[Any]:
+        try:
+            replies = self.channel.gather(mine, timedelta(seconds=timeout_s))
+        except RuntimeError as err:
+            fail(self, f"the ranks did not answer {command} within {timeout_s:.0f} s ({err})")
+        return [answer(self, rank, command, replies[rank]) for rank in ranks]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.channel.send(("close", (), []), CLOSE_TIMEOUT)
+            self.channel.gather(("ok", None), CLOSE_TIMEOUT)
+        finally:
+            self.worker.close()
+
+    def kill(self) -> None:
+        """Stop serving here and drop the groups: the other ranks see rank 0's connections close and leave
+        (and torchrun stops them when rank 0's process fails)."""
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(Exception):  # best effort: a group may be half-way through an op
+                dist.destroy_process_group()
+
+
+def serve_rank(spec: RankSpec) -> None:
+    """A rank other than 0: build the engine, then answer rank 0's commands until ``close``."""
+    channel = Channel(spec)
+    try:
+        worker: RankWorker | None = RankWorker(spec)
+        start = ("ready", worker.engine.max_model_len)
+    except BaseException as err:  # noqa: BLE001 - rank 0 reports it and stops
+        worker, start = None, ("error", portable(err))
+    channel.gather(start)
+    if worker is None:
+        raise SystemExit(1)
+    channel.post()
+    while True:
+        command, args, ranks = channel.receive()
+        if command == "close":
+            channel.gather(("ok", None))
+            worker.close()
+            return
+        reply = worker.reply(command, args) if spec.rank in ranks else ("ok", None)
+        channel.gather(reply)
+        pending = channel.post()
+        if command == "step" and reply[0] == "ok":
+            worker.between_steps(pending.is_completed)

@@ -1,0 +1,65 @@
+"""Ranks started by torchrun (env:// rendezvous, commands over torch.distributed): rank 0's LLM and
+``meshserve generate`` give the single-process engine's tokens, and nothing is left running after."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshserve.engine import LLM
+from meshserve.engine.distributed.worker import FAULT_ENV
+from tests.engine.distributed.helpers import GREEDY, SINGLE
+
+REPO = Path(__file__).parents[3]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def torchrun(*args: str, ok: bool = True, timeout_s: float = 240.0) -> subprocess.CompletedProcess:
+    """torchrun with 2 ranks on this host, in a session of its own: killed whole if it overruns, and
+    checked to leave no process behind and to exit 0 (``ok``) or not."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([*TORCHRUN, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout_s:.0f} s")
+    with pytest.raises(ProcessLookupError):  # no rank outlived torchrun
+        os.killpg(proc.pid, 0)
+    assert (proc.returncode == 0) == ok, err[-3000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_torchrun_ranks_match_one_process_while_experts_migrate(mixtral, expected):
+    run = torchrun(str(REPO / "tests/engine/distributed/torchrun_generate.py"), mixtral)
+    [line] = run.stdout.splitlines()  # only rank 0 gets past LLM(...)
+    result = json.loads(line)
+    assert result["ranks"] == "TorchrunRanks"  # rank 0 of torchrun's launch, not ranks of its own
+    assert result["rounds"] == [expected] * 3
+    assert result["migrations"] >= 1, "no migration switched in; the test would not cover the switch"
+
+
+def test_meshserve_generate_under_torchrun(mixtral, tmp_path):
+    prompts = ["the quick brown fox", "hello there", "a b c d"]
+    with LLM(mixtral, **SINGLE) as one:
+        want = [o.text for o in one.generate(prompts, GREEDY, use_tqdm=False)]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    run = torchrun("-m", "meshserve", "generate", "--model", mixtral, "--prompt-file",
+                   str(tmp_path / "prompts.txt"), "--max-tokens", str(GREEDY.max_tokens), "--ignore-eos",
+                   "--max-model-len", "128", "--data-parallel-size", "2", "--enable-expert-parallel")
+    assert run.stdout.splitlines() == want
+
+
+def test_a_torchrun_rank_that_fails_to_start_stops_every_rank(mixtral, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "start:1")
+    run = torchrun("-m", "meshserve", "generate", "--model", mixtral, "--prompt", "hi", "--max-tokens", "4",
+                   "--data-parallel-size", "2", "--enable-expert-parallel", ok=False)
+    assert "RankError: rank 1 failed during start: RuntimeError: injected start failure" in run.stderr
