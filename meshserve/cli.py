@@ -49,6 +49,7 @@ def demo(out: str = typer.Option("out", help="Folder for plots and JSON results.
 DATA_PARALLEL_SIZE = typer.Option(1, help="Rank processes (data-parallel attention).")
 ENABLE_EXPERT_PARALLEL = typer.Option(False, help="Split MoE experts over the ranks.")
 ENABLE_EPLB = typer.Option(False, help="Rebalance experts live from the ranks' expert loads.")
+DEVICE = typer.Option("cpu", help="cpu (native kernels) or cuda (torch reference kernels, NCCL).")
 EPLB_CONFIG = typer.Option(
     None, help='JSON: window_size, step_interval, num_redundant_experts, balancer (greedy|topology|ni), '
                'mode (invasive|non-invasive), e.g. \'{"num_redundant_experts": 2, "balancer": "greedy"}\'.')
@@ -83,6 +84,7 @@ def generate(
     enable_expert_parallel: bool = ENABLE_EXPERT_PARALLEL,
     enable_eplb: bool = ENABLE_EPLB,
     eplb_config: str | None = EPLB_CONFIG,
+    device: str = DEVICE,
 ) -> None:
     """Complete prompts with a local model and print the completions."""
     from meshserve.engine import LLM, SamplingParams
@@ -92,7 +94,7 @@ def generate(
                             seed=seed, stop=stop or None, ignore_eos=ignore_eos)
     spec = _json_option("speculative_config", speculative_config)
     with LLM(model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=min(len(prompts), 128),
-             speculative_config=spec, enable_prefix_caching=enable_prefix_caching,
+             speculative_config=spec, enable_prefix_caching=enable_prefix_caching, device=device,
              **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config)) as llm:
         outputs = llm.generate(prompts, params, use_tqdm=False)
     for out in outputs:
@@ -168,6 +170,7 @@ def serve(
     enable_expert_parallel: bool = ENABLE_EXPERT_PARALLEL,
     enable_eplb: bool = ENABLE_EPLB,
     eplb_config: str | None = EPLB_CONFIG,
+    device: str = DEVICE,
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /metrics)."""
     from meshserve.server.serve import serve as run
@@ -175,7 +178,7 @@ def serve(
     run(model, host=host, port=port, served_model_name=served_model_name, max_waiting=max_waiting_requests,
         log_level=uvicorn_log_level, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, kv_cache_memory=kv_cache_memory,
-        enable_prefix_caching=enable_prefix_caching, seed=seed,
+        enable_prefix_caching=enable_prefix_caching, seed=seed, device=device,
         speculative_config=_json_option("speculative_config", speculative_config),
         **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config))
 

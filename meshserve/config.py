@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from meshserve.engine.spec.config import SpecConfig
 
 DTYPE_NAMES = ("float32", "bfloat16")
+DEVICES = ("cpu", "cuda")  # engine/device.py turns these into torch devices
 DEFAULT_MAX_NUM_SEQS = 128
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_TOKENS = 1 << 24  # token budgets and lengths beyond 16M are typos, not settings
@@ -103,6 +104,8 @@ class EngineConfig:
         None = the cores this process may run on (``os.sched_getaffinity``).
     kernel_profile: a GEMM profile written by ``meshserve profile``; None = this machine's profile when
         one was written, else the shipped default (kernels/profile.py).
+    device: "cpu" (native kernels where they apply) or "cuda" (weights, KV cache and step tensors on the
+        GPU, torch reference kernels; engine/device.py). Checked against the machine when the engine starts.
     """
 
     model: str
@@ -112,6 +115,7 @@ class EngineConfig:
     speculative_config: dict[str, Any] | SpecConfig | None = None
     num_threads: int | None = None
     kernel_profile: str | None = None
+    device: str = "cpu"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig | None = None
@@ -121,6 +125,7 @@ class EngineConfig:
         require(isinstance(self.dtype, str) and self.dtype in DTYPE_NAMES, "dtype",
                 f"unsupported dtype {self.dtype!r}; allowed: {', '.join(DTYPE_NAMES)}")
         self.seed = integer(self.seed, "seed", 0, 2**64 - 1)  # what torch.Generator.manual_seed takes
+        require(self.device in DEVICES, "device", f"unknown {self.device!r}; allowed: {', '.join(DEVICES)}")
         if self.record_expert_trace is not None:  # fail now, not when the trace is written on close
             trace = self.record_expert_trace
             require(isinstance(trace, str | os.PathLike) and str(trace).endswith(".npz"),
@@ -139,6 +144,9 @@ class EngineConfig:
         from meshserve.engine.spec.config import SpecConfig
 
         self.speculative_config = SpecConfig.from_dict(self.speculative_config)
+        spec = self.speculative_config
+        require(self.device == "cpu" or spec is None or spec.method != "draft_model", "speculative_config",
+                "method 'draft_model' runs on device cpu only (its draft runs on the CPU); use 'ngram'")
         self.parallel = self.parallel or ParallelConfig()
 
     @classmethod

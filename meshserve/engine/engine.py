@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from meshserve.config import EngineConfig, SchedulerConfig
+from meshserve.engine.device import resolve_device
 from meshserve.engine.groups import RequestGroup, child_params
 from meshserve.engine.kv_cache import BlockManager, allocate_kv_cache, block_bytes, num_kv_blocks
 from meshserve.engine.logits_processors import process_logits
@@ -45,8 +46,10 @@ class Engine:
         require(not config.parallel.distributed, "data_parallel_size",
                 "Engine runs one process; use LLM(...) or DistributedEngine for several ranks")
         torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
         loaded = load_model(config.model, config.dtype)
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
+        self.model.to(self.device)
         mc = self.model_config
         limit = mc.max_position_embeddings
         max_model_len = config.scheduler.max_model_len or limit
@@ -61,11 +64,12 @@ class Engine:
         per_block = block_bytes(mc.num_layers, mc.num_kv_heads, mc.head_dim, cache.block_size, mc.dtype)
         blocks = num_kv_blocks(cache, per_block, max_model_len, sched.max_num_seqs)
         self.kv_caches = allocate_kv_cache(mc.num_layers, blocks, cache.block_size, mc.num_kv_heads,
-                                           mc.head_dim, mc.dtype)
+                                           mc.head_dim, mc.dtype, self.device)
         prefix_cache = PrefixCache(cache.block_size) if cache.enable_prefix_caching else None
         self.blocks = BlockManager(blocks, cache.block_size, prefix_cache, self.kv_caches)
         self.scheduler = Scheduler(sched, self.blocks)
-        self.model.prepare_gemms(load_gemm_table(config.kernel_profile), sched.max_num_batched_tokens)
+        if self.device.type == "cpu":  # SmoothGEMM's primitives and the fused MoE op are CPU code
+            self.model.prepare_gemms(load_gemm_table(config.kernel_profile), sched.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
         self.sampler = Sampler(config.seed)
         spec = config.speculative_config

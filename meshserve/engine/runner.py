@@ -75,7 +75,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, items: list[WorkItem]) -> torch.Tensor:
-        """One forward for all items; float32 logits [sum(num_logits), vocab], rows in item order."""
+        """One forward for all items; float32 logits [sum(num_logits), vocab] on the CPU, in item order."""
         input_ids, meta = build_batch(items, self.block_size)
+        device = self.kv_caches[0].device
+        if device.type != "cpu":  # the step's tensors go where the weights and the cache are
+            input_ids, meta = input_ids.to(device), meta.to(device)
         hidden = self.model(input_ids, meta, self.kv_caches)
-        return self.model.compute_logits(hidden[meta.logits_indices])
+        return self.model.compute_logits(hidden[meta.logits_indices]).cpu()  # the sampler's generators: CPU

@@ -5,6 +5,7 @@ The engine's runner builds it; models and kernels read it. Models never see requ
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,10 @@ class BatchMetadata:
     seq_lens: torch.Tensor
     block_tables: torch.Tensor
     logits_indices: torch.Tensor
+
+    def to(self, device: torch.device) -> BatchMetadata:
+        """The same metadata on ``device`` (the engine's, when it is not the CPU)."""
+        return BatchMetadata(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
     @property
     def num_tokens(self) -> int:

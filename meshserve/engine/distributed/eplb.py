@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from meshserve.engine.device import process_group_backend
 from meshserve.engine.distributed.config import EPLBConfig
 from meshserve.engine.distributed.expert_map import spread_placement
 from meshserve.engine.distributed.expert_parallel import ExpertParallel
@@ -74,7 +75,7 @@ class LiveBalancer:
     def _side_group(self) -> dist.ProcessGroup:
         """The group migration copies travel on. Its own timeout bounds only setting it up (a barrier every
         rank must reach, however loaded the machine): each copy waits ``migration_timeout_s`` (Migration)."""
-        return dist.new_group(backend="gloo", timeout=self.group_timeout)
+        return dist.new_group(backend=process_group_backend(self.ep.device), timeout=self.group_timeout)
 
     def after_step(self, counts: np.ndarray) -> list[dict[str, Any]]:
         """Called by every rank after every step with its expert loads; returns migration records."""

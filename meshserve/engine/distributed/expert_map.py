@@ -49,15 +49,15 @@ def spread_placement(num_layers: int, num_experts: int, num_ranks: int, num_redu
 class ExpertMap:
     """Lookup tensors for one placement: replica ranks per expert and each rank's local slots."""
 
-    def __init__(self, holds: np.ndarray) -> None:
+    def __init__(self, holds: np.ndarray, device: torch.device | str = "cpu") -> None:
         self.holds = np.asarray(holds, dtype=bool)
         replicas = self.holds.sum(axis=2)
         # Ranks holding each expert first (ascending), then padding.
         ranks_first = np.argsort(~self.holds, axis=2, kind="stable")[:, :, : int(replicas.max())]
-        self.replica_rank = torch.from_numpy(np.ascontiguousarray(ranks_first))
-        self.num_replicas = torch.from_numpy(replicas)
+        self.replica_rank = torch.from_numpy(np.ascontiguousarray(ranks_first)).to(device)
+        self.num_replicas = torch.from_numpy(replicas).to(device)
         slot = np.cumsum(self.holds, axis=1) - 1
-        self.slot_of = torch.from_numpy(np.where(self.holds, slot, -1))  # [layer, expert, rank]
+        self.slot_of = torch.from_numpy(np.where(self.holds, slot, -1)).to(device)  # [layer, expert, rank]
 
     @property
     def num_ranks(self) -> int:
@@ -69,5 +69,6 @@ class ExpertMap:
 
     def destinations(self, layer: int, experts: torch.Tensor, rank: int) -> torch.Tensor:
         """The rank each pair (expert ids, flat) of ``rank`` is sent to."""
-        pick = (torch.arange(experts.numel()) + rank) % self.num_replicas[layer, experts]
+        pair = torch.arange(experts.numel(), device=experts.device)
+        pick = (pair + rank) % self.num_replicas[layer, experts]
         return self.replica_rank[layer, experts, pick]

@@ -20,7 +20,8 @@ class ExpertParallel:
     def __init__(self, model: nn.Module, holds: np.ndarray, rank: int,
                  group: dist.ProcessGroup | None = None) -> None:
         self.rank = rank
-        self.map = ExpertMap(holds)
+        self._dtype, self.device = next(model.parameters()).dtype, next(model.parameters()).device
+        self.map = ExpertMap(holds, self.device)
         self.layers: list[ExpertParallelMoE] = []
         for block in model.layers:
             if isinstance(block.mlp, SparseMoE):
@@ -28,7 +29,6 @@ class ExpertParallel:
                 held = self.map.local_experts(i, rank)
                 block.mlp = ExpertParallelMoE(block.mlp, i, self.map, held, rank, group)
                 self.layers.append(block.mlp)
-        self._dtype = next(model.parameters()).dtype
 
     @property
     def holds(self) -> np.ndarray:
@@ -38,11 +38,11 @@ class ExpertParallel:
     def idle(self) -> None:
         """Join every MoE layer's all-to-alls with no tokens (this rank had no work this step)."""
         for layer in self.layers:
-            layer(torch.zeros(0, layer.hidden_size, dtype=self._dtype))
+            layer(torch.zeros(0, layer.hidden_size, dtype=self._dtype, device=self.device))
 
     def counts(self) -> np.ndarray:
         """Tokens this rank routed to each expert in the last step, [moe_layers, experts]."""
-        return torch.stack([layer.moe.last_counts for layer in self.layers]).numpy()
+        return torch.stack([layer.moe.last_counts for layer in self.layers]).cpu().numpy()
 
     def received(self) -> list[int]:
         """Token-expert pairs this rank's experts computed in the last step, per MoE layer."""
@@ -61,9 +61,9 @@ class ExpertParallel:
     def allocate(self, holds: np.ndarray) -> Prepared:
         """Empty expert slots for placement ``holds`` on this rank, to be filled in place (see migration.py)
         while the current ones keep serving."""
-        new = ExpertMap(holds)
+        new = ExpertMap(holds, self.device)
         local = [SlotExperts.empty(layer.hidden_size, layer.intermediate_size,
-                                   len(new.local_experts(i, self.rank)), self._dtype)
+                                   len(new.local_experts(i, self.rank)), self._dtype, self.device)
                  for i, layer in enumerate(self.layers)]
         return Prepared(new, local)
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from meshserve.config import EngineConfig, available_cores
+from meshserve.engine.device import resolve_device
 from meshserve.engine.distributed.config import ParallelConfig
 from meshserve.engine.distributed.expert_map import spread_placement, validate_placement
 from meshserve.engine.distributed.processes import SpawnedRanks
@@ -58,7 +59,7 @@ def start_ranks(spec: RankSpec) -> Ranks:
     require(launch.world_size == spec.world_size, "data_parallel_size",
             f"must equal torchrun's WORLD_SIZE ({launch.world_size}) when torchrun starts the ranks, "
             f"got {spec.world_size}")
-    spec = dataclasses.replace(spec.for_rank(launch.rank, "env://"),
+    spec = dataclasses.replace(spec.for_rank(launch.rank, "env://", launch.local_rank),
                                threads=max(1, available_cores() // launch.local_world_size))
     if launch.rank == 0:
         return TorchrunRanks(spec)
@@ -81,10 +82,12 @@ class DistributedEngine:
         self.step_timeout_s = parallel.step_timeout_s
         # Each rank is a single-process engine, speculative decoding included (drafts per rank); the
         # expert trace is recorded here, from every rank's loads.
-        single = EngineConfig(config.model, config.dtype, config.seed, cache=config.cache,
-                              scheduler=config.scheduler, speculative_config=config.speculative_config)
+        resolve_device(config.device)  # no CUDA here: InputError before any rank starts
+        single = EngineConfig(config.model, config.dtype, config.seed, device=config.device,
+                              cache=config.cache, scheduler=config.scheduler,
+                              speculative_config=config.speculative_config)
         threads = max(1, available_cores() // n)
-        spec = RankSpec(0, n, "", single, holds, eplb, threads, parallel.step_timeout_s,
+        spec = RankSpec(0, n, 0, "", single, holds, eplb, threads, parallel.step_timeout_s,
                         record_counts=config.record_expert_trace is not None)
         self.ranks = start_ranks(spec)
         self.max_model_len = self.ranks.started(START_TIMEOUT_S)[0]

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from meshserve.engine.distributed.ranks import answer, fail
 from meshserve.engine.distributed.worker import RankSpec, RankWorker, join, portable
 
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 IDLE_TIMEOUT = timedelta(days=7)  # a rank's wait for its next command: the server may idle for long
 CLOSE_TIMEOUT = timedelta(seconds=60)
 
@@ -38,14 +38,15 @@ class Launch:
 
     rank: int
     world_size: int
-    local_world_size: int  # ranks on this host: they share its cores
+    local_rank: int  # this rank's place on its host (its GPU)
+    local_world_size: int  # ranks on this host: they share its cores (and GPUs)
 
 
 def torchrun_launch() -> Launch | None:
     """The launch this process is part of, or None when torchrun did not start it."""
     if not all(name in os.environ for name in ENV_VARS):
         return None
-    return Launch(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"]))
+    return Launch(*(int(os.environ[name]) for name in ENV_VARS[:4]))
 
 
 class Channel:

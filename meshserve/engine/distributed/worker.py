@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from meshserve.config import EngineConfig
+from meshserve.engine.device import process_group_backend, resolve_device
 from meshserve.engine.distributed.config import EPLBConfig
 from meshserve.engine.engine import Engine
 from meshserve.errors import InputError
@@ -41,6 +42,7 @@ class RankSpec:
 
     rank: int
     world_size: int
+    local_rank: int  # this rank's place on its host: its GPU with device="cuda"
     init_method: str  # torch.distributed rendezvous: file://PATH (spawned ranks) or env:// (torchrun)
     config: EngineConfig  # a single-process config: parallel settings stripped
     holds: np.ndarray | None  # expert placement; None = every rank holds every expert (dense or no EP)
@@ -49,8 +51,9 @@ class RankSpec:
     timeout_s: float
     record_counts: bool = False  # report the router's expert counts every step (expert trace)
 
-    def for_rank(self, rank: int, init_method: str) -> RankSpec:
-        return dataclasses.replace(self, rank=rank, init_method=init_method)
+    def for_rank(self, rank: int, init_method: str, local_rank: int | None = None) -> RankSpec:
+        local = rank if local_rank is None else local_rank
+        return dataclasses.replace(self, rank=rank, init_method=init_method, local_rank=local)
 
 
 class RankWorker:
@@ -60,6 +63,9 @@ class RankWorker:
         if injected_fault("start", spec.rank):
             raise RuntimeError(f"injected start failure on rank {spec.rank} ({FAULT_ENV})")
         torch.set_num_threads(spec.threads)
+        device = resolve_device(spec.config.device, spec.local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the engine builds on the current device
         if not dist.is_initialized():  # torchrun.py joins first: its command group must come first
             join(spec)
         self.rank, self.record_counts = spec.rank, spec.record_counts
@@ -130,8 +136,9 @@ class RankWorker:
 
 
 def join(spec: RankSpec) -> None:
-    """Join the ranks' default process group (gloo: the transport on CPU)."""
-    dist.init_process_group("gloo", init_method=spec.init_method, rank=spec.rank, world_size=spec.world_size,
+    """Join the ranks' default process group: gloo on CPU, NCCL for CUDA tensors (engine/device.py)."""
+    backend = process_group_backend(resolve_device(spec.config.device, spec.local_rank))
+    dist.init_process_group(backend, init_method=spec.init_method, rank=spec.rank, world_size=spec.world_size,
                             timeout=timedelta(seconds=spec.timeout_s))
 
 

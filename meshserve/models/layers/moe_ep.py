@@ -42,12 +42,13 @@ class SlotExperts(SparseMoE):
         self._slot = torch.zeros(0, dtype=torch.long)
 
     @classmethod
-    def empty(cls, hidden_size: int, intermediate_size: int, slots: int, dtype: torch.dtype) -> SlotExperts:
+    def empty(cls, hidden_size: int, intermediate_size: int, slots: int, dtype: torch.dtype,
+              device: torch.device | str = "cpu") -> SlotExperts:
         """``slots`` experts with uninitialised weights, allocated in the transposed layout (so building
         them copies nothing); a live migration fills them in place through ``parts``."""
         i, h = intermediate_size, hidden_size
-        return cls(h, i, torch.empty(slots, h, 2 * i, dtype=dtype).transpose(1, 2),
-                   torch.empty(slots, i, h, dtype=dtype).transpose(1, 2))
+        return cls(h, i, torch.empty(slots, h, 2 * i, dtype=dtype, device=device).transpose(1, 2),
+                   torch.empty(slots, i, h, dtype=dtype, device=device).transpose(1, 2))
 
     def run(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Expert output of each row [R, H] through its slot [R]."""
