@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -21,21 +23,34 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def torchrun(*args: str, ok: bool = True, timeout_s: float = 240.0) -> subprocess.CompletedProcess:
-    """torchrun with 2 ranks on this host, in a session of its own: killed whole if it overruns, and
-    checked to leave no process behind and to exit 0 (``ok``) or not."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    """torchrun with 2 ranks on this host: killed whole if it overruns, and checked to leave no process
+    behind (its ranks run in sessions of their own, so they are found by a mark in their environment)
+    and to exit 0 (``ok``) or not."""
+    mark = f"meshserve-test-{uuid.uuid4()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MESHSERVE_TEST_MARK": mark}
     proc = subprocess.Popen([*TORCHRUN, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [proc.pid, *marked(mark)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.communicate()
         pytest.fail(f"torchrun did not finish within {timeout_s:.0f} s")
-    with pytest.raises(ProcessLookupError):  # no rank outlived torchrun
-        os.killpg(proc.pid, 0)
+    assert not marked(mark), "a rank outlived torchrun"
     assert (proc.returncode == 0) == ok, err[-3000:]
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def marked(mark: str) -> list[int]:
+    """Live processes whose environment holds ``mark`` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours
+            if entry.name.isdigit() and mark.encode() in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+    return pids
 
 
 def test_torchrun_ranks_match_one_process_while_experts_migrate(mixtral, expected):
@@ -63,3 +78,17 @@ def test_a_torchrun_rank_that_fails_to_start_stops_every_rank(mixtral, monkeypat
     run = torchrun("-m", "meshserve", "generate", "--model", mixtral, "--prompt", "hi", "--max-tokens", "4",
                    "--data-parallel-size", "2", "--enable-expert-parallel", ok=False)
     assert "RankError: rank 1 failed during start: RuntimeError: injected start failure" in run.stderr
+
+
+def test_torchrun_environment_and_a_world_size_that_disagrees(mixtral, monkeypatch):
+    from meshserve.engine.distributed.torchrun import Launch, torchrun_launch
+    from meshserve.errors import InputError
+
+    assert torchrun_launch() is None  # pytest was not started by torchrun
+    env = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert torchrun_launch() == Launch(rank=0, world_size=4, local_rank=0, local_world_size=2)
+    with pytest.raises(InputError, match=r"data_parallel_size: must equal torchrun's WORLD_SIZE \(4\)"):
+        LLM(mixtral, data_parallel_size=2, enable_expert_parallel=True)
