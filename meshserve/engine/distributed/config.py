@@ -27,8 +27,8 @@ class EPLBConfig:
     step_interval: steps between re-plans (a plan is skipped while a migration is still in flight).
     num_redundant_experts: extra replicas per MoE layer over all ranks (slots to balance with).
     balancer: placement planner from meshserve.placement: greedy (EPLB), topology, ni.
-    mode: invasive (all ranks stop, copy, resume) or non-invasive (copies in chunks on a side thread
-        while steps continue; all ranks switch at one step boundary once every chunk has landed).
+    mode: invasive (all ranks stop, copy, resume) or non-invasive (copies in chunks in the gaps between
+        steps while serving; all ranks switch at one step boundary once every chunk has landed).
     chunk_bytes: size of one point-to-point send of a non-invasive migration.
     migration_timeout_s: a copy not done within this is a stalled migration: reported, abandoned,
         and serving continues on the old placement.
