@@ -69,7 +69,8 @@ class RankWorker:
         if not dist.is_initialized():  # torchrun.py joins first: its command group must come first
             join(spec)
         self.rank, self.record_counts = spec.rank, spec.record_counts
-        self.engine = Engine(spec.config)
+        # The rank's share of the cores: Engine sets torch's threads from its config, which defaults to all.
+        self.engine = Engine(dataclasses.replace(spec.config, num_threads=spec.threads))
         self.ep = self.balancer = None
         if spec.holds is not None:
             from meshserve.engine.distributed.expert_parallel import ExpertParallel
