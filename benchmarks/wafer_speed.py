@@ -1,7 +1,7 @@
 """How fast is the wafer simulator? Prints one (mapping, layer) evaluation on 8x8 and the full
 `reproduce comm` sweep, each beside its target (10 ms and 60 s on 2 cores), then the NoC time
 models' error against the cycle-level reference, the packet and flit models' speed on 4x4-16x16
-and the flit model with 1, 2 and 4 injection ports per node on 8x8.
+and the packet and flit models with 1, 2 and 4 injection ports per node on 8x8.
 
 Run: .venv/bin/python benchmarks/wafer_speed.py
 """
@@ -67,14 +67,16 @@ def noc_speed() -> None:
 
 
 def port_sweep() -> None:
-    """Flit model on the 8x8 uniform batch with 1, 2 and 4 injection/ejection ports per node."""
+    """Packet and flit models on the 8x8 uniform batch with 1, 2 and 4 injection/ejection ports per node."""
     from meshserve.wafer.noc import noc_cycles
 
     for ports in (1, 2, 4):
-        result = noc_cycles(8, 8, "uniform", 100, 20, models=("bottleneck", "flit"), injection_ports=ports)
-        cycles = result["cycles"]
+        result = noc_cycles(8, 8, "uniform", 100, 20, models=("bottleneck", "packet", "flit"),
+                            injection_ports=ports)
+        cycles, took = result["cycles"], result["seconds"]
         print(f"noc uniform 8x8, {ports} injection port(s) per node: flit {cycles['flit']:,} cycles, "
-              f"bottleneck {cycles['bottleneck']:,}; flit took {result['seconds']['flit']:.2f} s")
+              f"packet {cycles['packet']:,}, bottleneck {cycles['bottleneck']:,}; "
+              f"flit took {took['flit']:.2f} s, packet {took['packet']:.2f} s")
 
 
 def main() -> None:

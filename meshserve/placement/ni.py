@@ -1,8 +1,9 @@
 """NI-Balancer (MoEntwine): threshold-triggered, topology-aware planning for non-invasive migration.
 
 Trigger: each iteration's imbalance (max/mean device load - 1) above what the last plan
-predicted is summed over the last ``window_size`` iterations; a plan fires when that sum passes
-``imbalance_threshold`` (first plan: as soon as a full window exists and the sum passes it).
+predicted is summed over the iterations since that plan landed (at most the last
+``window_size``); a plan fires when that sum passes ``imbalance_threshold`` and a full window of
+load history exists (threshold 0: as soon as the last plan landed).
 The copies it asks for are streamed through idle link time by whoever applies the plan (the
 simulator costs them in meshserve.wafer.balance), so inference never waits.
 """
@@ -28,8 +29,10 @@ class NIBalancer(Balancer):
         self.reference = 0.0
 
     def should_plan(self, iteration: int, history_imbalance: np.ndarray) -> bool:
+        # a plan needs a full window of load; the excess counts only iterations since the last
+        # plan landed (history_imbalance), however few: expert loads do not depend on the placement
         window = self.config.window_size
-        if len(history_imbalance) < window:
+        if iteration < window:
             return False
         excess = np.maximum(history_imbalance[-window:] - self.reference, 0.0).sum()
         return bool(excess > self.config.imbalance_threshold)

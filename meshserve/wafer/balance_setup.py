@@ -166,17 +166,23 @@ def setup_trace(setup: BalanceSetup, model: MoEModel, num_devices: int) -> Exper
     )
 
 
+def redundant_experts(setup: BalanceSetup, hw: Hardware, model: MoEModel) -> int:
+    """The setup's redundant replicas per layer (None: one per device), checked to fit."""
+    n = hw.num_devices
+    redundant = n if setup.config.num_redundant_experts is None else setup.config.num_redundant_experts
+    most = model.routed_experts * n - max(model.routed_experts, n)
+    require(redundant <= most, "num_redundant_experts",
+            f"{redundant} replicas do not fit: at most {most} (one copy of every expert on every device)")
+    return redundant
+
+
 def run_setup(setup: BalanceSetup) -> IterationResult:
     """Simulate ``setup.iterations`` decode iterations with the setup's balancer."""
     setup.check()
     hw, model = setup.platform(), load_model(setup.model)
     comm = comm_model(hw, setup.tp, setup.resolved_mapping(hw), model, setup.tokens_per_device)
     n = hw.num_devices
-    redundant = setup.config.num_redundant_experts
-    redundant = n if redundant is None else redundant
-    most = model.routed_experts * n - max(model.routed_experts, n)
-    require(redundant <= most, "num_redundant_experts",
-            f"{redundant} replicas do not fit: at most {most} (one copy of every expert on every device)")
+    redundant = redundant_experts(setup, hw, model)
     slots = slots_per_device(model.routed_experts, n, redundant)
     base = static_placement(model.num_moe_layers, model.routed_experts, n, slots)
     trace = setup_trace(setup, model, n)
@@ -185,30 +191,6 @@ def run_setup(setup: BalanceSetup) -> IterationResult:
         trace.counts, trace.tokens_per_step(), balancer, base, comm,
         expert_cost(model, hw, setup.expert_weight_bytes),
     )
-
-
-def plan_floor(setup: BalanceSetup, samples: int = 5) -> float:
-    """The best max/mean device load a plan can reach per iteration on this setup's trace.
-
-    For ``samples`` windows of ``config.window_size`` iterations spread over the trace, EPLB plans
-    on the window's own mean load (it knows the future: no balancer can do this) and is scored
-    iteration by iteration on that window. What is left is the iterations' own sampling noise
-    around their mean, which no placement made ahead of time can follow.
-    """
-    hw, model = setup.platform(), load_model(setup.model)
-    n = hw.num_devices
-    redundant = n if setup.config.num_redundant_experts is None else setup.config.num_redundant_experts
-    slots = slots_per_device(model.routed_experts, n, redundant)
-    base = static_placement(model.num_moe_layers, model.routed_experts, n, slots)
-    counts = setup_trace(setup, model, n).counts
-    window = min(setup.config.window_size, len(counts))
-    greedy = make_balancer("greedy", setup.config, np.zeros((n, n)), redundant)
-    ratios = []
-    for start in np.linspace(0, len(counts) - window, samples).astype(int):
-        block = counts[start:start + window]
-        load = greedy.plan(block.mean(axis=0), base, base).device_load(block)  # [S, L, N]
-        ratios.append(load.max(axis=2).mean(axis=1) / load.mean(axis=2).mean(axis=1))
-    return float(np.mean(ratios))
 
 
 def run_summary(setup: BalanceSetup) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 
 from meshserve.wafer.topology import Topology
 
@@ -37,7 +38,12 @@ def max_min_rates(flows: sp.csr_matrix, links: sp.csr_matrix, capacity: np.ndarr
 
 
 def fair_share_time(topo: Topology, traffic: np.ndarray) -> float:
-    """Seconds until every flow of the traffic matrix has finished under max-min fair sharing."""
+    """Seconds until every flow of the traffic matrix has finished under max-min fair sharing.
+
+    Flows that share no link, directly or through other flows, never change each other's rates, so
+    each connected group (e.g. one wafer's all-to-all under hierarchical ER) is drained on its own
+    and the collective ends with the slowest group: the same answer, on smaller systems.
+    """
     n = topo.num_devices
     src, dst = np.nonzero(np.asarray(traffic) > 0)
     keep = src != dst
@@ -46,11 +52,21 @@ def fair_share_time(topo: Topology, traffic: np.ndarray) -> float:
         return 0.0
     remaining = np.asarray(traffic, dtype=np.float64)[src, dst]
     flows = topo.incidence[src * n + dst].tocsr()
+    # a graph of flows and links, an edge where a flow uses a link
+    graph = sp.bmat([[None, flows], [flows.T, None]]).tocsr()
+    _, group = connected_components(graph, directed=False)
+    group = group[: len(src)]
+    return max(drain(flows[group == g], remaining[group == g], topo.link_bandwidth) for g in np.unique(group))
+
+
+def drain(flows: sp.csr_matrix, remaining: np.ndarray, capacity: np.ndarray) -> float:
+    """Seconds until flows [F, links] with ``remaining`` bytes finish, re-sharing whenever one does."""
     links = flows.T.tocsr()
-    active = np.ones(len(src), dtype=bool)
+    remaining = remaining.copy()
+    active = np.ones(len(remaining), dtype=bool)
     elapsed = 0.0
     while active.any():
-        rate = max_min_rates(flows, links, topo.link_bandwidth, active)
+        rate = max_min_rates(flows, links, capacity, active)
         step = (remaining[active] / rate[active]).min()
         elapsed += step
         remaining[active] -= rate[active] * step

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshserve.wafer.packetsim import NocParams
+from meshserve.wafer.packetsim import NocParams, rank_in_runs
 
 EJECT = -2
 
@@ -133,11 +133,6 @@ def simulate_flits(route: np.ndarray, source: np.ndarray, latency: np.ndarray, i
             finish = max(finish, t + int(latency[chan[ejected]].max()) + 1)
         t += 1
     return int(finish)
-
-
-def rank_in_runs(keys: np.ndarray) -> np.ndarray:
-    """Position of every element inside its run of equal values in sorted ``keys``."""
-    return np.arange(len(keys)) - np.searchsorted(keys, keys)
 
 
 def _allocate_vcs(waiting, pkt, hop, got, sent, out, route, is_eject, C: int, V: int) -> None:

@@ -18,12 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import sparse
 
 from meshserve.errors import InputError
 from meshserve.wafer.balance import Balancer, Placement, imbalance, migrations
 from meshserve.wafer.balance.steps import split_steps
 from meshserve.wafer.balance.stream import Flight
 from meshserve.wafer.comm_model import CommModel, ExpertCost
+from meshserve.wafer.timemodel import bottleneck_s
 
 
 @dataclass
@@ -134,23 +136,54 @@ def evaluate(counts: np.ndarray, placement: Placement, comm: CommModel, cost: Ex
 
 
 def faster_layers(
-    history: np.ndarray, current: Placement, target: Placement, comm: CommModel, cost: ExpertCost
+    history: np.ndarray, current: Placement, target: Placement, comm: CommModel, cost: ExpertCost,
+    horizon: int | None = None,
 ) -> Placement | None:
     """``target`` where it lowers a layer's predicted time on ``history``, ``current`` elsewhere.
 
     Planners balance token counts, and a replica adds its weight reads to its die: below the
     roofline ridge a token-balanced layer can get slower. Taking each layer from whichever
     placement is faster on the plan's own window means an applied plan never raises a layer's
-    predicted time. None when no layer gets faster.
+    predicted time. horizon: an invasive plan stops inference for its copies, so it must also
+    pay for its stall within the ``horizon`` iterations it will serve (the re-plan interval):
+    the faster layers are taken in order of gain, as many as maximise gain x horizon - stall
+    (the stall of a prefix of layers: the bottleneck time of their copies, as simulated). None
+    when no layer pays.
     """
-    now, then = (evaluate(history, p, comm, cost).layer_s.sum(axis=0) for p in (current, target))
+    now, then = (evaluate(history, p, comm, cost).layer_s.mean(axis=0) for p in (current, target))
     better = then < now
+    if better.any() and horizon is not None:
+        order = np.argsort(then - now)[: int(better.sum())]  # largest gain first
+        better[:] = False
+        better[order[: paying_layers(now - then, order, current, target, comm, cost, horizon)]] = True
     if not better.any():
         return None
     if better.all():
         return target
     holds = np.where(better[:, None, None], target.holds, current.holds)
     return Placement(holds, target.slots_per_device)
+
+
+def paying_layers(
+    gain: np.ndarray, order: np.ndarray, current: Placement, target: Placement, comm: CommModel,
+    cost: ExpertCost, horizon: int,
+) -> int:
+    """How many layers of ``order`` to migrate at once: argmax of their gain x horizon - stall."""
+    moves = migrations(current, target, comm.hops)
+    n = comm.num_devices
+    rank = np.empty(current.num_layers, dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    take = rank[moves.layer] < len(order) if len(moves) else np.zeros(0, dtype=bool)
+    # link bytes of each prefix of layers: per-layer copy bytes on every link, summed in gain order
+    row, src, dst = rank[moves.layer[take]], moves.src[take], moves.dst[take]
+    copies = sparse.csr_matrix((np.full(len(row), cost.weight_bytes), (row, src * n + dst)),
+                               shape=(len(order), n * n))
+    latency = np.zeros(len(order))
+    np.maximum.at(latency, row, comm.path_latency[src, dst])
+    link_bytes = np.cumsum((copies @ comm.routes).toarray(), axis=0)
+    stall = bottleneck_s(link_bytes, comm.bandwidth) + np.maximum.accumulate(latency)
+    net = np.cumsum(gain[order]) * horizon - stall
+    return int(net.argmax()) + 1 if net.max() > 0 else 0
 
 
 def simulate_iterations(
@@ -179,7 +212,8 @@ def simulate_iterations(
             target = balancer.plan(history.mean(axis=0), placement, base)
             target.validate()
             if balancer.config.reject_slower_plans:
-                target = faster_layers(history, placement, target, comm, cost)
+                horizon = balancer.config.step_interval if balancer.invasive else None
+                target = faster_layers(history, placement, target, comm, cost, horizon)
                 if target is None:
                     rejected.append(it)  # it would not lower the predicted MoE time of any layer
                     balancer.planned(float(evaluate(history, placement, comm, cost).imbalance.mean()))
@@ -195,17 +229,19 @@ def simulate_iterations(
                 placement, since = target, it
             else:
                 steps = split_steps(moves, comm.ftd, comm.hops)
-                flight = Flight.begin(target, steps, len(moves), cost.weight_bytes)
+                flight = Flight.begin(placement, target, steps, moves.layer, cost.weight_bytes)
+                placement = flight.placement()  # layers that need no copy switch at once
         end = min(it + block_size, steps_total)
         block = evaluate(counts[it:end], placement, comm, cost)
         landed = False
-        if flight is not None:  # stream chunks iteration by iteration until every copy landed
+        if flight is not None:  # stream chunks iteration by iteration until a layer's copies all landed
+            switched = flight.landed_layers().sum()
             for j in range(end - it):
                 a2a = [(block.dispatch_bytes[j], block.dispatch_s[j], comm.dispatch.links),
                        (block.combine_bytes[j], block.combine_s[j], comm.combine.links)]
                 landed, util = flight.advance(comm, a2a, balancer.config.chunk_bytes)
                 worst = max(worst, util)
-                if landed:
+                if flight.landed_layers().sum() > switched:  # the next iteration runs on a new table
                     end = it + j + 1
                     break
         else:  # cut the block where the trigger fires; later iterations are redone
@@ -214,8 +250,10 @@ def simulate_iterations(
                 i, np.concatenate([series["imbalance"][since:it], hist[: i - it]]))), end)
         for key in ("max_load", "mean_load", "imbalance", "compute_s", "a2a_s"):
             series[key][it:end] = getattr(block, key)[: end - it]
-        if landed:
-            placement, since, flight = flight.target, end, None
+        if flight is not None:
+            placement = flight.placement()
+            if landed:
+                since, flight = end, None
         it = end
     return IterationResult(
         balancer=balancer.name,

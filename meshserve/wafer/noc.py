@@ -150,8 +150,8 @@ def noc_cycles(
     """Cycles each time model predicts for one batch, and how long each model took (seconds).
 
     injection_ports: flits per cycle a node injects and ejects (None: presets/noc.yaml). The
-    bottleneck and fair-share models cost it as port bandwidth, the flit model as that many
-    one-flit ports; the packet model keeps one port.
+    bottleneck and fair-share models cost it as port bandwidth, the flit and packet models as that
+    many one-flit ports (lanes).
     """
     require(rows >= 2 and cols >= 2, "mesh", f"must be at least 2x2, got {rows}x{cols}")
     require(packets_per_node >= 1, "packets_per_node", f"must be >= 1, got {packets_per_node}")
@@ -175,11 +175,9 @@ def noc_cycles(
         if model in ("packet", "flit"):
             route, source = packet_routes(topo, packets, seed)
             eject = topo.link_kind == "eject"
-            if model == "packet":
-                value = simulate_packets(route, source, topo.link_latency, eject, params)
-            else:  # a port of n flits per cycle is n ports of one flit
-                value = simulate_flits(route, source, topo.link_latency, eject, params,
-                                       width=np.rint(np.maximum(topo.link_bandwidth, 1.0)).astype(np.int64))
+            width = np.rint(np.maximum(topo.link_bandwidth, 1.0)).astype(np.int64)  # n ports of one flit
+            simulate = simulate_packets if model == "packet" else simulate_flits
+            value = simulate(route, source, topo.link_latency, eject, params, width=width)
         else:
             value = collective_time(
                 topo, Collective("batch", packets * float(flits_per_packet), 1), model

@@ -37,15 +37,9 @@ class NocParams:
     hop_cycles: int  # head latency of a mesh link (router pipeline + wire)
 
 
-def first_of_runs(keys: np.ndarray) -> np.ndarray:
-    """True at the first element of every run of equal values in sorted ``keys``."""
-    out = np.ones(len(keys), dtype=bool)
-    out[1:] = keys[1:] != keys[:-1]
-    return out
-
-
 def simulate_packets(
-    route: np.ndarray, source: np.ndarray, latency: np.ndarray, is_eject: np.ndarray, params: NocParams
+    route: np.ndarray, source: np.ndarray, latency: np.ndarray, is_eject: np.ndarray, params: NocParams,
+    width: np.ndarray | None = None,
 ) -> int:
     """Cycles until the last packet has arrived.
 
@@ -53,7 +47,9 @@ def simulate_packets(
     last, padded with -1; a source injects its packets in id order. source[p]: its node.
     latency[c]: cycles the head needs through channel c (router pipeline + wire; at least 1 is
     spent anyway, since a packet is allocated once per cycle). is_eject[c]: channel c delivers
-    into a node (no buffer behind it).
+    into a node (no buffer behind it). width[c]: packets channel c carries at once (None: 1), as
+    the flit model's one-flit lanes: a node with an injection channel of width n sends n packets
+    at once, and the router input behind a wide channel passes n packets at a time.
     """
     F, V = params.flits_per_packet, params.vcs
     held = max(-(-F // params.vc_buffer_flits), 1)  # VCs a packet spans when its head is blocked
@@ -62,46 +58,56 @@ def simulate_packets(
         return 0
     latency = np.asarray(latency, dtype=np.int64)
     num_channels = len(latency)
+    width = np.ones(num_channels, np.int64) if width is None else np.maximum(np.asarray(width, np.int64), 1)
+    nodes = int(source.max()) + 1
+    lanes = np.zeros(nodes, dtype=np.int64)  # each source's injection width
+    lanes[source] = width[route[:, 0]]
+    port_width = np.concatenate([width, lanes])  # input ports (behind each channel), then sources
     start = np.full(route.shape, -1, dtype=np.int64)  # cycle each channel of the route was taken
     pos = np.full(num, -1, dtype=np.int64)  # index in route of the channel whose VC the packet holds
     ready = np.zeros(num, dtype=np.int64)  # cycle its head reaches the router at the end of that channel
     done = np.zeros(num, dtype=bool)
-    # each source's queue in order: a packet may start injecting once its predecessor has
+    # each source's queue in order: a packet may start injecting once all but lanes - 1 before it have
     order = np.lexsort((np.arange(num), source))
     queue_rank = np.empty(num, dtype=np.int64)
     first = np.searchsorted(source[order], source[order])
     queue_rank[order] = np.arange(num) - first
     queued = np.ones(num, dtype=bool)
-    channel_free = np.zeros(num_channels, dtype=np.int64)  # cycle a channel can take the next packet
-    port_free = np.zeros(num_channels + int(source.max()) + 1, dtype=np.int64)  # input ports + sources
+    size = F + 2
+    channel_busy = np.zeros(num_channels, dtype=np.int64)  # packets a channel is carrying
+    port_busy = np.zeros(num_channels + nodes, dtype=np.int64)  # packets an input port / source is passing
     occupied = np.zeros(num_channels, dtype=np.int64)  # VCs in use behind each channel
-    releases = np.zeros((F + 2, num_channels), dtype=np.int64)  # VC frees, by cycle mod size
-    next_in_queue = np.zeros(int(source.max()) + 1, dtype=np.int64)
+    releases = np.zeros((size, num_channels), dtype=np.int64)  # VC frees, by cycle mod size
+    channel_ends = np.zeros((size, num_channels), dtype=np.int64)  # tails leaving a channel, by cycle
+    port_ends = np.zeros((size, num_channels + nodes), dtype=np.int64)
+    next_in_queue = np.zeros(nodes, dtype=np.int64)
     t, finish = 0, 0
     while not done.all():
-        slot = t % len(releases)
-        occupied -= releases[slot]
-        releases[slot] = 0
+        slot = t % size
+        for busy, ring in ((occupied, releases), (channel_busy, channel_ends), (port_busy, port_ends)):
+            busy -= ring[slot]
+            ring[slot] = 0
         inside = ~done & ~queued & (ready <= t)
-        heads = queued & (queue_rank == next_in_queue[source])
+        heads = queued & (queue_rank < next_in_queue[source] + lanes[source])
         cand = np.flatnonzero(inside | heads)
         nxt = route[cand, pos[cand] + 1]
         port = np.where(queued[cand], num_channels + source[cand], route[cand, np.maximum(pos[cand], 0)])
-        ok = (channel_free[nxt] <= t) & (port_free[port] <= t) & (is_eject[nxt] | (occupied[nxt] < V))
+        ok = free_lanes(nxt, width, channel_busy, occupied, is_eject, V) > 0
+        ok &= port_busy[port] < port_width[port]
         cand, nxt, port = cand[ok], nxt[ok], port[ok]
         if len(cand):
-            # separable allocation, oldest packet first: one grant per input port, then per output
+            # separable allocation, oldest packet first: grants per input port, then per output
             pick = np.lexsort((cand, port))
-            pick = pick[first_of_runs(port[pick])]
+            pick = pick[rank_in_runs(port[pick]) < (port_width - port_busy)[port[pick]]]
             cand, nxt, port = cand[pick], nxt[pick], port[pick]
-            pick = np.lexsort((cand, nxt))
-            pick = pick[first_of_runs(nxt[pick])]
-            win, nxt, port = cand[pick], nxt[pick], port[pick]
-            channel_free[nxt] = t + F
-            port_free[port] = t + F
+            win, nxt, port = _grant_outputs(cand, nxt, port, width, channel_busy, occupied, is_eject, V)
+            np.add.at(channel_busy, nxt, 1)
+            np.add.at(port_busy, port, 1)
+            np.add.at(channel_ends[(t + F) % size], nxt, 1)
+            np.add.at(port_ends[(t + F) % size], port, 1)
             np.add.at(occupied, nxt[~is_eject[nxt]], 1)
             injected = queued[win]
-            next_in_queue[source[win[injected]]] += 1
+            np.add.at(next_in_queue, source[win[injected]], 1)
             queued[win] = False
             pos[win] += 1
             start[win, pos[win]] = t
@@ -113,18 +119,41 @@ def simulate_packets(
                 finish = max(finish, t + F + int(latency[nxt[ejected]].max()))
             t += 1
             continue
-        # nothing could move: jump to the next cycle where a channel, a port, a head or a VC frees
-        waiting = np.concatenate(
-            [channel_free[channel_free > t], port_free[port_free > t], ready[~done & (ready > t)]]
-        )
-        pending = np.flatnonzero(releases.any(axis=1))
-        ahead = (pending - slot) % len(releases)
+        # nothing could move: jump to the next cycle where a head arrives or a ring frees something
+        waiting = ready[~done & (ready > t)]
+        pending = np.flatnonzero(releases.any(axis=1) | channel_ends.any(axis=1) | port_ends.any(axis=1))
+        ahead = (pending - slot) % size
         candidates = [waiting.min()] if len(waiting) else []
         candidates += [t + ahead[ahead > 0].min()] if (ahead > 0).any() else []
         if not candidates:
             raise RuntimeError("packet simulation stalled with packets left (a routing deadlock)")
         t = int(min(candidates))
     return int(finish)
+
+
+def _grant_outputs(
+    cand: np.ndarray, nxt: np.ndarray, port: np.ndarray, width: np.ndarray, channel_busy: np.ndarray,
+    occupied: np.ndarray, is_eject: np.ndarray, vcs: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each output channel grants its oldest requests, as many as it has free lanes (and VCs behind it)."""
+    room = free_lanes(nxt, width, channel_busy, occupied, is_eject, vcs)
+    pick = np.lexsort((cand, nxt))
+    pick = pick[rank_in_runs(nxt[pick]) < room[pick]]
+    return cand[pick], nxt[pick], port[pick]
+
+
+def free_lanes(
+    nxt: np.ndarray, width: np.ndarray, channel_busy: np.ndarray, occupied: np.ndarray, is_eject: np.ndarray,
+    vcs: int,
+) -> np.ndarray:
+    """Packets channels ``nxt`` can still take this cycle: free lanes, capped by free VCs behind them."""
+    room = np.where(is_eject[nxt], width[nxt], np.minimum(width[nxt], vcs - occupied[nxt]))
+    return room - channel_busy[nxt]
+
+
+def rank_in_runs(keys: np.ndarray) -> np.ndarray:
+    """Position of every element inside its run of equal values in sorted ``keys``."""
+    return np.arange(len(keys)) - np.searchsorted(keys, keys)
 
 
 def _release(

@@ -23,9 +23,10 @@ import yaml
 from meshserve.atomic import all_or_nothing, check_writable, write_atomic
 from meshserve.errors import require
 from meshserve.wafer.balance import BalanceConfig
-from meshserve.wafer.balance_setup import BalanceSetup, plan_floor, run_setup
+from meshserve.wafer.balance_setup import BalanceSetup, run_setup
 from meshserve.wafer.iteration import IterationResult
 from meshserve.wafer.presets import PRESET_DIR
+from meshserve.wafer.steady import steady_gap
 
 SPEC_PATH = PRESET_DIR / "experiments" / "balance.yaml"
 
@@ -80,10 +81,11 @@ def run_ladder(
         for model in spec["models"]:
             rows = []
             for rung in rungs:
-                result = run_setup(BalanceSetup(
-                    model=model, hardware=rung.hardware, mapping=rung.mapping, balancer=rung.balancer,
-                    config=rung.balance_config(config), **settings,
-                ))
+                setup = BalanceSetup(model=model, hardware=rung.hardware, mapping=rung.mapping,
+                                     balancer=rung.balancer, config=rung.balance_config(config), **settings)
+                result = run_setup(setup)
+                if rung.label == roles["ours"]:
+                    ours = setup, result
                 if model == spec["models"][0] and (rung.hardware, rung.mapping) == (
                         ni_rung.hardware, ni_rung.mapping):
                     traces[rung.balancer] = result
@@ -91,9 +93,10 @@ def run_ladder(
                              "balancer": rung.balancer, "config": rung.config or {}, **result.summary()})
                 bar.advance(task)
             figures["models"][model] = _model_figures(rows, roles)
-            # what any plan made ahead of time can reach per iteration: the loads' sampling noise
-            figures["models"][model]["plan_floor_max_over_mean"] = plan_floor(BalanceSetup(
-                model=model, hardware=ni_rung.hardware, config=config, **settings))
+            # where our balancer's steady imbalance comes from: noise floor, forecast, planner, lag
+            steady = steady_gap(*ours)
+            figures["models"][model]["steady_gap"] = steady
+            figures["models"][model]["plan_floor_max_over_mean"] = steady["floor"]["per_iteration"]
     per_model = figures["models"].values()
     for key in ("ni_compute_gain", "ni_comm_gain", "wsc_vs_nvl72_gain", "wsc_vs_nvl72_with_reduction_gain",
                 "wsc_vs_nvl72_eplb_gain"):
@@ -163,14 +166,36 @@ def print_ladder(figures: dict) -> None:
             table.add_row("  (best model)", f"{figures[key + '_max']:+.1%}", "")
     table.add_row("  (attention reduction included, mean over models)",
                   f"{figures['wsc_vs_nvl72_with_reduction_avg_gain']:+.1%}", "")
-    for model, m in figures["models"].items():  # the balancers on WSC with her: ni, ni-eplb, greedy
-        steady = {r["balancer"]: r["max_over_mean_load_steady"] for r in m["ladder"]
-                  if r["mapping"] == "her" and (r["balancer"] == "ni-eplb" or not r["config"])}
-        table.add_row(f"{model}: steady max/mean load, ni / ni-eplb (ours) / greedy (stalls) / floor",
-                      " / ".join(f"{steady[b]:.2f}" for b in ("ni", "ni-eplb", "greedy"))
-                      + f" / {m['plan_floor_max_over_mean']:.2f}", "-")
+    for model, m in figures["models"].items():  # on WSC with her: ni, ni-eplb, greedy applying every plan
+        rows = [r for r in m["ladder"] if r["mapping"] == "her"]
+        steady = [next(r["max_over_mean_load_steady"] for r in rows
+                       if r["balancer"] == name and match(r["config"]))
+                  for name, match in (("ni", lambda c: not c), ("ni-eplb", lambda c: True),
+                                      ("greedy", lambda c: c.get("reject_slower_plans") is False))]
+        table.add_row(f"{model}: steady max/mean load, ni / ni-eplb (ours) / greedy (every plan) / floor",
+                      " / ".join(f"{v:.2f}" for v in steady) + f" / {m['plan_floor_max_over_mean']:.2f}", "-")
     eplb = figures["wsc_vs_nvl72_eplb_avg_gain"]
     table.add_row("WSC vs NVL72 + EPLB (not in the paper)", f"{eplb:+.1%}", "-")
+    console.print(table)
+    print_steady_gap(figures, console)
+
+
+def print_steady_gap(figures: dict, console: Any) -> None:
+    """Our balancer's steady max/mean load, one cause added per column (meshserve/wafer/steady.py)."""
+    from rich.table import Table
+
+    table = Table(title="Where ni-eplb's steady max/mean load comes from "
+                        "(per iteration; in brackets on the window's mean load)")
+    steps = {"floor": "noise floor", "forecast": "+ forecast", "planner": "+ planner",
+             "simulated": "+ lag (simulated)"}
+    table.add_column("model")
+    for label in steps.values():
+        table.add_column(label, justify="right")
+    for model, m in figures["models"].items():
+        gap = m["steady_gap"]
+        table.add_row(model, *(f"{gap[k]['per_iteration']:.3f}" + (f" ({gap[k]['on_mean_load']:.3f})"
+                                                                    if "on_mean_load" in gap[k] else "")
+                               for k in steps))
     console.print(table)
 
 

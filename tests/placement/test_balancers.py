@@ -96,6 +96,8 @@ def test_ni_trigger_fires_on_accumulated_imbalance_only():
     assert ni.should_plan(4, np.array([0.2, 0.2, 0.2, 0.2]))
     ni.planned(0.15)
     assert not ni.should_plan(4, np.array([0.2, 0.2, 0.2, 0.2]))
+    # once a plan landed, a single iteration far enough above its prediction is enough
+    assert ni.should_plan(9, np.array([0.7])) and not ni.should_plan(9, np.array([0.6]))
 
 
 def test_unknown_balancer_and_too_few_slots_are_input_errors():

@@ -45,3 +45,32 @@ def test_fair_share_is_never_faster_than_the_bottleneck(rows, cols, seed):
     np.fill_diagonal(traffic, 0)
     bottleneck, fair = both(topology_for(WSC.with_mesh(rows, cols)), traffic)
     assert fair.bandwidth_s >= bottleneck.bandwidth_s * (1 - 1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 4), cols=st.integers(2, 4), seed=st.integers(0, 10_000))
+def test_flows_of_equal_size_finish_exactly_at_the_bottleneck_time(rows, cols, seed):
+    # Why: a flow on the hottest link l* shares every other link of its route with at most as many
+    # flows (per unit of bandwidth) as l*, so progressive filling gives it l*'s equal share; l*'s
+    # flows all run at that rate and finish together at bytes(l*) / bandwidth, and every other flow
+    # gets at least the equal share of its own most crowded link, so it is done by then too.
+    n = rows * cols
+    rng = np.random.default_rng(seed)
+    traffic = (rng.random((n, n)) < 0.5) * 3e6
+    np.fill_diagonal(traffic, 0)
+    bottleneck, fair = both(topology_for(WSC.with_mesh(rows, cols)), traffic)
+    assert fair.bandwidth_s == pytest.approx(bottleneck.bandwidth_s, rel=1e-9)
+
+
+def test_flows_slowed_elsewhere_can_leave_the_hottest_link_idle():
+    # a line of 6 dies; link 2->3 carries (1, 3) and (2, 4), 2 units each; each of them also shares a
+    # link with two short flows, so it runs at 1/3 of a link and 2->3 is a third idle until they end
+    topo = topology_for(WSC.with_mesh(1, 6))
+    unit = WSC.link_bandwidth * 1e-6
+    traffic = np.zeros((6, 6))
+    traffic[1, 3] = traffic[2, 4] = 2 * unit
+    traffic[0, 2] = traffic[1, 2] = traffic[3, 4] = traffic[3, 5] = 0.8 * unit
+    bottleneck, fair = both(topo, traffic)
+    assert bottleneck.bandwidth_s == pytest.approx(4e-6)  # 4 units over link 2->3
+    # shorts done at 2.4 (rate 1/3 each), then the long two share 2->3: 2 x (2 - 0.8) more
+    assert fair.bandwidth_s == pytest.approx(4.8e-6)

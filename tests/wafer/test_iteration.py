@@ -13,13 +13,15 @@ from meshserve.wafer.balance import (
     Balancer,
     Placement,
     make_balancer,
+    migrations,
     slots_per_device,
     static_placement,
 )
-from meshserve.wafer.balance.stream import window_bytes
+from meshserve.wafer.balance.steps import split_steps
+from meshserve.wafer.balance.stream import Flight, window_bytes
 from meshserve.wafer.balance_setup import BalanceSetup, comm_model, expert_cost, run_setup
 from meshserve.wafer.hardware import load_hardware
-from meshserve.wafer.iteration import faster_layers, simulate_iterations
+from meshserve.wafer.iteration import evaluate, faster_layers, simulate_iterations
 from meshserve.wafer.models import load_model
 from meshserve.wafer.synthetic import synthetic_trace
 
@@ -112,6 +114,36 @@ def test_ni_balancer_never_stalls_and_stays_inside_idle_link_time():
     assert ni.stall_s.sum() == 0.0
     assert 0 < ni.max_link_utilization <= 1.0 + 1e-9  # no phase ran longer because of migration
     assert ni.max_load[-20:].mean() < none.max_load[-20:].mean()
+
+
+def test_a_layer_switches_as_soon_as_its_own_copies_landed():
+    hw, comm = platform(4, 4, 4, "er")  # FTDs are the 2x2 blocks: devices 0, 1, 4, 5 share one
+    cost = expert_cost(MODEL, hw)
+    origin = static_placement(3, 16, 16, 2)  # expert e on device e
+    holds = origin.holds.copy()
+    holds[0, 4, 5] = True  # layer 0: one copy over link 4 -> 5
+    holds[2, 0, [1, 5]] = True  # layer 2: two copies that share link 0 -> 1 (XY: 0 -> 1 -> 5)
+    target = Placement(holds, 2)
+    moves = migrations(origin, target, comm.hops)
+    steps = split_steps(moves, comm.ftd, comm.hops)
+    flight = Flight.begin(origin, target, steps, moves.layer, cost.weight_bytes)
+    assert flight.landed_layers().tolist() == [False, True, False]  # layer 1 needs no copy
+    block = evaluate(tiny_trace(16, steps=1).counts, origin, comm, cost)
+    a2a = [(block.dispatch_bytes[0], block.dispatch_s[0], comm.dispatch.links),
+           (block.combine_bytes[0], block.combine_s[0], comm.combine.links)]
+    landed_at = {}
+    for iteration in range(100):
+        done, _ = flight.advance(comm, a2a, 1 << 16)
+        for layer in np.flatnonzero(flight.landed_layers()):
+            landed_at.setdefault(int(layer), iteration)
+        if landed_at.get(0) == iteration and not done:  # layer 0 in use, layer 2 still on its old table
+            now = flight.placement().holds
+            np.testing.assert_array_equal(now[:2], target.holds[:2])
+            np.testing.assert_array_equal(now[2], origin.holds[2])
+        if done:
+            break
+    # the shared link halves layer 2's rate: it lands last, layer 0 long before it
+    assert done and landed_at[1] == 0 < landed_at[0] < landed_at[2] == iteration
 
 
 def test_greedy_stalls_for_its_migration_and_balances_best():
@@ -214,6 +246,28 @@ def test_a_plan_is_applied_only_in_the_layers_it_makes_faster():
     chosen = faster_layers(history, current, target, comm, cost)
     np.testing.assert_array_equal(chosen.holds, static.holds)  # layer 0 kept, layer 1 taken
     assert faster_layers(history, static, target, comm, cost) is None  # no layer gets faster
+
+
+def test_an_invasive_plan_must_pay_for_its_stall_within_its_horizon():
+    hw, comm = platform(1, 4, 1, "baseline")
+    static = static_placement(3, 16, 4, 5)  # expert e on device e % 4: four busy experts per die
+    history = tiny_trace(4, steps=4).counts
+    cost = expert_cost(MODEL, hw)
+    # layer 1 now: a fifth expert on device 1 (memory-bound: one more expert's weight reads)
+    current = static.holds.copy()
+    current[1, 0, 1] = True
+    # the plan drops it and swaps experts 4 and 5 between devices 0 and 1: faster, but two copies
+    target = static.holds.copy()
+    target[1, 4], target[1, 5] = static.holds[1, 5], static.holds[1, 4]
+    current, target = Placement(current, 5), Placement(target, 5)
+    gain = np.subtract(*(evaluate(history, p, comm, cost).layer_s.mean(axis=0)[1] for p in (current, target)))
+    stall = comm.transfer_time(np.array([0, 1]), np.array([1, 0]), np.full(2, cost.weight_bytes))
+    assert gain > 0 and stall > gain
+    pays = int(np.ceil(stall / gain))  # iterations the plan must serve to win back its stall
+    assert faster_layers(history, current, target, comm, cost, horizon=pays - 1) is None
+    chosen = faster_layers(history, current, target, comm, cost, horizon=pays)
+    np.testing.assert_array_equal(chosen.holds, target.holds)
+    np.testing.assert_array_equal(faster_layers(history, current, target, comm, cost).holds, target.holds)
 
 
 def test_eplb_at_vllm_defaults_never_replans_inside_a_short_run():

@@ -47,22 +47,40 @@ def window_bytes(
 
 @dataclass
 class Flight:
-    """A non-invasive migration under way: its steps, bytes left per step and the target placement."""
+    """A non-invasive migration under way: its steps, bytes left per step, its origin and target.
 
+    A layer switches to ``target`` once all its copies have landed (each layer's table is swapped
+    whole, as an engine rearranges layer by layer, so no expert is ever without a replica).
+    """
+
+    origin: Placement
     target: Placement
     steps: MigrationSteps
+    layer: np.ndarray  # layer of each copy
     left: np.ndarray  # bytes left per step
     start: np.ndarray  # first step index of each copy
     count: np.ndarray  # steps per copy
     done: np.ndarray  # steps finished per copy
 
     @classmethod
-    def begin(cls, target: Placement, steps: MigrationSteps, num_copies: int, nbytes: float) -> Flight:
-        """Every copy of ``nbytes`` starts at its first step."""
-        count = np.bincount(steps.copy, minlength=num_copies)
+    def begin(cls, origin: Placement, target: Placement, steps: MigrationSteps, layer: np.ndarray,
+              nbytes: float) -> Flight:
+        """Every copy (of layer ``layer[copy]``) of ``nbytes`` starts at its first step."""
+        count = np.bincount(steps.copy, minlength=len(layer))
         start = np.concatenate([[0], np.cumsum(count)[:-1]])
         left = np.full(len(steps), float(nbytes))
-        return cls(target, steps, left, start, count, np.zeros(num_copies, dtype=np.int64))
+        done = np.zeros(len(layer), dtype=np.int64)
+        return cls(origin, target, steps, np.asarray(layer), left, start, count, done)
+
+    def landed_layers(self) -> np.ndarray:
+        """[layers] True where every copy of the layer has landed (or it needs none)."""
+        waiting = np.bincount(self.layer[self.done < self.count], minlength=self.target.num_layers)
+        return waiting == 0
+
+    def placement(self) -> Placement:
+        """The table in use now: ``target`` in the landed layers, ``origin`` elsewhere."""
+        holds = np.where(self.landed_layers()[:, None, None], self.target.holds, self.origin.holds)
+        return Placement(holds, self.target.slots_per_device)
 
     def active(self) -> np.ndarray:
         """Index of the current step of every unfinished copy."""

@@ -1,0 +1,76 @@
+"""Where a balancer's steady-state imbalance comes from: noise floor, forecast, planner, migration lag.
+
+A plan is made from past loads and serves the iterations after it, each a fresh multinomial draw
+around a drifting popularity. :func:`steady_gap` scores plans on the same second-half windows of
+one trace, adding one cause at a time, each as max/mean device load per iteration (what the
+simulator reports) and on the window's mean load (the load a plan serves on average):
+
+1. ``floor``: EPLB planned on the scored window's own mean load (it knows the future); what is
+   left is the iterations' sampling noise around their mean, which no plan made ahead can follow;
+2. ``forecast``: EPLB planned on the ``window_size`` iterations before the window, applied at
+   once (drift and noise in the estimate);
+3. ``planner``: the balancer's own plan from the same history (ni-eplb's ``plan_slack`` trades
+   balance for fewer copies), from the placement the previous forecast left, applied at once;
+4. ``simulated``: the iteration simulation itself (plans land only when their copies have
+   streamed through idle link time, and are re-planned at the trigger's cadence).
+
+The scored window is ``step_interval`` iterations: the life of a plan in the paper's cadence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from meshserve.placement import BalanceConfig, Placement, make_balancer, slots_per_device, static_placement
+from meshserve.wafer.balance_setup import BalanceSetup, comm_model, redundant_experts, setup_trace
+from meshserve.wafer.iteration import IterationResult
+from meshserve.wafer.models import load_model
+
+
+def max_over_mean(placement: Placement, counts: np.ndarray) -> tuple[float, float]:
+    """Max/mean device load of ``counts`` [S, L, E] (per iteration, and on their mean load)."""
+    load = placement.device_load(counts)  # [S, L, N]
+    per_iteration = load.max(axis=2).mean(axis=1) / load.mean(axis=2).mean(axis=1)
+    mean = load.mean(axis=0)
+    return float(per_iteration.mean()), float(mean.max(axis=1).mean() / mean.mean())
+
+
+def steady_gap(setup: BalanceSetup, result: IterationResult | None = None, samples: int = 5) -> dict:
+    """The four steps of the module docstring for ``setup`` (its trace, platform and balancer).
+
+    result: ``run_setup(setup)`` when already run (its steady max/mean is step 4; omitted when None).
+    """
+    hw, model = setup.platform(), load_model(setup.model)
+    comm = comm_model(hw, setup.tp, setup.resolved_mapping(hw), model, setup.tokens_per_device)
+    counts = setup_trace(setup, model, hw.num_devices).counts
+    return gap(counts, setup.balancer, setup.config, comm.hops, redundant_experts(setup, hw, model), result,
+               samples)
+
+
+def gap(
+    counts: np.ndarray, balancer: str, config: BalanceConfig, hops: np.ndarray, num_redundant: int,
+    result: IterationResult | None = None, samples: int = 5,
+) -> dict[str, dict[str, float]]:
+    """steady_gap on a trace ``counts`` [iterations, layers, experts] and a hop matrix."""
+    steps, layers, experts = counts.shape
+    devices = hops.shape[0]
+    slots = slots_per_device(experts, devices, num_redundant)
+    base = static_placement(layers, experts, devices, slots)
+    eplb = make_balancer("greedy", config, hops, num_redundant)
+    ours = make_balancer(balancer, config, hops, num_redundant)
+    horizon, window = min(config.step_interval, steps), config.window_size
+    first = max(steps // 2, 2 * window)
+    starts = np.linspace(first, steps - horizon, samples).astype(int) if first <= steps - horizon else []
+    scores: dict[str, list[tuple[float, float]]] = {"floor": [], "forecast": [], "planner": []}
+    for t in starts:
+        scored, history = counts[t:t + horizon], counts[t - window:t].mean(axis=0)
+        earlier = eplb.plan(counts[t - 2 * window:t - window].mean(axis=0), base, base)
+        scores["floor"].append(max_over_mean(eplb.plan(scored.mean(axis=0), base, base), scored))
+        scores["forecast"].append(max_over_mean(eplb.plan(history, base, base), scored))
+        scores["planner"].append(max_over_mean(ours.plan(history, earlier, base), scored))
+    out = {k: dict(zip(("per_iteration", "on_mean_load"), np.mean(s, axis=0).tolist(), strict=True))
+           for k, s in scores.items() if s}
+    if result is not None:
+        ratio = result.max_load / np.maximum(result.mean_load, 1e-12)
+        out["simulated"] = {"per_iteration": float(ratio[len(ratio) // 2:].mean())}
+    return out
