@@ -53,21 +53,21 @@ def _serving_section(console: Console, out: Path, target: Path, draft: Path) -> 
 
 
 def _readable_samples(tokenizer, outputs: list, n: int) -> list[tuple[str, str]]:
-    """n (prompt tail, completion) pairs spread over the outputs, skipping ones that read as escapes or
-    binary (held-out stdlib files hold bytes literals such as UTF-16 test data) rather than code, and
-    completions that are mostly one repeated line."""
+    """n (prompt tail, completion) pairs, readable code first: ones that read as escapes or binary
+    (held-out stdlib files hold bytes literals such as UTF-16 test data) come last, and completions that
+    mostly repeat themselves after the other readable ones."""
     pairs = [(tokenizer.decode(o.prompt_token_ids[-40:]), o.text) for o in outputs]
 
     def readable(text: str) -> bool:
         plain = sum(c.isalpha() or c in " \n_.,:()=" for c in text)
         return "\\x" not in text and "\\u" not in text and plain >= 0.7 * max(len(text), 1)
 
-    def varied(completion: str) -> bool:  # greedy loops ("#\n" fifty times) show little
-        lines = completion.splitlines() or [""]
-        return max(map(lines.count, lines)) <= len(lines) // 2 + 1
+    def varied(completion: str) -> bool:  # greedy loops ("#\n" or "'S': " fifty times) show little
+        grams = [completion[i:i + 8] for i in range(max(len(completion) - 7, 1))]
+        return len(set(grams)) >= 0.6 * len(grams)
 
-    good = [p for p in pairs if readable(p[0] + p[1]) and varied(p[1])] or pairs
-    return [good[i * (len(good) - 1) // max(n - 1, 1)] for i in range(min(n, len(good)))]
+    ranked = sorted(pairs, key=lambda p: (not readable(p[0] + p[1]), not varied(p[1])))  # stable
+    return ranked[:n]
 
 
 def _p90(values) -> float:
