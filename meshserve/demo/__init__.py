@@ -29,11 +29,8 @@ def _serving_section(console: Console, out: Path, target: Path, draft: Path) -> 
     console.rule("1. Serving engine: tiny MoE (8 experts, top-2) + draft, trained on Python's stdlib")
     r = run_serving(out, target, draft)
     tokenizer = Tokenizer.from_dir(target)
-    for o in (r.outputs[0], r.outputs[4], r.outputs[-1]):
-        console.print(
-            Text("..." + tokenizer.decode(o.prompt_token_ids[-40:]), style="dim")
-            + Text(o.text, style="bold green")
-        )
+    for prompt, completion in _readable_samples(tokenizer, r.outputs, 3):
+        console.print(Text("..." + prompt, style="dim") + Text(completion, style="bold green"))
         console.print(Text("-" * 40, style="dim"))
     table = Table(
         title=f"{len(r.outputs)} requests, greedy, draft-model speculation (k={SPECULATIVE_TOKENS}, "
@@ -53,6 +50,24 @@ def _serving_section(console: Console, out: Path, target: Path, draft: Path) -> 
     )
     console.print(table)
     return r.trace
+
+
+def _readable_samples(tokenizer, outputs: list, n: int) -> list[tuple[str, str]]:
+    """n (prompt tail, completion) pairs, readable code first: ones that read as escapes or binary
+    (held-out stdlib files hold bytes literals such as UTF-16 test data) come last, and completions that
+    mostly repeat themselves after the other readable ones."""
+    pairs = [(tokenizer.decode(o.prompt_token_ids[-40:]), o.text) for o in outputs]
+
+    def readable(text: str) -> bool:
+        plain = sum(c.isalpha() or c in " \n_.,:()=" for c in text)
+        return "\\x" not in text and "\\u" not in text and plain >= 0.7 * max(len(text), 1)
+
+    def varied(completion: str) -> bool:  # greedy loops ("#\n" or "'S': " fifty times) show little
+        grams = [completion[i:i + 8] for i in range(max(len(completion) - 7, 1))]
+        return len(set(grams)) >= 0.6 * len(grams)
+
+    ranked = sorted(pairs, key=lambda p: (not readable(p[0] + p[1]), not varied(p[1])))  # stable
+    return ranked[:n]
 
 
 def _p90(values) -> float:
@@ -132,8 +147,11 @@ def _wafer_section(console: Console, trace_path: Path, out: Path) -> list[Path]:
     fitted = ExpertTrace.load(scaled_path).meta["fitted_zipf_exponent"]
     console.print(
         f"fitted to the recorded trace: Zipf exponent {fitted:.2f} over 8 experts (same log-share spread: "
-        f"{pop.zipf_exponent:.2f} over 256), drift sigma {pop.drift_sigma:.2f}, drift time "
-        f"{pop.drift_steps:.0f} steps -> {scaled_path}"
+        f"{pop.zipf_exponent:.2f} over 256), {_drift_words(trace_path, pop)} -> {scaled_path}"
+    )
+    console.print(
+        f"with that exponent and no drift the hottest of 256 experts gets {_zipf_max_over_mean(pop):.2f}x "
+        "the mean load (the unbalanced rows' max/mean below, up to sampling noise and drift)"
     )
     console.print(
         _replay_table(
@@ -144,6 +162,26 @@ def _wafer_section(console: Console, trace_path: Path, out: Path) -> list[Path]:
     )
     _gains(console, large, "her")
     return [Path(small[0]["plot"]), Path(large[0]["plot"]), scaled_path]
+
+
+def _drift_words(trace_path: Path, pop) -> str:
+    """The fitted drift, or why there is none: a zero sigma is the fit's "cannot tell", not a measurement."""
+    from meshserve.wafer.trace_fit import window_steps
+
+    if pop.drift_sigma > 0:
+        return f"drift sigma {pop.drift_sigma:.2f}, drift time {pop.drift_steps:.0f} steps"
+    counts = ExpertTrace.load(trace_path).counts
+    window = window_steps(counts)
+    return (f"drift not measurable ({counts.shape[0] // window} windows of {window} steps: their lag-2 "
+            "covariance is not positive, so drift cannot be told from noise; drawn without drift)")
+
+
+def _zipf_max_over_mean(pop) -> float:
+    """Hottest expert's share over the mean share for Zipf popularity over 256 experts."""
+    import numpy as np
+
+    weights = np.arange(1, 257, dtype=np.float64) ** -pop.zipf_exponent
+    return float(weights[0] / weights.mean())
 
 
 def _heatmaps(out: Path) -> list[Path]:

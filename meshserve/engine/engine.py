@@ -73,7 +73,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
         self.sampler = Sampler(config.seed)
         spec = config.speculative_config
-        self.spec = None if spec is None else SpecDecoder(spec, mc.vocab_size, config.dtype, cache.block_size,
+        self.spec = None if spec is None else SpecDecoder(spec, mc.vocab_size, config.dtype, max_model_len,
                                                           Sampler.probs, self.sampler.generator)
         self.stopper = StopChecker(self.tokenizer, mc.eos_token_ids, max_model_len)
         self.requests: dict[str, Request] = {}  # every completion in flight, by its own id

@@ -61,3 +61,22 @@ def test_scaled_replay_draws_deepseek_v3_from_the_fit(tiny_moe_trace, tmp_path):
     assert pop.zipf_exponent > 0.3
     assert [(r["mapping"], r["balancer"]) for r in rows][-1] == ("her", "ni")
     assert np.isfinite([r["moe_tokens_per_s_per_device"] for r in rows]).all()
+
+
+def test_printed_samples_skip_completions_that_read_as_escapes():
+    from types import SimpleNamespace
+
+    from meshserve.demo import _readable_samples
+
+    class Chars:  # a token is a character code
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    def out(prompt: str, text: str):
+        return SimpleNamespace(prompt_token_ids=[ord(c) for c in prompt], text=text)
+
+    escapes = out("data = b'\\xff\\xfe", "\\x00a\\x00b\\x00c\\x00")
+    loop = out("def g(x):\n", "#\n" * 20)
+    code = [out(f"def f{i}(x):\n", "    y = x + 1\n    return y\n") for i in range(3)]
+    samples = _readable_samples(Chars(), [escapes, loop, *code], 3)
+    assert len(samples) == 3 and all(p.startswith("def f") for p, _ in samples)

@@ -1,4 +1,5 @@
-"""Draft-model proposer: its own paged KV, batched across requests, rolled back after verification."""
+"""Draft-model proposer: its own contiguous KV slots, batched across requests, rolled back after
+verification."""
 
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ def _greedy_continuation(loaded, context: list[int], n: int) -> list[int]:
     """Reference: recompute the whole sequence for every token (a fresh proposer per token)."""
     seq = list(context)
     for _ in range(n):
-        fresh = DraftModelProposer(loaded, k=1, num_blocks=32, block_size=4)
+        fresh = DraftModelProposer(loaded, k=1, max_len=64)
         seq.append(fresh.propose(["r"], [seq], [1], [True], [None], _softmax)[0][0][0])
     return seq[len(context):]
 
 
 def test_greedy_drafts_follow_the_draft_models_own_greedy_path(draft) -> None:
-    prop = DraftModelProposer(draft, k=4, num_blocks=32, block_size=4)
+    prop = DraftModelProposer(draft, k=4, max_len=64)
     a, b = list(range(40, 57)), list(range(90, 96))
     drafts, q = prop.propose(["a", "b"], [a, b], [4, 2], [True, True], [None, None], _softmax)
     assert drafts == [_greedy_continuation(draft, a, 4), _greedy_continuation(draft, b, 2)]
@@ -38,7 +39,7 @@ def test_greedy_drafts_follow_the_draft_models_own_greedy_path(draft) -> None:
 
 
 def test_sampled_requests_get_their_draft_distribution_greedy_ones_none(draft) -> None:
-    prop = DraftModelProposer(draft, k=3, num_blocks=32, block_size=4)
+    prop = DraftModelProposer(draft, k=3, max_len=64)
     gen = torch.Generator().manual_seed(1)
     drafts, q = prop.propose(["g", "s"], [list(range(40, 50)), list(range(70, 75))], [3, 2], [True, False],
                              [None, gen], _softmax)
@@ -49,7 +50,7 @@ def test_sampled_requests_get_their_draft_distribution_greedy_ones_none(draft) -
 
 
 def test_rollback_after_partial_acceptance_keeps_drafts_exact(draft) -> None:
-    prop = DraftModelProposer(draft, k=3, num_blocks=32, block_size=4)
+    prop = DraftModelProposer(draft, k=3, max_len=64)
     ctx = list(range(60, 70))
     first, _ = prop.propose(["r"], [ctx], [3], [True], [None], _softmax)
     # The target accepted one draft and then emitted a different token: the rest of the draft KV is stale.
@@ -58,22 +59,34 @@ def test_rollback_after_partial_acceptance_keeps_drafts_exact(draft) -> None:
     assert again[0] == _greedy_continuation(draft, verified, 3)
 
 
-def test_blocks_return_on_remove_and_shortage_means_no_drafts(draft) -> None:
-    prop = DraftModelProposer(draft, k=2, num_blocks=4, block_size=4)
-    drafts, _ = prop.propose(["x", "y"], [list(range(10, 22)), list(range(30, 40))], [2, 2], [True, True],
-                             [None, None], _softmax)
-    assert len(drafts[0]) == 2 and drafts[1] == []  # x took 4 blocks (13 slots), nothing left for y
-    assert prop.num_free_blocks == 0
-    prop.remove("x")
-    prop.remove("y")
-    assert prop.num_free_blocks == 4
+def test_slots_return_on_remove_and_the_cache_grows_past_its_first_slots(draft) -> None:
+    prop = DraftModelProposer(draft, k=2, max_len=64)
+    first = prop.runner.num_slots
+    names = [f"r{i}" for i in range(first + 1)]
+    contexts = [list(range(10 + i, 22 + i)) for i in range(first + 1)]
+    drafts, _ = prop.propose(names, contexts, [2] * len(names), [True] * len(names), [None] * len(names),
+                             _softmax)
+    assert prop.runner.num_slots == 2 * first and all(len(d) == 2 for d in drafts)
+    assert drafts[-1] == _greedy_continuation(draft, contexts[-1], 2)  # the slot past the first ones works
+    for name in names:
+        prop.remove(name)
+    assert not prop.seqs and sorted(prop.runner.free_slots) == list(range(2 * first))
+
+
+def test_requests_feeding_different_lengths_share_a_forward(draft) -> None:
+    """A long catch-up (a prompt) beside one-token feeds: padding never leaks into the real rows."""
+    prop = DraftModelProposer(draft, k=3, max_len=64)
+    short, long_ = list(range(40, 45)), list(range(50, 80))
+    prop.propose(["s"], [short], [3], [True], [None], _softmax)
+    drafts, _ = prop.propose(["s", "l"], [short + [9], long_], [3, 3], [True, True], [None, None], _softmax)
+    assert drafts == [_greedy_continuation(draft, short + [9], 3), _greedy_continuation(draft, long_, 3)]
 
 
 def test_sampled_drafts_are_seeded(draft) -> None:
     ctx = list(range(20, 31))
     runs = []
     for _ in range(2):
-        prop = DraftModelProposer(draft, k=3, num_blocks=32, block_size=4)
+        prop = DraftModelProposer(draft, k=3, max_len=64)
         gen = torch.Generator().manual_seed(5)
         runs.append(prop.propose(["s"], [ctx], [3], [False], [gen], _softmax)[0])
     assert runs[0] == runs[1] and len(runs[0][0]) == 3

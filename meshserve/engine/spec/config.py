@@ -18,11 +18,10 @@ class SpecConfig:
     """Speculative decoding settings.
 
     method: "ngram" (prompt lookup in the request's own tokens) or "draft_model" (a smaller model with the
-        same tokenizer, run with its own paged KV).
+        same tokenizer, run on its own contiguous KV).
     num_speculative_tokens: drafts proposed per request per step (k); a verify item is k + 1 tokens.
     prompt_lookup_max / prompt_lookup_min: n-gram lengths tried, longest first (ngram only).
     model: draft model directory (draft_model only).
-    draft_kv_blocks: KV blocks of the draft model's own cache (draft_model only).
     disable_by_batch_size: no drafts in a step with more than this many running requests (vLLM's setting;
         None = always speculate). A big batch already fills the forward that speculation would fill, so
         extra verify tokens and draft forwards cost more than the steps they save (docs/engine.md).
@@ -33,7 +32,6 @@ class SpecConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
     model: str | None = None
-    draft_kv_blocks: int = 2048
     disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
 
     @classmethod
@@ -53,8 +51,7 @@ class SpecConfig:
     def __post_init__(self) -> None:
         require(self.method in METHODS, f"{FIELD}.method",
                 f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
-        for name, low in (("num_speculative_tokens", 1), ("prompt_lookup_max", 1), ("prompt_lookup_min", 1),
-                          ("draft_kv_blocks", 1)):
+        for name, low in (("num_speculative_tokens", 1), ("prompt_lookup_max", 1), ("prompt_lookup_min", 1)):
             v = getattr(self, name)
             require(isinstance(v, int) and not isinstance(v, bool) and v >= low, f"{FIELD}.{name}",
                     f"must be an integer >= {low}, got {v!r}")

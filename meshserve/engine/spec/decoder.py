@@ -27,7 +27,7 @@ ProbsFn = Callable[[torch.Tensor, list], torch.Tensor]
 class SpecDecoder:
     """Owns the proposer and the acceptance counters."""
 
-    def __init__(self, config: SpecConfig, vocab_size: int, dtype: str, block_size: int, probs: ProbsFn,
+    def __init__(self, config: SpecConfig, vocab_size: int, dtype: str, max_model_len: int, probs: ProbsFn,
                  generator: torch.Generator) -> None:
         self.config = config
         self.k = config.num_speculative_tokens
@@ -44,7 +44,7 @@ class SpecDecoder:
             if draft.config.vocab_size != vocab_size:
                 raise InputError("speculative_config.model", f"draft vocab_size {draft.config.vocab_size} "
                                                              f"differs from the target's {vocab_size}")
-            self.proposer = DraftModelProposer(draft, self.k, config.draft_kv_blocks, block_size)
+            self.proposer = DraftModelProposer(draft, self.k, max_model_len)
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [k, V] of its current drafts
         self.draft_tokens = 0
         self.accepted_tokens = 0

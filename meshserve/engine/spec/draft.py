@@ -1,9 +1,9 @@
-"""Draft-model proposer: a smaller model with the target's tokenizer, run with its own paged KV cache.
+"""Draft-model proposer: a smaller model with the target's tokenizer, run on its own contiguous KV.
 
 Each step it catches up on the verified tokens it has not seen (one forward for all requests), then runs
-k - 1 more single-token forwards, all requests batched together. Its KV for a request is kept across steps;
-after verification only the prefix that still agrees with the verified tokens is kept (rolled back by
-lowering the computed count; the slots are simply overwritten later).
+k - 1 more single-token forwards, all requests batched together (draft_runner.py). A request's KV slot is
+kept across steps; after verification only the prefix that still agrees with the verified tokens is kept
+(rolled back by feeding from a lower position; the stale rows are simply overwritten).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from meshserve.engine.runner import batch_metadata
+from meshserve.engine.spec.draft_runner import DraftRunner
 
 # (logits [R, V], request rows) -> probabilities [R, V] after each request's temperature / top-k / top-p.
 ProbsFn = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
@@ -22,34 +22,25 @@ ProbsFn = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
 @dataclass
 class _Seq:
-    blocks: list[int] = field(default_factory=list)
-    fed: list[int] = field(default_factory=list)  # tokens whose KV the draft cache holds, in order
+    slot: int
+    fed: list[int] = field(default_factory=list)  # tokens whose KV the slot holds, in order
+    verified: int = 0  # leading fed tokens that were the request's own (not drafts) when last fed
 
 
 class DraftModelProposer:
     """Proposes up to k tokens per request by running a small model autoregressively."""
 
-    def __init__(self, loaded, k: int, num_blocks: int, block_size: int) -> None:
-        self.model = loaded.model
+    def __init__(self, loaded, k: int, max_len: int) -> None:
         self.config = loaded.config
         self.k = k
-        self.block_size = block_size
-        cfg = loaded.config
-        dtype = next(self.model.parameters()).dtype
-        self.kv_caches = [torch.zeros(2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
-                          for _ in range(cfg.num_layers)]
-        self.free = list(range(num_blocks - 1, -1, -1))
+        self.runner = DraftRunner(loaded.model, max_len)
         self.seqs: dict[str, _Seq] = {}
 
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self.free)
-
     def remove(self, req_id: str) -> None:
-        """Forget a finished, aborted or preempted request and return its draft blocks."""
+        """Forget a finished, aborted or preempted request and free its KV slot."""
         seq = self.seqs.pop(req_id, None)
         if seq is not None:
-            self.free.extend(reversed(seq.blocks))
+            self.runner.release(seq.slot)
 
     @torch.inference_mode()
     def propose(self, req_ids: Sequence[str], contexts: Sequence[Sequence[int]], limits: Sequence[int],
@@ -62,59 +53,63 @@ class DraftModelProposer:
         Others sample q with their own generator.
         """
         rows = len(req_ids)
-        n = torch.tensor([min(self.k, lim) if self._reserve(rid, len(ctx) + min(self.k, lim) - 1) else 0
-                          for rid, ctx, lim in zip(req_ids, contexts, limits, strict=True)], dtype=torch.long)
+        n = [max(min(self.k, lim), 0) for lim in limits]
+        active = [i for i in range(rows) if n[i] > 0]
         tokens = torch.zeros(rows, self.k, dtype=torch.long)
-        sampled_rows = [i for i in range(rows) if not greedy[i] and n[i] > 0]
-        q = torch.zeros(rows, max(self.k, 1), self.config.vocab_size) if sampled_rows else None
-        active = torch.nonzero(n > 0).flatten()
-        feeds = [self._catch_up(req_ids[i], contexts[i]) for i in active.tolist()]
-        for step in range(int(n.max()) if rows else 0):
-            keep = n[active] > step  # requests whose drafts are done drop out of later forwards
-            if not bool(keep.all()):
-                feeds = [f for f, kept in zip(feeds, keep.tolist(), strict=True) if kept]
-                active = active[keep]
-            ids = active.tolist()
-            logits = self._forward([req_ids[i] for i in ids], feeds)
+        sampled_any = any(not greedy[i] for i in active)
+        q = torch.zeros(rows, self.k, self.config.vocab_size) if sampled_any else None
+        seqs = [self._seq(req_ids[i]) for i in active]
+        feeds = [self._catch_up(s, contexts[i]) for s, i in zip(seqs, active, strict=True)]
+        rows_meta = [(i, s.slot, len(s.fed), len(f)) for i, s, f in zip(active, seqs, feeds, strict=True)]
+        meta = torch.tensor(rows_meta, dtype=torch.long)
+        meta = meta.view(-1, 4)  # no active request: [0, 4]
+        rows_t, slots, starts, lens = meta.unbind(1)
+        ids = torch.from_numpy(_pad(feeds))
+        for step in range(max(n, default=0)):
+            keep = [j for j, i in enumerate(active) if n[i] > step]  # finished requests drop out
+            if len(keep) < len(active):
+                active, index = [active[j] for j in keep], torch.tensor(keep, dtype=torch.long)
+                rows_t, slots, starts, lens, ids = (t[index] for t in (rows_t, slots, starts, lens, ids))
+            logits = self.runner.forward(slots, starts, ids, lens)
             picked = logits.argmax(-1)
             if q is not None:
-                sampled = [row for row, i in enumerate(ids) if not greedy[i]]
+                sampled = [row for row, i in enumerate(active) if not greedy[i]]
                 if sampled:
-                    probs = to_probs(logits[sampled], [ids[row] for row in sampled])
-                    q[active[sampled], step] = probs
+                    probs = to_probs(logits[sampled], [active[row] for row in sampled])
+                    q[rows_t[sampled], step] = probs
                     for j, row in enumerate(sampled):
-                        picked[row] = torch.multinomial(probs[j], 1, generator=generators[ids[row]])[0]
-            tokens[active, step] = picked
-            feeds = [[t] for t in picked.tolist()]
-        lens = n.tolist()
-        return [t[:m] for t, m in zip(tokens.tolist(), lens, strict=True)], q
+                        picked[row] = torch.multinomial(probs[j], 1, generator=generators[active[row]])[0]
+            tokens[rows_t, step] = picked
+            starts, lens, ids = starts + lens, torch.ones_like(lens), picked[:, None]
+        drafts = [t[:m] for t, m in zip(tokens.tolist(), n, strict=True)]
+        for i, seq in zip(meta[:, 0].tolist(), seqs, strict=True):
+            seq.fed = [*contexts[i], *drafts[i][:-1]]  # the last draft is proposed, never fed
+            seq.verified = len(contexts[i])
+        return drafts, q
 
-    def _reserve(self, req_id: str, num_tokens: int) -> bool:
-        """Make the request's draft block table cover ``num_tokens`` KV slots; False if out of blocks."""
-        seq = self.seqs.setdefault(req_id, _Seq())
-        need = -(-num_tokens // self.block_size) - len(seq.blocks)
-        if need > len(self.free):
-            return False
-        seq.blocks.extend(self.free.pop() for _ in range(max(need, 0)))
-        return True
+    def _seq(self, req_id: str) -> _Seq:
+        seq = self.seqs.get(req_id)
+        if seq is None:
+            seq = self.seqs[req_id] = _Seq(self.runner.acquire())
+        return seq
 
-    def _catch_up(self, req_id: str, context: Sequence[int]) -> list[int]:
-        """Tokens to feed so the draft KV covers ``context``: keep only the prefix that still agrees."""
-        seq = self.seqs[req_id]
-        ctx = np.asarray(context, dtype=np.int64)
-        fed = np.asarray(seq.fed[: len(ctx) - 1], dtype=np.int64)
-        agree = int(np.cumprod(fed == ctx[: len(fed)]).sum())
+    @staticmethod
+    def _catch_up(seq: _Seq, context: Sequence[int]) -> list[int]:
+        """Tokens to feed so the slot's KV covers ``context``: keep the fed prefix that still agrees (at
+        least the last context token is fed again: its logits propose the first draft)."""
+        agree = seq.verified
+        for fed, token in zip(seq.fed[agree:], context[agree:], strict=False):  # the drafts fed last step
+            if fed != token:
+                break
+            agree += 1
+        agree = min(agree, len(context) - 1)
         del seq.fed[agree:]
         return list(context[agree:])
 
-    def _forward(self, req_ids: Sequence[str], feeds: Sequence[list[int]]) -> torch.Tensor:
-        """One forward of the draft model over all requests' feeds; logits at each request's last token."""
-        seqs = [self.seqs[r] for r in req_ids]
-        starts = np.array([len(s.fed) for s in seqs], dtype=np.int64)
-        q_lens = np.array([len(f) for f in feeds], dtype=np.int64)
-        meta = batch_metadata(starts, q_lens, np.ones_like(q_lens), [s.blocks for s in seqs], self.block_size)
-        ids = torch.as_tensor(np.concatenate([np.asarray(f, dtype=np.int64) for f in feeds]))
-        hidden = self.model(ids, meta, self.kv_caches)
-        for s, f in zip(seqs, feeds, strict=True):
-            s.fed.extend(f)
-        return self.model.compute_logits(hidden[meta.logits_indices]).float()
+
+def _pad(feeds: list[list[int]]) -> np.ndarray:
+    """Token lists as one zero-padded int64 array [R, longest]."""
+    out = np.zeros((len(feeds), max(map(len, feeds), default=0)), dtype=np.int64)
+    for row, feed in enumerate(feeds):
+        out[row, :len(feed)] = feed
+    return out
