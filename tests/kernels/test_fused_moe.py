@@ -159,3 +159,16 @@ def test_bfloat16_step_mixes_widened_and_dot_product_tasks():
     weights = torch.rand(150, 1, generator=gen)
     out = fused_moe(x, ids, weights, pack_experts(gate_up, down))
     torch.testing.assert_close(out, moe_reference(x, ids, weights, gate_up, down), atol=2e-2, rtol=2e-2)
+
+
+def test_bfloat16_layer_the_op_always_serves_keeps_no_float32_copy():
+    """Without a step limit the batched matmuls never run, so their float32 weight copies are not made."""
+    from meshserve.kernels.smooth_gemm import GemmChoice
+
+    moe = SparseMoE(64, 48, num_experts=4, top_k=2, renormalize=True, weights_in_model_dtype=False)
+    moe = moe.to(torch.bfloat16)
+    f32 = [GemmChoice("packed_f32")]
+    moe.experts.prepare(f32, f32)
+    assert moe.experts.packed is not None and moe.experts._f32 == (None, None)
+    moe.experts.prepare(f32, f32, fused=False)  # the torch path serves every step: it gets its copies
+    assert all(w is not None and w.dtype == torch.float32 for w in moe.experts._f32)
