@@ -146,3 +146,29 @@ def test_prepared_models_run_the_native_op_in_every_moe_layer(tiny_model_dir, mo
     seqs.step({seqs.add([1, 5, 6, 7]): 4})
     assert len(calls) == lm.config.num_moe_layers
     assert int(lm.model.expert_counts().sum()) == 4 * lm.config.top_k * lm.config.num_moe_layers
+
+
+def test_bfloat16_step_mixes_widened_and_dot_product_tasks():
+    """A busy expert's tasks run the widened float32 tile, a quiet one's the BF16 dot products; both match."""
+    gen = torch.Generator().manual_seed(7)
+    gate_up = (torch.randn(3, 2 * 40, 64, generator=gen) / 8).bfloat16()
+    down = (torch.randn(3, 64, 40, generator=gen) / 40**0.5).bfloat16()
+    x = torch.randn(150, 64, generator=gen).bfloat16()
+    ids = torch.zeros(150, 1, dtype=torch.long)
+    ids[:5] = 1  # expert 1: 5 pairs (dot products); expert 0: 145 pairs in widened blocks; expert 2 idle
+    weights = torch.rand(150, 1, generator=gen)
+    out = fused_moe(x, ids, weights, pack_experts(gate_up, down))
+    torch.testing.assert_close(out, moe_reference(x, ids, weights, gate_up, down), atol=2e-2, rtol=2e-2)
+
+
+def test_bfloat16_layer_the_op_always_serves_keeps_no_float32_copy():
+    """Without a step limit the batched matmuls never run, so their float32 weight copies are not made."""
+    from meshserve.kernels.smooth_gemm import GemmChoice
+
+    moe = SparseMoE(64, 48, num_experts=4, top_k=2, renormalize=True, weights_in_model_dtype=False)
+    moe = moe.to(torch.bfloat16)
+    f32 = [GemmChoice("packed_f32")]
+    moe.experts.prepare(f32, f32)
+    assert moe.experts.packed is not None and moe.experts._f32 == (None, None)
+    moe.experts.prepare(f32, f32, fused=False)  # the torch path serves every step: it gets its copies
+    assert all(w is not None and w.dtype == torch.float32 for w in moe.experts._f32)

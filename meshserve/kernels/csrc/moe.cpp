@@ -2,9 +2,13 @@
 //
 // Torch oracle: meshserve/kernels/fused_moe.py (moe_reference); weight packing: pack_expert_weight there.
 // Token-expert pairs are counting-sorted by expert; tasks (expert, block of <= kRowBlock pairs, block of 64
-// output columns) run across threads with at::parallel_for. A task reads its token rows by index (no packed,
+// output columns) are dealt to threads largest first. A task reads its token rows by index (no packed,
 // zero-filled copy of the activations) and multiplies them with one packed weight block, accumulating in
 // float32: bfloat16 pairs through AVX512-BF16 dot products where the CPU has them, else widened to float32.
+// A bfloat16 task with many rows widens its weight block to float32 once (into a per-thread buffer that stays
+// in L2) and runs the float32 tile on float32 copies of its rows: on the 2-core AVX512-BF16 machine kind the
+// BF16 dot-product tile reached ~75 GFLOP/s per core and the float32 FMA tile ~110-120. Products of bfloat16
+// values are exact in float32, so the two paths differ only in float32 summation order.
 // Gate and up columns are interleaved per block (32 + 32), so SiLU(gate) * up is the first GEMM's epilogue;
 // the routing weight scales the second GEMM's epilogue, and a last pass adds each token's k rows.
 #include <ATen/ATen.h>
@@ -16,6 +20,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -29,7 +34,10 @@ namespace {
 
 constexpr int64_t kCols = 64;      // output columns per packed weight block: 4 vectors of 16 float32
 constexpr int64_t kMaxRows = 6;    // rows per micro-tile: 6 x 4 accumulators + 4 weight vectors fit 32 zmm
-constexpr int64_t kRowBlock = 48;  // pairs per task: a multiple of kMaxRows, small enough to balance threads
+constexpr int64_t kRowBlock = 96;  // most pairs per task (a multiple of kMaxRows): 16 micro-tiles per weight block
+// bfloat16 tasks of at least this many pairs run in float32: widening a block costs about what 1-2 rows of
+// dot products do, and at 24+ rows the float32 tile's speed repays it (benchmarks/kernels.py --sections moe).
+constexpr int64_t kWideRows = 24;
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -155,12 +163,34 @@ inline void store(const float* src, T* dst, int64_t n) {
   }
 }
 
+// n bfloat16 values (as T) to float32; float32 sources are never widened.
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n) {
+  if constexpr (!std::is_same_v<T, float>)
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// out[i] = SiLU(gate[i]) * up[i] for the 32 columns of one gate_up block.
+inline void silu_mul(const float* gate, const float* up, float* out) {
+#if defined(__AVX512F__)
+  for (int64_t i = 0; i < kCols / 2; i += 16) {
+    const __m512 g = _mm512_loadu_ps(gate + i);
+    const __m512 e = exp_clamped16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)),
+                                            _mm512_loadu_ps(up + i)));
+  }
+#else
+  for (int64_t i = 0; i < kCols / 2; ++i) out[i] = gate[i] / (1.f + exp_clamped(-gate[i])) * up[i];
+#endif
+}
+
 struct Block {
   int64_t expert, first, rows;  // pairs [first, first + rows) of the expert-sorted order
 };
 
-// The rows of blk (row(p): pair p's input row) times one packed block, in micro-tiles of kMaxRows;
-// done(p, c) receives pair p's 64 float32 results.
+// The rows of blk (row(p): pair p's input row) times one packed block [k][64], in micro-tiles of kMaxRows
+// (the block, 64-90 KB here, stays in L2 while the task's micro-tiles reuse it); done(p, c) receives pair
+// p's 64 float32 results.
 template <typename T, typename Row, typename Done>
 void run_block(const Block& blk, const T* b, int64_t k, Row row, Done done) {
   const T* a[kMaxRows];
@@ -171,6 +201,42 @@ void run_block(const Block& blk, const T* b, int64_t k, Row row, Done done) {
     tile<T>(a, b, k, rows, c);
     for (int64_t r = 0; r < rows; ++r) done(blk.first + m + r, c + r * kCols);
   }
+}
+
+// A packed bfloat16 block [k/2][64][2] as float32 [k][64] in this thread's buffer.
+const float* widen_block(const uint16_t* b, int64_t k) {
+  thread_local std::vector<float> buffer;
+  buffer.resize(k * kCols);
+  float* out = buffer.data();
+  for (int64_t kk = 0; kk < k / 2; ++kk) {
+    const uint16_t* src = b + kk * 2 * kCols;
+    float* even = out + 2 * kk * kCols;
+    float* odd = even + kCols;
+#if defined(__AVX512F__)
+    const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+    for (int64_t j = 0; j < kCols / 16; ++j) {  // 16 columns' (even, odd) pairs per vector
+      const __m512i v = _mm512_loadu_si512(src + 32 * j);
+      _mm512_storeu_ps(even + 16 * j, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+      _mm512_storeu_ps(odd + 16 * j, _mm512_castsi512_ps(_mm512_and_si512(v, high)));
+    }
+#else
+    for (int64_t col = 0; col < kCols; ++col) {
+      even[col] = bf16_to_float(src[2 * col]);
+      odd[col] = bf16_to_float(src[2 * col + 1]);
+    }
+#endif
+  }
+  return out;
+}
+
+// Runs task(i) for i in [0, n) across torch's threads, each taking the next index when it is free (tasks
+// listed costliest first balance like a greedy longest-first schedule).
+template <typename Task>
+void deal(int64_t n, Task task) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < n; i = next++) task(i);
+  });
 }
 
 template <typename T>
@@ -197,11 +263,24 @@ at::Tensor fused_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
     token_of[s] = p / k;
     weight_of[s] = route_w[p];
   }
+  // Each expert's pairs in near-equal blocks of <= kRowBlock (whole micro-tiles but the last), largest first.
   std::vector<Block> blocks;
-  for (int64_t e = 0; e < experts; ++e)
-    for (int64_t f = start[e]; f < start[e + 1]; f += kRowBlock)
-      blocks.push_back({e, f, std::min(kRowBlock, start[e + 1] - f)});
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t n = start[e + 1] - start[e], parts = (n + kRowBlock - 1) / kRowBlock;
+    const int64_t size = parts ? ((n + parts - 1) / parts + kMaxRows - 1) / kMaxRows * kMaxRows : 0;
+    for (int64_t f = start[e]; f < start[e + 1]; f += size) blocks.push_back({e, f, std::min(size, start[e + 1] - f)});
+  }
+  std::stable_sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.rows > b.rows; });
   const int64_t nblocks = static_cast<int64_t>(blocks.size());
+
+  // Float32 copies of the inputs for the widened bfloat16 tasks (the activations stay rounded to bfloat16).
+  constexpr bool kBf16 = !std::is_same_v<T, float>;
+  const bool any_wide = kBf16 && nblocks > 0 && blocks.front().rows >= kWideRows;  // largest block first
+  auto wide = [&](const Block& blk) { return kBf16 && blk.rows >= kWideRows; };
+  const at::Tensor x32 = any_wide ? x.to(at::kFloat) : at::Tensor();
+  const at::Tensor act32 = any_wide ? at::empty({pairs, inter}, x.options().dtype(at::kFloat)) : at::Tensor();
+  const float* x32s = any_wide ? x32.data_ptr<float>() : nullptr;
+  float* act32s = any_wide ? act32.data_ptr<float>() : nullptr;
 
   const T* xs = x.data_ptr<T>();
   const T* w13s = w13.data_ptr<T>();
@@ -212,33 +291,37 @@ at::Tensor fused_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
   float* outs = pair_out.data_ptr<float>();
 
   // gate_up: task = (row block, column block of 32 gate + 32 up columns); epilogue SiLU(gate) * up.
-  at::parallel_for(0, nblocks * blocks13, 1, [&](int64_t begin, int64_t end) {
-    float act_row[kCols / 2];
-    for (int64_t task = begin; task < end; ++task) {
-      const Block& blk = blocks[task / blocks13];
-      const int64_t nb = task % blocks13;
-      const T* b = w13s + (blk.expert * blocks13 + nb) * hidden * kCols;
-      run_block<T>(blk, b, hidden, [&](int64_t p) { return xs + token_of[p] * hidden; },
-                   [&](int64_t p, const float* g) {
-                     for (int64_t col = 0; col < kCols / 2; ++col)
-                       act_row[col] = g[col] / (1.f + exp_clamped(-g[col])) * g[kCols / 2 + col];
-                     store<T>(act_row, acts + p * inter + nb * kCols / 2, kCols / 2);
-                   });
-    }
+  deal(nblocks * blocks13, [&](int64_t task) {
+    const Block& blk = blocks[task / blocks13];
+    const int64_t nb = task % blocks13, col0 = nb * kCols / 2;
+    const T* b = w13s + (blk.expert * blocks13 + nb) * hidden * kCols;
+    auto done = [&](int64_t p, const float* g) {
+      float act_row[kCols / 2];
+      silu_mul(g, g + kCols / 2, act_row);
+      store<T>(act_row, acts + p * inter + col0, kCols / 2);
+      if (act32s) widen(acts + p * inter + col0, act32s + p * inter + col0, kCols / 2);
+    };
+    if (wide(blk))
+      run_block<float>(blk, widen_block(reinterpret_cast<const uint16_t*>(b), hidden), hidden,
+                       [&](int64_t p) { return x32s + token_of[p] * hidden; }, done);
+    else
+      run_block<T>(blk, b, hidden, [&](int64_t p) { return xs + token_of[p] * hidden; }, done);
   });
 
   // down: task = (row block, column block of 64 hidden columns); epilogue scales by the routing weight.
-  at::parallel_for(0, nblocks * blocks2, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const Block& blk = blocks[task / blocks2];
-      const int64_t nb = task % blocks2;
-      const T* b = w2s + (blk.expert * blocks2 + nb) * inter * kCols;
-      run_block<T>(blk, b, inter, [&](int64_t p) { return acts + p * inter; },
-                   [&](int64_t p, const float* y) {
-                     float* dst = outs + p * hidden_pad + nb * kCols;
-                     for (int64_t col = 0; col < kCols; ++col) dst[col] = y[col] * weight_of[p];
-                   });
-    }
+  deal(nblocks * blocks2, [&](int64_t task) {
+    const Block& blk = blocks[task / blocks2];
+    const int64_t nb = task % blocks2;
+    const T* b = w2s + (blk.expert * blocks2 + nb) * inter * kCols;
+    auto done = [&](int64_t p, const float* y) {
+      float* dst = outs + p * hidden_pad + nb * kCols;
+      for (int64_t col = 0; col < kCols; ++col) dst[col] = y[col] * weight_of[p];
+    };
+    if (wide(blk))
+      run_block<float>(blk, widen_block(reinterpret_cast<const uint16_t*>(b), inter), inter,
+                       [&](int64_t p) { return act32s + p * inter; }, done);
+    else
+      run_block<T>(blk, b, inter, [&](int64_t p) { return acts + p * inter; }, done);
   });
 
   // Combine: each token's k weighted rows, summed in float32, rounded once.

@@ -3,7 +3,8 @@
 Once prepared (the engine's prepare_gemms), the routed experts run as one native fused op
 (kernels/fused_moe.py: rows read by index, float32 accumulation, SiLU-mul and the combine fused). The torch
 path below stays as the reference and serves what the op does not (other dtypes, unprepared layers, and
-bfloat16 steps over kernels/profiles/moe.json's limit, where oneDNN's batched matmuls win).
+steps over a dtype's limit in kernels/profiles/moe.json; none is listed since the op's bfloat16 tasks of
+24+ pairs run float32 FMAs and the op matches or beats oneDNN's batched matmuls at 256+ tokens, docs/moe.md).
 Torch path: experts run as two batched matmuls over all experts at once. Token-expert pairs are sorted
 by expert and packed into a [experts, capacity, hidden] buffer (capacity = the busiest expert's pair
 count), so every expert's rows sit contiguously and `torch.bmm` runs all experts in one call. Why this and not
@@ -14,6 +15,8 @@ and the bincount that sizes the buffer is the per-step expert load the engine re
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +51,10 @@ class StackedExperts(nn.Module):
     def prepare(self, gate_up_by_m: list[GemmChoice], down_by_m: list[GemmChoice],
                 fused: bool | None = None) -> None:
         """SmoothGEMM choices per expert capacity M (index = M) for the two batched matmuls; a float32 copy
-        of a bf16 weight is made once when some M runs it in float32 (``packed_f32``). With ``fused`` (the
-        default wherever the native op serves this dtype) the weights are also packed for the fused op,
-        which serves steps of up to ``fused_max_tokens`` tokens; larger steps keep the batched matmuls."""
+        of a bf16 weight is made once when some M runs it in float32 (``packed_f32``) and the torch path can
+        run. With ``fused`` (the default wherever the native op serves this dtype) the weights are also packed
+        for the fused op, which serves steps of up to ``fused_max_tokens`` tokens (profiles/moe.json; no limit
+        listed, every step); larger steps keep the batched matmuls."""
         w = self.gate_up_proj.detach()
         self.packed = None
         if use_fused_moe(w.dtype, w.shape[2]) if fused is None else fused:
@@ -59,8 +63,11 @@ class StackedExperts(nn.Module):
             self.packed = pack_experts(w, self.down_proj.detach())
             self.fused_max_tokens = fused_max_tokens(w.dtype)
         self._by_m = (gate_up_by_m, down_by_m)
+        # The float32 copies serve only the batched matmuls: none when the op takes every step size.
+        torch_path_runs = self.packed is None or self.fused_max_tokens < sys.maxsize
         self._f32 = tuple(
-            p.detach().float() if p.dtype != torch.float32 and any(c.kernel == "packed_f32" for c in by_m)
+            p.detach().float()
+            if torch_path_runs and p.dtype != torch.float32 and any(c.kernel == "packed_f32" for c in by_m)
             else None for p, by_m in zip((self.gate_up_proj, self.down_proj), self._by_m, strict=True))
 
     def matmul(self, x: torch.Tensor, which: int) -> torch.Tensor:
