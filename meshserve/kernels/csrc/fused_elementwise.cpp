@@ -226,7 +226,8 @@ void silu_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
       for (int64_t i = 0; i < inter; ++i) {
         const float x = rounded<Raw<T>>(to_float(g[i]));
         const float e = exp_nonpositive(-std::fabs(x));
-        const float silu = x >= 0.f ? x / (1.f + e) : x * e / (1.f + e);
+        const float d = 1.f / (1.f + e);  // one division: both branches are computed, then one is kept
+        const float silu = x >= 0.f ? x * d : x * e * d;
         o[i] = from_float<Raw<O>>(rounded<Raw<T>>(rounded<Raw<T>>(silu) * rounded<Raw<T>>(to_float(u[i]))));
       }
     }
