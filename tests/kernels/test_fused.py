@@ -23,7 +23,7 @@ def native_ops():
 
 @pytest.fixture(autouse=True)
 def opt_in(monkeypatch):
-    """The native ops are opt-in (MESHSERVE_FUSED=native); every test here runs them."""
+    """The native ops are the default (MESHSERVE_FUSED=reference turns them off); every test runs them."""
     monkeypatch.setenv("MESHSERVE_FUSED", "native")
 
 
@@ -91,6 +91,8 @@ def test_env_selects_the_native_ops(monkeypatch):
         x = torch.randn(4, 8)
         assert fused.use_fused(x)
         monkeypatch.delenv("MESHSERVE_FUSED")
+        assert fused.use_fused(x)  # the default
+        monkeypatch.setenv("MESHSERVE_FUSED", "reference")
         assert not fused.use_fused(x)
 
 

@@ -1,5 +1,6 @@
 // exp as plain float arithmetic the compiler vectorises (std::exp stays scalar without -ffast-math):
-// Cephes' expf, 2^n * p(r), relative error < 2e-7. Shared by the native operators.
+// Cephes' expf, 2^n * p(r), relative error < 2e-7. Shared by the native operators. The loops that call
+// it vectorise only under -fno-trapping-math (kernels/native.py's CFLAGS), because of std::floor.
 #pragma once
 
 #include <algorithm>

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16_bits.h"
 #include "fast_exp.h"
 
 #pragma GCC optimize("fp-contract=off")  // no fused multiply-add: round like the separate torch ops
@@ -22,12 +23,23 @@ namespace {
 
 constexpr int64_t kGrainElements = 1 << 15;  // rows per thread chunk cover at least this many values
 
-inline float to_float(float v) { return v; }
-inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
-// Round to the storage dtype and back: a no-op for float, round-to-nearest-even for bfloat16.
+// Kernels work on raw storage: float, or the 16 bits of a bfloat16 (bf16_bits.h), so their loops vectorise.
+template <typename T> struct RawOf { using type = T; };
+template <> struct RawOf<c10::BFloat16> { using type = uint16_t; };
+template <typename T> using Raw = typename RawOf<T>::type;
+
 template <typename T>
+Raw<T>* raw(const at::Tensor& t) { return reinterpret_cast<Raw<T>*>(t.data_ptr<T>()); }
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) { return bits_to_float(v); }
+template <typename S> inline S from_float(float v);
+template <> inline float from_float<float>(float v) { return v; }
+template <> inline uint16_t from_float<uint16_t>(float v) { return float_to_bits(v); }
+// Round to the storage type and back: a no-op for float, round-to-nearest-even for bfloat16.
+template <typename S>
 inline float rounded(float v) {
-  return static_cast<float>(static_cast<T>(v));
+  return to_float(from_float<S>(v));
 }
 
 int64_t grain(int64_t row_elements) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_elements)); }
@@ -39,14 +51,14 @@ int64_t grain(int64_t row_elements) { return std::max<int64_t>(1, kGrainElements
 
 // out = weight * T(x * rsqrt(mean(x^2) + eps)) for one row already in float32.
 template <typename T, typename O>
-inline void norm_row(const float* x, const T* weight, O* out, int64_t n, float eps) {
+inline void norm_row(const float* x, const Raw<T>* weight, Raw<O>* out, int64_t n, float eps) {
   float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
   for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
   const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    out[i] = static_cast<O>(rounded<T>(to_float(weight[i]) * rounded<T>(x[i] * inv)));
+    out[i] = from_float<Raw<O>>(rounded<Raw<T>>(to_float(weight[i]) * rounded<Raw<T>>(x[i] * inv)));
   }
 }
 
@@ -55,19 +67,19 @@ template <typename T, typename D, typename O>
 void add_rms_norm_impl(at::Tensor& x, const at::Tensor* delta, const at::Tensor& weight, double eps,
                        at::Tensor& out) {
   const int64_t rows = x.size(0), n = x.size(1);
-  T* xp = x.data_ptr<T>();
-  const D* dp = delta ? delta->data_ptr<D>() : nullptr;
-  const T* wp = weight.data_ptr<T>();
-  O* op = out.data_ptr<O>();
+  Raw<T>* xp = raw<T>(x);
+  const Raw<D>* dp = delta ? raw<D>(*delta) : nullptr;
+  const Raw<T>* wp = raw<T>(weight);
+  Raw<O>* op = raw<O>(out);
   at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
     std::vector<float> row(n);
     for (int64_t r = begin; r < end; ++r) {
-      T* xr = xp + r * n;
+      Raw<T>* xr = xp + r * n;
       if (dp) {
-        const D* dr = dp + r * n;
+        const Raw<D>* dr = dp + r * n;
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
-          const T s = static_cast<T>(to_float(xr[i]) + rounded<T>(to_float(dr[i])));
+          const Raw<T> s = from_float<Raw<T>>(to_float(xr[i]) + rounded<Raw<T>>(to_float(dr[i])));
           xr[i] = s;
           row[i] = to_float(s);
         }
@@ -129,31 +141,31 @@ void rotary_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor&
                  int64_t dim, at::Tensor& out) {
   const int64_t rows = qkv.size(0), stride = qkv.stride(0), width = out.size(1), half = dim / 2;
   const int64_t out_stride = out.stride(0);
-  const In* base = qkv.data_ptr<In>();
-  T* obase = out.data_ptr<T>();
+  const Raw<In>* base = raw<In>(qkv);
+  Raw<T>* obase = raw<T>(out);
   const bool copy_rest = static_cast<const void*>(base) != static_cast<const void*>(obase);
-  const T* cp = cos.data_ptr<T>();
-  const T* sp = sin.data_ptr<T>();
+  const Raw<T>* cp = raw<T>(cos);
+  const Raw<T>* sp = raw<T>(sin);
   at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T* c = cp + r * dim;
-      const T* s = sp + r * dim;
+      const Raw<T>* c = cp + r * dim;
+      const Raw<T>* s = sp + r * dim;
       for (int64_t h = 0; h < rotated_heads; ++h) {
-        const In* x = base + r * stride + h * dim;
-        T* o = obase + r * out_stride + h * dim;
+        const Raw<In>* x = base + r * stride + h * dim;
+        Raw<T>* o = obase + r * out_stride + h * dim;
 #pragma omp simd
         for (int64_t i = 0; i < half; ++i) {
-          const float a = rounded<T>(to_float(x[i])), b = rounded<T>(to_float(x[i + half]));
+          const float a = rounded<Raw<T>>(to_float(x[i])), b = rounded<Raw<T>>(to_float(x[i + half]));
           // x * cos + rotate_half(x) * sin, each product rounded as the reference's separate ops are
-          o[i] = static_cast<T>(rounded<T>(a * to_float(c[i])) + rounded<T>(-b * to_float(s[i])));
-          o[i + half] = static_cast<T>(rounded<T>(b * to_float(c[i + half])) + rounded<T>(a * to_float(s[i + half])));
+          o[i] = from_float<Raw<T>>(rounded<Raw<T>>(a * to_float(c[i])) + rounded<Raw<T>>(-b * to_float(s[i])));
+          o[i + half] = from_float<Raw<T>>(rounded<Raw<T>>(b * to_float(c[i + half])) + rounded<Raw<T>>(a * to_float(s[i + half])));
         }
       }
       if (copy_rest) {
-        const In* x = base + r * stride;
-        T* o = obase + r * out_stride;
+        const Raw<In>* x = base + r * stride;
+        Raw<T>* o = obase + r * out_stride;
 #pragma omp simd
-        for (int64_t i = rotated_heads * dim; i < width; ++i) o[i] = static_cast<T>(to_float(x[i]));
+        for (int64_t i = rotated_heads * dim; i < width; ++i) o[i] = from_float<Raw<T>>(to_float(x[i]));
       }
     }
   });
@@ -203,19 +215,20 @@ at::Tensor rotary_qkv_cast(const at::Tensor& qkv, const at::Tensor& cos, const a
 template <typename In, typename T, typename O>
 void silu_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
   const int64_t rows = gate_up.size(0), inter = out.size(1), stride = gate_up.stride(0);
-  const In* gp = gate_up.data_ptr<In>();
-  O* op = out.data_ptr<O>();
+  const Raw<In>* gp = raw<In>(gate_up);
+  Raw<O>* op = raw<O>(out);
   at::parallel_for(0, rows, grain(inter), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const In* g = gp + r * stride;
-      const In* u = g + inter;
-      O* o = op + r * inter;
+      const Raw<In>* g = gp + r * stride;
+      const Raw<In>* u = g + inter;
+      Raw<O>* o = op + r * inter;
 #pragma omp simd
       for (int64_t i = 0; i < inter; ++i) {
-        const float x = rounded<T>(to_float(g[i]));
+        const float x = rounded<Raw<T>>(to_float(g[i]));
         const float e = exp_nonpositive(-std::fabs(x));
-        const float silu = x >= 0.f ? x / (1.f + e) : x * e / (1.f + e);
-        o[i] = static_cast<O>(rounded<T>(rounded<T>(silu) * rounded<T>(to_float(u[i]))));
+        const float d = 1.f / (1.f + e);  // one division: both branches are computed, then one is kept
+        const float silu = x >= 0.f ? x * d : x * e * d;
+        o[i] = from_float<Raw<O>>(rounded<Raw<T>>(rounded<Raw<T>>(silu) * rounded<Raw<T>>(to_float(u[i]))));
       }
     }
   });
