@@ -62,7 +62,6 @@ class RankWorker:
     def __init__(self, spec: RankSpec) -> None:
         if injected_fault("start", spec.rank):
             raise RuntimeError(f"injected start failure on rank {spec.rank} ({FAULT_ENV})")
-        torch.set_num_threads(spec.threads)
         device = resolve_device(spec.config.device, spec.local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)  # the engine builds on the current device
