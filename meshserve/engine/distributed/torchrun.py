@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from meshserve.engine.distributed.ranks import answer, fail
-from meshserve.engine.distributed.worker import RankSpec, RankWorker, join, portable
+from meshserve.engine.distributed.worker import RankSpec, join, start_worker
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 IDLE_TIMEOUT = timedelta(days=7)  # a rank's wait for its next command: the server may idle for long
@@ -111,11 +111,7 @@ class TorchrunRanks:
         self.num_ranks = spec.world_size
         self._closed = False
         self.channel = Channel(spec)
-        try:
-            self.worker: RankWorker | None = RankWorker(spec)
-            self._start = ("ready", self.worker.engine.max_model_len)
-        except BaseException as err:  # noqa: BLE001 - reported with every other rank's start below
-            self.worker, self._start = None, ("error", portable(err))
+        self.worker, self._start = start_worker(spec)  # a failure is reported with every other rank's start
 
     @property
     def closed(self) -> bool:
@@ -165,11 +161,7 @@ class TorchrunRanks:
 def serve_rank(spec: RankSpec) -> None:
     """A rank other than 0: build the engine, then answer rank 0's commands until ``close``."""
     channel = Channel(spec)
-    try:
-        worker: RankWorker | None = RankWorker(spec)
-        start = ("ready", worker.engine.max_model_len)
-    except BaseException as err:  # noqa: BLE001 - rank 0 reports it and stops
-        worker, start = None, ("error", portable(err))
+    worker, start = start_worker(spec)  # a failure: rank 0 reports it and stops
     channel.gather(start)
     if worker is None:
         raise SystemExit(1)

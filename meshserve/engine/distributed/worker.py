@@ -142,14 +142,22 @@ def join(spec: RankSpec) -> None:
                             timeout=timedelta(seconds=spec.timeout_s))
 
 
-def run_rank(spec: RankSpec, conn: Connection) -> None:
-    """Process entry point: start, say ("ready", max_model_len), then answer commands until "close" or EOF."""
+def start_worker(spec: RankSpec) -> tuple[RankWorker | None, tuple[str, Any]]:
+    """This rank's worker and its start reply ("ready", max_model_len); (None, ("error", ...)) when it could
+    not start (every start failure goes back to the front end, which stops all ranks)."""
     try:
         worker = RankWorker(spec)
-    except BaseException as err:  # noqa: BLE001 - every start failure goes back to the front end
-        conn.send(("error", portable(err)))
+    except BaseException as err:  # noqa: BLE001 - reported, see above
+        return None, ("error", portable(err))
+    return worker, ("ready", worker.engine.max_model_len)
+
+
+def run_rank(spec: RankSpec, conn: Connection) -> None:
+    """Process entry point: start, say ("ready", max_model_len), then answer commands until "close" or EOF."""
+    worker, start = start_worker(spec)
+    conn.send(start)
+    if worker is None:
         return
-    conn.send(("ready", worker.engine.max_model_len))
     while True:
         try:
             command, args = conn.recv()
