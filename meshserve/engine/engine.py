@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from meshserve.config import EngineConfig, SchedulerConfig
-from meshserve.engine.device import resolve_device
+from meshserve.engine.device import free_memory, resolve_device
 from meshserve.engine.groups import RequestGroup, child_params
 from meshserve.engine.kv_cache import BlockManager, allocate_kv_cache, block_bytes, num_kv_blocks
 from meshserve.engine.logits_processors import process_logits
@@ -62,7 +62,7 @@ class Engine:
                                 max_model_len)
         cache = config.cache
         per_block = block_bytes(mc.num_layers, mc.num_kv_heads, mc.head_dim, cache.block_size, mc.dtype)
-        blocks = num_kv_blocks(cache, per_block, max_model_len, sched.max_num_seqs)
+        blocks = num_kv_blocks(cache, per_block, max_model_len, sched.max_num_seqs, free_memory(self.device))
         self.kv_caches = allocate_kv_cache(mc.num_layers, blocks, cache.block_size, mc.num_kv_heads,
                                            mc.head_dim, mc.dtype, self.device)
         prefix_cache = PrefixCache(cache.block_size) if cache.enable_prefix_caching else None

@@ -157,21 +157,24 @@ def block_bytes(
     return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
-def num_kv_blocks(cache: CacheConfig, per_block: int, max_model_len: int, max_num_seqs: int) -> int:
-    """How many blocks to allocate, checked to hold at least one request of ``max_model_len`` tokens."""
+def num_kv_blocks(cache: CacheConfig, per_block: int, max_model_len: int, max_num_seqs: int,
+                  available: int | None = None) -> int:
+    """How many blocks to allocate, checked to hold at least one request of ``max_model_len`` tokens and
+    to fit in ``available`` bytes (the device's free memory; default: this host's available memory)."""
+    available = available_memory() if available is None else available
     blocks_per_seq = math.ceil(max_model_len / cache.block_size)
     if cache.num_kv_blocks is not None:
         blocks, field = cache.num_kv_blocks, "num_kv_blocks"
     elif cache.kv_cache_memory is not None:
         blocks, field = int(cache.kv_cache_memory * (1 << 30)) // per_block, "kv_cache_memory"
     else:
-        budget = int(available_memory() * cache.kv_cache_fraction)
+        budget = int(available * cache.kv_cache_fraction)
         blocks, field = min(budget // per_block, blocks_per_seq * max_num_seqs), "kv_cache_memory"
-    most = available_memory() // per_block
+    most = available // per_block
     if blocks > most:
         gib = 1 << 30
         raise InputError(field, f"{blocks} KV blocks need {blocks * per_block / gib:.3f} GiB, more than "
-                                f"the {most * per_block / gib:.3f} GiB this machine has available; "
+                                f"the {most * per_block / gib:.3f} GiB the device has available; "
                                 f"allowed: at most {most} blocks")
     if blocks < blocks_per_seq:
         gib = blocks_per_seq * per_block / (1 << 30)

@@ -8,7 +8,7 @@ import torch
 
 from meshserve.config import EngineConfig
 from meshserve.engine import LLM, SamplingParams
-from meshserve.engine.device import process_group_backend, resolve_device
+from meshserve.engine.device import free_memory, process_group_backend, resolve_device
 from meshserve.errors import InputError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -35,6 +35,12 @@ def test_bad_devices_name_the_field():
         EngineConfig("m", device="tpu")
     with pytest.raises(InputError, match="speculative_config: method 'draft_model' runs on device cpu only"):
         EngineConfig("m", device="cuda", speculative_config={"method": "draft_model", "model": "d"})
+
+
+def test_the_kv_cache_is_sized_from_the_gpu_on_cuda_and_from_the_host_on_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 << 30, 80 << 30))
+    assert free_memory(torch.device("cuda", 0)) == 3 << 30
+    assert free_memory(torch.device("cpu")) != 3 << 30
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")

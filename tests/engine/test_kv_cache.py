@@ -1,5 +1,6 @@
 """Block manager: ref counts and the free list stay consistent whatever sequence of grows and frees."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -63,6 +64,8 @@ def test_block_count_from_memory_and_too_small_cache():
     assert blocks == 100
     assert num_kv_blocks(CacheConfig(num_kv_blocks=20), per_block, 256, 4) == 20
     assert num_kv_blocks(CacheConfig(), per_block, 256, 4) <= 4 * 16  # capped at what max_num_seqs can use
+    with pytest.raises(InputError, match="at most 10 blocks"):  # the device's free memory bounds any request
+        num_kv_blocks(CacheConfig(num_kv_blocks=20), per_block, 256, 4, available=10 * per_block)
     try:
         num_kv_blocks(CacheConfig(num_kv_blocks=3), per_block, 256, 4)
     except InputError as err:

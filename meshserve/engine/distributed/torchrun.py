@@ -129,7 +129,9 @@ class TorchrunRanks:
         mine = self.worker.reply(command, args) if 0 in ranks else ("ok", None)
         values = self._answers(ranks, command, mine, timeout_s)
         if command == "step":
-            self.worker.between_steps(lambda: False)  # this rank's migration copies, before the next step
+            # Rank 0 runs the front door too, so its next step follows at once: its copies always run into
+            # it, and it proposes the smallest budget (bytes / step_interval): spread thin, never bunched.
+            self.worker.between_steps(lambda: True)
         return values
 
     def _answers(self, ranks: list[int], command: str, mine: tuple[str, Any], timeout_s: float) -> list[Any]:
