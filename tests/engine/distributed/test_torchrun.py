@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -19,28 +20,39 @@ from meshserve.engine.distributed.worker import FAULT_ENV
 from tests.engine.distributed.helpers import GREEDY, SINGLE
 
 REPO = Path(__file__).parents[3]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+ONE_HOST = ["--standalone", "--nproc-per-node", "2"]
 
 
 def torchrun(*args: str, ok: bool = True, timeout_s: float = 240.0) -> subprocess.CompletedProcess:
-    """torchrun with 2 ranks on this host: killed whole if it overruns, and checked to leave no process
-    behind (its ranks run in sessions of their own, so they are found by a mark in their environment)
-    and to exit 0 (``ok``) or not."""
+    """torchrun with 2 ranks on this host (see ``torchruns``)."""
+    [run] = torchruns([*ONE_HOST, *args], ok=ok, timeout_s=timeout_s)
+    return run
+
+
+def torchruns(*launches: list[str], ok: bool = True,
+              timeout_s: float = 240.0) -> list[subprocess.CompletedProcess]:
+    """One torchrun agent per launch, all at once: killed whole if they overrun, and checked to leave no
+    process behind (their ranks run in sessions of their own, so they are found by a mark in their
+    environment) and each to exit 0 (``ok``) or not."""
     mark = f"meshserve-test-{uuid.uuid4()}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "MESHSERVE_TEST_MARK": mark}
-    proc = subprocess.Popen([*TORCHRUN, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    procs = [subprocess.Popen([*TORCHRUN, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for args in launches]
     try:
-        out, err = proc.communicate(timeout=timeout_s)
+        outputs = [proc.communicate(timeout=timeout_s) for proc in procs]
     except subprocess.TimeoutExpired:
-        for pid in [proc.pid, *marked(mark)]:
+        for pid in [*(proc.pid for proc in procs), *marked(mark)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        proc.communicate()
+        for proc in procs:
+            proc.communicate()
         pytest.fail(f"torchrun did not finish within {timeout_s:.0f} s")
     assert not marked(mark), "a rank outlived torchrun"
-    assert (proc.returncode == 0) == ok, err[-3000:]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert (proc.returncode == 0) == ok, err[-3000:]
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            for proc, (out, err) in zip(procs, outputs, strict=True)]
 
 
 def marked(mark: str) -> list[int]:
@@ -71,6 +83,25 @@ def test_meshserve_generate_under_torchrun(mixtral, tmp_path):
                    str(tmp_path / "prompts.txt"), "--max-tokens", str(GREEDY.max_tokens), "--ignore-eos",
                    "--max-model-len", "128", "--data-parallel-size", "2", "--enable-expert-parallel")
     assert run.stdout.splitlines() == want
+
+
+def test_two_hosts_meet_at_a_rendezvous_endpoint(mixtral, tmp_path):
+    """What several hosts run (one torchrun agent per host, a c10d rendezvous endpoint), here as two
+    agents of one rank each on loopback: rank 0, on whichever agent it lands, prints one process's tokens."""
+    prompts = ["the quick brown fox", "a b c d"]
+    with LLM(mixtral, **SINGLE) as one:
+        want = [o.text for o in one.generate(prompts, GREEDY, use_tqdm=False)]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    host = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", uuid.uuid4().hex,
+            "-m", "meshserve", "generate", "--model", mixtral, "--prompt-file", str(tmp_path / "prompts.txt"),
+            "--max-tokens", str(GREEDY.max_tokens), "--ignore-eos", "--max-model-len", "128",
+            "--data-parallel-size", "2", "--enable-expert-parallel"]
+    runs = torchruns(host, host)
+    assert "".join(run.stdout for run in runs).splitlines() == want
 
 
 def test_a_torchrun_rank_that_fails_to_start_stops_every_rank(mixtral, monkeypatch):
