@@ -15,6 +15,7 @@ exits with an error, torchrun stops the others (no orphans).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from meshserve.engine.distributed.worker import RankSpec, join, start_worker
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 IDLE_TIMEOUT = timedelta(days=7)  # a rank's wait for its next command: the server may idle for long
 CLOSE_TIMEOUT = timedelta(seconds=60)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,9 @@ class TorchrunRanks:
         try:
             self.channel.send(("close", (), []), CLOSE_TIMEOUT)
             self.channel.gather(("ok", None), CLOSE_TIMEOUT)
+        except RuntimeError as err:  # torchrun signals every rank at once (SIGTERM, Ctrl-C): they are gone
+            logger.warning("the other ranks had stopped before rank 0 closed them (%s)",
+                           str(err).splitlines()[0][:200])
         finally:
             self.worker.close()
 

@@ -7,16 +7,18 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from meshserve.engine import LLM
 from meshserve.engine.distributed.worker import FAULT_ENV
+from meshserve.server.serve import free_port
 from tests.engine.distributed.helpers import GREEDY, SINGLE
 
 REPO = Path(__file__).parents[3]
@@ -92,9 +94,7 @@ def test_two_hosts_meet_at_a_rendezvous_endpoint(mixtral, tmp_path):
     with LLM(mixtral, **SINGLE) as one:
         want = [o.text for o in one.generate(prompts, GREEDY, use_tqdm=False)]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     host = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", uuid.uuid4().hex,
             "-m", "meshserve", "generate", "--model", mixtral, "--prompt-file", str(tmp_path / "prompts.txt"),
@@ -123,3 +123,34 @@ def test_torchrun_environment_and_a_world_size_that_disagrees(mixtral, monkeypat
     assert torchrun_launch() == Launch(rank=0, world_size=4, local_rank=0, local_world_size=2)
     with pytest.raises(InputError, match=r"data_parallel_size: must equal torchrun's WORLD_SIZE \(4\)"):
         LLM(mixtral, data_parallel_size=2, enable_expert_parallel=True)
+
+
+def test_a_server_under_torchrun_stops_on_sigterm_without_a_traceback(mixtral):
+    """torchrun passes SIGTERM (or Ctrl-C) to every rank at once: rank 0's server stops gracefully and
+    finds the other ranks already gone, which is said in one line, not a traceback."""
+    port, mark = free_port(), f"meshserve-test-{uuid.uuid4()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MESHSERVE_TEST_MARK": mark}
+    proc = subprocess.Popen([*TORCHRUN, *ONE_HOST, "-m", "meshserve", "serve", "--model", mixtral, "--port",
+                             str(port), "--max-model-len", "128", "--data-parallel-size", "2",
+                             "--enable-expert-parallel"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not _healthy(port):
+            assert proc.poll() is None and time.time() < deadline, "the server did not come up"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        for pid in [proc.pid, *marked(mark)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not marked(mark), "a rank outlived torchrun"
+    assert "meshserve/engine" not in err, err[-3000:]  # no traceback through our code
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
