@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from meshserve.kernels import native
+
 BLOCK_COLS = 16  # output columns per packed block (csrc/bf16_dot_tile.h kBlockCols)
 
 
@@ -29,7 +31,9 @@ def pack_bf16_pairs(weight: torch.Tensor) -> torch.Tensor:
 
 def bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
                 out_f32: bool = False, dpbf16: bool = False) -> torch.Tensor:
-    """y = x @ W.T + bias [M, n] through the native op (native.load() must have succeeded)."""
+    """y = x @ W.T + bias [M, n] through the native op (loaded on first use)."""
+    if not native.load():
+        raise RuntimeError(f"meshserve native kernels are not built here: run `{native.BUILD_COMMAND}`")
     return torch.ops.meshserve.bf16_linear(x, packed, n, bias, out_f32, dpbf16)
 
 

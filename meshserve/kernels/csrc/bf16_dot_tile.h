@@ -6,24 +6,28 @@
 // load is the operand of one _mm512_dpbf16_ps. Column block j of a panel starts kPairStride(k2) elements
 // after block j-1, where k2 = ceil(K/2).
 //
-// Two tiles over R rows x C column blocks (R*C fp32 zmm accumulators, 16*C output columns):
-//   tile_dpbf16<R, C>(a, lda, w, k2_stride, kk0, kk1, k_odd_tail, c, ldc, accumulate)
-//       a: bf16 activations (raw uint16), rows lda apart; one k-pair broadcast as 32 bits per row.
-//   tile_fma<R, C>(a, lda, ...same...)
-//       a: fp32 activations; each weight vector is widened to fp32 in registers (even k: shift left 16,
-//       odd k: mask the high half) and fed to two FMAs per row.
-// Both compute c[r][0..16C) (+)= a[r][2*kk0 .. 2*kk1) . W-panel, for pairs kk0 <= kk < kk1 (a K block);
-// k_odd_tail: this block ends in the odd-K tail, whose pair holds one real k (the activation's second
-// element is not read; the weight's is the packing's zero). c is fp32 with row stride ldc; accumulate
-// adds to what c holds (the next K block), else overwrites. Callers dispatch R = 1..kTileRows and
-// C = 1..kTileCols with run_tile (tails of M and of the panel).
+// Tiles over R rows x C column blocks (R*C fp32 zmm accumulators, 16*C output columns; R <= kTileRows,
+// C <= kTileCols), each computing c[r][0..16C) (+)= a[r][2*kk0 .. 2*kk1) . W-panel for the k-pairs
+// kk0 <= kk < kk1 (one K block). c is fp32 with row stride ldc; accumulate adds to what c holds (the next K
+// block), else overwrites. k_odd_tail: the block ends in the odd-K tail, whose pair holds one real k (the
+// activation's partner is never read; the weight's is the packing's zero). a's rows are lda elements apart.
+//   run_tile<float>(rows, cols, a, lda, w, wstride, kk0, kk1, k_odd_tail, c, ldc, accumulate)
+//       fp32 activations (tile_fma): each weight vector is widened to fp32 in registers (even k: shift
+//       left 16; odd k: mask the high half) and feeds two FMAs per row.
+//   run_tile<uint16_t>(...same...)
+//       bf16 activations as raw bits (tile_dpbf16): one k-pair broadcast as 32 bits, one vdpbf16ps per
+//       (row, column block, pair).
+//   run_widen(cols, w, wstride, kk0, kk1, wf) + run_tile_f32(rows, cols, a, lda, wf, ks, c, ldc, accumulate)
+//       many rows: widen the panel's K block to fp32 once (wf [2*(kk1-kk0)][16*cols]) and run a plain fp32
+//       FMA tile over ks = (real k in the block) values; a points at the block's first k.
+// w points at the panel's first column block; wstride = kPairStride(k2), k2 = ceil(K/2).
 //
-// Why two: on the 2-core Xeon (Emerald Rapids, AVX512-BF16, no AMX) a loop of independent vdpbf16ps retires
-// ~1.35 G/s per core (87 GFLOP/s) against ~5.6 G/s of vfmadd231ps (178 GFLOP/s): the bf16 dot product has
+// Why not only vdpbf16ps: on the 2-core Xeon (Emerald Rapids, AVX512-BF16, no AMX) a loop of independent
+// vdpbf16ps retires ~1.35 G/s per core (87 GFLOP/s) against ~5.6 G/s of vfmadd231ps (178 GFLOP/s): the bf16 dot product has
 // half the fp32 FMA's flop rate here, so widening in registers (2 extra ALU ops per weight vector, shared
 // by R rows) wins from R = 2 on; the dpbf16 tile is kept for CPUs where vdpbf16ps is full rate and for the
-// comparison (docs/kernels.md). Builds without AVX512-BF16 / AVX512F fall back to widening / plain C++
-// (same results up to float32 summation order: bf16 x bf16 products are exact in float32).
+// comparison (docs/kernels.md). Builds without AVX512-BF16 / AVX512F fall back to plain C++ (tile_scalar,
+// the same sums up to float32 summation order: bf16 x bf16 products are exact in float32).
 #pragma once
 
 #include <cstdint>
@@ -117,6 +121,54 @@ void tile_fma(const float* a, int64_t lda, const uint16_t* w, int64_t wstride, i
 }
 #endif
 
+// Widens pairs [kk0, kk1) of a panel's C column blocks into float32 wf [2 * (kk1 - kk0)][16 * C] (one row
+// per k): a task with many rows pays this once and runs tile_f32 on it, with no widening per row group.
+template <int C>
+void widen_panel(const uint16_t* w, int64_t wstride, int64_t kk0, int64_t kk1, float* wf) {
+  constexpr int64_t ldw = C * kBlockCols;
+  for (int64_t kk = kk0; kk < kk1; ++kk)
+    for (int j = 0; j < C; ++j) {
+      const uint16_t* src = w + j * wstride + kk * 2 * kBlockCols;
+      float* even = wf + 2 * (kk - kk0) * ldw + j * kBlockCols;
+#if defined(__AVX512F__)
+      const __m512i v = _mm512_loadu_si512(src);
+      _mm512_storeu_ps(even, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+      _mm512_storeu_ps(even + ldw, _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(-65536))));
+#else
+      for (int64_t col = 0; col < kBlockCols; ++col) {
+        even[col] = bf16_bits_to_float(src[2 * col]);
+        even[ldw + col] = bf16_bits_to_float(src[2 * col + 1]);
+      }
+#endif
+    }
+}
+
+// fp32 activations x a widened panel (widen_panel's layout, ks rows of 16C floats): c (+)= a[r][0..ks) . wf.
+template <int R, int C>
+void tile_f32(const float* a, int64_t lda, const float* wf, int64_t ks, float* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t ldw = C * kBlockCols;
+#if defined(__AVX512F__)
+  __m512 acc[R][C];
+  load_acc<R, C>(acc, c, ldc, accumulate);
+  for (int64_t kk = 0; kk < ks; ++kk) {
+    __m512 bv[C];
+    for (int j = 0; j < C; ++j) bv[j] = _mm512_loadu_ps(wf + kk * ldw + 16 * j);
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + kk]);
+      for (int j = 0; j < C; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
+    }
+  }
+  store_acc<R, C>(acc, c, ldc);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int64_t col = 0; col < ldw; ++col) {
+      float sum = accumulate ? c[r * ldc + col] : 0.f;
+      for (int64_t kk = 0; kk < ks; ++kk) sum += a[r * lda + kk] * wf[kk * ldw + col];
+      c[r * ldc + col] = sum;
+    }
+#endif
+}
+
 #if defined(__AVX512BF16__)
 // bf16 activations, one vdpbf16ps per (row, column block, k-pair).
 template <int R, int C>
@@ -140,45 +192,64 @@ void tile_dpbf16(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t wstr
 }
 #endif
 
-// One tile of the activation type A (float: FMA tile; uint16_t: dpbf16 tile where built, else widened),
-// with R and C chosen at run time (1..kTileRows, 1..kTileCols).
+// Calls f(std::integral_constant<int, R>, std::integral_constant<int, C>) for rows = R in 1..kTileRows and
+// cols = C in 1..kTileCols: the tiles' sizes are template arguments (accumulators stay in registers).
+template <typename F>
+void dispatch(int rows, int cols, F&& f) {
+  auto with_r = [&](auto r) {
+    switch (cols) {
+      case 1: f(r, std::integral_constant<int, 1>{}); break;
+      case 2: f(r, std::integral_constant<int, 2>{}); break;
+      default: f(r, std::integral_constant<int, 3>{}); break;
+    }
+  };
+  static_assert(kTileRows == 8 && kTileCols == 3, "dispatch covers R = 1..8, C = 1..3");
+  switch (rows) {
+    case 1: with_r(std::integral_constant<int, 1>{}); break;
+    case 2: with_r(std::integral_constant<int, 2>{}); break;
+    case 3: with_r(std::integral_constant<int, 3>{}); break;
+    case 4: with_r(std::integral_constant<int, 4>{}); break;
+    case 5: with_r(std::integral_constant<int, 5>{}); break;
+    case 6: with_r(std::integral_constant<int, 6>{}); break;
+    case 7: with_r(std::integral_constant<int, 7>{}); break;
+    default: with_r(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// One tile over packed pairs of the activation type A (float: the FMA tile; uint16_t: the dpbf16 tile where
+// built, else plain C++), rows 1..kTileRows, cols (column blocks) 1..kTileCols.
 template <typename A>
 void run_tile(int rows, int cols, const A* a, int64_t lda, const uint16_t* w, int64_t wstride, int64_t kk0,
               int64_t kk1, bool k_odd_tail, float* c, int64_t ldc, bool accumulate) {
-  auto with_c = [&](auto r_const) {
-    constexpr int R = decltype(r_const)::value;
-    auto go = [&](auto c_const) {
-      constexpr int C = decltype(c_const)::value;
+  dispatch(rows, cols, [&](auto r, auto cc) {
+    constexpr int R = decltype(r)::value, C = decltype(cc)::value;
 #if defined(__AVX512BF16__)
-      if constexpr (sizeof(A) == 2) {
-        tile_dpbf16<R, C>(a, lda, w, wstride, kk0, kk1, k_odd_tail, c, ldc, accumulate);
-        return;
-      }
+    if constexpr (sizeof(A) == 2) {
+      tile_dpbf16<R, C>(a, lda, w, wstride, kk0, kk1, k_odd_tail, c, ldc, accumulate);
+      return;
+    }
 #endif
 #if defined(__AVX512F__)
-      if constexpr (sizeof(A) == 4) {
-        tile_fma<R, C>(a, lda, w, wstride, kk0, kk1, k_odd_tail, c, ldc, accumulate);
-        return;
-      }
-#endif
-      tile_scalar<A, R, C>(a, lda, w, wstride, kk0, kk1, k_odd_tail, c, ldc, accumulate);
-    };
-    switch (cols) {
-      case 1: go(std::integral_constant<int, 1>{}); break;
-      case 2: go(std::integral_constant<int, 2>{}); break;
-      default: go(std::integral_constant<int, 3>{}); break;
+    if constexpr (sizeof(A) == 4) {
+      tile_fma<R, C>(a, lda, w, wstride, kk0, kk1, k_odd_tail, c, ldc, accumulate);
+      return;
     }
-  };
-  switch (rows) {
-    case 1: with_c(std::integral_constant<int, 1>{}); break;
-    case 2: with_c(std::integral_constant<int, 2>{}); break;
-    case 3: with_c(std::integral_constant<int, 3>{}); break;
-    case 4: with_c(std::integral_constant<int, 4>{}); break;
-    case 5: with_c(std::integral_constant<int, 5>{}); break;
-    case 6: with_c(std::integral_constant<int, 6>{}); break;
-    case 7: with_c(std::integral_constant<int, 7>{}); break;
-    default: with_c(std::integral_constant<int, 8>{}); break;
-  }
+#endif
+    tile_scalar<A, R, C>(a, lda, w, wstride, kk0, kk1, k_odd_tail, c, ldc, accumulate);
+  });
+}
+
+// widen_panel with cols (column blocks) 1..kTileCols.
+inline void run_widen(int cols, const uint16_t* w, int64_t wstride, int64_t kk0, int64_t kk1, float* wf) {
+  dispatch(1, cols, [&](auto, auto cc) { widen_panel<decltype(cc)::value>(w, wstride, kk0, kk1, wf); });
+}
+
+// tile_f32 with rows 1..kTileRows and cols 1..kTileCols (wf widened with the same cols).
+inline void run_tile_f32(int rows, int cols, const float* a, int64_t lda, const float* wf, int64_t ks, float* c,
+                         int64_t ldc, bool accumulate) {
+  dispatch(rows, cols, [&](auto r, auto cc) {
+    tile_f32<decltype(r)::value, decltype(cc)::value>(a, lda, wf, ks, c, ldc, accumulate);
+  });
 }
 
 }  // namespace bf16_tile

@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 #include "bf16_bits.h"
 #include "bf16_dot_tile.h"
@@ -24,7 +26,12 @@ using bf16_tile::kTileRows;
 
 constexpr int64_t kPanelCols = kBlockCols * kTileCols;  // 48 output columns per task
 constexpr int64_t kRowBlock = 8 * kTileRows;             // 64 rows per task
-constexpr int64_t kPairBlock = 128;                      // k-pairs per K block: a 12 KiB panel block
+constexpr int64_t kPairBlock = 64;                       // k-pairs per K block: 6 KiB packed, 24 KiB widened
+// Float32 tasks of at least this many rows widen each panel block once (into L1) and run the plain float32
+// tile: widening in registers costs ~1/R of the FMAs, widening once ~1/rows. On the 2-core box (1 thread,
+// gate_up 2816x512, load ~5) in-register widening won at 16 rows (122 vs 101 GFLOP/s) and widening once
+// at 64 (135-142 vs 125); 32 lies between (not timed on its own). 128- and 32-pair blocks were no better.
+constexpr int64_t kWideRows = 32;
 
 template <typename A, typename O>
 void bf16_linear_impl(const A* xs, int64_t lda, int64_t m, int64_t k, const uint16_t* w, int64_t n,
@@ -35,18 +42,31 @@ void bf16_linear_impl(const A* xs, int64_t lda, int64_t m, int64_t k, const uint
   const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, panels * row_blocks, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float acc[kRowBlock * kPanelCols];
+    std::vector<float> wf(2 * kPairBlock * kPanelCols);  // a widened panel block (wide tasks)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t panel = task / row_blocks, row0 = (task % row_blocks) * kRowBlock;
       const int64_t rows = std::min(kRowBlock, m - row0);
       const int cblocks = static_cast<int>(std::min<int64_t>(kTileCols, col_blocks - panel * kTileCols));
       const uint16_t* wp = w + panel * kTileCols * wstride;
+      const bool wide = std::is_same_v<A, float> && rows >= kWideRows;
       for (int64_t kk0 = 0; kk0 < k2; kk0 += kPairBlock) {
         const int64_t kk1 = std::min(k2, kk0 + kPairBlock);
         const bool odd_tail = (k % 2) && kk1 == k2;
-        for (int64_t r = 0; r < rows; r += kTileRows)
-          bf16_tile::run_tile<A>(static_cast<int>(std::min<int64_t>(kTileRows, rows - r)), cblocks,
-                                 xs + (row0 + r) * lda, lda, wp, wstride, kk0, kk1, odd_tail,
-                                 acc + r * kPanelCols, kPanelCols, kk0 > 0);
+        if (wide) bf16_tile::run_widen(cblocks, wp, wstride, kk0, kk1, wf.data());
+        for (int64_t r = 0; r < rows; r += kTileRows) {
+          const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
+          const A* a = xs + (row0 + r) * lda;
+          float* c = acc + r * kPanelCols;
+          if constexpr (std::is_same_v<A, float>) {
+            if (wide) {
+              bf16_tile::run_tile_f32(tile_rows, cblocks, a + 2 * kk0, lda, wf.data(),
+                                      std::min(2 * kk1, k) - 2 * kk0, c, kPanelCols, kk0 > 0);
+              continue;
+            }
+          }
+          bf16_tile::run_tile<A>(tile_rows, cblocks, a, lda, wp, wstride, kk0, kk1, odd_tail, c, kPanelCols,
+                                 kk0 > 0);
+        }
       }
       const int64_t col0 = panel * kPanelCols, cols = std::min(kPanelCols, n - col0);
       for (int64_t r = 0; r < rows; ++r) {
