@@ -10,17 +10,11 @@ from hypothesis import strategies as st
 from meshserve.kernels import native
 from meshserve.kernels.bf16_gemm import bf16_linear, bf16_linear_reference, pack_bf16_pairs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def native_op():
-    """Every test here needs the built op; the first test says how to build it when it is missing."""
-    if not native.load():
-        pytest.fail(f"native kernels missing: run `{native.BUILD_COMMAND}` (make test does)")
+pytestmark = pytest.mark.usefixtures("native_op")  # tests/kernels/conftest.py: fails loudly when not built
 
 
 def test_native_op_is_built_and_loaded():
-    assert native.load(), f"native kernels missing: run `{native.BUILD_COMMAND}` (make test does)"
-    assert hasattr(torch.ops.meshserve, "bf16_linear")
+    assert native.load() and hasattr(torch.ops.meshserve, "bf16_linear")
 
 
 def random_linear(m: int, k: int, n: int, bias: bool, seed: int):
