@@ -23,11 +23,13 @@
 // w points at the panel's first column block; wstride = kPairStride(k2), k2 = ceil(K/2).
 //
 // Why not only vdpbf16ps: on the 2-core Xeon (Emerald Rapids, AVX512-BF16, no AMX) a loop of independent
-// vdpbf16ps retires ~1.35 G/s per core (87 GFLOP/s) against ~5.6 G/s of vfmadd231ps (178 GFLOP/s): the bf16 dot product has
-// half the fp32 FMA's flop rate here, so widening in registers (2 extra ALU ops per weight vector, shared
-// by R rows) wins from R = 2 on; the dpbf16 tile is kept for CPUs where vdpbf16ps is full rate and for the
-// comparison (docs/kernels.md). Builds without AVX512-BF16 / AVX512F fall back to plain C++ (tile_scalar,
-// the same sums up to float32 summation order: bf16 x bf16 products are exact in float32).
+// vdpbf16ps retires ~1.35 G/s per core (87 GFLOP/s) against ~5.6 G/s of vfmadd231ps (178 GFLOP/s;
+// benchmarks/isa_rate.cpp): the bf16 dot product has half the fp32 FMA's flop rate here, so widening in
+// registers (2 extra ALU ops per weight vector, shared by R rows) wins from R = 2 on by cycle count (hot
+// L1, R = 8: tile_fma 142 GFLOP/s, tile_f32 184, the dpbf16 rate 87); the dpbf16 tile is kept for CPUs
+// where vdpbf16ps is full rate and for the comparison (docs/kernels.md). Builds without AVX512F /
+// AVX512-BF16 fall back to plain C++ (tile_scalar, the same sums up to float32 summation order: bf16 x bf16
+// products are exact in float32); tests/kernels/test_bf16_tile.py checks both builds.
 #pragma once
 
 #include <cstdint>
@@ -145,7 +147,8 @@ void widen_panel(const uint16_t* w, int64_t wstride, int64_t kk0, int64_t kk1, f
 
 // fp32 activations x a widened panel (widen_panel's layout, ks rows of 16C floats): c (+)= a[r][0..ks) . wf.
 template <int R, int C>
-void tile_f32(const float* a, int64_t lda, const float* wf, int64_t ks, float* c, int64_t ldc, bool accumulate) {
+void tile_f32(const float* a, int64_t lda, const float* wf, int64_t ks, float* c, int64_t ldc,
+              bool accumulate) {
   constexpr int64_t ldw = C * kBlockCols;
 #if defined(__AVX512F__)
   __m512 acc[R][C];
@@ -245,8 +248,8 @@ inline void run_widen(int cols, const uint16_t* w, int64_t wstride, int64_t kk0,
 }
 
 // tile_f32 with rows 1..kTileRows and cols 1..kTileCols (wf widened with the same cols).
-inline void run_tile_f32(int rows, int cols, const float* a, int64_t lda, const float* wf, int64_t ks, float* c,
-                         int64_t ldc, bool accumulate) {
+inline void run_tile_f32(int rows, int cols, const float* a, int64_t lda, const float* wf, int64_t ks,
+                         float* c, int64_t ldc, bool accumulate) {
   dispatch(rows, cols, [&](auto r, auto cc) {
     tile_f32<decltype(r)::value, decltype(cc)::value>(a, lda, wf, ks, c, ldc, accumulate);
   });

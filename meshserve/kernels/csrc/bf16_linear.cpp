@@ -107,7 +107,8 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n,
     if (out_f32)
       bf16_linear_impl(xs, a.stride(0), m, k, w, n, bs, out.data_ptr<float>());
     else
-      bf16_linear_impl(xs, a.stride(0), m, k, w, n, bs, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+      bf16_linear_impl(xs, a.stride(0), m, k, w, n, bs,
+                       reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
   };
   if (dpbf16)
     run(reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>()));
