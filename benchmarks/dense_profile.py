@@ -1,7 +1,7 @@
 """Where the dense race's time goes: meshserve alone on vllm_race.py's workload, profiled two ways.
 
     flock /tmp/meshserve-bench.lock .venv/bin/python benchmarks/dense_profile.py [--arch llama]
-        [--dtype bfloat16] [--requests 64] [--threads 2] [--top 15]
+        [--dtype bfloat16] [--requests 64] [--threads 2] [--top 15] [--kernel-profile GEMM_TABLE]
 
 Same model, workload, token budget (512), max_num_seqs (64) and threads as the race. After an untimed
 warm-up, one plain timed run (output tokens/s), then one run under torch.profiler (the top CPU ops by
@@ -45,13 +45,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--kernel-profile", help="GEMM table to run with (default: the engine's choice), "
+                        "e.g. an older tree's meshserve/kernels/profiles/gemm.json for a before/after")
     args = parser.parse_args()
     prompts, outputs = standard_workload(args.requests)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in outputs]
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_model(Path(tmp) / args.arch, arch=args.arch, dtype=args.dtype, **MODELS[args.arch])
         llm = LLM(str(path), dtype=args.dtype, max_num_batched_tokens=args.budget, max_num_seqs=64,
-                  kv_cache_memory=1.0, num_threads=args.threads)
+                  kv_cache_memory=1.0, num_threads=args.threads, kernel_profile=args.kernel_profile)
 
         def run() -> int:
             return sum(len(o.token_ids) for o in llm.generate(prompts, params, use_tqdm=False))

@@ -3,12 +3,13 @@ SmoothGEMM over M = 1..budget, the fused MoE block over token counts 1..512 (ben
 the fused elementwise ops vs their torch references (benchmarks/fused_ops.py).
 
     flock /tmp/meshserve-bench.lock .venv/bin/python benchmarks/kernels.py [--steps 4] [--repeats 5]
-        [--dtypes float32 bfloat16] [--threads 1 2] [--sections attention gemm moe fused]
+        [--dtypes float32 bfloat16] [--threads 1 2] [--sections attention gemm bf16gemm moe fused]
 
 GEMM section: each linear layer of the 28M Llama over a sweep of M values from 1 to the budget (512):
 F.linear on the exact M; pad-to-bucket (zero rows up to vLLM's capture sizes, what graph-capture engines
 run); SmoothGEMM as the engine runs it (the GEMM table it would load here: this machine's profile or the
 shipped default). XY-Serve reports SmoothGEMM +14.6% over its baseline GEMM; printed beside ours.
+bf16gemm section (benchmarks/bf16_gemm.py): each bfloat16 kernel SmoothGEMM can pick, side by side over M.
 
 The batches come from the standard workload (benchmarks/throughput.py: 64 requests, prompts 32-512,
 28M Llama shapes: 8 heads, 4 KV heads, head_dim 64, block size 16): the engine runs it and the metadata of
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bf16_gemm import bf16_gemm_section
 from fused_ops import fused_section
 from moe_block import moe_section
 from throughput import LLAMA, standard_workload
@@ -269,7 +271,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                         choices=["float32", "bfloat16"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    sections = ["attention", "gemm", "moe", "fused"]
+    sections = ["attention", "gemm", "bf16gemm", "moe", "fused"]
     parser.add_argument("--sections", nargs="+", default=sections, choices=sections)
     args = parser.parse_args()
     print(f"torch {torch.__version__}; load average {Path('/proc/loadavg').read_text().split()[0]} "
@@ -279,6 +281,8 @@ def main() -> None:
         attention_section(steps, blocks, block_size, args.dtypes, args.threads, args.repeats)
     if "gemm" in args.sections:
         gemm_section(args.dtypes, args.threads, args.repeats)
+    if "bf16gemm" in args.sections and "bfloat16" in args.dtypes:
+        bf16_gemm_section(args.threads, args.repeats)
     if "moe" in args.sections:
         moe_section(args.dtypes, args.threads, args.repeats)
     if "fused" in args.sections:

@@ -30,7 +30,17 @@ import torch
 
 from meshserve.atomic import write_atomic
 from meshserve.errors import InputError
-from meshserve.kernels.smooth_gemm import KERNELS, PLAIN, GemmChoice, pack_weight, run_bmm, run_choice
+from meshserve.kernels import native
+from meshserve.kernels.bf16_gemm import pack_bf16_pairs
+from meshserve.kernels.smooth_gemm import (
+    KERNELS,
+    NATIVE_KERNELS,
+    PLAIN,
+    GemmChoice,
+    pack_weight,
+    run_bmm,
+    run_choice,
+)
 
 SHIPPED_GEMM_TABLE = Path(__file__).parent / "profiles" / "gemm.json"
 # M values measured; an M between two of them takes the choice of the next one up.
@@ -155,9 +165,12 @@ def load_gemm_table(path: str | Path | None = None) -> GemmTable:
 
 
 def candidates(dtype: torch.dtype, m: int) -> list[GemmChoice]:
-    """Primitives worth timing at M = m: tiles up to 2m (a bigger tile mostly computes padding)."""
-    kernels = KERNELS if dtype != torch.float32 else ("linear", "packed")
-    return [PLAIN] + [GemmChoice(kern, t) for kern in kernels[1:] for t in TILES if t < 2 * m]
+    """Primitives worth timing at M = m: oneDNN's with tiles up to 2m (a bigger tile mostly computes
+    padding), and for bfloat16 the native op's kernels where it is built."""
+    onednn = ("packed", "packed_f32") if dtype != torch.float32 else ("packed",)
+    own = NATIVE_KERNELS if dtype == torch.bfloat16 and native.load() else ()
+    return [PLAIN] + [GemmChoice(kern, t) for kern in onednn for t in TILES if t < 2 * m] + \
+        [GemmChoice(kern) for kern in own]
 
 
 def _timer(fn: Callable[[], Any]) -> Callable[[], float]:
@@ -191,7 +204,8 @@ def shape_weights(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> dict[str
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
     return {"weight": w, "bias": None, "packed": pack_weight(w),
-            "packed_f32": pack_weight(w.float()) if dtype != torch.float32 else None, "bias_f32": None}
+            "packed_f32": pack_weight(w.float()) if dtype != torch.float32 else None, "bias_f32": None,
+            "pairs": pack_bf16_pairs(w) if dtype == torch.bfloat16 else None}
 
 
 def profile_shape(n: int, k: int, dtype: torch.dtype, max_m: int, reps: int = 7,
@@ -339,7 +353,6 @@ def run_profile(model_dir: str, out: str | None, dtypes: list[str], max_tokens: 
 def _profile_attention(cfg: Any, dtypes: list[torch.dtype], console: Any) -> None:
     """The attention-tile profile (kernels/attention_profile.py) for the model's head shape, where the
     native attention op is built; its table goes to its own file beside this one."""
-    from meshserve.kernels import native
     from meshserve.kernels.attention_profile import profile_attention
 
     if not native.load():

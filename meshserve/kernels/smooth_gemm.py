@@ -8,8 +8,14 @@ kernels/profile.py) says which primitive and M-tile serve each M:
 - ``packed``: oneDNN with the weight reordered once into its blocked layout (``mkldnn._linear_pointwise``),
   which saves the per-call weight reorder that dominates small M in bfloat16;
 - ``packed_f32``: the same in float32 for a bfloat16 layer: bf16 x bf16 products are exact in float32, so
-  only the summation order changes, and on CPUs without AMX the float32 kernels run up to ~3x faster than
-  the bfloat16 ones at large M.
+  only the summation order changes, and on CPUs without AMX the float32 kernels run up to ~2x faster than
+  the bfloat16 ones at large M (oneDNN's bf16 kernel runs vdpbf16ps, which has half the FMA's rate here);
+- ``bf16_fma``: meshserve's own op (kernels/bf16_gemm.py) on the bfloat16 weight pair-packed once: it
+  widens the weight to float32 in registers and runs FMAs, so it reads half packed_f32's weight bytes
+  (decode-sized M) at close to its FMA rate;
+- ``dpbf16``: the same op on AVX512-BF16 dot products (bfloat16 activations).
+
+The native kernels need a bfloat16 layer and the built op; elsewhere a table's choice of them runs F.linear.
 
 A tile t > 1 rounds M up to a multiple of t so the GEMM only ever sees M in {t, 2t, .., budget}: shapes
 that stay cached in oneDNN. The padding is virtual: x is copied into a persistent staging buffer (the
@@ -26,7 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KERNELS = ("linear", "packed", "packed_f32")
+from meshserve.kernels import native
+from meshserve.kernels.bf16_gemm import bf16_linear, pack_bf16_pairs
+
+KERNELS = ("linear", "packed", "packed_f32", "bf16_fma", "dpbf16")
+NATIVE_KERNELS = ("bf16_fma", "dpbf16")  # the op computes any M as is: their tile is always 1
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,8 @@ class GemmChoice:
             raise ValueError(f"unknown GEMM kernel {self.kernel!r}; allowed: {', '.join(KERNELS)}")
         if self.tile < 1:
             raise ValueError(f"GEMM tile must be >= 1, got {self.tile}")
+        if self.kernel in NATIVE_KERNELS and self.tile != 1:
+            raise ValueError(f"GEMM kernel {self.kernel!r} tile must be 1, got {self.tile}")
 
     @property
     def name(self) -> str:
@@ -78,12 +90,16 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def run_choice(choice: GemmChoice, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                packed: torch.Tensor | None = None, packed_f32: torch.Tensor | None = None,
-               bias_f32: torch.Tensor | None = None, out_f32: bool = False) -> torch.Tensor:
-    """y = x @ weight.T + bias [M, N] through ``choice``; the packed weights must exist for its kernel.
+               bias_f32: torch.Tensor | None = None, out_f32: bool = False,
+               pairs: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias [M, N] through ``choice``; the packed weights must exist for its kernel
+    (``pairs``: pack_bf16_pairs of a bfloat16 weight, for the native kernels).
 
     x may be float32 holding weight-dtype values (a fused op's output for a float32 GEMM); out_f32 lets a
     float32 GEMM return its float32 result for a consumer that rounds it itself (kernels/fused.py).
     """
+    if choice.kernel in NATIVE_KERNELS:
+        return bf16_linear(x, pairs, weight.shape[0], bias, out_f32, choice.kernel == "dpbf16")
     m, dtype = x.shape[0], weight.dtype
     f32 = choice.kernel == "packed_f32" and dtype != torch.float32
     if not f32:
@@ -124,8 +140,11 @@ class SmoothLinear(nn.Linear):
 
     def prepare(self, by_m: list[GemmChoice]) -> None:
         """Use ``by_m[M]`` for M tokens (the last entry beyond its end); prepack the weights it needs."""
-        kernels = {c.kernel for c in by_m}
         w = self.weight.detach()
+        if w.dtype != torch.bfloat16 or not native.load():
+            by_m = [PLAIN if c.kernel in NATIVE_KERNELS else c for c in by_m]
+        kernels = {c.kernel for c in by_m}
+        self._pairs = pack_bf16_pairs(w) if kernels & set(NATIVE_KERNELS) else None
         # For a float32 layer "packed_f32" is just "packed".
         needs_f32 = "packed_f32" in kernels and w.dtype != torch.float32
         needs_packed = "packed" in kernels or ("packed_f32" in kernels and not needs_f32)
@@ -137,8 +156,10 @@ class SmoothLinear(nn.Linear):
     def wants_f32(self, m: int) -> bool:
         """Whether M tokens run a float32 GEMM on this bfloat16 layer (then float32 input saves a cast)."""
         by_m = self._by_m
-        return by_m is not None and self._packed_f32 is not None and by_m[min(m, len(by_m) - 1)].kernel == \
-            "packed_f32"
+        if by_m is None:
+            return False
+        kernel = by_m[min(m, len(by_m) - 1)].kernel
+        return (kernel == "packed_f32" and self._packed_f32 is not None) or kernel == "bf16_fma"
 
     def forward(self, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
         by_m = self._by_m
@@ -146,7 +167,7 @@ class SmoothLinear(nn.Linear):
             return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
         choice = by_m[min(x.shape[0], len(by_m) - 1)]
         return run_choice(choice, x, self.weight, self.bias, self._packed, self._packed_f32, self._bias_f32,
-                          out_f32)
+                          out_f32, self._pairs)
 
 
 def pad_to_bucket_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

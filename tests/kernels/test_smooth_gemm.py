@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshserve.kernels.bf16_gemm import pack_bf16_pairs
 from meshserve.kernels.smooth_gemm import (
     KERNELS,
+    NATIVE_KERNELS,
     STAGING,
     GemmChoice,
     SmoothLinear,
@@ -28,7 +30,8 @@ def weights(n: int, k: int, dtype: torch.dtype, bias: bool, seed: int = 0) -> di
     w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
     b = (torch.randn(n, generator=gen) * 0.05).to(dtype) if bias else None
     return {"weight": w, "bias": b, "packed": pack_weight(w), "packed_f32": pack_weight(w.float()),
-            "bias_f32": None if b is None else b.float()}
+            "bias_f32": None if b is None else b.float(),
+            "pairs": pack_bf16_pairs(w) if dtype == torch.bfloat16 else None}
 
 
 @settings(max_examples=40, deadline=None)
@@ -36,6 +39,8 @@ def weights(n: int, k: int, dtype: torch.dtype, bias: bool, seed: int = 0) -> di
        kernel=st.sampled_from(KERNELS), tile=st.sampled_from([1, 4, 16, 64]), bias=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_every_primitive_equals_f_linear(m, n, k, kernel, tile, bias, dtype):
+    if kernel in NATIVE_KERNELS:  # the native op: bfloat16 weights, any M as is
+        tile, dtype = 1, torch.bfloat16
     w = weights(n, k, dtype, bias)
     x = torch.randn(m, k).to(dtype)
     out = run_choice(GemmChoice(kernel, tile), x, **w)
@@ -67,6 +72,27 @@ def test_smooth_linear_follows_its_table_and_stays_nn_linear_until_prepared():
     ref = F.linear(x, layer.weight, layer.bias)
     for m in (1, 8, 9, 48, 50):  # 50 is past the table's end: the last entry serves it
         torch.testing.assert_close(layer(x[:m]), ref[:m], **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("kernel", NATIVE_KERNELS)
+def test_native_kernels_serve_bfloat16_layers_and_leave_float32_ones_to_f_linear(kernel):
+    torch.manual_seed(0)
+    layer = SmoothLinear(64, 40, bias=True).to(torch.bfloat16)
+    layer.prepare([GemmChoice(kernel)] * 17)
+    x = torch.randn(16, 64).to(torch.bfloat16)
+    assert layer.wants_f32(16) == (kernel == "bf16_fma")  # its tile reads float32 activations
+    ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())  # exact products, float32 sums
+    torch.testing.assert_close(layer(x.float(), out_f32=True), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(x), ref.bfloat16(), **TOL[torch.bfloat16])
+    fp32 = SmoothLinear(64, 40, bias=True)
+    fp32.prepare([GemmChoice(kernel)] * 17)
+    x32 = torch.randn(16, 64)
+    assert not fp32.wants_f32(16) and torch.equal(fp32(x32), F.linear(x32, fp32.weight, fp32.bias))
+
+
+def test_native_kernels_take_no_tile():
+    with pytest.raises(ValueError, match="tile must be 1"):
+        GemmChoice("bf16_fma", 16)
 
 
 def test_pad_to_bucket_baseline_equals_f_linear():
