@@ -22,6 +22,21 @@ struct Shapes {
   int64_t heads, kv_heads, group, dim, block_size, blocks, max_blocks;
 };
 
+// Pointers to the rows of KV positions [c0, c0 + n) of KV head h in the cache half `cache`, through the
+// sequence's block table: one division per chunk, not one per position.
+template <typename T>
+inline void kv_rows(const T* cache, const int32_t* table, const Shapes& s, int64_t h, int64_t c0, int64_t n,
+                    int64_t D, const T** rows) {
+  int64_t block = c0 / s.block_size, off = c0 % s.block_size;
+  for (int64_t j = 0; j < n; ++j) {
+    rows[j] = cache + ((static_cast<int64_t>(table[block]) * s.block_size + off) * s.kv_heads + h) * D;
+    if (++off == s.block_size) {
+      off = 0;
+      ++block;
+    }
+  }
+}
+
 // Rows r = query (r / G) x head (r % G) of task t: acc [rows, D] unnormalised, m / l the running max / sum.
 template <typename T>
 inline void finish_task(const int32_t* t, const Shapes& s, const float* acc, const float* m, const float* l,

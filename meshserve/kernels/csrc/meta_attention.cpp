@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "attention_task.h"
+#include "decode_tile.h"
 #include "fast_exp.h"
 #include "prefill_tile.h"
 
@@ -88,8 +89,10 @@ void run_task(const int32_t* t, const T* q, const T* cache, const int32_t* table
   // Few rows (decodes): K rows stay as they are and each score is one dot product; transposing K would
   // cost more than the rows save.
   const bool direct = rows <= kDirectRows;
-  if constexpr (DIM > 0 && DIM % 16 == 0) {  // prefill / short tiles of the common head dims (prefill_tile.h)
-    if (!direct && t[MASK] != TREE) return run_tile<T, DIM>(t, q, cache, tables, s, scale, out, part_acc, part_ml, buf);
+  if constexpr (DIM > 0 && DIM % 16 == 0) {  // the common head dims: decode_tile.h, prefill_tile.h
+    if (t[MASK] != TREE && direct)
+      return run_decode_rows<T, DIM>(rows, t, q, cache, tables, s, scale, out, part_acc, part_ml);
+    if (t[MASK] != TREE) return run_tile<T, DIM>(t, q, cache, tables, s, scale, out, part_acc, part_ml, buf);
   }
   buf.resize(rows * D * 2 + rows * (2 + kChunk) + 2 * kChunk * D);
   float* qf = buf.data();            // [rows, D] scaled queries; row r = query qi * G + head g

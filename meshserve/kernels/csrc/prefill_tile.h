@@ -34,14 +34,13 @@ inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
 template <typename T>
 inline void chunk_rows(const T* cache, const int32_t* table, const Shapes& s, int64_t h, int64_t c0, int64_t n,
                        int64_t D, float* buf, const float** rows) {
+  const T* src[kChunk];
+  kv_rows(cache, table, s, h, c0, n, D, src);
   for (int64_t j = 0; j < n; ++j) {
-    const int64_t pos = c0 + j;
-    const int64_t slot = static_cast<int64_t>(table[pos / s.block_size]) * s.block_size + pos % s.block_size;
-    const T* src = cache + (slot * s.kv_heads + h) * D;
     if constexpr (std::is_same_v<T, float>) {
-      rows[j] = src;
+      rows[j] = src[j];
     } else {
-      const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+      const uint16_t* bits = reinterpret_cast<const uint16_t*>(src[j]);
       float* dst = buf + j * D;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) dst[d] = bits_to_float(bits[d]);
