@@ -88,9 +88,10 @@ def load() -> bool:
         )
         return False
     torch.ops.load_library(str(path))
-    from meshserve.kernels import fused, fused_moe, meta_attention_native
+    from meshserve.kernels import bf16_gemm, fused, fused_moe, meta_attention_native
 
     meta_attention_native.register_fake()
+    bf16_gemm.register_fake()
     fused.register_fake()
     fused_moe.register_fake()
     return True

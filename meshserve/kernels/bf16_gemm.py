@@ -1,0 +1,50 @@
+"""The native bfloat16-weight linear (kernels/csrc/bf16_linear.cpp over the tile in csrc/bf16_dot_tile.h).
+
+`torch.ops.meshserve.bf16_linear(x, packed, n, bias=None, out_f32=False, dpbf16=False)` computes
+x @ W.T (+ bias) for a bfloat16 weight W [n, K] packed once by ``pack_bf16_pairs``; x is bfloat16, or float32
+holding bfloat16 values (what the fused ops hand a float32 GEMM). The result is float32 (``out_f32``) or
+bfloat16. ``dpbf16`` picks the tile: False widens the weight to float32 in registers and runs FMAs
+("bf16_fma"), True runs AVX512-BF16 dot products on bfloat16 activations; on this machine kind vdpbf16ps
+has half the FMA's flop rate, so the FMA tile is the faster one from two rows on (docs/kernels.md).
+``bf16_linear_reference`` is the oracle: F.linear in float32 of the same values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_COLS = 16  # output columns per packed block (csrc/bf16_dot_tile.h kBlockCols)
+
+
+def pack_bf16_pairs(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] -> [ceil(N/16), ceil(K/2), 32] bfloat16: per 16-column block and k-pair, the 16 columns'
+    (w[k], w[k+1]) side by side (one 512-bit load per dot product). N and K are zero-padded."""
+    n, k = weight.shape
+    nb, k2 = -(-n // BLOCK_COLS), -(-k // 2)
+    padded = weight.new_zeros(nb * BLOCK_COLS, 2 * k2, dtype=torch.bfloat16)
+    padded[:n, :k] = weight
+    return padded.view(nb, BLOCK_COLS, k2, 2).permute(0, 2, 1, 3).reshape(nb, k2, 2 * BLOCK_COLS).contiguous()
+
+
+def bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+                out_f32: bool = False, dpbf16: bool = False) -> torch.Tensor:
+    """y = x @ W.T + bias [M, n] through the native op (native.load() must have succeeded)."""
+    return torch.ops.meshserve.bf16_linear(x, packed, n, bias, out_f32, dpbf16)
+
+
+def bf16_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                          out_f32: bool = False) -> torch.Tensor:
+    """The oracle: the bfloat16 values in float32 through F.linear (exact products, float32 sums)."""
+    y = F.linear(x.to(torch.bfloat16).float(), weight.float(), None if bias is None else bias.float())
+    return y if out_f32 else y.to(torch.bfloat16)
+
+
+def _bf16_linear_fake(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+                      out_f32: bool = False, dpbf16: bool = False) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n, dtype=torch.float32 if out_f32 else torch.bfloat16)
+
+
+def register_fake() -> None:
+    """Shape function of the op (just loaded by native.load), for torch.compile and fake tensors."""
+    torch.library.register_fake("meshserve::bf16_linear", _bf16_linear_fake)
