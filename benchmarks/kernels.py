@@ -28,6 +28,7 @@ baseline attention; that anchor is printed beside our speed-up over the faster S
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 import tempfile
@@ -43,7 +44,7 @@ from throughput import LLAMA, standard_workload
 
 from meshserve.engine import LLM, SamplingParams
 from meshserve.kernels import native
-from meshserve.kernels.attention_tiles import plan_tasks, tile_sizes
+from meshserve.kernels.attention_tiles import TaskTable, TileSizes, plan_tasks, tile_sizes
 from meshserve.kernels.meta_attention import paged_attention, plan_attention, write_kv
 from meshserve.kernels.meta_attention_native import meta_attention
 from meshserve.kernels.profile import GemmTable, load_gemm_table, shape_key
@@ -181,6 +182,38 @@ def time_step(meta: BatchMetadata, blocks: int, block_size: int, dtype: torch.dt
     return {name: statistics.median(r) for name, r in runs.items()}
 
 
+STAGES = ("decode", "short", "prefill")
+
+
+def stage_tables(meta: BatchMetadata, sizes: TileSizes) -> dict[str, TaskTable]:
+    """The 1-thread Task-Table of a step cut by stage (decodes, short blocks, prefill tiles): where the op's
+    time goes. One thread plans no KV splits, so each subset runs on its own."""
+    table = plan_tasks(meta, HEADS, KV_HEADS, sizes, 1)
+    q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
+    seq_q = q_lens[table.tasks[:, 0].long()]
+    stage = torch.where(seq_q == 1, 0, torch.where(seq_q <= sizes.short_rows, 1, 2))
+    return {name: dataclasses.replace(table, tasks=table.tasks[stage == i].contiguous(),
+                                      thread_starts=torch.tensor([0, int((stage == i).sum())]))
+            for i, name in enumerate(STAGES)}
+
+
+def time_stages(meta: BatchMetadata, blocks: int, block_size: int, dtype: torch.dtype,
+                repeats: int) -> dict[str, float]:
+    """Best ms per layer of the native op on each stage's tasks of one step (1 thread)."""
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, blocks, block_size, KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
+    q = torch.randn(meta.num_tokens, HEADS, HEAD_DIM, generator=gen).to(dtype)
+    tables = stage_tables(meta, tile_sizes(HEAD_DIM, dtype))
+    runs: dict[str, list[float]] = {name: [] for name in STAGES}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, table in tables.items():
+            start = time.perf_counter()  # the op alone: the step's KV write is not part of any stage
+            torch.ops.meshserve.meta_attention(q, cache, table.block_tables, table.tasks, table.thread_starts,
+                                               table.combine, table.tree_mask, HEAD_DIM**-0.5, 0)
+            runs[name].append((time.perf_counter() - start) * 1e3)
+    return {name: min(r[1:]) for name, r in runs.items()}
+
+
 @torch.inference_mode()
 def attention_section(steps: list[BatchMetadata], blocks: int, block_size: int, dtypes: list[str],
                       threads: list[int], repeats: int) -> None:
@@ -200,6 +233,14 @@ def attention_section(steps: list[BatchMetadata], blocks: int, block_size: int, 
                   f"{ms['reference']:9.3f} {ms['loop']:9.3f} {ms['padded']:9.3f}  {gains[-1]:+11.1%}")
     print(f"meta-attention vs the faster SDPA baseline: median {statistics.median(gains):+.1%} "
           f"(paper anchor: {PAPER_ATTENTION_GAIN:+.1%})")
+    print(f"\n-- where meta-attention's time goes: each stage's tasks alone, 1 thread, best of {repeats}, "
+          "ms --")
+    print(f"{'dtype':9s} {'step':52s} " + " ".join(f"{name:>8s}" for name in STAGES))
+    torch.set_num_threads(1)
+    for dtype_name in dtypes:
+        for meta in steps:
+            ms = time_stages(meta, blocks, block_size, getattr(torch, dtype_name), repeats)
+            print(f"{dtype_name:9s} {describe(meta):52s} " + " ".join(f"{ms[name]:8.3f}" for name in STAGES))
 
 
 # Graph-capture engines pad M to a captured size: vLLM's default sizes are 1, 2, 4, then multiples of 8.

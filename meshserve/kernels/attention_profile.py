@@ -22,7 +22,7 @@ from meshserve.kernels.attention_tiles import TileSizes, plan_tasks, profile_key
 from meshserve.kernels.meta_attention_native import meta_attention
 from meshserve.models.batch import BatchMetadata
 
-PREFILL_ROWS = (8, 16, 32, 64)
+PREFILL_ROWS = (8, 16, 32, 64, 128)
 SHORT_ROWS = (8, 16)
 MIN_SPLIT_KV = (128, 256, 1024)
 BLOCK_SIZE = 16

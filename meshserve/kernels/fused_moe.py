@@ -1,9 +1,10 @@
 """The native fused MoE operator (kernels/csrc/moe.cpp): weight packing, the call, and its torch oracle.
 
 `torch.ops.meshserve.fused_moe(x, topk_ids, topk_weights, w13, w2)` runs every routed expert of a step in
-one call: pairs sorted by expert, token rows read by index, float32 accumulation, SiLU-mul and the
-routing-weight combine fused. Weights are packed once (``pack_experts``) into 64-column blocks laid out
-the way its micro-kernel reads them. ``moe_reference`` computes the same thing with plain torch ops.
+one call: pairs sorted by expert, float32 accumulation, SiLU-mul and the routing-weight combine fused.
+Weights are packed once (``pack_experts``) into 64-column blocks laid out the way its micro-kernels read
+them (bfloat16: the shared pair layout of csrc/bf16_dot_tile.h). ``moe_reference`` computes the same
+thing with plain torch ops.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from meshserve.kernels import native
+from meshserve.kernels.bf16_gemm import BLOCK_COLS, pack_bf16_pairs
 
 COLS = 64  # output columns per packed block (csrc/moe.cpp kCols); gate_up blocks hold 32 gate + 32 up
 
@@ -41,14 +43,15 @@ def use_fused_moe(dtype: torch.dtype, hidden_size: int) -> bool:
 
 
 def _pack_blocks(w: torch.Tensor) -> torch.Tensor:
-    """[E, N, K] (N a multiple of COLS) -> [E, N/COLS, K, COLS] in float32; bfloat16 keeps each k-pair of a
-    column together, [E, N/COLS, K/2, 2*COLS], for the two-element dot-product instruction."""
+    """[E, N, K] (N a multiple of COLS) -> COLS-column blocks: float32 [E, N/COLS, K, COLS]; bfloat16 in the
+    pair layout of csrc/bf16_dot_tile.h (``pack_bf16_pairs``: 16 columns per block, each k-pair of a column
+    side by side), four such blocks per COLS columns: [E, N/COLS, 4 * K/2, 32]."""
     e, n, k = w.shape
-    blocks = w.reshape(e, n // COLS, COLS, k)
     if w.dtype == torch.float32:
-        return blocks.permute(0, 1, 3, 2).contiguous()
-    pairs = blocks.reshape(e, n // COLS, COLS, k // 2, 2).permute(0, 1, 3, 2, 4)
-    return pairs.reshape(e, n // COLS, k // 2, 2 * COLS).contiguous()
+        return w.reshape(e, n // COLS, COLS, k).permute(0, 1, 3, 2).contiguous()
+    per_block = COLS // BLOCK_COLS * (k // 2)
+    packed = torch.stack([pack_bf16_pairs(expert) for expert in w])  # once per layer, at load
+    return packed.reshape(e, n // COLS, per_block, 2 * BLOCK_COLS)
 
 
 def pack_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -148,14 +148,15 @@ def test_prepared_models_run_the_native_op_in_every_moe_layer(tiny_model_dir, mo
     assert int(lm.model.expert_counts().sum()) == 4 * lm.config.top_k * lm.config.num_moe_layers
 
 
-def test_bfloat16_step_mixes_widened_and_dot_product_tasks():
-    """A busy expert's tasks run the widened float32 tile, a quiet one's the BF16 dot products; both match."""
+def test_bfloat16_step_with_a_busy_and_a_quiet_expert():
+    """A busy expert's pairs split into two blocks of whole 8-row tiles and a 1-row tail, a quiet expert's
+    5 pairs one short tile, through the shared pair-packed tile (csrc/bf16_dot_tile.h); both match."""
     gen = torch.Generator().manual_seed(7)
     gate_up = (torch.randn(3, 2 * 40, 64, generator=gen) / 8).bfloat16()
     down = (torch.randn(3, 64, 40, generator=gen) / 40**0.5).bfloat16()
     x = torch.randn(150, 64, generator=gen).bfloat16()
     ids = torch.zeros(150, 1, dtype=torch.long)
-    ids[:5] = 1  # expert 1: 5 pairs (dot products); expert 0: 145 pairs in widened blocks; expert 2 idle
+    ids[:5] = 1  # expert 1: 5 pairs; expert 0: 145 pairs in blocks of 80 and 65; expert 2 idle
     weights = torch.rand(150, 1, generator=gen)
     out = fused_moe(x, ids, weights, pack_experts(gate_up, down))
     torch.testing.assert_close(out, moe_reference(x, ids, weights, gate_up, down), atol=2e-2, rtol=2e-2)

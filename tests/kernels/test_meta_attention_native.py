@@ -47,12 +47,12 @@ def random_step(seqs, block_size, kv_heads, heads, dim, dtype, seed):
     block_size=st.sampled_from([1, 4, 16]),
     kv_heads=st.sampled_from([1, 2]),
     group=st.sampled_from([1, 2, 4]),
-    dim=st.sampled_from([8, 64]),
+    dim=st.sampled_from([8, 64, 128]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     window=st.sampled_from([None, 1, 6, 33]),
     threads=st.sampled_from([1, 2, 3]),
     split_kv=st.booleans(),
-    tile_rows=st.sampled_from([1, 5, 16]),
+    tile_rows=st.sampled_from([1, 5, 16, 64]),
     seed=st.integers(0, 1000),
 )
 def test_native_equals_torch_reference(
@@ -68,6 +68,23 @@ def test_native_equals_torch_reference(
     out = meta_attention(q, k, v, native_cache, table, dim**-0.5)
 
     assert torch.equal(native_cache, cache)  # the same slot write
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_tiles_skip_chunks_above_the_diagonal(dtype, window, dim, threads):
+    """A 100-row chunk over 45 cached tokens in 64-row tiles (the prefill tile kernel): the early rows of a
+    tile see none of its last KV chunks (skipped), chunks the diagonal crosses are masked, and with a window
+    the chunks wholly before it are skipped too; split parts (2 threads) cover the same paths."""
+    meta, cache, q, k, v = random_step([(45, 100), (0, 37), (70, 1)], 16, 2, 4, dim, dtype, seed=dim)
+    expected = paged_attention(q, k, v, cache.clone(), plan_attention(meta, 16, window), dim**-0.5)
+    table = plan_tasks(meta, 4, 2, TileSizes(64, 8, 32), threads, window=window)
+    assert (table.tasks[:, 2] == 64).any()  # a full 64-row tile
+    out = meta_attention(q, k, v, cache, table, dim**-0.5)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
 

@@ -16,23 +16,17 @@
 #include <limits>
 #include <vector>
 
+#include "attention_task.h"
+#include "decode_tile.h"
 #include "fast_exp.h"
+#include "prefill_tile.h"
 
 namespace meshserve {
 namespace {
 
-constexpr int64_t kChunk = 32;  // KV positions per online-softmax step: K^T chunk [D, 32] stays in L1
+using namespace attention;
+
 constexpr int64_t kDirectRows = 4;  // tasks with at most this many rows score by dot products
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Task-Table columns (attention_tiles.py TASK_COLUMNS names the same fields).
-enum Col { SEQ, Q_START, Q_ROWS, Q_POS0, KV_HEAD, KV_LO, KV_HI, MASK, WINDOW, TREE_OFF, TREE_LEN, PARTIAL, NCOLS };
-enum Mask { NONE = 0, CAUSAL = 1, SLIDING = 2, TREE = 3 };
-
-
-struct Shapes {
-  int64_t heads, kv_heads, group, dim, block_size, blocks, max_blocks;
-};
 
 // Columns [lo, hi) of a chunk starting at KV position c0 that query position qpos may attend.
 inline void row_range(const int32_t* t, int64_t qpos, int64_t c0, int64_t n, int64_t& lo, int64_t& hi) {
@@ -95,6 +89,11 @@ void run_task(const int32_t* t, const T* q, const T* cache, const int32_t* table
   // Few rows (decodes): K rows stay as they are and each score is one dot product; transposing K would
   // cost more than the rows save.
   const bool direct = rows <= kDirectRows;
+  if constexpr (DIM > 0 && DIM % 16 == 0) {  // the common head dims: decode_tile.h, prefill_tile.h
+    if (t[MASK] != TREE && direct)
+      return run_decode_rows<T, DIM>(rows, t, q, cache, tables, s, scale, out, part_acc, part_ml);
+    if (t[MASK] != TREE) return run_tile<T, DIM>(t, q, cache, tables, s, scale, out, part_acc, part_ml, buf);
+  }
   buf.resize(rows * D * 2 + rows * (2 + kChunk) + 2 * kChunk * D);
   float* qf = buf.data();            // [rows, D] scaled queries; row r = query qi * G + head g
   float* acc = qf + rows * D;        // [rows, D] unnormalised output
@@ -180,22 +179,7 @@ void run_task(const int32_t* t, const T* q, const T* cache, const int32_t* table
     }
   }
 
-  if (t[PARTIAL] >= 0) {  // one part of a split KV range: the combine step normalises
-    std::copy(acc, acc + rows * D, part_acc + t[PARTIAL] * D);
-    for (int64_t r = 0; r < rows; ++r) {
-      part_ml[(t[PARTIAL] + r) * 2] = m[r];
-      part_ml[(t[PARTIAL] + r) * 2 + 1] = l[r];
-    }
-    return;
-  }
-  for (int64_t qi = 0; qi < t[Q_ROWS]; ++qi) {
-    T* dst = out + ((t[Q_START] + qi) * s.heads + h * G) * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t r = qi * G + g;
-      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-      for (int64_t d = 0; d < D; ++d) dst[g * D + d] = static_cast<T>(acc[r * D + d] * inv);
-    }
-  }
+  finish_task(t, s, acc, m, l, rows, D, out, part_acc, part_ml);
 }
 
 // Merge the parts of each split unit: out = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i.

@@ -2,13 +2,15 @@
 //
 // Torch oracle: meshserve/kernels/fused_moe.py (moe_reference); weight packing: pack_expert_weight there.
 // Token-expert pairs are counting-sorted by expert; tasks (expert, block of <= kRowBlock pairs, block of 64
-// output columns) are dealt to threads largest first. A task reads its token rows by index (no packed,
-// zero-filled copy of the activations) and multiplies them with one packed weight block, accumulating in
-// float32: bfloat16 pairs through AVX512-BF16 dot products where the CPU has them, else widened to float32.
-// A bfloat16 task with many rows widens its weight block to float32 once (into a per-thread buffer that stays
-// in L2) and runs the float32 tile on float32 copies of its rows: on the 2-core AVX512-BF16 machine kind the
-// BF16 dot-product tile reached ~75 GFLOP/s per core and the float32 FMA tile ~110-120. Products of bfloat16
-// values are exact in float32, so the two paths differ only in float32 summation order.
+// output columns) are dealt to threads largest first, accumulating in float32.
+// float32: a task reads its token rows by index (no packed, zero-filled copy of the activations) and runs
+// the FMA tile below on a [K][64] weight block.
+// bfloat16: the weights are packed once in the shared pair layout of csrc/bf16_dot_tile.h (16 columns per
+// block, k-pairs side by side) and every task runs its FMA tile, which widens each weight vector to float32
+// in registers (no widened copy of a block); its rows are float32 copies of the bfloat16 inputs, in
+// expert-sorted order so a block's rows are contiguous, as the tile reads them. On this machine kind
+// vdpbf16ps has half the float32 FMA's flop rate (bf16_dot_tile.h), so the dot-product tile is not used.
+// Products of bfloat16 values are exact in float32, so the paths differ only in float32 summation order.
 // Gate and up columns are interleaved per block (32 + 32), so SiLU(gate) * up is the first GEMM's epilogue;
 // the routing weight scales the second GEMM's epilogue, and a last pass adds each token's k rows.
 #include <ATen/ATen.h>
@@ -27,81 +29,17 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16_bits.h"
+#include "bf16_dot_tile.h"
 #include "fast_exp.h"
 
 namespace meshserve {
 namespace {
 
 constexpr int64_t kCols = 64;      // output columns per packed weight block: 4 vectors of 16 float32
-constexpr int64_t kMaxRows = 6;    // rows per micro-tile: 6 x 4 accumulators + 4 weight vectors fit 32 zmm
-constexpr int64_t kRowBlock = 96;  // most pairs per task (a multiple of kMaxRows): 16 micro-tiles per weight block
-// bfloat16 tasks of at least this many pairs run in float32: widening a block costs about what 1-2 rows of
-// dot products do, and at 24+ rows the float32 tile's speed repays it (benchmarks/kernels.py --sections moe).
-constexpr int64_t kWideRows = 24;
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-
-// c[r][0..64) = a[r] . packed block, r < MR. bfloat16 block layout [K/2][64][2]: a k-pair of 64 columns.
-template <int MR>
-void tile_bf16(const uint16_t* const* a, const uint16_t* b, int64_t k, float* c) {
-  const int64_t k2 = k / 2;
-#if defined(__AVX512BF16__)
-  __m512 acc[MR][4];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t kk = 0; kk < k2; ++kk) {
-    const uint16_t* bk = b + kk * 2 * kCols;
-    __m512bh bv[4];
-    for (int j = 0; j < 4; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(bk + 32 * j);
-    for (int r = 0; r < MR; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a[r] + 2 * kk, sizeof pair);
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + r * kCols + 16 * j, acc[r][j]);
-#elif defined(__AVX512F__)
-  // No BF16 dot product: widen each pair's even (low) and odd (high) halves to float32 and FMA both.
-  __m512 acc[MR][4];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  for (int64_t kk = 0; kk < k2; ++kk) {
-    const uint16_t* bk = b + kk * 2 * kCols;
-    __m512 even[4], odd[4];
-    for (int j = 0; j < 4; ++j) {
-      const __m512i v = _mm512_loadu_si512(bk + 32 * j);
-      even[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-      odd[j] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-    }
-    for (int r = 0; r < MR; ++r) {
-      const __m512 a0 = _mm512_set1_ps(bf16_to_float(a[r][2 * kk]));
-      const __m512 a1 = _mm512_set1_ps(bf16_to_float(a[r][2 * kk + 1]));
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(a1, odd[j], _mm512_fmadd_ps(a0, even[j], acc[r][j]));
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + r * kCols + 16 * j, acc[r][j]);
-#else
-  std::fill(c, c + MR * kCols, 0.f);
-  for (int64_t kk = 0; kk < k2; ++kk) {
-    const uint16_t* bk = b + kk * 2 * kCols;
-    for (int r = 0; r < MR; ++r) {
-      const float a0 = bf16_to_float(a[r][2 * kk]), a1 = bf16_to_float(a[r][2 * kk + 1]);
-      for (int64_t col = 0; col < kCols; ++col)
-        c[r * kCols + col] += a0 * bf16_to_float(bk[2 * col]) + a1 * bf16_to_float(bk[2 * col + 1]);
-    }
-  }
-#endif
-}
+constexpr int64_t kMaxRows = 6;    // float32 rows per micro-tile: 6 x 4 accumulators + 4 weight vectors fit 32 zmm
+constexpr int64_t kRowBlock = 96;  // most pairs per task: whole micro-tiles of both dtypes (6 and 8 rows)
+constexpr int64_t kPairRows = bf16_tile::kTileRows;  // bfloat16 rows per micro-tile
 
 // c[r][0..64) = a[r] . packed block, r < MR. float32 block layout [K][64].
 template <int MR>
@@ -128,24 +66,25 @@ void tile_f32(const float* const* a, const float* b, int64_t k, float* c) {
 #endif
 }
 
-template <typename T>
-void tile(const T* const* a, const T* b, int64_t k, int64_t rows, float* c) {
-  using Raw = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
-  auto run = [&](auto mr) {
-    constexpr int MR = decltype(mr)::value;
-    if constexpr (std::is_same_v<T, float>)
-      tile_f32<MR>(a, b, k, c);
-    else
-      tile_bf16<MR>(reinterpret_cast<const Raw* const*>(a), reinterpret_cast<const Raw*>(b), k, c);
-  };
+// tile_f32 for 1..kMaxRows rows.
+void tile(const float* const* a, const float* b, int64_t k, int64_t rows, float* c) {
   switch (rows) {
-    case 1: run(std::integral_constant<int, 1>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    case 3: run(std::integral_constant<int, 3>{}); break;
-    case 4: run(std::integral_constant<int, 4>{}); break;
-    case 5: run(std::integral_constant<int, 5>{}); break;
-    default: run(std::integral_constant<int, 6>{}); break;
+    case 1: tile_f32<1>(a, b, k, c); break;
+    case 2: tile_f32<2>(a, b, k, c); break;
+    case 3: tile_f32<3>(a, b, k, c); break;
+    case 4: tile_f32<4>(a, b, k, c); break;
+    case 5: tile_f32<5>(a, b, k, c); break;
+    default: tile_f32<6>(a, b, k, c); break;
   }
+}
+
+// c[r][0..64) = a[r] . one 64-column block of pair-packed bfloat16 weights (4 blocks of 16 columns, k2 pairs
+// each), r < rows <= kPairRows; a: float32 rows lda apart. Two tiles of 2 x 16 columns (16 accumulators).
+inline void tile_pairs(const float* a, int64_t lda, const uint16_t* w, int64_t k2, int64_t rows, float* c) {
+  const int64_t stride = bf16_tile::kPairStride(k2);
+  for (int64_t half = 0; half < 2; ++half)
+    bf16_tile::run_tile<float>(static_cast<int>(rows), 2, a, lda, w + 2 * half * stride, stride, 0, k2, false,
+                               c + 2 * half * bf16_tile::kBlockCols, kCols, false);
 }
 
 // n float32 values to T (bfloat16: round to nearest even, as torch's own conversion).
@@ -161,13 +100,6 @@ inline void store(const float* src, T* dst, int64_t n) {
 #endif
     for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
   }
-}
-
-// n bfloat16 values (as T) to float32; float32 sources are never widened.
-template <typename T>
-inline void widen(const T* src, float* dst, int64_t n) {
-  if constexpr (!std::is_same_v<T, float>)
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 // out[i] = SiLU(gate[i]) * up[i] for the 32 columns of one gate_up block.
@@ -188,45 +120,31 @@ struct Block {
   int64_t expert, first, rows;  // pairs [first, first + rows) of the expert-sorted order
 };
 
-// The rows of blk (row(p): pair p's input row) times one packed block [k][64], in micro-tiles of kMaxRows
-// (the block, 64-90 KB here, stays in L2 while the task's micro-tiles reuse it); done(p, c) receives pair
-// p's 64 float32 results.
-template <typename T, typename Row, typename Done>
-void run_block(const Block& blk, const T* b, int64_t k, Row row, Done done) {
-  const T* a[kMaxRows];
+// The rows of blk (row(p): pair p's float32 input row) times one packed float32 block [k][64], in
+// micro-tiles of kMaxRows (the block, 64-90 KB here, stays in L2 while the task's micro-tiles reuse it);
+// done(p, c) receives pair p's 64 float32 results.
+template <typename Row, typename Done>
+void run_block(const Block& blk, const float* b, int64_t k, Row row, Done done) {
+  const float* a[kMaxRows];
   float c[kMaxRows * kCols];
   for (int64_t m = 0; m < blk.rows; m += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, blk.rows - m);
     for (int64_t r = 0; r < rows; ++r) a[r] = row(blk.first + m + r);
-    tile<T>(a, b, k, rows, c);
+    tile(a, b, k, rows, c);
     for (int64_t r = 0; r < rows; ++r) done(blk.first + m + r, c + r * kCols);
   }
 }
 
-// A packed bfloat16 block [k/2][64][2] as float32 [k][64] in this thread's buffer.
-const float* widen_block(const uint16_t* b, int64_t k) {
-  thread_local std::vector<float> buffer;
-  buffer.resize(k * kCols);
-  float* out = buffer.data();
-  for (int64_t kk = 0; kk < k / 2; ++kk) {
-    const uint16_t* src = b + kk * 2 * kCols;
-    float* even = out + 2 * kk * kCols;
-    float* odd = even + kCols;
-#if defined(__AVX512F__)
-    const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-    for (int64_t j = 0; j < kCols / 16; ++j) {  // 16 columns' (even, odd) pairs per vector
-      const __m512i v = _mm512_loadu_si512(src + 32 * j);
-      _mm512_storeu_ps(even + 16 * j, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-      _mm512_storeu_ps(odd + 16 * j, _mm512_castsi512_ps(_mm512_and_si512(v, high)));
-    }
-#else
-    for (int64_t col = 0; col < kCols; ++col) {
-      even[col] = bf16_to_float(src[2 * col]);
-      odd[col] = bf16_to_float(src[2 * col + 1]);
-    }
-#endif
+// The same for bfloat16 weights: blk's rows are rows [first, first + rows) of `sorted` (float32, lda apart),
+// the block pair-packed (tile_pairs), in micro-tiles of kPairRows.
+template <typename Done>
+void run_pair_block(const Block& blk, const uint16_t* w, int64_t k, const float* sorted, int64_t lda, Done done) {
+  float c[kPairRows * kCols];
+  for (int64_t m = 0; m < blk.rows; m += kPairRows) {
+    const int64_t rows = std::min(kPairRows, blk.rows - m);
+    tile_pairs(sorted + (blk.first + m) * lda, lda, w, k / 2, rows, c);
+    for (int64_t r = 0; r < rows; ++r) done(blk.first + m + r, c + r * kCols);
   }
-  return out;
 }
 
 // Runs task(i) for i in [0, n) across torch's threads, each taking the next index when it is free (tasks
@@ -264,31 +182,39 @@ at::Tensor fused_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
     weight_of[s] = route_w[p];
   }
   // Each expert's pairs in near-equal blocks of <= kRowBlock (whole micro-tiles but the last), largest first.
+  constexpr bool kBf16 = !std::is_same_v<T, float>;
+  constexpr int64_t unit = kBf16 ? kPairRows : kMaxRows;
   std::vector<Block> blocks;
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t n = start[e + 1] - start[e], parts = (n + kRowBlock - 1) / kRowBlock;
-    const int64_t size = parts ? ((n + parts - 1) / parts + kMaxRows - 1) / kMaxRows * kMaxRows : 0;
+    const int64_t size = parts ? ((n + parts - 1) / parts + unit - 1) / unit * unit : 0;
     for (int64_t f = start[e]; f < start[e + 1]; f += size) blocks.push_back({e, f, std::min(size, start[e + 1] - f)});
   }
   std::stable_sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.rows > b.rows; });
   const int64_t nblocks = static_cast<int64_t>(blocks.size());
 
-  // Float32 copies of the inputs for the widened bfloat16 tasks (the activations stay rounded to bfloat16).
-  constexpr bool kBf16 = !std::is_same_v<T, float>;
-  const bool any_wide = kBf16 && nblocks > 0 && blocks.front().rows >= kWideRows;  // largest block first
-  auto wide = [&](const Block& blk) { return kBf16 && blk.rows >= kWideRows; };
-  const at::Tensor x32 = any_wide ? x.to(at::kFloat) : at::Tensor();
-  const at::Tensor act32 = any_wide ? at::empty({pairs, inter}, x.options().dtype(at::kFloat)) : at::Tensor();
-  const float* x32s = any_wide ? x32.data_ptr<float>() : nullptr;
-  float* act32s = any_wide ? act32.data_ptr<float>() : nullptr;
-
   const T* xs = x.data_ptr<T>();
   const T* w13s = w13.data_ptr<T>();
   const T* w2s = w2.data_ptr<T>();
-  at::Tensor act = at::empty({pairs, inter}, x.options());
+  // Activations between the GEMMs, float32 (bfloat16 models: values rounded to bfloat16, as the reference).
+  at::Tensor act = at::empty({pairs, inter}, x.options().dtype(at::kFloat));
   at::Tensor pair_out = at::empty({pairs, hidden_pad}, x.options().dtype(at::kFloat));
-  T* acts = act.data_ptr<T>();
+  float* acts = act.data_ptr<float>();
   float* outs = pair_out.data_ptr<float>();
+  // bfloat16: the input rows as float32 in expert-sorted order, so each block's rows are contiguous.
+  at::Tensor x_sorted = kBf16 ? at::empty({pairs, hidden}, x.options().dtype(at::kFloat)) : at::Tensor();
+  float* xsorted = kBf16 ? x_sorted.data_ptr<float>() : nullptr;
+  if constexpr (kBf16) {
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(xs);
+    at::parallel_for(0, pairs, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const uint16_t* src = bits + token_of[p] * hidden;
+        float* dst = xsorted + p * hidden;
+#pragma omp simd
+        for (int64_t h = 0; h < hidden; ++h) dst[h] = bits_to_float(src[h]);
+      }
+    });
+  }
 
   // gate_up: task = (row block, column block of 32 gate + 32 up columns); epilogue SiLU(gate) * up.
   deal(nblocks * blocks13, [&](int64_t task) {
@@ -296,16 +222,17 @@ at::Tensor fused_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
     const int64_t nb = task % blocks13, col0 = nb * kCols / 2;
     const T* b = w13s + (blk.expert * blocks13 + nb) * hidden * kCols;
     auto done = [&](int64_t p, const float* g) {
-      float act_row[kCols / 2];
-      silu_mul(g, g + kCols / 2, act_row);
-      store<T>(act_row, acts + p * inter + col0, kCols / 2);
-      if (act32s) widen(acts + p * inter + col0, act32s + p * inter + col0, kCols / 2);
+      float* dst = acts + p * inter + col0;
+      silu_mul(g, g + kCols / 2, dst);
+      if constexpr (kBf16) {  // the reference rounds the activations to the model dtype
+#pragma omp simd
+        for (int64_t i = 0; i < kCols / 2; ++i) dst[i] = bits_to_float(float_to_bits(dst[i]));
+      }
     };
-    if (wide(blk))
-      run_block<float>(blk, widen_block(reinterpret_cast<const uint16_t*>(b), hidden), hidden,
-                       [&](int64_t p) { return x32s + token_of[p] * hidden; }, done);
+    if constexpr (kBf16)
+      run_pair_block(blk, reinterpret_cast<const uint16_t*>(b), hidden, xsorted, hidden, done);
     else
-      run_block<T>(blk, b, hidden, [&](int64_t p) { return xs + token_of[p] * hidden; }, done);
+      run_block(blk, b, hidden, [&](int64_t p) { return xs + token_of[p] * hidden; }, done);
   });
 
   // down: task = (row block, column block of 64 hidden columns); epilogue scales by the routing weight.
@@ -317,11 +244,10 @@ at::Tensor fused_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
       float* dst = outs + p * hidden_pad + nb * kCols;
       for (int64_t col = 0; col < kCols; ++col) dst[col] = y[col] * weight_of[p];
     };
-    if (wide(blk))
-      run_block<float>(blk, widen_block(reinterpret_cast<const uint16_t*>(b), inter), inter,
-                       [&](int64_t p) { return act32s + p * inter; }, done);
+    if constexpr (kBf16)
+      run_pair_block(blk, reinterpret_cast<const uint16_t*>(b), inter, acts, inter, done);
     else
-      run_block<T>(blk, b, inter, [&](int64_t p) { return acts + p * inter; }, done);
+      run_block(blk, b, inter, [&](int64_t p) { return acts + p * inter; }, done);
   });
 
   // Combine: each token's k weighted rows, summed in float32, rounded once.
