@@ -180,7 +180,7 @@ def replica_options(
 
 # How many of EPLB's extra replicas a roofline plan tries: a replica pays only where the time it
 # takes off a hot die exceeds the weight reads it adds to a cold one, so fewer can be faster.
-REPLICA_FRACTIONS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
+REPLICA_FRACTIONS = (0.0, 0.5, 1.0)
 
 
 def timed_plan(
@@ -189,14 +189,18 @@ def timed_plan(
     """EPLB by roofline time: (holds, replica counts, predicted time) [layers, ...] of the fastest option.
 
     Every option of :func:`replica_options` is packed by predicted device time, and EPLB's own
-    token packing is one more option; each layer keeps the option whose slowest device is fastest
-    (so it is never slower than EPLB's plan).
+    token packing is one more option; each layer keeps the option whose predicted time is lowest
+    (so it is never slower than EPLB's plan). The options are packed as one stack of layers.
     """
-    options = replica_options(load, current, redundant, REPLICA_FRACTIONS)
+    options = replica_options(load, current, redundant, REPLICA_FRACTIONS)  # [K, L, E]
+    k, layers, experts = options.shape
     devices, slots = current.num_devices, current.slots_per_device
-    packs = np.stack([*(pack(load, reps, devices, slots, cost=cost) for reps in options),
-                      pack(load, options[-1], devices, slots)])
+    stacked = np.tile(load, (k, 1))
+    timed = pack(stacked, options.reshape(-1, experts), devices, slots, cost=cost)
+    packs = np.concatenate([timed.reshape(k, layers, experts, devices),
+                            pack(load, options[-1], devices, slots)[None]])
     options = np.concatenate([options, options[-1:]])
-    times = np.stack([layer_time(h, load, cost) for h in packs])  # [options, layers]
-    best, rows = times.argmin(axis=0), np.arange(load.shape[0])
+    times = layer_time(packs.reshape(-1, experts, devices), np.tile(load, (k + 1, 1)), cost)
+    times = times.reshape(k + 1, layers)
+    best, rows = times.argmin(axis=0), np.arange(layers)
     return packs[best, rows], options[best, rows], times[best, rows]
