@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,12 +283,14 @@ def reproduce_balance(
     require(len(spec["models"]) > 0, "models", "list at least one model preset, e.g. deepseek-v3")
     require(spec["iterations"] >= 1, "iterations", f"must be >= 1, got {spec['iterations']}")
     out = check_writable(out, "out", folder=True)
+    start = time.perf_counter()
     figures, traces = run_ladder(spec, progress=not as_json, executor=executor)
     if curves:  # computed before anything is written, so a failure leaves no half set of files
         from meshserve.wafer.curves import curves_png, run_curves
 
         figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"] = run_curves(
             spec, BalanceConfig(), progress=not as_json, executor=executor)
+    figures["wall_s"] = time.perf_counter() - start  # every run, on this executor
     with all_or_nothing():
         figures["plots"] = [
             str(plot_load_traces(traces, spec["models"][0], figures["settings"]["wsc"], out)),
@@ -307,5 +310,6 @@ def reproduce_balance(
             from meshserve.wafer.curves import print_curves
 
             print_curves(figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"], Console(width=150))
-        print(f"wrote {out / 'balance.json'}, " + ", ".join(figures["plots"]))
+        print(f"{figures['wall_s']:.0f} s of wall time ({executor}); wrote {out / 'balance.json'}, "
+              + ", ".join(figures["plots"]))
     return figures
