@@ -18,13 +18,9 @@ from meshserve.placement.plan import Placement
 from meshserve.placement.policy import Balancer
 
 
-def replicate(load: np.ndarray, extra: int, max_replicas: int) -> np.ndarray:
-    """Replica counts [layers, experts]: ``extra`` replicas added greedily to the hottest per replica."""
-    return replicate_steps(load, extra, max_replicas, [extra])[0]
-
-
 def replicate_steps(load: np.ndarray, extra: int, max_replicas: int, stops: list[int]) -> np.ndarray:
-    """replicate's counts after each of ``stops`` replicas were added: [len(stops), layers, experts]."""
+    """Replica counts [len(stops), layers, experts] after each of ``stops`` replicas were added, one
+    by one, each to the expert with the most load per replica."""
     layers, experts = load.shape
     reps = np.ones((layers, experts), dtype=np.int64)
     rows = np.arange(layers)
