@@ -101,7 +101,9 @@ def run_ladder(
     for (setup, _), steady in zip(ours, run_many(_steady_gap, ours, executor, progress, "steady_gap"),
                                   strict=True):
         figures["models"][setup.model]["steady_gap"] = steady
-        figures["models"][setup.model]["plan_floor_max_over_mean"] = steady["floor"]["per_iteration"]
+        # None when the run is too short to score a window after its first half (no steady state)
+        floor = steady.get("floor", {}).get("per_iteration")
+        figures["models"][setup.model]["plan_floor_max_over_mean"] = floor
     per_model = figures["models"].values()
     for key in ("ni_compute_gain", "ni_comm_gain", "wsc_vs_nvl72_gain", "wsc_vs_nvl72_with_reduction_gain",
                 "wsc_vs_nvl72_eplb_gain"):
@@ -182,7 +184,8 @@ def print_ladder(figures: dict) -> None:
                   for name, match in (("ni", lambda c: not c), ("ni-eplb", lambda c: True),
                                       ("greedy", lambda c: c.get("reject_slower_plans") is False))]
         table.add_row(f"{model}: steady max/mean load, ni / ni-eplb (ours) / greedy (every plan) / floor",
-                      " / ".join(f"{v:.2f}" for v in steady) + f" / {m['plan_floor_max_over_mean']:.2f}", "-")
+                      " / ".join(f"{v:.2f}" for v in [*steady]) + " / "
+                      + _fixed(m["plan_floor_max_over_mean"], 2), "-")
     eplb = figures["wsc_vs_nvl72_eplb_avg_gain"]
     table.add_row("WSC vs NVL72 + EPLB (not in the paper)", f"{eplb:+.1%}", "-")
     console.print(table)
@@ -201,14 +204,17 @@ def print_steady_gap(figures: dict, console: Any) -> None:
     for label in steps.values():
         table.add_column(label, justify="right")
     for model, m in figures["models"].items():
-        gap = m["steady_gap"]
-        table.add_row(model, *(f"{gap[k]['per_iteration']:.3f}" + (f" ({gap[k]['on_mean_load']:.3f})"
-                                                                    if "on_mean_load" in gap[k] else "")
+        gap = {k: m["steady_gap"].get(k, {}) for k in steps}
+        table.add_row(model, *(_fixed(gap[k].get("per_iteration"), 3) + (f" ({gap[k]['on_mean_load']:.3f})"
+                                                                       if "on_mean_load" in gap[k] else "")
                                for k in steps))
-        if all("time_over_even" in gap[k] for k in steps):
-            timed = (f"{gap[k]['time_over_even']:.3f}" for k in steps)
-            table.add_row("  MoE compute time / even split's", *timed)
+        table.add_row("  MoE compute time / even split's", *(_fixed(gap[k].get("time_over_even"), 3)
+                                                              for k in steps))
     console.print(table)
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def plot_load_traces(traces: dict[str, IterationResult], model: str, wsc: str, out: Path) -> Path:
