@@ -7,7 +7,8 @@ plain array, so this package never imports the simulator, the engine or torch.
 ``make_balancer(name, config, hops, ...)`` builds one of :data:`BALANCERS`:
 none (static), greedy (EPLB-style, invasive), topology (nearest free slot, invasive),
 ni (NI-Balancer: threshold trigger, migration hidden in idle link time), ni-eplb (ours: NI's
-trigger and migration with a movement-aware EPLB-quality planner).
+trigger and migration with a movement-aware EPLB-quality planner). Given a :class:`DeviceCost`
+(the experts' roofline), greedy and ni-eplb plan on predicted time instead of token counts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from meshserve.errors import require
+from meshserve.placement.cost import DeviceCost, keep_faster, layer_time
 from meshserve.placement.eplb import GreedyBalancer
 from meshserve.placement.ni import NIBalancer, NIEplbBalancer
 from meshserve.placement.plan import (
@@ -32,19 +34,25 @@ BALANCERS: dict[str, type[Balancer]] = {
 }
 
 
-def make_balancer(name: str, config: BalanceConfig, hops: np.ndarray, num_redundant_experts: int) -> Balancer:
-    """The balancer called ``name`` (InputError naming ``balancer`` if unknown)."""
+def make_balancer(
+    name: str, config: BalanceConfig, hops: np.ndarray, num_redundant_experts: int,
+    cost: DeviceCost | None = None,
+) -> Balancer:
+    """The balancer called ``name`` (InputError naming ``balancer`` if unknown); see Balancer for ``cost``."""
     require(name in BALANCERS, "balancer", f"unknown {name!r}; allowed: {', '.join(BALANCERS)}")
-    return BALANCERS[name](config, hops, num_redundant_experts)
+    return BALANCERS[name](config, hops, num_redundant_experts, cost)
 
 
 __all__ = [
     "BALANCERS",
     "BalanceConfig",
     "Balancer",
+    "DeviceCost",
     "Migrations",
     "Placement",
     "imbalance",
+    "keep_faster",
+    "layer_time",
     "make_balancer",
     "migrations",
     "slots_per_device",

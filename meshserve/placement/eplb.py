@@ -13,57 +13,74 @@ from __future__ import annotations
 
 import numpy as np
 
+from meshserve.placement.cost import DeviceCost, keep_faster, layer_time
 from meshserve.placement.plan import Placement
 from meshserve.placement.policy import Balancer
 
 
-def replicate(load: np.ndarray, extra: int, max_replicas: int) -> np.ndarray:
-    """Replica counts [layers, experts]: ``extra`` replicas added greedily to the hottest per replica."""
+def replicate_steps(load: np.ndarray, extra: int, max_replicas: int, stops: list[int]) -> np.ndarray:
+    """Replica counts [len(stops), layers, experts] after each of ``stops`` replicas were added, one
+    by one, each to the expert with the most load per replica."""
     layers, experts = load.shape
     reps = np.ones((layers, experts), dtype=np.int64)
     rows = np.arange(layers)
-    for _ in range(extra):
+    out = [reps.copy()] if 0 in stops else []
+    for step in range(1, max(stops, default=0) + 1):
         per = np.where(reps < max_replicas, load / reps, -np.inf)
         reps[rows, per.argmax(axis=1)] += 1
-    return reps
+        if step in stops:
+            out.append(reps.copy())
+    return np.stack(out)
 
 
 def pack(load: np.ndarray, reps: np.ndarray, num_devices: int, slots: int,
-         current: np.ndarray | None = None, hops: np.ndarray | None = None, slack: float = 0.0) -> np.ndarray:
+         current: np.ndarray | None = None, hops: np.ndarray | None = None, slack: float = 0.0,
+         cost: DeviceCost | None = None, bound: np.ndarray | None = None) -> np.ndarray:
     """Balanced packing: replica table [layers, experts, devices] for replica counts ``reps``.
 
-    With ``current`` (today's table) and ``hops``, packing is movement-aware: each replica may go
-    to any device it does not push more than ``slack`` (a fraction) past a perfectly even share
-    (else, as EPLB, to the least loaded), and among those it takes the one that already holds the
-    expert, else the one nearest a current holder: the fewest bytes x hops of copying for about
-    EPLB's balance.
+    Each replica, heaviest first, goes where it leaves the device least loaded: tokens, or with a
+    ``cost`` the device's predicted roofline time (its weight reads count). With ``current``
+    (today's table) and ``hops``, packing is movement-aware: each replica may go to any device it
+    does not push more than ``slack`` (a fraction) past ``bound`` (per layer; default a perfectly
+    even share), and among those it takes the one that already holds the expert, else the one
+    nearest a current holder: the fewest bytes x hops of copying (every copy is one expert's
+    bytes, so hops rank them) for about EPLB's balance. Layers may have different replica counts.
     """
     layers, experts = load.shape
     rows = np.arange(layers)
-    # Every layer has the same number of replicas (sum of reps), laid out heaviest first.
-    items = [np.repeat(np.arange(experts), reps[i]) for i in range(layers)]
-    expert = np.stack(items)
-    weight = np.take_along_axis(load / reps, expert, axis=1)
+    # each layer's replicas heaviest first; a layer with fewer replicas is padded with empty items
+    width = int(reps.sum(axis=1).max())
+    expert = np.full((layers, width), -1)
+    for i in range(layers):
+        items = np.repeat(np.arange(experts), reps[i])
+        expert[i, : len(items)] = items
+    weight = np.where(expert >= 0, np.take_along_axis(load / reps, np.maximum(expert, 0), axis=1), -np.inf)
     order = np.argsort(-weight, axis=1, kind="stable")
     expert = np.take_along_axis(expert, order, axis=1)
-    weight = np.take_along_axis(weight, order, axis=1)
+    weight = np.maximum(np.take_along_axis(weight, order, axis=1), 0.0)  # padding: 0 tokens, never placed
     holds = np.zeros((layers, experts, num_devices), dtype=bool)
     used = np.zeros((layers, num_devices), dtype=np.int64)
     dev_load = np.zeros((layers, num_devices))
     near = None if current is None else nearest_holder(current, np.asarray(hops, dtype=np.float64))
-    ideal = load.sum(axis=1, keepdims=True) / num_devices  # [layers, 1]: a perfectly even share
-    for i in range(expert.shape[1]):
-        e = expert[:, i]
-        ok = (used < slots) & ~holds[rows, e]
-        loads = np.where(ok, dev_load, np.inf)
+    if bound is None:
+        ideal = load.sum(axis=1, keepdims=True) / num_devices  # [layers, 1]: a perfectly even share
+        if cost is not None:
+            ideal = cost.score(ideal, reps.sum(axis=1, keepdims=True) / num_devices)
+    else:
+        ideal = np.asarray(bound, dtype=np.float64).reshape(layers, 1)
+    for i in range(width):
+        e, w = np.maximum(expert[:, i], 0), weight[:, i : i + 1]
+        ok = (used < slots) & ~holds[rows, e] & (expert[:, i] >= 0)[:, None]
+        after = dev_load + w if cost is None else cost.score(dev_load + w, used + 1)
+        after = np.where(ok, after, np.inf)
         if near is None:
-            choice = loads.argmin(axis=1)
+            choice = after.argmin(axis=1)
         else:
-            # devices this replica does not push past a perfectly even share, or the least loaded
-            fits = ok & (loads + weight[:, i : i + 1] <= ideal * (1.0 + slack))
-            close = np.where(fits.any(axis=1, keepdims=True), fits, loads == loads.min(axis=1, keepdims=True))
-            cost = np.where(close, near[rows, e], np.inf)  # 0 where it already holds the expert
-            choice = (cost + loads / (2 * ideal)).argmin(axis=1)
+            # devices this replica does not push past the bound, or the least loaded
+            fits = ok & (after <= ideal * (1.0 + slack))
+            close = np.where(fits.any(axis=1, keepdims=True), fits, after == after.min(axis=1, keepdims=True))
+            hops_to = np.where(close, near[rows, e], np.inf)  # 0 where it already holds the expert
+            choice = (hops_to + after / (2 * ideal)).argmin(axis=1)
         placed = ok[rows, choice]  # a layer with no room left for this expert drops the replica
         r, c = rows[placed], choice[placed]
         holds[r, e[placed], c] = True
@@ -126,12 +143,15 @@ def nearest_holder(holds: np.ndarray, hops: np.ndarray) -> np.ndarray:
 
 
 class GreedyBalancer(Balancer):
-    """EPLB-style greedy: periodic, from scratch, invasive."""
+    """EPLB-style greedy: periodic, from scratch, invasive (by roofline time when given a cost)."""
 
     name = "greedy"
     invasive = True
 
     def plan(self, load: np.ndarray, current: Placement, base: Placement) -> Placement:
+        if self.cost is not None:
+            holds, _, _ = timed_plan(load, current, self.num_redundant_experts, self.cost)
+            return Placement(keep_faster(holds, current.holds, load, self.cost), current.slots_per_device)
         reps = replica_counts(load, current, self.num_redundant_experts)
         # Packing heaviest first always finds a slot for an expert's first replica (total replicas
         # <= slots), so every expert keeps at least one copy.
@@ -141,7 +161,42 @@ class GreedyBalancer(Balancer):
 
 def replica_counts(load: np.ndarray, current: Placement, redundant: int) -> np.ndarray:
     """EPLB's replica counts: the static layout's copies (one per device at least) plus the redundant ones."""
+    return replica_options(load, current, redundant, (1.0,))[0]
+
+
+def replica_options(
+    load: np.ndarray, current: Placement, redundant: int, fractions: tuple[float, ...]
+) -> np.ndarray:
+    """EPLB's replica counts with only a ``fraction`` of its extra replicas: [fractions, layers, experts]."""
     devices, experts = current.num_devices, current.num_experts
     extra = max(experts, devices) - experts + redundant
     extra = min(extra, devices * current.slots_per_device - experts)
-    return replicate(load, extra, devices)
+    return replicate_steps(load, extra, devices, sorted({round(f * extra) for f in fractions}))
+
+
+# How many of EPLB's extra replicas a roofline plan tries: a replica pays only where the time it
+# takes off a hot die exceeds the weight reads it adds to a cold one, so fewer can be faster.
+REPLICA_FRACTIONS = (0.0, 0.5, 1.0)
+
+
+def timed_plan(
+    load: np.ndarray, current: Placement, redundant: int, cost: DeviceCost
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """EPLB by roofline time: (holds, replica counts, predicted time) [layers, ...] of the fastest option.
+
+    Every option of :func:`replica_options` is packed by predicted device time, and EPLB's own
+    token packing is one more option; each layer keeps the option whose predicted time is lowest
+    (so it is never slower than EPLB's plan). The options are packed as one stack of layers.
+    """
+    options = replica_options(load, current, redundant, REPLICA_FRACTIONS)  # [K, L, E]
+    k, layers, experts = options.shape
+    devices, slots = current.num_devices, current.slots_per_device
+    stacked = np.tile(load, (k, 1))
+    timed = pack(stacked, options.reshape(-1, experts), devices, slots, cost=cost)
+    packs = np.concatenate([timed.reshape(k, layers, experts, devices),
+                            pack(load, options[-1], devices, slots)[None]])
+    options = np.concatenate([options, options[-1:]])
+    times = layer_time(packs.reshape(-1, experts, devices), np.tile(load, (k + 1, 1)), cost)
+    times = times.reshape(k + 1, layers)
+    best, rows = times.argmin(axis=0), np.arange(layers)
+    return packs[best, rows], options[best, rows], times[best, rows]

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshserve.placement.eplb import pack, relabel, replica_counts
+from meshserve.placement.cost import DeviceCost, keep_faster, layer_time
+from meshserve.placement.eplb import pack, relabel, replica_counts, timed_plan
 from meshserve.placement.plan import Placement
 from meshserve.placement.policy import BalanceConfig, Balancer
 from meshserve.placement.topology import topology_plan
@@ -24,8 +25,9 @@ class NIBalancer(Balancer):
     name = "ni"
     invasive = False
 
-    def __init__(self, config: BalanceConfig, hops: np.ndarray, num_redundant_experts: int) -> None:
-        super().__init__(config, hops, num_redundant_experts)
+    def __init__(self, config: BalanceConfig, hops: np.ndarray, num_redundant_experts: int,
+                 cost: DeviceCost | None = None) -> None:
+        super().__init__(config, hops, num_redundant_experts, cost)
         self.reference = 0.0
 
     def should_plan(self, iteration: int, history_imbalance: np.ndarray) -> bool:
@@ -55,7 +57,9 @@ class NIEplbBalancer(NIBalancer):
     device nearest a current holder) and EPLB's own, its bins relabelled onto the devices that
     already hold most of their experts (eplb.relabel). Each layer keeps the movement-aware one
     unless EPLB's balances better by more than ``plan_slack``. Primaries move too; the copies
-    stream through idle link time as NI's, so there is no stall.
+    stream through idle link time as NI's, so there is no stall. Given the roofline (``cost``),
+    EPLB's packing is eplb.timed_plan's, the two are compared on predicted layer time, and a
+    layer the plan would not speed up keeps its table.
     """
 
     name = "ni-eplb"
@@ -64,10 +68,19 @@ class NIEplbBalancer(NIBalancer):
         reps = replica_counts(load, current, self.num_redundant_experts)
         devices, slots, slack = current.num_devices, current.slots_per_device, self.config.plan_slack
         near = pack(load, reps, devices, slots, current.holds, self.hops, slack)
-        eplb = relabel(pack(load, reps, devices, slots), current.holds, self.hops)
-        spread = [max_over_mean(Placement(h, slots).device_load(load)) for h in (near, eplb)]
+        fastest = pack(load, reps, devices, slots)
+        if self.cost is not None:  # EPLB by roofline time: as many replicas as pay for their weight reads
+            fastest, _, _ = timed_plan(load, current, self.num_redundant_experts, self.cost)
+        eplb = relabel(fastest, current.holds, self.hops)
+        if self.cost is None:
+            spread = [max_over_mean(Placement(h, slots).device_load(load)) for h in (near, eplb)]
+        else:
+            spread = [layer_time(h, load, self.cost) for h in (near, eplb)]
         keep = spread[0] <= spread[1] * (1.0 + slack) + 1e-9
-        return Placement(np.where(keep[:, None, None], near, eplb), slots)
+        holds = np.where(keep[:, None, None], near, eplb)
+        if self.cost is not None:  # a layer the plan would not speed up keeps its table
+            holds = keep_faster(holds, current.holds, load, self.cost)
+        return Placement(holds, slots)
 
 
 def max_over_mean(device_load: np.ndarray) -> np.ndarray:

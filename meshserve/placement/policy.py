@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from meshserve.errors import integer, number
+from meshserve.placement.cost import DeviceCost
 from meshserve.placement.plan import Placement
 
 
@@ -65,15 +66,19 @@ class Balancer:
 
     Subclasses set ``name`` and ``invasive`` and implement :meth:`plan`; the default trigger is
     periodic every ``step_interval`` iterations once ``window_size`` iterations of history exist.
+    cost: the devices' roofline; the EPLB-quality planners (greedy, ni-eplb) then plan on
+    predicted time instead of token counts (the paper's planners, topology and ni, ignore it).
     """
 
     name = "base"
     invasive = True
 
-    def __init__(self, config: BalanceConfig, hops: np.ndarray, num_redundant_experts: int) -> None:
+    def __init__(self, config: BalanceConfig, hops: np.ndarray, num_redundant_experts: int,
+                 cost: DeviceCost | None = None) -> None:
         self.config = config
         self.hops = np.asarray(hops)
         self.num_redundant_experts = num_redundant_experts
+        self.cost = cost  # None: plan on token counts (the engine has no roofline)
 
     def should_plan(self, iteration: int, history_imbalance: np.ndarray) -> bool:
         """True when a new plan is due. history_imbalance: imbalance of past iterations, oldest first."""

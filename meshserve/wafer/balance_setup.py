@@ -186,11 +186,10 @@ def run_setup(setup: BalanceSetup) -> IterationResult:
     slots = slots_per_device(model.routed_experts, n, redundant)
     base = static_placement(model.num_moe_layers, model.routed_experts, n, slots)
     trace = setup_trace(setup, model, n)
-    balancer = make_balancer(setup.balancer, setup.config, comm.hops, redundant)
-    return simulate_iterations(
-        trace.counts, trace.tokens_per_step(), balancer, base, comm,
-        expert_cost(model, hw, setup.expert_weight_bytes),
-    )
+    cost = expert_cost(model, hw, setup.expert_weight_bytes)
+    planner_cost = cost.device_cost(a2a_phases=comm.a2a_seconds_per_token())
+    balancer = make_balancer(setup.balancer, setup.config, comm.hops, redundant, planner_cost)
+    return simulate_iterations(trace.counts, trace.tokens_per_step(), balancer, base, comm, cost)
 
 
 def run_summary(setup: BalanceSetup) -> dict:

@@ -106,6 +106,8 @@ def reproduce_balance(
                                "[deepseek-v3,deepseek-v2,qwen3-235b-a22b]."),
     curves: bool = typer.Option(True, "--curves/--no-curves", help="Also sweep tokens per device, expert "
                                 "weight type, inter-wafer bandwidth and trace skew (first model)."),
+    executor: str = typer.Option("local", "--executor", help="local | ray: fan the independent runs out "
+                                 "(pip install 'meshserve[ray]')."),
 ) -> None:
     """Ablation ladder NVL72 -> WSC -> ER -> HER -> greedy -> topology-aware -> NI-Balancer.
 
@@ -115,7 +117,7 @@ def reproduce_balance(
 
     names = None if models is None else tuple(m.strip() for m in models.split(",") if m.strip())
     run(out, as_json=json_out, iterations=iterations, tokens_per_device=tokens_per_device, scenario=scenario,
-        models=names, curves=curves)
+        models=names, curves=curves, executor=executor)
 
 
 @app.command()

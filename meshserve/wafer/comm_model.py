@@ -87,6 +87,20 @@ class CommModel:
     def num_devices(self) -> int:
         return int(self.hops.shape[0])
 
+    def a2a_seconds_per_token(self) -> tuple[np.ndarray, np.ndarray]:
+        """Dispatch and combine as [devices, all links] link seconds per routed token a device serves.
+
+        The planners' all-to-all (placement.DeviceCost.a2a_phases): linear in the device loads, as
+        here; latency is left out (the same for every placement).
+        """
+        out = []
+        for phase in (self.dispatch, self.combine):
+            dense = np.zeros((self.num_devices, len(self.bandwidth)), dtype=np.float32)
+            for dev, start, stop, block in phase.blocks:
+                dense[np.ix_(dev, phase.links[start:stop])] = block / phase.bandwidth[start:stop]
+            out.append(dense[:, np.flatnonzero(dense.any(axis=0))])
+        return out[0], out[1]
+
     def transfer_time(self, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray) -> float:
         """Time for point-to-point copies all at once: hottest link's bytes / bandwidth + latency."""
         if len(src) == 0:

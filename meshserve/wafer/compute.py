@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from meshserve.placement import DeviceCost
 from meshserve.wafer.hardware import Die
 from meshserve.wafer.models import MoEModel
 
@@ -56,14 +57,25 @@ class ExpertCost:
     shared_params: float = 0.0
     bytes_per_element: float = 2.0
 
+    def device_cost(
+        self, shared_tokens: float = 0.0, a2a_phases: tuple[np.ndarray, ...] = ()
+    ) -> DeviceCost:
+        """This roofline in the planners' terms (meshserve.placement.DeviceCost), per token and expert."""
+        die = self.die
+        return DeviceCost(
+            compute_s_per_token=self.flops_per_token / die.peak_flops,
+            weight_s_per_expert=self.weight_bytes / die.hbm_bandwidth,
+            io_s_per_token=self.act_bytes_per_token / die.hbm_bandwidth,
+            fixed_compute_s=2.0 * shared_tokens * self.shared_params / die.peak_flops,
+            fixed_memory_s=self.shared_params * self.bytes_per_element / die.hbm_bandwidth,
+            a2a_phases=tuple(a2a_phases),
+        )
+
     def device_time(
         self, tokens: np.ndarray, active_experts: np.ndarray, shared_tokens: float = 0.0
     ) -> np.ndarray:
         """Roofline seconds of a device serving ``tokens`` with ``active_experts`` weights read."""
-        flops = tokens * self.flops_per_token + 2.0 * shared_tokens * self.shared_params
-        hbm = active_experts * self.weight_bytes + tokens * self.act_bytes_per_token
-        hbm = hbm + self.shared_params * self.bytes_per_element
-        return roofline_s(self.die, flops, hbm)
+        return self.device_cost(shared_tokens).time(tokens, active_experts)
 
 
 def expert_cost(

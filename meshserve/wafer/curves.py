@@ -11,6 +11,7 @@ Settings: presets/experiments/balance.yaml, ``curves``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +19,16 @@ import numpy as np
 
 from meshserve.wafer.balance import BalanceConfig
 from meshserve.wafer.balance_setup import BalanceSetup, run_setup
+from meshserve.wafer.fanout import run_many
 from meshserve.wafer.plots import save_figure
 
 
-def _run(rung, model: str, settings: dict, config: BalanceConfig, **extra: Any) -> dict:
-    setup = BalanceSetup(
-        model=model,
-        hardware=rung.hardware,
-        mapping=rung.mapping,
-        balancer=rung.balancer,
-        config=rung.balance_config(config),
-        **{**settings, **extra},
-    )
+def _setup(rung, model: str, settings: dict, config: BalanceConfig, **extra: Any) -> BalanceSetup:
+    return BalanceSetup(model=model, hardware=rung.hardware, mapping=rung.mapping, balancer=rung.balancer,
+                        config=rung.balance_config(config), **{**settings, **extra})
+
+
+def _summary(setup: BalanceSetup) -> dict:
     return run_setup(setup).summary()
 
 
@@ -44,7 +43,7 @@ def crossover(tokens: list[float], gain: list[float]) -> float | None:
 
 
 def wsc_vs_nvl72_curve(
-    spec: dict, rungs: dict, settings: dict, config: BalanceConfig, tick=lambda: None
+    spec: dict, rungs: dict, settings: dict, config: BalanceConfig, run: Callable[[BalanceSetup], dict]
 ) -> dict:
     """Gain of WSC (all techniques) over NVL72 per tokens per device, expert weight type and bandwidth."""
     c, model = spec["curves"]["wsc_vs_nvl72"], spec["models"][0]
@@ -52,9 +51,9 @@ def wsc_vs_nvl72_curve(
     points = []
     for dtype, nbytes in c["expert_weight_bytes"].items():
         for tokens in c["tokens_per_device"]:
-            run = {**settings, "tokens_per_device": tokens}
-            a = _run(gpu, model, run, config, expert_weight_bytes=nbytes)
-            b = _run(wsc, model, run, config, expert_weight_bytes=nbytes)
+            point = {**settings, "tokens_per_device": tokens}
+            a = run(_setup(gpu, model, point, config, expert_weight_bytes=nbytes))
+            b = run(_setup(wsc, model, point, config, expert_weight_bytes=nbytes))
             points.append(
                 {
                     "expert_weights": dtype,
@@ -65,11 +64,10 @@ def wsc_vs_nvl72_curve(
                     - 1,
                 }
             )
-            tick()
-    gpu64 = _run(gpu, model, settings, config)
+    gpu64 = run(_setup(gpu, model, settings, config))
     links = []
     for gb in c["wafer_link_gb_per_s"]:
-        b = _run(wsc, model, settings, config, wafer_link_gb_per_s=gb)
+        b = run(_setup(wsc, model, settings, config, wafer_link_gb_per_s=gb))
         links.append(
             {
                 "wafer_link_gb_per_s": gb,
@@ -80,7 +78,6 @@ def wsc_vs_nvl72_curve(
                 - 1,
             }
         )
-        tick()
     cross = {}
     for dtype in c["expert_weight_bytes"]:
         mine = [p for p in points if p["expert_weights"] == dtype]
@@ -96,13 +93,15 @@ def wsc_vs_nvl72_curve(
     }
 
 
-def ni_skew_curve(spec: dict, rungs: dict, settings: dict, config: BalanceConfig, tick=lambda: None) -> dict:
+def ni_skew_curve(
+    spec: dict, rungs: dict, settings: dict, config: BalanceConfig, run: Callable[[BalanceSetup], dict]
+) -> dict:
     """NI-Balancer's compute gain over the unbalanced rung as the routing skew grows."""
     c, model = spec["curves"]["ni_skew"], spec["models"][0]
     points = []
     for zipf in c["zipf_exponent"]:
-        plain = _run(rungs["unbalanced"], model, settings, config, zipf_exponent=zipf)
-        ni = _run(rungs["ni"], model, settings, config, zipf_exponent=zipf)
+        plain = run(_setup(rungs["unbalanced"], model, settings, config, zipf_exponent=zipf))
+        ni = run(_setup(rungs["ni"], model, settings, config, zipf_exponent=zipf))
         points.append(
             {
                 "zipf_exponent": zipf,
@@ -111,7 +110,6 @@ def ni_skew_curve(spec: dict, rungs: dict, settings: dict, config: BalanceConfig
                 "ni_compute_gain": plain["moe_compute_s"] / ni["moe_compute_s"] - 1,
             }
         )
-        tick()
     return {"model": model, "iterations": settings["iterations"], "points": points}
 
 
@@ -155,25 +153,27 @@ def curves_png(wsc: dict, skew: dict, out: str | Path) -> Path:
     return save_figure(fig, out)
 
 
-def run_curves(spec: dict, config: BalanceConfig, progress: bool = True) -> tuple[dict, dict]:
-    """Both curves for the first model of ``spec``, the ladder's roles naming the rungs."""
-    from rich.progress import Progress
-
+def run_curves(
+    spec: dict, config: BalanceConfig, progress: bool = True, executor: str = "local"
+) -> tuple[dict, dict]:
+    """Both curves for the first model of ``spec`` (the ladder's roles name the rungs) on ``executor``."""
     rungs = {
         role: next(r for r in [*spec["ladder"], *spec["references"]] if r.label == label)
         for role, label in spec["roles"].items()
     }
     settings = {k: spec[k] for k in ("tp", "tokens_per_device", "scenario", "seed")}
     settings["iterations"] = min(spec["iterations"], spec["curves"]["iterations"])
-    c = spec["curves"]
-    total = len(c["wsc_vs_nvl72"]["expert_weight_bytes"]) * len(c["wsc_vs_nvl72"]["tokens_per_device"])
-    total += len(c["wsc_vs_nvl72"]["wafer_link_gb_per_s"]) + len(c["ni_skew"]["zipf_exponent"])
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("curves", total=total)
-        tick = lambda: bar.advance(task)  # noqa: E731
-        wsc = wsc_vs_nvl72_curve(spec, rungs, settings, config, tick)
-        skew = ni_skew_curve(spec, rungs, settings, config, tick)
-    return wsc, skew
+    # list every run first (a dry pass that records the setups), run them all, then build the curves
+    wanted: list[BalanceSetup] = []
+    record = lambda setup: wanted.append(setup) or {"moe_tokens_per_s_per_device": 1.0,  # noqa: E731
+                                                    "moe_and_reduction_tokens_per_s_per_device": 1.0,
+                                                    "moe_compute_s": 1.0, "max_over_mean_load": 1.0}
+    for curve in (wsc_vs_nvl72_curve, ni_skew_curve):
+        curve(spec, rungs, settings, config, record)
+    unique = list(dict.fromkeys(wanted))
+    done = dict(zip(unique, run_many(_summary, unique, executor, progress, "curves"), strict=True))
+    return (wsc_vs_nvl72_curve(spec, rungs, settings, config, done.__getitem__),
+            ni_skew_curve(spec, rungs, settings, config, done.__getitem__))
 
 
 def print_curves(wsc: dict, skew: dict, console: Any) -> None:

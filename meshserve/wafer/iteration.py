@@ -35,7 +35,9 @@ class IterationResult:
     max_load, mean_load: device tokens per MoE layer (averaged over layers); compute_s, a2a_s,
     allreduce_s: summed over MoE layers; stall_s: inference stopped for migration; migrated_bytes:
     expert bytes that crossed the fabric; plans: iterations where the balancer re-planned;
-    rejected_plans: where its plan would not have lowered the predicted MoE time (dropped).
+    rejected_plans: where its plan would not have lowered the predicted MoE time (dropped);
+    even_compute_s: the MoE compute time of an even split (every device the mean tokens through
+    the fewest experts any layout gives a device): compute_s over it is the balance in time.
     """
 
     balancer: str
@@ -52,6 +54,7 @@ class IterationResult:
     plans: list[int] = field(default_factory=list)
     rejected_plans: list[int] = field(default_factory=list)
     max_link_utilization: float = 0.0
+    even_compute_s: np.ndarray | None = None
 
     @property
     def moe_time_s(self) -> np.ndarray:
@@ -63,11 +66,14 @@ class IterationResult:
         moe = self.moe_time_s.sum()
         tokens = self.tokens_per_iteration.sum()
         ratio = self.max_load / np.maximum(self.mean_load, 1e-12)
+        half = len(ratio) // 2
         return {
             "iterations": int(len(self.max_load)),
             "balancedness": float((self.mean_load / np.maximum(self.max_load, 1e-12)).mean()),
             "max_over_mean_load": float(ratio.mean()),
             "max_over_mean_load_steady": float(ratio[len(ratio) // 2:].mean()),  # second half of the run
+            "compute_over_even_steady": float(self.compute_s[half:].sum() / self.even_compute_s[half:].sum())
+            if self.even_compute_s is not None and self.even_compute_s[half:].sum() > 0 else 0.0,
             "moe_compute_s": float(self.compute_s.sum()),
             "a2a_s": float(self.a2a_s.sum()),
             "allreduce_s": float(self.allreduce_s.sum()),
@@ -104,6 +110,7 @@ class _Block:
     mean_load: np.ndarray
     imbalance: np.ndarray
     compute_s: np.ndarray
+    even_compute_s: np.ndarray
     a2a_s: np.ndarray
     dispatch_bytes: np.ndarray  # [S, L, a2a links]
     combine_bytes: np.ndarray
@@ -116,6 +123,7 @@ def evaluate(counts: np.ndarray, placement: Placement, comm: CommModel, cost: Ex
     """Loads, MoE compute and all-to-all times of iterations ``counts`` [S, L, E] under a placement."""
     load = placement.device_load(counts)  # [S, L, N]
     compute = cost.device_time(load, placement.busy_experts(counts)).max(axis=2)
+    fewest = -(-placement.num_experts // placement.num_devices)
     flat = load.reshape(-1, load.shape[-1])
     dispatch = comm.dispatch(flat).reshape(*load.shape[:2], -1)  # [S, L, a2a links]
     combine = comm.combine(flat).reshape(*load.shape[:2], -1)
@@ -126,6 +134,7 @@ def evaluate(counts: np.ndarray, placement: Placement, comm: CommModel, cost: Ex
         mean_load=load.mean(axis=2).mean(axis=1),
         imbalance=imbalance(load),
         compute_s=compute.sum(axis=1),
+        even_compute_s=cost.device_time(load.mean(axis=2), fewest).sum(axis=1),
         a2a_s=(t_dispatch + t_combine).sum(axis=1),
         dispatch_bytes=dispatch,
         combine_bytes=combine,
@@ -201,7 +210,8 @@ def simulate_iterations(
     base.validate()
     steps_total = counts.shape[0]
     series = {k: np.zeros(steps_total) for k in
-              ("max_load", "mean_load", "imbalance", "compute_s", "a2a_s", "stall_s", "migrated_bytes")}
+              ("max_load", "mean_load", "imbalance", "compute_s", "even_compute_s", "a2a_s", "stall_s",
+               "migrated_bytes")}
     placement, flight = base, None
     since, plans, rejected, worst = 0, [], [], 0.0
     window = balancer.config.window_size
@@ -248,7 +258,7 @@ def simulate_iterations(
             hist = block.imbalance
             end = next((i for i in range(it + 1, end) if balancer.should_plan(
                 i, np.concatenate([series["imbalance"][since:it], hist[: i - it]]))), end)
-        for key in ("max_load", "mean_load", "imbalance", "compute_s", "a2a_s"):
+        for key in ("max_load", "mean_load", "imbalance", "compute_s", "even_compute_s", "a2a_s"):
             series[key][it:end] = getattr(block, key)[: end - it]
         if flight is not None:
             placement = flight.placement()
@@ -264,4 +274,5 @@ def simulate_iterations(
         stall_s=series["stall_s"], migrated_bytes=series["migrated_bytes"],
         num_devices=base.num_devices, num_layers=base.num_layers,
         plans=plans, rejected_plans=rejected, max_link_utilization=worst,
+        even_compute_s=series["even_compute_s"],
     )

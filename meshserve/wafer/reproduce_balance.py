@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from meshserve.atomic import all_or_nothing, check_writable, write_atomic
 from meshserve.errors import require
 from meshserve.wafer.balance import BalanceConfig
 from meshserve.wafer.balance_setup import BalanceSetup, run_setup
+from meshserve.wafer.fanout import run_many
 from meshserve.wafer.iteration import IterationResult
 from meshserve.wafer.presets import PRESET_DIR
 from meshserve.wafer.steady import steady_gap
@@ -59,15 +61,14 @@ def gain(before: float, after: float) -> float:
 
 
 def run_ladder(
-    spec: dict[str, Any], *, config: BalanceConfig | None = None, progress: bool = True
+    spec: dict[str, Any], *, config: BalanceConfig | None = None, progress: bool = True,
+    executor: str = "local",
 ) -> tuple[dict, dict[str, IterationResult]]:
-    """Every rung for every model of ``spec`` (see :func:`load_spec`).
+    """Every rung for every model of ``spec`` (see :func:`load_spec`), on ``executor`` (fanout.py).
 
     Returns (JSON-ready figures, the first model's runs that share the NI rung's platform and
     mapping, by balancer: the Fig. 15 panels).
     """
-    from rich.progress import Progress
-
     config = config or BalanceConfig()
     rungs = [*spec["ladder"], *spec["references"]]
     roles = spec["roles"]
@@ -76,27 +77,33 @@ def run_ladder(
     settings_out = {**settings, "wsc": ni_rung.hardware, "config": config.__dict__}
     figures: dict = {"models": {}, "settings": settings_out}
     traces: dict[str, IterationResult] = {}
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("reproduce balance", total=len(spec["models"]) * len(rungs))
-        for model in spec["models"]:
-            rows = []
-            for rung in rungs:
-                setup = BalanceSetup(model=model, hardware=rung.hardware, mapping=rung.mapping,
-                                     balancer=rung.balancer, config=rung.balance_config(config), **settings)
-                result = run_setup(setup)
-                if rung.label == roles["ours"]:
-                    ours = setup, result
-                if model == spec["models"][0] and (rung.hardware, rung.mapping) == (
-                        ni_rung.hardware, ni_rung.mapping):
-                    traces[rung.balancer] = result
-                rows.append({"rung": rung.label, "hardware": rung.hardware, "mapping": rung.mapping,
-                             "balancer": rung.balancer, "config": rung.config or {}, **result.summary()})
-                bar.advance(task)
-            figures["models"][model] = _model_figures(rows, roles)
-            # where our balancer's steady imbalance comes from: noise floor, forecast, planner, lag
-            steady = steady_gap(*ours)
-            figures["models"][model]["steady_gap"] = steady
-            figures["models"][model]["plan_floor_max_over_mean"] = steady["floor"]["per_iteration"]
+    setups = [BalanceSetup(model=model, hardware=rung.hardware, mapping=rung.mapping, balancer=rung.balancer,
+                           config=rung.balance_config(config), **settings)
+              for model in spec["models"] for rung in rungs]
+    for setup in setups:  # fail on bad input before any long run starts
+        setup.check()
+    results = run_many(run_setup, setups, executor, progress, "reproduce balance")
+    runs = iter(zip(setups, results, strict=True))
+    ours = []
+    for model in spec["models"]:
+        rows = []
+        for rung in rungs:
+            setup, result = next(runs)
+            if rung.label == roles["ours"]:
+                ours.append((setup, result))
+            first = model == spec["models"][0]
+            if first and (rung.hardware, rung.mapping) == (ni_rung.hardware, ni_rung.mapping):
+                traces[rung.balancer] = result
+            rows.append({"rung": rung.label, "hardware": rung.hardware, "mapping": rung.mapping,
+                         "balancer": rung.balancer, "config": rung.config or {}, **result.summary()})
+        figures["models"][model] = _model_figures(rows, roles)
+    # where our balancer's steady imbalance comes from: noise floor, forecast, planner, lag
+    for (setup, _), steady in zip(ours, run_many(_steady_gap, ours, executor, progress, "steady_gap"),
+                                  strict=True):
+        figures["models"][setup.model]["steady_gap"] = steady
+        # None when the run is too short to score a window after its first half (no steady state)
+        floor = steady.get("floor", {}).get("per_iteration")
+        figures["models"][setup.model]["plan_floor_max_over_mean"] = floor
     per_model = figures["models"].values()
     for key in ("ni_compute_gain", "ni_comm_gain", "wsc_vs_nvl72_gain", "wsc_vs_nvl72_with_reduction_gain",
                 "wsc_vs_nvl72_eplb_gain"):
@@ -106,6 +113,10 @@ def run_ladder(
     figures["ni_comm_gain_max"] = float(max(m["ni_comm_gain"] for m in per_model))
     figures["paper"] = dict(spec["paper"])
     return figures, traces
+
+
+def _steady_gap(pair: tuple[BalanceSetup, IterationResult]) -> dict:
+    return steady_gap(*pair)
 
 
 def _model_figures(rows: list[dict], roles: dict[str, str]) -> dict:
@@ -173,7 +184,8 @@ def print_ladder(figures: dict) -> None:
                   for name, match in (("ni", lambda c: not c), ("ni-eplb", lambda c: True),
                                       ("greedy", lambda c: c.get("reject_slower_plans") is False))]
         table.add_row(f"{model}: steady max/mean load, ni / ni-eplb (ours) / greedy (every plan) / floor",
-                      " / ".join(f"{v:.2f}" for v in steady) + f" / {m['plan_floor_max_over_mean']:.2f}", "-")
+                      " / ".join(f"{v:.2f}" for v in [*steady]) + " / "
+                      + _fixed(m["plan_floor_max_over_mean"], 2), "-")
     eplb = figures["wsc_vs_nvl72_eplb_avg_gain"]
     table.add_row("WSC vs NVL72 + EPLB (not in the paper)", f"{eplb:+.1%}", "-")
     console.print(table)
@@ -192,11 +204,17 @@ def print_steady_gap(figures: dict, console: Any) -> None:
     for label in steps.values():
         table.add_column(label, justify="right")
     for model, m in figures["models"].items():
-        gap = m["steady_gap"]
-        table.add_row(model, *(f"{gap[k]['per_iteration']:.3f}" + (f" ({gap[k]['on_mean_load']:.3f})"
-                                                                    if "on_mean_load" in gap[k] else "")
+        gap = {k: m["steady_gap"].get(k, {}) for k in steps}
+        table.add_row(model, *(_fixed(gap[k].get("per_iteration"), 3) + (f" ({gap[k]['on_mean_load']:.3f})"
+                                                                       if "on_mean_load" in gap[k] else "")
                                for k in steps))
+        table.add_row("  MoE compute time / even split's", *(_fixed(gap[k].get("time_over_even"), 3)
+                                                              for k in steps))
     console.print(table)
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def plot_load_traces(traces: dict[str, IterationResult], model: str, wsc: str, out: Path) -> Path:
@@ -257,11 +275,12 @@ def plot_ladder(figures: dict, labels: list[str], out: Path) -> Path:
 def reproduce_balance(
     out: str | os.PathLike[str] = "out", *, as_json: bool = False, iterations: int | None = None,
     tokens_per_device: int | None = None, scenario: str | None = None, models: tuple[str, ...] | None = None,
-    curves: bool = True,
+    curves: bool = True, executor: str = "local",
 ) -> dict:
     """Run the ladder, write balance.json and the two plots under ``out``, print tables or JSON.
 
-    Arguments left None take the values of presets/experiments/balance.yaml.
+    Arguments left None take the values of presets/experiments/balance.yaml. executor: local, or
+    ray to fan the independent runs out (fanout.py); the figures are the same.
     """
     spec = load_spec()
     given = {"iterations": iterations, "tokens_per_device": tokens_per_device, "scenario": scenario,
@@ -270,12 +289,14 @@ def reproduce_balance(
     require(len(spec["models"]) > 0, "models", "list at least one model preset, e.g. deepseek-v3")
     require(spec["iterations"] >= 1, "iterations", f"must be >= 1, got {spec['iterations']}")
     out = check_writable(out, "out", folder=True)
-    figures, traces = run_ladder(spec, progress=not as_json)
+    start = time.perf_counter()
+    figures, traces = run_ladder(spec, progress=not as_json, executor=executor)
     if curves:  # computed before anything is written, so a failure leaves no half set of files
         from meshserve.wafer.curves import curves_png, run_curves
 
         figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"] = run_curves(
-            spec, BalanceConfig(), progress=not as_json)
+            spec, BalanceConfig(), progress=not as_json, executor=executor)
+    figures["wall_s"] = time.perf_counter() - start  # every run, on this executor
     with all_or_nothing():
         figures["plots"] = [
             str(plot_load_traces(traces, spec["models"][0], figures["settings"]["wsc"], out)),
@@ -295,5 +316,6 @@ def reproduce_balance(
             from meshserve.wafer.curves import print_curves
 
             print_curves(figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"], Console(width=150))
-        print(f"wrote {out / 'balance.json'}, " + ", ".join(figures["plots"]))
+        print(f"{figures['wall_s']:.0f} s of wall time ({executor}); wrote {out / 'balance.json'}, "
+              + ", ".join(figures["plots"]))
     return figures

@@ -15,14 +15,30 @@ simulator reports) and on the window's mean load (the load a plan serves on aver
    streamed through idle link time, and are re-planned at the trigger's cadence).
 
 The scored window is ``step_interval`` iterations: the life of a plan in the paper's cadence.
+Given the experts' roofline (``cost``), every plan is made by predicted time (EPLB by time:
+eplb.timed_plan) and each step also reports ``time_over_even``: the layers' MoE compute time
+over the even split's (every device the mean tokens through the fewest experts a layout allows).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from meshserve.placement import BalanceConfig, Placement, make_balancer, slots_per_device, static_placement
-from meshserve.wafer.balance_setup import BalanceSetup, comm_model, redundant_experts, setup_trace
+from meshserve.placement import (
+    BalanceConfig,
+    DeviceCost,
+    Placement,
+    make_balancer,
+    slots_per_device,
+    static_placement,
+)
+from meshserve.wafer.balance_setup import (
+    BalanceSetup,
+    comm_model,
+    expert_cost,
+    redundant_experts,
+    setup_trace,
+)
 from meshserve.wafer.iteration import IterationResult
 from meshserve.wafer.models import load_model
 
@@ -35,6 +51,15 @@ def max_over_mean(placement: Placement, counts: np.ndarray) -> tuple[float, floa
     return float(per_iteration.mean()), float(mean.max(axis=1).mean() / mean.mean())
 
 
+def time_over_even(placement: Placement, counts: np.ndarray, cost: DeviceCost) -> float:
+    """MoE compute time of ``counts`` [S, L, E] under ``placement`` over the even split's (see module)."""
+    load = placement.device_load(counts)
+    busy = placement.busy_experts(counts)
+    fewest = -(-placement.num_experts // placement.num_devices)
+    even = cost.time(load.mean(axis=2), fewest).sum()
+    return float(cost.time(load, busy).max(axis=2).sum() / even)
+
+
 def steady_gap(setup: BalanceSetup, result: IterationResult | None = None, samples: int = 5) -> dict:
     """The four steps of the module docstring for ``setup`` (its trace, platform and balancer).
 
@@ -43,34 +68,43 @@ def steady_gap(setup: BalanceSetup, result: IterationResult | None = None, sampl
     hw, model = setup.platform(), load_model(setup.model)
     comm = comm_model(hw, setup.tp, setup.resolved_mapping(hw), model, setup.tokens_per_device)
     counts = setup_trace(setup, model, hw.num_devices).counts
+    cost = expert_cost(model, hw, setup.expert_weight_bytes).device_cost(
+        a2a_phases=comm.a2a_seconds_per_token())
     return gap(counts, setup.balancer, setup.config, comm.hops, redundant_experts(setup, hw, model), result,
-               samples)
+               samples, cost)
 
 
 def gap(
     counts: np.ndarray, balancer: str, config: BalanceConfig, hops: np.ndarray, num_redundant: int,
-    result: IterationResult | None = None, samples: int = 5,
+    result: IterationResult | None = None, samples: int = 5, cost: DeviceCost | None = None,
 ) -> dict[str, dict[str, float]]:
     """steady_gap on a trace ``counts`` [iterations, layers, experts] and a hop matrix."""
     steps, layers, experts = counts.shape
     devices = hops.shape[0]
     slots = slots_per_device(experts, devices, num_redundant)
     base = static_placement(layers, experts, devices, slots)
-    eplb = make_balancer("greedy", config, hops, num_redundant)
-    ours = make_balancer(balancer, config, hops, num_redundant)
+    eplb = make_balancer("greedy", config, hops, num_redundant, cost)
+    ours = make_balancer(balancer, config, hops, num_redundant, cost)
     horizon, window = min(config.step_interval, steps), config.window_size
     first = max(steps // 2, 2 * window)
     starts = np.linspace(first, steps - horizon, samples).astype(int) if first <= steps - horizon else []
-    scores: dict[str, list[tuple[float, float]]] = {"floor": [], "forecast": [], "planner": []}
+    scores: dict[str, list[tuple[float, ...]]] = {"floor": [], "forecast": [], "planner": []}
+
+    def score(plan: Placement, scored: np.ndarray) -> tuple[float, ...]:
+        timed = () if cost is None else (time_over_even(plan, scored, cost),)
+        return (*max_over_mean(plan, scored), *timed)
+
     for t in starts:
         scored, history = counts[t:t + horizon], counts[t - window:t].mean(axis=0)
         earlier = eplb.plan(counts[t - 2 * window:t - window].mean(axis=0), base, base)
-        scores["floor"].append(max_over_mean(eplb.plan(scored.mean(axis=0), base, base), scored))
-        scores["forecast"].append(max_over_mean(eplb.plan(history, base, base), scored))
-        scores["planner"].append(max_over_mean(ours.plan(history, earlier, base), scored))
-    out = {k: dict(zip(("per_iteration", "on_mean_load"), np.mean(s, axis=0).tolist(), strict=True))
-           for k, s in scores.items() if s}
+        scores["floor"].append(score(eplb.plan(scored.mean(axis=0), base, base), scored))
+        scores["forecast"].append(score(eplb.plan(history, base, base), scored))
+        scores["planner"].append(score(ours.plan(history, earlier, base), scored))
+    names = ("per_iteration", "on_mean_load", "time_over_even")
+    out = {k: dict(zip(names, np.mean(s, axis=0).tolist(), strict=False)) for k, s in scores.items() if s}
     if result is not None:
         ratio = result.max_load / np.maximum(result.mean_load, 1e-12)
         out["simulated"] = {"per_iteration": float(ratio[len(ratio) // 2:].mean())}
+        if cost is not None:
+            out["simulated"]["time_over_even"] = result.summary()["compute_over_even_steady"]
     return out

@@ -12,18 +12,17 @@ import csv
 import io
 import itertools
 import os
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from meshserve.atomic import all_or_nothing, check_writable, write_atomic
-from meshserve.errors import InputError, integer, require
+from meshserve.errors import integer, require
 from meshserve.wafer.balance import BALANCERS, BalanceConfig
 from meshserve.wafer.balance_setup import BalanceSetup, run_summary
+from meshserve.wafer.fanout import EXECUTORS, run_many
 from meshserve.wafer.presets import read_yaml
 
-EXECUTORS = ("local", "ray")
 AXES = {"models": "model", "platforms": "hardware", "tp": "tp", "batch": "tokens_per_device",
         "balancers": "balancer", "mappings": "mapping"}
 SCALARS = ("scenario", "iterations", "seed", "balance", "trace")
@@ -109,48 +108,13 @@ def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
     return parse_sweep(read_yaml(path, "sweep"))
 
 
-def _run_local(setups: list[BalanceSetup], progress: bool) -> Iterable[dict]:
-    from rich.progress import Progress
-
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task("sweep", total=len(setups))
-        for setup in setups:
-            yield run_summary(setup)
-            bar.advance(task)
-
-
-def _run_ray(setups: list[BalanceSetup], progress: bool) -> Iterable[dict]:
-    try:
-        import ray
-    except ImportError:
-        raise InputError("executor", "ray is not installed; pip install 'meshserve[ray]'") from None
-    from rich.progress import Progress
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(run_summary)
-    pending = {remote.remote(s): i for i, s in enumerate(setups)}
-    rows: list[dict | None] = [None] * len(setups)
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task("sweep (ray)", total=len(setups))
-        waiting = list(pending)
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
-            rows[pending[done[0]]] = ray.get(done[0])
-            bar.advance(task)
-    return rows  # type: ignore[return-value]
-
-
 def run_sweep(spec: SweepSpec, executor: str = "local", progress: bool = True) -> list[dict]:
     """Run every combination; rows come back in :meth:`SweepSpec.setups` order."""
     require(executor in EXECUTORS, "executor", f"unknown {executor!r}; allowed: {', '.join(EXECUTORS)}")
     setups = spec.setups()
     for s in setups:  # fail on bad input before any long run starts
         s.check()
-    runner: Callable[[list[BalanceSetup], bool], Iterable[dict]] = (
-        _run_local if executor == "local" else _run_ray
-    )
-    return list(runner(setups, progress))
+    return run_many(run_summary, setups, executor, progress, "sweep")
 
 
 def write_results(rows: list[dict], out: str | os.PathLike[str]) -> list[Path]:

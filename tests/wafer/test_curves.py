@@ -32,3 +32,10 @@ def test_reproduce_balance_json_has_both_curves(tmp_path, monkeypatch, capsys):
     assert skew[1]["max_over_mean_load"] > skew[0]["max_over_mean_load"]
     assert skew[1]["ni_compute_gain"] > skew[0]["ni_compute_gain"]
     assert (tmp_path / "balance_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_too_short_for_a_steady_state_prints_no_floor(tmp_path, capsys):
+    figures = rb.reproduce_balance(tmp_path, iterations=12, models=("deepseek-v2",), curves=False)
+    model = figures["models"]["deepseek-v2"]
+    assert model["plan_floor_max_over_mean"] is None and "floor" not in model["steady_gap"]
+    assert "noise floor" in capsys.readouterr().out

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshserve.errors import InputError
+from meshserve.placement import layer_time
 from meshserve.wafer.balance import (
     BalanceConfig,
     Balancer,
@@ -275,3 +276,16 @@ def test_eplb_at_vllm_defaults_never_replans_inside_a_short_run():
     static, _ = run("none", steps=40)
     assert vllm.plans == [] and vllm.stall_s.sum() == 0
     np.testing.assert_array_equal(vllm.compute_s, static.compute_s)
+
+
+@pytest.mark.parametrize("mapping", ["baseline", "er"])
+def test_planners_predict_the_simulators_layer_time_on_a_fixed_load(mapping):
+    hw, comm = platform(4, 4, 4, mapping)
+    cost = expert_cost(MODEL, hw)
+    planner = cost.device_cost(a2a_phases=comm.a2a_seconds_per_token())
+    counts = tiny_trace(16, steps=1).counts.astype(np.float64)  # one iteration: [1, layers, experts]
+    placement = static_placement(3, 16, 16, slots_per_device(16, 16, 16))
+    block = evaluate(counts, placement, comm, cost)
+    latency = 2 * comm.a2a_latency  # dispatch and combine; the planners leave it out (placement-free)
+    predicted = layer_time(placement.holds, counts[0], planner)
+    np.testing.assert_allclose(predicted + latency, block.layer_s[0], rtol=1e-5)

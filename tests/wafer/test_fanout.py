@@ -1,0 +1,15 @@
+"""Independent runs fan out in argument order (the Ray path is exercised by test_sweep's ray test)."""
+
+import pytest
+
+from meshserve.errors import InputError
+from meshserve.wafer.fanout import run_many
+
+
+def test_results_come_back_in_argument_order():
+    assert run_many(lambda x: x * x, [3, 1, 2], progress=False) == [9, 1, 4]
+
+
+def test_unknown_executor_names_the_field():
+    with pytest.raises(InputError, match="executor"):
+        run_many(abs, [1], executor="dask", progress=False)
