@@ -183,6 +183,7 @@ def plot_curves(
     tokens = [r["tokens"] / 1e6 for r in log]
     ax.plot(tokens, [r["target"] for r in log], lw=0.8, label="target train")
     ax.plot(tokens, [r["draft"] for r in log], lw=0.8, label="draft train (CE)")
+    ax.plot(tokens, [r["kl"] for r in log], lw=0.8, label="draft train KL(target || draft)")
     ax.plot([e["tokens"] / 1e6 for e in evals], [e["target"] for e in evals], "o-", label="target held-out")
     ax.plot([e["tokens"] / 1e6 for e in evals], [e["draft"] for e in evals], "s-", label="draft held-out")
     ax.axhline(unigram, color="grey", ls="--", label=f"unigram baseline {unigram:.2f}")
