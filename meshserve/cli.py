@@ -215,6 +215,7 @@ def train_tiny(
     require(lr_draft > 0, "lr_draft", f"must be > 0, got {lr_draft}")
     require(not draft_only or resume or (init is not None and Path(init).is_file()), "init",
             f"--draft-only needs an existing checkpoint.pt, got {init}")
+    require(init is None or Path(init).is_file(), "init", f"no such checkpoint: {init}")
     require(threads >= 1, "threads", f"must be >= 1, got {threads}")
     require(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}")
     require(8 <= seq_len <= 512, "seq_len", f"must be in [8, 512] (max_position_embeddings), got {seq_len}")

@@ -224,10 +224,11 @@ def train(
 
     preset: models.yaml's content (default: the shipped models); root: the corpus (default: the stdlib).
     """
+    ckpt = work / "checkpoint.pt"
     require(
-        not settings.draft_only or resume or settings.init is not None,
+        not settings.draft_only or settings.init is not None or (resume and ckpt.is_file()),
         "init",
-        "a draft-only stage starts from a run's checkpoint.pt",
+        "a draft-only stage starts from a run's checkpoint.pt (or resumes its own)",
     )
     torch.set_num_threads(settings.threads)
     preset = preset or load_preset()
@@ -240,7 +241,6 @@ def train(
     opts, base_lr = make_optimizers(models, settings)
     rng = np.random.default_rng(settings.seed)
     step, elapsed, cpu, log, evals = 0, 0.0, 0.0, [], []
-    ckpt = work / "checkpoint.pt"
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
         for k, model in models.items():

@@ -114,3 +114,6 @@ def test_a_token_budget_sets_the_steps_and_a_draft_only_stage_trains_the_draft_a
 def test_draft_only_without_a_checkpoint_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="init"):
         train(tmp_path, None, TrainSettings(draft_only=True, max_steps=1, threads=1), preset=PRESET)
+    with pytest.raises(InputError, match="init"):  # nothing to resume either
+        train(tmp_path, None, TrainSettings(draft_only=True, max_steps=1, threads=1), resume=True,
+              preset=PRESET)
