@@ -2,14 +2,17 @@
 n-gram prompt lookup) vs no speculation, on held-out code prompts.
 
     .venv/bin/python benchmarks/spec.py [--requests 16] [--k 1 2 3] [--batch 1 16] [--repeats 3] [--threads 1]
+        [--confidence 0.1 0.2] [--draft DIR [DIR ...]]
 
-The target is meshserve/assets/models/tiny-moe (MoE, 8 experts top-2), the draft tiny-draft (dense,
-same tokenizer, trained alongside with distillation; docs/models.md). Prompts are 64-160 tokens from
-stdlib files the models never trained on; greedy, 64 output tokens each. Settings alternate within
-every repeat (a busy machine skews the ratios less) and the fastest repeat is kept. Every run must give
-the same tokens as the run without speculation (greedy verification is exact). Beside wall-clock tok/s
-it prints the process CPU time per output token and its ratio ("cpu x"): on a shared machine the CPU
-time is the steadier of the two (with --threads 1 it excludes the time spent waiting for a core).
+The target is meshserve/assets/models/tiny-moe (MoE, 8 experts top-2), the draft tiny-draft (dense, same
+tokenizer, distilled from the target; docs/models.md), or the --draft directories side by side. Each
+--confidence adds draft rows whose requests stop drafting at the first token the draft gives less than
+that probability (speculative_config.draft_confidence). Prompts are 64-160 tokens from stdlib files the
+models never trained on; greedy, 64 output tokens each. Settings alternate within every repeat (a busy
+machine skews the ratios less) and the fastest repeat is kept. Every run must give the same tokens as the
+run without speculation (greedy verification is exact). Beside wall-clock tok/s it prints the process CPU
+time per output token and its ratio ("cpu x"): on a shared machine the CPU time is the steadier of the
+two (with --threads 1 it excludes the time spent waiting for a core).
 
 Speculation pauses while more requests run than speculative_config.disable_by_batch_size (default
 DEFAULT_DISABLE_BY_BATCH_SIZE); batches above it also get "always" rows (disable_by_batch_size None),
@@ -48,6 +51,7 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
         "tokens": tokens,
         "steps": llm.engine.num_steps - steps,
         "acceptance": accepted / drafts if drafts else 0.0,
+        "drafts": drafts,
     }
 
 
@@ -61,14 +65,22 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--confidence", type=float, nargs="*", default=[],
+                        help="draft_confidence values to try beside always drafting k")
+    parser.add_argument("--draft", nargs="+", default=[str(TINY_DRAFT)],
+                        help="draft model directories (several: rows d1, d2, ... side by side)")
     args = parser.parse_args()
     setups: dict[str, dict] = {"none": {}}
-    for k in args.k:
-        setups[f"draft k={k}"] = {
-            "method": "draft_model",
-            "model": str(TINY_DRAFT),
-            "num_speculative_tokens": k,
-        }
+    names = {d: "draft" if len(args.draft) == 1 else f"d{i + 1}" for i, d in enumerate(args.draft)}
+    for d in args.draft:
+        for k in args.k:
+            for c in [None, *args.confidence]:
+                setups[f"{names[d]} k={k}" + (f" c={c:g}" if c is not None else "")] = {
+                    "method": "draft_model",
+                    "model": d,
+                    "num_speculative_tokens": k,
+                    "draft_confidence": c,
+                }
     setups["ngram k=3"] = {
         "method": "ngram",
         "num_speculative_tokens": 3,
@@ -102,21 +114,23 @@ def main() -> None:
                             "cpu_ms_tok": min(r["cpu_ms_tok"], best["cpu_ms_tok"])}
     print(
         f"\nspeculative decoding on held-out code: {args.requests} prompts of 64-160 tokens, "
-        f"{args.max_tokens} greedy output tokens each, tiny-moe target + tiny-draft, {args.dtype}, "
+        f"{args.max_tokens} greedy output tokens each, tiny-moe target, {args.dtype}, "
         f"best of {args.repeats}"
     )
-    header = ("batch", "method", "out tok/s", "speedup", "cpu ms/tok", "cpu x", "steps", "accept", "exact")
+    header = ("batch", "method", "out tok/s", "speedup", "cpu ms/tok", "cpu x", "steps", "drafts", "accept",
+              "exact")
+    print("drafts: " + ", ".join(f"{name} = {d}" for d, name in names.items()))
     print(f"speculation pauses while more than {DEFAULT_DISABLE_BY_BATCH_SIZE} requests run "
           "(disable_by_batch_size); 'always' rows speculate at any batch size")
-    print("{:>5} {:<17} {:>10} {:>8} {:>10} {:>6} {:>6} {:>7} {:>6}".format(*header))
+    print("{:>5} {:<23} {:>10} {:>8} {:>10} {:>6} {:>6} {:>6} {:>7} {:>6}".format(*header))
     for b in args.batch:
         base = results[(b, "none")]
         for name in rows[b]:
             r = results[(b, name)]
             print(
-                f"{b:5d} {name:<17} {r['out_tok_s']:10.1f} {r['out_tok_s'] / base['out_tok_s']:7.2f}x "
+                f"{b:5d} {name:<23} {r['out_tok_s']:10.1f} {r['out_tok_s'] / base['out_tok_s']:7.2f}x "
                 f"{r['cpu_ms_tok']:10.3f} {base['cpu_ms_tok'] / r['cpu_ms_tok']:5.2f}x {r['steps']:6d} "
-                f"{r['acceptance']:7.1%} {str(r['tokens'] == base['tokens']):>6}"
+                f"{r['drafts']:6d} {r['acceptance']:7.1%} {str(r['tokens'] == base['tokens']):>6}"
             )
     threads = next(iter(llms.values())).engine.config.num_threads
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, {threads} torch threads")

@@ -186,6 +186,8 @@ def serve(
 @app.command("train-tiny")
 def train_tiny(
     minutes: float = typer.Option(45.0, help="Training time budget (both models together)."),
+    tokens: int | None = typer.Option(None, help="Token budget instead of --minutes: the learning-rate "
+                                                 "cosine and the stop follow tokens seen, on any machine."),
     work: str = typer.Option("out/train-tiny", help="Folder: token cache, checkpoint, curves, metrics."),
     export: str | None = typer.Option(None, help="Write the Hugging Face model directories here "
                                                  "(meshserve/assets/models for the shipped ones)."),
@@ -195,6 +197,11 @@ def train_tiny(
     seq_len: int = typer.Option(256, help="Tokens per sequence."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast (faster only on CPUs with bf16 matmul)."),
     resume: bool = typer.Option(False, help="Continue from WORK/checkpoint.pt."),
+    draft_only: bool = typer.Option(False, help="Distil the draft alone against --init's frozen target."),
+    init: str | None = typer.Option(None, help="checkpoint.pt of a run whose weights start --draft-only."),
+    lr_draft: float = typer.Option(4e-3, help="Peak learning rate of the draft."),
+    distill_weight: float = typer.Option(0.5, help="Draft loss: this x KL(target || draft) + the rest x "
+                                                   "cross-entropy on the data."),
 ) -> None:
     """Train the shipped tiny MoE target and dense draft on the Python standard library's sources."""
     from pathlib import Path
@@ -203,11 +210,19 @@ def train_tiny(
     from meshserve.training.train import TrainSettings, train
 
     require(minutes > 0, "minutes", f"must be > 0, got {minutes}")
+    require(tokens is None or tokens > 0, "tokens", f"must be > 0, got {tokens}")
+    require(0 <= distill_weight <= 1, "distill_weight", f"must be in [0, 1], got {distill_weight}")
+    require(lr_draft > 0, "lr_draft", f"must be > 0, got {lr_draft}")
+    require(not draft_only or resume or (init is not None and Path(init).is_file()), "init",
+            f"--draft-only needs an existing checkpoint.pt, got {init}")
+    require(init is None or Path(init).is_file(), "init", f"no such checkpoint: {init}")
     require(threads >= 1, "threads", f"must be >= 1, got {threads}")
     require(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}")
     require(8 <= seq_len <= 512, "seq_len", f"must be in [8, 512] (max_position_embeddings), got {seq_len}")
-    settings = TrainSettings(minutes=minutes, seed=seed, threads=threads, batch_size=batch_size,
-                             seq_len=seq_len, autocast_bf16=bf16)
+    settings = TrainSettings(minutes=minutes, tokens=tokens, seed=seed, threads=threads,
+                             batch_size=batch_size, seq_len=seq_len, autocast_bf16=bf16,
+                             draft_only=draft_only, init=init, lr_draft=lr_draft,
+                             distill_weight=distill_weight)
     train(Path(work), Path(export) if export else None, settings, resume=resume)
 
 

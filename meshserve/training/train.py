@@ -1,11 +1,13 @@
-"""`meshserve train-tiny`: train the shipped MoE target and its dense draft together, on a time budget.
+"""`meshserve train-tiny`: train the shipped MoE target and its dense draft together, to a budget.
 
 One loop, one batch per step for both models: the target learns next-token prediction (+ a small
 router balance loss), the draft learns from the data and from the target's logits on the same batch
 (distillation for free: the target's forward already ran), so the draft agrees with the target often,
-which is what speculative decoding needs. The learning rate follows a cosine over the time budget, so
-a run of N minutes ends annealed whatever the machine's speed. Checkpoints every few minutes;
-`--resume` continues one.
+which is what speculative decoding needs. The learning rate follows a cosine over the budget: a number
+of tokens (the same run on any machine; `tokens`) or of minutes (ends annealed whatever the machine's
+speed). Checkpoints every few minutes; `--resume` continues one. A draft-only stage (`draft_only`,
+`init`) starts from another run's checkpoint, freezes its target and distils the draft alone: the
+target then only runs forward, so a token costs a fraction of a joint step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from meshserve.atomic import atomic_path, write_atomic
+from meshserve.errors import require
 from meshserve.training.corpus import BOS_ID, EOS_ID, SPECIAL_TOKENS, read_split, stdlib_root, train_tokenizer
 from meshserve.training.model import TinyCausalLM
 
@@ -44,6 +47,7 @@ ARCH_FIELDS = {
 @dataclass
 class TrainSettings:
     minutes: float = 45.0
+    tokens: int | None = None  # token budget: the cosine and the stop follow tokens seen, not minutes
     seed: int = 0
     seq_len: int = 256
     batch_size: int = 4
@@ -57,7 +61,9 @@ class TrainSettings:
     autocast_bf16: bool = False
     eval_windows: int = 64
     checkpoint_minutes: float = 5.0
-    max_steps: int | None = None  # stop early after this many steps (tests); None = the time budget only
+    max_steps: int | None = None  # stop early after this many steps (tests); None = the budget only
+    draft_only: bool = False  # train the draft alone against init's frozen target
+    init: str | None = None  # a checkpoint.pt whose target and draft weights start a draft_only stage
 
 
 def load_preset(path: Path = PRESET) -> dict[str, Any]:
@@ -123,7 +129,7 @@ def held_out_loss(model: TinyCausalLM, held: np.ndarray, seq_len: int, n: int) -
 
 
 def lr_factor(step: int, progress: float, warmup: int) -> float:
-    """Linear warm-up over steps, then cosine over the time budget down to 10%."""
+    """Linear warm-up over steps, then cosine over the budget (progress 0..1) down to 10%."""
     return min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -177,6 +183,7 @@ def plot_curves(
     tokens = [r["tokens"] / 1e6 for r in log]
     ax.plot(tokens, [r["target"] for r in log], lw=0.8, label="target train")
     ax.plot(tokens, [r["draft"] for r in log], lw=0.8, label="draft train (CE)")
+    ax.plot(tokens, [r["kl"] for r in log], lw=0.8, label="draft train KL(target || draft)")
     ax.plot([e["tokens"] / 1e6 for e in evals], [e["target"] for e in evals], "o-", label="target held-out")
     ax.plot([e["tokens"] / 1e6 for e in evals], [e["draft"] for e in evals], "s-", label="draft held-out")
     ax.axhline(unigram, color="grey", ls="--", label=f"unigram baseline {unigram:.2f}")
@@ -190,6 +197,21 @@ def plot_curves(
     return out
 
 
+def make_optimizers(
+    models: dict[str, TinyCausalLM], settings: TrainSettings
+) -> tuple[dict[str, torch.optim.Optimizer], dict[str, float]]:
+    """AdamW per trained model (the draft alone in a draft_only stage) and its base learning rate."""
+    base_lr = {"target": settings.lr_target, "draft": settings.lr_draft}
+    names = ("draft",) if settings.draft_only else ("target", "draft")
+    opts = {
+        k: torch.optim.AdamW(
+            models[k].parameters(), lr=base_lr[k], betas=(0.9, 0.95), weight_decay=settings.weight_decay
+        )
+        for k in names
+    }
+    return opts, base_lr
+
+
 def train(
     work: Path,
     export: Path | None,
@@ -198,56 +220,62 @@ def train(
     preset: dict[str, Any] | None = None,
     root: Path | None = None,
 ) -> dict[str, Any]:
-    """Train both models for settings.minutes; write checkpoints, curves, metrics; export HF dirs.
+    """Train both models (or the draft alone) to the budget; write checkpoints, curves, metrics, HF dirs.
 
     preset: models.yaml's content (default: the shipped models); root: the corpus (default: the stdlib).
     """
+    ckpt = work / "checkpoint.pt"
+    require(
+        not settings.draft_only or settings.init is not None or (resume and ckpt.is_file()),
+        "init",
+        "a draft-only stage starts from a run's checkpoint.pt (or resumes its own)",
+    )
     torch.set_num_threads(settings.threads)
     preset = preset or load_preset()
     tok, train_ids, held_ids, data_info = prepare_data(work, preset["tokenizer"]["vocab_size"], root)
     vocab = tok.get_vocab_size()
     torch.manual_seed(settings.seed)
     cfgs = {name: {**preset[name], "vocab_size": vocab} for name in ("target", "draft")}
-    target, draft = TinyCausalLM(cfgs["target"]), TinyCausalLM(cfgs["draft"])
-    opts = {
-        "target": torch.optim.AdamW(
-            target.parameters(), lr=settings.lr_target, betas=(0.9, 0.95), weight_decay=settings.weight_decay
-        ),
-        "draft": torch.optim.AdamW(
-            draft.parameters(), lr=settings.lr_draft, betas=(0.9, 0.95), weight_decay=settings.weight_decay
-        ),
-    }
-    base_lr = {"target": settings.lr_target, "draft": settings.lr_draft}
+    models = {name: TinyCausalLM(cfg) for name, cfg in cfgs.items()}
+    target, draft = models["target"], models["draft"]
+    opts, base_lr = make_optimizers(models, settings)
     rng = np.random.default_rng(settings.seed)
-    step, elapsed, log, evals = 0, 0.0, [], []
-    ckpt = work / "checkpoint.pt"
+    step, elapsed, cpu, log, evals = 0, 0.0, 0.0, [], []
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
-        target.load_state_dict(state["target"])
-        draft.load_state_dict(state["draft"])
+        for k, model in models.items():
+            model.load_state_dict(state[k])
         for k in opts:
             opts[k].load_state_dict(state["opt_" + k])
-        step, elapsed, log, evals, rng = (
-            state["step"],
-            state["elapsed"],
-            state["log"],
-            state["evals"],
-            state["rng"],
-        )
+        step, elapsed, log, evals, rng = (state[k] for k in ("step", "elapsed", "log", "evals", "rng"))
+        cpu = state.get("cpu_seconds", 0.0)  # checkpoints before CPU time was recorded lack it
+    elif settings.draft_only:
+        state = torch.load(settings.init, weights_only=False)
+        for k, model in models.items():
+            model.load_state_dict(state[k])
+    if settings.draft_only:
+        target.requires_grad_(False).eval()
     budget = settings.minutes * 60
     tokens_per_step = settings.batch_size * settings.seq_len
-    eval_every = budget / 5
-    next_eval = (len(evals)) * eval_every
+
+    def progress() -> float:
+        if settings.tokens is not None:
+            return step * tokens_per_step / settings.tokens
+        return elapsed / budget
+
+    next_eval = len(evals) / 5  # 5 evaluations spread over the budget, plus the final one
     next_ckpt = elapsed + settings.checkpoint_minutes * 60
+    unit = f"{settings.minutes} min" if settings.tokens is None else f"{settings.tokens / 1e6:.2f}M tokens"
     print(
         f"target {target.num_parameters() / 1e6:.2f}M params, draft {draft.num_parameters() / 1e6:.2f}M; "
-        f"{data_info['train_tokens'] / 1e6:.2f}M train tokens, budget {settings.minutes} min",
+        f"{data_info['train_tokens'] / 1e6:.2f}M train tokens, budget {unit}"
+        + (", draft only (target frozen)" if settings.draft_only else ""),
         flush=True,
     )
-    bar = tqdm(total=int(budget), initial=int(elapsed), unit="s", mininterval=30, desc="train-tiny")
-    while elapsed < budget and (settings.max_steps is None or step < settings.max_steps):
-        t0 = time.perf_counter()
-        if elapsed >= next_eval:
+    bar = tqdm(total=1000, initial=int(1000 * progress()), unit="‰", mininterval=30, desc="train-tiny")
+    while progress() < 1 and (settings.max_steps is None or step < settings.max_steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        if progress() >= next_eval:
             evals.append(
                 {
                     "tokens": step * tokens_per_step,
@@ -261,17 +289,18 @@ def train(
                 f"draft {evals[-1]['draft']:.3f}",
                 flush=True,
             )
-            next_eval += eval_every
+            next_eval += 1 / 5
         starts = rng.integers(0, train_ids.size - settings.seq_len - 1, settings.batch_size)
         ids = windows(train_ids, starts, settings.seq_len + 1)
         inputs, labels = ids[:, :-1], ids[:, 1:].flatten()
         for k, opt in opts.items():
             for g in opt.param_groups:
-                g["lr"] = base_lr[k] * lr_factor(step, elapsed / budget, settings.warmup_steps)
+                g["lr"] = base_lr[k] * lr_factor(step, progress(), settings.warmup_steps)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.autocast_bf16):
-            t_logits = target(inputs).flatten(0, 1).float()
-            t_ce = F.cross_entropy(t_logits, labels)
-            t_loss = t_ce + settings.balance_coef * target.balance_loss()
+            with torch.set_grad_enabled(not settings.draft_only):
+                t_logits = target(inputs).flatten(0, 1).float()
+                t_ce = F.cross_entropy(t_logits, labels)
+                t_loss = t_ce + settings.balance_coef * target.balance_loss()
             d_logits = draft(inputs).flatten(0, 1).float()
             d_ce = F.cross_entropy(d_logits, labels)
             kl = F.kl_div(
@@ -283,15 +312,17 @@ def train(
             d_loss = (1 - settings.distill_weight) * d_ce + settings.distill_weight * kl
         for opt in opts.values():
             opt.zero_grad(set_to_none=True)
-        (t_loss + d_loss).backward()  # the graphs are disjoint (target logits detached in the KL)
-        for model in (target, draft):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        # The graphs are disjoint (target logits detached in the KL); a frozen target has none.
+        (d_loss if settings.draft_only else t_loss + d_loss).backward()
+        for k in opts:
+            torch.nn.utils.clip_grad_norm_(models[k].parameters(), 1.0)
         for opt in opts.values():
             opt.step()
         step += 1
         dt = time.perf_counter() - t0
         elapsed += dt
-        bar.update(min(int(elapsed) - bar.n, int(budget) - bar.n))
+        cpu += time.process_time() - c0
+        bar.update(min(int(1000 * progress()), 1000) - bar.n)
         log.append(
             {
                 "step": step,
@@ -311,12 +342,12 @@ def train(
                 + f" {np.median([r['tok_s'] for r in recent]):.0f} tok/s",
                 flush=True,
             )
-        if elapsed >= next_ckpt or elapsed >= budget or step == settings.max_steps:
+        if elapsed >= next_ckpt or progress() >= 1 or step == settings.max_steps:
             state = {
-                "target": target.state_dict(),
-                "draft": draft.state_dict(),
+                **{k: m.state_dict() for k, m in models.items()},
                 "step": step,
                 "elapsed": elapsed,
+                "cpu_seconds": cpu,
                 "log": log,
                 "evals": evals,
                 "rng": rng,
@@ -328,7 +359,20 @@ def train(
             next_ckpt = elapsed + settings.checkpoint_minutes * 60
     bar.close()
     return finish(
-        work, export, settings, tok, target, draft, train_ids, held_ids, data_info, step, elapsed, log, evals
+        work,
+        export,
+        settings,
+        tok,
+        target,
+        draft,
+        train_ids,
+        held_ids,
+        data_info,
+        step,
+        elapsed,
+        cpu,
+        log,
+        evals,
     )
 
 
@@ -344,6 +388,7 @@ def finish(
     data_info: dict[str, Any],
     step: int,
     elapsed: float,
+    cpu: float,
     log: list[dict[str, float]],
     evals: list[dict[str, float]],
 ) -> dict[str, Any]:
@@ -368,11 +413,15 @@ def finish(
         "tokens_seen": tokens_seen,
         "train_seconds": elapsed,
         "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+        "cpu_seconds": cpu,  # process CPU time of the training steps, all threads (evaluations excluded)
+        "tokens_per_cpu_s": tokens_seen / max(cpu, 1e-9),
         "params": {"target": target.num_parameters(), "draft": draft.num_parameters()},
         "held_out_loss": {"target": evals[-1]["target"], "draft": evals[-1]["draft"], "unigram": unigram},
         "evals": evals,
         "torch": torch.__version__,
     }
+    if settings.init is not None and (Path(settings.init).parent / "metrics.json").is_file():
+        metrics["init_run"] = json.loads((Path(settings.init).parent / "metrics.json").read_text())
     print(
         f"held-out loss (nats/token, {n} x {t} tokens): target {evals[-1]['target']:.3f}, "
         f"draft {evals[-1]['draft']:.3f}, unigram baseline {unigram:.3f}",
@@ -380,7 +429,8 @@ def finish(
     )
     print(
         f"{step} steps, {tokens_seen / 1e6:.2f}M tokens seen, {elapsed / 60:.1f} min, "
-        f"{metrics['tokens_per_s']:.0f} tokens/s (both models per step)",
+        f"{metrics['tokens_per_s']:.0f} tokens/s, {cpu / 60:.1f} CPU min "
+        f"({'the draft alone' if settings.draft_only else 'both models'} per step)",
         flush=True,
     )
     plot_curves(log, evals, unigram, work / "loss.png")

@@ -114,3 +114,34 @@ def test_draft_with_another_vocabulary_is_refused(tiny_model_dir):
     with pytest.raises(InputError) as err:
         LLM(str(tiny_model_dir("llama")), speculative_config={"method": "draft_model", "model": str(other)})
     assert err.value.field == "speculative_config.model" and "600" in err.value.message
+
+
+def test_a_confidence_threshold_stops_drafting_at_the_first_unsure_token(draft) -> None:
+    ctx = list(range(40, 57))
+    full, _ = DraftModelProposer(draft, k=4, max_len=64).propose(["r"], [ctx], [4], [True], [None], _softmax)
+    sure = []  # the draft's own probability of each of its greedy tokens
+    for j in range(4):
+        runner = DraftModelProposer(draft, k=1, max_len=64).runner
+        slot = torch.tensor([runner.acquire()])
+        seq = ctx + full[0][:j]
+        probs = runner.forward(slot, torch.zeros(1, dtype=torch.long), torch.tensor([seq]),
+                               torch.tensor([len(seq)])).softmax(-1)
+        sure.append(float(probs.max()))
+    threshold = sorted(sure)[1] + 1e-6  # the two least sure tokens fall below it
+    first_unsure = next(j for j, p in enumerate(sure) if p < threshold)
+    prop = DraftModelProposer(draft, k=4, max_len=64, confidence=threshold)
+    drafts, _ = prop.propose(["r"], [ctx], [4], [True], [None], _softmax)
+    assert drafts[0] == full[0][:first_unsure]
+    # The KV kept is exactly the fed prefix: the next step's drafts are still the draft's greedy path.
+    verified = ctx + full[0][:first_unsure] + [7]
+    again, _ = DraftModelProposer(draft, k=2, max_len=64).propose(["x"], [verified], [2], [True], [None],
+                                                                  _softmax)
+    prop.confidence = None
+    assert prop.propose(["r"], [verified], [2], [True], [None], _softmax)[0] == again
+
+
+def test_a_confidence_above_every_tokens_proposes_nothing(draft) -> None:
+    prop = DraftModelProposer(draft, k=3, max_len=64, confidence=0.999999)
+    drafts, _ = prop.propose(["a", "b"], [list(range(40, 50)), list(range(60, 66))], [3, 3], [True, True],
+                             [None, None], _softmax)
+    assert drafts == [[], []]

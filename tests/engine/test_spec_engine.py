@@ -140,3 +140,16 @@ def test_speculation_pauses_while_the_batch_is_larger_than_disable_by_batch_size
         verify_by_running.append((running, engine.last_stats["tokens"]["verify"]))
     assert all(verify == 0 for running, verify in verify_by_running if running > 2)
     assert any(verify > 0 for running, verify in verify_by_running if running <= 2)
+
+
+def test_a_draft_confidence_proposes_fewer_drafts_and_keeps_greedy_output(case):
+    path, draft, prompts, expected = case
+    drafts_per_verify = {}
+    for confidence in (None, 0.011):  # the random layer-skip draft's top probabilities are ~0.006-0.03
+        config = {**spec_config("draft", draft), "num_speculative_tokens": 3, "draft_confidence": confidence}
+        llm = LLM(str(path), speculative_config=config, block_size=4, **BUDGETS["large"])
+        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                               use_tqdm=False)
+        assert [o.token_ids for o in outputs] == expected
+        drafts_per_verify[confidence] = llm.engine.spec.draft_tokens / llm.engine.spec.verify_steps
+    assert 0 < drafts_per_verify[0.011] < drafts_per_verify[None]

@@ -46,6 +46,9 @@ def test_spec_config_vllm_vocabulary() -> None:
     ({"method": "draft_model"}, "speculative_config.model"),
     ({"method": "ngram", "model": "/x"}, "speculative_config.model"),
     ({"method": "ngram", "lookahead": 2}, "speculative_config.lookahead"),
+    ({"method": "draft_model", "model": "/d", "draft_confidence": 1.0},
+     "speculative_config.draft_confidence"),
+    ({"method": "ngram", "draft_confidence": 0.5}, "speculative_config.draft_confidence"),
     ("ngram", "speculative_config"),
 ])
 def test_spec_config_rejects_bad_input(value: object, field: str) -> None:

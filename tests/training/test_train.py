@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from meshserve.engine import LLM, SamplingParams
+from meshserve.errors import InputError
 from meshserve.training.corpus import is_held_out, read_split, train_tokenizer
 from meshserve.training.model import TinyCausalLM
 from meshserve.training.train import TrainSettings, train
@@ -88,3 +89,31 @@ def test_exported_weights_give_the_training_modules_logits_in_transformers_and_m
     with LLM(str(path)) as llm:
         (got,) = llm.generate([ids[0].tolist()], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     assert got.token_ids == greedy
+
+
+def test_a_token_budget_sets_the_steps_and_a_draft_only_stage_trains_the_draft_alone(trained, tmp_path):
+    _, out = trained
+    work = tmp_path / "stage"
+    work.mkdir()
+    for name in ("tokenizer.json", "tokens.npz", "data.json"):  # the same token cache, as the docs do
+        (work / name).write_bytes((out / "work" / name).read_bytes())
+    init = out / "work" / "checkpoint.pt"
+    settings = TrainSettings(tokens=5 * 4 * 32, seq_len=32, batch_size=4, eval_windows=4, threads=1,
+                             warmup_steps=2, lr_draft=1e-2, distill_weight=1.0, draft_only=True,
+                             init=str(init))
+    metrics = train(work, None, settings, preset=PRESET)
+    assert metrics["steps"] == 5 and metrics["tokens_seen"] == 5 * 4 * 32
+    assert metrics["cpu_seconds"] > 0 and metrics["init_run"]["steps"] == 8
+    before = torch.load(init, weights_only=False)
+    after = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert "opt_target" not in after
+    assert all(torch.equal(v, after["target"][k]) for k, v in before["target"].items())
+    assert any(not torch.equal(v, after["draft"][k]) for k, v in before["draft"].items())
+
+
+def test_draft_only_without_a_checkpoint_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="init"):
+        train(tmp_path, None, TrainSettings(draft_only=True, max_steps=1, threads=1), preset=PRESET)
+    with pytest.raises(InputError, match="init"):  # nothing to resume either
+        train(tmp_path, None, TrainSettings(draft_only=True, max_steps=1, threads=1), resume=True,
+              preset=PRESET)

@@ -25,6 +25,8 @@ class SpecConfig:
     disable_by_batch_size: no drafts in a step with more than this many running requests (vLLM's setting;
         None = always speculate). A big batch already fills the forward that speculation would fill, so
         extra verify tokens and draft forwards cost more than the steps they save (docs/engine.md).
+    draft_confidence: draft_model only: a request stops drafting at the first token the draft gives less than
+        this probability (None = always k drafts). Fewer likely-rejected drafts to verify; outputs unchanged.
     """
 
     method: str
@@ -33,6 +35,7 @@ class SpecConfig:
     prompt_lookup_min: int = 1
     model: str | None = None
     disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
+    draft_confidence: float | None = None
 
     @classmethod
     def from_dict(cls, value: dict[str, Any] | SpecConfig | None) -> SpecConfig | None:
@@ -62,8 +65,12 @@ class SpecConfig:
                 f"must be <= {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}")
         require(self.prompt_lookup_min <= self.prompt_lookup_max, f"{FIELD}.prompt_lookup_min",
                 f"must be <= prompt_lookup_max ({self.prompt_lookup_max}), got {self.prompt_lookup_min}")
+        c = self.draft_confidence
+        require(c is None or (isinstance(c, int | float) and not isinstance(c, bool) and 0 < c < 1),
+                f"{FIELD}.draft_confidence", f"must be None or a probability in (0, 1), got {c!r}")
         if self.method == "draft_model":
             require(isinstance(self.model, str) and bool(self.model), f"{FIELD}.model",
                     "method 'draft_model' needs the draft model directory")
         else:
             require(self.model is None, f"{FIELD}.model", "only method 'draft_model' takes a model")
+            require(c is None, f"{FIELD}.draft_confidence", "only method 'draft_model' takes a confidence")

@@ -44,7 +44,7 @@ class SpecDecoder:
             if draft.config.vocab_size != vocab_size:
                 raise InputError("speculative_config.model", f"draft vocab_size {draft.config.vocab_size} "
                                                              f"differs from the target's {vocab_size}")
-            self.proposer = DraftModelProposer(draft, self.k, max_model_len)
+            self.proposer = DraftModelProposer(draft, self.k, max_model_len, config.draft_confidence)
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [k, V] of its current drafts
         self.draft_tokens = 0
         self.accepted_tokens = 0

@@ -4,6 +4,11 @@ Each step it catches up on the verified tokens it has not seen (one forward for 
 k - 1 more single-token forwards, all requests batched together (draft_runner.py). A request's KV slot is
 kept across steps; after verification only the prefix that still agrees with the verified tokens is kept
 (rolled back by feeding from a lower position; the stale rows are simply overwritten).
+
+With a ``confidence`` threshold a request stops drafting at the first token the draft itself gives less
+than that probability (softmax of its logits): such a token is likely rejected, and verifying it costs the
+target more than the draft forward already spent (an MoE target's verify rows route to more experts).
+Stopping depends on the draft alone, so greedy and sampled outputs are unchanged.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ class _Seq:
 class DraftModelProposer:
     """Proposes up to k tokens per request by running a small model autoregressively."""
 
-    def __init__(self, loaded, k: int, max_len: int) -> None:
+    def __init__(self, loaded, k: int, max_len: int, confidence: float | None = None) -> None:
         self.config = loaded.config
         self.k = k
+        self.confidence = confidence
         self.runner = DraftRunner(loaded.model, max_len)
         self.seqs: dict[str, _Seq] = {}
 
@@ -50,7 +56,8 @@ class DraftModelProposer:
 
         Greedy requests take the draft's argmax and need no q (greedy verification compares tokens):
         their q rows stay zero, and q is None when every request is greedy (no softmax is computed).
-        Others sample q with their own generator.
+        Others sample q with their own generator. A request stops early at a token its draft is less sure of
+        than ``confidence``.
         """
         rows = len(req_ids)
         n = [max(min(self.k, lim), 0) for lim in limits]
@@ -65,8 +72,11 @@ class DraftModelProposer:
         meta = meta.view(-1, 4)  # no active request: [0, 4]
         rows_t, slots, starts, lens = meta.unbind(1)
         ids = torch.from_numpy(_pad(feeds))
+        fed_drafts = torch.zeros(rows, dtype=torch.long)
         for step in range(max(n, default=0)):
             keep = [j for j, i in enumerate(active) if n[i] > step]  # finished requests drop out
+            if not keep:  # every request stopped early
+                break
             if len(keep) < len(active):
                 active, index = [active[j] for j in keep], torch.tensor(keep, dtype=torch.long)
                 rows_t, slots, starts, lens, ids = (t[index] for t in (rows_t, slots, starts, lens, ids))
@@ -80,10 +90,16 @@ class DraftModelProposer:
                     for j, row in enumerate(sampled):
                         picked[row] = torch.multinomial(probs[j], 1, generator=generators[active[row]])[0]
             tokens[rows_t, step] = picked
+            fed_drafts[rows_t] = step  # the drafts of steps before this one are in the KV now
+            if self.confidence is not None:
+                unsure = logits.softmax(-1).amax(-1) < self.confidence
+                for row in rows_t[unsure].tolist():  # the draft of this step is not proposed
+                    n[row] = step
             starts, lens, ids = starts + lens, torch.ones_like(lens), picked[:, None]
         drafts = [t[:m] for t, m in zip(tokens.tolist(), n, strict=True)]
+        fed = fed_drafts.tolist()
         for i, seq in zip(meta[:, 0].tolist(), seqs, strict=True):
-            seq.fed = [*contexts[i], *drafts[i][:-1]]  # the last draft is proposed, never fed
+            seq.fed = [*contexts[i], *drafts[i][: fed[i]]]  # the last draft run is never fed
             seq.verified = len(contexts[i])
         return drafts, q
 
