@@ -1,18 +1,20 @@
 """The native fused elementwise ops equal their torch references: rotary bit for bit (it rounds at the
-same points), norms and SiLU within one bfloat16 rounding (a float32 sum in another order can move one)
-and within float32 rounding in float32."""
+same points), norms and SiLU within float32 rounding in float32 and within 2^-6 relative in bfloat16: a
+float32 sum in another order can flip a value's rounding at a tie (up to 2^-7 relative), and the product
+with the norm weight rounds again (hypothesis found one: normed -0.548828125, a bfloat16 tie, times
+weight -1.539 gave 0.8477 vs 0.8398)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meshserve.kernels import fused, native
 
 DTYPES = [torch.float32, torch.bfloat16]
-TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 1e-3, "rtol": 8e-3}}
+TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 1e-3, "rtol": 2**-6}}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,6 +38,7 @@ rows, width = st.integers(1, 70), st.integers(1, 300)
 
 @settings(max_examples=25, deadline=None)
 @given(t=rows, n=width, dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+@example(t=36, n=252, dtype=torch.bfloat16, seed=41)  # a tie flipped, then scaled by the weight (docstring)
 def test_add_rms_norm_matches_reference(t, n, dtype, seed):
     x, delta, weight = randn(t, n, dtype=dtype, seed=seed), randn(t, n, dtype=dtype, seed=seed + 1), \
         randn(n, dtype=dtype, seed=seed + 2)
