@@ -14,6 +14,11 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Tests never time anything (benchmarks do): no hypothesis deadline, which a loaded CI core can miss.
+settings.register_profile("meshserve", deadline=None)
+settings.load_profile("meshserve")
 
 
 @pytest.fixture(scope="session")
