@@ -66,21 +66,21 @@ def device_tokens(holds: np.ndarray, load: np.ndarray) -> np.ndarray:
     return np.einsum("le,led->ld", load / reps, holds)
 
 
-def layer_time(holds: np.ndarray, load: np.ndarray, cost: DeviceCost) -> np.ndarray:
-    """Predicted MoE time of each layer, [layers]: its slowest device's roofline plus its all-to-all.
+def device_use(holds: np.ndarray, load: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, active experts) per device [layers, devices]: a device reads the weights of the
+    experts it holds that get tokens (load: [layers, experts] tokens per expert)."""
+    return device_tokens(holds, load), (holds & (load > 0)[:, :, None]).sum(axis=1)
 
-    load: [layers, experts] tokens per expert; a device reads the weights of the experts it holds
-    that get tokens.
-    """
-    tokens = device_tokens(holds, load)
-    active = (holds & (load > 0)[:, :, None]).sum(axis=1)
+
+def layer_time(holds: np.ndarray, load: np.ndarray, cost: DeviceCost) -> np.ndarray:
+    """Predicted MoE time of each layer, [layers]: its slowest device's roofline plus its all-to-all."""
+    tokens, active = device_use(holds, load)
     return cost.time(tokens, active).max(axis=1) + cost.a2a_time(tokens)
 
 
 def max_score(holds: np.ndarray, load: np.ndarray, cost: DeviceCost) -> np.ndarray:
     """The highest device score (DeviceCost.score) of each layer, [layers]: packing's own measure."""
-    tokens = device_tokens(holds, load)
-    active = (holds & (load > 0)[:, :, None]).sum(axis=1)
+    tokens, active = device_use(holds, load)
     return cost.score(tokens, active).max(axis=1)
 
 

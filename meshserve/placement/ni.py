@@ -68,8 +68,9 @@ class NIEplbBalancer(NIBalancer):
         reps = replica_counts(load, current, self.num_redundant_experts)
         devices, slots, slack = current.num_devices, current.slots_per_device, self.config.plan_slack
         near = pack(load, reps, devices, slots, current.holds, self.hops, slack)
-        fastest = pack(load, reps, devices, slots)
-        if self.cost is not None:  # EPLB by roofline time: as many replicas as pay for their weight reads
+        if self.cost is None:
+            fastest = pack(load, reps, devices, slots)
+        else:  # EPLB by roofline time: as many replicas as pay for their weight reads
             fastest, _, _ = timed_plan(load, current, self.num_redundant_experts, self.cost)
         eplb = relabel(fastest, current.holds, self.hops)
         if self.cost is None:

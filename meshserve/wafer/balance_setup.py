@@ -15,6 +15,7 @@ import numpy as np
 from scipy import sparse
 
 from meshserve.errors import InputError, require
+from meshserve.placement import DeviceCost, Placement
 from meshserve.traces import ExpertTrace
 from meshserve.wafer import compute
 from meshserve.wafer.balance import (
@@ -176,8 +177,20 @@ def redundant_experts(setup: BalanceSetup, hw: Hardware, model: MoEModel) -> int
     return redundant
 
 
-def run_setup(setup: BalanceSetup) -> IterationResult:
-    """Simulate ``setup.iterations`` decode iterations with the setup's balancer."""
+@dataclass(frozen=True)
+class SetupParts:
+    """What a run of a setup is made of (run_setup simulates it; steady.py re-plans on it)."""
+
+    comm: CommModel
+    trace: ExpertTrace
+    redundant: int  # replicas per layer beyond one per expert
+    base: Placement  # the static layout every run starts from
+    cost: ExpertCost  # the simulator's expert roofline
+    planner_cost: DeviceCost  # the same roofline plus the all-to-all, as planners see a device
+
+
+def setup_parts(setup: BalanceSetup) -> SetupParts:
+    """Build ``setup``'s comm model, trace, replicas, starting layout and costs (checked)."""
     setup.check()
     hw, model = setup.platform(), load_model(setup.model)
     comm = comm_model(hw, setup.tp, setup.resolved_mapping(hw), model, setup.tokens_per_device)
@@ -185,11 +198,16 @@ def run_setup(setup: BalanceSetup) -> IterationResult:
     redundant = redundant_experts(setup, hw, model)
     slots = slots_per_device(model.routed_experts, n, redundant)
     base = static_placement(model.num_moe_layers, model.routed_experts, n, slots)
-    trace = setup_trace(setup, model, n)
     cost = expert_cost(model, hw, setup.expert_weight_bytes)
-    planner_cost = cost.device_cost(a2a_phases=comm.a2a_seconds_per_token())
-    balancer = make_balancer(setup.balancer, setup.config, comm.hops, redundant, planner_cost)
-    return simulate_iterations(trace.counts, trace.tokens_per_step(), balancer, base, comm, cost)
+    return SetupParts(comm, setup_trace(setup, model, n), redundant, base, cost,
+                      cost.device_cost(a2a_phases=comm.a2a_seconds_per_token()))
+
+
+def run_setup(setup: BalanceSetup) -> IterationResult:
+    """Simulate ``setup.iterations`` decode iterations with the setup's balancer."""
+    p = setup_parts(setup)
+    balancer = make_balancer(setup.balancer, setup.config, p.comm.hops, p.redundant, p.planner_cost)
+    return simulate_iterations(p.trace.counts, p.trace.tokens_per_step(), balancer, p.base, p.comm, p.cost)
 
 
 def run_summary(setup: BalanceSetup) -> dict:

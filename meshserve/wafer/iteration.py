@@ -71,7 +71,7 @@ class IterationResult:
             "iterations": int(len(self.max_load)),
             "balancedness": float((self.mean_load / np.maximum(self.max_load, 1e-12)).mean()),
             "max_over_mean_load": float(ratio.mean()),
-            "max_over_mean_load_steady": float(ratio[len(ratio) // 2:].mean()),  # second half of the run
+            "max_over_mean_load_steady": float(ratio[half:].mean()),  # second half of the run
             "compute_over_even_steady": float(self.compute_s[half:].sum() / self.even_compute_s[half:].sum())
             if self.even_compute_s is not None and self.even_compute_s[half:].sum() > 0 else 0.0,
             "moe_compute_s": float(self.compute_s.sum()),

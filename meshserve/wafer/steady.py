@@ -32,15 +32,8 @@ from meshserve.placement import (
     slots_per_device,
     static_placement,
 )
-from meshserve.wafer.balance_setup import (
-    BalanceSetup,
-    comm_model,
-    expert_cost,
-    redundant_experts,
-    setup_trace,
-)
+from meshserve.wafer.balance_setup import BalanceSetup, setup_parts
 from meshserve.wafer.iteration import IterationResult
-from meshserve.wafer.models import load_model
 
 
 def max_over_mean(placement: Placement, counts: np.ndarray) -> tuple[float, float]:
@@ -65,13 +58,9 @@ def steady_gap(setup: BalanceSetup, result: IterationResult | None = None, sampl
 
     result: ``run_setup(setup)`` when already run (its steady max/mean is step 4; omitted when None).
     """
-    hw, model = setup.platform(), load_model(setup.model)
-    comm = comm_model(hw, setup.tp, setup.resolved_mapping(hw), model, setup.tokens_per_device)
-    counts = setup_trace(setup, model, hw.num_devices).counts
-    cost = expert_cost(model, hw, setup.expert_weight_bytes).device_cost(
-        a2a_phases=comm.a2a_seconds_per_token())
-    return gap(counts, setup.balancer, setup.config, comm.hops, redundant_experts(setup, hw, model), result,
-               samples, cost)
+    parts = setup_parts(setup)
+    return gap(parts.trace.counts, setup.balancer, setup.config, parts.comm.hops, parts.redundant, result,
+               samples, parts.planner_cost)
 
 
 def gap(
