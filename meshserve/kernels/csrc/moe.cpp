@@ -1,6 +1,6 @@
 // Fused MoE experts: gate_up GEMM + SiLU-mul, down GEMM, routing-weight combine, in one op.
 //
-// Torch oracle: meshserve/kernels/fused_moe.py (moe_reference); weight packing: pack_expert_weight there.
+// Torch oracle: meshserve/kernels/fused_moe.py (moe_reference); weight packing: pack_experts there.
 // Token-expert pairs are counting-sorted by expert; tasks (expert, block of <= kRowBlock pairs, block of 64
 // output columns) are dealt to threads largest first, accumulating in float32.
 // float32: a task reads its token rows by index (no packed, zero-filled copy of the activations) and runs
