@@ -3,7 +3,11 @@ SmoothGEMM over M = 1..budget, the fused MoE block over token counts 1..512 (ben
 the fused elementwise ops vs their torch references (benchmarks/fused_ops.py).
 
     flock /tmp/meshserve-bench.lock .venv/bin/python benchmarks/kernels.py [--steps 4] [--repeats 5]
-        [--dtypes float32 bfloat16] [--threads 1 2] [--sections attention gemm bf16gemm moe fused]
+        [--dtypes float32 bfloat16] [--threads 1 2]
+        [--sections attention attention-roofline gemm bf16gemm moe fused]
+
+attention-roofline section (benchmarks/attention_roofline.py): each attention stage's FLOPs, bytes and
+achieved rates against this box's measured FMA and read-bandwidth peaks, and the 2-thread Task-Table split.
 
 GEMM section: each linear layer of the 28M Llama over a sweep of M values from 1 to the budget (512):
 F.linear on the exact M; pad-to-bucket (zero rows up to vLLM's capture sizes, what graph-capture engines
@@ -312,14 +316,19 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                         choices=["float32", "bfloat16"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    sections = ["attention", "gemm", "bf16gemm", "moe", "fused"]
+    sections = ["attention", "attention-roofline", "gemm", "bf16gemm", "moe", "fused"]
     parser.add_argument("--sections", nargs="+", default=sections, choices=sections)
     args = parser.parse_args()
     print(f"torch {torch.__version__}; load average {Path('/proc/loadavg').read_text().split()[0]} "
           "(a shared machine: compare columns within a row)")
-    if "attention" in args.sections:
+    if {"attention", "attention-roofline"} & set(args.sections):
         steps, blocks, block_size = record_steps(args.steps)
+    if "attention" in args.sections:
         attention_section(steps, blocks, block_size, args.dtypes, args.threads, args.repeats)
+    if "attention-roofline" in args.sections:
+        from attention_roofline import roofline_section  # it imports this module's helpers
+
+        roofline_section(steps, blocks, block_size, args.dtypes, args.repeats)
     if "gemm" in args.sections:
         gemm_section(args.dtypes, args.threads, args.repeats)
     if "bf16gemm" in args.sections and "bfloat16" in args.dtypes:

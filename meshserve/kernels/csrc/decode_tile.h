@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "attention_task.h"
 #include "fast_exp.h"
@@ -67,10 +68,20 @@ void run_decode(const int32_t* t, const T* q, const T* cache, const int32_t* tab
   }
   const int32_t* table = tables + t[SEQ] * s.max_blocks;
   const int64_t v_half = s.blocks * s.block_size * s.kv_heads * DIM;  // cache[1] starts here
-  const T* krow[kChunk];
+  // Row pointers of this chunk and the next: the next chunk's K / V lines are requested (prefetch_rows)
+  // while this one computes.
+  const T* rows_a[kChunk];
+  const T* rows_b[kChunk];
+  const T** krow = rows_a;
+  const T** next = rows_b;
+  kv_rows(cache, table, s, h, lo, std::min(kChunk, hi - lo), DIM, krow);
+  prefetch_rows(krow, std::min(kChunk, hi - lo), DIM, v_half);
   for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
-    const int64_t n = std::min(kChunk, hi - c0);
-    kv_rows(cache, table, s, h, c0, n, DIM, krow);
+    const int64_t n = std::min(kChunk, hi - c0), n_next = std::min(kChunk, hi - c0 - kChunk);
+    if (n_next > 0) {
+      kv_rows(cache, table, s, h, c0 + kChunk, n_next, DIM, next);
+      prefetch_rows(next, n_next, DIM, v_half);
+    }
     for (int64_t j = 0; j < n; ++j) {
       f32x16 k[NV];
       for (int i = 0; i < NV; ++i) k[i] = load16_as_float(krow[j] + i * 16);
@@ -111,6 +122,7 @@ void run_decode(const int32_t* t, const T* q, const T* cache, const int32_t* tab
       for (int r = 0; r < R; ++r)
         for (int i = 0; i < NV; ++i) acc[r][i] += sc[r][j] * v[i];
     }
+    std::swap(krow, next);
   }
   float rows_acc[R * DIM];
   for (int r = 0; r < R; ++r)

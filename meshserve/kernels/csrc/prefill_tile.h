@@ -128,6 +128,7 @@ void run_tile(const int32_t* t, const T* q, const T* cache, const int32_t* table
     const int64_t r1 = sliding ? std::min<int64_t>(rows, (c0 + n - 1 + window - pos0) * G) : rows;
     if (r0 >= r1) continue;
     const int64_t v0 = r0 / 16, v1 = (r1 + 15) / 16;
+    prefetch_chunk(cache, table, s, h, c0 + kChunk, hi);  // arrives while this chunk computes
     chunk_rows(cache, table, s, h, c0, n, D, kf, krows);
     chunk_rows(cache + v_half, table, s, h, c0, n, D, vf, vrows);
     int64_t j = 0;
