@@ -89,6 +89,24 @@ def test_prefill_tiles_skip_chunks_above_the_diagonal(dtype, window, dim, thread
     torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_tiles_over_odd_kv_lengths(dtype, group, dim, threads):
+    """Decodes (G rows per task: the register-resident decode tile up to 4, the prefill tile above) with KV
+    lengths around the 4-position score blocks and the 32-position chunks (1, 3, 5, 31, 33, 67, 130), several
+    tasks per thread row (each prefetches the next chunk), a long one split across the threads."""
+    contexts = [0, 2, 4, 30, 32, 66, 129, 1200]
+    meta, cache, q, k, v = random_step([(c, 1) for c in contexts], 16, 1, group, dim, dtype, seed=group)
+    expected = paged_attention(q, k, v, cache.clone(), plan_attention(meta, 16), dim**-0.5)
+    table = plan_tasks(meta, group, 1, TileSizes(16, 4, 64), threads)
+    assert (table.combine.shape[0] > 0) == (threads > 1)  # the 1201-position decode is split in two
+    out = meta_attention(q, k, v, cache, table, dim**-0.5)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+
+
 def test_split_kv_parts_are_combined_for_one_long_decode():
     meta, cache, q, k, v = random_step([(700, 1)], 16, 1, 4, 64, torch.float32, seed=3)
     table = plan_tasks(meta, 4, 1, TileSizes(16, 4, 64), num_threads=2)

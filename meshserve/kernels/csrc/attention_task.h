@@ -37,17 +37,21 @@ inline void kv_rows(const T* cache, const int32_t* table, const Shapes& s, int64
   }
 }
 
-// Prefetch the cache lines of n K rows and of their V rows (v_half elements further): a decode task reads
-// each line once, and with the block table between them the hardware prefetchers lose the stream at every
-// block edge, so without this every chunk waits on the memory latency row after row.
+// Prefetch the cache lines of one K or V row. A task reads each line once, and with the block table between
+// them the hardware prefetchers lose the stream at every block edge: without this every chunk waits on the
+// memory latency row after row.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D) {
+  for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(row + d, 0, 3);
+}
+
+// Prefetch n K rows and their V rows (v_half elements further).
 template <typename T>
 inline void prefetch_rows(const T* const* rows, int64_t n, int64_t D, int64_t v_half) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t d = 0; d < D; d += kLine) {
-      __builtin_prefetch(rows[j] + d, 0, 3);
-      __builtin_prefetch(rows[j] + v_half + d, 0, 3);
-    }
+  for (int64_t j = 0; j < n; ++j) {
+    prefetch_row(rows[j], D);
+    prefetch_row(rows[j] + v_half, D);
+  }
 }
 
 // Prefetch KV positions [c0, c0 + n) of KV head h (K and V rows), clipped to [c0, hi).

@@ -49,6 +49,26 @@ inline float sum_lanes(f32x16 v) {
 #endif
 }
 
+// s[0..3] = the lane sums of d[0..3]: one shuffle tree for all four (9 shuffles, 5 adds) instead of four
+// separate horizontal sums (about 32 instructions).
+inline void sum4(const f32x16* d, float* s) {
+#if defined(__AVX512F__)
+  const __m512 d0 = reinterpret_cast<__m512>(d[0]), d1 = reinterpret_cast<__m512>(d[1]);
+  const __m512 d2 = reinterpret_cast<__m512>(d[2]), d3 = reinterpret_cast<__m512>(d[3]);
+  // 256-bit halves: t0 = [8 partial sums of d0 | of d1], t1 = [d2 | d3]
+  const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x44), _mm512_shuffle_f32x4(d0, d1, 0xEE));
+  const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(d2, d3, 0x44), _mm512_shuffle_f32x4(d2, d3, 0xEE));
+  // 128-bit blocks: u = [4 partial sums of d0 | d1 | d2 | d3]
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
+  const __m512 x = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+  const __m512 y = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));  // every lane of block b: the sum of d[b]
+  const __m512 sums = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), y);
+  _mm_storeu_ps(s, _mm512_castps512_ps128(sums));
+#else
+  for (int b = 0; b < 4; ++b) s[b] = sum_lanes(d[b]);
+#endif
+}
+
 // One decode / short task of R rows (mask NONE, CAUSAL or SLIDING; DIM a multiple of 16).
 template <typename T, int DIM, int R>
 void run_decode(const int32_t* t, const T* q, const T* cache, const int32_t* tables, const Shapes& s,
@@ -82,7 +102,20 @@ void run_decode(const int32_t* t, const T* q, const T* cache, const int32_t* tab
       kv_rows(cache, table, s, h, c0 + kChunk, n_next, DIM, next);
       prefetch_rows(next, n_next, DIM, v_half);
     }
-    for (int64_t j = 0; j < n; ++j) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {  // 4 positions' dot products reduced together (sum4)
+      f32x16 dot[R][4];
+      for (int jj = 0; jj < 4; ++jj) {
+        f32x16 k[NV];
+        for (int i = 0; i < NV; ++i) k[i] = load16_as_float(krow[j + jj] + i * 16);
+        for (int r = 0; r < R; ++r) {
+          dot[r][jj] = k[0] * qv[r][0];
+          for (int i = 1; i < NV; ++i) dot[r][jj] += k[i] * qv[r][i];
+        }
+      }
+      for (int r = 0; r < R; ++r) sum4(dot[r], sc[r] + j);
+    }
+    for (; j < n; ++j) {
       f32x16 k[NV];
       for (int i = 0; i < NV; ++i) k[i] = load16_as_float(krow[j] + i * 16);
       for (int r = 0; r < R; ++r) {
