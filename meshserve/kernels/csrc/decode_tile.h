@@ -98,14 +98,12 @@ void run_decode(const int32_t* t, const T* q, const T* cache, const int32_t* tab
   prefetch_rows(krow, std::min(kChunk, hi - lo), DIM, v_half);
   for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
     const int64_t n = std::min(kChunk, hi - c0), n_next = std::min(kChunk, hi - c0 - kChunk);
-    if (n_next > 0) {
-      kv_rows(cache, table, s, h, c0 + kChunk, n_next, DIM, next);
-      prefetch_rows(next, n_next, DIM, v_half);
-    }
+    if (n_next > 0) kv_rows(cache, table, s, h, c0 + kChunk, n_next, DIM, next);
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {  // 4 positions' dot products reduced together (sum4)
       f32x16 dot[R][4];
       for (int jj = 0; jj < 4; ++jj) {
+        if (j + jj < n_next) prefetch_row(next[j + jj], DIM);
         f32x16 k[NV];
         for (int i = 0; i < NV; ++i) k[i] = load16_as_float(krow[j + jj] + i * 16);
         for (int r = 0; r < R; ++r) {
@@ -116,6 +114,7 @@ void run_decode(const int32_t* t, const T* q, const T* cache, const int32_t* tab
       for (int r = 0; r < R; ++r) sum4(dot[r], sc[r] + j);
     }
     for (; j < n; ++j) {
+      if (j < n_next) prefetch_row(next[j], DIM);
       f32x16 k[NV];
       for (int i = 0; i < NV; ++i) k[i] = load16_as_float(krow[j] + i * 16);
       for (int r = 0; r < R; ++r) {
@@ -150,6 +149,7 @@ void run_decode(const int32_t* t, const T* q, const T* cache, const int32_t* tab
       for (int i = 0; i < NV; ++i) acc[r][i] *= alpha;
     }
     for (int64_t j = 0; j < n; ++j) {
+      if (j < n_next) prefetch_row(next[j] + v_half, DIM);
       f32x16 v[NV];
       for (int i = 0; i < NV; ++i) v[i] = load16_as_float(krow[j] + v_half + i * 16);
       for (int r = 0; r < R; ++r)
