@@ -1,7 +1,8 @@
 // Meta-Attention decode tiles: a task of at most kDecodeRows rows (a decode's G query heads, or a short
 // verify block) keeps its queries and its output rows in registers and reads each K / V row once, straight
-// from the cache (bfloat16 widened in registers, no copy into a buffer). Scores are dot products (one
-// horizontal sum each); the softmax runs over a chunk's positions; P x V adds each V row to every output row.
+// from the cache (bfloat16 widened in registers, no copy into a buffer), the next chunk's rows prefetched.
+// Scores are dot products (horizontal sums, four positions per shuffle tree); the softmax runs over a
+// chunk's positions; P x V adds each V row to every output row.
 #pragma once
 
 #include <cstring>
@@ -62,7 +63,8 @@ inline void sum4(const f32x16* d, float* s) {
   const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
   const __m512 x = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
   const __m512 y = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));  // every lane of block b: the sum of d[b]
-  const __m512 sums = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), y);
+  const __m512i lane0 = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512 sums = _mm512_permutexvar_ps(lane0, y);  // lane 0 of each block, in the low 128 bits
   _mm_storeu_ps(s, _mm512_castps512_ps128(sums));
 #else
   for (int b = 0; b < 4; ++b) s[b] = sum_lanes(d[b]);
@@ -88,8 +90,9 @@ void run_decode(const int32_t* t, const T* q, const T* cache, const int32_t* tab
   }
   const int32_t* table = tables + t[SEQ] * s.max_blocks;
   const int64_t v_half = s.blocks * s.block_size * s.kv_heads * DIM;  // cache[1] starts here
-  // Row pointers of this chunk and the next: the next chunk's K / V lines are requested (prefetch_rows)
-  // while this one computes.
+  // Row pointers of this chunk and the next. The next chunk's K / V lines are requested a row at a time
+  // inside the score and P.V loops while this chunk computes (one burst per chunk queued on the line fill
+  // buffers and was slower); the first chunk's go out at once.
   const T* rows_a[kChunk];
   const T* rows_b[kChunk];
   const T** krow = rows_a;
