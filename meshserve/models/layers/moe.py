@@ -3,10 +3,10 @@
 Once prepared (the engine's prepare_gemms), the routed experts run as one native fused op
 (kernels/fused_moe.py: rows read by index, float32 accumulation, SiLU-mul and the combine fused), routed by
 one native call (gate logits, softmax, top-k, renormalisation and the per-expert counts; `route` below is its
-oracle). The torch path below stays as the reference and serves what the op does not (other dtypes, unprepared layers, and
-steps over a dtype's limit in kernels/profiles/moe.json; none is listed: the op's tiles run float32 FMAs,
-bfloat16 weights widened in registers, and it matches or beats oneDNN's batched matmuls at 256+ tokens in
-both dtypes, docs/moe.md).
+oracle). The torch path below stays as the reference and serves what the op does not (other dtypes, unprepared
+layers, and steps over a dtype's limit in kernels/profiles/moe.json; none is listed: the op's tiles run
+float32 FMAs, bfloat16 weights widened in registers, and it matches or beats oneDNN's batched matmuls at 256+
+tokens in both dtypes, docs/moe.md).
 Torch path: experts run as two batched matmuls over all experts at once. Token-expert pairs are sorted
 by expert and packed into a [experts, capacity, hidden] buffer (capacity = the busiest expert's pair
 count), so every expert's rows sit contiguously and `torch.bmm` runs all experts in one call. Why this and not
