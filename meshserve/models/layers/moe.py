@@ -122,7 +122,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.experts.packed
         if packed is not None and packed[0].dtype == x.dtype and x.shape[0] <= self.experts.fused_max_tokens:
-            # Native router and experts: one call each (the router's six torch ops cost ~3% of a Mixtral run).
+            # Native router and experts: one call each (the torch route is six small ops per layer).
             weights, experts, self.last_counts = fused_route(x, self.gate.weight.detach(), self.top_k,
                                                              self.renormalize)
             if self.weights_in_model_dtype:
