@@ -5,6 +5,8 @@ the fused elementwise ops vs their torch references (benchmarks/fused_ops.py).
     flock /tmp/meshserve-bench.lock .venv/bin/python benchmarks/kernels.py [--steps 4] [--repeats 5]
         [--dtypes float32 bfloat16] [--threads 1 2]
         [--sections attention attention-roofline gemm bf16gemm moe fused]
+    flock /tmp/meshserve-bench.lock .venv/bin/python benchmarks/kernels.py --sections gemm-roofline \
+        --dtypes bfloat16 --threads 2 --repeats 3 [--archs mixtral llama]
 
 attention-roofline section (benchmarks/attention_roofline.py): each attention stage's FLOPs, bytes and
 achieved rates against this box's measured FMA and read-bandwidth peaks, and the 2-thread Task-Table split.
@@ -14,6 +16,9 @@ F.linear on the exact M; pad-to-bucket (zero rows up to vLLM's capture sizes, wh
 run); SmoothGEMM as the engine runs it (the GEMM table it would load here: this machine's profile or the
 shipped default). XY-Serve reports SmoothGEMM +14.6% over its baseline GEMM; printed beside ours.
 bf16gemm section (benchmarks/bf16_gemm.py): each bfloat16 kernel SmoothGEMM can pick, side by side over M.
+gemm-roofline section (benchmarks/gemm_roofline.py, not in the default set: it runs the race's workload
+once per model): each GEMM and the MoE op at the M values the race's engine steps really produce, FLOPs,
+bytes, GFLOP/s and GB/s against this box's roofs, share of the run's wall time.
 
 The batches come from the standard workload (benchmarks/throughput.py: 64 requests, prompts 32-512,
 28M Llama shapes: 8 heads, 4 KV heads, head_dim 64, block size 16): the engine runs it and the metadata of
@@ -43,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from bf16_gemm import bf16_gemm_section
 from fused_ops import fused_section
+from gemm_roofline import roofline_section as gemm_roofline_section
 from moe_block import moe_section
 from throughput import LLAMA, standard_workload
 
@@ -317,7 +323,9 @@ def main() -> None:
                         choices=["float32", "bfloat16"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     sections = ["attention", "attention-roofline", "gemm", "bf16gemm", "moe", "fused"]
-    parser.add_argument("--sections", nargs="+", default=sections, choices=sections)
+    parser.add_argument("--sections", nargs="+", default=sections, choices=[*sections, "gemm-roofline"])
+    parser.add_argument("--archs", nargs="+", default=["mixtral", "llama"], choices=["mixtral", "llama"],
+                        help="race models of the gemm-roofline section")
     args = parser.parse_args()
     print(f"torch {torch.__version__}; load average {Path('/proc/loadavg').read_text().split()[0]} "
           "(a shared machine: compare columns within a row)")
@@ -326,9 +334,9 @@ def main() -> None:
     if "attention" in args.sections:
         attention_section(steps, blocks, block_size, args.dtypes, args.threads, args.repeats)
     if "attention-roofline" in args.sections:
-        from attention_roofline import roofline_section  # it imports this module's helpers
+        from attention_roofline import roofline_section as attention_roofline_section  # imports our helpers
 
-        roofline_section(steps, blocks, block_size, args.dtypes, args.repeats)
+        attention_roofline_section(steps, blocks, block_size, args.dtypes, args.repeats)
     if "gemm" in args.sections:
         gemm_section(args.dtypes, args.threads, args.repeats)
     if "bf16gemm" in args.sections and "bfloat16" in args.dtypes:
@@ -337,6 +345,8 @@ def main() -> None:
         moe_section(args.dtypes, args.threads, args.repeats)
     if "fused" in args.sections:
         fused_section(args.dtypes, args.threads, args.repeats)
+    if "gemm-roofline" in args.sections:
+        gemm_roofline_section(args.archs, args.dtypes, args.threads, args.repeats)
 
 
 if __name__ == "__main__":

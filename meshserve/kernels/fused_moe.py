@@ -4,7 +4,8 @@
 one call: pairs sorted by expert, float32 accumulation, SiLU-mul and the routing-weight combine fused.
 Weights are packed once (``pack_experts``) into 64-column blocks laid out the way its micro-kernels read
 them (bfloat16: the shared pair layout of csrc/bf16_dot_tile.h). ``moe_reference`` computes the same
-thing with plain torch ops.
+thing with plain torch ops. ``fused_route`` is the native router (kernels/csrc/moe_router.cpp): gate logits,
+softmax, top-k, renormalisation and per-expert counts in one call; SparseMoE.route is its oracle.
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     return torch.ops.meshserve.fused_moe(x.contiguous(), ids, weights, *packed)
 
 
+def fused_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int,
+          renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routing weights [T, k] (float32), expert ids [T, k] and pairs per expert [E] for tokens x [T, H]."""
+    return torch.ops.meshserve.moe_route(x.contiguous(), gate_weight.contiguous(), top_k, renormalize)
+
+
 def moe_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
                   down: torch.Tensor) -> torch.Tensor:
     """The op's oracle: a loop over experts in float32, rounding the SiLU-mul activations and the result to
@@ -95,6 +102,13 @@ def _fused_moe_fake(x, topk_ids, topk_weights, w13, w2):
     return torch.empty_like(x)
 
 
+def _moe_route_fake(x, gate_w, top_k, renormalize):
+    t, e = x.shape[0], gate_w.shape[0]
+    return (x.new_empty(t, top_k, dtype=torch.float32), x.new_empty(t, top_k, dtype=torch.long),
+            x.new_empty(e, dtype=torch.long))
+
+
 def register_fake() -> None:
-    """Give the op (just loaded by native.load) its shape function, for torch.compile and fake tensors."""
+    """Give the ops (just loaded by native.load) their shape functions, for torch.compile and fake tensors."""
     torch.library.register_fake("meshserve::fused_moe", _fused_moe_fake)
+    torch.library.register_fake("meshserve::moe_route", _moe_route_fake)

@@ -1,11 +1,12 @@
 """Sparse MoE block: softmax router, top-k, optional renormalisation, stacked experts, optional shared expert.
 
 Once prepared (the engine's prepare_gemms), the routed experts run as one native fused op
-(kernels/fused_moe.py: rows read by index, float32 accumulation, SiLU-mul and the combine fused). The torch
-path below stays as the reference and serves what the op does not (other dtypes, unprepared layers, and
-steps over a dtype's limit in kernels/profiles/moe.json; none is listed: the op's tiles run float32 FMAs,
-bfloat16 weights widened in registers, and it matches or beats oneDNN's batched matmuls at 256+ tokens in
-both dtypes, docs/moe.md).
+(kernels/fused_moe.py: rows read by index, float32 accumulation, SiLU-mul and the combine fused), routed by
+one native call (gate logits, softmax, top-k, renormalisation and the per-expert counts; `route` below is its
+oracle). The torch path below stays as the reference and serves what the op does not (other dtypes, unprepared
+layers, and steps over a dtype's limit in kernels/profiles/moe.json; none is listed: the op's tiles run
+float32 FMAs, bfloat16 weights widened in registers, and it matches or beats oneDNN's batched matmuls at 256+
+tokens in both dtypes, docs/moe.md).
 Torch path: experts run as two batched matmuls over all experts at once. Token-expert pairs are sorted
 by expert and packed into a [experts, capacity, hidden] buffer (capacity = the busiest expert's pair
 count), so every expert's rows sit contiguously and `torch.bmm` runs all experts in one call. Why this and not
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.kernels import native
-from meshserve.kernels.fused_moe import fused_max_tokens, fused_moe, pack_experts, use_fused_moe
+from meshserve.kernels.fused_moe import fused_max_tokens, fused_moe, fused_route, pack_experts, use_fused_moe
 from meshserve.kernels.smooth_gemm import PLAIN, GemmChoice, run_bmm
 from meshserve.models.layers.mlp import GatedMLP
 
@@ -119,14 +120,18 @@ class SparseMoE(nn.Module):
         return weights, experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, experts = self.route(x)
-        pair_expert = experts.reshape(-1)  # pair p = token p // k, choice p % k
-        counts = torch.bincount(pair_expert, minlength=self.num_experts)
-        self.last_counts = counts
         packed = self.experts.packed
         if packed is not None and packed[0].dtype == x.dtype and x.shape[0] <= self.experts.fused_max_tokens:
+            # Native router and experts: one call each (the torch route is six small ops per layer).
+            weights, experts, self.last_counts = fused_route(x, self.gate.weight.detach(), self.top_k,
+                                                             self.renormalize)
+            if self.weights_in_model_dtype:
+                weights = weights.to(x.dtype)
             out = fused_moe(x, experts, weights, packed)
         else:
+            weights, experts = self.route(x)
+            counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+            self.last_counts = counts
             out = self._experts_torch(x, weights, experts, counts)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
