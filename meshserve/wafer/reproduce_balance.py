@@ -296,6 +296,9 @@ def reproduce_balance(
 
         figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"] = run_curves(
             spec, BalanceConfig(), progress=not as_json, executor=executor)
+        from meshserve.wafer.steady_curve import ni_steady_curve
+
+        figures["ni_steady_curve"] = ni_steady_curve(spec, BalanceConfig(), not as_json, executor)
     figures["wall_s"] = time.perf_counter() - start  # every run, on this executor
     with all_or_nothing():
         figures["plots"] = [
@@ -305,6 +308,10 @@ def reproduce_balance(
         if curves:
             figures["plots"].append(str(curves_png(figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"],
                                                    out / "balance_curves.png")))
+            from meshserve.wafer.steady_curve import ni_steady_png
+
+            curve = figures["ni_steady_curve"]
+            figures["plots"].append(str(ni_steady_png(curve, out / "ni_steady_curve.png")))
         write_atomic(out / "balance.json", json.dumps(figures, indent=2).encode())
     if as_json:
         print(json.dumps(figures))
@@ -314,8 +321,10 @@ def reproduce_balance(
             from rich.console import Console
 
             from meshserve.wafer.curves import print_curves
+            from meshserve.wafer.steady_curve import print_ni_steady_curve
 
             print_curves(figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"], Console(width=150))
+            print_ni_steady_curve(figures["ni_steady_curve"], Console(width=170))
         print(f"{figures['wall_s']:.0f} s of wall time ({executor}); wrote {out / 'balance.json'}, "
               + ", ".join(figures["plots"]))
     return figures

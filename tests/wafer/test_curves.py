@@ -17,6 +17,7 @@ def test_reproduce_balance_json_has_both_curves(tmp_path, monkeypatch, capsys):
     spec = rb.load_spec()
     spec["curves"]["wsc_vs_nvl72"].update(tokens_per_device=[8, 256], wafer_link_gb_per_s=[200])
     spec["curves"]["ni_skew"]["zipf_exponent"] = [0.0, 0.3]
+    spec["curves"]["ni_steady"]["tokens_per_device"] = []  # tests/wafer/test_steady_curve.py runs points
     monkeypatch.setattr(rb, "load_spec", lambda: spec)
     rb.reproduce_balance(tmp_path, as_json=True, iterations=30, models=("deepseek-v3",))
     data = json.loads(capsys.readouterr().out)
@@ -32,6 +33,7 @@ def test_reproduce_balance_json_has_both_curves(tmp_path, monkeypatch, capsys):
     assert skew[1]["max_over_mean_load"] > skew[0]["max_over_mean_load"]
     assert skew[1]["ni_compute_gain"] > skew[0]["ni_compute_gain"]
     assert (tmp_path / "balance_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert data["ni_steady_curve"]["points"] == [] and (tmp_path / "ni_steady_curve.png").exists()
 
 
 def test_a_run_too_short_for_a_steady_state_prints_no_floor(tmp_path, capsys):

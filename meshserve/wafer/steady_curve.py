@@ -1,0 +1,172 @@
+"""ni-eplb's steady state as a curve over decode tokens per device, beside EPLB at two cadences.
+
+Per point (the spec's first model; settings in presets/experiments/balance.yaml, ``curves.ni_steady``):
+
+- ``ni_eplb``: the ladder's ni-eplb rung, its steady max/mean broken down by steady.steady_gap
+  (noise floor, + forecast, + planner, + lag = the simulated figure), zero stall;
+- ``eplb_paper``: EPLB re-packing every 10 iterations from a 10-iteration window, every plan applied
+  (the paper's cadence; inference waits for each plan's copies);
+- ``eplb_vllm``: EPLB at vLLM's defaults (a 1,000-iteration window, a plan every 3,000 steps),
+  shortened: one plan from the first ``window_size`` iterations, applied at once (vLLM applies every
+  plan), scored on the ``iterations // 2`` iterations after it (the freshest part of its 3,000-step
+  life, so the figure is optimistic for EPLB), its stall amortised over ``step_interval`` iterations;
+- ``none``: the static layout.
+
+Each reports the steady (second-half) max/mean device load per iteration and the MoE time per
+iteration (compute + all-to-all + stall) over the same iterations. ``target_reached_at_tokens_per_device``:
+the points where ni-eplb's simulated steady max/mean is within the target with zero stall.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meshserve.wafer.balance import BalanceConfig, make_balancer, migrations
+from meshserve.wafer.balance_setup import BalanceSetup, run_setup, setup_parts
+from meshserve.wafer.fanout import run_many
+from meshserve.wafer.iteration import IterationResult, evaluate
+from meshserve.wafer.plots import save_figure
+from meshserve.wafer.steady import steady_gap
+
+TARGET = 1.10  # issue 13: steady max/mean with zero stall
+GAP_STEPS = ("floor", "forecast", "planner", "simulated")
+
+
+def steady_half(result: IterationResult) -> dict[str, float]:
+    """Second-half figures of a run: max/mean per iteration, MoE ms and stall ms per iteration."""
+    half = len(result.max_load) // 2
+    ratio = result.max_load[half:] / np.maximum(result.mean_load[half:], 1e-12)
+    return {"max_over_mean": float(ratio.mean()),
+            "moe_ms_per_iteration": float(result.moe_time_s[half:].mean() * 1e3),
+            "stall_ms_per_iteration": float(result.stall_s[half:].mean() * 1e3),
+            "plans": len(result.plans)}
+
+
+def ours_point(setup: BalanceSetup) -> dict[str, Any]:
+    """ni-eplb's run and its steady_gap columns (per iteration), with its steady half."""
+    result = run_setup(setup)
+    gap = steady_gap(setup, result)
+    out = {k: gap[k]["per_iteration"] for k in GAP_STEPS if k in gap}
+    out["time_over_even"] = gap.get("simulated", {}).get("time_over_even")
+    return {**out, **steady_half(result)}
+
+
+def plan_once(setup: BalanceSetup) -> dict[str, Any]:
+    """EPLB at a long window, shortened (module docstring): one plan, scored on ``iterations // 2``."""
+    window, scored = setup.config.window_size, max(setup.iterations // 2, 1)
+    p = setup_parts(dataclasses.replace(setup, iterations=window + scored))
+    balancer = make_balancer(setup.balancer, setup.config, p.comm.hops, p.redundant, p.planner_cost)
+    counts = p.trace.counts
+    target = balancer.plan(counts[:window].mean(axis=0), p.base, p.base)
+    moves = migrations(p.base, target, p.comm.hops)
+    stall = p.comm.transfer_time(moves.src, moves.dst, np.full(len(moves), p.cost.weight_bytes))
+    block = evaluate(counts[window:], target, p.comm, p.cost)
+    amortised = stall / setup.config.step_interval
+    return {"max_over_mean": float((block.max_load / np.maximum(block.mean_load, 1e-12)).mean()),
+            "moe_ms_per_iteration": float((block.compute_s + block.a2a_s).mean() + amortised) * 1e3,
+            "stall_ms_per_iteration": amortised * 1e3, "stall_ms_per_plan": stall * 1e3, "plans": 1}
+
+
+def _job(job: tuple[str, BalanceSetup]) -> dict[str, Any]:
+    kind, setup = job
+    if kind == "ni_eplb":
+        return ours_point(setup)
+    if kind == "eplb_vllm":
+        return plan_once(setup)
+    return steady_half(run_setup(setup))
+
+
+def ni_steady_curve(
+    spec: dict, config: BalanceConfig, progress: bool = True, executor: str = "local"
+) -> dict[str, Any]:
+    """The curve of the module docstring for ``spec`` (load_spec(); its ladder's rungs name the runs)."""
+    c, model = spec["curves"]["ni_steady"], spec["models"][0]
+    rungs = {r.label: r for r in [*spec["ladder"], *spec["references"]]}
+    iterations = min(spec["iterations"], c["iterations"])
+    jobs = []
+    for tokens in c["tokens_per_device"]:
+        for kind, label in c["runs"].items():
+            rung = rungs[label]
+            jobs.append((kind, BalanceSetup(
+                model=model, hardware=rung.hardware, mapping=rung.mapping, balancer=rung.balancer,
+                config=rung.balance_config(config), tp=spec["tp"], tokens_per_device=tokens,
+                iterations=iterations, scenario=spec["scenario"], seed=spec["seed"])))
+    for _, setup in jobs:  # bad input fails before any long run
+        setup.check()
+    results = iter(run_many(_job, jobs, executor, progress, "ni steady curve"))
+    points = [{"tokens_per_device": t, **{kind: next(results) for kind in c["runs"]}}
+              for t in c["tokens_per_device"]]
+    reached = [p["tokens_per_device"] for p in points if p["ni_eplb"].get("simulated", np.inf) <= TARGET
+               and p["ni_eplb"]["stall_ms_per_iteration"] == 0]
+    return {"model": model, "iterations": iterations, "target": TARGET, "runs": dict(c["runs"]),
+            "points": points, "target_reached_at_tokens_per_device": reached}
+
+
+def print_ni_steady_curve(curve: dict, console: Any) -> None:
+    """One row per point: ni-eplb's four steady_gap columns, then each baseline's max/mean and times."""
+    from rich.table import Table
+
+    table = Table(title=f"{curve['model']}: steady max/mean device load per iteration over tokens per device "
+                        f"({curve['iterations']} iterations; second half); MoE ms per iteration incl. stall")
+    cols = ["tokens/device", "floor", "+ forecast", "+ planner", "ni-eplb (simulated)",
+            "EPLB paper", "EPLB vLLM", "none", "MoE ms: ni-eplb", "EPLB paper (stall)", "EPLB vLLM (stall)",
+            "none"]
+    for col in cols:
+        table.add_column(col, justify="right")
+    for p in curve["points"]:
+        ours = p["ni_eplb"]
+        table.add_row(
+            str(p["tokens_per_device"]),
+            *(_num(ours.get(k)) for k in GAP_STEPS),
+            *(f"{p[k]['max_over_mean']:.3f}" for k in ("eplb_paper", "eplb_vllm", "none")),
+            f"{ours['moe_ms_per_iteration']:.2f}",
+            *(f"{p[k]['moe_ms_per_iteration']:.2f} ({p[k]['stall_ms_per_iteration']:.2f})"
+              for k in ("eplb_paper", "eplb_vllm")),
+            f"{p['none']['moe_ms_per_iteration']:.2f}",
+        )
+    console.print(table)
+    reached = curve["target_reached_at_tokens_per_device"]
+    where = ", ".join(f"{t} tokens/device" for t in reached) if reached else "no point of the curve"
+    console.print(f"  ni-eplb steady max/mean <= {curve['target']:.2f} with zero stall at: {where}")
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def ni_steady_png(curve: dict, out: str | Path) -> Path:
+    """Left: steady max/mean against tokens per device; right: MoE time per iteration over none's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [p["tokens_per_device"] for p in curve["points"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for k, style, marker in zip(GAP_STEPS, (":", "-.", "--", "-"), "v^Do", strict=True):
+        left.plot(x, [p["ni_eplb"].get(k, np.nan) for p in curve["points"]], ls=style, marker=marker,
+                  color="tab:green", label=f"ni-eplb: {k}" if k != "simulated" else "ni-eplb (simulated)")
+    def over_none(kind: str) -> list[float]:
+        return [p[kind]["moe_ms_per_iteration"] / p["none"]["moe_ms_per_iteration"] for p in curve["points"]]
+
+    for k, color in (("eplb_paper", "tab:red"), ("eplb_vllm", "tab:purple")):
+        left.plot(x, [p[k]["max_over_mean"] for p in curve["points"]], marker="s", color=color, label=k)
+        right.plot(x, over_none(k), marker="s", color=color, label=f"{k} (stall included)")
+    right.plot(x, over_none("ni_eplb"), marker="o", color="tab:green", label="ni-eplb")
+    left.axhline(curve["target"], color="black", lw=0.8, ls="--", label=f"target {curve['target']:.2f}")
+    right.axhline(1.0, color="black", lw=0.8)
+    left.set_ylabel("steady max/mean device load (per iteration)")
+    right.set_ylabel("MoE time per iteration / static layout's")
+    for ax in (left, right):
+        if x:  # a curve without points (tests) draws empty axes
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel("decode tokens per device")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{curve['model']}: balance in steady state ({curve['iterations']} iterations, second half)")
+    fig.tight_layout()
+    return save_figure(fig, out)

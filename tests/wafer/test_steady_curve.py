@@ -1,0 +1,37 @@
+"""ni-eplb's steady state over tokens per device, beside EPLB at the paper's cadence and at vLLM's."""
+
+import dataclasses
+
+import pytest
+
+from meshserve.wafer import reproduce_balance as rb
+from meshserve.wafer.balance import BalanceConfig
+from meshserve.wafer.steady_curve import ni_steady_curve, ni_steady_png
+
+
+def small_spec() -> dict:
+    """The shipped spec on one 8x8 wafer with DBRX (16 experts), two points, 24 iterations."""
+    spec = rb.load_spec()
+    on_one_wafer = lambda r: dataclasses.replace(r, hardware="wsc-8x8", mapping="er")  # noqa: E731
+    spec["ladder"] = [on_one_wafer(r) for r in spec["ladder"]]
+    spec["references"] = [on_one_wafer(r) for r in spec["references"]]
+    spec.update(models=["dbrx"], iterations=24)
+    spec["curves"]["ni_steady"]["tokens_per_device"] = [16, 256]
+    return spec
+
+
+def test_the_curve_breaks_ni_eplb_down_beside_both_eplb_cadences(tmp_path):
+    curve = ni_steady_curve(small_spec(), BalanceConfig(), progress=False)
+    assert curve["iterations"] == 24 and [p["tokens_per_device"] for p in curve["points"]] == [16, 256]
+    for p in curve["points"]:
+        ours = p["ni_eplb"]
+        # a plan made with hindsight on the scored window balances it at least as well as one made ahead
+        assert ours["floor"] <= ours["forecast"] + 1e-9
+        assert ours["simulated"] == ours["max_over_mean"] and ours["stall_ms_per_iteration"] == 0.0
+        assert p["eplb_paper"]["plans"] >= 1 and p["none"]["plans"] == 0
+        vllm = p["eplb_vllm"]  # one plan, its stall spread over vLLM's 3,000-step interval
+        assert vllm["stall_ms_per_iteration"] * 3000 == pytest.approx(vllm["stall_ms_per_plan"])
+    reached = [p["tokens_per_device"] for p in curve["points"]
+               if p["ni_eplb"]["simulated"] <= curve["target"]]
+    assert curve["target_reached_at_tokens_per_device"] == reached
+    assert ni_steady_png(curve, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
