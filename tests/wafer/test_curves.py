@@ -38,4 +38,6 @@ def test_a_run_too_short_for_a_steady_state_prints_no_floor(tmp_path, capsys):
     figures = rb.reproduce_balance(tmp_path, iterations=12, models=("deepseek-v2",), curves=False)
     model = figures["models"]["deepseek-v2"]
     assert model["plan_floor_max_over_mean"] is None and "floor" not in model["steady_gap"]
-    assert "noise floor" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "noise floor" in out and "time model bottleneck" in out
+    assert figures["time_model"] == figures["settings"]["time_model"] == "bottleneck"
