@@ -169,12 +169,22 @@ def setup_trace(setup: BalanceSetup, model: MoEModel, num_devices: int) -> Exper
     if setup.trace is not None:
         trace = ExpertTrace.load(setup.trace)
         return dataclasses.replace(trace, counts=trace.counts[: setup.iterations])
-    return synthetic_trace(
+    return drawn_trace(model, setup.tokens_per_device * num_devices, setup.iterations, setup.scenario,
+                       setup.seed, setup.zipf_exponent)
+
+
+@lru_cache(maxsize=4)
+def drawn_trace(model: MoEModel, tokens_per_step: int, steps: int, scenario: str, seed: int,
+                zipf_exponent: float | None) -> ExpertTrace:
+    """A synthetic trace, drawn once per distinct setting: a ladder's rungs on one platform and
+    steady_gap share it (read-only)."""
+    trace = synthetic_trace(
         model=model.name, num_layers=model.num_moe_layers, num_experts=model.routed_experts,
-        top_k=model.top_k, tokens_per_step=setup.tokens_per_device * num_devices,
-        steps=setup.iterations, scenario=setup.scenario, seed=setup.seed,
-        **({} if setup.zipf_exponent is None else {"zipf_exponent": setup.zipf_exponent}),
+        top_k=model.top_k, tokens_per_step=tokens_per_step, steps=steps, scenario=scenario, seed=seed,
+        **({} if zipf_exponent is None else {"zipf_exponent": zipf_exponent}),
     )
+    trace.counts.flags.writeable = False
+    return trace
 
 
 def redundant_experts(setup: BalanceSetup, hw: Hardware, model: MoEModel) -> int:
