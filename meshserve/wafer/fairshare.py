@@ -70,8 +70,8 @@ def fair_share_seconds(routes: sp.csr_matrix, bandwidth: np.ndarray, traffic: np
 
     routes: [N * N, links] 0/1 (row src * N + dst). Flows that share no link, directly or through
     other flows, never change each other's rates, so each connected group (e.g. one wafer's
-    all-to-all under hierarchical ER) is drained on its own and the collective ends with the
-    slowest group: the same answer, on smaller systems.
+    all-to-all under hierarchical ER) is drained as its own problem, all side by side, and the
+    collective ends with the slowest group: the same answer, on smaller systems.
     """
     n = traffic.shape[0]
     src, dst = np.nonzero(np.asarray(traffic) > 0)
@@ -84,9 +84,10 @@ def fair_share_seconds(routes: sp.csr_matrix, bandwidth: np.ndarray, traffic: np
     # a graph of flows and links, an edge where a flow uses a link
     graph = sp.bmat([[None, flows], [flows.T, None]]).tocsr()
     _, group = connected_components(graph, directed=False)
-    group = group[: len(src)]
-    return max(float(drain(flows[group == g], remaining[group == g, None], bandwidth)[0])
-               for g in np.unique(group))
+    _, group = np.unique(group[: len(src)], return_inverse=True)
+    sizes = np.zeros((len(src), group.max() + 1))
+    sizes[np.arange(len(src)), group] = remaining  # problem g: group g's flows, the others empty
+    return float(drain(flows, sizes, bandwidth).max())
 
 
 def fair_share_time(topo: Topology, traffic: np.ndarray) -> float:
