@@ -26,13 +26,14 @@ from meshserve.wafer.balance import (
     static_placement,
 )
 from meshserve.wafer.comm_model import CommModel, ExpertCost, LinkMap
+from meshserve.wafer.fair_a2a import FairPhase
 from meshserve.wafer.hardware import Hardware, load_hardware
 from meshserve.wafer.iteration import IterationResult, check_trace, simulate_iterations
 from meshserve.wafer.limits import check_iterations
 from meshserve.wafer.mapping import Mapping, make_mapping
 from meshserve.wafer.models import MoEModel, load_model
 from meshserve.wafer.synthetic import synthetic_trace
-from meshserve.wafer.timemodel import collective_time, latency_s
+from meshserve.wafer.timemodel import TIME_MODELS, collective_time, latency_s
 from meshserve.wafer.topology import Topology, topology_for
 from meshserve.wafer.traffic import attention_collectives, dispatch
 
@@ -48,7 +49,8 @@ class BalanceSetup:
     ``zipf_exponent``: routing skew, None = the synthetic default).
     expert_weight_bytes: bytes per routed-expert weight (1 = FP8 weights, compute unchanged);
     None = the model preset's element size. wafer_link_gb_per_s: overrides the platform's
-    inter-wafer port bandwidth (multi-wafer meshes).
+    inter-wafer port bandwidth (multi-wafer meshes). time_model: how communication is timed
+    (timemodel.TIME_MODELS; CommModel).
     """
 
     model: str = "deepseek-v3"
@@ -65,6 +67,7 @@ class BalanceSetup:
     zipf_exponent: float | None = None
     expert_weight_bytes: float | None = None
     wafer_link_gb_per_s: float | None = None
+    time_model: str = "bottleneck"
 
     def platform(self) -> Hardware:
         """The hardware preset with this setup's inter-wafer bandwidth, if it sets one."""
@@ -91,6 +94,8 @@ class BalanceSetup:
         require(self.tokens_per_device >= 1, "batch", f"must be >= 1, got {self.tokens_per_device}")
         require(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
         check_iterations(hw, self.iterations, model.num_moe_layers, model.routed_experts)
+        require(self.time_model in TIME_MODELS, "time_model",
+                f"unknown {self.time_model!r}; allowed: {', '.join(TIME_MODELS)}")
         require(self.balancer in BALANCERS, "balancer",
                 f"unknown {self.balancer!r}; allowed: {', '.join(BALANCERS)}")
         if self.trace is not None:
@@ -129,23 +134,28 @@ def a2a_per_slot(topo: Topology, unit: np.ndarray, slots: float) -> tuple[np.nda
 
 @lru_cache(maxsize=16)
 def comm_model(
-    hw: Hardware, tp: int, mapping_kind: str, model: MoEModel, tokens_per_device: int
+    hw: Hardware, tp: int, mapping_kind: str, model: MoEModel, tokens_per_device: int,
+    time_model: str = "bottleneck",
 ) -> CommModel:
     """Routes, FTDs, all-to-all per-slot link loads and all-reduce link loads of one layout (cached)."""
     topo = topology_for(hw)
     mapping = make_mapping(hw, tp, mapping_kind)
     tokens_per_group = tp * tokens_per_device
     unit = dispatch(mapping, np.eye(topo.num_devices), tokens_per_group, 1, model.token_bytes)
-    disp, comb = a2a_per_slot(topo, unit.traffic, tokens_per_group * mapping.num_groups / topo.num_devices)
-    phases = [collective_time(topo, c) for c in attention_collectives(mapping, tokens_per_group,
-                                                                       model.token_bytes)]
+    slots = tokens_per_group * mapping.num_groups / topo.num_devices
+    disp, comb = a2a_per_slot(topo, unit.traffic, slots)
+    phases = [collective_time(topo, c, time_model)
+              for c in attention_collectives(mapping, tokens_per_group, model.token_bytes)]
     domains, bw = a2a_domains(mapping), topo.link_bandwidth
+    fair = None if time_model == "bottleneck" else tuple(
+        FairPhase.build(topo.incidence, bw, unit.traffic, slots, domains, combine=back)
+        for back in (False, True))
     return CommModel(
         hops=topo.hops, ftd=domains, routes=topo.incidence, bandwidth=bw, path_latency=topo.path_latency,
         dispatch=LinkMap.from_matrix(disp, domains, bw), combine=LinkMap.from_matrix(comb, domains, bw),
         a2a_latency=latency_s(topo, unit),
         allreduce_bytes=np.sum([p.loads for p in phases], axis=0),
-        allreduce_time=float(sum(p.time_s for p in phases)),
+        allreduce_time=float(sum(p.time_s for p in phases)), time_model=time_model, fair=fair,
     )
 
 
@@ -159,12 +169,22 @@ def setup_trace(setup: BalanceSetup, model: MoEModel, num_devices: int) -> Exper
     if setup.trace is not None:
         trace = ExpertTrace.load(setup.trace)
         return dataclasses.replace(trace, counts=trace.counts[: setup.iterations])
-    return synthetic_trace(
+    return drawn_trace(model, setup.tokens_per_device * num_devices, setup.iterations, setup.scenario,
+                       setup.seed, setup.zipf_exponent)
+
+
+@lru_cache(maxsize=4)
+def drawn_trace(model: MoEModel, tokens_per_step: int, steps: int, scenario: str, seed: int,
+                zipf_exponent: float | None) -> ExpertTrace:
+    """A synthetic trace, drawn once per distinct setting: a ladder's rungs on one platform and
+    steady_gap share it (read-only)."""
+    trace = synthetic_trace(
         model=model.name, num_layers=model.num_moe_layers, num_experts=model.routed_experts,
-        top_k=model.top_k, tokens_per_step=setup.tokens_per_device * num_devices,
-        steps=setup.iterations, scenario=setup.scenario, seed=setup.seed,
-        **({} if setup.zipf_exponent is None else {"zipf_exponent": setup.zipf_exponent}),
+        top_k=model.top_k, tokens_per_step=tokens_per_step, steps=steps, scenario=scenario, seed=seed,
+        **({} if zipf_exponent is None else {"zipf_exponent": zipf_exponent}),
     )
+    trace.counts.flags.writeable = False
+    return trace
 
 
 def redundant_experts(setup: BalanceSetup, hw: Hardware, model: MoEModel) -> int:
@@ -193,7 +213,8 @@ def setup_parts(setup: BalanceSetup) -> SetupParts:
     """Build ``setup``'s comm model, trace, replicas, starting layout and costs (checked)."""
     setup.check()
     hw, model = setup.platform(), load_model(setup.model)
-    comm = comm_model(hw, setup.tp, setup.resolved_mapping(hw), model, setup.tokens_per_device)
+    comm = comm_model(hw, setup.tp, setup.resolved_mapping(hw), model, setup.tokens_per_device,
+                      setup.time_model)
     n = hw.num_devices
     redundant = redundant_experts(setup, hw, model)
     slots = slots_per_device(model.routed_experts, n, redundant)

@@ -108,6 +108,8 @@ def reproduce_balance(
                                 "weight type, inter-wafer bandwidth and trace skew (first model)."),
     executor: str = typer.Option("local", "--executor", help="local | ray: fan the independent runs out "
                                  "(pip install 'meshserve[ray]')."),
+    time_model: str = typer.Option(None, "--time-model", help="bottleneck | fair-share [bottleneck]: how "
+                                   "every run times the all-to-all, all-reduce and migration stalls."),
 ) -> None:
     """Ablation ladder NVL72 -> WSC -> ER -> HER -> greedy -> topology-aware -> NI-Balancer.
 
@@ -117,7 +119,7 @@ def reproduce_balance(
 
     names = None if models is None else tuple(m.strip() for m in models.split(",") if m.strip())
     run(out, as_json=json_out, iterations=iterations, tokens_per_device=tokens_per_device, scenario=scenario,
-        models=names, curves=curves, executor=executor)
+        models=names, curves=curves, executor=executor, time_model=time_model)
 
 
 @app.command()

@@ -13,6 +13,8 @@ import numpy as np
 from scipy import sparse
 
 from meshserve.wafer.compute import ExpertCost
+from meshserve.wafer.fair_a2a import FairPhase
+from meshserve.wafer.fairshare import fair_share_seconds
 from meshserve.wafer.timemodel import bottleneck_s
 
 __all__ = ["CommModel", "ExpertCost", "LinkMap"]
@@ -70,6 +72,8 @@ class CommModel:
       all-to-all can load (link bytes per routed token slot a device serves; combine: the way back).
     a2a_latency: latency of the longest all-to-all route (seconds).
     allreduce_bytes: [links] link bytes of one attention all-reduce; allreduce_time: its time.
+    time_model: how the all-to-all, the all-reduce and migration stalls are timed (timemodel.py);
+      fair: the all-to-all's (dispatch, combine) flows under ``fair-share``, None under bottleneck.
     """
 
     hops: np.ndarray
@@ -82,6 +86,8 @@ class CommModel:
     a2a_latency: float
     allreduce_bytes: np.ndarray
     allreduce_time: float
+    time_model: str = "bottleneck"
+    fair: tuple[FairPhase, FairPhase] | None = None
 
     @property
     def num_devices(self) -> int:
@@ -101,9 +107,24 @@ class CommModel:
             out.append(dense[:, np.flatnonzero(dense.any(axis=0))])
         return out[0], out[1]
 
+    def a2a_times(self, load: np.ndarray, dispatch_bytes: np.ndarray,
+                  combine_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Dispatch and combine seconds [rows] of device loads [rows, devices] and their link bytes."""
+        if self.fair is None:
+            return (self.dispatch.time(dispatch_bytes, self.a2a_latency),
+                    self.combine.time(combine_bytes, self.a2a_latency))
+        return self.fair[0].time(load, self.a2a_latency), self.fair[1].time(load, self.a2a_latency)
+
     def transfer_time(self, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray) -> float:
-        """Time for point-to-point copies all at once: hottest link's bytes / bandwidth + latency."""
+        """Time for point-to-point copies all at once (hottest link's bytes / bandwidth, or fair
+        sharing of the copies' flows) + latency."""
         if len(src) == 0:
             return 0.0
-        link_bytes = self.routes[src * self.num_devices + dst].T @ np.asarray(nbytes, dtype=np.float64)
-        return float(bottleneck_s(link_bytes, self.bandwidth) + self.path_latency[src, dst].max())
+        nbytes = np.asarray(nbytes, dtype=np.float64)
+        latency = self.path_latency[src, dst].max()
+        if self.time_model == "fair-share":
+            traffic = np.zeros((self.num_devices, self.num_devices))
+            np.add.at(traffic, (src, dst), nbytes)
+            return float(fair_share_seconds(self.routes, self.bandwidth, traffic) + latency)
+        link_bytes = self.routes[src * self.num_devices + dst].T @ nbytes
+        return float(bottleneck_s(link_bytes, self.bandwidth) + latency)

@@ -161,7 +161,7 @@ def run_curves(
         role: next(r for r in [*spec["ladder"], *spec["references"]] if r.label == label)
         for role, label in spec["roles"].items()
     }
-    settings = {k: spec[k] for k in ("tp", "tokens_per_device", "scenario", "seed")}
+    settings = {k: spec[k] for k in ("tp", "tokens_per_device", "scenario", "seed", "time_model")}
     settings["iterations"] = min(spec["iterations"], spec["curves"]["iterations"])
     # list every run first (a dry pass that records the setups), run them all, then build the curves
     wanted: list[BalanceSetup] = []

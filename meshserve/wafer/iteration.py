@@ -127,8 +127,7 @@ def evaluate(counts: np.ndarray, placement: Placement, comm: CommModel, cost: Ex
     flat = load.reshape(-1, load.shape[-1])
     dispatch = comm.dispatch(flat).reshape(*load.shape[:2], -1)  # [S, L, a2a links]
     combine = comm.combine(flat).reshape(*load.shape[:2], -1)
-    t_dispatch = comm.dispatch.time(dispatch, comm.a2a_latency)
-    t_combine = comm.combine.time(combine, comm.a2a_latency)
+    t_dispatch, t_combine = (t.reshape(load.shape[:2]) for t in comm.a2a_times(flat, dispatch, combine))
     return _Block(
         max_load=load.max(axis=2).mean(axis=1),
         mean_load=load.mean(axis=2).mean(axis=1),

@@ -12,7 +12,10 @@ error"):
 - a router input port reads one flit per cycle (one packet at a time to the crossbar), allocation
   is separable (each input grants its oldest eligible packet, then each output its oldest request);
 - injection: each node sends its batch in order through its injection port (FIFO: the queue's
-  head blocks the rest), ejection takes one flit per cycle.
+  head blocks the rest), ejection takes one flit per cycle. The source is a packet's first hop
+  "behind" it: while its head is blocked fewer than ceil(F / b) hops out, its tail is still in
+  the source queue, and the next packet waits behind it (BookSim2's injection queue is a FIFO
+  of flits; without this a source kept injecting past a blocked head).
 What it leaves out: flit-by-flit interleaving of VCs on a link (a packet holds its channel for F
 consecutive cycles), allocator iterations and speculation, and per-flit credit timing. The head
 advances through a channel in that channel's latency (router pipeline + wire).
@@ -101,18 +104,21 @@ def simulate_packets(
             pick = pick[rank_in_runs(port[pick]) < (port_width - port_busy)[port[pick]]]
             cand, nxt, port = cand[pick], nxt[pick], port[pick]
             win, nxt, port = _grant_outputs(cand, nxt, port, width, channel_busy, occupied, is_eject, V)
+            injected = queued[win]
             np.add.at(channel_busy, nxt, 1)
             np.add.at(port_busy, port, 1)
             np.add.at(channel_ends[(t + F) % size], nxt, 1)
-            np.add.at(port_ends[(t + F) % size], port, 1)
+            np.add.at(port_ends[(t + F) % size], port[~injected], 1)  # a source frees with the tail
             np.add.at(occupied, nxt[~is_eject[nxt]], 1)
-            injected = queued[win]
             np.add.at(next_in_queue, source[win[injected]], 1)
             queued[win] = False
             pos[win] += 1
             start[win, pos[win]] = t
             ready[win] = t + latency[nxt]
-            _release(win, pos[win], start, route, is_eject[nxt], held, t, F, releases)
+            rows, behind, when = _release(win, pos[win], start, route, is_eject[nxt], held, t, F)
+            vc = behind >= 0
+            np.add.at(releases, (when[vc] % size, route[rows[vc], behind[vc]]), 1)
+            np.add.at(port_ends, (when[~vc] % size, num_channels + source[rows[~vc]]), 1)
             ejected = is_eject[nxt]
             done[win[ejected]] = True
             if ejected.any():  # the tail leaves the ejection port F cycles on, then crosses it
@@ -165,23 +171,20 @@ def _release(
     held: int,
     t: int,
     F: int,
-    releases: np.ndarray,
-) -> None:
-    """Schedule the VC frees caused by packets ``win`` taking the channel at route index ``at``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The VC frees caused by packets ``win`` taking the channel at route index ``at``.
 
     The VC behind channel q frees once the tail has left it (F cycles after the packet took
     channel q + 1) and, under wormhole, not before the head is ``held`` hops further (a blocked
     head keeps the tail's VCs). A packet entering its ejection port drains everything it holds.
+    Returns (packet, route index q, cycle) per free; q = -1 is the packet's source queue.
     """
-    size = len(releases)
     behind = at - held  # the VC the head has now outrun
     rows, qs = [win], [behind]
     for k in range(1, held):  # on ejection the VCs still held free as the tail drains
         rows.append(win[ejected])
         qs.append((at - k)[ejected])
     rows, qs = np.concatenate(rows), np.concatenate(qs)
-    keep = qs >= 0
+    keep = qs >= -1
     rows, qs = rows[keep], qs[keep]
-    when = np.maximum(start[rows, qs + 1] + F, t + 1)
-    channel = route[rows, qs]
-    np.add.at(releases, (when % size, channel), 1)
+    return rows, qs, np.maximum(start[rows, qs + 1] + F, t + 1)

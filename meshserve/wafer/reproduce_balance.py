@@ -29,6 +29,7 @@ from meshserve.wafer.fanout import run_many
 from meshserve.wafer.iteration import IterationResult
 from meshserve.wafer.presets import PRESET_DIR
 from meshserve.wafer.steady import steady_gap
+from meshserve.wafer.timemodel import TIME_MODELS
 
 SPEC_PATH = PRESET_DIR / "experiments" / "balance.yaml"
 
@@ -73,7 +74,8 @@ def run_ladder(
     rungs = [*spec["ladder"], *spec["references"]]
     roles = spec["roles"]
     ni_rung = next(r for r in rungs if r.label == roles["ni"])
-    settings = {k: spec[k] for k in ("tp", "tokens_per_device", "iterations", "scenario", "seed")}
+    settings = {k: spec[k]
+                for k in ("tp", "tokens_per_device", "iterations", "scenario", "seed", "time_model")}
     settings_out = {**settings, "wsc": ni_rung.hardware, "config": config.__dict__}
     figures: dict = {"models": {}, "settings": settings_out}
     traces: dict[str, IterationResult] = {}
@@ -149,7 +151,8 @@ def print_ladder(figures: dict) -> None:
         console = Console(width=150)
     s = figures["settings"]
     console.print(f"[bold]MoE decode with load balancing[/]: {s['iterations']} iterations, scenario "
-                  f"{s['scenario']}, TP={s['tp']}, {s['tokens_per_device']} tokens/device, WSC = {s['wsc']}")
+                  f"{s['scenario']}, TP={s['tp']}, {s['tokens_per_device']} tokens/device, WSC = {s['wsc']}, "
+                  f"time model {s['time_model']}")
     for model, m in figures["models"].items():
         table = Table(title=f"{model}: ablation ladder (sums over iterations; cf. paper Fig. 17)")
         for col in ("rung", "compute ms", "all-to-all ms", "stall ms", "MoE ms", "attn red. ms",
@@ -275,19 +278,22 @@ def plot_ladder(figures: dict, labels: list[str], out: Path) -> Path:
 def reproduce_balance(
     out: str | os.PathLike[str] = "out", *, as_json: bool = False, iterations: int | None = None,
     tokens_per_device: int | None = None, scenario: str | None = None, models: tuple[str, ...] | None = None,
-    curves: bool = True, executor: str = "local",
+    curves: bool = True, executor: str = "local", time_model: str | None = None,
 ) -> dict:
     """Run the ladder, write balance.json and the two plots under ``out``, print tables or JSON.
 
     Arguments left None take the values of presets/experiments/balance.yaml. executor: local, or
-    ray to fan the independent runs out (fanout.py); the figures are the same.
+    ray to fan the independent runs out (fanout.py); the figures are the same. time_model: how every
+    run times communication (bottleneck or fair-share; docs/wafer.md, "Time models").
     """
     spec = load_spec()
     given = {"iterations": iterations, "tokens_per_device": tokens_per_device, "scenario": scenario,
-             "models": list(models) if models is not None else None}
+             "models": list(models) if models is not None else None, "time_model": time_model}
     spec.update({k: v for k, v in given.items() if v is not None})
     require(len(spec["models"]) > 0, "models", "list at least one model preset, e.g. deepseek-v3")
     require(spec["iterations"] >= 1, "iterations", f"must be >= 1, got {spec['iterations']}")
+    require(spec["time_model"] in TIME_MODELS, "time_model",
+            f"unknown {spec['time_model']!r}; allowed: {', '.join(TIME_MODELS)}")
     out = check_writable(out, "out", folder=True)
     start = time.perf_counter()
     figures, traces = run_ladder(spec, progress=not as_json, executor=executor)
@@ -300,6 +306,7 @@ def reproduce_balance(
 
         figures["ni_steady_curve"] = ni_steady_curve(spec, BalanceConfig(), not as_json, executor)
     figures["wall_s"] = time.perf_counter() - start  # every run, on this executor
+    figures["time_model"] = spec["time_model"]
     with all_or_nothing():
         figures["plots"] = [
             str(plot_load_traces(traces, spec["models"][0], figures["settings"]["wsc"], out)),
@@ -325,6 +332,7 @@ def reproduce_balance(
 
             print_curves(figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"], Console(width=150))
             print_ni_steady_curve(figures["ni_steady_curve"], Console(width=170))
-        print(f"{figures['wall_s']:.0f} s of wall time ({executor}); wrote {out / 'balance.json'}, "
+        print(f"{figures['wall_s']:.0f} s of wall time ({executor}, {spec['time_model']} time model); "
+              f"wrote {out / 'balance.json'}, "
               + ", ".join(figures["plots"]))
     return figures

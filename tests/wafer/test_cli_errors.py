@@ -100,6 +100,11 @@ def test_non_finite_or_non_positive_flags_are_refused(value):
     one_line_error(run_cli(["wafer", "simulate", "--tokens-per-device", value]), "tokens_per_device")
 
 
+def test_reproduce_balance_names_an_unknown_time_model(tmp_path):
+    args = ["wafer", "reproduce", "balance", "--time-model", "exact", "--out", str(tmp_path / "o")]
+    assert "fair-share" in one_line_error(run_cli(args), "time_model")
+
+
 @pytest.fixture
 def blocker(tmp_path):
     """A plain file, so that any path under it cannot be created."""

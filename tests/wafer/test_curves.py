@@ -40,4 +40,27 @@ def test_a_run_too_short_for_a_steady_state_prints_no_floor(tmp_path, capsys):
     figures = rb.reproduce_balance(tmp_path, iterations=12, models=("deepseek-v2",), curves=False)
     model = figures["models"]["deepseek-v2"]
     assert model["plan_floor_max_over_mean"] is None and "floor" not in model["steady_gap"]
-    assert "noise floor" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "noise floor" in out and "time model bottleneck" in out
+    assert figures["time_model"] == figures["settings"]["time_model"] == "bottleneck"
+
+
+def test_the_ladder_runs_under_the_fair_share_model_and_says_so(tmp_path, monkeypatch):
+    # NVL72 rungs only: every all-to-all row there is proven to end at its bottleneck time
+    # (docs/wafer.md, "Time models"), so both models must give the same all-to-all
+    spec = rb.load_spec()
+    nvl = {"hardware": "nvl72", "mapping": "baseline"}
+    spec["ladder"] = [rb.Rung("NVL72", balancer="none", **nvl), rb.Rung("NI", balancer="ni", **nvl)]
+    spec["references"] = [rb.Rung("EPLB", balancer="greedy", **nvl),
+                          rb.Rung("ours", balancer="ni-eplb", **nvl)]
+    spec["roles"] = {"gpu": "NVL72", "gpu_balanced": "EPLB", "unbalanced": "NVL72", "ni": "NI",
+                     "ours": "ours"}
+    monkeypatch.setattr(rb, "load_spec", lambda: spec)
+    runs = {model: rb.reproduce_balance(tmp_path / model, as_json=True, iterations=6,
+                                        models=("deepseek-v3",), curves=False, time_model=model)
+            for model in ("bottleneck", "fair-share")}
+    assert [runs[m]["time_model"] for m in runs] == ["bottleneck", "fair-share"]
+    ladders = [runs[m]["models"]["deepseek-v3"]["ladder"] for m in runs]
+    for fast, fair in zip(*ladders, strict=True):
+        assert fair["a2a_s"] == pytest.approx(fast["a2a_s"], rel=1e-6)
+        assert fair["stall_s"] >= fast["stall_s"] * (1 - 1e-9)  # tests/wafer/test_fair_a2a.py times stalls

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshserve.wafer.fairshare import certified_bottleneck, crowding, drain
 from meshserve.wafer.hardware import load_hardware
 from meshserve.wafer.timemodel import collective_time
 from meshserve.wafer.topology import topology_for
@@ -74,3 +75,36 @@ def test_flows_slowed_elsewhere_can_leave_the_hottest_link_idle():
     assert bottleneck.bandwidth_s == pytest.approx(4e-6)  # 4 units over link 2->3
     # shorts done at 2.4 (rate 1/3 each), then the long two share 2->3: 2 x (2 - 0.8) more
     assert fair.bandwidth_s == pytest.approx(4.8e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 4), cols=st.integers(2, 4), seed=st.integers(0, 10_000))
+def test_a_certified_bottleneck_is_what_the_drain_gives(rows, cols, seed):
+    topo = topology_for(WSC.with_mesh(rows, cols))
+    n = rows * cols
+    rng = np.random.default_rng(seed)
+    traffic = np.outer(np.ones(n), rng.pareto(1.0, n) + 0.1) * (rng.random((n, n)) < 0.7) * 1e6
+    np.fill_diagonal(traffic, 0)
+    src, dst = np.nonzero(traffic)
+    if not len(src):
+        return
+    flows = topo.incidence[src * n + dst].tocsr()
+    sizes = traffic[src, dst][:, None]
+    bottleneck = (flows.T @ sizes / topo.link_bandwidth[:, None]).max(axis=0)
+    fair = drain(flows, sizes, topo.link_bandwidth)
+    if certified_bottleneck(sizes, crowding(flows, topo.link_bandwidth), bottleneck)[0]:
+        assert fair[0] == pytest.approx(bottleneck[0], rel=1e-9)
+    else:  # the bound is only a bound: the drain may still end at the bottleneck time
+        assert fair[0] >= bottleneck[0] * (1 - 1e-9)
+
+
+def test_many_problems_drain_side_by_side_as_they_would_alone():
+    topo = topology_for(WSC.with_mesh(2, 3))
+    rng = np.random.default_rng(3)
+    src, dst = np.nonzero(~np.eye(6, dtype=bool))
+    flows = topo.incidence[src * 6 + dst].tocsr()
+    sizes = rng.pareto(1.0, (len(src), 5)) * (rng.random((len(src), 5)) < 0.6) * 1e6
+    together = drain(flows, sizes, topo.link_bandwidth)
+    alone = [drain(flows, sizes[:, [b]], topo.link_bandwidth)[0] for b in range(5)]
+    np.testing.assert_allclose(together, alone, rtol=1e-12)
+

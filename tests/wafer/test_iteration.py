@@ -20,7 +20,7 @@ from meshserve.wafer.balance import (
 )
 from meshserve.wafer.balance.steps import split_steps
 from meshserve.wafer.balance.stream import Flight, window_bytes
-from meshserve.wafer.balance_setup import BalanceSetup, comm_model, expert_cost, run_setup
+from meshserve.wafer.balance_setup import BalanceSetup, comm_model, expert_cost, run_setup, setup_parts
 from meshserve.wafer.hardware import load_hardware
 from meshserve.wafer.iteration import evaluate, faster_layers, simulate_iterations
 from meshserve.wafer.models import load_model
@@ -289,3 +289,10 @@ def test_planners_predict_the_simulators_layer_time_on_a_fixed_load(mapping):
     latency = 2 * comm.a2a_latency  # dispatch and combine; the planners leave it out (placement-free)
     predicted = layer_time(placement.holds, counts[0], planner)
     np.testing.assert_allclose(predicted + latency, block.layer_s[0], rtol=1e-5)
+
+
+def test_runs_on_one_platform_share_one_read_only_trace_draw():
+    plain, greedy = (setup_parts(BalanceSetup(balancer=b, iterations=3)) for b in ("none", "greedy"))
+    assert plain.trace is greedy.trace and not plain.trace.counts.flags.writeable
+    other = setup_parts(BalanceSetup(balancer="none", iterations=3, seed=1))
+    assert other.trace is not plain.trace and not np.array_equal(other.trace.counts, plain.trace.counts)
