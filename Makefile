@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test lint clean native
+.PHONY: run test test-triton lint clean native
 
 # Native kernels (kernels/csrc) compiled for this machine and torch; a no-op when that build exists.
 native: $(STAMP)
@@ -27,6 +27,12 @@ run: native
 test: native
 	$(BIN)/ruff check meshserve tests benchmarks
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not slow"
+
+# The Triton attention kernel's tests with the gpu extra (triton) installed: natively on a CUDA machine,
+# under Triton's interpreter on CPU (the plain `make test` skips them where triton is missing).
+test-triton: native
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,gpu]'
+	$(BIN)/python -m pytest -q tests/kernels/test_triton_attention.py tests/kernels/test_attention_backend.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check meshserve tests benchmarks

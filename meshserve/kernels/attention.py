@@ -1,30 +1,53 @@
-"""Which attention a forward runs: the native Meta-Attention op when this machine built it, else the torch
-reference (with a loud warning from `native.load`). MESHSERVE_ATTENTION=reference forces the reference.
+"""Which attention a forward runs: on CPU the native Meta-Attention op when this machine built it, else the
+torch reference (with a loud warning from `native.load`); on CUDA the Triton kernel when triton imports, else
+the reference. MESHSERVE_ATTENTION=reference forces the reference, MESHSERVE_ATTENTION=triton the Triton
+kernel (on CPU tensors only under TRITON_INTERPRET=1: how the tests check it). Otherwise CPU inference never
+imports triton.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from meshserve.kernels import native
-from meshserve.kernels.attention_tiles import TaskTable, plan_tasks_native, tile_sizes
+from meshserve.kernels.attention_tiles import TaskTable, TileSizes, plan_tasks, plan_tasks_native, tile_sizes
 from meshserve.kernels.meta_attention import AttentionPlan, paged_attention, plan_attention
 from meshserve.kernels.meta_attention_native import meta_attention
 
 if TYPE_CHECKING:  # kernels stay leaves: they only read the metadata's tensors
     from meshserve.models.batch import BatchMetadata
 
-StepPlan = TaskTable | AttentionPlan
+
+@dataclass
+class TritonPlan:
+    """A Task-Table planned for the Triton kernel: unsplit tasks (one program owns its rows)."""
+
+    table: TaskTable
 
 
-def use_native(device: torch.device, dtype: torch.dtype) -> bool:
-    """The native op serves float32 / bfloat16 on CPU unless the reference is forced."""
-    if os.environ.get("MESHSERVE_ATTENTION", "native") == "reference":
-        return False
-    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native.load()
+StepPlan = TaskTable | AttentionPlan | TritonPlan
+
+# The Triton kernel's tiles (kernels/triton_attention.py imports triton, so they live here): prefill chunks
+# in 64-row tiles, up to 16-row blocks whole (a tl.dot takes 16 rows anyway), no KV splits.
+TRITON_TILES = TileSizes(prefill_rows=64, short_rows=16, min_split_kv=2**30)
+
+
+def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The attention a forward on `device` runs: "native" (the CPU op, float32 / bfloat16), "triton" (CUDA)
+    or "reference" (torch); MESHSERVE_ATTENTION=reference / triton forces one."""
+    forced = os.environ.get("MESHSERVE_ATTENTION", "native")
+    if forced in ("reference", "triton"):
+        return forced
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native.load():
+        return "native"
+    return "reference"
 
 
 def plan_step(
@@ -35,11 +58,15 @@ def plan_step(
     head_dim: int,
     dtype: torch.dtype,
     windows: set[int | None],
-    native_op: bool,
+    backend: str,
 ) -> dict[int | None, StepPlan]:
     """One plan per distinct sliding window (None: full attention), shared by all layers of the forward."""
-    if not native_op:
+    if backend == "reference":
         return {w: plan_attention(meta, block_size, window=w) for w in windows}
+    if backend == "triton":  # one program per task: no KV splits, so one thread row; planned on the host
+        host = meta.to(torch.device("cpu"))
+        return {w: TritonPlan(plan_tasks(host, num_heads, num_kv_heads, TRITON_TILES, 1, window=w))
+                for w in windows}
     sizes = tile_sizes(head_dim, dtype)
     threads = torch.get_num_threads()
     return {w: plan_tasks_native(meta, num_heads, num_kv_heads, sizes, threads, window=w) for w in windows}
@@ -49,6 +76,10 @@ def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, plan: StepPlan, scale: float
 ) -> torch.Tensor:
     """Write this step's K/V into the layer's cache and attend: q [T, heads, D] -> [T, heads, D]."""
+    if isinstance(plan, TritonPlan):
+        from meshserve.kernels.triton_attention import triton_attention  # imports triton: only on this path
+
+        return triton_attention(q, k, v, kv_cache, plan.table, scale)
     if isinstance(plan, TaskTable):
         return meta_attention(q, k, v, kv_cache, plan, scale)
     return paged_attention(q, k, v, kv_cache, plan, scale)

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from meshserve.kernels.attention import plan_step, use_native
+from meshserve.kernels.attention import attention_backend, plan_step
 from meshserve.kernels.profile import GemmTable, bmm_key, shape_key
 from meshserve.kernels.smooth_gemm import SmoothLinear
 from meshserve.models.batch import BatchMetadata
@@ -99,7 +99,7 @@ class DecoderLM(nn.Module):
         cfg = self.config
         windows = {layer.self_attn.window for layer in self.layers}
         plans = plan_step(meta, cache.shape[2], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache.dtype,
-                          windows, native_op=use_native(cache.device, cache.dtype))
+                          windows, backend=attention_backend(cache.device, cache.dtype))
         step = StepInputs(cos, sin, plans)
         t = x.shape[0]
         f32 = [layer.self_attn.qkv_proj.wants_f32(t) for layer in self.layers] + [False]
