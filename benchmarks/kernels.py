@@ -104,14 +104,14 @@ def describe(meta: BatchMetadata) -> str:
 
 
 def _slots(meta: BatchMetadata, s: int, block_size: int) -> torch.Tensor:
-    pos = torch.arange(int(meta.seq_lens[s]))
+    pos = torch.arange(int(meta.seq_lens[s]), device=meta.block_tables.device)
     return meta.block_tables[s].long()[pos // block_size] * block_size + pos % block_size
 
 
 def sdpa_loop(q, k, v, cache, meta: BatchMetadata, block_size: int) -> torch.Tensor:
     """One SDPA per sequence over its KV gathered from the paged cache (a per-request engine)."""
     write_kv(k, v, cache, meta.slot_mapping.long())
-    flat = cache.view(2, -1, KV_HEADS, HEAD_DIM)
+    flat = cache.view(2, -1, *cache.shape[-2:])
     out = torch.empty_like(q)
     starts = meta.query_start_loc.tolist()
     for s in range(meta.num_seqs):
@@ -121,7 +121,7 @@ def sdpa_loop(q, k, v, cache, meta: BatchMetadata, block_size: int) -> torch.Ten
         slots = _slots(meta, s, block_size)
         keys, values = flat[0, slots].transpose(0, 1), flat[1, slots].transpose(0, 1)
         n, qn = keys.shape[1], hi - lo
-        mask = torch.arange(n)[None, :] <= torch.arange(n - qn, n)[:, None]
+        mask = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - qn, n, device=q.device)[:, None]
         out[lo:hi] = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1), keys, values, attn_mask=mask,
                                                     enable_gqa=True).transpose(0, 1)
     return out
@@ -130,11 +130,11 @@ def sdpa_loop(q, k, v, cache, meta: BatchMetadata, block_size: int) -> torch.Ten
 def sdpa_padded(q, k, v, cache, meta: BatchMetadata, block_size: int) -> torch.Tensor:
     """All sequences padded to the longest query and KV: one SDPA call (what a static-shape engine does)."""
     write_kv(k, v, cache, meta.slot_mapping.long())
-    flat = cache.view(2, -1, KV_HEADS, HEAD_DIM)
+    flat = cache.view(2, -1, *cache.shape[-2:])
     starts, seq_lens = meta.query_start_loc.long(), meta.seq_lens.long()
     q_lens = starts[1:] - starts[:-1]
     qm, m = int(q_lens.max()), int(seq_lens.max())
-    qi, kv = torch.arange(qm), torch.arange(m)
+    qi, kv = torch.arange(qm, device=q.device), torch.arange(m, device=q.device)
     rows = (starts[:-1, None] + torch.minimum(qi[None, :], (q_lens[:, None] - 1).clamp(min=0)))
     tables = meta.block_tables.long()
     slots = tables[:, (kv // block_size).clamp(max=tables.shape[1] - 1)] * block_size + kv % block_size
