@@ -7,7 +7,8 @@ Needs a CUDA GPU and triton (`pip install -e '.[gpu]'`); without CUDA it says so
 Shapes of a Llama-3-8B layer (32 heads, 8 KV heads, head_dim 128, block size 16). For each mixed batch
 (decodes beside prefill chunks, verify blocks) one layer's attention, KV write included, runs as
 
-- triton: the kernel over the Task-Table (planned once per batch, as a forward shares it across layers),
+- triton: the kernel over the Task-Table (planned and copied to the GPU once per batch, as a forward
+  shares it across layers),
 - sdpa-loop: one `scaled_dot_product_attention` per sequence over its KV gathered from the cache,
 - sdpa-padded: one SDPA over all sequences padded to the longest query and KV (boolean mask),
 
@@ -92,10 +93,11 @@ def print_rows(times: dict[str, float], errors: dict[str, float]) -> None:
 
 
 def mixed_section(name: str, seqs, dtype: torch.dtype, repeats: int, device: torch.device) -> None:
-    from meshserve.kernels.triton_attention import triton_attention
+    from meshserve.kernels.triton_attention import prepare, triton_attention
 
     meta, num_blocks = make_batch(seqs, seed=0)
     table = plan_tasks(meta, HEADS, KV_HEADS, TRITON_TILES, 1)
+    on_device = prepare(table, device)  # once per forward, shared by its layers
     meta_dev = meta.to(device)
     gen = torch.Generator(device=device).manual_seed(0)
     cache = torch.randn(2, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=gen, device=device).to(dtype)
@@ -104,7 +106,7 @@ def mixed_section(name: str, seqs, dtype: torch.dtype, repeats: int, device: tor
             for _ in "kv")
     scale = HEAD_DIM**-0.5
     methods = {
-        "triton": lambda: triton_attention(q, k, v, cache, table, scale),
+        "triton": lambda: triton_attention(q, k, v, cache, on_device, scale),
         "sdpa-loop": lambda: sdpa_loop(q, k, v, cache, meta_dev, BLOCK_SIZE),
         "sdpa-padded": lambda: sdpa_padded(q, k, v, cache, meta_dev, BLOCK_SIZE),
     }
@@ -117,11 +119,12 @@ def mixed_section(name: str, seqs, dtype: torch.dtype, repeats: int, device: tor
 def prefill_section(dtype: torch.dtype, repeats: int, device: torch.device) -> None:
     from flash_tutorial import flash_forward
 
-    from meshserve.kernels.triton_attention import triton_attention
+    from meshserve.kernels.triton_attention import prepare, triton_attention
 
     prompts, n = PREFILL
     meta, num_blocks = make_batch([(0, n)] * prompts, seed=1)
     table = plan_tasks(meta, HEADS, KV_HEADS, TRITON_TILES, 1)
+    on_device = prepare(table, device)
     meta_dev = meta.to(device)
     gen = torch.Generator(device=device).manual_seed(1)
     cache = torch.zeros(2, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
@@ -135,7 +138,7 @@ def prefill_section(dtype: torch.dtype, repeats: int, device: torch.device) -> N
         return o.transpose(1, 2).reshape(-1, HEADS, HEAD_DIM)
 
     methods = {
-        "triton": lambda: triton_attention(q, k, v, cache, table, scale),
+        "triton": lambda: triton_attention(q, k, v, cache, on_device, scale),
         "sdpa-loop": lambda: sdpa_loop(q, k, v, cache, meta_dev, BLOCK_SIZE),
         "sdpa-padded": lambda: sdpa_padded(q, k, v, cache, meta_dev, BLOCK_SIZE),
         "sdpa-causal": lambda: undense(F.scaled_dot_product_attention(*dense, is_causal=True,

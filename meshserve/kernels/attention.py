@@ -25,9 +25,11 @@ if TYPE_CHECKING:  # kernels stay leaves: they only read the metadata's tensors
 
 @dataclass
 class TritonPlan:
-    """A Task-Table planned for the Triton kernel: unsplit tasks (one program owns its rows)."""
+    """A Task-Table planned for the Triton kernel: unsplit tasks (one program owns its rows). The first
+    layer copies it to the device (`triton_attention.prepare`); the others reuse that copy."""
 
     table: TaskTable
+    on_device: object | None = None  # a triton_attention.DeviceTable (that module imports triton)
 
 
 StepPlan = TaskTable | AttentionPlan | TritonPlan
@@ -77,9 +79,11 @@ def attend(
 ) -> torch.Tensor:
     """Write this step's K/V into the layer's cache and attend: q [T, heads, D] -> [T, heads, D]."""
     if isinstance(plan, TritonPlan):
-        from meshserve.kernels.triton_attention import triton_attention  # imports triton: only on this path
+        from meshserve.kernels.triton_attention import prepare, triton_attention  # imports triton: only here
 
-        return triton_attention(q, k, v, kv_cache, plan.table, scale)
+        if plan.on_device is None:
+            plan.on_device = prepare(plan.table, q.device)
+        return triton_attention(q, k, v, kv_cache, plan.on_device, scale)
     if isinstance(plan, TaskTable):
         return meta_attention(q, k, v, kv_cache, plan, scale)
     return paged_attention(q, k, v, kv_cache, plan, scale)

@@ -14,6 +14,7 @@ imports it. The tests run it under `TRITON_INTERPRET=1` on CPU tensors.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -126,25 +127,40 @@ def _constants(dtype: torch.dtype, block_size: int, head_dim: int, group: int, b
     )
 
 
-def run_task_table(q: torch.Tensor, kv_cache: torch.Tensor, table: TaskTable, scale: float) -> torch.Tensor:
-    """Attend q [T, heads, D] over the (already written) cache by the table's tasks -> [T, heads, D].
+@dataclass
+class DeviceTable:
+    """A Task-Table on the kernel's device, cut into launches by row bucket; made once per forward."""
 
-    One launch per row bucket (16, 32, 64, ..: the tile's rows to the next power of two), so a decode's
-    single row is padded to 16, not to the batch's longest tile; the table is on the host (the planner's)."""
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    tree_mask: torch.Tensor
+    launches: list[tuple[int, torch.Tensor]]  # (BLOCK_M, its tasks)
+
+
+def prepare(table: TaskTable, device: torch.device) -> DeviceTable:
+    """Copy the planner's (host) table to `device` once, in row buckets (16, 32, 64, ..: a tile's rows to the
+    next power of two), so a decode's one row is padded to 16, not to the batch's longest tile."""
     if table.partial_rows:
         raise ValueError("the Triton kernel runs unsplit tasks: plan with attention.TRITON_TILES, 1 thread")
-    _, _, block_size, kv_heads, head_dim = kv_cache.shape
-    heads, device = q.shape[1], q.device
-    q, cache = q.contiguous(), kv_cache.contiguous()
-    out = torch.zeros_like(q)
     tasks = table.tasks.cpu()
-    tables = table.block_tables.to(device=device, dtype=torch.int32).contiguous()
-    tree = table.tree_mask.to(device)
     bucket = torch.exp2(torch.log2(tasks[:, COL["q_rows"]].float()).ceil()).clamp(min=16).int()
-    for block_m in torch.unique(bucket).tolist():  # a few buckets, never one launch per task
-        chunk = tasks[bucket == block_m].to(device)
-        _meta_attention_kernel[(len(chunk), heads // kv_heads)](
-            q, cache, out, tables, chunk, tree, scale, q.stride(0), q.stride(1), cache.stride(0),
+    return DeviceTable(
+        slot_mapping=table.slot_mapping.to(device),
+        block_tables=table.block_tables.to(device=device, dtype=torch.int32).contiguous(),
+        tree_mask=table.tree_mask.to(device),
+        launches=[(m, tasks[bucket == m].to(device)) for m in torch.unique(bucket).tolist()],
+    )
+
+
+def run_task_table(q: torch.Tensor, kv_cache: torch.Tensor, table: DeviceTable, scale: float) -> torch.Tensor:
+    """Attend q [T, heads, D] over the (already written) cache by the table's tasks -> [T, heads, D]."""
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    heads = q.shape[1]
+    q, cache, tables = q.contiguous(), kv_cache.contiguous(), table.block_tables
+    out = torch.zeros_like(q)
+    for block_m, tasks in table.launches:  # a few buckets, never one launch per task
+        _meta_attention_kernel[(len(tasks), heads // kv_heads)](
+            q, cache, out, tables, tasks, table.tree_mask, scale, q.stride(0), q.stride(1), cache.stride(0),
             kv_heads * head_dim, tables.stride(0), len(TASK_COLUMNS),
             **_constants(q.dtype, block_size, head_dim, heads // kv_heads, block_m),
         )
@@ -152,12 +168,20 @@ def run_task_table(q: torch.Tensor, kv_cache: torch.Tensor, table: TaskTable, sc
 
 
 def triton_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, table: TaskTable, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    table: TaskTable | DeviceTable,
+    scale: float,
 ) -> torch.Tensor:
     """Write k/v [T, kv_heads, D] into the cache, then run the table: q [T, heads, D] -> same shape.
 
-    The signature of `meta_attention` and `paged_attention`, so `attention.attend` can swap it in."""
-    write_kv(k, v, kv_cache, table.slot_mapping.to(kv_cache.device))
+    The signature of `meta_attention` and `paged_attention`, so `attention.attend` can swap it in; a
+    forward passes the DeviceTable it prepared once for all layers (a TaskTable is prepared here)."""
+    if isinstance(table, TaskTable):
+        table = prepare(table, q.device)
+    write_kv(k, v, kv_cache, table.slot_mapping)
     return run_task_table(q, kv_cache, table, scale)
 
 

@@ -132,15 +132,17 @@ def test_sequences_sharing_prefix_blocks_and_a_strided_query():
 def test_a_model_forward_through_the_kernel_matches_the_reference(tiny_model_dir, monkeypatch, arch,
                                                                   overrides):
     """MESHSERVE_ATTENTION=triton sends every layer's attention through the kernel: a prefill of two
-    prompts, then a step mixing a decode with a chunk, give the reference path's logits."""
+    prompts, then a step mixing a decode with a chunk, give the reference path's logits. (Mixtral's
+    layers all share one window, so each forward plans one table.)"""
     from meshserve.kernels import triton_attention as module
     from meshserve.models import load_model
     from meshserve.testing import PagedSequences
 
     lm = load_model(tiny_model_dir(arch, **overrides))
-    calls = []
-    kernel = module.triton_attention
+    calls, copies = [], []
+    kernel, prepare = module.triton_attention, module.prepare
     monkeypatch.setattr(module, "triton_attention", lambda *args: calls.append(1) or kernel(*args))
+    monkeypatch.setattr(module, "prepare", lambda *args: copies.append(1) or prepare(*args))
 
     def run(backend: str) -> list[torch.Tensor]:
         monkeypatch.setenv("MESHSERVE_ATTENTION", backend)
@@ -152,6 +154,7 @@ def test_a_model_forward_through_the_kernel_matches_the_reference(tiny_model_dir
     for got, want in zip(run("triton"), run("reference"), strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert len(calls) == 2 * lm.config.num_layers
+    assert len(copies) == 2  # the table goes to the device once per forward, not once per layer
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the tests above compile it for real")
