@@ -35,6 +35,23 @@ def build_batch(context: list[int], q_lens: list[int], block_size: int, seed: in
     ), sum(need) + 3
 
 
+def shared_prefix_batch(block_size: int = 4) -> BatchMetadata:
+    """Prefix caching: two sequences' tables point at the same two cached blocks (6, 2), then at their own;
+    3 and 6 new tokens after 8 cached ones (block tables padded with 0)."""
+    tables = torch.tensor([[6, 2, 9, 0], [6, 2, 4, 1]], dtype=torch.int32)
+    q_lens = torch.tensor([3, 6])
+    pos = torch.cat([torch.arange(8, 11), torch.arange(8, 14)])
+    seq_of = torch.repeat_interleave(torch.arange(2), q_lens)
+    return BatchMetadata(
+        positions=pos,
+        slot_mapping=tables.long()[seq_of, pos // block_size] * block_size + pos % block_size,
+        query_start_loc=torch.tensor([0, 3, 9], dtype=torch.int32),
+        seq_lens=torch.tensor([11, 14], dtype=torch.int32),
+        block_tables=tables,
+        logits_indices=torch.tensor([2, 8]),
+    )
+
+
 def dense_reference(q, keys, values, q_len, scale):
     """Causal attention of the last q_len rows over all keys of one sequence (GQA by repeating KV heads)."""
     group = q.shape[1] // keys.shape[1]

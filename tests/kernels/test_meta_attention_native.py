@@ -11,8 +11,7 @@ from meshserve.kernels import native
 from meshserve.kernels.attention_tiles import MaskKind, TileSizes, plan_tasks
 from meshserve.kernels.meta_attention import paged_attention, plan_attention
 from meshserve.kernels.meta_attention_native import meta_attention
-from meshserve.models.batch import BatchMetadata
-from tests.kernels.test_meta_attention import build_batch, dense_reference
+from tests.kernels.test_meta_attention import build_batch, dense_reference, shared_prefix_batch
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
@@ -175,18 +174,7 @@ def test_op_registration_and_fake_impl_pass_torch_opcheck():
 def test_sequences_sharing_prefix_blocks(dtype):
     """Prefix caching: two sequences' tables point at the same two cached blocks, then at their own."""
     block_size, gen = 4, torch.Generator().manual_seed(7)
-    tables = torch.tensor([[6, 2, 9, 0], [6, 2, 4, 1]], dtype=torch.int32)  # shared 6, 2; padded with 0
-    seq_lens, q_lens = torch.tensor([11, 14], dtype=torch.int32), torch.tensor([3, 6])
-    pos = torch.cat([torch.arange(8, 11), torch.arange(8, 14)])
-    seq_of = torch.repeat_interleave(torch.arange(2), q_lens)
-    meta = BatchMetadata(
-        positions=pos,
-        slot_mapping=tables.long()[seq_of, pos // block_size] * block_size + pos % block_size,
-        query_start_loc=torch.tensor([0, 3, 9], dtype=torch.int32),
-        seq_lens=seq_lens,
-        block_tables=tables,
-        logits_indices=torch.tensor([2, 8]),
-    )
+    meta = shared_prefix_batch(block_size)
     cache = torch.randn(2, 10, block_size, 2, 16, generator=gen).to(dtype)
     q = torch.randn(9, 4, 16, generator=gen).to(dtype)
     k, v = (torch.randn(9, 2, 16, generator=gen).to(dtype) for _ in "kv")

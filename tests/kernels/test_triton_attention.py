@@ -21,8 +21,7 @@ from meshserve.kernels.attention import TRITON_TILES  # noqa: E402
 from meshserve.kernels.attention_tiles import COL, MaskKind, plan_tasks  # noqa: E402
 from meshserve.kernels.meta_attention import paged_attention, plan_attention  # noqa: E402
 from meshserve.kernels.triton_attention import triton_attention  # noqa: E402
-from meshserve.models.batch import BatchMetadata  # noqa: E402
-from tests.kernels.test_meta_attention import build_batch  # noqa: E402
+from tests.kernels.test_meta_attention import build_batch, shared_prefix_batch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -108,18 +107,7 @@ def test_sequences_sharing_prefix_blocks_and_a_strided_query():
     """Prefix caching: two tables point at the same two cached blocks, then at their own; q is a column
     slice of a fused qkv (not contiguous), as the layer's split gives it."""
     block_size, gen = 4, torch.Generator().manual_seed(7)
-    tables = torch.tensor([[6, 2, 9, 0], [6, 2, 4, 1]], dtype=torch.int32)  # shared 6, 2; padded with 0
-    q_lens = torch.tensor([3, 6])
-    pos = torch.cat([torch.arange(8, 11), torch.arange(8, 14)])
-    seq_of = torch.repeat_interleave(torch.arange(2), q_lens)
-    meta = BatchMetadata(
-        positions=pos,
-        slot_mapping=tables.long()[seq_of, pos // block_size] * block_size + pos % block_size,
-        query_start_loc=torch.tensor([0, 3, 9], dtype=torch.int32),
-        seq_lens=torch.tensor([11, 14], dtype=torch.int32),
-        block_tables=tables,
-        logits_indices=torch.tensor([2, 8]),
-    )
+    meta = shared_prefix_batch(block_size)
     cache = torch.randn(2, 10, block_size, 2, 16, generator=gen)
     qkv = torch.randn(9, 8, 16, generator=gen)
     q, k, v = qkv[:, :4], qkv[:, 4:6].contiguous(), qkv[:, 6:].contiguous()
