@@ -79,7 +79,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
 
 
 def fused_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int,
-          renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routing weights [T, k] (float32), expert ids [T, k] and pairs per expert [E] for tokens x [T, H]."""
     return torch.ops.meshserve.moe_route(x.contiguous(), gate_weight.contiguous(), top_k, renormalize)
 
