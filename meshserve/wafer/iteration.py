@@ -28,6 +28,11 @@ from meshserve.wafer.comm_model import CommModel, ExpertCost
 from meshserve.wafer.timemodel import bottleneck_s
 
 
+def load_ratio(max_load: np.ndarray, mean_load: np.ndarray) -> np.ndarray:
+    """Max/mean device load per iteration (an idle iteration's mean counts as 1e-12, not 0)."""
+    return max_load / np.maximum(mean_load, 1e-12)
+
+
 @dataclass
 class IterationResult:
     """Per-iteration series (length = iterations) and run totals.
@@ -61,19 +66,28 @@ class IterationResult:
         """MoE layer time per iteration: compute + all-to-all + stalls."""
         return self.compute_s + self.a2a_s + self.stall_s
 
+    @property
+    def steady(self) -> slice:
+        """The iterations steady-state figures average over: the second half of the run."""
+        return slice(len(self.max_load) // 2, None)
+
+    @property
+    def steady_max_over_mean(self) -> float:
+        """Max/mean device load per iteration, averaged over the steady iterations."""
+        return float(load_ratio(self.max_load, self.mean_load)[self.steady].mean())
+
     def summary(self) -> dict[str, float]:
         """Run totals: balancedness, times, bytes, per-device MoE throughput (tokens/s/device)."""
         moe = self.moe_time_s.sum()
         tokens = self.tokens_per_iteration.sum()
-        ratio = self.max_load / np.maximum(self.mean_load, 1e-12)
-        half = len(ratio) // 2
+        half = self.steady
         return {
             "iterations": int(len(self.max_load)),
             "balancedness": float((self.mean_load / np.maximum(self.max_load, 1e-12)).mean()),
-            "max_over_mean_load": float(ratio.mean()),
-            "max_over_mean_load_steady": float(ratio[half:].mean()),  # second half of the run
-            "compute_over_even_steady": float(self.compute_s[half:].sum() / self.even_compute_s[half:].sum())
-            if self.even_compute_s is not None and self.even_compute_s[half:].sum() > 0 else 0.0,
+            "max_over_mean_load": float(load_ratio(self.max_load, self.mean_load).mean()),
+            "max_over_mean_load_steady": self.steady_max_over_mean,
+            "compute_over_even_steady": float(self.compute_s[half].sum() / self.even_compute_s[half].sum())
+            if self.even_compute_s is not None and self.even_compute_s[half].sum() > 0 else 0.0,
             "moe_compute_s": float(self.compute_s.sum()),
             "a2a_s": float(self.a2a_s.sum()),
             "allreduce_s": float(self.allreduce_s.sum()),

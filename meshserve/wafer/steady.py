@@ -92,8 +92,7 @@ def gap(
     names = ("per_iteration", "on_mean_load", "time_over_even")
     out = {k: dict(zip(names, np.mean(s, axis=0).tolist(), strict=False)) for k, s in scores.items() if s}
     if result is not None:
-        ratio = result.max_load / np.maximum(result.mean_load, 1e-12)
-        out["simulated"] = {"per_iteration": float(ratio[len(ratio) // 2:].mean())}
+        out["simulated"] = {"per_iteration": result.steady_max_over_mean}
         if cost is not None:
             out["simulated"]["time_over_even"] = result.summary()["compute_over_even_steady"]
     return out

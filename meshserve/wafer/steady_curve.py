@@ -28,7 +28,7 @@ import numpy as np
 from meshserve.wafer.balance import BalanceConfig, make_balancer, migrations
 from meshserve.wafer.balance_setup import BalanceSetup, run_setup, setup_parts
 from meshserve.wafer.fanout import run_many
-from meshserve.wafer.iteration import IterationResult, evaluate
+from meshserve.wafer.iteration import IterationResult, evaluate, load_ratio
 from meshserve.wafer.plots import save_figure
 from meshserve.wafer.steady import steady_gap
 
@@ -38,11 +38,10 @@ GAP_STEPS = ("floor", "forecast", "planner", "simulated")
 
 def steady_half(result: IterationResult) -> dict[str, float]:
     """Second-half figures of a run: max/mean per iteration, MoE ms and stall ms per iteration."""
-    half = len(result.max_load) // 2
-    ratio = result.max_load[half:] / np.maximum(result.mean_load[half:], 1e-12)
-    return {"max_over_mean": float(ratio.mean()),
-            "moe_ms_per_iteration": float(result.moe_time_s[half:].mean() * 1e3),
-            "stall_ms_per_iteration": float(result.stall_s[half:].mean() * 1e3),
+    half = result.steady
+    return {"max_over_mean": result.steady_max_over_mean,
+            "moe_ms_per_iteration": float(result.moe_time_s[half].mean() * 1e3),
+            "stall_ms_per_iteration": float(result.stall_s[half].mean() * 1e3),
             "plans": len(result.plans)}
 
 
@@ -66,7 +65,7 @@ def plan_once(setup: BalanceSetup) -> dict[str, Any]:
     stall = p.comm.transfer_time(moves.src, moves.dst, np.full(len(moves), p.cost.weight_bytes))
     block = evaluate(counts[window:], target, p.comm, p.cost)
     amortised = stall / setup.config.step_interval
-    return {"max_over_mean": float((block.max_load / np.maximum(block.mean_load, 1e-12)).mean()),
+    return {"max_over_mean": float(load_ratio(block.max_load, block.mean_load).mean()),
             "moe_ms_per_iteration": float((block.compute_s + block.a2a_s).mean() + amortised) * 1e3,
             "stall_ms_per_iteration": amortised * 1e3, "stall_ms_per_plan": stall * 1e3, "plans": 1}
 
