@@ -18,19 +18,15 @@ Task-Table's op time (dispatch plus the parallel region's fork / join).
 from __future__ import annotations
 
 import re
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from kernels import HEAD_DIM, HEADS, KV_HEADS, LAYERS, describe, stage_tables
+from probes import fma_gflops, run_probe
 
 from meshserve.kernels.attention_tiles import COL, TaskTable, plan_tasks, tile_sizes
 from meshserve.models.batch import BatchMetadata
-
-HERE = Path(__file__).parent
 
 
 @dataclass(frozen=True)
@@ -41,17 +37,9 @@ class Peaks:
 
 def measure_peaks() -> Peaks:
     """Compile and run the FMA-rate and read-bandwidth probes (about 20 s)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = {}
-        for name in ("isa_rate", "read_bw"):
-            exe = Path(tmp) / name
-            cmd = ["g++", "-O2", "-march=native", "-pthread", "-o", str(exe), str(HERE / f"{name}.cpp")]
-            subprocess.run(cmd, check=True)
-            out[name] = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
-    fma = float(re.search(r"vfmadd231ps zmm: [\d.]+ G/s = ([\d.]+) GFLOP/s", out["isa_rate"]).group(1))
     bw = {(int(t), int(b)): float(g) for t, b, g in
-          re.findall(r"threads=(\d+) bytes=(\d+) GB/s=([\d.]+)", out["read_bw"])}
-    return Peaks(fma, bw)
+          re.findall(r"threads=(\d+) bytes=(\d+) GB/s=([\d.]+)", run_probe("read_bw"))}
+    return Peaks(fma_gflops(run_probe("isa_rate")), bw)
 
 
 def level_bandwidth(peaks: Peaks, working_set: int, threads: int = 1) -> tuple[int, float]:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from probes import fma_gflops, run_probe
 from throughput import MODELS, standard_workload
 
 from meshserve.engine import LLM, SamplingParams
@@ -33,20 +34,15 @@ from meshserve.kernels.smooth_gemm import SmoothLinear
 from meshserve.models.layers.moe import SparseMoE
 from meshserve.testing import make_tiny_model
 
-ISA_RATE = Path(__file__).with_name("isa_rate.cpp")
 PER_EXPERT = (2, 8, 16, 32, 64, 128)  # per-expert token counts of the MoE op's own sweep
 
 
 def fma_peak_per_core() -> float:
     """GFLOP/s of float32 FMAs on one core (isa_rate.cpp, compiled here); 0 when it cannot be built."""
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = Path(tmp) / "isa_rate"
-        built = subprocess.run(["g++", "-O2", "-march=native", "-o", str(exe), str(ISA_RATE)],
-                               capture_output=True)
-        if built.returncode:
-            return 0.0
-        out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    return float(out.splitlines()[0].split("=")[1].split()[0])
+    try:
+        return fma_gflops(run_probe("isa_rate"))
+    except subprocess.CalledProcessError:
+        return 0.0
 
 
 def read_bandwidth(nbytes: int, repeats: int = 5) -> float:
