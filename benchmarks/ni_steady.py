@@ -1,7 +1,7 @@
 """ni-eplb's steady state per model: the steady_gap rows (floor, forecast, planner, simulated) and stall.
 
-Runs the ladder's ni-eplb rung (presets/experiments/balance.yaml: window 4, threshold 0, plan_slack
-0.05) with ``run_setup`` and breaks its steady max/mean down with ``steady_gap`` (docs/wafer.md,
+Runs the ladder's ni-eplb rung (presets/experiments/balance.yaml, role ``ours``, with the spec's
+settings) with ``run_setup`` and breaks its steady max/mean down with ``steady_gap`` (docs/wafer.md,
 "Steady state"), one row per model, everything side by side. Deterministic for a seed; the wall
 time is the only figure that depends on the machine.
 
@@ -15,33 +15,38 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # small matrices: a second BLAS thread only spins
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
 from meshserve.wafer.balance import BalanceConfig  # noqa: E402
 from meshserve.wafer.balance_setup import BalanceSetup, run_setup  # noqa: E402
+from meshserve.wafer.reproduce_balance import load_spec  # noqa: E402
 from meshserve.wafer.steady import steady_gap  # noqa: E402
-
-MODELS = "deepseek-v3,deepseek-v2,qwen3-235b-a22b"
-STEPS = ("floor", "forecast", "planner", "simulated")
+from meshserve.wafer.steady_curve import GAP_STEPS as STEPS  # noqa: E402
 
 
 def main() -> None:
+    spec = load_spec()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=300)
-    parser.add_argument("--tokens-per-device", type=int, default=64)
-    parser.add_argument("--models", default=MODELS)
-    parser.add_argument("--plan-slack", type=float, default=0.05)
+    parser.add_argument("--iterations", type=int, default=spec["iterations"])
+    parser.add_argument("--tokens-per-device", type=int, default=spec["tokens_per_device"])
+    parser.add_argument("--models", default=",".join(spec["models"]))
+    parser.add_argument("--plan-slack", type=float, default=None, help="default: the rung's")
     parser.add_argument("--json", action="store_true", help="one JSON object per model as well")
     args = parser.parse_args()
-    config = BalanceConfig(window_size=4, imbalance_threshold=0.0, plan_slack=args.plan_slack)
+    rung = next(r for r in [*spec["ladder"], *spec["references"]] if r.label == spec["roles"]["ours"])
+    config = rung.balance_config(BalanceConfig())
+    if args.plan_slack is not None:
+        config = dataclasses.replace(config, plan_slack=args.plan_slack)
+    settings = {k: spec[k] for k in ("tp", "scenario", "seed", "time_model")}
     print(f"{'model':<18}" + "".join(f"{k:>11}" for k in STEPS)
           + f"{'time/even':>11}{'stall ms':>10}{'plans':>7}{'TB':>7}{'wall s':>8}", flush=True)
     for model in args.models.split(","):
         start = time.perf_counter()
-        setup = BalanceSetup(model=model, hardware="wsc-4x8x8", mapping="her", balancer="ni-eplb",
-                             tokens_per_device=args.tokens_per_device, iterations=args.iterations,
-                             config=config)
+        setup = BalanceSetup(model=model, hardware=rung.hardware, mapping=rung.mapping,
+                             balancer=rung.balancer, tokens_per_device=args.tokens_per_device,
+                             iterations=args.iterations, config=config, **settings)
         result = run_setup(setup)
         gap = steady_gap(setup, result)
         s = result.summary()
