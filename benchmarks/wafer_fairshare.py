@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
 from meshserve.wafer.balance_setup import BalanceSetup, setup_parts
+from meshserve.wafer.models import load_model
 
 LAYOUTS = (("nvl72", "baseline"), ("wsc-4x8x8", "her-ftd"), ("wsc-4x8x8", "her"), ("wsc-4x8x8", "er"),
            ("wsc-4x8x8", "baseline"))
@@ -26,13 +25,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=8, help="(iteration, layer) rows per layout")
     rows = parser.parse_args().rows
+    layers = load_model(BalanceSetup.model).num_moe_layers  # rows of one iteration
     for hardware, mapping in LAYOUTS:
         setup = BalanceSetup(hardware=hardware, mapping=mapping, balancer="none",
-                             iterations=-(-rows // 58) + 1, time_model="fair-share")
+                             iterations=-(-rows // layers) + 1, time_model="fair-share")
         parts = setup_parts(setup)
         load = parts.base.device_load(parts.trace.counts).reshape(-1, parts.comm.num_devices)[:rows]
         for name, phase in zip(("dispatch", "combine"), parts.comm.fair, strict=True):
-            bottleneck = np.max([g.bottleneck(g.sizes(load)) for g in phase.groups], axis=0)
+            bottleneck = phase.bottleneck(load)
             start = time.perf_counter()
             ratio = phase.time(load, 0.0) / bottleneck
             took = time.perf_counter() - start

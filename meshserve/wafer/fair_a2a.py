@@ -79,6 +79,11 @@ class FairPhase:
         return cls(tuple(FlowGroup(routes[p][:, c], dst[p], weight[p], bandwidth[c])
                          for p, c in zip(parts, cols, strict=True)))
 
+    def bottleneck(self, load: np.ndarray, sizes: list[np.ndarray] | None = None) -> np.ndarray:
+        """Seconds [rows] of the hottest link of all domains (``sizes``: each group's, if known)."""
+        sizes = sizes or [g.sizes(load) for g in self.groups]
+        return np.max([g.bottleneck(s) for g, s in zip(self.groups, sizes, strict=True)], axis=0)
+
     def time(self, load: np.ndarray, latency: float) -> np.ndarray:
         """Seconds [rows] of device loads [rows, devices]: the slowest domain + latency.
 
@@ -86,7 +91,7 @@ class FairPhase:
         (size x crowding) exceeds it (fairshare.certified_bottleneck); only those are drained.
         """
         sizes = [g.sizes(load) for g in self.groups]
-        out = np.max([g.bottleneck(s) for g, s in zip(self.groups, sizes, strict=True)], axis=0)
+        out = self.bottleneck(load, sizes)
         for g, s in zip(self.groups, sizes, strict=True):
             rows = np.flatnonzero(~certified_bottleneck(s, g.crowd, out))
             if len(rows):
