@@ -22,8 +22,9 @@ from meshserve.atomic import atomic_path
 from meshserve.errors import InputError
 
 FORMAT_VERSION = 1
-# What numpy, zipfile and zlib raise on a truncated, corrupted or foreign file.
-DAMAGED = (OSError, ValueError, TypeError, AttributeError, EOFError, NotImplementedError, zipfile.BadZipFile,
+# What numpy, zipfile and zlib raise on a truncated, corrupted or foreign file (zipfile raises
+# RuntimeError for a member whose flags say encrypted: one flipped bit).
+DAMAGED = (OSError, ValueError, TypeError, AttributeError, EOFError, RuntimeError, zipfile.BadZipFile,
            zlib.error)
 
 
