@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshserve.errors import integer, number
+from meshserve.errors import integer, number, require
 from meshserve.placement.cost import DeviceCost
+from meshserve.placement.dispatch import DISPATCH_RULES
 from meshserve.placement.plan import Placement
 
 
@@ -30,6 +31,10 @@ class BalanceConfig:
         phase window whose idle link time fits it whole.
     plan_slack: how much less balanced than EPLB's plan (a fraction of max/mean load) ni-eplb's
         plan may be to leave replicas where they are (fewer copies, so plans land sooner).
+    dispatch: how an expert's tokens are split among its replicas each iteration (dispatch.py):
+        ``even`` (EPLB's and the paper's rule) or ``balanced`` (levelled on the iteration's own
+        counts, after one all-gather of counts per layer; plans then get their replica groups
+        joined, dispatch.join_replicas). dispatch_sweeps: the balanced split's levelling sweeps.
     reject_slower_plans: whoever applies a plan first predicts the MoE time of the plan's own
         window with it and without it (roofline compute + all-to-all) and drops a plan that would
         not lower it: balancers plan on token counts, and a replica adds its weight reads to its
@@ -43,6 +48,8 @@ class BalanceConfig:
     chunk_bytes: int = 1 << 20
     reject_slower_plans: bool = True
     plan_slack: float = 0.02
+    dispatch: str = "even"
+    dispatch_sweeps: int = 32
 
     def __post_init__(self) -> None:
         integer(self.window_size, "window_size", 1)
@@ -50,6 +57,9 @@ class BalanceConfig:
         number(self.imbalance_threshold, "imbalance_threshold", 0)
         integer(self.chunk_bytes, "chunk_bytes", 1)
         number(self.plan_slack, "plan_slack", 0)
+        require(self.dispatch in DISPATCH_RULES, "dispatch",
+                f"unknown {self.dispatch!r}; allowed: {', '.join(DISPATCH_RULES)}")
+        integer(self.dispatch_sweeps, "dispatch_sweeps", 1)
         if self.num_redundant_experts is not None:
             integer(self.num_redundant_experts, "num_redundant_experts", 0)
 

@@ -35,7 +35,7 @@ from meshserve.wafer.models import MoEModel, load_model
 from meshserve.wafer.synthetic import synthetic_trace
 from meshserve.wafer.timemodel import TIME_MODELS, collective_time, latency_s
 from meshserve.wafer.topology import Topology, topology_for
-from meshserve.wafer.traffic import attention_collectives, dispatch
+from meshserve.wafer.traffic import Collective, attention_collectives, dispatch
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,9 @@ def comm_model(
     phases = [collective_time(topo, c, time_model)
               for c in attention_collectives(mapping, tokens_per_group, model.token_bytes)]
     domains, bw = a2a_domains(mapping), topo.link_bandwidth
+    # a balanced dispatch first gathers every domain member's per-expert counts (int32)
+    peers = (domains[:, None] == domains[None, :]) & ~np.eye(topo.num_devices, dtype=bool)
+    counts = Collective("count all-gather", np.where(peers, 4.0 * model.routed_experts, 0.0), 1)
     fair = None if time_model == "bottleneck" else tuple(
         FairPhase.build(topo.incidence, bw, unit.traffic, slots, domains, combine=back)
         for back in (False, True))
@@ -155,7 +158,9 @@ def comm_model(
         dispatch=LinkMap.from_matrix(disp, domains, bw), combine=LinkMap.from_matrix(comb, domains, bw),
         a2a_latency=latency_s(topo, unit),
         allreduce_bytes=np.sum([p.loads for p in phases], axis=0),
-        allreduce_time=float(sum(p.time_s for p in phases)), time_model=time_model, fair=fair,
+        allreduce_time=float(sum(p.time_s for p in phases)),
+        count_exchange_time=collective_time(topo, counts, time_model).time_s,
+        time_model=time_model, fair=fair,
     )
 
 

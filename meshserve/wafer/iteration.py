@@ -21,7 +21,8 @@ import numpy as np
 from scipy import sparse
 
 from meshserve.errors import InputError
-from meshserve.wafer.balance import Balancer, Placement, imbalance, migrations
+from meshserve.placement.dispatch import device_load, for_dispatch
+from meshserve.wafer.balance import BalanceConfig, Balancer, Placement, imbalance, migrations
 from meshserve.wafer.balance.steps import split_steps
 from meshserve.wafer.balance.stream import Flight
 from meshserve.wafer.comm_model import CommModel, ExpertCost
@@ -106,6 +107,9 @@ class IterationResult:
         }
 
 
+EVEN = BalanceConfig()  # the default dispatch: replicas split their expert's tokens evenly
+
+
 def check_trace(counts: np.ndarray, num_layers: int, num_experts: int) -> None:
     """Trace shape must match the model's MoE layers and routed experts."""
     if counts.ndim != 3 or counts.shape[1:] != (num_layers, num_experts):
@@ -133,15 +137,22 @@ class _Block:
     layer_s: np.ndarray  # [S, L] compute + dispatch + combine of each layer
 
 
-def evaluate(counts: np.ndarray, placement: Placement, comm: CommModel, cost: ExpertCost) -> _Block:
-    """Loads, MoE compute and all-to-all times of iterations ``counts`` [S, L, E] under a placement."""
-    load = placement.device_load(counts)  # [S, L, N]
+def evaluate(counts: np.ndarray, placement: Placement, comm: CommModel, cost: ExpertCost,
+             config: BalanceConfig = EVEN) -> _Block:
+    """Loads, MoE compute and all-to-all times of iterations ``counts`` [S, L, E] under a placement.
+
+    config: its dispatch rule splits an expert's tokens among replicas (a balanced one first
+    waits for the count all-gather, charged to the dispatch).
+    """
+    load = device_load(placement, counts, config.dispatch, config.dispatch_sweeps)  # [S, L, N]
     compute = cost.device_time(load, placement.busy_experts(counts)).max(axis=2)
     fewest = -(-placement.num_experts // placement.num_devices)
     flat = load.reshape(-1, load.shape[-1])
     dispatch = comm.dispatch(flat).reshape(*load.shape[:2], -1)  # [S, L, a2a links]
     combine = comm.combine(flat).reshape(*load.shape[:2], -1)
     t_dispatch, t_combine = (t.reshape(load.shape[:2]) for t in comm.a2a_times(flat, dispatch, combine))
+    if config.dispatch == "balanced":
+        t_dispatch = t_dispatch + comm.count_exchange_time
     return _Block(
         max_load=load.max(axis=2).mean(axis=1),
         mean_load=load.mean(axis=2).mean(axis=1),
@@ -159,7 +170,7 @@ def evaluate(counts: np.ndarray, placement: Placement, comm: CommModel, cost: Ex
 
 def faster_layers(
     history: np.ndarray, current: Placement, target: Placement, comm: CommModel, cost: ExpertCost,
-    horizon: int | None = None,
+    horizon: int | None = None, config: BalanceConfig = EVEN,
 ) -> Placement | None:
     """``target`` where it lowers a layer's predicted time on ``history``, ``current`` elsewhere.
 
@@ -172,7 +183,7 @@ def faster_layers(
     (the stall of a prefix of layers: the bottleneck time of their copies, as simulated). None
     when no layer pays.
     """
-    now, then = (evaluate(history, p, comm, cost).layer_s.mean(axis=0) for p in (current, target))
+    now, then = (evaluate(history, p, comm, cost, config).layer_s.mean(axis=0) for p in (current, target))
     better = then < now
     if better.any() and horizon is not None:
         order = np.argsort(then - now)[: int(better.sum())]  # largest gain first
@@ -217,6 +228,7 @@ def simulate_iterations(
     cost: ExpertCost,
     *,
     block_size: int = 32,
+    flight_block: int = 4,
 ) -> IterationResult:
     """Run a balancer over a trace ``counts`` [iterations, layers, experts] (see module docstring)."""
     check_trace(counts, base.num_layers, base.num_experts)
@@ -227,25 +239,27 @@ def simulate_iterations(
                "migrated_bytes")}
     placement, flight = base, None
     since, plans, rejected, worst = 0, [], [], 0.0
-    window = balancer.config.window_size
+    config = balancer.config
+    window = config.window_size
     it = 0
     while it < steps_total:
         if flight is None and it > since and balancer.should_plan(it, series["imbalance"][since:it]):
             history = counts[max(it - window, 0):it]
-            target = balancer.plan(history.mean(axis=0), placement, base)
+            target = for_dispatch(balancer.plan(history.mean(axis=0), placement, base), history.mean(axis=0),
+                                  config.dispatch)
             target.validate()
-            if balancer.config.reject_slower_plans:
-                horizon = balancer.config.step_interval if balancer.invasive else None
-                target = faster_layers(history, placement, target, comm, cost, horizon)
+            if config.reject_slower_plans:
+                horizon = config.step_interval if balancer.invasive else None
+                target = faster_layers(history, placement, target, comm, cost, horizon, config)
                 if target is None:
                     rejected.append(it)  # it would not lower the predicted MoE time of any layer
-                    balancer.planned(float(evaluate(history, placement, comm, cost).imbalance.mean()))
+                    balancer.planned(float(evaluate(history, placement, comm, cost, config).imbalance.mean()))
                     since = it
                     continue
             moves = migrations(placement, target, comm.hops)
             plans.append(it)
             series["migrated_bytes"][it] += len(moves) * cost.weight_bytes
-            balancer.planned(float(evaluate(history, target, comm, cost).imbalance.mean()))
+            balancer.planned(float(evaluate(history, target, comm, cost, config).imbalance.mean()))
             if balancer.invasive or len(moves) == 0:
                 nbytes = np.full(len(moves), cost.weight_bytes)
                 series["stall_s"][it] += comm.transfer_time(moves.src, moves.dst, nbytes)
@@ -254,15 +268,17 @@ def simulate_iterations(
                 steps = split_steps(moves, comm.ftd, comm.hops)
                 flight = Flight.begin(placement, target, steps, moves.layer, cost.weight_bytes)
                 placement = flight.placement()  # layers that need no copy switch at once
-        end = min(it + block_size, steps_total)
-        block = evaluate(counts[it:end], placement, comm, cost)
+        # a flight usually switches a layer within a few iterations, and the rest of the block is
+        # evaluated again on the new table: evaluate fewer ahead while one streams
+        end = min(it + (block_size if flight is None else flight_block), steps_total)
+        block = evaluate(counts[it:end], placement, comm, cost, config)
         landed = False
         if flight is not None:  # stream chunks iteration by iteration until a layer's copies all landed
             switched = flight.landed_layers().sum()
             for j in range(end - it):
                 a2a = [(block.dispatch_bytes[j], block.dispatch_s[j], comm.dispatch.links),
                        (block.combine_bytes[j], block.combine_s[j], comm.combine.links)]
-                landed, util = flight.advance(comm, a2a, balancer.config.chunk_bytes)
+                landed, util = flight.advance(comm, a2a, config.chunk_bytes)
                 worst = max(worst, util)
                 if flight.landed_layers().sum() > switched:  # the next iteration runs on a new table
                     end = it + j + 1

@@ -86,26 +86,29 @@ def run_ladder(
         setup.check()
     results = run_many(run_setup, setups, executor, progress, "reproduce balance")
     runs = iter(zip(setups, results, strict=True))
-    ours = []
+    gapped = []  # (figure key, setup, result) of our rungs, whose steady imbalance is broken down
     for model in spec["models"]:
         rows = []
         for rung in rungs:
             setup, result = next(runs)
-            if rung.label == roles["ours"]:
-                ours.append((setup, result))
+            gapped += [(key, setup, result) for key, role in GAP_ROLES.items()
+                       if rung.label == roles.get(role)]
             first = model == spec["models"][0]
             if first and (rung.hardware, rung.mapping) == (ni_rung.hardware, ni_rung.mapping):
-                traces[rung.balancer] = result
+                dispatch = (rung.config or {}).get("dispatch", "even")
+                name = rung.balancer if dispatch == "even" else f"{rung.balancer}, {dispatch} dispatch"
+                traces[name] = result
             rows.append({"rung": rung.label, "hardware": rung.hardware, "mapping": rung.mapping,
                          "balancer": rung.balancer, "config": rung.config or {}, **result.summary()})
         figures["models"][model] = _model_figures(rows, roles)
     # where our balancer's steady imbalance comes from: noise floor, forecast, planner, lag
-    for (setup, _), steady in zip(ours, run_many(_steady_gap, ours, executor, progress, "steady_gap"),
-                                  strict=True):
-        figures["models"][setup.model]["steady_gap"] = steady
-        # None when the run is too short to score a window after its first half (no steady state)
-        floor = steady.get("floor", {}).get("per_iteration")
-        figures["models"][setup.model]["plan_floor_max_over_mean"] = floor
+    steadies = run_many(_steady_gap, [pair for _, *pair in gapped], executor, progress, "steady_gap")
+    for (key, setup, _), steady in zip(gapped, steadies, strict=True):
+        figures["models"][setup.model][key] = steady
+        if key == "steady_gap":
+            # None when the run is too short to score a window after its first half (no steady state)
+            floor = steady.get("floor", {}).get("per_iteration")
+            figures["models"][setup.model]["plan_floor_max_over_mean"] = floor
     per_model = figures["models"].values()
     for key in ("ni_compute_gain", "ni_comm_gain", "wsc_vs_nvl72_gain", "wsc_vs_nvl72_with_reduction_gain",
                 "wsc_vs_nvl72_eplb_gain"):
@@ -117,7 +120,12 @@ def run_ladder(
     return figures, traces
 
 
-def _steady_gap(pair: tuple[BalanceSetup, IterationResult]) -> dict:
+# the JSON key of each role's steady-gap breakdown (balance.yaml: ours even, ours_balanced with
+# the balanced dispatch, placement/dispatch.py)
+GAP_ROLES = {"steady_gap": "ours", "steady_gap_balanced_dispatch": "ours_balanced"}
+
+
+def _steady_gap(pair: list) -> dict:
     return steady_gap(*pair)
 
 
@@ -182,13 +190,15 @@ def print_ladder(figures: dict) -> None:
                   f"{figures['wsc_vs_nvl72_with_reduction_avg_gain']:+.1%}", "")
     for model, m in figures["models"].items():  # on WSC with her: ni, ni-eplb, greedy applying every plan
         rows = [r for r in m["ladder"] if r["mapping"] == "her"]
-        steady = [next(r["max_over_mean_load_steady"] for r in rows
-                       if r["balancer"] == name and match(r["config"]))
-                  for name, match in (("ni", lambda c: not c), ("ni-eplb", lambda c: True),
+        steady = [next((r["max_over_mean_load_steady"] for r in rows
+                        if r["balancer"] == name and match(r["config"])), None)
+                  for name, match in (("ni", lambda c: not c),
+                                      ("ni-eplb", lambda c: c.get("dispatch", "even") == "even"),
+                                      ("ni-eplb", lambda c: c.get("dispatch") == "balanced"),
                                       ("greedy", lambda c: c.get("reject_slower_plans") is False))]
-        table.add_row(f"{model}: steady max/mean load, ni / ni-eplb (ours) / greedy (every plan) / floor",
-                      " / ".join(f"{v:.2f}" for v in [*steady]) + " / "
-                      + _fixed(m["plan_floor_max_over_mean"], 2), "-")
+        table.add_row(f"{model}: steady max/mean load, ni / ni-eplb (ours) / + balanced dispatch / greedy "
+                      "(every plan) / floor", " / ".join(_fixed(v, 3) for v in steady) + " / "
+                      + _fixed(m["plan_floor_max_over_mean"], 3), "-")
     eplb = figures["wsc_vs_nvl72_eplb_avg_gain"]
     table.add_row("WSC vs NVL72 + EPLB (not in the paper)", f"{eplb:+.1%}", "-")
     console.print(table)
@@ -207,12 +217,15 @@ def print_steady_gap(figures: dict, console: Any) -> None:
     for label in steps.values():
         table.add_column(label, justify="right")
     for model, m in figures["models"].items():
-        gap = {k: m["steady_gap"].get(k, {}) for k in steps}
-        table.add_row(model, *(_fixed(gap[k].get("per_iteration"), 3) + (f" ({gap[k]['on_mean_load']:.3f})"
-                                                                       if "on_mean_load" in gap[k] else "")
-                               for k in steps))
-        table.add_row("  MoE compute time / even split's", *(_fixed(gap[k].get("time_over_even"), 3)
-                                                              for k in steps))
+        for key, name in (("steady_gap", model), ("steady_gap_balanced_dispatch", "  + balanced dispatch")):
+            if key not in m:
+                continue
+            gap = {k: m[key].get(k, {}) for k in steps}
+            table.add_row(name, *(_fixed(gap[k].get("per_iteration"), 3)
+                                  + (f" ({gap[k]['on_mean_load']:.3f})" if "on_mean_load" in gap[k] else "")
+                                  for k in steps))
+            table.add_row("  MoE compute time / even split's", *(_fixed(gap[k].get("time_over_even"), 3)
+                                                                  for k in steps))
     console.print(table)
 
 

@@ -32,21 +32,25 @@ from meshserve.placement import (
     slots_per_device,
     static_placement,
 )
+from meshserve.placement.dispatch import device_load, for_dispatch
 from meshserve.wafer.balance_setup import BalanceSetup, setup_parts
-from meshserve.wafer.iteration import IterationResult
+from meshserve.wafer.iteration import EVEN, IterationResult
 
 
-def max_over_mean(placement: Placement, counts: np.ndarray) -> tuple[float, float]:
-    """Max/mean device load of ``counts`` [S, L, E] (per iteration, and on their mean load)."""
-    load = placement.device_load(counts)  # [S, L, N]
+def max_over_mean(placement: Placement, counts: np.ndarray,
+                  config: BalanceConfig = EVEN) -> tuple[float, float]:
+    """Max/mean device load of ``counts`` [S, L, E] (per iteration, and on their mean load) under
+    the config's dispatch rule."""
+    load = device_load(placement, counts, config.dispatch, config.dispatch_sweeps)  # [S, L, N]
     per_iteration = load.max(axis=2).mean(axis=1) / load.mean(axis=2).mean(axis=1)
-    mean = load.mean(axis=0)
+    mean = device_load(placement, counts.mean(axis=0), config.dispatch, config.dispatch_sweeps)
     return float(per_iteration.mean()), float(mean.max(axis=1).mean() / mean.mean())
 
 
-def time_over_even(placement: Placement, counts: np.ndarray, cost: DeviceCost) -> float:
+def time_over_even(placement: Placement, counts: np.ndarray, cost: DeviceCost,
+                   config: BalanceConfig = EVEN) -> float:
     """MoE compute time of ``counts`` [S, L, E] under ``placement`` over the even split's (see module)."""
-    load = placement.device_load(counts)
+    load = device_load(placement, counts, config.dispatch, config.dispatch_sweeps)
     busy = placement.busy_experts(counts)
     fewest = -(-placement.num_experts // placement.num_devices)
     even = cost.time(load.mean(axis=2), fewest).sum()
@@ -79,16 +83,18 @@ def gap(
     starts = np.linspace(first, steps - horizon, samples).astype(int) if first <= steps - horizon else []
     scores: dict[str, list[tuple[float, ...]]] = {"floor": [], "forecast": [], "planner": []}
 
-    def score(plan: Placement, scored: np.ndarray) -> tuple[float, ...]:
-        timed = () if cost is None else (time_over_even(plan, scored, cost),)
-        return (*max_over_mean(plan, scored), *timed)
+    def score(plan: Placement, scored: np.ndarray, load: np.ndarray) -> tuple[float, ...]:
+        plan = for_dispatch(plan, load, config.dispatch)  # as the simulator applies it
+        timed = () if cost is None else (time_over_even(plan, scored, cost, config),)
+        return (*max_over_mean(plan, scored, config), *timed)
 
     for t in starts:
         scored, history = counts[t:t + horizon], counts[t - window:t].mean(axis=0)
         earlier = eplb.plan(counts[t - 2 * window:t - window].mean(axis=0), base, base)
-        scores["floor"].append(score(eplb.plan(scored.mean(axis=0), base, base), scored))
-        scores["forecast"].append(score(eplb.plan(history, base, base), scored))
-        scores["planner"].append(score(ours.plan(history, earlier, base), scored))
+        known = scored.mean(axis=0)
+        scores["floor"].append(score(eplb.plan(known, base, base), scored, known))
+        scores["forecast"].append(score(eplb.plan(history, base, base), scored, history))
+        scores["planner"].append(score(ours.plan(history, earlier, base), scored, history))
     names = ("per_iteration", "on_mean_load", "time_over_even")
     out = {k: dict(zip(names, np.mean(s, axis=0).tolist(), strict=False)) for k, s in scores.items() if s}
     if result is not None:

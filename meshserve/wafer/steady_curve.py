@@ -4,6 +4,7 @@ Per point (the spec's first model; settings in presets/experiments/balance.yaml,
 
 - ``ni_eplb``: the ladder's ni-eplb rung, its steady max/mean broken down by steady.steady_gap
   (noise floor, + forecast, + planner, + lag = the simulated figure), zero stall;
+- ``ni_eplb_balanced``: the same with a balanced dispatch (placement/dispatch.py), broken down too;
 - ``eplb_paper``: EPLB re-packing every 10 iterations from a 10-iteration window, every plan applied
   (the paper's cadence; inference waits for each plan's copies);
 - ``eplb_vllm``: EPLB at vLLM's defaults (a 1,000-iteration window, a plan every 3,000 steps),
@@ -14,7 +15,8 @@ Per point (the spec's first model; settings in presets/experiments/balance.yaml,
 
 Each reports the steady (second-half) max/mean device load per iteration and the MoE time per
 iteration (compute + all-to-all + stall) over the same iterations. ``target_reached_at_tokens_per_device``:
-the points where ni-eplb's simulated steady max/mean is within the target with zero stall.
+the points where ni-eplb's simulated steady max/mean is within the target with zero stall (per
+ni-eplb run kind).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from meshserve.placement.dispatch import for_dispatch
 from meshserve.wafer.balance import BalanceConfig, make_balancer, migrations
 from meshserve.wafer.balance_setup import BalanceSetup, run_setup, setup_parts
 from meshserve.wafer.fanout import run_many
@@ -34,6 +37,8 @@ from meshserve.wafer.steady import steady_gap
 
 TARGET = 1.10  # issue 13: steady max/mean with zero stall
 GAP_STEPS = ("floor", "forecast", "planner", "simulated")
+OURS = ("ni_eplb", "ni_eplb_balanced")  # run kinds broken down by steady_gap
+DISPATCH = {"ni_eplb": "even", "ni_eplb_balanced": "balanced"}
 
 
 def steady_half(result: IterationResult) -> dict[str, float]:
@@ -60,10 +65,11 @@ def plan_once(setup: BalanceSetup) -> dict[str, Any]:
     p = setup_parts(dataclasses.replace(setup, iterations=window + scored))
     balancer = make_balancer(setup.balancer, setup.config, p.comm.hops, p.redundant, p.planner_cost)
     counts = p.trace.counts
-    target = balancer.plan(counts[:window].mean(axis=0), p.base, p.base)
+    history = counts[:window].mean(axis=0)
+    target = for_dispatch(balancer.plan(history, p.base, p.base), history, setup.config.dispatch)
     moves = migrations(p.base, target, p.comm.hops)
     stall = p.comm.transfer_time(moves.src, moves.dst, np.full(len(moves), p.cost.weight_bytes))
-    block = evaluate(counts[window:], target, p.comm, p.cost)
+    block = evaluate(counts[window:], target, p.comm, p.cost, setup.config)
     amortised = stall / setup.config.step_interval
     return {"max_over_mean": float(load_ratio(block.max_load, block.mean_load).mean()),
             "moe_ms_per_iteration": float((block.compute_s + block.a2a_s).mean() + amortised) * 1e3,
@@ -72,7 +78,7 @@ def plan_once(setup: BalanceSetup) -> dict[str, Any]:
 
 def _job(job: tuple[str, BalanceSetup]) -> dict[str, Any]:
     kind, setup = job
-    if kind == "ni_eplb":
+    if kind in OURS:
         return ours_point(setup)
     if kind == "eplb_vllm":
         return plan_once(setup)
@@ -99,8 +105,8 @@ def ni_steady_curve(
     results = iter(run_many(_job, jobs, executor, progress, "ni steady curve"))
     points = [{"tokens_per_device": t, **{kind: next(results) for kind in c["runs"]}}
               for t in c["tokens_per_device"]]
-    reached = [p["tokens_per_device"] for p in points if p["ni_eplb"].get("simulated", np.inf) <= TARGET
-               and p["ni_eplb"]["stall_ms_per_iteration"] == 0]
+    reached = {kind: [p["tokens_per_device"] for p in points if p[kind].get("simulated", np.inf) <= TARGET
+                      and p[kind]["stall_ms_per_iteration"] == 0] for kind in OURS if kind in c["runs"]}
     return {"model": model, "iterations": iterations, "target": TARGET, "runs": dict(c["runs"]),
             "points": points, "target_reached_at_tokens_per_device": reached}
 
@@ -111,26 +117,28 @@ def print_ni_steady_curve(curve: dict, console: Any) -> None:
 
     table = Table(title=f"{curve['model']}: steady max/mean device load per iteration over tokens per device "
                         f"({curve['iterations']} iterations; second half); MoE ms per iteration incl. stall")
-    cols = ["tokens/device", "floor", "+ forecast", "+ planner", "ni-eplb (simulated)",
+    ours = [k for k in OURS if k in curve["runs"]]
+    cols = ["tokens/device", "dispatch", "floor", "+ forecast", "+ planner", "ni-eplb (simulated)",
             "EPLB paper", "EPLB vLLM", "none", "MoE ms: ni-eplb", "EPLB paper (stall)", "EPLB vLLM (stall)",
             "none"]
     for col in cols:
         table.add_column(col, justify="right")
     for p in curve["points"]:
-        ours = p["ni_eplb"]
-        table.add_row(
-            str(p["tokens_per_device"]),
-            *(_num(ours.get(k)) for k in GAP_STEPS),
-            *(f"{p[k]['max_over_mean']:.3f}" for k in ("eplb_paper", "eplb_vllm", "none")),
-            f"{ours['moe_ms_per_iteration']:.2f}",
-            *(f"{p[k]['moe_ms_per_iteration']:.2f} ({p[k]['stall_ms_per_iteration']:.2f})"
-              for k in ("eplb_paper", "eplb_vllm")),
-            f"{p['none']['moe_ms_per_iteration']:.2f}",
-        )
+        for kind in ours:
+            first = kind == ours[0]  # the baselines once per point
+            balance = [f"{p[k]['max_over_mean']:.3f}" for k in ("eplb_paper", "eplb_vllm", "none")]
+            times = [f"{p[k]['moe_ms_per_iteration']:.2f} ({p[k]['stall_ms_per_iteration']:.2f})"
+                     for k in ("eplb_paper", "eplb_vllm")] + [f"{p['none']['moe_ms_per_iteration']:.2f}"]
+            table.add_row(
+                str(p["tokens_per_device"]) if first else "", DISPATCH[kind],
+                *(_num(p[kind].get(k)) for k in GAP_STEPS), *(balance if first else [""] * 3),
+                f"{p[kind]['moe_ms_per_iteration']:.2f}", *(times if first else [""] * 3),
+            )
     console.print(table)
-    reached = curve["target_reached_at_tokens_per_device"]
-    where = ", ".join(f"{t} tokens/device" for t in reached) if reached else "no point of the curve"
-    console.print(f"  ni-eplb steady max/mean <= {curve['target']:.2f} with zero stall at: {where}")
+    for kind, reached in curve["target_reached_at_tokens_per_device"].items():
+        where = ", ".join(f"{t} tokens/device" for t in reached) if reached else "no point of the curve"
+        console.print(f"  ni-eplb ({DISPATCH[kind]} dispatch) steady max/mean <= {curve['target']:.2f} "
+                      f"with zero stall at: {where}")
 
 
 def _num(value: float | None) -> str:
@@ -146,16 +154,20 @@ def ni_steady_png(curve: dict, out: str | Path) -> Path:
 
     x = [p["tokens_per_device"] for p in curve["points"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for k, style, marker in zip(GAP_STEPS, (":", "-.", "--", "-"), "v^Do", strict=True):
-        left.plot(x, [p["ni_eplb"].get(k, np.nan) for p in curve["points"]], ls=style, marker=marker,
-                  color="tab:green", label=f"ni-eplb: {k}" if k != "simulated" else "ni-eplb (simulated)")
+
     def over_none(kind: str) -> list[float]:
         return [p[kind]["moe_ms_per_iteration"] / p["none"]["moe_ms_per_iteration"] for p in curve["points"]]
 
+    for kind, color in (("ni_eplb", "tab:green"), ("ni_eplb_balanced", "tab:blue")):
+        if kind not in curve["runs"]:
+            continue
+        for k, style, marker in zip(GAP_STEPS, (":", "-.", "--", "-"), "v^Do", strict=True):
+            left.plot(x, [p[kind].get(k, np.nan) for p in curve["points"]], ls=style, marker=marker,
+                      color=color, label=f"ni-eplb, {DISPATCH[kind]} dispatch: {k}")
+        right.plot(x, over_none(kind), marker="o", color=color, label=f"ni-eplb, {DISPATCH[kind]} dispatch")
     for k, color in (("eplb_paper", "tab:red"), ("eplb_vllm", "tab:purple")):
         left.plot(x, [p[k]["max_over_mean"] for p in curve["points"]], marker="s", color=color, label=k)
         right.plot(x, over_none(k), marker="s", color=color, label=f"{k} (stall included)")
-    right.plot(x, over_none("ni_eplb"), marker="o", color="tab:green", label="ni-eplb")
     left.axhline(curve["target"], color="black", lw=0.8, ls="--", label=f"target {curve['target']:.2f}")
     right.axhline(1.0, color="black", lw=0.8)
     left.set_ylabel("steady max/mean device load (per iteration)")

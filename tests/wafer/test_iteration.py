@@ -296,3 +296,23 @@ def test_runs_on_one_platform_share_one_read_only_trace_draw():
     assert plain.trace is greedy.trace and not plain.trace.counts.flags.writeable
     other = setup_parts(BalanceSetup(balancer="none", iterations=3, seed=1))
     assert other.trace is not plain.trace and not np.array_equal(other.trace.counts, plain.trace.counts)
+
+
+def test_a_balanced_dispatch_levels_every_iteration_and_waits_for_the_count_exchange():
+    hw, comm = platform(4, 4, 4, "er")
+    cost = expert_cost(MODEL, hw)
+    counts = tiny_trace(16, steps=6, scenario="mixed").counts
+    balanced = BalanceConfig(dispatch="balanced")
+    base = static_placement(3, 16, 16, slots_per_device(16, 16, 16))
+    plan = make_balancer("greedy", BalanceConfig(), comm.hops, 16).plan(counts.mean(axis=0), base, base)
+    even, level = evaluate(counts, plan, comm, cost), evaluate(counts, plan, comm, cost, balanced)
+    np.testing.assert_allclose(level.mean_load, even.mean_load, rtol=1e-5)
+    assert (level.max_load <= even.max_load * (1 + 1e-5)).all()
+    assert level.max_load.mean() < even.max_load.mean()
+    # without replicas nothing can be levelled: same loads, and the dispatch waits for the counts
+    static = static_placement(3, 16, 16, 1)
+    even, level = evaluate(counts, static, comm, cost), evaluate(counts, static, comm, cost, balanced)
+    np.testing.assert_allclose(level.max_load, even.max_load, rtol=1e-6)
+    assert comm.count_exchange_time > 0
+    np.testing.assert_allclose(level.dispatch_s, even.dispatch_s + comm.count_exchange_time)
+    np.testing.assert_allclose(level.combine_s, even.combine_s)

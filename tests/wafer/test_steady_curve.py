@@ -24,14 +24,17 @@ def test_the_curve_breaks_ni_eplb_down_beside_both_eplb_cadences(tmp_path):
     curve = ni_steady_curve(small_spec(), BalanceConfig(), progress=False)
     assert curve["iterations"] == 24 and [p["tokens_per_device"] for p in curve["points"]] == [16, 256]
     for p in curve["points"]:
-        ours = p["ni_eplb"]
-        # a plan made with hindsight on the scored window balances it at least as well as one made ahead
-        assert ours["floor"] <= ours["forecast"] + 1e-9
-        assert ours["simulated"] == ours["max_over_mean"] and ours["stall_ms_per_iteration"] == 0.0
+        for kind in ("ni_eplb", "ni_eplb_balanced"):
+            ours = p[kind]
+            # a plan made with hindsight on the scored window balances it at least as well as one made ahead
+            assert ours["floor"] <= ours["forecast"] + 1e-9
+            assert ours["simulated"] == ours["max_over_mean"] and ours["stall_ms_per_iteration"] == 0.0
+        # levelling each iteration lowers the hindsight floor (the joined plan moves loads only a little)
+        assert p["ni_eplb_balanced"]["floor"] <= p["ni_eplb"]["floor"] + 1e-6
         assert p["eplb_paper"]["plans"] >= 1 and p["none"]["plans"] == 0
         vllm = p["eplb_vllm"]  # one plan, its stall spread over vLLM's 3,000-step interval
         assert vllm["stall_ms_per_iteration"] * 3000 == pytest.approx(vllm["stall_ms_per_plan"])
-    reached = [p["tokens_per_device"] for p in curve["points"]
-               if p["ni_eplb"]["simulated"] <= curve["target"]]
-    assert curve["target_reached_at_tokens_per_device"] == reached
+    for kind in ("ni_eplb", "ni_eplb_balanced"):
+        reached = [p["tokens_per_device"] for p in curve["points"] if p[kind]["simulated"] <= curve["target"]]
+        assert curve["target_reached_at_tokens_per_device"][kind] == reached
     assert ni_steady_png(curve, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,139 @@
+"""How an expert's tokens are split among its replicas at dispatch time.
+
+``even`` (EPLB's and the paper's rule, Placement.device_load): every replica serves the same share
+of its expert's tokens, whatever the iteration's draw. ``balanced`` (ours): the dispatcher knows
+the iteration's per-expert token counts (one small all-gather of counts per layer, which the
+simulator charges) and splits each replicated expert's tokens so that device loads are as even as
+the replica table allows. Replicas then absorb each iteration's sampling noise and the drift since
+the plan, as long as the devices they join form large groups: :func:`join_replicas` links the
+small groups a packer leaves (EPLB packs two replicas each of two experts onto the same two
+devices, so most groups are pairs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from meshserve.errors import require
+from meshserve.placement.plan import Placement
+
+DISPATCH_RULES = ("even", "balanced")
+
+
+def device_load(placement: Placement, counts: np.ndarray, rule: str = "even", sweeps: int = 32) -> np.ndarray:
+    """Tokens per device [..., layers, devices] of counts [..., layers, experts] under a dispatch rule."""
+    require(rule in DISPATCH_RULES, "dispatch", f"unknown {rule!r}; allowed: {', '.join(DISPATCH_RULES)}")
+    if rule == "even":
+        return placement.device_load(counts)
+    return balanced_load(placement, counts, sweeps).astype(np.float32)
+
+
+def balanced_load(placement: Placement, counts: np.ndarray, sweeps: int = 32) -> np.ndarray:
+    """Device loads when each expert's tokens are water-filled over its replicas, ``sweeps`` times.
+
+    A sweep gives every replicated expert, at once, the split that levels its holders' loads as
+    they stand without it (the exact best split for that expert alone) and moves it part of the
+    way there: 1 / the most replicated experts on any of its holders, so experts that share a
+    device never overshoot it together (Jacobi with a safe step). Each sweep lowers the sum of
+    squared device loads, whose minimum is also the smallest possible maximum
+    (tests/placement/test_dispatch.py checks against a linear program). Float32 [..., L, N].
+    """
+    counts = np.asarray(counts, dtype=np.float32)
+    layers, experts, n = placement.holds.shape
+    lead = counts.shape[:-2]
+    flat = counts.reshape(-1, layers * experts)  # [B, L*E]
+    b = len(flat)
+    load = placement.device_load(flat.reshape(b, layers, experts)).reshape(b, layers * n)  # the even split
+    replicas = placement.replicas()
+    crowd = (placement.holds & (replicas > 1)[:, :, None]).sum(axis=1)  # [L, N] replicated experts there
+    replicas = replicas.ravel()
+    groups = []  # experts with r replicas: (their counts [B, M], holders' flat (layer, device) [M, r], step)
+    for r in np.unique(replicas[replicas > 1]):
+        item = np.flatnonzero(replicas == r)
+        layer, expert = np.divmod(item, experts)
+        device = np.nonzero(placement.holds[layer, expert])[1].reshape(len(item), r)
+        cols = layer[:, None] * n + device
+        step = (1.0 / crowd.ravel()[cols].max(axis=1, keepdims=True)).astype(np.float32)
+        groups.append((flat[:, item], cols, step))
+    if not groups:
+        return load.reshape(*lead, layers, n)
+    shares = [np.repeat(c[:, :, None] / cols.shape[1], cols.shape[1], axis=2) for c, cols, _ in groups]
+    where = np.concatenate([(np.arange(b)[:, None, None] * (layers * n) + cols[None]).ravel()
+                            for _, cols, _ in groups])
+    for _ in range(sweeps):
+        moves = []
+        for (c, cols, step), share in zip(groups, shares, strict=True):
+            others = load[:, cols] - share  # [B, M, r] the holders' load without this expert
+            move = step * (_levelled(others, c) - share)
+            share += move
+            moves.append(move.ravel())
+        load += np.bincount(where, weights=np.concatenate(moves), minlength=load.size).reshape(load.shape)
+    return load.reshape(*lead, layers, n)
+
+
+def _levelled(others: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """[B, M, r] the split of ``count`` [B, M] over r holders that levels their loads ``others``."""
+    if others.shape[2] == 2:  # closed form: half the difference, clipped to what there is
+        first = np.clip((count + others[..., 1] - others[..., 0]) / 2, 0, count)
+        return np.stack([first, count - first], axis=2)
+    low = np.sort(others, axis=2)
+    level = (count[..., None] + np.cumsum(low, axis=2)) / np.arange(1, others.shape[2] + 1)
+    filled = np.maximum((level > low).sum(axis=2, keepdims=True) - 1, 0)  # holders under the level
+    return np.maximum(np.take_along_axis(level, filled, axis=2) - others, 0.0)
+
+
+def for_dispatch(plan: Placement, load: np.ndarray, rule: str) -> Placement:
+    """A plan as applied under a dispatch rule: a balanced dispatch gets its groups joined."""
+    return join_replicas(plan, load) if rule == "balanced" else plan
+
+
+def join_replicas(placement: Placement, load: np.ndarray) -> Placement:
+    """Link each layer's groups of devices (joined by shared replicated experts) into one.
+
+    Every group gives up its lightest replica that lies on a cycle (device T holds expert x, and
+    another holder of x shares a second replicated expert with T: so the group stays connected
+    without it); the groups, ordered by that replica's tokens (load [layers, experts]: the plan's
+    forecast), form a ring in which each one's freed slot takes the next one's expert instead
+    (that expert's holders are all in the next group, so the device cannot hold it already; it
+    keeps its other replicas there). Replica counts and slots stay as they were; a device's load
+    changes by the difference of two neighbours in that order (small; the heaviest group's device
+    takes the lightest expert and gets lighter). Groups without such a replica (trees of
+    replicas, which EPLB's packing rarely makes) stay as they are; the others become one.
+    """
+    holds = placement.holds
+    layers, experts, n = holds.shape
+    replicas = placement.replicas()
+    multi = holds & (replicas > 1)[:, :, None]  # [L, E, N]
+    # one graph over (layer, device) nodes: devices sharing a replicated expert are joined
+    layer, expert, device = np.nonzero(multi)
+    node = layer * n + device
+    item = layer * experts + expert
+    incidence = csr_matrix((np.ones(len(node)), (node, item)), shape=(layers * n, layers * experts))
+    shared = (incidence @ incidence.T).tocsr()  # replicated experts two devices both hold
+    _, group = connected_components(shared, directed=False)
+    twice = shared >= 2
+    twice.setdiag(False)
+    on_cycle = np.asarray((twice.astype(np.float64) @ incidence)[node, item]).ravel() > 0
+    if not on_cycle.any():
+        return placement
+    weight = np.asarray(load, dtype=np.float64)[layer, expert] / replicas[layer, expert]
+    # each group's lightest replica on a cycle (ties: lowest expert, then device)
+    order = np.lexsort((device, expert, weight, group[node]))
+    order = order[on_cycle[order]]
+    first = order[np.r_[True, np.diff(group[node][order]) != 0]]
+    giver_layer, giver_weight = layer[first], weight[first]
+    chain = first[np.lexsort((giver_weight, giver_layer))]
+    # a ring per layer: each group takes the next one's expert, the heaviest the lightest's
+    pos = np.arange(len(chain))
+    starts = np.r_[True, layer[chain][1:] != layer[chain][:-1]]
+    head = np.maximum.accumulate(np.where(starts, pos, 0))
+    ends = np.r_[starts[1:], True]
+    nxt = np.where(ends, head, pos + 1)
+    ring = nxt != pos  # a layer with one group has nothing to join
+    take, give = chain[ring], chain[nxt[ring]]
+    out = holds.copy()
+    out[layer[take], expert[take], device[take]] = False
+    out[layer[take], expert[give], device[take]] = True
+    return Placement(out, placement.slots_per_device)
