@@ -108,6 +108,8 @@ def join_replicas(placement: Placement, load: np.ndarray) -> Placement:
     multi = holds & (replicas > 1)[:, :, None]  # [L, E, N]
     # one graph over (layer, device) nodes: devices sharing a replicated expert are joined
     layer, expert, device = np.nonzero(multi)
+    if not len(layer):  # no replicated expert: nothing to join
+        return placement
     node = layer * n + device
     item = layer * experts + expert
     incidence = csr_matrix((np.ones(len(node)), (node, item)), shape=(layers * n, layers * experts))

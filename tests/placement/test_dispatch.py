@@ -64,6 +64,11 @@ def test_without_replicas_both_rules_agree():
     np.testing.assert_allclose(device_load(table, counts, "balanced"), device_load(table, counts, "even"))
 
 
+def test_a_table_without_replicas_has_nothing_to_join():
+    table = static_placement(2, 8, 8, 2)
+    assert join_replicas(table, np.ones((2, 8))) is table
+
+
 def test_unknown_rule_is_refused_by_name():
     with pytest.raises(InputError, match="dispatch"):
         BalanceConfig(dispatch="random")
