@@ -6,6 +6,7 @@ settings) with ``run_setup`` and breaks its steady max/mean down with ``steady_g
 time is the only figure that depends on the machine.
 
     nice -n 15 .venv/bin/python benchmarks/ni_steady.py [--iterations 300] [--models deepseek-v3,...]
+                                                         [--dispatch even|balanced]
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ def main() -> None:
     parser.add_argument("--tokens-per-device", type=int, default=spec["tokens_per_device"])
     parser.add_argument("--models", default=",".join(spec["models"]))
     parser.add_argument("--plan-slack", type=float, default=None, help="default: the rung's")
+    parser.add_argument("--dispatch", choices=("even", "balanced"), default="even",
+                        help="even: the ours rung; balanced: the ours_balanced rung (balance.yaml roles)")
     parser.add_argument("--json", action="store_true", help="one JSON object per model as well")
     args = parser.parse_args()
-    rung = next(r for r in [*spec["ladder"], *spec["references"]] if r.label == spec["roles"]["ours"])
+    role = "ours" if args.dispatch == "even" else "ours_balanced"
+    rung = next(r for r in [*spec["ladder"], *spec["references"]] if r.label == spec["roles"][role])
     config = rung.balance_config(BalanceConfig())
     if args.plan_slack is not None:
         config = dataclasses.replace(config, plan_slack=args.plan_slack)

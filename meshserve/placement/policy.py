@@ -13,7 +13,7 @@ import numpy as np
 
 from meshserve.errors import integer, number, require
 from meshserve.placement.cost import DeviceCost
-from meshserve.placement.dispatch import DISPATCH_RULES
+from meshserve.placement.dispatch import DISPATCH_RULES, device_load, for_dispatch
 from meshserve.placement.plan import Placement
 
 
@@ -60,6 +60,15 @@ class BalanceConfig:
         require(self.dispatch in DISPATCH_RULES, "dispatch",
                 f"unknown {self.dispatch!r}; allowed: {', '.join(DISPATCH_RULES)}")
         integer(self.dispatch_sweeps, "dispatch_sweeps", 1)
+
+    def device_load(self, placement: Placement, counts: np.ndarray) -> np.ndarray:
+        """Tokens per device [..., layers, devices] of counts [..., layers, experts] under this
+        config's dispatch rule (dispatch.device_load)."""
+        return device_load(placement, counts, self.dispatch, self.dispatch_sweeps)
+
+    def applied(self, plan: Placement, load: np.ndarray) -> Placement:
+        """A plan as it is applied under this config's dispatch rule (dispatch.for_dispatch)."""
+        return for_dispatch(plan, load, self.dispatch)
         if self.num_redundant_experts is not None:
             integer(self.num_redundant_experts, "num_redundant_experts", 0)
 

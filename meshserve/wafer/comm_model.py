@@ -73,8 +73,8 @@ class CommModel:
     a2a_latency: latency of the longest all-to-all route (seconds).
     allreduce_bytes: [links] link bytes of one attention all-reduce; allreduce_time: its time.
     count_exchange_time: seconds of an all-gather of every device's per-expert token counts
-      (int32) inside its all-to-all domain: what a balanced dispatch waits for before each
-      layer's dispatch (placement.dispatch).
+      (int32) inside its all-to-all domain: what a balanced dispatch waits for before the
+      dispatch of each layer that has a replicated expert (placement.dispatch).
     time_model: how the all-to-all, the all-reduce and migration stalls are timed (timemodel.py);
       fair: the all-to-all's (dispatch, combine) flows under ``fair-share``, None under bottleneck.
     """

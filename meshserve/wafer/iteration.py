@@ -21,7 +21,6 @@ import numpy as np
 from scipy import sparse
 
 from meshserve.errors import InputError
-from meshserve.placement.dispatch import device_load, for_dispatch
 from meshserve.wafer.balance import BalanceConfig, Balancer, Placement, imbalance, migrations
 from meshserve.wafer.balance.steps import split_steps
 from meshserve.wafer.balance.stream import Flight
@@ -144,15 +143,15 @@ def evaluate(counts: np.ndarray, placement: Placement, comm: CommModel, cost: Ex
     config: its dispatch rule splits an expert's tokens among replicas (a balanced one first
     waits for the count all-gather, charged to the dispatch).
     """
-    load = device_load(placement, counts, config.dispatch, config.dispatch_sweeps)  # [S, L, N]
+    load = config.device_load(placement, counts)  # [S, L, N]
     compute = cost.device_time(load, placement.busy_experts(counts)).max(axis=2)
     fewest = -(-placement.num_experts // placement.num_devices)
     flat = load.reshape(-1, load.shape[-1])
     dispatch = comm.dispatch(flat).reshape(*load.shape[:2], -1)  # [S, L, a2a links]
     combine = comm.combine(flat).reshape(*load.shape[:2], -1)
     t_dispatch, t_combine = (t.reshape(load.shape[:2]) for t in comm.a2a_times(flat, dispatch, combine))
-    if config.dispatch == "balanced":
-        t_dispatch = t_dispatch + comm.count_exchange_time
+    if config.dispatch == "balanced":  # only layers with a replica to level wait for the counts
+        t_dispatch = t_dispatch + comm.count_exchange_time * (placement.replicas() > 1).any(axis=1)
     return _Block(
         max_load=load.max(axis=2).mean(axis=1),
         mean_load=load.mean(axis=2).mean(axis=1),
@@ -245,8 +244,8 @@ def simulate_iterations(
     while it < steps_total:
         if flight is None and it > since and balancer.should_plan(it, series["imbalance"][since:it]):
             history = counts[max(it - window, 0):it]
-            target = for_dispatch(balancer.plan(history.mean(axis=0), placement, base), history.mean(axis=0),
-                                  config.dispatch)
+            mean = history.mean(axis=0)
+            target = config.applied(balancer.plan(mean, placement, base), mean)
             target.validate()
             if config.reject_slower_plans:
                 horizon = config.step_interval if balancer.invasive else None

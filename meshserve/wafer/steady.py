@@ -32,7 +32,6 @@ from meshserve.placement import (
     slots_per_device,
     static_placement,
 )
-from meshserve.placement.dispatch import device_load, for_dispatch
 from meshserve.wafer.balance_setup import BalanceSetup, setup_parts
 from meshserve.wafer.iteration import EVEN, IterationResult
 
@@ -41,16 +40,16 @@ def max_over_mean(placement: Placement, counts: np.ndarray,
                   config: BalanceConfig = EVEN) -> tuple[float, float]:
     """Max/mean device load of ``counts`` [S, L, E] (per iteration, and on their mean load) under
     the config's dispatch rule."""
-    load = device_load(placement, counts, config.dispatch, config.dispatch_sweeps)  # [S, L, N]
+    load = config.device_load(placement, counts)  # [S, L, N]
     per_iteration = load.max(axis=2).mean(axis=1) / load.mean(axis=2).mean(axis=1)
-    mean = device_load(placement, counts.mean(axis=0), config.dispatch, config.dispatch_sweeps)
+    mean = config.device_load(placement, counts.mean(axis=0))
     return float(per_iteration.mean()), float(mean.max(axis=1).mean() / mean.mean())
 
 
 def time_over_even(placement: Placement, counts: np.ndarray, cost: DeviceCost,
                    config: BalanceConfig = EVEN) -> float:
     """MoE compute time of ``counts`` [S, L, E] under ``placement`` over the even split's (see module)."""
-    load = device_load(placement, counts, config.dispatch, config.dispatch_sweeps)
+    load = config.device_load(placement, counts)
     busy = placement.busy_experts(counts)
     fewest = -(-placement.num_experts // placement.num_devices)
     even = cost.time(load.mean(axis=2), fewest).sum()
@@ -84,7 +83,7 @@ def gap(
     scores: dict[str, list[tuple[float, ...]]] = {"floor": [], "forecast": [], "planner": []}
 
     def score(plan: Placement, scored: np.ndarray, load: np.ndarray) -> tuple[float, ...]:
-        plan = for_dispatch(plan, load, config.dispatch)  # as the simulator applies it
+        plan = config.applied(plan, load)  # as the simulator applies it
         timed = () if cost is None else (time_over_even(plan, scored, cost, config),)
         return (*max_over_mean(plan, scored, config), *timed)
 

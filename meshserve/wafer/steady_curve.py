@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from meshserve.placement.dispatch import for_dispatch
 from meshserve.wafer.balance import BalanceConfig, make_balancer, migrations
 from meshserve.wafer.balance_setup import BalanceSetup, run_setup, setup_parts
 from meshserve.wafer.fanout import run_many
@@ -66,7 +65,7 @@ def plan_once(setup: BalanceSetup) -> dict[str, Any]:
     balancer = make_balancer(setup.balancer, setup.config, p.comm.hops, p.redundant, p.planner_cost)
     counts = p.trace.counts
     history = counts[:window].mean(axis=0)
-    target = for_dispatch(balancer.plan(history, p.base, p.base), history, setup.config.dispatch)
+    target = setup.config.applied(balancer.plan(history, p.base, p.base), history)
     moves = migrations(p.base, target, p.comm.hops)
     stall = p.comm.transfer_time(moves.src, moves.dst, np.full(len(moves), p.cost.weight_bytes))
     block = evaluate(counts[window:], target, p.comm, p.cost, setup.config)

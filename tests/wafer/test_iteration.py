@@ -298,7 +298,7 @@ def test_runs_on_one_platform_share_one_read_only_trace_draw():
     assert other.trace is not plain.trace and not np.array_equal(other.trace.counts, plain.trace.counts)
 
 
-def test_a_balanced_dispatch_levels_every_iteration_and_waits_for_the_count_exchange():
+def test_a_balanced_dispatch_levels_every_iteration_and_waits_for_the_counts_where_it_can_level():
     hw, comm = platform(4, 4, 4, "er")
     cost = expert_cost(MODEL, hw)
     counts = tiny_trace(16, steps=6, scenario="mixed").counts
@@ -309,10 +309,19 @@ def test_a_balanced_dispatch_levels_every_iteration_and_waits_for_the_count_exch
     np.testing.assert_allclose(level.mean_load, even.mean_load, rtol=1e-5)
     assert (level.max_load <= even.max_load * (1 + 1e-5)).all()
     assert level.max_load.mean() < even.max_load.mean()
-    # without replicas nothing can be levelled: same loads, and the dispatch waits for the counts
-    static = static_placement(3, 16, 16, 1)
+    # without replicas nothing can be levelled: same loads and times; a layer with a replicated
+    # expert waits for the count all-gather before its dispatch
+    static = static_placement(3, 16, 16, 2)
     even, level = evaluate(counts, static, comm, cost), evaluate(counts, static, comm, cost, balanced)
     np.testing.assert_allclose(level.max_load, even.max_load, rtol=1e-6)
+    np.testing.assert_allclose(level.dispatch_s, even.dispatch_s)
+    holds = static.holds.copy()
+    holds[0, 0, 1] = True  # layer 0: expert 0 on devices 0 and 1, here without tokens: nothing moves
+    one, idle = Placement(holds, 2), counts.copy()
+    idle[:, 0, 0] = 0
+    even, level = evaluate(idle, one, comm, cost), evaluate(idle, one, comm, cost, balanced)
     assert comm.count_exchange_time > 0
-    np.testing.assert_allclose(level.dispatch_s, even.dispatch_s + comm.count_exchange_time)
+    waited = level.dispatch_s - even.dispatch_s
+    np.testing.assert_allclose(waited[:, 0], comm.count_exchange_time, rtol=1e-6)
+    np.testing.assert_allclose(waited[:, 1:], 0.0, atol=1e-12)
     np.testing.assert_allclose(level.combine_s, even.combine_s)
