@@ -60,6 +60,8 @@ class BalanceConfig:
         require(self.dispatch in DISPATCH_RULES, "dispatch",
                 f"unknown {self.dispatch!r}; allowed: {', '.join(DISPATCH_RULES)}")
         integer(self.dispatch_sweeps, "dispatch_sweeps", 1)
+        if self.num_redundant_experts is not None:
+            integer(self.num_redundant_experts, "num_redundant_experts", 0)
 
     def device_load(self, placement: Placement, counts: np.ndarray) -> np.ndarray:
         """Tokens per device [..., layers, devices] of counts [..., layers, experts] under this
@@ -69,8 +71,6 @@ class BalanceConfig:
     def applied(self, plan: Placement, load: np.ndarray) -> Placement:
         """A plan as it is applied under this config's dispatch rule (dispatch.for_dispatch)."""
         return for_dispatch(plan, load, self.dispatch)
-        if self.num_redundant_experts is not None:
-            integer(self.num_redundant_experts, "num_redundant_experts", 0)
 
 
 def imbalance(device_load: np.ndarray) -> np.ndarray:

@@ -111,9 +111,10 @@ def test_unknown_balancer_and_too_few_slots_are_input_errors():
     with pytest.raises(InputError) as err:
         over.validate()
     assert err.value.field == "num_redundant_experts"
-    with pytest.raises(InputError) as err:
-        BalanceConfig(window_size=0)
-    assert err.value.field == "window_size"
+    for field, bad in (("window_size", 0), ("num_redundant_experts", -1), ("plan_slack", -0.1)):
+        with pytest.raises(InputError) as err:
+            BalanceConfig(**{field: bad})
+        assert err.value.field == field
 
 
 def test_ni_eplb_plans_as_well_as_eplb_with_fewer_shorter_copies():
