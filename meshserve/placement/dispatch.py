@@ -27,7 +27,7 @@ def device_load(placement: Placement, counts: np.ndarray, rule: str = "even", sw
     require(rule in DISPATCH_RULES, "dispatch", f"unknown {rule!r}; allowed: {', '.join(DISPATCH_RULES)}")
     if rule == "even":
         return placement.device_load(counts)
-    return balanced_load(placement, counts, sweeps).astype(np.float32)
+    return balanced_load(placement, counts, sweeps)
 
 
 def balanced_load(placement: Placement, counts: np.ndarray, sweeps: int = 32) -> np.ndarray:
