@@ -22,9 +22,14 @@ from meshserve.placement.plan import Placement
 DISPATCH_RULES = ("even", "balanced")
 
 
+def check_rule(rule: str) -> None:
+    """An unknown dispatch rule is an input error naming the ``dispatch`` field."""
+    require(rule in DISPATCH_RULES, "dispatch", f"unknown {rule!r}; allowed: {', '.join(DISPATCH_RULES)}")
+
+
 def device_load(placement: Placement, counts: np.ndarray, rule: str = "even", sweeps: int = 32) -> np.ndarray:
     """Tokens per device [..., layers, devices] of counts [..., layers, experts] under a dispatch rule."""
-    require(rule in DISPATCH_RULES, "dispatch", f"unknown {rule!r}; allowed: {', '.join(DISPATCH_RULES)}")
+    check_rule(rule)
     if rule == "even":
         return placement.device_load(counts)
     return balanced_load(placement, counts, sweeps)

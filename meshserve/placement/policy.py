@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshserve.errors import integer, number, require
+from meshserve.errors import integer, number
 from meshserve.placement.cost import DeviceCost
-from meshserve.placement.dispatch import DISPATCH_RULES, device_load, for_dispatch
+from meshserve.placement.dispatch import check_rule, device_load, for_dispatch
 from meshserve.placement.plan import Placement
 
 
@@ -57,8 +57,7 @@ class BalanceConfig:
         number(self.imbalance_threshold, "imbalance_threshold", 0)
         integer(self.chunk_bytes, "chunk_bytes", 1)
         number(self.plan_slack, "plan_slack", 0)
-        require(self.dispatch in DISPATCH_RULES, "dispatch",
-                f"unknown {self.dispatch!r}; allowed: {', '.join(DISPATCH_RULES)}")
+        check_rule(self.dispatch)
         integer(self.dispatch_sweeps, "dispatch_sweeps", 1)
         if self.num_redundant_experts is not None:
             integer(self.num_redundant_experts, "num_redundant_experts", 0)
