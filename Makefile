@@ -24,8 +24,7 @@ $(STAMP): pyproject.toml
 run: native
 	$(BIN)/meshserve demo
 
-test: native
-	$(BIN)/ruff check meshserve tests benchmarks
+test: native lint
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not slow"
 
 # The Triton attention kernel's tests with the gpu extra (triton) installed: natively on a CUDA machine,

@@ -37,8 +37,10 @@ class Peaks:
 
 def measure_peaks() -> Peaks:
     """Compile and run the FMA-rate and read-bandwidth probes (about 20 s)."""
-    bw = {(int(t), int(b)): float(g) for t, b, g in
-          re.findall(r"threads=(\d+) bytes=(\d+) GB/s=([\d.]+)", run_probe("read_bw"))}
+    bw = {
+        (int(t), int(b)): float(g)
+        for t, b, g in re.findall(r"threads=(\d+) bytes=(\d+) GB/s=([\d.]+)", run_probe("read_bw"))
+    }
     return Peaks(fma_gflops(run_probe("isa_rate")), bw)
 
 
@@ -60,8 +62,9 @@ def stage_work(table: TaskTable, elem: int) -> tuple[float, float]:
     causal = t[:, COL["mask"]] != 0
     window = t[:, COL["window"]]
     end = torch.where(causal[:, None], torch.minimum(hi[:, None], qpos + 1), hi[:, None])
-    start = torch.where((window > 0)[:, None], torch.maximum(lo[:, None], qpos - window[:, None] + 1),
-                        lo[:, None])
+    start = torch.where(
+        (window > 0)[:, None], torch.maximum(lo[:, None], qpos - window[:, None] + 1), lo[:, None]
+    )
     visible = ((end - start).clamp(min=0) * (qi[None, :] < rows[:, None])).sum()
     flops = 4.0 * HEAD_DIM * group * float(visible)
     kv_bytes = float(((hi - lo) * 2 * HEAD_DIM * elem).sum())
@@ -70,24 +73,37 @@ def stage_work(table: TaskTable, elem: int) -> tuple[float, float]:
 
 
 def _op(q: torch.Tensor, cache: torch.Tensor, table: TaskTable) -> None:
-    torch.ops.meshserve.meta_attention(q, cache, table.block_tables, table.tasks, table.thread_starts,
-                                       table.combine, table.tree_mask, HEAD_DIM**-0.5, table.partial_rows)
+    torch.ops.meshserve.meta_attention(
+        q,
+        cache,
+        table.block_tables,
+        table.tasks,
+        table.thread_starts,
+        table.combine,
+        table.tree_mask,
+        HEAD_DIM**-0.5,
+        table.partial_rows,
+    )
 
 
-def stage_cpu_ms(meta: BatchMetadata, blocks: int, block_size: int, dtype: torch.dtype,
-                 repeats: int) -> dict[str, float]:
+def stage_cpu_ms(
+    meta: BatchMetadata, blocks: int, block_size: int, dtype: torch.dtype, repeats: int
+) -> dict[str, float]:
     """Best CPU ms per layer of each stage's tasks (1 thread) over LAYERS caches, one per layer as in the
     engine (so the KV is as cold as a forward leaves it). Thread CPU time: other jobs on a shared machine
     do not count, their cache and memory traffic does."""
     gen = torch.Generator().manual_seed(0)
-    caches = [torch.randn(2, blocks, block_size, KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
-              for _ in range(LAYERS)]
+    caches = [
+        torch.randn(2, blocks, block_size, KV_HEADS, HEAD_DIM, generator=gen).to(dtype) for _ in range(LAYERS)
+    ]
     q = torch.randn(meta.num_tokens, HEADS, HEAD_DIM, generator=gen).to(dtype)
     best = {}
     for name, table in stage_tables(meta, tile_sizes(HEAD_DIM, dtype)).items():
+
         def layers(table: TaskTable = table) -> None:
             for cache in caches:
                 _op(q, cache, table)
+
         layers()
         runs = []
         for _ in range(repeats):
@@ -108,8 +124,9 @@ def _best_ms(fn, repeats: int) -> float:
     return best * 1e3
 
 
-def thread_split(meta: BatchMetadata, blocks: int, block_size: int, dtype: torch.dtype, threads: int,
-                 repeats: int) -> dict[str, float]:
+def thread_split(
+    meta: BatchMetadata, blocks: int, block_size: int, dtype: torch.dtype, threads: int, repeats: int
+) -> dict[str, float]:
     """The plan's op time at `threads`, each thread row alone at 1 thread, and an empty table's op time."""
     gen = torch.Generator().manual_seed(0)
     cache = torch.randn(2, blocks, block_size, KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
@@ -117,13 +134,26 @@ def thread_split(meta: BatchMetadata, blocks: int, block_size: int, dtype: torch
     table = plan_tasks(meta, HEADS, KV_HEADS, tile_sizes(HEAD_DIM, dtype), threads)
     starts = table.thread_starts.tolist()
     no_combine = torch.zeros(0, 5, dtype=torch.int32)
-    rows = [replace(table, tasks=table.tasks[a:b].contiguous(), thread_starts=torch.tensor([0, b - a]),
-                    combine=no_combine) for a, b in zip(starts, starts[1:], strict=False)]
-    empty = replace(table, tasks=table.tasks[:0].contiguous(), thread_starts=torch.zeros(threads + 1,
-                    dtype=torch.long), combine=no_combine)
+    rows = [
+        replace(
+            table,
+            tasks=table.tasks[a:b].contiguous(),
+            thread_starts=torch.tensor([0, b - a]),
+            combine=no_combine,
+        )
+        for a, b in zip(starts, starts[1:], strict=False)
+    ]
+    empty = replace(
+        table,
+        tasks=table.tasks[:0].contiguous(),
+        thread_starts=torch.zeros(threads + 1, dtype=torch.long),
+        combine=no_combine,
+    )
     torch.set_num_threads(threads)
-    result = {"op": _best_ms(lambda: _op(q, cache, table), repeats),
-              "empty": _best_ms(lambda: _op(q, cache, empty), repeats)}
+    result = {
+        "op": _best_ms(lambda: _op(q, cache, table), repeats),
+        "empty": _best_ms(lambda: _op(q, cache, empty), repeats),
+    }
     torch.set_num_threads(1)
     result["empty_1"] = _best_ms(lambda: _op(q, cache, empty), repeats)
     for i, row in enumerate(rows):
@@ -132,17 +162,22 @@ def thread_split(meta: BatchMetadata, blocks: int, block_size: int, dtype: torch
 
 
 @torch.inference_mode()
-def roofline_section(steps: list[BatchMetadata], blocks: int, block_size: int, dtypes: list[str],
-                     repeats: int) -> None:
+def roofline_section(
+    steps: list[BatchMetadata], blocks: int, block_size: int, dtypes: list[str], repeats: int
+) -> None:
     """Print the per-stage roofline of each recorded step, then the 2-thread split."""
     peaks = measure_peaks()
     bw = ", ".join(f"{b >> 10} KiB {g:.1f}" for (t, b), g in sorted(peaks.read_gbs.items()) if t == 1)
     bw2 = ", ".join(f"{b >> 10} KiB {g:.1f}" for (t, b), g in sorted(peaks.read_gbs.items()) if t == 2)
-    print(f"\n== attention roofline: 1 core, CPU ms per layer (best of {repeats}, {LAYERS} layers' caches); "
-          f"float32 FMA peak {peaks.fma_gflops:.0f} GFLOP/s; read GB/s by buffer size, 1 thread: {bw}; "
-          f"2 threads together: {bw2} ==")
-    print(f"{'dtype':9s} {'step':52s} {'stage':8s} {'tasks':>5s} {'MFLOP':>8s} {'MB read':>8s} {'ms':>7s} "
-          f"{'GFLOP/s':>8s} {'GB/s':>6s} {'roof ms':>8s} {'bound':>7s} {'of roof':>7s}")
+    print(
+        f"\n== attention roofline: 1 core, CPU ms per layer (best of {repeats}, {LAYERS} layers' caches); "
+        f"float32 FMA peak {peaks.fma_gflops:.0f} GFLOP/s; read GB/s by buffer size, 1 thread: {bw}; "
+        f"2 threads together: {bw2} =="
+    )
+    print(
+        f"{'dtype':9s} {'step':52s} {'stage':8s} {'tasks':>5s} {'MFLOP':>8s} {'MB read':>8s} {'ms':>7s} "
+        f"{'GFLOP/s':>8s} {'GB/s':>6s} {'roof ms':>8s} {'bound':>7s} {'of roof':>7s}"
+    )
     torch.set_num_threads(1)
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
@@ -158,22 +193,34 @@ def roofline_section(steps: list[BatchMetadata], blocks: int, block_size: int, d
                 compute_ms, memory_ms = flops / peaks.fma_gflops / 1e6, nbytes / gbs / 1e6
                 roof = max(compute_ms, memory_ms)
                 bound = "compute" if compute_ms > memory_ms else "memory"
-                print(f"{dtype_name:9s} {describe(meta):52s} {name:8s} {len(table.tasks):5d} "
-                      f"{flops / 1e6:8.1f} {nbytes / 1e6:8.2f} {ms[name]:7.3f} {flops / ms[name] / 1e6:8.1f} "
-                      f"{nbytes / ms[name] / 1e6:6.1f} {roof:8.3f} {bound:>7s} {roof / ms[name]:7.0%}")
-            print(f"{'':9s} {'':52s} KV of {LAYERS} layers {working_set / 2**20:.1f} MiB: read roof at the "
-                  f"{level >> 10} KiB probe, {gbs:.1f} GB/s")
-    print(f"\n-- 2-thread split: the op at 2 threads vs each thread row alone (1 thread); an empty "
-          f"Task-Table's op (dispatch + fork/join); best of {repeats}, wall ms --")
-    print(f"{'dtype':9s} {'step':52s} {'2 thr':>7s} {'row 0':>7s} {'row 1':>7s} {'balance':>7s} "
-          f"{'speed-up':>8s} {'empty 2':>7s} {'empty 1':>7s}")
+                print(
+                    f"{dtype_name:9s} {describe(meta):52s} {name:8s} {len(table.tasks):5d} "
+                    f"{flops / 1e6:8.1f} {nbytes / 1e6:8.2f} {ms[name]:7.3f} {flops / ms[name] / 1e6:8.1f} "
+                    f"{nbytes / ms[name] / 1e6:6.1f} {roof:8.3f} {bound:>7s} {roof / ms[name]:7.0%}"
+                )
+            print(
+                f"{'':9s} {'':52s} KV of {LAYERS} layers {working_set / 2**20:.1f} MiB: read roof at the "
+                f"{level >> 10} KiB probe, {gbs:.1f} GB/s"
+            )
+    print(
+        f"\n-- 2-thread split: the op at 2 threads vs each thread row alone (1 thread); an empty "
+        f"Task-Table's op (dispatch + fork/join); best of {repeats}, wall ms --"
+    )
+    print(
+        f"{'dtype':9s} {'step':52s} {'2 thr':>7s} {'row 0':>7s} {'row 1':>7s} {'balance':>7s} "
+        f"{'speed-up':>8s} {'empty 2':>7s} {'empty 1':>7s}"
+    )
     for dtype_name in dtypes:
         for meta in steps:
             r = thread_split(meta, blocks, block_size, getattr(torch, dtype_name), 2, repeats)
             balance = max(r["row0"], r["row1"]) / ((r["row0"] + r["row1"]) / 2)
-            print(f"{dtype_name:9s} {describe(meta):52s} {r['op']:7.3f} {r['row0']:7.3f} {r['row1']:7.3f} "
-                  f"{balance:7.2f} {(r['row0'] + r['row1']) / r['op']:8.2f} {r['empty']:7.3f} "
-                  f"{r['empty_1']:7.3f}")
-    print("balance: slower row / mean row (1.00 = even); speed-up: both rows' 1-thread time / the 2-thread "
-          "op (2.00 = perfect). When other jobs hold both cores, a woken OpenMP worker waits for the "
-          "scheduler's tick (4 ms): 'empty 2' then reads 4-20 ms instead of a few microseconds")
+            print(
+                f"{dtype_name:9s} {describe(meta):52s} {r['op']:7.3f} {r['row0']:7.3f} {r['row1']:7.3f} "
+                f"{balance:7.2f} {(r['row0'] + r['row1']) / r['op']:8.2f} {r['empty']:7.3f} "
+                f"{r['empty_1']:7.3f}"
+            )
+    print(
+        "balance: slower row / mean row (1.00 = even); speed-up: both rows' 1-thread time / the 2-thread "
+        "op (2.00 = perfect). When other jobs hold both cores, a woken OpenMP worker waits for the "
+        "scheduler's tick (4 ms): 'empty 2' then reads 4-20 ms instead of a few microseconds"
+    )

@@ -75,8 +75,10 @@ def bf16_gemm_section(threads: list[int], repeats: int) -> None:
     if not native.load():
         print(f"\n== bf16 GEMM: native op not built (`{native.BUILD_COMMAND}`); skipped ==")
         return
-    print(f"\n== bf16 GEMM: the 28M Llama's linears, us per call (GFLOP/s), median of {repeats} interleaved "
-          f"runs; * = fastest ==")
+    print(
+        f"\n== bf16 GEMM: the 28M Llama's linears, us per call (GFLOP/s), median of {repeats} interleaved "
+        f"runs; * = fastest =="
+    )
     gen = torch.Generator().manual_seed(0)
     for n_threads in threads:
         torch.set_num_threads(n_threads)
@@ -93,14 +95,17 @@ def bf16_gemm_section(threads: list[int], repeats: int) -> None:
                 calls = {name: (lambda fn=fn, x=x, x32=x32: fn(x, x32)) for name, fn in fns.items()}
                 times = time_row(calls, repeats)
                 best = min(times.values())
-                cells = [f"{t * 1e6:9.1f}{'*' if t == best else ' '}({2 * m * n * k / t / 1e9:5.0f})"
-                         for t in times.values()]
+                cells = [
+                    f"{t * 1e6:9.1f}{'*' if t == best else ' '}({2 * m * n * k / t / 1e9:5.0f})"
+                    for t in times.values()
+                ]
                 print(f"{'':18s} M={m:4d} " + "  ".join(f"{c:>18s}" for c in cells), flush=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()

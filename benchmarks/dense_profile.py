@@ -31,8 +31,11 @@ def op_table(prof: torch.profiler.profile, top: int) -> str:
     total = sum(e.self_cpu_time_total for e in events) or 1
     rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     lines = [f"{'op':44s} {'calls':>7s} {'self ms':>9s} {'%':>6s}"]
-    lines += [f"{e.key[:44]:44s} {e.count:7d} {e.self_cpu_time_total / 1e3:9.1f} "
-              f"{100 * e.self_cpu_time_total / total:5.1f}%" for e in rows]
+    lines += [
+        f"{e.key[:44]:44s} {e.count:7d} {e.self_cpu_time_total / 1e3:9.1f} "
+        f"{100 * e.self_cpu_time_total / total:5.1f}%"
+        for e in rows
+    ]
     lines.append(f"{'total':44s} {'':7s} {total / 1e3:9.1f}")
     return "\n".join(lines)
 
@@ -45,15 +48,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--kernel-profile", help="GEMM table to run with (default: the engine's choice), "
-                        "e.g. an older tree's meshserve/kernels/profiles/gemm.json for a before/after")
+    parser.add_argument(
+        "--kernel-profile",
+        help="GEMM table to run with (default: the engine's choice), "
+        "e.g. an older tree's meshserve/kernels/profiles/gemm.json for a before/after",
+    )
     args = parser.parse_args()
     prompts, outputs = standard_workload(args.requests)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in outputs]
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_model(Path(tmp) / args.arch, arch=args.arch, dtype=args.dtype, **MODELS[args.arch])
-        llm = LLM(str(path), dtype=args.dtype, max_num_batched_tokens=args.budget, max_num_seqs=64,
-                  kv_cache_memory=1.0, num_threads=args.threads, kernel_profile=args.kernel_profile)
+        llm = LLM(
+            str(path),
+            dtype=args.dtype,
+            max_num_batched_tokens=args.budget,
+            max_num_seqs=64,
+            kv_cache_memory=1.0,
+            num_threads=args.threads,
+            kernel_profile=args.kernel_profile,
+        )
 
         def run() -> int:
             return sum(len(o.token_ids) for o in llm.generate(prompts, params, use_tqdm=False))
@@ -70,7 +83,7 @@ def main() -> None:
         profiler.runcall(run)
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
-        print("\n".join(ln for ln in out.getvalue().splitlines() if ln.strip())[-(args.top + 3) * 120:])
+        print("\n".join(ln for ln in out.getvalue().splitlines() if ln.strip())[-(args.top + 3) * 120 :])
 
 
 if __name__ == "__main__":

@@ -38,10 +38,19 @@ SHAPES = [
 
 def runner_for(shape: tuple[int, ...], root: Path, dtype: str) -> tuple[DraftRunner, int]:
     hidden, layers, heads, kv_heads, mlp = shape
-    path = make_tiny_model(root / "x".join(map(str, shape)), "llama", vocab_size=4096, hidden_size=hidden,
-                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                           intermediate_size=mlp, tie_word_embeddings=True, max_position_embeddings=512,
-                           dtype=dtype)
+    path = make_tiny_model(
+        root / "x".join(map(str, shape)),
+        "llama",
+        vocab_size=4096,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=mlp,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+        dtype=dtype,
+    )
     model = load_model(path, dtype).model
     return DraftRunner(model, max_len=512, slots=1), sum(p.numel() for p in model.parameters())
 

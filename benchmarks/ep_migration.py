@@ -44,8 +44,16 @@ from meshserve.wafer.hardware import hardware_from_dict
 from meshserve.wafer.models import Attention, MoEModel
 from meshserve.wafer.presets import read_preset
 
-MODEL = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "vocab_size": 512, "num_local_experts": 8, "num_experts_per_tok": 2}
+MODEL = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+}
 HOT_EXPERTS, HOT_SCALE = (0, 1), 3.0
 MODES = {"none": None, "invasive": "invasive", "non-invasive": "non-invasive"}
 
@@ -68,8 +76,15 @@ def workload(n: int = 32, seed: int = 0) -> list[list[int]]:
 
 def serve(model: Path, ranks: int, mode: str | None, eplb: dict, requests: int) -> dict:
     """One run: per-step wall times, routed pairs per rank, expert counts, migration records."""
-    args = dict(data_parallel_size=ranks, enable_expert_parallel=True, max_num_batched_tokens=128,
-                max_num_seqs=8, block_size=16, max_model_len=256, eplb_config=eplb)
+    args = dict(
+        data_parallel_size=ranks,
+        enable_expert_parallel=True,
+        max_num_batched_tokens=128,
+        max_num_seqs=8,
+        block_size=16,
+        max_model_len=256,
+        eplb_config=eplb,
+    )
     if mode is not None:
         args |= {"enable_eplb": True, "eplb_config": {**eplb, "mode": mode}}
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
@@ -84,8 +99,13 @@ def serve(model: Path, ranks: int, mode: str | None, eplb: dict, requests: int) 
             times.append(time.perf_counter() - start)
             routed.append(engine.last_stats["routed"])
             counts.append(engine.last_stats["expert_counts"])
-        return {"times": np.array(times), "routed": np.array(routed), "counts": np.array(counts),
-                "migrations": list(engine.migrations), "holds": engine.holds()}
+        return {
+            "times": np.array(times),
+            "routed": np.array(routed),
+            "counts": np.array(counts),
+            "migrations": list(engine.migrations),
+            "holds": engine.holds(),
+        }
 
 
 def balancedness(per_rank: np.ndarray) -> float:
@@ -121,9 +141,15 @@ def live_figures(run: dict, baseline: dict, steps: np.ndarray | None = None) -> 
     steps = migration_steps(run) if steps is None else steps
     steady = np.setdiff1d(np.arange(len(run["times"])), steps)
     before, after = first_placement_steps(run)
-    ms = {name: 1e3 * np.percentile(run["times"][idx], q) if len(idx) else float("nan")
-          for name, idx, q in (("steady_p50", steady, 50), ("steady_p99", steady, 99),
-                               ("migr_p50", steps, 50), ("migr_p99", steps, 99))}
+    ms = {
+        name: 1e3 * np.percentile(run["times"][idx], q) if len(idx) else float("nan")
+        for name, idx, q in (
+            ("steady_p50", steady, 50),
+            ("steady_p99", steady, 99),
+            ("migr_p50", steps, 50),
+            ("migr_p99", steps, 99),
+        )
+    }
     same = 1e3 * np.percentile(baseline["times"][steps], 99) if len(steps) else float("nan")
     mode = done[0]["mode"] if done else "none"
     stall = sum(m["migration_s"] if mode == "invasive" else m.get("switch_s", 0.0) for m in done)
@@ -132,8 +158,10 @@ def live_figures(run: dict, baseline: dict, steps: np.ndarray | None = None) -> 
         "p99_vs_steady": ms["migr_p99"] / ms["steady_p99"],
         "p99_vs_none": ms["migr_p99"] / same,
         "stall_ms": 1e3 * stall,
-        "migrations": len(done), "failed": len(run["migrations"]) - len(done),
-        "steps_per_migration": float(np.mean([m["switch_tick"] - m["tick"] + 1 for m in done])) if done
+        "migrations": len(done),
+        "failed": len(run["migrations"]) - len(done),
+        "steps_per_migration": float(np.mean([m["switch_tick"] - m["tick"] + 1 for m in done]))
+        if done
         else float("nan"),
         "balancedness_before": balancedness(run["routed"][before]),
         "balancedness_after": balancedness(run["routed"][after]) if done else float("nan"),
@@ -148,11 +176,19 @@ def simulator_figures(run: dict, ranks: int, tokens_per_device: int) -> dict:
     preset["switch"] |= {"devices": ranks, "devices_per_node": ranks}
     hw = hardware_from_dict(preset, f"nvl72-{ranks}")
     m = MODEL
-    model = MoEModel(name="tiny-mixtral", hidden_size=m["hidden_size"], num_layers=m["num_hidden_layers"],
-                     first_dense_layers=0, dense_intermediate_size=0, routed_experts=m["num_local_experts"],
-                     shared_experts=0, top_k=m["num_experts_per_tok"],
-                     moe_intermediate_size=m["intermediate_size"], bytes_per_element=4,
-                     attention=Attention("gqa", m["num_attention_heads"], m["num_key_value_heads"], 64))
+    model = MoEModel(
+        name="tiny-mixtral",
+        hidden_size=m["hidden_size"],
+        num_layers=m["num_hidden_layers"],
+        first_dense_layers=0,
+        dense_intermediate_size=0,
+        routed_experts=m["num_local_experts"],
+        shared_experts=0,
+        top_k=m["num_experts_per_tok"],
+        moe_intermediate_size=m["intermediate_size"],
+        bytes_per_element=4,
+        attention=Attention("gqa", m["num_attention_heads"], m["num_key_value_heads"], 64),
+    )
     comm = comm_model(hw, 1, "baseline", model, tokens_per_device)
     expert_bytes = model.expert_params * model.bytes_per_element
     done = [m for m in run["migrations"] if not m.get("error")]
@@ -165,24 +201,32 @@ def simulator_figures(run: dict, ranks: int, tokens_per_device: int) -> dict:
     figures = {"bytes_moved": nbytes, "copy_s": copy_s}
     if done:  # the placements' device loads on the expert loads the live run recorded in those steps
         before, after = first_placement_steps(run)
-        for name, holds, steps in (("before", done[0]["holds_before"], before),
-                                   ("after", done[0]["holds_after"], after)):
+        for name, holds, steps in (
+            ("before", done[0]["holds_before"], before),
+            ("after", done[0]["holds_after"], after),
+        ):
             load = Placement(holds, int(holds.sum(axis=1).max())).device_load(run["counts"][steps])
             figures[f"balancedness_{name}"] = balancedness(load.transpose(0, 2, 1))
     return figures
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--requests", type=int, default=32, help="Requests served per run (64 tokens each).")
     parser.add_argument("--balancer", default="greedy", choices=("greedy", "topology", "ni"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    eplb = {"window_size": 8, "step_interval": 16, "num_redundant_experts": args.ranks,
-            "balancer": args.balancer, "chunk_bytes": 1 << 18}
+    eplb = {
+        "window_size": 8,
+        "step_interval": 16,
+        "num_redundant_experts": args.ranks,
+        "balancer": args.balancer,
+        "chunk_bytes": 1 << 18,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         model = skewed_model(Path(tmp))
         runs: dict[str, list[dict]] = {m: [] for m in MODES}
@@ -192,12 +236,18 @@ def main() -> None:
                     runs[name].append(serve(model, args.ranks, mode, eplb, args.requests))
                     bar.update(1)
     tokens_per_device = 128 // args.ranks
-    print(f"{args.ranks} ranks (gloo, CPU, 1 thread each, shared machine), balancer {args.balancer}, "
-          f"{args.repeats} interleaved repeats; median [best] per figure")
+    print(
+        f"{args.ranks} ranks (gloo, CPU, 1 thread each, shared machine), balancer {args.balancer}, "
+        f"{args.repeats} interleaved repeats; median [best] per figure"
+    )
     # "none" read over the non-invasive run's migration steps: the noise floor of the p99 ratios.
     steps = [migration_steps(run) for run in runs["non-invasive"]]
-    figures = {"none": [live_figures(run, other, s) for run, other, s in zip(
-        runs["none"], runs["none"][1:] + runs["none"][:1], steps, strict=True)]}
+    figures = {
+        "none": [
+            live_figures(run, other, s)
+            for run, other, s in zip(runs["none"], runs["none"][1:] + runs["none"][:1], steps, strict=True)
+        ]
+    }
     for name in ("invasive", "non-invasive"):
         figures[name] = [live_figures(run, base) for run, base in zip(runs[name], runs["none"], strict=True)]
     print(f"\n{'figure':24s}" + "".join(f"{name:>22s}" for name in figures))
@@ -209,13 +259,19 @@ def main() -> None:
             row += f"{np.median(values):12.4g} [{best:7.4g}]"
         print(row)
     print("\nsimulator (nvl72 switch cut to the same ranks; first repeat's placement changes, same planner):")
-    sims = {name: simulator_figures(runs[name][0], args.ranks, tokens_per_device)
-            for name in ("invasive", "non-invasive")}
+    sims = {
+        name: simulator_figures(runs[name][0], args.ranks, tokens_per_device)
+        for name in ("invasive", "non-invasive")
+    }
     for key in sims["invasive"]:
-        print(f"{'sim_' + key:24s}{'':22s}" + "".join(f"{sims[name].get(key, float('nan')):12.4g}{'':10s}"
-                                                    for name in sims))
-    print("\n(none's p99_vs_none compares two runs without balancing over the non-invasive run's migration "
-          "steps: the noise floor)")
+        print(
+            f"{'sim_' + key:24s}{'':22s}"
+            + "".join(f"{sims[name].get(key, float('nan')):12.4g}{'':10s}" for name in sims)
+        )
+    print(
+        "\n(none's p99_vs_none compares two runs without balancing over the non-invasive run's migration "
+        "steps: the noise floor)"
+    )
 
 
 if __name__ == "__main__":

@@ -17,9 +17,21 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _flash_forward_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, scale_log2, n_ctx,
-    q_sb, q_sh, kv_sb, kv_sh, seq_stride,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    scale_log2,
+    n_ctx,
+    q_sb,
+    q_sh,
+    kv_sb,
+    kv_sh,
+    seq_stride,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     WIDEN: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -57,12 +69,22 @@ def _flash_forward_kernel(
             m_i = m_new
     out = acc / l_i[:, None]
     o_base = o_ptr + batch.to(tl.int64) * q_sb + head * q_sh
-    tl.store(o_base + rows[:, None] * seq_stride + dims[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=rows[:, None] < n_ctx)
+    tl.store(
+        o_base + rows[:, None] * seq_stride + dims[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=rows[:, None] < n_ctx,
+    )
 
 
-def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, block_m: int = 64,
-                  block_n: int = 64, widen: bool = False) -> torch.Tensor:
+def flash_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    block_m: int = 64,
+    block_n: int = 64,
+    widen: bool = False,
+) -> torch.Tensor:
     """Causal attention of q [B, H, N, D] over k, v [B, KV, N, D] (D a power of two >= 16) -> [B, H, N, D].
 
     All four in the [B, H, N, D] layout with unit stride on D and one row stride (contiguous tensors)."""
@@ -71,7 +93,21 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     out = torch.empty_like(q)
     grid = (triton.cdiv(n, block_m), batch, heads)
     _flash_forward_kernel[grid](
-        q, k, v, out, scale * LOG2E, n, q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2),
-        GROUP=heads // k.shape[1], HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, WIDEN=widen,
+        q,
+        k,
+        v,
+        out,
+        scale * LOG2E,
+        n,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        q.stride(2),
+        GROUP=heads // k.shape[1],
+        HEAD_DIM=dim,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        WIDEN=widen,
     )
     return out

@@ -31,6 +31,7 @@ MODES = {"fused": "native", "reference": "reference"}
 
 def step_ms(llm: LLM, prompt: list[int], tokens: int) -> float:
     """Per decode step ms: a run of `tokens` tokens minus a run of 1 token (the prefill), over tokens - 1."""
+
     def run(n: int) -> float:
         start = time.perf_counter()
         llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
@@ -40,8 +41,15 @@ def step_ms(llm: LLM, prompt: list[int], tokens: int) -> float:
 
 
 def measure(path: Path, dtype: str, args: argparse.Namespace) -> dict[str, float]:
-    llm = LLM(str(path), dtype=dtype, max_num_batched_tokens=512, max_num_seqs=8, kv_cache_memory=0.05,
-              num_threads=args.threads, enable_prefix_caching=False)
+    llm = LLM(
+        str(path),
+        dtype=dtype,
+        max_num_batched_tokens=512,
+        max_num_seqs=8,
+        kv_cache_memory=0.05,
+        num_threads=args.threads,
+        enable_prefix_caching=False,
+    )
     prompt = list(range(10, 42))
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     for _ in range(args.repeats + 1):  # the first round warms up and is dropped
@@ -60,18 +68,24 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=dtypes, choices=dtypes)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    print(f"batch-1 decode, {args.tokens} tokens, {args.threads} thread(s); "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"batch-1 decode, {args.tokens} tokens, {args.threads} thread(s); "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'model':11s} {'dtype':9s} {'fused ms':>9s} {'tok/s':>7s} {'reference ms':>13s} {'tok/s':>7s}")
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"tiny-draft": ASSETS / "tiny-draft", "tiny-moe": ASSETS / "tiny-moe"}
         for dtype in args.dtypes:
-            paths["llama-5m"] = make_tiny_model(Path(tmp) / f"llama-5m-{dtype}", arch="llama", seed=0,
-                                                dtype=dtype, **MODELS["llama-5m"])
+            paths["llama-5m"] = make_tiny_model(
+                Path(tmp) / f"llama-5m-{dtype}", arch="llama", seed=0, dtype=dtype, **MODELS["llama-5m"]
+            )
             for name, path in paths.items():
                 ms = measure(path, dtype, args)
-                print(f"{name:11s} {dtype:9s} {ms['fused']:9.3f} {1e3 / ms['fused']:7.0f} "
-                      f"{ms['reference']:13.3f} {1e3 / ms['reference']:7.0f}", flush=True)
+                print(
+                    f"{name:11s} {dtype:9s} {ms['fused']:9.3f} {1e3 / ms['fused']:7.0f} "
+                    f"{ms['reference']:13.3f} {1e3 / ms['reference']:7.0f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

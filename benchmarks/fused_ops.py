@@ -51,8 +51,10 @@ def time_op(fn: Callable[[], object], calls: int) -> float:
 
 @torch.inference_mode()
 def fused_section(dtypes: list[str], threads: list[int], repeats: int) -> None:
-    print(f"\n== fused elementwise ops: native vs torch reference, 28M Llama shapes, median of {repeats} "
-          "interleaved runs, us per call ==")
+    print(
+        f"\n== fused elementwise ops: native vs torch reference, 28M Llama shapes, median of {repeats} "
+        "interleaved runs, us per call =="
+    )
     print(f"{'dtype':9s} {'thr':>3s} {'op':13s} {'M':>4s} {'native':>9s} {'reference':>9s} {'speed-up':>8s}")
     saved = os.environ.get("MESHSERVE_FUSED")
     try:
@@ -67,8 +69,11 @@ def fused_section(dtypes: list[str], threads: list[int], repeats: int) -> None:
                             os.environ["MESHSERVE_FUSED"] = mode
                             runs[mode].append(time_op(fn, calls))
                     nat, ref = (statistics.median(runs[k][1:]) for k in ("native", "reference"))
-                    print(f"{dtype_name:9s} {n_threads:3d} {name:13s} {m:4d} {nat * 1e6:9.1f} "
-                          f"{ref * 1e6:9.1f} {ref / nat:7.2f}x", flush=True)
+                    print(
+                        f"{dtype_name:9s} {n_threads:3d} {name:13s} {m:4d} {nat * 1e6:9.1f} "
+                        f"{ref * 1e6:9.1f} {ref / nat:7.2f}x",
+                        flush=True,
+                    )
     finally:
         if saved is None:
             os.environ.pop("MESHSERVE_FUSED", None)

@@ -62,8 +62,14 @@ def _seconds(fn: Callable[[], object]) -> float:
 def record_race(arch: str, dtype: str, threads: int, tmp: Path) -> tuple[LLM, dict[str, list], float]:
     """Run the race's workload once; the engine (for its prepared layers), the recorded shapes, wall s."""
     path = make_tiny_model(tmp / arch, arch=arch, dtype=dtype, **MODELS[arch])
-    llm = LLM(str(path), dtype=dtype, max_num_batched_tokens=512, max_num_seqs=64, kv_cache_memory=1.0,
-              num_threads=threads)
+    llm = LLM(
+        str(path),
+        dtype=dtype,
+        max_num_batched_tokens=512,
+        max_num_seqs=64,
+        kv_cache_memory=1.0,
+        num_threads=threads,
+    )
     model = llm.engine.model
     rec: dict[str, list] = {"m": [], "head": [], "counts": []}
     model.register_forward_pre_hook(lambda _m, args: rec["m"].append(args[1].num_tokens))
@@ -76,8 +82,9 @@ def record_race(arch: str, dtype: str, threads: int, tmp: Path) -> tuple[LLM, di
     moe = [m for m in model.modules() if isinstance(m, SparseMoE)]
     start = time.perf_counter()
     if moe:
-        model.register_forward_hook(lambda *_: rec["counts"].append(
-            torch.stack([m.last_counts.clone() for m in moe])))
+        model.register_forward_hook(
+            lambda *_: rec["counts"].append(torch.stack([m.last_counts.clone() for m in moe]))
+        )
     llm.generate(prompts, params, use_tqdm=True)
     return llm, rec, time.perf_counter() - start
 
@@ -161,18 +168,24 @@ def moe_rows(moe_layers: list[SparseMoE], counts: list[torch.Tensor], repeats: i
 
 
 def print_rows(rows: dict[str, tuple[str, Row]], wall: float, peak: float, bw: float) -> None:
-    print(f"{'layer':10s} {'N x K':>10s} {'kernels (time share)':34s} {'GFLOP':>7s} {'MB':>8s} {'ms':>8s} "
-          f"{'GFLOP/s':>8s} {'%FMA':>5s} {'GB/s':>6s} {'%BW':>5s} {'%wall':>6s}")
+    print(
+        f"{'layer':10s} {'N x K':>10s} {'kernels (time share)':34s} {'GFLOP':>7s} {'MB':>8s} {'ms':>8s} "
+        f"{'GFLOP/s':>8s} {'%FMA':>5s} {'GB/s':>6s} {'%BW':>5s} {'%wall':>6s}"
+    )
     total = 0.0
     for name, (shape, r) in rows.items():
         total += r.seconds
         kernels = ", ".join(f"{k} {v / r.seconds:.0%}" for k, v in r.kernels.most_common(3))
         gflops, gbs = r.flop / r.seconds / 1e9, r.bytes / r.seconds / 1e9
-        print(f"{name:10s} {shape:>10s} {kernels[:34]:34s} {r.flop / 1e9:7.1f} {r.bytes / 1e6:8.0f} "
-              f"{r.seconds * 1e3:8.1f} {gflops:8.1f} {gflops / peak:5.0%} {gbs:6.1f} {gbs / bw:5.0%} "
-              f"{r.seconds / wall:6.1%}")
-    print(f"{'all':10s} {'':>10s} {'':34s} {'':>7s} {'':>8s} {total * 1e3:8.1f} {'':>8s} {'':>5s} {'':>6s} "
-          f"{'':>5s} {total / wall:6.1%}")
+        print(
+            f"{name:10s} {shape:>10s} {kernels[:34]:34s} {r.flop / 1e9:7.1f} {r.bytes / 1e6:8.0f} "
+            f"{r.seconds * 1e3:8.1f} {gflops:8.1f} {gflops / peak:5.0%} {gbs:6.1f} {gbs / bw:5.0%} "
+            f"{r.seconds / wall:6.1%}"
+        )
+    print(
+        f"{'all':10s} {'':>10s} {'':34s} {'':>7s} {'':>8s} {total * 1e3:8.1f} {'':>8s} {'':>5s} {'':>6s} "
+        f"{'':>5s} {total / wall:6.1%}"
+    )
 
 
 def moe_sweep(moe: SparseMoE, peak: float, bw: float, repeats: int) -> None:
@@ -180,19 +193,23 @@ def moe_sweep(moe: SparseMoE, peak: float, bw: float, repeats: int) -> None:
     e, k = moe.num_experts, moe.top_k
     h, i_size = moe.gate.in_features, moe.experts.down_proj.shape[2]
     print(f"fused MoE op at even loads ({e} experts, top-{k}, hidden {h}, intermediate {i_size}):")
-    print(f"{'per expert':>10s} {'tokens':>6s} {'ms':>7s} {'GFLOP/s':>8s} {'%FMA':>5s} {'GB/s':>6s} "
-          f"{'%BW':>5s}")
+    print(
+        f"{'per expert':>10s} {'tokens':>6s} {'ms':>7s} {'GFLOP/s':>8s} {'%FMA':>5s} {'GB/s':>6s} {'%BW':>5s}"
+    )
     for per in PER_EXPERT:
         counts = torch.full((e,), per)
         ids = ids_for_counts(counts, k)
         t = ids.shape[0]
         x = torch.randn(t, h, generator=torch.Generator().manual_seed(per)).to(moe.gate.weight.dtype)
-        s = timed(lambda x=x, ids=ids: fused_moe(x, ids, torch.full(ids.shape, 1.0 / k), moe.experts.packed),
-                  repeats)
+        s = timed(
+            lambda x=x, ids=ids: fused_moe(x, ids, torch.full(ids.shape, 1.0 / k), moe.experts.packed),
+            repeats,
+        )
         gflops = 2.0 * per * e * 3 * h * i_size / s / 1e9
         gbs = (e * 3 * h * i_size * 2 + 4 * t * h) / s / 1e9
-        print(f"{per:10d} {t:6d} {s * 1e3:7.3f} {gflops:8.1f} {gflops / peak:5.0%} {gbs:6.1f} "
-              f"{gbs / bw:5.0%}")
+        print(
+            f"{per:10d} {t:6d} {s * 1e3:7.3f} {gflops:8.1f} {gflops / peak:5.0%} {gbs:6.1f} {gbs / bw:5.0%}"
+        )
 
 
 @torch.inference_mode()
@@ -209,13 +226,15 @@ def roofline_section(archs: list[str], dtypes: list[str], threads: list[int], re
             peak = per_core * n_threads or float("nan")
             ms = rec["m"]
             q = statistics.quantiles(ms, n=4)
-            print(f"\n== roofline: {arch} {dtype}, {n_threads} thread(s), the race's workload: {len(ms)} "
-                  f"steps "
-                  f"in {wall:.2f} s (recorded run), M min/q1/median/q3/max {min(ms)}/{q[0]:.0f}/{q[1]:.0f}/"
-                  f"{q[2]:.0f}/{max(ms)}, {sum(m == 512 for m in ms)} full steps; LM head M median "
-                  f"{statistics.median(rec['head']):.0f}. Roofs: FMA {peak:.0f} GFLOP/s "
-                  f"(isa_rate.cpp {per_core:.0f}/core), read {bw:.1f} GB/s over {weight_bytes / 1e6:.0f} "
-                  "MB ==")
+            print(
+                f"\n== roofline: {arch} {dtype}, {n_threads} thread(s), the race's workload: {len(ms)} "
+                f"steps "
+                f"in {wall:.2f} s (recorded run), M min/q1/median/q3/max {min(ms)}/{q[0]:.0f}/{q[1]:.0f}/"
+                f"{q[2]:.0f}/{max(ms)}, {sum(m == 512 for m in ms)} full steps; LM head M median "
+                f"{statistics.median(rec['head']):.0f}. Roofs: FMA {peak:.0f} GFLOP/s "
+                f"(isa_rate.cpp {per_core:.0f}/core), read {bw:.1f} GB/s over {weight_bytes / 1e6:.0f} "
+                "MB =="
+            )
             layers = model.layers
             n_layers = len(layers)
             attn = layers[0].self_attn

@@ -76,8 +76,9 @@ def record_steps(num_steps: int, budget: int = 512) -> tuple[list[BatchMetadata]
     recorded: list[BatchMetadata] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_model(Path(tmp) / "llama", "llama", **LLAMA)
-        llm = LLM(str(path), dtype="float32", max_num_batched_tokens=budget, max_num_seqs=64,
-                  kv_cache_memory=1.0)
+        llm = LLM(
+            str(path), dtype="float32", max_num_batched_tokens=budget, max_num_seqs=64, kv_cache_memory=1.0
+        )
         llm.engine.model.register_forward_pre_hook(lambda _m, args: recorded.append(args[1]))
         prompts, outputs = standard_workload()
         params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in outputs]
@@ -122,8 +123,9 @@ def sdpa_loop(q, k, v, cache, meta: BatchMetadata, block_size: int) -> torch.Ten
         keys, values = flat[0, slots].transpose(0, 1), flat[1, slots].transpose(0, 1)
         n, qn = keys.shape[1], hi - lo
         mask = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - qn, n, device=q.device)[:, None]
-        out[lo:hi] = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1), keys, values, attn_mask=mask,
-                                                    enable_gqa=True).transpose(0, 1)
+        out[lo:hi] = F.scaled_dot_product_attention(
+            q[lo:hi].transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=True
+        ).transpose(0, 1)
     return out
 
 
@@ -135,22 +137,24 @@ def sdpa_padded(q, k, v, cache, meta: BatchMetadata, block_size: int) -> torch.T
     q_lens = starts[1:] - starts[:-1]
     qm, m = int(q_lens.max()), int(seq_lens.max())
     qi, kv = torch.arange(qm, device=q.device), torch.arange(m, device=q.device)
-    rows = (starts[:-1, None] + torch.minimum(qi[None, :], (q_lens[:, None] - 1).clamp(min=0)))
+    rows = starts[:-1, None] + torch.minimum(qi[None, :], (q_lens[:, None] - 1).clamp(min=0))
     tables = meta.block_tables.long()
     slots = tables[:, (kv // block_size).clamp(max=tables.shape[1] - 1)] * block_size + kv % block_size
     q_pos = (seq_lens - q_lens)[:, None] + qi[None, :]
     mask = kv[None, None, :] <= q_pos[:, :, None]
     keys, values = flat[0][slots].transpose(1, 2), flat[1][slots].transpose(1, 2)  # [S, KV, M, D]
-    out_pad = F.scaled_dot_product_attention(q[rows].transpose(1, 2), keys, values, attn_mask=mask[:, None],
-                                             enable_gqa=True).transpose(1, 2)  # [S, Q, H, D]
+    out_pad = F.scaled_dot_product_attention(
+        q[rows].transpose(1, 2), keys, values, attn_mask=mask[:, None], enable_gqa=True
+    ).transpose(1, 2)  # [S, Q, H, D]
     valid = qi[None, :] < q_lens[:, None]
     out = torch.empty_like(q)
     out[rows[valid]] = out_pad[valid]
     return out
 
 
-def time_step(meta: BatchMetadata, blocks: int, block_size: int, dtype: torch.dtype, n_threads: int,
-              repeats: int) -> dict[str, float]:
+def time_step(
+    meta: BatchMetadata, blocks: int, block_size: int, dtype: torch.dtype, n_threads: int, repeats: int
+) -> dict[str, float]:
     """Median ms per layer of each method on one recorded step (interleaved runs, after a checked warm-up)."""
     gen = torch.Generator().manual_seed(0)
     cache = torch.randn(2, blocks, block_size, KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
@@ -202,13 +206,19 @@ def stage_tables(meta: BatchMetadata, sizes: TileSizes) -> dict[str, TaskTable]:
     q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
     seq_q = q_lens[table.tasks[:, 0].long()]
     stage = torch.where(seq_q == 1, 0, torch.where(seq_q <= sizes.short_rows, 1, 2))
-    return {name: dataclasses.replace(table, tasks=table.tasks[stage == i].contiguous(),
-                                      thread_starts=torch.tensor([0, int((stage == i).sum())]))
-            for i, name in enumerate(STAGES)}
+    return {
+        name: dataclasses.replace(
+            table,
+            tasks=table.tasks[stage == i].contiguous(),
+            thread_starts=torch.tensor([0, int((stage == i).sum())]),
+        )
+        for i, name in enumerate(STAGES)
+    }
 
 
-def time_stages(meta: BatchMetadata, blocks: int, block_size: int, dtype: torch.dtype,
-                repeats: int) -> dict[str, float]:
+def time_stages(
+    meta: BatchMetadata, blocks: int, block_size: int, dtype: torch.dtype, repeats: int
+) -> dict[str, float]:
     """Best ms per layer of the native op on each stage's tasks of one step (1 thread)."""
     gen = torch.Generator().manual_seed(0)
     cache = torch.randn(2, blocks, block_size, KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
@@ -218,33 +228,57 @@ def time_stages(meta: BatchMetadata, blocks: int, block_size: int, dtype: torch.
     for _ in range(repeats + 1):  # the first round warms up
         for name, table in tables.items():
             start = time.perf_counter()  # the op alone: the step's KV write is not part of any stage
-            torch.ops.meshserve.meta_attention(q, cache, table.block_tables, table.tasks, table.thread_starts,
-                                               table.combine, table.tree_mask, HEAD_DIM**-0.5, 0)
+            torch.ops.meshserve.meta_attention(
+                q,
+                cache,
+                table.block_tables,
+                table.tasks,
+                table.thread_starts,
+                table.combine,
+                table.tree_mask,
+                HEAD_DIM**-0.5,
+                0,
+            )
             runs[name].append((time.perf_counter() - start) * 1e3)
     return {name: min(r[1:]) for name, r in runs.items()}
 
 
 @torch.inference_mode()
-def attention_section(steps: list[BatchMetadata], blocks: int, block_size: int, dtypes: list[str],
-                      threads: list[int], repeats: int) -> None:
+def attention_section(
+    steps: list[BatchMetadata],
+    blocks: int,
+    block_size: int,
+    dtypes: list[str],
+    threads: list[int],
+    repeats: int,
+) -> None:
     """Print per-layer attention time of each method on each recorded step, and the speed-ups."""
     assert native.load(), f"build the native kernels first: {native.BUILD_COMMAND}"
-    print(f"\n== attention: one layer of the 28M Llama ({HEADS} heads, {KV_HEADS} KV heads, d={HEAD_DIM}), "
-          f"median of {repeats} interleaved runs, ms ==")
-    print(f"{'dtype':9s} {'thr':>3s}  {'step':52s} {'meta-attn':>9s} {'reference':>9s} {'sdpa-loop':>9s} "
-          f"{'sdpa-pad':>9s}  {'vs best SDPA':>12s}")
+    print(
+        f"\n== attention: one layer of the 28M Llama ({HEADS} heads, {KV_HEADS} KV heads, d={HEAD_DIM}), "
+        f"median of {repeats} interleaved runs, ms =="
+    )
+    print(
+        f"{'dtype':9s} {'thr':>3s}  {'step':52s} {'meta-attn':>9s} {'reference':>9s} {'sdpa-loop':>9s} "
+        f"{'sdpa-pad':>9s}  {'vs best SDPA':>12s}"
+    )
     gains = []
     for dtype_name, n_threads in itertools.product(dtypes, threads):
         torch.set_num_threads(n_threads)
         for meta in steps:
             ms = time_step(meta, blocks, block_size, getattr(torch, dtype_name), n_threads, repeats)
             gains.append(min(ms["loop"], ms["padded"]) / ms["meta"] - 1)
-            print(f"{dtype_name:9s} {n_threads:3d}  {describe(meta):52s} {ms['meta']:9.3f} "
-                  f"{ms['reference']:9.3f} {ms['loop']:9.3f} {ms['padded']:9.3f}  {gains[-1]:+11.1%}")
-    print(f"meta-attention vs the faster SDPA baseline: median {statistics.median(gains):+.1%} "
-          f"(paper anchor: {PAPER_ATTENTION_GAIN:+.1%})")
-    print(f"\n-- where meta-attention's time goes: each stage's tasks alone, 1 thread, best of {repeats}, "
-          "ms --")
+            print(
+                f"{dtype_name:9s} {n_threads:3d}  {describe(meta):52s} {ms['meta']:9.3f} "
+                f"{ms['reference']:9.3f} {ms['loop']:9.3f} {ms['padded']:9.3f}  {gains[-1]:+11.1%}"
+            )
+    print(
+        f"meta-attention vs the faster SDPA baseline: median {statistics.median(gains):+.1%} "
+        f"(paper anchor: {PAPER_ATTENTION_GAIN:+.1%})"
+    )
+    print(
+        f"\n-- where meta-attention's time goes: each stage's tasks alone, 1 thread, best of {repeats}, ms --"
+    )
     print(f"{'dtype':9s} {'step':52s} " + " ".join(f"{name:>8s}" for name in STAGES))
     torch.set_num_threads(1)
     for dtype_name in dtypes:
@@ -265,8 +299,9 @@ def llama_linear_shapes() -> dict[str, tuple[int, int]]:
     return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (v, h)}
 
 
-def time_gemm(name: str, n: int, k: int, dtype: torch.dtype, table: GemmTable, budget: int,
-              repeats: int) -> dict[str, float]:
+def time_gemm(
+    name: str, n: int, k: int, dtype: torch.dtype, table: GemmTable, budget: int, repeats: int
+) -> dict[str, float]:
     """Seconds summed over the M sweep (each M once) for F.linear, pad-to-bucket and SmoothGEMM."""
     gen = torch.Generator().manual_seed(0)
     layer = SmoothLinear(k, n, bias=False).to(dtype)
@@ -274,8 +309,11 @@ def time_gemm(name: str, n: int, k: int, dtype: torch.dtype, table: GemmTable, b
     layer.prepare(table.by_m(shape_key(n, k), dtype, budget))
     xs = [torch.randn(m, k, generator=gen).to(dtype) for m in GEMM_SWEEP if m <= budget]
     w = layer.weight
-    methods = {"F.linear": lambda x: F.linear(x, w), "pad-bucket": lambda x: pad_to_bucket_linear(
-        x, w, None, PAD_BUCKETS), "smooth": layer}
+    methods = {
+        "F.linear": lambda x: F.linear(x, w),
+        "pad-bucket": lambda x: pad_to_bucket_linear(x, w, None, PAD_BUCKETS),
+        "smooth": layer,
+    }
     for x in xs:
         torch.testing.assert_close(layer(x), F.linear(x, w), atol=3e-2, rtol=2e-2)
         for fn in methods.values():  # warm-up: every shape's primitive is created once
@@ -294,41 +332,58 @@ def time_gemm(name: str, n: int, k: int, dtype: torch.dtype, table: GemmTable, b
 def gemm_section(dtypes: list[str], threads: list[int], repeats: int, budget: int = 512) -> None:
     """SmoothGEMM (the table the engine would load here) vs pad-to-bucket vs F.linear over M = 1..budget."""
     table = load_gemm_table()
-    print(f"\n== GEMM: the 28M Llama's linear layers, M in {GEMM_SWEEP[0]}..{budget} "
-          f"({len(GEMM_SWEEP)} values, not multiples of 8 included), sum over M, median of {repeats} "
-          f"interleaved runs, ms; "
-          f"table: {table.machine or 'shipped'} ==")
-    print(f"{'dtype':9s} {'thr':>3s}  {'layer':8s} {'N x K':>10s} {'F.linear':>9s} {'pad-bucket':>10s} "
-          f"{'smooth':>9s}  {'vs F.linear':>11s} {'vs pad':>7s}")
+    print(
+        f"\n== GEMM: the 28M Llama's linear layers, M in {GEMM_SWEEP[0]}..{budget} "
+        f"({len(GEMM_SWEEP)} values, not multiples of 8 included), sum over M, median of {repeats} "
+        f"interleaved runs, ms; "
+        f"table: {table.machine or 'shipped'} =="
+    )
+    print(
+        f"{'dtype':9s} {'thr':>3s}  {'layer':8s} {'N x K':>10s} {'F.linear':>9s} {'pad-bucket':>10s} "
+        f"{'smooth':>9s}  {'vs F.linear':>11s} {'vs pad':>7s}"
+    )
     gains: dict[str, list[float]] = {d: [] for d in dtypes}
     for dtype_name, n_threads in itertools.product(dtypes, threads):
         torch.set_num_threads(n_threads)
         for name, (n, k) in llama_linear_shapes().items():
             s = time_gemm(name, n, k, getattr(torch, dtype_name), table, budget, repeats)
             gains[dtype_name].append(s["F.linear"] / s["smooth"] - 1)
-            print(f"{dtype_name:9s} {n_threads:3d}  {name:8s} {f'{n}x{k}':>10s} {s['F.linear'] * 1e3:9.2f} "
-                  f"{s['pad-bucket'] * 1e3:10.2f} {s['smooth'] * 1e3:9.2f}  {gains[dtype_name][-1]:+10.1%} "
-                  f"{s['pad-bucket'] / s['smooth'] - 1:+7.1%}")
+            print(
+                f"{dtype_name:9s} {n_threads:3d}  {name:8s} {f'{n}x{k}':>10s} {s['F.linear'] * 1e3:9.2f} "
+                f"{s['pad-bucket'] * 1e3:10.2f} {s['smooth'] * 1e3:9.2f}  {gains[dtype_name][-1]:+10.1%} "
+                f"{s['pad-bucket'] / s['smooth'] - 1:+7.1%}"
+            )
     for dtype_name, g in gains.items():  # where the table says F.linear, the spread is the machine's noise
-        print(f"SmoothGEMM vs F.linear, {dtype_name}: median {statistics.median(g):+.1%} over layers "
-              f"(paper anchor: {PAPER_GEMM_GAIN:+.1%} vs its baseline GEMM library)")
+        print(
+            f"SmoothGEMM vs F.linear, {dtype_name}: median {statistics.median(g):+.1%} over layers "
+            f"(paper anchor: {PAPER_GEMM_GAIN:+.1%} vs its baseline GEMM library)"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=4, help="engine steps to record and replay")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
-                        choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["float32", "bfloat16"]
+    )
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     sections = ["attention", "attention-roofline", "gemm", "bf16gemm", "moe", "fused"]
     parser.add_argument("--sections", nargs="+", default=sections, choices=[*sections, "gemm-roofline"])
-    parser.add_argument("--archs", nargs="+", default=["mixtral", "llama"], choices=["mixtral", "llama"],
-                        help="race models of the gemm-roofline section")
+    parser.add_argument(
+        "--archs",
+        nargs="+",
+        default=["mixtral", "llama"],
+        choices=["mixtral", "llama"],
+        help="race models of the gemm-roofline section",
+    )
     args = parser.parse_args()
-    print(f"torch {torch.__version__}; load average {Path('/proc/loadavg').read_text().split()[0]} "
-          "(a shared machine: compare columns within a row)")
+    print(
+        f"torch {torch.__version__}; load average {Path('/proc/loadavg').read_text().split()[0]} "
+        "(a shared machine: compare columns within a row)"
+    )
     if {"attention", "attention-roofline"} & set(args.sections):
         steps, blocks, block_size = record_steps(args.steps)
     if "attention" in args.sections:

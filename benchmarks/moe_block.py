@@ -50,8 +50,10 @@ def make_blocks(dtype: torch.dtype, budget: int) -> tuple[SparseMoE, SparseMoE]:
     moe.experts.transposed_layout()  # as the loader leaves them
     torch_path = copy.deepcopy(moe)
     table = load_gemm_table()
-    choices = [table.by_m(bmm_key(*w.shape), dtype, budget)
-               for w in (moe.experts.gate_up_proj, moe.experts.down_proj)]
+    choices = [
+        table.by_m(bmm_key(*w.shape), dtype, budget)
+        for w in (moe.experts.gate_up_proj, moe.experts.down_proj)
+    ]
     moe.experts.prepare(*choices, fused=True)
     torch_path.experts.prepare(*choices, fused=False)
     return moe, torch_path
@@ -61,11 +63,15 @@ def make_blocks(dtype: torch.dtype, budget: int) -> tuple[SparseMoE, SparseMoE]:
 def moe_section(dtypes: list[str], threads: list[int], repeats: int, budget: int = 512) -> None:
     """Per-call ms of each method per token count, and the fused op's speed-up."""
     assert native.load(), f"build the native kernels first: {native.BUILD_COMMAND}"
-    print(f"\n== MoE block: the 80M Mixtral's (hidden {MIXTRAL['hidden_size']}, "
-          f"{MIXTRAL['num_local_experts']} experts x {MIXTRAL['intermediate_size']}, top-"
-          f"{MIXTRAL['num_experts_per_tok']}), median of {repeats} interleaved runs, ms per call ==")
-    print(f"{'dtype':9s} {'thr':>3s} {'tokens':>6s} {'fused':>8s} {'torch':>8s} {'hf-loop':>8s}  "
-          f"{'vs torch':>8s} {'vs loop':>8s}")
+    print(
+        f"\n== MoE block: the 80M Mixtral's (hidden {MIXTRAL['hidden_size']}, "
+        f"{MIXTRAL['num_local_experts']} experts x {MIXTRAL['intermediate_size']}, top-"
+        f"{MIXTRAL['num_experts_per_tok']}), median of {repeats} interleaved runs, ms per call =="
+    )
+    print(
+        f"{'dtype':9s} {'thr':>3s} {'tokens':>6s} {'fused':>8s} {'torch':>8s} {'hf-loop':>8s}  "
+        f"{'vs torch':>8s} {'vs loop':>8s}"
+    )
     for dtype_name, n_threads in itertools.product(dtypes, threads):
         torch.set_num_threads(n_threads)
         dtype = getattr(torch, dtype_name)
@@ -86,8 +92,12 @@ def moe_section(dtypes: list[str], threads: list[int], repeats: int, budget: int
             ms = {m: statistics.median(r) * 1e3 for m, r in runs.items()}
             gains.append(ms["torch"] / ms["fused"])
             fused_ms = ms["fused"]
-            print(f"{dtype_name:9s} {n_threads:3d} {t:6d} {fused_ms:8.3f} {ms['torch']:8.3f} "
-                  f"{ms['hf-loop']:8.3f}  {ms['torch'] / fused_ms:7.2f}x {ms['hf-loop'] / fused_ms:7.2f}x",
-                  flush=True)
-        print(f"fused vs torch path, {dtype_name}, {n_threads} thread(s): "
-              f"median {statistics.median(gains):.2f}x over token counts")
+            print(
+                f"{dtype_name:9s} {n_threads:3d} {t:6d} {fused_ms:8.3f} {ms['torch']:8.3f} "
+                f"{ms['hf-loop']:8.3f}  {ms['torch'] / fused_ms:7.2f}x {ms['hf-loop'] / fused_ms:7.2f}x",
+                flush=True,
+            )
+        print(
+            f"fused vs torch path, {dtype_name}, {n_threads} thread(s): "
+            f"median {statistics.median(gains):.2f}x over token counts"
+        )

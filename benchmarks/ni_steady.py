@@ -34,8 +34,12 @@ def main() -> None:
     parser.add_argument("--tokens-per-device", type=int, default=spec["tokens_per_device"])
     parser.add_argument("--models", default=",".join(spec["models"]))
     parser.add_argument("--plan-slack", type=float, default=None, help="default: the rung's")
-    parser.add_argument("--dispatch", choices=("even", "balanced"), default="even",
-                        help="even: the ours rung; balanced: the ours_balanced rung (balance.yaml roles)")
+    parser.add_argument(
+        "--dispatch",
+        choices=("even", "balanced"),
+        default="even",
+        help="even: the ours rung; balanced: the ours_balanced rung (balance.yaml roles)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per model as well")
     args = parser.parse_args()
     role = "ours" if args.dispatch == "even" else "ours_balanced"
@@ -44,21 +48,34 @@ def main() -> None:
     if args.plan_slack is not None:
         config = dataclasses.replace(config, plan_slack=args.plan_slack)
     settings = {k: spec[k] for k in ("tp", "scenario", "seed", "time_model")}
-    print(f"{'model':<18}" + "".join(f"{k:>11}" for k in STEPS)
-          + f"{'time/even':>11}{'stall ms':>10}{'plans':>7}{'TB':>7}{'wall s':>8}", flush=True)
+    print(
+        f"{'model':<18}"
+        + "".join(f"{k:>11}" for k in STEPS)
+        + f"{'time/even':>11}{'stall ms':>10}{'plans':>7}{'TB':>7}{'wall s':>8}",
+        flush=True,
+    )
     for model in args.models.split(","):
         start = time.perf_counter()
-        setup = BalanceSetup(model=model, hardware=rung.hardware, mapping=rung.mapping,
-                             balancer=rung.balancer, tokens_per_device=args.tokens_per_device,
-                             iterations=args.iterations, config=config, **settings)
+        setup = BalanceSetup(
+            model=model,
+            hardware=rung.hardware,
+            mapping=rung.mapping,
+            balancer=rung.balancer,
+            tokens_per_device=args.tokens_per_device,
+            iterations=args.iterations,
+            config=config,
+            **settings,
+        )
         result = run_setup(setup)
         gap = steady_gap(setup, result)
         s = result.summary()
         wall = time.perf_counter() - start
         cells = "".join(f"{gap.get(k, {}).get('per_iteration', float('nan')):>11.4f}" for k in STEPS)
-        print(f"{model:<18}{cells}{gap['simulated'].get('time_over_even', 0):>11.4f}"
-              f"{s['stall_s'] * 1e3:>10.1f}{s['plans']:>7}{s['migrated_bytes'] / 1e12:>7.1f}{wall:>8.0f}",
-              flush=True)
+        print(
+            f"{model:<18}{cells}{gap['simulated'].get('time_over_even', 0):>11.4f}"
+            f"{s['stall_s'] * 1e3:>10.1f}{s['plans']:>7}{s['migrated_bytes'] / 1e12:>7.1f}{wall:>8.0f}",
+            flush=True,
+        )
         if args.json:
             print(json.dumps({"model": model, "steady_gap": gap, "summary": s}))
 

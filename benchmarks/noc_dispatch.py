@@ -29,8 +29,12 @@ FLITS = 20  # flits per packet
 
 def main() -> None:
     hw, model = load_hardware("wsc-8x8"), load_model("deepseek-v3")
-    traffic = {kind: dispatch(make_mapping(hw, 4, kind), expert_placement(256, 64), 4 * 64, model.top_k,
-                              model.token_bytes).traffic for kind in ("baseline", "er")}
+    traffic = {
+        kind: dispatch(
+            make_mapping(hw, 4, kind), expert_placement(256, 64), 4 * 64, model.top_k, model.token_bytes
+        ).traffic
+        for kind in ("baseline", "er")
+    }
     scale = 100 / traffic["baseline"].sum(axis=1).max()
     booksim = {1: 0.67, 4: 0.49}  # ER / baseline dispatch, BookSim2, by ports per die
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,11 +47,15 @@ def main() -> None:
                 cycles[kind] = result["cycles"]
                 took = ", ".join(f"{m} {s:.1f} s" for m, s in result["seconds"].items())
                 packets = int(np.load(path).sum())
-                print(f"{ports} port(s), {kind:8s} dispatch: {packets:,} packets, cycles {result['cycles']} "
-                      f"({took})")
+                print(
+                    f"{ports} port(s), {kind:8s} dispatch: {packets:,} packets, cycles {result['cycles']} "
+                    f"({took})"
+                )
             for m in MODELS:
-                print(f"{ports} port(s): ER / baseline dispatch time, {m:10s}: "
-                      f"{cycles['er'][m] / cycles['baseline'][m]:.3f} (BookSim2: {reference})")
+                print(
+                    f"{ports} port(s): ER / baseline dispatch time, {m:10s}: "
+                    f"{cycles['er'][m] / cycles['baseline'][m]:.3f} (BookSim2: {reference})"
+                )
             print_bounds(traffic, scale, ports, cycles)
 
 
@@ -63,10 +71,15 @@ def print_bounds(traffic: dict[str, np.ndarray], scale: float, ports: int, cycle
         packets = np.rint(matrix * scale).astype(np.int64)
         np.fill_diagonal(packets, 0)
         port = max(packets.sum(axis=1).max(), packets.sum(axis=0).max()) * FLITS / ports
-        print(f"{ports} port(s), {kind:8s}: injection/ejection bound {port:,.0f} cycles, link bound "
-              f"{cycles[kind]['bottleneck']:,} cycles; over the larger: "
-              + ", ".join(f"{m} {cycles[kind][m] / max(port, cycles[kind]['bottleneck']):.2f}x"
-                          for m in MODELS if m != "bottleneck"))
+        print(
+            f"{ports} port(s), {kind:8s}: injection/ejection bound {port:,.0f} cycles, link bound "
+            f"{cycles[kind]['bottleneck']:,} cycles; over the larger: "
+            + ", ".join(
+                f"{m} {cycles[kind][m] / max(port, cycles[kind]['bottleneck']):.2f}x"
+                for m in MODELS
+                if m != "bottleneck"
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -37,14 +37,18 @@ def main() -> None:
         query = [1, *rng.integers(3, 4096, 100).tolist()]
         assert cache.match(query).num_tokens == scan_partial(cache, query)
         timings = {}
-        for name, fn in (("index", lambda q=query, c=cache: c.match(q)),
-                         ("scan", lambda q=query, c=cache: scan_partial(c, q))):
+        for name, fn in (
+            ("index", lambda q=query, c=cache: c.match(q)),
+            ("scan", lambda q=query, c=cache: scan_partial(c, q)),
+        ):
             start = time.perf_counter()
             for _ in range(args.repeats):
                 fn()
             timings[name] = (time.perf_counter() - start) / args.repeats * 1e6
-        print(f"{n:6d} cached first blocks: index {timings['index']:8.1f} us/admission, "
-              f"scan {timings['scan']:8.1f} us/admission")
+        print(
+            f"{n:6d} cached first blocks: index {timings['index']:8.1f} us/admission, "
+            f"scan {timings['scan']:8.1f} us/admission"
+        )
 
 
 if __name__ == "__main__":

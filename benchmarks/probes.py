@@ -19,8 +19,11 @@ def run_probe(name: str) -> str:
     step fails)."""
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / name
-        subprocess.run(["g++", "-O2", "-march=native", "-pthread", "-o", str(exe), str(HERE / f"{name}.cpp")],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["g++", "-O2", "-march=native", "-pthread", "-o", str(exe), str(HERE / f"{name}.cpp")],
+            check=True,
+            capture_output=True,
+        )
         return subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
 
 

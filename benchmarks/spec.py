@@ -65,10 +65,19 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--confidence", type=float, nargs="*", default=[],
-                        help="draft_confidence values to try beside always drafting k")
-    parser.add_argument("--draft", nargs="+", default=[str(TINY_DRAFT)],
-                        help="draft model directories (several: rows d1, d2, ... side by side)")
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        nargs="*",
+        default=[],
+        help="draft_confidence values to try beside always drafting k",
+    )
+    parser.add_argument(
+        "--draft",
+        nargs="+",
+        default=[str(TINY_DRAFT)],
+        help="draft model directories (several: rows d1, d2, ... side by side)",
+    )
     args = parser.parse_args()
     setups: dict[str, dict] = {"none": {}}
     names = {d: "draft" if len(args.draft) == 1 else f"d{i + 1}" for i, d in enumerate(args.draft)}
@@ -89,8 +98,10 @@ def main() -> None:
     }
     for name in [n for n in setups if n != "none"]:
         setups[f"{name} always"] = {**setups[name], "disable_by_batch_size": None}
-    rows = {b: [n for n in setups if b > DEFAULT_DISABLE_BY_BATCH_SIZE or not n.endswith("always")]
-            for b in args.batch}
+    rows = {
+        b: [n for n in setups if b > DEFAULT_DISABLE_BY_BATCH_SIZE or not n.endswith("always")]
+        for b in args.batch
+    }
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     llms = {
         (b, name): LLM(
@@ -110,18 +121,32 @@ def main() -> None:
         for key, llm in llms.items():
             r = run(llm, prompts, params)
             best = results.get(key, r)  # the fastest repeat; CPU time: the least of any repeat
-            results[key] = {**(r if r["seconds"] < best["seconds"] else best),
-                            "cpu_ms_tok": min(r["cpu_ms_tok"], best["cpu_ms_tok"])}
+            results[key] = {
+                **(r if r["seconds"] < best["seconds"] else best),
+                "cpu_ms_tok": min(r["cpu_ms_tok"], best["cpu_ms_tok"]),
+            }
     print(
         f"\nspeculative decoding on held-out code: {args.requests} prompts of 64-160 tokens, "
         f"{args.max_tokens} greedy output tokens each, tiny-moe target, {args.dtype}, "
         f"best of {args.repeats}"
     )
-    header = ("batch", "method", "out tok/s", "speedup", "cpu ms/tok", "cpu x", "steps", "drafts", "accept",
-              "exact")
+    header = (
+        "batch",
+        "method",
+        "out tok/s",
+        "speedup",
+        "cpu ms/tok",
+        "cpu x",
+        "steps",
+        "drafts",
+        "accept",
+        "exact",
+    )
     print("drafts: " + ", ".join(f"{name} = {d}" for d, name in names.items()))
-    print(f"speculation pauses while more than {DEFAULT_DISABLE_BY_BATCH_SIZE} requests run "
-          "(disable_by_batch_size); 'always' rows speculate at any batch size")
+    print(
+        f"speculation pauses while more than {DEFAULT_DISABLE_BY_BATCH_SIZE} requests run "
+        "(disable_by_batch_size); 'always' rows speculate at any batch size"
+    )
     print("{:>5} {:<23} {:>10} {:>8} {:>10} {:>6} {:>6} {:>6} {:>7} {:>6}".format(*header))
     for b in args.batch:
         base = results[(b, "none")]

@@ -87,8 +87,10 @@ def interleaved(methods: dict, repeats: int) -> dict[str, float]:
 def print_rows(times: dict[str, float], errors: dict[str, float]) -> None:
     fastest_baseline = min(ms for name, ms in times.items() if name != "triton")
     for name, ms in times.items():
-        print(f"    {name:15s} {ms:8.3f} ms   {ms / times['triton']:6.2f}x triton's time   "
-              f"max|diff| {errors.get(name, 0.0):.1e}")
+        print(
+            f"    {name:15s} {ms:8.3f} ms   {ms / times['triton']:6.2f}x triton's time   "
+            f"max|diff| {errors.get(name, 0.0):.1e}"
+        )
     print(f"    triton speed-up over the fastest baseline: {fastest_baseline / times['triton']:.2f}x")
 
 
@@ -102,8 +104,9 @@ def mixed_section(name: str, seqs, dtype: torch.dtype, repeats: int, device: tor
     gen = torch.Generator(device=device).manual_seed(0)
     cache = torch.randn(2, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=gen, device=device).to(dtype)
     q = torch.randn(meta.num_tokens, HEADS, HEAD_DIM, generator=gen, device=device).to(dtype)
-    k, v = (torch.randn(meta.num_tokens, KV_HEADS, HEAD_DIM, generator=gen, device=device).to(dtype)
-            for _ in "kv")
+    k, v = (
+        torch.randn(meta.num_tokens, KV_HEADS, HEAD_DIM, generator=gen, device=device).to(dtype) for _ in "kv"
+    )
     scale = HEAD_DIM**-0.5
     methods = {
         "triton": lambda: triton_attention(q, k, v, cache, on_device, scale),
@@ -129,8 +132,9 @@ def prefill_section(dtype: torch.dtype, repeats: int, device: torch.device) -> N
     gen = torch.Generator(device=device).manual_seed(1)
     cache = torch.zeros(2, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
     q = torch.randn(meta.num_tokens, HEADS, HEAD_DIM, generator=gen, device=device).to(dtype)
-    k, v = (torch.randn(meta.num_tokens, KV_HEADS, HEAD_DIM, generator=gen, device=device).to(dtype)
-            for _ in "kv")
+    k, v = (
+        torch.randn(meta.num_tokens, KV_HEADS, HEAD_DIM, generator=gen, device=device).to(dtype) for _ in "kv"
+    )
     dense = [t.view(prompts, n, -1, HEAD_DIM).transpose(1, 2).contiguous() for t in (q, k, v)]  # [B, H, N, D]
     scale = HEAD_DIM**-0.5
 
@@ -141,14 +145,17 @@ def prefill_section(dtype: torch.dtype, repeats: int, device: torch.device) -> N
         "triton": lambda: triton_attention(q, k, v, cache, on_device, scale),
         "sdpa-loop": lambda: sdpa_loop(q, k, v, cache, meta_dev, BLOCK_SIZE),
         "sdpa-padded": lambda: sdpa_padded(q, k, v, cache, meta_dev, BLOCK_SIZE),
-        "sdpa-causal": lambda: undense(F.scaled_dot_product_attention(*dense, is_causal=True,
-                                                                       enable_gqa=True)),
+        "sdpa-causal": lambda: undense(
+            F.scaled_dot_product_attention(*dense, is_causal=True, enable_gqa=True)
+        ),
         "flash-tutorial": lambda: undense(flash_forward(*dense, scale)),
     }
     outs = {name: fn().float() for name, fn in methods.items()}
     errors = {name: float((o - outs["sdpa-loop"]).abs().max()) for name, o in outs.items()}
-    print(f"  prefill-only: {prompts} fresh prompts of {n} ({meta.num_tokens} query rows, "
-          f"{len(table.tasks)} tasks)")
+    print(
+        f"  prefill-only: {prompts} fresh prompts of {n} ({meta.num_tokens} query rows, "
+        f"{len(table.tasks)} tasks)"
+    )
     print_rows(interleaved(methods, repeats), errors)
 
 
@@ -158,16 +165,20 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/triton_attention.py needs a CUDA GPU (and triton: pip install -e '.[gpu]'); "
-              "none here, nothing measured.")
+        print(
+            "benchmarks/triton_attention.py needs a CUDA GPU (and triton: pip install -e '.[gpu]'); "
+            "none here, nothing measured."
+        )
         sys.exit(0)
     import triton
 
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{args.dtype}, "
-          f"{HEADS} heads / {KV_HEADS} KV heads, head_dim {HEAD_DIM}, block {BLOCK_SIZE}; "
-          f"median of {args.repeats} interleaved do_bench medians, one layer, KV write included")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"{args.dtype}, "
+        f"{HEADS} heads / {KV_HEADS} KV heads, head_dim {HEAD_DIM}, block {BLOCK_SIZE}; "
+        f"median of {args.repeats} interleaved do_bench medians, one layer, KV write included"
+    )
     for name, seqs in BATCHES.items():
         mixed_section(name, seqs, dtype, args.repeats, device)
     prefill_section(dtype, args.repeats, device)

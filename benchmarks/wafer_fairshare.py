@@ -17,8 +17,13 @@ import time
 from meshserve.wafer.balance_setup import BalanceSetup, setup_parts
 from meshserve.wafer.models import load_model
 
-LAYOUTS = (("nvl72", "baseline"), ("wsc-4x8x8", "her-ftd"), ("wsc-4x8x8", "her"), ("wsc-4x8x8", "er"),
-           ("wsc-4x8x8", "baseline"))
+LAYOUTS = (
+    ("nvl72", "baseline"),
+    ("wsc-4x8x8", "her-ftd"),
+    ("wsc-4x8x8", "her"),
+    ("wsc-4x8x8", "er"),
+    ("wsc-4x8x8", "baseline"),
+)
 
 
 def main() -> None:
@@ -27,8 +32,13 @@ def main() -> None:
     rows = parser.parse_args().rows
     layers = load_model(BalanceSetup.model).num_moe_layers  # rows of one iteration
     for hardware, mapping in LAYOUTS:
-        setup = BalanceSetup(hardware=hardware, mapping=mapping, balancer="none",
-                             iterations=-(-rows // layers) + 1, time_model="fair-share")
+        setup = BalanceSetup(
+            hardware=hardware,
+            mapping=mapping,
+            balancer="none",
+            iterations=-(-rows // layers) + 1,
+            time_model="fair-share",
+        )
         parts = setup_parts(setup)
         load = parts.base.device_load(parts.trace.counts).reshape(-1, parts.comm.num_devices)[:rows]
         for name, phase in zip(("dispatch", "combine"), parts.comm.fair, strict=True):
@@ -38,10 +48,13 @@ def main() -> None:
             took = time.perf_counter() - start
             drained = sum(len(g.solved) for g in phase.groups)
             flows = phase.groups[0].flows.shape[0]
-            print(f"{hardware} {mapping} {name}: {len(phase.groups)} domain(s) x {flows:,} flows; "
-                  f"fair-share / bottleneck over {len(load)} rows mean {ratio.mean():.4f} max "
-                  f"{ratio.max():.4f}; {drained} of {len(load) * len(phase.groups)} domain-rows drained; "
-                  f"{took / len(load):.2f} s per row", flush=True)
+            print(
+                f"{hardware} {mapping} {name}: {len(phase.groups)} domain(s) x {flows:,} flows; "
+                f"fair-share / bottleneck over {len(load)} rows mean {ratio.mean():.4f} max "
+                f"{ratio.max():.4f}; {drained} of {len(load) * len(phase.groups)} domain-rows drained; "
+                f"{took / len(load):.2f} s per row",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

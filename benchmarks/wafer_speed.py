@@ -49,8 +49,10 @@ def model_error() -> None:
         fair = collective_time(topo, c, "fair-share").bandwidth_s
         took = time.perf_counter() - start
         ratio = collective_time(topo, c, "bottleneck").bandwidth_s / fair
-        print(f"uniform all-to-all {side}x{side}: bottleneck / fair-share = {ratio:.3f} "
-              f"(BookSim2 bottleneck / cycle-level = {booksim:.2f}); fair-share took {took:.2f} s")
+        print(
+            f"uniform all-to-all {side}x{side}: bottleneck / fair-share = {ratio:.3f} "
+            f"(BookSim2 bottleneck / cycle-level = {booksim:.2f}); fair-share took {took:.2f} s"
+        )
 
 
 def noc_speed() -> None:
@@ -61,9 +63,11 @@ def noc_speed() -> None:
         result = noc_cycles(side, side, "uniform", 100, 20, models=("bottleneck", "packet", "flit"))
         booksim = booksim_reference(result)
         for model, cycles in result["cycles"].items():
-            print(f"noc uniform {side}x{side}, 100 x 20-flit packets/node, {model:10s}: "
-                  f"{cycles:6,} cycles = {cycles / booksim:.3f}x BookSim2 ({booksim:,.0f}); "
-                  f"took {result['seconds'][model]:.2f} s")
+            print(
+                f"noc uniform {side}x{side}, 100 x 20-flit packets/node, {model:10s}: "
+                f"{cycles:6,} cycles = {cycles / booksim:.3f}x BookSim2 ({booksim:,.0f}); "
+                f"took {result['seconds'][model]:.2f} s"
+            )
 
 
 def port_sweep() -> None:
@@ -71,12 +75,15 @@ def port_sweep() -> None:
     from meshserve.wafer.noc import noc_cycles
 
     for ports in (1, 2, 4):
-        result = noc_cycles(8, 8, "uniform", 100, 20, models=("bottleneck", "packet", "flit"),
-                            injection_ports=ports)
+        result = noc_cycles(
+            8, 8, "uniform", 100, 20, models=("bottleneck", "packet", "flit"), injection_ports=ports
+        )
         cycles, took = result["cycles"], result["seconds"]
-        print(f"noc uniform 8x8, {ports} injection port(s) per node: flit {cycles['flit']:,} cycles, "
-              f"packet {cycles['packet']:,}, bottleneck {cycles['bottleneck']:,}; "
-              f"flit took {took['flit']:.2f} s, packet {took['packet']:.2f} s")
+        print(
+            f"noc uniform 8x8, {ports} injection port(s) per node: flit {cycles['flit']:,} cycles, "
+            f"packet {cycles['packet']:,}, bottleneck {cycles['bottleneck']:,}; "
+            f"flit took {took['flit']:.2f} s, packet {took['packet']:.2f} s"
+        )
 
 
 def main() -> None:
@@ -89,16 +96,20 @@ def main() -> None:
         for time_model in ("bottleneck", "fair-share"):
             runs = timed(lambda m=mapping, t=time_model: simulate_layer(hw, model, m, 64, time_model=t), 30)
             median = statistics.median(runs) * 1e3
-            print(f"one MoE layer, wsc-8x8, {kind:8s} TP=4, {time_model:10s}: median {median:7.2f} ms "
-                  f"(target 10 ms: {median / 10:.2f}x of target)")
+            print(
+                f"one MoE layer, wsc-8x8, {kind:8s} TP=4, {time_model:10s}: median {median:7.2f} ms "
+                f"(target 10 ms: {median / 10:.2f}x of target)"
+            )
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         result = run_comm(64, "bottleneck", progress=False)
         comparison_png(result, f"{tmp}/comm.png")
         total = time.perf_counter() - start
-    print(f"full reproduce comm (bottleneck, {len(result['rows'])} comparison rows + "
-          f"{result['regimes_total']} open-question regimes, plot included): {total:.2f} s "
-          f"(target 60 s: {total / 60:.3f}x of target)")
+    print(
+        f"full reproduce comm (bottleneck, {len(result['rows'])} comparison rows + "
+        f"{result['regimes_total']} open-question regimes, plot included): {total:.2f} s "
+        f"(target 60 s: {total / 60:.3f}x of target)"
+    )
     model_error()
     noc_speed()
     port_sweep()

@@ -20,7 +20,8 @@ from meshserve.errors import InputError
 FILE_SUFFIXES = (".png", ".json", ".csv", ".parquet", ".npz", ".safetensors")
 # Renames held back by an enclosing all_or_nothing() block: (temporary file, final path).
 _pending: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar(
-    "meshserve_atomic_pending", default=None)
+    "meshserve_atomic_pending", default=None
+)
 
 
 def _file_mode() -> int:
@@ -90,8 +91,11 @@ def check_writable(path: str | os.PathLike[str], field: str, *, folder: bool = F
     if folder and not path.is_dir() and path.suffix.lower() in FILE_SUFFIXES:
         raise InputError(field, f"names a folder for the results, got a file name {str(path)!r}")
     if path.exists() and path.is_dir() != folder:
-        raise InputError(field, f"{path} is {'a file' if folder else 'a folder'}; expected a "
-                                f"{'folder' if folder else 'file'} path")
+        raise InputError(
+            field,
+            f"{path} is {'a file' if folder else 'a folder'}; expected a "
+            f"{'folder' if folder else 'file'} path",
+        )
     existing = path if folder and path.is_dir() else path.parent
     while not existing.exists():
         existing = existing.parent

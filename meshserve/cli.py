@@ -30,8 +30,9 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """meshserve: serve MoE/dense LLMs and plan expert-parallel deployment on wafer-scale chips."""
 
@@ -51,14 +52,21 @@ ENABLE_EXPERT_PARALLEL = typer.Option(False, help="Split MoE experts over the ra
 ENABLE_EPLB = typer.Option(False, help="Rebalance experts live from the ranks' expert loads.")
 DEVICE = typer.Option("cpu", help="cpu (native kernels) or cuda (torch reference kernels, NCCL).")
 EPLB_CONFIG = typer.Option(
-    None, help='JSON: window_size, step_interval, num_redundant_experts, balancer (greedy|topology|ni), '
-               'mode (invasive|non-invasive), e.g. \'{"num_redundant_experts": 2, "balancer": "greedy"}\'.')
+    None,
+    help="JSON: window_size, step_interval, num_redundant_experts, balancer (greedy|topology|ni), "
+    'mode (invasive|non-invasive), e.g. \'{"num_redundant_experts": 2, "balancer": "greedy"}\'.',
+)
 
 
-def _parallel_args(data_parallel_size: int, enable_expert_parallel: bool, enable_eplb: bool,
-                   eplb_config: str | None) -> dict:
-    return {"data_parallel_size": data_parallel_size, "enable_expert_parallel": enable_expert_parallel,
-            "enable_eplb": enable_eplb, "eplb_config": _json_option("eplb_config", eplb_config) or {}}
+def _parallel_args(
+    data_parallel_size: int, enable_expert_parallel: bool, enable_eplb: bool, eplb_config: str | None
+) -> dict:
+    return {
+        "data_parallel_size": data_parallel_size,
+        "enable_expert_parallel": enable_expert_parallel,
+        "enable_eplb": enable_eplb,
+        "eplb_config": _json_option("eplb_config", eplb_config) or {},
+    }
 
 
 @app.command()
@@ -66,7 +74,8 @@ def generate(
     model: str = typer.Option(..., help="Hugging Face-format model directory."),
     prompt: str | None = typer.Option(None, help="Prompt text ('-' reads it from stdin)."),
     prompt_file: str | None = typer.Option(
-        None, help="File with one prompt per line ('-' = stdin); completions are printed in order."),
+        None, help="File with one prompt per line ('-' = stdin); completions are printed in order."
+    ),
     max_tokens: int = typer.Option(64, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
@@ -77,8 +86,10 @@ def generate(
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     max_model_len: int | None = typer.Option(None, help="Longest prompt + output (default: the model's)."),
     speculative_config: str | None = typer.Option(
-        None, help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' or '
-                   '\'{"method": "draft_model", "model": DIR}\'.'),
+        None,
+        help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' or '
+        '\'{"method": "draft_model", "model": DIR}\'.',
+    ),
     enable_prefix_caching: bool = typer.Option(True, help="Automatic prefix caching."),
     data_parallel_size: int = DATA_PARALLEL_SIZE,
     enable_expert_parallel: bool = ENABLE_EXPERT_PARALLEL,
@@ -90,12 +101,26 @@ def generate(
     from meshserve.engine import LLM, SamplingParams
 
     prompts = _read_prompts(prompt, prompt_file)
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                            seed=seed, stop=stop or None, ignore_eos=ignore_eos)
+    params = SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_tokens=max_tokens,
+        seed=seed,
+        stop=stop or None,
+        ignore_eos=ignore_eos,
+    )
     spec = _json_option("speculative_config", speculative_config)
-    with LLM(model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=min(len(prompts), 128),
-             speculative_config=spec, enable_prefix_caching=enable_prefix_caching, device=device,
-             **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config)) as llm:
+    with LLM(
+        model,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        max_num_seqs=min(len(prompts), 128),
+        speculative_config=spec,
+        enable_prefix_caching=enable_prefix_caching,
+        device=device,
+        **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config),
+    ) as llm:
         outputs = llm.generate(prompts, params, use_tqdm=False)
     for out in outputs:
         print(out.text)
@@ -135,8 +160,11 @@ def _json_option(name: str, text: str | None) -> dict | None:
 @app.command()
 def profile(
     model: str = typer.Option(..., help="Model directory whose linear shapes are profiled."),
-    out: str | None = typer.Option(None, help="Table to write (default: $MESHSERVE_PROFILE_DIR/gemm.json "
-                                              "or ~/.cache/meshserve/profiles/gemm.json)."),
+    out: str | None = typer.Option(
+        None,
+        help="Table to write (default: $MESHSERVE_PROFILE_DIR/gemm.json "
+        "or ~/.cache/meshserve/profiles/gemm.json).",
+    ),
     dtype: list[str] = typer.Option(["float32", "bfloat16"], help="dtypes to profile (repeatable)."),
     max_tokens: int = typer.Option(512, help="Largest M: the engine's max_num_batched_tokens."),
     reps: int = typer.Option(7, help="Timed runs per candidate (the median counts)."),
@@ -161,8 +189,9 @@ def serve(
     block_size: int = typer.Option(16, help="Tokens per KV block."),
     kv_cache_memory: float | None = typer.Option(None, help="GiB for the KV cache (default: derived)."),
     enable_prefix_caching: bool = typer.Option(True, help="Automatic prefix caching."),
-    speculative_config: str | None = typer.Option(None, help='JSON, e.g. \'{"method": "ngram", '
-                                                             '"num_speculative_tokens": 3}\'.'),
+    speculative_config: str | None = typer.Option(
+        None, help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\'.'
+    ),
     seed: int = typer.Option(0, help="Seed of the engine's shared generator (unseeded requests)."),
     max_waiting_requests: int | None = typer.Option(1024, help="Waiting queue bound; past it: 503."),
     uvicorn_log_level: str = typer.Option("info", help="uvicorn's log level."),
@@ -175,22 +204,40 @@ def serve(
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /metrics)."""
     from meshserve.server.serve import serve as run
 
-    run(model, host=host, port=port, served_model_name=served_model_name, max_waiting=max_waiting_requests,
-        log_level=uvicorn_log_level, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, kv_cache_memory=kv_cache_memory,
-        enable_prefix_caching=enable_prefix_caching, seed=seed, device=device,
+    run(
+        model,
+        host=host,
+        port=port,
+        served_model_name=served_model_name,
+        max_waiting=max_waiting_requests,
+        log_level=uvicorn_log_level,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        block_size=block_size,
+        kv_cache_memory=kv_cache_memory,
+        enable_prefix_caching=enable_prefix_caching,
+        seed=seed,
+        device=device,
         speculative_config=_json_option("speculative_config", speculative_config),
-        **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config))
+        **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config),
+    )
 
 
 @app.command("train-tiny")
 def train_tiny(
     minutes: float = typer.Option(45.0, help="Training time budget (both models together)."),
-    tokens: int | None = typer.Option(None, help="Token budget instead of --minutes: the learning-rate "
-                                                 "cosine and the stop follow tokens seen, on any machine."),
+    tokens: int | None = typer.Option(
+        None,
+        help="Token budget instead of --minutes: the learning-rate "
+        "cosine and the stop follow tokens seen, on any machine.",
+    ),
     work: str = typer.Option("out/train-tiny", help="Folder: token cache, checkpoint, curves, metrics."),
-    export: str | None = typer.Option(None, help="Write the Hugging Face model directories here "
-                                                 "(meshserve/assets/models for the shipped ones)."),
+    export: str | None = typer.Option(
+        None,
+        help="Write the Hugging Face model directories here (meshserve/assets/models for the shipped ones).",
+    ),
     seed: int = typer.Option(0, help="Seed for initialisation and batch sampling."),
     threads: int = typer.Option(2, help="torch CPU threads."),
     batch_size: int = typer.Option(4, help="Sequences per step."),
@@ -200,8 +247,9 @@ def train_tiny(
     draft_only: bool = typer.Option(False, help="Distil the draft alone against --init's frozen target."),
     init: str | None = typer.Option(None, help="checkpoint.pt of a run whose weights start --draft-only."),
     lr_draft: float = typer.Option(4e-3, help="Peak learning rate of the draft."),
-    distill_weight: float = typer.Option(0.5, help="Draft loss: this x KL(target || draft) + the rest x "
-                                                   "cross-entropy on the data."),
+    distill_weight: float = typer.Option(
+        0.5, help="Draft loss: this x KL(target || draft) + the rest x cross-entropy on the data."
+    ),
 ) -> None:
     """Train the shipped tiny MoE target and dense draft on the Python standard library's sources."""
     from pathlib import Path
@@ -213,16 +261,28 @@ def train_tiny(
     require(tokens is None or tokens > 0, "tokens", f"must be > 0, got {tokens}")
     require(0 <= distill_weight <= 1, "distill_weight", f"must be in [0, 1], got {distill_weight}")
     require(lr_draft > 0, "lr_draft", f"must be > 0, got {lr_draft}")
-    require(not draft_only or resume or (init is not None and Path(init).is_file()), "init",
-            f"--draft-only needs an existing checkpoint.pt, got {init}")
+    require(
+        not draft_only or resume or (init is not None and Path(init).is_file()),
+        "init",
+        f"--draft-only needs an existing checkpoint.pt, got {init}",
+    )
     require(init is None or Path(init).is_file(), "init", f"no such checkpoint: {init}")
     require(threads >= 1, "threads", f"must be >= 1, got {threads}")
     require(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}")
     require(8 <= seq_len <= 512, "seq_len", f"must be in [8, 512] (max_position_embeddings), got {seq_len}")
-    settings = TrainSettings(minutes=minutes, tokens=tokens, seed=seed, threads=threads,
-                             batch_size=batch_size, seq_len=seq_len, autocast_bf16=bf16,
-                             draft_only=draft_only, init=init, lr_draft=lr_draft,
-                             distill_weight=distill_weight)
+    settings = TrainSettings(
+        minutes=minutes,
+        tokens=tokens,
+        seed=seed,
+        threads=threads,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        autocast_bf16=bf16,
+        draft_only=draft_only,
+        init=init,
+        lr_draft=lr_draft,
+        distill_weight=distill_weight,
+    )
     train(Path(work), Path(export) if export else None, settings, resume=resume)
 
 

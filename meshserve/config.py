@@ -55,8 +55,11 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         self.block_size = integer(self.block_size, "block_size", 1, 128)
-        require(self.block_size in BLOCK_SIZES, "block_size",
-                f"must be a power of two in [1, 128], got {self.block_size}")
+        require(
+            self.block_size in BLOCK_SIZES,
+            "block_size",
+            f"must be a power of two in [1, 128], got {self.block_size}",
+        )
         if self.kv_cache_memory is not None:  # checked against the machine once the model's size is known
             self.kv_cache_memory = number(self.kv_cache_memory, "kv_cache_memory", 0, low_open=True)
         self.kv_cache_fraction = number(self.kv_cache_fraction, "kv_cache_fraction", 0, 0.9, low_open=True)
@@ -79,14 +82,18 @@ class SchedulerConfig:
     max_model_len: int | None = None
 
     def __post_init__(self) -> None:
-        self.max_num_batched_tokens = integer(self.max_num_batched_tokens, "max_num_batched_tokens", 1,
-                                              MAX_TOKENS)
+        self.max_num_batched_tokens = integer(
+            self.max_num_batched_tokens, "max_num_batched_tokens", 1, MAX_TOKENS
+        )
         if self.max_num_seqs is None:
             self.max_num_seqs = min(DEFAULT_MAX_NUM_SEQS, self.max_num_batched_tokens)
         self.max_num_seqs = integer(self.max_num_seqs, "max_num_seqs", 1, MAX_TOKENS)
         # Every running request must be able to decode in every step, or some would starve.
-        require(self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens",
-                f"must be >= max_num_seqs ({self.max_num_seqs}), got {self.max_num_batched_tokens}")
+        require(
+            self.max_num_batched_tokens >= self.max_num_seqs,
+            "max_num_batched_tokens",
+            f"must be >= max_num_seqs ({self.max_num_seqs}), got {self.max_num_batched_tokens}",
+        )
         if self.max_model_len is not None:  # the model's max_position_embeddings caps it (Engine)
             self.max_model_len = integer(self.max_model_len, "max_model_len", 2, MAX_TOKENS)
 
@@ -122,31 +129,43 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and bool(self.model), "model", "must be a model directory")
-        require(isinstance(self.dtype, str) and self.dtype in DTYPE_NAMES, "dtype",
-                f"unsupported dtype {self.dtype!r}; allowed: {', '.join(DTYPE_NAMES)}")
+        require(
+            isinstance(self.dtype, str) and self.dtype in DTYPE_NAMES,
+            "dtype",
+            f"unsupported dtype {self.dtype!r}; allowed: {', '.join(DTYPE_NAMES)}",
+        )
         self.seed = integer(self.seed, "seed", 0, 2**64 - 1)  # what torch.Generator.manual_seed takes
         require(self.device in DEVICES, "device", f"unknown {self.device!r}; allowed: {', '.join(DEVICES)}")
         if self.record_expert_trace is not None:  # fail now, not when the trace is written on close
             trace = self.record_expert_trace
-            require(isinstance(trace, str | os.PathLike) and str(trace).endswith(".npz"),
-                    "record_expert_trace", f"must be a path ending in .npz (an npz archive), got {trace!r}")
+            require(
+                isinstance(trace, str | os.PathLike) and str(trace).endswith(".npz"),
+                "record_expert_trace",
+                f"must be a path ending in .npz (an npz archive), got {trace!r}",
+            )
             check_writable(trace, "record_expert_trace")
             self.record_expert_trace = str(trace)
         cores = available_cores()
         if self.num_threads is None:
             self.num_threads = cores
-        require(isinstance(self.num_threads, int) and not isinstance(self.num_threads, bool)
-                and 1 <= self.num_threads <= cores, "num_threads",
-                f"must be an integer in [1, {cores}] (the cores this process may use), "
-                f"got {self.num_threads!r}")
+        require(
+            isinstance(self.num_threads, int)
+            and not isinstance(self.num_threads, bool)
+            and 1 <= self.num_threads <= cores,
+            "num_threads",
+            f"must be an integer in [1, {cores}] (the cores this process may use), got {self.num_threads!r}",
+        )
         # Imported here: the engine package imports this module.
         from meshserve.engine.distributed.config import ParallelConfig
         from meshserve.engine.spec.config import SpecConfig
 
         self.speculative_config = SpecConfig.from_dict(self.speculative_config)
         spec = self.speculative_config
-        require(self.device == "cpu" or spec is None or spec.method != "draft_model", "speculative_config",
-                "method 'draft_model' runs on device cpu only (its draft runs on the CPU); use 'ngram'")
+        require(
+            self.device == "cpu" or spec is None or spec.method != "draft_model",
+            "speculative_config",
+            "method 'draft_model' runs on device cpu only (its draft runs on the CPU); use 'ngram'",
+        )
         self.parallel = self.parallel or ParallelConfig()
 
     @classmethod
@@ -155,7 +174,11 @@ class EngineConfig:
         from meshserve.engine.distributed.config import ParallelConfig
 
         groups: dict[type, dict[str, Any]] = {
-            CacheConfig: {}, SchedulerConfig: {}, ParallelConfig: {}, cls: {}}
+            CacheConfig: {},
+            SchedulerConfig: {},
+            ParallelConfig: {},
+            cls: {},
+        }
         owner = {f.name: group for group in groups for f in dataclasses.fields(group)}
         internal = ("cache", "scheduler", "parallel", "model")
         for name, value in engine_args.items():

@@ -37,8 +37,11 @@ def number(value: object, field: str, low: float, high: float = math.inf, *, low
     if ok:
         ok = (value > low if low_open else value >= low) and value <= high
     if not ok:
-        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]" if high < math.inf else (
-            f"{'>' if low_open else '>='} {low:g}")
+        bounds = (
+            f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            if high < math.inf
+            else (f"{'>' if low_open else '>='} {low:g}")
+        )
         raise InputError(field, f"must be a finite number {bounds}, got {value!r}")
     return float(value)
 

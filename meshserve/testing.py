@@ -229,8 +229,9 @@ class PagedSequences:
     def __init__(self, lm: LoadedModel, num_blocks: int = 64, block_size: int = 4, seed: int = 0) -> None:
         cfg = lm.config
         self.lm, self.block_size = lm, block_size
-        self.kv_caches = allocate_kv_cache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
-                                           cfg.head_dim, cfg.dtype)
+        self.kv_caches = allocate_kv_cache(
+            cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
+        )
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
         self.tokens: list[list[int]] = []
         self.computed: list[int] = []

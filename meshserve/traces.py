@@ -24,8 +24,16 @@ from meshserve.errors import InputError
 FORMAT_VERSION = 1
 # What numpy, zipfile and zlib raise on a truncated, corrupted or foreign file (zipfile raises
 # RuntimeError for a member whose flags say encrypted: one flipped bit).
-DAMAGED = (OSError, ValueError, TypeError, AttributeError, EOFError, RuntimeError, zipfile.BadZipFile,
-           zlib.error)
+DAMAGED = (
+    OSError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    EOFError,
+    RuntimeError,
+    zipfile.BadZipFile,
+    zlib.error,
+)
 
 
 @dataclass(frozen=True)
@@ -104,8 +112,13 @@ class ExpertTrace:
             top_k = header["top_k"]
             if isinstance(top_k, bool) or not isinstance(top_k, int):
                 raise InputError("top_k", f"must be an integer, got {top_k!r}")
-            return cls(counts=counts, model=str(header["model"]), top_k=top_k, source=str(header["source"]),
-                       meta=header.get("meta", {}))
+            return cls(
+                counts=counts,
+                model=str(header["model"]),
+                top_k=top_k,
+                source=str(header["source"]),
+                meta=header.get("meta", {}),
+            )
         except InputError as err:
             raise InputError(field, str(err)) from None
         except KeyError as err:

@@ -53,8 +53,13 @@ def test_all_or_nothing_lands_every_file_or_none(tmp_path):
 def test_check_writable_refuses_paths_that_cannot_be_written_and_leaves_nothing(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for path, folder in [(blocker / "out.png", False), (blocker / "sub" / "dir", True), (tmp_path, False),
-                         (blocker, True), (tmp_path / "results.csv", True)]:
+    for path, folder in [
+        (blocker / "out.png", False),
+        (blocker / "sub" / "dir", True),
+        (tmp_path, False),
+        (blocker, True),
+        (tmp_path / "results.csv", True),
+    ]:
         with pytest.raises(InputError) as err:
             check_writable(path, "out", folder=folder)
         assert err.value.field == "out"

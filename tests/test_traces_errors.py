@@ -21,7 +21,8 @@ FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 def good_bytes(tmp_path_factory) -> bytes:
     counts = np.random.default_rng(0).integers(0, 9, size=(4, 2, 8))
     path = ExpertTrace(counts=counts, model="m", top_k=2, source="test").save(
-        tmp_path_factory.mktemp("trace") / "good.npz")
+        tmp_path_factory.mktemp("trace") / "good.npz"
+    )
     return path.read_bytes()
 
 
@@ -67,19 +68,25 @@ FOREIGN = {
     "no meta": lambda p: save_npz(p, counts=np.zeros((1, 1, 4), np.int64)),
     "meta not JSON": lambda p: save_npz(p, counts=np.zeros((1, 1, 4), np.int64), meta=np.array("{oops")),
     "meta a list": lambda p: save_npz(p, counts=np.zeros((1, 1, 4), np.int64), meta=np.array("[1]")),
-    "no top_k": lambda p: save_npz(p, counts=np.zeros((1, 1, 4), np.int64),
-                                   meta=np.array(json.dumps({**HEADER, "top_k": None}))),
-    "top_k NaN": lambda p: save_npz(p, counts=np.zeros((1, 1, 4), np.int64),
-                                    meta=np.array(json.dumps({**HEADER, "top_k": float("nan")}))),
-    "float counts": lambda p: save_npz(p, counts=np.full((1, 1, 4), np.nan),
-                                       meta=np.array(json.dumps(HEADER))),
-    "negative counts": lambda p: save_npz(p, counts=-np.ones((1, 1, 4), np.int64),
-                                          meta=np.array(json.dumps(HEADER))),
+    "no top_k": lambda p: save_npz(
+        p, counts=np.zeros((1, 1, 4), np.int64), meta=np.array(json.dumps({**HEADER, "top_k": None}))
+    ),
+    "top_k NaN": lambda p: save_npz(
+        p, counts=np.zeros((1, 1, 4), np.int64), meta=np.array(json.dumps({**HEADER, "top_k": float("nan")}))
+    ),
+    "float counts": lambda p: save_npz(
+        p, counts=np.full((1, 1, 4), np.nan), meta=np.array(json.dumps(HEADER))
+    ),
+    "negative counts": lambda p: save_npz(
+        p, counts=-np.ones((1, 1, 4), np.int64), meta=np.array(json.dumps(HEADER))
+    ),
     "2-D counts": lambda p: save_npz(p, counts=np.ones((1, 4), np.int64), meta=np.array(json.dumps(HEADER))),
-    "object counts": lambda p: save_npz(p, counts=np.array([None, 1], dtype=object),
-                                        meta=np.array(json.dumps(HEADER))),
-    "future version": lambda p: save_npz(p, counts=np.zeros((1, 1, 4), np.int64),
-                                         meta=np.array(json.dumps({**HEADER, "format_version": 9}))),
+    "object counts": lambda p: save_npz(
+        p, counts=np.array([None, 1], dtype=object), meta=np.array(json.dumps(HEADER))
+    ),
+    "future version": lambda p: save_npz(
+        p, counts=np.zeros((1, 1, 4), np.int64), meta=np.array(json.dumps({**HEADER, "format_version": 9}))
+    ),
     "a plain .npy": lambda p: np.save(p.open("wb"), np.zeros(3)),
     "text": lambda p: p.write_text("steps,layer,expert\n1,2,3\n"),
     "empty": lambda p: p.write_bytes(b""),
@@ -97,8 +104,10 @@ def test_the_cli_reports_a_bad_trace_as_one_line_exit_2(tmp_path, good_bytes, mo
     trace = tmp_path / "bad.npz"
     trace.write_bytes(good_bytes[:100])
     spec = tmp_path / "sweep.yaml"
-    spec.write_text(f"models: [deepseek-v3]\nplatforms: [wsc-8x8]\ntp: [4]\nbatch: [8]\nbalancers: [none]\n"
-                    f"iterations: 2\ntrace: {trace}\n")
+    spec.write_text(
+        f"models: [deepseek-v3]\nplatforms: [wsc-8x8]\ntp: [4]\nbatch: [8]\nbalancers: [none]\n"
+        f"iterations: 2\ntrace: {trace}\n"
+    )
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["meshserve", "wafer", "sweep", str(spec), "--out", str(out)])
     with pytest.raises(SystemExit) as exit_:

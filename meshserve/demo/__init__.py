@@ -63,7 +63,7 @@ def _readable_samples(tokenizer, outputs: list, n: int) -> list[tuple[str, str]]
         return "\\x" not in text and "\\u" not in text and plain >= 0.7 * max(len(text), 1)
 
     def varied(completion: str) -> bool:  # greedy loops ("#\n" or "'S': " fifty times) show little
-        grams = [completion[i:i + 8] for i in range(max(len(completion) - 7, 1))]
+        grams = [completion[i : i + 8] for i in range(max(len(completion) - 7, 1))]
         return len(set(grams)) >= 0.6 * len(grams)
 
     ranked = sorted(pairs, key=lambda p: (not readable(p[0] + p[1]), not varied(p[1])))  # stable
@@ -172,8 +172,10 @@ def _drift_words(trace_path: Path, pop) -> str:
         return f"drift sigma {pop.drift_sigma:.2f}, drift time {pop.drift_steps:.0f} steps"
     counts = ExpertTrace.load(trace_path).counts
     window = window_steps(counts)
-    return (f"drift not measurable ({counts.shape[0] // window} windows of {window} steps: their lag-2 "
-            "covariance is not positive, so drift cannot be told from noise; drawn without drift)")
+    return (
+        f"drift not measurable ({counts.shape[0] // window} windows of {window} steps: their lag-2 "
+        "covariance is not positive, so drift cannot be told from noise; drawn without drift)"
+    )
 
 
 def _zipf_max_over_mean(pop) -> float:

@@ -1,6 +1,6 @@
 """Serving engine: requests, token-budget scheduling, paged KV cache, model runner, sampler.
 
-    from meshserve.engine import LLM, SamplingParams
+from meshserve.engine import LLM, SamplingParams
 """
 
 from meshserve.engine.engine import Engine

@@ -21,9 +21,12 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     require(name in DEVICES, "device", f"unknown {name!r}; allowed: {', '.join(DEVICES)}")
     if name == "cpu":
         return torch.device("cpu")
-    require(torch.cuda.is_available(), "device",
-            f"cuda is not available here (torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
-            "use --device cpu")
+    require(
+        torch.cuda.is_available(),
+        "device",
+        f"cuda is not available here (torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
+        "use --device cpu",
+    )
     index = torch.cuda.current_device() if local_rank is None else local_rank % torch.cuda.device_count()
     return torch.device("cuda", index)
 

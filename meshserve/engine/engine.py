@@ -43,8 +43,11 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        require(not config.parallel.distributed, "data_parallel_size",
-                "Engine runs one process; use LLM(...) or DistributedEngine for several ranks")
+        require(
+            not config.parallel.distributed,
+            "data_parallel_size",
+            "Engine runs one process; use LLM(...) or DistributedEngine for several ranks",
+        )
         torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         loaded = load_model(config.model, config.dtype)
@@ -53,18 +56,26 @@ class Engine:
         mc = self.model_config
         limit = mc.max_position_embeddings
         max_model_len = config.scheduler.max_model_len or limit
-        require(max_model_len <= limit, "max_model_len",
-                f"must be <= the model's max_position_embeddings ({limit}), got {max_model_len}")
-        require(config.record_expert_trace is None or mc.is_moe, "record_expert_trace",
-                f"model {mc.name} ({mc.arch}) has no MoE layers to trace")
+        require(
+            max_model_len <= limit,
+            "max_model_len",
+            f"must be <= the model's max_position_embeddings ({limit}), got {max_model_len}",
+        )
+        require(
+            config.record_expert_trace is None or mc.is_moe,
+            "record_expert_trace",
+            f"model {mc.name} ({mc.arch}) has no MoE layers to trace",
+        )
         self.max_model_len = max_model_len
-        sched = SchedulerConfig(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs,
-                                max_model_len)
+        sched = SchedulerConfig(
+            config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, max_model_len
+        )
         cache = config.cache
         per_block = block_bytes(mc.num_layers, mc.num_kv_heads, mc.head_dim, cache.block_size, mc.dtype)
         blocks = num_kv_blocks(cache, per_block, max_model_len, sched.max_num_seqs, free_memory(self.device))
-        self.kv_caches = allocate_kv_cache(mc.num_layers, blocks, cache.block_size, mc.num_kv_heads,
-                                           mc.head_dim, mc.dtype, self.device)
+        self.kv_caches = allocate_kv_cache(
+            mc.num_layers, blocks, cache.block_size, mc.num_kv_heads, mc.head_dim, mc.dtype, self.device
+        )
         prefix_cache = PrefixCache(cache.block_size) if cache.enable_prefix_caching else None
         self.blocks = BlockManager(blocks, cache.block_size, prefix_cache, self.kv_caches)
         self.scheduler = Scheduler(sched, self.blocks)
@@ -73,8 +84,13 @@ class Engine:
         self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
         self.sampler = Sampler(config.seed)
         spec = config.speculative_config
-        self.spec = None if spec is None else SpecDecoder(spec, mc.vocab_size, config.dtype, max_model_len,
-                                                          Sampler.probs, self.sampler.generator)
+        self.spec = (
+            None
+            if spec is None
+            else SpecDecoder(
+                spec, mc.vocab_size, config.dtype, max_model_len, Sampler.probs, self.sampler.generator
+            )
+        )
         self.stopper = StopChecker(self.tokenizer, mc.eos_token_ids, max_model_len)
         self.requests: dict[str, Request] = {}  # every completion in flight, by its own id
         self.groups: dict[str, RequestGroup] = {}  # by the caller's request id
@@ -84,8 +100,15 @@ class Engine:
         self._expert_counts: list[np.ndarray] = []
         self._ids = itertools.count()
         self._closed = False
-        logger.info("engine: %s (%s, %s), %d KV blocks of %d tokens (%.3f GiB)", mc.name, mc.arch,
-                    config.dtype, blocks, cache.block_size, blocks * per_block / (1 << 30))
+        logger.info(
+            "engine: %s (%s, %s), %d KV blocks of %d tokens (%.3f GiB)",
+            mc.name,
+            mc.arch,
+            config.dtype,
+            blocks,
+            cache.block_size,
+            blocks * per_block / (1 << 30),
+        )
 
     @classmethod
     def from_args(cls, model: str, **engine_args: Any) -> Engine:
@@ -113,23 +136,38 @@ class Engine:
             request_id = next(i for i in map(str, self._ids) if i not in self.groups)
         request_id = str(request_id)
         child_ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
-        require(request_id not in self.groups and not any(c in self.requests for c in child_ids),
-                "request_id", f"{request_id!r} is already in use")
+        require(
+            request_id not in self.groups and not any(c in self.requests for c in child_ids),
+            "request_id",
+            f"{request_id!r} is already in use",
+        )
         text = prompt if isinstance(prompt, str) else None
         token_ids = self._prompt_tokens(prompt)
         n = len(token_ids)
         limit = self.max_model_len - 1
-        require(n <= limit, "prompt", f"{n} tokens is too long: at most max_model_len - 1 = {limit} "
-                                      f"(max_model_len={self.max_model_len}) so one token can be generated")
+        require(
+            n <= limit,
+            "prompt",
+            f"{n} tokens is too long: at most max_model_len - 1 = {limit} "
+            f"(max_model_len={self.max_model_len}) so one token can be generated",
+        )
         vocab = self.model_config.vocab_size
-        require(all(t < vocab for t in params.logit_bias or {}), "logit_bias",
-                f"token ids must be in [0, {vocab - 1}] (vocab_size={vocab})")
+        require(
+            all(t < vocab for t in params.logit_bias or {}),
+            "logit_bias",
+            f"token ids must be in [0, {vocab - 1}] (vocab_size={vocab})",
+        )
         room = self.max_model_len - n
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         children = []
         for index, child_id in enumerate(child_ids):
-            child = Request(child_id, token_ids, params if params.n == 1 else child_params(params, index),
-                            max_tokens, prompt=text)
+            child = Request(
+                child_id,
+                token_ids,
+                params if params.n == 1 else child_params(params, index),
+                max_tokens,
+                prompt=text,
+            )
             child.parent_id, child.index, child.stream = request_id, index, stream
             self.stopper.start(child)
             self.requests[child_id] = child
@@ -150,14 +188,18 @@ class Engine:
             except (TypeError, ValueError, UnicodeError) as err:  # e.g. lone surrogates the Rust side rejects
                 raise InputError("prompt", f"text cannot be tokenized ({str(err)[:120]})") from None
         elif isinstance(prompt, (list, tuple)) and all(
-                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt
+        ):
             token_ids = [int(t) for t in prompt]
         else:
             raise InputError("prompt", "must be a string or a list of token ids")
         require(len(token_ids) > 0, "prompt", "must not be empty")
         vocab = self.model_config.vocab_size
-        require(min(token_ids) >= 0 and max(token_ids) < vocab, "prompt",
-                f"token ids must be in [0, {vocab - 1}] (vocab_size={vocab})")
+        require(
+            min(token_ids) >= 0 and max(token_ids) < vocab,
+            "prompt",
+            f"token ids must be in [0, {vocab - 1}] (vocab_size={vocab})",
+        )
         return token_ids
 
     def abort(self, request_id: str) -> bool:
@@ -241,12 +283,19 @@ class Engine:
         if self.spec is not None:
             self.last_stats.update(self.spec.stats())
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("step %(step)d: tokens %(tokens)s, seqs %(num_seqs)d, running %(running)d, "
-                         "waiting %(waiting)d, preempted %(preempted)d, KV usage %(kv_usage).3f",
-                         self.last_stats)
-            logger.debug("step %d: prefix hit rate %s, spec acceptance %s, mean accepted length %s",
-                         self.num_steps, *(self.last_stats.get(k, "off") for k in (
-                             "prefix_hit_rate", "spec_acceptance_rate", "spec_mean_accepted_len")))
+            logger.debug(
+                "step %(step)d: tokens %(tokens)s, seqs %(num_seqs)d, running %(running)d, "
+                "waiting %(waiting)d, preempted %(preempted)d, KV usage %(kv_usage).3f",
+                self.last_stats,
+            )
+            logger.debug(
+                "step %d: prefix hit rate %s, spec acceptance %s, mean accepted length %s",
+                self.num_steps,
+                *(
+                    self.last_stats.get(k, "off")
+                    for k in ("prefix_hit_rate", "spec_acceptance_rate", "spec_mean_accepted_len")
+                ),
+            )
         return finished
 
     def _outputs(self, touched: dict[str, list[Request]]) -> list[RequestOutput]:
@@ -271,26 +320,42 @@ class Engine:
         first = np.concatenate([[0], np.cumsum([it.num_logits for it in items])[:-1]]).tolist()
         out: list[list[tuple[int, Any]]] = [[] for _ in items]
         # Items that finish their pending tokens sample from their last logits row.
-        plain = [i for i, it in enumerate(items) if it.kind is not WorkKind.VERIFY
-                 and it.start + it.num_tokens == it.request.num_tokens]
-        prompt = [i for i, it in enumerate(items) if it.request.prompt_logprobs is not None
-                  and it.kind is WorkKind.PREFILL and it.num_logits == it.num_tokens]
+        plain = [
+            i
+            for i, it in enumerate(items)
+            if it.kind is not WorkKind.VERIFY and it.start + it.num_tokens == it.request.num_tokens
+        ]
+        prompt = [
+            i
+            for i, it in enumerate(items)
+            if it.request.prompt_logprobs is not None
+            and it.kind is WorkKind.PREFILL
+            and it.num_logits == it.num_tokens
+        ]
         if prompt:
             chunks = [items[i] for i in prompt]
-            record_prompt_logprobs(logits, [c.request for c in chunks], [c.start for c in chunks],
-                                   [c.num_tokens for c in chunks], [first[i] for i in prompt])
+            record_prompt_logprobs(
+                logits,
+                [c.request for c in chunks],
+                [c.start for c in chunks],
+                [c.num_tokens for c in chunks],
+                [first[i] for i in prompt],
+            )
         if plain:
             reqs = [items[i].request for i in plain]
             last = [first[i] + items[i].num_logits - 1 for i in plain]
-            rows = process_logits(logits[torch.tensor(last)], reqs,
-                                  self.model_config.eos_token_ids)
+            rows = process_logits(logits[torch.tensor(last)], reqs, self.model_config.eos_token_ids)
             sampled = self.sampler(rows, [r.params for r in reqs], [r.generator for r in reqs])
             for i, token, logprobs in zip(plain, sampled.token_ids, sampled.logprobs, strict=True):
                 out[i] = [(token, logprobs)]
         verify = [i for i, it in enumerate(items) if it.kind is WorkKind.VERIFY]
         if verify:
-            kept = self.spec.verify([items[i].request for i in verify], logits, [first[i] for i in verify],
-                                    [items[i].num_logits for i in verify])
+            kept = self.spec.verify(
+                [items[i].request for i in verify],
+                logits,
+                [first[i] for i in verify],
+                [items[i].num_logits for i in verify],
+            )
             for i, tokens in zip(verify, kept, strict=True):
                 out[i] = [(t, None) for t in tokens]
         return out
@@ -315,11 +380,18 @@ class Engine:
         if self.config.record_expert_trace is None:
             return None
         mc = self.model_config
-        counts = (np.stack(self._expert_counts) if self._expert_counts
-                  else np.zeros((0, mc.num_moe_layers, mc.num_experts), dtype=np.int64))
-        meta = {"dtype": self.config.dtype, "seed": self.config.seed,
-                "max_num_batched_tokens": self.scheduler.config.max_num_batched_tokens,
-                "max_num_seqs": self.scheduler.config.max_num_seqs, "arch": mc.arch}
+        counts = (
+            np.stack(self._expert_counts)
+            if self._expert_counts
+            else np.zeros((0, mc.num_moe_layers, mc.num_experts), dtype=np.int64)
+        )
+        meta = {
+            "dtype": self.config.dtype,
+            "seed": self.config.seed,
+            "max_num_batched_tokens": self.scheduler.config.max_num_batched_tokens,
+            "max_num_seqs": self.scheduler.config.max_num_seqs,
+            "arch": mc.arch,
+        }
         return ExpertTrace(counts=counts, model=mc.name, top_k=mc.top_k, source="engine", meta=meta)
 
     def close(self) -> None:

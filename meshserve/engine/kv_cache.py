@@ -32,8 +32,13 @@ class BlockManager:
     released first, only when the free list is empty. ``kv_caches`` is needed for copy-on-write.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_cache: PrefixCache | None = None,
-                 kv_caches: list[torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        prefix_cache: PrefixCache | None = None,
+        kv_caches: list[torch.Tensor] | None = None,
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
@@ -157,8 +162,9 @@ def block_bytes(
     return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
-def num_kv_blocks(cache: CacheConfig, per_block: int, max_model_len: int, max_num_seqs: int,
-                  available: int | None = None) -> int:
+def num_kv_blocks(
+    cache: CacheConfig, per_block: int, max_model_len: int, max_num_seqs: int, available: int | None = None
+) -> int:
     """How many blocks to allocate, checked to hold at least one request of ``max_model_len`` tokens and
     to fit in ``available`` bytes (the device's free memory; default: this host's available memory)."""
     available = available_memory() if available is None else available
@@ -173,20 +179,31 @@ def num_kv_blocks(cache: CacheConfig, per_block: int, max_model_len: int, max_nu
     most = available // per_block
     if blocks > most:
         gib = 1 << 30
-        raise InputError(field, f"{blocks} KV blocks need {blocks * per_block / gib:.3f} GiB, more than "
-                                f"the {most * per_block / gib:.3f} GiB the device has available; "
-                                f"allowed: at most {most} blocks")
+        raise InputError(
+            field,
+            f"{blocks} KV blocks need {blocks * per_block / gib:.3f} GiB, more than "
+            f"the {most * per_block / gib:.3f} GiB the device has available; "
+            f"allowed: at most {most} blocks",
+        )
     if blocks < blocks_per_seq:
         gib = blocks_per_seq * per_block / (1 << 30)
-        raise InputError(field, f"{blocks} KV blocks cannot hold one request of max_model_len="
-                                f"{max_model_len} tokens; need >= {blocks_per_seq} blocks ({gib:.3f} GiB) "
-                                f"or a smaller max_model_len")
+        raise InputError(
+            field,
+            f"{blocks} KV blocks cannot hold one request of max_model_len="
+            f"{max_model_len} tokens; need >= {blocks_per_seq} blocks ({gib:.3f} GiB) "
+            f"or a smaller max_model_len",
+        )
     return blocks
 
 
 def allocate_kv_cache(
-    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-    dtype: torch.dtype, device: torch.device | str = "cpu",
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
 ) -> list[torch.Tensor]:
     """One zeroed ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` tensor per layer.
 

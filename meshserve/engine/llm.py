@@ -1,10 +1,10 @@
 """LLM: the offline batch API, as in vLLM.
 
-    llm = LLM("path/to/model", max_num_batched_tokens=512)
-    llm = LLM("path/to/moe", data_parallel_size=4, enable_expert_parallel=True)  # N rank processes
-    outputs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0, max_tokens=32))
-    outputs[0].text, outputs[0].token_ids, outputs[0].finish_reason, outputs[0].metrics
-    llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=32))  # the model's chat template
+llm = LLM("path/to/model", max_num_batched_tokens=512)
+llm = LLM("path/to/moe", data_parallel_size=4, enable_expert_parallel=True)  # N rank processes
+outputs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0, max_tokens=32))
+outputs[0].text, outputs[0].token_ids, outputs[0].finish_reason, outputs[0].metrics
+llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=32))  # the model's chat template
 """
 
 from __future__ import annotations
@@ -63,13 +63,17 @@ class LLM:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         elif not isinstance(sampling_params, list | tuple):
-            raise InputError("sampling_params", "must be a SamplingParams or a list of them, got "
-                                                f"{type(sampling_params).__name__}")
+            raise InputError(
+                "sampling_params",
+                f"must be a SamplingParams or a list of them, got {type(sampling_params).__name__}",
+            )
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
-                raise InputError("sampling_params", f"got {len(params)} for {len(prompts)} prompts; "
-                                                    "give one, or one per prompt")
+                raise InputError(
+                    "sampling_params",
+                    f"got {len(params)} for {len(prompts)} prompts; give one, or one per prompt",
+                )
         ids: list[str] = []
         try:
             for prompt, p in zip(prompts, params, strict=True):
@@ -131,8 +135,11 @@ def _as_prompt_list(prompts: object) -> list[str | list[int]]:
 
 
 def _is_token_ids(value: object) -> bool:
-    return isinstance(value, list | tuple) and bool(value) and all(
-        isinstance(t, int | np.integer) and not isinstance(t, bool) for t in value)
+    return (
+        isinstance(value, list | tuple)
+        and bool(value)
+        and all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in value)
+    )
 
 
 def _one_prompt(prompt: object, field: str) -> str | list[int]:
@@ -142,11 +149,17 @@ def _one_prompt(prompt: object, field: str) -> str | list[int]:
             return prompt["prompt"]
         if keys == {"prompt_token_ids"} and _is_token_ids(prompt["prompt_token_ids"]):
             return [int(t) for t in prompt["prompt_token_ids"]]
-        raise InputError(field, 'a dict prompt must be {"prompt": str} or {"prompt_token_ids": [int, ...]}, '
-                                f"got keys {sorted(map(str, keys))}")
+        raise InputError(
+            field,
+            'a dict prompt must be {"prompt": str} or {"prompt_token_ids": [int, ...]}, '
+            f"got keys {sorted(map(str, keys))}",
+        )
     if isinstance(prompt, str):
         return prompt
     if _is_token_ids(prompt):
         return [int(t) for t in prompt]
-    raise InputError(field, "must be a string, a list of token ids, or a {\"prompt\": ...} / "
-                            f"{{\"prompt_token_ids\": ...}} dict, got {type(prompt).__name__}")
+    raise InputError(
+        field,
+        'must be a string, a list of token ids, or a {"prompt": ...} / '
+        f'{{"prompt_token_ids": ...}} dict, got {type(prompt).__name__}',
+    )

@@ -112,8 +112,9 @@ class PrefixCache:
                     del self._prefixes[key]
 
     # -- publishing verified blocks --------------------------------------------------------------------
-    def publish(self, block_table: Sequence[int], token_ids: Sequence[int], num_tokens: int,
-                keys: list[int]) -> None:
+    def publish(
+        self, block_table: Sequence[int], token_ids: Sequence[int], num_tokens: int, keys: list[int]
+    ) -> None:
         """Hash the blocks of ``block_table`` that ``num_tokens`` verified tokens fill.
 
         ``keys`` is the request's list of chain keys of its blocks published so far; it is extended in place

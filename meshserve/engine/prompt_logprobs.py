@@ -21,14 +21,20 @@ def wants_prompt_logits(request: Request) -> bool:
     return collected is not None and len(collected) < request.num_prompt_tokens
 
 
-def record_prompt_logprobs(logits: torch.Tensor, requests: Sequence[Request], starts: Sequence[int],
-                           lengths: Sequence[int], rows: Sequence[int]) -> None:
+def record_prompt_logprobs(
+    logits: torch.Tensor,
+    requests: Sequence[Request],
+    starts: Sequence[int],
+    lengths: Sequence[int],
+    rows: Sequence[int],
+) -> None:
     """Append to each request's ``prompt_logprobs`` from the logits of its chunk: ``lengths[i]`` tokens from
     position ``starts[i]``, whose logits are rows ``rows[i] ..`` of ``logits``."""
     picks, owners = [], []  # logits row; (request index, predicted position)
     for i, (request, start, n, row) in enumerate(zip(requests, starts, lengths, rows, strict=True)):
-        for position in range(max(start + 1, len(request.prompt_logprobs)), min(request.num_prompt_tokens,
-                                                                                  start + n + 1)):
+        for position in range(
+            max(start + 1, len(request.prompt_logprobs)), min(request.num_prompt_tokens, start + n + 1)
+        ):
             picks.append(row + position - start - 1)
             owners.append((i, position))
     if not picks:

@@ -70,7 +70,8 @@ class Request:
         self.logprobs: list[dict[int, float]] | None = None if params.logprobs is None else []
         # position 0 has nothing before it; entries are added as prompt chunks are computed
         self.prompt_logprobs: list[dict[int, float] | None] | None = (
-            None if params.prompt_logprobs is None else [None])
+            None if params.prompt_logprobs is None else [None]
+        )
         self.output_text = ""
         self.detokenizer: Any = None  # incremental detokenizer, made for streaming or stop strings
         self.stop_reason: int | str | None = None
@@ -114,5 +115,7 @@ class Request:
             self.logprobs.append(logprobs)
 
     def __repr__(self) -> str:
-        return (f"Request({self.request_id!r}, {self.status.name}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")
+        return (
+            f"Request({self.request_id!r}, {self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
+        )

@@ -38,8 +38,9 @@ def pad_tables(tables: list[list[int]]) -> np.ndarray:
     return out
 
 
-def batch_metadata(start: np.ndarray, n: np.ndarray, num_logits: np.ndarray, tables: list[list[int]],
-                   block_size: int) -> BatchMetadata:
+def batch_metadata(
+    start: np.ndarray, n: np.ndarray, num_logits: np.ndarray, tables: list[list[int]], block_size: int
+) -> BatchMetadata:
     """Metadata for sequences that each append ``n[s]`` tokens after ``start[s]`` cached ones, with
     logits at their last ``num_logits[s]`` rows (the draft model's runner uses it too)."""
     total = int(n.sum())
@@ -53,8 +54,9 @@ def batch_metadata(start: np.ndarray, n: np.ndarray, num_logits: np.ndarray, tab
 
     # The last num_logits rows of each item: its row end minus num_logits .. its row end.
     ends = np.repeat(query_start[1:] - num_logits, num_logits)
-    logits_indices = ends + np.arange(int(num_logits.sum())) - np.repeat(np.cumsum(num_logits) - num_logits,
-                                                                          num_logits)
+    logits_indices = (
+        ends + np.arange(int(num_logits.sum())) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits)
+    )
     return BatchMetadata(
         positions=torch.from_numpy(positions),
         slot_mapping=torch.from_numpy(slot_mapping),

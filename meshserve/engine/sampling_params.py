@@ -71,8 +71,11 @@ class SamplingParams:
         _number(self.presence_penalty, "presence_penalty", -MAX_PENALTY, MAX_PENALTY)
         _number(self.frequency_penalty, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY)
         _number(self.repetition_penalty, "repetition_penalty", 0.0, math.inf)
-        require(self.repetition_penalty > 0, "repetition_penalty",
-                f"must be > 0 (1 = off), got {self.repetition_penalty}")
+        require(
+            self.repetition_penalty > 0,
+            "repetition_penalty",
+            f"must be > 0 (1 = off), got {self.repetition_penalty}",
+        )
         self.logit_bias = _logit_bias(self.logit_bias)
         if self.max_tokens is not None:
             _integer(self.max_tokens, "max_tokens", 1, None)
@@ -84,14 +87,18 @@ class SamplingParams:
         if self.prompt_logprobs is not None:
             _integer(self.prompt_logprobs, "prompt_logprobs", 0, MAX_LOGPROBS)
         self.stop_strings = _stop_strings(self.stop)
-        require(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)),
-                "stop_token_ids", f"must be a list of token ids, got {self.stop_token_ids!r}")
+        require(
+            self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)),
+            "stop_token_ids",
+            f"must be a list of token ids, got {self.stop_token_ids!r}",
+        )
         ids = list(self.stop_token_ids or [])
         for i in ids:
             _integer(i, "stop_token_ids", 0, None, "(token ids)")
         self.stop_token_ids = ids
-        require(isinstance(self.ignore_eos, bool), "ignore_eos",
-                f"must be true or false, got {self.ignore_eos!r}")
+        require(
+            isinstance(self.ignore_eos, bool), "ignore_eos", f"must be true or false, got {self.ignore_eos!r}"
+        )
 
     @property
     def greedy(self) -> bool:
@@ -100,8 +107,13 @@ class SamplingParams:
     @property
     def processes_logits(self) -> bool:
         """Whether logits change before sampling (penalties, bias, min_tokens): such rows get no drafts."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
-                    or self.logit_bias or self.min_tokens)
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1
+            or self.logit_bias
+            or self.min_tokens
+        )
 
 
 def _number(value: object, name: str, low: float, high: float, note: str = "") -> None:
@@ -117,16 +129,22 @@ def _integer(value: object, name: str, low: int, high: int | None, note: str = "
     span = f"[{low}, {high}]" if high is not None else f">= {low}"
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(name, f"must be an integer {span} {note}, got {value!r}".replace("  ", " "))
-    require(low <= value and (high is None or value <= high), name,
-            f"must be {span} {note}, got {value}".replace("  ", " "))
+    require(
+        low <= value and (high is None or value <= high),
+        name,
+        f"must be {span} {note}, got {value}".replace("  ", " "),
+    )
 
 
 def _stop_strings(stop: object) -> list[str]:
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else stop
-    require(isinstance(stops, (list, tuple)) and all(isinstance(s, str) and s for s in stops), "stop",
-            f"must be a non-empty string or a list of them, got {stop!r}")
+    require(
+        isinstance(stops, (list, tuple)) and all(isinstance(s, str) and s for s in stops),
+        "stop",
+        f"must be a non-empty string or a list of them, got {stop!r}",
+    )
     return list(stops)
 
 

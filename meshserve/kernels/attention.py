@@ -67,8 +67,10 @@ def plan_step(
         return {w: plan_attention(meta, block_size, window=w) for w in windows}
     if backend == "triton":  # one program per task: no KV splits, so one thread row; planned on the host
         host = meta.to(torch.device("cpu"))
-        return {w: TritonPlan(plan_tasks(host, num_heads, num_kv_heads, TRITON_TILES, 1, window=w))
-                for w in windows}
+        return {
+            w: TritonPlan(plan_tasks(host, num_heads, num_kv_heads, TRITON_TILES, 1, window=w))
+            for w in windows
+        }
     sizes = tile_sizes(head_dim, dtype)
     threads = torch.get_num_threads()
     return {w: plan_tasks_native(meta, num_heads, num_kv_heads, sizes, threads, window=w) for w in windows}

@@ -54,8 +54,9 @@ def synthetic_step(context: list[int], q_lens: list[int]) -> tuple[BatchMetadata
 STEPS = (([0] + [300] * 24, [256] + [1] * 24), ([2000, 1500] + [100] * 6, [1, 1] + [1] * 6))
 
 
-def _time_ms(sizes: TileSizes, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-             repeats: int) -> float:
+def _time_ms(
+    sizes: TileSizes, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, repeats: int
+) -> float:
     total = 0.0
     for context, q_lens in STEPS:
         meta, blocks = synthetic_step(context, q_lens)
@@ -85,13 +86,17 @@ def profile_attention(
     if not native.load():
         raise RuntimeError(f"native kernels are not built here; run `{native.BUILD_COMMAND}` first")
     candidates = [TileSizes(p, s, m) for p, s, m in itertools.product(PREFILL_ROWS, SHORT_ROWS, MIN_SPLIT_KV)]
-    timed = {c: _time_ms(c, num_heads, num_kv_heads, head_dim, dtype, repeats)
-             for c in tqdm(candidates, desc=f"attention tiles d={head_dim} {dtype}", unit="candidate")}
+    timed = {
+        c: _time_ms(c, num_heads, num_kv_heads, head_dim, dtype, repeats)
+        for c in tqdm(candidates, desc=f"attention tiles d={head_dim} {dtype}", unit="candidate")
+    }
     best = min(timed, key=timed.get)
     path = Path(out_path) if out_path else user_profile_path()
     profile = json.loads(path.read_text()) if path.exists() else {}
     profile.setdefault("entries", {})[profile_key(head_dim, dtype)] = {
-        "prefill_rows": best.prefill_rows, "short_rows": best.short_rows, "min_split_kv": best.min_split_kv,
+        "prefill_rows": best.prefill_rows,
+        "short_rows": best.short_rows,
+        "min_split_kv": best.min_split_kv,
     }
     write_atomic(path, (json.dumps(profile, indent=2) + "\n").encode())
     return best

@@ -29,8 +29,20 @@ if TYPE_CHECKING:  # kernels stay leaves: they only read the metadata's tensors
     from meshserve.models.batch import BatchMetadata
 
 # Column order of the Task-Table; kernels/csrc/meta_attention.cpp's `Col` enum names the same fields.
-TASK_COLUMNS = ("seq", "q_start", "q_rows", "q_pos0", "kv_head", "kv_lo", "kv_hi", "mask", "window",
-                "tree_off", "tree_len", "partial")
+TASK_COLUMNS = (
+    "seq",
+    "q_start",
+    "q_rows",
+    "q_pos0",
+    "kv_head",
+    "kv_lo",
+    "kv_hi",
+    "mask",
+    "window",
+    "tree_off",
+    "tree_len",
+    "partial",
+)
 COL = {name: i for i, name in enumerate(TASK_COLUMNS)}
 SHIPPED_PROFILE = Path(__file__).parent / "profiles" / "attention.json"
 
@@ -63,8 +75,11 @@ class TileSizes:
 def isa_tag() -> str:
     """The CPU feature that decides the fastest tiles here (profiles are keyed by it)."""
     try:
-        flags = set(" ".join(ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                             if ln.startswith("flags")).split())
+        flags = set(
+            " ".join(
+                ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")
+            ).split()
+        )
     except OSError:
         flags = set()
     for tag in ("amx_bf16", "avx512_bf16", "avx512f", "avx2"):
@@ -185,8 +200,23 @@ def plan_tasks(
     t = tile_of[unit]
     task_mask = np.where((mask[t] == MaskKind.CAUSAL) & (hi <= q_pos0[t] + 1), MaskKind.NONE, mask[t])
 
-    table = np.stack([seq[t], tt["q_start"][stage_of][t] + first[t], task_rows, q_pos0[t], head[unit], lo, hi,
-                      task_mask, np.full_like(lo, window or 0), tree_off[t], tree_len[t], partial], axis=1)
+    table = np.stack(
+        [
+            seq[t],
+            tt["q_start"][stage_of][t] + first[t],
+            task_rows,
+            q_pos0[t],
+            head[unit],
+            lo,
+            hi,
+            task_mask,
+            np.full_like(lo, window or 0),
+            tree_off[t],
+            tree_len[t],
+            partial,
+        ],
+        axis=1,
+    )
     # Task-Table: largest cost first, dealt snake-wise across threads.
     order = np.argsort(-(task_rows * (hi - lo)), kind="stable")
     rank = np.arange(len(order))
@@ -196,8 +226,16 @@ def plan_tasks(
     starts = np.concatenate([[0], np.cumsum(np.bincount(thread, minlength=num_threads))])
 
     first_part = np.flatnonzero(split & (part == 0))
-    combine = np.stack([table[first_part, COL["q_start"]], task_rows[first_part], head[unit][first_part],
-                        partial[first_part], parts[unit][first_part]], axis=1).reshape(-1, 5)
+    combine = np.stack(
+        [
+            table[first_part, COL["q_start"]],
+            task_rows[first_part],
+            head[unit][first_part],
+            partial[first_part],
+            parts[unit][first_part],
+        ],
+        axis=1,
+    ).reshape(-1, 5)
     return TaskTable(
         slot_mapping=meta.slot_mapping.long(),
         block_tables=meta.block_tables.to(torch.int32).contiguous(),
@@ -221,8 +259,15 @@ def plan_tasks_native(
     """`plan_tasks` (no tree masks) by the native planner (kernels/csrc/task_table.cpp): the same table in
     microseconds instead of ~80 numpy calls, which matters when the whole forward is a millisecond."""
     tasks, starts, combine, partial_rows = torch.ops.meshserve.plan_tasks(
-        meta.query_start_loc, meta.seq_lens, num_heads, num_kv_heads, sizes.prefill_rows, sizes.short_rows,
-        sizes.min_split_kv, num_threads, window or 0,
+        meta.query_start_loc,
+        meta.seq_lens,
+        num_heads,
+        num_kv_heads,
+        sizes.prefill_rows,
+        sizes.short_rows,
+        sizes.min_split_kv,
+        num_threads,
+        window or 0,
     )
     return TaskTable(
         slot_mapping=meta.slot_mapping.long(),

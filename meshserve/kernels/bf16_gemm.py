@@ -29,23 +29,36 @@ def pack_bf16_pairs(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(nb, BLOCK_COLS, k2, 2).permute(0, 2, 1, 3).reshape(nb, k2, 2 * BLOCK_COLS).contiguous()
 
 
-def bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
-                out_f32: bool = False, dpbf16: bool = False) -> torch.Tensor:
+def bf16_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None = None,
+    out_f32: bool = False,
+    dpbf16: bool = False,
+) -> torch.Tensor:
     """y = x @ W.T + bias [M, n] through the native op (loaded on first use)."""
     if not native.load():
         raise RuntimeError(f"meshserve native kernels are not built here: run `{native.BUILD_COMMAND}`")
     return torch.ops.meshserve.bf16_linear(x, packed, n, bias, out_f32, dpbf16)
 
 
-def bf16_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                          out_f32: bool = False) -> torch.Tensor:
+def bf16_linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out_f32: bool = False
+) -> torch.Tensor:
     """The oracle: the bfloat16 values in float32 through F.linear (exact products, float32 sums)."""
     y = F.linear(x.to(torch.bfloat16).float(), weight.float(), None if bias is None else bias.float())
     return y if out_f32 else y.to(torch.bfloat16)
 
 
-def _bf16_linear_fake(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
-                      out_f32: bool = False, dpbf16: bool = False) -> torch.Tensor:
+def _bf16_linear_fake(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None = None,
+    out_f32: bool = False,
+    dpbf16: bool = False,
+) -> torch.Tensor:
     return x.new_empty(x.shape[0], n, dtype=torch.float32 if out_f32 else torch.bfloat16)
 
 

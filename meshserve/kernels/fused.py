@@ -25,9 +25,13 @@ from meshserve.kernels import native
 
 def use_fused(x: torch.Tensor) -> bool:
     """Whether the native kernels serve this tensor's op."""
-    return (torch.is_inference_mode_enabled() and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and os.environ.get("MESHSERVE_FUSED", "native") == "native" and native.load())
+    return (
+        torch.is_inference_mode_enabled()
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and os.environ.get("MESHSERVE_FUSED", "native") == "native"
+        and native.load()
+    )
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,8 +61,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_f32: bool = 
     return rms_norm_reference(x, weight, eps)
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                 out_f32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, out_f32: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual stream x + delta and its RMSNorm. The native path adds into x in place (the forward
     owns its residual stream), so the sum is read once and never stored twice."""
     if use_fused(x) and x.dim() == 2 and x.is_contiguous() and delta.is_contiguous():
@@ -67,8 +72,9 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     return x, rms_norm_reference(x, weight, eps)
 
 
-def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
-               head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rotary_qkv(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [T, heads, D], k and v [T, kv_heads, D] from the fused qkv GEMM output [T, (heads + 2 kv) D], with
     q and k rotated. The native path rotates them in place inside qkv: no split or concatenation copies."""
     t = qkv.shape[0]
@@ -78,8 +84,11 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_head
         else:  # a float32 GEMM output: rotate and round into the model dtype in one pass
             qkv = torch.ops.meshserve.rotary_qkv_cast(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
         q, k, v = qkv.split((num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim), dim=-1)
-        return q.view(t, num_heads, head_dim), k.view(t, num_kv_heads, head_dim), v.view(t, num_kv_heads,
-                                                                                           head_dim)
+        return (
+            q.view(t, num_heads, head_dim),
+            k.view(t, num_kv_heads, head_dim),
+            v.view(t, num_kv_heads, head_dim),
+        )
     qkv = qkv.to(cos.dtype)
     q, k, v = qkv.split((num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim), dim=-1)
     q, k = q.view(t, num_heads, head_dim), k.view(t, num_kv_heads, head_dim)
@@ -88,8 +97,12 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_head
 
 def silu_mul(gate_up: torch.Tensor, dtype: torch.dtype, out_f32: bool = False) -> torch.Tensor:
     """silu(gate) * up in `dtype` (the model's) for gate_up [T, 2I] = [gate | up]."""
-    if use_fused(gate_up) and dtype in (torch.float32, torch.bfloat16) and gate_up.dim() == 2 \
-            and gate_up.stride(1) == 1:
+    if (
+        use_fused(gate_up)
+        and dtype in (torch.float32, torch.bfloat16)
+        and gate_up.dim() == 2
+        and gate_up.stride(1) == 1
+    ):
         return torch.ops.meshserve.silu_mul(gate_up, dtype, out_f32)
     return silu_mul_reference(gate_up.to(dtype))
 
@@ -98,8 +111,9 @@ def _rows_like(x: torch.Tensor, weight: torch.Tensor, eps: float, out_f32: bool 
     return torch.empty_like(x, dtype=torch.float32 if out_f32 else x.dtype)
 
 
-def _add_rows_like(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                   out_f32: bool = False) -> torch.Tensor:
+def _add_rows_like(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, out_f32: bool = False
+) -> torch.Tensor:
     return torch.empty_like(x, dtype=torch.float32 if out_f32 else x.dtype)
 
 

@@ -65,27 +65,39 @@ def pack_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tenso
     i = two_i // 2
     half = COLS // 2
     i_pad, h_pad = -(-i // half) * half, -(-h // COLS) * COLS
-    gate, up = (F.pad(w, (0, 0, 0, i_pad - i)).reshape(e, i_pad // half, half, h)
-                for w in (gate_up[:, :i], gate_up[:, i:]))
+    gate, up = (
+        F.pad(w, (0, 0, 0, i_pad - i)).reshape(e, i_pad // half, half, h)
+        for w in (gate_up[:, :i], gate_up[:, i:])
+    )
     interleaved = torch.stack((gate, up), dim=2).reshape(e, 2 * i_pad, h)
     return _pack_blocks(interleaved), _pack_blocks(F.pad(down, (0, i_pad - i, 0, h_pad - h)))
 
 
-def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-              packed: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def fused_moe(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    packed: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
     """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for x [T, H]; weights from pack_experts."""
     ids, weights = topk_ids.contiguous(), topk_weights.float().contiguous()
     return torch.ops.meshserve.fused_moe(x.contiguous(), ids, weights, *packed)
 
 
-def fused_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int,
-                renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_route(
+    x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routing weights [T, k] (float32), expert ids [T, k] and pairs per expert [E] for tokens x [T, H]."""
     return torch.ops.meshserve.moe_route(x.contiguous(), gate_weight.contiguous(), top_k, renormalize)
 
 
-def moe_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
-                  down: torch.Tensor) -> torch.Tensor:
+def moe_reference(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:
     """The op's oracle: a loop over experts in float32, rounding the SiLU-mul activations and the result to
     x's dtype where the op does."""
     out = torch.zeros(x.shape, dtype=torch.float32)
@@ -104,8 +116,11 @@ def _fused_moe_fake(x, topk_ids, topk_weights, w13, w2):
 
 def _moe_route_fake(x, gate_w, top_k, renormalize):
     t, e = x.shape[0], gate_w.shape[0]
-    return (x.new_empty(t, top_k, dtype=torch.float32), x.new_empty(t, top_k, dtype=torch.long),
-            x.new_empty(e, dtype=torch.long))
+    return (
+        x.new_empty(t, top_k, dtype=torch.float32),
+        x.new_empty(t, top_k, dtype=torch.long),
+        x.new_empty(e, dtype=torch.long),
+    )
 
 
 def register_fake() -> None:

@@ -12,8 +12,9 @@ from meshserve.kernels.attention_tiles import TaskTable
 from meshserve.kernels.meta_attention import write_kv
 
 
-def _meta_attention_fake(q, kv_cache, block_tables, tasks, thread_starts, combine, tree_mask, scale,
-                         partial_rows):
+def _meta_attention_fake(
+    q, kv_cache, block_tables, tasks, thread_starts, combine, tree_mask, scale, partial_rows
+):
     return torch.empty_like(q)
 
 
@@ -28,6 +29,13 @@ def meta_attention(
     """Write k/v [T, kv_heads, D] into the cache, then run the Task-Table: q [T, heads, D] -> same shape."""
     write_kv(k, v, kv_cache, table.slot_mapping)
     return torch.ops.meshserve.meta_attention(
-        q, kv_cache, table.block_tables, table.tasks, table.thread_starts, table.combine, table.tree_mask,
-        scale, table.partial_rows,
+        q,
+        kv_cache,
+        table.block_tables,
+        table.tasks,
+        table.thread_starts,
+        table.combine,
+        table.tree_mask,
+        scale,
+        table.partial_rows,
     )

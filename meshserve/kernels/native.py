@@ -27,8 +27,17 @@ CSRC = Path(__file__).parent / "csrc"
 # Git-ignored, inside the checkout so `make clean` and a fresh clone start from nothing.
 BUILD_ROOT = Path(os.environ.get("MESHSERVE_BUILD_DIR", Path(__file__).parents[2] / "build" / "native"))
 # -fno-trapping-math: without it GCC keeps any loop calling floor (fast_exp.h) scalar; results are unchanged.
-CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-fopenmp", "-std=c++17",
-          "-fPIC", "-shared", "-w"]
+CFLAGS = [
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-fno-trapping-math",
+    "-fopenmp",
+    "-std=c++17",
+    "-fPIC",
+    "-shared",
+    "-w",
+]
 BUILD_COMMAND = f"{sys.executable} -m meshserve.kernels.native"
 
 
@@ -62,8 +71,18 @@ def _compile_command(out: Path) -> list[str]:
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdirs = cpp_extension.library_paths()
     links = [f"-L{p}" for p in libdirs] + [f"-Wl,-rpath,{p}" for p in libdirs]
-    return ["g++", *CFLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, *map(str, _sources()), *links,
-            "-lc10", "-ltorch_cpu", "-o", str(out)]
+    return [
+        "g++",
+        *CFLAGS,
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *includes,
+        *map(str, _sources()),
+        *links,
+        "-lc10",
+        "-ltorch_cpu",
+        "-o",
+        str(out),
+    ]
 
 
 def build(force: bool = False) -> Path:
@@ -84,7 +103,8 @@ def load() -> bool:
         warnings.warn(
             f"meshserve native kernels are not built for this machine/torch ({path} missing): attention runs "
             f"the slow torch reference. Build them with `{BUILD_COMMAND}` (make run / make test do).",
-            RuntimeWarning, stacklevel=2,
+            RuntimeWarning,
+            stacklevel=2,
         )
         return False
     torch.ops.load_library(str(path))

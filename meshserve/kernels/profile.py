@@ -99,12 +99,15 @@ class GemmTable:
                     gemm[dtype][key] = parsed
             return cls(gemm, str(data.get("machine", "")))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise InputError(source, f"not a valid GEMM profile ({err}); allowed kernels: "
-                                     f"{', '.join(KERNELS)}") from None
+            raise InputError(
+                source, f"not a valid GEMM profile ({err}); allowed kernels: {', '.join(KERNELS)}"
+            ) from None
 
     def to_json(self) -> dict[str, Any]:
-        gemm = {dtype: {key: [[m, c.kernel, c.tile] for m, c in rows] for key, rows in shapes.items()}
-                for dtype, shapes in self.gemm.items()}
+        gemm = {
+            dtype: {key: [[m, c.kernel, c.tile] for m, c in rows] for key, rows in shapes.items()}
+            for dtype, shapes in self.gemm.items()
+        }
         return {"version": 1, "machine": self.machine, "gemm": gemm}
 
     @classmethod
@@ -122,9 +125,11 @@ class GemmTable:
         """Write atomically, one line per shape so the file reads (and diffs) as a table."""
         data = self.to_json()
         dtypes = ",\n".join(
-            f'  {json.dumps(dtype)}: {{\n' + ",\n".join(f"   {json.dumps(k)}: {json.dumps(rows)}"
-                                                       for k, rows in shapes.items()) + "\n  }"
-            for dtype, shapes in data["gemm"].items())
+            f"  {json.dumps(dtype)}: {{\n"
+            + ",\n".join(f"   {json.dumps(k)}: {json.dumps(rows)}" for k, rows in shapes.items())
+            + "\n  }"
+            for dtype, shapes in data["gemm"].items()
+        )
         text = f'{{"version": 1, "machine": {json.dumps(data["machine"])},\n "gemm": {{\n{dtypes}\n }}\n}}\n'
 
         return write_atomic(path, text.encode())
@@ -169,8 +174,11 @@ def candidates(dtype: torch.dtype, m: int) -> list[GemmChoice]:
     padding), and for bfloat16 the native op's kernels where it is built."""
     onednn = ("packed", "packed_f32") if dtype != torch.float32 else ("packed",)
     own = NATIVE_KERNELS if dtype == torch.bfloat16 and native.load() else ()
-    return [PLAIN] + [GemmChoice(kern, t) for kern in onednn for t in TILES if t < 2 * m] + \
-        [GemmChoice(kern) for kern in own]
+    return (
+        [PLAIN]
+        + [GemmChoice(kern, t) for kern in onednn for t in TILES if t < 2 * m]
+        + [GemmChoice(kern) for kern in own]
+    )
 
 
 def _timer(fn: Callable[[], Any]) -> Callable[[], float]:
@@ -178,11 +186,13 @@ def _timer(fn: Callable[[], Any]) -> Callable[[], float]:
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
+
     return once
 
 
-def time_choices(choices: list[GemmChoice], x: torch.Tensor, weights: dict[str, Any],
-                 reps: int) -> list[float]:
+def time_choices(
+    choices: list[GemmChoice], x: torch.Tensor, weights: dict[str, Any], reps: int
+) -> list[float]:
     """Median seconds of each choice on x."""
     return time_timers([_timer(lambda c=c: run_choice(c, x, **weights)) for c in choices], reps)
 
@@ -203,13 +213,19 @@ def shape_weights(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> dict[str
     """A random weight [n, k] and its packed forms, as ``run_choice`` keyword arguments."""
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
-    return {"weight": w, "bias": None, "packed": pack_weight(w),
-            "packed_f32": pack_weight(w.float()) if dtype != torch.float32 else None, "bias_f32": None,
-            "pairs": pack_bf16_pairs(w) if dtype == torch.bfloat16 else None}
+    return {
+        "weight": w,
+        "bias": None,
+        "packed": pack_weight(w),
+        "packed_f32": pack_weight(w.float()) if dtype != torch.float32 else None,
+        "bias_f32": None,
+        "pairs": pack_bf16_pairs(w) if dtype == torch.bfloat16 else None,
+    }
 
 
-def profile_shape(n: int, k: int, dtype: torch.dtype, max_m: int, reps: int = 7,
-                  report: Callable[[str], None] | None = None) -> list[tuple[int, GemmChoice]]:
+def profile_shape(
+    n: int, k: int, dtype: torch.dtype, max_m: int, reps: int = 7, report: Callable[[str], None] | None = None
+) -> list[tuple[int, GemmChoice]]:
     """Rows (m_max, fastest choice) for one linear shape over the M points up to max_m.
 
     Then the guard: every chosen primitive is timed again against F.linear; one more than 3% slower
@@ -229,12 +245,16 @@ def profile_shape(n: int, k: int, dtype: torch.dtype, max_m: int, reps: int = 7,
                 best, ours = PLAIN, plain
             worst = max(worst, ours / plain)
             if report:
-                report(f"{shape_key(n, k)} {dtype} M={m}: {best.name} {ours * 1e6:.0f} us vs F.linear "
-                       f"{plain * 1e6:.0f} us ({plain / ours:.2f}x)")
+                report(
+                    f"{shape_key(n, k)} {dtype} M={m}: {best.name} {ours * 1e6:.0f} us vs F.linear "
+                    f"{plain * 1e6:.0f} us ({plain / ours:.2f}x)"
+                )
         rows.append((m, best))
     if report:
-        report(f"{shape_key(n, k)} {dtype}: slowest chosen / F.linear = {max(worst, 1.0):.3f} "
-               f"(limit {SLOWER_LIMIT:.2f})")
+        report(
+            f"{shape_key(n, k)} {dtype}: slowest chosen / F.linear = {max(worst, 1.0):.3f} "
+            f"(limit {SLOWER_LIMIT:.2f})"
+        )
     return _merge_rows(rows)
 
 
@@ -249,8 +269,15 @@ def _merge_rows(rows: list[tuple[int, GemmChoice]]) -> list[tuple[int, GemmChoic
     return out
 
 
-def profile_bmm(e: int, n: int, k: int, dtype: torch.dtype, max_m: int, reps: int = 7,
-                report: Callable[[str], None] | None = None) -> list[tuple[int, GemmChoice]]:
+def profile_bmm(
+    e: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    max_m: int,
+    reps: int = 7,
+    report: Callable[[str], None] | None = None,
+) -> list[tuple[int, GemmChoice]]:
     """Rows for stacked experts [e, n, k] (MoE): torch.bmm in the model dtype or in float32, per capacity M.
 
     The weight is stored column-major per expert, as the loader leaves it (StackedExperts.transposed_layout).
@@ -273,10 +300,15 @@ def profile_bmm(e: int, n: int, k: int, dtype: torch.dtype, max_m: int, reps: in
     return _merge_rows(rows)
 
 
-def profile_gemm(shapes: Iterable[tuple[int, int]], dtypes: Iterable[torch.dtype], max_m: int,
-                 reps: int = 7, report: Callable[[str], None] | None = None,
-                 progress: Callable[[], None] | None = None,
-                 bmm_shapes: Iterable[tuple[int, int, int]] = ()) -> GemmTable:
+def profile_gemm(
+    shapes: Iterable[tuple[int, int]],
+    dtypes: Iterable[torch.dtype],
+    max_m: int,
+    reps: int = 7,
+    report: Callable[[str], None] | None = None,
+    progress: Callable[[], None] | None = None,
+    bmm_shapes: Iterable[tuple[int, int, int]] = (),
+) -> GemmTable:
     """Profile every (shape, dtype), and every stacked-expert shape in a non-float32 dtype (in float32 only
     torch.bmm is a candidate); the result holds one row list per shape."""
     gemm: dict[str, dict[str, list[tuple[int, GemmChoice]]]] = {}
@@ -303,13 +335,18 @@ def expert_shapes(model: torch.nn.Module) -> list[tuple[int, int, int]]:
     """The distinct (experts, out, in) shapes of a model's stacked MoE expert weights."""
     from meshserve.models.layers.moe import StackedExperts
 
-    shapes = (tuple(w.shape) for m in model.modules() if isinstance(m, StackedExperts)
-              for w in (m.gate_up_proj, m.down_proj))
+    shapes = (
+        tuple(w.shape)
+        for m in model.modules()
+        if isinstance(m, StackedExperts)
+        for w in (m.gate_up_proj, m.down_proj)
+    )
     return list(dict.fromkeys(shapes))
 
 
-def run_profile(model_dir: str, out: str | None, dtypes: list[str], max_tokens: int, reps: int,
-                num_threads: int | None) -> Path:
+def run_profile(
+    model_dir: str, out: str | None, dtypes: list[str], max_tokens: int, reps: int, num_threads: int | None
+) -> Path:
     """What `meshserve profile` does: time the model's linear shapes, merge into the table, write it."""
     from rich.console import Console
     from tqdm.auto import tqdm
@@ -330,12 +367,20 @@ def run_profile(model_dir: str, out: str | None, dtypes: list[str], max_tokens: 
     loaded = load_model(model_dir)
     shapes = linear_shapes(loaded.model)
     console = Console()
-    console.print(f"profiling {len(shapes)} linear shapes x {len(dtypes)} dtypes, M up to {max_tokens}, "
-                  f"on {machine_id()}")
+    console.print(
+        f"profiling {len(shapes)} linear shapes x {len(dtypes)} dtypes, M up to {max_tokens}, "
+        f"on {machine_id()}"
+    )
     with tqdm(total=len(shapes) * len(dtypes), desc="gemm profile", unit="shape") as bar:
-        table = profile_gemm(shapes, [parse_dtype(d) for d in dtypes], max_tokens, reps,
-                             report=lambda line: bar.write(line), progress=lambda: bar.update(1),
-                             bmm_shapes=expert_shapes(loaded.model))
+        table = profile_gemm(
+            shapes,
+            [parse_dtype(d) for d in dtypes],
+            max_tokens,
+            reps,
+            report=lambda line: bar.write(line),
+            progress=lambda: bar.update(1),
+            bmm_shapes=expert_shapes(loaded.model),
+        )
     path = Path(out) if out else user_table_path()
     if path.is_file():
         try:

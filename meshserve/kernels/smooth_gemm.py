@@ -88,10 +88,17 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
-def run_choice(choice: GemmChoice, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               packed: torch.Tensor | None = None, packed_f32: torch.Tensor | None = None,
-               bias_f32: torch.Tensor | None = None, out_f32: bool = False,
-               pairs: torch.Tensor | None = None) -> torch.Tensor:
+def run_choice(
+    choice: GemmChoice,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: torch.Tensor | None = None,
+    packed_f32: torch.Tensor | None = None,
+    bias_f32: torch.Tensor | None = None,
+    out_f32: bool = False,
+    pairs: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y = x @ weight.T + bias [M, N] through ``choice``; the packed weights must exist for its kernel
     (``pairs``: pack_bf16_pairs of a bfloat16 weight, for the native kernels).
 
@@ -118,8 +125,9 @@ def run_choice(choice: GemmChoice, x: torch.Tensor, weight: torch.Tensor, bias: 
     return out if f32 and out_f32 else out.to(dtype)  # selective write: only the real rows come back
 
 
-def run_bmm(choice: GemmChoice, x: torch.Tensor, weight: torch.Tensor,
-            weight_f32: torch.Tensor | None = None) -> torch.Tensor:
+def run_bmm(
+    choice: GemmChoice, x: torch.Tensor, weight: torch.Tensor, weight_f32: torch.Tensor | None = None
+) -> torch.Tensor:
     """Batched x [E, M, K] @ weight.transpose(1, 2) for stacked weights [E, N, K] (MoE experts).
 
     ``packed_f32`` runs it in float32 with ``weight_f32`` (a float32 copy made once); any other kernel
@@ -166,12 +174,22 @@ class SmoothLinear(nn.Linear):
         if by_m is None:
             return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
         choice = by_m[min(x.shape[0], len(by_m) - 1)]
-        return run_choice(choice, x, self.weight, self.bias, self._packed, self._packed_f32, self._bias_f32,
-                          out_f32, self._pairs)
+        return run_choice(
+            choice,
+            x,
+            self.weight,
+            self.bias,
+            self._packed,
+            self._packed_f32,
+            self._bias_f32,
+            out_f32,
+            self._pairs,
+        )
 
 
-def pad_to_bucket_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         buckets: list[int]) -> torch.Tensor:
+def pad_to_bucket_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buckets: list[int]
+) -> torch.Tensor:
     """Baseline of graph-capture engines: zero-pad M to the next bucket, run, drop the padded rows."""
     m = x.shape[0]
     size = next((b for b in buckets if b >= m), m)

@@ -45,15 +45,43 @@ def _dot(a, b, IEEE: tl.constexpr, WIDEN: tl.constexpr):
 
 @triton.jit
 def _meta_attention_kernel(
-    q_ptr, cache_ptr, out_ptr, tables_ptr, tasks_ptr, tree_ptr, scale,
-    q_stride_t, q_stride_h, half_stride, slot_stride, table_stride, num_cols,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    cache_ptr,
+    out_ptr,
+    tables_ptr,
+    tasks_ptr,
+    tree_ptr,
+    scale,
+    q_stride_t,
+    q_stride_h,
+    half_stride,
+    slot_stride,
+    table_stride,
+    num_cols,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     # Task-Table columns (attention_tiles.TASK_COLUMNS, passed by name so the order lives in one place)
-    C_SEQ: tl.constexpr, C_Q_START: tl.constexpr, C_Q_ROWS: tl.constexpr, C_Q_POS0: tl.constexpr,
-    C_KV_HEAD: tl.constexpr, C_KV_LO: tl.constexpr, C_KV_HI: tl.constexpr, C_MASK: tl.constexpr,
-    C_WINDOW: tl.constexpr, C_TREE_OFF: tl.constexpr, C_TREE_LEN: tl.constexpr, C_PARTIAL: tl.constexpr,
-    NONE: tl.constexpr, SLIDING: tl.constexpr, TREE: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr,
+    C_SEQ: tl.constexpr,
+    C_Q_START: tl.constexpr,
+    C_Q_ROWS: tl.constexpr,
+    C_Q_POS0: tl.constexpr,
+    C_KV_HEAD: tl.constexpr,
+    C_KV_LO: tl.constexpr,
+    C_KV_HI: tl.constexpr,
+    C_MASK: tl.constexpr,
+    C_WINDOW: tl.constexpr,
+    C_TREE_OFF: tl.constexpr,
+    C_TREE_LEN: tl.constexpr,
+    C_PARTIAL: tl.constexpr,
+    NONE: tl.constexpr,
+    SLIDING: tl.constexpr,
+    TREE: tl.constexpr,
+    IEEE: tl.constexpr,
+    WIDEN: tl.constexpr,
 ):
     task = tasks_ptr + tl.program_id(0) * num_cols
     seq = tl.load(task + C_SEQ).to(tl.int64)
@@ -120,10 +148,18 @@ def _block(n: int) -> int:
 
 def _constants(dtype: torch.dtype, block_size: int, head_dim: int, group: int, block_m: int) -> dict:
     return dict(
-        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        BLOCK_D=_block(head_dim), **{f"C_{name.upper()}": i for name, i in COL.items()},
-        NONE=int(MaskKind.NONE), SLIDING=int(MaskKind.SLIDING), TREE=int(MaskKind.TREE),
-        IEEE=dtype == torch.float32, WIDEN=_INTERPRETED and dtype != torch.float32,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim,
+        GROUP=group,
+        BLOCK_M=block_m,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=_block(head_dim),
+        **{f"C_{name.upper()}": i for name, i in COL.items()},
+        NONE=int(MaskKind.NONE),
+        SLIDING=int(MaskKind.SLIDING),
+        TREE=int(MaskKind.TREE),
+        IEEE=dtype == torch.float32,
+        WIDEN=_INTERPRETED and dtype != torch.float32,
     )
 
 
@@ -160,8 +196,19 @@ def run_task_table(q: torch.Tensor, kv_cache: torch.Tensor, table: DeviceTable, 
     out = torch.zeros_like(q)
     for block_m, tasks in table.launches:  # a few buckets, never one launch per task
         _meta_attention_kernel[(len(tasks), heads // kv_heads)](
-            q, cache, out, tables, tasks, table.tree_mask, scale, q.stride(0), q.stride(1), cache.stride(0),
-            kv_heads * head_dim, tables.stride(0), len(TASK_COLUMNS),
+            q,
+            cache,
+            out,
+            tables,
+            tasks,
+            table.tree_mask,
+            scale,
+            q.stride(0),
+            q.stride(1),
+            cache.stride(0),
+            kv_heads * head_dim,
+            tables.stride(0),
+            len(TASK_COLUMNS),
             **_constants(q.dtype, block_size, head_dim, heads // kv_heads, block_m),
         )
     return out
@@ -198,10 +245,19 @@ def compile_ahead(
     from triton.compiler import ASTSource
 
     pointer = f"*{_TRITON_TYPES[dtype]}"
-    signature = {"q_ptr": pointer, "cache_ptr": pointer, "out_ptr": pointer, "tables_ptr": "*i32",
-                 "tasks_ptr": "*i32", "tree_ptr": "*u8", "scale": "fp32"}
-    signature |= {n: "i64" for n in ("q_stride_t", "q_stride_h", "half_stride", "slot_stride", "table_stride",
-                                     "num_cols")}
+    signature = {
+        "q_ptr": pointer,
+        "cache_ptr": pointer,
+        "out_ptr": pointer,
+        "tables_ptr": "*i32",
+        "tasks_ptr": "*i32",
+        "tree_ptr": "*u8",
+        "scale": "fp32",
+    }
+    signature |= {
+        n: "i64"
+        for n in ("q_stride_t", "q_stride_h", "half_stride", "slot_stride", "table_stride", "num_cols")
+    }
     constants = _constants(dtype, block_size, head_dim, group, block_m)
     signature |= {name: "constexpr" for name in constants}
     source = ASTSource(fn=_meta_attention_kernel, signature=signature, constexprs=constants)

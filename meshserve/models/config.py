@@ -64,8 +64,14 @@ class ModelConfig:
 
 
 # generation_config.json name -> SamplingParams name, for the defaults a request inherits (as vLLM does).
-GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
 
 
 def resolve_aliases(hf: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
@@ -86,8 +92,11 @@ def resolve_aliases(hf: dict[str, Any], aliases: dict[str, str]) -> dict[str, An
 
 def generation_defaults(generation: dict[str, Any]) -> dict[str, Any]:
     """The sampling fields generation_config.json sets (greedy when it says do_sample: false)."""
-    defaults = {ours: generation[theirs] for theirs, ours in GENERATION_DEFAULTS.items()
-                if generation.get(theirs) is not None}
+    defaults = {
+        ours: generation[theirs]
+        for theirs, ours in GENERATION_DEFAULTS.items()
+        if generation.get(theirs) is not None
+    }
     if generation.get("do_sample") is False:
         defaults["temperature"] = 0.0
     return defaults
@@ -135,8 +144,9 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """rope_theta and rope_scaling from either the classic fields or transformers v5 `rope_parameters`."""
     params = hf.get("rope_parameters")
     if isinstance(params, dict):
-        theta = positive_real(params, "rope_theta", positive_real(hf, "rope_theta", 10000.0),
-                              "config.json:rope_parameters")
+        theta = positive_real(
+            params, "rope_theta", positive_real(hf, "rope_theta", 10000.0), "config.json:rope_parameters"
+        )
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
         theta = positive_real(hf, "rope_theta", 10000.0)
@@ -157,8 +167,9 @@ def _token_ids(value: Any, field: str, vocab_size: int) -> list[int]:
         return []
     ids = value if isinstance(value, list) else [value]
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
-        raise InputError(field, f"expected token ids in [0, {vocab_size - 1}] (an int or a list), "
-                                f"got {value!r}")
+        raise InputError(
+            field, f"expected token ids in [0, {vocab_size - 1}] (an int or a list), got {value!r}"
+        )
     return list(ids)
 
 
@@ -182,9 +193,12 @@ def parse_config(
         raise InputError("config.json:hidden_act", f"unsupported activation {act!r}; allowed: silu")
     max_pos = positive(hf, "max_position_embeddings", 2048)
     vocab = positive(hf, "vocab_size")
+
     def special(key: str) -> list[int]:  # both files checked; generation_config.json wins, as in transformers
-        given = [_token_ids(f.get(key), f"{name}:{key}", vocab)
-                 for f, name in ((generation, "generation_config.json"), (hf, "config.json"))]
+        given = [
+            _token_ids(f.get(key), f"{name}:{key}", vocab)
+            for f, name in ((generation, "generation_config.json"), (hf, "config.json"))
+        ]
         return given[0] or given[1]
 
     eos, bos = special("eos_token_id"), special("bos_token_id")

@@ -39,8 +39,15 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
         self.dense_mlp = isinstance(mlp, GatedMLP)  # takes and gives float32 around float32 GEMMs
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, kv_cache: torch.Tensor, step: StepInputs,
-                next_norm: RMSNorm, next_f32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        kv_cache: torch.Tensor,
+        step: StepInputs,
+        next_norm: RMSNorm,
+        next_f32: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream, h = input_layernorm(x); returns (x', next_norm(x')), the latter in
         float32 when next_f32 (its consumer runs a float32 GEMM)."""
         mlp_f32 = self.dense_mlp and self.mlp.gate_up_proj.wants_f32(x.shape[0])
@@ -98,8 +105,16 @@ class DecoderLM(nn.Module):
         cache = kv_caches[0]
         cfg = self.config
         windows = {layer.self_attn.window for layer in self.layers}
-        plans = plan_step(meta, cache.shape[2], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache.dtype,
-                          windows, backend=attention_backend(cache.device, cache.dtype))
+        plans = plan_step(
+            meta,
+            cache.shape[2],
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cache.dtype,
+            windows,
+            backend=attention_backend(cache.device, cache.dtype),
+        )
         step = StepInputs(cos, sin, plans)
         t = x.shape[0]
         f32 = [layer.self_attn.qkv_proj.wants_f32(t) for layer in self.layers] + [False]
@@ -121,8 +136,12 @@ class DecoderLM(nn.Module):
                 n, k = module.weight.shape
                 module.prepare(table.by_m(shape_key(n, k), module.weight.dtype, max_tokens))
             elif isinstance(module, StackedExperts):  # capacity M never exceeds the step's tokens
-                module.prepare(*(table.by_m(bmm_key(*w.shape), w.dtype, max_tokens)
-                                 for w in (module.gate_up_proj, module.down_proj)))
+                module.prepare(
+                    *(
+                        table.by_m(bmm_key(*w.shape), w.dtype, max_tokens)
+                        for w in (module.gate_up_proj, module.down_proj)
+                    )
+                )
 
     def expert_counts(self) -> torch.Tensor | None:
         """Tokens routed to each expert in the last forward, [num_moe_layers, num_experts]; None if dense."""

@@ -60,8 +60,11 @@ def _check_fits(cls: type[DecoderLM], config: ModelConfig, dtype: torch.dtype) -
     have = available_memory()
     if need > have:
         gib = 1 << 30
-        raise InputError("config.json", f"describes {need / gib:.1f} GiB of weights ({dtype}), more than the "
-                                        f"{have / gib:.1f} GiB this machine has available")
+        raise InputError(
+            "config.json",
+            f"describes {need / gib:.1f} GiB of weights ({dtype}), more than the "
+            f"{have / gib:.1f} GiB this machine has available",
+        )
 
 
 def load_config(path: str | Path, dtype: str | torch.dtype = "float32") -> tuple[ModelConfig, Tokenizer]:
@@ -83,9 +86,12 @@ def load_config(path: str | Path, dtype: str | torch.dtype = "float32") -> tuple
     if config.bos_token_id is None:
         config.bos_token_id = tokenizer.bos_token_id
     if not config.eos_token_ids:  # without one, every request runs to max_tokens
-        raise InputError("config.json:eos_token_id", "no end-of-sequence token: set eos_token_id in "
-                                                     "config.json or generation_config.json, or eos_token in "
-                                                     "tokenizer_config.json")
+        raise InputError(
+            "config.json:eos_token_id",
+            "no end-of-sequence token: set eos_token_id in "
+            "config.json or generation_config.json, or eos_token in "
+            "tokenizer_config.json",
+        )
     return config, tokenizer
 
 

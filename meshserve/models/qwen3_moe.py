@@ -10,6 +10,7 @@ from meshserve.models.qwen2_moe import Qwen2MoeForCausalLM
 
 class Qwen3MoeForCausalLM(Qwen2MoeForCausalLM):
     """Qwen3-30B-A3B-style MoE (same layer selection rule as Qwen2-MoE)."""
+
     config_aliases = {"num_experts": "num_local_experts"}  # transformers' attribute_map
 
     @classmethod

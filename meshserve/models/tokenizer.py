@@ -27,8 +27,9 @@ def _special_id(tok: HFTokenizer, extra: dict[str, Any], key: str) -> int | None
         return None
     text = _token_text(value)
     if text is None:
-        raise InputError(f"tokenizer_config.json:{key}",
-                         f'expected a string or {{"content": ...}}, got {value!r}')
+        raise InputError(
+            f"tokenizer_config.json:{key}", f'expected a string or {{"content": ...}}, got {value!r}'
+        )
     token_id = tok.token_to_id(text)
     if token_id is None:
         raise InputError(f"tokenizer_config.json:{key}", f"{text!r} is not a token of tokenizer.json")
@@ -90,10 +91,13 @@ class Tokenizer:
 
         A template writes its own special tokens (e.g. BOS), so only the plain fallback adds them."""
         messages = check_messages(messages)
-        special = [self._tok.id_to_token(i) if i is not None else None
-                   for i in (self.bos_token_id, (self.eos_token_ids or [None])[0])]
-        text = render_chat(messages, self.chat_template, special[0] or "", special[1] or "",
-                           add_generation_prompt)
+        special = [
+            self._tok.id_to_token(i) if i is not None else None
+            for i in (self.bos_token_id, (self.eos_token_ids or [None])[0])
+        ]
+        text = render_chat(
+            messages, self.chat_template, special[0] or "", special[1] or "", add_generation_prompt
+        )
         return self.encode(text, add_special_tokens=self.chat_template is None)
 
     def detokenizer(self) -> IncrementalDetokenizer:

@@ -35,10 +35,13 @@ class Checkpoint:
                 raise InputError(INDEX, f"not a valid safetensors index ({err})") from None
             ok = isinstance(weight_map, dict) and all(
                 isinstance(f, str) and f.endswith(".safetensors") and Path(f).name == f
-                for f in weight_map.values())
+                for f in weight_map.values()
+            )
             if not ok or not weight_map:
-                raise InputError(f"{INDEX}:weight_map", "must map tensor names to *.safetensors file names "
-                                                        "in the model directory")
+                raise InputError(
+                    f"{INDEX}:weight_map",
+                    "must map tensor names to *.safetensors file names in the model directory",
+                )
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
@@ -69,8 +72,10 @@ class Checkpoint:
             raise InputError(file, f"cannot read tensor {key} ({err})") from None
         if tensor.dtype not in WEIGHT_DTYPES:
             allowed = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_DTYPES)
-            raise InputError(f"{file}:{key}", f"dtype {str(tensor.dtype).removeprefix('torch.')} is not "
-                                              f"supported; allowed: {allowed}")
+            raise InputError(
+                f"{file}:{key}",
+                f"dtype {str(tensor.dtype).removeprefix('torch.')} is not supported; allowed: {allowed}",
+            )
         if not bool(torch.isfinite(tensor).all()):  # one vectorised pass per tensor
             raise InputError(f"{file}:{key}", "holds NaN or infinite values")
         return tensor

@@ -35,7 +35,10 @@ BALANCERS: dict[str, type[Balancer]] = {
 
 
 def make_balancer(
-    name: str, config: BalanceConfig, hops: np.ndarray, num_redundant_experts: int,
+    name: str,
+    config: BalanceConfig,
+    hops: np.ndarray,
+    num_redundant_experts: int,
     cost: DeviceCost | None = None,
 ) -> Balancer:
     """The balancer called ``name`` (InputError naming ``balancer`` if unknown); see Balancer for ``cost``."""

@@ -65,8 +65,9 @@ def balanced_load(placement: Placement, counts: np.ndarray, sweeps: int = 32) ->
     if not groups:
         return load.reshape(*lead, layers, n)
     shares = [np.repeat(c[:, :, None] / cols.shape[1], cols.shape[1], axis=2) for c, cols, _ in groups]
-    where = np.concatenate([(np.arange(b)[:, None, None] * (layers * n) + cols[None]).ravel()
-                            for _, cols, _ in groups])
+    where = np.concatenate(
+        [(np.arange(b)[:, None, None] * (layers * n) + cols[None]).ravel() for _, cols, _ in groups]
+    )
     for _ in range(sweeps):
         moves = []
         for (c, cols, step), share in zip(groups, shares, strict=True):

@@ -33,9 +33,17 @@ def replicate_steps(load: np.ndarray, extra: int, max_replicas: int, stops: list
     return np.stack(out)
 
 
-def pack(load: np.ndarray, reps: np.ndarray, num_devices: int, slots: int,
-         current: np.ndarray | None = None, hops: np.ndarray | None = None, slack: float = 0.0,
-         cost: DeviceCost | None = None, bound: np.ndarray | None = None) -> np.ndarray:
+def pack(
+    load: np.ndarray,
+    reps: np.ndarray,
+    num_devices: int,
+    slots: int,
+    current: np.ndarray | None = None,
+    hops: np.ndarray | None = None,
+    slack: float = 0.0,
+    cost: DeviceCost | None = None,
+    bound: np.ndarray | None = None,
+) -> np.ndarray:
     """Balanced packing: replica table [layers, experts, devices] for replica counts ``reps``.
 
     Each replica, heaviest first, goes where it leaves the device least loaded: tokens, or with a
@@ -193,8 +201,9 @@ def timed_plan(
     devices, slots = current.num_devices, current.slots_per_device
     stacked = np.tile(load, (k, 1))
     timed = pack(stacked, options.reshape(-1, experts), devices, slots, cost=cost)
-    packs = np.concatenate([timed.reshape(k, layers, experts, devices),
-                            pack(load, options[-1], devices, slots)[None]])
+    packs = np.concatenate(
+        [timed.reshape(k, layers, experts, devices), pack(load, options[-1], devices, slots)[None]]
+    )
     options = np.concatenate([options, options[-1:]])
     times = layer_time(packs.reshape(-1, experts, devices), np.tile(load, (k + 1, 1)), cost)
     times = times.reshape(k + 1, layers)

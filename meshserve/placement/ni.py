@@ -25,8 +25,13 @@ class NIBalancer(Balancer):
     name = "ni"
     invasive = False
 
-    def __init__(self, config: BalanceConfig, hops: np.ndarray, num_redundant_experts: int,
-                 cost: DeviceCost | None = None) -> None:
+    def __init__(
+        self,
+        config: BalanceConfig,
+        hops: np.ndarray,
+        num_redundant_experts: int,
+        cost: DeviceCost | None = None,
+    ) -> None:
         super().__init__(config, hops, num_redundant_experts, cost)
         self.reference = 0.0
 

@@ -91,8 +91,13 @@ class Balancer:
     name = "base"
     invasive = True
 
-    def __init__(self, config: BalanceConfig, hops: np.ndarray, num_redundant_experts: int,
-                 cost: DeviceCost | None = None) -> None:
+    def __init__(
+        self,
+        config: BalanceConfig,
+        hops: np.ndarray,
+        num_redundant_experts: int,
+        cost: DeviceCost | None = None,
+    ) -> None:
         self.config = config
         self.hops = np.asarray(hops)
         self.num_redundant_experts = num_redundant_experts

@@ -16,9 +16,7 @@ from meshserve.placement.plan import Placement
 from meshserve.placement.policy import Balancer
 
 
-def topology_plan(
-    load: np.ndarray, base: Placement, hops: np.ndarray, extra: int
-) -> np.ndarray:
+def topology_plan(load: np.ndarray, base: Placement, hops: np.ndarray, extra: int) -> np.ndarray:
     """Replica table [layers, experts, devices]: ``base`` plus up to ``extra`` nearby replicas per layer."""
     holds = base.holds.copy()
     layers = holds.shape[0]

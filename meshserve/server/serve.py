@@ -63,8 +63,9 @@ class ServerThread:
         from meshserve.server.app import build_app
 
         self.llm, self.url = llm, f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(build_app(llm, served_model_name), host="127.0.0.1", port=port,
-                                log_level=log_level)
+        config = uvicorn.Config(
+            build_app(llm, served_model_name), host="127.0.0.1", port=port, log_level=log_level
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

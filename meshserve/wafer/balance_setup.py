@@ -75,8 +75,9 @@ class BalanceSetup:
         if self.wafer_link_gb_per_s is None:
             return hw
         gb = self.wafer_link_gb_per_s
-        require(hw.kind == "mesh" and hw.wafers > 1, "wafer_link_gb_per_s",
-                f"{hw.name} has no inter-wafer ports")
+        require(
+            hw.kind == "mesh" and hw.wafers > 1, "wafer_link_gb_per_s", f"{hw.name} has no inter-wafer ports"
+        )
         require(gb > 0, "wafer_link_gb_per_s", f"must be > 0, got {gb}")
         return dataclasses.replace(hw, wafer_link_bandwidth=gb * 1e9)
 
@@ -94,10 +95,16 @@ class BalanceSetup:
         require(self.tokens_per_device >= 1, "batch", f"must be >= 1, got {self.tokens_per_device}")
         require(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
         check_iterations(hw, self.iterations, model.num_moe_layers, model.routed_experts)
-        require(self.time_model in TIME_MODELS, "time_model",
-                f"unknown {self.time_model!r}; allowed: {', '.join(TIME_MODELS)}")
-        require(self.balancer in BALANCERS, "balancer",
-                f"unknown {self.balancer!r}; allowed: {', '.join(BALANCERS)}")
+        require(
+            self.time_model in TIME_MODELS,
+            "time_model",
+            f"unknown {self.time_model!r}; allowed: {', '.join(TIME_MODELS)}",
+        )
+        require(
+            self.balancer in BALANCERS,
+            "balancer",
+            f"unknown {self.balancer!r}; allowed: {', '.join(BALANCERS)}",
+        )
         if self.trace is not None:
             counts = ExpertTrace.load(self.trace).counts
             try:
@@ -134,7 +141,11 @@ def a2a_per_slot(topo: Topology, unit: np.ndarray, slots: float) -> tuple[np.nda
 
 @lru_cache(maxsize=16)
 def comm_model(
-    hw: Hardware, tp: int, mapping_kind: str, model: MoEModel, tokens_per_device: int,
+    hw: Hardware,
+    tp: int,
+    mapping_kind: str,
+    model: MoEModel,
+    tokens_per_device: int,
     time_model: str = "bottleneck",
 ) -> CommModel:
     """Routes, FTDs, all-to-all per-slot link loads and all-reduce link loads of one layout (cached)."""
@@ -144,23 +155,36 @@ def comm_model(
     unit = dispatch(mapping, np.eye(topo.num_devices), tokens_per_group, 1, model.token_bytes)
     slots = tokens_per_group * mapping.num_groups / topo.num_devices
     disp, comb = a2a_per_slot(topo, unit.traffic, slots)
-    phases = [collective_time(topo, c, time_model)
-              for c in attention_collectives(mapping, tokens_per_group, model.token_bytes)]
+    phases = [
+        collective_time(topo, c, time_model)
+        for c in attention_collectives(mapping, tokens_per_group, model.token_bytes)
+    ]
     domains, bw = a2a_domains(mapping), topo.link_bandwidth
     # a balanced dispatch first gathers every domain member's per-expert counts (int32)
     peers = (domains[:, None] == domains[None, :]) & ~np.eye(topo.num_devices, dtype=bool)
     counts = Collective("count all-gather", np.where(peers, 4.0 * model.routed_experts, 0.0), 1)
-    fair = None if time_model == "bottleneck" else tuple(
-        FairPhase.build(topo.incidence, bw, unit.traffic, slots, domains, combine=back)
-        for back in (False, True))
+    fair = (
+        None
+        if time_model == "bottleneck"
+        else tuple(
+            FairPhase.build(topo.incidence, bw, unit.traffic, slots, domains, combine=back)
+            for back in (False, True)
+        )
+    )
     return CommModel(
-        hops=topo.hops, ftd=domains, routes=topo.incidence, bandwidth=bw, path_latency=topo.path_latency,
-        dispatch=LinkMap.from_matrix(disp, domains, bw), combine=LinkMap.from_matrix(comb, domains, bw),
+        hops=topo.hops,
+        ftd=domains,
+        routes=topo.incidence,
+        bandwidth=bw,
+        path_latency=topo.path_latency,
+        dispatch=LinkMap.from_matrix(disp, domains, bw),
+        combine=LinkMap.from_matrix(comb, domains, bw),
         a2a_latency=latency_s(topo, unit),
         allreduce_bytes=np.sum([p.loads for p in phases], axis=0),
         allreduce_time=float(sum(p.time_s for p in phases)),
         count_exchange_time=collective_time(topo, counts, time_model).time_s,
-        time_model=time_model, fair=fair,
+        time_model=time_model,
+        fair=fair,
     )
 
 
@@ -174,18 +198,31 @@ def setup_trace(setup: BalanceSetup, model: MoEModel, num_devices: int) -> Exper
     if setup.trace is not None:
         trace = ExpertTrace.load(setup.trace)
         return dataclasses.replace(trace, counts=trace.counts[: setup.iterations])
-    return drawn_trace(model, setup.tokens_per_device * num_devices, setup.iterations, setup.scenario,
-                       setup.seed, setup.zipf_exponent)
+    return drawn_trace(
+        model,
+        setup.tokens_per_device * num_devices,
+        setup.iterations,
+        setup.scenario,
+        setup.seed,
+        setup.zipf_exponent,
+    )
 
 
 @lru_cache(maxsize=4)
-def drawn_trace(model: MoEModel, tokens_per_step: int, steps: int, scenario: str, seed: int,
-                zipf_exponent: float | None) -> ExpertTrace:
+def drawn_trace(
+    model: MoEModel, tokens_per_step: int, steps: int, scenario: str, seed: int, zipf_exponent: float | None
+) -> ExpertTrace:
     """A synthetic trace, drawn once per distinct setting: a ladder's rungs on one platform and
     steady_gap share it (read-only)."""
     trace = synthetic_trace(
-        model=model.name, num_layers=model.num_moe_layers, num_experts=model.routed_experts,
-        top_k=model.top_k, tokens_per_step=tokens_per_step, steps=steps, scenario=scenario, seed=seed,
+        model=model.name,
+        num_layers=model.num_moe_layers,
+        num_experts=model.routed_experts,
+        top_k=model.top_k,
+        tokens_per_step=tokens_per_step,
+        steps=steps,
+        scenario=scenario,
+        seed=seed,
         **({} if zipf_exponent is None else {"zipf_exponent": zipf_exponent}),
     )
     trace.counts.flags.writeable = False
@@ -197,8 +234,11 @@ def redundant_experts(setup: BalanceSetup, hw: Hardware, model: MoEModel) -> int
     n = hw.num_devices
     redundant = n if setup.config.num_redundant_experts is None else setup.config.num_redundant_experts
     most = model.routed_experts * n - max(model.routed_experts, n)
-    require(redundant <= most, "num_redundant_experts",
-            f"{redundant} replicas do not fit: at most {most} (one copy of every expert on every device)")
+    require(
+        redundant <= most,
+        "num_redundant_experts",
+        f"{redundant} replicas do not fit: at most {most} (one copy of every expert on every device)",
+    )
     return redundant
 
 
@@ -218,15 +258,22 @@ def setup_parts(setup: BalanceSetup) -> SetupParts:
     """Build ``setup``'s comm model, trace, replicas, starting layout and costs (checked)."""
     setup.check()
     hw, model = setup.platform(), load_model(setup.model)
-    comm = comm_model(hw, setup.tp, setup.resolved_mapping(hw), model, setup.tokens_per_device,
-                      setup.time_model)
+    comm = comm_model(
+        hw, setup.tp, setup.resolved_mapping(hw), model, setup.tokens_per_device, setup.time_model
+    )
     n = hw.num_devices
     redundant = redundant_experts(setup, hw, model)
     slots = slots_per_device(model.routed_experts, n, redundant)
     base = static_placement(model.num_moe_layers, model.routed_experts, n, slots)
     cost = expert_cost(model, hw, setup.expert_weight_bytes)
-    return SetupParts(comm, setup_trace(setup, model, n), redundant, base, cost,
-                      cost.device_cost(a2a_phases=comm.a2a_seconds_per_token()))
+    return SetupParts(
+        comm,
+        setup_trace(setup, model, n),
+        redundant,
+        base,
+        cost,
+        cost.device_cost(a2a_phases=comm.a2a_seconds_per_token()),
+    )
 
 
 def run_setup(setup: BalanceSetup) -> IterationResult:
@@ -241,8 +288,13 @@ def run_summary(setup: BalanceSetup) -> dict:
     result = run_setup(setup)
     hw = load_hardware(setup.hardware)
     row = {
-        "model": setup.model, "hardware": setup.hardware, "tp": setup.tp,
-        "mapping": setup.resolved_mapping(hw), "tokens_per_device": setup.tokens_per_device,
-        "balancer": setup.balancer, "scenario": setup.scenario, "seed": setup.seed,
+        "model": setup.model,
+        "hardware": setup.hardware,
+        "tp": setup.tp,
+        "mapping": setup.resolved_mapping(hw),
+        "tokens_per_device": setup.tokens_per_device,
+        "balancer": setup.balancer,
+        "scenario": setup.scenario,
+        "seed": setup.seed,
     }
     return {**row, **result.summary()}

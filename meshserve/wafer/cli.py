@@ -14,8 +14,12 @@ app.add_typer(reproduce, name="reproduce")
 HARDWARE = typer.Option("wsc-8x8", "--hardware", help="Hardware preset name or YAML path.")
 MODEL = typer.Option("deepseek-v3", "--model", help="Model preset name or YAML path.")
 TP = typer.Option(4, "--tp", help="Attention tensor-parallel degree (1, 2, 4, 8 ...).")
-MAPPING = typer.Option("er", "--mapping", help="baseline | er | er-bal | her | her-bal | her-ftd "
-                       "(readings: meshserve/wafer/presets/mappings.yaml).")
+MAPPING = typer.Option(
+    "er",
+    "--mapping",
+    help="baseline | er | er-bal | her | her-bal | her-ftd "
+    "(readings: meshserve/wafer/presets/mappings.yaml).",
+)
 TOKENS = typer.Option(64, "--tokens-per-device", help="Decode tokens per device (a TP group holds TP x it).")
 EP = typer.Option(None, "--ep", help="Devices holding the experts (default: all).")
 CONTEXT = typer.Option(4096, "--context", help="Context length per sequence (KV-cache reads).")
@@ -24,8 +28,14 @@ TIME_MODEL = typer.Option("bottleneck", "--time-model", help="bottleneck | fair-
 
 @app.command()
 def simulate(
-    hardware: str = HARDWARE, model: str = MODEL, tp: int = TP, mapping: str = MAPPING,
-    tokens_per_device: float = TOKENS, ep: int = EP, context: int = CONTEXT, time_model: str = TIME_MODEL,
+    hardware: str = HARDWARE,
+    model: str = MODEL,
+    tp: int = TP,
+    mapping: str = MAPPING,
+    tokens_per_device: float = TOKENS,
+    ep: int = EP,
+    context: int = CONTEXT,
+    time_model: str = TIME_MODEL,
 ) -> None:
     """Print one MoE layer phase by phase: time, hottest link and its load."""
     from meshserve.wafer.report import print_layer, run_layer
@@ -47,15 +57,26 @@ def presets() -> None:
         hardware.add_column(col, justify="left" if col in ("name", "kind") else "right")
     for name in hardware_names():
         hw = load_hardware(name)
-        hardware.add_row(name, hw.kind, str(hw.num_devices), f"{hw.link_bandwidth / 1e9:g}",
-                         f"{hw.die.peak_flops / 1e12:g}")
+        hardware.add_row(
+            name,
+            hw.kind,
+            str(hw.num_devices),
+            f"{hw.link_bandwidth / 1e9:g}",
+            f"{hw.die.peak_flops / 1e12:g}",
+        )
     models = Table(title="model presets (--model)")
     for col in ("name", "layers", "MoE layers", "routed experts", "top-k", "hidden"):
         models.add_column(col, justify="left" if col == "name" else "right")
     for name in model_names():
         mo = load_model(name)
-        models.add_row(name, str(mo.num_layers), str(mo.num_moe_layers), str(mo.routed_experts),
-                       str(mo.top_k), str(mo.hidden_size))
+        models.add_row(
+            name,
+            str(mo.num_layers),
+            str(mo.num_moe_layers),
+            str(mo.routed_experts),
+            str(mo.top_k),
+            str(mo.hidden_size),
+        )
     console = Console()
     console.print(hardware)
     console.print(models)
@@ -64,8 +85,12 @@ def presets() -> None:
 
 @app.command()
 def heatmap(
-    hardware: str = HARDWARE, model: str = MODEL, tp: int = TP, mapping: str = MAPPING,
-    tokens_per_device: float = TOKENS, ep: int = EP,
+    hardware: str = HARDWARE,
+    model: str = MODEL,
+    tp: int = TP,
+    mapping: str = MAPPING,
+    tokens_per_device: float = TOKENS,
+    ep: int = EP,
     out: str = typer.Option("out/wafer_heatmap.png", "--out", help="PNG file to write."),
 ) -> None:
     """Write link-load heatmaps of the attention reduction and the MoE all-to-all side by side."""
@@ -74,8 +99,9 @@ def heatmap(
     from meshserve.wafer.plots import heatmap_png
     from meshserve.wafer.report import run_layer
 
-    hw, mo, m, tokens, layer = run_layer(hardware, model, tp, mapping, tokens_per_device, ep, 4096,
-                                         "bottleneck")
+    hw, mo, m, tokens, layer = run_layer(
+        hardware, model, tp, mapping, tokens_per_device, ep, 4096, "bottleneck"
+    )
     print(f"wrote {heatmap_png(hw, mo, m, tokens, layer, out)}")
 
 
@@ -83,7 +109,8 @@ def heatmap(
 def reproduce_comm(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     out: str = typer.Option("out", "--out", help="Folder for the plot and the JSON results."),
-    tokens_per_device: float = TOKENS, time_model: str = TIME_MODEL,
+    tokens_per_device: float = TOKENS,
+    time_model: str = TIME_MODEL,
 ) -> None:
     """Baseline vs ER vs hierarchical ER communication time, paper anchors beside ours."""
     check_writable(out, "out", folder=True)  # before the heavy imports, so a bad path fails at once
@@ -102,14 +129,26 @@ def reproduce_balance(
     iterations: int = typer.Option(None, "--iterations", help="Decode iterations per run [300]."),
     tokens_per_device: int = typer.Option(None, "--tokens-per-device", help="Decode tokens per device [64]."),
     scenario: str = typer.Option(None, "--scenario", help="Synthetic trace: fixed | mixed [mixed]."),
-    models: str = typer.Option(None, "--models", help="Comma-separated model presets "
-                               "[deepseek-v3,deepseek-v2,qwen3-235b-a22b]."),
-    curves: bool = typer.Option(True, "--curves/--no-curves", help="Also sweep tokens per device, expert "
-                                "weight type, inter-wafer bandwidth and trace skew (first model)."),
-    executor: str = typer.Option("local", "--executor", help="local | ray: fan the independent runs out "
-                                 "(pip install 'meshserve[ray]')."),
-    time_model: str = typer.Option(None, "--time-model", help="bottleneck | fair-share [bottleneck]: how "
-                                   "every run times the all-to-all, all-reduce and migration stalls."),
+    models: str = typer.Option(
+        None, "--models", help="Comma-separated model presets [deepseek-v3,deepseek-v2,qwen3-235b-a22b]."
+    ),
+    curves: bool = typer.Option(
+        True,
+        "--curves/--no-curves",
+        help="Also sweep tokens per device, expert "
+        "weight type, inter-wafer bandwidth and trace skew (first model).",
+    ),
+    executor: str = typer.Option(
+        "local",
+        "--executor",
+        help="local | ray: fan the independent runs out (pip install 'meshserve[ray]').",
+    ),
+    time_model: str = typer.Option(
+        None,
+        "--time-model",
+        help="bottleneck | fair-share [bottleneck]: how "
+        "every run times the all-to-all, all-reduce and migration stalls.",
+    ),
 ) -> None:
     """Ablation ladder NVL72 -> WSC -> ER -> HER -> greedy -> topology-aware -> NI-Balancer.
 
@@ -118,8 +157,17 @@ def reproduce_balance(
     from meshserve.wafer.reproduce_balance import reproduce_balance as run
 
     names = None if models is None else tuple(m.strip() for m in models.split(",") if m.strip())
-    run(out, as_json=json_out, iterations=iterations, tokens_per_device=tokens_per_device, scenario=scenario,
-        models=names, curves=curves, executor=executor, time_model=time_model)
+    run(
+        out,
+        as_json=json_out,
+        iterations=iterations,
+        tokens_per_device=tokens_per_device,
+        scenario=scenario,
+        models=names,
+        curves=curves,
+        executor=executor,
+        time_model=time_model,
+    )
 
 
 @app.command()
@@ -138,19 +186,32 @@ def sweep(
 @app.command()
 def noc(
     mesh: str = typer.Option("8x8", "--mesh", help="RxC mesh of routers, e.g. 8x8."),
-    pattern: str = typer.Option("uniform", "--pattern",
-                                help="uniform | transpose | bitcomp | tornado | neighbor | FILE.npy "
-                                     "([nodes, nodes] packets per source and destination)."),
+    pattern: str = typer.Option(
+        "uniform",
+        "--pattern",
+        help="uniform | transpose | bitcomp | tornado | neighbor | FILE.npy "
+        "([nodes, nodes] packets per source and destination).",
+    ),
     packets_per_node: int = typer.Option(100, "--packets-per-node", help="Packets each node sends."),
     flits_per_packet: int = typer.Option(20, "--flits-per-packet", help="Flits per packet."),
     time_model: list[str] = typer.Option(
-        None, "--time-model", help="bottleneck | fair-share | packet | flit (repeat; default all)."),
+        None, "--time-model", help="bottleneck | fair-share | packet | flit (repeat; default all)."
+    ),
     injection_ports: int = typer.Option(
-        None, "--injection-ports", help="Flits a node injects and ejects per cycle (default: noc.yaml)."),
+        None, "--injection-ports", help="Flits a node injects and ejects per cycle (default: noc.yaml)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Cycles one batch of synthetic traffic takes on a mesh (1 flit per cycle per link), per time model."""
     from meshserve.wafer.noc import print_noc, run_noc
 
-    run_noc(mesh, pattern, packets_per_node, flits_per_packet, tuple(time_model or ()), json_out, print_noc,
-            injection_ports)
+    run_noc(
+        mesh,
+        pattern,
+        packets_per_node,
+        flits_per_packet,
+        tuple(time_model or ()),
+        json_out,
+        print_noc,
+        injection_ports,
+    )

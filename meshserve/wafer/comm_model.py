@@ -111,12 +111,15 @@ class CommModel:
             out.append(dense[:, np.flatnonzero(dense.any(axis=0))])
         return out[0], out[1]
 
-    def a2a_times(self, load: np.ndarray, dispatch_bytes: np.ndarray,
-                  combine_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def a2a_times(
+        self, load: np.ndarray, dispatch_bytes: np.ndarray, combine_bytes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Dispatch and combine seconds [rows] of device loads [rows, devices] and their link bytes."""
         if self.fair is None:
-            return (self.dispatch.time(dispatch_bytes, self.a2a_latency),
-                    self.combine.time(combine_bytes, self.a2a_latency))
+            return (
+                self.dispatch.time(dispatch_bytes, self.a2a_latency),
+                self.combine.time(combine_bytes, self.a2a_latency),
+            )
         return self.fair[0].time(load, self.a2a_latency), self.fair[1].time(load, self.a2a_latency)
 
     def transfer_time(self, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray) -> float:

@@ -57,9 +57,7 @@ class ExpertCost:
     shared_params: float = 0.0
     bytes_per_element: float = 2.0
 
-    def device_cost(
-        self, shared_tokens: float = 0.0, a2a_phases: tuple[np.ndarray, ...] = ()
-    ) -> DeviceCost:
+    def device_cost(self, shared_tokens: float = 0.0, a2a_phases: tuple[np.ndarray, ...] = ()) -> DeviceCost:
         """This roofline in the planners' terms (meshserve.placement.DeviceCost), per token and expert."""
         die = self.die
         return DeviceCost(
@@ -100,7 +98,12 @@ def expert_cost(
 
 
 def experts_s(
-    die: Die, model: MoEModel, placement: np.ndarray, copies: np.ndarray, tokens_per_group: float, tp: int,
+    die: Die,
+    model: MoEModel,
+    placement: np.ndarray,
+    copies: np.ndarray,
+    tokens_per_group: float,
+    tp: int,
 ) -> np.ndarray:
     """[N] seconds for each device's routed experts (copies[d] token-expert pairs served), every
     hosted expert's weights read once per step, plus its 1/TP share of the shared experts for its

@@ -24,8 +24,14 @@ from meshserve.wafer.plots import save_figure
 
 
 def _setup(rung, model: str, settings: dict, config: BalanceConfig, **extra: Any) -> BalanceSetup:
-    return BalanceSetup(model=model, hardware=rung.hardware, mapping=rung.mapping, balancer=rung.balancer,
-                        config=rung.balance_config(config), **{**settings, **extra})
+    return BalanceSetup(
+        model=model,
+        hardware=rung.hardware,
+        mapping=rung.mapping,
+        balancer=rung.balancer,
+        config=rung.balance_config(config),
+        **{**settings, **extra},
+    )
 
 
 def _summary(setup: BalanceSetup) -> dict:
@@ -165,15 +171,25 @@ def run_curves(
     settings["iterations"] = min(spec["iterations"], spec["curves"]["iterations"])
     # list every run first (a dry pass that records the setups), run them all, then build the curves
     wanted: list[BalanceSetup] = []
-    record = lambda setup: wanted.append(setup) or {"moe_tokens_per_s_per_device": 1.0,  # noqa: E731
-                                                    "moe_and_reduction_tokens_per_s_per_device": 1.0,
-                                                    "moe_compute_s": 1.0, "max_over_mean_load": 1.0}
+    placeholder = {
+        "moe_tokens_per_s_per_device": 1.0,
+        "moe_and_reduction_tokens_per_s_per_device": 1.0,
+        "moe_compute_s": 1.0,
+        "max_over_mean_load": 1.0,
+    }
+
+    def record(setup: BalanceSetup) -> dict:
+        wanted.append(setup)
+        return dict(placeholder)
+
     for curve in (wsc_vs_nvl72_curve, ni_skew_curve):
         curve(spec, rungs, settings, config, record)
     unique = list(dict.fromkeys(wanted))
     done = dict(zip(unique, run_many(_summary, unique, executor, progress, "curves"), strict=True))
-    return (wsc_vs_nvl72_curve(spec, rungs, settings, config, done.__getitem__),
-            ni_skew_curve(spec, rungs, settings, config, done.__getitem__))
+    return (
+        wsc_vs_nvl72_curve(spec, rungs, settings, config, done.__getitem__),
+        ni_skew_curve(spec, rungs, settings, config, done.__getitem__),
+    )
 
 
 def print_curves(wsc: dict, skew: dict, console: Any) -> None:

@@ -51,14 +51,23 @@ def comparison(spec: dict, tokens: float, time_model: str, tick=lambda: None) ->
         kinds = spec["flat_mappings"] + (spec["hierarchical_mappings"] if hw.wafers > 1 else [])
         points = {k: comm_point(hw, model, spec["tp"], k, tokens, time_model) for k in kinds}
         base = points["baseline"]
-        rows.append({
-            "model": name, "hardware": hw.name, "devices": hw.num_devices, "tp": spec["tp"],
-            "mappings": points,
-            "reduction": {k: 1 - p["comm_us"] / base["comm_us"]
-                          for k, p in points.items() if k != "baseline"},
-            "a2a_reduction": {k: 1 - p["all_to_all_us"] / base["all_to_all_us"]
-                              for k, p in points.items() if k != "baseline"},
-        })
+        rows.append(
+            {
+                "model": name,
+                "hardware": hw.name,
+                "devices": hw.num_devices,
+                "tp": spec["tp"],
+                "mappings": points,
+                "reduction": {
+                    k: 1 - p["comm_us"] / base["comm_us"] for k, p in points.items() if k != "baseline"
+                },
+                "a2a_reduction": {
+                    k: 1 - p["all_to_all_us"] / base["all_to_all_us"]
+                    for k, p in points.items()
+                    if k != "baseline"
+                },
+            }
+        )
         tick()
     return rows
 
@@ -73,19 +82,31 @@ def open_question(spec: dict, time_model: str, tick=lambda: None) -> dict:
         model = dataclasses.replace(base_model, top_k=top_k)
         pts = {k: comm_point(hw, model, tp, k, tokens, time_model) for k in ("baseline", "er", "er-bal")}
         base = pts["baseline"]
-        point = {"mesh": f"{side}x{side}", "tp": tp, "top_k": top_k, "tokens_per_device": tokens,
-                 "baseline_us": base["comm_us"],
-                 **{f"{k}_reduction": 1 - pts[k]["comm_us"] / base["comm_us"] for k in ("er", "er-bal")}}
+        point = {
+            "mesh": f"{side}x{side}",
+            "tp": tp,
+            "top_k": top_k,
+            "tokens_per_device": tokens,
+            "baseline_us": base["comm_us"],
+            **{f"{k}_reduction": 1 - pts[k]["comm_us"] / base["comm_us"] for k in ("er", "er-bal")},
+        }
         regimes.append(point)
         if tp == 4 and top_k == base_model.top_k and tokens == 64:
-            growth.append({
-                "mesh": point["mesh"],
-                **{f"{k}_allreduce_hot_ratio": pts[k]["attention_hot_mb"] / base["attention_hot_mb"]
-                   for k in ("er", "er-bal")},
-                **{f"{k}_dispatch_hot_ratio": pts[k]["dispatch_hot_mb"] / base["dispatch_hot_mb"]
-                   for k in ("er", "er-bal")},
-                "er_reduction": point["er_reduction"], "er-bal_reduction": point["er-bal_reduction"],
-            })
+            growth.append(
+                {
+                    "mesh": point["mesh"],
+                    **{
+                        f"{k}_allreduce_hot_ratio": pts[k]["attention_hot_mb"] / base["attention_hot_mb"]
+                        for k in ("er", "er-bal")
+                    },
+                    **{
+                        f"{k}_dispatch_hot_ratio": pts[k]["dispatch_hot_mb"] / base["dispatch_hot_mb"]
+                        for k in ("er", "er-bal")
+                    },
+                    "er_reduction": point["er_reduction"],
+                    "er-bal_reduction": point["er-bal_reduction"],
+                }
+            )
         tick()
     return {"model": base_model.name, "growth": growth, "regimes": regimes}
 
@@ -95,8 +116,17 @@ def platforms(spec: dict, tokens: float, time_model: str, tick=lambda: None) -> 
     out = []
     for name in spec["models"]:
         model = load_model(name)
-        out.append({"model": name, **{p: comm_point(load_hardware(p), model, spec["tp"], "baseline", tokens,
-                                                    time_model)["comm_us"] for p in spec["platforms"]}})
+        out.append(
+            {
+                "model": name,
+                **{
+                    p: comm_point(load_hardware(p), model, spec["tp"], "baseline", tokens, time_model)[
+                        "comm_us"
+                    ]
+                    for p in spec["platforms"]
+                },
+            }
+        )
         tick()
     return out
 
@@ -108,10 +138,17 @@ def wafer_link_sweep(spec: dict, tokens: float, time_model: str, tick=lambda: No
     out = []
     for gb in s["link_bandwidth_gb_per_s"]:
         hw = dataclasses.replace(base_hw, wafer_link_bandwidth=gb * 1e9)
-        pts = {k: comm_point(hw, model, spec["tp"], k, tokens, time_model)["comm_us"]
-               for k in spec["flat_mappings"] + spec["hierarchical_mappings"]}
-        out.append({"wafer_link_gb_per_s": gb, "baseline_us": pts["baseline"],
-                    **{f"{k}_reduction": 1 - v / pts["baseline"] for k, v in pts.items() if k != "baseline"}})
+        pts = {
+            k: comm_point(hw, model, spec["tp"], k, tokens, time_model)["comm_us"]
+            for k in spec["flat_mappings"] + spec["hierarchical_mappings"]
+        }
+        out.append(
+            {
+                "wafer_link_gb_per_s": gb,
+                "baseline_us": pts["baseline"],
+                **{f"{k}_reduction": 1 - v / pts["baseline"] for k, v in pts.items() if k != "baseline"},
+            }
+        )
         tick()
     return out
 
@@ -123,8 +160,10 @@ def injection_sweep(spec: dict, tokens: float, time_model: str, tick=lambda: Non
     out = []
     for gb in s["injection_bandwidth_gb_per_s"]:
         hw = base_hw.with_injection(gb * 1e9)
-        layers = {k: simulate_layer(hw, model, make_mapping(hw, spec["tp"], k), tokens, time_model=time_model)
-                  for k in ["baseline", *s["mappings"]]}
+        layers = {
+            k: simulate_layer(hw, model, make_mapping(hw, spec["tp"], k), tokens, time_model=time_model)
+            for k in ["baseline", *s["mappings"]]
+        }
         base = layers["baseline"]
         row = {"injection_gb_per_s": gb, "hardware": hw.name, "baseline_us": base.comm_s * 1e6}
         for k in s["mappings"]:
@@ -139,6 +178,7 @@ def injection_sweep(spec: dict, tokens: float, time_model: str, tick=lambda: Non
 
 def summary(rows: list[dict], question: dict, spec: dict) -> dict:
     """Headline figures beside the paper's anchors (fractions)."""
+
     def best(kind: str, what: str = "reduction") -> float | None:
         values = [r[what][kind] for r in rows if kind in r[what]]
         return max(values) if values else None
@@ -150,8 +190,10 @@ def summary(rows: list[dict], question: dict, spec: dict) -> dict:
     reductions |= {f"{k.replace('-', '_')}_a2a_reduction_max": best(k, "a2a_reduction") for k in kinds}
 
     anchor = next(r for r in rows if r["hardware"] == "wsc-8x8" and r["model"] == spec["models"][0])
-    slowdown = {k: anchor["mappings"][k]["attention_us"] / anchor["mappings"]["baseline"]["attention_us"]
-                for k in ("er", "er-bal")}
+    slowdown = {
+        k: anchor["mappings"][k]["attention_us"] / anchor["mappings"]["baseline"]["attention_us"]
+        for k in ("er", "er-bal")
+    }
     wins = {k: int(sum(p[f"{k}_reduction"] > 0 for p in question["regimes"])) for k in ("er", "er-bal")}
     return {
         **reductions,
@@ -185,8 +227,14 @@ def run_comm(tokens: float, time_model: str, progress: bool = True) -> dict:
         per_platform = platforms(spec, tokens, time_model, tick)
     wsc_vs_dgx = [1 - r["wsc-8x8"] / r["dgx-b200"] for r in per_platform]
     return {
-        "wsc_vs_dgx_reduction_avg": sum(wsc_vs_dgx) / len(wsc_vs_dgx), "platforms": per_platform,
-        "time_model": time_model, "tokens_per_device": tokens, "tp": spec["tp"],
-        **summary(rows, question, spec), "rows": rows, "open_question": question, "wafer_link_sweep": links,
+        "wsc_vs_dgx_reduction_avg": sum(wsc_vs_dgx) / len(wsc_vs_dgx),
+        "platforms": per_platform,
+        "time_model": time_model,
+        "tokens_per_device": tokens,
+        "tp": spec["tp"],
+        **summary(rows, question, spec),
+        "rows": rows,
+        "open_question": question,
+        "wafer_link_sweep": links,
         "injection_sweep": injection,
     }

@@ -59,8 +59,16 @@ class FairPhase:
     groups: tuple[FlowGroup, ...]
 
     @classmethod
-    def build(cls, routes: sp.csr_matrix, bandwidth: np.ndarray, unit: np.ndarray, slots: float,
-              domains: np.ndarray, *, combine: bool) -> FairPhase:
+    def build(
+        cls,
+        routes: sp.csr_matrix,
+        bandwidth: np.ndarray,
+        unit: np.ndarray,
+        slots: float,
+        domains: np.ndarray,
+        *,
+        combine: bool,
+    ) -> FairPhase:
         """From the all-to-all's unit traffic [src, dst] (one expert per device, ``slots`` per device).
 
         combine: the flows run back, expert device -> sender.
@@ -76,8 +84,12 @@ class FairPhase:
         cols = [np.flatnonzero(routes[p].getnnz(axis=0)) for p in parts]
         if sum(map(len, cols)) != len(np.unique(np.concatenate(cols))):  # domains share links
             parts, cols = [np.arange(len(src))], [np.flatnonzero(routes.getnnz(axis=0))]
-        return cls(tuple(FlowGroup(routes[p][:, c], dst[p], weight[p], bandwidth[c])
-                         for p, c in zip(parts, cols, strict=True)))
+        return cls(
+            tuple(
+                FlowGroup(routes[p][:, c], dst[p], weight[p], bandwidth[c])
+                for p, c in zip(parts, cols, strict=True)
+            )
+        )
 
     def bottleneck(self, load: np.ndarray, sizes: list[np.ndarray] | None = None) -> np.ndarray:
         """Seconds [rows] of the hottest link of all domains (``sizes``: each group's, if known)."""

@@ -20,8 +20,9 @@ from scipy.sparse.csgraph import connected_components
 from meshserve.wafer.topology import Topology
 
 
-def max_min_rates(flows: sp.csr_matrix, links: sp.csr_matrix, capacity: np.ndarray,
-                  active: np.ndarray) -> np.ndarray:
+def max_min_rates(
+    flows: sp.csr_matrix, links: sp.csr_matrix, capacity: np.ndarray, active: np.ndarray
+) -> np.ndarray:
     """Max-min fair rates (bytes/s) [F, B] of the active flows [F, B] of B problems.
 
     flows [F, L] 0/1 routes and links = flows.T, both CSR; capacity [L] bytes/s.

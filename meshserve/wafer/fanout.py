@@ -20,7 +20,10 @@ T = TypeVar("T")
 
 
 def run_many(
-    fn: Callable[[Any], T], args: Sequence[Any], executor: str = "local", progress: bool = True,
+    fn: Callable[[Any], T],
+    args: Sequence[Any],
+    executor: str = "local",
+    progress: bool = True,
     label: str = "runs",
 ) -> list[T]:
     """``[fn(a) for a in args]`` with a progress bar; ``executor="ray"`` runs them as Ray tasks."""

@@ -27,8 +27,15 @@ from meshserve.wafer.packetsim import NocParams, rank_in_runs
 EJECT = -2
 
 
-def simulate_flits(route: np.ndarray, source: np.ndarray, latency: np.ndarray, is_eject: np.ndarray,
-                   params: NocParams, credit_cycles: int = 1, width: np.ndarray | None = None) -> int:
+def simulate_flits(
+    route: np.ndarray,
+    source: np.ndarray,
+    latency: np.ndarray,
+    is_eject: np.ndarray,
+    params: NocParams,
+    credit_cycles: int = 1,
+    width: np.ndarray | None = None,
+) -> int:
     """Cycles until the last flit has arrived (route, source, latency, is_eject as in packetsim).
 
     width[c]: flits channel c carries per cycle (None: 1 everywhere). A node has as many injection

@@ -109,20 +109,25 @@ def _platform(top: Section, name: str) -> Hardware:
         hbm_bytes=d.number("hbm_capacity_gb") * 1e9,
         hbm_bandwidth=d.number("hbm_bandwidth_tb_per_s") * 1e12,
         injection_bandwidth=d.number("injection_bandwidth_gb_per_s") * 1e9
-        if d.has("injection_bandwidth_gb_per_s") else 0.0,
+        if d.has("injection_bandwidth_gb_per_s")
+        else 0.0,
     )
     if kind == "mesh":
         m = top.section("mesh")
         hw = Hardware(
-            name=name, kind=kind, die=die,
-            rows=m.integer("rows"), cols=m.integer("cols"),
+            name=name,
+            kind=kind,
+            die=die,
+            rows=m.integer("rows"),
+            cols=m.integer("cols"),
             link_bandwidth=m.number("link_bandwidth_gb_per_s") * 1e9,
             hop_latency=m.number("hop_latency_ns", positive=False) * 1e-9,
         )
         if top.has("wafers"):
             w = top.section("wafers")
             hw = dataclasses.replace(
-                hw, wafers=w.integer("count"),
+                hw,
+                wafers=w.integer("count"),
                 wafer_link_bandwidth=w.number("link_bandwidth_gb_per_s") * 1e9,
                 wafer_link_latency=w.number("link_latency_ns", positive=False) * 1e-9,
             )
@@ -130,17 +135,23 @@ def _platform(top: Section, name: str) -> Hardware:
     s = top.section("switch")
     devices, per_node = s.integer("devices"), s.integer("devices_per_node")
     if devices % per_node:
-        raise InputError(f"{name}.switch.devices_per_node",
-                         f"must divide devices ({devices}), got {per_node}")
+        raise InputError(
+            f"{name}.switch.devices_per_node", f"must divide devices ({devices}), got {per_node}"
+        )
     hw = Hardware(
-        name=name, kind=kind, die=die, devices=devices, devices_per_node=per_node,
+        name=name,
+        kind=kind,
+        die=die,
+        devices=devices,
+        devices_per_node=per_node,
         link_bandwidth=s.number("link_bandwidth_gb_per_s") * 1e9,
         hop_latency=s.number("link_latency_ns", positive=False) * 1e-9,
     )
     if devices > per_node:
         o = top.section("scale_out")
         hw = dataclasses.replace(
-            hw, scale_out_bandwidth=o.number("link_bandwidth_gb_per_s") * 1e9,
+            hw,
+            scale_out_bandwidth=o.number("link_bandwidth_gb_per_s") * 1e9,
             scale_out_latency=o.number("link_latency_ns", positive=False) * 1e-9,
         )
     return hw

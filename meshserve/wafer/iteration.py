@@ -87,7 +87,8 @@ class IterationResult:
             "max_over_mean_load": float(load_ratio(self.max_load, self.mean_load).mean()),
             "max_over_mean_load_steady": self.steady_max_over_mean,
             "compute_over_even_steady": float(self.compute_s[half].sum() / self.even_compute_s[half].sum())
-            if self.even_compute_s is not None and self.even_compute_s[half].sum() > 0 else 0.0,
+            if self.even_compute_s is not None and self.even_compute_s[half].sum() > 0
+            else 0.0,
             "moe_compute_s": float(self.compute_s.sum()),
             "a2a_s": float(self.a2a_s.sum()),
             "allreduce_s": float(self.allreduce_s.sum()),
@@ -96,12 +97,15 @@ class IterationResult:
             "plans": len(self.plans),
             "rejected_plans": len(self.rejected_plans),
             "moe_tokens_per_s_per_device": float(tokens * self.num_layers / moe / self.num_devices)
-            if moe > 0 else 0.0,
+            if moe > 0
+            else 0.0,
             # the same with the attention output reduction (all-reduce, or hierarchical collectives)
             # in each layer's time: the paper does not say which of the two its Fig. 17 counts
             "moe_and_reduction_tokens_per_s_per_device": float(
-                tokens * self.num_layers / (moe + self.allreduce_s.sum()) / self.num_devices)
-            if moe > 0 else 0.0,
+                tokens * self.num_layers / (moe + self.allreduce_s.sum()) / self.num_devices
+            )
+            if moe > 0
+            else 0.0,
             "max_migration_link_utilization": float(self.max_link_utilization),
         }
 
@@ -136,8 +140,9 @@ class _Block:
     layer_s: np.ndarray  # [S, L] compute + dispatch + combine of each layer
 
 
-def evaluate(counts: np.ndarray, placement: Placement, comm: CommModel, cost: ExpertCost,
-             config: BalanceConfig = EVEN) -> _Block:
+def evaluate(
+    counts: np.ndarray, placement: Placement, comm: CommModel, cost: ExpertCost, config: BalanceConfig = EVEN
+) -> _Block:
     """Loads, MoE compute and all-to-all times of iterations ``counts`` [S, L, E] under a placement.
 
     config: its dispatch rule splits an expert's tokens among replicas (a balanced one first
@@ -168,8 +173,13 @@ def evaluate(counts: np.ndarray, placement: Placement, comm: CommModel, cost: Ex
 
 
 def faster_layers(
-    history: np.ndarray, current: Placement, target: Placement, comm: CommModel, cost: ExpertCost,
-    horizon: int | None = None, config: BalanceConfig = EVEN,
+    history: np.ndarray,
+    current: Placement,
+    target: Placement,
+    comm: CommModel,
+    cost: ExpertCost,
+    horizon: int | None = None,
+    config: BalanceConfig = EVEN,
 ) -> Placement | None:
     """``target`` where it lowers a layer's predicted time on ``history``, ``current`` elsewhere.
 
@@ -197,8 +207,13 @@ def faster_layers(
 
 
 def paying_layers(
-    gain: np.ndarray, order: np.ndarray, current: Placement, target: Placement, comm: CommModel,
-    cost: ExpertCost, horizon: int,
+    gain: np.ndarray,
+    order: np.ndarray,
+    current: Placement,
+    target: Placement,
+    comm: CommModel,
+    cost: ExpertCost,
+    horizon: int,
 ) -> int:
     """How many layers of ``order`` to migrate at once: argmax of their gain x horizon - stall."""
     moves = migrations(current, target, comm.hops)
@@ -208,8 +223,9 @@ def paying_layers(
     take = rank[moves.layer] < len(order) if len(moves) else np.zeros(0, dtype=bool)
     # link bytes of each prefix of layers: per-layer copy bytes on every link, summed in gain order
     row, src, dst = rank[moves.layer[take]], moves.src[take], moves.dst[take]
-    copies = sparse.csr_matrix((np.full(len(row), cost.weight_bytes), (row, src * n + dst)),
-                               shape=(len(order), n * n))
+    copies = sparse.csr_matrix(
+        (np.full(len(row), cost.weight_bytes), (row, src * n + dst)), shape=(len(order), n * n)
+    )
     latency = np.zeros(len(order))
     np.maximum.at(latency, row, comm.path_latency[src, dst])
     link_bytes = np.cumsum((copies @ comm.routes).toarray(), axis=0)
@@ -233,9 +249,19 @@ def simulate_iterations(
     check_trace(counts, base.num_layers, base.num_experts)
     base.validate()
     steps_total = counts.shape[0]
-    series = {k: np.zeros(steps_total) for k in
-              ("max_load", "mean_load", "imbalance", "compute_s", "even_compute_s", "a2a_s", "stall_s",
-               "migrated_bytes")}
+    series = {
+        k: np.zeros(steps_total)
+        for k in (
+            "max_load",
+            "mean_load",
+            "imbalance",
+            "compute_s",
+            "even_compute_s",
+            "a2a_s",
+            "stall_s",
+            "migrated_bytes",
+        )
+    }
     placement, flight = base, None
     since, plans, rejected, worst = 0, [], [], 0.0
     config = balancer.config
@@ -243,7 +269,7 @@ def simulate_iterations(
     it = 0
     while it < steps_total:
         if flight is None and it > since and balancer.should_plan(it, series["imbalance"][since:it]):
-            history = counts[max(it - window, 0):it]
+            history = counts[max(it - window, 0) : it]
             mean = history.mean(axis=0)
             target = config.applied(balancer.plan(mean, placement, base), mean)
             target.validate()
@@ -275,8 +301,10 @@ def simulate_iterations(
         if flight is not None:  # stream chunks iteration by iteration until a layer's copies all landed
             switched = flight.landed_layers().sum()
             for j in range(end - it):
-                a2a = [(block.dispatch_bytes[j], block.dispatch_s[j], comm.dispatch.links),
-                       (block.combine_bytes[j], block.combine_s[j], comm.combine.links)]
+                a2a = [
+                    (block.dispatch_bytes[j], block.dispatch_s[j], comm.dispatch.links),
+                    (block.combine_bytes[j], block.combine_s[j], comm.combine.links),
+                ]
                 landed, util = flight.advance(comm, a2a, config.chunk_bytes)
                 worst = max(worst, util)
                 if flight.landed_layers().sum() > switched:  # the next iteration runs on a new table
@@ -284,8 +312,16 @@ def simulate_iterations(
                     break
         else:  # cut the block where the trigger fires; later iterations are redone
             hist = block.imbalance
-            end = next((i for i in range(it + 1, end) if balancer.should_plan(
-                i, np.concatenate([series["imbalance"][since:it], hist[: i - it]]))), end)
+            end = next(
+                (
+                    i
+                    for i in range(it + 1, end)
+                    if balancer.should_plan(
+                        i, np.concatenate([series["imbalance"][since:it], hist[: i - it]])
+                    )
+                ),
+                end,
+            )
         for key in ("max_load", "mean_load", "imbalance", "compute_s", "even_compute_s", "a2a_s"):
             series[key][it:end] = getattr(block, key)[: end - it]
         if flight is not None:
@@ -296,11 +332,17 @@ def simulate_iterations(
     return IterationResult(
         balancer=balancer.name,
         tokens_per_iteration=np.asarray(tokens_per_iteration, dtype=np.float64),
-        max_load=series["max_load"], mean_load=series["mean_load"],
-        compute_s=series["compute_s"], a2a_s=series["a2a_s"],
+        max_load=series["max_load"],
+        mean_load=series["mean_load"],
+        compute_s=series["compute_s"],
+        a2a_s=series["a2a_s"],
         allreduce_s=np.full(steps_total, comm.allreduce_time * base.num_layers),
-        stall_s=series["stall_s"], migrated_bytes=series["migrated_bytes"],
-        num_devices=base.num_devices, num_layers=base.num_layers,
-        plans=plans, rejected_plans=rejected, max_link_utilization=worst,
+        stall_s=series["stall_s"],
+        migrated_bytes=series["migrated_bytes"],
+        num_devices=base.num_devices,
+        num_layers=base.num_layers,
+        plans=plans,
+        rejected_plans=rejected,
+        max_link_utilization=worst,
         even_compute_s=series["even_compute_s"],
     )

@@ -85,9 +85,12 @@ def check_fits(estimate: int, what: str, field: str) -> None:
     """InputError(field) with the estimate when ``estimate`` bytes exceed the budget."""
     budget = budget_bytes()
     if estimate > budget:
-        raise InputError(field, f"{what} needs about {estimate / GIB:.1f} GiB (estimated before allocating), "
-                                f"more than the {budget / GIB:.1f} GiB budget; use a smaller problem or "
-                                f"raise {ENV_BUDGET} (README: Limits and errors)")
+        raise InputError(
+            field,
+            f"{what} needs about {estimate / GIB:.1f} GiB (estimated before allocating), "
+            f"more than the {budget / GIB:.1f} GiB budget; use a smaller problem or "
+            f"raise {ENV_BUDGET} (README: Limits and errors)",
+        )
 
 
 def largest_square_mesh(hw: Hardware) -> int:
@@ -113,6 +116,8 @@ def check_platform(hw: Hardware) -> None:
 def check_iterations(hw: Hardware, iterations: int, moe_layers: int, experts: int) -> None:
     """Refuse an iteration-level run that would not fit (field ``iterations`` once the platform fits)."""
     check_platform(hw)
-    check_fits(iteration_bytes(hw, iterations, moe_layers, experts),
-               f"{iterations} iterations x {moe_layers} MoE layers x {experts} experts on {hw.name}",
-               "iterations")
+    check_fits(
+        iteration_bytes(hw, iterations, moe_layers, experts),
+        f"{iterations} iterations x {moe_layers} MoE layers x {experts} experts on {hw.name}",
+        "iterations",
+    )

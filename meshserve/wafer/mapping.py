@@ -70,8 +70,10 @@ def readings() -> dict[str, Reading]:
         attention = tuple((step.choice("op", OPS), step.choice("over", RING_OVER)) for step in sections)
         domain = sec.data.get("a2a_domain") if sec.has("a2a_domain") else None
         if not isinstance(domain, list) or not domain or any(k not in DOMAIN_KEYS for k in domain):
-            raise InputError(f"mappings.{name}.a2a_domain",
-                             f"must be a non-empty list of {', '.join(DOMAIN_KEYS)}, got {domain!r}")
+            raise InputError(
+                f"mappings.{name}.a2a_domain",
+                f"must be a non-empty list of {', '.join(DOMAIN_KEYS)}, got {domain!r}",
+            )
         out[name] = Reading(sec.choice("layout", LAYOUTS), attention, tuple(domain))
         for part in (sec, *sections):  # strict, as every preset: a misspelt key is an error
             part.reject_unknown()
@@ -230,21 +232,26 @@ def make_mapping(hw: Hardware, tp: int, kind: str = "baseline") -> Mapping:
     if not isinstance(tp, int | np.integer) or tp < 1 or block_shape(rows, cols, tp) is None:
         fits = [t for t in range(1, per + 1) if block_shape(rows, cols, t) and t & (t - 1) == 0]
         where = f"{rows}x{cols} mesh" if hw.kind == "mesh" else f"{cols}-GPU node"
-        raise InputError("tp", f"{tp} does not tile the {where} of {hw.name}; allowed: "
-                         f"{', '.join(map(str, fits))}")
+        raise InputError(
+            "tp", f"{tp} does not tile the {where} of {hw.name}; allowed: {', '.join(map(str, fits))}"
+        )
     reading = readings()[kind]
     if reading.hierarchical and wafers < 2:
         flat = ", ".join(k for k, r in readings().items() if not r.hierarchical)
-        raise InputError("mapping", f"{kind} needs several wafers/nodes; {hw.name} has one; "
-                         f"allowed here: {flat}")
+        raise InputError(
+            "mapping", f"{kind} needs several wafers/nodes; {hw.name} has one; allowed here: {flat}"
+        )
     if reading.layout == "compact":
         groups, ftd_of = _baseline(rows, cols, tp)
     else:
         groups, ftd_of = _entwined(rows, cols, tp, balanced=reading.layout == "entwined-balanced")
     offsets = (np.arange(wafers) * per)[:, None, None]
     return Mapping(
-        name=kind, tp=tp, groups=(groups[None] + offsets).reshape(-1, tp),
-        ftd_of=np.tile(ftd_of, wafers), wafer_of=np.repeat(np.arange(wafers), per),
+        name=kind,
+        tp=tp,
+        groups=(groups[None] + offsets).reshape(-1, tp),
+        ftd_of=np.tile(ftd_of, wafers),
+        wafer_of=np.repeat(np.arange(wafers), per),
         reading=reading,
     )
 
@@ -259,8 +266,11 @@ def expert_placement(num_experts: int, num_devices: int, ep: int | None = None) 
     ep = num_devices if ep is None else ep
     if not 1 <= ep <= num_devices or num_devices % ep:
         divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
-        raise InputError("ep", f"must divide the {num_devices} devices (so at most {num_devices}), got {ep}; "
-                         f"allowed: {', '.join(map(str, divisors))}")
+        raise InputError(
+            "ep",
+            f"must divide the {num_devices} devices (so at most {num_devices}), got {ep}; "
+            f"allowed: {', '.join(map(str, divisors))}",
+        )
     slots = np.arange(max(num_experts, ep))
     hosts = np.zeros((num_experts, ep))
     hosts[slots % num_experts, slots % ep] = 1.0

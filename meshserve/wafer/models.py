@@ -96,7 +96,9 @@ def load_model(name: str) -> MoEModel:
     kind = a.choice("kind", ("mla", "gqa"))
     ints = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
     attention = Attention(
-        kind=kind, num_heads=a.integer("num_heads"), num_kv_heads=a.integer("num_kv_heads"),
+        kind=kind,
+        num_heads=a.integer("num_heads"),
+        num_kv_heads=a.integer("num_kv_heads"),
         **({"head_dim": a.integer("head_dim")} if kind == "gqa" else {k: a.integer(k) for k in ints}),
     )
     model = MoEModel(

@@ -124,8 +124,13 @@ def ordered_routes(topo: Topology, pairs: np.ndarray) -> np.ndarray:
         require(len(port["inject"]) == n, "pattern", "packets to their own node need injection ports")
         node = pairs[own] // n
         row = np.concatenate([row, own, own])
-        link = np.concatenate([link, port["inject"][np.argsort(topo.link_src[port["inject"]])][node],
-                               port["eject"][np.argsort(topo.link_dst[port["eject"]])][node]])
+        link = np.concatenate(
+            [
+                link,
+                port["inject"][np.argsort(topo.link_src[port["inject"]])][node],
+                port["eject"][np.argsort(topo.link_dst[port["eject"]])][node],
+            ]
+        )
     kind = topo.link_kind[link]
     step = topo.hops[pairs[row] // n, np.minimum(topo.link_src[link], n - 1)].astype(np.float64)
     step = np.where(kind == "inject", -1.0, np.where(kind == "eject", np.inf, step))
@@ -248,8 +253,15 @@ def run_noc(
     import json
 
     rows, cols = parse_mesh(mesh)
-    result = noc_cycles(rows, cols, pattern, packets_per_node, flits_per_packet, models or NOC_MODELS,
-                        injection_ports=injection_ports)
+    result = noc_cycles(
+        rows,
+        cols,
+        pattern,
+        packets_per_node,
+        flits_per_packet,
+        models or NOC_MODELS,
+        injection_ports=injection_ports,
+    )
     reference = booksim_reference(result)
     if reference is not None:
         result["booksim2_cycles"] = reference

@@ -41,7 +41,11 @@ class NocParams:
 
 
 def simulate_packets(
-    route: np.ndarray, source: np.ndarray, latency: np.ndarray, is_eject: np.ndarray, params: NocParams,
+    route: np.ndarray,
+    source: np.ndarray,
+    latency: np.ndarray,
+    is_eject: np.ndarray,
+    params: NocParams,
     width: np.ndarray | None = None,
 ) -> int:
     """Cycles until the last packet has arrived.
@@ -138,8 +142,14 @@ def simulate_packets(
 
 
 def _grant_outputs(
-    cand: np.ndarray, nxt: np.ndarray, port: np.ndarray, width: np.ndarray, channel_busy: np.ndarray,
-    occupied: np.ndarray, is_eject: np.ndarray, vcs: int,
+    cand: np.ndarray,
+    nxt: np.ndarray,
+    port: np.ndarray,
+    width: np.ndarray,
+    channel_busy: np.ndarray,
+    occupied: np.ndarray,
+    is_eject: np.ndarray,
+    vcs: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each output channel grants its oldest requests, as many as it has free lanes (and VCs behind it)."""
     room = free_lanes(nxt, width, channel_busy, occupied, is_eject, vcs)
@@ -149,7 +159,11 @@ def _grant_outputs(
 
 
 def free_lanes(
-    nxt: np.ndarray, width: np.ndarray, channel_busy: np.ndarray, occupied: np.ndarray, is_eject: np.ndarray,
+    nxt: np.ndarray,
+    width: np.ndarray,
+    channel_busy: np.ndarray,
+    occupied: np.ndarray,
+    is_eject: np.ndarray,
     vcs: int,
 ) -> np.ndarray:
     """Packets channels ``nxt`` can still take this cycle: free lanes, capped by free VCs behind them."""

@@ -17,8 +17,14 @@ from meshserve.wafer.models import MoEModel
 from meshserve.wafer.simulate import LayerResult
 from meshserve.wafer.topology import Topology, topology_for
 
-COLOURS = {"baseline": "#7f7f7f", "er": "#1f77b4", "er-bal": "#2ca02c", "her": "#ff7f0e",
-           "her-bal": "#d62728", "her-ftd": "#9467bd"}
+COLOURS = {
+    "baseline": "#7f7f7f",
+    "er": "#1f77b4",
+    "er-bal": "#2ca02c",
+    "her": "#ff7f0e",
+    "her-bal": "#d62728",
+    "her-ftd": "#9467bd",
+}
 
 
 def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
@@ -45,13 +51,22 @@ def _draw_mesh(ax, topo: Topology, m: Mapping, loads: np.ndarray, title: str):
     side = np.stack([step[:, 1], -step[:, 0]], axis=1) * 0.13  # keep the two directions apart
     segments = np.stack([a + 0.22 * step + side, b - 0.22 * step + side], axis=1)
     values = loads[mesh] / 1e6
-    lines = LineCollection(segments, array=values, cmap="inferno_r", linewidths=3.2,
-                           norm=_norm(values))
+    lines = LineCollection(segments, array=values, cmap="inferno_r", linewidths=3.2, norm=_norm(values))
     ax.add_collection(lines)
     xy = topo.coords[:, ::-1] * [1, -1]
     small = m.num_devices <= 100
-    ax.scatter(xy[:, 0], xy[:, 1], s=140 if small else 30, c=m.ftd_of, cmap="Pastel1",
-               edgecolors="#555555", linewidths=0.6, zorder=3, vmin=0, vmax=8)
+    ax.scatter(
+        xy[:, 0],
+        xy[:, 1],
+        s=140 if small else 30,
+        c=m.ftd_of,
+        cmap="Pastel1",
+        edgecolors="#555555",
+        linewidths=0.6,
+        zorder=3,
+        vmin=0,
+        vmax=8,
+    )
     if small:
         for d, (x, y) in enumerate(xy):
             ax.text(x, y, str(m.group_of[d]), ha="center", va="center", fontsize=6, zorder=4)
@@ -70,8 +85,9 @@ def _norm(values: np.ndarray):
     return Normalize(vmin=0.0, vmax=max(float(values.max()), 1e-9))
 
 
-def heatmap_png(hw: Hardware, model: MoEModel, m: Mapping, tokens: float, layer: LayerResult,
-                out: str | Path) -> Path:
+def heatmap_png(
+    hw: Hardware, model: MoEModel, m: Mapping, tokens: float, layer: LayerResult, out: str | Path
+) -> Path:
     """Attention-reduction and MoE all-to-all link loads side by side (one colour bar each)."""
     import matplotlib.pyplot as plt
 
@@ -79,8 +95,10 @@ def heatmap_png(hw: Hardware, model: MoEModel, m: Mapping, tokens: float, layer:
         raise InputError("hardware", f"heatmap draws mesh platforms; {hw.name} is a switch platform")
     topo = topology_for(hw)
     fig, axes = plt.subplots(1, 2, figsize=(14, 7) if hw.wafers > 1 else (12, 6))
-    phases = [("attention reduction", layer.attention_loads, layer.attention_comm_s),
-              ("MoE all-to-all (dispatch + combine)", layer.moe_loads, layer.all_to_all_s)]
+    phases = [
+        ("attention reduction", layer.attention_loads, layer.attention_comm_s),
+        ("MoE all-to-all (dispatch + combine)", layer.moe_loads, layer.all_to_all_s),
+    ]
     for ax, (name, loads, seconds) in zip(axes, phases, strict=True):
         mesh_max = loads[topo.link_kind == "mesh"].max() / 1e6
         title = f"{name}\n{seconds * 1e6:.1f} us, hottest mesh link {mesh_max:.2f} MB"
@@ -93,7 +111,9 @@ def heatmap_png(hw: Hardware, model: MoEModel, m: Mapping, tokens: float, layer:
     fig.suptitle(
         f"{model.name} on {hw.name}, mapping {m.name}, TP={m.tp}, {tokens:g} tokens/device: link loads "
         f"({layer.time_model} model)\ndies: colour = Full Token Domain{dies}; each link drawn once per "
-        "direction (right-hand lane)", fontsize=10)
+        "direction (right-hand lane)",
+        fontsize=10,
+    )
     return save_figure(fig, out)
 
 
@@ -105,8 +125,9 @@ def comparison_png(result: dict, out: str | Path) -> Path:
     scales = list(dict.fromkeys(r["hardware"] for r in result["rows"]))
     models = list(dict.fromkeys(r["model"] for r in result["rows"]))
     cols = 2
-    fig, axes = plt.subplots((len(scales) + 1) // cols, cols, figsize=(13, 4.2 * ((len(scales) + 1) // cols)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        (len(scales) + 1) // cols, cols, figsize=(13, 4.2 * ((len(scales) + 1) // cols)), squeeze=False
+    )
     for ax, scale in zip(axes.ravel(), scales, strict=False):
         rows = {r["model"]: r for r in result["rows"] if r["hardware"] == scale}
         kinds = list(rows[models[0]]["mappings"])
@@ -116,19 +137,28 @@ def comparison_png(result: dict, out: str | Path) -> Path:
             a2a = [rows[mo]["mappings"][kind]["all_to_all_us"] for mo in models]
             attn = [rows[mo]["mappings"][kind]["attention_us"] for mo in models]
             ax.bar(x, a2a, width, color=COLOURS[kind], label=f"{kind}: all-to-all")
-            ax.bar(x, attn, width, bottom=a2a, color=COLOURS[kind], alpha=0.35,
-                   label=f"{kind}: attention reduction")
+            ax.bar(
+                x,
+                attn,
+                width,
+                bottom=a2a,
+                color=COLOURS[kind],
+                alpha=0.35,
+                label=f"{kind}: attention reduction",
+            )
         devices = rows[models[0]]["devices"]
         ax.set_title(f"{scale} ({devices} devices)", fontsize=10)
         ax.set_xticks(np.arange(len(models)), models, fontsize=8)
         ax.set_ylabel("communication per MoE layer (us)")
         ax.grid(axis="y", alpha=0.3)
-    for ax in axes.ravel()[len(scales):]:
+    for ax in axes.ravel()[len(scales) :]:
         ax.axis("off")
     handles, labels = axes.ravel()[len(scales) - 1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
     fig.suptitle(
         f"Baseline vs ER-Mapping vs hierarchical ER: TP={result['tp']}, {result['tokens_per_device']:g} "
-        f"decode tokens/device ({result['time_model']} model)", fontsize=11)
+        f"decode tokens/device ({result['time_model']} model)",
+        fontsize=11,
+    )
     fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     return save_figure(fig, out)

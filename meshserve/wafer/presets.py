@@ -77,8 +77,10 @@ class Section:
         """InputError naming the first key no accessor read, here or in a sub-section."""
         unknown = sorted(set(map(str, self.data)) - self.read - set(NOTES))
         if unknown:
-            raise InputError(f"{self.where}.{unknown[0]}",
-                             f"unknown field (misspelt?); allowed here: {', '.join(sorted(self.read))}")
+            raise InputError(
+                f"{self.where}.{unknown[0]}",
+                f"unknown field (misspelt?); allowed here: {', '.join(sorted(self.read))}",
+            )
         for child in self.children:
             child.reject_unknown()
 

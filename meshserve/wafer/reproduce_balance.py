@@ -62,7 +62,10 @@ def gain(before: float, after: float) -> float:
 
 
 def run_ladder(
-    spec: dict[str, Any], *, config: BalanceConfig | None = None, progress: bool = True,
+    spec: dict[str, Any],
+    *,
+    config: BalanceConfig | None = None,
+    progress: bool = True,
     executor: str = "local",
 ) -> tuple[dict, dict[str, IterationResult]]:
     """Every rung for every model of ``spec`` (see :func:`load_spec`), on ``executor`` (fanout.py).
@@ -74,14 +77,24 @@ def run_ladder(
     rungs = [*spec["ladder"], *spec["references"]]
     roles = spec["roles"]
     ni_rung = next(r for r in rungs if r.label == roles["ni"])
-    settings = {k: spec[k]
-                for k in ("tp", "tokens_per_device", "iterations", "scenario", "seed", "time_model")}
+    settings = {
+        k: spec[k] for k in ("tp", "tokens_per_device", "iterations", "scenario", "seed", "time_model")
+    }
     settings_out = {**settings, "wsc": ni_rung.hardware, "config": config.__dict__}
     figures: dict = {"models": {}, "settings": settings_out}
     traces: dict[str, IterationResult] = {}
-    setups = [BalanceSetup(model=model, hardware=rung.hardware, mapping=rung.mapping, balancer=rung.balancer,
-                           config=rung.balance_config(config), **settings)
-              for model in spec["models"] for rung in rungs]
+    setups = [
+        BalanceSetup(
+            model=model,
+            hardware=rung.hardware,
+            mapping=rung.mapping,
+            balancer=rung.balancer,
+            config=rung.balance_config(config),
+            **settings,
+        )
+        for model in spec["models"]
+        for rung in rungs
+    ]
     for setup in setups:  # fail on bad input before any long run starts
         setup.check()
     results = run_many(run_setup, setups, executor, progress, "reproduce balance")
@@ -91,15 +104,24 @@ def run_ladder(
         rows = []
         for rung in rungs:
             setup, result = next(runs)
-            gapped += [(key, setup, result) for key, role in GAP_ROLES.items()
-                       if rung.label == roles.get(role)]
+            gapped += [
+                (key, setup, result) for key, role in GAP_ROLES.items() if rung.label == roles.get(role)
+            ]
             first = model == spec["models"][0]
             if first and (rung.hardware, rung.mapping) == (ni_rung.hardware, ni_rung.mapping):
                 dispatch = (rung.config or {}).get("dispatch", "even")
                 name = rung.balancer if dispatch == "even" else f"{rung.balancer}, {dispatch} dispatch"
                 traces[name] = result
-            rows.append({"rung": rung.label, "hardware": rung.hardware, "mapping": rung.mapping,
-                         "balancer": rung.balancer, "config": rung.config or {}, **result.summary()})
+            rows.append(
+                {
+                    "rung": rung.label,
+                    "hardware": rung.hardware,
+                    "mapping": rung.mapping,
+                    "balancer": rung.balancer,
+                    "config": rung.config or {},
+                    **result.summary(),
+                }
+            )
         figures["models"][model] = _model_figures(rows, roles)
     # where our balancer's steady imbalance comes from: noise floor, forecast, planner, lag
     steadies = run_many(_steady_gap, [pair for _, *pair in gapped], executor, progress, "steady_gap")
@@ -110,8 +132,13 @@ def run_ladder(
             floor = steady.get("floor", {}).get("per_iteration")
             figures["models"][setup.model]["plan_floor_max_over_mean"] = floor
     per_model = figures["models"].values()
-    for key in ("ni_compute_gain", "ni_comm_gain", "wsc_vs_nvl72_gain", "wsc_vs_nvl72_with_reduction_gain",
-                "wsc_vs_nvl72_eplb_gain"):
+    for key in (
+        "ni_compute_gain",
+        "ni_comm_gain",
+        "wsc_vs_nvl72_gain",
+        "wsc_vs_nvl72_with_reduction_gain",
+        "wsc_vs_nvl72_eplb_gain",
+    ):
         name = key.replace("_gain", "_avg_gain") if key.startswith("wsc") else key
         figures[name] = float(np.mean([m[key] for m in per_model]))
     figures["ni_compute_gain_max"] = float(max(m["ni_compute_gain"] for m in per_model))
@@ -158,47 +185,88 @@ def print_ladder(figures: dict) -> None:
     if not console.is_terminal:
         console = Console(width=150)
     s = figures["settings"]
-    console.print(f"[bold]MoE decode with load balancing[/]: {s['iterations']} iterations, scenario "
-                  f"{s['scenario']}, TP={s['tp']}, {s['tokens_per_device']} tokens/device, WSC = {s['wsc']}, "
-                  f"time model {s['time_model']}")
+    console.print(
+        f"[bold]MoE decode with load balancing[/]: {s['iterations']} iterations, scenario "
+        f"{s['scenario']}, TP={s['tp']}, {s['tokens_per_device']} tokens/device, WSC = {s['wsc']}, "
+        f"time model {s['time_model']}"
+    )
     for model, m in figures["models"].items():
         table = Table(title=f"{model}: ablation ladder (sums over iterations; cf. paper Fig. 17)")
-        for col in ("rung", "compute ms", "all-to-all ms", "stall ms", "MoE ms", "attn red. ms",
-                    "max/mean load", "migrated GB", "tok/s/device", "vs NVL72", "vs NVL72 incl. attn red."):
+        for col in (
+            "rung",
+            "compute ms",
+            "all-to-all ms",
+            "stall ms",
+            "MoE ms",
+            "attn red. ms",
+            "max/mean load",
+            "migrated GB",
+            "tok/s/device",
+            "vs NVL72",
+            "vs NVL72 incl. attn red.",
+        ):
             table.add_column(col, justify="left" if col == "rung" else "right")
         for r in m["ladder"]:
             moe = r["moe_compute_s"] + r["a2a_s"] + r["stall_s"]
-            table.add_row(r["rung"], f"{r['moe_compute_s'] * 1e3:.1f}", f"{r['a2a_s'] * 1e3:.1f}",
-                          f"{r['stall_s'] * 1e3:.1f}", f"{moe * 1e3:.1f}", f"{r['allreduce_s'] * 1e3:.1f}",
-                          f"{r['max_over_mean_load']:.2f}", f"{r['migrated_bytes'] / 1e9:.0f}",
-                          f"{r['moe_tokens_per_s_per_device']:,.0f}", f"{r['vs_nvl72']:.2f}x",
-                          f"{r['vs_nvl72_with_reduction']:.2f}x")
+            table.add_row(
+                r["rung"],
+                f"{r['moe_compute_s'] * 1e3:.1f}",
+                f"{r['a2a_s'] * 1e3:.1f}",
+                f"{r['stall_s'] * 1e3:.1f}",
+                f"{moe * 1e3:.1f}",
+                f"{r['allreduce_s'] * 1e3:.1f}",
+                f"{r['max_over_mean_load']:.2f}",
+                f"{r['migrated_bytes'] / 1e9:.0f}",
+                f"{r['moe_tokens_per_s_per_device']:,.0f}",
+                f"{r['vs_nvl72']:.2f}x",
+                f"{r['vs_nvl72_with_reduction']:.2f}x",
+            )
         console.print(table)
-    console.print("  tok/s/device and 'vs NVL72': MoE time = expert compute + all-to-all + stall (the "
-                  "attention output reduction excluded); 'incl. attn red.' adds it to every layer.")
+    console.print(
+        "  tok/s/device and 'vs NVL72': MoE time = expert compute + all-to-all + stall (the "
+        "attention output reduction excluded); 'incl. attn red.' adds it to every layer."
+    )
     table = Table(title="Headline figures (fractions; ours = mean over models unless marked best)")
     for col in ("figure", "ours", "paper"):
         table.add_column(col, justify="left" if col == "figure" else "right")
-    names = {"ni_compute_gain": "NI-Balancer MoE compute gain (vs +hierarchical ER, no balance)",
-             "ni_comm_gain": "NI-Balancer MoE all-to-all gain",
-             "wsc_vs_nvl72_avg_gain": "WSC (all techniques) vs NVL72, per-device MoE throughput"}
+    names = {
+        "ni_compute_gain": "NI-Balancer MoE compute gain (vs +hierarchical ER, no balance)",
+        "ni_comm_gain": "NI-Balancer MoE all-to-all gain",
+        "wsc_vs_nvl72_avg_gain": "WSC (all techniques) vs NVL72, per-device MoE throughput",
+    }
     for key, label in names.items():
         table.add_row(label, f"{figures[key]:+.1%}", f"{figures['paper'][key]:+.0%}")
         if f"{key}_max" in figures:
             table.add_row("  (best model)", f"{figures[key + '_max']:+.1%}", "")
-    table.add_row("  (attention reduction included, mean over models)",
-                  f"{figures['wsc_vs_nvl72_with_reduction_avg_gain']:+.1%}", "")
+    table.add_row(
+        "  (attention reduction included, mean over models)",
+        f"{figures['wsc_vs_nvl72_with_reduction_avg_gain']:+.1%}",
+        "",
+    )
     for model, m in figures["models"].items():  # on WSC with her: ni, ni-eplb, greedy applying every plan
         rows = [r for r in m["ladder"] if r["mapping"] == "her"]
-        steady = [next((r["max_over_mean_load_steady"] for r in rows
-                        if r["balancer"] == name and match(r["config"])), None)
-                  for name, match in (("ni", lambda c: not c),
-                                      ("ni-eplb", lambda c: c.get("dispatch", "even") == "even"),
-                                      ("ni-eplb", lambda c: c.get("dispatch") == "balanced"),
-                                      ("greedy", lambda c: c.get("reject_slower_plans") is False))]
-        table.add_row(f"{model}: steady max/mean load, ni / ni-eplb (ours) / + balanced dispatch / greedy "
-                      "(every plan) / floor", " / ".join(_fixed(v, 3) for v in steady) + " / "
-                      + _fixed(m["plan_floor_max_over_mean"], 3), "-")
+        steady = [
+            next(
+                (
+                    r["max_over_mean_load_steady"]
+                    for r in rows
+                    if r["balancer"] == name and match(r["config"])
+                ),
+                None,
+            )
+            for name, match in (
+                ("ni", lambda c: not c),
+                ("ni-eplb", lambda c: c.get("dispatch", "even") == "even"),
+                ("ni-eplb", lambda c: c.get("dispatch") == "balanced"),
+                ("greedy", lambda c: c.get("reject_slower_plans") is False),
+            )
+        ]
+        table.add_row(
+            f"{model}: steady max/mean load, ni / ni-eplb (ours) / + balanced dispatch / greedy "
+            "(every plan) / floor",
+            " / ".join(_fixed(v, 3) for v in steady) + " / " + _fixed(m["plan_floor_max_over_mean"], 3),
+            "-",
+        )
     eplb = figures["wsc_vs_nvl72_eplb_avg_gain"]
     table.add_row("WSC vs NVL72 + EPLB (not in the paper)", f"{eplb:+.1%}", "-")
     console.print(table)
@@ -209,10 +277,16 @@ def print_steady_gap(figures: dict, console: Any) -> None:
     """Our balancer's steady max/mean load, one cause added per column (meshserve/wafer/steady.py)."""
     from rich.table import Table
 
-    table = Table(title="Where ni-eplb's steady max/mean load comes from "
-                        "(per iteration; in brackets on the window's mean load)")
-    steps = {"floor": "noise floor", "forecast": "+ forecast", "planner": "+ planner",
-             "simulated": "+ lag (simulated)"}
+    table = Table(
+        title="Where ni-eplb's steady max/mean load comes from "
+        "(per iteration; in brackets on the window's mean load)"
+    )
+    steps = {
+        "floor": "noise floor",
+        "forecast": "+ forecast",
+        "planner": "+ planner",
+        "simulated": "+ lag (simulated)",
+    }
     table.add_column("model")
     for label in steps.values():
         table.add_column(label, justify="right")
@@ -221,11 +295,17 @@ def print_steady_gap(figures: dict, console: Any) -> None:
             if key not in m:
                 continue
             gap = {k: m[key].get(k, {}) for k in steps}
-            table.add_row(name, *(_fixed(gap[k].get("per_iteration"), 3)
-                                  + (f" ({gap[k]['on_mean_load']:.3f})" if "on_mean_load" in gap[k] else "")
-                                  for k in steps))
-            table.add_row("  MoE compute time / even split's", *(_fixed(gap[k].get("time_over_even"), 3)
-                                                                  for k in steps))
+            table.add_row(
+                name,
+                *(
+                    _fixed(gap[k].get("per_iteration"), 3)
+                    + (f" ({gap[k]['on_mean_load']:.3f})" if "on_mean_load" in gap[k] else "")
+                    for k in steps
+                ),
+            )
+            table.add_row(
+                "  MoE compute time / even split's", *(_fixed(gap[k].get("time_over_even"), 3) for k in steps)
+            )
     console.print(table)
 
 
@@ -250,8 +330,11 @@ def plot_load_traces(traces: dict[str, IterationResult], model: str, wsc: str, o
         stalls = np.flatnonzero(r.stall_s > 0)
         if len(stalls):
             ax.vlines(stalls, 0, r.max_load.max(), color="grey", alpha=0.4, label="inference stalled")
-        ax.set_title(f"{name}: max/mean {np.mean(r.max_load / r.mean_load):.2f}, "
-                     f"stall {r.stall_s.sum() * 1e3:.1f} ms, {len(r.plans)} plans", fontsize=9)
+        ax.set_title(
+            f"{name}: max/mean {np.mean(r.max_load / r.mean_load):.2f}, "
+            f"stall {r.stall_s.sum() * 1e3:.1f} ms, {len(r.plans)} plans",
+            fontsize=9,
+        )
         ax.set_ylabel("tokens / device\n(per MoE layer)")
         ax.set_ylim(bottom=0)
     axes[0, 0].legend(loc="lower right", fontsize=8)
@@ -289,9 +372,16 @@ def plot_ladder(figures: dict, labels: list[str], out: Path) -> Path:
 
 
 def reproduce_balance(
-    out: str | os.PathLike[str] = "out", *, as_json: bool = False, iterations: int | None = None,
-    tokens_per_device: int | None = None, scenario: str | None = None, models: tuple[str, ...] | None = None,
-    curves: bool = True, executor: str = "local", time_model: str | None = None,
+    out: str | os.PathLike[str] = "out",
+    *,
+    as_json: bool = False,
+    iterations: int | None = None,
+    tokens_per_device: int | None = None,
+    scenario: str | None = None,
+    models: tuple[str, ...] | None = None,
+    curves: bool = True,
+    executor: str = "local",
+    time_model: str | None = None,
 ) -> dict:
     """Run the ladder, write balance.json and the two plots under ``out``, print tables or JSON.
 
@@ -300,13 +390,21 @@ def reproduce_balance(
     run times communication (bottleneck or fair-share; docs/wafer.md, "Time models").
     """
     spec = load_spec()
-    given = {"iterations": iterations, "tokens_per_device": tokens_per_device, "scenario": scenario,
-             "models": list(models) if models is not None else None, "time_model": time_model}
+    given = {
+        "iterations": iterations,
+        "tokens_per_device": tokens_per_device,
+        "scenario": scenario,
+        "models": list(models) if models is not None else None,
+        "time_model": time_model,
+    }
     spec.update({k: v for k, v in given.items() if v is not None})
     require(len(spec["models"]) > 0, "models", "list at least one model preset, e.g. deepseek-v3")
     require(spec["iterations"] >= 1, "iterations", f"must be >= 1, got {spec['iterations']}")
-    require(spec["time_model"] in TIME_MODELS, "time_model",
-            f"unknown {spec['time_model']!r}; allowed: {', '.join(TIME_MODELS)}")
+    require(
+        spec["time_model"] in TIME_MODELS,
+        "time_model",
+        f"unknown {spec['time_model']!r}; allowed: {', '.join(TIME_MODELS)}",
+    )
     out = check_writable(out, "out", folder=True)
     start = time.perf_counter()
     figures, traces = run_ladder(spec, progress=not as_json, executor=executor)
@@ -314,7 +412,8 @@ def reproduce_balance(
         from meshserve.wafer.curves import curves_png, run_curves
 
         figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"] = run_curves(
-            spec, BalanceConfig(), progress=not as_json, executor=executor)
+            spec, BalanceConfig(), progress=not as_json, executor=executor
+        )
         from meshserve.wafer.steady_curve import ni_steady_curve
 
         figures["ni_steady_curve"] = ni_steady_curve(spec, BalanceConfig(), not as_json, executor)
@@ -326,8 +425,13 @@ def reproduce_balance(
             str(plot_ladder(figures, [r.label for r in spec["ladder"]], out)),
         ]
         if curves:
-            figures["plots"].append(str(curves_png(figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"],
-                                                   out / "balance_curves.png")))
+            figures["plots"].append(
+                str(
+                    curves_png(
+                        figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"], out / "balance_curves.png"
+                    )
+                )
+            )
             from meshserve.wafer.steady_curve import ni_steady_png
 
             curve = figures["ni_steady_curve"]
@@ -345,7 +449,8 @@ def reproduce_balance(
 
             print_curves(figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"], Console(width=150))
             print_ni_steady_curve(figures["ni_steady_curve"], Console(width=170))
-        print(f"{figures['wall_s']:.0f} s of wall time ({executor}, {spec['time_model']} time model); "
-              f"wrote {out / 'balance.json'}, "
-              + ", ".join(figures["plots"]))
+        print(
+            f"{figures['wall_s']:.0f} s of wall time ({executor}, {spec['time_model']} time model); "
+            f"wrote {out / 'balance.json'}, " + ", ".join(figures["plots"])
+        )
     return figures

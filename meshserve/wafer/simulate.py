@@ -63,9 +63,16 @@ def _compute_phase(name: str, seconds: float, num_links: int) -> PhaseTime:
 
 
 def simulate_layer(
-    hw: Hardware, model: MoEModel, mapping: Mapping, tokens_per_device: float, *,
-    placement: np.ndarray | None = None, expert_load: np.ndarray | None = None, ep: int | None = None,
-    context: int = DEFAULT_CONTEXT, time_model: str = "bottleneck",
+    hw: Hardware,
+    model: MoEModel,
+    mapping: Mapping,
+    tokens_per_device: float,
+    *,
+    placement: np.ndarray | None = None,
+    expert_load: np.ndarray | None = None,
+    ep: int | None = None,
+    context: int = DEFAULT_CONTEXT,
+    time_model: str = "bottleneck",
 ) -> LayerResult:
     """Evaluate one MoE layer in decode.
 
@@ -84,8 +91,10 @@ def simulate_layer(
         placement = expert_placement(model.routed_experts, topo.num_devices, ep)
     tokens = tokens_per_device * mapping.tp
     links = topo.num_links
-    attn = [collective_time(topo, c, time_model)
-            for c in attention_collectives(mapping, tokens, model.token_bytes)]
+    attn = [
+        collective_time(topo, c, time_model)
+        for c in attention_collectives(mapping, tokens, model.token_bytes)
+    ]
     d = dispatch(mapping, placement, tokens, model.top_k, model.token_bytes, expert_load)
     dispatch_t = collective_time(topo, d, time_model)
     combine_t = collective_time(topo, combine(d), time_model)
@@ -107,16 +116,28 @@ def simulate_layer(
     )
 
 
-def dense_layer_s(hw: Hardware, model: MoEModel, mapping: Mapping, layer: LayerResult,
-                  tokens_per_device: float, context: int = DEFAULT_CONTEXT) -> float:
+def dense_layer_s(
+    hw: Hardware,
+    model: MoEModel,
+    mapping: Mapping,
+    layer: LayerResult,
+    tokens_per_device: float,
+    context: int = DEFAULT_CONTEXT,
+) -> float:
     """A dense (non-MoE) layer: attention + its reduction + TP-split FFN + a second reduction."""
     tokens = tokens_per_device * mapping.tp
     ffn = compute.dense_ffn_s(hw.die, model, tokens, mapping.tp)
     return layer.phase("attention").time_s + 2 * layer.attention_comm_s + ffn
 
 
-def step_s(hw: Hardware, model: MoEModel, mapping: Mapping, layer: LayerResult, tokens_per_device: float,
-           context: int = DEFAULT_CONTEXT) -> float:
+def step_s(
+    hw: Hardware,
+    model: MoEModel,
+    mapping: Mapping,
+    layer: LayerResult,
+    tokens_per_device: float,
+    context: int = DEFAULT_CONTEXT,
+) -> float:
     """One decode step through every layer (dense layers first, then MoE layers)."""
     dense = dense_layer_s(hw, model, mapping, layer, tokens_per_device, context)
     return model.first_dense_layers * dense + model.num_moe_layers * layer.total_s

@@ -36,8 +36,9 @@ from meshserve.wafer.balance_setup import BalanceSetup, setup_parts
 from meshserve.wafer.iteration import EVEN, IterationResult
 
 
-def max_over_mean(placement: Placement, counts: np.ndarray,
-                  config: BalanceConfig = EVEN) -> tuple[float, float]:
+def max_over_mean(
+    placement: Placement, counts: np.ndarray, config: BalanceConfig = EVEN
+) -> tuple[float, float]:
     """Max/mean device load of ``counts`` [S, L, E] (per iteration, and on their mean load) under
     the config's dispatch rule."""
     load = config.device_load(placement, counts)  # [S, L, N]
@@ -46,8 +47,9 @@ def max_over_mean(placement: Placement, counts: np.ndarray,
     return float(per_iteration.mean()), float(mean.max(axis=1).mean() / mean.mean())
 
 
-def time_over_even(placement: Placement, counts: np.ndarray, cost: DeviceCost,
-                   config: BalanceConfig = EVEN) -> float:
+def time_over_even(
+    placement: Placement, counts: np.ndarray, cost: DeviceCost, config: BalanceConfig = EVEN
+) -> float:
     """MoE compute time of ``counts`` [S, L, E] under ``placement`` over the even split's (see module)."""
     load = config.device_load(placement, counts)
     busy = placement.busy_experts(counts)
@@ -62,13 +64,27 @@ def steady_gap(setup: BalanceSetup, result: IterationResult | None = None, sampl
     result: ``run_setup(setup)`` when already run (its steady max/mean is step 4; omitted when None).
     """
     parts = setup_parts(setup)
-    return gap(parts.trace.counts, setup.balancer, setup.config, parts.comm.hops, parts.redundant, result,
-               samples, parts.planner_cost)
+    return gap(
+        parts.trace.counts,
+        setup.balancer,
+        setup.config,
+        parts.comm.hops,
+        parts.redundant,
+        result,
+        samples,
+        parts.planner_cost,
+    )
 
 
 def gap(
-    counts: np.ndarray, balancer: str, config: BalanceConfig, hops: np.ndarray, num_redundant: int,
-    result: IterationResult | None = None, samples: int = 5, cost: DeviceCost | None = None,
+    counts: np.ndarray,
+    balancer: str,
+    config: BalanceConfig,
+    hops: np.ndarray,
+    num_redundant: int,
+    result: IterationResult | None = None,
+    samples: int = 5,
+    cost: DeviceCost | None = None,
 ) -> dict[str, dict[str, float]]:
     """steady_gap on a trace ``counts`` [iterations, layers, experts] and a hop matrix."""
     steps, layers, experts = counts.shape
@@ -88,8 +104,8 @@ def gap(
         return (*max_over_mean(plan, scored, config), *timed)
 
     for t in starts:
-        scored, history = counts[t:t + horizon], counts[t - window:t].mean(axis=0)
-        earlier = eplb.plan(counts[t - 2 * window:t - window].mean(axis=0), base, base)
+        scored, history = counts[t : t + horizon], counts[t - window : t].mean(axis=0)
+        earlier = eplb.plan(counts[t - 2 * window : t - window].mean(axis=0), base, base)
         known = scored.mean(axis=0)
         scores["floor"].append(score(eplb.plan(known, base, base), scored, known))
         scores["forecast"].append(score(eplb.plan(history, base, base), scored, history))

@@ -43,10 +43,12 @@ DISPATCH = {"ni_eplb": "even", "ni_eplb_balanced": "balanced"}
 def steady_half(result: IterationResult) -> dict[str, float]:
     """Second-half figures of a run: max/mean per iteration, MoE ms and stall ms per iteration."""
     half = result.steady
-    return {"max_over_mean": result.steady_max_over_mean,
-            "moe_ms_per_iteration": float(result.moe_time_s[half].mean() * 1e3),
-            "stall_ms_per_iteration": float(result.stall_s[half].mean() * 1e3),
-            "plans": len(result.plans)}
+    return {
+        "max_over_mean": result.steady_max_over_mean,
+        "moe_ms_per_iteration": float(result.moe_time_s[half].mean() * 1e3),
+        "stall_ms_per_iteration": float(result.stall_s[half].mean() * 1e3),
+        "plans": len(result.plans),
+    }
 
 
 def ours_point(setup: BalanceSetup) -> dict[str, Any]:
@@ -70,9 +72,13 @@ def plan_once(setup: BalanceSetup) -> dict[str, Any]:
     stall = p.comm.transfer_time(moves.src, moves.dst, np.full(len(moves), p.cost.weight_bytes))
     block = evaluate(counts[window:], target, p.comm, p.cost, setup.config)
     amortised = stall / setup.config.step_interval
-    return {"max_over_mean": float(load_ratio(block.max_load, block.mean_load).mean()),
-            "moe_ms_per_iteration": float((block.compute_s + block.a2a_s).mean() + amortised) * 1e3,
-            "stall_ms_per_iteration": amortised * 1e3, "stall_ms_per_plan": stall * 1e3, "plans": 1}
+    return {
+        "max_over_mean": float(load_ratio(block.max_load, block.mean_load).mean()),
+        "moe_ms_per_iteration": float((block.compute_s + block.a2a_s).mean() + amortised) * 1e3,
+        "stall_ms_per_iteration": amortised * 1e3,
+        "stall_ms_per_plan": stall * 1e3,
+        "plans": 1,
+    }
 
 
 def _job(job: tuple[str, BalanceSetup]) -> dict[str, Any]:
@@ -95,49 +101,98 @@ def ni_steady_curve(
     for tokens in c["tokens_per_device"]:
         for kind, label in c["runs"].items():
             rung = rungs[label]
-            jobs.append((kind, BalanceSetup(
-                model=model, hardware=rung.hardware, mapping=rung.mapping, balancer=rung.balancer,
-                config=rung.balance_config(config), tp=spec["tp"], tokens_per_device=tokens,
-                iterations=iterations, scenario=spec["scenario"], seed=spec["seed"])))
+            jobs.append(
+                (
+                    kind,
+                    BalanceSetup(
+                        model=model,
+                        hardware=rung.hardware,
+                        mapping=rung.mapping,
+                        balancer=rung.balancer,
+                        config=rung.balance_config(config),
+                        tp=spec["tp"],
+                        tokens_per_device=tokens,
+                        iterations=iterations,
+                        scenario=spec["scenario"],
+                        seed=spec["seed"],
+                    ),
+                )
+            )
     for _, setup in jobs:  # bad input fails before any long run
         setup.check()
     results = iter(run_many(_job, jobs, executor, progress, "ni steady curve"))
-    points = [{"tokens_per_device": t, **{kind: next(results) for kind in c["runs"]}}
-              for t in c["tokens_per_device"]]
-    reached = {kind: [p["tokens_per_device"] for p in points if p[kind].get("simulated", np.inf) <= TARGET
-                      and p[kind]["stall_ms_per_iteration"] == 0] for kind in OURS if kind in c["runs"]}
-    return {"model": model, "iterations": iterations, "target": TARGET, "runs": dict(c["runs"]),
-            "points": points, "target_reached_at_tokens_per_device": reached}
+    points = [
+        {"tokens_per_device": t, **{kind: next(results) for kind in c["runs"]}}
+        for t in c["tokens_per_device"]
+    ]
+    reached = {
+        kind: [
+            p["tokens_per_device"]
+            for p in points
+            if p[kind].get("simulated", np.inf) <= TARGET and p[kind]["stall_ms_per_iteration"] == 0
+        ]
+        for kind in OURS
+        if kind in c["runs"]
+    }
+    return {
+        "model": model,
+        "iterations": iterations,
+        "target": TARGET,
+        "runs": dict(c["runs"]),
+        "points": points,
+        "target_reached_at_tokens_per_device": reached,
+    }
 
 
 def print_ni_steady_curve(curve: dict, console: Any) -> None:
     """One row per point: ni-eplb's four steady_gap columns, then each baseline's max/mean and times."""
     from rich.table import Table
 
-    table = Table(title=f"{curve['model']}: steady max/mean device load per iteration over tokens per device "
-                        f"({curve['iterations']} iterations; second half); MoE ms per iteration incl. stall")
+    table = Table(
+        title=f"{curve['model']}: steady max/mean device load per iteration over tokens per device "
+        f"({curve['iterations']} iterations; second half); MoE ms per iteration incl. stall"
+    )
     ours = [k for k in OURS if k in curve["runs"]]
-    cols = ["tokens/device", "dispatch", "floor", "+ forecast", "+ planner", "ni-eplb (simulated)",
-            "EPLB paper", "EPLB vLLM", "none", "MoE ms: ni-eplb", "EPLB paper (stall)", "EPLB vLLM (stall)",
-            "none"]
+    cols = [
+        "tokens/device",
+        "dispatch",
+        "floor",
+        "+ forecast",
+        "+ planner",
+        "ni-eplb (simulated)",
+        "EPLB paper",
+        "EPLB vLLM",
+        "none",
+        "MoE ms: ni-eplb",
+        "EPLB paper (stall)",
+        "EPLB vLLM (stall)",
+        "none",
+    ]
     for col in cols:
         table.add_column(col, justify="right")
     for p in curve["points"]:
         for kind in ours:
             first = kind == ours[0]  # the baselines once per point
             balance = [f"{p[k]['max_over_mean']:.3f}" for k in ("eplb_paper", "eplb_vllm", "none")]
-            times = [f"{p[k]['moe_ms_per_iteration']:.2f} ({p[k]['stall_ms_per_iteration']:.2f})"
-                     for k in ("eplb_paper", "eplb_vllm")] + [f"{p['none']['moe_ms_per_iteration']:.2f}"]
+            times = [
+                f"{p[k]['moe_ms_per_iteration']:.2f} ({p[k]['stall_ms_per_iteration']:.2f})"
+                for k in ("eplb_paper", "eplb_vllm")
+            ] + [f"{p['none']['moe_ms_per_iteration']:.2f}"]
             table.add_row(
-                str(p["tokens_per_device"]) if first else "", DISPATCH[kind],
-                *(_num(p[kind].get(k)) for k in GAP_STEPS), *(balance if first else [""] * 3),
-                f"{p[kind]['moe_ms_per_iteration']:.2f}", *(times if first else [""] * 3),
+                str(p["tokens_per_device"]) if first else "",
+                DISPATCH[kind],
+                *(_num(p[kind].get(k)) for k in GAP_STEPS),
+                *(balance if first else [""] * 3),
+                f"{p[kind]['moe_ms_per_iteration']:.2f}",
+                *(times if first else [""] * 3),
             )
     console.print(table)
     for kind, reached in curve["target_reached_at_tokens_per_device"].items():
         where = ", ".join(f"{t} tokens/device" for t in reached) if reached else "no point of the curve"
-        console.print(f"  ni-eplb ({DISPATCH[kind]} dispatch) steady max/mean <= {curve['target']:.2f} "
-                      f"with zero stall at: {where}")
+        console.print(
+            f"  ni-eplb ({DISPATCH[kind]} dispatch) steady max/mean <= {curve['target']:.2f} "
+            f"with zero stall at: {where}"
+        )
 
 
 def _num(value: float | None) -> str:
@@ -161,8 +216,14 @@ def ni_steady_png(curve: dict, out: str | Path) -> Path:
         if kind not in curve["runs"]:
             continue
         for k, style, marker in zip(GAP_STEPS, (":", "-.", "--", "-"), "v^Do", strict=True):
-            left.plot(x, [p[kind].get(k, np.nan) for p in curve["points"]], ls=style, marker=marker,
-                      color=color, label=f"ni-eplb, {DISPATCH[kind]} dispatch: {k}")
+            left.plot(
+                x,
+                [p[kind].get(k, np.nan) for p in curve["points"]],
+                ls=style,
+                marker=marker,
+                color=color,
+                label=f"ni-eplb, {DISPATCH[kind]} dispatch: {k}",
+            )
         right.plot(x, over_none(kind), marker="o", color=color, label=f"ni-eplb, {DISPATCH[kind]} dispatch")
     for k, color in (("eplb_paper", "tab:red"), ("eplb_vllm", "tab:purple")):
         left.plot(x, [p[k]["max_over_mean"] for p in curve["points"]], marker="s", color=color, label=k)

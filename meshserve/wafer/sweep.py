@@ -23,8 +23,14 @@ from meshserve.wafer.balance_setup import BalanceSetup, run_summary
 from meshserve.wafer.fanout import EXECUTORS, run_many
 from meshserve.wafer.presets import read_yaml
 
-AXES = {"models": "model", "platforms": "hardware", "tp": "tp", "batch": "tokens_per_device",
-        "balancers": "balancer", "mappings": "mapping"}
+AXES = {
+    "models": "model",
+    "platforms": "hardware",
+    "tp": "tp",
+    "batch": "tokens_per_device",
+    "balancers": "balancer",
+    "mappings": "mapping",
+}
 SCALARS = ("scenario", "iterations", "seed", "balance", "trace")
 
 
@@ -50,11 +56,21 @@ class SweepSpec:
         for model, hw, tp, batch, mapping, balancer in itertools.product(
             self.models, self.platforms, self.tp, self.batch, self.mappings, self.balancers
         ):
-            out.append(BalanceSetup(
-                model=model, hardware=hw, tp=tp, mapping=mapping, tokens_per_device=batch,
-                balancer=balancer, scenario=self.scenario, iterations=self.iterations,
-                seed=self.seed, config=self.balance, trace=self.trace,
-            ))
+            out.append(
+                BalanceSetup(
+                    model=model,
+                    hardware=hw,
+                    tp=tp,
+                    mapping=mapping,
+                    tokens_per_device=batch,
+                    balancer=balancer,
+                    scenario=self.scenario,
+                    iterations=self.iterations,
+                    seed=self.seed,
+                    config=self.balance,
+                    trace=self.trace,
+                )
+            )
         return out
 
 
@@ -72,8 +88,11 @@ def parse_sweep(data: Any, where: str = "sweep") -> SweepSpec:
     """Validate a sweep mapping; every error names the field (e.g. ``sweep.balancers``)."""
     require(isinstance(data, dict), where, "must be a mapping of axes")
     unknown = set(data) - set(AXES) - set(SCALARS)
-    require(not unknown, f"{where}.{sorted(unknown)[0] if unknown else ''}",
-            f"unknown key; allowed: {', '.join([*AXES, *SCALARS])}")
+    require(
+        not unknown,
+        f"{where}.{sorted(unknown)[0] if unknown else ''}",
+        f"unknown key; allowed: {', '.join([*AXES, *SCALARS])}",
+    )
     for key in ("models", "platforms", "tp", "batch", "balancers"):
         require(key in data, f"{where}.{key}", "missing; list one or more values")
     balancers = _as_list(data, "balancers", str, where)
@@ -181,8 +200,12 @@ def sweep_command(path: str, executor: str = "local", out: str = "out/sweep") ->
     for col in (*cols, "max/mean", "stall ms", "tok/s/device"):
         table.add_column(col)
     for r in rows:
-        table.add_row(*(str(r[c]) for c in cols), f"{r['max_over_mean_load']:.2f}",
-                      f"{r['stall_s'] * 1e3:.1f}", f"{r['moe_tokens_per_s_per_device']:,.0f}")
+        table.add_row(
+            *(str(r[c]) for c in cols),
+            f"{r['max_over_mean_load']:.2f}",
+            f"{r['stall_s'] * 1e3:.1f}",
+            f"{r['moe_tokens_per_s_per_device']:,.0f}",
+        )
     console = Console()
     console.print(table)
     console.print("wrote " + ", ".join(str(p) for p in written))

@@ -60,8 +60,11 @@ class Popularity:
     warmup_steps: int = 30
 
     def __post_init__(self) -> None:
-        require(self.scenario in SCENARIOS, "scenario",
-                f"unknown {self.scenario!r}; allowed: {', '.join(SCENARIOS)}")
+        require(
+            self.scenario in SCENARIOS,
+            "scenario",
+            f"unknown {self.scenario!r}; allowed: {', '.join(SCENARIOS)}",
+        )
         require(self.zipf_exponent >= 0, "zipf_exponent", f"must be >= 0, got {self.zipf_exponent}")
         require(self.drift_sigma >= 0, "drift_sigma", f"must be >= 0, got {self.drift_sigma}")
         require(self.drift_steps > 0, "drift_steps", f"must be > 0, got {self.drift_steps}")

@@ -62,5 +62,6 @@ def collective_time(topo: Topology, c: Collective, model: str = "bottleneck") ->
 
         bandwidth = fair_share_time(topo, c.traffic)
     lat = latency_s(topo, c)
-    return PhaseTime(c.name, bandwidth + lat, bandwidth, lat, hot,
-                     float(loads[hot]) if hot >= 0 else 0.0, loads, model)
+    return PhaseTime(
+        c.name, bandwidth + lat, bandwidth, lat, hot, float(loads[hot]) if hot >= 0 else 0.0, loads, model
+    )

@@ -81,6 +81,7 @@ class Topology:
 
     def link_name(self, link: int) -> str:
         """Readable name, e.g. 'w0 (3,4)->(3,5)' on a mesh, 'gpu7->nvswitch0' on a switch."""
+
         def node(i: int) -> str:
             if i >= self.num_devices:
                 return f"switch{i - self.num_devices}"
@@ -167,8 +168,20 @@ def _mesh_topology(hw: Hardware) -> Topology:
     wr, wc = np.divmod(np.arange(n) // per, int(np.ceil(np.sqrt(wafers))))
     coords = np.stack([r + wr * (rows + 1), c + wc * (cols + 1)], axis=1)
     pair, link = _add_ports(hw, n, link_src, link_dst, bandwidth, latency, kind, pair, link)
-    return _build(hw.name, n, link_src, link_dst, bandwidth, latency, kind, coords, pair, link,
-                  mesh_shape=(rows, cols), wafers=wafers)
+    return _build(
+        hw.name,
+        n,
+        link_src,
+        link_dst,
+        bandwidth,
+        latency,
+        kind,
+        coords,
+        pair,
+        link,
+        mesh_shape=(rows, cols),
+        wafers=wafers,
+    )
 
 
 def _switch_topology(hw: Hardware) -> Topology:
@@ -213,22 +226,27 @@ def _add_ports(hw: Hardware, n, link_src, link_dst, bandwidth, latency, kind, pa
     kind += [np.full(n, "inject"), np.full(n, "eject")]
     s, d = np.divmod(np.arange(n * n), n)
     routed = np.flatnonzero(s != d)
-    return (np.concatenate([pair, routed, routed]),
-            np.concatenate([link, base + s[routed], base + n + d[routed]]))
+    return (
+        np.concatenate([pair, routed, routed]),
+        np.concatenate([link, base + s[routed], base + n + d[routed]]),
+    )
 
 
 def _build(name, n, link_src, link_dst, bandwidth, latency, kind, coords, pair, link, **extra) -> Topology:
     num_links = sum(len(x) for x in link_src)
     order = np.lexsort((link, pair))  # CSR rows hold their links in route-independent id order
-    incidence = sp.csr_matrix(
-        (np.ones(len(pair)), (pair[order], link[order])), shape=(n * n, num_links)
-    )
+    incidence = sp.csr_matrix((np.ones(len(pair)), (pair[order], link[order])), shape=(n * n, num_links))
     return Topology(
-        name=name, num_devices=n,
-        link_src=np.concatenate(link_src), link_dst=np.concatenate(link_dst),
+        name=name,
+        num_devices=n,
+        link_src=np.concatenate(link_src),
+        link_dst=np.concatenate(link_dst),
         link_bandwidth=np.concatenate(bandwidth).astype(np.float64),
         link_latency=np.concatenate(latency).astype(np.float64),
-        link_kind=np.concatenate(kind), coords=coords, incidence=incidence, **extra,
+        link_kind=np.concatenate(kind),
+        coords=coords,
+        incidence=incidence,
+        **extra,
     )
 
 

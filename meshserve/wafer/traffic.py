@@ -79,7 +79,11 @@ def device_share(placement: np.ndarray, expert_load: np.ndarray | None = None) -
 
 
 def dispatch(
-    m: Mapping, placement: np.ndarray, tokens_per_group: float, top_k: int, token_bytes: float,
+    m: Mapping,
+    placement: np.ndarray,
+    tokens_per_group: float,
+    top_k: int,
+    token_bytes: float,
     expert_load: np.ndarray | None = None,
 ) -> Collective:
     """MoE all-to-all dispatch: every token goes to its top_k experts' devices (one copy each).

@@ -40,8 +40,16 @@ def test_serving_reports_figures_and_records_the_trace(tmp_path, tiny_model_dir)
 @pytest.fixture
 def tiny_moe_trace(tmp_path):
     """A trace shaped like the shipped tiny-moe's (4 MoE layers x 8 experts, top-2)."""
-    trace = synthetic_trace(model="tiny-moe", num_layers=4, num_experts=8, top_k=2, tokens_per_step=32,
-                            steps=40, seed=0, zipf_exponent=0.8)
+    trace = synthetic_trace(
+        model="tiny-moe",
+        num_layers=4,
+        num_experts=8,
+        top_k=2,
+        tokens_per_step=32,
+        steps=40,
+        seed=0,
+        zipf_exponent=0.8,
+    )
     return trace.save(tmp_path / "trace.npz")
 
 

@@ -11,11 +11,13 @@ from meshserve.engine import LLM, SamplingParams
 
 def test_generate_prints_the_greedy_completion(tiny_model_dir):
     model = str(tiny_model_dir("llama"))
-    result = CliRunner().invoke(app, ["generate", "--model", model, "--prompt", "hello world",
-                                      "--max-tokens", "8", "--ignore-eos"])
+    result = CliRunner().invoke(
+        app, ["generate", "--model", model, "--prompt", "hello world", "--max-tokens", "8", "--ignore-eos"]
+    )
     assert result.exit_code == 0, result.output
     (expected,) = LLM(model, max_num_seqs=1).generate(
-        "hello world", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+        "hello world", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
     assert result.output == expected.text + "\n"
 
 
@@ -29,13 +31,20 @@ def test_generate_bad_input_is_one_line_and_exit_2(tiny_model_dir, monkeypatch, 
     assert capsys.readouterr().err == "error: temperature: must be >= 0 (0 = greedy), got -1.0\n"
 
 
-@pytest.mark.parametrize(("flags", "error"), [
-    (["--data-parallel-size", "8", "--enable-expert-parallel"],
-     "error: data_parallel_size: expert parallelism needs at least one expert per rank: "
-     "8 ranks > 4 experts\n"),
-    (["--data-parallel-size", "2", "--enable-expert-parallel", "--eplb-config", '{"mode": "fast"}'],
-     "error: mode: unknown 'fast'; allowed: invasive, non-invasive\n"),
-])
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (
+            ["--data-parallel-size", "8", "--enable-expert-parallel"],
+            "error: data_parallel_size: expert parallelism needs at least one expert per rank: "
+            "8 ranks > 4 experts\n",
+        ),
+        (
+            ["--data-parallel-size", "2", "--enable-expert-parallel", "--eplb-config", '{"mode": "fast"}'],
+            "error: mode: unknown 'fast'; allowed: invasive, non-invasive\n",
+        ),
+    ],
+)
 def test_generate_parallel_flags_report_bad_values(tiny_model_dir, monkeypatch, capsys, flags, error):
     model = str(tiny_model_dir("mixtral"))
     monkeypatch.setattr(sys, "argv", ["meshserve", "generate", "--model", model, "--prompt", "hi", *flags])

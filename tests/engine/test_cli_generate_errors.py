@@ -58,19 +58,24 @@ def one_line_error(result, field: str) -> str:
     return result.err
 
 
-@pytest.mark.parametrize(("args", "field"), [
-    ([], "prompt"),
-    (["--prompt", "a", "--prompt-file", "-"], "prompt"),
-    (["--prompt-file", "/no/such/file.txt"], "prompt_file"),
-    (["--prompt-file", "-"], "prompt_file"),  # empty stdin
-    (["--prompt", "hi", "--max-model-len", "1"], "max_model_len"),
-    (["--prompt", "hi", "--max-model-len", "99999"], "max_model_len"),
-    (["--prompt", "hi", "--dtype", "float64"], "dtype"),
-    (["--prompt", "hi", "--speculative-config", "{nope"], "speculative_config"),
-    (["--prompt", "hi", "--speculative-config", "[1, 2]"], "speculative_config"),
-    (["--prompt", "hi", "--speculative-config", '{"method": "draft_model", "model": "/no/dir"}'],
-     "speculative_config.model"),
-])
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ([], "prompt"),
+        (["--prompt", "a", "--prompt-file", "-"], "prompt"),
+        (["--prompt-file", "/no/such/file.txt"], "prompt_file"),
+        (["--prompt-file", "-"], "prompt_file"),  # empty stdin
+        (["--prompt", "hi", "--max-model-len", "1"], "max_model_len"),
+        (["--prompt", "hi", "--max-model-len", "99999"], "max_model_len"),
+        (["--prompt", "hi", "--dtype", "float64"], "dtype"),
+        (["--prompt", "hi", "--speculative-config", "{nope"], "speculative_config"),
+        (["--prompt", "hi", "--speculative-config", "[1, 2]"], "speculative_config"),
+        (
+            ["--prompt", "hi", "--speculative-config", '{"method": "draft_model", "model": "/no/dir"}'],
+            "speculative_config.model",
+        ),
+    ],
+)
 def test_bad_options_are_one_line_and_exit_2(model, args, field):
     one_line_error(generate(model, *args), field)
 
@@ -80,8 +85,10 @@ def test_a_missing_target_model_is_named_as_the_model():
 
 
 @FAST
-@given(field=st.sampled_from(["head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings"]),
-       value=st.sampled_from([-1, 0, "false", "1e4", None, [], -0.5]))
+@given(
+    field=st.sampled_from(["head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings"]),
+    value=st.sampled_from([-1, 0, "false", "1e4", None, [], -0.5]),
+)
 def test_a_broken_draft_model_is_named_as_the_draft(model, tmp_path_factory, field, value):
     if value is None or (field == "tie_word_embeddings" and isinstance(value, bool)):
         return  # null means "use the default": not broken
@@ -90,14 +97,16 @@ def test_a_broken_draft_model_is_named_as_the_draft(model, tmp_path_factory, fie
     config[field] = value
     (draft / "config.json").write_text(json.dumps(config))
     spec = json.dumps({"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2})
-    err = one_line_error(generate(model, "--prompt", "hi", "--speculative-config", spec),
-                         "speculative_config.model")
+    err = one_line_error(
+        generate(model, "--prompt", "hi", "--speculative-config", spec), "speculative_config.model"
+    )
     assert f"config.json:{field}" in err and "draft model" in err
 
 
 def test_version_and_python_dash_m():
     result = run_cli(["--version"])
     assert result.code == 0 and result.out == f"meshserve {__version__}\n"
-    proc = subprocess.run([sys.executable, "-m", "meshserve", "--version"], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshserve", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and proc.stdout == f"meshserve {__version__}\n"

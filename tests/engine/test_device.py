@@ -69,8 +69,15 @@ def test_one_process_on_cuda_gives_the_cpu_tokens(tiny_model_dir):
 def test_two_ranks_on_nccl_give_the_cpu_tokens_while_experts_migrate(tiny_model_dir):
     model = str(tiny_model_dir("mixtral"))
     eplb = {"window_size": 2, "step_interval": 2, "num_redundant_experts": 2, "chunk_bytes": 16384}
-    with LLM(model, device="cuda", data_parallel_size=2, enable_expert_parallel=True, enable_eplb=True,
-             eplb_config=eplb, **ARGS) as llm:
+    with LLM(
+        model,
+        device="cuda",
+        data_parallel_size=2,
+        enable_expert_parallel=True,
+        enable_eplb=True,
+        eplb_config=eplb,
+        **ARGS,
+    ) as llm:
         want = cpu_tokens(model)
         for _ in range(3):
             assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == want

@@ -192,8 +192,12 @@ def test_moe_engine_records_an_expert_trace(tiny_model_dir, tmp_path):
     path = tmp_path / "trace.npz"
     prompts = [[1] + list(range(10, 10 + n)) for n in (5, 30, 12)]
     # Prefix caching off: these prompts share a prefix, and cached tokens are not computed (nor routed).
-    with LLM(str(tiny_model_dir("mixtral")), record_expert_trace=str(path), max_num_batched_tokens=16,
-             enable_prefix_caching=False) as llm:
+    with LLM(
+        str(tiny_model_dir("mixtral")),
+        record_expert_trace=str(path),
+        max_num_batched_tokens=16,
+        enable_prefix_caching=False,
+    ) as llm:
         outs = llm.generate(
             prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False
         )
@@ -209,8 +213,11 @@ def test_moe_engine_records_an_expert_trace(tiny_model_dir, tmp_path):
 def test_step_statistics_are_logged_at_debug(llm, caplog):
     with caplog.at_level("DEBUG", logger="meshserve.engine.engine"):
         # Prompts no other test used: earlier ones are in the prefix cache and would prefill less.
-        llm.generate([[1] + list(range(300, 330)), [1, 9, 10]], SamplingParams(temperature=0, max_tokens=3),
-                     use_tqdm=False)
+        llm.generate(
+            [[1] + list(range(300, 330)), [1, 9, 10]],
+            SamplingParams(temperature=0, max_tokens=3),
+            use_tqdm=False,
+        )
     lines = [r.getMessage() for r in caplog.records if "KV usage" in r.getMessage()]
     assert lines and "'prefill': 16" in lines[0] and "'decode'" in lines[0]
     stats = llm.engine.last_stats

@@ -37,17 +37,20 @@ def test_wrongly_typed_engine_arguments_name_the_field(name, value):
     assert err.value.field == name
 
 
-@pytest.mark.parametrize(("name", "value", "allowed"), [
-    ("block_size", 3, "power of two"),
-    ("block_size", 256, "[1, 128]"),
-    ("max_num_batched_tokens", 0, "[1, 16777216]"),
-    ("max_model_len", 1, "[2,"),
-    ("seed", -1, "[0, 18446744073709551615]"),
-    ("seed", 2**64, "[0, 18446744073709551615]"),
-    ("kv_cache_fraction", 0.95, "(0, 0.9]"),
-    ("kv_cache_memory", 0, "> 0"),
-    ("record_expert_trace", "trace.json", ".npz"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [
+        ("block_size", 3, "power of two"),
+        ("block_size", 256, "[1, 128]"),
+        ("max_num_batched_tokens", 0, "[1, 16777216]"),
+        ("max_model_len", 1, "[2,"),
+        ("seed", -1, "[0, 18446744073709551615]"),
+        ("seed", 2**64, "[0, 18446744073709551615]"),
+        ("kv_cache_fraction", 0.95, "(0, 0.9]"),
+        ("kv_cache_memory", 0, "> 0"),
+        ("record_expert_trace", "trace.json", ".npz"),
+    ],
+)
 def test_out_of_range_engine_arguments_state_the_allowed_range(name, value, allowed):
     with pytest.raises(InputError) as err:
         EngineConfig.from_args("some/model", **{name: value})
@@ -78,9 +81,20 @@ def llm(tiny_model_dir):
 
 GOOD = ["hello world", [5, 6, 7, 8], {"prompt": "the sky is"}, {"prompt_token_ids": [9, 10, 11]}]
 BAD_PROMPTS = st.one_of(
-    st.integers(), st.floats(), st.none(), st.just(""), st.just([]), st.just([1.5, 2]), st.just([True]),
-    st.just([-1]), st.just([10**6]), st.just({"prompt": 5}), st.just({"text": "hi"}),
-    st.just({"prompt": "a", "prompt_token_ids": [1]}), st.just(b"bytes"), st.just(("a", 1)),
+    st.integers(),
+    st.floats(),
+    st.none(),
+    st.just(""),
+    st.just([]),
+    st.just([1.5, 2]),
+    st.just([True]),
+    st.just([-1]),
+    st.just([10**6]),
+    st.just({"prompt": 5}),
+    st.just({"text": "hi"}),
+    st.just({"prompt": "a", "prompt_token_ids": [1]}),
+    st.just(b"bytes"),
+    st.just(("a", 1)),
     st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=3),
 )
 

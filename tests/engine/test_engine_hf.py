@@ -18,8 +18,13 @@ MAX_TOKENS = 10
 SETTINGS = {
     "one_batch": {"max_num_batched_tokens": 512, "max_num_seqs": 8},
     "small_chunks": {"max_num_batched_tokens": 9, "max_num_seqs": 4, "block_size": 4},
-    "preemption": {"max_num_batched_tokens": 32, "max_num_seqs": 6, "block_size": 4, "num_kv_blocks": 20,
-                   "max_model_len": 80},
+    "preemption": {
+        "max_num_batched_tokens": 32,
+        "max_num_seqs": 6,
+        "block_size": 4,
+        "num_kv_blocks": 20,
+        "max_model_len": 80,
+    },
 }
 
 
@@ -38,7 +43,7 @@ def case(request, tiny_model_dir):
     with torch.no_grad():
         for p in batch:
             out = hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
-            expected.append(out[0, len(p):].tolist())
+            expected.append(out[0, len(p) :].tolist())
     return path, batch, expected
 
 
@@ -62,8 +67,12 @@ def llama_case(tiny_model_dir):
     hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
     batch = prompts(hf.config.vocab_size)
     with torch.no_grad():
-        expected = [hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                                pad_token_id=0)[0, len(p):].tolist() for p in batch]
+        expected = [
+            hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)[
+                0, len(p) :
+            ].tolist()
+            for p in batch
+        ]
     return path, batch, expected
 
 
@@ -75,15 +84,24 @@ def llama_case(tiny_model_dir):
     order=st.permutations(range(len(PROMPT_LENGTHS))),
     prefix_caching=st.booleans(),
 )
-def test_greedy_is_the_same_whatever_the_schedule(llama_case, budget, block_size, spare_blocks, order,
-                                                  prefix_caching):
+def test_greedy_is_the_same_whatever_the_schedule(
+    llama_case, budget, block_size, spare_blocks, order, prefix_caching
+):
     """Any budget, block size, cache size (down to one request's worth) and arrival order."""
     path, batch, expected = llama_case
     max_model_len = 80
     blocks = -(-max_model_len // block_size) + spare_blocks
-    llm = LLM(str(path), max_num_batched_tokens=budget, max_num_seqs=min(budget, 5), block_size=block_size,
-              num_kv_blocks=blocks, max_model_len=max_model_len, enable_prefix_caching=prefix_caching)
-    outputs = llm.generate([batch[i] for i in order], SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
-                           use_tqdm=False)
+    llm = LLM(
+        str(path),
+        max_num_batched_tokens=budget,
+        max_num_seqs=min(budget, 5),
+        block_size=block_size,
+        num_kv_blocks=blocks,
+        max_model_len=max_model_len,
+        enable_prefix_caching=prefix_caching,
+    )
+    outputs = llm.generate(
+        [batch[i] for i in order], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False
+    )
     assert [o.token_ids for o in outputs] == [expected[i] for i in order]
     assert llm.engine.blocks.num_free_blocks == blocks

@@ -75,6 +75,7 @@ def test_block_count_from_memory_and_too_small_cache():
 
 
 def test_kv_cache_tensors_have_the_contract_shape():
-    caches = allocate_kv_cache(3, num_blocks=5, block_size=4, num_kv_heads=2, head_dim=8,
-                               dtype=torch.bfloat16)
+    caches = allocate_kv_cache(
+        3, num_blocks=5, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16
+    )
     assert len(caches) == 3 and caches[0].shape == (2, 5, 4, 2, 8) and not caches[0].any()

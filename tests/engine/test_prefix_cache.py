@@ -124,14 +124,16 @@ def test_copy_blocks_copies_every_layer() -> None:
         assert torch.equal(t[:, 2], b[:, 2])
 
 
-ops = st.lists(st.tuples(st.booleans(), st.lists(st.integers(0, 2), min_size=1, max_size=14)),
-               min_size=1, max_size=40)
+ops = st.lists(
+    st.tuples(st.booleans(), st.lists(st.integers(0, 2), min_size=1, max_size=14)), min_size=1, max_size=40
+)
 
 
 @settings(max_examples=60, deadline=None)
 @given(ops=ops, num_blocks=st.integers(4, 12))
-def test_never_evicts_referenced_blocks_never_leaks(ops: list[tuple[bool, list[int]]],
-                                                    num_blocks: int) -> None:
+def test_never_evicts_referenced_blocks_never_leaks(
+    ops: list[tuple[bool, list[int]]], num_blocks: int
+) -> None:
     cache = PrefixCache(BS)
     pool = Pool(num_blocks, cache)
     next_id = 0
@@ -153,15 +155,22 @@ def test_never_evicts_referenced_blocks_never_leaks(ops: list[tuple[bool, list[i
 def scan_partial(cache: PrefixCache, parent: int | None, rest: list[int]) -> int:
     """The old admission path, kept as the oracle: scan every cached child of ``parent``."""
     children = [e for e in cache._entries.values() if e.parent == parent]
-    shared = [next((i for i, (a, b) in enumerate(zip(e.tokens, rest, strict=False)) if a != b),
-                   min(len(e.tokens), len(rest))) for e in children]
+    shared = [
+        next(
+            (i for i, (a, b) in enumerate(zip(e.tokens, rest, strict=False)) if a != b),
+            min(len(e.tokens), len(rest)),
+        )
+        for e in children
+    ]
     return max(shared, default=0)
 
 
 @settings(max_examples=60, deadline=None)
-@given(prompts=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=14), min_size=1, max_size=30),
-       queries=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=14), min_size=1, max_size=10),
-       num_blocks=st.integers(4, 16))
+@given(
+    prompts=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=14), min_size=1, max_size=30),
+    queries=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=14), min_size=1, max_size=10),
+    num_blocks=st.integers(4, 16),
+)
 def test_prefix_index_finds_what_a_scan_of_every_cached_block_finds(prompts, queries, num_blocks) -> None:
     cache = PrefixCache(BS, min_copy_tokens=1)
     pool = Pool(num_blocks, cache)

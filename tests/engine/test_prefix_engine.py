@@ -24,12 +24,18 @@ def test_partly_matching_block_is_reused_by_copy_on_write(tiny_model_dir):
     hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
     with torch.no_grad():
         expected = hf.generate(torch.tensor([second]), max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert out.token_ids == expected[0, len(second):].tolist()
+    assert out.token_ids == expected[0, len(second) :].tolist()
 
 
 def test_cached_blocks_stay_resident_and_count_as_free(tiny_model_dir):
-    llm = LLM(str(tiny_model_dir("llama")), block_size=4, max_num_seqs=2, max_num_batched_tokens=64,
-              num_kv_blocks=40, max_model_len=64)
+    llm = LLM(
+        str(tiny_model_dir("llama")),
+        block_size=4,
+        max_num_seqs=2,
+        max_num_batched_tokens=64,
+        num_kv_blocks=40,
+        max_model_len=64,
+    )
     prompts = [[1] + list(range(300 + 40 * i, 330 + 40 * i)) for i in range(4)]  # 31 tokens = 8 blocks each
     llm.generate(prompts, GREEDY, use_tqdm=False)  # more than fits at once: cached blocks get evicted
     blocks = llm.engine.blocks
@@ -41,7 +47,8 @@ def test_cached_blocks_stay_resident_and_count_as_free(tiny_model_dir):
 
 
 def test_prefix_caching_can_be_turned_off(tiny_model_dir):
-    llm = LLM(str(tiny_model_dir("llama")), enable_prefix_caching=False, max_num_seqs=2,
-              max_num_batched_tokens=64)
+    llm = LLM(
+        str(tiny_model_dir("llama")), enable_prefix_caching=False, max_num_seqs=2, max_num_batched_tokens=64
+    )
     llm.generate([[1, 2, 3] * 10] * 2, GREEDY, use_tqdm=False)
     assert llm.engine.blocks.prefix_cache is None and "prefix_hit_rate" not in llm.engine.last_stats

@@ -18,8 +18,12 @@ def logits_rows(n: int, vocab: int = 50, seed: int = 0) -> torch.Tensor:
 
 def test_greedy_and_degenerate_filters_pick_the_argmax():
     logits = logits_rows(4)
-    params = [SamplingParams(temperature=0), SamplingParams(top_k=1), SamplingParams(top_p=1e-6),
-              SamplingParams(temperature=1e-4)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(top_k=1),
+        SamplingParams(top_p=1e-6),
+        SamplingParams(temperature=1e-4),
+    ]
     out = Sampler()(logits, params, [None] * 4)
     assert out.token_ids == logits.argmax(-1).tolist()
 
@@ -49,13 +53,15 @@ def test_samples_follow_the_filtered_distribution():
     sampler = Sampler(seed=0)
     n = 4000
     params = [SamplingParams(top_p=0.8)] * n  # keeps tokens 0 and 1 (0.5 + 0.3 reaches 0.8)
-    counts = torch.bincount(torch.tensor(sampler(logits.expand(n, 4), params, [None] * n).token_ids),
-                            minlength=4)
+    counts = torch.bincount(
+        torch.tensor(sampler(logits.expand(n, 4), params, [None] * n).token_ids), minlength=4
+    )
     assert counts[2] == counts[3] == 0
     assert abs(counts[0] / n - 0.5 / 0.8) < 0.03
     params = [SamplingParams(top_k=3, temperature=2.0)] * n
-    counts = torch.bincount(torch.tensor(sampler(logits.expand(n, 4), params, [None] * n).token_ids),
-                            minlength=4)
+    counts = torch.bincount(
+        torch.tensor(sampler(logits.expand(n, 4), params, [None] * n).token_ids), minlength=4
+    )
     expected = torch.tensor([0.5, 0.3, 0.15]).sqrt()
     assert counts[3] == 0 and torch.allclose(counts[:3] / n, expected / expected.sum(), atol=0.03)
 
@@ -72,21 +78,42 @@ def test_logprobs_of_top_n_and_of_the_sampled_token():
     assert out.logprobs[1] is None
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"logprobs": 99}, "logprobs"),
-    ({"stop": [""]}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"seed": 1.5}, "seed"),
-    ({"temperature": "hot"}, "temperature"), ({"temperature": float("nan")}, "temperature"),
-    ({"top_p": float("inf")}, "top_p"), ({"seed": 1 << 64}, "seed"), ({"seed": True}, "seed"),
-    ({"stop": 5}, "stop"), ({"stop": [None]}, "stop"), ({"max_tokens": True}, "max_tokens"),
-    ({"n": 0}, "n"), ({"n": 2.0}, "n"), ({"min_p": 1.5}, "min_p"),
-    ({"presence_penalty": 3}, "presence_penalty"),
-    ({"frequency_penalty": -2.5}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"logit_bias": {"7": 101}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
-    ({"logit_bias": [1]}, "logit_bias"), ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
-    ({"min_tokens": -1}, "min_tokens"), ({"stop_token_ids": 3}, "stop_token_ids"),
-    ({"ignore_eos": "yes"}, "ignore_eos"), ({"logprobs": 1.0}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"logprobs": 99}, "logprobs"),
+        ({"stop": [""]}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"seed": 1.5}, "seed"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": float("inf")}, "top_p"),
+        ({"seed": 1 << 64}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"stop": 5}, "stop"),
+        ({"stop": [None]}, "stop"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"n": 2.0}, "n"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"logit_bias": {"7": 101}}, "logit_bias"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": [1]}, "logit_bias"),
+        ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"stop_token_ids": 3}, "stop_token_ids"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+        ({"logprobs": 1.0}, "logprobs"),
+    ],
+)
 def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InputError) as err:
         SamplingParams(**kwargs)
@@ -95,8 +122,16 @@ def test_invalid_sampling_params_name_the_field(kwargs, field):
 
 
 def test_sampling_params_accept_the_edges():
-    SamplingParams(seed=(1 << 64) - 1, n=64, min_p=1.0, presence_penalty=-2, logit_bias={"5": -100, 6: 100.0},
-                   min_tokens=16, max_tokens=16, stop=("a", "b"))
+    SamplingParams(
+        seed=(1 << 64) - 1,
+        n=64,
+        min_p=1.0,
+        presence_penalty=-2,
+        logit_bias={"5": -100, 6: 100.0},
+        min_tokens=16,
+        max_tokens=16,
+        stop=("a", "b"),
+    )
 
 
 NEIGHBOURS = st.builds(
@@ -110,12 +145,21 @@ NEIGHBOURS = st.builds(
 
 
 @settings(max_examples=60, deadline=None)
-@given(target=NEIGHBOURS, neighbours=st.lists(NEIGHBOURS, max_size=6), position=st.integers(0, 6),
-       seed=st.integers(0, 2**32))
+@given(
+    target=NEIGHBOURS,
+    neighbours=st.lists(NEIGHBOURS, max_size=6),
+    position=st.integers(0, 6),
+    seed=st.integers(0, 2**32),
+)
 def test_seeded_row_ignores_any_mix_of_neighbours(target, neighbours, position, seed):
     """A seeded row's filtering and draw depend on its own params only, whatever the others ask for."""
-    target = SamplingParams(temperature=target.temperature or 1.0, top_p=target.top_p, top_k=target.top_k,
-                            min_p=target.min_p, seed=seed)
+    target = SamplingParams(
+        temperature=target.temperature or 1.0,
+        top_p=target.top_p,
+        top_k=target.top_k,
+        min_p=target.min_p,
+        seed=seed,
+    )
     position = min(position, len(neighbours))
     row = logits_rows(1, seed=seed % 97)
 

@@ -20,11 +20,22 @@ PIECES = [[1, 20, 21, 22, 23, 24, 25, 26], [30, 31, 30, 31, 30, 31], [40, 41, 42
 def engines(tiny_model_dir, tmp_path_factory):
     path = tiny_model_dir("llama")
     draft = write_layer_skip_draft(path, tmp_path_factory.mktemp("draft") / "d", 1)
-    specs = {"ngram": {"method": "ngram", "num_speculative_tokens": 3},
-             "draft": {"method": "draft_model", "num_speculative_tokens": 3, "model": str(draft)}}
-    return {name: Engine.from_args(str(path), speculative_config=spec, block_size=2, num_kv_blocks=48,
-                                   max_num_seqs=4, max_num_batched_tokens=12, max_model_len=64)
-            for name, spec in specs.items()}
+    specs = {
+        "ngram": {"method": "ngram", "num_speculative_tokens": 3},
+        "draft": {"method": "draft_model", "num_speculative_tokens": 3, "model": str(draft)},
+    }
+    return {
+        name: Engine.from_args(
+            str(path),
+            speculative_config=spec,
+            block_size=2,
+            num_kv_blocks=48,
+            max_num_seqs=4,
+            max_num_batched_tokens=12,
+            max_model_len=64,
+        )
+        for name, spec in specs.items()
+    }
 
 
 def check_blocks(engine: Engine) -> None:
@@ -52,12 +63,16 @@ def abort_mid_verify(engine: Engine) -> bool:
     return True
 
 
-ops = st.lists(st.one_of(
-    st.tuples(st.just("add"), st.lists(st.integers(0, 3), min_size=1, max_size=4), st.integers(1, 12)),
-    st.tuples(st.just("step"), st.integers(1, 4), st.just(0)),
-    st.tuples(st.just("abort"), st.integers(0, 7), st.just(0)),
-    st.tuples(st.just("abort_mid_verify"), st.just(0), st.just(0)),
-), min_size=1, max_size=30)
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.lists(st.integers(0, 3), min_size=1, max_size=4), st.integers(1, 12)),
+        st.tuples(st.just("step"), st.integers(1, 4), st.just(0)),
+        st.tuples(st.just("abort"), st.integers(0, 7), st.just(0)),
+        st.tuples(st.just("abort_mid_verify"), st.just(0), st.just(0)),
+    ),
+    min_size=1,
+    max_size=30,
+)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
@@ -113,8 +128,9 @@ def test_rollback_with_scattered_blocks_keeps_greedy_output(tiny_model_dir):
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     outputs = {}
     for spec in (None, {"method": "ngram", "num_speculative_tokens": 4}):
-        engine = Engine.from_args(path, speculative_config=spec, block_size=2, max_num_seqs=2,
-                                  enable_prefix_caching=False)
+        engine = Engine.from_args(
+            path, speculative_config=spec, block_size=2, max_num_seqs=2, enable_prefix_caching=False
+        )
         ids = [engine.add_request(p, params) for p in prompts]
         scattered = False
         results = {}

@@ -27,7 +27,7 @@ def _greedy_continuation(loaded, context: list[int], n: int) -> list[int]:
     for _ in range(n):
         fresh = DraftModelProposer(loaded, k=1, max_len=64)
         seq.append(fresh.propose(["r"], [seq], [1], [True], [None], _softmax)[0][0][0])
-    return seq[len(context):]
+    return seq[len(context) :]
 
 
 def test_greedy_drafts_follow_the_draft_models_own_greedy_path(draft) -> None:
@@ -41,8 +41,9 @@ def test_greedy_drafts_follow_the_draft_models_own_greedy_path(draft) -> None:
 def test_sampled_requests_get_their_draft_distribution_greedy_ones_none(draft) -> None:
     prop = DraftModelProposer(draft, k=3, max_len=64)
     gen = torch.Generator().manual_seed(1)
-    drafts, q = prop.propose(["g", "s"], [list(range(40, 50)), list(range(70, 75))], [3, 2], [True, False],
-                             [None, gen], _softmax)
+    drafts, q = prop.propose(
+        ["g", "s"], [list(range(40, 50)), list(range(70, 75))], [3, 2], [True, False], [None, gen], _softmax
+    )
     assert [len(d) for d in drafts] == [3, 2] and q.shape == (2, 3, draft.config.vocab_size)
     assert q[0].abs().sum() == 0  # the greedy request's rows are never read
     assert torch.allclose(q[1, :2].sum(-1), torch.ones(2)) and q[1, 2].abs().sum() == 0
@@ -64,8 +65,9 @@ def test_slots_return_on_remove_and_the_cache_grows_past_its_first_slots(draft) 
     first = prop.runner.num_slots
     names = [f"r{i}" for i in range(first + 1)]
     contexts = [list(range(10 + i, 22 + i)) for i in range(first + 1)]
-    drafts, _ = prop.propose(names, contexts, [2] * len(names), [True] * len(names), [None] * len(names),
-                             _softmax)
+    drafts, _ = prop.propose(
+        names, contexts, [2] * len(names), [True] * len(names), [None] * len(names), _softmax
+    )
     assert prop.runner.num_slots == 2 * first and all(len(d) == 2 for d in drafts)
     assert drafts[-1] == _greedy_continuation(draft, contexts[-1], 2)  # the slot past the first ones works
     for name in names:
@@ -98,10 +100,17 @@ def test_draft_identical_to_target_is_always_accepted(tiny_model_dir, tmp_path):
 
     target = tiny_model_dir("llama")
     twin = write_layer_skip_draft(target, tmp_path / "twin", load_model(target).config.num_layers)
-    llm = LLM(str(target), max_num_batched_tokens=64, max_num_seqs=4,
-              speculative_config={"method": "draft_model", "model": str(twin), "num_speculative_tokens": 3})
-    llm.generate([[1, 5, 6, 7], [1] + list(range(60, 90))], SamplingParams(temperature=0, max_tokens=20,
-                                                                            ignore_eos=True), use_tqdm=False)
+    llm = LLM(
+        str(target),
+        max_num_batched_tokens=64,
+        max_num_seqs=4,
+        speculative_config={"method": "draft_model", "model": str(twin), "num_speculative_tokens": 3},
+    )
+    llm.generate(
+        [[1, 5, 6, 7], [1] + list(range(60, 90))],
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        use_tqdm=False,
+    )
     stats = llm.engine.last_stats
     assert stats["spec_acceptance_rate"] > 0.95 and stats["spec_mean_accepted_len"] > 3.5
 
@@ -124,8 +133,9 @@ def test_a_confidence_threshold_stops_drafting_at_the_first_unsure_token(draft) 
         runner = DraftModelProposer(draft, k=1, max_len=64).runner
         slot = torch.tensor([runner.acquire()])
         seq = ctx + full[0][:j]
-        probs = runner.forward(slot, torch.zeros(1, dtype=torch.long), torch.tensor([seq]),
-                               torch.tensor([len(seq)])).softmax(-1)
+        probs = runner.forward(
+            slot, torch.zeros(1, dtype=torch.long), torch.tensor([seq]), torch.tensor([len(seq)])
+        ).softmax(-1)
         sure.append(float(probs.max()))
     threshold = sorted(sure)[1] + 1e-6  # the two least sure tokens fall below it
     first_unsure = next(j for j, p in enumerate(sure) if p < threshold)
@@ -134,14 +144,16 @@ def test_a_confidence_threshold_stops_drafting_at_the_first_unsure_token(draft) 
     assert drafts[0] == full[0][:first_unsure]
     # The KV kept is exactly the fed prefix: the next step's drafts are still the draft's greedy path.
     verified = ctx + full[0][:first_unsure] + [7]
-    again, _ = DraftModelProposer(draft, k=2, max_len=64).propose(["x"], [verified], [2], [True], [None],
-                                                                  _softmax)
+    again, _ = DraftModelProposer(draft, k=2, max_len=64).propose(
+        ["x"], [verified], [2], [True], [None], _softmax
+    )
     prop.confidence = None
     assert prop.propose(["r"], [verified], [2], [True], [None], _softmax)[0] == again
 
 
 def test_a_confidence_above_every_tokens_proposes_nothing(draft) -> None:
     prop = DraftModelProposer(draft, k=3, max_len=64, confidence=0.999999)
-    drafts, _ = prop.propose(["a", "b"], [list(range(40, 50)), list(range(60, 66))], [3, 3], [True, True],
-                             [None, None], _softmax)
+    drafts, _ = prop.propose(
+        ["a", "b"], [list(range(40, 50)), list(range(60, 66))], [3, 3], [True, True], [None, None], _softmax
+    )
     assert drafts == [[], []]

@@ -14,12 +14,19 @@ MAX_TOKENS = 12
 ALWAYS = {"disable_by_batch_size": None}  # speculate at every batch size: these tests check its mechanics
 SPEC = {
     "off": None,
-    "ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1,
-              **ALWAYS},
+    "ngram": {
+        "method": "ngram",
+        "num_speculative_tokens": 3,
+        "prompt_lookup_max": 3,
+        "prompt_lookup_min": 1,
+        **ALWAYS,
+    },
     "draft": {"method": "draft_model", "num_speculative_tokens": 2, **ALWAYS},
 }
-BUDGETS = {"small": {"max_num_batched_tokens": 7, "max_num_seqs": 4},
-           "large": {"max_num_batched_tokens": 512, "max_num_seqs": 8}}
+BUDGETS = {
+    "small": {"max_num_batched_tokens": 7, "max_num_seqs": 4},
+    "large": {"max_num_batched_tokens": 512, "max_num_seqs": 8},
+}
 
 
 def mixed_prompts(vocab: int) -> list[list[int]]:
@@ -44,8 +51,12 @@ def case(request, tiny_model_dir, tmp_path_factory):
     hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
     prompts = mixed_prompts(hf.config.vocab_size)
     with torch.no_grad():
-        expected = [hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                                pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        expected = [
+            hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
     return path, draft, prompts, expected
 
 
@@ -55,8 +66,9 @@ def case(request, tiny_model_dir, tmp_path_factory):
 def test_greedy_matches_transformers(case, caching, spec, budget):
     path, draft, prompts, expected = case
     config = spec_config(spec, draft)
-    llm = LLM(str(path), enable_prefix_caching=caching, speculative_config=config, block_size=4,
-              **BUDGETS[budget])
+    llm = LLM(
+        str(path), enable_prefix_caching=caching, speculative_config=config, block_size=4, **BUDGETS[budget]
+    )
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     for _ in range(2):  # the second round finds the first round's blocks in the prefix cache
         outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -83,8 +95,10 @@ def test_sampled_requests_through_rejection_sampling(case, spec):
     top1 = SamplingParams(temperature=0.8, top_k=1, max_tokens=MAX_TOKENS, ignore_eos=True, seed=3)
     assert [o.token_ids for o in llm.generate(prompts, top1, use_tqdm=False)] == expected
     # Seeded sampling is reproducible with drafts in the loop.
-    seeded = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=MAX_TOKENS, ignore_eos=True, seed=i)
-              for i in range(len(prompts))]
+    seeded = [
+        SamplingParams(temperature=1.0, top_p=0.9, max_tokens=MAX_TOKENS, ignore_eos=True, seed=i)
+        for i in range(len(prompts))
+    ]
     runs = [[o.token_ids for o in llm.generate(prompts, seeded, use_tqdm=False)] for _ in range(2)]
     assert runs[0] == runs[1] and runs[0] != expected
     assert llm.engine.spec.verify_steps > 0
@@ -93,8 +107,16 @@ def test_sampled_requests_through_rejection_sampling(case, spec):
 def test_cli_takes_speculative_config_as_json(tiny_model_dir, monkeypatch, capsys):
     from meshserve import cli
 
-    base = ["meshserve", "generate", "--model", str(tiny_model_dir("llama")), "--prompt", "hello hello",
-            "--max-tokens", "6"]
+    base = [
+        "meshserve",
+        "generate",
+        "--model",
+        str(tiny_model_dir("llama")),
+        "--prompt",
+        "hello hello",
+        "--max-tokens",
+        "6",
+    ]
     monkeypatch.setattr("sys.argv", [*base, "--speculative-config", '{"method": "ngram"}'])
     with pytest.raises(SystemExit) as done:
         cli.main()
@@ -108,8 +130,12 @@ def test_cli_takes_speculative_config_as_json(tiny_model_dir, monkeypatch, capsy
 def test_prefill_decode_and_verify_share_steps(tiny_model_dir):
     from meshserve.engine import Engine
 
-    engine = Engine.from_args(str(tiny_model_dir("llama")), max_num_batched_tokens=24, max_num_seqs=8,
-                              speculative_config={"method": "ngram", "num_speculative_tokens": 3, **ALWAYS})
+    engine = Engine.from_args(
+        str(tiny_model_dir("llama")),
+        max_num_batched_tokens=24,
+        max_num_seqs=8,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3, **ALWAYS},
+    )
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     kinds = []
     for i, prompt in enumerate([[30, 31] * 8, [1, 2, 3, 4], [40, 41, 42] * 5, [1] + list(range(100, 160))]):
@@ -128,8 +154,11 @@ def test_prefill_decode_and_verify_share_steps(tiny_model_dir):
 def test_speculation_pauses_while_the_batch_is_larger_than_disable_by_batch_size(tiny_model_dir):
     from meshserve.engine import Engine
 
-    engine = Engine.from_args(str(tiny_model_dir("llama")), max_num_seqs=8, speculative_config={
-        "method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 2})
+    engine = Engine.from_args(
+        str(tiny_model_dir("llama")),
+        max_num_seqs=8,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 2},
+    )
     repetitive = [[30 + i, 31 + i] * 8 for i in range(4)]
     for i, prompt in enumerate(repetitive):  # different lengths: the batch shrinks as requests finish
         engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=4 + 8 * i, ignore_eos=True))
@@ -148,8 +177,9 @@ def test_a_draft_confidence_proposes_fewer_drafts_and_keeps_greedy_output(case):
     for confidence in (None, 0.011):  # the random layer-skip draft's top probabilities are ~0.006-0.03
         config = {**spec_config("draft", draft), "num_speculative_tokens": 3, "draft_confidence": confidence}
         llm = LLM(str(path), speculative_config=config, block_size=4, **BUDGETS["large"])
-        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
-                               use_tqdm=False)
+        outputs = llm.generate(
+            prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False
+        )
         assert [o.token_ids for o in outputs] == expected
         drafts_per_verify[confidence] = llm.engine.spec.draft_tokens / llm.engine.spec.verify_steps
     assert 0 < drafts_per_verify[0.011] < drafts_per_verify[None]

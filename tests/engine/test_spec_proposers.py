@@ -36,21 +36,28 @@ def test_spec_config_vllm_vocabulary() -> None:
     assert draft is not None and draft.model == "/tmp/d"
 
 
-@pytest.mark.parametrize(("value", "field"), [
-    ({"method": "medusa"}, "speculative_config.method"),
-    ({"num_speculative_tokens": 3}, "speculative_config.method"),
-    ({"method": "ngram", "num_speculative_tokens": 0}, "speculative_config.num_speculative_tokens"),
-    ({"method": "ngram", "num_speculative_tokens": 2.5}, "speculative_config.num_speculative_tokens"),
-    ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2},
-     "speculative_config.prompt_lookup_min"),
-    ({"method": "draft_model"}, "speculative_config.model"),
-    ({"method": "ngram", "model": "/x"}, "speculative_config.model"),
-    ({"method": "ngram", "lookahead": 2}, "speculative_config.lookahead"),
-    ({"method": "draft_model", "model": "/d", "draft_confidence": 1.0},
-     "speculative_config.draft_confidence"),
-    ({"method": "ngram", "draft_confidence": 0.5}, "speculative_config.draft_confidence"),
-    ("ngram", "speculative_config"),
-])
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ({"method": "medusa"}, "speculative_config.method"),
+        ({"num_speculative_tokens": 3}, "speculative_config.method"),
+        ({"method": "ngram", "num_speculative_tokens": 0}, "speculative_config.num_speculative_tokens"),
+        ({"method": "ngram", "num_speculative_tokens": 2.5}, "speculative_config.num_speculative_tokens"),
+        (
+            {"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2},
+            "speculative_config.prompt_lookup_min",
+        ),
+        ({"method": "draft_model"}, "speculative_config.model"),
+        ({"method": "ngram", "model": "/x"}, "speculative_config.model"),
+        ({"method": "ngram", "lookahead": 2}, "speculative_config.lookahead"),
+        (
+            {"method": "draft_model", "model": "/d", "draft_confidence": 1.0},
+            "speculative_config.draft_confidence",
+        ),
+        ({"method": "ngram", "draft_confidence": 0.5}, "speculative_config.draft_confidence"),
+        ("ngram", "speculative_config"),
+    ],
+)
 def test_spec_config_rejects_bad_input(value: object, field: str) -> None:
     with pytest.raises(InputError) as err:
         SpecConfig.from_dict(value)  # type: ignore[arg-type]

@@ -43,8 +43,13 @@ def test_greedy_from_token_ids_equals_the_full_rule() -> None:
 
 def test_no_drafts_is_plain_sampling() -> None:
     logits = torch.randn(2, 1, 7)
-    out = verify(logits, torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, dtype=torch.long),
-                 torch.ones(2, dtype=torch.bool), [None, None])
+    out = verify(
+        logits,
+        torch.zeros(2, 0, dtype=torch.long),
+        torch.zeros(2, dtype=torch.long),
+        torch.ones(2, dtype=torch.bool),
+        [None, None],
+    )
     assert out.tokens == [[int(logits[0, 0].argmax())], [int(logits[1, 0].argmax())]]
 
 
@@ -68,8 +73,14 @@ def test_rejection_sampling_preserves_target_distribution() -> None:
     p, q = _setup(1)
     gen = torch.Generator().manual_seed(2)
     drafts = torch.multinomial(q.repeat(N, 1), 1, generator=gen).view(N, K)
-    out = verify(p.expand(N, -1, -1), drafts, torch.full((N,), K), torch.zeros(N, dtype=torch.bool),
-                 _gens(N), draft_probs=q.expand(N, -1, -1))
+    out = verify(
+        p.expand(N, -1, -1),
+        drafts,
+        torch.full((N,), K),
+        torch.zeros(N, dtype=torch.bool),
+        _gens(N),
+        draft_probs=q.expand(N, -1, -1),
+    )
     for pos in range(2):  # first token, and the second one where the first draft was accepted
         observed = _counts(out.tokens, pos)
         expected = _expected(p[pos], observed.sum())
@@ -93,14 +104,24 @@ def test_seeded_request_gives_same_tokens_whatever_the_batch() -> None:
     p, q = _setup(4)
     drafts = torch.tensor([[1, 2, 3]])
     alone = verify(p[None], drafts, torch.tensor([K]), torch.tensor([False]), _gens(1, 77), q[None])
-    batch = verify(p.expand(4, -1, -1), drafts.expand(4, -1), torch.full((4,), K),
-                   torch.zeros(4, dtype=torch.bool), _gens(3, 5) + _gens(1, 77), q.expand(4, -1, -1))
+    batch = verify(
+        p.expand(4, -1, -1),
+        drafts.expand(4, -1),
+        torch.full((4,), K),
+        torch.zeros(4, dtype=torch.bool),
+        _gens(3, 5) + _gens(1, 77),
+        q.expand(4, -1, -1),
+    )
     assert batch.tokens[3] == alone.tokens[0]
 
 
 @settings(max_examples=40, deadline=None)
-@given(width=st.integers(0, K), others=st.lists(st.tuples(st.integers(0, K), st.booleans()), max_size=5),
-       position=st.integers(0, 5), seed=st.integers(0, 2**31))
+@given(
+    width=st.integers(0, K),
+    others=st.lists(st.tuples(st.integers(0, K), st.booleans()), max_size=5),
+    position=st.integers(0, 5),
+    seed=st.integers(0, 2**31),
+)
 def test_seeded_verify_ignores_any_mix_of_neighbours(width, others, position, seed) -> None:
     """Whatever the neighbours' draft counts and greedy flags, a seeded request keeps the same tokens
     over several verify steps (its generator advances by the same draws each step)."""
@@ -117,8 +138,15 @@ def test_seeded_verify_ignores_any_mix_of_neighbours(width, others, position, se
         for _ in range(3):
             widths, greedy = torch.tensor([w for w, _ in rows]), torch.tensor([g for _, g in rows])
             k = int(widths.max())  # the engine sizes a step's verify tensors by its widest verify
-            result = verify(p[: k + 1].expand(n, -1, -1), torch.tensor([[1, 2, 3][:k]] * n), widths, greedy,
-                            gens, q[:k].expand(n, -1, -1), draws_per_row=K + 1)
+            result = verify(
+                p[: k + 1].expand(n, -1, -1),
+                torch.tensor([[1, 2, 3][:k]] * n),
+                widths,
+                greedy,
+                gens,
+                q[:k].expand(n, -1, -1),
+                draws_per_row=K + 1,
+            )
             out.append(result.tokens[at])
         return out
 

@@ -38,8 +38,12 @@ def test_streamed_deltas_add_up_to_the_final_output(llama):
 
 def test_streamed_text_never_shows_a_stop_string(llama):
     engine = Engine.from_args(llama, max_model_len=128)
-    (free,) = [o.text for o in LLM(llama, max_model_len=128).generate(
-        PROMPT, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)]
+    (free,) = [
+        o.text
+        for o in LLM(llama, max_model_len=128).generate(
+            PROMPT, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False
+        )
+    ]
     stop = free[6:9]
     engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=20, stop=stop), "s", stream=True)
     texts = [o.outputs[0].text for o in run(engine)]
@@ -74,11 +78,19 @@ def test_penalties_bias_and_min_tokens_change_the_output(llama):
     llm = LLM(llama, max_model_len=128)
     base = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     plain = llm.generate(PROMPT, base, use_tqdm=False)[0].token_ids
-    biased = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
-                                                 logit_bias={300: 100}), use_tqdm=False)[0].token_ids
+    biased = llm.generate(
+        PROMPT,
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logit_bias={300: 100}),
+        use_tqdm=False,
+    )[0].token_ids
     assert biased == [300] * 16
-    rep = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
-                                              frequency_penalty=2.0, presence_penalty=2.0), use_tqdm=False)
+    rep = llm.generate(
+        PROMPT,
+        SamplingParams(
+            temperature=0, max_tokens=16, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0
+        ),
+        use_tqdm=False,
+    )
     assert rep[0].token_ids != plain and len(set(rep[0].token_ids)) >= len(set(plain))
     eos = llm.engine.model_config.eos_token_ids[0]
     early = SamplingParams(temperature=0, max_tokens=8, logit_bias={eos: 100}, min_tokens=5)
@@ -107,18 +119,28 @@ def test_seeded_request_ignores_its_neighbours_with_and_without_spec(llama, spec
         prompts = [prompt] + [[1, 9 + i] * 6 for i in range(len(neighbours))]
         return llm.generate(prompts, [seeded, *neighbours], use_tqdm=False)[0].token_ids
 
-    busy = [SamplingParams(top_p=0.5, max_tokens=30), SamplingParams(temperature=0, max_tokens=5),
-            SamplingParams(top_k=3, min_p=0.1, seed=1, max_tokens=40), SamplingParams(max_tokens=9)]
+    busy = [
+        SamplingParams(top_p=0.5, max_tokens=30),
+        SamplingParams(temperature=0, max_tokens=5),
+        SamplingParams(top_k=3, min_p=0.1, seed=1, max_tokens=40),
+        SamplingParams(max_tokens=9),
+    ]
     assert tokens(busy) == tokens([])
 
 
 def test_verify_leaves_budget_for_every_decode(llama):
     """Budget 6 for 4 generating requests with 3 drafts each: drafts shrink, nobody waits a step."""
-    engine = Engine.from_args(llama, max_num_batched_tokens=6, max_num_seqs=4, max_model_len=128,
-                              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    engine = Engine.from_args(
+        llama,
+        max_num_batched_tokens=6,
+        max_num_seqs=4,
+        max_model_len=128,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3},
+    )
     for i in range(4):
-        engine.add_request([1] + [30 + i, 31 + i] * 2, SamplingParams(temperature=0, max_tokens=30,
-                                                                       ignore_eos=True))
+        engine.add_request(
+            [1] + [30 + i, 31 + i] * 2, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        )
     while any(r.num_output_tokens == 0 for r in engine.requests.values()):
         engine.step()
     for _ in range(10):
@@ -132,8 +154,9 @@ def test_prompt_logprobs_match_transformers_in_chunks(llama):
     from transformers import AutoModelForCausalLM
 
     llm = LLM(llama, max_model_len=128, max_num_batched_tokens=8, max_num_seqs=2)  # prompt in 4 chunks
-    (out,) = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3),
-                          use_tqdm=False)
+    (out,) = llm.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3), use_tqdm=False
+    )
     with torch.no_grad():
         hf = AutoModelForCausalLM.from_pretrained(llama).float()
         logp = hf(torch.tensor([PROMPT])).logits[0].log_softmax(-1)
@@ -142,5 +165,7 @@ def test_prompt_logprobs_match_transformers_in_chunks(llama):
         assert PROMPT[position] in entry and len(entry) <= 4
         expected = logp[position - 1, PROMPT[position]].item()
         assert abs(entry[PROMPT[position]] - expected) < 1e-3
-    assert out.token_ids == llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2),
-                                         use_tqdm=False)[0].token_ids
+    assert (
+        out.token_ids
+        == llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)[0].token_ids
+    )

@@ -20,7 +20,12 @@ def test_profile_writes_the_fastest_candidate_and_the_planner_reads_it(tmp_path,
     best = attention_profile.profile_attention(16, 4, 2, torch.float32, repeats=1)
 
     entries = json.loads((tmp_path / "attention.json").read_text())["entries"]
-    assert entries == {attention_tiles.profile_key(16, torch.float32): {
-        "prefill_rows": best.prefill_rows, "short_rows": 8, "min_split_kv": 256}}
+    assert entries == {
+        attention_tiles.profile_key(16, torch.float32): {
+            "prefill_rows": best.prefill_rows,
+            "short_rows": 8,
+            "min_split_kv": 256,
+        }
+    }
     assert attention_tiles.tile_sizes(16, torch.float32) == best
     attention_tiles.tile_sizes.cache_clear()

@@ -23,11 +23,14 @@ def test_tiles_mask_kinds_and_stages():
     meta, _ = build_batch(context=[5, 3, 10], q_lens=[1, 20, 3], block_size=4, seed=0)
     table = plan_tasks(meta, num_heads=2, num_kv_heads=1, sizes=SIZES, num_threads=1)
     t = table.tasks.numpy()
-    rows = sorted(zip(t[:, COL["q_start"]], t[:, COL["q_rows"]], t[:, COL["kv_hi"]], t[:, COL["mask"]],
-                      strict=True))
+    rows = sorted(
+        zip(t[:, COL["q_start"]], t[:, COL["q_rows"]], t[:, COL["kv_hi"]], t[:, COL["mask"]], strict=True)
+    )
     assert rows == [
         (0, 1, 6, MaskKind.NONE),  # the decode sees all 6 positions
-        (1, 8, 11, MaskKind.CAUSAL), (9, 8, 19, MaskKind.CAUSAL), (17, 4, 23, MaskKind.CAUSAL),  # 8+8+4 rows
+        (1, 8, 11, MaskKind.CAUSAL),
+        (9, 8, 19, MaskKind.CAUSAL),
+        (17, 4, 23, MaskKind.CAUSAL),  # 8+8+4 rows
         (21, 3, 13, MaskKind.CAUSAL),  # the verify block: one tile, causal (sequence verify)
     ]
 
@@ -55,7 +58,7 @@ def test_task_table_covers_every_tile_and_head_once_sorted_and_dealt_snake_wise(
     covered = np.zeros((meta.num_tokens, kv_heads, int(meta.seq_lens.max())), dtype=int)
     for row in t:
         rows = slice(row[COL["q_start"]], row[COL["q_start"]] + row[COL["q_rows"]])
-        covered[rows, row[COL["kv_head"]], row[COL["kv_lo"]]:row[COL["kv_hi"]]] += 1
+        covered[rows, row[COL["kv_head"]], row[COL["kv_lo"]] : row[COL["kv_hi"]]] += 1
     last_pos = meta.positions.numpy()
     for tok in range(meta.num_tokens):
         assert (covered[tok, :, : last_pos[tok] + 1] == 1).all()
@@ -65,10 +68,10 @@ def test_task_table_covers_every_tile_and_head_once_sorted_and_dealt_snake_wise(
     lap, pos = np.arange(len(t)) // threads, np.arange(len(t)) % threads
     dealt = np.where(lap % 2 == 0, pos, threads - 1 - pos)
     for w in range(threads):
-        assert sorted(costs(table.tasks[starts[w]:starts[w + 1]])) == sorted(sorted_costs[dealt == w])
+        assert sorted(costs(table.tasks[starts[w] : starts[w + 1]])) == sorted(sorted_costs[dealt == w])
     # Within a thread row, largest first.
     for w in range(threads):
-        c = costs(table.tasks[starts[w]:starts[w + 1]])
+        c = costs(table.tasks[starts[w] : starts[w + 1]])
         assert (np.diff(c) <= 0).all()
 
 

@@ -26,9 +26,18 @@ def random_linear(m: int, k: int, n: int, bias: bool, seed: int):
 
 
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(0, 150), k=st.integers(1, 300), n=st.integers(1, 120), bias=st.booleans(),
-       out_f32=st.booleans(), dpbf16=st.booleans(), x_f32=st.booleans(), strided=st.booleans(),
-       threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(0, 150),
+    k=st.integers(1, 300),
+    n=st.integers(1, 120),
+    bias=st.booleans(),
+    out_f32=st.booleans(),
+    dpbf16=st.booleans(),
+    x_f32=st.booleans(),
+    strided=st.booleans(),
+    threads=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
 def test_equals_float32_linear(m, k, n, bias, out_f32, dpbf16, x_f32, strided, threads, seed):
     x, w, b = random_linear(m, k, n, bias, seed)
     if strided:  # rows further apart than K (a column slice of a wider activation)
@@ -41,9 +50,9 @@ def test_equals_float32_linear(m, k, n, bias, out_f32, dpbf16, x_f32, strided, t
         torch.set_num_threads(2)
     assert y.dtype == (torch.float32 if out_f32 else torch.bfloat16) and y.shape == (m, n)
     if out_f32:  # only the float32 summation order differs
-        torch.testing.assert_close(y, ref, atol=2e-5 * k ** 0.5, rtol=1e-5)
+        torch.testing.assert_close(y, ref, atol=2e-5 * k**0.5, rtol=1e-5)
     else:  # ...so a sum on a rounding boundary may round one bfloat16 step the other way
-        torch.testing.assert_close(y.float(), ref.bfloat16().float(), atol=1e-3, rtol=2 ** -7)
+        torch.testing.assert_close(y.float(), ref.bfloat16().float(), atol=1e-3, rtol=2**-7)
 
 
 def test_odd_k_tail_uses_the_real_element_only():
@@ -61,7 +70,7 @@ def test_pack_layout_pairs_k_per_column():
     p = pack_bf16_pairs(w)
     assert p.shape == (1, 3, 32)
     assert p[0, 1, :6].tolist() == [2.0, 3.0, 7.0, 8.0, 12.0, 13.0]  # pair k=2,3 of columns 0, 1, 2
-    assert p[0, 2, :6].tolist() == [4.0, 0.0, 9.0, 0.0, 14.0, 0.0]   # odd-K tail pairs with zero
+    assert p[0, 2, :6].tolist() == [4.0, 0.0, 9.0, 0.0, 14.0, 0.0]  # odd-K tail pairs with zero
     assert p[0, :, 6:].abs().sum() == 0  # padded columns
 
 

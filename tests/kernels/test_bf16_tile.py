@@ -18,7 +18,8 @@ CHECK = Path(__file__).parent / "bf16_tile_check.cpp"
 @pytest.mark.parametrize("march", ["native", "x86-64-v2"], ids=["vector-tiles", "scalar-fallback"])
 def test_every_tile_matches_a_double_sum(march, tmp_path):
     exe = tmp_path / "check"
-    subprocess.run(["g++", "-O2", "-std=c++17", f"-march={march}", f"-I{CSRC}", str(CHECK), "-o", str(exe)],
-                   check=True)
+    subprocess.run(
+        ["g++", "-O2", "-std=c++17", f"-march={march}", f"-I{CSRC}", str(CHECK), "-o", str(exe)], check=True
+    )
     worst = float(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
     assert worst < 1e-4  # float32 sums of up to 260 products of values in [-1, 1]

@@ -40,8 +40,11 @@ rows, width = st.integers(1, 70), st.integers(1, 300)
 @given(t=rows, n=width, dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
 @example(t=36, n=252, dtype=torch.bfloat16, seed=41)  # a tie flipped, then scaled by the weight (docstring)
 def test_add_rms_norm_matches_reference(t, n, dtype, seed):
-    x, delta, weight = randn(t, n, dtype=dtype, seed=seed), randn(t, n, dtype=dtype, seed=seed + 1), \
-        randn(n, dtype=dtype, seed=seed + 2)
+    x, delta, weight = (
+        randn(t, n, dtype=dtype, seed=seed),
+        randn(t, n, dtype=dtype, seed=seed + 1),
+        randn(n, dtype=dtype, seed=seed + 2),
+    )
     expected_sum = x + delta
     expected = fused.rms_norm_reference(expected_sum, weight, 1e-6)
     with torch.inference_mode():
@@ -53,15 +56,24 @@ def test_add_rms_norm_matches_reference(t, n, dtype, seed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(t=rows, kv_heads=st.integers(1, 4), group=st.integers(1, 4), half=st.integers(1, 40),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+@given(
+    t=rows,
+    kv_heads=st.integers(1, 4),
+    group=st.integers(1, 4),
+    half=st.integers(1, 40),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
 def test_rotary_qkv_rotates_q_and_k_in_place(t, kv_heads, group, half, dtype, seed):
     heads, dim = kv_heads * group, 2 * half
     qkv = randn(t, (heads + 2 * kv_heads) * dim, dtype=dtype, seed=seed)
     cos, sin = randn(t, dim, dtype=dtype, seed=seed + 1), randn(t, dim, dtype=dtype, seed=seed + 2)
     q, k, v = qkv.split((heads * dim, kv_heads * dim, kv_heads * dim), dim=-1)
-    expected = (fused.rotary_reference(q.reshape(t, heads, dim), cos, sin),
-                fused.rotary_reference(k.reshape(t, kv_heads, dim), cos, sin), v.reshape(t, kv_heads, dim))
+    expected = (
+        fused.rotary_reference(q.reshape(t, heads, dim), cos, sin),
+        fused.rotary_reference(k.reshape(t, kv_heads, dim), cos, sin),
+        v.reshape(t, kv_heads, dim),
+    )
     with torch.inference_mode():
         got = fused.rotary_qkv(qkv, cos, sin, heads, kv_heads, dim)
     assert got[0].data_ptr() == qkv.data_ptr()  # views of the GEMM output, no copies
@@ -70,8 +82,13 @@ def test_rotary_qkv_rotates_q_and_k_in_place(t, kv_heads, group, half, dtype, se
 
 
 @settings(max_examples=25, deadline=None)
-@given(t=rows, inter=width, dtype=st.sampled_from(DTYPES), scale=st.sampled_from([0.1, 3.0, 60.0]),
-       seed=st.integers(0, 2**16))
+@given(
+    t=rows,
+    inter=width,
+    dtype=st.sampled_from(DTYPES),
+    scale=st.sampled_from([0.1, 3.0, 60.0]),
+    seed=st.integers(0, 2**16),
+)
 def test_silu_mul_matches_reference(t, inter, dtype, scale, seed):
     gate_up = randn(t, 2 * inter, dtype=dtype, seed=seed, scale=scale)
     with torch.inference_mode():
@@ -138,8 +155,9 @@ def test_float32_gemm_outputs_are_rounded_like_the_reference(t, heads, half, see
     expected_sum = x + delta.bfloat16()
     assert normed.dtype == torch.float32 and act.dtype == torch.float32
     torch.testing.assert_close(total, expected_sum, atol=0, rtol=0)
-    torch.testing.assert_close(normed, fused.rms_norm_reference(expected_sum, weight, 1e-6).float(),
-                               **TOLERANCE[torch.bfloat16])
+    torch.testing.assert_close(
+        normed, fused.rms_norm_reference(expected_sum, weight, 1e-6).float(), **TOLERANCE[torch.bfloat16]
+    )
     rounded = qkv.bfloat16()
     q_ref, k_ref, v_ref = rounded.split(n, dim=-1)
     exact = {"atol": 0, "rtol": 0}

@@ -73,8 +73,15 @@ def test_packing_accepts_the_loaders_column_major_experts():
 @pytest.mark.parametrize("tokens", [0, 1, 37])
 def test_prepared_moe_runs_the_native_op_and_matches_torch_path(dtype, shared, tokens):
     torch.manual_seed(0)
-    moe = SparseMoE(64, 48, num_experts=6, top_k=2, renormalize=shared == 0,
-                    weights_in_model_dtype=shared > 0, shared_intermediate_size=shared)
+    moe = SparseMoE(
+        64,
+        48,
+        num_experts=6,
+        top_k=2,
+        renormalize=shared == 0,
+        weights_in_model_dtype=shared > 0,
+        shared_intermediate_size=shared,
+    )
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
     moe = moe.to(dtype)
@@ -126,8 +133,11 @@ def test_bad_expert_id_is_refused():
 def test_op_registration_and_fake_impl_pass_torch_opcheck():
     packed = pack_experts(torch.randn(3, 64, 32), torch.randn(3, 32, 32))
     ids, weights = random_routing(5, 3, 2, 3, torch.Generator().manual_seed(3))
-    torch.library.opcheck(torch.ops.meshserve.fused_moe.default, (torch.randn(5, 32), ids, weights, *packed),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.meshserve.fused_moe.default,
+        (torch.randn(5, 32), ids, weights, *packed),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])

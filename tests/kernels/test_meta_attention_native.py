@@ -33,8 +33,9 @@ def random_step(seqs, block_size, kv_heads, heads, dim, dtype, seed):
     meta, num_blocks = build_batch(context, q_lens, block_size, seed)
     gen = torch.Generator().manual_seed(seed)
     cache = torch.randn(2, num_blocks, block_size, kv_heads, dim, generator=gen).to(dtype)
-    q, k, v = (torch.randn(meta.num_tokens, n, dim, generator=gen).to(dtype)
-               for n in (heads, kv_heads, kv_heads))
+    q, k, v = (
+        torch.randn(meta.num_tokens, n, dim, generator=gen).to(dtype) for n in (heads, kv_heads, kv_heads)
+    )
     return meta, cache, q, k, v
 
 
@@ -168,10 +169,20 @@ def test_op_registration_and_fake_impl_pass_torch_opcheck():
     """Schema, fake (meta) impl and dispatch agree, so a compiled forward can treat the op as opaque."""
     meta, cache, q, k, v = random_step([(9, 3), (20, 1)], 4, 2, 4, 16, torch.float32, seed=2)
     table = plan_tasks(meta, 4, 2, TileSizes(16, 8, 4), num_threads=2)
-    args = (q, cache, table.block_tables, table.tasks, table.thread_starts, table.combine, table.tree_mask,
-            0.25, table.partial_rows)
-    torch.library.opcheck(torch.ops.meshserve.meta_attention.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    args = (
+        q,
+        cache,
+        table.block_tables,
+        table.tasks,
+        table.thread_starts,
+        table.combine,
+        table.tree_mask,
+        0.25,
+        table.partial_rows,
+    )
+    torch.library.opcheck(
+        torch.ops.meshserve.meta_attention.default, args, test_utils=("test_schema", "test_faketensor")
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -18,10 +18,17 @@ from meshserve.kernels.profile import (
 )
 from meshserve.kernels.smooth_gemm import PLAIN, GemmChoice
 
-TABLE = {"version": 1, "machine": "test box",
-         "gemm": {"bfloat16": {"*": [[512, "packed_f32", 1], [8, "packed", 1]],
-                               "96x64": [[4, "linear", 1], [64, "packed_f32", 16]]},
-                  "float32": {"*": [[1, "linear", 1]]}}}
+TABLE = {
+    "version": 1,
+    "machine": "test box",
+    "gemm": {
+        "bfloat16": {
+            "*": [[512, "packed_f32", 1], [8, "packed", 1]],
+            "96x64": [[4, "linear", 1], [64, "packed_f32", 16]],
+        },
+        "float32": {"*": [[1, "linear", 1]]},
+    },
+}
 
 
 def test_table_round_trips_through_its_file(tmp_path):
@@ -43,9 +50,15 @@ def test_lookup_by_shape_then_default_then_plain():
     assert set(GemmTable({}).by_m("8x8", torch.float32, 4)) == {PLAIN}  # nothing for the dtype: F.linear
 
 
-@pytest.mark.parametrize("bad", [{"version": 2, "gemm": {}}, {"version": 1},
-                                 {"version": 1, "gemm": {"float32": {"*": [[4, "cublas", 1]]}}},
-                                 {"version": 1, "gemm": {"float32": {"*": [[0, "linear", 1]]}}}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"version": 2, "gemm": {}},
+        {"version": 1},
+        {"version": 1, "gemm": {"float32": {"*": [[4, "cublas", 1]]}}},
+        {"version": 1, "gemm": {"float32": {"*": [[0, "linear", 1]]}}},
+    ],
+)
 def test_bad_tables_raise_input_error(tmp_path, bad):
     path = tmp_path / "gemm.json"
     path.write_text(json.dumps(bad))

@@ -29,15 +29,26 @@ def weights(n: int, k: int, dtype: torch.dtype, bias: bool, seed: int = 0) -> di
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
     b = (torch.randn(n, generator=gen) * 0.05).to(dtype) if bias else None
-    return {"weight": w, "bias": b, "packed": pack_weight(w), "packed_f32": pack_weight(w.float()),
-            "bias_f32": None if b is None else b.float(),
-            "pairs": pack_bf16_pairs(w) if dtype == torch.bfloat16 else None}
+    return {
+        "weight": w,
+        "bias": b,
+        "packed": pack_weight(w),
+        "packed_f32": pack_weight(w.float()),
+        "bias_f32": None if b is None else b.float(),
+        "pairs": pack_bf16_pairs(w) if dtype == torch.bfloat16 else None,
+    }
 
 
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(0, 200), n=st.sampled_from([8, 48, 96]), k=st.sampled_from([16, 64, 80]),
-       kernel=st.sampled_from(KERNELS), tile=st.sampled_from([1, 4, 16, 64]), bias=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+@given(
+    m=st.integers(0, 200),
+    n=st.sampled_from([8, 48, 96]),
+    k=st.sampled_from([16, 64, 80]),
+    kernel=st.sampled_from(KERNELS),
+    tile=st.sampled_from([1, 4, 16, 64]),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
 def test_every_primitive_equals_f_linear(m, n, k, kernel, tile, bias, dtype):
     if kernel in NATIVE_KERNELS:  # the native op: bfloat16 weights, any M as is
         tile, dtype = 1, torch.bfloat16

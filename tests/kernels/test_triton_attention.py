@@ -35,8 +35,9 @@ def random_step(seqs, block_size, kv_heads, heads, dim, dtype, seed):
     meta, num_blocks = build_batch([c for c, _ in seqs], [q for _, q in seqs], block_size, seed)
     gen = torch.Generator().manual_seed(seed)
     cache = torch.randn(2, num_blocks, block_size, kv_heads, dim, generator=gen).to(dtype)
-    q, k, v = (torch.randn(meta.num_tokens, n, dim, generator=gen).to(dtype)
-               for n in (heads, kv_heads, kv_heads))
+    q, k, v = (
+        torch.randn(meta.num_tokens, n, dim, generator=gen).to(dtype) for n in (heads, kv_heads, kv_heads)
+    )
     return meta, cache, q, k, v
 
 
@@ -79,8 +80,15 @@ def test_mixed_batch_equals_reference_for_each_mask_kind(window, kinds, dtype):
 )
 def test_gqa_groups_odd_head_dims_and_block_sizes(kv_heads, group, dim, block_size):
     """Group 4 onto one KV head, 3 onto each of 2, no GQA; head dims 24 and 8 pad to the kernel's 16/32."""
-    meta, cache, q, k, v = random_step([(3, 1), (19, 7), (0, 1), (30, 17)], block_size, kv_heads,
-                                       kv_heads * group, dim, torch.float32, seed=group)
+    meta, cache, q, k, v = random_step(
+        [(3, 1), (19, 7), (0, 1), (30, 17)],
+        block_size,
+        kv_heads,
+        kv_heads * group,
+        dim,
+        torch.float32,
+        seed=group,
+    )
     check(meta, cache, q, k, v, block_size, window=4 if kv_heads == 3 else None)
 
 
@@ -117,8 +125,9 @@ def test_sequences_sharing_prefix_blocks_and_a_strided_query():
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the model runs on CPU tensors: the interpreter's case")
 @pytest.mark.parametrize(("arch", "overrides"), [("llama", {}), ("mixtral", {"sliding_window": 5})])
-def test_a_model_forward_through_the_kernel_matches_the_reference(tiny_model_dir, monkeypatch, arch,
-                                                                  overrides):
+def test_a_model_forward_through_the_kernel_matches_the_reference(
+    tiny_model_dir, monkeypatch, arch, overrides
+):
     """MESHSERVE_ATTENTION=triton sends every layer's attention through the kernel: a prefill of two
     prompts, then a step mixing a decode with a chunk, give the reference path's logits. (Mixtral's
     layers all share one window, so each forward plans one table.)"""

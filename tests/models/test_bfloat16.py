@@ -12,8 +12,13 @@ from meshserve.models import load_model
 from meshserve.testing import PagedSequences
 
 # Every SmoothGEMM primitive, forced for all M (linears and MoE experts alike), stays within tolerance.
-KERNELS = [None, GemmChoice("packed"), GemmChoice("packed_f32", 16), GemmChoice("bf16_fma"),
-           GemmChoice("dpbf16")]
+KERNELS = [
+    None,
+    GemmChoice("packed"),
+    GemmChoice("packed_f32", 16),
+    GemmChoice("bf16_fma"),
+    GemmChoice("dpbf16"),
+]
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda c: "unprepared" if c is None else c.name)

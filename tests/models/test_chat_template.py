@@ -11,8 +11,10 @@ from meshserve import LLM, SamplingParams
 from meshserve.errors import InputError
 from meshserve.models.loader import load_model
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]
 
 
@@ -39,8 +41,12 @@ def test_plain_fallback_and_bad_messages(tiny_model_dir):
     assert tokenizer.chat_template is None
     ids = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
     assert tokenizer.decode(ids) == "user: hi\nassistant:"
-    for bad, field in [([], "messages"), ([{"role": "robot", "content": "x"}], "messages[0].role"),
-                       ([{"role": "user", "content": 5}], "messages[0].content"), ("hi", "messages")]:
+    for bad, field in [
+        ([], "messages"),
+        ([{"role": "robot", "content": "x"}], "messages[0].role"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        ("hi", "messages"),
+    ]:
         with pytest.raises(InputError) as err:
             tokenizer.apply_chat_template(bad)
         assert err.value.field == field

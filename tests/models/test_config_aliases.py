@@ -40,8 +40,15 @@ def test_mixtral_accepts_num_experts_and_refuses_disagreement(tiny_model_dir, tm
 
 
 def test_generation_config_gives_the_default_sampling_params(tiny_model_dir, tmp_path):
-    path = rewrite(tiny_model_dir("llama"), tmp_path / "g", {
-        "generation_config.json": lambda g: g.update(temperature=0.6, top_p=0.9, top_k=20, max_new_tokens=7)})
+    path = rewrite(
+        tiny_model_dir("llama"),
+        tmp_path / "g",
+        {
+            "generation_config.json": lambda g: g.update(
+                temperature=0.6, top_p=0.9, top_k=20, max_new_tokens=7
+            )
+        },
+    )
     llm = LLM(str(path), max_model_len=64)
     params = llm.get_default_sampling_params()
     assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (0.6, 0.9, 20, 7)

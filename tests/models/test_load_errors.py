@@ -90,19 +90,22 @@ def test_missing_or_corrupt_tokenizer(model_dir):
     expect_error(model_dir, "tokenizer.json", "missing")
 
 
-@pytest.mark.parametrize(("field", "value", "match"), [
-    ("head_dim", -16, "positive integer"),
-    ("head_dim", 16.0, "expected int"),
-    ("rope_theta", -10000.0, "finite number > 0"),
-    ("rope_theta", 0, "finite number > 0"),
-    ("rope_theta", float("inf"), "finite number > 0"),
-    ("rms_norm_eps", float("nan"), "finite number > 0"),
-    ("rms_norm_eps", "1e-6", "finite number > 0"),
-    ("tie_word_embeddings", "false", "true or false"),
-    ("attention_bias", "no", "true or false"),
-    ("eos_token_id", 10**6, "token ids in"),
-    ("eos_token_id", [2, -1], "token ids in"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("head_dim", -16, "positive integer"),
+        ("head_dim", 16.0, "expected int"),
+        ("rope_theta", -10000.0, "finite number > 0"),
+        ("rope_theta", 0, "finite number > 0"),
+        ("rope_theta", float("inf"), "finite number > 0"),
+        ("rms_norm_eps", float("nan"), "finite number > 0"),
+        ("rms_norm_eps", "1e-6", "finite number > 0"),
+        ("tie_word_embeddings", "false", "true or false"),
+        ("attention_bias", "no", "true or false"),
+        ("eos_token_id", 10**6, "token ids in"),
+        ("eos_token_id", [2, -1], "token ids in"),
+    ],
+)
 def test_config_values_that_parse_but_make_no_sense(model_dir, field, value, match):
     edit_config(model_dir, **{field: value})
     expect_error(model_dir, f"config.json:{field}", match)
@@ -113,9 +116,15 @@ def test_rope_parameters_of_transformers_v5_are_checked_too(model_dir):
     expect_error(model_dir, "config.json:rope_parameters:rope_theta", "finite number > 0")
 
 
-@pytest.mark.parametrize(("dtype", "poison"), [
-    (torch.int8, None), (torch.float64, None), (torch.float32, float("nan")), (torch.bfloat16, float("inf")),
-])
+@pytest.mark.parametrize(
+    ("dtype", "poison"),
+    [
+        (torch.int8, None),
+        (torch.float64, None),
+        (torch.float32, float("nan")),
+        (torch.bfloat16, float("inf")),
+    ],
+)
 def test_weights_of_an_unsupported_dtype_or_holding_nan_are_refused(model_dir, dtype, poison):
     weights = model_dir / "model.safetensors"
     tensors = load_file(weights)
@@ -127,8 +136,9 @@ def test_weights_of_an_unsupported_dtype_or_holding_nan_are_refused(model_dir, d
     expect_error(model_dir, f"model.safetensors:{name}", "NaN or infinite" if poison else "not supported")
 
 
-@pytest.mark.parametrize("weight_map", [[], {}, {"a.weight": 3}, {"a.weight": "../model.safetensors"},
-                                        {"a.weight": "weights.bin"}])
+@pytest.mark.parametrize(
+    "weight_map", [[], {}, {"a.weight": 3}, {"a.weight": "../model.safetensors"}, {"a.weight": "weights.bin"}]
+)
 def test_a_weight_map_of_the_wrong_shape_is_refused(tiny_model_dir, tmp_path, weight_map):
     path = shutil.copytree(tiny_model_dir("llama", num_shards=2), tmp_path / "sharded")
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))

@@ -123,8 +123,9 @@ def test_ni_eplb_plans_as_well_as_eplb_with_fewer_shorter_copies():
     base, greedy = plan("greedy", load, hops=hops)
     _, ni = plan("ni", load, hops=hops)
     _, ours = plan("ni-eplb", load, hops=hops)
-    quality = {name: imbalance(p.device_load(load)) for name, p in [("greedy", greedy), ("ni", ni),
-                                                                     ("ours", ours)]}
+    quality = {
+        name: imbalance(p.device_load(load)) for name, p in [("greedy", greedy), ("ni", ni), ("ours", ours)]
+    }
     # within plan_slack (0.02) of EPLB's balance (max/mean 1.02 here), well under the paper planner's
     assert quality["ours"] <= quality["greedy"] + 0.02 and quality["ours"] < quality["ni"] / 2
     g, o = migrations(base, greedy, hops), migrations(base, ours, hops)
@@ -138,8 +139,16 @@ def window_mean_load(seed: int = 0) -> np.ndarray:
     """Mean expert load of 10 iterations of a seeded drifting trace: 4 layers, 64 experts, top-8."""
     from meshserve.wafer.synthetic import synthetic_trace
 
-    trace = synthetic_trace(model="t", num_layers=4, num_experts=64, top_k=8, tokens_per_step=64 * 16,
-                            steps=10, scenario="mixed", seed=seed)
+    trace = synthetic_trace(
+        model="t",
+        num_layers=4,
+        num_experts=64,
+        top_k=8,
+        tokens_per_step=64 * 16,
+        steps=10,
+        scenario="mixed",
+        seed=seed,
+    )
     return trace.counts.mean(axis=0)
 
 

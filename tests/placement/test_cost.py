@@ -53,8 +53,10 @@ def test_compute_bound_timed_plans_balance_as_well_as_token_plans(name, seed):
     load = skewed_load(4, 32, seed)
     base, timed, tokens = plans(name, load, COMPUTE_BOUND)
     timed.validate()
-    spread = [(p.device_load(load).max(axis=1) / p.device_load(load).mean(axis=1)).mean()
-              for p in (base, timed, tokens)]
+    spread = [
+        (p.device_load(load).max(axis=1) / p.device_load(load).mean(axis=1)).mean()
+        for p in (base, timed, tokens)
+    ]
     assert spread[1] < 1.10 and spread[1] <= spread[2] * 1.05
     assert spread[1] < spread[0] * 0.75
 

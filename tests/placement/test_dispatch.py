@@ -29,8 +29,14 @@ def smallest_max(holds: np.ndarray, counts: np.ndarray) -> float:
     below = np.zeros((devices, k + 1))
     below[device, np.arange(k)] = 1
     below[:, -1] = -1  # device load - t <= 0
-    return linprog(np.r_[np.zeros(k), 1], A_ub=below, b_ub=np.zeros(devices), A_eq=equal, b_eq=counts,
-                   bounds=[(0, None)] * (k + 1)).fun
+    return linprog(
+        np.r_[np.zeros(k), 1],
+        A_ub=below,
+        b_ub=np.zeros(devices),
+        A_eq=equal,
+        b_eq=counts,
+        bounds=[(0, None)] * (k + 1),
+    ).fun
 
 
 def test_balanced_split_reaches_the_smallest_possible_max_and_keeps_every_token():
@@ -81,16 +87,18 @@ def groups(table: Placement, layer: int) -> tuple[int, int]:
     are trees (as many device-expert links as devices + experts - 1: no replica on a cycle)."""
     multi = table.holds[layer][table.replicas()[layer] > 1]  # [replicated experts, devices]
     experts, devices = multi.shape
-    graph = csr_matrix(np.block([[np.zeros((experts, experts)), multi],
-                                 [multi.T, np.zeros((devices, devices))]]))
+    graph = csr_matrix(
+        np.block([[np.zeros((experts, experts)), multi], [multi.T, np.zeros((devices, devices))]])
+    )
     count, label = connected_components(graph, directed=False)
     nodes = np.bincount(label, minlength=count)
     links = np.bincount(label[:experts], weights=multi.sum(axis=1), minlength=count)
     return count, int(((links == nodes - 1) & (nodes > 1)).sum())
 
 
-def eplb_plan(layers: int = 4, experts: int = 32, side: int = 4, seed: int = 0
-              ) -> tuple[Placement, np.ndarray]:
+def eplb_plan(
+    layers: int = 4, experts: int = 32, side: int = 4, seed: int = 0
+) -> tuple[Placement, np.ndarray]:
     n = side * side
     load = skewed_load(layers, experts, seed)
     base = static_placement(layers, experts, n, slots_per_device(experts, n, n))

@@ -10,20 +10,51 @@ from meshserve import cli
 from meshserve.bench.serve import parse_goodput
 from meshserve.errors import InputError
 
-KEYS = ["completed", "failed", "request_throughput", "output_throughput", "total_token_throughput",
-        "request_goodput"] + [f"{s}_{m}_ms" for s in ("mean", "median", "std", "p99")
-                              for m in ("ttft", "tpot", "itl", "e2el")]
+KEYS = [
+    "completed",
+    "failed",
+    "request_throughput",
+    "output_throughput",
+    "total_token_throughput",
+    "request_goodput",
+] + [f"{s}_{m}_ms" for s in ("mean", "median", "std", "p99") for m in ("ttft", "tpot", "itl", "e2el")]
 
 
 @pytest.mark.parametrize("dataset", ["random", "prefix-repetition"])
 def test_bench_serve_writes_vllm_keys(server, tmp_path, monkeypatch, capsys, dataset):
     out = tmp_path / "result.json"
-    monkeypatch.setattr("sys.argv", [
-        "meshserve", "bench", "serve", "--base-url", server.url, "--model", server.model,
-        "--dataset", dataset,
-        "--num-prompts", "8", "--request-rate", "50", "--random-input-len", "12", "--random-output-len", "5",
-        "--prefix-len", "8", "--suffix-len", "4", "--goodput", "ttft:60000", "--goodput", "tpot:60000",
-        "--save-result", str(out)])
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "meshserve",
+            "bench",
+            "serve",
+            "--base-url",
+            server.url,
+            "--model",
+            server.model,
+            "--dataset",
+            dataset,
+            "--num-prompts",
+            "8",
+            "--request-rate",
+            "50",
+            "--random-input-len",
+            "12",
+            "--random-output-len",
+            "5",
+            "--prefix-len",
+            "8",
+            "--suffix-len",
+            "4",
+            "--goodput",
+            "ttft:60000",
+            "--goodput",
+            "tpot:60000",
+            "--save-result",
+            str(out),
+        ],
+    )
     with pytest.raises(SystemExit) as done:
         cli.main()
     assert done.value.code == 0

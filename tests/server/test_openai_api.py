@@ -27,20 +27,33 @@ def test_models_and_health(client, server):
 
 
 def test_completion_text_and_usage(client, server, offline):
-    out = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=12, temperature=0,
-                                    extra_body={"ignore_eos": True})
-    assert [c.text for c in out.choices] == reference(offline, PROMPT, max_tokens=12, temperature=0,
-                                                      ignore_eos=True)
+    out = client.completions.create(
+        model=server.model, prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert [c.text for c in out.choices] == reference(
+        offline, PROMPT, max_tokens=12, temperature=0, ignore_eos=True
+    )
     prompt_tokens = len(offline.tokenizer.encode(PROMPT))
     assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
-        prompt_tokens, 12, prompt_tokens + 12)
+        prompt_tokens,
+        12,
+        prompt_tokens + 12,
+    )
     assert out.choices[0].finish_reason == "length"
 
 
 def test_streaming_adds_up_and_reports_usage_last(client, server, offline):
-    chunks = list(client.completions.create(model=server.model, prompt=PROMPT, max_tokens=10, temperature=0,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model=server.model,
+            prompt=PROMPT,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert [text] == reference(offline, PROMPT, max_tokens=10, temperature=0, ignore_eos=True)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
@@ -52,19 +65,30 @@ def test_chat_completion_and_chat_stream(client, server, offline):
     out = client.chat.completions.create(model=server.model, messages=messages, max_tokens=8, temperature=0)
     expected = offline.chat(messages, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)[0].text
     assert out.choices[0].message.content == expected and out.choices[0].message.role == "assistant"
-    stream = client.chat.completions.create(model=server.model, messages=messages, max_tokens=8,
-                                            temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model=server.model, messages=messages, max_tokens=8, temperature=0, stream=True
+    )
     deltas = [c.choices[0].delta for c in stream if c.choices]
     assert deltas[0].role == "assistant" and "".join(d.content or "" for d in deltas) == expected
 
 
 def test_n2_seeded_is_reproducible_alone_and_in_a_busy_batch(client, server, offline):
-    kwargs = {"model": server.model, "prompt": PROMPT, "max_tokens": 10, "n": 2, "seed": 5,
-              "temperature": 1.0}
+    kwargs = {
+        "model": server.model,
+        "prompt": PROMPT,
+        "max_tokens": 10,
+        "n": 2,
+        "seed": 5,
+        "temperature": 1.0,
+    }
     alone = [c.text for c in client.completions.create(**kwargs).choices]
     assert alone == reference(offline, PROMPT, max_tokens=10, n=2, seed=5, temperature=1.0)
-    busy = [client.completions.create(model=server.model, prompt=f"busy {i}", max_tokens=30, top_p=0.7,
-                                      stream=True) for i in range(6)]
+    busy = [
+        client.completions.create(
+            model=server.model, prompt=f"busy {i}", max_tokens=30, top_p=0.7, stream=True
+        )
+        for i in range(6)
+    ]
     again = [c.text for c in client.completions.create(**kwargs).choices]
     for stream in busy:
         list(stream)
@@ -74,30 +98,46 @@ def test_n2_seeded_is_reproducible_alone_and_in_a_busy_batch(client, server, off
 def test_stop_strings_and_logprobs(client, server, offline):
     free = reference(offline, PROMPT, max_tokens=20, temperature=0, ignore_eos=True)[0]
     stop = free[5:8]
-    out = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=20, temperature=0,
-                                    stop=[stop], logprobs=2, extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model=server.model,
+        prompt=PROMPT,
+        max_tokens=20,
+        temperature=0,
+        stop=[stop],
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     choice = out.choices[0]
     assert choice.text == free[: free.index(stop)] and choice.finish_reason == "stop"
     assert len(choice.logprobs.tokens) == out.usage.completion_tokens
     # keyed by token text, as OpenAI's format is: tokens that decode alike share a key
-    assert all(choice.logprobs.token_logprobs[i] in top.values()
-               for i, top in enumerate(choice.logprobs.top_logprobs))
+    assert all(
+        choice.logprobs.token_logprobs[i] in top.values()
+        for i, top in enumerate(choice.logprobs.top_logprobs)
+    )
 
 
 def test_metrics_use_vllm_names(client, server):
     client.completions.create(model=server.model, prompt=PROMPT, max_tokens=4)
     text = httpx.get(f"{server.url}/metrics").text
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:time_to_first_token_seconds_bucket", "vllm:e2e_request_latency_seconds_count",
-                 "vllm:inter_token_latency_seconds", "vllm:prefix_cache_queries_total",
-                 "vllm:num_preemptions_total",
-                 'meshserve:step_tokens_count{kind="prefill"'):
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_count",
+        "vllm:inter_token_latency_seconds",
+        "vllm:prefix_cache_queries_total",
+        "vllm:num_preemptions_total",
+        'meshserve:step_tokens_count{kind="prefill"',
+    ):
         assert name in text, name
 
 
 def test_prompt_logprobs_as_vllm_returns_them(client, server, offline):
-    out = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=1,
-                                    extra_body={"prompt_logprobs": 1})
+    out = client.completions.create(
+        model=server.model, prompt=PROMPT, max_tokens=1, extra_body={"prompt_logprobs": 1}
+    )
     ids = offline.tokenizer.encode(PROMPT)
     entries = out.choices[0].model_extra["prompt_logprobs"]
     assert entries[0] is None and len(entries) == len(ids)

@@ -56,8 +56,10 @@ def test_prompt_over_max_model_len_says_the_limit(server):
     assert r.status_code == 400 and f"max_model_len={limit}" in r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize(("content", "status"), [
-    (b"{", 400), (b'{"prompt": "\xff\xfe"}', 400), (b"[1, 2]", 400), (b"x" * (10 << 20), 413)])
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [(b"{", 400), (b'{"prompt": "\xff\xfe"}', 400), (b"[1, 2]", 400), (b"x" * (10 << 20), 413)],
+)
 def test_malformed_bodies(server, content, status):
     headers = {"content-type": "application/json"}
     r = httpx.post(f"{server.url}/v1/completions", content=content, headers=headers)
@@ -80,8 +82,10 @@ def test_full_waiting_queue_answers_503_with_retry_after(server):
 def test_200_streams_with_random_disconnects(server, offline):
     """Every stream that stays gets the tokens it gets alone; the KV cache is fully free afterwards."""
     prompts = [[1] + [(7 * i + j) % 500 + 3 for j in range(3 + i % 17)] for i in range(200)]
-    params = [dict(max_tokens=8, ignore_eos=True, **({"temperature": 0} if i % 2 else {"seed": i}))
-              for i in range(200)]
+    params = [
+        dict(max_tokens=8, ignore_eos=True, **({"temperature": 0} if i % 2 else {"seed": i}))
+        for i in range(200)
+    ]
     alone = [o.text for o in offline.generate(prompts, [SamplingParams(**p) for p in params], use_tqdm=False)]
     rng = random.Random(0)
     leave_after = [rng.choice([None, None, 0, 1, 3]) for _ in prompts]  # chunks to read before hanging up
@@ -115,8 +119,20 @@ def test_200_streams_with_random_disconnects(server, offline):
 
 def test_sigterm_stops_gracefully_with_exit_0(model_dir):
     port = free_port()
-    cmd = [sys.executable, "-c", "from meshserve.cli import main; main()", "serve", "--model", model_dir,
-           "--port", str(port), "--max-model-len", "64", "--uvicorn-log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from meshserve.cli import main; main()",
+        "serve",
+        "--model",
+        model_dir,
+        "--port",
+        str(port),
+        "--max-model-len",
+        "64",
+        "--uvicorn-log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120

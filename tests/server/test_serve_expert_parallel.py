@@ -25,8 +25,11 @@ EPLB = {"window_size": 2, "step_interval": 2, "num_redundant_experts": 2, "chunk
 
 def child_pids(pid: int) -> list[int]:
     """Direct children of a live process (Linux /proc)."""
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-            for c in (task / "children").read_text().split()]
+    return [
+        int(c)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for c in (task / "children").read_text().split()
+    ]
 
 
 def running(pid: int) -> bool:
@@ -56,11 +59,32 @@ def test_two_rank_server_matches_one_process_and_stops_cleanly(tiny_model_dir):
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-c", "from meshserve.cli import main; main()", "serve", "--model", model,
-           "--port", str(port), "--max-model-len", "64", "--max-num-batched-tokens", "16",
-           "--max-num-seqs", "4", "--block-size", "4", "--uvicorn-log-level", "warning",
-           "--data-parallel-size", "2", "--enable-expert-parallel", "--enable-eplb",
-           "--eplb-config", json.dumps(EPLB)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from meshserve.cli import main; main()",
+        "serve",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--max-model-len",
+        "64",
+        "--max-num-batched-tokens",
+        "16",
+        "--max-num-seqs",
+        "4",
+        "--block-size",
+        "4",
+        "--uvicorn-log-level",
+        "warning",
+        "--data-parallel-size",
+        "2",
+        "--enable-expert-parallel",
+        "--enable-eplb",
+        "--eplb-config",
+        json.dumps(EPLB),
+    ]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE)
     ranks: list[int] = []
     try:
@@ -70,15 +94,22 @@ def test_two_rank_server_matches_one_process_and_stops_cleanly(tiny_model_dir):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
 
         def complete(prompt: str) -> str:
-            out = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
-                                            extra_body={"ignore_eos": True})
+            out = client.completions.create(
+                model=model, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+            )
             return out.choices[0].text
 
         for _ in range(2):  # the second round serves on the placement the first one's loads planned
             with ThreadPoolExecutor(len(PROMPTS)) as pool:
                 assert list(pool.map(complete, PROMPTS)) == expected
-        stream = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=12, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model=model,
+            prompt=PROMPTS[0],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         assert "".join(c.choices[0].text for c in stream if c.choices) == expected[0]
         assert "vllm:kv_cache_usage_perc" in httpx.get(f"{url}/metrics", timeout=10).text
 

@@ -16,15 +16,34 @@ from meshserve.training.corpus import is_held_out, read_split, train_tokenizer
 from meshserve.training.model import TinyCausalLM
 from meshserve.training.train import TrainSettings, train
 
-COMMON = {"tie_word_embeddings": True, "max_position_embeddings": 128, "rope_theta": 10000.0,
-          "rms_norm_eps": 1e-6}
+COMMON = {
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 128,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+}
 PRESET = {
     "tokenizer": {"vocab_size": 320},
-    "target": {"arch": "mixtral", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-               "num_key_value_heads": 1, "intermediate_size": 32, "num_local_experts": 4,
-               "num_experts_per_tok": 2, **COMMON},
-    "draft": {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "intermediate_size": 48, **COMMON},
+    "target": {
+        "arch": "mixtral",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 32,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        **COMMON,
+    },
+    "draft": {
+        "arch": "llama",
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 48,
+        **COMMON,
+    },
 }
 
 
@@ -42,8 +61,17 @@ def toy_corpus(root):
 def trained(tmp_path_factory):
     root = toy_corpus(tmp_path_factory.mktemp("lib"))
     out = tmp_path_factory.mktemp("run")
-    settings = TrainSettings(minutes=10, max_steps=8, seq_len=32, batch_size=4, eval_windows=4, threads=1,
-                             warmup_steps=2, lr_target=1e-2, lr_draft=1e-2)
+    settings = TrainSettings(
+        minutes=10,
+        max_steps=8,
+        seq_len=32,
+        batch_size=4,
+        eval_windows=4,
+        threads=1,
+        warmup_steps=2,
+        lr_target=1e-2,
+        lr_draft=1e-2,
+    )
     metrics = train(out / "work", out / "models", settings, preset=PRESET, root=root)
     return metrics, out
 
@@ -71,8 +99,12 @@ def test_a_few_steps_lower_the_held_out_loss_and_export_both_models(trained):
     assert saved["tokens_seen"] == 8 * 4 * 32
     for name in ("tiny-moe", "tiny-draft"):
         assert {p.name for p in (out / "models" / name).iterdir()} >= {
-            "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json"}
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        }
 
 
 @pytest.mark.parametrize("name,role", [("tiny-moe", "target"), ("tiny-draft", "draft")])
@@ -98,9 +130,18 @@ def test_a_token_budget_sets_the_steps_and_a_draft_only_stage_trains_the_draft_a
     for name in ("tokenizer.json", "tokens.npz", "data.json"):  # the same token cache, as the docs do
         (work / name).write_bytes((out / "work" / name).read_bytes())
     init = out / "work" / "checkpoint.pt"
-    settings = TrainSettings(tokens=5 * 4 * 32, seq_len=32, batch_size=4, eval_windows=4, threads=1,
-                             warmup_steps=2, lr_draft=1e-2, distill_weight=1.0, draft_only=True,
-                             init=str(init))
+    settings = TrainSettings(
+        tokens=5 * 4 * 32,
+        seq_len=32,
+        batch_size=4,
+        eval_windows=4,
+        threads=1,
+        warmup_steps=2,
+        lr_draft=1e-2,
+        distill_weight=1.0,
+        draft_only=True,
+        init=str(init),
+    )
     metrics = train(work, None, settings, preset=PRESET)
     assert metrics["steps"] == 5 and metrics["tokens_seen"] == 5 * 4 * 32
     assert metrics["cpu_seconds"] > 0 and metrics["init_run"]["steps"] == 8
@@ -115,5 +156,6 @@ def test_draft_only_without_a_checkpoint_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="init"):
         train(tmp_path, None, TrainSettings(draft_only=True, max_steps=1, threads=1), preset=PRESET)
     with pytest.raises(InputError, match="init"):  # nothing to resume either
-        train(tmp_path, None, TrainSettings(draft_only=True, max_steps=1, threads=1), resume=True,
-              preset=PRESET)
+        train(
+            tmp_path, None, TrainSettings(draft_only=True, max_steps=1, threads=1), resume=True, preset=PRESET
+        )

@@ -26,8 +26,12 @@ def cut_lower_bound(traffic: np.ndarray, rows: int, cols: int, bandwidth: float)
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 7), cols=st.integers(2, 7), seed=st.integers(0, 2**32 - 1),
-       density=st.floats(0.05, 1.0))
+@given(
+    rows=st.integers(1, 7),
+    cols=st.integers(2, 7),
+    seed=st.integers(0, 2**32 - 1),
+    density=st.floats(0.05, 1.0),
+)
 def test_random_traffic_never_beats_the_bisection_bound(rows, cols, seed, density):
     hw = WSC.with_mesh(rows, cols)
     n = rows * cols
@@ -39,8 +43,12 @@ def test_random_traffic_never_beats_the_bisection_bound(rows, cols, seed, densit
 
 
 @settings(max_examples=30, deadline=None)
-@given(side=st.sampled_from([(2, 4), (4, 4), (4, 8), (8, 8)]), tp=st.sampled_from([1, 2, 4, 8]),
-       kind=st.sampled_from([k for k in MAPPINGS if not k.startswith("her")]), seed=st.integers(0, 1000))
+@given(
+    side=st.sampled_from([(2, 4), (4, 4), (4, 8), (8, 8)]),
+    tp=st.sampled_from([1, 2, 4, 8]),
+    kind=st.sampled_from([k for k in MAPPINGS if not k.startswith("her")]),
+    seed=st.integers(0, 1000),
+)
 def test_mapped_all_to_all_never_beats_the_bisection_bound(side, tp, kind, seed):
     rows, cols = side
     hw = WSC.with_mesh(rows, cols)

@@ -13,8 +13,23 @@ runner = CliRunner()
 
 
 def test_simulate_prints_a_table_per_phase():
-    result = runner.invoke(app, ["wafer", "simulate", "--hardware", "wsc-8x8", "--model", "deepseek-v3",
-                                 "--tp", "4", "--mapping", "er", "--tokens-per-device", "64"])
+    result = runner.invoke(
+        app,
+        [
+            "wafer",
+            "simulate",
+            "--hardware",
+            "wsc-8x8",
+            "--model",
+            "deepseek-v3",
+            "--tp",
+            "4",
+            "--mapping",
+            "er",
+            "--tokens-per-device",
+            "64",
+        ],
+    )
     assert result.exit_code == 0, result.output
     for word in ("all-reduce", "dispatch", "combine", "experts", "bottleneck", "hottest link"):
         assert word in result.output

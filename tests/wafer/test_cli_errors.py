@@ -58,8 +58,7 @@ def simulate(kind: str, path: str):
 
 
 @FAST
-@given(kind=st.sampled_from(["hardware", "model"]), data=st.data(),
-       typo=st.sampled_from(["s", "_", "x"]))
+@given(kind=st.sampled_from(["hardware", "model"]), data=st.data(), typo=st.sampled_from(["s", "_", "x"]))
 def test_a_misspelt_field_is_refused_not_ignored(tmp_path, kind, data, typo):
     misspelt = []
 
@@ -80,8 +79,11 @@ def test_a_misspelt_wafers_section_no_longer_simulates_one_wafer(tmp_path):
 
 
 @FAST
-@given(kind=st.sampled_from(["hardware", "model"]), data=st.data(),
-       bad=st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+@given(
+    kind=st.sampled_from(["hardware", "model"]),
+    data=st.data(),
+    bad=st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+)
 def test_non_finite_numbers_in_presets_are_refused(tmp_path, kind, data, bad):
     poisoned = []
 
@@ -113,13 +115,26 @@ def blocker(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("command", [
-    ["wafer", "heatmap", "--out", "{blocked}/heat.png"],
-    ["wafer", "reproduce", "comm", "--out", "{blocked}/out"],
-    ["wafer", "reproduce", "balance", "--iterations", "2", "--models", "deepseek-v3", "--out", "{blocked}/o"],
-    ["wafer", "sweep", str(PRESET_DIR / "sweeps" / "example.yaml"), "--out", "{blocked}/sweep"],
-    ["demo", "--out", "{blocked}/demo"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["wafer", "heatmap", "--out", "{blocked}/heat.png"],
+        ["wafer", "reproduce", "comm", "--out", "{blocked}/out"],
+        [
+            "wafer",
+            "reproduce",
+            "balance",
+            "--iterations",
+            "2",
+            "--models",
+            "deepseek-v3",
+            "--out",
+            "{blocked}/o",
+        ],
+        ["wafer", "sweep", str(PRESET_DIR / "sweeps" / "example.yaml"), "--out", "{blocked}/sweep"],
+        ["demo", "--out", "{blocked}/demo"],
+    ],
+)
 def test_an_unwritable_output_fails_within_a_second_and_writes_nothing(blocker, command):
     start = time.perf_counter()
     result = run_cli([a.format(blocked=blocker) for a in command])
@@ -141,8 +156,9 @@ def test_a_failed_run_leaves_no_partial_result_set(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sweep, "plot_sweep", broken_plot)
     spec = tmp_path / "tiny.yaml"
-    spec.write_text("models: [deepseek-v3]\nplatforms: [wsc-8x8]\ntp: [4]\nbatch: [8]\nbalancers: [none]\n"
-                    "iterations: 2\n")
+    spec.write_text(
+        "models: [deepseek-v3]\nplatforms: [wsc-8x8]\ntp: [4]\nbatch: [8]\nbalancers: [none]\niterations: 2\n"
+    )
     with pytest.raises(RuntimeError):
         sweep.sweep_command(str(spec), out=str(tmp_path / "out"))
     assert not any(p.is_file() for p in tmp_path.rglob("*") if p != spec)

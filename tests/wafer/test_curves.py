@@ -27,7 +27,8 @@ def test_reproduce_balance_json_has_both_curves(tmp_path, monkeypatch, capsys):
     # small batches are HBM-bound, where 256 dies' bandwidth beats 72 GPUs'; large ones are not
     assert gain["bf16", 8] > 0 > gain["bf16", 256]
     assert curve["crossover_tokens_per_device"]["bf16"] == pytest.approx(
-        crossover([8, 256], [gain["bf16", 8], gain["bf16", 256]]))
+        crossover([8, 256], [gain["bf16", 8], gain["bf16", 256]])
+    )
     assert [p["wafer_link_gb_per_s"] for p in curve["wafer_link"]] == [200]
     skew = data["ni_skew_curve"]["points"]
     assert skew[1]["max_over_mean_load"] > skew[0]["max_over_mean_load"]
@@ -51,14 +52,29 @@ def test_the_ladder_runs_under_the_fair_share_model_and_says_so(tmp_path, monkey
     spec = rb.load_spec()
     nvl = {"hardware": "nvl72", "mapping": "baseline"}
     spec["ladder"] = [rb.Rung("NVL72", balancer="none", **nvl), rb.Rung("NI", balancer="ni", **nvl)]
-    spec["references"] = [rb.Rung("EPLB", balancer="greedy", **nvl),
-                          rb.Rung("ours", balancer="ni-eplb", **nvl)]
-    spec["roles"] = {"gpu": "NVL72", "gpu_balanced": "EPLB", "unbalanced": "NVL72", "ni": "NI",
-                     "ours": "ours"}
+    spec["references"] = [
+        rb.Rung("EPLB", balancer="greedy", **nvl),
+        rb.Rung("ours", balancer="ni-eplb", **nvl),
+    ]
+    spec["roles"] = {
+        "gpu": "NVL72",
+        "gpu_balanced": "EPLB",
+        "unbalanced": "NVL72",
+        "ni": "NI",
+        "ours": "ours",
+    }
     monkeypatch.setattr(rb, "load_spec", lambda: spec)
-    runs = {model: rb.reproduce_balance(tmp_path / model, as_json=True, iterations=6,
-                                        models=("deepseek-v3",), curves=False, time_model=model)
-            for model in ("bottleneck", "fair-share")}
+    runs = {
+        model: rb.reproduce_balance(
+            tmp_path / model,
+            as_json=True,
+            iterations=6,
+            models=("deepseek-v3",),
+            curves=False,
+            time_model=model,
+        )
+        for model in ("bottleneck", "fair-share")
+    }
     assert [runs[m]["time_model"] for m in runs] == ["bottleneck", "fair-share"]
     ladders = [runs[m]["models"]["deepseek-v3"]["ladder"] for m in runs]
     for fast, fair in zip(*ladders, strict=True):

@@ -35,8 +35,9 @@ def test_the_all_to_all_under_fair_share_matches_a_solve_of_each_traffic_matrix(
     load = rng.integers(0, 9, (6, topo.num_devices)).astype(np.float64)
     load[0] = 4.0  # even: certified
     for back in (False, True):
-        phase = FairPhase.build(topo.incidence, topo.link_bandwidth, unit, 2.0, mapping.domain_of,
-                                combine=back)
+        phase = FairPhase.build(
+            topo.incidence, topo.link_bandwidth, unit, 2.0, mapping.domain_of, combine=back
+        )
         got = phase.time(load, 0.0)
         for row, seconds in zip(load, got, strict=True):
             traffic = unit / 2.0 * row[None, :]
@@ -48,16 +49,26 @@ def test_the_all_to_all_under_fair_share_matches_a_solve_of_each_traffic_matrix(
 
 def test_a_fair_share_run_is_never_faster_than_the_bottleneck_run():
     hw = load_hardware("wsc-8x8").with_mesh(4, 4)
-    trace = synthetic_trace(model="tiny", num_layers=3, num_experts=16, top_k=2, tokens_per_step=64 * 16,
-                            steps=24, scenario="fixed", zipf_exponent=0.6, seed=0)
+    trace = synthetic_trace(
+        model="tiny",
+        num_layers=3,
+        num_experts=16,
+        top_k=2,
+        tokens_per_step=64 * 16,
+        steps=24,
+        scenario="fixed",
+        zipf_exponent=0.6,
+        seed=0,
+    )
     cfg = BalanceConfig(num_redundant_experts=16, step_interval=8, window_size=8, reject_slower_plans=False)
     base = static_placement(3, 16, 16, slots_per_device(16, 16, 16))
     runs = {}
     for model in ("bottleneck", "fair-share"):
         comm = comm_model(hw, 4, "er", MODEL, 64, model)
         balancer = make_balancer("greedy", cfg, comm.hops, 16)
-        runs[model] = simulate_iterations(trace.counts, trace.tokens_per_step(), balancer, base, comm,
-                                          expert_cost(MODEL, hw))
+        runs[model] = simulate_iterations(
+            trace.counts, trace.tokens_per_step(), balancer, base, comm, expert_cost(MODEL, hw)
+        )
     fast, fair = runs["bottleneck"], runs["fair-share"]
     assert (fair.a2a_s >= fast.a2a_s * (1 - 1e-6)).all()
     assert fair.plans == fast.plans and (fair.stall_s >= fast.stall_s * (1 - 1e-9)).all()
@@ -65,8 +76,10 @@ def test_a_fair_share_run_is_never_faster_than_the_bottleneck_run():
     np.testing.assert_allclose(fair.compute_s, fast.compute_s)  # same plans, same loads
     # the all-reduce is the fair-share time of each attention collective
     topo, mapping = topology_for(hw), make_mapping(hw, 4, "er")
-    want = sum(collective_time(topo, c, "fair-share").time_s
-               for c in attention_collectives(mapping, 4 * 64, MODEL.token_bytes))
+    want = sum(
+        collective_time(topo, c, "fair-share").time_s
+        for c in attention_collectives(mapping, 4 * 64, MODEL.token_bytes)
+    )
     assert fair.allreduce_s[0] == pytest.approx(want * 3)
 
 

@@ -107,4 +107,3 @@ def test_many_problems_drain_side_by_side_as_they_would_alone():
     together = drain(flows, sizes, topo.link_bandwidth)
     alone = [drain(flows, sizes[:, [b]], topo.link_bandwidth)[0] for b in range(5)]
     np.testing.assert_allclose(together, alone, rtol=1e-12)
-

@@ -38,8 +38,15 @@ def platform(rows: int, cols: int, tp: int, mapping: str, tokens: int = 64):
 
 def tiny_trace(devices: int, steps: int = 60, scenario: str = "fixed", seed: int = 0):
     return synthetic_trace(
-        model="tiny", num_layers=3, num_experts=16, top_k=2, tokens_per_step=64 * devices,
-        steps=steps, scenario=scenario, zipf_exponent=0.6, seed=seed,
+        model="tiny",
+        num_layers=3,
+        num_experts=16,
+        top_k=2,
+        tokens_per_step=64 * devices,
+        steps=steps,
+        scenario=scenario,
+        zipf_exponent=0.6,
+        seed=seed,
     )
 
 
@@ -51,8 +58,9 @@ def run(name: str, rows=4, cols=4, tp=4, mapping="er", steps=60, seed=0, **confi
     base = static_placement(3, 16, n, slots_per_device(16, n, redundant))
     trace = tiny_trace(n, steps, seed=seed)
     balancer = make_balancer(name, cfg, comm.hops, redundant)
-    result = simulate_iterations(trace.counts, trace.tokens_per_step(), balancer, base, comm,
-                                 expert_cost(MODEL, hw))
+    result = simulate_iterations(
+        trace.counts, trace.tokens_per_step(), balancer, base, comm, expert_cost(MODEL, hw)
+    )
     return result, trace
 
 
@@ -65,7 +73,8 @@ def test_static_run_conserves_tokens_and_never_migrates():
     s = result.summary()  # the attention reduction adds its time to every layer when counted
     moe = result.moe_time_s.sum()
     assert s["moe_and_reduction_tokens_per_s_per_device"] == pytest.approx(
-        s["moe_tokens_per_s_per_device"] * moe / (moe + result.allreduce_s.sum()))
+        s["moe_tokens_per_s_per_device"] * moe / (moe + result.allreduce_s.sum())
+    )
 
 
 class MoveOnce(Balancer):
@@ -97,8 +106,9 @@ def test_invasive_stall_is_bytes_over_bandwidth(adds, bytes_on_hottest_link, rou
     hw, comm = platform(1, 4, 1, "baseline")
     base = static_placement(3, 16, 4, 5)  # expert e starts on device e % 4
     trace = tiny_trace(4, steps=5)
-    result = simulate_iterations(trace.counts, trace.tokens_per_step(), MoveOnce(adds), base, comm,
-                                 expert_cost(MODEL, hw))
+    result = simulate_iterations(
+        trace.counts, trace.tokens_per_step(), MoveOnce(adds), base, comm, expert_cost(MODEL, hw)
+    )
     weight = MODEL.expert_params * MODEL.bytes_per_element
     expected = bytes_on_hottest_link * weight / hw.link_bandwidth + comm.path_latency[route]
     assert result.plans == [2]
@@ -130,8 +140,10 @@ def test_a_layer_switches_as_soon_as_its_own_copies_landed():
     flight = Flight.begin(origin, target, steps, moves.layer, cost.weight_bytes)
     assert flight.landed_layers().tolist() == [False, True, False]  # layer 1 needs no copy
     block = evaluate(tiny_trace(16, steps=1).counts, origin, comm, cost)
-    a2a = [(block.dispatch_bytes[0], block.dispatch_s[0], comm.dispatch.links),
-           (block.combine_bytes[0], block.combine_s[0], comm.combine.links)]
+    a2a = [
+        (block.dispatch_bytes[0], block.dispatch_s[0], comm.dispatch.links),
+        (block.combine_bytes[0], block.combine_s[0], comm.combine.links),
+    ]
     landed_at = {}
     for iteration in range(100):
         done, _ = flight.advance(comm, a2a, 1 << 16)
@@ -201,8 +213,14 @@ def test_trace_that_does_not_match_the_model_is_an_input_error():
     base = static_placement(3, 16, 16, 2)
     wrong = np.zeros((5, 3, 8), dtype=np.int64)
     with pytest.raises(InputError) as err:
-        simulate_iterations(wrong, np.ones(5), make_balancer("none", BalanceConfig(), comm.hops, 0),
-                            base, comm, expert_cost(MODEL, hw))
+        simulate_iterations(
+            wrong,
+            np.ones(5),
+            make_balancer("none", BalanceConfig(), comm.hops, 0),
+            base,
+            comm,
+            expert_cost(MODEL, hw),
+        )
     assert err.value.field == "trace" and "16 experts" in err.value.message
 
 
@@ -211,8 +229,10 @@ def test_presets_end_to_end_and_bad_setups():
     assert summary["plans"] + summary["rejected_plans"] == 2 and summary["moe_tokens_per_s_per_device"] > 0
     for setup, field in [
         (BalanceSetup(balancer="magic"), "balancer"),
-        (BalanceSetup(hardware="wsc-8x8", config=BalanceConfig(num_redundant_experts=10**6)),
-         "num_redundant_experts"),
+        (
+            BalanceSetup(hardware="wsc-8x8", config=BalanceConfig(num_redundant_experts=10**6)),
+            "num_redundant_experts",
+        ),
         (BalanceSetup(tp=3), "tp"),
     ]:
         with pytest.raises(InputError) as err:
@@ -227,8 +247,9 @@ def test_a_plan_that_would_slow_its_own_window_is_rejected():
     cost = expert_cost(MODEL, hw)
     # a second copy of expert 0 on device 1 adds a whole expert's weight reads to a memory-bound die
     forced = simulate_iterations(trace.counts, trace.tokens_per_step(), MoveOnce([(0, 1)]), base, comm, cost)
-    guarded = simulate_iterations(trace.counts, trace.tokens_per_step(),
-                                  MoveOnce([(0, 1)], reject_slower_plans=True), base, comm, cost)
+    guarded = simulate_iterations(
+        trace.counts, trace.tokens_per_step(), MoveOnce([(0, 1)], reject_slower_plans=True), base, comm, cost
+    )
     assert forced.plans == [2] and forced.compute_s[3:].sum() > guarded.compute_s[3:].sum()
     assert guarded.plans == [] and guarded.rejected_plans == [2] and guarded.migrated_bytes.sum() == 0
     assert guarded.summary()["rejected_plans"] == 1

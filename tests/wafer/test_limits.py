@@ -58,12 +58,16 @@ def test_the_estimate_covers_the_measured_peak(k, tp):
     assert peak <= topology_bytes(hw)
 
 
-@pytest.mark.parametrize("budget_gib", [
-    SMALL_BUDGET_GIB,
-    pytest.param(None, marks=pytest.mark.slow, id="default-budget"),  # 37x37 dies: ~1 min, ~3 GB
-])
+@pytest.mark.parametrize(
+    "budget_gib",
+    [
+        SMALL_BUDGET_GIB,
+        pytest.param(None, marks=pytest.mark.slow, id="default-budget"),  # 37x37 dies: ~1 min, ~3 GB
+    ],
+)
 def test_the_largest_accepted_mesh_runs_within_the_budget_and_one_larger_is_refused_at_once(
-        tmp_path, monkeypatch, budget_gib):
+    tmp_path, monkeypatch, budget_gib
+):
     if budget_gib is None:
         monkeypatch.delenv(ENV_BUDGET, raising=False)
     else:

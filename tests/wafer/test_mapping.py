@@ -13,8 +13,13 @@ SHAPES = [(4, 4), (8, 8), (16, 16), (4, 8), (8, 16), (2, 6)]
 
 
 def fitting(rows, cols):
-    return [(rows, cols, tp) for tp in (1, 2, 4, 8) if (rows * cols) % tp == 0 and tp <= rows * cols
-            and any(rows % h == 0 and cols % (tp // h) == 0 for h in range(1, tp + 1) if tp % h == 0)]
+    return [
+        (rows, cols, tp)
+        for tp in (1, 2, 4, 8)
+        if (rows * cols) % tp == 0
+        and tp <= rows * cols
+        and any(rows % h == 0 and cols % (tp // h) == 0 for h in range(1, tp + 1) if tp % h == 0)
+    ]
 
 
 CASES = [case for shape in SHAPES for case in fitting(*shape)]
@@ -105,8 +110,9 @@ def test_mapping_readings_come_from_data_and_bad_entries_name_the_field(monkeypa
     her_ftd = mapping.readings()["her-ftd"]
     assert her_ftd.attention == (("all-reduce", "tp-group"), ("all-gather", "wafers"))
     assert her_ftd.a2a_domain == ("wafer", "ftd") and her_ftd.hierarchical
-    (tmp_path / "mappings.yaml").write_text("odd:\n  layout: compact\n  attention: [{op: all-reduce, over: "
-                                            "tp-group}]\n  a2a_domain: [rack]\n")
+    (tmp_path / "mappings.yaml").write_text(
+        "odd:\n  layout: compact\n  attention: [{op: all-reduce, over: tp-group}]\n  a2a_domain: [rack]\n"
+    )
     monkeypatch.setattr(mapping, "PRESET_DIR", tmp_path)
     mapping.readings.cache_clear()
     try:

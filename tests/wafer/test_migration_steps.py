@@ -20,7 +20,8 @@ def test_ni_steps_split_at_ftd_borders():
     holds[0, 0, 15] = True  # (0,0) -> (3,3): across blocks
     holds[0, 1, 4] = True  # (0,1) -> (1,0): inside block 0
     steps = split_steps(migrations(old, Placement(holds, 2), hops), ftd, hops)
-    legs = list(zip(steps.copy.tolist(), steps.phase.tolist(), steps.src.tolist(), steps.dst.tolist(),
-                    strict=True))
+    legs = list(
+        zip(steps.copy.tolist(), steps.phase.tolist(), steps.src.tolist(), steps.dst.tolist(), strict=True)
+    )
     # copy 0 is expert 0: local (0 -> 5, nearest exit of block 0), global (5 -> 10), local (10 -> 15)
     assert legs == [(0, LOCAL, 0, 5), (0, GLOBAL, 5, 10), (0, LOCAL, 10, 15), (1, LOCAL, 1, 4)]

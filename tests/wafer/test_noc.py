@@ -79,8 +79,22 @@ def test_cli_prints_cycles_per_model_as_json(tmp_path):
     matrix = np.zeros((16, 16))
     matrix[0, 5] = 3
     np.save(tmp_path / "m.npy", matrix)
-    result = runner.invoke(app, ["wafer", "noc", "--mesh", "4x4", "--pattern", str(tmp_path / "m.npy"),
-                                 "--flits-per-packet", "4", "--time-model", "bottleneck", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "wafer",
+            "noc",
+            "--mesh",
+            "4x4",
+            "--pattern",
+            str(tmp_path / "m.npy"),
+            "--flits-per-packet",
+            "4",
+            "--time-model",
+            "bottleneck",
+            "--json",
+        ],
+    )
     assert json.loads(result.stdout)["cycles"] == {"bottleneck": 3 * 4 + 2 * 5 + 2}
 
 
@@ -92,21 +106,26 @@ def test_bad_mesh_is_one_line_and_exit_code_2():
 
 @pytest.mark.parametrize("model", ["packet", "flit"])
 def test_injection_ports_follow_the_port_bandwidth_and_only_help_where_the_port_limits(model, tmp_path):
-    one, two = (noc_cycles(4, 4, "uniform", 20, 20, models=("bottleneck", model), injection_ports=p)
-                for p in (1, 2))
+    one, two = (
+        noc_cycles(4, 4, "uniform", 20, 20, models=("bottleneck", model), injection_ports=p) for p in (1, 2)
+    )
     assert one["injection_ports"] == 1 and two["injection_ports"] == 2
     assert noc_cycles(4, 4, "uniform", 20, 20, models=(model,))["cycles"][model] == one["cycles"][model]
     assert two["cycles"]["bottleneck"] <= two["cycles"][model] < one["cycles"][model]  # two packets at once
     # one flow per node over one link: the link, not the port, limits, so a second port changes nothing
-    single = [noc_cycles(4, 4, "neighbor", 5, 20, models=(model,), injection_ports=p)["cycles"][model]
-              for p in (1, 2)]
+    single = [
+        noc_cycles(4, 4, "neighbor", 5, 20, models=(model,), injection_ports=p)["cycles"][model]
+        for p in (1, 2)
+    ]
     assert single[0] == single[1]
     # two packets to the node itself: one after the other through one port, side by side through two
     alone = np.zeros((16, 16))
     alone[5, 5] = 2
     np.save(tmp_path / "alone.npy", alone)
-    both = [noc_cycles(4, 4, str(tmp_path / "alone.npy"), 1, 20, models=(model,), injection_ports=p)
-            for p in (1, 2)]
+    both = [
+        noc_cycles(4, 4, str(tmp_path / "alone.npy"), 1, 20, models=(model,), injection_ports=p)
+        for p in (1, 2)
+    ]
     assert [b["cycles"][model] for b in both] == [2 * 20 + 2, 20 + 2]
     with pytest.raises(InputError) as err:
         noc_cycles(4, 4, "uniform", 1, 1, injection_ports=0)

@@ -29,15 +29,26 @@ def test_unknown_preset_lists_the_allowed_names():
 
 
 BAD = {
-    "negative bandwidth": ("link_bandwidth_gb_per_s: 900", "link_bandwidth_gb_per_s: -900",
-                           "bad.mesh.link_bandwidth_gb_per_s", "must be > 0"),
-    "text instead of a number": ("hop_latency_ns: 100", "hop_latency_ns: fast", "bad.mesh.hop_latency_ns",
-                                 "must be a number"),
+    "negative bandwidth": (
+        "link_bandwidth_gb_per_s: 900",
+        "link_bandwidth_gb_per_s: -900",
+        "bad.mesh.link_bandwidth_gb_per_s",
+        "must be > 0",
+    ),
+    "text instead of a number": (
+        "hop_latency_ns: 100",
+        "hop_latency_ns: fast",
+        "bad.mesh.hop_latency_ns",
+        "must be a number",
+    ),
     "missing rows": ("  rows: 8\n", "", "bad.mesh.rows", "integer"),
     "unknown kind": ("kind: mesh", "kind: torus", "bad.kind", "allowed: mesh, switch"),
-    "zero injection port": ("hbm_bandwidth_tb_per_s: 8", "hbm_bandwidth_tb_per_s: 8\n  "
-                            "injection_bandwidth_gb_per_s: 0", "bad.die.injection_bandwidth_gb_per_s",
-                            "must be > 0"),
+    "zero injection port": (
+        "hbm_bandwidth_tb_per_s: 8",
+        "hbm_bandwidth_tb_per_s: 8\n  injection_bandwidth_gb_per_s: 0",
+        "bad.die.injection_bandwidth_gb_per_s",
+        "must be > 0",
+    ),
 }
 
 

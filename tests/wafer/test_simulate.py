@@ -33,8 +33,10 @@ def test_er_all_to_all_leaves_links_between_ftds_cold():
 
 
 def test_balanced_rings_halve_the_hottest_all_reduce_link():
-    loads = {k: simulate_layer(WSC, V3, make_mapping(WSC, 4, k), 64).phase("all-reduce").hottest_bytes
-             for k in ("baseline", "er", "er-bal")}
+    loads = {
+        k: simulate_layer(WSC, V3, make_mapping(WSC, 4, k), 64).phase("all-reduce").hottest_bytes
+        for k in ("baseline", "er", "er-bal")
+    }
     assert loads["er"] == pytest.approx(4 * loads["baseline"])
     assert loads["er-bal"] == pytest.approx(2 * loads["baseline"])
 

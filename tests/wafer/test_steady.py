@@ -15,8 +15,17 @@ from tests.wafer.test_iteration import MODEL
 def test_each_cause_adds_to_the_floor_and_the_simulated_run_comes_last():
     hw = load_hardware("wsc-8x8").with_mesh(4, 4)
     comm = comm_model(hw, 4, "er", MODEL, 64)
-    trace = synthetic_trace(model="tiny", num_layers=3, num_experts=16, top_k=2, tokens_per_step=64 * 16,
-                            steps=80, scenario="mixed", zipf_exponent=0.6, seed=3)
+    trace = synthetic_trace(
+        model="tiny",
+        num_layers=3,
+        num_experts=16,
+        top_k=2,
+        tokens_per_step=64 * 16,
+        steps=80,
+        scenario="mixed",
+        zipf_exponent=0.6,
+        seed=3,
+    )
     config = BalanceConfig(window_size=4, imbalance_threshold=0.0, plan_slack=0.1, reject_slower_plans=False)
     balancer = make_balancer("ni-eplb", config, comm.hops, 16)
     base = static_placement(3, 16, 16, slots_per_device(16, 16, 16))
@@ -42,16 +51,27 @@ def test_max_over_mean_scores_a_plan_per_iteration_and_on_the_mean_load():
 def test_a_balanced_dispatch_lowers_every_step_and_still_never_stalls():
     hw = load_hardware("wsc-8x8").with_mesh(4, 4)
     comm = comm_model(hw, 4, "er", MODEL, 64)
-    trace = synthetic_trace(model="tiny", num_layers=3, num_experts=16, top_k=2, tokens_per_step=64 * 16,
-                            steps=80, scenario="mixed", zipf_exponent=0.6, seed=3)
+    trace = synthetic_trace(
+        model="tiny",
+        num_layers=3,
+        num_experts=16,
+        top_k=2,
+        tokens_per_step=64 * 16,
+        steps=80,
+        scenario="mixed",
+        zipf_exponent=0.6,
+        seed=3,
+    )
     base = static_placement(3, 16, 16, slots_per_device(16, 16, 16))
     steps = {}
     for rule in ("even", "balanced"):
-        config = BalanceConfig(window_size=4, imbalance_threshold=0.0, plan_slack=0.05, dispatch=rule,
-                               reject_slower_plans=False)
+        config = BalanceConfig(
+            window_size=4, imbalance_threshold=0.0, plan_slack=0.05, dispatch=rule, reject_slower_plans=False
+        )
         balancer = make_balancer("ni-eplb", config, comm.hops, 16)
-        run = simulate_iterations(trace.counts, trace.tokens_per_step(), balancer, base, comm,
-                                  expert_cost(MODEL, hw))
+        run = simulate_iterations(
+            trace.counts, trace.tokens_per_step(), balancer, base, comm, expert_cost(MODEL, hw)
+        )
         assert run.stall_s.sum() == 0 and run.plans
         steps[rule] = gap(trace.counts, "ni-eplb", config, comm.hops, 16, run)
     for k in ("floor", "forecast", "planner", "simulated"):

@@ -23,8 +23,17 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     """Run the real console entry point in a subprocess (exit code and stderr as a user sees them)."""
     main = "from meshserve.cli import main; main()"
     return subprocess.run([sys.executable, "-c", main, *args], capture_output=True, text=True)
-TINY = {"models": ["deepseek-v3"], "platforms": ["wsc-8x8"], "tp": [4], "batch": [16],
-        "balancers": ["none", "ni"], "iterations": 15, "balance": {"window_size": 5}}
+
+
+TINY = {
+    "models": ["deepseek-v3"],
+    "platforms": ["wsc-8x8"],
+    "tp": [4],
+    "batch": [16],
+    "balancers": ["none", "ni"],
+    "iterations": 15,
+    "balance": {"window_size": 5},
+}
 
 
 def write(tmp_path, data) -> str:
@@ -38,7 +47,10 @@ def test_sweep_is_the_cross_product_in_a_stable_order(tmp_path):
     setups = spec.setups()
     assert len(setups) == 2 * 2 * 2
     assert [(s.hardware, s.tokens_per_device, s.balancer) for s in setups[:3]] == [
-        ("wsc-8x8", 16, "none"), ("wsc-8x8", 16, "ni"), ("wsc-8x8", 32, "none")]
+        ("wsc-8x8", 16, "none"),
+        ("wsc-8x8", 16, "ni"),
+        ("wsc-8x8", 32, "none"),
+    ]
     assert setups[0].config.window_size == 5 and setups[0].iterations == 15
 
 
@@ -49,9 +61,13 @@ def test_example_sweep_file_is_valid():
 
 @pytest.mark.parametrize(
     ("change", "field"),
-    [({"balancers": ["magic"]}, "sweep.balancers"), ({"tp": ["four"]}, "sweep.tp"),
-     ({"color": "red"}, "sweep.color"), ({"balance": {"window": 3}}, "sweep.balance"),
-     ({"iterations": 0}, "sweep.iterations")],
+    [
+        ({"balancers": ["magic"]}, "sweep.balancers"),
+        ({"tp": ["four"]}, "sweep.tp"),
+        ({"color": "red"}, "sweep.color"),
+        ({"balance": {"window": 3}}, "sweep.balance"),
+        ({"iterations": 0}, "sweep.iterations"),
+    ],
 )
 def test_bad_sweeps_name_the_field(change, field):
     with pytest.raises(InputError) as err:
@@ -79,7 +95,8 @@ def test_bad_sweep_through_the_cli_is_one_line_and_exit_2(tmp_path):
     proc = cli("wafer", "sweep", bad)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: sweep.balancers: unknown 'magic'; allowed: none, greedy, topology, ni, ni-eplb"]
+        "error: sweep.balancers: unknown 'magic'; allowed: none, greedy, topology, ni, ni-eplb"
+    ]
 
 
 def test_recorded_trace_of_another_model_is_rejected_through_the_cli(tmp_path):
@@ -93,8 +110,22 @@ def test_recorded_trace_of_another_model_is_rejected_through_the_cli(tmp_path):
 
 
 def test_reproduce_balance_json_has_the_headline_fractions(tmp_path):
-    result = runner.invoke(app, ["wafer", "reproduce", "balance", "--json", "--iterations", "25",
-                                 "--models", "deepseek-v3", "--out", str(tmp_path), "--no-curves"])
+    result = runner.invoke(
+        app,
+        [
+            "wafer",
+            "reproduce",
+            "balance",
+            "--json",
+            "--iterations",
+            "25",
+            "--models",
+            "deepseek-v3",
+            "--out",
+            str(tmp_path),
+            "--no-curves",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     for key in ("ni_compute_gain", "ni_comm_gain", "wsc_vs_nvl72_avg_gain"):
@@ -110,9 +141,11 @@ def test_reproduce_balance_json_has_the_headline_fractions(tmp_path):
 
 @pytest.mark.parametrize(
     ("args", "line"),
-    [(["--scenario", "bursty"], "error: scenario: unknown 'bursty'; allowed: fixed, mixed"),
-     (["--models", "gpt-5"], "error: model: unknown preset 'gpt-5'"),
-     (["--iterations", "0"], "error: iterations: must be >= 1, got 0")],
+    [
+        (["--scenario", "bursty"], "error: scenario: unknown 'bursty'; allowed: fixed, mixed"),
+        (["--models", "gpt-5"], "error: model: unknown preset 'gpt-5'"),
+        (["--iterations", "0"], "error: iterations: must be >= 1, got 0"),
+    ],
 )
 def test_reproduce_balance_bad_input_is_one_line_and_exit_2(tmp_path, args, line):
     proc = cli("wafer", "reproduce", "balance", "--out", str(tmp_path), *args)

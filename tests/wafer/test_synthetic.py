@@ -36,7 +36,7 @@ def test_fixed_settles_after_warmup_and_mixed_keeps_drifting():
     def drift(t, a, b):
         p = t.counts[:, 0].astype(float)
         p /= p.sum(axis=1, keepdims=True)
-        return np.abs(p[a:a + 10].mean(0) - p[b:b + 10].mean(0)).sum()
+        return np.abs(p[a : a + 10].mean(0) - p[b : b + 10].mean(0)).sum()
 
     fixed = trace(scenario="fixed", warmup_steps=30, steps=400, tokens_per_step=4096)
     mixed = trace(scenario="mixed", drift_steps=100, steps=400, tokens_per_step=4096)
@@ -52,8 +52,12 @@ def test_no_expert_gets_more_than_one_slot_per_token():
 
 @pytest.mark.parametrize(
     ("kw", "field"),
-    [({"scenario": "bursty"}, "scenario"), ({"top_k": 0}, "top_k"), ({"steps": 0}, "steps"),
-     ({"zipf_exponent": -1.0}, "zipf_exponent")],
+    [
+        ({"scenario": "bursty"}, "scenario"),
+        ({"top_k": 0}, "top_k"),
+        ({"steps": 0}, "steps"),
+        ({"zipf_exponent": -1.0}, "zipf_exponent"),
+    ],
 )
 def test_bad_arguments_name_the_field(kw, field):
     with pytest.raises(InputError) as err:

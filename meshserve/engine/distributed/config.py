@@ -1,8 +1,8 @@
 """Parallel settings with vLLM's names: data-parallel ranks, expert parallelism, EPLB and its knobs.
 
-    LLM(model, data_parallel_size=4, enable_expert_parallel=True, enable_eplb=True,
-        eplb_config={"window_size": 8, "step_interval": 8, "num_redundant_experts": 2,
-                     "balancer": "greedy", "mode": "non-invasive"})
+LLM(model, data_parallel_size=4, enable_expert_parallel=True, enable_eplb=True,
+    eplb_config={"window_size": 8, "step_interval": 8, "num_redundant_experts": 2,
+                 "balancer": "greedy", "mode": "non-invasive"})
 """
 
 from __future__ import annotations
@@ -46,14 +46,26 @@ class EPLBConfig:
         for name in ("window_size", "step_interval", "chunk_bytes"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
-        require(isinstance(self.num_redundant_experts, int) and self.num_redundant_experts >= 0,
-                "num_redundant_experts", f"must be an integer >= 0, got {self.num_redundant_experts!r}")
-        require(self.balancer in BALANCER_NAMES, "balancer",
-                f"unknown {self.balancer!r}; allowed: {', '.join(BALANCER_NAMES)}")
-        require(self.mode in MIGRATION_MODES, "mode",
-                f"unknown {self.mode!r}; allowed: {', '.join(MIGRATION_MODES)}")
-        require(self.migration_timeout_s > 0, "migration_timeout_s",
-                f"must be > 0 seconds, got {self.migration_timeout_s}")
+        require(
+            isinstance(self.num_redundant_experts, int) and self.num_redundant_experts >= 0,
+            "num_redundant_experts",
+            f"must be an integer >= 0, got {self.num_redundant_experts!r}",
+        )
+        require(
+            self.balancer in BALANCER_NAMES,
+            "balancer",
+            f"unknown {self.balancer!r}; allowed: {', '.join(BALANCER_NAMES)}",
+        )
+        require(
+            self.mode in MIGRATION_MODES,
+            "mode",
+            f"unknown {self.mode!r}; allowed: {', '.join(MIGRATION_MODES)}",
+        )
+        require(
+            self.migration_timeout_s > 0,
+            "migration_timeout_s",
+            f"must be > 0 seconds, got {self.migration_timeout_s}",
+        )
 
     @classmethod
     def from_dict(cls, value: dict[str, Any] | EPLBConfig | None) -> EPLBConfig:
@@ -91,10 +103,16 @@ class ParallelConfig:
         n = self.data_parallel_size
         require(isinstance(n, int) and n >= 1, "data_parallel_size", f"must be an integer >= 1, got {n!r}")
         for name in ("enable_expert_parallel", "enable_eplb"):
-            require(isinstance(getattr(self, name), bool), name, f"must be True or False, got "
-                                                                 f"{getattr(self, name)!r}")
-        require(not self.enable_eplb or self.enable_expert_parallel, "enable_eplb",
-                "needs enable_expert_parallel=True (it moves experts between ranks)")
+            require(
+                isinstance(getattr(self, name), bool),
+                name,
+                f"must be True or False, got {getattr(self, name)!r}",
+            )
+        require(
+            not self.enable_eplb or self.enable_expert_parallel,
+            "enable_eplb",
+            "needs enable_expert_parallel=True (it moves experts between ranks)",
+        )
         require(self.step_timeout_s > 0, "step_timeout_s", f"must be > 0, got {self.step_timeout_s}")
         self.eplb_config = EPLBConfig.from_dict(self.eplb_config)
         if isinstance(self.expert_placement, str):

@@ -53,8 +53,9 @@ def balancedness(placement: Placement, load: np.ndarray) -> float:
 class LiveBalancer:
     """Per-rank EPLB state: the load window, the planner (used on rank 0) and the migration in flight."""
 
-    def __init__(self, ep: ExpertParallel, cfg: EPLBConfig, rank: int, world_size: int,
-                 group_timeout_s: float) -> None:
+    def __init__(
+        self, ep: ExpertParallel, cfg: EPLBConfig, rank: int, world_size: int, group_timeout_s: float
+    ) -> None:
         self.ep, self.cfg, self.rank = ep, cfg, rank
         self.group_timeout = timedelta(seconds=group_timeout_s)
         layers, experts, _ = ep.holds.shape
@@ -62,8 +63,11 @@ class LiveBalancer:
         self.tick = 0
         self.slots = slots_per_device(experts, world_size, cfg.num_redundant_experts)
         self.hops = 1 - np.eye(world_size)  # ranks behind one switch: every peer is one hop away
-        policy = BalanceConfig(num_redundant_experts=cfg.num_redundant_experts, window_size=cfg.window_size,
-                               step_interval=cfg.step_interval)
+        policy = BalanceConfig(
+            num_redundant_experts=cfg.num_redundant_experts,
+            window_size=cfg.window_size,
+            step_interval=cfg.step_interval,
+        )
         self.planner = make_balancer(cfg.balancer, policy, self.hops, cfg.num_redundant_experts)
         self.base = Placement(spread_placement(layers, experts, world_size, 0), self.slots)
         self.side = self._side_group()
@@ -110,15 +114,21 @@ class LiveBalancer:
             return []
         moves = migrations(current, target, self.hops)
         self.record = {
-            "tick": self.tick, "mode": self.cfg.mode, "balancer": self.cfg.balancer, "copies": len(moves),
+            "tick": self.tick,
+            "mode": self.cfg.mode,
+            "balancer": self.cfg.balancer,
+            "copies": len(moves),
             "bytes": len(moves) * self.ep.expert_bytes(),
             "balancedness_before": balancedness(current, load.numpy()),
             "balancedness_after": balancedness(target, load.numpy()),
-            "holds_before": current.holds, "holds_after": target.holds, "load": load.numpy(),
+            "holds_before": current.holds,
+            "holds_after": target.holds,
+            "load": load.numpy(),
         }
         self._started = time.perf_counter()
-        self.migration = Migration(target.holds, moves, self.ep, self.side, self.cfg.chunk_bytes,
-                                   self.cfg.migration_timeout_s)
+        self.migration = Migration(
+            target.holds, moves, self.ep, self.side, self.cfg.chunk_bytes, self.cfg.migration_timeout_s
+        )
         if self.cfg.mode == "invasive":
             self._advance(float("inf"))
             return self._poll()
@@ -160,8 +170,13 @@ class LiveBalancer:
         return self._finish(switch_s=time.perf_counter() - switch)
 
     def _finish(self, **result: Any) -> list[dict[str, Any]]:
-        record = {**self.record, **result, "final": True, "switch_tick": self.tick,
-                  "migration_s": time.perf_counter() - self._started}
+        record = {
+            **self.record,
+            **result,
+            "final": True,
+            "switch_tick": self.tick,
+            "migration_s": time.perf_counter() - self._started,
+        }
         self.migration, self.record = None, {}
         return [record]
 

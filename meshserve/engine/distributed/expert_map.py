@@ -18,25 +18,35 @@ def validate_placement(holds: np.ndarray, num_layers: int, num_experts: int, num
     """``holds`` as a bool array, or InputError naming ``expert_placement`` and what is wrong."""
     holds = np.asarray(holds, dtype=bool)
     want = (num_layers, num_experts, num_ranks)
-    require(holds.shape == want, "expert_placement",
-            f"must have shape [moe_layers, experts, ranks] = {list(want)}, got {list(holds.shape)}")
+    require(
+        holds.shape == want,
+        "expert_placement",
+        f"must have shape [moe_layers, experts, ranks] = {list(want)}, got {list(holds.shape)}",
+    )
     missing = np.argwhere(~holds.any(axis=2))
     if len(missing):
         layer, expert = missing[0]
-        raise InputError("expert_placement", f"expert {expert} of MoE layer {layer} is on no rank "
-                                             f"({len(missing)} experts without a replica)")
+        raise InputError(
+            "expert_placement",
+            f"expert {expert} of MoE layer {layer} is on no rank ({len(missing)} experts without a replica)",
+        )
     return holds
 
 
 def spread_placement(num_layers: int, num_experts: int, num_ranks: int, num_redundant: int) -> np.ndarray:
     """Expert e on rank e mod ranks, then each redundant replica (of experts 0, 1, ... in turn) on the
     least-filled rank that lacks that expert. Same table for every layer."""
-    require(num_ranks <= num_experts, "data_parallel_size",
-            f"expert parallelism needs at least one expert per rank: {num_ranks} ranks > "
-            f"{num_experts} experts")
-    require(num_redundant <= num_experts * (num_ranks - 1), "num_redundant_experts",
-            f"at most experts x (ranks - 1) = {num_experts * (num_ranks - 1)} replicas fit without two "
-            f"copies of an expert on one rank, got {num_redundant}")
+    require(
+        num_ranks <= num_experts,
+        "data_parallel_size",
+        f"expert parallelism needs at least one expert per rank: {num_ranks} ranks > {num_experts} experts",
+    )
+    require(
+        num_redundant <= num_experts * (num_ranks - 1),
+        "num_redundant_experts",
+        f"at most experts x (ranks - 1) = {num_experts * (num_ranks - 1)} replicas fit without two "
+        f"copies of an expert on one rank, got {num_redundant}",
+    )
     holds = np.zeros((num_experts, num_ranks), dtype=bool)
     holds[np.arange(num_experts), np.arange(num_experts) % num_ranks] = True
     for j in range(num_redundant):  # init time only, a few dozen replicas

@@ -17,8 +17,9 @@ from meshserve.models.layers.moe_ep import ExpertParallelMoE, SlotExperts
 class ExpertParallel:
     """Wraps every SparseMoE of ``model`` in an ExpertParallelMoE holding this rank's experts of ``holds``."""
 
-    def __init__(self, model: nn.Module, holds: np.ndarray, rank: int,
-                 group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, holds: np.ndarray, rank: int, group: dist.ProcessGroup | None = None
+    ) -> None:
         self.rank = rank
         self._dtype, self.device = next(model.parameters()).dtype, next(model.parameters()).device
         self.map = ExpertMap(holds, self.device)
@@ -62,9 +63,16 @@ class ExpertParallel:
         """Empty expert slots for placement ``holds`` on this rank, to be filled in place (see migration.py)
         while the current ones keep serving."""
         new = ExpertMap(holds, self.device)
-        local = [SlotExperts.empty(layer.hidden_size, layer.intermediate_size,
-                                   len(new.local_experts(i, self.rank)), self._dtype, self.device)
-                 for i, layer in enumerate(self.layers)]
+        local = [
+            SlotExperts.empty(
+                layer.hidden_size,
+                layer.intermediate_size,
+                len(new.local_experts(i, self.rank)),
+                self._dtype,
+                self.device,
+            )
+            for i, layer in enumerate(self.layers)
+        ]
         return Prepared(new, local)
 
     def install(self, prepared: Prepared) -> None:

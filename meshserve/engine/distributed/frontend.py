@@ -41,9 +41,11 @@ def expert_placement(parallel: ParallelConfig, mc: ModelConfig) -> np.ndarray | 
     if not (parallel.enable_expert_parallel and mc.is_moe):
         return None
     n = parallel.data_parallel_size
-    require(n <= mc.num_experts, "data_parallel_size",
-            f"expert parallelism needs at least one expert per rank: {n} ranks > "
-            f"{mc.num_experts} experts")
+    require(
+        n <= mc.num_experts,
+        "data_parallel_size",
+        f"expert parallelism needs at least one expert per rank: {n} ranks > {mc.num_experts} experts",
+    )
     if parallel.expert_placement is None:
         redundant = parallel.eplb_config.num_redundant_experts
         return spread_placement(mc.num_moe_layers, mc.num_experts, n, redundant)
@@ -56,11 +58,16 @@ def start_ranks(spec: RankSpec) -> Ranks:
     launch = torchrun_launch()
     if launch is None:
         return SpawnedRanks(spec)
-    require(launch.world_size == spec.world_size, "data_parallel_size",
-            f"must equal torchrun's WORLD_SIZE ({launch.world_size}) when torchrun starts the ranks, "
-            f"got {spec.world_size}")
-    spec = dataclasses.replace(spec.for_rank(launch.rank, "env://", launch.local_rank),
-                               threads=max(1, available_cores() // launch.local_world_size))
+    require(
+        launch.world_size == spec.world_size,
+        "data_parallel_size",
+        f"must equal torchrun's WORLD_SIZE ({launch.world_size}) when torchrun starts the ranks, "
+        f"got {spec.world_size}",
+    )
+    spec = dataclasses.replace(
+        spec.for_rank(launch.rank, "env://", launch.local_rank),
+        threads=max(1, available_cores() // launch.local_world_size),
+    )
     if launch.rank == 0:
         return TorchrunRanks(spec)
     serve_rank(spec)
@@ -74,8 +81,11 @@ class DistributedEngine:
         self.config = config
         parallel = config.parallel
         self.model_config, self.tokenizer = load_config(config.model, config.dtype)
-        require(config.record_expert_trace is None or self.model_config.is_moe, "record_expert_trace",
-                f"model {self.model_config.name} ({self.model_config.arch}) has no MoE layers to trace")
+        require(
+            config.record_expert_trace is None or self.model_config.is_moe,
+            "record_expert_trace",
+            f"model {self.model_config.name} ({self.model_config.arch}) has no MoE layers to trace",
+        )
         holds = expert_placement(parallel, self.model_config)
         eplb = parallel.eplb_config if parallel.enable_eplb and holds is not None else None
         self.num_ranks = n = parallel.data_parallel_size
@@ -83,12 +93,28 @@ class DistributedEngine:
         # Each rank is a single-process engine, speculative decoding included (drafts per rank); the
         # expert trace is recorded here, from every rank's loads.
         resolve_device(config.device)  # no CUDA here: InputError before any rank starts
-        single = EngineConfig(config.model, config.dtype, config.seed, device=config.device,
-                              cache=config.cache, scheduler=config.scheduler,
-                              speculative_config=config.speculative_config)
+        single = EngineConfig(
+            config.model,
+            config.dtype,
+            config.seed,
+            device=config.device,
+            cache=config.cache,
+            scheduler=config.scheduler,
+            speculative_config=config.speculative_config,
+        )
         threads = max(1, available_cores() // n)
-        spec = RankSpec(0, n, 0, "", single, holds, eplb, threads, parallel.step_timeout_s,
-                        record_counts=config.record_expert_trace is not None)
+        spec = RankSpec(
+            0,
+            n,
+            0,
+            "",
+            single,
+            holds,
+            eplb,
+            threads,
+            parallel.step_timeout_s,
+            record_counts=config.record_expert_trace is not None,
+        )
         self.ranks = start_ranks(spec)
         self.max_model_len = self.ranks.started(START_TIMEOUT_S)[0]
         self.owner: dict[str, int] = {}  # unfinished request -> its rank
@@ -102,13 +128,22 @@ class DistributedEngine:
         self.num_preemptions = 0
         self.blocks = RankBlocks()
         self.spec = None
-        logger.info("distributed engine: %d ranks, expert parallel %s, EPLB %s", n, holds is not None,
-                    eplb is not None)
+        logger.info(
+            "distributed engine: %d ranks, expert parallel %s, EPLB %s",
+            n,
+            holds is not None,
+            eplb is not None,
+        )
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, stream: bool = False) -> str:
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        stream: bool = False,
+    ) -> str:
         """Queue a prompt on the least-busy rank; returns its request id. Bad input raises InputError.
 
         ``stream``: ``step()`` reports this request's deltas every step, as Engine.add_request's.
@@ -154,8 +189,11 @@ class DistributedEngine:
                 self.owner.pop(out.request_id, None)
         self.num_steps += 1
         self._added = 0
-        self.last_stats = {"step": self.num_steps, "step_s": [i["step_s"] for i in infos],
-                           **summed_stats([i["stats"] for i in infos])}
+        self.last_stats = {
+            "step": self.num_steps,
+            "step_s": [i["step_s"] for i in infos],
+            **summed_stats([i["stats"] for i in infos]),
+        }
         self.num_preemptions = sum(i["preemptions"] for i in infos)
         self.blocks.prefix_cache = summed_prefix_cache([i["prefix_cache"] for i in infos])
         if "routed" in infos[0]:  # expert-parallel: what each rank's experts computed
@@ -176,11 +214,19 @@ class DistributedEngine:
         if self.config.record_expert_trace is None:
             return None
         mc, sched = self.model_config, self.config.scheduler
-        counts = (np.stack(self._expert_counts) if self._expert_counts
-                  else np.zeros((0, mc.num_moe_layers, mc.num_experts), dtype=np.int64))
-        meta = {"dtype": self.config.dtype, "seed": self.config.seed, "arch": mc.arch,
-                "max_num_batched_tokens": sched.max_num_batched_tokens, "max_num_seqs": sched.max_num_seqs,
-                "data_parallel_size": self.num_ranks}
+        counts = (
+            np.stack(self._expert_counts)
+            if self._expert_counts
+            else np.zeros((0, mc.num_moe_layers, mc.num_experts), dtype=np.int64)
+        )
+        meta = {
+            "dtype": self.config.dtype,
+            "seed": self.config.seed,
+            "arch": mc.arch,
+            "max_num_batched_tokens": sched.max_num_batched_tokens,
+            "max_num_seqs": sched.max_num_seqs,
+            "data_parallel_size": self.num_ranks,
+        }
         return ExpertTrace(counts=counts, model=mc.name, top_k=mc.top_k, source="engine", meta=meta)
 
     def holds(self) -> np.ndarray | None:
@@ -233,8 +279,9 @@ def summed_prefix_cache(stats: list[dict[str, float] | None]) -> SummedPrefixCac
 
 def summed_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
     """One step's Engine.last_stats of every rank as one engine's: counts summed, KV usage averaged."""
-    total: dict[str, Any] = {key: sum(s.get(key, 0) for s in stats)
-                             for key in ("num_seqs", "running", "waiting", "preempted")}
+    total: dict[str, Any] = {
+        key: sum(s.get(key, 0) for s in stats) for key in ("num_seqs", "running", "waiting", "preempted")
+    }
     total["kv_usage"] = float(np.mean([s.get("kv_usage", 0.0) for s in stats]))
     total["tokens"] = dict(sum((Counter(s.get("tokens", {})) for s in stats), Counter()))
     return total

@@ -42,8 +42,15 @@ class Chunk:
 class Migration:
     """The copies that build placement ``target`` on this rank, run a budget at a time."""
 
-    def __init__(self, target: np.ndarray, moves: Migrations, ep: ExpertParallel, group: dist.ProcessGroup,
-                 chunk_bytes: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        target: np.ndarray,
+        moves: Migrations,
+        ep: ExpertParallel,
+        group: dist.ProcessGroup,
+        chunk_bytes: int,
+        timeout_s: float,
+    ) -> None:
         self.ep, self.group, self.rank = ep, group, ep.rank
         self.timeout = timedelta(seconds=timeout_s)
         self.new: Prepared = ep.allocate(target)
@@ -51,26 +58,35 @@ class Migration:
         self.chunks = self._schedule(target, moves, max(1, chunk_bytes // self.element_size))
         # The busiest rank's share of the schedule, counted as advance() counts a gap's load: every replica
         # of the target loads its rank (a local copy, once), a moved one its source rank as well.
-        layer_bytes = self.element_size * np.array([3 * moe.intermediate_size * moe.hidden_size
-                                                    for moe in ep.layers])
+        layer_bytes = self.element_size * np.array(
+            [3 * moe.intermediate_size * moe.hidden_size for moe in ep.layers]
+        )
         remote = moves.src != moves.dst
         per_rank = (target * layer_bytes[:, None, None]).sum(axis=(0, 1)) + np.bincount(
-            moves.src[remote], weights=layer_bytes[moves.layer[remote]], minlength=target.shape[2])
+            moves.src[remote], weights=layer_bytes[moves.layer[remote]], minlength=target.shape[2]
+        )
         self.max_rank_bytes = float(per_rank.max(initial=0.0))
         self.cursor = 0
         self.moved_bytes = 0  # by this rank: sent, received or copied locally
         self.busy_s = 0.0  # time this rank spent in advance()
 
     def _schedule(self, target: np.ndarray, moves: Migrations, chunk: int) -> list[Chunk]:
-        source = {(layer, e, d): s for layer, e, s, d in zip(*(m.tolist() for m in (
-            moves.layer, moves.expert, moves.src, moves.dst)), strict=True)}
+        source = {
+            (layer, e, d): s
+            for layer, e, s, d in zip(
+                *(m.tolist() for m in (moves.layer, moves.expert, moves.src, moves.dst)), strict=True
+            )
+        }
         chunks = []
         for layer, expert, rank in np.argwhere(target).tolist():  # a few hundred replicas: plan time only
             moe = self.ep.layers[layer]
             sizes = (2 * moe.intermediate_size * moe.hidden_size, moe.intermediate_size * moe.hidden_size)
             src = source.get((layer, expert, rank), rank)
-            chunks += [Chunk(layer, expert, src, rank, part, start, min(start + chunk, size))
-                       for part, size in enumerate(sizes) for start in range(0, size, chunk)]
+            chunks += [
+                Chunk(layer, expert, src, rank, part, start, min(start + chunk, size))
+                for part, size in enumerate(sizes)
+                for start in range(0, size, chunk)
+            ]
         return chunks
 
     @property
@@ -107,7 +123,7 @@ class Migration:
         self.busy_s += time.perf_counter() - start
 
     def _from(self, c: Chunk) -> torch.Tensor:
-        return self.ep.parts(c.layer, c.expert)[c.part][c.start:c.stop]
+        return self.ep.parts(c.layer, c.expert)[c.part][c.start : c.stop]
 
     def _into(self, c: Chunk) -> torch.Tensor:
-        return self.new.parts(c.layer, c.expert, self.rank)[c.part][c.start:c.stop]
+        return self.new.parts(c.layer, c.expert, self.rank)[c.part][c.start : c.stop]

@@ -37,8 +37,12 @@ class SpawnedRanks:
         self._finalizer = weakref.finalize(self, _kill, self.procs, store.name)
         for rank in range(n):
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=run_rank, args=(spec.for_rank(rank, f"file://{store.name}"), theirs),
-                               daemon=True, name=f"meshserve-rank{rank}")
+            proc = ctx.Process(
+                target=run_rank,
+                args=(spec.for_rank(rank, f"file://{store.name}"), theirs),
+                daemon=True,
+                name=f"meshserve-rank{rank}",
+            )
             proc.start()
             theirs.close()
             self.procs.append(proc)

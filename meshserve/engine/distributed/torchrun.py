@@ -88,12 +88,12 @@ class Channel:
         _wait(dist.all_gather(sizes, torch.tensor([len(payload)]), group=self.group, async_op=True), timeout)
         longest = int(max(sizes))
         padded = torch.zeros(longest, dtype=torch.uint8)
-        padded[:len(payload)] = payload
+        padded[: len(payload)] = payload
         into = [torch.empty(longest, dtype=torch.uint8) for _ in sizes] if self.rank == 0 else None
         _wait(dist.gather(padded, into, dst=0, group=self.group, async_op=True), timeout)
         if into is None:
             return None
-        return [pickle.loads(t[:int(n)].numpy().tobytes()) for t, n in zip(into, sizes, strict=True)]
+        return [pickle.loads(t[: int(n)].numpy().tobytes()) for t, n in zip(into, sizes, strict=True)]
 
 
 def _tensor(obj: Any) -> torch.Tensor:
@@ -152,8 +152,9 @@ class TorchrunRanks:
             self.channel.send(("close", (), []), CLOSE_TIMEOUT)
             self.channel.gather(("ok", None), CLOSE_TIMEOUT)
         except RuntimeError as err:  # torchrun signals every rank at once (SIGTERM, Ctrl-C): they are gone
-            logger.warning("the other ranks had stopped before rank 0 closed them (%s)",
-                           str(err).splitlines()[0][:200])
+            logger.warning(
+                "the other ranks had stopped before rank 0 closed them (%s)", str(err).splitlines()[0][:200]
+            )
         finally:
             self.worker.close()
 

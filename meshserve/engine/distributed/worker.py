@@ -89,16 +89,21 @@ class RankWorker:
         engine = self.engine
         prefix = engine.blocks.prefix_cache
         info: dict[str, Any] = {
-            "forward": engine.num_steps > before, "stats": engine.last_stats if engine.num_steps > before
-            else {"waiting": engine.num_waiting},
-            "preemptions": engine.num_preemptions, "prefix_cache": None if prefix is None else prefix.stats()}
+            "forward": engine.num_steps > before,
+            "stats": engine.last_stats if engine.num_steps > before else {"waiting": engine.num_waiting},
+            "preemptions": engine.num_preemptions,
+            "prefix_cache": None if prefix is None else prefix.stats(),
+        }
         if self.ep is not None:
             info["routed"] = self.ep.received()
             info["counts"] = self.ep.counts()
         elif self.record_counts:  # data parallel only: this rank's whole MoE layers routed these
             mc = engine.model_config
-            info["counts"] = (engine.model.expert_counts().cpu().numpy().astype(np.int64) if info["forward"]
-                              else np.zeros((mc.num_moe_layers, mc.num_experts), dtype=np.int64))
+            info["counts"] = (
+                engine.model.expert_counts().cpu().numpy().astype(np.int64)
+                if info["forward"]
+                else np.zeros((mc.num_moe_layers, mc.num_experts), dtype=np.int64)
+            )
         if self.balancer is not None:
             info["eplb"] = self.balancer.after_step(info["counts"])
         info["step_s"] = time.perf_counter() - start
@@ -138,8 +143,13 @@ class RankWorker:
 def join(spec: RankSpec) -> None:
     """Join the ranks' default process group: gloo on CPU, NCCL for CUDA tensors (engine/device.py)."""
     backend = process_group_backend(resolve_device(spec.config.device, spec.local_rank))
-    dist.init_process_group(backend, init_method=spec.init_method, rank=spec.rank, world_size=spec.world_size,
-                            timeout=timedelta(seconds=spec.timeout_s))
+    dist.init_process_group(
+        backend,
+        init_method=spec.init_method,
+        rank=spec.rank,
+        world_size=spec.world_size,
+        timeout=timedelta(seconds=spec.timeout_s),
+    )
 
 
 def start_worker(spec: RankSpec) -> tuple[RankWorker | None, tuple[str, Any]]:

@@ -11,5 +11,12 @@ from meshserve.engine.spec.draft import DraftModelProposer
 from meshserve.engine.spec.ngram import NgramProposer, propose_ngram
 from meshserve.engine.spec.verify import VerifyResult, verify, verify_greedy
 
-__all__ = ["DraftModelProposer", "NgramProposer", "SpecConfig", "VerifyResult", "propose_ngram", "verify",
-           "verify_greedy"]
+__all__ = [
+    "DraftModelProposer",
+    "NgramProposer",
+    "SpecConfig",
+    "VerifyResult",
+    "propose_ngram",
+    "verify",
+    "verify_greedy",
+]

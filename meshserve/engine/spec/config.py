@@ -42,8 +42,9 @@ class SpecConfig:
         """Validate a user's ``speculative_config`` dict (None = speculation off)."""
         if value is None or isinstance(value, SpecConfig):
             return value
-        require(isinstance(value, dict), FIELD,
-                f"must be a dict like {{'method': 'ngram', ...}}, got {value!r}")
+        require(
+            isinstance(value, dict), FIELD, f"must be a dict like {{'method': 'ngram', ...}}, got {value!r}"
+        )
         known = {f.name for f in fields(cls)}
         for name in value:
             if name not in known:
@@ -52,25 +53,46 @@ class SpecConfig:
         return cls(**value)
 
     def __post_init__(self) -> None:
-        require(self.method in METHODS, f"{FIELD}.method",
-                f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
+        require(
+            self.method in METHODS,
+            f"{FIELD}.method",
+            f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}",
+        )
         for name, low in (("num_speculative_tokens", 1), ("prompt_lookup_max", 1), ("prompt_lookup_min", 1)):
             v = getattr(self, name)
-            require(isinstance(v, int) and not isinstance(v, bool) and v >= low, f"{FIELD}.{name}",
-                    f"must be an integer >= {low}, got {v!r}")
+            require(
+                isinstance(v, int) and not isinstance(v, bool) and v >= low,
+                f"{FIELD}.{name}",
+                f"must be an integer >= {low}, got {v!r}",
+            )
         v = self.disable_by_batch_size
-        require(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-                f"{FIELD}.disable_by_batch_size", f"must be None or an integer >= 1, got {v!r}")
-        require(self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS, f"{FIELD}.num_speculative_tokens",
-                f"must be <= {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}")
-        require(self.prompt_lookup_min <= self.prompt_lookup_max, f"{FIELD}.prompt_lookup_min",
-                f"must be <= prompt_lookup_max ({self.prompt_lookup_max}), got {self.prompt_lookup_min}")
+        require(
+            v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+            f"{FIELD}.disable_by_batch_size",
+            f"must be None or an integer >= 1, got {v!r}",
+        )
+        require(
+            self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS,
+            f"{FIELD}.num_speculative_tokens",
+            f"must be <= {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}",
+        )
+        require(
+            self.prompt_lookup_min <= self.prompt_lookup_max,
+            f"{FIELD}.prompt_lookup_min",
+            f"must be <= prompt_lookup_max ({self.prompt_lookup_max}), got {self.prompt_lookup_min}",
+        )
         c = self.draft_confidence
-        require(c is None or (isinstance(c, int | float) and not isinstance(c, bool) and 0 < c < 1),
-                f"{FIELD}.draft_confidence", f"must be None or a probability in (0, 1), got {c!r}")
+        require(
+            c is None or (isinstance(c, int | float) and not isinstance(c, bool) and 0 < c < 1),
+            f"{FIELD}.draft_confidence",
+            f"must be None or a probability in (0, 1), got {c!r}",
+        )
         if self.method == "draft_model":
-            require(isinstance(self.model, str) and bool(self.model), f"{FIELD}.model",
-                    "method 'draft_model' needs the draft model directory")
+            require(
+                isinstance(self.model, str) and bool(self.model),
+                f"{FIELD}.model",
+                "method 'draft_model' needs the draft model directory",
+            )
         else:
             require(self.model is None, f"{FIELD}.model", "only method 'draft_model' takes a model")
             require(c is None, f"{FIELD}.draft_confidence", "only method 'draft_model' takes a confidence")

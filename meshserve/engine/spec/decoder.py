@@ -27,23 +27,33 @@ ProbsFn = Callable[[torch.Tensor, list], torch.Tensor]
 class SpecDecoder:
     """Owns the proposer and the acceptance counters."""
 
-    def __init__(self, config: SpecConfig, vocab_size: int, dtype: str, max_model_len: int, probs: ProbsFn,
-                 generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        config: SpecConfig,
+        vocab_size: int,
+        dtype: str,
+        max_model_len: int,
+        probs: ProbsFn,
+        generator: torch.Generator,
+    ) -> None:
         self.config = config
         self.k = config.num_speculative_tokens
         self.probs = probs
         self.generator = generator  # unseeded requests share the sampler's generator
         if config.method == "ngram":
             self.proposer: NgramProposer | DraftModelProposer = NgramProposer(
-                self.k, config.prompt_lookup_max, config.prompt_lookup_min)
+                self.k, config.prompt_lookup_max, config.prompt_lookup_min
+            )
         else:
             try:
                 draft = load_model(config.model, dtype)
             except InputError as err:  # name the draft, so it is not taken for the target model
                 raise InputError("speculative_config.model", f"draft model {config.model}: {err}") from None
             if draft.config.vocab_size != vocab_size:
-                raise InputError("speculative_config.model", f"draft vocab_size {draft.config.vocab_size} "
-                                                             f"differs from the target's {vocab_size}")
+                raise InputError(
+                    "speculative_config.model",
+                    f"draft vocab_size {draft.config.vocab_size} differs from the target's {vocab_size}",
+                )
             self.proposer = DraftModelProposer(draft, self.k, max_model_len, config.draft_confidence)
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [k, V] of its current drafts
         self.draft_tokens = 0
@@ -77,17 +87,27 @@ class SpecDecoder:
         else:
             params = [r.params for r in wanted]
             drafts, q = self.proposer.propose(
-                [r.request_id for r in wanted], contexts, limits, [r.params.greedy for r in wanted],
+                [r.request_id for r in wanted],
+                contexts,
+                limits,
+                [r.params.greedy for r in wanted],
                 [self._generator(r) for r in wanted],
-                lambda logits, rows: self.probs(logits, [params[i] for i in rows]))
+                lambda logits, rows: self.probs(logits, [params[i] for i in rows]),
+            )
             if q is not None:  # greedy requests need no q: verification compares tokens
-                self.draft_probs.update((r.request_id, q[i]) for i, r in enumerate(wanted)
-                                       if not r.params.greedy)
+                self.draft_probs.update(
+                    (r.request_id, q[i]) for i, r in enumerate(wanted) if not r.params.greedy
+                )
         for r, d in zip(wanted, drafts, strict=True):
             r.spec_token_ids = d
 
-    def verify(self, requests: Sequence[Request], logits: torch.Tensor, first_rows: Sequence[int],
-               num_rows: Sequence[int]) -> list[list[int]]:
+    def verify(
+        self,
+        requests: Sequence[Request],
+        logits: torch.Tensor,
+        first_rows: Sequence[int],
+        num_rows: Sequence[int],
+    ) -> list[list[int]]:
         """Tokens kept by each verify item: its accepted drafts plus one token from the target.
 
         Item i's logits are rows ``first_rows[i] .. first_rows[i] + num_rows[i]`` of ``logits``; its drafts
@@ -97,8 +117,9 @@ class SpecDecoder:
         width = int(n.max())
         offsets = torch.arange(width).clamp(max=n[:, None] - 1)  # pad rows repeat the item's last row
         rows = torch.as_tensor(list(first_rows), dtype=torch.long)[:, None] + offsets
-        padded = [r.spec_token_ids[: m - 1] + [0] * (width - m)
-                  for r, m in zip(requests, n.tolist(), strict=True)]
+        padded = [
+            r.spec_token_ids[: m - 1] + [0] * (width - m) for r, m in zip(requests, n.tolist(), strict=True)
+        ]
         drafts = torch.tensor(padded, dtype=torch.long).view(len(requests), width - 1)
         greedy = torch.tensor([r.params.greedy for r in requests])
         if bool(greedy.all()):  # tokens only: the argmax of each verify row, no [R, K + 1, V] copy
@@ -109,8 +130,15 @@ class SpecDecoder:
             params = [requests[i].params for i in sampled for _ in range(width)]
             target[sampled] = self.probs(target[sampled].flatten(0, 1), params).view(len(sampled), width, -1)
             q = self._gather_draft_probs(requests, width - 1, logits.shape[-1])
-            out = verify(target, drafts, n - 1, greedy, [self._generator(r) for r in requests], q,
-                         draws_per_row=self.k + 1)
+            out = verify(
+                target,
+                drafts,
+                n - 1,
+                greedy,
+                [self._generator(r) for r in requests],
+                q,
+                draws_per_row=self.k + 1,
+            )
         self.draft_tokens += int((n - 1).sum())
         self.accepted_tokens += sum(out.num_accepted)
         self.verify_steps += len(requests)
@@ -121,8 +149,9 @@ class SpecDecoder:
         if isinstance(self.proposer, NgramProposer):
             return None
         zero = torch.zeros(k, vocab)
-        return torch.stack([self.draft_probs[r.request_id][:k] if not r.params.greedy else zero
-                            for r in requests])
+        return torch.stack(
+            [self.draft_probs[r.request_id][:k] if not r.params.greedy else zero for r in requests]
+        )
 
     def remove(self, request_id: str) -> None:
         """Forget a finished, aborted or preempted request (frees its draft-model KV)."""
@@ -131,8 +160,11 @@ class SpecDecoder:
             self.draft_probs.pop(request_id, None)
 
     def counters(self) -> dict[str, int]:
-        return {"draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
-                "verify_steps": self.verify_steps}
+        return {
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "verify_steps": self.verify_steps,
+        }
 
     def stats(self) -> dict[str, float]:
         """Acceptance rate (accepted / proposed drafts) and mean accepted length (tokens per verify)."""

@@ -49,9 +49,15 @@ class DraftModelProposer:
             self.runner.release(seq.slot)
 
     @torch.inference_mode()
-    def propose(self, req_ids: Sequence[str], contexts: Sequence[Sequence[int]], limits: Sequence[int],
-                greedy: Sequence[bool], generators: Sequence[torch.Generator | None],
-                to_probs: ProbsFn) -> tuple[list[list[int]], torch.Tensor | None]:
+    def propose(
+        self,
+        req_ids: Sequence[str],
+        contexts: Sequence[Sequence[int]],
+        limits: Sequence[int],
+        greedy: Sequence[bool],
+        generators: Sequence[torch.Generator | None],
+        to_probs: ProbsFn,
+    ) -> tuple[list[list[int]], torch.Tensor | None]:
         """Drafts (at most ``min(k, limits[i])`` each) and their distributions q [R, k, V].
 
         Greedy requests take the draft's argmax and need no q (greedy verification compares tokens):
@@ -127,5 +133,5 @@ def _pad(feeds: list[list[int]]) -> np.ndarray:
     """Token lists as one zero-padded int64 array [R, longest]."""
     out = np.zeros((len(feeds), max(map(len, feeds), default=0)), dtype=np.int64)
     for row, feed in enumerate(feeds):
-        out[row, :len(feed)] = feed
+        out[row, : len(feed)] = feed
     return out

@@ -77,11 +77,16 @@ class DraftRunner:
         g_in, g_mlp = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
         dense = isinstance(mlp, GatedMLP)
         return _Layer(
-            qkv=_fold(attn.qkv_proj.weight.detach(), g_in), qkv_bias=attn.qkv_proj.bias,
-            o=attn.o_proj.weight.detach(), o_bias=attn.o_proj.bias,
+            qkv=_fold(attn.qkv_proj.weight.detach(), g_in),
+            qkv_bias=attn.qkv_proj.bias,
+            o=attn.o_proj.weight.detach(),
+            o_bias=attn.o_proj.bias,
             gate_up=_fold(mlp.gate_up_proj.weight.detach(), g_mlp) if dense else None,
-            down=mlp.down_proj.weight.detach() if dense else None, attn=attn, mlp=mlp,
-            mlp_norm=g_mlp.float() * g_mlp.shape[0] ** 0.5)
+            down=mlp.down_proj.weight.detach() if dense else None,
+            attn=attn,
+            mlp=mlp,
+            mlp_norm=g_mlp.float() * g_mlp.shape[0] ** 0.5,
+        )
 
     def _cache(self, slots: int) -> torch.Tensor:
         cfg = self.model.config
@@ -103,8 +108,9 @@ class DraftRunner:
         self.free_slots.append(slot)
 
     @torch.inference_mode()
-    def forward(self, slots: torch.Tensor, starts: torch.Tensor, ids: torch.Tensor,
-                lens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, slots: torch.Tensor, starts: torch.Tensor, ids: torch.Tensor, lens: torch.Tensor
+    ) -> torch.Tensor:
         """Float32 logits [R, vocab] at each request's last fed token.
 
         slots, starts, lens: int64 [R]; request r feeds ``ids[r, :lens[r]]`` (int64 [R, W], padded) at
@@ -134,14 +140,26 @@ class DraftRunner:
             h = self._unit_rms(x)
             qkv = F.linear(h, lay.qkv, lay.qkv_bias).view(-1, heads + 2 * kv_heads, head_dim)
             if attn.q_norm is not None:  # Qwen3: per-head norm before rotary
-                qkv = torch.cat((attn.q_norm(qkv[:, :heads]), attn.k_norm(qkv[:, heads:heads + kv_heads]),
-                                 qkv[:, heads + kv_heads:]), dim=1)
-            qk = torch.matmul(qkv[:, :heads + kv_heads], rotation)
-            cache[slot_of_row, :, write] = torch.cat((qk[:, heads:], qkv[:, heads + kv_heads:]), dim=1)
-            kv = cache[one:one + 1, :, :kv_len] if one is not None else cache[slots, :, :kv_len]
+                qkv = torch.cat(
+                    (
+                        attn.q_norm(qkv[:, :heads]),
+                        attn.k_norm(qkv[:, heads : heads + kv_heads]),
+                        qkv[:, heads + kv_heads :],
+                    ),
+                    dim=1,
+                )
+            qk = torch.matmul(qkv[:, : heads + kv_heads], rotation)
+            cache[slot_of_row, :, write] = torch.cat((qk[:, heads:], qkv[:, heads + kv_heads :]), dim=1)
+            kv = cache[one : one + 1, :, :kv_len] if one is not None else cache[slots, :, :kv_len]
             q = qk[:, :heads].view(rows, width, heads, head_dim).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, kv[:, :kv_heads], kv[:, kv_heads:], masks[attn.window],
-                                                 scale=attn.scale, enable_gqa=kv_heads != heads)
+            out = F.scaled_dot_product_attention(
+                q,
+                kv[:, :kv_heads],
+                kv[:, kv_heads:],
+                masks[attn.window],
+                scale=attn.scale,
+                enable_gqa=kv_heads != heads,
+            )
             x = x + F.linear(out.transpose(1, 2).reshape(rows * width, -1), lay.o, lay.o_bias)
             h = self._unit_rms(x)
             if lay.gate_up is not None:
@@ -158,8 +176,9 @@ class DraftRunner:
         return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + 1e-12)
 
     @staticmethod
-    def _mask(pos: torch.Tensor, rows: int, width: int, kv_len: int,
-              window: int | None) -> torch.Tensor | None:
+    def _mask(
+        pos: torch.Tensor, rows: int, width: int, kv_len: int, window: int | None
+    ) -> torch.Tensor | None:
         """Attention mask [R, 1, W, kv_len]: key j is seen from position p when j <= p (and p - j < window).
         None for one request feeding one token, which sees all its keys."""
         if rows == 1 and width == 1 and (window is None or kv_len <= window):

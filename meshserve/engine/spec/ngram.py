@@ -36,5 +36,7 @@ class NgramProposer:
 
     def propose(self, contexts: Sequence[Sequence[int]], limits: Sequence[int]) -> list[list[int]]:
         """Drafts for each context, at most ``min(k, limits[i])`` tokens each."""
-        return [propose_ngram(ctx, min(self.k, lim), self.n_max, self.n_min) if lim > 0 else []
-                for ctx, lim in zip(contexts, limits, strict=True)]
+        return [
+            propose_ngram(ctx, min(self.k, lim), self.n_max, self.n_min) if lim > 0 else []
+            for ctx, lim in zip(contexts, limits, strict=True)
+        ]

@@ -57,8 +57,11 @@ def verify(
 
     valid = torch.arange(k)[None, :] < num_drafts[:, None]
     p_d = p[:, :k].gather(2, d[..., None]).squeeze(-1)
-    q_d = (torch.ones_like(p_d) if draft_probs is None
-           else draft_probs.float().gather(2, d[..., None]).squeeze(-1))
+    q_d = (
+        torch.ones_like(p_d)
+        if draft_probs is None
+        else draft_probs.float().gather(2, d[..., None]).squeeze(-1)
+    )
     accept = torch.where(greedy[:, None], d == p[:, :k].argmax(-1), uniform[:, :k] * q_d < p_d) & valid
     num_accepted = accept.int().cumprod(1).sum(1)
 
@@ -66,8 +69,11 @@ def verify(
     rejected = num_accepted < num_drafts
     if k > 0:
         at = num_accepted.clamp(max=k - 1)
-        q_a = (torch.nn.functional.one_hot(d[r, at], vocab).float() if draft_probs is None
-               else draft_probs[r, at])
+        q_a = (
+            torch.nn.functional.one_hot(d[r, at], vocab).float()
+            if draft_probs is None
+            else draft_probs[r, at]
+        )
         residual = (p_a - q_a.float()).clamp(min=0)
         total = residual.sum(-1, keepdim=True)
         residual = torch.where(total > 0, residual / total.clamp(min=1e-30), p_a)
@@ -96,8 +102,14 @@ def verify_greedy(
     return VerifyResult([d[:a] + [e] for d, a, e in zip(drafts, accepted, extras, strict=True)], accepted)
 
 
-def _draws(rows: int, k1: int, draws: int, vocab: int, greedy: torch.Tensor,
-           generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+def _draws(
+    rows: int,
+    k1: int,
+    draws: int,
+    vocab: int,
+    greedy: torch.Tensor,
+    generators: Sequence[torch.Generator | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniforms [R, K + 1] (of ``draws`` per row) and Exp(1) noise [R, V] from each sampled request's
     generator, the same count whatever the batch."""
     uniform = torch.zeros(rows, k1)

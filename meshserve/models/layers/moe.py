@@ -50,8 +50,9 @@ class StackedExperts(nn.Module):
         for p in (self.gate_up_proj, self.down_proj):
             p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
 
-    def prepare(self, gate_up_by_m: list[GemmChoice], down_by_m: list[GemmChoice],
-                fused: bool | None = None) -> None:
+    def prepare(
+        self, gate_up_by_m: list[GemmChoice], down_by_m: list[GemmChoice], fused: bool | None = None
+    ) -> None:
         """SmoothGEMM choices per expert capacity M (index = M) for the two batched matmuls; a float32 copy
         of a bf16 weight is made once when some M runs it in float32 (``packed_f32``) and the torch path can
         run. With ``fused`` (the default wherever the native op serves this dtype) the weights are also packed
@@ -70,7 +71,9 @@ class StackedExperts(nn.Module):
         self._f32 = tuple(
             p.detach().float()
             if torch_path_runs and p.dtype != torch.float32 and any(c.kernel == "packed_f32" for c in by_m)
-            else None for p, by_m in zip((self.gate_up_proj, self.down_proj), self._by_m, strict=True))
+            else None
+            for p, by_m in zip((self.gate_up_proj, self.down_proj), self._by_m, strict=True)
+        )
 
     def matmul(self, x: torch.Tensor, which: int) -> torch.Tensor:
         """x [E, M, K] times expert weights ``which`` (0: gate_up, 1: down), transposed: [E, M, N]."""
@@ -123,8 +126,9 @@ class SparseMoE(nn.Module):
         packed = self.experts.packed
         if packed is not None and packed[0].dtype == x.dtype and x.shape[0] <= self.experts.fused_max_tokens:
             # Native router and experts: one call each (the torch route is six small ops per layer).
-            weights, experts, self.last_counts = fused_route(x, self.gate.weight.detach(), self.top_k,
-                                                             self.renormalize)
+            weights, experts, self.last_counts = fused_route(
+                x, self.gate.weight.detach(), self.top_k, self.renormalize
+            )
             if self.weights_in_model_dtype:
                 weights = weights.to(x.dtype)
             out = fused_moe(x, experts, weights, packed)
@@ -137,8 +141,9 @@ class SparseMoE(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
-    def _experts_torch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                       counts: torch.Tensor) -> torch.Tensor:
+    def _experts_torch(
+        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
         """The routed experts' weighted sum through two batched matmuls over a packed [E, capacity, H]."""
         t, hidden = x.shape
         pair_expert = experts.reshape(-1)

@@ -31,10 +31,12 @@ class Placement(Protocol):
 class SlotExperts(SparseMoE):
     """The experts one rank holds, as slots; rows arrive already routed (one slot each, weight 1)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, gate_up: torch.Tensor,
-                 down: torch.Tensor) -> None:
-        super().__init__(hidden_size, intermediate_size, len(gate_up), 1, renormalize=False,
-                         weights_in_model_dtype=True)
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, gate_up: torch.Tensor, down: torch.Tensor
+    ) -> None:
+        super().__init__(
+            hidden_size, intermediate_size, len(gate_up), 1, renormalize=False, weights_in_model_dtype=True
+        )
         del self.gate  # routing is given
         self.experts.gate_up_proj.data = gate_up
         self.experts.down_proj.data = down
@@ -42,13 +44,23 @@ class SlotExperts(SparseMoE):
         self._slot = torch.zeros(0, dtype=torch.long)
 
     @classmethod
-    def empty(cls, hidden_size: int, intermediate_size: int, slots: int, dtype: torch.dtype,
-              device: torch.device | str = "cpu") -> SlotExperts:
+    def empty(
+        cls,
+        hidden_size: int,
+        intermediate_size: int,
+        slots: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> SlotExperts:
         """``slots`` experts with uninitialised weights, allocated in the transposed layout (so building
         them copies nothing); a live migration fills them in place through ``parts``."""
         i, h = intermediate_size, hidden_size
-        return cls(h, i, torch.empty(slots, h, 2 * i, dtype=dtype, device=device).transpose(1, 2),
-                   torch.empty(slots, i, h, dtype=dtype, device=device).transpose(1, 2))
+        return cls(
+            h,
+            i,
+            torch.empty(slots, h, 2 * i, dtype=dtype, device=device).transpose(1, 2),
+            torch.empty(slots, i, h, dtype=dtype, device=device).transpose(1, 2),
+        )
 
     def run(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Expert output of each row [R, H] through its slot [R]."""
@@ -68,8 +80,15 @@ class SlotExperts(SparseMoE):
 class ExpertParallelMoE(nn.Module):
     """A SparseMoE whose routed experts live on several ranks; ``layer`` indexes the MoE layers."""
 
-    def __init__(self, moe: SparseMoE, layer: int, placement: Placement, held: np.ndarray, rank: int,
-                 group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        moe: SparseMoE,
+        layer: int,
+        placement: Placement,
+        held: np.ndarray,
+        rank: int,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
         super().__init__()
         self.moe, self.layer, self.rank, self.group = moe, layer, rank, group
         self.placement = placement
@@ -77,8 +96,9 @@ class ExpertParallelMoE(nn.Module):
         self.intermediate_size = experts.down_proj.shape[2]
         self.hidden_size = experts.down_proj.shape[1]
         index = torch.from_numpy(held)
-        self.local = SlotExperts(self.hidden_size, self.intermediate_size, experts.gate_up_proj[index],
-                                 experts.down_proj[index])
+        self.local = SlotExperts(
+            self.hidden_size, self.intermediate_size, experts.gate_up_proj[index], experts.down_proj[index]
+        )
         moe.experts = None  # this rank keeps only the experts it holds
         self.last_received = 0  # pairs this rank's experts computed in the last forward
 

@@ -19,8 +19,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, out_f32: bool = False) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, out_f32)
 
-    def add_forward(self, x: torch.Tensor, delta: torch.Tensor,
-                    out_f32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_forward(
+        self, x: torch.Tensor, delta: torch.Tensor, out_f32: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + delta, norm(x + delta)) in one pass; x may be updated in place. out_f32: the norm in float32
         (holding model-dtype values) for a float32 GEMM, when the native op runs."""
         return add_rms_norm(x, delta, self.weight, self.eps, out_f32)

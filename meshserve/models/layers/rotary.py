@@ -81,8 +81,10 @@ def rope_frequencies(
     except (TypeError, ValueError, ZeroDivisionError) as err:
         raise InputError("config.json:rope_scaling", f"{kind} scaling has a bad value ({err})") from None
     if not (bool(torch.isfinite(inv_freq).all()) and math.isfinite(scale) and scale > 0):
-        raise InputError("config.json:rope_scaling", f"{kind} scaling gives non-finite frequencies; check "
-                                                     f"its numbers ({scaling})")
+        raise InputError(
+            "config.json:rope_scaling",
+            f"{kind} scaling gives non-finite frequencies; check its numbers ({scaling})",
+        )
     return inv_freq, scale
 
 

@@ -63,8 +63,9 @@ class Flight:
     done: np.ndarray  # steps finished per copy
 
     @classmethod
-    def begin(cls, origin: Placement, target: Placement, steps: MigrationSteps, layer: np.ndarray,
-              nbytes: float) -> Flight:
+    def begin(
+        cls, origin: Placement, target: Placement, steps: MigrationSteps, layer: np.ndarray, nbytes: float
+    ) -> Flight:
         """Every copy (of layer ``layer[copy]``) of ``nbytes`` starts at its first step."""
         count = np.bincount(steps.copy, minlength=len(layer))
         start = np.concatenate([[0], np.cumsum(count)[:-1]])

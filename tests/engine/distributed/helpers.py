@@ -11,8 +11,15 @@ from meshserve.engine import LLM, SamplingParams
 SINGLE = {"max_num_batched_tokens": 16, "max_num_seqs": 4, "block_size": 4, "max_model_len": 128}
 ARGS = {**SINGLE, "step_timeout_s": 60.0}
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-PROMPTS = [[1, 40, 41, 42], [1] + list(range(50, 80)), [1, 7], [1] + list(range(100, 117)), [1, 9, 9],
-           [1, 300, 301], [1, 200, 7, 7]]
+PROMPTS = [
+    [1, 40, 41, 42],
+    [1] + list(range(50, 80)),
+    [1, 7],
+    [1] + list(range(100, 117)),
+    [1, 9, 9],
+    [1, 300, 301],
+    [1, 200, 7, 7],
+]
 
 
 def tokens(llm: LLM, prompts: list[list[int]] = PROMPTS) -> list[list[int]]:
@@ -21,5 +28,3 @@ def tokens(llm: LLM, prompts: list[list[int]] = PROMPTS) -> list[list[int]]:
 
 def assert_all_exited(llm: LLM) -> None:
     assert all(not p.is_alive() for p in llm.engine.ranks.procs)
-
-

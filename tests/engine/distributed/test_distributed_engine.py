@@ -15,8 +15,13 @@ from tests.engine.distributed.helpers import ARGS, GREEDY, PROMPTS, SINGLE, asse
 
 
 def test_two_ranks_with_redundant_experts_match_one_process(mixtral, expected):
-    with LLM(mixtral, data_parallel_size=2, enable_expert_parallel=True,
-             eplb_config={"num_redundant_experts": 2}, **ARGS) as llm:
+    with LLM(
+        mixtral,
+        data_parallel_size=2,
+        enable_expert_parallel=True,
+        eplb_config={"num_redundant_experts": 2},
+        **ARGS,
+    ) as llm:
         holds = llm.engine.holds()
         assert holds.shape == (2, 4, 2) and holds.sum() == 2 * 6  # 4 experts + 2 replicas per layer
         assert tokens(llm) == expected
@@ -64,8 +69,14 @@ def test_a_rank_that_fails_to_start_shuts_every_rank_down(mixtral, monkeypatch):
 
 def test_speculative_decoding_per_rank_and_one_expert_trace_from_all_ranks(mixtral, expected, tmp_path):
     spec = {"method": "ngram", "num_speculative_tokens": 2}
-    with LLM(mixtral, data_parallel_size=2, enable_expert_parallel=True, speculative_config=spec,
-             record_expert_trace=str(tmp_path / "t.npz"), **ARGS) as llm:
+    with LLM(
+        mixtral,
+        data_parallel_size=2,
+        enable_expert_parallel=True,
+        speculative_config=spec,
+        record_expert_trace=str(tmp_path / "t.npz"),
+        **ARGS,
+    ) as llm:
         engine = llm.engine
         ids = [engine.add_request(prompt, GREEDY) for prompt in PROMPTS]
         outputs, forwarded = {}, 0

@@ -52,7 +52,9 @@ def test_the_engine_plans_with_meshserve_placement_and_never_imports_the_simulat
     import subprocess
     import sys
 
-    code = ("import sys, meshserve.engine, meshserve.engine.distributed.eplb; "
-            "print(' '.join(m for m in sys.modules if m.startswith('meshserve.')))")
+    code = (
+        "import sys, meshserve.engine, meshserve.engine.distributed.eplb; "
+        "print(' '.join(m for m in sys.modules if m.startswith('meshserve.')))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "meshserve.placement" in loaded.split() and "meshserve.wafer" not in loaded

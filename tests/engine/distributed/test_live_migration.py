@@ -13,8 +13,14 @@ from tests.engine.distributed.helpers import ARGS, tokens
 def generate_until_migrated(mixtral: str, ranks: int, expected: list[list[int]], **eplb) -> list[dict]:
     """Serve PROMPTS again and again (tokens checked every time) until a migration has switched in."""
     config = {"window_size": 2, "step_interval": 2, "num_redundant_experts": 2, "chunk_bytes": 16384, **eplb}
-    with LLM(mixtral, data_parallel_size=ranks, enable_expert_parallel=True, enable_eplb=True,
-             eplb_config=config, **ARGS) as llm:
+    with LLM(
+        mixtral,
+        data_parallel_size=ranks,
+        enable_expert_parallel=True,
+        enable_eplb=True,
+        eplb_config=config,
+        **ARGS,
+    ) as llm:
         for _ in range(10):  # copies in the gaps between steps may need more than one round
             assert tokens(llm) == expected
             done = [m for m in llm.engine.migrations if not m.get("error")]
@@ -46,8 +52,14 @@ def test_invasive_migration_keeps_the_tokens(mixtral, expected):
 def test_a_stalled_migration_is_reported_and_the_old_placement_keeps_serving(mixtral, expected, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "stall:0")  # rank 0 never sends its chunks
     config = {"window_size": 2, "step_interval": 2, "num_redundant_experts": 2, "migration_timeout_s": 0.2}
-    with LLM(mixtral, data_parallel_size=2, enable_expert_parallel=True, enable_eplb=True,
-             eplb_config=config, **ARGS) as llm:
+    with LLM(
+        mixtral,
+        data_parallel_size=2,
+        enable_expert_parallel=True,
+        enable_eplb=True,
+        eplb_config=config,
+        **ARGS,
+    ) as llm:
         for _ in range(10):  # until the receiver's wait times out
             assert tokens(llm) == expected
             if llm.engine.migrations:

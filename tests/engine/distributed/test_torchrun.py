@@ -32,15 +32,26 @@ def torchrun(*args: str, ok: bool = True, timeout_s: float = 240.0) -> subproces
     return run
 
 
-def torchruns(*launches: list[str], ok: bool = True,
-              timeout_s: float = 240.0) -> list[subprocess.CompletedProcess]:
+def torchruns(
+    *launches: list[str], ok: bool = True, timeout_s: float = 240.0
+) -> list[subprocess.CompletedProcess]:
     """One torchrun agent per launch, all at once: killed whole if they overrun, and checked to leave no
     process behind (their ranks run in sessions of their own, so they are found by a mark in their
     environment) and each to exit 0 (``ok``) or not."""
     mark = f"meshserve-test-{uuid.uuid4()}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "MESHSERVE_TEST_MARK": mark}
-    procs = [subprocess.Popen([*TORCHRUN, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True) for args in launches]
+    procs = [
+        subprocess.Popen(
+            [*TORCHRUN, *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for args in launches
+    ]
     try:
         outputs = [proc.communicate(timeout=timeout_s) for proc in procs]
     except subprocess.TimeoutExpired:
@@ -53,8 +64,10 @@ def torchruns(*launches: list[str], ok: bool = True,
     assert not marked(mark), "a rank outlived torchrun"
     for proc, (_, err) in zip(procs, outputs, strict=True):
         assert (proc.returncode == 0) == ok, err[-3000:]
-    return [subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-            for proc, (out, err) in zip(procs, outputs, strict=True)]
+    return [
+        subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        for proc, (out, err) in zip(procs, outputs, strict=True)
+    ]
 
 
 def marked(mark: str) -> list[int]:
@@ -81,9 +94,23 @@ def test_meshserve_generate_under_torchrun(mixtral, tmp_path):
     with LLM(mixtral, **SINGLE) as one:
         want = [o.text for o in one.generate(prompts, GREEDY, use_tqdm=False)]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    run = torchrun("-m", "meshserve", "generate", "--model", mixtral, "--prompt-file",
-                   str(tmp_path / "prompts.txt"), "--max-tokens", str(GREEDY.max_tokens), "--ignore-eos",
-                   "--max-model-len", "128", "--data-parallel-size", "2", "--enable-expert-parallel")
+    run = torchrun(
+        "-m",
+        "meshserve",
+        "generate",
+        "--model",
+        mixtral,
+        "--prompt-file",
+        str(tmp_path / "prompts.txt"),
+        "--max-tokens",
+        str(GREEDY.max_tokens),
+        "--ignore-eos",
+        "--max-model-len",
+        "128",
+        "--data-parallel-size",
+        "2",
+        "--enable-expert-parallel",
+    )
     assert run.stdout.splitlines() == want
 
 
@@ -95,19 +122,54 @@ def test_two_hosts_meet_at_a_rendezvous_endpoint(mixtral, tmp_path):
         want = [o.text for o in one.generate(prompts, GREEDY, use_tqdm=False)]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     port = free_port()
-    host = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", uuid.uuid4().hex,
-            "-m", "meshserve", "generate", "--model", mixtral, "--prompt-file", str(tmp_path / "prompts.txt"),
-            "--max-tokens", str(GREEDY.max_tokens), "--ignore-eos", "--max-model-len", "128",
-            "--data-parallel-size", "2", "--enable-expert-parallel"]
+    host = [
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        uuid.uuid4().hex,
+        "-m",
+        "meshserve",
+        "generate",
+        "--model",
+        mixtral,
+        "--prompt-file",
+        str(tmp_path / "prompts.txt"),
+        "--max-tokens",
+        str(GREEDY.max_tokens),
+        "--ignore-eos",
+        "--max-model-len",
+        "128",
+        "--data-parallel-size",
+        "2",
+        "--enable-expert-parallel",
+    ]
     runs = torchruns(host, host)
     assert "".join(run.stdout for run in runs).splitlines() == want
 
 
 def test_a_torchrun_rank_that_fails_to_start_stops_every_rank(mixtral, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "start:1")
-    run = torchrun("-m", "meshserve", "generate", "--model", mixtral, "--prompt", "hi", "--max-tokens", "4",
-                   "--data-parallel-size", "2", "--enable-expert-parallel", ok=False)
+    run = torchrun(
+        "-m",
+        "meshserve",
+        "generate",
+        "--model",
+        mixtral,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "4",
+        "--data-parallel-size",
+        "2",
+        "--enable-expert-parallel",
+        ok=False,
+    )
     assert "RankError: rank 1 failed during start: RuntimeError: injected start failure" in run.stderr
 
 
@@ -116,8 +178,14 @@ def test_torchrun_environment_and_a_world_size_that_disagrees(mixtral, monkeypat
     from meshserve.errors import InputError
 
     assert torchrun_launch() is None  # pytest was not started by torchrun
-    env = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+    }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert torchrun_launch() == Launch(rank=0, world_size=4, local_rank=0, local_world_size=2)
@@ -130,10 +198,30 @@ def test_a_server_under_torchrun_stops_on_sigterm_without_a_traceback(mixtral):
     finds the other ranks already gone, which is said in one line, not a traceback."""
     port, mark = free_port(), f"meshserve-test-{uuid.uuid4()}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "MESHSERVE_TEST_MARK": mark}
-    proc = subprocess.Popen([*TORCHRUN, *ONE_HOST, "-m", "meshserve", "serve", "--model", mixtral, "--port",
-                             str(port), "--max-model-len", "128", "--data-parallel-size", "2",
-                             "--enable-expert-parallel"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            *TORCHRUN,
+            *ONE_HOST,
+            "-m",
+            "meshserve",
+            "serve",
+            "--model",
+            mixtral,
+            "--port",
+            str(port),
+            "--max-model-len",
+            "128",
+            "--data-parallel-size",
+            "2",
+            "--enable-expert-parallel",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 180
         while not _healthy(port):

@@ -13,8 +13,9 @@ from tests.engine.distributed.helpers import ARGS, tokens
 
 EPLB = {"window_size": 2, "step_interval": 2, "num_redundant_experts": 2, "chunk_bytes": 16384}
 
-with LLM(sys.argv[1], data_parallel_size=2, enable_expert_parallel=True, enable_eplb=True, eplb_config=EPLB,
-         **ARGS) as llm:
+with LLM(
+    sys.argv[1], data_parallel_size=2, enable_expert_parallel=True, enable_eplb=True, eplb_config=EPLB, **ARGS
+) as llm:
     rounds = [tokens(llm) for _ in range(3)]  # a plan every 2 steps: copies in flight, then switches
     migrations = [m for m in llm.engine.migrations if not m.get("error")]
     ranks = type(llm.engine.ranks).__name__
