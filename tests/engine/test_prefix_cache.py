@@ -16,6 +16,15 @@ from meshserve.engine.sampling_params import SamplingParams
 BS = 4
 
 
+def prefix_fingerprints(tokens: list[int]) -> list[int]:
+    """A rolling fingerprint of tokens[: i + 1] for each i (exact in float32: below 2**24)."""
+    out, h = [], 0
+    for t in tokens:
+        h = (h * 1009 + t + 1) % 16_777_213
+        out.append(h)
+    return out
+
+
 class Pool:
     """The engine's BlockManager wired to a PrefixCache, with requests whose prompts count as computed."""
 
@@ -41,18 +50,26 @@ class Pool:
             self.blocks.free(request)
             return False
         self.blocks.record_prefix(request, reused)
-        for pos in range(reused, len(tokens)):  # "compute" the rest: the KV of a token is its id
-            self.kv[0][0, request.block_table[pos // BS], pos % BS] = tokens[pos]
+        # "Compute" the rest: the KV of a token is its id and a fingerprint of the whole prefix up to it,
+        # as real KV depends on every earlier token.
+        for pos in range(reused, len(tokens)):
+            self.kv[0][0, request.block_table[pos // BS], pos % BS] = torch.tensor(
+                [tokens[pos], prefix_fingerprints(tokens)[pos]]
+            )
         request.num_computed_tokens = len(tokens)
-        # Shared and copied-on-write blocks must hold exactly this prompt's KV.
-        assert self._kv(request)[: len(tokens)].tolist() == tokens
+        # Shared and copied-on-write blocks must hold exactly this prompt's KV, prefix included.
+        kv = self._kv(request)[: len(tokens)]
+        assert kv[:, 0].tolist() == tokens, "a block of other tokens was shared"
+        assert kv[:, 1].tolist() == prefix_fingerprints(tokens), (
+            "a block computed after another prefix was shared"
+        )
         self.blocks.publish(request)
         self.requests[rid] = request
         return True
 
     def _kv(self, request: Request) -> torch.Tensor:
-        """The request's K values in position order, read through its block table."""
-        return self.kv[0][0, request.block_table, :, 0, 0].reshape(-1)
+        """The request's K values [positions, 2] in position order, read through its block table."""
+        return self.kv[0][0, request.block_table, :, 0].reshape(-1, 2)
 
     def finish(self, rid: int) -> None:
         self.blocks.free(self.requests.pop(rid))
@@ -152,7 +169,7 @@ def test_never_evicts_referenced_blocks_never_leaks(
     assert cache.num_cached == 0
 
 
-def scan_partial(cache: PrefixCache, parent: int | None, rest: list[int]) -> int:
+def scan_partial(cache: PrefixCache, parent: bytes, rest: list[int]) -> int:
     """The old admission path, kept as the oracle: scan every cached child of ``parent``."""
     children = [e for e in cache._entries.values() if e.parent == parent]
     shared = [
@@ -179,7 +196,7 @@ def test_prefix_index_finds_what_a_scan_of_every_cached_block_finds(prompts, que
             pool.finish(rid)
     for tokens in queries:
         m = cache.match(tokens)
-        parent = cache._entries[m.block_ids[-1]].key if m.block_ids else None
+        parent = cache._entries[m.block_ids[-1]].key if m.block_ids else cache.root
         rest = tokens[len(m.block_ids) * BS :]
         assert m.num_tokens - len(m.block_ids) * BS == scan_partial(cache, parent, rest)
         if m.copy_src is not None:  # the block it copies really holds those tokens
@@ -216,3 +233,72 @@ def test_an_admission_that_cannot_fit_makes_no_copy(monkeypatch) -> None:
     pool.check()
     pool.finish(1)
     assert pool.blocks.match_prefix(waiting, budget=64) == 6 and len(copies) == 1  # now it fits: one copy
+
+
+def parent_blind_key(parent: object, tokens: object) -> tuple:
+    """A chain key that ignores the parent: every block of the same tokens collides, wherever it sits."""
+    return ("collide", tuple(tokens))
+
+
+def test_a_key_collision_never_serves_another_prefix(monkeypatch) -> None:
+    monkeypatch.setattr(PrefixCache, "key", staticmethod(parent_blind_key))
+    cache = PrefixCache(BS)
+    pool = Pool(16, cache)
+    x, y, w, z = [1] * BS, [2] * BS, [3] * BS, [4] * BS
+    assert pool.add(0, x + z)  # caches block x (first)
+    assert pool.add(1, w + y)  # caches y after w
+    # x then y: its first block is cached, and y's key collides with the y cached after w. Reusing that
+    # block would attend w's KV (Pool.add checks); only x may be shared.
+    assert pool.add(2, x + y + [5])
+    assert pool.tables[2][0] == pool.tables[0][0] and cache.match(x + y + [5]).block_ids == [
+        pool.tables[0][0]
+    ]
+
+
+def test_a_colliding_block_ends_its_request_s_publishing(monkeypatch) -> None:
+    monkeypatch.setattr(PrefixCache, "key", staticmethod(parent_blind_key))
+    cache = PrefixCache(BS)
+    pool = Pool(16, cache)
+    x, y, w, z = [1] * BS, [2] * BS, [3] * BS, [4] * BS
+    assert pool.add(0, x + y + [9])
+    # w's y collides with x's y, so the z after it must not be published under that ambiguous key: a later
+    # x + y + z would take this z, computed after w.
+    assert pool.add(1, w + y + z + [9])
+    assert cache.num_cached == 3  # x, x's y, w: nothing after the collision
+    assert pool.add(2, x + y + z + [9])  # computes its own z
+
+
+def test_chain_keys_are_digests_from_a_random_root() -> None:
+    a, b = PrefixCache(BS), PrefixCache(BS)
+    assert a.root != b.root and len(a.root) == 32  # no guessable root, so no precomputed collisions
+    pa, pb = Pool(4, a), Pool(4, b)
+    pa.add(0, list(range(5)))
+    pb.add(0, list(range(5)))
+    (ka,), (kb,) = pa.requests[0].block_keys, pb.requests[0].block_keys
+    assert ka != kb and len(ka) == 32
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    prompts=st.lists(
+        st.lists(st.sampled_from([(0,) * BS, (1,) * BS, (0, 1, 0, 1)]), min_size=1, max_size=4).map(
+            lambda blocks: [t for b in blocks for t in b]
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    tails=st.lists(st.integers(0, 2), max_size=30),
+    keep=st.lists(st.booleans(), max_size=30),
+    num_blocks=st.integers(6, 20),
+)
+def test_shared_blocks_always_hold_the_whole_prefix(prompts, tails, keep, num_blocks) -> None:
+    """Prompts made of a few recurring blocks (the same block under many parents, where a chain key that
+    forgets the parent collides): every block the cache hands out holds KV computed after exactly the
+    asking prompt's prefix (Pool.add compares the prefix fingerprints of every position)."""
+    cache = PrefixCache(BS, min_copy_tokens=1)
+    pool = Pool(num_blocks, cache)
+    for rid, tokens in enumerate(prompts):
+        tokens = tokens + tails[rid : rid + 1]  # sometimes a partial last block
+        if pool.add(rid, tokens) and not (keep[rid] if rid < len(keep) else False):
+            pool.finish(rid)
+        pool.check()
