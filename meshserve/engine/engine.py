@@ -239,6 +239,8 @@ class Engine:
 
         Finished requests are forgotten once returned; ``output(id)`` shows one still running.
         """
+        if torch.get_num_threads() != self.config.num_threads:  # per calling thread; another engine may
+            torch.set_num_threads(self.config.num_threads)  # have set its own in this one
         if self.spec is not None:  # drafts first, so verify work is scheduled with everything else
             self.spec.propose(self.scheduler.running, self.max_model_len)
         plan = self.scheduler.schedule()
