@@ -44,28 +44,46 @@ class Pool:
 
     def add(self, rid: int, tokens: list[int]) -> bool:
         """Admit a request (sharing its cached prefix) and 'compute' its prompt; False if it does not fit."""
+        if not self.admit(rid, tokens):
+            return False
+        self.compute(rid)
+        return True
+
+    def admit(self, rid: int, tokens: list[int]) -> bool:
+        """Admit a request, sharing its cached prefix but computing nothing; False if it does not fit."""
         request = Request(str(rid), tokens, SamplingParams(), max_tokens=1)
         reused = self.blocks.match_prefix(request)
         if not self.blocks.allocate(request, len(tokens)):
             self.blocks.free(request)
             return False
         self.blocks.record_prefix(request, reused)
-        # "Compute" the rest: the KV of a token is its id and a fingerprint of the whole prefix up to it,
-        # as real KV depends on every earlier token.
-        for pos in range(reused, len(tokens)):
+        self.requests[rid] = request
+        self._check(request, reused)
+        return True
+
+    def compute(self, rid: int, n: int | None = None) -> None:
+        """'Compute' the next ``n`` prompt tokens (default: all) and publish the blocks they fill. The KV of a
+        token is its id and a fingerprint of the whole prefix up to it, as real KV depends on every earlier
+        token."""
+        request = self.requests[rid]
+        tokens, done = request.token_ids, request.num_computed_tokens
+        end = len(tokens) if n is None else min(len(tokens), done + n)
+        fingerprints = prefix_fingerprints(tokens)
+        for pos in range(done, end):
             self.kv[0][0, request.block_table[pos // BS], pos % BS] = torch.tensor(
-                [tokens[pos], prefix_fingerprints(tokens)[pos]]
+                [tokens[pos], fingerprints[pos]]
             )
-        request.num_computed_tokens = len(tokens)
-        # Shared and copied-on-write blocks must hold exactly this prompt's KV, prefix included.
-        kv = self._kv(request)[: len(tokens)]
-        assert kv[:, 0].tolist() == tokens, "a block of other tokens was shared"
-        assert kv[:, 1].tolist() == prefix_fingerprints(tokens), (
+        request.num_computed_tokens = end
+        self._check(request, end)
+        self.blocks.publish(request)
+
+    def _check(self, request: Request, n: int) -> None:
+        """Shared and copied-on-write blocks hold exactly this prompt's KV up to ``n``, prefix included."""
+        kv = self._kv(request)[:n]
+        assert kv[:, 0].tolist() == request.token_ids[:n], "a block of other tokens was shared"
+        assert kv[:, 1].tolist() == prefix_fingerprints(request.token_ids)[:n], (
             "a block computed after another prefix was shared"
         )
-        self.blocks.publish(request)
-        self.requests[rid] = request
-        return True
 
     def _kv(self, request: Request) -> torch.Tensor:
         """The request's K values [positions, 2] in position order, read through its block table."""
@@ -301,4 +319,35 @@ def test_shared_blocks_always_hold_the_whole_prefix(prompts, tails, keep, num_bl
         tokens = tokens + tails[rid : rid + 1]  # sometimes a partial last block
         if pool.add(rid, tokens) and not (keep[rid] if rid < len(keep) else False):
             pool.finish(rid)
+        pool.check()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("admit"), st.lists(st.sampled_from([(0,) * BS, (1,) * BS, (0, 1, 0, 1)]), max_size=4)
+            ),
+            st.tuples(st.just("compute"), st.integers(0, 9), st.integers(1, 3 * BS)),
+            st.tuples(st.just("finish"), st.integers(0, 9)),
+        ),
+        max_size=40,
+    ),
+    num_blocks=st.integers(6, 20),
+)
+def test_concurrent_prefills_share_only_blocks_of_their_own_prefix(ops, num_blocks) -> None:
+    """As the engine's chunked prefills: requests admitted before others publish, computed in pieces in any
+    order, so the same prefix is computed twice and blocks publish after duplicates. Every shared block still
+    holds KV of exactly the asking prompt's prefix (Pool checks at admission and after every piece)."""
+    cache = PrefixCache(BS, min_copy_tokens=1)
+    pool = Pool(num_blocks, cache)
+    for rid, op in enumerate(ops):
+        live = sorted(pool.requests)
+        if op[0] == "admit":
+            pool.admit(rid, [t for block in op[1] for t in block] + [rid % 3])
+        elif live and op[0] == "compute":
+            pool.compute(live[op[1] % len(live)], op[2])
+        elif live:
+            pool.finish(live[op[1] % len(live)])
         pool.check()
