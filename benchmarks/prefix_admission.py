@@ -19,7 +19,7 @@ from meshserve.engine.prefix_cache import PrefixCache
 
 def scan_partial(cache: PrefixCache, rest: list[int]) -> int:
     """Longest shared prefix of ``rest`` with any cached first block, by scanning all of them."""
-    stored = np.array([e.tokens for e in cache._entries.values() if e.parent is None], dtype=np.int64)
+    stored = np.array([e.tokens for e in cache._entries.values() if e.parent == cache.root], dtype=np.int64)
     want = np.asarray(rest[: cache.block_size], dtype=np.int64)
     return int(np.cumprod(stored[:, : len(want)] == want[None, :], axis=1).sum(axis=1).max())
 

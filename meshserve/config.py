@@ -107,8 +107,9 @@ class EngineConfig:
         (engine/spec/config.py); validated into a SpecConfig. None = no speculative decoding.
     parallel: data-parallel ranks, expert parallelism and EPLB (engine/distributed/config.py); flat
         arguments ``data_parallel_size=4, enable_expert_parallel=True, ...`` land here.
-    num_threads: torch threads for the forward (sets ``torch.set_num_threads`` for the process);
-        None = the cores this process may run on (``os.sched_getaffinity``).
+    num_threads: torch threads for the forward (``torch.set_num_threads``, which holds per calling thread:
+        every step sets it again, so two engines in one process keep their own); None = the cores this
+        process may run on (``os.sched_getaffinity``).
     kernel_profile: a GEMM profile written by ``meshserve profile``; None = this machine's profile when
         one was written, else the shipped default (kernels/profile.py).
     device: "cpu" (native kernels where they apply) or "cuda" (weights, KV cache and step tensors on the

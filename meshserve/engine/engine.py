@@ -70,9 +70,27 @@ class Engine:
         sched = SchedulerConfig(
             config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, max_model_len
         )
+        self.sampler = Sampler(config.seed)
+        spec = config.speculative_config
+        self.spec = (
+            None
+            if spec is None
+            else SpecDecoder(
+                spec,
+                mc.vocab_size,
+                config.dtype,
+                max_model_len,
+                Sampler.probs,
+                self.sampler.generator,
+                sched.max_num_seqs,
+            )
+        )
         cache = config.cache
         per_block = block_bytes(mc.num_layers, mc.num_kv_heads, mc.head_dim, cache.block_size, mc.dtype)
-        blocks = num_kv_blocks(cache, per_block, max_model_len, sched.max_num_seqs, free_memory(self.device))
+        draft_kv = 0 if self.spec is None else self.spec.kv_bytes  # the draft's own KV shares the budget
+        blocks = num_kv_blocks(
+            cache, per_block, max_model_len, sched.max_num_seqs, free_memory(self.device), reserved=draft_kv
+        )
         self.kv_caches = allocate_kv_cache(
             mc.num_layers, blocks, cache.block_size, mc.num_kv_heads, mc.head_dim, mc.dtype, self.device
         )
@@ -82,15 +100,6 @@ class Engine:
         if self.device.type == "cpu":  # SmoothGEMM's primitives and the fused MoE op are CPU code
             self.model.prepare_gemms(load_gemm_table(config.kernel_profile), sched.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
-        self.sampler = Sampler(config.seed)
-        spec = config.speculative_config
-        self.spec = (
-            None
-            if spec is None
-            else SpecDecoder(
-                spec, mc.vocab_size, config.dtype, max_model_len, Sampler.probs, self.sampler.generator
-            )
-        )
         self.stopper = StopChecker(self.tokenizer, mc.eos_token_ids, max_model_len)
         self.requests: dict[str, Request] = {}  # every completion in flight, by its own id
         self.groups: dict[str, RequestGroup] = {}  # by the caller's request id
@@ -101,13 +110,14 @@ class Engine:
         self._ids = itertools.count()
         self._closed = False
         logger.info(
-            "engine: %s (%s, %s), %d KV blocks of %d tokens (%.3f GiB)",
+            "engine: %s (%s, %s), %d KV blocks of %d tokens (%.3f GiB) + draft KV up to %.3f GiB",
             mc.name,
             mc.arch,
             config.dtype,
             blocks,
             cache.block_size,
             blocks * per_block / (1 << 30),
+            draft_kv / (1 << 30),
         )
 
     @classmethod
@@ -239,6 +249,8 @@ class Engine:
 
         Finished requests are forgotten once returned; ``output(id)`` shows one still running.
         """
+        if torch.get_num_threads() != self.config.num_threads:  # per calling thread; another engine may
+            torch.set_num_threads(self.config.num_threads)  # have set its own in this one
         if self.spec is not None:  # drafts first, so verify work is scheduled with everything else
             self.spec.propose(self.scheduler.running, self.max_model_len)
         plan = self.scheduler.schedule()

@@ -163,34 +163,44 @@ def block_bytes(
 
 
 def num_kv_blocks(
-    cache: CacheConfig, per_block: int, max_model_len: int, max_num_seqs: int, available: int | None = None
+    cache: CacheConfig,
+    per_block: int,
+    max_model_len: int,
+    max_num_seqs: int,
+    available: int | None = None,
+    reserved: int = 0,
 ) -> int:
     """How many blocks to allocate, checked to hold at least one request of ``max_model_len`` tokens and
-    to fit in ``available`` bytes (the device's free memory; default: this host's available memory)."""
+    to fit in ``available`` bytes (the device's free memory; default: this host's available memory).
+
+    ``reserved``: bytes of KV that live outside the blocks (the draft model's own cache, at its largest);
+    they come out of the KV budget (``kv_cache_memory`` or the fraction of free memory) and must fit beside
+    the blocks."""
     available = available_memory() if available is None else available
     blocks_per_seq = math.ceil(max_model_len / cache.block_size)
     if cache.num_kv_blocks is not None:
         blocks, field = cache.num_kv_blocks, "num_kv_blocks"
     elif cache.kv_cache_memory is not None:
-        blocks, field = int(cache.kv_cache_memory * (1 << 30)) // per_block, "kv_cache_memory"
+        blocks, field = (int(cache.kv_cache_memory * (1 << 30)) - reserved) // per_block, "kv_cache_memory"
     else:
-        budget = int(available * cache.kv_cache_fraction)
+        budget = int(available * cache.kv_cache_fraction) - reserved
         blocks, field = min(budget // per_block, blocks_per_seq * max_num_seqs), "kv_cache_memory"
-    most = available // per_block
+    gib = 1 << 30
+    draft = f" beside the draft model's KV ({reserved / gib:.3f} GiB)" if reserved else ""
+    most = max(0, available - reserved) // per_block
     if blocks > most:
-        gib = 1 << 30
         raise InputError(
             field,
-            f"{blocks} KV blocks need {blocks * per_block / gib:.3f} GiB, more than "
-            f"the {most * per_block / gib:.3f} GiB the device has available; "
+            f"{blocks} KV blocks need {blocks * per_block / gib:.3f} GiB{draft}, more than "
+            f"the {available / gib:.3f} GiB the device has available; "
             f"allowed: at most {most} blocks",
         )
     if blocks < blocks_per_seq:
-        gib = blocks_per_seq * per_block / (1 << 30)
+        need = blocks_per_seq * per_block / gib
         raise InputError(
             field,
-            f"{blocks} KV blocks cannot hold one request of max_model_len="
-            f"{max_model_len} tokens; need >= {blocks_per_seq} blocks ({gib:.3f} GiB) "
+            f"{max(blocks, 0)} KV blocks{draft} cannot hold one request of max_model_len="
+            f"{max_model_len} tokens; need >= {blocks_per_seq} blocks ({need:.3f} GiB) "
             f"or a smaller max_model_len",
         )
     return blocks

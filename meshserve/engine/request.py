@@ -62,7 +62,7 @@ class Request:
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.spec_token_ids: list[int] = []  # draft tokens proposed for the next verify step
-        self.block_keys: list[int] = []  # prefix-cache chain keys of its leading full blocks (APC)
+        self.block_keys: list[bytes] = []  # prefix-cache chain keys of its leading full blocks (APC)
         self.status = RequestStatus.WAITING
         self.arrival_order = next(_arrivals)  # FCFS priority; preemption picks the largest
         self.num_preemptions = 0

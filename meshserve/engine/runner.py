@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from meshserve.engine.scheduler import WorkItem
-from meshserve.models.batch import BatchMetadata
+from meshserve.models.batch import PAD_BLOCK, BatchMetadata
 
 
 def build_batch(items: list[WorkItem], block_size: int) -> tuple[torch.Tensor, BatchMetadata]:
@@ -29,10 +29,10 @@ def build_batch(items: list[WorkItem], block_size: int) -> tuple[torch.Tensor, B
 
 
 def pad_tables(tables: list[list[int]]) -> np.ndarray:
-    """Block tables as one zero-padded int64 array [S, longest]: one flat copy and one scatter, no loop."""
+    """Block tables as one int64 array [S, longest] padded with PAD_BLOCK: one flat copy and one scatter."""
     lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
     flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(lens.sum()))
-    out = np.zeros((len(tables), int(lens.max(initial=0))), dtype=np.int64)
+    out = np.full((len(tables), int(lens.max(initial=0))), PAD_BLOCK, dtype=np.int64)
     starts = np.cumsum(lens) - lens
     out[np.repeat(np.arange(len(tables)), lens), np.arange(flat.size) - np.repeat(starts, lens)] = flat
     return out

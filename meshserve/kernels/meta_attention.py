@@ -63,7 +63,7 @@ def _tile_group(meta: BatchMetadata, seqs: torch.Tensor, block_size: int, window
     q_pos = (seq_lens - q_lens)[:, None] + q_idx[None, :]
 
     kv_pos = torch.arange(int(seq_lens.max()), device=device)
-    tables = meta.block_tables.long()[seqs]
+    tables = meta.block_tables.long()[seqs].clamp(min=0)  # padding (PAD_BLOCK) is read only where masked
     cols = torch.clamp(kv_pos // block_size, max=tables.shape[1] - 1)
     kv_slots = tables[:, cols] * block_size + kv_pos % block_size
     # Padded query rows repeat a real row's position, so no row is fully masked (no NaN); they are dropped.

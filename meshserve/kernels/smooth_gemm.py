@@ -19,13 +19,14 @@ The native kernels need a bfloat16 layer and the built op; elsewhere a table's c
 
 A tile t > 1 rounds M up to a multiple of t so the GEMM only ever sees M in {t, 2t, .., budget}: shapes
 that stay cached in oneDNN. The padding is virtual: x is copied into a persistent staging buffer (the
-float32 kernel needs that copy anyway) and the rows past M are whatever the buffer held, never zeroed or
-written; rows of a GEMM are independent, so they cannot change the real rows, and only the real rows are
-read back.
+float32 kernel needs that copy anyway; one buffer per thread) and the rows past M are whatever the buffer
+held, never zeroed or written; rows of a GEMM are independent, so they cannot change the real rows, and
+only the real rows are read back.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -62,8 +63,11 @@ class GemmChoice:
 PLAIN = GemmChoice("linear")
 
 
-class StagingBuffers:
-    """Persistent [rows, K] buffers per (K, dtype), shared by every layer: the virtual-padding tiles."""
+class StagingBuffers(threading.local):
+    """Persistent [rows, K] buffers per (K, dtype), shared by every layer: the virtual-padding tiles.
+
+    One set per thread: engines stepping in two threads (torch ops release the GIL) would otherwise copy
+    their rows into the same buffer while the other's GEMM reads it."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+PAD_BLOCK = -1  # block-table padding: no block has this id
+
 
 @dataclass
 class BatchMetadata:
@@ -24,7 +26,8 @@ class BatchMetadata:
         (``block_id * block_size + offset``).
     query_start_loc: int32 [S + 1]; cumulative query-token counts (starts at 0).
     seq_lens: int32 [S]; KV length of each sequence after this step's tokens are written.
-    block_tables: int32 [S, max_blocks]; KV blocks of each sequence in order, padded with 0.
+    block_tables: int32 [S, max_blocks]; KV blocks of each sequence in order, padded with ``PAD_BLOCK``
+        (not a block: the native attention op fails loudly on a task that reads past its sequence's blocks).
     logits_indices: int64 [N]; flat rows whose logits are needed (the rows that sample or verify).
     """
 

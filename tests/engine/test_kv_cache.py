@@ -79,3 +79,22 @@ def test_kv_cache_tensors_have_the_contract_shape():
         3, num_blocks=5, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16
     )
     assert len(caches) == 3 and caches[0].shape == (2, 5, 4, 2, 8) and not caches[0].any()
+
+
+def test_kv_held_outside_the_blocks_comes_out_of_the_budget_and_the_fit_check():
+    """The draft model's own KV (``reserved``) shares the KV budget and must fit beside the blocks."""
+    per_block = block_bytes(num_layers=2, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32)
+    hundred = CacheConfig(kv_cache_memory=per_block * 100 / (1 << 30))
+    assert num_kv_blocks(hundred, per_block, 256, 4, reserved=30 * per_block) == 70
+    with pytest.raises(InputError, match="draft model's KV"):  # 20 blocks + 10 blocks' worth > 25 free
+        num_kv_blocks(
+            CacheConfig(num_kv_blocks=20),
+            per_block,
+            256,
+            4,
+            available=25 * per_block,
+            reserved=10 * per_block,
+        )
+    with pytest.raises(InputError, match="cannot hold one request") as err:  # the draft leaves too little
+        num_kv_blocks(hundred, per_block, 256, 4, reserved=90 * per_block)
+    assert err.value.field == "kv_cache_memory" and "draft model's KV" in err.value.message

@@ -16,6 +16,15 @@ from meshserve.engine.sampling_params import SamplingParams
 BS = 4
 
 
+def prefix_fingerprints(tokens: list[int]) -> list[int]:
+    """A rolling fingerprint of tokens[: i + 1] for each i (exact in float32: below 2**24)."""
+    out, h = [], 0
+    for t in tokens:
+        h = (h * 1009 + t + 1) % 16_777_213
+        out.append(h)
+    return out
+
+
 class Pool:
     """The engine's BlockManager wired to a PrefixCache, with requests whose prompts count as computed."""
 
@@ -35,24 +44,50 @@ class Pool:
 
     def add(self, rid: int, tokens: list[int]) -> bool:
         """Admit a request (sharing its cached prefix) and 'compute' its prompt; False if it does not fit."""
+        if not self.admit(rid, tokens):
+            return False
+        self.compute(rid)
+        return True
+
+    def admit(self, rid: int, tokens: list[int]) -> bool:
+        """Admit a request, sharing its cached prefix but computing nothing; False if it does not fit."""
         request = Request(str(rid), tokens, SamplingParams(), max_tokens=1)
         reused = self.blocks.match_prefix(request)
         if not self.blocks.allocate(request, len(tokens)):
             self.blocks.free(request)
             return False
         self.blocks.record_prefix(request, reused)
-        for pos in range(reused, len(tokens)):  # "compute" the rest: the KV of a token is its id
-            self.kv[0][0, request.block_table[pos // BS], pos % BS] = tokens[pos]
-        request.num_computed_tokens = len(tokens)
-        # Shared and copied-on-write blocks must hold exactly this prompt's KV.
-        assert self._kv(request)[: len(tokens)].tolist() == tokens
-        self.blocks.publish(request)
         self.requests[rid] = request
+        self._check(request, reused)
         return True
 
+    def compute(self, rid: int, n: int | None = None) -> None:
+        """'Compute' the next ``n`` prompt tokens (default: all) and publish the blocks they fill. The KV of a
+        token is its id and a fingerprint of the whole prefix up to it, as real KV depends on every earlier
+        token."""
+        request = self.requests[rid]
+        tokens, done = request.token_ids, request.num_computed_tokens
+        end = len(tokens) if n is None else min(len(tokens), done + n)
+        fingerprints = prefix_fingerprints(tokens)
+        for pos in range(done, end):
+            self.kv[0][0, request.block_table[pos // BS], pos % BS] = torch.tensor(
+                [tokens[pos], fingerprints[pos]]
+            )
+        request.num_computed_tokens = end
+        self._check(request, end)
+        self.blocks.publish(request)
+
+    def _check(self, request: Request, n: int) -> None:
+        """Shared and copied-on-write blocks hold exactly this prompt's KV up to ``n``, prefix included."""
+        kv = self._kv(request)[:n]
+        assert kv[:, 0].tolist() == request.token_ids[:n], "a block of other tokens was shared"
+        assert kv[:, 1].tolist() == prefix_fingerprints(request.token_ids)[:n], (
+            "a block computed after another prefix was shared"
+        )
+
     def _kv(self, request: Request) -> torch.Tensor:
-        """The request's K values in position order, read through its block table."""
-        return self.kv[0][0, request.block_table, :, 0, 0].reshape(-1)
+        """The request's K values [positions, 2] in position order, read through its block table."""
+        return self.kv[0][0, request.block_table, :, 0].reshape(-1, 2)
 
     def finish(self, rid: int) -> None:
         self.blocks.free(self.requests.pop(rid))
@@ -152,7 +187,7 @@ def test_never_evicts_referenced_blocks_never_leaks(
     assert cache.num_cached == 0
 
 
-def scan_partial(cache: PrefixCache, parent: int | None, rest: list[int]) -> int:
+def scan_partial(cache: PrefixCache, parent: bytes, rest: list[int]) -> int:
     """The old admission path, kept as the oracle: scan every cached child of ``parent``."""
     children = [e for e in cache._entries.values() if e.parent == parent]
     shared = [
@@ -179,7 +214,7 @@ def test_prefix_index_finds_what_a_scan_of_every_cached_block_finds(prompts, que
             pool.finish(rid)
     for tokens in queries:
         m = cache.match(tokens)
-        parent = cache._entries[m.block_ids[-1]].key if m.block_ids else None
+        parent = cache._entries[m.block_ids[-1]].key if m.block_ids else cache.root
         rest = tokens[len(m.block_ids) * BS :]
         assert m.num_tokens - len(m.block_ids) * BS == scan_partial(cache, parent, rest)
         if m.copy_src is not None:  # the block it copies really holds those tokens
@@ -216,3 +251,103 @@ def test_an_admission_that_cannot_fit_makes_no_copy(monkeypatch) -> None:
     pool.check()
     pool.finish(1)
     assert pool.blocks.match_prefix(waiting, budget=64) == 6 and len(copies) == 1  # now it fits: one copy
+
+
+def parent_blind_key(parent: object, tokens: object) -> tuple:
+    """A chain key that ignores the parent: every block of the same tokens collides, wherever it sits."""
+    return ("collide", tuple(tokens))
+
+
+def test_a_key_collision_never_serves_another_prefix(monkeypatch) -> None:
+    monkeypatch.setattr(PrefixCache, "key", staticmethod(parent_blind_key))
+    cache = PrefixCache(BS)
+    pool = Pool(16, cache)
+    x, y, w, z = [1] * BS, [2] * BS, [3] * BS, [4] * BS
+    assert pool.add(0, x + z)  # caches block x (first)
+    assert pool.add(1, w + y)  # caches y after w
+    # x then y: its first block is cached, and y's key collides with the y cached after w. Reusing that
+    # block would attend w's KV (Pool.add checks); only x may be shared.
+    assert pool.add(2, x + y + [5])
+    assert pool.tables[2][0] == pool.tables[0][0] and cache.match(x + y + [5]).block_ids == [
+        pool.tables[0][0]
+    ]
+
+
+def test_a_colliding_block_ends_its_request_s_publishing(monkeypatch) -> None:
+    monkeypatch.setattr(PrefixCache, "key", staticmethod(parent_blind_key))
+    cache = PrefixCache(BS)
+    pool = Pool(16, cache)
+    x, y, w, z = [1] * BS, [2] * BS, [3] * BS, [4] * BS
+    assert pool.add(0, x + y + [9])
+    # w's y collides with x's y, so the z after it must not be published under that ambiguous key: a later
+    # x + y + z would take this z, computed after w.
+    assert pool.add(1, w + y + z + [9])
+    assert cache.num_cached == 3  # x, x's y, w: nothing after the collision
+    assert pool.add(2, x + y + z + [9])  # computes its own z
+
+
+def test_chain_keys_are_digests_from_a_random_root() -> None:
+    a, b = PrefixCache(BS), PrefixCache(BS)
+    assert a.root != b.root and len(a.root) == 32  # no guessable root, so no precomputed collisions
+    pa, pb = Pool(4, a), Pool(4, b)
+    pa.add(0, list(range(5)))
+    pb.add(0, list(range(5)))
+    (ka,), (kb,) = pa.requests[0].block_keys, pb.requests[0].block_keys
+    assert ka != kb and len(ka) == 32
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    prompts=st.lists(
+        st.lists(st.sampled_from([(0,) * BS, (1,) * BS, (0, 1, 0, 1)]), min_size=1, max_size=4).map(
+            lambda blocks: [t for b in blocks for t in b]
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    tails=st.lists(st.integers(0, 2), max_size=30),
+    keep=st.lists(st.booleans(), max_size=30),
+    num_blocks=st.integers(6, 20),
+)
+def test_shared_blocks_always_hold_the_whole_prefix(prompts, tails, keep, num_blocks) -> None:
+    """Prompts made of a few recurring blocks (the same block under many parents, where a chain key that
+    forgets the parent collides): every block the cache hands out holds KV computed after exactly the
+    asking prompt's prefix (Pool.add compares the prefix fingerprints of every position)."""
+    cache = PrefixCache(BS, min_copy_tokens=1)
+    pool = Pool(num_blocks, cache)
+    for rid, tokens in enumerate(prompts):
+        tokens = tokens + tails[rid : rid + 1]  # sometimes a partial last block
+        if pool.add(rid, tokens) and not (keep[rid] if rid < len(keep) else False):
+            pool.finish(rid)
+        pool.check()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("admit"), st.lists(st.sampled_from([(0,) * BS, (1,) * BS, (0, 1, 0, 1)]), max_size=4)
+            ),
+            st.tuples(st.just("compute"), st.integers(0, 9), st.integers(1, 3 * BS)),
+            st.tuples(st.just("finish"), st.integers(0, 9)),
+        ),
+        max_size=40,
+    ),
+    num_blocks=st.integers(6, 20),
+)
+def test_concurrent_prefills_share_only_blocks_of_their_own_prefix(ops, num_blocks) -> None:
+    """As the engine's chunked prefills: requests admitted before others publish, computed in pieces in any
+    order, so the same prefix is computed twice and blocks publish after duplicates. Every shared block still
+    holds KV of exactly the asking prompt's prefix (Pool checks at admission and after every piece)."""
+    cache = PrefixCache(BS, min_copy_tokens=1)
+    pool = Pool(num_blocks, cache)
+    for rid, op in enumerate(ops):
+        live = sorted(pool.requests)
+        if op[0] == "admit":
+            pool.admit(rid, [t for block in op[1] for t in block] + [rid % 3])
+        elif live and op[0] == "compute":
+            pool.compute(live[op[1] % len(live)], op[2])
+        elif live:
+            pool.finish(live[op[1] % len(live)])
+        pool.check()

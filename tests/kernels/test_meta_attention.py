@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshserve.kernels.meta_attention import paged_attention, plan_attention
-from meshserve.models.batch import BatchMetadata
+from meshserve.models.batch import PAD_BLOCK, BatchMetadata
 
 
 def build_batch(context: list[int], q_lens: list[int], block_size: int, seed: int):
@@ -30,15 +30,15 @@ def build_batch(context: list[int], q_lens: list[int], block_size: int, seed: in
         slot_mapping=torch.cat(slots),
         query_start_loc=torch.tensor(starts, dtype=torch.int32),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        block_tables=torch.tensor([t + [PAD_BLOCK] * (width - len(t)) for t in tables], dtype=torch.int32),
         logits_indices=torch.arange(starts[-1]),
     ), sum(need) + 3
 
 
 def shared_prefix_batch(block_size: int = 4) -> BatchMetadata:
     """Prefix caching: two sequences' tables point at the same two cached blocks (6, 2), then at their own;
-    3 and 6 new tokens after 8 cached ones (block tables padded with 0)."""
-    tables = torch.tensor([[6, 2, 9, 0], [6, 2, 4, 1]], dtype=torch.int32)
+    3 and 6 new tokens after 8 cached ones (block tables padded with PAD_BLOCK)."""
+    tables = torch.tensor([[6, 2, 9, PAD_BLOCK], [6, 2, 4, 1]], dtype=torch.int32)
     q_lens = torch.tensor([3, 6])
     pos = torch.cat([torch.arange(8, 11), torch.arange(8, 14)])
     seq_of = torch.repeat_interleave(torch.arange(2), q_lens)

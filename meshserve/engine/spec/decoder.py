@@ -35,6 +35,7 @@ class SpecDecoder:
         max_model_len: int,
         probs: ProbsFn,
         generator: torch.Generator,
+        max_num_seqs: int,
     ) -> None:
         self.config = config
         self.k = config.num_speculative_tokens
@@ -54,11 +55,22 @@ class SpecDecoder:
                     "speculative_config.model",
                     f"draft vocab_size {draft.config.vocab_size} differs from the target's {vocab_size}",
                 )
-            self.proposer = DraftModelProposer(draft, self.k, max_model_len, config.draft_confidence)
+            # A request drafts only while at most disable_by_batch_size run, and gives its slot back when it
+            # stops running: no more slots than that (and max_num_seqs) are ever held at once.
+            off = config.disable_by_batch_size
+            slots = max_num_seqs if off is None else max(1, min(off, max_num_seqs))
+            self.proposer = DraftModelProposer(
+                draft, self.k, max_model_len, config.draft_confidence, max_slots=slots
+            )
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [k, V] of its current drafts
         self.draft_tokens = 0
         self.accepted_tokens = 0
         self.verify_steps = 0
+
+    @property
+    def kv_bytes(self) -> int:
+        """Most bytes the proposer's own KV cache can take (the draft model's; 0 for n-gram lookup)."""
+        return self.proposer.kv_bytes if isinstance(self.proposer, DraftModelProposer) else 0
 
     def _generator(self, request: Request) -> torch.Generator:
         return request.generator if request.generator is not None else self.generator

@@ -35,12 +35,20 @@ class _Seq:
 class DraftModelProposer:
     """Proposes up to k tokens per request by running a small model autoregressively."""
 
-    def __init__(self, loaded, k: int, max_len: int, confidence: float | None = None) -> None:
+    def __init__(
+        self, loaded, k: int, max_len: int, confidence: float | None = None, max_slots: int | None = None
+    ) -> None:
         self.config = loaded.config
         self.k = k
         self.confidence = confidence
-        self.runner = DraftRunner(loaded.model, max_len)
+        self.runner = DraftRunner(loaded.model, max_len, max_slots=max_slots)
         self.seqs: dict[str, _Seq] = {}
+
+    @property
+    def kv_bytes(self) -> int:
+        """Most bytes the draft's KV cache can grow to (its ``max_slots`` slots; needs the bound)."""
+        runner = self.runner
+        return DraftRunner.slot_bytes(runner.model, runner.max_len) * runner.max_slots
 
     def remove(self, req_id: str) -> None:
         """Forget a finished, aborted or preempted request and free its KV slot."""

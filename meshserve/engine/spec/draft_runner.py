@@ -53,10 +53,12 @@ def _fold(weight: torch.Tensor, norm_scale: torch.Tensor) -> torch.Tensor:
 class DraftRunner:
     """Runs a DecoderLM on batches of (slot, start, tokens) against per-slot contiguous KV."""
 
-    def __init__(self, model: DecoderLM, max_len: int, slots: int = 4) -> None:
+    def __init__(self, model: DecoderLM, max_len: int, slots: int = 4, max_slots: int | None = None) -> None:
         cfg = model.config
         self.model = model
         self.max_len = max_len
+        self.max_slots = max_slots  # the cache never grows past this many slots (None: no bound)
+        slots = slots if max_slots is None else min(slots, max_slots)
         self.dtype = model.embed_tokens.weight.dtype
         self.kv = [self._cache(slots) for _ in range(cfg.num_layers)]
         self.free_slots = list(range(slots - 1, -1, -1))
@@ -92,16 +94,27 @@ class DraftRunner:
         cfg = self.model.config
         return torch.zeros(slots, 2 * cfg.num_kv_heads, self.max_len + 1, cfg.head_dim, dtype=self.dtype)
 
+    @staticmethod
+    def slot_bytes(model: DecoderLM, max_len: int) -> int:
+        """Bytes of one slot's K and V over all of the draft's layers (its scratch row included)."""
+        cfg = model.config
+        per_layer = 2 * cfg.num_kv_heads * (max_len + 1) * cfg.head_dim * model.embed_tokens.weight.itemsize
+        return cfg.num_layers * per_layer
+
     @property
     def num_slots(self) -> int:
         return self.kv[0].shape[0]
 
     def acquire(self) -> int:
-        """A free slot; the cache doubles when none is left (slots never outnumber the running requests)."""
+        """A free slot; the cache doubles when none is left, up to ``max_slots`` (slots never outnumber the
+        requests that may draft, which the engine's KV budget counts)."""
         if not self.free_slots:
             old = self.num_slots
-            self.kv = [torch.cat((cache, self._cache(old))) for cache in self.kv]
-            self.free_slots = list(range(2 * old - 1, old - 1, -1))
+            new = 2 * old if self.max_slots is None else min(2 * old, self.max_slots)
+            if new == old:
+                raise RuntimeError(f"all {old} draft KV slots are taken (max_slots): a slot was not released")
+            self.kv = [torch.cat((cache, self._cache(new - old))) for cache in self.kv]
+            self.free_slots = list(range(new - 1, old - 1, -1))
         return self.free_slots.pop()
 
     def release(self, slot: int) -> None:

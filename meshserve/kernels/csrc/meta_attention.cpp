@@ -20,6 +20,7 @@
 #include "decode_tile.h"
 #include "fast_exp.h"
 #include "prefill_tile.h"
+#include "task_table_checks.h"
 
 namespace meshserve {
 namespace {
@@ -213,6 +214,9 @@ void execute(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tab
              int64_t partial_rows, at::Tensor& out) {
   const Shapes s{q.size(1), cache.size(3), q.size(1) / cache.size(3), q.size(2),
                  cache.size(2), cache.size(1), tables.size(1)};
+  check_task_table(s, q.size(0), tables.size(0), tables.data_ptr<int32_t>(), tasks.data_ptr<int32_t>(),
+                   tasks.size(0), thread_starts.data_ptr<int64_t>(), thread_starts.size(0),
+                   combine.data_ptr<int32_t>(), combine.size(0), tree.numel(), partial_rows);
   auto part_acc = at::empty({std::max<int64_t>(partial_rows, 1), s.dim}, q.options().dtype(at::kFloat));
   auto part_ml = at::empty({std::max<int64_t>(partial_rows, 1), 2}, q.options().dtype(at::kFloat));
   const T* qp = q.data_ptr<T>();
@@ -247,6 +251,8 @@ at::Tensor meta_attention(const at::Tensor& q, const at::Tensor& kv_cache, const
   TORCH_CHECK(tasks.scalar_type() == at::kInt && tasks.dim() == 2 && tasks.size(1) == NCOLS, "tasks int32 [N,12]");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && combine.scalar_type() == at::kInt, "tables int32");
   TORCH_CHECK(thread_starts.scalar_type() == at::kLong && tree_mask.scalar_type() == at::kByte, "table dtypes");
+  TORCH_CHECK(block_tables.dim() == 2 && thread_starts.dim() == 1 && combine.dim() == 2 && combine.size(1) == 5,
+              "block_tables [S,max_blocks], thread_starts [threads+1], combine [C,5]");
   auto qc = q.contiguous();
   auto cache = kv_cache.contiguous();
   auto tables = block_tables.contiguous();
