@@ -65,3 +65,21 @@ def test_greedy_matches_transformers_with_prefix_cache_and_speculation(case):
     assert engine.blocks.prefix_cache.hit_tokens > 0
     assert engine.spec.draft_tokens > 0
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_longrope_prompt_past_the_original_context_matches_transformers(tiny_model_dir):
+    """A prompt longer than original_max_position_embeddings run in one step rotates with the long factors
+    throughout, as transformers does (prompts prefilled in chunks across that length do not: docs/models.md)."""
+    path = tiny_model_dir("phi3", original_max_position_embeddings=16)
+    hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    prompts = [SHARED + tail for tail in TAILS[1:]] + [SHARED + SHARED]
+    with torch.no_grad():
+        expected = [
+            hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
+    llm = LLM(str(path), max_num_batched_tokens=64, max_model_len=64, enable_prefix_caching=False)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    assert [o.token_ids for o in outputs] == expected
