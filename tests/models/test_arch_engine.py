@@ -69,7 +69,8 @@ def test_greedy_matches_transformers_with_prefix_cache_and_speculation(case):
 
 def test_longrope_prompt_past_the_original_context_matches_transformers(tiny_model_dir):
     """A prompt longer than original_max_position_embeddings run in one step rotates with the long factors
-    throughout, as transformers does (prompts prefilled in chunks across that length do not: docs/models.md)."""
+    throughout, as transformers does (a prompt prefilled in chunks across that length does not: see
+    docs/models.md)."""
     path = tiny_model_dir("phi3", original_max_position_embeddings=16)
     hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
     prompts = [SHARED + tail for tail in TAILS[1:]] + [SHARED + SHARED]

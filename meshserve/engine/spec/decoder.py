@@ -59,8 +59,8 @@ class SpecDecoder:
             if missing:
                 raise InputError(
                     "speculative_config.model",
-                    f"draft model {config.model} ({draft.config.arch}) uses {', '.join(missing)}, which the "
-                    "draft runner does not implement; use a Llama, Qwen or Mixtral-style draft, or method ngram",
+                    f"draft model {config.model} ({draft.config.arch}) uses {', '.join(missing)}, which "
+                    "the draft runner does not implement; use a Llama, Qwen or Mixtral-style draft, or ngram",
                 )
             self.proposer = DraftModelProposer(draft, self.k, max_model_len, config.draft_confidence)
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [k, V] of its current drafts
