@@ -78,6 +78,96 @@ ARCHS: dict[str, dict[str, Any]] = {
     },
 }
 
+_GEMMA = {
+    "head_dim": 16,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "query_pre_attn_scalar": 24,  # not head_dim, so a scale taken from head_dim shows
+    "sliding_window": 8,
+    "tie_word_embeddings": True,
+    "pad_token_id": 0,
+}
+ARCHS.update(
+    {
+        "llama3": {  # Llama 3.1+: llama3 rope scaling (an original context small enough to matter here)
+            **ARCHS["llama"],
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "rope_theta": 500000.0,
+        },
+        "mistral": {
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            "head_dim": 24,  # explicit and not hidden / heads, as Mistral-Nemo saves it
+            "sliding_window": None,
+        },
+        "qwen3": {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "head_dim": 16,
+            "attention_bias": False,
+            "use_sliding_window": False,
+        },
+        "gemma2": {
+            "architectures": ["Gemma2ForCausalLM"],
+            "model_type": "gemma2",
+            **_GEMMA,
+            "attn_logit_softcapping": 5.0,  # small caps: the tiny model's scores and logits reach them
+            "final_logit_softcapping": 10.0,
+        },
+        "gemma3": {
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            **_GEMMA,
+            "sliding_window_pattern": 2,  # layer 0 slides, layer 1 is global
+            "rope_theta": 1000000.0,
+            "rope_local_base_freq": 10000.0,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            "attn_logit_softcapping": None,
+            "final_logit_softcapping": None,
+        },
+        "phi3": {  # Phi-4-mini's shape: partial rotary and LongRoPE
+            "architectures": ["Phi3ForCausalLM"],
+            "model_type": "phi3",
+            "partial_rotary_factor": 0.75,
+            "original_max_position_embeddings": 32,
+            "rope_scaling": {
+                "type": "longrope",
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+            },
+            "sliding_window": None,
+            "pad_token_id": 0,
+        },
+        "olmoe": {
+            "architectures": ["OlmoeForCausalLM"],
+            "model_type": "olmoe",
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "intermediate_size": 64,
+            "norm_topk_prob": False,
+            "clip_qkv": None,
+            "pad_token_id": 0,
+        },
+        "granitemoe": {  # granite-3.0-1b-a400m's multipliers
+            "architectures": ["GraniteMoeForCausalLM"],
+            "model_type": "granitemoe",
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "intermediate_size": 64,
+            "embedding_multiplier": 12.0,
+            "residual_multiplier": 0.22,
+            "attention_multiplier": 0.015625,
+            "logits_scaling": 6.0,
+        },
+    }
+)
+
 # Text the byte-level BPE learns its merges from (any fixed text works; this one is about the project).
 _CORPUS = """meshserve serves large language models. Every step packs prefill chunks, decode tokens and
 verify tokens of many requests into one token budget, runs one forward pass over the flat batch, and
@@ -102,26 +192,45 @@ def _tensor_shapes(cfg: dict[str, Any], arch: str) -> dict[str, tuple[int, ...]]
     def mlp(
         prefix: str, width: int, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     ) -> None:
-        shapes[f"{prefix}.{names[0]}.weight"] = (width, h)
-        shapes[f"{prefix}.{names[1]}.weight"] = (width, h)
+        if arch == "phi3":  # Phi-3 checkpoints hold gate and up fused
+            shapes[f"{prefix}.gate_up_proj.weight"] = (2 * width, h)
+        else:
+            shapes[f"{prefix}.{names[0]}.weight"] = (width, h)
+            shapes[f"{prefix}.{names[1]}.weight"] = (width, h)
         shapes[f"{prefix}.{names[2]}.weight"] = (h, width)
 
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}"
         shapes[f"{p}.input_layernorm.weight"] = shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
-        for name, size in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+        if arch.startswith("gemma"):
+            shapes[f"{p}.pre_feedforward_layernorm.weight"] = (h,)
+            shapes[f"{p}.post_feedforward_layernorm.weight"] = (h,)
+        if arch == "phi3":
+            shapes[f"{p}.self_attn.qkv_proj.weight"] = (q + 2 * kv, h)
+        for name, size in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)) if arch != "phi3" else ():
             shapes[f"{p}.self_attn.{name}.weight"] = (size, h)
             if qkv_bias:
                 shapes[f"{p}.self_attn.{name}.bias"] = (size,)
         shapes[f"{p}.self_attn.o_proj.weight"] = (h, q)
         if cfg.get("attention_bias", False):
             shapes[f"{p}.self_attn.o_proj.bias"] = (h,)
-        if arch == "qwen3_moe":
+        if arch in ("qwen3_moe", "qwen3", "gemma3"):
             shapes[f"{p}.self_attn.q_norm.weight"] = shapes[f"{p}.self_attn.k_norm.weight"] = (d,)
+        if arch == "olmoe":  # one norm over all heads
+            shapes[f"{p}.self_attn.q_norm.weight"], shapes[f"{p}.self_attn.k_norm.weight"] = (q,), (kv,)
         if arch == "mixtral":
             shapes[f"{p}.block_sparse_moe.gate.weight"] = (cfg["num_local_experts"], h)
             for e in range(cfg["num_local_experts"]):
                 mlp(f"{p}.block_sparse_moe.experts.{e}", inter, ("w1", "w3", "w2"))
+        elif arch == "granitemoe":  # experts stacked, [gate; up] in one
+            e = cfg["num_local_experts"]
+            shapes[f"{p}.block_sparse_moe.router.layer.weight"] = (e, h)
+            shapes[f"{p}.block_sparse_moe.input_linear.weight"] = (e, 2 * inter, h)
+            shapes[f"{p}.block_sparse_moe.output_linear.weight"] = (e, h, inter)
+        elif arch == "olmoe":
+            shapes[f"{p}.mlp.gate.weight"] = (cfg["num_experts"], h)
+            for e in range(cfg["num_experts"]):
+                mlp(f"{p}.mlp.experts.{e}", inter)
         elif arch in ("qwen2_moe", "qwen3_moe") and _is_moe_layer(cfg, i):
             shapes[f"{p}.mlp.gate.weight"] = (cfg["num_experts"], h)
             for e in range(cfg["num_experts"]):
@@ -180,6 +289,8 @@ def make_tiny_model(
     path.mkdir(parents=True, exist_ok=True)
 
     tensors = _random_tensors(_tensor_shapes(cfg, arch), seed, getattr(torch, dtype))
+    if arch.startswith("gemma"):  # Gemma stores each norm's scale minus one
+        tensors = {n: t - 1 if n.endswith("norm.weight") else t for n, t in tensors.items()}
     names = list(tensors)
     num_shards = max(1, min(num_shards, len(names)))
     if num_shards == 1:

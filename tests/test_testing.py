@@ -20,7 +20,8 @@ def test_transformers_loads_every_architecture(arch, tmp_path):
     path = make_tiny_model(tmp_path / arch, arch=arch)
     assert FILES | {"model.safetensors"} <= {p.name for p in path.iterdir()}
     config = json.loads((path / "config.json").read_text())
-    assert config["model_type"] == arch and config["architectures"] == ARCHS[arch]["architectures"]
+    assert config["model_type"] == ARCHS[arch]["model_type"]
+    assert config["architectures"] == ARCHS[arch]["architectures"]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ours = load_model(path)
     assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.model.parameters())

@@ -77,9 +77,20 @@ def plan_step(
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, plan: StepPlan, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    plan: StepPlan,
+    scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Write this step's K/V into the layer's cache and attend: q [T, heads, D] -> [T, heads, D]."""
+    """Write this step's K/V into the layer's cache and attend: q [T, heads, D] -> [T, heads, D].
+    Score soft-capping (Gemma 2) runs in the torch path only: plan such a model with backend="reference"."""
+    if softcap is not None and not isinstance(plan, AttentionPlan):
+        raise ValueError(
+            "attention soft-capping needs the reference plan (the native and Triton ops lack it)"
+        )
     if isinstance(plan, TritonPlan):
         from meshserve.kernels.triton_attention import prepare, triton_attention  # imports triton: only here
 
@@ -88,4 +99,4 @@ def attend(
         return triton_attention(q, k, v, kv_cache, plan.on_device, scale)
     if isinstance(plan, TaskTable):
         return meta_attention(q, k, v, kv_cache, plan, scale)
-    return paged_attention(q, k, v, kv_cache, plan, scale)
+    return paged_attention(q, k, v, kv_cache, plan, scale, softcap)

@@ -121,7 +121,9 @@ def _gather_heads(cache: torch.Tensor, g: TileGroup) -> torch.Tensor:
     return torch.index_select(cache.reshape(-1, head_dim), 0, g.head_rows).view(s, kv_heads, m, head_dim)
 
 
-def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, g: TileGroup, scale: float) -> torch.Tensor:
+def _attend_group(
+    q: torch.Tensor, kv_cache: torch.Tensor, g: TileGroup, scale: float, softcap: float | None = None
+) -> torch.Tensor:
     """Masked softmax(QK^T)V for one tile group; returns [S*Q, heads, head_dim] tile rows."""
     kv_heads, head_dim = kv_cache.shape[-2:]
     s, qn = g.gather_rows.shape
@@ -132,6 +134,8 @@ def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, g: TileGroup, scale: 
     qt = q[g.gather_rows].view(s, qn, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     qt = qt.reshape(s, kv_heads, group * qn, head_dim)
     scores = torch.matmul(qt, keys.transpose(2, 3)) * scale  # [S, KV, G*Q, M]
+    if softcap is not None:  # Gemma 2's logit soft-capping, before the mask as transformers does it
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.view(s, kv_heads, group, qn, -1).masked_fill(~g.mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs.view(s, kv_heads, group * qn, -1), values)
@@ -145,11 +149,13 @@ def paged_attention(
     kv_cache: torch.Tensor,
     plan: AttentionPlan,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Write k/v [T, kv_heads, D] into the layer's cache, then attend q [T, heads, D] -> [T, heads, D]."""
+    """Write k/v [T, kv_heads, D] into the layer's cache, then attend q [T, heads, D] -> [T, heads, D];
+    softcap: scores become softcap * tanh(scores / softcap)."""
     write_kv(k, v, kv_cache, plan.slot_mapping)
     out = q.new_zeros(q.shape)
     for group in plan.groups:
-        rows = _attend_group(q, kv_cache, group, scale)
+        rows = _attend_group(q, kv_cache, group, scale, softcap)
         out[group.out_rows] = rows[group.out_select]
     return out

@@ -1,4 +1,5 @@
-"""Hugging Face-format models (Llama, Qwen2, Mixtral, Qwen2-MoE, Qwen3-MoE) over flat batches and paged KV."""
+"""Hugging Face-format models (registry.ARCHITECTURES: Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, and the MoE
+families Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE) over flat batches and paged KV."""
 
 from meshserve.models.batch import BatchMetadata
 from meshserve.models.config import ModelConfig

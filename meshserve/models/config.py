@@ -50,6 +50,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False
+    qk_norm_per_head: bool = True  # False: one norm over all heads' q (and k) at once (OLMoE)
     moe_layers: list[int] = field(default_factory=list)
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
@@ -57,6 +58,20 @@ class ModelConfig:
     # Sampling defaults from generation_config.json (SamplingParams names), used when a request omits them.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     layer_windows: list[int | None] = field(default_factory=list)  # sliding window per layer; None: full
+    # Family options (the defaults are Llama's): see the arch file that sets each.
+    hidden_act: str = "silu"
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores weight - 1
+    partial_rotary_factor: float = 1.0  # rotary on the first fraction of each head (Phi-4-mini)
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # cap * tanh(score / cap) before the softmax (Gemma 2)
+    final_logit_softcap: float | None = None  # the same on the logits (Gemma 2)
+    clip_qkv: float | None = None  # q, k and v clamped to [-clip, clip] (OLMoE)
+    embedding_scale: float = 1.0  # embeddings times this (Gemma: sqrt(hidden); Granite: its multiplier)
+    residual_scale: float = 1.0  # each block's output times this before the residual add (Granite)
+    logits_scale: float = 1.0  # logits divided by this (Granite's logits_scaling)
+    sandwich_norms: bool = False  # Gemma: norms after attention and MLP outputs too, and before the MLP
+    # Sliding layers' own rope (Gemma 3: rope_local_base_freq, no scaling); None: every layer shares one.
+    local_rope_theta: float | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -140,14 +155,35 @@ def flag(hf: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """rope_theta and rope_scaling from either the classic fields or transformers v5 `rope_parameters`."""
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+
+def activation(hf: dict[str, Any], key: str) -> str:
+    """The MLP's activation: SiLU (Llama and most) or the tanh-approximated GELU (Gemma)."""
+    act = hf.get(key) or "silu"
+    if act not in ACTIVATIONS:
+        raise InputError(
+            f"config.json:{key}", f"unsupported activation {act!r}; allowed: {', '.join(ACTIVATIONS)}"
+        )
+    return act
+
+
+def optional_real(hf: dict[str, Any], key: str) -> float | None:
+    """A finite float > 0, or None when the field is absent or null (an option that is off)."""
+    return None if hf.get(key) is None else positive_real(hf, key, 1.0)
+
+
+def rope(hf: dict[str, Any], layer_type: str = "full_attention") -> tuple[float, dict[str, Any] | None]:
+    """rope_theta and rope_scaling from either the classic fields or transformers v5 `rope_parameters`
+    (which Gemma 3 nests per layer type: `layer_type` picks one)."""
     params = hf.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get(layer_type), dict):
+        params = params[layer_type]
     if isinstance(params, dict):
         theta = positive_real(
             params, "rope_theta", positive_real(hf, "rope_theta", 10000.0), "config.json:rope_parameters"
         )
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
     else:
         theta = positive_real(hf, "rope_theta", 10000.0)
         scaling = hf.get("rope_scaling")
@@ -159,6 +195,18 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         if scaling["rope_type"] == "default":
             scaling = None
     return theta, scaling or None
+
+
+def _partial_rotary(hf: dict[str, Any]) -> float:
+    """The rotated fraction of each head: top level (classic) or in rope_parameters (transformers v5)."""
+    params = hf.get("rope_parameters")
+    inner = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    value = hf.get("partial_rotary_factor", inner)
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise InputError("config.json:partial_rotary_factor", f"must be in (0, 1], got {value!r}")
+    return float(value)
 
 
 def _token_ids(value: Any, field: str, vocab_size: int) -> list[int]:
@@ -187,10 +235,8 @@ def parse_config(
     if head_dim <= 0:
         raise InputError("config.json:num_attention_heads", f"must be <= hidden_size ({hidden}), got {heads}")
     num_layers = positive(hf, "num_hidden_layers")
-    theta, scaling = _rope(hf)
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise InputError("config.json:hidden_act", f"unsupported activation {act!r}; allowed: silu")
+    theta, scaling = rope(hf)
+    act = activation(hf, "hidden_act")
     max_pos = positive(hf, "max_position_embeddings", 2048)
     vocab = positive(hf, "vocab_size")
 
@@ -222,16 +268,31 @@ def parse_config(
         rope_scaling=scaling,
         tie_word_embeddings=flag(hf, "tie_word_embeddings", False),
         generation_defaults=generation_defaults(generation),
+        hidden_act=act,
+        partial_rotary_factor=_partial_rotary(hf),
     )
+    rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+    if rotary_dim % 2:
+        raise InputError("config.json:partial_rotary_factor", f"gives an odd rotary width {rotary_dim}")
     cfg.layer_windows = _sliding_windows(hf, arch, num_layers)
     return cfg
+
+
+# Families whose configs have no use_sliding_window: a sliding_window alone turns the window on.
+SLIDE_WITHOUT_FLAG = {
+    "MixtralForCausalLM",
+    "MistralForCausalLM",
+    "Phi3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+}
 
 
 def _sliding_windows(hf: dict[str, Any], arch: str, num_layers: int) -> list[int | None]:
     """Each layer's sliding window (None: full attention). config.json's `layer_types` decides which layers
     slide when present; otherwise every layer does (arch files narrow that to their own rule)."""
     window = hf.get("sliding_window")
-    if not flag(hf, "use_sliding_window", arch == "MixtralForCausalLM") or window is None:
+    if not flag(hf, "use_sliding_window", arch in SLIDE_WITHOUT_FLAG) or window is None:
         return [None] * num_layers
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
         raise InputError("config.json:sliding_window", f"must be a positive integer or null, got {window!r}")

@@ -28,14 +28,22 @@ class DecoderLayer(nn.Module):
 
     Each residual add is fused with the norm that reads its sum: the attention add with this layer's
     post-attention norm, the MLP add with the next layer's input norm (or the final norm), so the forward
-    passes (x, norm(x)) from layer to layer.
+    passes (x, norm(x)) from layer to layer. Gemma's sandwich adds a norm on each block's output (its
+    post_attention_layernorm; the MLP's input norm is then pre_feedforward_layernorm); Granite scales
+    each block's output before the add.
     """
 
     def __init__(self, cfg: ModelConfig, mlp: nn.Module, window: int | None = None) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        eps, offset = cfg.rms_norm_eps, cfg.norm_offset
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
         self.self_attn = Attention(cfg, window)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
+        self.sandwich = cfg.sandwich_norms
+        self.residual_scale = cfg.residual_scale
         self.mlp = mlp
         self.dense_mlp = isinstance(mlp, GatedMLP)  # takes and gives float32 around float32 GEMMs
 
@@ -51,9 +59,23 @@ class DecoderLayer(nn.Module):
         """x: the residual stream, h = input_layernorm(x); returns (x', next_norm(x')), the latter in
         float32 when next_f32 (its consumer runs a float32 GEMM)."""
         mlp_f32 = self.dense_mlp and self.mlp.gate_up_proj.wants_f32(x.shape[0])
-        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, kv_cache, step), mlp_f32)
+        attn = self._block_out(self.self_attn(h, kv_cache, step), x.dtype, self.post_attention_layernorm)
+        mlp_norm = self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm
+        x, h = mlp_norm.add_forward(x, attn, mlp_f32)
         out = self.mlp(h, out_f32=True) if self.dense_mlp else self.mlp(h)
+        out = self._block_out(out, x.dtype, self.post_feedforward_layernorm if self.sandwich else None)
         return next_norm.add_forward(x, out, next_f32)
+
+    def _block_out(
+        self, out: torch.Tensor, dtype: torch.dtype, sandwich_norm: RMSNorm | None
+    ) -> torch.Tensor:
+        """A block's output as the residual add takes it: Gemma's output norm, Granite's multiplier, each
+        on the model-dtype value as transformers computes them (plain blocks pass through unrounded)."""
+        if self.sandwich:
+            out = sandwich_norm(out.to(dtype))
+        if self.residual_scale != 1.0:
+            out = out.to(dtype) * self.residual_scale
+        return out
 
 
 class DecoderLM(nn.Module):
@@ -74,14 +96,20 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
         self.rotary = RotaryEmbedding(
-            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+            rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+        )
+        self.rotary_local = (
+            None
+            if cfg.local_rope_theta is None
+            else RotaryEmbedding(rotary_dim, cfg.local_rope_theta, None, cfg.max_position_embeddings)
         )
         windows = cfg.layer_windows or [None] * cfg.num_layers
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, self.make_mlp(cfg, i), windows[i]) for i in range(cfg.num_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.lm_head = SmoothLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:  # one parameter: named_parameters (and loading) see embed_tokens only
             self.lm_head.weight = self.embed_tokens.weight
@@ -92,8 +120,8 @@ class DecoderLM(nn.Module):
         """Read the architecture's own config.json fields into cfg (dense defaults: nothing to add)."""
 
     def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
-        """The MLP of one layer; dense SiLU-gated by default."""
-        return GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        """The MLP of one layer; dense gated (SiLU unless config.json says otherwise) by default."""
+        return GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
     @torch.inference_mode()
     def forward(
@@ -101,9 +129,14 @@ class DecoderLM(nn.Module):
     ) -> torch.Tensor:
         """Run T flat tokens; returns final-normed hidden states [T, hidden]. Writes K/V into kv_caches."""
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(meta.positions, x.dtype)
-        cache = kv_caches[0]
         cfg = self.config
+        if cfg.embedding_scale != 1.0:
+            x = x * cfg.embedding_scale
+        cos, sin = self.rotary(meta.positions, x.dtype, self._context_lens(meta))
+        local = None if self.rotary_local is None else self.rotary_local(meta.positions, x.dtype)
+        cache = kv_caches[0]
+        # Soft-capped scores run in the torch path only (the native and Triton ops have no soft-capping).
+        backend = "reference" if cfg.attn_logit_softcap else attention_backend(cache.device, cache.dtype)
         windows = {layer.self_attn.window for layer in self.layers}
         plans = plan_step(
             meta,
@@ -113,9 +146,9 @@ class DecoderLM(nn.Module):
             cfg.head_dim,
             cache.dtype,
             windows,
-            backend=attention_backend(cache.device, cache.dtype),
+            backend=backend,
         )
-        step = StepInputs(cos, sin, plans)
+        step = StepInputs(cos, sin, plans, local)
         t = x.shape[0]
         f32 = [layer.self_attn.qkv_proj.wants_f32(t) for layer in self.layers] + [False]
         h = self.layers[0].input_layernorm(x, f32[0])
@@ -124,10 +157,28 @@ class DecoderLM(nn.Module):
             x, h = layer(x, h, kv_cache, step, next_norms[i], f32[i + 1])
         return h
 
+    def _context_lens(self, meta: BatchMetadata) -> torch.Tensor | None:
+        """The sequence length LongRoPE picks each token's frequencies by, as transformers sees it: a whole
+        prompt run from position 0 at once counts its full length; any other token (a decode, a verify, a
+        later chunk) its own position + 1, the length transformers had when it generated that token."""
+        if self.rotary.long_from is None:
+            return None
+        q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
+        whole = torch.where(meta.seq_lens.long() == q_lens, meta.seq_lens.long(), 0)
+        whole = torch.repeat_interleave(whole, q_lens, output_size=meta.num_tokens)
+        return torch.maximum(whole, meta.positions + 1)
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [N, vocab] in float32 for hidden rows [N, hidden]."""
-        return self.lm_head(hidden).float()
+        """Logits [N, vocab] in float32 for hidden rows [N, hidden] (Granite's scaling and Gemma 2's
+        soft-capping on the model-dtype logits, as transformers applies them)."""
+        cfg = self.config
+        logits = self.lm_head(hidden)
+        if cfg.logits_scale != 1.0:
+            logits = logits / cfg.logits_scale
+        if cfg.final_logit_softcap is not None:
+            logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        return logits.float()
 
     def prepare_gemms(self, table: GemmTable, max_tokens: int) -> None:
         """Hand every linear layer its SmoothGEMM choices for M = 0..max_tokens and prepack its weights."""

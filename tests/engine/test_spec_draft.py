@@ -125,6 +125,22 @@ def test_draft_with_another_vocabulary_is_refused(tiny_model_dir):
     assert err.value.field == "speculative_config.model" and "600" in err.value.message
 
 
+@pytest.mark.parametrize(
+    ("arch", "named"),
+    [("phi3", "partial_rotary_factor"), ("olmoe", "qk_norm_per_head"), ("gemma2", "norm_offset")],
+)
+def test_a_draft_the_lean_runner_cannot_run_is_refused(arch, named, tiny_model_dir):
+    """Phi-4-mini's partial rotary and OLMoE's full-width q/k norm crashed the draft's forward mid-serve;
+    Gemma's norms and GELU silently ran as Llama's. Each is refused up front, naming what is missing."""
+    from meshserve.engine import LLM
+    from meshserve.errors import InputError
+
+    spec = {"method": "draft_model", "model": str(tiny_model_dir(arch))}
+    with pytest.raises(InputError) as err:
+        LLM(str(tiny_model_dir(arch)), speculative_config=spec, max_model_len=64)
+    assert err.value.field == "speculative_config.model" and named in err.value.message
+
+
 def test_a_confidence_threshold_stops_drafting_at_the_first_unsure_token(draft) -> None:
     ctx = list(range(40, 57))
     full, _ = DraftModelProposer(draft, k=4, max_len=64).propose(["r"], [ctx], [4], [True], [None], _softmax)

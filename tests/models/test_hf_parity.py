@@ -19,6 +19,15 @@ CASES = {
     # Windows shorter than the prompts: Mixtral slides in every layer, Qwen2 from max_window_layers on.
     "mixtral_window": ("mixtral", {"sliding_window": 5}),
     "qwen2_window": ("qwen2", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),
+    # The families of tests/models/test_arch_engine.py, logits row by row (windows of 8 in Gemma's sliding
+    # layers; Phi-3's prompts stay within its 32-token original context, decodes reach it).
+    "qwen3": ("qwen3", {}),
+    "mistral_window": ("mistral", {"sliding_window": 5}),
+    "gemma2": ("gemma2", {}),
+    "gemma3": ("gemma3", {}),
+    "phi3": ("phi3", {}),
+    "olmoe_clip": ("olmoe", {"clip_qkv": 0.9}),
+    "granitemoe": ("granitemoe", {}),
     "llama_tied_rope": (
         "llama",
         {

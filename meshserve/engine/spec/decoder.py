@@ -15,6 +15,7 @@ import torch
 from meshserve.engine.request import Request
 from meshserve.engine.spec.config import SpecConfig
 from meshserve.engine.spec.draft import DraftModelProposer
+from meshserve.engine.spec.draft_runner import unsupported_options
 from meshserve.engine.spec.ngram import NgramProposer
 from meshserve.engine.spec.verify import verify, verify_greedy
 from meshserve.errors import InputError
@@ -54,6 +55,13 @@ class SpecDecoder:
                 raise InputError(
                     "speculative_config.model",
                     f"draft vocab_size {draft.config.vocab_size} differs from the target's {vocab_size}",
+                )
+            missing = unsupported_options(draft.config)
+            if missing:
+                raise InputError(
+                    "speculative_config.model",
+                    f"draft model {config.model} ({draft.config.arch}) uses {', '.join(missing)}, which "
+                    "the draft runner does not implement; use a Llama, Qwen or Mixtral-style draft, or ngram",
                 )
             # A request drafts only while at most disable_by_batch_size run, and gives its slot back when it
             # stops running: no more slots than that (and max_num_seqs) are ever held at once.

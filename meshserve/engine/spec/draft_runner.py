@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshserve.models.config import ModelConfig
 from meshserve.models.decoder import DecoderLM
 from meshserve.models.layers.attention import Attention
 from meshserve.models.layers.mlp import GatedMLP
@@ -42,6 +43,28 @@ class _Layer(NamedTuple):
     attn: Attention
     mlp: nn.Module
     mlp_norm: torch.Tensor
+
+
+# ModelConfig options the lean forward below leaves out, each with the value that means "off".
+UNSUPPORTED = {
+    "norm_offset": 0.0,
+    "sandwich_norms": False,
+    "hidden_act": "silu",
+    "partial_rotary_factor": 1.0,
+    "qk_norm_per_head": True,
+    "clip_qkv": None,
+    "attn_logit_softcap": None,
+    "final_logit_softcap": None,
+    "embedding_scale": 1.0,
+    "residual_scale": 1.0,
+    "logits_scale": 1.0,
+    "local_rope_theta": None,
+}
+
+
+def unsupported_options(cfg: ModelConfig) -> list[str]:
+    """The options of `cfg` this runner cannot run (a Gemma, Phi-4-mini, OLMoE or Granite draft)."""
+    return [name for name, off in UNSUPPORTED.items() if getattr(cfg, name) != off]
 
 
 def _fold(weight: torch.Tensor, norm_scale: torch.Tensor) -> torch.Tensor:

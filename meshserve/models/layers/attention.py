@@ -16,12 +16,13 @@ from meshserve.models.layers.norm import RMSNorm
 
 @dataclass
 class StepInputs:
-    """What every layer of one forward shares: rotary cos/sin [T, head_dim] and one attention plan per
-    sliding window (None: full attention)."""
+    """What every layer of one forward shares: rotary cos/sin [T, rotary_dim] and one attention plan per
+    sliding window (None: full attention); `local`: the sliding layers' own cos/sin (Gemma 3), if any."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     plans: dict[int | None, StepPlan]
+    local: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Attention(nn.Module):
@@ -35,21 +36,49 @@ class Attention(nn.Module):
         self.split = (q_size, kv_size, kv_size)
         self.qkv_proj = SmoothLinear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
         self.o_proj = SmoothLinear(q_size, cfg.hidden_size, bias=cfg.o_bias)
-        # Qwen3 normalises each head's q and k before rotary.
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.scale = cfg.head_dim**-0.5
+        # Qwen3 and Gemma 3 normalise each head's q and k before rotary; OLMoE all heads' q (and k) at once.
+        per_head = cfg.qk_norm_per_head
+        q_norm, k_norm = (cfg.head_dim, cfg.head_dim) if per_head else (q_size, kv_size)
+        self.q_norm = RMSNorm(q_norm, cfg.rms_norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_norm, cfg.rms_norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.norm_per_head = per_head
+        self.clip = cfg.clip_qkv
+        self.rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+        self.local_rope = window is not None and cfg.local_rope_theta is not None
+        self.scale = cfg.head_dim**-0.5 if cfg.attention_scale is None else cfg.attention_scale
+        self.softcap = cfg.attn_logit_softcap
+        # The fused rotary op rotates whole heads of an unnormalised, unclipped qkv row.
+        self.fused_rotary = not cfg.qk_norm and self.clip is None and self.rotary_dim == cfg.head_dim
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, step: StepInputs) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x, out_f32=True)  # float32 only from a float32 GEMM; rotary rounds it
-        if self.q_norm is None:
-            q, k, v = rotary_qkv(qkv, step.cos, step.sin, self.num_heads, self.num_kv_heads, self.head_dim)
-        else:  # Qwen3: per-head norm between the projection and rotary
-            q, k, v = qkv.to(step.cos.dtype).split(self.split, dim=-1)
-            q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
-            k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
-            q, k = rotary_reference(q, step.cos, step.sin), rotary_reference(k, step.cos, step.sin)
-            v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = attend(q, k, v, kv_cache, step.plans[self.window], self.scale)
+        cos, sin = step.local if self.local_rope else (step.cos, step.sin)
+        if self.fused_rotary:
+            q, k, v = rotary_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
+        else:
+            q, k, v = self._qkv(qkv.to(cos.dtype), cos, sin)
+        out = attend(q, k, v, kv_cache, step.plans[self.window], self.scale, self.softcap)
         return self.o_proj(out.reshape(t, -1), out_f32=True)  # the residual add rounds it
+
+    def _qkv(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v with the family's q/k norm, clipping and (partial) rotary, in transformers' order."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split(self.split, dim=-1)
+        if self.q_norm is not None and not self.norm_per_head:  # OLMoE: before the head split
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (y.clamp(-self.clip, self.clip) for y in (q, k, v))
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v.reshape(t, self.num_kv_heads, -1)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.rotary_dim == self.head_dim:
+            return rotary_reference(x, cos, sin)
+        d = self.rotary_dim  # Phi-4-mini: the rest of each head passes through
+        return torch.cat((rotary_reference(x[..., :d], cos, sin), x[..., d:]), dim=-1)

@@ -1,4 +1,4 @@
-"""Rotary position embedding (RoPE) with the rope_scaling types Llama / Qwen / Mixtral configs use.
+"""Rotary position embedding (RoPE) with the rope_scaling types Llama / Qwen / Mixtral / Phi-3 configs use.
 
 Frequencies follow transformers' `modeling_rope_utils` so positions rotate identically on both sides.
 """
@@ -13,7 +13,7 @@ from torch import nn
 
 from meshserve.errors import InputError
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
@@ -57,10 +57,28 @@ def _yarn(dim: int, base: float, s: dict[str, Any], max_pos: int) -> tuple[torch
     return inv_freq, float(attention_factor)
 
 
-def rope_frequencies(
-    head_dim: int, theta: float, scaling: dict[str, Any] | None, max_pos: int
+def _longrope(
+    dim: int, base: float, s: dict[str, Any], max_pos: int, long: bool
 ) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [head_dim/2] and the cos/sin scale factor for one rope configuration."""
+    """Phi-3's LongRoPE: per-frequency divisors (short_factor within the original context, long_factor
+    past it) and sqrt(1 + log(factor) / log(original)) on cos/sin, as transformers computes them."""
+    original = s["original_max_position_embeddings"]
+    factors = s["long_factor" if long else "short_factor"]
+    if not isinstance(factors, list) or len(factors) != dim // 2:
+        raise ValueError(f"long_factor / short_factor need {dim // 2} numbers each")
+    factor = s.get("factor") or max_pos / original
+    scale = s.get("attention_factor")
+    if scale is None:
+        scale = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    shape = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32, device="cpu") * base**shape), float(scale)
+
+
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: dict[str, Any] | None, max_pos: int, long: bool = False
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim/2] and the cos/sin scale factor for one rope configuration (`long`:
+    LongRoPE's frequencies past the original context)."""
     kind = (scaling or {}).get("rope_type", "default")
     if kind not in ROPE_TYPES:
         allowed = ", ".join(ROPE_TYPES)
@@ -74,6 +92,8 @@ def rope_frequencies(
             inv_freq, scale = _llama3(inv_freq, scaling), 1.0
         elif kind == "yarn":
             inv_freq, scale = _yarn(head_dim, theta, scaling, max_pos)
+        elif kind == "longrope":
+            inv_freq, scale = _longrope(head_dim, theta, scaling, max_pos, long)
         else:  # "dynamic" NTK only changes frequencies beyond max_position_embeddings, never reached here
             scale = 1.0
     except KeyError as missing:
@@ -94,27 +114,55 @@ class RotaryEmbedding(nn.Module):
     The rows come from a table over positions 0..n-1 (grown by doubling when a step reaches past it), so a
     step gathers rows instead of recomputing cos and sin; the table's values are the same elementwise
     float32 products and roundings a direct computation would give.
+
+    LongRoPE rotates a token with its long frequencies when its sequence, this step included, is longer than
+    original_max_position_embeddings, else with the short ones: transformers' rule for a whole prompt and
+    for each generated token. (A prompt prefilled in chunks across that length keeps its early chunks'
+    short rotation in the cache, where transformers would rotate the whole prompt the long way.)
     """
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_pos: int) -> None:
         super().__init__()
         inv_freq, self.scale = rope_frequencies(head_dim, theta, scaling, max_pos)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Float32 CPU copies the tables read (a model-wide .to(bfloat16) would round a buffer).
+        self._freqs = inv_freq.clone()
+        self.long_from: int | None = None
+        if (scaling or {}).get("rope_type") == "longrope":
+            self.long_from = scaling["original_max_position_embeddings"]
+            self._long_freqs, _ = rope_frequencies(head_dim, theta, scaling, max_pos, long=True)
+        self._tables: dict[tuple[torch.dtype, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def compute(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [T, head_dim] for positions [T], computed directly."""
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
+    def compute(
+        self, positions: torch.Tensor, dtype: torch.dtype, long: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, rotary_dim] for positions [T], computed directly (`long`: LongRoPE's long set)."""
+        inv_freq = self._long_freqs if long else self._freqs
+        freqs = positions[:, None].float() * inv_freq.to(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if positions.numel() == 0:
-            return self.compute(positions, dtype)
-        table = self._tables.get(dtype)
+    def _table(
+        self, positions: torch.Tensor, dtype: torch.dtype, long: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self._tables.get((dtype, long))
         needed = int(positions.max()) + 1
         if table is None or table[0].shape[0] < needed or table[0].device != positions.device:
             size = max(needed, 2 * (0 if table is None else table[0].shape[0]), 256)
-            table = self.compute(torch.arange(size, device=positions.device), dtype)
-            self._tables[dtype] = table
+            table = self.compute(torch.arange(size, device=positions.device), dtype, long)
+            self._tables[dtype, long] = table
         return table[0][positions], table[1][positions]
+
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype, context_lens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for positions [T]; context_lens [T]: each token's sequence length after this step
+        (LongRoPE only; default position + 1)."""
+        if positions.numel() == 0:
+            return self.compute(positions, dtype)
+        if self.long_from is None:
+            return self._table(positions, dtype, False)
+        lens = positions + 1 if context_lens is None else context_lens
+        long = (lens > self.long_from)[:, None]
+        short_rows, long_rows = self._table(positions, dtype, False), self._table(positions, dtype, True)
+        return torch.where(long, long_rows[0], short_rows[0]), torch.where(long, long_rows[1], short_rows[1])
