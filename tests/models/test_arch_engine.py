@@ -24,9 +24,9 @@ CASES = {
 }
 SHARED = [1, 40, 41, 42, 43, 40, 41, 42, 43, 50, 51]  # a common prefix, repetitive so n-grams find drafts
 TAILS = [[], [80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91]]
-# A prompt holding every ordinary token once: whatever a model generates, n-gram lookup finds it earlier
-# in the context and proposes drafts.
-EVERY_TOKEN = [1] + torch.randperm(509, generator=torch.Generator().manual_seed(0)).add(3).tolist()
+# A prompt holding every ordinary token of the tiny models' 512-token vocabulary (ids 3..511) once: whatever
+# a model generates, n-gram lookup finds it earlier in the context and proposes drafts.
+EVERY_TOKEN = [1] + torch.randperm(512 - 3, generator=torch.Generator().manual_seed(0)).add(3).tolist()
 MAX_TOKENS = 8
 
 

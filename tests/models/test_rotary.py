@@ -42,7 +42,12 @@ def test_rotation_keeps_norms_and_position_zero_is_identity():
 
 
 def test_unknown_rope_type_is_an_input_error():
-    with pytest.raises(InputError, match="rope_type 'longrope'.*allowed: default"):
-        rope_frequencies(8, 10000.0, {"rope_type": "longrope"}, 64)
+    with pytest.raises(InputError, match="rope_type 'mrope'.*allowed: default"):
+        rope_frequencies(8, 10000.0, {"rope_type": "mrope"}, 64)
+    with pytest.raises(InputError, match="needs field 'short_factor'"):
+        rope_frequencies(8, 10000.0, {"rope_type": "longrope", "original_max_position_embeddings": 4}, 64)
+    with pytest.raises(InputError, match="need 4 numbers each"):
+        scaling = {"rope_type": "longrope", "original_max_position_embeddings": 4, "short_factor": [1.0]}
+        rope_frequencies(8, 10000.0, scaling | {"long_factor": [1.0]}, 64)
     with pytest.raises(InputError, match="needs field 'factor'"):
         rope_frequencies(8, 10000.0, {"rope_type": "linear"}, 64)
