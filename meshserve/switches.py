@@ -80,7 +80,8 @@ SWITCHES = (
         "MESHSERVE_EP_FAULT",
         "",
         (),
-        "Fault drill for tests: start:R fails rank R while it starts, stall:R stops its migration chunks.",
+        "Fault drill for tests: start:R fails rank R while it starts, stall:R stops its migration chunks, "
+        "close:0 makes torchrun's rank 0 take 12 s before it closes the other ranks.",
     ),
 )
 BY_NAME = {s.name: s for s in SWITCHES}

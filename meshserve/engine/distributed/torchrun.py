@@ -24,6 +24,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -32,11 +33,12 @@ import torch
 import torch.distributed as dist
 
 from meshserve.engine.distributed.ranks import answer, fail
-from meshserve.engine.distributed.worker import RankSpec, join, start_worker
+from meshserve.engine.distributed.worker import RankSpec, injected_fault, join, start_worker
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 IDLE_TIMEOUT = timedelta(days=7)  # a rank's wait for its next command: the server may idle for long
 CLOSE_TIMEOUT = timedelta(seconds=60)
+SLOW_CLOSE_S = 12.0  # the "close:0" drill: longer than the server's 10 s wait for its engine to close
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +156,8 @@ class TorchrunRanks:
         if self._closed:
             return
         self._closed = True
+        if injected_fault("close", 0):
+            time.sleep(SLOW_CLOSE_S)
         try:
             self.channel.send(("close", (), []), CLOSE_TIMEOUT)
             self.channel.gather(("ok", None), CLOSE_TIMEOUT)

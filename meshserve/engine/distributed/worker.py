@@ -28,7 +28,7 @@ from meshserve.engine.engine import Engine
 from meshserve.errors import InputError
 
 # Fault injection for tests and drills: "start:R" fails rank R while starting, "stall:R" makes rank R
-# never send its migration chunks (see eplb.py).
+# never send its migration chunks (see eplb.py), "close:0" makes torchrun's rank 0 slow to close its ranks.
 FAULT_ENV = "MESHSERVE_EP_FAULT"
 
 
