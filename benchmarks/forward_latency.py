@@ -41,22 +41,27 @@ def step_ms(llm: LLM, prompt: list[int], tokens: int) -> float:
 
 
 def measure(path: Path, dtype: str, args: argparse.Namespace) -> dict[str, float]:
-    llm = LLM(
-        str(path),
-        dtype=dtype,
-        max_num_batched_tokens=512,
-        max_num_seqs=8,
-        kv_cache_memory=0.05,
-        num_threads=args.threads,
-        enable_prefix_caching=False,
-    )
+    # One engine per mode: an engine reads its switches once, at start (meshserve/switches.py).
+    llms = {
+        mode: LLM(
+            str(path),
+            dtype=dtype,
+            max_num_batched_tokens=512,
+            max_num_seqs=8,
+            kv_cache_memory=0.05,
+            num_threads=args.threads,
+            enable_prefix_caching=False,
+            switches={"MESHSERVE_FUSED": value},
+        )
+        for mode, value in MODES.items()
+    }
     prompt = list(range(10, 42))
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     for _ in range(args.repeats + 1):  # the first round warms up and is dropped
-        for mode, env in MODES.items():
-            os.environ["MESHSERVE_FUSED"] = env
+        for mode, llm in llms.items():
             times[mode].append(step_ms(llm, prompt, args.tokens))
-    os.environ.pop("MESHSERVE_FUSED")
+    for llm in llms.values():
+        llm.close()
     return {mode: statistics.median(t[1:]) for mode, t in times.items()}
 
 

@@ -9,7 +9,6 @@ SiLU-mul [M, 2816] -> [M, 1408]; the reference path is what MESHSERVE_FUSED=refe
 from __future__ import annotations
 
 import itertools
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from collections.abc import Callable
 import torch
 from throughput import LLAMA
 
+from meshserve import switches
 from meshserve.kernels import fused
 
 ROWS = (1, 16, 128, 512)
@@ -56,7 +56,6 @@ def fused_section(dtypes: list[str], threads: list[int], repeats: int) -> None:
         "interleaved runs, us per call =="
     )
     print(f"{'dtype':9s} {'thr':>3s} {'op':13s} {'M':>4s} {'native':>9s} {'reference':>9s} {'speed-up':>8s}")
-    saved = os.environ.get("MESHSERVE_FUSED")
     try:
         for dtype_name, n_threads in itertools.product(dtypes, threads):
             torch.set_num_threads(n_threads)
@@ -66,7 +65,7 @@ def fused_section(dtypes: list[str], threads: list[int], repeats: int) -> None:
                     runs: dict[str, list[float]] = {"native": [], "reference": []}
                     for _ in range(repeats + 1):  # the first round warms up and is dropped
                         for mode in runs:
-                            os.environ["MESHSERVE_FUSED"] = mode
+                            switches.use(switches.read({"MESHSERVE_FUSED": mode}))
                             runs[mode].append(time_op(fn, calls))
                     nat, ref = (statistics.median(runs[k][1:]) for k in ("native", "reference"))
                     print(
@@ -75,7 +74,4 @@ def fused_section(dtypes: list[str], threads: list[int], repeats: int) -> None:
                         flush=True,
                     )
     finally:
-        if saved is None:
-            os.environ.pop("MESHSERVE_FUSED", None)
-        else:
-            os.environ["MESHSERVE_FUSED"] = saved
+        switches.use(None)  # back to the environment's

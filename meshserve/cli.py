@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,28 @@ def _options(
     ),
 ) -> None:
     """meshserve: serve MoE/dense LLMs and plan expert-parallel deployment on wafer-scale chips."""
+
+
+@app.command()
+def env() -> None:
+    """The environment switches (value, default, what each does) and the kernel paths they choose here:
+    paste it into a bug report."""
+    import torch
+
+    from meshserve import switches
+    from meshserve.kernels.paths import kernel_paths
+
+    print(f"meshserve {__version__} / torch {torch.__version__}")
+    print("switches (read once at engine start; meshserve/switches.py):")
+    values = switches.refresh()
+    for s in switches.SWITCHES:
+        shown = values[s.name] or "(unset)"
+        print(f"  {s.name}={shown}  [default {s.default or 'unset'}]  {s.help}")
+    for name, help_text in switches.FOREIGN.items():
+        print(f"  {name}={os.environ.get(name, '(unset)')}  {help_text}")
+    print("kernel paths:")
+    for op, path in kernel_paths().items():
+        print(f"  {op}: {path}")
 
 
 @app.command()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meshserve.atomic import check_writable
 from meshserve.errors import InputError, boolean, integer, number, require
+from meshserve.switches import read as read_switches
 
 if TYPE_CHECKING:
     from meshserve.engine.distributed.config import ParallelConfig
@@ -114,6 +116,8 @@ class EngineConfig:
         one was written, else the shipped default (kernels/profile.py).
     device: "cpu" (native kernels where they apply) or "cuda" (weights, KV cache and step tensors on the
         GPU, torch reference kernels; engine/device.py). Checked against the machine when the engine starts.
+    switches: the environment switches this engine runs with (meshserve/switches.py), read here once, with
+        this argument's entries over the environment, e.g. ``{"MESHSERVE_ATTENTION": "triton"}``.
     """
 
     model: str
@@ -127,6 +131,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig | None = None
+    switches: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and bool(self.model), "model", "must be a model directory")
@@ -168,6 +173,7 @@ class EngineConfig:
             "method 'draft_model' runs on device cpu only (its draft runs on the CPU); use 'ngram'",
         )
         self.parallel = self.parallel or ParallelConfig()
+        self.switches = read_switches(self.switches)
 
     @classmethod
     def from_args(cls, model: str, **engine_args: Any) -> EngineConfig:

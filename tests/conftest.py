@@ -35,3 +35,30 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
         return made[key]
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def switches_from_the_environment() -> None:
+    """Each test starts with no switches installed, so the first read takes that test's environment (an
+    engine installs its own; `switch` below changes one mid-test)."""
+    from meshserve import switches
+
+    switches.use(None)
+    yield
+    switches.use(None)
+
+
+@pytest.fixture
+def switch(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str | None], None]:
+    """switch(name, value) sets (None: unsets) an environment switch and installs it, as an engine start
+    would."""
+    from meshserve import switches
+
+    def set_switch(name: str, value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        switches.refresh()
+
+    return set_switch

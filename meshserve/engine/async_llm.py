@@ -110,8 +110,9 @@ class AsyncLLM:
         """Run ``fn(engine)`` in the engine thread between steps (for consistent snapshots)."""
         return await self._call("call", fn)
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the loop, abort what is left (open streams end with EngineDead) and close the engine."""
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Stop the loop, abort what is left (open streams end with EngineDead) and close the engine; waits
+        up to ``timeout`` seconds (None: until the engine has closed)."""
         self._stopping.set()
         self._inbox.put(("stop", None, None))
         self._thread.join(timeout)

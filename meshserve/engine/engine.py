@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from meshserve import switches
 from meshserve.config import EngineConfig, SchedulerConfig
 from meshserve.engine.device import free_memory, resolve_device
 from meshserve.engine.groups import RequestGroup, child_params
@@ -48,6 +49,7 @@ class Engine:
             "data_parallel_size",
             "Engine runs one process; use LLM(...) or DistributedEngine for several ranks",
         )
+        switches.use(config.switches)  # before the model loads: its layers choose their kernels then
         torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         loaded = load_model(config.model, config.dtype)
@@ -251,6 +253,7 @@ class Engine:
         """
         if torch.get_num_threads() != self.config.num_threads:  # per calling thread; another engine may
             torch.set_num_threads(self.config.num_threads)  # have set its own in this one
+        switches.use(self.config.switches)  # this engine's, should another in this process differ
         if self.spec is not None:  # drafts first, so verify work is scheduled with everything else
             self.spec.propose(self.scheduler.running, self.max_model_len)
         plan = self.scheduler.schedule()

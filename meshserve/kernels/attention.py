@@ -1,19 +1,19 @@
 """Which attention a forward runs: on CPU the native Meta-Attention op when this machine built it, else the
-torch reference (with a loud warning from `native.load`); on CUDA the Triton kernel when triton imports, else
-the reference. MESHSERVE_ATTENTION=reference forces the reference, MESHSERVE_ATTENTION=triton the Triton
-kernel (on CPU tensors only under TRITON_INTERPRET=1: how the tests check it). Otherwise CPU inference never
-imports triton.
+torch reference (with a loud warning from `native.load`); on CUDA the reference too, until a GPU run has shown
+the Triton kernel equal to it (README: "GPU paths"). MESHSERVE_ATTENTION=reference forces the reference,
+MESHSERVE_ATTENTION=triton the Triton kernel (the CUDA opt-in; on CPU tensors only under TRITON_INTERPRET=1:
+how the tests check it). Otherwise inference never imports triton. The switch is read at engine start
+(meshserve/switches.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from meshserve import switches
 from meshserve.kernels import native
 from meshserve.kernels.attention_tiles import TaskTable, TileSizes, plan_tasks, plan_tasks_native, tile_sizes
 from meshserve.kernels.meta_attention import AttentionPlan, paged_attention, plan_attention
@@ -40,13 +40,11 @@ TRITON_TILES = TileSizes(prefill_rows=64, short_rows=16, min_split_kv=2**30)
 
 
 def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The attention a forward on `device` runs: "native" (the CPU op, float32 / bfloat16), "triton" (CUDA)
-    or "reference" (torch); MESHSERVE_ATTENTION=reference / triton forces one."""
-    forced = os.environ.get("MESHSERVE_ATTENTION", "native")
+    """The attention a forward on `device` runs: "native" (the CPU op, float32 / bfloat16) or "reference"
+    (torch, and CUDA's default); MESHSERVE_ATTENTION=reference / triton forces one."""
+    forced = switches.value("MESHSERVE_ATTENTION")
     if forced in ("reference", "triton"):
         return forced
-    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-        return "triton"
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native.load():
         return "native"
     return "reference"

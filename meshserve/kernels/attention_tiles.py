@@ -15,7 +15,6 @@ Runs once per forward (numpy, vectorised; all layers with the same window share 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import cache
@@ -24,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from meshserve import switches
 
 if TYPE_CHECKING:  # kernels stay leaves: they only read the metadata's tensors
     from meshserve.models.batch import BatchMetadata
@@ -94,8 +95,7 @@ def profile_key(head_dim: int, dtype: torch.dtype) -> str:
 
 def user_profile_path() -> Path:
     """Where `profile_attention` writes this machine's measured tiles (read before the shipped defaults)."""
-    root = os.environ.get("MESHSERVE_PROFILE_DIR") or Path.home() / ".cache" / "meshserve" / "profiles"
-    return Path(root) / "attention.json"
+    return switches.profile_dir() / "attention.json"
 
 
 @cache

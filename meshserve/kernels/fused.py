@@ -15,11 +15,10 @@ its (model-dtype-rounded) input in float32, so neither side pays a separate conv
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from meshserve import switches
 from meshserve.kernels import native
 
 
@@ -29,7 +28,7 @@ def use_fused(x: torch.Tensor) -> bool:
         torch.is_inference_mode_enabled()
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
-        and os.environ.get("MESHSERVE_FUSED", "native") == "native"
+        and switches.value("MESHSERVE_FUSED") == "native"
         and native.load()
     )
 

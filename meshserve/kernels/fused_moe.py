@@ -11,7 +11,6 @@ softmax, top-k, renormalisation and per-expert counts in one call; SparseMoE.rou
 from __future__ import annotations
 
 import json
-import os
 import sys
 from functools import cache
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from meshserve import switches
 from meshserve.kernels import native
 from meshserve.kernels.bf16_gemm import BLOCK_COLS, pack_bf16_pairs
 
@@ -37,7 +37,7 @@ def fused_max_tokens(dtype: torch.dtype) -> int:
 
 def use_fused_moe(dtype: torch.dtype, hidden_size: int) -> bool:
     """The native op serves float32 and bfloat16 (even hidden size) unless MESHSERVE_MOE=reference."""
-    if os.environ.get("MESHSERVE_MOE", "native") == "reference":
+    if switches.value("MESHSERVE_MOE") == "reference":
         return False
     supported = dtype == torch.float32 or (dtype == torch.bfloat16 and hidden_size % 2 == 0)
     return supported and native.load()

@@ -10,7 +10,6 @@ build made by another machine, another torch or older sources is never loaded: i
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 import subprocess
 import sys
@@ -21,11 +20,13 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
+from meshserve import switches
 from meshserve.atomic import atomic_path
 
 CSRC = Path(__file__).parent / "csrc"
-# Git-ignored, inside the checkout so `make clean` and a fresh clone start from nothing.
-BUILD_ROOT = Path(os.environ.get("MESHSERVE_BUILD_DIR", Path(__file__).parents[2] / "build" / "native"))
+# Git-ignored, inside the checkout so `make clean` and a fresh clone start from nothing (MESHSERVE_BUILD_DIR
+# moves it).
+DEFAULT_BUILD_ROOT = Path(__file__).parents[2] / "build" / "native"
 # -fno-trapping-math: without it GCC keeps any loop calling floor (fast_exp.h) scalar; results are unchanged.
 CFLAGS = [
     "-O3",
@@ -63,7 +64,8 @@ def library_path() -> Path:
         key.update(part.encode())
     for src in [*_sources(), *sorted(CSRC.glob("*.h"))]:  # headers too: a change must rebuild
         key.update(src.read_bytes())
-    return BUILD_ROOT / key.hexdigest()[:16] / "meshserve_native.so"
+    root = Path(switches.value("MESHSERVE_BUILD_DIR") or DEFAULT_BUILD_ROOT)
+    return root / key.hexdigest()[:16] / "meshserve_native.so"
 
 
 def _compile_command(out: Path) -> list[str]:

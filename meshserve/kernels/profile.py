@@ -18,7 +18,6 @@ shipped default (kernels/profiles/gemm.json); a table written on another machine
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import time
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from meshserve import switches
 from meshserve.atomic import write_atomic
 from meshserve.errors import InputError
 from meshserve.kernels import native
@@ -63,8 +63,7 @@ def machine_id() -> str:
 def user_table_path() -> Path:
     """Where `meshserve profile` writes by default: $MESHSERVE_PROFILE_DIR or ~/.cache/meshserve/profiles
     (beside the attention tiles, kernels/attention_tiles.py)."""
-    root = os.environ.get("MESHSERVE_PROFILE_DIR") or Path.home() / ".cache" / "meshserve" / "profiles"
-    return Path(root) / "gemm.json"
+    return switches.profile_dir() / "gemm.json"
 
 
 def shape_key(n: int, k: int) -> str:

@@ -1,4 +1,5 @@
-"""Meta-Attention as one Triton kernel over the planner's Task-Table (the GPU path; `attention.py` picks it).
+"""Meta-Attention as one Triton kernel over the planner's Task-Table (the GPU path, opt-in until a GPU run has
+verified it: MESHSERVE_ATTENTION=triton; `attention.py` picks it).
 
 The same inputs the native op takes (q, the paged cache, block tables, the Task-Table from
 `attention_tiles.plan_tasks`), planned without KV splits (`attention.TRITON_TILES`, one thread row), so
@@ -7,7 +8,7 @@ loads the tile's query rows once, walks the task's KV range [kv_lo, kv_hi) in BL
 K/V rows straight from the cache through the block table (no gather copy), masks by the task's kind
 (none / causal / sliding window / tree bitmask) and keeps an online softmax in fp32.
 
-Imported only on the Triton path (CUDA tensors, or MESHSERVE_ATTENTION=triton); CPU inference never
+Imported only on the Triton path (MESHSERVE_ATTENTION=triton); inference on the default paths never
 imports it. The tests run it under `TRITON_INTERPRET=1` on CPU tensors.
 """
 

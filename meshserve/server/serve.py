@@ -45,6 +45,9 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stopped)
     uvicorn.Server(config).run()
+    # The lifespan gave the engine 10 s to close; closing torchrun's ranks may take longer on a loaded host,
+    # and a process that exits while its engine thread still holds the process groups aborts in C++.
+    llm.shutdown(timeout=None)
 
 
 def _stopped(signum: int, frame: object) -> None:

@@ -52,15 +52,37 @@ def test_cuda_without_cuda_is_an_input_error_before_any_rank_starts(tiny_model_d
         LLM(model, device="cuda", data_parallel_size=2, enable_expert_parallel=True, **ARGS)
 
 
+def test_several_ranks_on_cuda_wait_for_the_nccl_opt_in(tiny_model_dir, monkeypatch):
+    """The NCCL expert-parallel path has not run on a GPU: on a (pretend) GPU host it is refused, naming
+    the switch that opts in; with it the ranks start (here: the point where they would)."""
+    from meshserve.engine.distributed import frontend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    model, ep = str(tiny_model_dir("mixtral")), {"data_parallel_size": 2, "enable_expert_parallel": True}
+    with pytest.raises(InputError, match="device: several ranks on cuda .* set MESHSERVE_CUDA_EP=nccl"):
+        LLM(model, device="cuda", **ep, **ARGS)
+
+    def started(spec):
+        raise RuntimeError(f"ranks start on {spec.config.device} with {spec.config.switches}")
+
+    monkeypatch.setattr(frontend, "start_ranks", started)
+    with pytest.raises(RuntimeError, match="ranks start on cuda with .*'MESHSERVE_CUDA_EP': 'nccl'"):
+        LLM(model, device="cuda", switches={"MESHSERVE_CUDA_EP": "nccl"}, **ep, **ARGS)
+
+
 def cpu_tokens(model: str) -> list[list[int]]:
     with LLM(model, **ARGS) as llm:
         return [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
 @needs_cuda
-def test_one_process_on_cuda_gives_the_cpu_tokens(tiny_model_dir):
+@pytest.mark.parametrize("attention", ["auto", "triton"])  # the default (reference) and the opt-in
+def test_one_process_on_cuda_gives_the_cpu_tokens(tiny_model_dir, attention):
+    if attention == "triton":
+        pytest.importorskip("triton")
     model = str(tiny_model_dir("mixtral"))
-    with LLM(model, device="cuda", **ARGS) as llm:
+    with LLM(model, device="cuda", switches={"MESHSERVE_ATTENTION": attention}, **ARGS) as llm:
         assert llm.engine.kv_caches[0].device.type == "cuda"
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == cpu_tokens(model)
 
@@ -76,6 +98,7 @@ def test_two_ranks_on_nccl_give_the_cpu_tokens_while_experts_migrate(tiny_model_
         enable_expert_parallel=True,
         enable_eplb=True,
         eplb_config=eplb,
+        switches={"MESHSERVE_CUDA_EP": "nccl"},  # the opt-in this test exists to justify
         **ARGS,
     ) as llm:
         want = cpu_tokens(model)

@@ -1,5 +1,5 @@
-"""Which attention a forward runs: native on CPU, Triton on CUDA, the reference when forced; CPU inference
-never imports the Triton kernel."""
+"""Which attention a forward runs: native on CPU, the reference on CUDA (the Triton kernel is opt-in until a
+GPU run verifies it), either when forced; CPU inference never imports the Triton kernel."""
 
 from __future__ import annotations
 
@@ -8,20 +8,35 @@ import sys
 
 import torch
 
+from meshserve import switches
+from meshserve.engine.device import resolve_device
 from meshserve.kernels.attention import TritonPlan, attention_backend, plan_step
 from tests.kernels.test_meta_attention import build_batch
 
 
-def test_backend_by_device_and_by_environment(native_op, monkeypatch):
+def test_backend_by_device_and_by_environment(native_op, switch):
     cpu = torch.device("cpu")
     assert attention_backend(cpu, torch.float32) == "native"
     assert attention_backend(cpu, torch.float16) == "reference"  # the native op serves float32 / bfloat16
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    assert attention_backend(torch.device("cuda"), torch.float16) == "reference"  # no triton, no kernel
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
-    assert attention_backend(torch.device("cuda"), torch.float16) == "triton"
-    monkeypatch.setenv("MESHSERVE_ATTENTION", "reference")
-    assert attention_backend(torch.device("cuda"), torch.float16) == "reference"
+    switch("MESHSERVE_ATTENTION", "reference")
+    assert attention_backend(cpu, torch.float32) == "reference"
+
+
+def test_cuda_runs_the_reference_unless_triton_is_opted_in(monkeypatch, switch):
+    """A GPU with triton installed still gets the torch reference: the Triton kernel has not run on a GPU
+    (README: GPU paths). MESHSERVE_ATTENTION=triton, or the same engine argument, opts in."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())  # triton "installed"
+    gpu = resolve_device("cuda", local_rank=1)
+    assert gpu == torch.device("cuda", 1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert attention_backend(gpu, dtype) == "reference"
+    switch("MESHSERVE_ATTENTION", "triton")
+    assert attention_backend(gpu, torch.bfloat16) == "triton"
+    switch("MESHSERVE_ATTENTION", None)
+    switches.use(switches.read({"MESHSERVE_ATTENTION": "triton"}))  # what an engine given the argument does
+    assert attention_backend(gpu, torch.bfloat16) == "triton"
 
 
 def test_triton_plans_never_split_a_task():

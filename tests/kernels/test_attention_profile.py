@@ -9,12 +9,12 @@ import torch
 from meshserve.kernels import attention_profile, attention_tiles
 
 
-def test_profile_writes_the_fastest_candidate_and_the_planner_reads_it(tmp_path, monkeypatch):
+def test_profile_writes_the_fastest_candidate_and_the_planner_reads_it(tmp_path, monkeypatch, switch):
     monkeypatch.setattr(attention_profile, "PREFILL_ROWS", (8, 16))
     monkeypatch.setattr(attention_profile, "SHORT_ROWS", (8,))
     monkeypatch.setattr(attention_profile, "MIN_SPLIT_KV", (256,))
     monkeypatch.setattr(attention_profile, "STEPS", (([0, 30], [20, 1]),))
-    monkeypatch.setenv("MESHSERVE_PROFILE_DIR", str(tmp_path))
+    switch("MESHSERVE_PROFILE_DIR", str(tmp_path))
     attention_tiles.tile_sizes.cache_clear()
 
     best = attention_profile.profile_attention(16, 4, 2, torch.float32, repeats=1)

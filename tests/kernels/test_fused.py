@@ -24,9 +24,9 @@ def native_ops():
 
 
 @pytest.fixture(autouse=True)
-def opt_in(monkeypatch):
+def opt_in(switch):
     """The native ops are the default (MESHSERVE_FUSED=reference turns them off); every test runs them."""
-    monkeypatch.setenv("MESHSERVE_FUSED", "native")
+    switch("MESHSERVE_FUSED", "native")
 
 
 def randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -106,14 +106,16 @@ def test_reference_path_keeps_autograd_for_training():
     assert x.grad is not None and weight.grad is not None
 
 
-def test_env_selects_the_native_ops(monkeypatch):
+def test_env_selects_the_native_ops(switch, monkeypatch):
     with torch.inference_mode():
         x = torch.randn(4, 8)
         assert fused.use_fused(x)
-        monkeypatch.delenv("MESHSERVE_FUSED")
+        switch("MESHSERVE_FUSED", None)
         assert fused.use_fused(x)  # the default
-        monkeypatch.setenv("MESHSERVE_FUSED", "reference")
+        switch("MESHSERVE_FUSED", "reference")
         assert not fused.use_fused(x)
+        monkeypatch.setenv("MESHSERVE_FUSED", "native")
+        assert not fused.use_fused(x), "read per call: the switches are read once, at engine start"
 
 
 def test_fake_impls_give_output_shapes():

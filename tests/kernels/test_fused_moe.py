@@ -117,8 +117,8 @@ def test_steps_over_the_fused_limit_take_the_batched_matmuls(monkeypatch):
     assert calls == [8]
 
 
-def test_reference_mode_keeps_the_torch_path(monkeypatch):
-    monkeypatch.setenv("MESHSERVE_MOE", "reference")
+def test_reference_mode_keeps_the_torch_path(switch):
+    switch("MESHSERVE_MOE", "reference")
     moe = SparseMoE(16, 8, num_experts=2, top_k=1, renormalize=False, weights_in_model_dtype=False)
     moe.experts.prepare([PLAIN], [PLAIN])
     assert moe.experts.packed is None

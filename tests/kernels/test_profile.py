@@ -67,9 +67,9 @@ def test_bad_tables_raise_input_error(tmp_path, bad):
     assert err.value.field == "kernel_profile"
 
 
-def test_shipped_table_loads_and_a_table_from_another_machine_is_ignored(tmp_path, monkeypatch):
+def test_shipped_table_loads_and_a_table_from_another_machine_is_ignored(tmp_path, switch):
     shipped = GemmTable.load(SHIPPED_GEMM_TABLE)
-    monkeypatch.setenv("MESHSERVE_PROFILE_DIR", str(tmp_path))
+    switch("MESHSERVE_PROFILE_DIR", str(tmp_path))
     GemmTable.from_json(TABLE).save(tmp_path / "gemm.json")  # machine "test box"
     assert load_gemm_table().to_json() == shipped.to_json()
     mine = GemmTable.from_json({**TABLE, "machine": machine_id()})
@@ -92,12 +92,12 @@ def test_native_kernels_are_candidates_for_bfloat16_only():
     assert all(c.tile == 1 for c in candidates(torch.bfloat16, 64) if c.kernel in ("bf16_fma", "dpbf16"))
 
 
-def test_profile_command_writes_this_machines_table(tiny_model_dir, tmp_path, monkeypatch):
+def test_profile_command_writes_this_machines_table(tiny_model_dir, tmp_path, switch):
     from typer.testing import CliRunner
 
     from meshserve.cli import app
 
-    monkeypatch.setenv("MESHSERVE_PROFILE_DIR", str(tmp_path))
+    switch("MESHSERVE_PROFILE_DIR", str(tmp_path))
     before = torch.get_num_threads()
     try:
         args = ["--dtype", "float32", "--max-tokens", "4", "--reps", "1", "--num-threads", "1"]

@@ -126,7 +126,7 @@ def test_sequences_sharing_prefix_blocks_and_a_strided_query():
 @pytest.mark.skipif(DEVICE == "cuda", reason="the model runs on CPU tensors: the interpreter's case")
 @pytest.mark.parametrize(("arch", "overrides"), [("llama", {}), ("mixtral", {"sliding_window": 5})])
 def test_a_model_forward_through_the_kernel_matches_the_reference(
-    tiny_model_dir, monkeypatch, arch, overrides
+    tiny_model_dir, monkeypatch, switch, arch, overrides
 ):
     """MESHSERVE_ATTENTION=triton sends every layer's attention through the kernel: a prefill of two
     prompts, then a step mixing a decode with a chunk, give the reference path's logits. (Mixtral's
@@ -142,7 +142,7 @@ def test_a_model_forward_through_the_kernel_matches_the_reference(
     monkeypatch.setattr(module, "prepare", lambda *args: copies.append(1) or prepare(*args))
 
     def run(backend: str) -> list[torch.Tensor]:
-        monkeypatch.setenv("MESHSERVE_ATTENTION", backend)
+        switch("MESHSERVE_ATTENTION", backend)
         seqs = PagedSequences(lm)
         a, b = seqs.add([1, 5, 6, 7, 9, 2, 8]), seqs.add([1, 9, 4, 3, 3, 3, 3, 3, 3, 3, 3])
         first, second = seqs.step({a: 6, b: 3}), seqs.step({a: 1, b: 8})

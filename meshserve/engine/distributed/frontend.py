@@ -93,6 +93,12 @@ class DistributedEngine:
         # Each rank is a single-process engine, speculative decoding included (drafts per rank); the
         # expert trace is recorded here, from every rank's loads.
         resolve_device(config.device)  # no CUDA here: InputError before any rank starts
+        require(
+            config.device == "cpu" or config.switches["MESHSERVE_CUDA_EP"] == "nccl",
+            "device",
+            "several ranks on cuda run the expert-parallel path over NCCL, which has not run on a GPU yet "
+            "(README: GPU paths); set MESHSERVE_CUDA_EP=nccl to run it anyway",
+        )
         single = EngineConfig(
             config.model,
             config.dtype,
@@ -101,6 +107,7 @@ class DistributedEngine:
             cache=config.cache,
             scheduler=config.scheduler,
             speculative_config=config.speculative_config,
+            switches=config.switches,
         )
         threads = max(1, available_cores() // n)
         spec = RankSpec(

@@ -10,6 +10,10 @@ environment (env://). Commands are pickled objects broadcast from rank 0 on a gl
 the answers come back by a gather on it. Rank 0 bounds every wait (``step_timeout_s``); a rank waits for
 its next command as long as the server idles, and leaves when rank 0's connection closes. When any rank
 exits with an error, torchrun stops the others (no orphans).
+
+Shutdown is rank 0's: torchrun passes SIGTERM / Ctrl-C to every rank at once, and the other ranks only note
+it, so rank 0 stops accepting, drains, then closes them; all exit 0 (torchrun kills whatever is left after
+its own shutdown timeout). A rank whose rank 0 vanished without closing it says so in one line, exit 1.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -26,11 +33,12 @@ import torch
 import torch.distributed as dist
 
 from meshserve.engine.distributed.ranks import answer, fail
-from meshserve.engine.distributed.worker import RankSpec, join, start_worker
+from meshserve.engine.distributed.worker import RankSpec, injected_fault, join, start_worker
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 IDLE_TIMEOUT = timedelta(days=7)  # a rank's wait for its next command: the server may idle for long
 CLOSE_TIMEOUT = timedelta(seconds=60)
+SLOW_CLOSE_S = 12.0  # the "close:0" drill: longer than the server's 10 s wait for its engine to close
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +156,8 @@ class TorchrunRanks:
         if self._closed:
             return
         self._closed = True
+        if injected_fault("close", 0):
+            time.sleep(SLOW_CLOSE_S)
         try:
             self.channel.send(("close", (), []), CLOSE_TIMEOUT)
             self.channel.gather(("ok", None), CLOSE_TIMEOUT)
@@ -169,6 +179,27 @@ class TorchrunRanks:
 
 def serve_rank(spec: RankSpec) -> None:
     """A rank other than 0: build the engine, then answer rank 0's commands until ``close``."""
+    _wait_for_rank_0_on_signals(spec.rank)
+    try:
+        _serve(spec)
+    except RuntimeError as err:  # torch.distributed's: rank 0's connections closed without a "close"
+        logger.warning("rank %d: rank 0 is gone; leaving (%s)", spec.rank, str(err).splitlines()[0][:200])
+        raise SystemExit(1) from None
+
+
+def _wait_for_rank_0_on_signals(rank: int) -> None:
+    """SIGTERM / SIGINT reach every rank at once; this one stays until rank 0 has drained and closes it."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers belong to the main thread
+
+    def noted(signum: int, frame: object) -> None:
+        logger.warning("rank %d: %s: rank 0 drains, then closes this rank", rank, signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, noted)
+
+
+def _serve(spec: RankSpec) -> None:
     channel = Channel(spec)
     worker, start = start_worker(spec)  # a failure: rank 0 reports it and stops
     channel.gather(start)

@@ -9,7 +9,6 @@ wrong is sent back as ("error", exception) rather than left for the front end to
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from meshserve import switches
 from meshserve.config import EngineConfig
 from meshserve.engine.device import process_group_backend, resolve_device
 from meshserve.engine.distributed.config import EPLBConfig
@@ -28,12 +28,12 @@ from meshserve.engine.engine import Engine
 from meshserve.errors import InputError
 
 # Fault injection for tests and drills: "start:R" fails rank R while starting, "stall:R" makes rank R
-# never send its migration chunks (see eplb.py).
+# never send its migration chunks (see eplb.py), "close:0" makes torchrun's rank 0 slow to close its ranks.
 FAULT_ENV = "MESHSERVE_EP_FAULT"
 
 
 def injected_fault(kind: str, rank: int) -> bool:
-    return os.environ.get(FAULT_ENV, "") == f"{kind}:{rank}"
+    return switches.value(FAULT_ENV) == f"{kind}:{rank}"
 
 
 @dataclass
