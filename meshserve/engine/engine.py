@@ -71,10 +71,19 @@ class Engine:
             config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, max_model_len
         )
         cache = config.cache
-        per_block = block_bytes(mc.num_layers, mc.num_kv_heads, mc.head_dim, cache.block_size, mc.dtype)
+        per_block = block_bytes(
+            mc.num_layers, mc.num_kv_heads, mc.head_dim, cache.block_size, mc.dtype, mc.kv_cache_parts
+        )
         blocks = num_kv_blocks(cache, per_block, max_model_len, sched.max_num_seqs, free_memory(self.device))
         self.kv_caches = allocate_kv_cache(
-            mc.num_layers, blocks, cache.block_size, mc.num_kv_heads, mc.head_dim, mc.dtype, self.device
+            mc.num_layers,
+            blocks,
+            cache.block_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            mc.dtype,
+            self.device,
+            mc.kv_cache_parts,
         )
         prefix_cache = PrefixCache(cache.block_size) if cache.enable_prefix_caching else None
         self.blocks = BlockManager(blocks, cache.block_size, prefix_cache, self.kv_caches)

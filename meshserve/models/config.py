@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from meshserve.errors import InputError
+
+if TYPE_CHECKING:  # DeepSeek's layers own their settings
+    from meshserve.models.layers.grouped_moe import GroupedRouting
+    from meshserve.models.layers.mla import MLAConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -57,6 +61,10 @@ class ModelConfig:
     # Sampling defaults from generation_config.json (SamplingParams names), used when a request omits them.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     layer_windows: list[int | None] = field(default_factory=list)  # sliding window per layer; None: full
+    rotary_dim: int = 0  # dims rotary turns (0: head_dim); MLA turns only each head's rope part
+    kv_cache_parts: int = 2  # 2: K and V; 1: keys that are also the values (MLA's latent, head_dim wide)
+    mla: MLAConfig | None = None  # DeepSeek's multi-head latent attention
+    routing: GroupedRouting | None = None  # DeepSeek's grouped top-k router
 
     @property
     def is_moe(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from meshserve.models.decoder import DecoderLM
+from meshserve.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from meshserve.models.llama import LlamaForCausalLM
 from meshserve.models.mixtral import MixtralForCausalLM
 from meshserve.models.qwen2 import Qwen2ForCausalLM
@@ -15,4 +16,6 @@ ARCHITECTURES: dict[str, type[DecoderLM]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
