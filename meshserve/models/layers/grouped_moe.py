@@ -109,7 +109,7 @@ class GroupedRouter(nn.Module):
         scores = logits.softmax(-1) if r.scoring_func == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if r.topk_method != "greedy":
-            grouped = choice.view(x.shape[0], r.n_group, -1)
+            grouped = choice.view(x.shape[0], r.n_group, choice.shape[1] // r.n_group)  # also for 0 rows
             if r.topk_method == "noaux_tc":
                 group_scores = grouped.topk(2, dim=-1)[0].sum(-1)
             else:
