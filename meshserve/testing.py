@@ -215,6 +215,30 @@ def _deepseek_shapes(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]], ml
     return shapes
 
 
+def _stack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`<layer>.experts.<e>.{gate,up,down}_proj.weight` -> `<layer>.experts.gate_up_proj` [E, 2I, H] and
+    `<layer>.experts.down_proj` [E, H, I], in the original order otherwise."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        stem, sep, rest = name.partition(".experts.")
+        expert, _, leaf = rest.partition(".")
+        if not sep or not expert.isdigit():
+            out[name] = t
+        elif expert == "0" and leaf == "gate_proj.weight":
+            count = sum(
+                1 for n in tensors if n.startswith(f"{stem}.experts.") and n.endswith(".down_proj.weight")
+            )
+            part = [
+                [tensors[f"{stem}.experts.{e}.{p}.weight"] for e in range(count)]
+                for p in ("gate_proj", "up_proj", "down_proj")
+            ]
+            out[f"{stem}.experts.gate_up_proj"] = torch.cat(
+                (torch.stack(part[0]), torch.stack(part[1])), dim=1
+            )
+            out[f"{stem}.experts.down_proj"] = torch.stack(part[2])
+    return out
+
+
 def _is_moe_layer(cfg: dict[str, Any], i: int) -> bool:
     return i not in (cfg.get("mlp_only_layers") or []) and (i + 1) % cfg.get("decoder_sparse_step", 1) == 0
 
@@ -243,12 +267,15 @@ def make_tiny_model(
     seed: int = 0,
     dtype: str = "float32",
     num_shards: int = 1,
+    stacked_experts: bool = False,
     **config_overrides: Any,
 ) -> Path:
     """Write a small random `arch` model to `path` (created; its files are replaced) and return the path.
 
     config_overrides are config.json fields, e.g. hidden_size=512, num_hidden_layers=8.
     num_shards > 1 splits the weights over several files with a model.safetensors.index.json.
+    stacked_experts writes each MoE layer's experts as two stacked tensors (transformers v5's layout, gate/up
+    names only): a few tensors instead of three per expert, so many-expert models write and load fast.
     """
     if arch not in ARCHS:
         raise InputError("arch", f"unknown {arch!r}; allowed: {', '.join(ARCHS)}")
@@ -264,6 +291,8 @@ def make_tiny_model(
     if arch.startswith("deepseek"):  # sigmoid / grouped scores sit close together: spread the router's logits
         for name in [n for n in tensors if n.endswith("mlp.gate.weight")]:
             tensors[name] = tensors[name] * ROUTER_SPREAD
+    if stacked_experts:
+        tensors = _stack_experts(tensors)
     names = list(tensors)
     num_shards = max(1, min(num_shards, len(names)))
     if num_shards == 1:
