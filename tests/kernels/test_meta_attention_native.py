@@ -150,15 +150,17 @@ def _history(cache, meta, seq, length):
     return flat[0, slots].float(), flat[1, slots].float()
 
 
-def test_models_run_the_native_op_by_default(tiny_model_dir, monkeypatch):
-    """A forward plans a Task-Table and every layer calls the native op (no silent torch fallback)."""
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_models_run_the_native_op_by_default(arch, tiny_model_dir, monkeypatch):
+    """A forward plans a Task-Table and every layer calls the native op (no silent torch fallback), MLA's
+    latent cache included."""
     from meshserve.kernels import attention
     from meshserve.models import load_model
     from meshserve.testing import PagedSequences
 
     calls = []
     monkeypatch.setattr(attention, "meta_attention", lambda *args: calls.append(1) or meta_attention(*args))
-    lm = load_model(tiny_model_dir("llama"))
+    lm = load_model(tiny_model_dir(arch))
     seqs = PagedSequences(lm)
     first, second = seqs.add([1, 5, 6, 7]), seqs.add([1, 9])
     seqs.step({first: 4, second: 2})
