@@ -25,6 +25,9 @@ from meshserve.models.loader import LoadedModel
 from meshserve.training.corpus import BOS_ID, EOS_ID, SPECIAL_TOKENS, train_tokenizer  # one BPE recipe
 
 WEIGHT_STD = 0.08
+ROUTER_SPREAD = (
+    4.0  # DeepSeek routers' weights x this, so near-tied expert choices (which bfloat16 flips) are rare
+)
 
 _COMMON: dict[str, Any] = {
     "vocab_size": 512,
@@ -76,6 +79,42 @@ ARCHS: dict[str, dict[str, Any]] = {
         "attention_bias": False,
         "use_sliding_window": False,
     },
+}
+# DeepSeek: MLA (latent 48 + rope 16 = the 64-wide rows the native op's fast tiles take), grouped routing.
+_DEEPSEEK = {
+    "kv_lora_rank": 48,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 16,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "num_hidden_layers": 3,
+    "num_key_value_heads": 4,
+    "routed_scaling_factor": 2.5,
+}
+ARCHS["deepseek_v2"] = {
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "model_type": "deepseek_v2",
+    **_DEEPSEEK,
+    "q_lora_rank": None,
+    "topk_method": "group_limited_greedy",
+    "n_group": 4,
+    "topk_group": 2,
+    "norm_topk_prob": False,
+}
+ARCHS["deepseek_v3"] = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    **_DEEPSEEK,
+    "q_lora_rank": 32,
+    "n_group": 4,
+    "topk_group": 2,
+    "norm_topk_prob": True,
+    "rope_interleave": True,
+    "num_nextn_predict_layers": 0,
 }
 
 _GEMMA = {
@@ -199,6 +238,8 @@ def _tensor_shapes(cfg: dict[str, Any], arch: str) -> dict[str, tuple[int, ...]]
             shapes[f"{prefix}.{names[1]}.weight"] = (width, h)
         shapes[f"{prefix}.{names[2]}.weight"] = (h, width)
 
+    if arch.startswith("deepseek"):
+        return _deepseek_shapes(cfg, shapes, mlp)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}"
         shapes[f"{p}.input_layernorm.weight"] = shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
@@ -243,6 +284,70 @@ def _tensor_shapes(cfg: dict[str, Any], arch: str) -> dict[str, tuple[int, ...]]
     return shapes
 
 
+def _deepseek_shapes(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]], mlp: Any) -> dict:
+    """DeepSeek-V2/V3 tensors: MLA projections, grouped-router gate (+ correction bias for noaux_tc), shared
+    experts, and the MTP layers past the last decoder layer (num_nextn_predict_layers) a V3 checkpoint has."""
+    h, heads, rope = cfg["hidden_size"], cfg["num_attention_heads"], cfg["qk_rope_head_dim"]
+    qk, latent, experts = cfg["qk_nope_head_dim"] + rope, cfg["kv_lora_rank"], cfg["n_routed_experts"]
+    noaux = (
+        cfg.get("topk_method", "noaux_tc" if cfg["model_type"] == "deepseek_v3" else "greedy") == "noaux_tc"
+    )
+    layers = cfg["num_hidden_layers"]
+    for i in range(layers + cfg.get("num_nextn_predict_layers", 0)):
+        p = f"model.layers.{i}"
+        shapes[f"{p}.input_layernorm.weight"] = shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+        a = f"{p}.self_attn"
+        if cfg.get("q_lora_rank"):
+            shapes[f"{a}.q_a_proj.weight"] = (cfg["q_lora_rank"], h)
+            shapes[f"{a}.q_a_layernorm.weight"] = (cfg["q_lora_rank"],)
+            shapes[f"{a}.q_b_proj.weight"] = (heads * qk, cfg["q_lora_rank"])
+        else:
+            shapes[f"{a}.q_proj.weight"] = (heads * qk, h)
+        shapes[f"{a}.kv_a_proj_with_mqa.weight"] = (latent + rope, h)
+        shapes[f"{a}.kv_a_layernorm.weight"] = (latent,)
+        shapes[f"{a}.kv_b_proj.weight"] = (heads * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]), latent)
+        shapes[f"{a}.o_proj.weight"] = (h, heads * cfg["v_head_dim"])
+        if i < cfg.get("first_k_dense_replace", 0):
+            mlp(f"{p}.mlp", cfg["intermediate_size"])
+            continue
+        shapes[f"{p}.mlp.gate.weight"] = (experts, h)
+        if noaux:
+            shapes[f"{p}.mlp.gate.e_score_correction_bias"] = (experts,)
+        for e in range(experts):
+            mlp(f"{p}.mlp.experts.{e}", cfg["moe_intermediate_size"])
+        if cfg.get("n_shared_experts"):
+            mlp(f"{p}.mlp.shared_experts", cfg["moe_intermediate_size"] * cfg["n_shared_experts"])
+        if i >= layers:  # an MTP layer's own tensors
+            shapes[f"{p}.enorm.weight"] = shapes[f"{p}.hnorm.weight"] = (h,)
+            shapes[f"{p}.eh_proj.weight"] = (h, 2 * h)
+            shapes[f"{p}.shared_head.norm.weight"] = (h,)
+    return shapes
+
+
+def _stack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`<layer>.experts.<e>.{gate,up,down}_proj.weight` -> `<layer>.experts.gate_up_proj` [E, 2I, H] and
+    `<layer>.experts.down_proj` [E, H, I], in the original order otherwise."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        stem, sep, rest = name.partition(".experts.")
+        expert, _, leaf = rest.partition(".")
+        if not sep or not expert.isdigit():
+            out[name] = t
+        elif expert == "0" and leaf == "gate_proj.weight":
+            count = sum(
+                1 for n in tensors if n.startswith(f"{stem}.experts.") and n.endswith(".down_proj.weight")
+            )
+            part = [
+                [tensors[f"{stem}.experts.{e}.{p}.weight"] for e in range(count)]
+                for p in ("gate_proj", "up_proj", "down_proj")
+            ]
+            out[f"{stem}.experts.gate_up_proj"] = torch.cat(
+                (torch.stack(part[0]), torch.stack(part[1])), dim=1
+            )
+            out[f"{stem}.experts.down_proj"] = torch.stack(part[2])
+    return out
+
+
 def _is_moe_layer(cfg: dict[str, Any], i: int) -> bool:
     return i not in (cfg.get("mlp_only_layers") or []) and (i + 1) % cfg.get("decoder_sparse_step", 1) == 0
 
@@ -271,12 +376,15 @@ def make_tiny_model(
     seed: int = 0,
     dtype: str = "float32",
     num_shards: int = 1,
+    stacked_experts: bool = False,
     **config_overrides: Any,
 ) -> Path:
     """Write a small random `arch` model to `path` (created; its files are replaced) and return the path.
 
     config_overrides are config.json fields, e.g. hidden_size=512, num_hidden_layers=8.
     num_shards > 1 splits the weights over several files with a model.safetensors.index.json.
+    stacked_experts writes each MoE layer's experts as two stacked tensors (transformers v5's layout, gate/up
+    names only): a few tensors instead of three per expert, so many-expert models write and load fast.
     """
     if arch not in ARCHS:
         raise InputError("arch", f"unknown {arch!r}; allowed: {', '.join(ARCHS)}")
@@ -291,6 +399,11 @@ def make_tiny_model(
     tensors = _random_tensors(_tensor_shapes(cfg, arch), seed, getattr(torch, dtype))
     if arch.startswith("gemma"):  # Gemma stores each norm's scale minus one
         tensors = {n: t - 1 if n.endswith("norm.weight") else t for n, t in tensors.items()}
+    if arch.startswith("deepseek"):  # sigmoid / grouped scores sit close together: spread the router's logits
+        for name in [n for n in tensors if n.endswith("mlp.gate.weight")]:
+            tensors[name] = tensors[name] * ROUTER_SPREAD
+    if stacked_experts:
+        tensors = _stack_experts(tensors)
     names = list(tensors)
     num_shards = max(1, min(num_shards, len(names)))
     if num_shards == 1:
@@ -341,7 +454,13 @@ class PagedSequences:
         cfg = lm.config
         self.lm, self.block_size = lm, block_size
         self.kv_caches = allocate_kv_cache(
-            cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
+            cfg.num_layers,
+            num_blocks,
+            block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.dtype,
+            parts=cfg.kv_cache_parts,
         )
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
         self.tokens: list[list[int]] = []

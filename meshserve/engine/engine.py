@@ -88,13 +88,22 @@ class Engine:
             )
         )
         cache = config.cache
-        per_block = block_bytes(mc.num_layers, mc.num_kv_heads, mc.head_dim, cache.block_size, mc.dtype)
+        per_block = block_bytes(
+            mc.num_layers, mc.num_kv_heads, mc.head_dim, cache.block_size, mc.dtype, mc.kv_cache_parts
+        )
         draft_kv = 0 if self.spec is None else self.spec.kv_bytes  # the draft's own KV shares the budget
         blocks = num_kv_blocks(
             cache, per_block, max_model_len, sched.max_num_seqs, free_memory(self.device), reserved=draft_kv
         )
         self.kv_caches = allocate_kv_cache(
-            mc.num_layers, blocks, cache.block_size, mc.num_kv_heads, mc.head_dim, mc.dtype, self.device
+            mc.num_layers,
+            blocks,
+            cache.block_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            mc.dtype,
+            self.device,
+            mc.kv_cache_parts,
         )
         prefix_cache = PrefixCache(cache.block_size) if cache.enable_prefix_caching else None
         self.blocks = BlockManager(blocks, cache.block_size, prefix_cache, self.kv_caches)

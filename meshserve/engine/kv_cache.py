@@ -156,10 +156,10 @@ class BlockManager:
 
 
 def block_bytes(
-    num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
+    num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, parts: int = 2
 ) -> int:
-    """Bytes of K and V for one block across all layers."""
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+    """Bytes of K and V for one block across all layers (parts=1: keys that are also values, MLA's latent)."""
+    return parts * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
 def num_kv_blocks(
@@ -214,10 +214,12 @@ def allocate_kv_cache(
     head_dim: int,
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
+    parts: int = 2,
 ) -> list[torch.Tensor]:
-    """One zeroed ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` tensor per layer.
+    """One zeroed ``[parts, num_blocks, block_size, num_kv_heads, head_dim]`` tensor per layer: K and V, or
+    (parts=1) one latent row per token whose keys are also its values (MLA).
 
     Zeroing touches every page now, so resident memory does not creep up while serving.
     """
-    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    shape = (parts, num_blocks, block_size, num_kv_heads, head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]

@@ -101,10 +101,12 @@ def plan_attention(meta: BatchMetadata, block_size: int, window: int | None = No
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store this step's K/V [T, kv_heads, D] into the cache [2, blocks, block_size, kv_heads, D]."""
-    _, _, _, kv_heads, head_dim = kv_cache.shape
+    """Store this step's K/V [T, kv_heads, D] into the cache [2, blocks, block_size, kv_heads, D]. A one-part
+    cache [1, ...] holds keys that are also the values (MLA's latent): only k is written."""
+    parts, _, _, kv_heads, head_dim = kv_cache.shape
     kv_cache[0].view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    kv_cache[1].view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    if parts == 2:
+        kv_cache[1].view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
 def _gather_heads(cache: torch.Tensor, g: TileGroup) -> torch.Tensor:
@@ -129,7 +131,8 @@ def _attend_group(
     s, qn = g.gather_rows.shape
     heads = q.shape[1]
     group = heads // kv_heads
-    keys, values = _gather_heads(kv_cache[0], g), _gather_heads(kv_cache[1], g)
+    keys = _gather_heads(kv_cache[0], g)
+    values = keys if kv_cache.shape[0] == 1 else _gather_heads(kv_cache[1], g)  # one part: keys are values
     # Head h reads KV head h // group (GQA); fold the group's query heads into the row dimension.
     qt = q[g.gather_rows].view(s, qn, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     qt = qt.reshape(s, kv_heads, group * qn, head_dim)

@@ -206,7 +206,7 @@ def run_task_table(q: torch.Tensor, kv_cache: torch.Tensor, table: DeviceTable, 
             scale,
             q.stride(0),
             q.stride(1),
-            cache.stride(0),
+            cache.stride(0) if cache.shape[0] == 2 else 0,  # one part: the keys are also the values (MLA)
             kv_heads * head_dim,
             tables.stride(0),
             len(TASK_COLUMNS),

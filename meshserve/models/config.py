@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from meshserve.errors import InputError
+
+if TYPE_CHECKING:  # DeepSeek's layers own their settings
+    from meshserve.models.layers.grouped_moe import GroupedRouting
+    from meshserve.models.layers.mla import MLAConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -72,6 +76,10 @@ class ModelConfig:
     sandwich_norms: bool = False  # Gemma: norms after attention and MLP outputs too, and before the MLP
     # Sliding layers' own rope (Gemma 3: rope_local_base_freq, no scaling); None: every layer shares one.
     local_rope_theta: float | None = None
+    rotary_dim: int = 0  # dims rotary turns (0: head_dim); MLA turns only each head's rope part
+    kv_cache_parts: int = 2  # 2: K and V; 1: keys that are also the values (MLA's latent, head_dim wide)
+    mla: MLAConfig | None = None  # DeepSeek's multi-head latent attention
+    routing: GroupedRouting | None = None  # DeepSeek's grouped top-k router
 
     @property
     def is_moe(self) -> bool:

@@ -33,11 +33,13 @@ class DecoderLayer(nn.Module):
     each block's output before the add.
     """
 
-    def __init__(self, cfg: ModelConfig, mlp: nn.Module, window: int | None = None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, mlp: nn.Module, window: int | None = None, attention: nn.Module | None = None
+    ) -> None:
         super().__init__()
         eps, offset = cfg.rms_norm_eps, cfg.norm_offset
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
-        self.self_attn = Attention(cfg, window)
+        self.self_attn = Attention(cfg, window) if attention is None else attention
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
         if cfg.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
@@ -91,12 +93,14 @@ class DecoderLM(nn.Module):
     config_aliases: ClassVar[dict[str, str]] = {}
     # Per-expert tensor names in classic checkpoints: (gate, up, down).
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # Fused tensors of this architecture beyond weights.FUSED: our name -> the checkpoint tensors it stacks.
+    fusions: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+        rotary_dim = cfg.rotary_dim or int(cfg.head_dim * cfg.partial_rotary_factor)
         self.rotary = RotaryEmbedding(
             rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
         )
@@ -107,7 +111,8 @@ class DecoderLM(nn.Module):
         )
         windows = cfg.layer_windows or [None] * cfg.num_layers
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, self.make_mlp(cfg, i), windows[i]) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, self.make_mlp(cfg, i), windows[i], self.make_attention(cfg, windows[i]))
+            for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.lm_head = SmoothLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -118,6 +123,10 @@ class DecoderLM(nn.Module):
     @classmethod
     def configure(cls, cfg: ModelConfig, hf: dict[str, Any]) -> None:
         """Read the architecture's own config.json fields into cfg (dense defaults: nothing to add)."""
+
+    def make_attention(self, cfg: ModelConfig, window: int | None) -> nn.Module:
+        """The attention of one layer; GQA over the paged K/V cache by default."""
+        return Attention(cfg, window)
 
     def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
         """The MLP of one layer; dense gated (SiLU unless config.json says otherwise) by default."""

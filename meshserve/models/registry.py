@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from meshserve.models.decoder import DecoderLM
+from meshserve.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from meshserve.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from meshserve.models.granitemoe import GraniteMoeForCausalLM
 from meshserve.models.llama import LlamaForCausalLM
@@ -28,4 +29,6 @@ ARCHITECTURES: dict[str, type[DecoderLM]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "OlmoeForCausalLM": OlmoeForCausalLM,
     "GraniteMoeForCausalLM": GraniteMoeForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }

@@ -104,7 +104,7 @@ def _resolve(name: str, ckpt: Checkpoint, model: DecoderLM) -> torch.Tensor | No
                 return torch.stack(experts)
             continue
         owner, _, fused = stem.rpartition(".")
-        parts = [f"{owner}.{p}.{leaf}" for p in FUSED.get(fused, ())]
+        parts = [f"{owner}.{p}.{leaf}" for p in {**FUSED, **model.fusions}.get(fused, ())]
         if parts and all(p in ckpt for p in parts):
             return torch.cat([ckpt.get(p) for p in parts])
     return None
@@ -117,7 +117,7 @@ def _missing_keys(name: str, ckpt: Checkpoint, model: DecoderLM) -> list[str]:
     owner, _, fused = stem.rpartition(".")
     if stem.endswith(".experts"):
         return [f"{stem}.<expert>.{leaf}.weight"]
-    parts = [f"{owner}.{p}.{leaf}" for p in FUSED.get(fused, ())] or [key]
+    parts = [f"{owner}.{p}.{leaf}" for p in {**FUSED, **model.fusions}.get(fused, ())] or [key]
     return [p for p in parts if p not in ckpt]
 
 

@@ -150,15 +150,17 @@ def _history(cache, meta, seq, length):
     return flat[0, slots].float(), flat[1, slots].float()
 
 
-def test_models_run_the_native_op_by_default(tiny_model_dir, monkeypatch):
-    """A forward plans a Task-Table and every layer calls the native op (no silent torch fallback)."""
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_models_run_the_native_op_by_default(arch, tiny_model_dir, monkeypatch):
+    """A forward plans a Task-Table and every layer calls the native op (no silent torch fallback), MLA's
+    latent cache included."""
     from meshserve.kernels import attention
     from meshserve.models import load_model
     from meshserve.testing import PagedSequences
 
     calls = []
     monkeypatch.setattr(attention, "meta_attention", lambda *args: calls.append(1) or meta_attention(*args))
-    lm = load_model(tiny_model_dir("llama"))
+    lm = load_model(tiny_model_dir(arch))
     seqs = PagedSequences(lm)
     first, second = seqs.add([1, 5, 6, 7]), seqs.add([1, 9])
     seqs.step({first: 4, second: 2})
@@ -197,3 +199,25 @@ def test_sequences_sharing_prefix_blocks(dtype):
     out = meta_attention(q, k, v, cache, plan_tasks(meta, 4, 2, TileSizes(4, 4, 4), 2), 0.25)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [40, 64, 576])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_part_cache_reads_its_keys_as_values(dtype, dim, threads):
+    """MLA's cache [1, blocks, block_size, 1, D]: each row is the key and also the value (its first dims are
+    the latent). The op and the reference over it equal both over a two-part cache holding the rows twice:
+    decodes over 16 heads (MQA), a chunked prefill, and a long decode split in parts (2 threads)."""
+    meta, cache, q, k, _ = random_step([(40, 1), (0, 23), (9, 5), (300, 1)], 4, 1, 16, dim, dtype, seed=dim)
+    two = torch.stack((cache[0], cache[0]))
+    sizes = TileSizes(16, 4, 64)
+    expected = meta_attention(q, k, k, two, plan_tasks(meta, 16, 1, sizes, threads), 0.1)
+    one = cache[:1].clone()
+    out = meta_attention(q, k, k, one, plan_tasks(meta, 16, 1, sizes, threads), 0.1)
+    assert torch.equal(one[0], two[0]) and torch.equal(out, expected)
+    # the reference on float32 copies (its bfloat16 rounding of scores is further off; see above)
+    reference = paged_attention(
+        q.float(), k.float(), k.float(), cache[:1].float(), plan_attention(meta, 4), 0.1
+    )
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), reference.float(), atol=tol, rtol=tol)

@@ -168,3 +168,20 @@ def test_the_kernel_compiles_for_ampere_and_hopper_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=99)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_part_cache_reads_its_keys_as_values(dtype):
+    """MLA's one-part cache [1, blocks, block_size, 1, D]: each row is read as key and as value (no V half);
+    the kernel over it equals the kernel over a two-part cache holding the rows twice, and the reference."""
+    meta, cache, q, k, _ = random_step(MIXED, 4, 1, 8, 32, dtype, seed=5)
+    table = plan_tasks(meta, 8, 1, TRITON_TILES, 1)
+    q_on, k_on = q.to(DEVICE), k.to(DEVICE)
+    two = torch.stack((cache[0], cache[0])).to(DEVICE)
+    one = cache[:1].clone().to(DEVICE)
+    expected = triton_attention(q_on, k_on, k_on, two, table, 0.2)
+    out = triton_attention(q_on, k_on, k_on, one, table, 0.2)
+    assert torch.equal(one[0], two[0]) and torch.equal(out, expected)
+    reference = paged_attention(q, k, k, cache[:1].clone(), plan_attention(meta, 4), 0.2)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.cpu().float(), reference.float(), atol=tol, rtol=tol)

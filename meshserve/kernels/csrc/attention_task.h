@@ -18,8 +18,10 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 enum Col { SEQ, Q_START, Q_ROWS, Q_POS0, KV_HEAD, KV_LO, KV_HI, MASK, WINDOW, TREE_OFF, TREE_LEN, PARTIAL, NCOLS };
 enum Mask { NONE = 0, CAUSAL = 1, SLIDING = 2, TREE = 3 };
 
+// v_half: elements from a K row to its V row (cache[1]); 0 for a one-part cache whose keys are also the values
+// (MLA's latent: the first dims of each key row are its value).
 struct Shapes {
-  int64_t heads, kv_heads, group, dim, block_size, blocks, max_blocks;
+  int64_t heads, kv_heads, group, dim, block_size, blocks, max_blocks, v_half;
 };
 
 // Pointers to the rows of KV positions [c0, c0 + n) of KV head h in the cache half `cache`, through the

@@ -89,7 +89,7 @@ void run_decode(const int32_t* t, const T* q, const T* cache, const int32_t* tab
     l[r] = 0.f;
   }
   const int32_t* table = tables + t[SEQ] * s.max_blocks;
-  const int64_t v_half = s.blocks * s.block_size * s.kv_heads * DIM;  // cache[1] starts here
+  const int64_t v_half = s.v_half;
   // Row pointers of this chunk and the next. The next chunk's K / V lines are requested a row at a time
   // inside the score and P.V loops while this chunk computes (one burst per chunk queued on the line fill
   // buffers and was slower); the first chunk's go out at once.

@@ -112,7 +112,7 @@ void run_task(const int32_t* t, const T* q, const T* cache, const int32_t* table
   std::fill(m, m + rows, kNegInf);
   std::fill(l, l + rows, 0.f);
   const int32_t* table = tables + t[SEQ] * s.max_blocks;
-  const int64_t v_half = s.blocks * s.block_size * s.kv_heads * D;  // cache[1] starts here
+  const int64_t v_half = s.v_half;
   const int64_t tree_base = t[Q_POS0] + t[Q_ROWS] - t[TREE_LEN];  // first KV position of the tree block
 
   for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
@@ -212,8 +212,9 @@ template <typename T>
 void execute(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables, const at::Tensor& tasks,
              const at::Tensor& thread_starts, const at::Tensor& combine, const at::Tensor& tree, double scale,
              int64_t partial_rows, at::Tensor& out) {
+  const int64_t v_half = cache.size(0) == 2 ? cache.size(1) * cache.size(2) * cache.size(3) * q.size(2) : 0;
   const Shapes s{q.size(1), cache.size(3), q.size(1) / cache.size(3), q.size(2),
-                 cache.size(2), cache.size(1), tables.size(1)};
+                 cache.size(2), cache.size(1), tables.size(1), v_half};
   check_task_table(s, q.size(0), tables.size(0), tables.data_ptr<int32_t>(), tasks.data_ptr<int32_t>(),
                    tasks.size(0), thread_starts.data_ptr<int64_t>(), thread_starts.size(0),
                    combine.data_ptr<int32_t>(), combine.size(0), tree.numel(), partial_rows);
@@ -245,7 +246,8 @@ void execute(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tab
 at::Tensor meta_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                           const at::Tensor& tasks, const at::Tensor& thread_starts, const at::Tensor& combine,
                           const at::Tensor& tree_mask, double scale, int64_t partial_rows) {
-  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, "q [T,H,D], kv_cache [2,N,B,KV,D]");
+  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && (kv_cache.size(0) == 2 || kv_cache.size(0) == 1),
+              "q [T,H,D], kv_cache [2,N,B,KV,D] (or [1,...]: keys that are also the values)");
   TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "q and kv_cache must share a dtype");
   TORCH_CHECK(q.size(2) == kv_cache.size(4) && q.size(1) % kv_cache.size(3) == 0, "head shapes disagree");
   TORCH_CHECK(tasks.scalar_type() == at::kInt && tasks.dim() == 2 && tasks.size(1) == NCOLS, "tasks int32 [N,12]");

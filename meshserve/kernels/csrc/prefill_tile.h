@@ -117,7 +117,7 @@ void run_tile(const int32_t* t, const T* q, const T* cache, const int32_t* table
   std::fill(m, m + RP, kNegInf);
   std::fill(l, l + RP, 0.f);
   const int32_t* table = tables + t[SEQ] * s.max_blocks;
-  const int64_t v_half = s.blocks * s.block_size * s.kv_heads * D;  // cache[1] starts here
+  const int64_t v_half = s.v_half;
   const int64_t last_pos = pos0 + (rows - 1) / G;
 
   for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {

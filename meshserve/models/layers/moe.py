@@ -91,6 +91,8 @@ class SparseMoE(nn.Module):
     them in float32. Matching this keeps bfloat16 results close to transformers'.
     """
 
+    native_router = True  # the native op routes (softmax top-k); a subclass with another router says False
+
     def __init__(
         self,
         hidden_size: int,
@@ -124,22 +126,31 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.experts.packed
-        if packed is not None and packed[0].dtype == x.dtype and x.shape[0] <= self.experts.fused_max_tokens:
-            # Native router and experts: one call each (the torch route is six small ops per layer).
+        fused = (
+            packed is not None and packed[0].dtype == x.dtype and x.shape[0] <= self.experts.fused_max_tokens
+        )
+        if fused and self.native_router:
+            # Native router: one call (the torch route is six small ops per layer).
             weights, experts, self.last_counts = fused_route(
                 x, self.gate.weight.detach(), self.top_k, self.renormalize
             )
             if self.weights_in_model_dtype:
                 weights = weights.to(x.dtype)
-            out = fused_moe(x, experts, weights, packed)
         else:
             weights, experts = self.route(x)
-            counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
-            self.last_counts = counts
-            out = self._experts_torch(x, weights, experts, counts)
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+            self.last_counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+        if fused:
+            out = fused_moe(x, experts, weights, packed)
+        else:
+            out = self._experts_torch(x, weights, experts, self.last_counts)
+        shared = self.shared_output(x)
+        return out if shared is None else out + shared
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert's term (Qwen gates it by a sigmoid); None without one."""
+        if self.shared_expert is None:
+            return None
+        return torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
     def _experts_torch(
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor

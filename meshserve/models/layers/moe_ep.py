@@ -31,6 +31,8 @@ class Placement(Protocol):
 class SlotExperts(SparseMoE):
     """The experts one rank holds, as slots; rows arrive already routed (one slot each, weight 1)."""
 
+    native_router = False  # routing is given (`route` below)
+
     def __init__(
         self, hidden_size: int, intermediate_size: int, gate_up: torch.Tensor, down: torch.Tensor
     ) -> None:
@@ -124,9 +126,8 @@ class ExpertParallelMoE(nn.Module):
         pair_out = x.new_empty(order.numel(), hidden)
         pair_out[order] = back
         out = (pair_out.view(t, k, hidden) * weights[..., None]).sum(dim=1).to(x.dtype)
-        if self.moe.shared_expert is not None:
-            out = out + torch.sigmoid(self.moe.shared_expert_gate(x)) * self.moe.shared_expert(x)
-        return out
+        shared = self.moe.shared_output(x)  # every rank holds the shared expert
+        return out if shared is None else out + shared
 
     def _exchange(self, data: torch.Tensor, recv: list[int], send: list[int]) -> torch.Tensor:
         """all_to_all_single of rows: ``send[r]`` rows to rank r, ``recv[r]`` rows from rank r."""

@@ -1,0 +1,136 @@
+"""Multi-head latent attention (DeepSeek-V2/V3): the paged cache holds one compressed latent row per token.
+
+Each token's keys and values come from a latent c (kv_lora_rank wide, normed) and one rope key k_pe
+(qk_rope_head_dim) shared by all heads: K_h = [c W_UK_h ; k_pe], V_h = c W_UV_h, with W_UK / W_UV the two
+halves of kv_b_proj. The cache stores [c ; k_pe] once per token (one "head", kv_cache_parts=1) instead of
+every head's K and V. Attention runs absorbed, as MQA over those rows: W_UK folds into the query
+(q_h W_UK_h^T . c = q_h . c W_UK_h), so scores are [q_h W_UK_h^T ; q_pe_h] . [c ; k_pe], and W_UV applies
+after attention (softmax(s) V_h = (softmax(s) c) W_UV_h). The cache row doubles as the value row: the op's
+output is [softmax(s) c ; softmax(s) k_pe], whose rope columns are dropped (12.5% extra P.V work at the real
+512 + 64, against a second copy of every latent). Prefill runs the same absorbed form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from meshserve.errors import InputError
+from meshserve.kernels.attention import attend
+from meshserve.kernels.fused import rotary_reference
+from meshserve.kernels.smooth_gemm import SmoothLinear
+from meshserve.models.config import ModelConfig, flag, positive
+from meshserve.models.layers.attention import StepInputs
+from meshserve.models.layers.norm import RMSNorm
+
+
+@dataclass
+class MLAConfig:
+    """DeepSeek's attention shape (config.json names) and its softmax scale (YaRN's mscale folded in)."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool
+    scale: float
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's 0.1 * mscale * ln(factor) + 1 (1 when not stretched), as DeepSeek and transformers have it."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def read_mla(cfg: ModelConfig, hf: dict[str, Any], interleave_default: bool) -> None:
+    """MLA's fields into cfg: the cache holds one latent "head" of kv_lora_rank + qk_rope_head_dim per token,
+    which is what the attention plan and the op see (num_kv_heads 1, head_dim that width)."""
+    q_lora = hf.get("q_lora_rank")
+    q_lora = None if q_lora is None else positive(hf, "q_lora_rank")
+    if q_lora is None and flag(hf, "attention_bias", False):
+        raise InputError("config.json:attention_bias", "true needs q_lora_rank (q_proj has no bias)")
+    mla = MLAConfig(
+        q_lora_rank=q_lora,
+        kv_lora_rank=positive(hf, "kv_lora_rank"),
+        qk_nope_head_dim=positive(hf, "qk_nope_head_dim"),
+        qk_rope_head_dim=positive(hf, "qk_rope_head_dim"),
+        v_head_dim=positive(hf, "v_head_dim"),
+        rope_interleave=flag(hf, "rope_interleave", interleave_default),
+        scale=1.0,
+    )
+    if mla.qk_rope_head_dim % 2:
+        raise InputError("config.json:qk_rope_head_dim", f"must be even, got {mla.qk_rope_head_dim}")
+    mla.scale = mla.qk_head_dim**-0.5
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("mscale_all_dim"):  # YaRN stretches the whole q.k, not only its rope part
+        try:
+            mla.scale *= yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(
+                "config.json:rope_scaling", f"mscale_all_dim needs a numeric factor ({err})"
+            ) from None
+    cfg.mla = mla
+    cfg.qkv_bias = cfg.o_bias = flag(hf, "attention_bias", False)
+    cfg.num_kv_heads, cfg.head_dim = 1, mla.kv_lora_rank + mla.qk_rope_head_dim
+    cfg.rotary_dim, cfg.kv_cache_parts = mla.qk_rope_head_dim, 1
+
+
+class LatentAttention(nn.Module):
+    """MLA over the paged latent cache. `qkv_proj` fuses the two projections that read the layer input
+    (q_a_proj or q_proj, and kv_a_proj_with_mqa) so one GEMM serves both."""
+
+    def __init__(self, cfg: ModelConfig, window: int | None = None) -> None:
+        super().__init__()
+        if cfg.mla is None:
+            raise ValueError("LatentAttention needs cfg.mla (read_mla)")
+        m = self.mla = cfg.mla
+        self.window, self.num_heads = window, cfg.num_heads
+        q_width = m.q_lora_rank or cfg.num_heads * m.qk_head_dim
+        self.split = (q_width, m.kv_lora_rank, m.qk_rope_head_dim)
+        self.qkv_proj = SmoothLinear(cfg.hidden_size, sum(self.split), bias=cfg.qkv_bias)
+        if m.q_lora_rank is not None:
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = SmoothLinear(m.q_lora_rank, cfg.num_heads * m.qk_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, cfg.rms_norm_eps)
+        # Never run as a linear (its halves are absorbed), so a plain Linear: no packed copy of it is kept.
+        self.kv_b_proj = nn.Linear(
+            m.kv_lora_rank, cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False
+        )
+        self.o_proj = SmoothLinear(cfg.num_heads * m.v_head_dim, cfg.hidden_size, bias=cfg.o_bias)
+
+    def _rope(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """Rotary on x [T, heads, rope]. DeepSeek rotates interleaved pairs (x0, x1), (x2, x3)...: listing the
+        even dims before the odd ones makes that the rotate-half rotation. q and k are listed alike, so their
+        dot products are transformers' exactly."""
+        if self.mla.rope_interleave:
+            x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+        return rotary_reference(x, step.cos, step.sin)
+
+    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        m, t, heads = self.mla, x.shape[0], self.num_heads
+        dtype = step.cos.dtype
+        q, latent, k_pe = self.qkv_proj(x).to(dtype).split(self.split, dim=-1)
+        if m.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q.contiguous()))
+        q = q.view(t, heads, m.qk_head_dim)
+        q_nope, q_pe = q.split((m.qk_nope_head_dim, m.qk_rope_head_dim), dim=-1)
+        w = self.kv_b_proj.weight.view(heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+        w_uk, w_uv = w.split((m.qk_nope_head_dim, m.v_head_dim), dim=1)  # [H, nope, R], [H, v, R]
+        # Absorb W_UK into the query, per head: [H, T, nope] @ [H, nope, R] (the weight read in place).
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+        query = torch.cat((q_latent, self._rope(q_pe, step)), dim=-1)  # [T, H, R + rope]
+        key = torch.cat(
+            (self.kv_a_layernorm(latent.contiguous()), self._rope(k_pe[:, None, :], step)[:, 0]), -1
+        )
+        out = attend(query, key[:, None, :], key[:, None, :], kv_cache, step.plans[self.window], m.scale)
+        # W_UV after attention: [H, T, R] @ [H, R, v] -> [T, H * v].
+        o = torch.bmm(out[..., : m.kv_lora_rank].transpose(0, 1), w_uv.transpose(1, 2))
+        return self.o_proj(o.transpose(0, 1).reshape(t, heads * m.v_head_dim), out_f32=True)
