@@ -25,9 +25,10 @@ from meshserve.models.loader import LoadedModel
 from meshserve.training.corpus import BOS_ID, EOS_ID, SPECIAL_TOKENS, train_tokenizer  # one BPE recipe
 
 WEIGHT_STD = 0.08
-ROUTER_SPREAD = (
-    4.0  # DeepSeek routers' weights x this, so near-tied expert choices (which bfloat16 flips) are rare
-)
+# DeepSeek routers' weights x this, so near-tied expert choices (which bfloat16 flips) are rare. It lowers the
+# odds, not to zero: at 4.0 one token of test_bfloat16_runs_close_to_transformers flipped an expert once rope
+# stopped reading bfloat16-rounded frequencies (its row 0.82 from float32 transformers, others within 0.05).
+ROUTER_SPREAD = 6.0
 
 _COMMON: dict[str, Any] = {
     "vocab_size": 512,
