@@ -37,6 +37,8 @@ from meshserve.traces import ExpertTrace
 
 logger = logging.getLogger(__name__)
 
+MAX_CHARS_SLACK = 4
+
 
 class Engine:
     """The serving loop's core: ``add_request`` / ``step`` / ``abort`` / ``has_unfinished`` / ``close``."""
@@ -67,6 +69,8 @@ class Engine:
             f"model {mc.name} ({mc.arch}) has no MoE layers to trace",
         )
         self.max_model_len = max_model_len
+        # A text longer than this cannot fit max_model_len tokens (x4: normalizers may compose characters).
+        self.tokenizer.max_chars = max_model_len * self.tokenizer.max_token_chars() * MAX_CHARS_SLACK
         sched = SchedulerConfig(
             config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, max_model_len
         )
@@ -157,6 +161,11 @@ class Engine:
             "logit_bias",
             f"token ids must be in [0, {vocab - 1}] (vocab_size={vocab})",
         )
+        require(
+            all(t < vocab for t in params.stop_token_ids),
+            "stop_token_ids",
+            f"token ids must be in [0, {vocab - 1}] (vocab_size={vocab})",
+        )
         room = self.max_model_len - n
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         children = []
@@ -183,10 +192,7 @@ class Engine:
     def _prompt_tokens(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             require(bool(prompt), "prompt", "must not be empty")
-            try:
-                token_ids = self.tokenizer.encode(prompt)
-            except (TypeError, ValueError, UnicodeError) as err:  # e.g. lone surrogates the Rust side rejects
-                raise InputError("prompt", f"text cannot be tokenized ({str(err)[:120]})") from None
+            token_ids = self.tokenizer.encode(prompt)  # InputError for text too long or not valid Unicode
         elif isinstance(prompt, (list, tuple)) and all(
             isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt
         ):
@@ -252,6 +258,12 @@ class Engine:
         touched: dict[str, list[Request]] = {}
         for item, tokens in zip(plan.items, self._new_tokens(plan.items, logits), strict=True):
             request = item.request
+            if isinstance(tokens, Exception):  # its own sampling failed: end it alone, with the reason
+                request.error = f"sampling failed: {type(tokens).__name__}: {str(tokens)[:200]}"
+                logger.warning("request %s: %s", request.request_id, request.error)
+                self._finish(request, RequestStatus.FINISHED_ERROR)
+                touched.setdefault(request.parent_id, []).append(request)
+                continue
             self.scheduler.advance(item, len(tokens))
             for token, logprobs in tokens:  # a verify may add several; stop checks run after each
                 request.append_token(token, logprobs)
@@ -315,10 +327,13 @@ class Engine:
                 self._forget(group)
         return outputs
 
-    def _new_tokens(self, items: list[WorkItem], logits: torch.Tensor) -> list[list[tuple[int, Any]]]:
-        """(token, logprobs) pairs each item adds: none mid-prompt, one sampled, or a verify's kept tokens."""
+    def _new_tokens(
+        self, items: list[WorkItem], logits: torch.Tensor
+    ) -> list[list[tuple[int, Any]] | Exception]:
+        """(token, logprobs) pairs each item adds: none mid-prompt, one sampled, or a verify's kept tokens;
+        or the error its request's sampling raised."""
         first = np.concatenate([[0], np.cumsum([it.num_logits for it in items])[:-1]]).tolist()
-        out: list[list[tuple[int, Any]]] = [[] for _ in items]
+        out: list[list[tuple[int, Any]] | Exception] = [[] for _ in items]
         # Items that finish their pending tokens sample from their last logits row.
         plain = [
             i
@@ -344,10 +359,8 @@ class Engine:
         if plain:
             reqs = [items[i].request for i in plain]
             last = [first[i] + items[i].num_logits - 1 for i in plain]
-            rows = process_logits(logits[torch.tensor(last)], reqs, self.model_config.eos_token_ids)
-            sampled = self.sampler(rows, [r.params for r in reqs], [r.generator for r in reqs])
-            for i, token, logprobs in zip(plain, sampled.token_ids, sampled.logprobs, strict=True):
-                out[i] = [(token, logprobs)]
+            for i, result in zip(plain, self._sample(logits[torch.tensor(last)], reqs), strict=True):
+                out[i] = result
         verify = [i for i, it in enumerate(items) if it.kind is WorkKind.VERIFY]
         if verify:
             kept = self.spec.verify(
@@ -359,6 +372,30 @@ class Engine:
             for i, tokens in zip(verify, kept, strict=True):
                 out[i] = [(t, None) for t in tokens]
         return out
+
+    def _sample(self, rows: torch.Tensor, reqs: list[Request]) -> list[list[tuple[int, Any]] | Exception]:
+        """One (token, logprobs) per row, all rows at once; if that raises, row by row, so only the
+        requests whose own parameters fail get their error and the rest of the batch keeps its tokens."""
+        try:
+            return [[pair] for pair in self._sample_batch(rows, reqs)]
+        except Exception as err:
+            if len(reqs) == 1:
+                return [err]
+        results: list[list[tuple[int, Any]] | Exception] = []
+        for j, request in enumerate(reqs):
+            try:
+                results.append([self._sample_batch(rows[j : j + 1], [request])[0]])
+            except Exception as err:
+                results.append(err)
+        return results
+
+    def _sample_batch(self, rows: torch.Tensor, reqs: list[Request]) -> list[tuple[int, Any]]:
+        rows = process_logits(rows, reqs, self.model_config.eos_token_ids)
+        broken = (rows.isnan() | (rows == float("inf"))).any(dim=1) | (rows == float("-inf")).all(dim=1)
+        if bool(broken.any()):
+            raise FloatingPointError("logits are NaN, +inf or all -inf after this request's processors")
+        sampled = self.sampler(rows, [r.params for r in reqs], [r.generator for r in reqs])
+        return list(zip(sampled.token_ids, sampled.logprobs, strict=True))
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.scheduler.finish(request, status)

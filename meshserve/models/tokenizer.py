@@ -10,6 +10,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from meshserve.errors import InputError
+from meshserve.errors import text as checked_text
 from meshserve.models.chat_template import check_messages, read_chat_template, render_chat
 
 
@@ -44,6 +45,9 @@ class Tokenizer:
         self.bos_token_id = bos_token_id
         self.eos_token_ids = list(eos_token_ids)
         self.chat_template: str | None = None
+        # Longest text a prompt may have (set by the engine from max_model_len): checked before tokenizing,
+        # so a huge text costs nothing. None = no bound.
+        self.max_chars: int | None = None
 
     @classmethod
     def from_dir(
@@ -79,9 +83,25 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of text; special tokens (e.g. BOS) as tokenizer.json's post-processor adds them."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
+        """Token ids of text; special tokens (e.g. BOS) as tokenizer.json's post-processor adds them.
+        Text over ``max_chars`` or not valid Unicode raises InputError naming ``field``."""
+        limit = self.max_chars
+        if limit is not None and len(text) > limit:
+            raise InputError(
+                field, f"{len(text)} characters is too long: at most {limit} (more cannot fit max_model_len)"
+            )
+        try:
+            return self._tok.encode(checked_text(text, field), add_special_tokens=add_special_tokens).ids
+        except (TypeError, ValueError) as err:  # not InputError: the Rust side's own refusals
+            if isinstance(err, InputError):
+                raise
+            raise InputError(field, f"text cannot be tokenized ({str(err)[:120]})") from None
+
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters one token stands for (its vocabulary string is at least as
+        long as its text: byte-level and byte-fallback tokens spell one byte with one or more characters)."""
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -98,7 +118,7 @@ class Tokenizer:
         text = render_chat(
             messages, self.chat_template, special[0] or "", special[1] or "", add_generation_prompt
         )
-        return self.encode(text, add_special_tokens=self.chat_template is None)
+        return self.encode(text, add_special_tokens=self.chat_template is None, field="messages")
 
     def detokenizer(self) -> IncrementalDetokenizer:
         """A fresh streaming detokenizer for one request's output."""
