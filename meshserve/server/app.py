@@ -125,7 +125,7 @@ def build_app(
             err.status_code,
             f"body: {err.detail}" if err.status_code == 400 else str(err.detail),
             kind,
-            "body" if err.status_code in (400, 413) else None,
+            "body" if err.status_code in (400, 408, 413) else None,
             headers=err.headers,
         )
 

@@ -6,7 +6,8 @@ and ``[DONE]`` (a waiting non-streaming request a 503), and the log says how man
 app's lifespan shuts the engine down and the process exits 0.
 
 Connections are bounded with uvicorn's own settings (``limit_concurrency``, keep-alive and header
-size); a body that stalls is refused by the app (app.BODY_TIMEOUT_S).
+size), a first request head must arrive within HEADER_TIMEOUT_S, and a body that stalls is refused
+by the app (app.BODY_TIMEOUT_S).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ MAX_CONNECTIONS = 1024  # open connections + requests at once; more get 503 from
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 MAX_HEADER_BYTES = 64 << 10  # h11: a request head larger than this is refused
 CUT_MARGIN_S = 2.0  # after the grace period, time for cut streams to send their last event
+HEADER_TIMEOUT_S = 10.0  # a connection that has not sent its first request head by then is closed
 
 
 def graceful_server(config: Any, grace_s: float, cut: Callable[[str], int]) -> Any:
@@ -52,6 +54,28 @@ def graceful_server(config: Any, grace_s: float, cut: Callable[[str], int]) -> A
     return Server(config)
 
 
+def _h11_with_header_timeout() -> type:
+    """uvicorn's h11 protocol (its header size limit applies), closing a connection whose first
+    request head is not complete within HEADER_TIMEOUT_S (uvicorn's keep-alive timer covers the idle
+    time between requests, nothing covers a slow first head)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._head_timeout)
+
+        def _head_timeout(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
 def server_config(app: Any, host: str, port: int, log_level: str, grace_s: float) -> Any:
     """uvicorn's settings: the connection cap, keep-alive, header size, and the hard shutdown limit."""
     import uvicorn
@@ -65,6 +89,7 @@ def server_config(app: Any, host: str, port: int, log_level: str, grace_s: float
         limit_concurrency=MAX_CONNECTIONS,
         timeout_keep_alive=KEEP_ALIVE_S,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        http=_h11_with_header_timeout(),
     )
 
 

@@ -190,3 +190,25 @@ def test_no_nan_or_inf_even_for_a_banned_token_logprob(server):
     assert r.status_code == 200
     strict_json(r.text)
     assert math.isfinite(min(min(t.values()) for t in r.json()["choices"][0]["logprobs"]["top_logprobs"]))
+
+
+def test_slow_heads_and_stalled_bodies_are_not_held_forever(server, monkeypatch):
+    import socket
+
+    import meshserve.server.app as app_module
+    import meshserve.server.serve as serve_module
+
+    monkeypatch.setattr(serve_module, "HEADER_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(app_module, "BODY_TIMEOUT_S", 0.3)
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as slow_head:
+        slow_head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+        assert slow_head.recv(1024) == b""  # closed by the server
+    with socket.create_connection((host, int(port)), timeout=10) as slow_body:
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        slow_body.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"prompt": ')  # then nothing
+        reply = b""
+        while not reply.endswith(b"}}"):
+            reply += slow_body.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408") and b'"param":"body"' in reply
+    still_serving(server)
