@@ -37,8 +37,6 @@ from meshserve.traces import ExpertTrace
 
 logger = logging.getLogger(__name__)
 
-MAX_CHARS_SLACK = 4
-
 
 class Engine:
     """The serving loop's core: ``add_request`` / ``step`` / ``abort`` / ``has_unfinished`` / ``close``."""
@@ -69,8 +67,7 @@ class Engine:
             f"model {mc.name} ({mc.arch}) has no MoE layers to trace",
         )
         self.max_model_len = max_model_len
-        # A text longer than this cannot fit max_model_len tokens (x4: normalizers may compose characters).
-        self.tokenizer.max_chars = max_model_len * self.tokenizer.max_token_chars() * MAX_CHARS_SLACK
+        self.tokenizer.bound_prompt_chars(max_model_len)
         sched = SchedulerConfig(
             config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, max_model_len
         )

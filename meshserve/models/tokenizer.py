@@ -13,6 +13,8 @@ from meshserve.errors import InputError
 from meshserve.errors import text as checked_text
 from meshserve.models.chat_template import check_messages, read_chat_template, render_chat
 
+MAX_CHARS_SLACK = 4
+
 
 def _token_text(value: Any) -> str | None:
     """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
@@ -98,10 +100,12 @@ class Tokenizer:
                 raise
             raise InputError(field, f"text cannot be tokenized ({str(err)[:120]})") from None
 
-    def max_token_chars(self) -> int:
-        """An upper bound on the characters one token stands for (its vocabulary string is at least as
-        long as its text: byte-level and byte-fallback tokens spell one byte with one or more characters)."""
-        return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+    def bound_prompt_chars(self, max_model_len: int) -> None:
+        """Refuse texts longer than any that fits ``max_model_len`` tokens. A token's vocabulary string is
+        at least as long as its text (byte-level and byte-fallback tokens spell a byte with one or more
+        characters); x4 leaves room for normalizers that compose several characters into one."""
+        longest = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+        self.max_chars = max_model_len * longest * MAX_CHARS_SLACK
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

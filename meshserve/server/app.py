@@ -90,9 +90,13 @@ class BodyLimit:
 
 
 def build_app(
-    llm: AsyncLLM, served_model_name: str, on_shutdown: Callable[[], None] | None = None
+    llm: AsyncLLM,
+    served_model_name: str,
+    on_shutdown: Callable[[], None] | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> FastAPI:
-    """The FastAPI app serving ``llm`` under ``served_model_name``."""
+    """The FastAPI app serving ``llm`` under ``served_model_name`` (requests may also name an alias,
+    e.g. the model directory given on the command line; only the served name is ever shown)."""
     metrics = ServerMetrics(served_model_name)
     llm.on_step, llm.on_abort = metrics.on_step, metrics.forget
     engine = llm.engine
@@ -176,7 +180,7 @@ def build_app(
         return Response(body, media_type=content_type)
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != served_model_name:
+        if name is not None and name != served_model_name and name not in aliases:
             raise APIError(
                 404,
                 f"model {name!r} does not exist; this server serves {served_model_name!r}",

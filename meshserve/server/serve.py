@@ -110,7 +110,7 @@ def serve(
     pin_mmap_threshold()  # a long-running engine: freed tensors go back to the OS, RSS stays flat
     llm = AsyncLLM.from_args(model, max_waiting=max_waiting, **engine_args)
     name = served_model_name or Path(model).name  # never the server's filesystem path
-    app = build_app(llm, name)
+    app = build_app(llm, name, aliases=() if served_model_name else (model,))
     config = server_config(app, host, port, log_level, graceful_shutdown_s)
     logger.info("serving %s as %r on http://%s:%d", model, name, host, port)
     # uvicorn shuts down gracefully on these signals, then re-raises them to the handlers it found:

@@ -212,3 +212,40 @@ def test_slow_heads_and_stalled_bodies_are_not_held_forever(server, monkeypatch)
             reply += slow_body.recv(4096)
         assert reply.startswith(b"HTTP/1.1 408") and b'"param":"body"' in reply
     still_serving(server)
+
+
+def test_the_default_served_name_is_the_base_name_and_the_path_still_answers(model_dir, monkeypatch):
+    """`meshserve serve --model /a/b/dir` shows "dir"; clients that send the path as model still work."""
+    import asyncio
+    import signal
+
+    import meshserve.server.serve as serve_module
+
+    apps = []
+
+    class Idle:  # stands in for uvicorn: keeps the app, serves nothing
+        def __init__(self, config, grace_s, cut) -> None:
+            apps.append(config.app)
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(serve_module, "graceful_server", Idle)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave pytest's handlers alone
+    serve_module.serve(model_dir, max_model_len=32, block_size=4)
+
+    async def ask() -> tuple[dict, int, int]:
+        transport = httpx.ASGITransport(app=apps[0])
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            models = (await client.get("/v1/models")).json()
+            by_path = await client.post("/v1/completions", json={**OK, "model": model_dir})
+            other = await client.post("/v1/completions", json={**OK, "model": "/etc/passwd"})
+            return models, by_path.status_code, other.status_code
+
+    try:
+        models, by_path, other = asyncio.run(ask())
+    finally:
+        apps[0].state.llm.shutdown()
+    card = models["data"][0]
+    assert card["id"] == card["root"] == model_dir.rstrip("/").split("/")[-1] and "/" not in json.dumps(card)
+    assert by_path == 200 and other == 404

@@ -124,6 +124,7 @@ class DistributedEngine:
         )
         self.ranks = start_ranks(spec, parallel.oversubscribe)
         self.max_model_len = self.ranks.started(START_TIMEOUT_S)[0]
+        self.tokenizer.bound_prompt_chars(self.max_model_len)  # LLM.chat tokenizes here
         self.owner: dict[str, int] = {}  # unfinished request -> its rank
         self._ids = itertools.count()
         self.num_steps = 0
