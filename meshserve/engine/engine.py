@@ -10,7 +10,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from meshserve.models.loader import load_model
 from meshserve.traces import ExpertTrace
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Engine:
@@ -356,35 +358,29 @@ class Engine:
         if plain:
             reqs = [items[i].request for i in plain]
             last = [first[i] + items[i].num_logits - 1 for i in plain]
-            for i, result in zip(plain, self._sample(logits[torch.tensor(last)], reqs), strict=True):
+            rows = logits[torch.tensor(last)]
+
+            def sample(idx: list[int]) -> list[list[tuple[int, Any]]]:
+                return [[pair] for pair in self._sample_batch(rows[idx], [reqs[j] for j in idx])]
+
+            for i, result in zip(plain, _isolated(sample, len(plain)), strict=True):
                 out[i] = result
         verify = [i for i, it in enumerate(items) if it.kind is WorkKind.VERIFY]
         if verify:
-            kept = self.spec.verify(
-                [items[i].request for i in verify],
-                logits,
-                [first[i] for i in verify],
-                [items[i].num_logits for i in verify],
-            )
-            for i, tokens in zip(verify, kept, strict=True):
-                out[i] = [(t, None) for t in tokens]
-        return out
 
-    def _sample(self, rows: torch.Tensor, reqs: list[Request]) -> list[list[tuple[int, Any]] | Exception]:
-        """One (token, logprobs) per row, all rows at once; if that raises, row by row, so only the
-        requests whose own parameters fail get their error and the rest of the batch keeps its tokens."""
-        try:
-            return [[pair] for pair in self._sample_batch(rows, reqs)]
-        except Exception as err:
-            if len(reqs) == 1:
-                return [err]
-        results: list[list[tuple[int, Any]] | Exception] = []
-        for j, request in enumerate(reqs):
-            try:
-                results.append([self._sample_batch(rows[j : j + 1], [request])[0]])
-            except Exception as err:
-                results.append(err)
-        return results
+            def check(idx: list[int]) -> list[list[tuple[int, Any]]]:
+                chosen = [verify[j] for j in idx]
+                kept = self.spec.verify(
+                    [items[i].request for i in chosen],
+                    logits,
+                    [first[i] for i in chosen],
+                    [items[i].num_logits for i in chosen],
+                )
+                return [[(t, None) for t in tokens] for tokens in kept]
+
+            for i, result in zip(verify, _isolated(check, len(verify)), strict=True):
+                out[i] = result
+        return out
 
     def _sample_batch(self, rows: torch.Tensor, reqs: list[Request]) -> list[tuple[int, Any]]:
         rows = process_logits(rows, reqs, self.model_config.eos_token_ids)
@@ -439,3 +435,20 @@ class Engine:
         if trace is not None:
             trace.save(self.config.record_expert_trace)
             logger.info("expert trace: %d steps -> %s", trace.num_steps, self.config.record_expert_trace)
+
+
+def _isolated(run: Callable[[list[int]], list[T]], n: int) -> list[T | Exception]:
+    """``run`` over rows 0..n-1 at once; if that raises, row by row, so only the rows that fail on their
+    own (one request's parameters) get their error and the others keep their results."""
+    try:
+        return run(list(range(n)))
+    except Exception as err:
+        if n == 1:
+            return [err]
+    results: list[T | Exception] = []
+    for row in range(n):
+        try:
+            results += run([row])
+        except Exception as err:
+            results.append(err)
+    return results

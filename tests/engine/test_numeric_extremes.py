@@ -130,3 +130,42 @@ def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token(llm):
     """5e-324 is 0 in float32: the filter once dropped every token and the row had nothing to sample."""
     greedy = tokens(llm, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert tokens(llm, SamplingParams(top_p=5e-324, max_tokens=5, ignore_eos=True, seed=4)) == greedy
+
+
+def test_a_request_that_fails_in_a_verify_ends_alone(tiny_model_dir):
+    """The same rule for speculative verify work: drafts of a broken request fail only that request."""
+    spec = {
+        "method": "ngram",
+        "num_speculative_tokens": 3,
+        "prompt_lookup_min": 1,
+        "disable_by_batch_size": None,
+    }
+    llm = LLM(str(tiny_model_dir("llama")), max_model_len=64, block_size=4, speculative_config=spec)
+    repetitive = [1] + [7, 8, 9] * 5
+    good = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    alone = tokens_of(llm, repetitive, good)
+    engine = llm.engine
+    engine.add_request(repetitive, good, "good")
+    broken = SamplingParams(temperature=0.8, max_tokens=20, ignore_eos=True, seed=1)
+    engine.add_request(repetitive, broken, "broken")
+    propose = engine.spec.propose
+
+    def propose_then_break(running, max_model_len):
+        propose(running, max_model_len)
+        bad = engine.requests.get("broken")
+        if bad is not None and bad.spec_token_ids:
+            broken.top_k = 1 << 70  # as a value the checks miss would: it overflows in the verify
+
+    engine.spec.propose = propose_then_break
+    outputs = {}
+    while engine.has_unfinished():
+        outputs.update({o.request_id: o for o in engine.step()})
+    assert broken.top_k == 1 << 70, "the broken request never had drafts; the test would not cover verify"
+    assert outputs["broken"].outputs[0].finish_reason == "error"
+    assert outputs["good"].outputs[0].token_ids == alone and engine.spec.stats()["spec_acceptance_rate"] > 0
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def tokens_of(llm: LLM, prompt: list[int], params: SamplingParams) -> list[int]:
+    (out,) = llm.generate([prompt], params, use_tqdm=False)
+    return out.outputs[0].token_ids
