@@ -78,6 +78,7 @@ def serve(model: Path, ranks: int, mode: str | None, eplb: dict, requests: int) 
     """One run: per-step wall times, routed pairs per rank, expert counts, migration records."""
     args = dict(
         data_parallel_size=ranks,
+        oversubscribe=True,  # --ranks 4 on this project's 2-core machine
         enable_expert_parallel=True,
         max_num_batched_tokens=128,
         max_num_seqs=8,

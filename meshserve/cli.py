@@ -73,6 +73,7 @@ def demo(out: str = typer.Option("out", help="Folder for plots and JSON results.
 DATA_PARALLEL_SIZE = typer.Option(1, help="Rank processes (data-parallel attention).")
 ENABLE_EXPERT_PARALLEL = typer.Option(False, help="Split MoE experts over the ranks.")
 ENABLE_EPLB = typer.Option(False, help="Rebalance experts live from the ranks' expert loads.")
+OVERSUBSCRIBE = typer.Option(False, help="Start more rank processes than this machine has cores.")
 DEVICE = typer.Option("cpu", help="cpu (native kernels) or cuda (torch reference kernels, NCCL).")
 EPLB_CONFIG = typer.Option(
     None,
@@ -82,10 +83,15 @@ EPLB_CONFIG = typer.Option(
 
 
 def _parallel_args(
-    data_parallel_size: int, enable_expert_parallel: bool, enable_eplb: bool, eplb_config: str | None
+    data_parallel_size: int,
+    enable_expert_parallel: bool,
+    enable_eplb: bool,
+    eplb_config: str | None,
+    oversubscribe: bool = False,
 ) -> dict:
     return {
         "data_parallel_size": data_parallel_size,
+        "oversubscribe": oversubscribe,
         "enable_expert_parallel": enable_expert_parallel,
         "enable_eplb": enable_eplb,
         "eplb_config": _json_option("eplb_config", eplb_config) or {},
@@ -118,6 +124,7 @@ def generate(
     enable_expert_parallel: bool = ENABLE_EXPERT_PARALLEL,
     enable_eplb: bool = ENABLE_EPLB,
     eplb_config: str | None = EPLB_CONFIG,
+    oversubscribe: bool = OVERSUBSCRIBE,
     device: str = DEVICE,
 ) -> None:
     """Complete prompts with a local model and print the completions."""
@@ -142,7 +149,7 @@ def generate(
         speculative_config=spec,
         enable_prefix_caching=enable_prefix_caching,
         device=device,
-        **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config),
+        **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config, oversubscribe),
     ) as llm:
         outputs = llm.generate(prompts, params, use_tqdm=False)
     for out in outputs:
@@ -218,10 +225,14 @@ def serve(
     seed: int = typer.Option(0, help="Seed of the engine's shared generator (unseeded requests)."),
     max_waiting_requests: int | None = typer.Option(1024, help="Waiting queue bound; past it: 503."),
     uvicorn_log_level: str = typer.Option("info", help="uvicorn's log level."),
+    graceful_shutdown_s: float = typer.Option(
+        10.0, help="On SIGTERM, seconds open requests may finish; then each ends with an error event."
+    ),
     data_parallel_size: int = DATA_PARALLEL_SIZE,
     enable_expert_parallel: bool = ENABLE_EXPERT_PARALLEL,
     enable_eplb: bool = ENABLE_EPLB,
     eplb_config: str | None = EPLB_CONFIG,
+    oversubscribe: bool = OVERSUBSCRIBE,
     device: str = DEVICE,
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /metrics)."""
@@ -234,6 +245,7 @@ def serve(
         served_model_name=served_model_name,
         max_waiting=max_waiting_requests,
         log_level=uvicorn_log_level,
+        graceful_shutdown_s=graceful_shutdown_s,
         dtype=dtype,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
@@ -244,7 +256,7 @@ def serve(
         seed=seed,
         device=device,
         speculative_config=_json_option("speculative_config", speculative_config),
-        **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config),
+        **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config, oversubscribe),
     )
 
 

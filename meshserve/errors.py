@@ -51,3 +51,15 @@ def boolean(value: object, field: str) -> bool:
     if not isinstance(value, bool):
         raise InputError(field, f"must be true or false, got {value!r}")
     return value
+
+
+def text(value: str, field: str) -> str:
+    """``value`` if it is valid Unicode: a lone surrogate (JSON's "\\ud800") can be neither tokenized nor
+    sent back as UTF-8, so every door refuses it with this one error."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(
+            field, f"is not valid Unicode text (lone surrogate at character {err.start})"
+        ) from None
+    return value

@@ -10,7 +10,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from meshserve.models.loader import load_model
 from meshserve.traces import ExpertTrace
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Engine:
@@ -69,6 +71,7 @@ class Engine:
             f"model {mc.name} ({mc.arch}) has no MoE layers to trace",
         )
         self.max_model_len = max_model_len
+        self.tokenizer.bound_prompt_chars(max_model_len)
         sched = SchedulerConfig(
             config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, max_model_len
         )
@@ -178,6 +181,11 @@ class Engine:
             "logit_bias",
             f"token ids must be in [0, {vocab - 1}] (vocab_size={vocab})",
         )
+        require(
+            all(t < vocab for t in params.stop_token_ids),
+            "stop_token_ids",
+            f"token ids must be in [0, {vocab - 1}] (vocab_size={vocab})",
+        )
         room = self.max_model_len - n
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         children = []
@@ -204,10 +212,7 @@ class Engine:
     def _prompt_tokens(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             require(bool(prompt), "prompt", "must not be empty")
-            try:
-                token_ids = self.tokenizer.encode(prompt)
-            except (TypeError, ValueError, UnicodeError) as err:  # e.g. lone surrogates the Rust side rejects
-                raise InputError("prompt", f"text cannot be tokenized ({str(err)[:120]})") from None
+            token_ids = self.tokenizer.encode(prompt)  # InputError for text too long or not valid Unicode
         elif isinstance(prompt, (list, tuple)) and all(
             isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt
         ):
@@ -276,6 +281,12 @@ class Engine:
         touched: dict[str, list[Request]] = {}
         for item, tokens in zip(plan.items, self._new_tokens(plan.items, logits), strict=True):
             request = item.request
+            if isinstance(tokens, Exception):  # its own sampling failed: end it alone, with the reason
+                request.error = f"sampling failed: {type(tokens).__name__}: {str(tokens)[:200]}"
+                logger.warning("request %s: %s", request.request_id, request.error)
+                self._finish(request, RequestStatus.FINISHED_ERROR)
+                touched.setdefault(request.parent_id, []).append(request)
+                continue
             self.scheduler.advance(item, len(tokens))
             for token, logprobs in tokens:  # a verify may add several; stop checks run after each
                 request.append_token(token, logprobs)
@@ -339,10 +350,13 @@ class Engine:
                 self._forget(group)
         return outputs
 
-    def _new_tokens(self, items: list[WorkItem], logits: torch.Tensor) -> list[list[tuple[int, Any]]]:
-        """(token, logprobs) pairs each item adds: none mid-prompt, one sampled, or a verify's kept tokens."""
+    def _new_tokens(
+        self, items: list[WorkItem], logits: torch.Tensor
+    ) -> list[list[tuple[int, Any]] | Exception]:
+        """(token, logprobs) pairs each item adds: none mid-prompt, one sampled, or a verify's kept tokens;
+        or the error its request's sampling raised."""
         first = np.concatenate([[0], np.cumsum([it.num_logits for it in items])[:-1]]).tolist()
-        out: list[list[tuple[int, Any]]] = [[] for _ in items]
+        out: list[list[tuple[int, Any]] | Exception] = [[] for _ in items]
         # Items that finish their pending tokens sample from their last logits row.
         plain = [
             i
@@ -368,21 +382,36 @@ class Engine:
         if plain:
             reqs = [items[i].request for i in plain]
             last = [first[i] + items[i].num_logits - 1 for i in plain]
-            rows = process_logits(logits[torch.tensor(last)], reqs, self.model_config.eos_token_ids)
-            sampled = self.sampler(rows, [r.params for r in reqs], [r.generator for r in reqs])
-            for i, token, logprobs in zip(plain, sampled.token_ids, sampled.logprobs, strict=True):
-                out[i] = [(token, logprobs)]
+            rows = logits[torch.tensor(last)]
+
+            def sample(idx: list[int]) -> list[list[tuple[int, Any]]]:
+                return [[pair] for pair in self._sample_batch(rows[idx], [reqs[j] for j in idx])]
+
+            for i, result in zip(plain, _isolated(sample, len(plain)), strict=True):
+                out[i] = result
         verify = [i for i, it in enumerate(items) if it.kind is WorkKind.VERIFY]
         if verify:
-            kept = self.spec.verify(
-                [items[i].request for i in verify],
-                logits,
-                [first[i] for i in verify],
-                [items[i].num_logits for i in verify],
-            )
-            for i, tokens in zip(verify, kept, strict=True):
-                out[i] = [(t, None) for t in tokens]
+
+            def check(idx: list[int]) -> list[list[tuple[int, Any]]]:
+                chosen = [verify[j] for j in idx]
+                kept = self.spec.verify(
+                    [items[i].request for i in chosen],
+                    logits,
+                    [first[i] for i in chosen],
+                    [items[i].num_logits for i in chosen],
+                )
+                return [[(t, None) for t in tokens] for tokens in kept]
+
+            for i, result in zip(verify, _isolated(check, len(verify)), strict=True):
+                out[i] = result
         return out
+
+    def _sample_batch(self, rows: torch.Tensor, reqs: list[Request]) -> list[tuple[int, Any]]:
+        rows = process_logits(rows, reqs, self.model_config.eos_token_ids)
+        if not bool(rows.amax(dim=1).isfinite().all()):  # the max is NaN, +inf, or -inf when all are
+            raise FloatingPointError("logits are NaN, +inf or all -inf after this request's processors")
+        sampled = self.sampler(rows, [r.params for r in reqs], [r.generator for r in reqs])
+        return list(zip(sampled.token_ids, sampled.logprobs, strict=True))
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.scheduler.finish(request, status)
@@ -429,3 +458,20 @@ class Engine:
         if trace is not None:
             trace.save(self.config.record_expert_trace)
             logger.info("expert trace: %d steps -> %s", trace.num_steps, self.config.record_expert_trace)
+
+
+def _isolated(run: Callable[[list[int]], list[T]], n: int) -> list[T | Exception]:
+    """``run`` over rows 0..n-1 at once; if that raises, row by row, so only the rows that fail on their
+    own (one request's parameters) get their error and the others keep their results."""
+    try:
+        return run(list(range(n)))
+    except Exception as err:
+        if n == 1:
+            return [err]
+    results: list[T | Exception] = []
+    for row in range(n):
+        try:
+            results += run([row])
+        except Exception as err:
+            results.append(err)
+    return results

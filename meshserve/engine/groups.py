@@ -79,4 +79,6 @@ def _completion(request: Request, stopper: StopChecker, delta: bool) -> Completi
         request.num_sent_tokens, request.num_sent_chars = len(tokens), max(len(text), sent_chars)
         text, tokens = text[sent_chars:], tokens[sent_tokens:]
         logprobs = None if logprobs is None else logprobs[sent_tokens:]
-    return CompletionOutput(request.index, text, tokens, request.finish_reason, request.stop_reason, logprobs)
+    return CompletionOutput(
+        request.index, text, tokens, request.finish_reason, request.stop_reason, logprobs, request.error
+    )

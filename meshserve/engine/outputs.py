@@ -15,6 +15,7 @@ class CompletionOutput:
     finish_reason: str | None
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] | None = None
+    error: str | None = None  # finish_reason "error": what failed (only this request ended)
 
 
 @dataclass

@@ -3,6 +3,7 @@
     WAITING --schedule--> RUNNING --stop / length--> FINISHED_STOPPED / FINISHED_LENGTH
        ^                     |
        +----preempt----------+        (any unfinished state) --abort--> FINISHED_ABORTED
+                                      (running, its sampling fails) --> FINISHED_ERROR
 
 The request's tokens are ``token_ids`` (prompt then outputs); ``num_computed_tokens`` of them have
 their K/V in the paged cache. Whatever remains is this request's pending work: a prompt (prefill,
@@ -30,6 +31,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # its own parameters failed in a step; the others in the batch go on
 
     @property
     def finished(self) -> bool:
@@ -56,6 +58,7 @@ class Request:
         self.num_sent_chars = 0
         self.prompt = prompt
         self.params = params
+        self.error: str | None = None  # why it ended FINISHED_ERROR
         self.max_tokens = max_tokens  # resolved: params.max_tokens capped by max_model_len
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)

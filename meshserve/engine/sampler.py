@@ -48,6 +48,9 @@ class Sampler:
     ) -> torch.Tensor:
         probs, order = _distribution(logits, params)
         cdf = probs.cumsum(dim=-1)
+        total = cdf[:, -1]
+        if not bool((total.isfinite() & (total > 0)).all()):  # the engine fails only such rows' requests
+            raise FloatingPointError("the sampling distribution is NaN, infinite or empty")
         u = self._uniforms(generators) * cdf[:, -1]
         choice = torch.searchsorted(cdf, u.unsqueeze(1), right=True).squeeze(1)
         # Never step past the last token with probability: rounding can leave u just above the cdf.
@@ -96,7 +99,7 @@ def _distribution(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[t
     """Each row's filtered probabilities (unnormalised is fine for sampling) and the token order they are
     listed in. Rows with top-k / top-p are sorted descending; the others stay in vocabulary order. The
     choice is made per row, so a row's numbers never depend on what its neighbours asked for."""
-    temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params]).unsqueeze(1)
+    temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params]).unsqueeze(1)
     logits = logits / temperature
     vocab = logits.shape[1]
     probs = logits.softmax(dim=-1)
@@ -113,6 +116,7 @@ def _distribution(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[t
         share = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
         # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
         drop |= (share.cumsum(dim=-1) - share) >= top_p[rows].unsqueeze(1)
+        drop[:, 0] = False  # a top_p that rounds to 0 in float32 (5e-324) must not empty the row
         probs[rows] = sorted_probs.masked_fill(drop, 0.0)
         order[rows] = sorted_order
     return probs, order

@@ -9,13 +9,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from meshserve.errors import InputError, require
+from meshserve.errors import InputError, require, text
 
 MAX_LOGPROBS = 20
 MAX_N = 64
 MAX_PENALTY = 2.0  # presence / frequency: OpenAI's range is [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range is [-100, 100]
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+# Below this a temperature is greedy (vLLM's _SAMPLING_EPS): logits / 1e-40 overflow float32 to inf and NaN.
+GREEDY_BELOW = 1e-5
+MAX_TEMPERATURE = 1e4  # logits / 1e4 are uniform to float32 precision; above ~3e38 the divisor itself is inf
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)  # logits of |x| <= ~1e36 stay finite when divided or multiplied
+MAX_TOP_K = (1 << 31) - 1  # an int32 index; larger values mean "all" no more than the vocabulary does
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
+MAX_STOP_CHARS = 1024  # characters per stop string
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 @dataclass
@@ -23,7 +32,7 @@ class SamplingParams:
     """Per-request sampling settings.
 
     n: how many completions of the prompt to generate (they share the prompt's KV blocks).
-    temperature: 0 means greedy; otherwise logits are divided by it.
+    temperature: 0 (or anything below 1e-5, as in vLLM) means greedy; otherwise logits are divided by it.
     top_p: keep the smallest set of tokens whose probability reaches top_p (1 = all).
     top_k: keep the k most likely tokens (0 or -1 = all).
     min_p: drop tokens less likely than min_p times the most likely one (0 = off).
@@ -63,19 +72,14 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         _integer(self.n, "n", 1, MAX_N)
-        _number(self.temperature, "temperature", 0.0, math.inf, "(0 = greedy)")
+        _number(self.temperature, "temperature", 0.0, MAX_TEMPERATURE, f"(below {GREEDY_BELOW:g} = greedy)")
         _number(self.top_p, "top_p", 0.0, 1.0)
         require(self.top_p > 0, "top_p", f"must be in (0, 1], got {self.top_p}")
-        _integer(self.top_k, "top_k", -1, None, "(0 or -1 = all)")
+        _integer(self.top_k, "top_k", -1, MAX_TOP_K, "(0 or -1 = all)")
         _number(self.min_p, "min_p", 0.0, 1.0)
         _number(self.presence_penalty, "presence_penalty", -MAX_PENALTY, MAX_PENALTY)
         _number(self.frequency_penalty, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY)
-        _number(self.repetition_penalty, "repetition_penalty", 0.0, math.inf)
-        require(
-            self.repetition_penalty > 0,
-            "repetition_penalty",
-            f"must be > 0 (1 = off), got {self.repetition_penalty}",
-        )
+        _number(self.repetition_penalty, "repetition_penalty", *REPETITION_PENALTY_RANGE, "(1 = off)")
         self.logit_bias = _logit_bias(self.logit_bias)
         if self.max_tokens is not None:
             _integer(self.max_tokens, "max_tokens", 1, None)
@@ -93,6 +97,11 @@ class SamplingParams:
             f"must be a list of token ids, got {self.stop_token_ids!r}",
         )
         ids = list(self.stop_token_ids or [])
+        require(
+            len(ids) <= MAX_STOP_TOKEN_IDS,
+            "stop_token_ids",
+            f"at most {MAX_STOP_TOKEN_IDS} token ids, got {len(ids)}",
+        )
         for i in ids:
             _integer(i, "stop_token_ids", 0, None, "(token ids)")
         self.stop_token_ids = ids
@@ -102,7 +111,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def processes_logits(self) -> bool:
@@ -143,16 +152,24 @@ def _stop_strings(stop: object) -> list[str]:
     require(
         isinstance(stops, (list, tuple)) and all(isinstance(s, str) and s for s in stops),
         "stop",
-        f"must be a non-empty string or a list of them, got {stop!r}",
+        f"must be a non-empty string or a list of them, got {stop!r}"[:200],
     )
-    return list(stops)
+    require(len(stops) <= MAX_STOP, "stop", f"at most {MAX_STOP} strings, got {len(stops)}")
+    longest = max(len(s) for s in stops) if stops else 0
+    require(longest <= MAX_STOP_CHARS, "stop", f"at most {MAX_STOP_CHARS} characters each, got {longest}")
+    return [text(s, "stop") for s in stops]
 
 
 def _logit_bias(bias: object) -> dict[int, float] | None:
     """Token id -> bias; JSON gives the ids as strings, so digit strings are accepted too."""
     if bias is None:
         return None
-    require(isinstance(bias, dict), "logit_bias", f"must be a map of token id -> number, got {bias!r}")
+    require(isinstance(bias, dict), "logit_bias", f"must be a map of token id -> number, got {bias!r}"[:200])
+    require(
+        len(bias) <= MAX_LOGIT_BIAS_ENTRIES,
+        "logit_bias",
+        f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(bias)}",
+    )
     out: dict[int, float] = {}
     for key, value in bias.items():
         token = int(key) if isinstance(key, str) and key.isdigit() else key

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from meshserve.errors import InputError, require
+from meshserve.errors import InputError, require, text
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -56,7 +56,7 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
         require(
             isinstance(content, str), f"messages[{i}].content", "must be a string or a list of text parts"
         )
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": text(content, f"messages[{i}].content")})
     return out
 
 

@@ -114,12 +114,20 @@ def resolve_aliases(hf: dict[str, Any], aliases: dict[str, str]) -> dict[str, An
 
 
 def generation_defaults(generation: dict[str, Any]) -> dict[str, Any]:
-    """The sampling fields generation_config.json sets (greedy when it says do_sample: false)."""
-    defaults = {
-        ours: generation[theirs]
-        for theirs, ours in GENERATION_DEFAULTS.items()
-        if generation.get(theirs) is not None
-    }
+    """The sampling fields generation_config.json sets (greedy when it says do_sample: false), each
+    checked as SamplingParams checks a request's: a bad one is the model's fault, refused at load."""
+    from meshserve.engine.sampling_params import SamplingParams  # the engine package imports this module
+
+    defaults = {}
+    for theirs, ours in GENERATION_DEFAULTS.items():
+        value = generation.get(theirs)
+        if value is None:
+            continue
+        try:
+            SamplingParams(**{ours: value})
+        except InputError as err:
+            raise InputError(f"generation_config.json:{theirs}", err.message) from None
+        defaults[ours] = value
     if generation.get("do_sample") is False:
         defaults["temperature"] = 0.0
     return defaults

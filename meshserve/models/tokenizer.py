@@ -10,7 +10,10 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from meshserve.errors import InputError
+from meshserve.errors import text as checked_text
 from meshserve.models.chat_template import check_messages, read_chat_template, render_chat
+
+MAX_CHARS_SLACK = 4
 
 
 def _token_text(value: Any) -> str | None:
@@ -44,6 +47,9 @@ class Tokenizer:
         self.bos_token_id = bos_token_id
         self.eos_token_ids = list(eos_token_ids)
         self.chat_template: str | None = None
+        # Longest text a prompt may have (set by the engine from max_model_len): checked before tokenizing,
+        # so a huge text costs nothing. None = no bound.
+        self.max_chars: int | None = None
 
     @classmethod
     def from_dir(
@@ -79,9 +85,27 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of text; special tokens (e.g. BOS) as tokenizer.json's post-processor adds them."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
+        """Token ids of text; special tokens (e.g. BOS) as tokenizer.json's post-processor adds them.
+        Text over ``max_chars`` or not valid Unicode raises InputError naming ``field``."""
+        limit = self.max_chars
+        if limit is not None and len(text) > limit:
+            raise InputError(
+                field, f"{len(text)} characters is too long: at most {limit} (more cannot fit max_model_len)"
+            )
+        try:
+            return self._tok.encode(checked_text(text, field), add_special_tokens=add_special_tokens).ids
+        except (TypeError, ValueError) as err:  # not InputError: the Rust side's own refusals
+            if isinstance(err, InputError):
+                raise
+            raise InputError(field, f"text cannot be tokenized ({str(err)[:120]})") from None
+
+    def bound_prompt_chars(self, max_model_len: int) -> None:
+        """Refuse texts longer than any that fits ``max_model_len`` tokens. A token's vocabulary string is
+        at least as long as its text (byte-level and byte-fallback tokens spell a byte with one or more
+        characters); x4 leaves room for normalizers that compose several characters into one."""
+        longest = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+        self.max_chars = max_model_len * longest * MAX_CHARS_SLACK
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -98,7 +122,7 @@ class Tokenizer:
         text = render_chat(
             messages, self.chat_template, special[0] or "", special[1] or "", add_generation_prompt
         )
-        return self.encode(text, add_special_tokens=self.chat_template is None)
+        return self.encode(text, add_special_tokens=self.chat_template is None, field="messages")
 
     def detokenizer(self) -> IncrementalDetokenizer:
         """A fresh streaming detokenizer for one request's output."""

@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,13 +23,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshserve.engine.async_llm import AsyncLLM, EngineBusy, EngineDead, RequestStream
-from meshserve.errors import InputError
+from meshserve.errors import InputError, require
 from meshserve.server.metrics import ServerMetrics
 from meshserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from meshserve.server.responses import ChoiceState, chat_chunk, completion_chunk, usage
 
 RETRY_AFTER_S = 1
 MAX_BODY_BYTES = 4 << 20  # far above max_model_len tokens of text; larger bodies get 413 unread
+MAX_CHOICES = 256  # prompts per request times n: the completions one request may start
+BODY_TIMEOUT_S = 30.0  # a client that sends no body bytes for this long gets 408 (slow-body clients)
 
 
 class APIError(Exception):
@@ -44,28 +47,56 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class RequestFailed(Exception):
+    """The engine ended this request with finish_reason "error" (its own sampling failed; 500)."""
+
+
 class BodyLimit:
-    """ASGI middleware: a request whose Content-Length is over ``limit`` gets 413 without being read."""
+    """ASGI middleware: a request whose Content-Length is over ``limit`` gets 413 without being read; one
+    without it (chunked) is counted as it streams in and refused at the first byte past the limit."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http":
-            size = dict(scope["headers"]).get(b"content-length", b"0").decode("latin-1")
-            if not size.isdigit() or int(size) > self.limit:
-                response = error_response(
-                    413, f"body: at most {self.limit} bytes, got {size}", "BadRequestError", "body"
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > self.limit):
+            await self._refuse(scope, receive, send, size.decode("latin-1")[:40])
+            return
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            try:
+                message = await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
+            except TimeoutError:
+                raise StarletteHTTPException(408, f"body: no bytes for {BODY_TIMEOUT_S:g} s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:  # FastAPI passes HTTPExceptions from reading the body through
+                    raise StarletteHTTPException(413, f"body: at most {self.limit} bytes, got more")
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def _refuse(self, scope: dict, receive: Callable, send: Callable, size: str) -> None:
+        response = error_response(
+            413, f"body: at most {self.limit} bytes, got {size}", "BadRequestError", "body"
+        )
+        await response(scope, receive, send)
 
 
 def build_app(
-    llm: AsyncLLM, served_model_name: str, on_shutdown: Callable[[], None] | None = None
+    llm: AsyncLLM,
+    served_model_name: str,
+    on_shutdown: Callable[[], None] | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> FastAPI:
-    """The FastAPI app serving ``llm`` under ``served_model_name``."""
+    """The FastAPI app serving ``llm`` under ``served_model_name`` (requests may also name an alias,
+    e.g. the model directory given on the command line; only the served name is ever shown)."""
     metrics = ServerMetrics(served_model_name)
     llm.on_step, llm.on_abort = metrics.on_step, metrics.forget
     engine = llm.engine
@@ -98,7 +129,7 @@ def build_app(
             err.status_code,
             f"body: {err.detail}" if err.status_code == 400 else str(err.detail),
             kind,
-            "body" if err.status_code == 400 else None,
+            "body" if err.status_code in (400, 408, 413) else None,
             headers=err.headers,
         )
 
@@ -119,6 +150,10 @@ def build_app(
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
 
+    @app.exception_handler(RequestFailed)
+    async def failed(request: Request, err: RequestFailed) -> JSONResponse:
+        return error_response(500, str(err), "InternalServerError")
+
     @app.exception_handler(EngineDead)
     async def dead(request: Request, err: EngineDead) -> JSONResponse:
         return error_response(503, f"engine unavailable: {err}", "ServiceUnavailableError")
@@ -134,7 +169,7 @@ def build_app(
             "object": "model",
             "created": int(time.time()),
             "owned_by": "meshserve",
-            "root": engine.config.model,
+            "root": served_model_name,  # never the server's filesystem path
             "max_model_len": engine.max_model_len,
         }
         return {"object": "list", "data": [card]}
@@ -145,7 +180,7 @@ def build_app(
         return Response(body, media_type=content_type)
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != served_model_name:
+        if name is not None and name != served_model_name and name not in aliases:
             raise APIError(
                 404,
                 f"model {name!r} does not exist; this server serves {served_model_name!r}",
@@ -162,6 +197,16 @@ def build_app(
             )
         return value
 
+    open_streams: weakref.WeakSet[RequestStream] = weakref.WeakSet()
+
+    def cut_streams(reason: str) -> int:
+        """End every open request with EngineDead(reason): streams send it as their final error event
+        and [DONE], waiting non-streaming requests answer 503. Returns how many requests were cut."""
+        cut = [stream for stream in open_streams if not stream.finished]
+        for stream in cut:
+            stream.queue.put_nowait(EngineDead(reason))
+        return len(cut)
+
     async def start(prompts: list[str | list[int]], params: Any) -> list[RequestStream]:
         """Queue every prompt (all or nothing: on an error the ones queued are aborted)."""
         streams: list[RequestStream] = []
@@ -172,6 +217,7 @@ def build_app(
             for stream in streams:
                 stream.abort()
             raise
+        open_streams.update(streams)
         return streams
 
     @app.post("/v1/completions")
@@ -181,6 +227,11 @@ def build_app(
             defaults, check_max_tokens(body.max_tokens, "max_tokens"), body.logprobs
         )
         prompts = [p for p in body.prompts()]
+        require(
+            len(prompts) * params.n <= MAX_CHOICES,
+            "prompt",
+            f"{len(prompts)} prompts x n={params.n} completions: at most {MAX_CHOICES} per request",
+        )
         streams = await start(prompts, params)
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served_model_name}
         states = [
@@ -246,7 +297,7 @@ def build_app(
             }
         )
 
-    app.state.llm, app.state.metrics = llm, metrics
+    app.state.llm, app.state.metrics, app.state.cut_streams = llm, metrics, cut_streams
     return app
 
 
@@ -279,6 +330,8 @@ async def _merged(
                 continue
             if isinstance(out, BaseException):
                 raise out
+            if failed := [c.error for c in out.outputs if c.finish_reason == "error"]:
+                raise RequestFailed(f"request failed: {failed[0]}")
             prompt_tokens[i] = len(out.prompt_token_ids)
             if out.prompt_logprobs is not None:
                 for state in states[i * n : (i + 1) * n]:
@@ -338,8 +391,13 @@ async def _sse(
         if include_usage:
             last = {**header, "object": kind, "choices": [], "usage": usage(prompt_tokens, states)}
             yield f"data: {json.dumps(last)}\n\n"
-    except (InputError, EngineDead) as err:  # headers are sent: report in the stream, as vLLM does
-        error = {"error": {"message": str(err), "type": "BadRequestError", "code": 400}}
+    except (InputError, EngineDead, RequestFailed) as err:  # headers are sent: report in the stream (vLLM)
+        status, kind = (
+            (400, "BadRequestError") if isinstance(err, InputError) else (500, "InternalServerError")
+        )
+        if isinstance(err, EngineDead):
+            status, kind = 503, "ServiceUnavailableError"
+        error = {"error": {"message": str(err), "type": kind, "code": status}}
         yield f"data: {json.dumps(error)}\n\n"
     finally:
         for stream in streams:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from meshserve.engine.outputs import CompletionOutput
+
+# JSON has no infinities: a -inf logprob (a banned token) is reported as this, as vLLM does
+MIN_LOGPROB = -9999.0
+
+
+def finite_logprob(value: float) -> float:
+    return value if math.isfinite(value) and value > MIN_LOGPROB else MIN_LOGPROB
 
 
 class ChoiceState:
@@ -61,7 +69,10 @@ class ChoiceState:
             choice["prompt_logprobs"] = [
                 None
                 if entry is None
-                else {str(t): {"logprob": v, "decoded_token": self._token_text(t)} for t, v in entry.items()}
+                else {
+                    str(t): {"logprob": finite_logprob(v), "decoded_token": self._token_text(t)}
+                    for t, v in entry.items()
+                }
                 for entry in self.prompt_logprobs
             ]
         return choice
@@ -70,6 +81,7 @@ class ChoiceState:
         if not self.want_logprobs:
             return None
         token = self._token_text
+        entries = [(t, {i: finite_logprob(v) for i, v in top.items()}) for t, top in entries]
         if self.chat:
             return {
                 "content": [

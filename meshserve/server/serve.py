@@ -1,20 +1,96 @@
 """``meshserve serve``: load the model, start the engine thread, serve HTTP until SIGTERM / Ctrl-C.
 
-uvicorn handles the signal: it stops accepting connections, lets open responses finish (up to
-``graceful_shutdown_s``), then the app's lifespan shuts the engine down (what is left is aborted)
-and the process exits 0.
+uvicorn handles the signal: it stops accepting connections and lets open responses finish for
+``graceful_shutdown_s``. Requests still open then are cut cleanly: each stream gets a final error event
+and ``[DONE]`` (a waiting non-streaming request a 503), and the log says how many were cut. Then the
+app's lifespan shuts the engine down and the process exits 0.
+
+Connections are bounded with uvicorn's own settings (``limit_concurrency``, keep-alive and header
+size), a first request head must arrive within HEADER_TIMEOUT_S, and a body that stalls is refused
+by the app (app.BODY_TIMEOUT_S).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from meshserve.engine.async_llm import AsyncLLM
+from meshserve.errors import number
 from meshserve.memory import pin_mmap_threshold
 
 logger = logging.getLogger(__name__)
+
+MAX_GRACE_S = 3600.0
+MAX_CONNECTIONS = 1024  # open connections + requests at once; more get 503 from uvicorn
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
+MAX_HEADER_BYTES = 64 << 10  # h11: a request head larger than this is refused
+CUT_MARGIN_S = 2.0  # after the grace period, time for cut streams to send their last event
+HEADER_TIMEOUT_S = 10.0  # a connection that has not sent its first request head by then is closed
+
+
+def graceful_server(config: Any, grace_s: float, cut: Callable[[str], int]) -> Any:
+    """A uvicorn.Server whose graceful shutdown ends the requests still open after ``grace_s`` cleanly
+    (``cut``: the app's cut_streams) instead of cancelling them mid-stream."""
+    import asyncio
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            def deadline() -> None:
+                n = cut(f"server shutting down: cut after the {grace_s:g} s grace period")
+                logger.warning("shutdown: grace period of %g s over, %d open request(s) cut", grace_s, n)
+
+            timer = asyncio.get_running_loop().call_later(grace_s, deadline)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    return Server(config)
+
+
+def _h11_with_header_timeout() -> type:
+    """uvicorn's h11 protocol (its header size limit applies), closing a connection whose first
+    request head is not complete within HEADER_TIMEOUT_S (uvicorn's keep-alive timer covers the idle
+    time between requests, nothing covers a slow first head)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._head_timeout)
+
+        def _head_timeout(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
+def server_config(app: Any, host: str, port: int, log_level: str, grace_s: float) -> Any:
+    """uvicorn's settings: the connection cap, keep-alive, header size, and the hard shutdown limit."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=grace_s + CUT_MARGIN_S,
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        http=_h11_with_header_timeout(),
+    )
 
 
 def serve(
@@ -28,23 +104,20 @@ def serve(
     **engine_args: Any,
 ) -> None:
     """Serve ``model`` (a Hugging Face-format directory) over the OpenAI API until stopped."""
-    import uvicorn
-
     from meshserve.server.app import build_app
 
+    number(graceful_shutdown_s, "graceful_shutdown_s", 0.0, MAX_GRACE_S)
     pin_mmap_threshold()  # a long-running engine: freed tensors go back to the OS, RSS stays flat
     llm = AsyncLLM.from_args(model, max_waiting=max_waiting, **engine_args)
-    name = served_model_name or model
-    app = build_app(llm, name)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_shutdown_s
-    )
+    name = served_model_name or Path(model).name  # never the server's filesystem path
+    app = build_app(llm, name, aliases=() if served_model_name else (model,))
+    config = server_config(app, host, port, log_level, graceful_shutdown_s)
     logger.info("serving %s as %r on http://%s:%d", model, name, host, port)
     # uvicorn shuts down gracefully on these signals, then re-raises them to the handlers it found:
     # make those a no-op so a graceful stop exits 0 instead of dying by the signal afterwards.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stopped)
-    uvicorn.Server(config).run()
+    graceful_server(config, graceful_shutdown_s, app.state.cut_streams).run()
     # The lifespan gave the engine 10 s to close; closing torchrun's ranks may take longer on a loaded host,
     # and a process that exits while its engine thread still holds the process groups aborts in C++.
     llm.shutdown(timeout=None)
@@ -57,19 +130,23 @@ def _stopped(signum: int, frame: object) -> None:
 class ServerThread:
     """An in-process server on 127.0.0.1 in a background thread (tests, benchmarks); ``stop()`` ends it."""
 
-    def __init__(self, llm: AsyncLLM, served_model_name: str, port: int, log_level: str = "warning") -> None:
+    def __init__(
+        self,
+        llm: AsyncLLM,
+        served_model_name: str,
+        port: int,
+        log_level: str = "warning",
+        grace_s: float = 10.0,
+    ) -> None:
         import threading
         import time
-
-        import uvicorn
 
         from meshserve.server.app import build_app
 
         self.llm, self.url = llm, f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(
-            build_app(llm, served_model_name), host="127.0.0.1", port=port, log_level=log_level
-        )
-        self.server = uvicorn.Server(config)
+        app = build_app(llm, served_model_name)
+        config = server_config(app, "127.0.0.1", port, log_level, grace_s)
+        self.server = graceful_server(config, grace_s, app.state.cut_streams)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 60

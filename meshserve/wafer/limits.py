@@ -31,6 +31,10 @@ class Limits:
     bytes_per_device_pair: float
     bytes_per_trace_entry: float
     bytes_per_link_step: float
+    bytes_per_expert_device: float
+    bytes_per_packet: float
+    bytes_per_packet_hop: float
+    bytes_per_channel_cycle: float
 
 
 @lru_cache(maxsize=1)
@@ -81,6 +85,25 @@ def iteration_bytes(hw: Hardware, iterations: int, moe_layers: int, experts: int
     return topology_bytes(hw) + int(iterations * per_step)
 
 
+def layer_bytes(hw: Hardware, experts: int) -> int:
+    """Estimated peak bytes of one MoE layer's simulation: routes plus the [experts, devices] arrays."""
+    return topology_bytes(hw) + int(experts * hw.num_devices * limits().bytes_per_expert_device)
+
+
+def noc_bytes(hw: Hardware, packets: float, flits_per_packet: int, models: tuple[str, ...]) -> int:
+    """Estimated peak bytes of `wafer noc`: routes, the batch's packets and, for the cycle-level models,
+    each packet's route (injection port, at most rows + cols - 2 links, ejection port) and the packet
+    model's per-cycle ring buffers of one packet's flits over every channel."""
+    lim = limits()
+    estimate = topology_bytes(hw) + packets * lim.bytes_per_packet
+    if {"packet", "flit"} & set(models):
+        estimate += packets * (hw.rows + hw.cols + 2) * lim.bytes_per_packet_hop
+    if "packet" in models:
+        channels = 6 * hw.num_devices  # at most 4 mesh links per die, plus its two ports
+        estimate += (flits_per_packet + 2) * channels * lim.bytes_per_channel_cycle
+    return int(min(estimate, 1 << 80))
+
+
 def check_fits(estimate: int, what: str, field: str) -> None:
     """InputError(field) with the estimate when ``estimate`` bytes exceed the budget."""
     budget = budget_bytes()
@@ -111,6 +134,28 @@ def check_platform(hw: Hardware) -> None:
         wafers = f" x {hw.wafers} wafers" if hw.wafers > 1 else ""
         what += f" (largest square mesh that fits: {k}x{k}{wafers})"
     check_fits(topology_bytes(hw), what, "hardware")
+
+
+def check_layer(hw: Hardware, experts: int) -> None:
+    """Refuse a layer simulation that would not fit (field ``model`` once the platform fits)."""
+    check_platform(hw)
+    check_fits(layer_bytes(hw, experts), f"{experts} routed experts on {hw.num_devices} devices", "model")
+
+
+def check_noc(
+    hw: Hardware, packets: float, flits_per_packet: int, models: tuple[str, ...], field: str
+) -> None:
+    """Refuse a noc run that would not fit: the mesh first, then the batch (``field`` names where its
+    packets come from; flits_per_packet when one-flit packets would have fit)."""
+    check_platform(hw)
+    estimate = noc_bytes(hw, packets, flits_per_packet, models)
+    if estimate > budget_bytes() and noc_bytes(hw, packets, 1, models) <= budget_bytes():
+        field = "flits_per_packet"
+    check_fits(
+        estimate,
+        f"{packets:.3g} packets of {flits_per_packet} flits on {hw.rows}x{hw.cols} ({', '.join(models)})",
+        field,
+    )
 
 
 def check_iterations(hw: Hardware, iterations: int, moe_layers: int, experts: int) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from meshserve.errors import InputError, integer, require
 from meshserve.wafer.flitsim import simulate_flits
 from meshserve.wafer.hardware import Hardware, load_hardware
+from meshserve.wafer.limits import check_noc, check_platform
 from meshserve.wafer.packetsim import NocParams, simulate_packets
 from meshserve.wafer.presets import PRESET_DIR, Section, read_yaml
 from meshserve.wafer.timemodel import TIME_MODELS, collective_time
@@ -57,16 +58,7 @@ def packet_matrix(pattern: str, rows: int, cols: int, packets_per_node: int, see
     """[nodes, nodes] packets per (source, destination) for one batch."""
     n = rows * cols
     if pattern.endswith(".npy"):
-        path = Path(pattern)
-        require(path.is_file(), "pattern", f"no such file {pattern}")
-        matrix = np.load(path)
-        require(matrix.shape == (n, n), "pattern", f"{path.name} must be [{n}, {n}], got {matrix.shape}")
-        require(
-            bool(np.isfinite(matrix).all()) and (matrix >= 0).all() and (matrix == np.round(matrix)).all(),
-            "pattern",
-            f"{path.name} must hold whole packet counts >= 0",
-        )
-        return matrix.astype(np.int64)
+        return read_packet_file(Path(pattern), n)
     out = np.zeros((n, n), dtype=np.int64)
     if pattern == "uniform":
         rng = np.random.default_rng(seed)
@@ -78,6 +70,41 @@ def packet_matrix(pattern: str, rows: int, cols: int, packets_per_node: int, see
     out[np.arange(n), permutation(pattern, rows, cols)] = packets_per_node
     np.fill_diagonal(out, 0)  # a node that maps to itself sends nothing over the network
     return out
+
+
+def read_packet_file(path: Path, n: int) -> np.ndarray:
+    """A .npy [n, n] matrix of whole packet counts >= 0, each below 2^53; its header (dtype, shape) is
+    checked before any data is read, and the data is read through a memory map."""
+    require(path.is_file(), "pattern", f"no such file {path}")
+    try:
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(f)
+    except (ValueError, OSError, SyntaxError) as err:
+        raise InputError("pattern", f"{path.name} is not a .npy array ({str(err)[:120]})") from None
+    require(
+        dtype.kind in "biuf" and dtype.fields is None,
+        "pattern",
+        f"{path.name} must hold integers or floats, got dtype {dtype}",
+    )
+    require(shape == (n, n), "pattern", f"{path.name} must be [{n}, {n}], got {list(shape)}")
+    try:
+        matrix = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as err:  # e.g. a file shorter than its header says
+        raise InputError("pattern", f"{path.name} cannot be read ({str(err)[:120]})") from None
+    values = np.asarray(matrix, dtype=np.float64)
+    require(
+        bool(np.isfinite(values).all() and (values >= 0).all() and (values == np.round(values)).all())
+        and bool((values < 2.0**53).all()),
+        "pattern",
+        f"{path.name} must hold whole packet counts in [0, 2^53)",
+    )
+    return values.astype(np.int64)
 
 
 def noc_platform(rows: int, cols: int, injection_ports: float, hop_cycles: float) -> Hardware:
@@ -170,10 +197,18 @@ def noc_cycles(
     ports = d.integer("injection_ports") if injection_ports is None else injection_ports
     integer(ports, "injection_ports", 1, 64)
     hw = noc_platform(rows, cols, ports, d.integer("hop_cycles"))
+    # Every dimension that scales memory is estimated before anything is allocated: the mesh, then the
+    # batch (packets x flits; a file's counts once its header and values are checked).
+    if pattern.endswith(".npy"):
+        check_platform(hw)
+        packets = packet_matrix(pattern, rows, cols, packets_per_node, seed)
+        check_noc(hw, float(packets.sum(dtype=np.float64)), flits_per_packet, models, "pattern")
+    else:
+        check_noc(hw, rows * cols * packets_per_node, flits_per_packet, models, "packets_per_node")
+        packets = packet_matrix(pattern, rows, cols, packets_per_node, seed)
     topo = topology_for(hw)
     port = np.isin(topo.link_kind, ("inject", "eject"))
     topo = dataclasses.replace(topo, link_latency=np.where(port, d.integer("port_cycles"), topo.link_latency))
-    packets = packet_matrix(pattern, rows, cols, packets_per_node, seed)
     cycles, seconds = {}, {}
     for model in models:
         start = time.perf_counter()

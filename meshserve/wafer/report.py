@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meshserve.wafer.hardware import Hardware, load_hardware
-from meshserve.wafer.limits import check_platform
+from meshserve.wafer.limits import check_layer
 from meshserve.wafer.mapping import Mapping, make_mapping
 from meshserve.wafer.models import MoEModel, load_model
 from meshserve.wafer.simulate import LayerResult, simulate_layer, step_s
@@ -25,7 +25,7 @@ def run_layer(
 ) -> tuple[Hardware, MoEModel, Mapping, float, LayerResult]:
     """Load presets, build the mapping and evaluate one MoE layer."""
     hw, mo = load_hardware(hardware), load_model(model)
-    check_platform(hw)
+    check_layer(hw, mo.routed_experts)
     m = make_mapping(hw, tp, mapping)
     layer = simulate_layer(hw, mo, m, tokens_per_device, ep=ep, context=context, time_model=time_model)
     return hw, mo, m, tokens_per_device, layer

@@ -28,7 +28,8 @@ def test_generate_bad_input_is_one_line_and_exit_2(tiny_model_dir, monkeypatch, 
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == "error: temperature: must be >= 0 (0 = greedy), got -1.0\n"
+    expected = "error: temperature: must be [0, 10000] (below 1e-05 = greedy), got -1.0\n"
+    assert capsys.readouterr().err == expected
 
 
 @pytest.mark.parametrize(

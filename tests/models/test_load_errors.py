@@ -161,3 +161,23 @@ def test_a_tokenizer_config_without_usable_special_tokens_is_refused(model_dir):
 def test_a_config_describing_a_model_larger_than_the_machine_is_refused_before_allocating(model_dir):
     edit_config(model_dir, hidden_size=1 << 16, intermediate_size=1 << 20, num_hidden_layers=64)
     expect_error(model_dir, "config.json", "GiB of weights .* more than the .* available")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", "hot"),
+        ("temperature", -1),
+        ("top_p", 0),
+        ("top_k", 1 << 70),
+        ("repetition_penalty", 0),
+        ("max_new_tokens", 0),
+        ("min_p", True),
+    ],
+)
+def test_generation_config_defaults_are_checked_at_load_naming_file_and_field(model_dir, field, value):
+    """The model's own defaults are its fault: refused when it loads, never on a request that omits them."""
+    path = model_dir / "generation_config.json"
+    generation = json.loads(path.read_text())
+    path.write_text(json.dumps({**generation, field: value}))
+    expect_error(model_dir, f"generation_config.json:{field}", "must be")

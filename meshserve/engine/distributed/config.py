@@ -90,6 +90,8 @@ class ParallelConfig:
     expert_placement: initial ``holds[moe_layer, expert, rank]`` (bool array, or a .npy path);
         None spreads experts evenly and fills the redundant slots round robin.
     step_timeout_s: the front end's wait for one step of every rank before it calls the engine dead.
+    oversubscribe: spawn more ranks than this process has cores (each rank gets one thread); without
+        it such a size is refused, since ranks that share cores make no progress worth having.
     """
 
     data_parallel_size: int = 1
@@ -98,11 +100,12 @@ class ParallelConfig:
     eplb_config: dict[str, Any] | EPLBConfig = field(default_factory=dict)
     expert_placement: Any = None
     step_timeout_s: float = 120.0
+    oversubscribe: bool = False
 
     def __post_init__(self) -> None:
         n = self.data_parallel_size
         require(isinstance(n, int) and n >= 1, "data_parallel_size", f"must be an integer >= 1, got {n!r}")
-        for name in ("enable_expert_parallel", "enable_eplb"):
+        for name in ("enable_expert_parallel", "enable_eplb", "oversubscribe"):
             require(
                 isinstance(getattr(self, name), bool),
                 name,

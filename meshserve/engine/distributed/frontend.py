@@ -52,11 +52,18 @@ def expert_placement(parallel: ParallelConfig, mc: ModelConfig) -> np.ndarray | 
     return validate_placement(parallel.expert_placement, mc.num_moe_layers, mc.num_experts, n)
 
 
-def start_ranks(spec: RankSpec) -> Ranks:
+def start_ranks(spec: RankSpec, oversubscribe: bool = False) -> Ranks:
     """Spawn the ranks here, or, under torchrun, join its launch: rank 0 returns, the others serve rank
     0's commands and leave the process when it closes (they never return)."""
     launch = torchrun_launch()
     if launch is None:
+        cores = available_cores()
+        require(
+            spec.world_size <= cores or oversubscribe,
+            "data_parallel_size",
+            f"{spec.world_size} rank processes on {cores} cores: at most {cores} "
+            "(oversubscribe=True / --oversubscribe starts them anyway)",
+        )
         return SpawnedRanks(spec)
     require(
         launch.world_size == spec.world_size,
@@ -122,8 +129,9 @@ class DistributedEngine:
             parallel.step_timeout_s,
             record_counts=config.record_expert_trace is not None,
         )
-        self.ranks = start_ranks(spec)
+        self.ranks = start_ranks(spec, parallel.oversubscribe)
         self.max_model_len = self.ranks.started(START_TIMEOUT_S)[0]
+        self.tokenizer.bound_prompt_chars(self.max_model_len)  # LLM.chat tokenizes here
         self.owner: dict[str, int] = {}  # unfinished request -> its rank
         self._ids = itertools.count()
         self.num_steps = 0

@@ -87,3 +87,18 @@ def test_speculative_decoding_per_rank_and_one_expert_trace_from_all_ranks(mixtr
     trace = ExpertTrace.load(tmp_path / "t.npz")
     assert trace.meta["data_parallel_size"] == 2 and trace.counts.shape[1:] == (2, 4)
     assert (trace.counts.sum(axis=(0, 2)) == trace.top_k * forwarded).all()  # every token, every MoE layer
+
+
+def test_more_ranks_than_cores_are_refused_unless_oversubscribed(mixtral, monkeypatch):
+    """--data-parallel-size 64 on 2 cores once started 64 processes that produced nothing in a minute."""
+    import meshserve.engine.distributed.frontend as frontend
+
+    monkeypatch.setattr(frontend, "available_cores", lambda: 1)
+    spawned = []
+    monkeypatch.setattr(frontend, "SpawnedRanks", lambda spec: spawned.append(spec))
+    with pytest.raises(InputError, match="2 rank processes on 1 cores: at most 1 .*--oversubscribe") as err:
+        LLM(mixtral, data_parallel_size=2, enable_expert_parallel=True)
+    assert err.value.field == "data_parallel_size" and not spawned
+    with pytest.raises(AttributeError):  # past the check: our stand-in "ranks" cannot start an engine
+        LLM(mixtral, data_parallel_size=2, enable_expert_parallel=True, oversubscribe=True)
+    assert len(spawned) == 1
