@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from meshserve.engine.distributed.config import ParallelConfig
     from meshserve.engine.spec.config import SpecConfig
 
-DTYPE_NAMES = ("float32", "bfloat16")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # auto: the checkpoint's (config.json)
 DEVICES = ("cpu", "cuda")  # engine/device.py turns these into torch devices
 DEFAULT_MAX_NUM_SEQS = 128
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -116,7 +116,7 @@ class EngineConfig:
     """
 
     model: str
-    dtype: str = "float32"
+    dtype: str = "auto"
     seed: int = 0
     record_expert_trace: str | None = None
     speculative_config: dict[str, Any] | SpecConfig | None = None

@@ -11,9 +11,10 @@ import torch
 
 from meshserve.errors import InputError
 from meshserve.machine import available_memory
-from meshserve.models.config import ModelConfig, parse_config, parse_dtype, resolve_aliases
+from meshserve.memory import MemoryNeed, check_memory
+from meshserve.models.config import AUTO, ModelConfig, parse_config, parse_dtype, resolve_aliases
 from meshserve.models.decoder import DecoderLM
-from meshserve.models.layers.moe import StackedExperts
+from meshserve.models.hub import resolve_model
 from meshserve.models.registry import ARCHITECTURES
 from meshserve.models.tokenizer import Tokenizer
 from meshserve.models.weights import load_weights
@@ -53,32 +54,26 @@ def _architecture(hf: dict[str, Any]) -> str:
     raise InputError("config.json:architectures", f"unsupported {names}; supported: {supported}")
 
 
-def _check_fits(cls: type[DecoderLM], config: ModelConfig, dtype: torch.dtype) -> None:
-    """Size the weights on the meta device first: a config.json can describe a model of any size."""
+def weight_bytes(config: ModelConfig) -> int:
+    """Bytes of the model's parameters in its dtype, sized on the meta device (nothing allocated)."""
     with torch.device("meta"):
-        need = sum(p.numel() for p in cls(config).parameters()) * dtype.itemsize
-    have = available_memory()
-    if need > have:
-        gib = 1 << 30
-        raise InputError(
-            "config.json",
-            f"describes {need / gib:.1f} GiB of weights ({dtype}), more than the "
-            f"{have / gib:.1f} GiB this machine has available",
-        )
+        model = ARCHITECTURES[config.arch](config)
+    return sum(p.numel() for p in model.parameters()) * config.dtype.itemsize
 
 
-def load_config(path: str | Path, dtype: str | torch.dtype = "float32") -> tuple[ModelConfig, Tokenizer]:
-    """The model's config and tokenizer from `path`, without reading any weights."""
-    path = Path(path)
-    torch_dtype = parse_dtype(dtype)
-    if not path.is_dir():
-        raise InputError("model", f"{path} is not a directory")
+def load_config(
+    path: str | Path, dtype: str | torch.dtype = AUTO, revision: str | None = None
+) -> tuple[ModelConfig, Tokenizer]:
+    """The model's config and tokenizer from `path` (a directory, or a model id in the local Hugging Face
+    cache at `revision`), without reading any weights. dtype "auto" is the checkpoint's own."""
+    path = resolve_model(path, revision)
     hf = _read_json(path / "config.json", required=True)
+    torch_dtype = parse_dtype(dtype, hf)
     generation = _read_json(path / "generation_config.json", required=False)
     arch = _architecture(hf)
     cls = ARCHITECTURES[arch]
     hf = resolve_aliases(hf, cls.config_aliases)
-    config = parse_config(hf, arch, name=path.name, dtype=torch_dtype, generation=generation)
+    config = parse_config(hf, arch, name=_name(path), dtype=torch_dtype, generation=generation)
     cls.configure(config, hf)
     tokenizer = Tokenizer.from_dir(path, config.bos_token_id, config.eos_token_ids)
     if not config.eos_token_ids:
@@ -95,16 +90,23 @@ def load_config(path: str | Path, dtype: str | torch.dtype = "float32") -> tuple
     return config, tokenizer
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "float32") -> LoadedModel:
-    """Load config.json, safetensors weights (single or sharded) and tokenizer.json from `path`."""
-    config, tokenizer = load_config(path, dtype)
-    cls = ARCHITECTURES[config.arch]
-    _check_fits(cls, config, config.dtype)
-    model = cls(config)
-    load_weights(model, Path(path))
-    model.to(config.dtype).requires_grad_(False).eval()
-    model.rotary.inv_freq = model.rotary.inv_freq.float()  # frequencies stay float32, as in transformers
-    for module in model.modules():
-        if isinstance(module, StackedExperts):
-            module.transposed_layout()
+def load_model(
+    path: str | Path, dtype: str | torch.dtype = AUTO, revision: str | None = None, check_fits: bool = True
+) -> LoadedModel:
+    """Load config.json, safetensors weights (single or sharded) and tokenizer.json from `path` (see
+    load_config). The model is built on the meta device and each weight read once into its final dtype
+    and layout (weights.py); unless ``check_fits`` is off (the caller checked more), they must fit first."""
+    config, tokenizer = load_config(path, dtype, revision)
+    if check_fits:
+        check_memory(MemoryNeed(weights=weight_bytes(config)), available_memory(), "config.json")
+    with torch.device("meta"):
+        model = ARCHITECTURES[config.arch](config)
+    load_weights(model, resolve_model(path, revision), config.dtype)
+    model.eval()
     return LoadedModel(model=model, config=config, tokenizer=tokenizer)
+
+
+def _name(path: Path) -> str:
+    """The model's display name: Org/Name for a Hugging Face cache snapshot, else the directory's name."""
+    repo = path.parent.parent.name if path.parent.name == "snapshots" else ""
+    return repo.removeprefix("models--").replace("--", "/") if repo.startswith("models--") else path.name
