@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -31,8 +32,11 @@ from meshserve.engine.scheduler import Scheduler, WorkItem, WorkKind
 from meshserve.engine.spec.decoder import SpecDecoder
 from meshserve.engine.stop import StopChecker
 from meshserve.errors import InputError, require
-from meshserve.kernels.profile import load_gemm_table
-from meshserve.models.loader import load_model
+from meshserve.kernels.profile import GemmTable, load_gemm_table
+from meshserve.memory import MemoryNeed, check_memory
+from meshserve.models.config import dtype_name
+from meshserve.models.loader import build_model, load_config, weight_bytes
+from meshserve.models.registry import ARCHITECTURES
 from meshserve.traces import ExpertTrace
 
 logger = logging.getLogger(__name__)
@@ -50,10 +54,8 @@ class Engine:
         )
         torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
-        loaded = load_model(config.model, config.dtype)
-        self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
-        self.model.to(self.device)
-        mc = self.model_config
+        mc, self.tokenizer = load_config(config.model, config.dtype, config.revision)
+        self.model_config = mc
         limit = mc.max_position_embeddings
         max_model_len = config.scheduler.max_model_len or limit
         require(
@@ -71,16 +73,18 @@ class Engine:
             config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, max_model_len
         )
         cache = config.cache
+        table = load_gemm_table(config.kernel_profile) if self.device.type == "cpu" else None
         per_block = block_bytes(mc.num_layers, mc.num_kv_heads, mc.head_dim, cache.block_size, mc.dtype)
-        blocks = num_kv_blocks(cache, per_block, max_model_len, sched.max_num_seqs, free_memory(self.device))
+        blocks = self._check_memory(table, per_block, sched)
+        self.model = build_model(mc, config.model, config.revision).to(self.device)
         self.kv_caches = allocate_kv_cache(
             mc.num_layers, blocks, cache.block_size, mc.num_kv_heads, mc.head_dim, mc.dtype, self.device
         )
         prefix_cache = PrefixCache(cache.block_size) if cache.enable_prefix_caching else None
         self.blocks = BlockManager(blocks, cache.block_size, prefix_cache, self.kv_caches)
         self.scheduler = Scheduler(sched, self.blocks)
-        if self.device.type == "cpu":  # SmoothGEMM's primitives and the fused MoE op are CPU code
-            self.model.prepare_gemms(load_gemm_table(config.kernel_profile), sched.max_num_batched_tokens)
+        if table is not None:  # SmoothGEMM's primitives and the fused MoE op are CPU code
+            self.model.prepare_gemms(table, sched.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
         self.sampler = Sampler(config.seed)
         spec = config.speculative_config
@@ -88,7 +92,12 @@ class Engine:
             None
             if spec is None
             else SpecDecoder(
-                spec, mc.vocab_size, config.dtype, max_model_len, Sampler.probs, self.sampler.generator
+                spec,
+                mc.vocab_size,
+                dtype_name(mc.dtype),
+                max_model_len,
+                Sampler.probs,
+                self.sampler.generator,
             )
         )
         self.stopper = StopChecker(self.tokenizer, mc.eos_token_ids, max_model_len)
@@ -104,11 +113,35 @@ class Engine:
             "engine: %s (%s, %s), %d KV blocks of %d tokens (%.3f GiB)",
             mc.name,
             mc.arch,
-            config.dtype,
+            dtype_name(mc.dtype),
             blocks,
             cache.block_size,
             blocks * per_block / (1 << 30),
         )
+
+    def _check_memory(self, table: GemmTable | None, per_block: int, sched: SchedulerConfig) -> int:
+        """Refuse, before allocating anything, a model whose weights, kernel copies, draft and KV cache do
+        not fit what the device has available (naming each); returns the KV cache's block count."""
+        mc, config = self.model_config, self.config
+        with torch.device("meta"):
+            meta = ARCHITECTURES[mc.arch](mc)
+        weights = sum(p.numel() * p.element_size() for p in meta.parameters())
+        copies = 0 if table is None else meta.kernel_copy_bytes(table, sched.max_num_batched_tokens)
+        spec = config.speculative_config
+        draft = 0
+        if spec is not None and spec.method == "draft_model":
+            try:
+                draft = weight_bytes(load_config(spec.model, dtype_name(mc.dtype))[0])
+            except InputError as err:  # name the draft, so it is not taken for the target model
+                raise InputError("speculative_config.model", f"draft model {spec.model}: {err}") from None
+        need = MemoryNeed(weights=weights, kernel_copies=copies, draft=draft)
+        available = free_memory(self.device)
+        check_memory(need, available, "model")
+        blocks = num_kv_blocks(
+            config.cache, per_block, self.max_model_len, sched.max_num_seqs, available - need.total
+        )
+        check_memory(replace(need, kv_cache=blocks * per_block), available, "model")
+        return blocks
 
     @classmethod
     def from_args(cls, model: str, **engine_args: Any) -> Engine:
@@ -386,7 +419,7 @@ class Engine:
             else np.zeros((0, mc.num_moe_layers, mc.num_experts), dtype=np.int64)
         )
         meta = {
-            "dtype": self.config.dtype,
+            "dtype": dtype_name(self.model_config.dtype),
             "seed": self.config.seed,
             "max_num_batched_tokens": self.scheduler.config.max_num_batched_tokens,
             "max_num_seqs": self.scheduler.config.max_num_seqs,

@@ -31,6 +31,11 @@ def parse_dtype(dtype: str | torch.dtype, hf: dict[str, Any] | None = None) -> t
     raise InputError("dtype", f"unsupported dtype {dtype!r}; allowed: {AUTO}, {', '.join(DTYPES)}")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """ "bfloat16" for torch.bfloat16: the name parse_dtype reads back."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass
 class ModelConfig:
     """Model shape and options. The first block is the engine's contract; the rest feeds the layers."""

@@ -94,16 +94,21 @@ def load_model(
     path: str | Path, dtype: str | torch.dtype = AUTO, revision: str | None = None, check_fits: bool = True
 ) -> LoadedModel:
     """Load config.json, safetensors weights (single or sharded) and tokenizer.json from `path` (see
-    load_config). The model is built on the meta device and each weight read once into its final dtype
-    and layout (weights.py); unless ``check_fits`` is off (the caller checked more), they must fit first."""
+    load_config and build_model); unless ``check_fits`` is off (the caller checked more), the weights must
+    fit the memory available first."""
     config, tokenizer = load_config(path, dtype, revision)
     if check_fits:
         check_memory(MemoryNeed(weights=weight_bytes(config)), available_memory(), "config.json")
+    return LoadedModel(model=build_model(config, path, revision), config=config, tokenizer=tokenizer)
+
+
+def build_model(config: ModelConfig, path: str | Path, revision: str | None = None) -> DecoderLM:
+    """The model of `config` (from load_config) with its weights from `path`: built on the meta device,
+    each weight then read once into its final dtype and layout (weights.py)."""
     with torch.device("meta"):
         model = ARCHITECTURES[config.arch](config)
     load_weights(model, resolve_model(path, revision), config.dtype)
-    model.eval()
-    return LoadedModel(model=model, config=config, tokenizer=tokenizer)
+    return model.eval()
 
 
 def _name(path: Path) -> str:

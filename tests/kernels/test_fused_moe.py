@@ -103,13 +103,14 @@ def test_steps_over_the_fused_limit_take_the_batched_matmuls(monkeypatch):
 
     calls = []
     monkeypatch.setattr(moe_module, "fused_moe", lambda *args: calls.append(len(args[0])) or fused_moe(*args))
+    monkeypatch.setattr(moe_module, "fused_max_tokens", lambda dtype: 8)  # as if the profile listed 8
     torch.manual_seed(0)
     moe = SparseMoE(64, 48, num_experts=4, top_k=2, renormalize=True, weights_in_model_dtype=False)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
     reference = copy.deepcopy(moe)
     moe.experts.prepare([PLAIN], [PLAIN])
-    moe.experts.fused_max_tokens = 8
+    assert not moe.experts.gate_up_proj.is_meta  # the batched matmuls still need the stacked weights
     with torch.no_grad():
         for tokens in (8, 9):
             x = torch.randn(tokens, 64)
@@ -178,8 +179,12 @@ def test_bfloat16_layer_the_op_always_serves_keeps_no_float32_copy():
 
     moe = SparseMoE(64, 48, num_experts=4, top_k=2, renormalize=True, weights_in_model_dtype=False)
     moe = moe.to(torch.bfloat16)
+    torch_path = copy.deepcopy(moe)
     f32 = [GemmChoice("packed_f32")]
     moe.experts.prepare(f32, f32)
     assert moe.experts.packed is not None and moe.experts._f32 == (None, None)
-    moe.experts.prepare(f32, f32, fused=False)  # the torch path serves every step: it gets its copies
-    assert all(w is not None and w.dtype == torch.float32 for w in moe.experts._f32)
+    assert moe.experts.gate_up_proj.is_meta and moe.experts.down_proj.is_meta  # the packed copy is the one
+    with pytest.raises(RuntimeError, match="kept only packed"):
+        moe.experts.prepare(f32, f32, fused=False)
+    torch_path.experts.prepare(f32, f32, fused=False)  # the torch path serves every step: it gets its copies
+    assert all(w is not None and w.dtype == torch.float32 for w in torch_path.experts._f32)
