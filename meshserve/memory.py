@@ -55,14 +55,16 @@ def check_memory(need: MemoryNeed, available: int, field: str) -> None:
     """Refuse (InputError on ``field``) when ``need`` is more than ``available`` bytes, naming each part."""
     if need.total <= available:
         return
-    gib = 1 << 30
     parts = ", ".join(
-        f"{getattr(need, f.name) / gib:.2f} GiB of {f.name.replace('_', ' ')}"
+        f"{_size(getattr(need, f.name))} of {f.name.replace('_', ' ')}"
         for f in fields(need)
         if getattr(need, f.name)
     )
     raise InputError(
         field,
-        f"needs {need.total / gib:.2f} GiB ({parts}), more than the {available / gib:.2f} GiB "
-        "this machine has available",
+        f"needs {_size(need.total)} ({parts}), more than the {_size(available)} this machine has available",
     )
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.2f} MiB"

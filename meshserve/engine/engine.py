@@ -35,8 +35,7 @@ from meshserve.errors import InputError, require
 from meshserve.kernels.profile import GemmTable, load_gemm_table
 from meshserve.memory import MemoryNeed, check_memory
 from meshserve.models.config import dtype_name
-from meshserve.models.loader import build_model, load_config, weight_bytes
-from meshserve.models.registry import ARCHITECTURES
+from meshserve.models.loader import build_model, load_config, meta_model, weight_bytes
 from meshserve.traces import ExpertTrace
 
 logger = logging.getLogger(__name__)
@@ -123,8 +122,7 @@ class Engine:
         """Refuse, before allocating anything, a model whose weights, kernel copies, draft and KV cache do
         not fit what the device has available (naming each); returns the KV cache's block count."""
         mc, config = self.model_config, self.config
-        with torch.device("meta"):
-            meta = ARCHITECTURES[mc.arch](mc)
+        meta = meta_model(mc)
         weights = sum(p.numel() * p.element_size() for p in meta.parameters())
         copies = 0 if table is None else meta.kernel_copy_bytes(table, sched.max_num_batched_tokens)
         spec = config.speculative_config

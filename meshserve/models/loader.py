@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from meshserve.errors import InputError
 from meshserve.machine import available_memory
@@ -54,11 +55,23 @@ def _architecture(hf: dict[str, Any]) -> str:
     raise InputError("config.json:architectures", f"unsupported {names}; supported: {supported}")
 
 
-def weight_bytes(config: ModelConfig) -> int:
-    """Bytes of the model's parameters in its dtype, sized on the meta device (nothing allocated)."""
+def meta_model(config: ModelConfig) -> DecoderLM:
+    """The model of `config` with its parameters on the meta device in its dtype: shapes only, nothing
+    allocated. Buffers keep theirs (the rotary frequencies stay float32, as in transformers)."""
     with torch.device("meta"):
         model = ARCHITECTURES[config.arch](config)
-    return sum(p.numel() for p in model.parameters()) * config.dtype.itemsize
+    typed: dict[int, nn.Parameter] = {}  # by the original's id: a tied parameter stays one parameter
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                typed.setdefault(id(p), nn.Parameter(p.to(config.dtype), requires_grad=False))
+                module._parameters[name] = typed[id(p)]
+    return model
+
+
+def weight_bytes(config: ModelConfig) -> int:
+    """Bytes of the model's parameters in its dtype."""
+    return sum(p.numel() * p.element_size() for p in meta_model(config).parameters())
 
 
 def load_config(
@@ -105,8 +118,7 @@ def load_model(
 def build_model(config: ModelConfig, path: str | Path, revision: str | None = None) -> DecoderLM:
     """The model of `config` (from load_config) with its weights from `path`: built on the meta device,
     each weight then read once into its final dtype and layout (weights.py)."""
-    with torch.device("meta"):
-        model = ARCHITECTURES[config.arch](config)
+    model = meta_model(config)
     load_weights(model, resolve_model(path, revision), config.dtype)
     return model.eval()
 

@@ -162,4 +162,4 @@ def test_a_tokenizer_config_without_usable_special_tokens_is_refused(model_dir):
 
 def test_a_config_describing_a_model_larger_than_the_machine_is_refused_before_allocating(model_dir):
     edit_config(model_dir, hidden_size=1 << 16, intermediate_size=1 << 20, num_hidden_layers=64)
-    expect_error(model_dir, "config.json", "GiB of weights.* more than the .* available")
+    expect_error(model_dir, "config.json", "GiB of weights\\), more than the .* available")
