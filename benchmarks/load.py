@@ -9,9 +9,11 @@ vocab 32k) of about the same size, then measures each loader in its own process:
 - ``meshserve engine``: a whole ``Engine`` (load, kernel packing, a KV cache of ``--kv-gib``);
 - ``transformers``: ``AutoModelForCausalLM.from_pretrained(dtype=torch.bfloat16)``.
 
-Each row: RSS after imports (the runtime's fixed size, ``base``), peak RSS (VmHWM), the peak's growth over
-base as a ratio to the checkpoint's weight bytes, steady RSS after loading (less base and the KV cache, as a
-ratio too), and seconds. ``--delete`` removes the checkpoints afterwards.
+Each row: RSS after imports (the runtime's fixed size, ``base``), peak RSS (VmHWM) and steady RSS after
+loading, each less base and the engine's KV cache as a ratio to the checkpoint's weight bytes, and seconds.
+transformers maps the safetensors and leaves bfloat16 tensors as views of the map, so its weights become
+resident only when read: every row reads each weight once after loading (``touched``: steady RSS then, as a
+ratio) so all count what serving holds. ``--delete`` removes the checkpoints afterwards.
 """
 
 from __future__ import annotations
@@ -106,6 +108,16 @@ def measure(who: str, path: Path, kv_gib: float) -> dict[str, float]:
     gc.collect()
     kv = kv_gib * 1024 if who == "meshserve-engine" else 0.0
     out = {"base": base, "peak": rss("VmHWM"), "steady": rss("VmRSS"), "kv": kv, "seconds": seconds}
+    model = getattr(loaded, "model", loaded)
+    tensors = list(model.parameters()) + [
+        p for m in model.modules() for p in getattr(m, "packed", None) or ()
+    ]
+    for t in tensors:  # read every weight once (meta ones hold nothing), 16M elements at a time
+        if not t.is_meta and t.numel():
+            rows = max(1, (1 << 24) * t.shape[0] // t.numel()) if t.dim() else 1
+            for chunk in t.split(rows) if t.dim() else [t]:
+                chunk.float().sum()
+    out["touched"] = rss("VmRSS")
     del loaded
     return out
 
@@ -146,15 +158,16 @@ def main() -> None:
             r = json.loads(
                 subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
             )
-            grow, kept = r["peak"] - r["base"], r["steady"] - r["base"] - r["kv"]
+            ratio = {k: (r[k] - r["base"] - r["kv"]) / weights for k in ("peak", "steady", "touched")}
             print(
-                f"{name:6} {who:17} {weights:8.0f} {r['base']:6.0f} {r['peak']:7.0f} "
-                f"{grow / weights:8.2f}x {r['steady']:7.0f} {kept / weights:9.2f}x {r['seconds']:7.1f}",
+                f"{name:6} {who:17} {weights:8.0f} {r['base']:6.0f} {r['peak']:7.0f} {ratio['peak']:5.2f}x "
+                f"{r['steady']:7.0f} {ratio['steady']:5.2f}x {r['touched']:7.0f} {ratio['touched']:5.2f}x "
+                f"{r['seconds']:7.1f}",
                 flush=True,
             )
         if args.delete:
             shutil.rmtree(path)
-    print("MiB; peak-base and st-base-kv as ratios to the weights' bytes; one process per row")
+    print("MiB; each ratio is (RSS - base - KV cache) / weights; one process per row")
 
 
 if __name__ == "__main__":

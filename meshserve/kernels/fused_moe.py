@@ -11,6 +11,7 @@ softmax, top-k, renormalisation and per-expert counts in one call; SparseMoE.rou
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from functools import cache
@@ -73,6 +74,28 @@ def pack_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tenso
             for o, p in zip(out, _pack_expert(gate_up[x], down[x]), strict=True):
                 o[x] = p
     return out
+
+
+def pack_experts_in_place(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_experts written over the weights' own storage, expert by expert, where an expert's blocks take
+    exactly its weights' bytes (I a multiple of 32, H of COLS; row- or column-major experts): packing then
+    needs one expert's temporaries, not a second copy of the layer. The weights are garbage afterwards:
+    the caller drops them. A weight that does not fit its blocks is packed into a new tensor."""
+    shapes = [
+        p.shape for p in _pack_expert(*(w.new_empty(w.shape[1:], device="meta") for w in (gate_up, down)))
+    ]
+    out = []
+    for w, shape in zip((gate_up, down), shapes, strict=True):
+        e, n, k = w.shape
+        dense = w.stride(0) == n * k and w.stride()[1:] in ((k, 1), (1, n))  # each expert one slab
+        if dense and math.prod(shape) == n * k:
+            out.append(w.new_empty(0).set_(w.untyped_storage(), w.storage_offset(), (e, *shape)))
+        else:
+            out.append(w.new_empty(e, *shape))
+    for x in range(gate_up.shape[0]):  # expert x's blocks replace expert x's weights, read just before
+        for o, p in zip(out, _pack_expert(gate_up[x], down[x]), strict=True):
+            o[x] = p
+    return out[0], out[1]
 
 
 def _pack_expert(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshserve.kernels import native
-from meshserve.kernels.fused_moe import fused_moe, moe_reference, pack_experts, use_fused_moe
+from meshserve.kernels.fused_moe import (
+    fused_moe,
+    moe_reference,
+    pack_experts,
+    pack_experts_in_place,
+    use_fused_moe,
+)
 from meshserve.kernels.smooth_gemm import PLAIN
 from meshserve.models.layers.moe import SparseMoE
 
@@ -188,3 +194,22 @@ def test_bfloat16_layer_the_op_always_serves_keeps_no_float32_copy():
         moe.experts.prepare(f32, f32, fused=False)
     torch_path.experts.prepare(f32, f32, fused=False)  # the torch path serves every step: it gets its copies
     assert all(w is not None and w.dtype == torch.float32 for w in torch_path.experts._f32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("hidden", "inter"), [(64, 32), (64, 48), (96, 64)])
+@pytest.mark.parametrize("column_major", [False, True])
+def test_packing_in_place_gives_the_same_blocks_over_the_weights_storage(dtype, hidden, inter, column_major):
+    """Where an expert's blocks take exactly its bytes they overwrite it (no second copy of the layer);
+    elsewhere (padding) they go to a new tensor. Either way the blocks are pack_experts'."""
+    torch.manual_seed(0)
+    gate_up, down = torch.randn(3, 2 * inter, hidden).to(dtype), torch.randn(3, hidden, inter).to(dtype)
+    expected = pack_experts(gate_up, down)
+    if column_major:
+        gate_up, down = (w.transpose(1, 2).contiguous().transpose(1, 2) for w in (gate_up, down))
+    pointers = [w.data_ptr() for w in (gate_up, down)]
+    packed = pack_experts_in_place(gate_up, down)
+    fits = (inter % 32 == 0, inter % 32 == 0 and hidden % 64 == 0)  # I pads to 32; down's H to 64
+    for got, want, pointer, fit in zip(packed, expected, pointers, fits, strict=True):
+        assert torch.equal(got, want)
+        assert (got.data_ptr() == pointer) == fit

@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.kernels import native
-from meshserve.kernels.fused_moe import fused_max_tokens, fused_moe, fused_route, pack_experts, use_fused_moe
+from meshserve.kernels.fused_moe import (
+    fused_max_tokens,
+    fused_moe,
+    fused_route,
+    pack_experts,
+    pack_experts_in_place,
+    use_fused_moe,
+)
 from meshserve.kernels.smooth_gemm import PLAIN, GemmChoice, run_bmm
 from meshserve.models.layers.mlp import GatedMLP
 
@@ -69,8 +76,12 @@ class StackedExperts(nn.Module):
         if use_fused_moe(w.dtype, w.shape[2]) if fused is None else fused:
             if not native.load():
                 raise RuntimeError(f"the fused MoE op is not built: run `{native.BUILD_COMMAND}`")
-            self.packed = pack_experts(w, self.down_proj.detach())
             self.fused_max_tokens = fused_max_tokens(w.dtype)
+            if self.fused_max_tokens == sys.maxsize:  # the packed copy will be the only one: pack over it
+                self.packed = pack_experts_in_place(w, self.down_proj.detach())
+                self.drop_unpacked()
+            else:
+                self.packed = pack_experts(w, self.down_proj.detach())
         self._by_m = (gate_up_by_m, down_by_m)
         # The float32 copies serve only the batched matmuls: none when the op takes every step size.
         torch_path_runs = self.packed is None or self.fused_max_tokens < sys.maxsize
@@ -80,8 +91,6 @@ class StackedExperts(nn.Module):
             else None
             for p, by_m in zip((self.gate_up_proj, self.down_proj), self._by_m, strict=True)
         )
-        if not torch_path_runs:
-            self.drop_unpacked()
 
     def drop_unpacked(self) -> None:
         """Keep only the packed copy: the stacked weights become meta tensors (their shapes stay)."""
