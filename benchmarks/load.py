@@ -145,8 +145,9 @@ def main() -> None:
         print(json.dumps(measure(args.measure[0], Path(args.measure[1]), args.kv_gib)))
         return
     print(
-        f"{'model':6} {'loader':17} {'weights':>8} {'base':>6} {'peak':>7} {'peak-base':>9} "
-        f"{'steady':>7} {'st-base-kv':>10} {'seconds':>7}"
+        f"{'model':6} {'loader':17} {'weights':>8} {'base':>6} {'peak':>7} {'ratio':>6} {'steady':>7} "
+        f"{'ratio':>6} {'touched':>7} {'ratio':>6} {'seconds':>7}",
+        flush=True,
     )
     for name in args.models:
         path = args.dir / name
