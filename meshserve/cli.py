@@ -74,6 +74,9 @@ DATA_PARALLEL_SIZE = typer.Option(1, help="Rank processes (data-parallel attenti
 ENABLE_EXPERT_PARALLEL = typer.Option(False, help="Split MoE experts over the ranks.")
 ENABLE_EPLB = typer.Option(False, help="Rebalance experts live from the ranks' expert loads.")
 OVERSUBSCRIBE = typer.Option(False, help="Start more rank processes than this machine has cores.")
+MODEL_HELP = "Hugging Face-format model directory, or an Org/Name id in the local Hugging Face cache."
+REVISION = typer.Option(None, help="Snapshot of a cached model id: branch, tag or commit (default: main).")
+DTYPE = typer.Option("auto", help="auto (the checkpoint's torch_dtype), float32, bfloat16 or float16.")
 DEVICE = typer.Option("cpu", help="cpu (native kernels) or cuda (torch reference kernels, NCCL).")
 EPLB_CONFIG = typer.Option(
     None,
@@ -100,7 +103,8 @@ def _parallel_args(
 
 @app.command()
 def generate(
-    model: str = typer.Option(..., help="Hugging Face-format model directory."),
+    model: str = typer.Option(..., help=MODEL_HELP),
+    revision: str | None = REVISION,
     prompt: str | None = typer.Option(None, help="Prompt text ('-' reads it from stdin)."),
     prompt_file: str | None = typer.Option(
         None, help="File with one prompt per line ('-' = stdin); completions are printed in order."
@@ -112,7 +116,7 @@ def generate(
     seed: int | None = typer.Option(None, help="Seed for this request's sampling."),
     stop: list[str] | None = typer.Option(None, help="Stop string (repeatable)."),
     ignore_eos: bool = typer.Option(False, help="Keep generating past the EOS token."),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    dtype: str = DTYPE,
     max_model_len: int | None = typer.Option(None, help="Longest prompt + output (default: the model's)."),
     speculative_config: str | None = typer.Option(
         None,
@@ -144,6 +148,7 @@ def generate(
     with LLM(
         model,
         dtype=dtype,
+        revision=revision,
         max_model_len=max_model_len,
         max_num_seqs=min(len(prompts), 128),
         speculative_config=spec,
@@ -208,11 +213,12 @@ def profile(
 
 @app.command()
 def serve(
-    model: str = typer.Option(..., help="Hugging Face-format model directory."),
+    model: str = typer.Option(..., help=MODEL_HELP),
+    revision: str | None = REVISION,
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     served_model_name: str | None = typer.Option(None, help="Model name in the API (default: --model)."),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    dtype: str = DTYPE,
     max_model_len: int | None = typer.Option(None, help="Longest prompt + output (default: the model's)."),
     max_num_seqs: int | None = typer.Option(None, help="Requests running at once."),
     max_num_batched_tokens: int = typer.Option(2048, help="Tokens per engine step."),
@@ -247,6 +253,7 @@ def serve(
         log_level=uvicorn_log_level,
         graceful_shutdown_s=graceful_shutdown_s,
         dtype=dtype,
+        revision=revision,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,

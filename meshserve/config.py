@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from meshserve.engine.distributed.config import ParallelConfig
     from meshserve.engine.spec.config import SpecConfig
 
-DTYPE_NAMES = ("float32", "bfloat16")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # auto: the checkpoint's (config.json)
 DEVICES = ("cpu", "cuda")  # engine/device.py turns these into torch devices
 DEFAULT_MAX_NUM_SEQS = 128
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -104,6 +104,10 @@ class SchedulerConfig:
 class EngineConfig:
     """Everything an Engine needs: the model directory, numerics and the two setting groups.
 
+    model: a model directory, or a Hugging Face id (Org/Name) found in the local cache (models/hub.py).
+    dtype: "auto" (the checkpoint's torch_dtype), "float32", "bfloat16" or "float16".
+    revision: the cached snapshot of a model id: a branch, tag or commit (None = "main").
+
     record_expert_trace: path of an expert-load trace (.npz, docs/traces.md) written on close (MoE only).
     speculative_config: vLLM-style dict, e.g. ``{"method": "ngram", "num_speculative_tokens": 3}``
         (engine/spec/config.py); validated into a SpecConfig. None = no speculative decoding.
@@ -121,8 +125,9 @@ class EngineConfig:
     """
 
     model: str
-    dtype: str = "float32"
+    dtype: str = "auto"
     seed: int = 0
+    revision: str | None = None
     record_expert_trace: str | None = None
     speculative_config: dict[str, Any] | SpecConfig | None = None
     num_threads: int | None = None
@@ -139,6 +144,11 @@ class EngineConfig:
             isinstance(self.dtype, str) and self.dtype in DTYPE_NAMES,
             "dtype",
             f"unsupported dtype {self.dtype!r}; allowed: {', '.join(DTYPE_NAMES)}",
+        )
+        require(
+            self.revision is None or (isinstance(self.revision, str) and bool(self.revision)),
+            "revision",
+            f"must be a branch, tag or commit name, got {self.revision!r}",
         )
         self.seed = integer(self.seed, "seed", 0, 2**64 - 1)  # what torch.Generator.manual_seed takes
         require(self.device in DEVICES, "device", f"unknown {self.device!r}; allowed: {', '.join(DEVICES)}")

@@ -1,8 +1,12 @@
-"""Process memory: keep glibc from growing the heap under a long-running engine, and read RSS."""
+"""Process memory: what a model will take (checked before allocating), keeping glibc from growing the heap
+under a long-running engine, and reading RSS."""
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass, fields
+
+from meshserve.errors import InputError
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
 
@@ -31,3 +35,36 @@ def rss_mib() -> float:
     except OSError:
         pass
     return float("nan")
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes that loading and serving a model will hold at once: every field is resident together."""
+
+    weights: int = 0
+    kernel_copies: int = 0  # weights the kernels keep in another layout beside the loaded ones
+    kv_cache: int = 0
+    draft: int = 0  # the speculative draft model's weights
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+
+def check_memory(need: MemoryNeed, available: int, field: str) -> None:
+    """Refuse (InputError on ``field``) when ``need`` is more than ``available`` bytes, naming each part."""
+    if need.total <= available:
+        return
+    parts = ", ".join(
+        f"{_size(getattr(need, f.name))} of {f.name.replace('_', ' ')}"
+        for f in fields(need)
+        if getattr(need, f.name)
+    )
+    raise InputError(
+        field,
+        f"needs {_size(need.total)} ({parts}), more than the {_size(available)} this machine has available",
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.2f} MiB"

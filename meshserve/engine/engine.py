@@ -11,6 +11,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -33,8 +34,10 @@ from meshserve.engine.scheduler import Scheduler, WorkItem, WorkKind
 from meshserve.engine.spec.decoder import SpecDecoder
 from meshserve.engine.stop import StopChecker
 from meshserve.errors import InputError, require
-from meshserve.kernels.profile import load_gemm_table
-from meshserve.models.loader import load_model
+from meshserve.kernels.profile import GemmTable, load_gemm_table
+from meshserve.memory import MemoryNeed, check_memory
+from meshserve.models.config import dtype_name
+from meshserve.models.loader import build_model, load_config, meta_model, weight_bytes
 from meshserve.traces import ExpertTrace
 
 logger = logging.getLogger(__name__)
@@ -54,10 +57,8 @@ class Engine:
         switches.use(config.switches)  # before the model loads: its layers choose their kernels then
         torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
-        loaded = load_model(config.model, config.dtype)
-        self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
-        self.model.to(self.device)
-        mc = self.model_config
+        mc, self.tokenizer = load_config(config.model, config.dtype, config.revision)
+        self.model_config = mc
         limit = mc.max_position_embeddings
         max_model_len = config.scheduler.max_model_len or limit
         require(
@@ -83,7 +84,7 @@ class Engine:
             else SpecDecoder(
                 spec,
                 mc.vocab_size,
-                config.dtype,
+                dtype_name(mc.dtype),
                 max_model_len,
                 Sampler.probs,
                 self.sampler.generator,
@@ -91,13 +92,13 @@ class Engine:
             )
         )
         cache = config.cache
+        table = load_gemm_table(config.kernel_profile) if self.device.type == "cpu" else None
         per_block = block_bytes(
             mc.num_layers, mc.num_kv_heads, mc.head_dim, cache.block_size, mc.dtype, mc.kv_cache_parts
         )
         draft_kv = 0 if self.spec is None else self.spec.kv_bytes  # the draft's own KV shares the budget
-        blocks = num_kv_blocks(
-            cache, per_block, max_model_len, sched.max_num_seqs, free_memory(self.device), reserved=draft_kv
-        )
+        blocks = self._check_memory(table, per_block, sched, draft_kv)
+        self.model = build_model(mc, config.model, config.revision).to(self.device)
         self.kv_caches = allocate_kv_cache(
             mc.num_layers,
             blocks,
@@ -111,8 +112,8 @@ class Engine:
         prefix_cache = PrefixCache(cache.block_size) if cache.enable_prefix_caching else None
         self.blocks = BlockManager(blocks, cache.block_size, prefix_cache, self.kv_caches)
         self.scheduler = Scheduler(sched, self.blocks)
-        if self.device.type == "cpu":  # SmoothGEMM's primitives and the fused MoE op are CPU code
-            self.model.prepare_gemms(load_gemm_table(config.kernel_profile), sched.max_num_batched_tokens)
+        if table is not None:  # SmoothGEMM's primitives and the fused MoE op are CPU code
+            self.model.prepare_gemms(table, sched.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
         self.stopper = StopChecker(self.tokenizer, mc.eos_token_ids, max_model_len)
         self.requests: dict[str, Request] = {}  # every completion in flight, by its own id
@@ -127,12 +128,43 @@ class Engine:
             "engine: %s (%s, %s), %d KV blocks of %d tokens (%.3f GiB) + draft KV up to %.3f GiB",
             mc.name,
             mc.arch,
-            config.dtype,
+            dtype_name(mc.dtype),
             blocks,
             cache.block_size,
             blocks * per_block / (1 << 30),
             draft_kv / (1 << 30),
         )
+
+    def _check_memory(
+        self, table: GemmTable | None, per_block: int, sched: SchedulerConfig, draft_kv: int
+    ) -> int:
+        """Refuse, before allocating the model, one whose weights, kernel copies, draft (weights and its own
+        KV, ``draft_kv``) and KV cache do not fit what the device has available (naming each); returns the
+        KV cache's block count."""
+        mc, config = self.model_config, self.config
+        meta = meta_model(mc)
+        weights = sum(p.numel() * p.element_size() for p in meta.parameters())
+        copies = 0 if table is None else meta.kernel_copy_bytes(table, sched.max_num_batched_tokens)
+        spec = config.speculative_config
+        draft = 0
+        if spec is not None and spec.method == "draft_model":
+            try:
+                draft = weight_bytes(load_config(spec.model, dtype_name(mc.dtype))[0])
+            except InputError as err:  # name the draft, so it is not taken for the target model
+                raise InputError("speculative_config.model", f"draft model {spec.model}: {err}") from None
+        need = MemoryNeed(weights=weights, kernel_copies=copies, draft=draft)
+        available = free_memory(self.device)
+        check_memory(need, available, "model")
+        blocks = num_kv_blocks(
+            config.cache,
+            per_block,
+            self.max_model_len,
+            sched.max_num_seqs,
+            available - need.total,
+            reserved=draft_kv,
+        )
+        check_memory(replace(need, kv_cache=blocks * per_block + draft_kv), available, "model")
+        return blocks
 
     @classmethod
     def from_args(cls, model: str, **engine_args: Any) -> Engine:
@@ -439,7 +471,7 @@ class Engine:
             else np.zeros((0, mc.num_moe_layers, mc.num_experts), dtype=np.int64)
         )
         meta = {
-            "dtype": self.config.dtype,
+            "dtype": dtype_name(self.model_config.dtype),
             "seed": self.config.seed,
             "max_num_batched_tokens": self.scheduler.config.max_num_batched_tokens,
             "max_num_seqs": self.scheduler.config.max_num_seqs,

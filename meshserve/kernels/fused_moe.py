@@ -11,6 +11,7 @@ softmax, top-k, renormalisation and per-expert counts in one call; SparseMoE.rou
 from __future__ import annotations
 
 import json
+import math
 import sys
 from functools import cache
 from pathlib import Path
@@ -59,18 +60,55 @@ def pack_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tenso
     """Stacked expert weights gate_up [E, 2I, H] ([gate; up]) and down [E, H, I] in the op's layout.
 
     I is zero-padded to a multiple of 32 and H (down's output) to a multiple of COLS; padded gate and up
-    columns give SiLU(0) * 0 = 0, and padded down columns are never read back.
+    columns give SiLU(0) * 0 = 0, and padded down columns are never read back. Experts are packed one at a
+    time into the output (a load-time loop), so the temporaries are one expert's, not the layer's: a model's
+    load peaks at its weights plus one layer's packed copy.
     """
     e, two_i, h = gate_up.shape
+    shapes = [
+        p.shape for p in _pack_expert(*(w.new_empty(w.shape[1:], device="meta") for w in (gate_up, down)))
+    ]
+    out = tuple(torch.empty(e, *s, dtype=gate_up.dtype, device=gate_up.device) for s in shapes)
+    if not gate_up.is_meta:
+        for x in range(e):
+            for o, p in zip(out, _pack_expert(gate_up[x], down[x]), strict=True):
+                o[x] = p
+    return out
+
+
+def pack_experts_in_place(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_experts written over the weights' own storage, expert by expert, where an expert's blocks take
+    exactly its weights' bytes (I a multiple of 32, H of COLS; row- or column-major experts): packing then
+    needs one expert's temporaries, not a second copy of the layer. The weights are garbage afterwards:
+    the caller drops them. A weight that does not fit its blocks is packed into a new tensor."""
+    shapes = [
+        p.shape for p in _pack_expert(*(w.new_empty(w.shape[1:], device="meta") for w in (gate_up, down)))
+    ]
+    out = []
+    for w, shape in zip((gate_up, down), shapes, strict=True):
+        e, n, k = w.shape
+        dense = w.stride(0) == n * k and w.stride()[1:] in ((k, 1), (1, n))  # each expert one slab
+        if dense and math.prod(shape) == n * k:
+            out.append(w.new_empty(0).set_(w.untyped_storage(), w.storage_offset(), (e, *shape)))
+        else:
+            out.append(w.new_empty(e, *shape))
+    for x in range(gate_up.shape[0]):  # expert x's blocks replace expert x's weights, read just before
+        for o, p in zip(out, _pack_expert(gate_up[x], down[x]), strict=True):
+            o[x] = p
+    return out[0], out[1]
+
+
+def _pack_expert(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert: gate_up [2I, H] with gate and up interleaved per 32 columns, then both in blocks."""
+    two_i, h = gate_up.shape
     i = two_i // 2
     half = COLS // 2
     i_pad, h_pad = -(-i // half) * half, -(-h // COLS) * COLS
     gate, up = (
-        F.pad(w, (0, 0, 0, i_pad - i)).reshape(e, i_pad // half, half, h)
-        for w in (gate_up[:, :i], gate_up[:, i:])
+        F.pad(w, (0, 0, 0, i_pad - i)).reshape(i_pad // half, half, h) for w in (gate_up[:i], gate_up[i:])
     )
-    interleaved = torch.stack((gate, up), dim=2).reshape(e, 2 * i_pad, h)
-    return _pack_blocks(interleaved), _pack_blocks(F.pad(down, (0, i_pad - i, 0, h_pad - h)))
+    interleaved = torch.stack((gate, up), dim=1).reshape(1, 2 * i_pad, h)
+    return _pack_blocks(interleaved)[0], _pack_blocks(F.pad(down, (0, i_pad - i, 0, h_pad - h))[None])[0]
 
 
 def fused_moe(

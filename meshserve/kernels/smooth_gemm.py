@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.kernels import native
-from meshserve.kernels.bf16_gemm import bf16_linear, pack_bf16_pairs
+from meshserve.kernels.bf16_gemm import BLOCK_COLS, bf16_linear, pack_bf16_pairs
 
 KERNELS = ("linear", "packed", "packed_f32", "bf16_fma", "dpbf16")
 NATIVE_KERNELS = ("bf16_fma", "dpbf16")  # the op computes any M as is: their tile is always 1
@@ -150,19 +150,39 @@ class SmoothLinear(nn.Linear):
 
     _by_m: list[GemmChoice] | None = None
 
+    def _layouts(self, by_m: list[GemmChoice]) -> tuple[list[GemmChoice], set[str]]:
+        """The choices this layer can run (native ones need a bfloat16 weight and the built op) and the
+        weight copies they need beside the weight: "pairs", "packed", "packed_f32"."""
+        if self.weight.dtype != torch.bfloat16 or not native.load():
+            by_m = [PLAIN if c.kernel in NATIVE_KERNELS else c for c in by_m]
+        kernels = {c.kernel for c in by_m}
+        # For a float32 layer "packed_f32" is just "packed".
+        needs_f32 = "packed_f32" in kernels and self.weight.dtype != torch.float32
+        needs_packed = "packed" in kernels or ("packed_f32" in kernels and not needs_f32)
+        wanted = {
+            "pairs": bool(kernels & set(NATIVE_KERNELS)),
+            "packed": needs_packed,
+            "packed_f32": needs_f32,
+        }
+        return by_m, {name for name, needed in wanted.items() if needed}
+
+    def kept_bytes(self, by_m: list[GemmChoice]) -> int:
+        """Bytes ``prepare(by_m)`` keeps beside the weight (works on a meta-device layer: shapes only)."""
+        layouts = self._layouts(by_m)[1]
+        n, k = self.weight.shape
+        pairs = -(-n // BLOCK_COLS) * BLOCK_COLS * -(-k // 2) * 4  # pack_bf16_pairs pads N and K
+        size = {"pairs": pairs, "packed": n * k * self.weight.element_size()}
+        size["packed_f32"] = n * k * 4 + (0 if self.bias is None else n * 4)
+        return sum(size[name] for name in layouts)
+
     def prepare(self, by_m: list[GemmChoice]) -> None:
         """Use ``by_m[M]`` for M tokens (the last entry beyond its end); prepack the weights it needs."""
         w = self.weight.detach()
-        if w.dtype != torch.bfloat16 or not native.load():
-            by_m = [PLAIN if c.kernel in NATIVE_KERNELS else c for c in by_m]
-        kernels = {c.kernel for c in by_m}
-        self._pairs = pack_bf16_pairs(w) if kernels & set(NATIVE_KERNELS) else None
-        # For a float32 layer "packed_f32" is just "packed".
-        needs_f32 = "packed_f32" in kernels and w.dtype != torch.float32
-        needs_packed = "packed" in kernels or ("packed_f32" in kernels and not needs_f32)
-        self._packed = pack_weight(w) if needs_packed else None
-        self._packed_f32 = pack_weight(w.float()) if needs_f32 else None
-        self._bias_f32 = None if self.bias is None or not needs_f32 else self.bias.detach().float()
+        by_m, layouts = self._layouts(by_m)
+        self._pairs = pack_bf16_pairs(w) if "pairs" in layouts else None
+        self._packed = pack_weight(w) if "packed" in layouts else None
+        self._packed_f32 = pack_weight(w.float()) if "packed_f32" in layouts else None
+        self._bias_f32 = None if self.bias is None or self._packed_f32 is None else self.bias.detach().float()
         self._by_m = list(by_m)
 
     def wants_f32(self, m: int) -> bool:

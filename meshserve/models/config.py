@@ -14,16 +14,30 @@ if TYPE_CHECKING:  # DeepSeek's layers own their settings
     from meshserve.models.layers.grouped_moe import GroupedRouting
     from meshserve.models.layers.mla import MLAConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO = "auto"  # the checkpoint's own dtype (config.json's torch_dtype, or dtype in transformers 5)
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """Map "float32" / "bfloat16" (or the torch dtypes themselves) to a torch dtype."""
+def parse_dtype(dtype: str | torch.dtype, hf: dict[str, Any] | None = None) -> torch.dtype:
+    """Map "float32" / "bfloat16" / "float16" (or the torch dtypes themselves) to a torch dtype; "auto" takes
+    config.json's (``hf``) torch_dtype / dtype, float32 when it names none (as transformers does)."""
+    if dtype == AUTO:
+        hf = hf or {}
+        key = "dtype" if hf.get("dtype") is not None else "torch_dtype"
+        saved = hf.get(key) or "float32"
+        if not isinstance(saved, str) or saved.removeprefix("torch.") not in DTYPES:
+            raise InputError(f"config.json:{key}", f"unsupported {saved!r}; allowed: {', '.join(DTYPES)}")
+        return DTYPES[saved.removeprefix("torch.")]
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise InputError("dtype", f"unsupported dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    raise InputError("dtype", f"unsupported dtype {dtype!r}; allowed: {AUTO}, {', '.join(DTYPES)}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """ "bfloat16" for torch.bfloat16: the name parse_dtype reads back."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass

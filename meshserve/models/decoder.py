@@ -6,6 +6,7 @@ fusions: q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, so each needs on
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from meshserve.kernels.attention import attention_backend, plan_step
 from meshserve.kernels.profile import GemmTable, bmm_key, shape_key
-from meshserve.kernels.smooth_gemm import SmoothLinear
+from meshserve.kernels.smooth_gemm import GemmChoice, SmoothLinear
 from meshserve.models.batch import BatchMetadata
 from meshserve.models.config import ModelConfig
 from meshserve.models.layers.attention import Attention, StepInputs
@@ -189,19 +190,27 @@ class DecoderLM(nn.Module):
             logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
         return logits.float()
 
-    def prepare_gemms(self, table: GemmTable, max_tokens: int) -> None:
-        """Hand every linear layer its SmoothGEMM choices for M = 0..max_tokens and prepack its weights."""
+    def _gemm_choices(
+        self, table: GemmTable, max_tokens: int
+    ) -> Iterator[tuple[SmoothLinear | StackedExperts, list[list[GemmChoice]]]]:
+        """Each linear layer and stacked-expert block with its SmoothGEMM choices for M = 0..max_tokens."""
         for module in self.modules():
             if isinstance(module, SmoothLinear):
                 n, k = module.weight.shape
-                module.prepare(table.by_m(shape_key(n, k), module.weight.dtype, max_tokens))
+                yield module, [table.by_m(shape_key(n, k), module.weight.dtype, max_tokens)]
             elif isinstance(module, StackedExperts):  # capacity M never exceeds the step's tokens
-                module.prepare(
-                    *(
-                        table.by_m(bmm_key(*w.shape), w.dtype, max_tokens)
-                        for w in (module.gate_up_proj, module.down_proj)
-                    )
-                )
+                weights = (module.gate_up_proj, module.down_proj)
+                yield module, [table.by_m(bmm_key(*w.shape), w.dtype, max_tokens) for w in weights]
+
+    def prepare_gemms(self, table: GemmTable, max_tokens: int) -> None:
+        """Hand every linear layer its SmoothGEMM choices for M = 0..max_tokens and prepack its weights."""
+        for module, choices in self._gemm_choices(table, max_tokens):
+            module.prepare(*choices)
+
+    def kernel_copy_bytes(self, table: GemmTable, max_tokens: int) -> int:
+        """Bytes prepare_gemms will keep beyond the loaded weights (net of those it drops); the model may be
+        on the meta device."""
+        return sum(module.kept_bytes(*choices) for module, choices in self._gemm_choices(table, max_tokens))
 
     def expert_counts(self) -> torch.Tensor | None:
         """Tokens routed to each expert in the last forward, [num_moe_layers, num_experts]; None if dense."""

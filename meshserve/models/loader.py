@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from meshserve.errors import InputError
 from meshserve.machine import available_memory
-from meshserve.models.config import ModelConfig, parse_config, parse_dtype, resolve_aliases
+from meshserve.memory import MemoryNeed, check_memory
+from meshserve.models.config import AUTO, ModelConfig, parse_config, parse_dtype, resolve_aliases
 from meshserve.models.decoder import DecoderLM
-from meshserve.models.layers.moe import StackedExperts
+from meshserve.models.hub import resolve_model
 from meshserve.models.registry import ARCHITECTURES
 from meshserve.models.tokenizer import Tokenizer
 from meshserve.models.weights import load_weights
@@ -53,32 +55,41 @@ def _architecture(hf: dict[str, Any]) -> str:
     raise InputError("config.json:architectures", f"unsupported {names}; supported: {supported}")
 
 
-def _check_fits(cls: type[DecoderLM], config: ModelConfig, dtype: torch.dtype) -> None:
-    """Size the weights on the meta device first: a config.json can describe a model of any size."""
+def meta_model(config: ModelConfig) -> DecoderLM:
+    """The model of `config` with its parameters on the meta device in its dtype (float32 in modules that
+    set ``keeps_float32``): shapes only, nothing allocated. Buffers keep theirs (the rotary frequencies
+    stay float32, as in transformers)."""
     with torch.device("meta"):
-        need = sum(p.numel() for p in cls(config).parameters()) * dtype.itemsize
-    have = available_memory()
-    if need > have:
-        gib = 1 << 30
-        raise InputError(
-            "config.json",
-            f"describes {need / gib:.1f} GiB of weights ({dtype}), more than the "
-            f"{have / gib:.1f} GiB this machine has available",
-        )
+        model = ARCHITECTURES[config.arch](config)
+    typed: dict[int, nn.Parameter] = {}  # by the original's id: a tied parameter stays one parameter
+    for module in model.modules():
+        # a module that computes in float32 whatever the model's dtype says so (DeepSeek's router gate)
+        dtype = torch.float32 if getattr(module, "keeps_float32", False) else config.dtype
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                typed.setdefault(id(p), nn.Parameter(p.to(dtype), requires_grad=False))
+                module._parameters[name] = typed[id(p)]
+    return model
 
 
-def load_config(path: str | Path, dtype: str | torch.dtype = "float32") -> tuple[ModelConfig, Tokenizer]:
-    """The model's config and tokenizer from `path`, without reading any weights."""
-    path = Path(path)
-    torch_dtype = parse_dtype(dtype)
-    if not path.is_dir():
-        raise InputError("model", f"{path} is not a directory")
+def weight_bytes(config: ModelConfig) -> int:
+    """Bytes of the model's parameters in its dtype."""
+    return sum(p.numel() * p.element_size() for p in meta_model(config).parameters())
+
+
+def load_config(
+    path: str | Path, dtype: str | torch.dtype = AUTO, revision: str | None = None
+) -> tuple[ModelConfig, Tokenizer]:
+    """The model's config and tokenizer from `path` (a directory, or a model id in the local Hugging Face
+    cache at `revision`), without reading any weights. dtype "auto" is the checkpoint's own."""
+    path = resolve_model(path, revision)
     hf = _read_json(path / "config.json", required=True)
+    torch_dtype = parse_dtype(dtype, hf)
     generation = _read_json(path / "generation_config.json", required=False)
     arch = _architecture(hf)
     cls = ARCHITECTURES[arch]
     hf = resolve_aliases(hf, cls.config_aliases)
-    config = parse_config(hf, arch, name=path.name, dtype=torch_dtype, generation=generation)
+    config = parse_config(hf, arch, name=_name(path), dtype=torch_dtype, generation=generation)
     cls.configure(config, hf)
     tokenizer = Tokenizer.from_dir(path, config.bos_token_id, config.eos_token_ids)
     if not config.eos_token_ids:
@@ -95,16 +106,27 @@ def load_config(path: str | Path, dtype: str | torch.dtype = "float32") -> tuple
     return config, tokenizer
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "float32") -> LoadedModel:
-    """Load config.json, safetensors weights (single or sharded) and tokenizer.json from `path`."""
-    config, tokenizer = load_config(path, dtype)
-    cls = ARCHITECTURES[config.arch]
-    _check_fits(cls, config, config.dtype)
-    model = cls(config)
-    load_weights(model, Path(path))
-    model.to(config.dtype).requires_grad_(False).eval()
-    model.rotary.inv_freq = model.rotary.inv_freq.float()  # frequencies stay float32, as in transformers
-    for module in model.modules():
-        if isinstance(module, StackedExperts):
-            module.transposed_layout()
-    return LoadedModel(model=model, config=config, tokenizer=tokenizer)
+def load_model(
+    path: str | Path, dtype: str | torch.dtype = AUTO, revision: str | None = None, check_fits: bool = True
+) -> LoadedModel:
+    """Load config.json, safetensors weights (single or sharded) and tokenizer.json from `path` (see
+    load_config and build_model); unless ``check_fits`` is off (the caller checked more), the weights must
+    fit the memory available first."""
+    config, tokenizer = load_config(path, dtype, revision)
+    if check_fits:
+        check_memory(MemoryNeed(weights=weight_bytes(config)), available_memory(), "config.json")
+    return LoadedModel(model=build_model(config, path, revision), config=config, tokenizer=tokenizer)
+
+
+def build_model(config: ModelConfig, path: str | Path, revision: str | None = None) -> DecoderLM:
+    """The model of `config` (from load_config) with its weights from `path`: built on the meta device,
+    each weight then read once into its final dtype and layout (weights.py)."""
+    model = meta_model(config)
+    load_weights(model, resolve_model(path, revision), config.dtype)
+    return model.eval()
+
+
+def _name(path: Path) -> str:
+    """The model's display name: Org/Name for a Hugging Face cache snapshot, else the directory's name."""
+    repo = path.parent.parent.name if path.parent.name == "snapshots" else ""
+    return repo.removeprefix("models--").replace("--", "/") if repo.startswith("models--") else path.name

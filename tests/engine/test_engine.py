@@ -175,7 +175,7 @@ def test_missing_or_corrupt_model_files(llama, tmp_path, make, field):
         ({"max_num_seqs": 0}, "max_num_seqs"),
         ({"max_num_batched_tokens": 4, "max_num_seqs": 8}, "max_num_batched_tokens"),
         ({"block_size": 3}, "block_size"),
-        ({"dtype": "float16"}, "dtype"),
+        ({"dtype": "float64"}, "dtype"),
         ({"max_model_len": 10**6}, "max_model_len"),
         ({"num_kv_blocks": 2}, "num_kv_blocks"),
         ({"max_num_sequences": 4}, "max_num_sequences"),

@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshserve.kernels import native
-from meshserve.kernels.fused_moe import fused_moe, moe_reference, pack_experts, use_fused_moe
+from meshserve.kernels.fused_moe import (
+    fused_moe,
+    moe_reference,
+    pack_experts,
+    pack_experts_in_place,
+    use_fused_moe,
+)
 from meshserve.kernels.smooth_gemm import PLAIN
 from meshserve.models.layers.moe import SparseMoE
 
@@ -103,13 +109,14 @@ def test_steps_over_the_fused_limit_take_the_batched_matmuls(monkeypatch):
 
     calls = []
     monkeypatch.setattr(moe_module, "fused_moe", lambda *args: calls.append(len(args[0])) or fused_moe(*args))
+    monkeypatch.setattr(moe_module, "fused_max_tokens", lambda dtype: 8)  # as if the profile listed 8
     torch.manual_seed(0)
     moe = SparseMoE(64, 48, num_experts=4, top_k=2, renormalize=True, weights_in_model_dtype=False)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
     reference = copy.deepcopy(moe)
     moe.experts.prepare([PLAIN], [PLAIN])
-    moe.experts.fused_max_tokens = 8
+    assert not moe.experts.gate_up_proj.is_meta  # the batched matmuls still need the stacked weights
     with torch.no_grad():
         for tokens in (8, 9):
             x = torch.randn(tokens, 64)
@@ -178,8 +185,31 @@ def test_bfloat16_layer_the_op_always_serves_keeps_no_float32_copy():
 
     moe = SparseMoE(64, 48, num_experts=4, top_k=2, renormalize=True, weights_in_model_dtype=False)
     moe = moe.to(torch.bfloat16)
+    torch_path = copy.deepcopy(moe)
     f32 = [GemmChoice("packed_f32")]
     moe.experts.prepare(f32, f32)
     assert moe.experts.packed is not None and moe.experts._f32 == (None, None)
-    moe.experts.prepare(f32, f32, fused=False)  # the torch path serves every step: it gets its copies
-    assert all(w is not None and w.dtype == torch.float32 for w in moe.experts._f32)
+    assert moe.experts.gate_up_proj.is_meta and moe.experts.down_proj.is_meta  # the packed copy is the one
+    with pytest.raises(RuntimeError, match="kept only packed"):
+        moe.experts.prepare(f32, f32, fused=False)
+    torch_path.experts.prepare(f32, f32, fused=False)  # the torch path serves every step: it gets its copies
+    assert all(w is not None and w.dtype == torch.float32 for w in torch_path.experts._f32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("hidden", "inter"), [(64, 32), (64, 48), (96, 64)])
+@pytest.mark.parametrize("column_major", [False, True])
+def test_packing_in_place_gives_the_same_blocks_over_the_weights_storage(dtype, hidden, inter, column_major):
+    """Where an expert's blocks take exactly its bytes they overwrite it (no second copy of the layer);
+    elsewhere (padding) they go to a new tensor. Either way the blocks are pack_experts'."""
+    torch.manual_seed(0)
+    gate_up, down = torch.randn(3, 2 * inter, hidden).to(dtype), torch.randn(3, hidden, inter).to(dtype)
+    expected = pack_experts(gate_up, down)
+    if column_major:
+        gate_up, down = (w.transpose(1, 2).contiguous().transpose(1, 2) for w in (gate_up, down))
+    pointers = [w.data_ptr() for w in (gate_up, down)]
+    packed = pack_experts_in_place(gate_up, down)
+    fits = (inter % 32 == 0, inter % 32 == 0 and hidden % 64 == 0)  # I pads to 32; down's H to 64
+    for got, want, pointer, fit in zip(packed, expected, pointers, fits, strict=True):
+        assert torch.equal(got, want)
+        assert (got.data_ptr() == pointer) == fit

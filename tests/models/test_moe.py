@@ -48,3 +48,31 @@ def test_expert_counts_per_moe_layer(tiny_model_dir):
     assert counts.shape == (1, lm.config.num_experts)
     assert int(counts.sum()) == 11 * lm.config.top_k
     assert load_model(tiny_model_dir("llama")).model.expert_counts() is None
+
+
+def test_expert_parallel_slots_hold_and_migrate_only_the_packed_copy():
+    """A rank's slots are the fused op's packed blocks (no stacked weights); a slot's parts are views of them,
+    so what a migration writes into an empty slot serves exactly what the source slot served."""
+    from meshserve.kernels.fused_moe import moe_reference
+    from meshserve.models.layers.moe_ep import SlotExperts
+
+    torch.manual_seed(0)
+    moe = SparseMoE(64, 48, num_experts=6, top_k=2, renormalize=True, weights_in_model_dtype=False)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    gate_up, down = moe.experts.gate_up_proj.detach().clone(), moe.experts.down_proj.detach().clone()
+    moe.experts.prepare([], [], fused=True)
+    held = torch.tensor([4, 1, 3])
+    slots = SlotExperts.held(moe.experts, held)
+    assert slots.experts.gate_up_proj.is_meta and slots.experts.packed is not None
+    x, slot = torch.randn(10, 64), torch.tensor([0, 1, 2, 2, 1, 0, 0, 2, 1, 1])
+    ones = torch.ones(10, 1)
+    expected = moe_reference(x, slot[:, None], ones, gate_up[held], down[held])
+    with torch.no_grad():
+        torch.testing.assert_close(slots.run(x, slot), expected, atol=1e-5, rtol=1e-5)
+        moved = SlotExperts.empty(64, 48, 3, torch.float32, packed=True)
+        assert [p.numel() for p in moved.parts(0)] == moved.part_sizes() == slots.part_sizes()
+        for s in range(3):  # what Migration does, chunk by chunk, into views of the new slots
+            for dst, src in zip(moved.parts(2 - s), slots.parts(s), strict=True):
+                dst.copy_(src)
+        torch.testing.assert_close(moved.run(x, 2 - slot), expected, atol=1e-5, rtol=1e-5)

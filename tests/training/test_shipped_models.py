@@ -34,7 +34,7 @@ def test_held_out_loss_is_well_below_the_unigram_baseline():
 
 @pytest.mark.parametrize("path", [TINY_MOE, TINY_DRAFT], ids=["tiny-moe", "tiny-draft"])
 def test_greedy_matches_transformers(path):
-    with LLM(str(path), max_num_seqs=4) as llm:
+    with LLM(str(path), dtype="float32", max_num_seqs=4) as llm:  # transformers below runs float32
         outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
         ids = [o.prompt_token_ids for o in outs]
     hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()

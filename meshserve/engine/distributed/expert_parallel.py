@@ -70,6 +70,7 @@ class ExpertParallel:
                 len(new.local_experts(i, self.rank)),
                 self._dtype,
                 self.device,
+                packed=layer.local.experts.packed is not None,
             )
             for i, layer in enumerate(self.layers)
         ]

@@ -28,7 +28,7 @@ from meshserve.engine.distributed.worker import RankSpec
 from meshserve.engine.outputs import RequestOutput
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.errors import require
-from meshserve.models.config import ModelConfig
+from meshserve.models.config import ModelConfig, dtype_name
 from meshserve.models.loader import load_config
 from meshserve.traces import ExpertTrace
 
@@ -87,7 +87,7 @@ class DistributedEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         parallel = config.parallel
-        self.model_config, self.tokenizer = load_config(config.model, config.dtype)
+        self.model_config, self.tokenizer = load_config(config.model, config.dtype, config.revision)
         require(
             config.record_expert_trace is None or self.model_config.is_moe,
             "record_expert_trace",
@@ -110,6 +110,7 @@ class DistributedEngine:
             config.model,
             config.dtype,
             config.seed,
+            config.revision,
             device=config.device,
             cache=config.cache,
             scheduler=config.scheduler,
@@ -235,7 +236,7 @@ class DistributedEngine:
             else np.zeros((0, mc.num_moe_layers, mc.num_experts), dtype=np.int64)
         )
         meta = {
-            "dtype": self.config.dtype,
+            "dtype": dtype_name(self.model_config.dtype),
             "seed": self.config.seed,
             "arch": mc.arch,
             "max_num_batched_tokens": sched.max_num_batched_tokens,

@@ -54,13 +54,11 @@ class Migration:
         self.ep, self.group, self.rank = ep, group, ep.rank
         self.timeout = timedelta(seconds=timeout_s)
         self.new: Prepared = ep.allocate(target)
-        self.element_size = self.new.local[0].experts.down_proj.element_size()
+        self.element_size = ep.layers[0].local.experts.down_proj.element_size()
         self.chunks = self._schedule(target, moves, max(1, chunk_bytes // self.element_size))
         # The busiest rank's share of the schedule, counted as advance() counts a gap's load: every replica
         # of the target loads its rank (a local copy, once), a moved one its source rank as well.
-        layer_bytes = self.element_size * np.array(
-            [3 * moe.intermediate_size * moe.hidden_size for moe in ep.layers]
-        )
+        layer_bytes = self.element_size * np.array([sum(local.part_sizes()) for local in self.new.local])
         remote = moves.src != moves.dst
         per_rank = (target * layer_bytes[:, None, None]).sum(axis=(0, 1)) + np.bincount(
             moves.src[remote], weights=layer_bytes[moves.layer[remote]], minlength=target.shape[2]
@@ -79,8 +77,7 @@ class Migration:
         }
         chunks = []
         for layer, expert, rank in np.argwhere(target).tolist():  # a few hundred replicas: plan time only
-            moe = self.ep.layers[layer]
-            sizes = (2 * moe.intermediate_size * moe.hidden_size, moe.intermediate_size * moe.hidden_size)
+            sizes = self.new.local[layer].part_sizes()
             src = source.get((layer, expert, rank), rank)
             chunks += [
                 Chunk(layer, expert, src, rank, part, start, min(start + chunk, size))

@@ -87,6 +87,8 @@ class GroupedRouter(nn.Module):
     `_apply` (what Module.to runs) moves them without casting.
     """
 
+    keeps_float32 = True  # the loader builds and fills these parameters in float32
+
     def __init__(self, hidden_size: int, num_experts: int, routing: GroupedRouting, top_k: int) -> None:
         super().__init__()
         self.routing, self.top_k = routing, top_k

@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.kernels import native
-from meshserve.kernels.fused_moe import fused_max_tokens, fused_moe, fused_route, pack_experts, use_fused_moe
+from meshserve.kernels.fused_moe import (
+    fused_max_tokens,
+    fused_moe,
+    fused_route,
+    pack_experts,
+    pack_experts_in_place,
+    use_fused_moe,
+)
 from meshserve.kernels.smooth_gemm import PLAIN, GemmChoice, run_bmm
 from meshserve.models.layers.mlp import GatedMLP
 
@@ -55,16 +62,26 @@ class StackedExperts(nn.Module):
     ) -> None:
         """SmoothGEMM choices per expert capacity M (index = M) for the two batched matmuls; a float32 copy
         of a bf16 weight is made once when some M runs it in float32 (``packed_f32``) and the torch path can
-        run. With ``fused`` (the default wherever the native op serves this dtype) the weights are also packed
+        run. With ``fused`` (the default wherever the native op serves this dtype) the weights are packed
         for the fused op, which serves steps of up to ``fused_max_tokens`` tokens (profiles/moe.json; no limit
-        listed, every step); larger steps keep the batched matmuls."""
+        listed, every step); larger steps keep the batched matmuls. Where the op serves every step the packed
+        copy is the only one: the loaded weights are dropped (left on the meta device, shapes only)."""
         w = self.gate_up_proj.detach()
+        if w.is_meta:  # packed earlier and dropped: the packed copy is all there is
+            if fused is False or self.packed is None:
+                raise RuntimeError("these experts were packed for the fused MoE op and kept only packed")
+            self._by_m, self._f32 = (gate_up_by_m, down_by_m), (None, None)
+            return
         self.packed = None
         if use_fused_moe(w.dtype, w.shape[2]) if fused is None else fused:
             if not native.load():
                 raise RuntimeError(f"the fused MoE op is not built: run `{native.BUILD_COMMAND}`")
-            self.packed = pack_experts(w, self.down_proj.detach())
             self.fused_max_tokens = fused_max_tokens(w.dtype)
+            if self.fused_max_tokens == sys.maxsize:  # the packed copy will be the only one: pack over it
+                self.packed = pack_experts_in_place(w, self.down_proj.detach())
+                self.drop_unpacked()
+            else:
+                self.packed = pack_experts(w, self.down_proj.detach())
         self._by_m = (gate_up_by_m, down_by_m)
         # The float32 copies serve only the batched matmuls: none when the op takes every step size.
         torch_path_runs = self.packed is None or self.fused_max_tokens < sys.maxsize
@@ -74,6 +91,29 @@ class StackedExperts(nn.Module):
             else None
             for p, by_m in zip((self.gate_up_proj, self.down_proj), self._by_m, strict=True)
         )
+
+    def drop_unpacked(self) -> None:
+        """Keep only the packed copy: the stacked weights become meta tensors (their shapes stay)."""
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(self, name)
+            setattr(self, name, nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), False))
+
+    def kept_bytes(self, gate_up_by_m: list[GemmChoice], down_by_m: list[GemmChoice]) -> int:
+        """Bytes ``prepare`` with these choices keeps beyond the loaded weights (they may be on meta):
+        the packed copy's padding where it replaces them, the whole packed copy and any float32 copies
+        where the torch path still runs."""
+        w, down = self.gate_up_proj, self.down_proj
+        fused = use_fused_moe(w.dtype, w.shape[2])
+        meta = (torch.empty(p.shape, dtype=p.dtype, device="meta") for p in (w, down))
+        packed = sum(p.numel() * p.element_size() for p in pack_experts(*meta)) if fused else 0
+        torch_path_runs = not fused or fused_max_tokens(w.dtype) < sys.maxsize
+        f32 = sum(
+            p.numel() * 4
+            for p, by_m in zip((w, down), (gate_up_by_m, down_by_m), strict=True)
+            if torch_path_runs and p.dtype != torch.float32 and any(c.kernel == "packed_f32" for c in by_m)
+        )
+        dropped = 0 if torch_path_runs else (w.numel() + down.numel()) * w.dtype.itemsize
+        return packed + f32 - dropped
 
     def matmul(self, x: torch.Tensor, which: int) -> torch.Tensor:
         """x [E, M, K] times expert weights ``which`` (0: gate_up, 1: down), transposed: [E, M, N]."""

@@ -10,6 +10,7 @@ with no tokens still calls ``forward`` on an empty batch: the all-to-alls need e
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import numpy as np
@@ -17,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from meshserve.models.layers.moe import SparseMoE
+from meshserve.kernels.fused_moe import fused_moe, pack_experts
+from meshserve.models.layers.moe import SparseMoE, StackedExperts
 
 
 class Placement(Protocol):
@@ -29,21 +31,40 @@ class Placement(Protocol):
 
 
 class SlotExperts(SparseMoE):
-    """The experts one rank holds, as slots; rows arrive already routed (one slot each, weight 1)."""
+    """The experts one rank holds, as slots; rows arrive already routed (one slot each, weight 1).
+
+    Where the fused MoE op runs (``packed`` given) the slots hold only its packed copy, and migration copies
+    that copy; otherwise they hold the stacked weights and run the batched matmuls.
+    """
 
     native_router = False  # routing is given (`route` below)
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, gate_up: torch.Tensor, down: torch.Tensor
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        packed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        super().__init__(
-            hidden_size, intermediate_size, len(gate_up), 1, renormalize=False, weights_in_model_dtype=True
-        )
+        with torch.device("meta"):  # the weights are given: build without allocating any
+            super().__init__(
+                hidden_size,
+                intermediate_size,
+                len(gate_up),
+                1,
+                renormalize=False,
+                weights_in_model_dtype=True,
+            )
         del self.gate  # routing is given
-        self.experts.gate_up_proj.data = gate_up
-        self.experts.down_proj.data = down
-        self.experts.transposed_layout()  # copies only weights not already in that layout
-        self._slot = torch.zeros(0, dtype=torch.long)
+        self.last_counts = torch.zeros(len(gate_up), dtype=torch.long, device=gate_up.device)
+        self.experts.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+        self.experts.down_proj = nn.Parameter(down, requires_grad=False)
+        if packed is None:
+            self.experts.transposed_layout()  # copies only weights not already in that layout
+        else:
+            self.experts.packed = packed
+        self._slot = torch.zeros(0, dtype=torch.long, device=gate_up.device)
 
     @classmethod
     def empty(
@@ -53,16 +74,37 @@ class SlotExperts(SparseMoE):
         slots: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        packed: bool = False,
     ) -> SlotExperts:
-        """``slots`` experts with uninitialised weights, allocated in the transposed layout (so building
-        them copies nothing); a live migration fills them in place through ``parts``."""
+        """``slots`` experts with uninitialised weights, allocated in the layout they run in (packed, or
+        stacked and transposed), so building them copies nothing; a live migration fills them in place
+        through ``parts``."""
         i, h = intermediate_size, hidden_size
-        return cls(
-            h,
-            i,
-            torch.empty(slots, h, 2 * i, dtype=dtype, device=device).transpose(1, 2),
-            torch.empty(slots, i, h, dtype=dtype, device=device).transpose(1, 2),
-        )
+        shapes = ((slots, h, 2 * i), (slots, i, h))
+        if packed:
+            meta = [torch.empty(s, dtype=dtype, device="meta").transpose(1, 2) for s in shapes]
+            blocks = tuple(torch.empty(p.shape, dtype=dtype, device=device) for p in pack_experts(*meta))
+            return cls(h, i, *meta, packed=blocks)
+        return cls(h, i, *(torch.empty(s, dtype=dtype, device=device).transpose(1, 2) for s in shapes))
+
+    @classmethod
+    def held(cls, experts: StackedExperts, index: torch.Tensor) -> SlotExperts:
+        """The experts ``index`` of a (prepared) StackedExperts, copied in the layout they run in."""
+        down = experts.down_proj
+        h, i = down.shape[1], down.shape[2]
+        if experts.packed is None:
+            return cls(h, i, experts.gate_up_proj[index], down[index])
+        meta = [
+            torch.empty(len(index), *w.shape[1:], dtype=w.dtype, device="meta")
+            for w in (experts.gate_up_proj, down)
+        ]
+        return cls(h, i, *meta, packed=tuple(p[index] for p in experts.packed))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.experts.packed
+        if packed is None:
+            return super().forward(x)
+        return fused_moe(x, self._slot[:, None], x.new_ones(len(x), 1, dtype=torch.float32), packed)
 
     def run(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Expert output of each row [R, H] through its slot [R]."""
@@ -72,9 +114,16 @@ class SlotExperts(SparseMoE):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x.new_ones(len(x), 1), self._slot[:, None]
 
+    def part_sizes(self) -> list[int]:
+        """Elements of each of one slot's parts (what ``parts`` returns)."""
+        weights = self.experts.packed or (self.experts.gate_up_proj, self.experts.down_proj)
+        return [math.prod(w.shape[1:]) for w in weights]
+
     def parts(self, slot: int) -> list[torch.Tensor]:
-        """One slot's weights as flat tensors, each weight's transpose row by row (the transposed layout's
-        storage order, so these are views of the slot, not copies): what a migration sends and writes."""
+        """One slot's weights as flat views of the slot, not copies: what a migration sends and writes. The
+        packed blocks of the slot, or each stacked weight's transpose row by row (its storage order)."""
+        if self.experts.packed is not None:
+            return [p[slot].view(-1) for p in self.experts.packed]
         weights = (self.experts.gate_up_proj, self.experts.down_proj)
         return [w.detach()[slot].transpose(0, 1).contiguous().view(-1) for w in weights]
 
@@ -97,10 +146,7 @@ class ExpertParallelMoE(nn.Module):
         experts = moe.experts
         self.intermediate_size = experts.down_proj.shape[2]
         self.hidden_size = experts.down_proj.shape[1]
-        index = torch.from_numpy(held)
-        self.local = SlotExperts(
-            self.hidden_size, self.intermediate_size, experts.gate_up_proj[index], experts.down_proj[index]
-        )
+        self.local = SlotExperts.held(experts, torch.from_numpy(held))
         moe.experts = None  # this rank keeps only the experts it holds
         self.last_received = 0  # pairs this rank's experts computed in the last forward
 
