@@ -90,6 +90,12 @@ BY_NAME = {s.name: s for s in SWITCHES}
 FOREIGN = {
     "TRITON_INTERPRET": "Triton's interpreter (1: Triton kernels run on CPU tensors, as tests check them).",
     "OMP_NUM_THREADS": "BLAS threads of each wafer sweep worker (wafer/fanout.py).",
+    "HF_HUB_CACHE": "Hugging Face hub cache where model ids are looked up (models/hub.py); "
+    "HUGGINGFACE_HUB_CACHE is its older name.",
+    "HUGGINGFACE_HUB_CACHE": "older name of HF_HUB_CACHE.",
+    "HF_HOME": "Hugging Face home: model ids are looked up in HF_HOME/hub unless HF_HUB_CACHE is set.",
+    "XDG_CACHE_HOME": "the user's cache: the hub cache defaults to XDG_CACHE_HOME/huggingface/hub.",
+    "HF_HUB_OFFLINE": "Hugging Face offline mode (meshserve never downloads anyway).",
     "RANK": "torchrun: this process's rank (with WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, "
     "MASTER_PORT it marks a torchrun launch; engine/distributed/torchrun.py).",
 }

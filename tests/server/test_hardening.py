@@ -221,31 +221,27 @@ def test_the_default_served_name_is_the_base_name_and_the_path_still_answers(mod
 
     import meshserve.server.serve as serve_module
 
-    apps = []
+    answers = []
 
-    class Idle:  # stands in for uvicorn: keeps the app, serves nothing
+    class Asking:  # stands in for uvicorn: asks the app while serve() would be serving, then returns
         def __init__(self, config, grace_s, cut) -> None:
-            apps.append(config.app)
+            self.app = config.app
 
         def run(self) -> None:
-            pass
+            answers.append(asyncio.run(ask(self.app)))
 
-    monkeypatch.setattr(serve_module, "graceful_server", Idle)
-    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave pytest's handlers alone
-    serve_module.serve(model_dir, max_model_len=32, block_size=4)
-
-    async def ask() -> tuple[dict, int, int]:
-        transport = httpx.ASGITransport(app=apps[0])
+    async def ask(app) -> tuple[dict, int, int]:
+        transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             models = (await client.get("/v1/models")).json()
             by_path = await client.post("/v1/completions", json={**OK, "model": model_dir})
             other = await client.post("/v1/completions", json={**OK, "model": "/etc/passwd"})
             return models, by_path.status_code, other.status_code
 
-    try:
-        models, by_path, other = asyncio.run(ask())
-    finally:
-        apps[0].state.llm.shutdown()
+    monkeypatch.setattr(serve_module, "graceful_server", Asking)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave pytest's handlers alone
+    serve_module.serve(model_dir, max_model_len=32, block_size=4)  # shuts its engine down on return
+    ((models, by_path, other),) = answers
     card = models["data"][0]
     assert card["id"] == card["root"] == model_dir.rstrip("/").split("/")[-1] and "/" not in json.dumps(card)
     assert by_path == 200 and other == 404
