@@ -211,6 +211,7 @@ class Engine:
         for child in group.children:
             if not child.is_finished:
                 self._finish(child, RequestStatus.FINISHED_ABORTED)
+        group.held = []
         self._forget(group)
         return True
 
@@ -399,7 +400,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        for request in list(self.scheduler.running) + list(self.scheduler.waiting):
+        for request in [r for r in self.requests.values() if not r.is_finished]:  # held ones too
             self._finish(request, RequestStatus.FINISHED_ABORTED)
         trace = self.expert_trace()
         if trace is not None:

@@ -1,8 +1,10 @@
 """A request and its state machine.
 
-    WAITING --schedule--> RUNNING --stop / length--> FINISHED_STOPPED / FINISHED_LENGTH
-       ^                     |
-       +----preempt----------+        (any unfinished state) --abort--> FINISHED_ABORTED
+    NEW --queue--> WAITING --schedule--> RUNNING --stop / length--> FINISHED_STOPPED / FINISHED_LENGTH
+                      ^                     |
+                      +----preempt----------+        (any unfinished state) --abort--> FINISHED_ABORTED
+
+NEW: made but not queued (an n > 1 completion held until its sibling's prompt KV is cached).
 
 The request's tokens are ``token_ids`` (prompt then outputs); ``num_computed_tokens`` of them have
 their K/V in the paged cache. Whatever remains is this request's pending work: a prompt (prefill,
@@ -25,6 +27,7 @@ _arrivals = itertools.count()
 
 
 class RequestStatus(enum.Enum):
+    NEW = "new"
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED_STOPPED = "stop"
@@ -33,7 +36,7 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+        return self not in (RequestStatus.NEW, RequestStatus.WAITING, RequestStatus.RUNNING)
 
 
 class Request:
@@ -63,7 +66,7 @@ class Request:
         self.block_table: list[int] = []
         self.spec_token_ids: list[int] = []  # draft tokens proposed for the next verify step
         self.block_keys: list[int] = []  # prefix-cache chain keys of its leading full blocks (APC)
-        self.status = RequestStatus.WAITING
+        self.status = RequestStatus.NEW  # the scheduler's add makes it WAITING
         self.arrival_order = next(_arrivals)  # FCFS priority; preemption picks the largest
         self.num_preemptions = 0
         self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)

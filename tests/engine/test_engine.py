@@ -222,3 +222,26 @@ def test_step_statistics_are_logged_at_debug(llm, caplog):
     assert lines and "'prefill': 16" in lines[0] and "'decode'" in lines[0]
     stats = llm.engine.last_stats
     assert set(stats["tokens"]) == {"prefill", "decode", "verify"} and 0 <= stats["kv_usage"] <= 1
+
+
+def test_abort_of_n_gt_1_before_its_first_sample_frees_all_and_the_id_is_reused(llm):
+    """With prefix caching the n - 1 other completions are held (never queued) until the first has
+    sampled: aborting mid-prompt must end them too, forget the request and free every block."""
+    engine = llm.engine
+    params = SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=4, ignore_eos=True)
+    long_prompt = [1] + list(range(60, 100))  # 41 tokens: 3 chunks of the 16-token budget
+    engine.add_request(long_prompt, params, request_id="x")
+    engine.step()  # the first chunk only: nothing sampled, two completions still held
+    assert engine.output("x").outputs[0].token_ids == []
+    assert engine.abort("x") and "x" not in engine.groups and not engine.requests
+    assert not engine.has_unfinished() and engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    engine.add_request(long_prompt, params, request_id="x")  # the id is free again
+    (out,) = [o for o in run_all_outputs(engine) if o.request_id == "x"]
+    assert [len(c.token_ids) for c in out.outputs] == [4, 4, 4]
+
+
+def run_all_outputs(engine: Engine) -> list:
+    done = []
+    while engine.has_unfinished():
+        done += engine.step()
+    return done
