@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 
 from meshserve.config import EngineConfig, SchedulerConfig
 from meshserve.engine.device import free_memory, resolve_device
+from meshserve.engine.draws import uniforms
 from meshserve.engine.groups import RequestGroup, child_params
 from meshserve.engine.kv_cache import BlockManager, allocate_kv_cache, block_bytes, num_kv_blocks
 from meshserve.engine.logits_processors import process_logits
@@ -25,7 +27,7 @@ from meshserve.engine.prefix_cache import PrefixCache
 from meshserve.engine.prompt_logprobs import record_prompt_logprobs
 from meshserve.engine.request import Request, RequestStatus
 from meshserve.engine.runner import ModelRunner
-from meshserve.engine.sampler import Sampler
+from meshserve.engine.sampler import sample
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.engine.scheduler import Scheduler, WorkItem, WorkKind
 from meshserve.engine.spec.decoder import SpecDecoder
@@ -82,15 +84,9 @@ class Engine:
         if self.device.type == "cpu":  # SmoothGEMM's primitives and the fused MoE op are CPU code
             self.model.prepare_gemms(load_gemm_table(config.kernel_profile), sched.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
-        self.sampler = Sampler(config.seed)
+        self._seeds = random.Random(config.seed)  # seeds of unseeded requests: a run reproduces as a whole
         spec = config.speculative_config
-        self.spec = (
-            None
-            if spec is None
-            else SpecDecoder(
-                spec, mc.vocab_size, config.dtype, max_model_len, Sampler.probs, self.sampler.generator
-            )
-        )
+        self.spec = None if spec is None else SpecDecoder(spec, mc.vocab_size, config.dtype, max_model_len)
         self.stopper = StopChecker(self.tokenizer, mc.eos_token_ids, max_model_len)
         self.requests: dict[str, Request] = {}  # every completion in flight, by its own id
         self.groups: dict[str, RequestGroup] = {}  # by the caller's request id
@@ -161,13 +157,9 @@ class Engine:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         children = []
         for index, child_id in enumerate(child_ids):
-            child = Request(
-                child_id,
-                token_ids,
-                params if params.n == 1 else child_params(params, index),
-                max_tokens,
-                prompt=text,
-            )
+            own = params if params.n == 1 else child_params(params, index)
+            seed = self._seeds.getrandbits(64) if own.seed is None else own.seed
+            child = Request(child_id, token_ids, own, max_tokens, prompt=text, seed=seed)
             child.parent_id, child.index, child.stream = request_id, index, stream
             self.stopper.start(child)
             self.requests[child_id] = child
@@ -346,7 +338,8 @@ class Engine:
             reqs = [items[i].request for i in plain]
             last = [first[i] + items[i].num_logits - 1 for i in plain]
             rows = process_logits(logits[torch.tensor(last)], reqs, self.model_config.eos_token_ids)
-            sampled = self.sampler(rows, [r.params for r in reqs], [r.generator for r in reqs])
+            draws = uniforms([r.seed for r in reqs], [r.num_output_tokens for r in reqs])
+            sampled = sample(rows, [r.params for r in reqs], draws)
             for i, token, logprobs in zip(plain, sampled.token_ids, sampled.logprobs, strict=True):
                 out[i] = [(token, logprobs)]
         verify = [i for i, it in enumerate(items) if it.kind is WorkKind.VERIFY]

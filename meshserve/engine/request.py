@@ -19,8 +19,6 @@ import itertools
 import time
 from typing import Any
 
-import torch
-
 from meshserve.engine.sampling_params import SamplingParams
 
 _arrivals = itertools.count()
@@ -50,6 +48,7 @@ class Request:
         max_tokens: int,
         prompt: str | None = None,
         arrival_time: float | None = None,
+        seed: int | None = None,
     ) -> None:
         self.request_id = request_id
         self.parent_id = request_id  # the id the caller knows; differs for the n > 1 children
@@ -69,7 +68,8 @@ class Request:
         self.status = RequestStatus.NEW  # the scheduler's add makes it WAITING
         self.arrival_order = next(_arrivals)  # FCFS priority; preemption picks the largest
         self.num_preemptions = 0
-        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        # Keys the request's random draws (draws.py); the engine gives an unseeded request one of its own.
+        self.seed = params.seed if seed is None else seed
         self.logprobs: list[dict[int, float]] | None = None if params.logprobs is None else []
         # position 0 has nothing before it; entries are added as prompt chunks are computed
         self.prompt_logprobs: list[dict[int, float] | None] | None = (
