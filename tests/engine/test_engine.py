@@ -245,3 +245,23 @@ def run_all_outputs(engine: Engine) -> list:
     while engine.has_unfinished():
         done += engine.step()
     return done
+
+
+def test_ctrl_c_before_the_first_sample_of_n_gt_1_takes_the_request_back(llm, monkeypatch):
+    """LLM.generate's cleanup aborts what it added: here a group whose other completions are still held."""
+    real_step, steps = llm.engine.step, []
+
+    def step_then_interrupt():
+        steps.append(1)
+        if len(steps) == 2:  # the 41-token prompt is mid-prefill (16 tokens a step)
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", step_then_interrupt)
+    params = SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=4, ignore_eos=True)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1] + list(range(60, 100))], params, use_tqdm=False)
+    monkeypatch.undo()
+    engine = llm.engine
+    assert not engine.groups and not engine.requests and not engine.has_unfinished()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
