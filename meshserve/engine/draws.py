@@ -1,10 +1,9 @@
-"""Counter-based random draws: a request's uniform for output position t is a hash of (seed, t).
+"""Counter-based random draws: a request's noise at output position t is a hash of (seed, t, token id).
 
-Nothing is consumed from a stream, so a token's draw is the same whatever else ran before it: alone or in
-any crowd, with any chunk budget, and whether the token comes from a plain decode or from a speculative
-verify row (or a draft model proposing it). The hash is SplitMix64's finalizer (Steele et al. 2014),
-applied to the seed and then to the seed's mix plus the position, over the whole batch at once in
-numpy's wrapping uint64 arithmetic.
+Nothing is consumed from a stream, so a token's draws are the same whatever else ran before it: alone or
+in any crowd, with any chunk budget, and whether the token comes from a plain decode or from a speculative
+verify row (or a draft model proposing it). The hash is SplitMix64's finalizer (Steele et al. 2014), over
+the whole batch at once in numpy's wrapping uint64 arithmetic.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 _MASK = (1 << 64) - 1
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment: consecutive counters land far apart
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -24,11 +24,11 @@ def _mix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def uniforms(seeds: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-    """One number in [0, 1) per row (float32): row i's draw for output position ``positions[i]`` of the
-    request seeded ``seeds[i]`` (any 64-bit seed, negative ones included)."""
+def exponentials(seeds: Sequence[int], positions: Sequence[int], vocab: int) -> torch.Tensor:
+    """Exp(1) noise float32 [R, vocab], one per token id: row i's draws for output position
+    ``positions[i]`` of the request seeded ``seeds[i]`` (any 64-bit seed, negative ones included)."""
     s = np.array([seed & _MASK for seed in seeds], dtype=np.uint64)
-    p = np.asarray(positions, dtype=np.uint64)
-    z = _mix(_mix(s) + p + np.uint64(0x9E3779B97F4A7C15))  # + the golden gamma: position 0 mixes too
-    u = (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)  # 24 bits: exact in float32, < 1
-    return torch.from_numpy(u)
+    rows = _mix(_mix(s) + np.asarray(positions, dtype=np.uint64) * _GAMMA)
+    z = _mix(rows[:, None] + np.arange(1, vocab + 1, dtype=np.uint64)[None, :] * _GAMMA)
+    u = ((z >> np.uint64(40)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)  # in (0, 1)
+    return torch.from_numpy(-np.log(u))

@@ -18,7 +18,6 @@ import torch
 
 from meshserve.config import EngineConfig, SchedulerConfig
 from meshserve.engine.device import free_memory, resolve_device
-from meshserve.engine.draws import uniforms
 from meshserve.engine.groups import RequestGroup, child_params
 from meshserve.engine.kv_cache import BlockManager, allocate_kv_cache, block_bytes, num_kv_blocks
 from meshserve.engine.logits_processors import process_logits
@@ -338,8 +337,8 @@ class Engine:
             reqs = [items[i].request for i in plain]
             last = [first[i] + items[i].num_logits - 1 for i in plain]
             rows = process_logits(logits[torch.tensor(last)], reqs, self.model_config.eos_token_ids)
-            draws = uniforms([r.seed for r in reqs], [r.num_output_tokens for r in reqs])
-            sampled = sample(rows, [r.params for r in reqs], draws)
+            positions = [r.num_output_tokens for r in reqs]
+            sampled = sample(rows, [r.params for r in reqs], [r.seed for r in reqs], positions)
             for i, token, logprobs in zip(plain, sampled.token_ids, sampled.logprobs, strict=True):
                 out[i] = [(token, logprobs)]
         verify = [i for i, it in enumerate(items) if it.kind is WorkKind.VERIFY]

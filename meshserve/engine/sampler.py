@@ -1,19 +1,22 @@
 """Sampling the next token from a batch of logits rows: greedy, temperature, min-p, top-k, top-p, logprobs.
 
-One row per sampling request, all rows at once. Each sampled row comes with its uniform number (its
-request's draw for that output position, ``draws.uniforms``), and the token is picked by inverting the
-CDF of the filtered distribution at that number (``searchsorted``): one draw per row, not one per
-vocabulary entry, and a row's token depends only on its own logits, settings and draw. Speculative
-verification picks the target's tokens with this same function, so a token is the same whether a decode
-or a verify produced it.
+One row per sampling request, all rows at once. A sampled row's token is the exponential race over its
+filtered distribution, argmax_i p_i / e_i with e_i ~ Exp(1) (which picks i with probability p_i / sum p),
+and the noise e_i is its request's draw for that output position and token id (``draws.exponentials``).
+So a row's token depends only on its own logits, settings, seed and position. Speculative verification
+picks the target's tokens with this same function, so a token is the same whether a decode or a verify
+produced it, and a draft model that picks with the same noise agrees with the target as often as the
+race couples p and q (at least (1 - d) / (1 + d) for total variation distance d).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from meshserve.engine.draws import exponentials
 from meshserve.engine.sampling_params import SamplingParams
 
 
@@ -25,27 +28,30 @@ class SamplerOutput:
     logprobs: list[dict[int, float] | None]
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor) -> SamplerOutput:
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], seeds: Sequence[int], positions: Sequence[int]
+) -> SamplerOutput:
     """One token per row (see ``pick``) and the logprobs the rows asked for."""
     logits = logits.float()
-    tokens = pick(logits, params, uniforms).tolist()
+    tokens = pick(logits, params, seeds, positions).tolist()
     return SamplerOutput(tokens, _logprobs(logits, params, tokens))
 
 
-def pick(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor) -> torch.Tensor:
-    """int64 [N]: the argmax for greedy rows, else the filtered distribution's token at ``uniforms[i]``."""
+def pick(
+    logits: torch.Tensor, params: list[SamplingParams], seeds: Sequence[int], positions: Sequence[int]
+) -> torch.Tensor:
+    """int64 [N]: the argmax for greedy rows, else the race over the filtered distribution with the noise
+    of (``seeds[i]``, ``positions[i]``)."""
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         index = torch.tensor(rows)
         probs, order = _distribution(logits[index], [params[i] for i in rows])
-        cdf = probs.cumsum(dim=-1)
-        u = uniforms[index].float() * cdf[:, -1]
-        choice = torch.searchsorted(cdf, u.unsqueeze(1), right=True).squeeze(1)
-        # Never step past the last token with probability: rounding can leave u just above the cdf.
-        last = (probs > 0).long().cumsum(dim=-1).argmax(dim=-1)
-        tokens[index] = order.gather(1, torch.minimum(choice, last).unsqueeze(1)).squeeze(1)
+        noise = exponentials([seeds[i] for i in rows], [positions[i] for i in rows], logits.shape[1])
+        # noise is per token id, so the rows listed in sorted order (top-k / top-p) see the same draws
+        choice = (probs / noise.gather(1, order)).argmax(dim=-1)
+        tokens[index] = order.gather(1, choice.unsqueeze(1)).squeeze(1)
     return tokens
 
 

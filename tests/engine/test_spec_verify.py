@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from meshserve.engine.draws import uniforms
 from meshserve.engine.sampler import pick
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.engine.spec import verify
@@ -59,7 +58,7 @@ def test_a_fixed_draft_is_accepted_with_its_target_probability_and_outputs_follo
     the first token of N seeded requests follows p."""
     p = _dirichlet(1, 1)
     params = [SamplingParams(temperature=1.0)] * N
-    target = pick(p.log().expand(N, -1), params, uniforms(range(N), [0] * N))
+    target = pick(p.log().expand(N, -1), params, range(N), [0] * N)
     out = verify(torch.stack([target, target], 1), torch.full((N, 1), 2), torch.ones(N, dtype=torch.long))
     first = np.bincount([t[0] for t in out.tokens], minlength=V)
     assert chisquare(first, p[0].double().numpy() * N).pvalue > 1e-3
@@ -72,9 +71,9 @@ def test_a_draft_model_picking_with_the_same_draws_is_accepted_when_it_agrees() 
     p = _dirichlet(2, 1).expand(N, -1)
     q = (p + 0.05 * _dirichlet(3, 1)).log()
     params = [SamplingParams(temperature=1.0)] * N
-    u = uniforms(range(N), [0] * N)
-    target = pick(p.log(), params, u)
-    assert torch.equal(pick(p.log(), params, u), target)
-    coupled = (pick(q, params, u) == target).float().mean()
-    independent = (pick(q, params, uniforms(range(N, 2 * N), [0] * N)) == target).float().mean()
+    first = [0] * N
+    target = pick(p.log(), params, range(N), first)
+    assert torch.equal(pick(p.log(), params, range(N), first), target)
+    coupled = (pick(q, params, range(N), first) == target).float().mean()
+    independent = (pick(q, params, range(N, 2 * N), first) == target).float().mean()
     assert coupled > 0.9 and coupled > independent + 0.2

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import torch
 
-from meshserve.engine.draws import uniforms
 from meshserve.engine.request import Request
 from meshserve.engine.sampler import pick
 from meshserve.engine.spec.config import SpecConfig
@@ -74,8 +73,8 @@ class SpecDecoder:
             def pick_drafts(logits: torch.Tensor, rows: Sequence[int], step: int) -> torch.Tensor:
                 """Draft ``step`` of requests ``rows``, picked with the draws the target will use there."""
                 reqs = [wanted[i] for i in rows]
-                u = uniforms([r.seed for r in reqs], [r.num_output_tokens + step for r in reqs])
-                return pick(logits, [r.params for r in reqs], u)
+                positions = [r.num_output_tokens + step for r in reqs]
+                return pick(logits, [r.params for r in reqs], [r.seed for r in reqs], positions)
 
             drafts = self.proposer.propose([r.request_id for r in wanted], contexts, limits, pick_drafts)
         for r, d in zip(wanted, drafts, strict=True):
@@ -102,12 +101,10 @@ class SpecDecoder:
             r.spec_token_ids[: m - 1] + [0] * (width - m) for r, m in zip(requests, n.tolist(), strict=True)
         ]
         drafts = torch.tensor(padded, dtype=torch.long).view(len(requests), width - 1)
-        u = uniforms(
-            [r.seed for r in requests for _ in range(width)],
-            [r.num_output_tokens + j for r in requests for j in range(width)],
-        )
         params = [r.params for r in requests for _ in range(width)]
-        target = pick(logits[rows.flatten()], params, u).view(rows.shape)
+        seeds = [r.seed for r in requests for _ in range(width)]
+        positions = [r.num_output_tokens + j for r in requests for j in range(width)]
+        target = pick(logits[rows.flatten()], params, seeds, positions).view(rows.shape)
         out = verify(target, drafts, n - 1)
         self.draft_tokens += int((n - 1).sum())
         self.accepted_tokens += sum(out.num_accepted)

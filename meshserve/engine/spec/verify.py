@@ -2,7 +2,7 @@
 
 For a request with drafts d_1..d_n, the target picks a token t_j at each of its n + 1 verify rows exactly as
 a plain decode would at that output position: the argmax for a greedy request, else ``sampler.pick`` with
-the request's draw for that position (``draws.uniforms``). Drafts are accepted while d_j == t_{j-1}; the
+the request's noise for that position (``draws.exponentials``). Drafts are accepted while d_j == t_{j-1}; the
 first mismatching row's t (or t_n when all matched) is the one target token added. Every emitted token is
 therefore the target's own token at its position, given the same prefix:
 
@@ -11,9 +11,10 @@ therefore the target's own token at its position, given the same prefix:
 - its distribution is the target's (each t_j is an exact sample of p_j, with a fresh draw per position).
 
 A deterministic draft d (n-gram) is accepted with probability p(d), as in rejection sampling (Leviathan
-et al. 2023). A draft model picks its drafts with the same draws from its own distribution q (the same
-inverse-CDF coupling), so it is accepted about as often as q's pick lands on p's: a little less than
-rejection sampling's sum of min(p, q) when they differ, the price of reproducibility.
+et al. 2023). A draft model picks its drafts from its own distribution q with the same noise (the race
+couples the two picks), so it is accepted with probability at least (1 - d) / (1 + d) for total variation
+distance d, against rejection sampling's 1 - d: less when q differs from p, the price of output that does
+not depend on whether speculation ran.
 """
 
 from __future__ import annotations
