@@ -150,7 +150,7 @@ class EngineConfig:
             "revision",
             f"must be a branch, tag or commit name, got {self.revision!r}",
         )
-        self.seed = integer(self.seed, "seed", 0, 2**64 - 1)  # what torch.Generator.manual_seed takes
+        self.seed = integer(self.seed, "seed", 0, 2**64 - 1)  # seeds the seeds of unseeded requests
         require(self.device in DEVICES, "device", f"unknown {self.device!r}; allowed: {', '.join(DEVICES)}")
         if self.record_expert_trace is not None:  # fail now, not when the trace is written on close
             trace = self.record_expert_trace

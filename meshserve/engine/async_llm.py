@@ -62,6 +62,7 @@ class AsyncLLM:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self._stopping = threading.Event()
+        self._drained = threading.Event()  # the loop has ended: calls left in the inbox only get EngineDead
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="meshserve-engine", daemon=True)
         self._thread.start()
@@ -122,6 +123,8 @@ class AsyncLLM:
             raise EngineDead("the engine is not running")
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put((kind, payload, future))
+        if self._drained.is_set():  # the engine stopped between the check and the put: no one else answers
+            self._drain()
         return await asyncio.wrap_future(future)
 
     # -- the engine thread ------------------------------------------------------------------------
@@ -144,6 +147,7 @@ class AsyncLLM:
             self.error = err
         finally:
             self._stopping.set()
+            self._drained.set()  # before draining: a call put after the drain sees it and drains itself
             self._drain()
             self.engine.close()
             for loop, stream in list(self._streams.values()):
@@ -187,10 +191,14 @@ class AsyncLLM:
             loop.call_soon_threadsafe(_put_all, items)
 
     def _drain(self) -> None:
-        """Fail calls still in the inbox (the engine is stopping)."""
-        while not self._inbox.empty():
-            _, _, future = self._inbox.get_nowait()
-            if future is not None and not future.done():
+        """Fail calls still in the inbox (the engine is stopping); the engine thread and a late caller may
+        both drain, so each message is taken by one of them."""
+        while True:
+            try:
+                _, _, future = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if future is not None:
                 future.set_exception(EngineDead("the engine stopped"))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -28,7 +29,7 @@ from meshserve.engine.prefix_cache import PrefixCache
 from meshserve.engine.prompt_logprobs import record_prompt_logprobs
 from meshserve.engine.request import Request, RequestStatus
 from meshserve.engine.runner import ModelRunner
-from meshserve.engine.sampler import Sampler
+from meshserve.engine.sampler import sample
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.engine.scheduler import Scheduler, WorkItem, WorkKind
 from meshserve.engine.spec.decoder import SpecDecoder
@@ -76,7 +77,7 @@ class Engine:
         sched = SchedulerConfig(
             config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, max_model_len
         )
-        self.sampler = Sampler(config.seed)
+        self._seeds = random.Random(config.seed)  # seeds of unseeded requests: a run reproduces as a whole
         spec = config.speculative_config
         self.spec = (
             None
@@ -86,8 +87,6 @@ class Engine:
                 mc.vocab_size,
                 dtype_name(mc.dtype),
                 max_model_len,
-                Sampler.probs,
-                self.sampler.generator,
                 sched.max_num_seqs,
             )
         )
@@ -222,13 +221,9 @@ class Engine:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         children = []
         for index, child_id in enumerate(child_ids):
-            child = Request(
-                child_id,
-                token_ids,
-                params if params.n == 1 else child_params(params, index),
-                max_tokens,
-                prompt=text,
-            )
+            own = params if params.n == 1 else child_params(params, index)
+            seed = self._seeds.getrandbits(64) if own.seed is None else own.seed
+            child = Request(child_id, token_ids, own, max_tokens, prompt=text, seed=seed)
             child.parent_id, child.index, child.stream = request_id, index, stream
             self.stopper.start(child)
             self.requests[child_id] = child
@@ -269,6 +264,7 @@ class Engine:
         for child in group.children:
             if not child.is_finished:
                 self._finish(child, RequestStatus.FINISHED_ABORTED)
+        group.held = []
         self._forget(group)
         return True
 
@@ -442,7 +438,8 @@ class Engine:
         rows = process_logits(rows, reqs, self.model_config.eos_token_ids)
         if not bool(rows.amax(dim=1).isfinite().all()):  # the max is NaN, +inf, or -inf when all are
             raise FloatingPointError("logits are NaN, +inf or all -inf after this request's processors")
-        sampled = self.sampler(rows, [r.params for r in reqs], [r.generator for r in reqs])
+        positions = [r.num_output_tokens for r in reqs]
+        sampled = sample(rows, [r.params for r in reqs], [r.seed for r in reqs], positions)
         return list(zip(sampled.token_ids, sampled.logprobs, strict=True))
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
@@ -484,7 +481,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        for request in list(self.scheduler.running) + list(self.scheduler.waiting):
+        for request in [r for r in self.requests.values() if not r.is_finished]:  # held ones too
             self._finish(request, RequestStatus.FINISHED_ABORTED)
         trace = self.expert_trace()
         if trace is not None:

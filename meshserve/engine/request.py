@@ -1,9 +1,11 @@
 """A request and its state machine.
 
-    WAITING --schedule--> RUNNING --stop / length--> FINISHED_STOPPED / FINISHED_LENGTH
-       ^                     |
-       +----preempt----------+        (any unfinished state) --abort--> FINISHED_ABORTED
-                                      (running, its sampling fails) --> FINISHED_ERROR
+    NEW --queue--> WAITING --schedule--> RUNNING --stop / length--> FINISHED_STOPPED / FINISHED_LENGTH
+                      ^                     |
+                      +----preempt----------+        (any unfinished state) --abort--> FINISHED_ABORTED
+                                                     (running, its sampling fails) --> FINISHED_ERROR
+
+NEW: made but not queued (an n > 1 completion held until its sibling's prompt KV is cached).
 
 The request's tokens are ``token_ids`` (prompt then outputs); ``num_computed_tokens`` of them have
 their K/V in the paged cache. Whatever remains is this request's pending work: a prompt (prefill,
@@ -18,14 +20,13 @@ import itertools
 import time
 from typing import Any
 
-import torch
-
 from meshserve.engine.sampling_params import SamplingParams
 
 _arrivals = itertools.count()
 
 
 class RequestStatus(enum.Enum):
+    NEW = "new"
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED_STOPPED = "stop"
@@ -35,7 +36,7 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+        return self not in (RequestStatus.NEW, RequestStatus.WAITING, RequestStatus.RUNNING)
 
 
 class Request:
@@ -49,6 +50,7 @@ class Request:
         max_tokens: int,
         prompt: str | None = None,
         arrival_time: float | None = None,
+        seed: int | None = None,
     ) -> None:
         self.request_id = request_id
         self.parent_id = request_id  # the id the caller knows; differs for the n > 1 children
@@ -66,10 +68,11 @@ class Request:
         self.block_table: list[int] = []
         self.spec_token_ids: list[int] = []  # draft tokens proposed for the next verify step
         self.block_keys: list[bytes] = []  # prefix-cache chain keys of its leading full blocks (APC)
-        self.status = RequestStatus.WAITING
+        self.status = RequestStatus.NEW  # the scheduler's add makes it WAITING
         self.arrival_order = next(_arrivals)  # FCFS priority; preemption picks the largest
         self.num_preemptions = 0
-        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        # Keys the request's random draws (draws.py); the engine gives an unseeded request one of its own.
+        self.seed = params.seed if seed is None else seed
         self.logprobs: list[dict[int, float]] | None = None if params.logprobs is None else []
         # position 0 has nothing before it; entries are added as prompt chunks are computed
         self.prompt_logprobs: list[dict[int, float] | None] | None = (

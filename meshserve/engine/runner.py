@@ -83,4 +83,4 @@ class ModelRunner:
         if device.type != "cpu":  # the step's tensors go where the weights and the cache are
             input_ids, meta = input_ids.to(device), meta.to(device)
         hidden = self.model(input_ids, meta, self.kv_caches)
-        return self.model.compute_logits(hidden[meta.logits_indices]).cpu()  # the sampler's generators: CPU
+        return self.model.compute_logits(hidden[meta.logits_indices]).cpu()  # the sampler works on the CPU

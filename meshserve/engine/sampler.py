@@ -1,18 +1,22 @@
 """Sampling the next token from a batch of logits rows: greedy, temperature, min-p, top-k, top-p, logprobs.
 
-One row per sampling request. Everything is done on the whole batch at once except drawing the
-random numbers: a seeded request draws its one uniform number from its own ``torch.Generator``, so
-its tokens do not depend on what else is in the batch. The token is picked by inverting the CDF of
-the filtered distribution at that number (``searchsorted``), which needs one draw per row, not
-one per vocabulary entry.
+One row per sampling request, all rows at once. A sampled row's token is the exponential race over its
+filtered distribution, argmax_i p_i / e_i with e_i ~ Exp(1) (which picks i with probability p_i / sum p),
+and the noise e_i is its request's draw for that output position and token id (``draws.exponentials``).
+So a row's token depends only on its own logits, settings, seed and position. Speculative verification
+picks the target's tokens with this same function, so a token is the same whether a decode or a verify
+produced it, and a draft model that picks with the same noise agrees with the target as often as the
+race couples p and q (at least (1 - d) / (1 + d) for total variation distance d).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from meshserve.engine.draws import exponentials
 from meshserve.engine.sampling_params import SamplingParams
 
 
@@ -24,75 +28,56 @@ class SamplerOutput:
     logprobs: list[dict[int, float] | None]
 
 
-class Sampler:
-    """Samples one token per row. Unseeded rows share the engine's generator (seeded by ``seed``)."""
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], seeds: Sequence[int], positions: Sequence[int]
+) -> SamplerOutput:
+    """One token per row (see ``pick``) and the logprobs the rows asked for."""
+    logits = logits.float()
+    tokens = pick(logits, params, seeds, positions).tolist()
+    return SamplerOutput(tokens, _logprobs(logits, params, tokens))
 
-    def __init__(self, seed: int = 0) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(
-        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-    ) -> SamplerOutput:
-        logits = logits.float()
-        tokens = logits.argmax(dim=-1)
-        rows = [i for i, p in enumerate(params) if not p.greedy]
-        if rows:
-            index = torch.tensor(rows)
-            picked = self._sample(logits[index], [params[i] for i in rows], [generators[i] for i in rows])
-            tokens[index] = picked
-        token_list = tokens.tolist()
-        return SamplerOutput(token_list, self._logprobs(logits, params, token_list))
-
-    def _sample(
-        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-    ) -> torch.Tensor:
-        probs, order = _distribution(logits, params)
-        cdf = probs.cumsum(dim=-1)
-        total = cdf[:, -1]
+def pick(
+    logits: torch.Tensor, params: list[SamplingParams], seeds: Sequence[int], positions: Sequence[int]
+) -> torch.Tensor:
+    """int64 [N]: the argmax for greedy rows, else the race over the filtered distribution with the noise
+    of (``seeds[i]``, ``positions[i]``)."""
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        index = torch.tensor(rows)
+        probs, order = _distribution(logits[index], [params[i] for i in rows])
+        total = probs.sum(dim=-1)
         if not bool((total.isfinite() & (total > 0)).all()):  # the engine fails only such rows' requests
             raise FloatingPointError("the sampling distribution is NaN, infinite or empty")
-        u = self._uniforms(generators) * cdf[:, -1]
-        choice = torch.searchsorted(cdf, u.unsqueeze(1), right=True).squeeze(1)
-        # Never step past the last token with probability: rounding can leave u just above the cdf.
-        last = (probs > 0).long().cumsum(dim=-1).argmax(dim=-1)
-        return order.gather(1, torch.minimum(choice, last).unsqueeze(1)).squeeze(1)
+        noise = exponentials([seeds[i] for i in rows], [positions[i] for i in rows], logits.shape[1])
+        # noise is per token id, so the rows listed in sorted order (top-k / top-p) see the same draws
+        choice = (probs / noise.gather(1, order)).argmax(dim=-1)
+        tokens[index] = order.gather(1, choice.unsqueeze(1)).squeeze(1)
+    return tokens
 
-    @staticmethod
-    def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """The distribution each row samples from (temperature, min-p, top-k, top-p applied), in
-        vocabulary order: what speculative decoding's rejection sampling compares drafts against.
-        Greedy rows get the plain softmax (their token is the argmax either way)."""
-        probs, order = _distribution(logits.float(), params)
-        return torch.zeros_like(probs).scatter_(1, order, probs)
 
-    def _uniforms(self, generators: list[torch.Generator | None]) -> torch.Tensor:
-        """One number in [0, 1) per row: from the row's own generator when seeded, else the shared one."""
-        u = torch.rand(len(generators), generator=self.generator)
-        for i, gen in enumerate(generators):
-            if gen is not None:
-                u[i] = torch.rand(1, generator=gen)[0]
-        return u
-
-    def _logprobs(
-        self, logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]
-    ) -> list[dict[int, float] | None]:
-        """Top-n logprobs of the model's distribution (before temperature), plus the sampled token."""
-        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-        result: list[dict[int, float] | None] = [None] * len(params)
-        if not wanted:
-            return result
-        index = torch.tensor(wanted)
-        logp = logits[index].log_softmax(dim=-1)
-        n = max(params[i].logprobs for i in wanted)
-        top_vals, top_ids = logp.topk(max(n, 1), dim=-1)
-        chosen = logp.gather(1, torch.tensor([tokens[i] for i in wanted]).unsqueeze(1)).squeeze(1).tolist()
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        for j, i in enumerate(wanted):
-            k = params[i].logprobs
-            entry = dict(zip(top_ids[j][:k], top_vals[j][:k], strict=True))
-            entry[tokens[i]] = chosen[j]
-            result[i] = entry
+def _logprobs(
+    logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]
+) -> list[dict[int, float] | None]:
+    """Top-n logprobs of the model's distribution (before temperature), plus the sampled token."""
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    result: list[dict[int, float] | None] = [None] * len(params)
+    if not wanted:
         return result
+    index = torch.tensor(wanted)
+    logp = logits[index].log_softmax(dim=-1)
+    n = max(params[i].logprobs for i in wanted)
+    top_vals, top_ids = logp.topk(max(n, 1), dim=-1)
+    chosen = logp.gather(1, torch.tensor([tokens[i] for i in wanted]).unsqueeze(1)).squeeze(1).tolist()
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    for j, i in enumerate(wanted):
+        k = params[i].logprobs
+        entry = dict(zip(top_ids[j][:k], top_vals[j][:k], strict=True))
+        entry[tokens[i]] = chosen[j]
+        result[i] = entry
+    return result
 
 
 def _distribution(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ MAX_LOGPROBS = 20
 MAX_N = 64
 MAX_PENALTY = 2.0  # presence / frequency: OpenAI's range is [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range is [-100, 100]
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # any 64-bit seed, signed or not (draws.py takes it mod 2**64)
 # Below this a temperature is greedy (vLLM's _SAMPLING_EPS): logits / 1e-40 overflow float32 to inf and NaN.
 GREEDY_BELOW = 1e-5
 MAX_TEMPERATURE = 1e4  # logits / 1e4 are uniform to float32 precision; above ~3e38 the divisor itself is inf
@@ -43,7 +43,8 @@ class SamplingParams:
     logit_bias: token id -> value added to its logit, in [-100, 100].
     max_tokens: most tokens to generate; None = up to the model's max length.
     min_tokens: EOS and stop token ids cannot end the request before this many tokens.
-    seed: a seeded request draws from its own generator, so its tokens do not depend on the batch.
+    seed: a seeded request's draws depend only on the seed and the output position (draws.py), so its
+        tokens do not depend on the batch, the chunk budget or speculative decoding.
     stop: strings that end generation; the output text is cut before the first one found.
     stop_token_ids: tokens that end generation (kept in token_ids, not shown in text).
     ignore_eos: keep generating after the model's EOS token.

@@ -147,7 +147,7 @@ class Scheduler:
         request.spec_token_ids = []
 
     def finish(self, request: Request, status: RequestStatus) -> None:
-        """End a request (stop, length or abort) and free its blocks at once."""
+        """End a request (stop, length or abort) and free its blocks at once (a NEW one is in no queue)."""
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:

@@ -366,11 +366,12 @@ async def _until_done_or_gone(request: Request, work: Any, streams: list[Request
         await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not task.done():
+        left = not task.done()  # (task.cancelled() stays False until the cancelled task runs again)
+        if left:
             task.cancel()
             for stream in streams:
                 stream.abort()
-    if task.cancelled():
+    if left:
         raise APIError(499, "client disconnected", "ClientClosedRequest")
     task.result()
 

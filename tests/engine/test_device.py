@@ -63,7 +63,7 @@ def test_several_ranks_on_cuda_wait_for_the_nccl_opt_in(tiny_model_dir, monkeypa
     with pytest.raises(InputError, match="device: several ranks on cuda .* set MESHSERVE_CUDA_EP=nccl"):
         LLM(model, device="cuda", **ep, **ARGS)
 
-    def started(spec):
+    def started(spec, oversubscribe=False):
         raise RuntimeError(f"ranks start on {spec.config.device} with {spec.config.switches}")
 
     monkeypatch.setattr(frontend, "start_ranks", started)

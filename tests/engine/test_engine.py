@@ -222,3 +222,46 @@ def test_step_statistics_are_logged_at_debug(llm, caplog):
     assert lines and "'prefill': 16" in lines[0] and "'decode'" in lines[0]
     stats = llm.engine.last_stats
     assert set(stats["tokens"]) == {"prefill", "decode", "verify"} and 0 <= stats["kv_usage"] <= 1
+
+
+def test_abort_of_n_gt_1_before_its_first_sample_frees_all_and_the_id_is_reused(llm):
+    """With prefix caching the n - 1 other completions are held (never queued) until the first has
+    sampled: aborting mid-prompt must end them too, forget the request and free every block."""
+    engine = llm.engine
+    params = SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=4, ignore_eos=True)
+    long_prompt = [1] + list(range(60, 100))  # 41 tokens: 3 chunks of the 16-token budget
+    engine.add_request(long_prompt, params, request_id="x")
+    engine.step()  # the first chunk only: nothing sampled, two completions still held
+    assert engine.output("x").outputs[0].token_ids == []
+    assert engine.abort("x") and "x" not in engine.groups and not engine.requests
+    assert not engine.has_unfinished() and engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    engine.add_request(long_prompt, params, request_id="x")  # the id is free again
+    (out,) = [o for o in run_all_outputs(engine) if o.request_id == "x"]
+    assert [len(c.token_ids) for c in out.outputs] == [4, 4, 4]
+
+
+def run_all_outputs(engine: Engine) -> list:
+    done = []
+    while engine.has_unfinished():
+        done += engine.step()
+    return done
+
+
+def test_ctrl_c_before_the_first_sample_of_n_gt_1_takes_the_request_back(llm, monkeypatch):
+    """LLM.generate's cleanup aborts what it added: here a group whose other completions are still held."""
+    real_step, steps = llm.engine.step, []
+
+    def step_then_interrupt():
+        steps.append(1)
+        if len(steps) == 2:  # the 41-token prompt is mid-prefill (16 tokens a step)
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", step_then_interrupt)
+    params = SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=4, ignore_eos=True)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1] + list(range(60, 100))], params, use_tqdm=False)
+    monkeypatch.undo()
+    engine = llm.engine
+    assert not engine.groups and not engine.requests and not engine.has_unfinished()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks

@@ -6,8 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.stats import kstest
 
-from meshserve.engine.sampler import Sampler
+from meshserve.engine.draws import exponentials
+from meshserve.engine.sampler import sample
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.errors import InputError
 
@@ -24,7 +26,7 @@ def test_greedy_and_degenerate_filters_pick_the_argmax():
         SamplingParams(top_p=1e-6),
         SamplingParams(temperature=1e-4),
     ]
-    out = Sampler()(logits, params, [None] * 4)
+    out = sample(logits, params, [0, 1, 2, 3], [0] * 4)
     assert out.token_ids == logits.argmax(-1).tolist()
 
 
@@ -32,16 +34,14 @@ def test_seeded_request_gets_the_same_tokens_whatever_the_batch():
     target = logits_rows(1, seed=1)
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, seed=123)
 
-    def draws(batch_size: int, position: int, sampler_seed: int) -> list[int]:
-        gen = torch.Generator().manual_seed(123)
+    def draws(batch_size: int, position: int, others_seed: int) -> list[int]:
         others = logits_rows(batch_size, seed=batch_size)
         rows = torch.cat([others[:position], target, others[position:]])
         ps = [SamplingParams(temperature=0.7)] * batch_size
         ps.insert(position, params)
-        gens: list = [None] * batch_size
-        gens.insert(position, gen)
-        sampler = Sampler(seed=sampler_seed)
-        return [sampler(rows, ps, gens).token_ids[position] for _ in range(20)]
+        seeds = [others_seed + i for i in range(batch_size)]
+        seeds.insert(position, 123)
+        return [sample(rows, ps, seeds, [t] * len(seeds)).token_ids[position] for t in range(20)]
 
     alone = draws(0, 0, 0)
     assert draws(5, 2, 1) == alone and draws(9, 9, 7) == alone
@@ -50,17 +50,17 @@ def test_seeded_request_gets_the_same_tokens_whatever_the_batch():
 
 def test_samples_follow_the_filtered_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    sampler = Sampler(seed=0)
     n = 4000
     params = [SamplingParams(top_p=0.8)] * n  # keeps tokens 0 and 1 (0.5 + 0.3 reaches 0.8)
+    first = [0] * n  # n requests' first tokens
     counts = torch.bincount(
-        torch.tensor(sampler(logits.expand(n, 4), params, [None] * n).token_ids), minlength=4
+        torch.tensor(sample(logits.expand(n, 4), params, range(n), first).token_ids), minlength=4
     )
     assert counts[2] == counts[3] == 0
     assert abs(counts[0] / n - 0.5 / 0.8) < 0.03
     params = [SamplingParams(top_k=3, temperature=2.0)] * n
     counts = torch.bincount(
-        torch.tensor(sampler(logits.expand(n, 4), params, [None] * n).token_ids), minlength=4
+        torch.tensor(sample(logits.expand(n, 4), params, range(n), first).token_ids), minlength=4
     )
     expected = torch.tensor([0.5, 0.3, 0.15]).sqrt()
     assert counts[3] == 0 and torch.allclose(counts[:3] / n, expected / expected.sum(), atol=0.03)
@@ -69,7 +69,7 @@ def test_samples_follow_the_filtered_distribution():
 def test_logprobs_of_top_n_and_of_the_sampled_token():
     logits = logits_rows(2)
     params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0)]
-    out = Sampler()(logits, params, [None, None])
+    out = sample(logits, params, [0, 1], [0, 0])
     top = out.logprobs[0]
     expected = logits[0].log_softmax(-1)
     assert len(top) == 3 and out.token_ids[0] in top
@@ -166,10 +166,9 @@ def test_seeded_row_ignores_any_mix_of_neighbours(target, neighbours, position, 
     def run(others: list[SamplingParams], at: int) -> list[int]:
         rows = torch.cat([logits_rows(at, seed=1), row, logits_rows(len(others) - at, seed=2)])
         params = others[:at] + [target] + others[at:]
-        gens = [None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in params]
-        gens[at] = torch.Generator().manual_seed(seed)
-        sampler = Sampler(seed=len(others))
-        return [sampler(rows, params, gens).token_ids[at] for _ in range(5)]
+        seeds = [len(others) + i if p.seed is None else p.seed for i, p in enumerate(params)]
+        seeds[at] = seed
+        return [sample(rows, params, seeds, [t] * len(params)).token_ids[at] for t in range(5)]
 
     assert run(neighbours, position) == run([], 0)
 
@@ -177,6 +176,16 @@ def test_seeded_row_ignores_any_mix_of_neighbours(target, neighbours, position, 
 def test_min_p_drops_tokens_far_below_the_top():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.08, 0.02]]))
     n = 3000
-    tokens = Sampler(seed=0)(logits.expand(n, 4), [SamplingParams(min_p=0.2)] * n, [None] * n).token_ids
+    tokens = sample(logits.expand(n, 4), [SamplingParams(min_p=0.2)] * n, range(n), [0] * n).token_ids
     counts = torch.bincount(torch.tensor(tokens), minlength=4)
     assert counts[2] == counts[3] == 0 and abs(counts[0] / n - 2 / 3) < 0.03
+
+
+def test_draws_are_exponential_and_keyed_by_seed_and_position_only():
+    n = 20000
+    by_position = exponentials([42] * n, range(n), 3).double().numpy()
+    by_seed = exponentials(range(-n // 2, n // 2), [3] * n, 3).double().numpy()
+    for e in (by_position, by_seed, by_position.T):  # Exp(1) by position, seed and token: Kolmogorov-Smirnov
+        assert e.min() > 0 and kstest(e.ravel(), "expon").pvalue > 1e-3
+    assert torch.equal(exponentials([42, 7], [5, 5], 9)[:1], exponentials([42], [5], 9))  # (seed, position)
+    assert torch.equal(exponentials([(1 << 64) - 1], [0], 4), exponentials([-1], [0], 4))  # 64 bits, any sign

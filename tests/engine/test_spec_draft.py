@@ -11,8 +11,8 @@ from meshserve.models import load_model
 from meshserve.testing import make_tiny_model
 
 
-def _softmax(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    return logits.softmax(-1)
+def _argmax(logits: torch.Tensor, rows: list[int], step: int) -> torch.Tensor:
+    return logits.argmax(-1)
 
 
 @pytest.fixture(scope="module")
@@ -26,37 +26,37 @@ def _greedy_continuation(loaded, context: list[int], n: int) -> list[int]:
     seq = list(context)
     for _ in range(n):
         fresh = DraftModelProposer(loaded, k=1, max_len=64)
-        seq.append(fresh.propose(["r"], [seq], [1], [True], [None], _softmax)[0][0][0])
+        seq.append(fresh.propose(["r"], [seq], [1], _argmax)[0][0])
     return seq[len(context) :]
 
 
 def test_greedy_drafts_follow_the_draft_models_own_greedy_path(draft) -> None:
     prop = DraftModelProposer(draft, k=4, max_len=64)
     a, b = list(range(40, 57)), list(range(90, 96))
-    drafts, q = prop.propose(["a", "b"], [a, b], [4, 2], [True, True], [None, None], _softmax)
+    drafts = prop.propose(["a", "b"], [a, b], [4, 2], _argmax)
     assert drafts == [_greedy_continuation(draft, a, 4), _greedy_continuation(draft, b, 2)]
-    assert q is None  # greedy verification compares tokens: no draft distribution is computed
 
 
-def test_sampled_requests_get_their_draft_distribution_greedy_ones_none(draft) -> None:
+def test_each_draft_is_the_pick_for_its_request_and_step(draft) -> None:
+    """``pick`` sees the rows still drafting (request indexes) and the step, and its token is the draft."""
     prop = DraftModelProposer(draft, k=3, max_len=64)
-    gen = torch.Generator().manual_seed(1)
-    drafts, q = prop.propose(
-        ["g", "s"], [list(range(40, 50)), list(range(70, 75))], [3, 2], [True, False], [None, gen], _softmax
-    )
-    assert [len(d) for d in drafts] == [3, 2] and q.shape == (2, 3, draft.config.vocab_size)
-    assert q[0].abs().sum() == 0  # the greedy request's rows are never read
-    assert torch.allclose(q[1, :2].sum(-1), torch.ones(2)) and q[1, 2].abs().sum() == 0
-    assert all(q[1, j, t] > 0 for j, t in enumerate(drafts[1]))  # each draft was drawn from its row
+    calls = []
+
+    def pick(logits: torch.Tensor, rows: list[int], step: int) -> torch.Tensor:
+        calls.append((list(rows), step))
+        return torch.tensor([100 * i + step for i in rows])
+
+    drafts = prop.propose(["a", "b"], [list(range(40, 50)), list(range(70, 75))], [3, 2], pick)
+    assert drafts == [[0, 1, 2], [100, 101]] and calls == [([0, 1], 0), ([0, 1], 1), ([0], 2)]
 
 
 def test_rollback_after_partial_acceptance_keeps_drafts_exact(draft) -> None:
     prop = DraftModelProposer(draft, k=3, max_len=64)
     ctx = list(range(60, 70))
-    first, _ = prop.propose(["r"], [ctx], [3], [True], [None], _softmax)
+    first = prop.propose(["r"], [ctx], [3], _argmax)
     # The target accepted one draft and then emitted a different token: the rest of the draft KV is stale.
     verified = ctx + first[0][:1] + [7]
-    again, _ = prop.propose(["r"], [verified], [3], [True], [None], _softmax)
+    again = prop.propose(["r"], [verified], [3], _argmax)
     assert again[0] == _greedy_continuation(draft, verified, 3)
 
 
@@ -65,9 +65,7 @@ def test_slots_return_on_remove_and_the_cache_grows_past_its_first_slots(draft) 
     first = prop.runner.num_slots
     names = [f"r{i}" for i in range(first + 1)]
     contexts = [list(range(10 + i, 22 + i)) for i in range(first + 1)]
-    drafts, _ = prop.propose(
-        names, contexts, [2] * len(names), [True] * len(names), [None] * len(names), _softmax
-    )
+    drafts = prop.propose(names, contexts, [2] * len(names), _argmax)
     assert prop.runner.num_slots == 2 * first and all(len(d) == 2 for d in drafts)
     assert drafts[-1] == _greedy_continuation(draft, contexts[-1], 2)  # the slot past the first ones works
     for name in names:
@@ -79,19 +77,9 @@ def test_requests_feeding_different_lengths_share_a_forward(draft) -> None:
     """A long catch-up (a prompt) beside one-token feeds: padding never leaks into the real rows."""
     prop = DraftModelProposer(draft, k=3, max_len=64)
     short, long_ = list(range(40, 45)), list(range(50, 80))
-    prop.propose(["s"], [short], [3], [True], [None], _softmax)
-    drafts, _ = prop.propose(["s", "l"], [short + [9], long_], [3, 3], [True, True], [None, None], _softmax)
+    prop.propose(["s"], [short], [3], _argmax)
+    drafts = prop.propose(["s", "l"], [short + [9], long_], [3, 3], _argmax)
     assert drafts == [_greedy_continuation(draft, short + [9], 3), _greedy_continuation(draft, long_, 3)]
-
-
-def test_sampled_drafts_are_seeded(draft) -> None:
-    ctx = list(range(20, 31))
-    runs = []
-    for _ in range(2):
-        prop = DraftModelProposer(draft, k=3, max_len=64)
-        gen = torch.Generator().manual_seed(5)
-        runs.append(prop.propose(["s"], [ctx], [3], [False], [gen], _softmax)[0])
-    assert runs[0] == runs[1] and len(runs[0][0]) == 3
 
 
 def test_draft_identical_to_target_is_always_accepted(tiny_model_dir, tmp_path):
@@ -143,7 +131,7 @@ def test_a_draft_the_lean_runner_cannot_run_is_refused(arch, named, tiny_model_d
 
 def test_a_confidence_threshold_stops_drafting_at_the_first_unsure_token(draft) -> None:
     ctx = list(range(40, 57))
-    full, _ = DraftModelProposer(draft, k=4, max_len=64).propose(["r"], [ctx], [4], [True], [None], _softmax)
+    full = DraftModelProposer(draft, k=4, max_len=64).propose(["r"], [ctx], [4], _argmax)
     sure = []  # the draft's own probability of each of its greedy tokens
     for j in range(4):
         runner = DraftModelProposer(draft, k=1, max_len=64).runner
@@ -156,20 +144,16 @@ def test_a_confidence_threshold_stops_drafting_at_the_first_unsure_token(draft) 
     threshold = sorted(sure)[1] + 1e-6  # the two least sure tokens fall below it
     first_unsure = next(j for j, p in enumerate(sure) if p < threshold)
     prop = DraftModelProposer(draft, k=4, max_len=64, confidence=threshold)
-    drafts, _ = prop.propose(["r"], [ctx], [4], [True], [None], _softmax)
+    drafts = prop.propose(["r"], [ctx], [4], _argmax)
     assert drafts[0] == full[0][:first_unsure]
     # The KV kept is exactly the fed prefix: the next step's drafts are still the draft's greedy path.
     verified = ctx + full[0][:first_unsure] + [7]
-    again, _ = DraftModelProposer(draft, k=2, max_len=64).propose(
-        ["x"], [verified], [2], [True], [None], _softmax
-    )
+    again = DraftModelProposer(draft, k=2, max_len=64).propose(["x"], [verified], [2], _argmax)
     prop.confidence = None
-    assert prop.propose(["r"], [verified], [2], [True], [None], _softmax)[0] == again
+    assert prop.propose(["r"], [verified], [2], _argmax) == again
 
 
 def test_a_confidence_above_every_tokens_proposes_nothing(draft) -> None:
     prop = DraftModelProposer(draft, k=3, max_len=64, confidence=0.999999)
-    drafts, _ = prop.propose(
-        ["a", "b"], [list(range(40, 50)), list(range(60, 66))], [3, 3], [True, True], [None, None], _softmax
-    )
+    drafts = prop.propose(["a", "b"], [list(range(40, 50)), list(range(60, 66))], [3, 3], _argmax)
     assert drafts == [[], []]

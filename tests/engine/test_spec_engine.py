@@ -87,11 +87,11 @@ def test_greedy_matches_transformers(case, caching, spec, budget):
 
 
 @pytest.mark.parametrize("spec", ["ngram", "draft"])
-def test_sampled_requests_through_rejection_sampling(case, spec):
+def test_sampled_requests_through_verification(case, spec):
     path, draft, prompts, expected = case
     config = spec_config(spec, draft)
     llm = LLM(str(path), speculative_config=config, block_size=4, max_num_batched_tokens=64, max_num_seqs=8)
-    # top_k=1 makes the target distribution one-hot: rejection sampling must then reproduce greedy output.
+    # top_k=1 makes the target distribution one-hot: verification must then reproduce greedy output.
     top1 = SamplingParams(temperature=0.8, top_k=1, max_tokens=MAX_TOKENS, ignore_eos=True, seed=3)
     assert [o.token_ids for o in llm.generate(prompts, top1, use_tqdm=False)] == expected
     # Seeded sampling is reproducible with drafts in the loop.

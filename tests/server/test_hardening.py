@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshserve.engine.sampler import Sampler
+import meshserve.engine.engine as engine_module
 from meshserve.memory import rss_mib
 from meshserve.server.app import MAX_BODY_BYTES, MAX_CHOICES
 
@@ -158,14 +158,14 @@ def test_numeric_extremes_never_give_nan_inf_or_a_5xx(server, field, value, stre
 def test_a_request_failing_in_a_step_fails_alone(server, monkeypatch):
     """A failure inside the step (here: sampling of seed 666 raises) ends that request with a 500 or a
     final error event; the requests beside it and all later ones are served, and /health stays 200."""
-    sample = Sampler._sample
+    real = engine_module.sample
 
-    def flaky(self, logits, params, generators):
+    def flaky(logits, params, seeds, positions):
         if any(p.seed == 666 for p in params):
             raise OverflowError("injected")
-        return sample(self, logits, params, generators)
+        return real(logits, params, seeds, positions)
 
-    monkeypatch.setattr(Sampler, "_sample", flaky)
+    monkeypatch.setattr(engine_module, "sample", flaky)
     bad = {"prompt": "hi", "max_tokens": 4, "temperature": 0.7, "seed": 666}
     r = httpx.post(f"{server.url}/v1/completions", json=bad, timeout=30)
     assert r.status_code == 500 and "OverflowError: injected" in r.json()["error"]["message"]

@@ -8,40 +8,29 @@ tokens it keeps. Counters give the acceptance rate and the mean accepted length 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from meshserve.engine.request import Request
+from meshserve.engine.sampler import pick
 from meshserve.engine.spec.config import SpecConfig
 from meshserve.engine.spec.draft import DraftModelProposer
 from meshserve.engine.spec.draft_runner import unsupported_options
 from meshserve.engine.spec.ngram import NgramProposer
-from meshserve.engine.spec.verify import verify, verify_greedy
+from meshserve.engine.spec.verify import verify
 from meshserve.errors import InputError
 from meshserve.models.loader import load_model
-
-# (logits [N, V], params of each row) -> filtered probabilities [N, V] (the sampler's distribution).
-ProbsFn = Callable[[torch.Tensor, list], torch.Tensor]
 
 
 class SpecDecoder:
     """Owns the proposer and the acceptance counters."""
 
     def __init__(
-        self,
-        config: SpecConfig,
-        vocab_size: int,
-        dtype: str,
-        max_model_len: int,
-        probs: ProbsFn,
-        generator: torch.Generator,
-        max_num_seqs: int,
+        self, config: SpecConfig, vocab_size: int, dtype: str, max_model_len: int, max_num_seqs: int
     ) -> None:
         self.config = config
         self.k = config.num_speculative_tokens
-        self.probs = probs
-        self.generator = generator  # unseeded requests share the sampler's generator
         if config.method == "ngram":
             self.proposer: NgramProposer | DraftModelProposer = NgramProposer(
                 self.k, config.prompt_lookup_max, config.prompt_lookup_min
@@ -70,7 +59,6 @@ class SpecDecoder:
             self.proposer = DraftModelProposer(
                 draft, self.k, max_model_len, config.draft_confidence, max_slots=slots
             )
-        self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [k, V] of its current drafts
         self.draft_tokens = 0
         self.accepted_tokens = 0
         self.verify_steps = 0
@@ -79,9 +67,6 @@ class SpecDecoder:
     def kv_bytes(self) -> int:
         """Most bytes the proposer's own KV cache can take (the draft model's; 0 for n-gram lookup)."""
         return self.proposer.kv_bytes if isinstance(self.proposer, DraftModelProposer) else 0
-
-    def _generator(self, request: Request) -> torch.Generator:
-        return request.generator if request.generator is not None else self.generator
 
     def propose(self, running: Sequence[Request], max_model_len: int) -> None:
         """Set drafts on running requests about to decode (none for requests that want logprobs or whose
@@ -105,19 +90,14 @@ class SpecDecoder:
         if isinstance(self.proposer, NgramProposer):
             drafts = self.proposer.propose(contexts, limits)
         else:
-            params = [r.params for r in wanted]
-            drafts, q = self.proposer.propose(
-                [r.request_id for r in wanted],
-                contexts,
-                limits,
-                [r.params.greedy for r in wanted],
-                [self._generator(r) for r in wanted],
-                lambda logits, rows: self.probs(logits, [params[i] for i in rows]),
-            )
-            if q is not None:  # greedy requests need no q: verification compares tokens
-                self.draft_probs.update(
-                    (r.request_id, q[i]) for i, r in enumerate(wanted) if not r.params.greedy
-                )
+
+            def pick_drafts(logits: torch.Tensor, rows: Sequence[int], step: int) -> torch.Tensor:
+                """Draft ``step`` of requests ``rows``, picked with the draws the target will use there."""
+                reqs = [wanted[i] for i in rows]
+                positions = [r.num_output_tokens + step for r in reqs]
+                return pick(logits, [r.params for r in reqs], [r.seed for r in reqs], positions)
+
+            drafts = self.proposer.propose([r.request_id for r in wanted], contexts, limits, pick_drafts)
         for r, d in zip(wanted, drafts, strict=True):
             r.spec_token_ids = d
 
@@ -131,7 +111,8 @@ class SpecDecoder:
         """Tokens kept by each verify item: its accepted drafts plus one token from the target.
 
         Item i's logits are rows ``first_rows[i] .. first_rows[i] + num_rows[i]`` of ``logits``; its drafts
-        are ``num_rows[i] - 1`` leading tokens of ``requests[i].spec_token_ids``.
+        are ``num_rows[i] - 1`` leading tokens of ``requests[i].spec_token_ids``. Row j of an item is output
+        position ``num_output_tokens + j``: the target picks there as a decode would (see verify.py).
         """
         n = torch.as_tensor(list(num_rows), dtype=torch.long)
         width = int(n.max())
@@ -141,43 +122,20 @@ class SpecDecoder:
             r.spec_token_ids[: m - 1] + [0] * (width - m) for r, m in zip(requests, n.tolist(), strict=True)
         ]
         drafts = torch.tensor(padded, dtype=torch.long).view(len(requests), width - 1)
-        greedy = torch.tensor([r.params.greedy for r in requests])
-        if bool(greedy.all()):  # tokens only: the argmax of each verify row, no [R, K + 1, V] copy
-            out = verify_greedy(logits[rows.flatten()].argmax(-1).view(rows.shape), drafts, n - 1)
-        else:
-            target = logits[rows].float()  # [R, K + 1, V]
-            sampled = torch.nonzero(~greedy).flatten().tolist()
-            params = [requests[i].params for i in sampled for _ in range(width)]
-            target[sampled] = self.probs(target[sampled].flatten(0, 1), params).view(len(sampled), width, -1)
-            q = self._gather_draft_probs(requests, width - 1, logits.shape[-1])
-            out = verify(
-                target,
-                drafts,
-                n - 1,
-                greedy,
-                [self._generator(r) for r in requests],
-                q,
-                draws_per_row=self.k + 1,
-            )
+        params = [r.params for r in requests for _ in range(width)]
+        seeds = [r.seed for r in requests for _ in range(width)]
+        positions = [r.num_output_tokens + j for r in requests for j in range(width)]
+        target = pick(logits[rows.flatten()], params, seeds, positions).view(rows.shape)
+        out = verify(target, drafts, n - 1)
         self.draft_tokens += int((n - 1).sum())
         self.accepted_tokens += sum(out.num_accepted)
         self.verify_steps += len(requests)
         return out.tokens
 
-    def _gather_draft_probs(self, requests: Sequence[Request], k: int, vocab: int) -> torch.Tensor | None:
-        """q [R, k, V] of the drafts (zero rows for greedy requests, which never read them)."""
-        if isinstance(self.proposer, NgramProposer):
-            return None
-        zero = torch.zeros(k, vocab)
-        return torch.stack(
-            [self.draft_probs[r.request_id][:k] if not r.params.greedy else zero for r in requests]
-        )
-
     def remove(self, request_id: str) -> None:
         """Forget a finished, aborted or preempted request (frees its draft-model KV)."""
         if isinstance(self.proposer, DraftModelProposer):
             self.proposer.remove(request_id)
-            self.draft_probs.pop(request_id, None)
 
     def counters(self) -> dict[str, int]:
         return {

@@ -21,8 +21,9 @@ import torch
 
 from meshserve.engine.spec.draft_runner import DraftRunner
 
-# (logits [R, V], request rows) -> probabilities [R, V] after each request's temperature / top-k / top-p.
-ProbsFn = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
+# (logits [R, V], request rows, draft step) -> the draft token of each row (argmax for greedy requests,
+# else picked with the draw the target will use at that output position).
+PickFn = Callable[[torch.Tensor, Sequence[int], int], torch.Tensor]
 
 
 @dataclass
@@ -62,23 +63,15 @@ class DraftModelProposer:
         req_ids: Sequence[str],
         contexts: Sequence[Sequence[int]],
         limits: Sequence[int],
-        greedy: Sequence[bool],
-        generators: Sequence[torch.Generator | None],
-        to_probs: ProbsFn,
-    ) -> tuple[list[list[int]], torch.Tensor | None]:
-        """Drafts (at most ``min(k, limits[i])`` each) and their distributions q [R, k, V].
-
-        Greedy requests take the draft's argmax and need no q (greedy verification compares tokens):
-        their q rows stay zero, and q is None when every request is greedy (no softmax is computed).
-        Others sample q with their own generator. A request stops early at a token its draft is less sure of
-        than ``confidence``.
+        pick: PickFn,
+    ) -> list[list[int]]:
+        """Drafts, at most ``min(k, limits[i])`` each, chosen by ``pick`` from the draft model's logits. A
+        request stops early at a token its draft is less sure of than ``confidence``.
         """
         rows = len(req_ids)
         n = [max(min(self.k, lim), 0) for lim in limits]
         active = [i for i in range(rows) if n[i] > 0]
         tokens = torch.zeros(rows, self.k, dtype=torch.long)
-        sampled_any = any(not greedy[i] for i in active)
-        q = torch.zeros(rows, self.k, self.config.vocab_size) if sampled_any else None
         seqs = [self._seq(req_ids[i]) for i in active]
         feeds = [self._catch_up(s, contexts[i]) for s, i in zip(seqs, active, strict=True)]
         rows_meta = [(i, s.slot, len(s.fed), len(f)) for i, s, f in zip(active, seqs, feeds, strict=True)]
@@ -95,14 +88,7 @@ class DraftModelProposer:
                 active, index = [active[j] for j in keep], torch.tensor(keep, dtype=torch.long)
                 rows_t, slots, starts, lens, ids = (t[index] for t in (rows_t, slots, starts, lens, ids))
             logits = self.runner.forward(slots, starts, ids, lens)
-            picked = logits.argmax(-1)
-            if q is not None:
-                sampled = [row for row, i in enumerate(active) if not greedy[i]]
-                if sampled:
-                    probs = to_probs(logits[sampled], [active[row] for row in sampled])
-                    q[rows_t[sampled], step] = probs
-                    for j, row in enumerate(sampled):
-                        picked[row] = torch.multinomial(probs[j], 1, generator=generators[active[row]])[0]
+            picked = pick(logits, active, step)
             tokens[rows_t, step] = picked
             fed_drafts[rows_t] = step  # the drafts of steps before this one are in the KV now
             if self.confidence is not None:
@@ -115,7 +101,7 @@ class DraftModelProposer:
         for i, seq in zip(meta[:, 0].tolist(), seqs, strict=True):
             seq.fed = [*contexts[i], *drafts[i][: fed[i]]]  # the last draft run is never fed
             seq.verified = len(contexts[i])
-        return drafts, q
+        return drafts
 
     def _seq(self, req_id: str) -> _Seq:
         seq = self.seqs.get(req_id)
