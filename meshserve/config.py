@@ -109,8 +109,8 @@ class EngineConfig:
         arguments ``data_parallel_size=4, enable_expert_parallel=True, ...`` land here.
     num_threads: torch threads for the forward (sets ``torch.set_num_threads`` for the process);
         None = the cores this process may run on (``os.sched_getaffinity``).
-    kernel_profile: a GEMM profile written by ``meshserve profile``; None = this machine's profile when
-        one was written, else the shipped default (kernels/profile.py).
+    kernel_profile: a GEMM profile written by ``meshserve profile``; None = the tables for this machine's
+        ISA and threads, its missing shapes profiled on first use (engine/kernel_profile.py, docs/gemm.md).
     device: "cpu" (native kernels where they apply) or "cuda" (weights, KV cache and step tensors on the
         GPU, torch reference kernels; engine/device.py). Checked against the machine when the engine starts.
     """

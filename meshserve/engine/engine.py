@@ -18,6 +18,7 @@ import torch
 from meshserve.config import EngineConfig, SchedulerConfig
 from meshserve.engine.device import free_memory, resolve_device
 from meshserve.engine.groups import RequestGroup, child_params
+from meshserve.engine.kernel_profile import gemm_table_for
 from meshserve.engine.kv_cache import BlockManager, allocate_kv_cache, block_bytes, num_kv_blocks
 from meshserve.engine.logits_processors import process_logits
 from meshserve.engine.outputs import RequestOutput
@@ -31,7 +32,6 @@ from meshserve.engine.scheduler import Scheduler, WorkItem, WorkKind
 from meshserve.engine.spec.decoder import SpecDecoder
 from meshserve.engine.stop import StopChecker
 from meshserve.errors import InputError, require
-from meshserve.kernels.profile import load_gemm_table
 from meshserve.models.loader import load_model
 from meshserve.traces import ExpertTrace
 
@@ -80,7 +80,8 @@ class Engine:
         self.blocks = BlockManager(blocks, cache.block_size, prefix_cache, self.kv_caches)
         self.scheduler = Scheduler(sched, self.blocks)
         if self.device.type == "cpu":  # SmoothGEMM's primitives and the fused MoE op are CPU code
-            self.model.prepare_gemms(load_gemm_table(config.kernel_profile), sched.max_num_batched_tokens)
+            tokens = sched.max_num_batched_tokens
+            self.model.prepare_gemms(gemm_table_for(self.model, config.kernel_profile, tokens), tokens)
         self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
         self.sampler = Sampler(config.seed)
         spec = config.speculative_config

@@ -15,7 +15,6 @@ Runs once per forward (numpy, vectorised; all layers with the same window share 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import cache
@@ -25,8 +24,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # kernels stay leaves: they only read the metadata's tensors
-    from meshserve.models.batch import BatchMetadata
+from meshserve.kernels.cpu import isa_tag, profile_dir
+
+if TYPE_CHECKING:
+    from meshserve.kernels.batch import BatchMetadata
 
 # Column order of the Task-Table; kernels/csrc/meta_attention.cpp's `Col` enum names the same fields.
 TASK_COLUMNS = (
@@ -72,30 +73,13 @@ class TileSizes:
     min_split_kv: int
 
 
-def isa_tag() -> str:
-    """The CPU feature that decides the fastest tiles here (profiles are keyed by it)."""
-    try:
-        flags = set(
-            " ".join(
-                ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")
-            ).split()
-        )
-    except OSError:
-        flags = set()
-    for tag in ("amx_bf16", "avx512_bf16", "avx512f", "avx2"):
-        if tag in flags:
-            return tag
-    return "generic"
-
-
 def profile_key(head_dim: int, dtype: torch.dtype) -> str:
     return f"{isa_tag()}/{str(dtype).removeprefix('torch.')}/d{head_dim}"
 
 
 def user_profile_path() -> Path:
     """Where `profile_attention` writes this machine's measured tiles (read before the shipped defaults)."""
-    root = os.environ.get("MESHSERVE_PROFILE_DIR") or Path.home() / ".cache" / "meshserve" / "profiles"
-    return Path(root) / "attention.json"
+    return profile_dir() / "attention.json"
 
 
 @cache
