@@ -1,5 +1,6 @@
 """bfloat16 linears of the 28M Llama, every kernel side by side over M: meshserve's native op (bf16_fma and
-dpbf16 tiles) vs oneDNN's bf16 kernel vs oneDNN's float32 kernel on the widened weight vs F.linear.
+dpbf16 tiles) vs oneDNN's brgemm micro-kernel (AMX tiles where the CPU has them) vs oneDNN's bf16 kernel vs
+oneDNN's float32 kernel on the widened weight vs F.linear.
 
     flock /tmp/meshserve-bench.lock .venv/bin/python benchmarks/bf16_gemm.py [--threads 1 2] [--repeats 7]
     (also `benchmarks/kernels.py --sections bf16gemm`)
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from throughput import LLAMA
 
 from meshserve.kernels import native
-from meshserve.kernels.bf16_gemm import bf16_linear, pack_bf16_pairs
+from meshserve.kernels.bf16_gemm import bf16_linear, brgemm_linear, pack_bf16_pairs, pack_bf16_panels
 from meshserve.kernels.smooth_gemm import pack_weight
 
 M_SWEEP = (1, 4, 16, 32, 64, 128, 256, 512)
@@ -39,6 +40,7 @@ def kernels(w: torch.Tensor) -> dict[str, Callable[[torch.Tensor, torch.Tensor],
     """Each kernel as f(x_bf16, x_f32) -> y, its weight packed once here."""
     n = w.shape[0]
     packed, packed_f32, pairs = pack_weight(w), pack_weight(w.float()), pack_bf16_pairs(w)
+    panels = pack_bf16_panels(w)
 
     def onednn(x: torch.Tensor, wp: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], "")
@@ -49,6 +51,7 @@ def kernels(w: torch.Tensor) -> dict[str, Callable[[torch.Tensor, torch.Tensor],
         "packed_f32": lambda x, x32: onednn(x32, packed_f32),
         "bf16_fma": lambda x, x32: bf16_linear(x32, pairs, n, None, True),
         "dpbf16": lambda x, x32: bf16_linear(x, pairs, n, None, True, dpbf16=True),
+        "brgemm": lambda x, x32: brgemm_linear(x, panels, n, None, True),
     }
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from meshserve.kernels import native
 from meshserve.kernels.bf16_gemm import BLOCK_COLS, pack_bf16_pairs
+from meshserve.kernels.cpu import has_amx
 
 COLS = 64  # output columns per packed block (csrc/moe.cpp kCols); gate_up blocks hold 32 gate + 32 up
 
@@ -79,9 +80,13 @@ def fused_moe(
     topk_weights: torch.Tensor,
     packed: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for x [T, H]; weights from pack_experts."""
+    """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for x [T, H]; weights from pack_experts.
+
+    bfloat16 on an AMX machine (kernels/cpu.py; MESHSERVE_AMX=off says no) runs the op's brgemm path:
+    oneDNN's micro-kernel on AMX tiles, on the same packed weights."""
     ids, weights = topk_ids.contiguous(), topk_weights.float().contiguous()
-    return torch.ops.meshserve.fused_moe(x.contiguous(), ids, weights, *packed)
+    brgemm = x.dtype == torch.bfloat16 and has_amx()
+    return torch.ops.meshserve.fused_moe(x.contiguous(), ids, weights, *packed, brgemm)
 
 
 def fused_route(
@@ -110,7 +115,7 @@ def moe_reference(
     return out.to(x.dtype)
 
 
-def _fused_moe_fake(x, topk_ids, topk_weights, w13, w2):
+def _fused_moe_fake(x, topk_ids, topk_weights, w13, w2, brgemm=False):
     return torch.empty_like(x)
 
 

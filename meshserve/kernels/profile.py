@@ -31,7 +31,7 @@ import torch
 from meshserve.atomic import write_atomic
 from meshserve.errors import InputError
 from meshserve.kernels import native
-from meshserve.kernels.bf16_gemm import pack_bf16_pairs
+from meshserve.kernels.bf16_gemm import pack_bf16_pairs, pack_bf16_panels
 from meshserve.kernels.cpu import machine_key, parse_machine_key, profile_dir
 from meshserve.kernels.smooth_gemm import (
     KERNELS,
@@ -249,6 +249,7 @@ def shape_weights(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> dict[str
         "packed_f32": pack_weight(w.float()) if dtype != torch.float32 else None,
         "bias_f32": None,
         "pairs": pack_bf16_pairs(w) if dtype == torch.bfloat16 else None,
+        "panels": pack_bf16_panels(w) if dtype == torch.bfloat16 else None,
     }
 
 

@@ -13,7 +13,9 @@ kernels/profile.py) says which primitive and M-tile serve each M:
 - ``bf16_fma``: meshserve's own op (kernels/bf16_gemm.py) on the bfloat16 weight pair-packed once: it
   widens the weight to float32 in registers and runs FMAs, so it reads half packed_f32's weight bytes
   (decode-sized M) at close to its FMA rate;
-- ``dpbf16``: the same op on AVX512-BF16 dot products (bfloat16 activations).
+- ``dpbf16``: the same op on AVX512-BF16 dot products (bfloat16 activations);
+- ``brgemm``: PyTorch's oneDNN micro-kernel (at::native::cpublas::brgemm) on the weight packed once in
+  64-column VNNI panels: AMX tiles on CPUs with amx_bf16, AVX-512 elsewhere (kernels/bf16_gemm.py).
 
 The native kernels need a bfloat16 layer and the built op; elsewhere a table's choice of them runs F.linear.
 
@@ -33,10 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.kernels import native
-from meshserve.kernels.bf16_gemm import bf16_linear, pack_bf16_pairs
+from meshserve.kernels.bf16_gemm import bf16_linear, brgemm_linear, pack_bf16_pairs, pack_bf16_panels
 
-KERNELS = ("linear", "packed", "packed_f32", "bf16_fma", "dpbf16")
-NATIVE_KERNELS = ("bf16_fma", "dpbf16")  # the op computes any M as is: their tile is always 1
+KERNELS = ("linear", "packed", "packed_f32", "bf16_fma", "dpbf16", "brgemm")
+NATIVE_KERNELS = ("bf16_fma", "dpbf16", "brgemm")  # the ops compute any M as is: their tile is always 1
 
 
 @dataclass(frozen=True)
@@ -98,13 +100,17 @@ def run_choice(
     bias_f32: torch.Tensor | None = None,
     out_f32: bool = False,
     pairs: torch.Tensor | None = None,
+    panels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x @ weight.T + bias [M, N] through ``choice``; the packed weights must exist for its kernel
-    (``pairs``: pack_bf16_pairs of a bfloat16 weight, for the native kernels).
+    (``pairs``: pack_bf16_pairs of a bfloat16 weight, for bf16_fma and dpbf16; ``panels``:
+    pack_bf16_panels, for brgemm).
 
     x may be float32 holding weight-dtype values (a fused op's output for a float32 GEMM); out_f32 lets a
     float32 GEMM return its float32 result for a consumer that rounds it itself (kernels/fused.py).
     """
+    if choice.kernel == "brgemm":
+        return brgemm_linear(x, panels, weight.shape[0], bias, out_f32)
     if choice.kernel in NATIVE_KERNELS:
         return bf16_linear(x, pairs, weight.shape[0], bias, out_f32, choice.kernel == "dpbf16")
     m, dtype = x.shape[0], weight.dtype
@@ -152,7 +158,8 @@ class SmoothLinear(nn.Linear):
         if w.dtype != torch.bfloat16 or not native.load():
             by_m = [PLAIN if c.kernel in NATIVE_KERNELS else c for c in by_m]
         kernels = {c.kernel for c in by_m}
-        self._pairs = pack_bf16_pairs(w) if kernels & set(NATIVE_KERNELS) else None
+        self._pairs = pack_bf16_pairs(w) if kernels & {"bf16_fma", "dpbf16"} else None
+        self._panels = pack_bf16_panels(w) if "brgemm" in kernels else None
         # For a float32 layer "packed_f32" is just "packed".
         needs_f32 = "packed_f32" in kernels and w.dtype != torch.float32
         needs_packed = "packed" in kernels or ("packed_f32" in kernels and not needs_f32)
@@ -184,6 +191,7 @@ class SmoothLinear(nn.Linear):
             self._bias_f32,
             out_f32,
             self._pairs,
+            self._panels,
         )
 
 

@@ -55,6 +55,26 @@ def test_native_matches_reference(tokens, hidden, inter, experts, k, idle, dtype
     torch.testing.assert_close(out, moe_reference(x, ids, weights, gate_up, down), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "inter", "experts", "k"),
+    [(1, 64, 32, 4, 2), (45, 130, 40, 5, 3), (150, 64, 96, 3, 1)],
+)
+def test_amx_brgemm_path_matches_reference(monkeypatch, tokens, hidden, inter, experts, k):
+    """The path an AMX machine takes (oneDNN's brgemm on the same packed weights), forced here; on a CPU
+    without AMX oneDNN runs it on AVX-512. Blocks of 32-row calls and a tail; K = hidden and the padded I."""
+    import meshserve.kernels.fused_moe as fused_moe_module
+
+    monkeypatch.setattr(fused_moe_module, "has_amx", lambda: True)
+    gen = torch.Generator().manual_seed(tokens)
+    gate_up = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).bfloat16()
+    down = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).bfloat16()
+    x = torch.randn(tokens, hidden, generator=gen).bfloat16()
+    ids, weights = random_routing(tokens, experts, k, experts, gen)
+    out = fused_moe(x, ids, weights, pack_experts(gate_up, down))
+    tol = TOLERANCE[torch.bfloat16]
+    torch.testing.assert_close(out, moe_reference(x, ids, weights, gate_up, down), atol=tol, rtol=tol)
+
+
 def test_packing_accepts_the_loaders_column_major_experts():
     moe = SparseMoE(32, 24, num_experts=4, top_k=2, renormalize=True, weights_in_model_dtype=False)
     for p in moe.parameters():

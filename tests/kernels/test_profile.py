@@ -143,9 +143,11 @@ def test_profile_picks_a_measured_choice_per_m_and_guards_against_slower_ones():
 
 def test_native_kernels_are_candidates_for_bfloat16_only():
     bf16 = {c.kernel for c in candidates(torch.bfloat16, 64)}
-    assert {"bf16_fma", "dpbf16", "packed_f32", "linear"} <= bf16
+    assert {"bf16_fma", "dpbf16", "brgemm", "packed_f32", "linear"} <= bf16
     assert {c.kernel for c in candidates(torch.float32, 64)} == {"linear", "packed"}
-    assert all(c.tile == 1 for c in candidates(torch.bfloat16, 64) if c.kernel in ("bf16_fma", "dpbf16"))
+    assert all(
+        c.tile == 1 for c in candidates(torch.bfloat16, 64) if c.kernel in ("bf16_fma", "dpbf16", "brgemm")
+    )
 
 
 def test_profile_command_writes_this_machines_table(tiny_model_dir, tmp_path, monkeypatch):
