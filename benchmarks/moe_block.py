@@ -6,8 +6,10 @@ of intermediate 704, top-2) over token counts 1..512, with a softmax top-k route
 - torch: the SparseMoE torch path (zero-filled [E, capacity, H] pack, two bmm's through the GEMM table's
   choices, scatter back, weighted sum), what the engine ran before the fused op;
 - hf-loop: one gather, two F.linear and an index_add_ per hit expert;
-- brgemm (bfloat16): the native op's AMX path (oneDNN's brgemm micro-kernel), forced whatever the CPU:
-  on a CPU without AMX oneDNN runs it on AVX-512.
+- brgemm (bfloat16): the native op's AMX path (oneDNN's brgemm micro-kernel), forced at every step size
+  whatever the CPU (on a CPU without AMX oneDNN runs it on AVX-512); "fused" takes it from
+  profiles/moe.json's brgemm_min_tokens for this ISA on, so compare against MESHSERVE_AMX=off / a CPU
+  whose tag that file does not list for the plain FMA-tile figures.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def hf_loop(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
 
 def forced_brgemm(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
     """The prepared block with the fused op's brgemm path forced on (what an AMX machine runs)."""
-    with mock.patch.object(fused_moe_module, "has_amx", lambda: True):
+    with mock.patch.object(fused_moe_module, "brgemm_min_tokens", lambda: 1):
         return moe(x)
 
 
