@@ -92,6 +92,14 @@ def test_brgemm_equals_float32_linear(m, k, n, bias, out_f32, x_f32, strided, th
         torch.testing.assert_close(y.float(), ref.bfloat16().float(), atol=1e-3, rtol=2**-7)
 
 
+def test_brgemm_splits_long_k_into_accumulated_chunks():
+    """K = 4099: chunks of 2048, 2048 and the 4-wide tail (the odd element's zero partner), added up."""
+    x, w, b = random_linear(35, 4099, 70, True, 1)
+    y = brgemm_linear(x, pack_bf16_panels(w), 70, b, out_f32=True)
+    ref = bf16_linear_reference(x, w, b, out_f32=True)
+    torch.testing.assert_close(y, ref, atol=2e-5 * 4099**0.5, rtol=1e-5)
+
+
 def test_brgemm_refuses_a_weight_packed_for_another_shape():
     x, w, _ = random_linear(3, 64, 70, False, 0)
     with pytest.raises(RuntimeError, match="pack_bf16_panels"):

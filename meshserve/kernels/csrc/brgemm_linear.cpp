@@ -24,6 +24,10 @@ namespace {
 
 constexpr int64_t kPanelCols = 64;  // bf16_gemm.PANEL_COLS
 constexpr int64_t kRowBlock = 32;
+// K per call: a 64 x 2048 bf16 panel chunk (256 KB) stays in L2 while oneDNN walks the rows over it in
+// register blocks; the whole panel of a K = 8192 layer (1 MB) did not, and down 2048x8192 ran 1.2-1.4x
+// slower than oneDNN's own bf16 GEMM at M = 64-256 (benchmarks/bf16_gemm.py --shapes llama-1b).
+constexpr int64_t kKBlock = 2048;
 
 template <typename O>
 void brgemm_linear_impl(const at::BFloat16* a, int64_t lda, int64_t m, int64_t kp, const at::BFloat16* w,
@@ -35,8 +39,10 @@ void brgemm_linear_impl(const at::BFloat16* a, int64_t lda, int64_t m, int64_t k
     for (int64_t task = begin; task < end; ++task) {
       const int64_t panel = task / row_blocks, row0 = (task % row_blocks) * kRowBlock;
       const int64_t rows = std::min(kRowBlock, m - row0);
-      at::native::cpublas::brgemm(rows, kPanelCols, kp, lda, kPanelCols, kPanelCols, /*add_C=*/false,
-                                  a + row0 * lda, w + panel * kp * kPanelCols, acc, /*is_vnni=*/true);
+      for (int64_t k0 = 0; k0 < kp; k0 += kKBlock)  // k0 even: a chunk starts at k-pair k0 / 2
+        at::native::cpublas::brgemm(rows, kPanelCols, std::min(kKBlock, kp - k0), lda, kPanelCols, kPanelCols,
+                                    /*add_C=*/k0 > 0, a + row0 * lda + k0, w + (panel * kp + k0) * kPanelCols,
+                                    acc, /*is_vnni=*/true);
       const int64_t col0 = panel * kPanelCols, cols = std::min(kPanelCols, n - col0);
       for (int64_t r = 0; r < rows; ++r) {
         const float* src = acc + r * kPanelCols;
