@@ -253,6 +253,7 @@ def shape_weights(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> dict[str
     }
 
 
+@torch.inference_mode()  # as the engine runs them: the shared staging buffers may be inference tensors
 def profile_shape(
     n: int,
     k: int,
@@ -324,6 +325,7 @@ def _merge_rows(rows: list[tuple[int, GemmChoice]]) -> list[tuple[int, GemmChoic
     return out
 
 
+@torch.inference_mode()
 def profile_bmm(
     e: int,
     n: int,

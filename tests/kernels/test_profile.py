@@ -183,3 +183,15 @@ def test_profile_covers_moe_experts_in_bfloat16_only():
     table = profile_gemm([], [torch.float32, torch.bfloat16], max_m=4, reps=1, bmm_shapes=[(2, 16, 8)])
     assert "bmm:2x16x8" in table.gemm["bfloat16"] and "bmm:2x16x8" not in table.gemm["float32"]
     assert {c.kernel for _, c in table.rows("bmm:2x16x8", torch.bfloat16)} <= {"linear", "packed_f32"}
+
+
+def test_profile_runs_after_a_served_step_left_its_staging_buffers_in_inference_mode():
+    """The engine's first-use profile can run in a process whose earlier engine served steps: the shared
+    staging buffers were then made under inference mode, and a profile outside it could not write them."""
+    from meshserve.kernels.smooth_gemm import STAGING
+
+    with torch.inference_mode():  # what a served step leaves behind (K = 24: no other test's shape)
+        for dtype in (torch.bfloat16, torch.float32):
+            STAGING.get(128, 24, dtype)
+    assert profile_shape(32, 24, torch.bfloat16, max_m=64, reps=1)
+    assert profile_bmm(2, 32, 24, torch.bfloat16, max_m=64, reps=1)
