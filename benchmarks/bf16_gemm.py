@@ -1,7 +1,9 @@
 """bfloat16 linears of the 28M Llama, every kernel side by side over M: meshserve's native op (bf16_fma and
-dpbf16 tiles) vs oneDNN's bf16 kernel vs oneDNN's float32 kernel on the widened weight vs F.linear.
+dpbf16 tiles) vs oneDNN's brgemm micro-kernel (AMX tiles where the CPU has them) vs oneDNN's bf16 kernel vs
+oneDNN's float32 kernel on the widened weight vs F.linear.
 
     flock /tmp/meshserve-bench.lock .venv/bin/python benchmarks/bf16_gemm.py [--threads 1 2] [--repeats 7]
+        [--shapes llama-28m | llama-1b] [--m 1 4 16 64 256]
     (also `benchmarks/kernels.py --sections bf16gemm`)
 
 Each kernel gets its input as the engine hands it: packed_f32 and bf16_fma a float32 copy of the bfloat16
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from throughput import LLAMA
 
 from meshserve.kernels import native
-from meshserve.kernels.bf16_gemm import bf16_linear, pack_bf16_pairs
+from meshserve.kernels.bf16_gemm import bf16_linear, brgemm_linear, pack_bf16_pairs, pack_bf16_panels
 from meshserve.kernels.smooth_gemm import pack_weight
 
 M_SWEEP = (1, 4, 16, 32, 64, 128, 256, 512)
@@ -35,10 +37,20 @@ def llama_shapes() -> dict[str, tuple[int, int]]:
     return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (v, h)}
 
 
+def llama_1b_shapes() -> dict[str, tuple[int, int]]:
+    """(out, in) of Llama-3.2-1B's decoder linears (hidden 2048, 32 heads, 8 KV heads of 64, MLP 8192);
+    its lm_head (128256 x 2048) is left out: its float32 pack alone is 1 GiB."""
+    return {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
+
+
+SHAPES = {"llama-28m": llama_shapes, "llama-1b": llama_1b_shapes}
+
+
 def kernels(w: torch.Tensor) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """Each kernel as f(x_bf16, x_f32) -> y, its weight packed once here."""
     n = w.shape[0]
     packed, packed_f32, pairs = pack_weight(w), pack_weight(w.float()), pack_bf16_pairs(w)
+    panels = pack_bf16_panels(w)
 
     def onednn(x: torch.Tensor, wp: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], "")
@@ -49,6 +61,7 @@ def kernels(w: torch.Tensor) -> dict[str, Callable[[torch.Tensor, torch.Tensor],
         "packed_f32": lambda x, x32: onednn(x32, packed_f32),
         "bf16_fma": lambda x, x32: bf16_linear(x32, pairs, n, None, True),
         "dpbf16": lambda x, x32: bf16_linear(x, pairs, n, None, True, dpbf16=True),
+        "brgemm": lambda x, x32: brgemm_linear(x, panels, n, None, True),
     }
 
 
@@ -71,22 +84,24 @@ def time_row(fns: dict[str, Callable[[], torch.Tensor]], repeats: int) -> dict[s
 
 
 @torch.inference_mode()
-def bf16_gemm_section(threads: list[int], repeats: int) -> None:
+def bf16_gemm_section(
+    threads: list[int], repeats: int, shapes: str = "llama-28m", m_sweep: tuple[int, ...] = M_SWEEP
+) -> None:
     if not native.load():
         print(f"\n== bf16 GEMM: native op not built (`{native.BUILD_COMMAND}`); skipped ==")
         return
     print(
-        f"\n== bf16 GEMM: the 28M Llama's linears, us per call (GFLOP/s), median of {repeats} interleaved "
+        f"\n== bf16 GEMM: {shapes}'s linears, us per call (GFLOP/s), median of {repeats} interleaved "
         f"runs; * = fastest =="
     )
     gen = torch.Generator().manual_seed(0)
     for n_threads in threads:
         torch.set_num_threads(n_threads)
-        for layer, (n, k) in llama_shapes().items():
+        for layer, (n, k) in SHAPES[shapes]().items():
             w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
             fns = kernels(w)
             print(f"{n_threads} thr  {layer} {n}x{k}: " + "  ".join(f"{name:>18s}" for name in fns))
-            for m in M_SWEEP:
+            for m in m_sweep:
                 x = torch.randn(m, k, generator=gen).bfloat16()
                 x32 = x.float()
                 ref = F.linear(x.float(), w.float())
@@ -108,8 +123,10 @@ def main() -> None:
     )
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--shapes", choices=list(SHAPES), default="llama-28m")
+    parser.add_argument("--m", nargs="+", type=int, default=list(M_SWEEP), help="M values swept")
     args = parser.parse_args()
-    bf16_gemm_section(args.threads, args.repeats)
+    bf16_gemm_section(args.threads, args.repeats, args.shapes, tuple(args.m))
 
 
 if __name__ == "__main__":

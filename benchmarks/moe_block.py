@@ -5,7 +5,11 @@ of intermediate 704, top-2) over token counts 1..512, with a softmax top-k route
 - fused: the native op (kernels/csrc/moe.cpp) as a prepared SparseMoE runs it;
 - torch: the SparseMoE torch path (zero-filled [E, capacity, H] pack, two bmm's through the GEMM table's
   choices, scatter back, weighted sum), what the engine ran before the fused op;
-- hf-loop: one gather, two F.linear and an index_add_ per hit expert.
+- hf-loop: one gather, two F.linear and an index_add_ per hit expert;
+- brgemm (bfloat16): the native op's AMX path (oneDNN's brgemm micro-kernel), forced at every step size
+  whatever the CPU (on a CPU without AMX oneDNN runs it on AVX-512); "fused" takes it from
+  profiles/moe.json's brgemm_min_tokens for this ISA on, so compare against MESHSERVE_AMX=off / a CPU
+  whose tag that file does not list for the plain FMA-tile figures.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import copy
 import itertools
 import statistics
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from throughput import MODELS
 
+from meshserve.kernels import fused_moe as fused_moe_module
 from meshserve.kernels import native
 from meshserve.kernels.profile import bmm_key, load_gemm_table
 from meshserve.models.layers.moe import SparseMoE
@@ -38,6 +44,12 @@ def hf_loop(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(F.silu(gate) * up, down[e])
         out.index_add_(0, token, y.float() * weights[token, choice, None].float())
     return out.to(x.dtype)
+
+
+def forced_brgemm(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
+    """The prepared block with the fused op's brgemm path forced on (what an AMX machine runs)."""
+    with mock.patch.object(fused_moe_module, "brgemm_min_tokens", lambda: 1):
+        return moe(x)
 
 
 def make_blocks(dtype: torch.dtype, budget: int) -> tuple[SparseMoE, SparseMoE]:
@@ -77,6 +89,8 @@ def moe_section(dtypes: list[str], threads: list[int], repeats: int, budget: int
         dtype = getattr(torch, dtype_name)
         fused, torch_path = make_blocks(dtype, budget)
         methods = {"fused": fused, "torch": torch_path, "hf-loop": lambda x, m=torch_path: hf_loop(m, x)}
+        if dtype == torch.bfloat16:
+            methods["brgemm"] = lambda x, m=fused: forced_brgemm(m, x)
         gains = []
         for t in TOKENS:
             x = torch.randn(t, MIXTRAL["hidden_size"], generator=torch.Generator().manual_seed(t)).to(dtype)
@@ -92,9 +106,11 @@ def moe_section(dtypes: list[str], threads: list[int], repeats: int, budget: int
             ms = {m: statistics.median(r) * 1e3 for m, r in runs.items()}
             gains.append(ms["torch"] / ms["fused"])
             fused_ms = ms["fused"]
+            brgemm = f"  brgemm {ms['brgemm']:8.3f}" if "brgemm" in ms else ""
             print(
                 f"{dtype_name:9s} {n_threads:3d} {t:6d} {fused_ms:8.3f} {ms['torch']:8.3f} "
-                f"{ms['hf-loop']:8.3f}  {ms['torch'] / fused_ms:7.2f}x {ms['hf-loop'] / fused_ms:7.2f}x",
+                f"{ms['hf-loop']:8.3f}  {ms['torch'] / fused_ms:7.2f}x {ms['hf-loop'] / fused_ms:7.2f}x"
+                + brgemm,
                 flush=True,
             )
         print(

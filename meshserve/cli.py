@@ -197,8 +197,8 @@ def profile(
     model: str = typer.Option(..., help="Model directory whose linear shapes are profiled."),
     out: str | None = typer.Option(
         None,
-        help="Table to write (default: $MESHSERVE_PROFILE_DIR/gemm.json "
-        "or ~/.cache/meshserve/profiles/gemm.json).",
+        help="Table to write (default: this machine's cache file, "
+        "~/.cache/meshserve/profiles/gemm-<isa>-<threads>t.json; docs/gemm.md).",
     ),
     dtype: list[str] = typer.Option(["float32", "bfloat16"], help="dtypes to profile (repeatable)."),
     max_tokens: int = typer.Option(512, help="Largest M: the engine's max_num_batched_tokens."),
@@ -206,7 +206,7 @@ def profile(
     num_threads: int | None = typer.Option(None, help="torch threads (default: all usable cores)."),
 ) -> None:
     """Offline kernel profiling for this machine and the model's shapes (a few minutes)."""
-    from meshserve.kernels.profile import run_profile
+    from meshserve.engine.kernel_profile import run_profile
 
     run_profile(model, out, dtype, max_tokens, reps, num_threads)
 

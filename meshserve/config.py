@@ -116,8 +116,8 @@ class EngineConfig:
     num_threads: torch threads for the forward (``torch.set_num_threads``, which holds per calling thread:
         every step sets it again, so two engines in one process keep their own); None = the cores this
         process may run on (``os.sched_getaffinity``).
-    kernel_profile: a GEMM profile written by ``meshserve profile``; None = this machine's profile when
-        one was written, else the shipped default (kernels/profile.py).
+    kernel_profile: a GEMM profile written by ``meshserve profile``; None = the tables for this machine's
+        ISA and threads, its missing shapes profiled on first use (engine/kernel_profile.py, docs/gemm.md).
     device: "cpu" (native kernels where they apply) or "cuda" (weights, KV cache and step tensors on the
         GPU, torch reference kernels; engine/device.py). Checked against the machine when the engine starts.
     switches: the environment switches this engine runs with (meshserve/switches.py), read here once, with

@@ -61,8 +61,22 @@ SWITCHES = (
         "MESHSERVE_PROFILE_DIR",
         "",
         (),
-        "Folder of this machine's kernel profiles (gemm.json, attention.json); unset: "
-        "~/.cache/meshserve/profiles.",
+        "Folder of this machine's kernel profiles (gemm-<isa>-<threads>t.json, attention.json); unset: "
+        "$XDG_CACHE_HOME/meshserve/profiles, else ~/.cache/meshserve/profiles.",
+    ),
+    Switch(
+        "MESHSERVE_PROFILE",
+        "on",
+        ("on", "off"),
+        "on: an engine on a CPU profiles the GEMM shapes its kernel tables lack on first start (seconds, a "
+        "progress bar, cached in MESHSERVE_PROFILE_DIR); off: the stand-in table serves them.",
+    ),
+    Switch(
+        "MESHSERVE_AMX",
+        "on",
+        ("on", "off"),
+        "off: an AMX machine chooses and profiles kernels as the avx512_bf16 machine it also is (to measure "
+        "both paths on one machine).",
     ),
     Switch(
         "MESHSERVE_BUILD_DIR",
@@ -143,5 +157,6 @@ def value(name: str) -> str:
 
 
 def profile_dir() -> Path:
-    """Where this machine's kernel profiles live (MESHSERVE_PROFILE_DIR)."""
-    return Path(value("MESHSERVE_PROFILE_DIR") or Path.home() / ".cache" / "meshserve" / "profiles")
+    """Where this machine's kernel profiles live (MESHSERVE_PROFILE_DIR, else the user's cache)."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(value("MESHSERVE_PROFILE_DIR") or Path(cache_home) / "meshserve" / "profiles")

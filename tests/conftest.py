@@ -1,12 +1,17 @@
 """Shared test settings. pytest-xdist runs one worker per core, so each worker keeps to one thread."""
 
 import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Engines in tests run the shipped or stand-in GEMM table: no first-use profile (tests time nothing), and
+# no profile from this user's cache (tests see the same tables on every machine of a kind).
+os.environ.setdefault("MESHSERVE_PROFILE", "off")
+os.environ.setdefault("MESHSERVE_PROFILE_DIR", tempfile.mkdtemp(prefix="meshserve-test-profiles-"))
 
 
 # Imports after the environment settings above, so torch starts with one thread.

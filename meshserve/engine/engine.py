@@ -22,6 +22,7 @@ from meshserve import switches
 from meshserve.config import EngineConfig, SchedulerConfig
 from meshserve.engine.device import free_memory, resolve_device
 from meshserve.engine.groups import RequestGroup, child_params
+from meshserve.engine.kernel_profile import gemm_table_for
 from meshserve.engine.kv_cache import BlockManager, allocate_kv_cache, block_bytes, num_kv_blocks
 from meshserve.engine.logits_processors import process_logits
 from meshserve.engine.outputs import RequestOutput
@@ -35,7 +36,7 @@ from meshserve.engine.scheduler import Scheduler, WorkItem, WorkKind
 from meshserve.engine.spec.decoder import SpecDecoder
 from meshserve.engine.stop import StopChecker
 from meshserve.errors import InputError, require
-from meshserve.kernels.profile import GemmTable, load_gemm_table
+from meshserve.kernels.profile import GemmTable
 from meshserve.memory import MemoryNeed, check_memory
 from meshserve.models.config import dtype_name
 from meshserve.models.loader import build_model, load_config, meta_model, weight_bytes
@@ -91,7 +92,12 @@ class Engine:
             )
         )
         cache = config.cache
-        table = load_gemm_table(config.kernel_profile) if self.device.type == "cpu" else None
+        tokens = sched.max_num_batched_tokens  # the kernel table covers steps up to this many tokens
+        table = (
+            gemm_table_for(meta_model(mc), config.kernel_profile, tokens)
+            if self.device.type == "cpu"
+            else None
+        )
         per_block = block_bytes(
             mc.num_layers, mc.num_kv_heads, mc.head_dim, cache.block_size, mc.dtype, mc.kv_cache_parts
         )

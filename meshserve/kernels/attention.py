@@ -20,7 +20,7 @@ from meshserve.kernels.meta_attention import AttentionPlan, paged_attention, pla
 from meshserve.kernels.meta_attention_native import meta_attention
 
 if TYPE_CHECKING:  # kernels stay leaves: they only read the metadata's tensors
-    from meshserve.models.batch import BatchMetadata
+    from meshserve.kernels.batch import BatchMetadata
 
 
 @dataclass

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from meshserve.atomic import write_atomic
 from meshserve.kernels import native
 from meshserve.kernels.attention_tiles import TileSizes, plan_tasks, profile_key, user_profile_path
+from meshserve.kernels.batch import BatchMetadata
 from meshserve.kernels.meta_attention_native import meta_attention
-from meshserve.models.batch import BatchMetadata
 
 PREFILL_ROWS = (8, 16, 32, 64, 128)
 SHORT_ROWS = (8, 16)

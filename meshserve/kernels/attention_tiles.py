@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from meshserve import switches
+from meshserve.kernels.cpu import isa_tag
 
 if TYPE_CHECKING:  # kernels stay leaves: they only read the metadata's tensors
-    from meshserve.models.batch import BatchMetadata
+    from meshserve.kernels.batch import BatchMetadata
 
 # Column order of the Task-Table; kernels/csrc/meta_attention.cpp's `Col` enum names the same fields.
 TASK_COLUMNS = (
@@ -71,22 +72,6 @@ class TileSizes:
     prefill_rows: int
     short_rows: int
     min_split_kv: int
-
-
-def isa_tag() -> str:
-    """The CPU feature that decides the fastest tiles here (profiles are keyed by it)."""
-    try:
-        flags = set(
-            " ".join(
-                ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")
-            ).split()
-        )
-    except OSError:
-        flags = set()
-    for tag in ("amx_bf16", "avx512_bf16", "avx512f", "avx2"):
-        if tag in flags:
-            return tag
-    return "generic"
 
 
 def profile_key(head_dim: int, dtype: torch.dtype) -> str:

@@ -7,6 +7,10 @@ bfloat16. ``dpbf16`` picks the tile: False widens the weight to float32 in regis
 ("bf16_fma"), True runs AVX512-BF16 dot products on bfloat16 activations; on this machine kind vdpbf16ps
 has half the FMA's flop rate, so the FMA tile is the faster one from two rows on (docs/kernels.md).
 ``bf16_linear_reference`` is the oracle: F.linear in float32 of the same values.
+
+`torch.ops.meshserve.brgemm_linear(x, panels, n, bias=None, out_f32=False)` (csrc/brgemm_linear.cpp)
+computes the same through PyTorch's oneDNN micro-kernel (AMX tiles where the CPU has them, AVX-512
+elsewhere) on the weight packed by ``pack_bf16_panels``; the same oracle holds.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from meshserve.kernels import native
 
 BLOCK_COLS = 16  # output columns per packed block (csrc/bf16_dot_tile.h kBlockCols)
+PANEL_COLS = 64  # output columns per brgemm panel (csrc/brgemm_linear.cpp kPanelCols)
 
 
 def pack_bf16_pairs(weight: torch.Tensor) -> torch.Tensor:
@@ -27,6 +32,27 @@ def pack_bf16_pairs(weight: torch.Tensor) -> torch.Tensor:
     padded = weight.new_zeros(nb * BLOCK_COLS, 2 * k2, dtype=torch.bfloat16)
     padded[:n, :k] = weight
     return padded.view(nb, BLOCK_COLS, k2, 2).permute(0, 2, 1, 3).reshape(nb, k2, 2 * BLOCK_COLS).contiguous()
+
+
+def pack_bf16_panels(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] -> [ceil(N/64), ceil(K/2), 128] bfloat16: per 64-column panel, brgemm's VNNI layout
+    [K/2][64][2] (each column's k-pair side by side). N and K are zero-padded."""
+    n, k = weight.shape
+    np_, k2 = -(-n // PANEL_COLS), -(-k // 2)
+    padded = weight.new_zeros(np_ * PANEL_COLS, 2 * k2, dtype=torch.bfloat16)
+    padded[:n, :k] = weight
+    return (
+        padded.view(np_, PANEL_COLS, k2, 2).permute(0, 2, 1, 3).reshape(np_, k2, 2 * PANEL_COLS).contiguous()
+    )
+
+
+def brgemm_linear(
+    x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None, out_f32: bool = False
+) -> torch.Tensor:
+    """y = x @ W.T + bias [M, n] through oneDNN's brgemm micro-kernel (csrc/brgemm_linear.cpp)."""
+    if not native.load():
+        raise RuntimeError(f"meshserve native kernels are not built here: run `{native.BUILD_COMMAND}`")
+    return torch.ops.meshserve.brgemm_linear(x, panels, n, bias, out_f32)
 
 
 def bf16_linear(
@@ -62,6 +88,13 @@ def _bf16_linear_fake(
     return x.new_empty(x.shape[0], n, dtype=torch.float32 if out_f32 else torch.bfloat16)
 
 
+def _brgemm_linear_fake(
+    x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None, out_f32: bool = False
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n, dtype=torch.float32 if out_f32 else torch.bfloat16)
+
+
 def register_fake() -> None:
-    """Shape function of the op (just loaded by native.load), for torch.compile and fake tensors."""
+    """Shape functions of the ops (just loaded by native.load), for torch.compile and fake tensors."""
     torch.library.register_fake("meshserve::bf16_linear", _bf16_linear_fake)
+    torch.library.register_fake("meshserve::brgemm_linear", _brgemm_linear_fake)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from meshserve import switches
 from meshserve.kernels import native
 from meshserve.kernels.bf16_gemm import BLOCK_COLS, pack_bf16_pairs
+from meshserve.kernels.cpu import isa_tag
 
 COLS = 64  # output columns per packed block (csrc/moe.cpp kCols); gate_up blocks hold 32 gate + 32 up
 
@@ -34,6 +35,18 @@ def fused_max_tokens(dtype: torch.dtype) -> int:
     """Largest step (tokens) the op serves in this dtype (profiles/moe.json); no limit when not listed."""
     limits = json.loads(LIMITS.read_text())["fused_max_tokens"]
     return int(limits.get(str(dtype).removeprefix("torch."), sys.maxsize))
+
+
+@cache
+def _brgemm_min_tokens(isa: str) -> int:
+    return int(json.loads(LIMITS.read_text())["brgemm_min_tokens"].get(isa, sys.maxsize))
+
+
+def brgemm_min_tokens() -> int:
+    """Smallest bfloat16 step the op runs through oneDNN's brgemm (profiles/moe.json, keyed by this CPU's
+    ISA tag: always on AMX, where it runs AMX tiles; MESHSERVE_AMX=off makes an AMX machine an avx512_bf16
+    one)."""
+    return _brgemm_min_tokens(isa_tag())
 
 
 def use_fused_moe(dtype: torch.dtype, hidden_size: int) -> bool:
@@ -117,9 +130,13 @@ def fused_moe(
     topk_weights: torch.Tensor,
     packed: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for x [T, H]; weights from pack_experts."""
+    """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for x [T, H]; weights from pack_experts.
+
+    bfloat16 steps of at least ``brgemm_min_tokens()`` tokens run the op's brgemm path: oneDNN's
+    micro-kernel (AMX tiles on AMX machines), on the same packed weights."""
     ids, weights = topk_ids.contiguous(), topk_weights.float().contiguous()
-    return torch.ops.meshserve.fused_moe(x.contiguous(), ids, weights, *packed)
+    brgemm = x.dtype == torch.bfloat16 and x.shape[0] >= brgemm_min_tokens()
+    return torch.ops.meshserve.fused_moe(x.contiguous(), ids, weights, *packed, brgemm)
 
 
 def fused_route(
@@ -148,7 +165,7 @@ def moe_reference(
     return out.to(x.dtype)
 
 
-def _fused_moe_fake(x, topk_ids, topk_weights, w13, w2):
+def _fused_moe_fake(x, topk_ids, topk_weights, w13, w2, brgemm=False):
     return torch.empty_like(x)
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # kernels stay leaves: they only read the metadata's tensors
-    from meshserve.models.batch import BatchMetadata
+    from meshserve.kernels.batch import BatchMetadata
 
 # Length classes: a length goes to the first class whose bound (a power of the base) is >= it.
 # Query rows: base 4 bounds a group's row padding under 4x (decodes pad nothing). KV: base 2 bounds

@@ -1,37 +1,38 @@
-"""Offline GEMM profile: which SmoothGEMM primitive serves each (linear shape, dtype, M) on this machine.
+"""GEMM profile tables: which SmoothGEMM primitive serves each (linear shape, dtype, M) on this machine.
 
-    meshserve profile --model DIR [--out FILE]     # minutes; see docs/kernels.md
+    meshserve profile --model DIR [--out FILE]     # minutes; see docs/gemm.md
+    (or nothing: the engine profiles a model's missing shapes on first use, engine/kernel_profile.py)
 
 A table is JSON data, not code:
 
-    {"version": 1, "machine": "<cpu> / <threads> threads / torch <version>",
+    {"version": 1, "machine": "<isa tag> / <threads> threads",
      "gemm": {"bfloat16": {"*": [[32, "packed", 1], [512, "packed_f32", 1]],
                            "1024x512": [[8, "packed", 1], ...]},
               "float32": {...}}}
 
 Under a dtype, a key "NxK" (out x in features) holds that shape's rows; "*" serves shapes not listed.
 Each row ``[m_max, kernel, tile]`` serves every M up to m_max (and the last row serves anything larger).
-The engine reads the table written for this machine (``user_table_path``) when there is one, else the
-shipped default (kernels/profiles/gemm.json); a table written on another machine is ignored.
+A table is valid for the machine key it names (kernels/cpu.py: ISA tag and threads, never the CPU's
+name). The engine reads this machine's measured table (``user_table_path``) merged over the shipped ones
+(kernels/profiles/gemm*.json) with the same key; see ``load_gemm_table``.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from meshserve import switches
 from meshserve.atomic import write_atomic
 from meshserve.errors import InputError
 from meshserve.kernels import native
-from meshserve.kernels.bf16_gemm import pack_bf16_pairs
+from meshserve.kernels.bf16_gemm import pack_bf16_pairs, pack_bf16_panels
+from meshserve.kernels.cpu import machine_key, parse_machine_key, profile_dir
 from meshserve.kernels.smooth_gemm import (
     KERNELS,
     NATIVE_KERNELS,
@@ -42,7 +43,8 @@ from meshserve.kernels.smooth_gemm import (
     run_choice,
 )
 
-SHIPPED_GEMM_TABLE = Path(__file__).parent / "profiles" / "gemm.json"
+SHIPPED_DIR = Path(__file__).parent / "profiles"
+SHIPPED_GEMM_TABLE = SHIPPED_DIR / "gemm.json"
 # M values measured; an M between two of them takes the choice of the next one up.
 M_POINTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
 TILES = (1, 16, 64)
@@ -50,20 +52,15 @@ SLOWER_LIMIT = 1.03  # a chosen primitive measured > 3% slower than F.linear is 
 
 
 def machine_id() -> str:
-    """What a profile is valid for: CPU model, torch threads and torch version."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu} / {torch.get_num_threads()} threads / torch {torch.__version__}"
+    """What a profile is valid for: this CPU's ISA tag and torch's thread count (kernels/cpu.py)."""
+    return machine_key()
 
 
-def user_table_path() -> Path:
-    """Where `meshserve profile` writes by default: $MESHSERVE_PROFILE_DIR or ~/.cache/meshserve/profiles
-    (beside the attention tiles, kernels/attention_tiles.py)."""
-    return switches.profile_dir() / "gemm.json"
+def user_table_path(machine: str | None = None) -> Path:
+    """Where this machine's measured table lives (one file per machine key, beside the attention tiles):
+    e.g. ~/.cache/meshserve/profiles/gemm-avx512_bf16-2t.json."""
+    isa, threads = parse_machine_key(machine or machine_id()) or ("unknown", 0)
+    return profile_dir() / f"gemm-{isa}-{threads}t.json"
 
 
 def shape_key(n: int, k: int) -> str:
@@ -156,16 +153,49 @@ class GemmTable:
         return GemmTable(gemm, other.machine or self.machine)
 
 
+def shipped_tables() -> list[GemmTable]:
+    """Every table shipped with the package (kernels/profiles/gemm*.json)."""
+    return [GemmTable.load(p) for p in sorted(SHIPPED_DIR.glob("gemm*.json"))]
+
+
+def read_table(path: Path) -> GemmTable | None:
+    """A cached table, or None where absent or unreadable (a broken cache is re-measured, not fatal)."""
+    try:
+        return GemmTable.load(path) if path.is_file() else None
+    except InputError:
+        return None
+
+
+def machine_table(machine: str | None = None) -> GemmTable | None:
+    """The tables measured for exactly this machine key (shipped, then this user's cache over them)."""
+    machine = machine or machine_id()
+    table = None
+    for found in [*shipped_tables(), read_table(user_table_path(machine))]:
+        if found is not None and found.machine == machine:
+            table = found if table is None else table.merge(found)
+    return table
+
+
+def stand_in_table(machine: str | None = None) -> GemmTable:
+    """What serves shapes this machine has no measurement for: a shipped table of the same ISA tag (the
+    nearest thread count), else none, i.e. F.linear everywhere (a kernel tuned for another ISA can lose
+    to oneDNN, as the FMA kernels do on AMX)."""
+    isa, threads = parse_machine_key(machine or machine_id()) or ("", 0)
+    same_isa = [
+        (abs(key[1] - threads), t.machine, t)
+        for t in shipped_tables()
+        if (key := parse_machine_key(t.machine)) and key[0] == isa
+    ]
+    return min(same_isa, key=lambda row: row[:2])[2] if same_isa else GemmTable({}, machine or machine_id())
+
+
 def load_gemm_table(path: str | Path | None = None) -> GemmTable:
-    """The table to run with: ``path`` if given; else this machine's profile if written; else the default."""
+    """The table to run with: ``path`` if given; else this machine's measured shapes over the stand-in."""
     if path is not None:
         return GemmTable.load(path)
-    user = user_table_path()
-    if user.is_file():
-        table = GemmTable.load(user)
-        if table.machine == machine_id():
-            return table
-    return GemmTable.load(SHIPPED_GEMM_TABLE)
+    base = stand_in_table()
+    exact = machine_table()
+    return base if exact is None else base.merge(exact)
 
 
 def candidates(dtype: torch.dtype, m: int) -> list[GemmChoice]:
@@ -219,22 +249,31 @@ def shape_weights(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> dict[str
         "packed_f32": pack_weight(w.float()) if dtype != torch.float32 else None,
         "bias_f32": None,
         "pairs": pack_bf16_pairs(w) if dtype == torch.bfloat16 else None,
+        "panels": pack_bf16_panels(w) if dtype == torch.bfloat16 else None,
     }
 
 
+@torch.inference_mode()  # as the engine runs them: the shared staging buffers may be inference tensors
 def profile_shape(
-    n: int, k: int, dtype: torch.dtype, max_m: int, reps: int = 7, report: Callable[[str], None] | None = None
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    max_m: int,
+    reps: int = 7,
+    report: Callable[[str], None] | None = None,
+    m_points: tuple[int, ...] = M_POINTS,
+    deadline: float | None = None,
 ) -> list[tuple[int, GemmChoice]]:
-    """Rows (m_max, fastest choice) for one linear shape over the M points up to max_m.
+    """Rows (m_max, fastest choice) for one linear shape over the M points (``m_points``) up to max_m;
+    M points that would end past ``deadline`` (time.monotonic) are not measured and take F.linear.
 
     Then the guard: every chosen primitive is timed again against F.linear; one more than 3% slower
     (machine noise, or a choice that only won by luck) is replaced by F.linear.
     """
     weights = shape_weights(n, k, dtype)
-    points = [m for m in M_POINTS if m < max_m] + [max_m]
     rows: list[tuple[int, GemmChoice]] = []
     worst = 0.0
-    for m in points:
+    for m in _paced([m for m in m_points if m < max_m] + [max_m], deadline):
         x = torch.randn(m, k).to(dtype)
         options = candidates(dtype, m)
         best = options[min(range(len(options)), key=time_choices(options, x, weights, reps).__getitem__)]
@@ -254,7 +293,25 @@ def profile_shape(
             f"{shape_key(n, k)} {dtype}: slowest chosen / F.linear = {max(worst, 1.0):.3f} "
             f"(limit {SLOWER_LIMIT:.2f})"
         )
-    return _merge_rows(rows)
+    return _merge_rows(_rest_plain(rows, max_m))
+
+
+def _paced(points: list[int], deadline: float | None) -> Iterator[int]:
+    """The M points in order while the next one, predicted from the last one's time scaled by M, ends
+    before ``deadline``; all of them when it is None."""
+    last: tuple[int, float] | None = None
+    for m in points:
+        start = time.monotonic()
+        predicted = 0.0 if last is None else last[1] * m / last[0]
+        if deadline is not None and start + predicted > deadline:
+            return
+        yield m
+        last = (m, time.monotonic() - start)
+
+
+def _rest_plain(rows: list[tuple[int, GemmChoice]], max_m: int) -> list[tuple[int, GemmChoice]]:
+    """Rows measured up to some M, with F.linear serving the M points left unmeasured up to max_m."""
+    return rows if rows and rows[-1][0] >= max_m else [*rows, (max_m, PLAIN)]
 
 
 def _merge_rows(rows: list[tuple[int, GemmChoice]]) -> list[tuple[int, GemmChoice]]:
@@ -268,6 +325,7 @@ def _merge_rows(rows: list[tuple[int, GemmChoice]]) -> list[tuple[int, GemmChoic
     return out
 
 
+@torch.inference_mode()
 def profile_bmm(
     e: int,
     n: int,
@@ -276,8 +334,11 @@ def profile_bmm(
     max_m: int,
     reps: int = 7,
     report: Callable[[str], None] | None = None,
+    m_points: tuple[int, ...] = M_POINTS,
+    deadline: float | None = None,
 ) -> list[tuple[int, GemmChoice]]:
-    """Rows for stacked experts [e, n, k] (MoE): torch.bmm in the model dtype or in float32, per capacity M.
+    """Rows for stacked experts [e, n, k] (MoE): torch.bmm in the model dtype or in float32, per capacity M
+    (M points past ``deadline`` take torch.bmm, as in profile_shape).
 
     The weight is stored column-major per expert, as the loader leaves it (StackedExperts.transposed_layout).
     """
@@ -286,7 +347,7 @@ def profile_bmm(
     weights = {"weight": weight, "weight_f32": weight.float()}
     options = [PLAIN, GemmChoice("packed_f32")]
     rows = []
-    for m in [p for p in M_POINTS if p < max_m] + [max_m]:
+    for m in _paced([p for p in m_points if p < max_m] + [max_m], deadline):
         x = torch.randn(e, m, k).to(dtype)
         timers = [_timer(lambda c=c, x=x: run_bmm(c, x, **weights)) for c in options]
         times = time_timers(timers, reps)
@@ -296,7 +357,7 @@ def profile_bmm(
         rows.append((m, options[best]))
     if report:
         report(f"{bmm_key(e, n, k)} {dtype}: " + ", ".join(f"M<={m} {c.name}" for m, c in _merge_rows(rows)))
-    return _merge_rows(rows)
+    return _merge_rows(_rest_plain(rows, max_m))
 
 
 def profile_gemm(
@@ -320,88 +381,3 @@ def profile_gemm(
         for e, n, k in bmm_shapes if dtype != torch.float32 else ():
             out[bmm_key(e, n, k)] = profile_bmm(e, n, k, dtype, max_m, reps, report)
     return GemmTable(gemm, machine_id())
-
-
-def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
-    """The distinct (out, in) shapes of a model's SmoothLinear layers, in first-seen order."""
-    from meshserve.kernels.smooth_gemm import SmoothLinear
-
-    shapes = (tuple(m.weight.shape) for m in model.modules() if isinstance(m, SmoothLinear))
-    return list(dict.fromkeys(shapes))
-
-
-def expert_shapes(model: torch.nn.Module) -> list[tuple[int, int, int]]:
-    """The distinct (experts, out, in) shapes of a model's stacked MoE expert weights."""
-    from meshserve.models.layers.moe import StackedExperts
-
-    shapes = (
-        tuple(w.shape)
-        for m in model.modules()
-        if isinstance(m, StackedExperts)
-        for w in (m.gate_up_proj, m.down_proj)
-    )
-    return list(dict.fromkeys(shapes))
-
-
-def run_profile(
-    model_dir: str, out: str | None, dtypes: list[str], max_tokens: int, reps: int, num_threads: int | None
-) -> Path:
-    """What `meshserve profile` does: time the model's linear shapes, merge into the table, write it."""
-    from rich.console import Console
-    from tqdm.auto import tqdm
-
-    from meshserve.config import DTYPE_NAMES, EngineConfig
-    from meshserve.models.config import parse_dtype
-    from meshserve.models.loader import load_model
-
-    for name in dtypes:
-        if name not in DTYPE_NAMES:
-            raise InputError("dtype", f"unsupported dtype {name!r}; allowed: {', '.join(DTYPE_NAMES)}")
-    if max_tokens < 1:
-        raise InputError("max_tokens", f"must be >= 1, got {max_tokens}")
-    if reps < 1:
-        raise InputError("reps", f"must be >= 1, got {reps}")
-    config = EngineConfig(model_dir, num_threads=num_threads)  # validates the thread count
-    torch.set_num_threads(config.num_threads)
-    loaded = load_model(model_dir)
-    shapes = linear_shapes(loaded.model)
-    console = Console()
-    console.print(
-        f"profiling {len(shapes)} linear shapes x {len(dtypes)} dtypes, M up to {max_tokens}, "
-        f"on {machine_id()}"
-    )
-    with tqdm(total=len(shapes) * len(dtypes), desc="gemm profile", unit="shape") as bar:
-        table = profile_gemm(
-            shapes,
-            [parse_dtype(d) for d in dtypes],
-            max_tokens,
-            reps,
-            report=lambda line: bar.write(line),
-            progress=lambda: bar.update(1),
-            bmm_shapes=expert_shapes(loaded.model),
-        )
-    path = Path(out) if out else user_table_path()
-    if path.is_file():
-        try:
-            old = GemmTable.load(path)
-            if old.machine == table.machine:
-                table = old.merge(table)
-        except InputError:
-            pass  # an unreadable old table is replaced
-    table.save(path)
-    console.print(f"GEMM table written to {path}")
-    _profile_attention(loaded.config, [parse_dtype(d) for d in dtypes], console)
-    return path
-
-
-def _profile_attention(cfg: Any, dtypes: list[torch.dtype], console: Any) -> None:
-    """The attention-tile profile (kernels/attention_profile.py) for the model's head shape, where the
-    native attention op is built; its table goes to its own file beside this one."""
-    from meshserve.kernels.attention_profile import profile_attention
-
-    if not native.load():
-        console.print(f"attention tiles: native op not built (`{native.BUILD_COMMAND}`); shipped tiles stay")
-        return
-    for dtype in dtypes:
-        best = profile_attention(cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, dtype)
-        console.print(f"attention tiles {dtype}: {best}")

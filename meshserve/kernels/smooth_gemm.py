@@ -13,7 +13,9 @@ kernels/profile.py) says which primitive and M-tile serve each M:
 - ``bf16_fma``: meshserve's own op (kernels/bf16_gemm.py) on the bfloat16 weight pair-packed once: it
   widens the weight to float32 in registers and runs FMAs, so it reads half packed_f32's weight bytes
   (decode-sized M) at close to its FMA rate;
-- ``dpbf16``: the same op on AVX512-BF16 dot products (bfloat16 activations).
+- ``dpbf16``: the same op on AVX512-BF16 dot products (bfloat16 activations);
+- ``brgemm``: PyTorch's oneDNN micro-kernel (at::native::cpublas::brgemm) on the weight packed once in
+  64-column VNNI panels: AMX tiles on CPUs with amx_bf16, AVX-512 elsewhere (kernels/bf16_gemm.py).
 
 The native kernels need a bfloat16 layer and the built op; elsewhere a table's choice of them runs F.linear.
 
@@ -34,10 +36,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.kernels import native
-from meshserve.kernels.bf16_gemm import BLOCK_COLS, bf16_linear, pack_bf16_pairs
+from meshserve.kernels.bf16_gemm import (
+    BLOCK_COLS,
+    PANEL_COLS,
+    bf16_linear,
+    brgemm_linear,
+    pack_bf16_pairs,
+    pack_bf16_panels,
+)
 
-KERNELS = ("linear", "packed", "packed_f32", "bf16_fma", "dpbf16")
-NATIVE_KERNELS = ("bf16_fma", "dpbf16")  # the op computes any M as is: their tile is always 1
+KERNELS = ("linear", "packed", "packed_f32", "bf16_fma", "dpbf16", "brgemm")
+NATIVE_KERNELS = ("bf16_fma", "dpbf16", "brgemm")  # the ops compute any M as is: their tile is always 1
 
 
 @dataclass(frozen=True)
@@ -102,13 +111,17 @@ def run_choice(
     bias_f32: torch.Tensor | None = None,
     out_f32: bool = False,
     pairs: torch.Tensor | None = None,
+    panels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x @ weight.T + bias [M, N] through ``choice``; the packed weights must exist for its kernel
-    (``pairs``: pack_bf16_pairs of a bfloat16 weight, for the native kernels).
+    (``pairs``: pack_bf16_pairs of a bfloat16 weight, for bf16_fma and dpbf16; ``panels``:
+    pack_bf16_panels, for brgemm).
 
     x may be float32 holding weight-dtype values (a fused op's output for a float32 GEMM); out_f32 lets a
     float32 GEMM return its float32 result for a consumer that rounds it itself (kernels/fused.py).
     """
+    if choice.kernel == "brgemm":
+        return brgemm_linear(x, panels, weight.shape[0], bias, out_f32)
     if choice.kernel in NATIVE_KERNELS:
         return bf16_linear(x, pairs, weight.shape[0], bias, out_f32, choice.kernel == "dpbf16")
     m, dtype = x.shape[0], weight.dtype
@@ -152,7 +165,7 @@ class SmoothLinear(nn.Linear):
 
     def _layouts(self, by_m: list[GemmChoice]) -> tuple[list[GemmChoice], set[str]]:
         """The choices this layer can run (native ones need a bfloat16 weight and the built op) and the
-        weight copies they need beside the weight: "pairs", "packed", "packed_f32"."""
+        weight copies they need beside the weight: "pairs", "panels", "packed", "packed_f32"."""
         if self.weight.dtype != torch.bfloat16 or not native.load():
             by_m = [PLAIN if c.kernel in NATIVE_KERNELS else c for c in by_m]
         kernels = {c.kernel for c in by_m}
@@ -160,7 +173,8 @@ class SmoothLinear(nn.Linear):
         needs_f32 = "packed_f32" in kernels and self.weight.dtype != torch.float32
         needs_packed = "packed" in kernels or ("packed_f32" in kernels and not needs_f32)
         wanted = {
-            "pairs": bool(kernels & set(NATIVE_KERNELS)),
+            "pairs": bool(kernels & {"bf16_fma", "dpbf16"}),
+            "panels": "brgemm" in kernels,
             "packed": needs_packed,
             "packed_f32": needs_f32,
         }
@@ -171,7 +185,8 @@ class SmoothLinear(nn.Linear):
         layouts = self._layouts(by_m)[1]
         n, k = self.weight.shape
         pairs = -(-n // BLOCK_COLS) * BLOCK_COLS * -(-k // 2) * 4  # pack_bf16_pairs pads N and K
-        size = {"pairs": pairs, "packed": n * k * self.weight.element_size()}
+        panels = -(-n // PANEL_COLS) * PANEL_COLS * -(-k // 2) * 4  # pack_bf16_panels pads N and K too
+        size = {"pairs": pairs, "panels": panels, "packed": n * k * self.weight.element_size()}
         size["packed_f32"] = n * k * 4 + (0 if self.bias is None else n * 4)
         return sum(size[name] for name in layouts)
 
@@ -180,6 +195,7 @@ class SmoothLinear(nn.Linear):
         w = self.weight.detach()
         by_m, layouts = self._layouts(by_m)
         self._pairs = pack_bf16_pairs(w) if "pairs" in layouts else None
+        self._panels = pack_bf16_panels(w) if "panels" in layouts else None
         self._packed = pack_weight(w) if "packed" in layouts else None
         self._packed_f32 = pack_weight(w.float()) if "packed_f32" in layouts else None
         self._bias_f32 = None if self.bias is None or self._packed_f32 is None else self.bias.detach().float()
@@ -208,6 +224,7 @@ class SmoothLinear(nn.Linear):
             self._bias_f32,
             out_f32,
             self._pairs,
+            self._panels,
         )
 
 

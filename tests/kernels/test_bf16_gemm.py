@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshserve.kernels import native
-from meshserve.kernels.bf16_gemm import bf16_linear, bf16_linear_reference, pack_bf16_pairs
+from meshserve.kernels.bf16_gemm import (
+    bf16_linear,
+    bf16_linear_reference,
+    brgemm_linear,
+    pack_bf16_pairs,
+    pack_bf16_panels,
+)
 
 pytestmark = pytest.mark.usefixtures("native_op")  # tests/kernels/conftest.py: fails loudly when not built
 
@@ -53,6 +59,56 @@ def test_equals_float32_linear(m, k, n, bias, out_f32, dpbf16, x_f32, strided, t
         torch.testing.assert_close(y, ref, atol=2e-5 * k**0.5, rtol=1e-5)
     else:  # ...so a sum on a rounding boundary may round one bfloat16 step the other way
         torch.testing.assert_close(y.float(), ref.bfloat16().float(), atol=1e-3, rtol=2**-7)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    m=st.integers(0, 80),
+    k=st.integers(1, 200),
+    n=st.integers(1, 150),
+    bias=st.booleans(),
+    out_f32=st.booleans(),
+    x_f32=st.booleans(),
+    strided=st.booleans(),
+    threads=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_brgemm_equals_float32_linear(m, k, n, bias, out_f32, x_f32, strided, threads, seed):
+    """oneDNN's micro-kernel (AMX tiles on AMX machines; its AVX-512 path on this machine kind): row blocks
+    of 32 and a tail, 64-column panels and a partial one, odd K."""
+    x, w, b = random_linear(m, k, n, bias, seed)
+    if strided:
+        x = torch.cat((x, x[:, :3]), dim=1)[:, :k]
+    ref = bf16_linear_reference(x, w, b, out_f32=True)
+    torch.set_num_threads(threads)
+    try:
+        y = brgemm_linear(x.float() if x_f32 else x, pack_bf16_panels(w), n, b, out_f32)
+    finally:
+        torch.set_num_threads(2)
+    assert y.dtype == (torch.float32 if out_f32 else torch.bfloat16) and y.shape == (m, n)
+    if out_f32:
+        torch.testing.assert_close(y, ref, atol=2e-5 * k**0.5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(y.float(), ref.bfloat16().float(), atol=1e-3, rtol=2**-7)
+
+
+def test_brgemm_splits_long_k_into_accumulated_chunks():
+    """K = 4099: chunks of 2048, 2048 and the 4-wide tail (the odd element's zero partner), added up."""
+    x, w, b = random_linear(35, 4099, 70, True, 1)
+    y = brgemm_linear(x, pack_bf16_panels(w), 70, b, out_f32=True)
+    ref = bf16_linear_reference(x, w, b, out_f32=True)
+    torch.testing.assert_close(y, ref, atol=2e-5 * 4099**0.5, rtol=1e-5)
+
+
+def test_brgemm_refuses_a_weight_packed_for_another_shape():
+    x, w, _ = random_linear(3, 64, 70, False, 0)
+    with pytest.raises(RuntimeError, match="pack_bf16_panels"):
+        brgemm_linear(x, pack_bf16_pairs(w), 70)
+    torch.library.opcheck(
+        torch.ops.meshserve.brgemm_linear.default,
+        (x, pack_bf16_panels(w), 70, None, False),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_odd_k_tail_uses_the_real_element_only():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -59,6 +60,48 @@ def test_native_matches_reference(tokens, hidden, inter, experts, k, idle, dtype
     assert out.dtype == dtype and out.shape == x.shape
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out, moe_reference(x, ids, weights, gate_up, down), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "inter", "experts", "k"),
+    [(1, 64, 32, 4, 2), (45, 130, 40, 5, 3), (150, 64, 96, 3, 1)],
+)
+def test_amx_brgemm_path_matches_reference(monkeypatch, tokens, hidden, inter, experts, k):
+    """The path an AMX machine takes (oneDNN's brgemm on the same packed weights), forced here; on a CPU
+    without AMX oneDNN runs it on AVX-512. Blocks of 32-row calls and a tail; K = hidden and the padded I."""
+    import meshserve.kernels.fused_moe as fused_moe_module
+
+    monkeypatch.setattr(fused_moe_module, "brgemm_min_tokens", lambda: 1)
+    gen = torch.Generator().manual_seed(tokens)
+    gate_up = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).bfloat16()
+    down = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).bfloat16()
+    x = torch.randn(tokens, hidden, generator=gen).bfloat16()
+    ids, weights = random_routing(tokens, experts, k, experts, gen)
+    out = fused_moe(x, ids, weights, pack_experts(gate_up, down))
+    tol = TOLERANCE[torch.bfloat16]
+    torch.testing.assert_close(out, moe_reference(x, ids, weights, gate_up, down), atol=tol, rtol=tol)
+
+
+def test_brgemm_path_is_chosen_by_isa_and_step_size(monkeypatch, switch):
+    import meshserve.kernels.fused_moe as fused_moe_module
+    from meshserve.kernels import cpu
+
+    amx = frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: amx)
+    assert fused_moe_module.brgemm_min_tokens() == 1  # AMX: always
+    switch("MESHSERVE_AMX", "off")
+    assert 1 < fused_moe_module.brgemm_min_tokens() < sys.maxsize  # as an avx512_bf16 machine
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert fused_moe_module.brgemm_min_tokens() == sys.maxsize  # not listed: never
+    calls = []
+    monkeypatch.setattr(fused_moe_module, "brgemm_min_tokens", lambda: 4)
+    monkeypatch.setattr(torch.ops.meshserve, "fused_moe", lambda *args: calls.append(args[-1]) or args[0])
+    for tokens, dtype in ((3, torch.bfloat16), (4, torch.bfloat16), (8, torch.float32)):
+        packed = pack_experts(torch.zeros(2, 64, 32, dtype=dtype), torch.zeros(2, 32, 32, dtype=dtype))
+        ids, weights = torch.zeros(tokens, 1, dtype=torch.long), torch.ones(tokens, 1)
+        fused_moe(torch.zeros(tokens, 32, dtype=dtype), ids, weights, packed)
+    assert calls == [False, True, False]  # float32 never
 
 
 def test_packing_accepts_the_loaders_column_major_experts():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshserve.kernels.bf16_gemm import pack_bf16_pairs
+from meshserve.kernels.bf16_gemm import pack_bf16_pairs, pack_bf16_panels
 from meshserve.kernels.smooth_gemm import (
     KERNELS,
     NATIVE_KERNELS,
@@ -36,6 +36,7 @@ def weights(n: int, k: int, dtype: torch.dtype, bias: bool, seed: int = 0) -> di
         "packed_f32": pack_weight(w.float()),
         "bias_f32": None if b is None else b.float(),
         "pairs": pack_bf16_pairs(w) if dtype == torch.bfloat16 else None,
+        "panels": pack_bf16_panels(w) if dtype == torch.bfloat16 else None,
     }
 
 

@@ -18,6 +18,7 @@ KERNELS = [
     GemmChoice("packed_f32", 16),
     GemmChoice("bf16_fma"),
     GemmChoice("dpbf16"),
+    GemmChoice("brgemm"),
 ]
 
 

@@ -13,8 +13,12 @@
 // Products of bfloat16 values are exact in float32, so the paths differ only in float32 summation order.
 // Gate and up columns are interleaved per block (32 + 32), so SiLU(gate) * up is the first GEMM's epilogue;
 // the routing weight scales the second GEMM's epilogue, and a last pass adds each token's k rows.
+// bfloat16 with brgemm=True (AMX machines, fused_moe.py decides): the same tasks run PyTorch's oneDNN
+// micro-kernel (at::native::cpublas::brgemm: AMX tiles there, AVX-512 elsewhere) on bfloat16 rows; the pair
+// layout of a 16-column block is brgemm's VNNI B layout with ld_b = 16, so the packed weights are the same.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #if defined(__AVX512F__)
@@ -147,19 +151,40 @@ void run_pair_block(const Block& blk, const uint16_t* w, int64_t k, const float*
   }
 }
 
+// The same through brgemm: blk's rows are bfloat16 rows of `sorted` (lda apart), one call per 16-column
+// block of the 64 (each block [k/2][16][2] = VNNI with ld_b 16), in calls of <= kBrgemmRows rows.
+constexpr int64_t kBrgemmRows = 32;  // bounds the micro-kernels oneDNN generates (one per row count)
+template <typename Done>
+void run_brgemm_block(const Block& blk, const uint16_t* w, int64_t k, const uint16_t* sorted, int64_t lda,
+                      Done done) {
+  alignas(64) float c[kBrgemmRows * kCols];
+  const int64_t stride = bf16_tile::kPairStride(k / 2);
+  const auto* a = reinterpret_cast<const at::BFloat16*>(sorted);
+  const auto* b = reinterpret_cast<const at::BFloat16*>(w);
+  for (int64_t m = 0; m < blk.rows; m += kBrgemmRows) {
+    const int64_t rows = std::min(kBrgemmRows, blk.rows - m);
+    for (int64_t q = 0; q < kCols / bf16_tile::kBlockCols; ++q)
+      at::native::cpublas::brgemm(rows, bf16_tile::kBlockCols, k, lda, bf16_tile::kBlockCols, kCols, false,
+                                  a + (blk.first + m) * lda, b + q * stride, c + q * bf16_tile::kBlockCols,
+                                  /*is_vnni=*/true);
+    for (int64_t r = 0; r < rows; ++r) done(blk.first + m + r, c + r * kCols);
+  }
+}
+
 // Runs task(i) for i in [0, n) across torch's threads, each taking the next index when it is free (tasks
-// listed costliest first balance like a greedy longest-first schedule).
+// listed costliest first balance like a greedy longest-first schedule). amx: release the tile state after.
 template <typename Task>
-void deal(int64_t n, Task task) {
+void deal(int64_t n, Task task, bool amx = false) {
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     for (int64_t i = next++; i < n; i = next++) task(i);
+    if (amx) at::native::cpublas::brgemm_release();
   });
 }
 
 template <typename T>
 at::Tensor fused_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                          const at::Tensor& w13, const at::Tensor& w2) {
+                          const at::Tensor& w13, const at::Tensor& w2, bool brgemm) {
   const int64_t tokens = x.size(0), hidden = x.size(1), k = topk_ids.size(1);
   const int64_t experts = w13.size(0), inter = w13.size(1) * kCols / 2, hidden_pad = w2.size(1) * kCols;
   const int64_t pairs = tokens * k, blocks13 = w13.size(1), blocks2 = w2.size(1);
@@ -201,14 +226,24 @@ at::Tensor fused_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
   at::Tensor pair_out = at::empty({pairs, hidden_pad}, x.options().dtype(at::kFloat));
   float* acts = act.data_ptr<float>();
   float* outs = pair_out.data_ptr<float>();
-  // bfloat16: the input rows as float32 in expert-sorted order, so each block's rows are contiguous.
-  at::Tensor x_sorted = kBf16 ? at::empty({pairs, hidden}, x.options().dtype(at::kFloat)) : at::Tensor();
-  float* xsorted = kBf16 ? x_sorted.data_ptr<float>() : nullptr;
+  // bfloat16: the input rows as float32 in expert-sorted order, so each block's rows are contiguous
+  // (brgemm: as bfloat16, and the activations get a bfloat16 copy too).
+  const bool wide = kBf16 && !brgemm;
+  at::Tensor x_sorted = kBf16 ? at::empty({pairs, hidden}, x.options().dtype(wide ? at::kFloat : at::kBFloat16))
+                              : at::Tensor();
+  float* xsorted = wide ? x_sorted.data_ptr<float>() : nullptr;
+  uint16_t* xsorted16 = kBf16 && brgemm ? reinterpret_cast<uint16_t*>(x_sorted.data_ptr<at::BFloat16>()) : nullptr;
+  at::Tensor act16 = kBf16 && brgemm ? at::empty({pairs, inter}, x.options().dtype(at::kBFloat16)) : at::Tensor();
+  uint16_t* acts16 = act16.defined() ? reinterpret_cast<uint16_t*>(act16.data_ptr<at::BFloat16>()) : nullptr;
   if constexpr (kBf16) {
     const uint16_t* bits = reinterpret_cast<const uint16_t*>(xs);
     at::parallel_for(0, pairs, 16, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const uint16_t* src = bits + token_of[p] * hidden;
+        if (xsorted16) {
+          std::memcpy(xsorted16 + p * hidden, src, hidden * sizeof(uint16_t));
+          continue;
+        }
         float* dst = xsorted + p * hidden;
 #pragma omp simd
         for (int64_t h = 0; h < hidden; ++h) dst[h] = bits_to_float(src[h]);
@@ -225,15 +260,23 @@ at::Tensor fused_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
       float* dst = acts + p * inter + col0;
       silu_mul(g, g + kCols / 2, dst);
       if constexpr (kBf16) {  // the reference rounds the activations to the model dtype
+        if (acts16) {
+          for (int64_t i = 0; i < kCols / 2; ++i) acts16[p * inter + col0 + i] = float_to_bits(dst[i]);
+        } else {
 #pragma omp simd
-        for (int64_t i = 0; i < kCols / 2; ++i) dst[i] = bits_to_float(float_to_bits(dst[i]));
+          for (int64_t i = 0; i < kCols / 2; ++i) dst[i] = bits_to_float(float_to_bits(dst[i]));
+        }
       }
     };
-    if constexpr (kBf16)
-      run_pair_block(blk, reinterpret_cast<const uint16_t*>(b), hidden, xsorted, hidden, done);
-    else
+    if constexpr (kBf16) {
+      if (brgemm)
+        run_brgemm_block(blk, reinterpret_cast<const uint16_t*>(b), hidden, xsorted16, hidden, done);
+      else
+        run_pair_block(blk, reinterpret_cast<const uint16_t*>(b), hidden, xsorted, hidden, done);
+    } else {
       run_block(blk, b, hidden, [&](int64_t p) { return xs + token_of[p] * hidden; }, done);
-  });
+    }
+  }, brgemm);
 
   // down: task = (row block, column block of 64 hidden columns); epilogue scales by the routing weight.
   deal(nblocks * blocks2, [&](int64_t task) {
@@ -244,11 +287,15 @@ at::Tensor fused_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
       float* dst = outs + p * hidden_pad + nb * kCols;
       for (int64_t col = 0; col < kCols; ++col) dst[col] = y[col] * weight_of[p];
     };
-    if constexpr (kBf16)
-      run_pair_block(blk, reinterpret_cast<const uint16_t*>(b), inter, acts, inter, done);
-    else
+    if constexpr (kBf16) {
+      if (brgemm)
+        run_brgemm_block(blk, reinterpret_cast<const uint16_t*>(b), inter, acts16, inter, done);
+      else
+        run_pair_block(blk, reinterpret_cast<const uint16_t*>(b), inter, acts, inter, done);
+    } else {
       run_block(blk, b, inter, [&](int64_t p) { return acts + p * inter; }, done);
-  });
+    }
+  }, brgemm);
 
   // Combine: each token's k weighted rows, summed in float32, rounded once.
   at::Tensor out = at::empty({tokens, hidden}, x.options());
@@ -268,7 +315,7 @@ at::Tensor fused_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
 }
 
 at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                     const at::Tensor& w13, const at::Tensor& w2) {
+                     const at::Tensor& w13, const at::Tensor& w2, bool brgemm) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fused_moe: x must be a contiguous [tokens, hidden] tensor");
   TORCH_CHECK(topk_ids.scalar_type() == at::kLong && topk_ids.is_contiguous() && topk_ids.dim() == 2 &&
                   topk_ids.size(0) == x.size(0), "fused_moe: topk_ids must be contiguous int64 [tokens, k]");
@@ -281,15 +328,16 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::
                   w2.size(2) * w2.size(3) == w13.size(1) * kCols / 2 * kCols && w2.size(1) * kCols >= x.size(1),
               "fused_moe: packed weights do not match x (pack them with fused_moe.pack_experts)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.size(1) % 2 == 0, "fused_moe: bfloat16 needs an even hidden size");
-  if (x.scalar_type() == at::kFloat) return fused_moe_impl<float>(x, topk_ids, topk_weights, w13, w2);
+  if (x.scalar_type() == at::kFloat) return fused_moe_impl<float>(x, topk_ids, topk_weights, w13, w2, false);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "fused_moe: float32 or bfloat16 only");
-  return fused_moe_impl<at::BFloat16>(x, topk_ids, topk_weights, w13, w2);
+  return fused_moe_impl<at::BFloat16>(x, topk_ids, topk_weights, w13, w2, brgemm);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(meshserve, m) {
-  m.def("fused_moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13, Tensor w2) -> Tensor");
+  m.def("fused_moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13, Tensor w2, "
+        "bool brgemm=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(meshserve, CPU, m) { m.impl("fused_moe", &fused_moe); }
