@@ -18,6 +18,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     precondition,
     rule,
@@ -44,6 +45,17 @@ prompts = st.builds(
     st.integers(1, 13),
     st.lists(st.integers(3, 500), max_size=18),
 )
+# Each example starts with three of these in flight, stepped until one is preempted (together they need
+# about twice the 16 blocks); the drawn rules go on from there. Left to the draws, whether a run preempted
+# at all differed between processes: one full-suite worker's run stepped no request at all.
+long_prompts = st.builds(
+    lambda prefix, tail: prefix + tail,
+    st.sampled_from(PREFIXES[:2]),
+    st.lists(st.integers(3, 500), min_size=14, max_size=18),
+)
+long_params = st.builds(
+    SamplingParams, max_tokens=st.integers(16, 24), temperature=st.just(0.0), ignore_eos=st.just(True)
+)
 params = st.builds(
     SamplingParams,
     n=st.integers(1, 3),
@@ -59,6 +71,18 @@ class EngineMachine(RuleBasedStateMachine):
         super().__init__()
         self.engine = engine
         self.live: set[str] = set()
+
+    @initialize(long=st.lists(long_prompts, min_size=3, max_size=3), sampling=long_params)
+    def three_long_requests(self, long: list[list[int]], sampling: SamplingParams) -> None:
+        for request_id, prompt in zip("abc", long, strict=True):
+            assert self.engine.add_request(prompt, sampling, request_id) == request_id
+            self.live.add(request_id)
+        preempted = self.engine.num_preemptions
+        for _ in range(60):  # step them until the budget forces a preemption, so every example has one
+            self.step(1)
+            if self.engine.num_preemptions > preempted:
+                break
+        assert self.engine.num_preemptions > preempted, "three long requests never preempted"
 
     @rule(request_id=st.sampled_from(IDS), prompt=prompts, sampling=params, stream=st.booleans())
     def add(self, request_id: str, prompt: list[int], sampling: SamplingParams, stream: bool) -> None:
@@ -160,9 +184,10 @@ def test_engine_state_machine(llama, tmp_path, spec):
         return EngineMachine(engines[-1])
 
     run_state_machine_as_test(
-        machine, settings=settings(max_examples=10, stateful_step_count=30, derandomize=True)
+        machine, settings=settings(max_examples=10, stateful_step_count=30, derandomize=True, database=None)
     )
     engine = engines[-1]
     # The runs reached what the machine is for: preemption, cached prefixes and (when on) verified drafts.
-    assert engine.num_preemptions > 0 and engine.blocks.prefix_cache.hit_tokens > 0
+    seen = f"{len(engines)} engine(s), {engine.num_steps} steps, {engine.num_preemptions} preemptions"
+    assert engine.num_preemptions > 0 and engine.blocks.prefix_cache.hit_tokens > 0, seen
     assert spec == "off" or engine.spec.verify_steps > 0
