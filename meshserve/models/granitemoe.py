@@ -5,17 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
-from meshserve.models.config import ModelConfig, flag, positive_real, read_moe
+from meshserve.models.config import ModelConfig, flag, positive_real
 from meshserve.models.decoder import DecoderLM
-from meshserve.models.layers.moe import SparseMoE
+from meshserve.models.mixtral import MixtralForCausalLM
 
 
-class GraniteMoeForCausalLM(DecoderLM):
+class GraniteMoeForCausalLM(MixtralForCausalLM):
     """granite-3.0-1b-a400m / 3b-a800m. Routing is softmax over the top-k logits, the same weights as
     softmax, top-k and renormalisation."""
 
+    config_aliases = DecoderLM.config_aliases
+    expert_names = DecoderLM.expert_names
+    weights_in_model_dtype = True  # as transformers' GraniteMoE scales expert outputs in the model's dtype
     # Classic checkpoint names first, then what transformers 5 saves.
     checkpoint_aliases = (
         (".mlp.experts.gate_up_proj", ".block_sparse_moe.input_linear.weight"),
@@ -32,17 +33,4 @@ class GraniteMoeForCausalLM(DecoderLM):
         cfg.residual_scale = positive_real(hf, "residual_multiplier", 1.0)
         cfg.attention_scale = positive_real(hf, "attention_multiplier", 1.0)
         cfg.logits_scale = positive_real(hf, "logits_scaling", 1.0)
-        read_moe(cfg, hf, experts_key="num_local_experts", intermediate_key="intermediate_size")
-        cfg.moe_layers = list(range(cfg.num_layers))
-        cfg.num_moe_layers = cfg.num_layers
-        cfg.norm_topk_prob = True
-
-    def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
-        return SparseMoE(
-            cfg.hidden_size,
-            cfg.moe_intermediate_size,
-            cfg.num_experts,
-            cfg.top_k,
-            renormalize=True,
-            weights_in_model_dtype=True,
-        )
+        super().configure(cfg, hf)  # Mixtral's MoE fields: every layer sparse, renormalised top-k

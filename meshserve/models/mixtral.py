@@ -17,6 +17,7 @@ class MixtralForCausalLM(DecoderLM):
     checkpoint_aliases = ((".mlp.", ".block_sparse_moe."),)
     config_aliases = {"num_experts": "num_local_experts"}  # transformers' attribute_map
     expert_names = ("w1", "w3", "w2")
+    weights_in_model_dtype = False  # the routing weights multiply float32 expert outputs
 
     @classmethod
     def configure(cls, cfg: ModelConfig, hf: dict[str, Any]) -> None:
@@ -32,5 +33,5 @@ class MixtralForCausalLM(DecoderLM):
             cfg.num_experts,
             cfg.top_k,
             renormalize=True,
-            weights_in_model_dtype=False,
+            weights_in_model_dtype=self.weights_in_model_dtype,
         )
