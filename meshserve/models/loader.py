@@ -122,7 +122,7 @@ def build_model(config: ModelConfig, path: str | Path, revision: str | None = No
     """The model of `config` (from load_config) with its weights from `path`: built on the meta device,
     each weight then read once into its final dtype and layout (weights.py)."""
     model = meta_model(config)
-    load_weights(model, resolve_model(path, revision), config.dtype)
+    load_weights(model, resolve_model(path, revision))
     return model.eval()
 
 

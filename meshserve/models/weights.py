@@ -219,8 +219,9 @@ def _empty(module: nn.Module, shape: torch.Size, dtype: torch.dtype) -> torch.Te
     return torch.empty(shape, dtype=dtype)
 
 
-def load_weights(model: DecoderLM, path: Path, dtype: torch.dtype) -> None:
-    """Give every parameter of `model` (built on the meta device) its checkpoint values in `dtype`.
+def load_weights(model: DecoderLM, path: Path) -> None:
+    """Give every parameter of `model` (built on the meta device by meta_model) its checkpoint values, in the
+    dtype its meta parameter has.
 
     Every tensor is found and shape-checked before any memory is allocated; InputError names what is
     missing or wrong. Parameters shared by several modules (tied embeddings) stay shared.
