@@ -133,6 +133,7 @@ def generate(
 ) -> None:
     """Complete prompts with a local model and print the completions."""
     from meshserve.engine import LLM, SamplingParams
+    from meshserve.engine.sampling_params import MAX_CHOICES
 
     prompts = _read_prompts(prompt, prompt_file)
     params = SamplingParams(
@@ -156,7 +157,9 @@ def generate(
         device=device,
         **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config, oversubscribe),
     ) as llm:
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        # one generate call starts at most MAX_CHOICES completions: a longer prompt file runs in parts
+        parts = [prompts[i : i + MAX_CHOICES] for i in range(0, len(prompts), MAX_CHOICES)]
+        outputs = [out for part in parts for out in llm.generate(part, params, use_tqdm=False)]
     for out in outputs:
         print(out.text)
 
@@ -230,6 +233,7 @@ def serve(
     ),
     seed: int = typer.Option(0, help="Seed of the engine's shared generator (unseeded requests)."),
     max_waiting_requests: int | None = typer.Option(1024, help="Waiting queue bound; past it: 503."),
+    max_connections: int = typer.Option(1024, help="Open connections served at once; past it: 503."),
     uvicorn_log_level: str = typer.Option("info", help="uvicorn's log level."),
     graceful_shutdown_s: float = typer.Option(
         10.0, help="On SIGTERM, seconds open requests may finish; then each ends with an error event."
@@ -252,6 +256,7 @@ def serve(
         max_waiting=max_waiting_requests,
         log_level=uvicorn_log_level,
         graceful_shutdown_s=graceful_shutdown_s,
+        max_connections=max_connections,
         dtype=dtype,
         revision=revision,
         max_model_len=max_model_len,

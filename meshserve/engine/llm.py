@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from meshserve.config import EngineConfig
 from meshserve.engine.engine import Engine
 from meshserve.engine.outputs import RequestOutput
-from meshserve.engine.sampling_params import SamplingParams
+from meshserve.engine.sampling_params import SamplingParams, check_choices
 from meshserve.errors import InputError
 
 if TYPE_CHECKING:
@@ -57,7 +57,8 @@ class LLM:
         """Generate for every prompt (a string, a token-id list, a vLLM prompt dict, or a list of them).
 
         All or nothing: when anything goes wrong (bad input, Ctrl-C) the requests this call added are
-        aborted, so the engine serves later calls as if this one never happened.
+        aborted, so the engine serves later calls as if this one never happened. One call starts at most
+        MAX_CHOICES completions (prompts x n), as one HTTP request does.
         """
         prompts = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -74,6 +75,9 @@ class LLM:
                     "sampling_params",
                     f"got {len(params)} for {len(prompts)} prompts; give one, or one per prompt",
                 )
+        # a params entry that is not a SamplingParams is refused by add_request, naming sampling_params
+        completions = sum(p.n if isinstance(p, SamplingParams) else 1 for p in params)
+        check_choices(len(prompts), completions, "prompts")
         ids: list[str] = []
         try:
             for prompt, p in zip(prompts, params, strict=True):

@@ -25,6 +25,7 @@ MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
 MAX_STOP_CHARS = 1024  # characters per stop string
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_CHOICES = 256  # prompts x n: the completions one call may start (an HTTP body, LLM.generate / chat)
 
 
 @dataclass
@@ -178,3 +179,13 @@ def _logit_bias(bias: object) -> dict[int, float] | None:
         _number(value, "logit_bias", -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS, f"(value for token {token})")
         out[token] = float(value)
     return out or None
+
+
+def check_choices(prompts: int, completions: int, field: str) -> None:
+    """One call's prompts x n (``completions``, summed over the prompts) within MAX_CHOICES."""
+    require(
+        completions <= MAX_CHOICES,
+        field,
+        f"{prompts} prompts x n = {completions} completions: at most {MAX_CHOICES} per call "
+        "(split the prompts into several calls)",
+    )

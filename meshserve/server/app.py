@@ -23,14 +23,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshserve.engine.async_llm import AsyncLLM, EngineBusy, EngineDead, RequestStream
-from meshserve.errors import InputError, require
+from meshserve.engine.sampling_params import check_choices
+from meshserve.errors import InputError
 from meshserve.server.metrics import ServerMetrics
 from meshserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from meshserve.server.responses import ChoiceState, chat_chunk, completion_chunk, usage
 
 RETRY_AFTER_S = 1
 MAX_BODY_BYTES = 4 << 20  # far above max_model_len tokens of text; larger bodies get 413 unread
-MAX_CHOICES = 256  # prompts per request times n: the completions one request may start
 BODY_TIMEOUT_S = 30.0  # a client that sends no body bytes for this long gets 408 (slow-body clients)
 
 
@@ -227,11 +227,7 @@ def build_app(
             defaults, check_max_tokens(body.max_tokens, "max_tokens"), body.logprobs
         )
         prompts = [p for p in body.prompts()]
-        require(
-            len(prompts) * params.n <= MAX_CHOICES,
-            "prompt",
-            f"{len(prompts)} prompts x n={params.n} completions: at most {MAX_CHOICES} per request",
-        )
+        check_choices(len(prompts), len(prompts) * params.n, "prompt")
         streams = await start(prompts, params)
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served_model_name}
         states = [

@@ -6,8 +6,8 @@ and ``[DONE]`` (a waiting non-streaming request a 503), and the log says how man
 app's lifespan shuts the engine down and the process exits 0.
 
 Connections are bounded with uvicorn's own settings (``limit_concurrency``, keep-alive and header
-size), a first request head must arrive within HEADER_TIMEOUT_S, and a body that stalls is refused
-by the app (app.BODY_TIMEOUT_S).
+size), every request head (a connection's first, and each later one on a keep-alive connection) must
+be complete within HEADER_TIMEOUT_S, and a body that stalls is refused by the app (app.BODY_TIMEOUT_S).
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.engine.async_llm import AsyncLLM
-from meshserve.errors import number
+from meshserve.errors import integer, number
 from meshserve.memory import pin_mmap_threshold
 
 logger = logging.getLogger(__name__)
 
 MAX_GRACE_S = 3600.0
-MAX_CONNECTIONS = 1024  # open connections + requests at once; more get 503 from uvicorn
+MAX_CONNECTIONS = 1024  # open connections served at once; a request on one more gets 503 from uvicorn
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 MAX_HEADER_BYTES = 64 << 10  # h11: a request head larger than this is refused
 CUT_MARGIN_S = 2.0  # after the grace period, time for cut streams to send their last event
-HEADER_TIMEOUT_S = 10.0  # a connection that has not sent its first request head by then is closed
+HEADER_TIMEOUT_S = 10.0  # from a connection's start or its last response: the next head is complete by then
 
 
 def graceful_server(config: Any, grace_s: float, cut: Callable[[str], int]) -> Any:
@@ -55,18 +55,30 @@ def graceful_server(config: Any, grace_s: float, cut: Callable[[str], int]) -> A
 
 
 def _h11_with_header_timeout() -> type:
-    """uvicorn's h11 protocol (its header size limit applies), closing a connection whose first
-    request head is not complete within HEADER_TIMEOUT_S (uvicorn's keep-alive timer covers the idle
-    time between requests, nothing covers a slow first head)."""
+    """uvicorn's h11 protocol (its header size limit applies), closing a connection whose next request
+    head is not complete within HEADER_TIMEOUT_S of the connection's start or of its last response.
+    uvicorn's keep-alive timer covers only a silent connection: the first byte of a head cancels it, and
+    nothing else would bound a head dribbled a byte at a time."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self._head_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._head_timeout)
+            self._head_timer = None
+            self._await_head()
 
-        def _head_timeout(self) -> None:
-            if self.cycle is None and not self.transport.is_closing():
+        def on_response_complete(self) -> None:
+            self._await_head()  # before uvicorn starts a pipelined request, which then disarms it
+            super().on_response_complete()
+
+        def _await_head(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._head_timeout, self.cycle)
+
+        def _head_timeout(self, last: Any) -> None:
+            """Close unless a request began since the timer was armed (uvicorn starts a cycle per head)."""
+            if self.cycle is last and not self.transport.is_closing():
                 self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -76,17 +88,21 @@ def _h11_with_header_timeout() -> type:
     return Protocol
 
 
-def server_config(app: Any, host: str, port: int, log_level: str, grace_s: float) -> Any:
+def server_config(
+    app: Any, host: str, port: int, log_level: str, grace_s: float, max_connections: int = MAX_CONNECTIONS
+) -> Any:
     """uvicorn's settings: the connection cap, keep-alive, header size, and the hard shutdown limit."""
     import uvicorn
 
+    integer(max_connections, "max_connections", 1)
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
         timeout_graceful_shutdown=grace_s + CUT_MARGIN_S,
-        limit_concurrency=MAX_CONNECTIONS,
+        # uvicorn answers 503 once the open connections (this one included) reach its limit
+        limit_concurrency=max_connections + 1,
         timeout_keep_alive=KEEP_ALIVE_S,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         http=_h11_with_header_timeout(),
@@ -101,17 +117,19 @@ def serve(
     max_waiting: int | None = None,
     graceful_shutdown_s: float = 10.0,
     log_level: str = "info",
+    max_connections: int = MAX_CONNECTIONS,
     **engine_args: Any,
 ) -> None:
     """Serve ``model`` (a Hugging Face-format directory) over the OpenAI API until stopped."""
     from meshserve.server.app import build_app
 
     number(graceful_shutdown_s, "graceful_shutdown_s", 0.0, MAX_GRACE_S)
+    integer(max_connections, "max_connections", 1)  # before the model loads
     pin_mmap_threshold()  # a long-running engine: freed tensors go back to the OS, RSS stays flat
     llm = AsyncLLM.from_args(model, max_waiting=max_waiting, **engine_args)
     name = served_model_name or Path(model).name  # never the server's filesystem path
     app = build_app(llm, name, aliases=() if served_model_name else (model,))
-    config = server_config(app, host, port, log_level, graceful_shutdown_s)
+    config = server_config(app, host, port, log_level, graceful_shutdown_s, max_connections)
     logger.info("serving %s as %r on http://%s:%d", model, name, host, port)
     # uvicorn shuts down gracefully on these signals, then re-raises them to the handlers it found:
     # make those a no-op so a graceful stop exits 0 instead of dying by the signal afterwards.
@@ -137,6 +155,7 @@ class ServerThread:
         port: int,
         log_level: str = "warning",
         grace_s: float = 10.0,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         import threading
         import time
@@ -145,7 +164,7 @@ class ServerThread:
 
         self.llm, self.url = llm, f"http://127.0.0.1:{port}"
         app = build_app(llm, served_model_name)
-        config = server_config(app, "127.0.0.1", port, log_level, grace_s)
+        config = server_config(app, "127.0.0.1", port, log_level, grace_s, max_connections)
         self.server = graceful_server(config, grace_s, app.state.cut_streams)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -52,3 +52,20 @@ def test_generate_parallel_flags_report_bad_values(tiny_model_dir, monkeypatch, 
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 2 and capsys.readouterr().err == error
+
+
+def test_a_prompt_file_past_one_calls_bound_runs_in_parts(tiny_model_dir, tmp_path, monkeypatch):
+    """LLM.generate starts at most MAX_CHOICES completions a call; the CLI runs a longer file in parts."""
+    import meshserve.engine.sampling_params as sampling_params
+
+    monkeypatch.setattr(sampling_params, "MAX_CHOICES", 2)
+    model = str(tiny_model_dir("llama"))
+    prompts = ["hello world", "the sky is", "a b c", "one two three", "x y"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    flags = ["--prompt-file", str(tmp_path / "prompts.txt"), "--max-tokens", "4", "--ignore-eos"]
+    result = CliRunner().invoke(app, ["generate", "--model", model, *flags])
+    assert result.exit_code == 0, result.output
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with LLM(model, max_num_seqs=len(prompts)) as llm:
+        want = [llm.generate(p, params, use_tqdm=False)[0].text for p in prompts]
+    assert result.output.splitlines() == want

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from meshserve.config import EngineConfig
 from meshserve.engine import LLM, SamplingParams
+from meshserve.engine.sampling_params import MAX_CHOICES
 from meshserve.errors import InputError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -174,3 +175,26 @@ def test_bad_sampling_params_name_the_field_and_leave_nothing(llm, params):
         llm.generate(["hello world", "the sky is"], params, use_tqdm=False)
     assert err.value.field == "sampling_params"
     assert_nothing_left(llm)
+
+
+def test_a_call_starts_at_most_max_choices_completions_as_an_http_request_does(llm, alone):
+    """prompts x n per generate / chat call (n summed over per-prompt params): the HTTP bound, refused
+    before anything is queued."""
+    wide = SamplingParams(n=MAX_CHOICES // 4, max_tokens=1)
+    calls = [
+        (["hi"] * (MAX_CHOICES + 1), GREEDY, MAX_CHOICES + 1),
+        (["hi"] * 5, wide, 5 * wide.n),
+        (["hi"] * 5, [wide] * 4 + [GREEDY], MAX_CHOICES + 1),
+    ]
+    for prompts, params, completions in calls:
+        with pytest.raises(InputError) as err:
+            llm.generate(prompts, params, use_tqdm=False)
+        assert err.value.field == "prompts" and f"x n = {completions} completions" in err.value.message
+        assert f"at most {MAX_CHOICES} per call" in err.value.message
+        assert_nothing_left(llm)
+    conversation = [{"role": "user", "content": "hi"}]
+    with pytest.raises(InputError) as err:
+        llm.chat([conversation] * (MAX_CHOICES + 1), GREEDY, use_tqdm=False)
+    assert err.value.field == "prompts"
+    assert_nothing_left(llm)
+    assert [o.outputs[0].token_ids for o in llm.generate(GOOD, GREEDY, use_tqdm=False)] == alone

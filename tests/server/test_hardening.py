@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import meshserve.engine.engine as engine_module
+from meshserve.engine.sampling_params import MAX_CHOICES
 from meshserve.memory import rss_mib
-from meshserve.server.app import MAX_BODY_BYTES, MAX_CHOICES
+from meshserve.server.app import MAX_BODY_BYTES
 
 OK = {"prompt": "hello", "max_tokens": 2}
 JSON = {"content-type": "application/json"}
