@@ -181,4 +181,4 @@ class LiveBalancer:
         return [record]
 
     def close(self) -> None:
-        self.migration = None
+        self.migration = self.side = None  # the side group's threads end with its last reference

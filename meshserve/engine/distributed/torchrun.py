@@ -89,6 +89,12 @@ class Channel:
         dist.broadcast(payload, 0, group=self.group)
         return pickle.loads(payload.numpy().tobytes())
 
+    def close(self) -> None:
+        """Drop this rank's references to the group once it is destroyed: gloo's worker and socket threads
+        end with its last reference, and a process that still holds one at exit aborts in C++ while the
+        interpreter shuts down (terminate called without an active exception)."""
+        self.group = self._header = None
+
     def gather(self, obj: Any, timeout: timedelta | None = None) -> list[Any] | None:
         """Every rank's ``obj`` on rank 0 (in rank order); None on the other ranks."""
         payload = _tensor(obj)
@@ -167,6 +173,7 @@ class TorchrunRanks:
             )
         finally:
             self.worker.close()
+            self.channel.close()
 
     def kill(self) -> None:
         """Stop serving here and drop the groups: the other ranks see rank 0's connections close and leave
@@ -175,6 +182,7 @@ class TorchrunRanks:
             self._closed = True
             with contextlib.suppress(Exception):  # best effort: a group may be half-way through an op
                 dist.destroy_process_group()
+            self.channel.close()
 
 
 def serve_rank(spec: RankSpec) -> None:
@@ -211,6 +219,7 @@ def _serve(spec: RankSpec) -> None:
         if command == "close":
             channel.gather(("ok", None))
             worker.close()
+            channel.close()
             return
         reply = worker.reply(command, args) if spec.rank in ranks else ("ok", None)
         channel.gather(reply)

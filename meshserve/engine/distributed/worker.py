@@ -143,6 +143,12 @@ class RankWorker:
 def join(spec: RankSpec) -> None:
     """Join the ranks' default process group: gloo on CPU, NCCL for CUDA tensors (engine/device.py)."""
     backend = process_group_backend(resolve_device(spec.config.device, spec.local_rank))
+    # torch imports torch._dynamo, and with it torch.distributed's FSDP and sharded-tensor modules, the first
+    # time a model is built on the meta device. Imported while a process group exists, they keep a reference
+    # to it that destroy_process_group does not drop: its gloo threads outlive the engine, and the process
+    # aborted in C++ at exit now and then ("terminate called without an active exception"). Import it first.
+    import torch._dynamo  # noqa: F401
+
     dist.init_process_group(
         backend,
         init_method=spec.init_method,
