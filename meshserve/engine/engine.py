@@ -83,13 +83,7 @@ class Engine:
         self.spec = (
             None
             if spec is None
-            else SpecDecoder(
-                spec,
-                mc.vocab_size,
-                dtype_name(mc.dtype),
-                max_model_len,
-                sched.max_num_seqs,
-            )
+            else SpecDecoder(spec, mc, max_model_len, sched.max_num_seqs, config.cache.block_size)
         )
         cache = config.cache
         tokens = sched.max_num_batched_tokens  # the kernel table covers steps up to this many tokens
@@ -120,6 +114,8 @@ class Engine:
         if table is not None:  # SmoothGEMM's primitives and the fused MoE op are CPU code
             self.model.prepare_gemms(table, sched.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
+        if self.spec is not None:
+            self.spec.attach(self.model)
         self.stopper = StopChecker(self.tokenizer, mc.eos_token_ids, max_model_len)
         self.requests: dict[str, Request] = {}  # every completion in flight, by its own id
         self.groups: dict[str, RequestGroup] = {}  # by the caller's request id
@@ -335,6 +331,8 @@ class Engine:
                 if item.kind is WorkKind.VERIFY:  # rejected drafts: give back blocks past the kept tokens
                     self.blocks.truncate(request, request.num_tokens)
                 self.blocks.publish(request)  # newly full blocks of verified tokens join the prefix cache
+        if self.spec is not None:  # after the tokens are in: which rows are verified is known now
+            self.spec.observe(plan.items, self.runner.hidden)
         finished = self._outputs(touched)
         self.num_steps += 1
         self.num_preemptions += len(plan.preempted)

@@ -74,6 +74,9 @@ class ModelRunner:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
+        self.hidden: torch.Tensor | None = (
+            None  # the last forward's final-normed rows (the MTP draft's input)
+        )
 
     @torch.inference_mode()
     def execute(self, items: list[WorkItem]) -> torch.Tensor:
@@ -82,5 +85,5 @@ class ModelRunner:
         device = self.kv_caches[0].device
         if device.type != "cpu":  # the step's tensors go where the weights and the cache are
             input_ids, meta = input_ids.to(device), meta.to(device)
-        hidden = self.model(input_ids, meta, self.kv_caches)
+        self.hidden = hidden = self.model(input_ids, meta, self.kv_caches)
         return self.model.compute_logits(hidden[meta.logits_indices]).cpu()  # the sampler works on the CPU

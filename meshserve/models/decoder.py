@@ -142,9 +142,21 @@ class DecoderLM(nn.Module):
         cfg = self.config
         if cfg.embedding_scale != 1.0:
             x = x * cfg.embedding_scale
-        cos, sin = self.rotary(meta.positions, x.dtype, self._context_lens(meta))
-        local = None if self.rotary_local is None else self.rotary_local(meta.positions, x.dtype)
-        cache = kv_caches[0]
+        step = self.step_inputs(meta, x.dtype, kv_caches[0])
+        t = x.shape[0]
+        f32 = [layer.self_attn.qkv_proj.wants_f32(t) for layer in self.layers] + [False]
+        h = self.layers[0].input_layernorm(x, f32[0])
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            x, h = layer(x, h, kv_cache, step, next_norms[i], f32[i + 1])
+        return h
+
+    def step_inputs(self, meta: BatchMetadata, dtype: torch.dtype, cache: torch.Tensor) -> StepInputs:
+        """Rotary cos/sin and the attention plans one forward's layers share (any layer whose cache is
+        shaped like `cache`: the MTP draft's layer too)."""
+        cfg = self.config
+        cos, sin = self.rotary(meta.positions, dtype, self._context_lens(meta))
+        local = None if self.rotary_local is None else self.rotary_local(meta.positions, dtype)
         # Soft-capped scores run in the torch path only (the native and Triton ops have no soft-capping).
         backend = "reference" if cfg.attn_logit_softcap else attention_backend(cache.device, cache.dtype)
         windows = {layer.self_attn.window for layer in self.layers}
@@ -158,14 +170,7 @@ class DecoderLM(nn.Module):
             windows,
             backend=backend,
         )
-        step = StepInputs(cos, sin, plans, local)
-        t = x.shape[0]
-        f32 = [layer.self_attn.qkv_proj.wants_f32(t) for layer in self.layers] + [False]
-        h = self.layers[0].input_layernorm(x, f32[0])
-        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
-        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            x, h = layer(x, h, kv_cache, step, next_norms[i], f32[i + 1])
-        return h
+        return StepInputs(cos, sin, plans, local)
 
     def _context_lens(self, meta: BatchMetadata) -> torch.Tensor | None:
         """The sequence length LongRoPE picks each token's frequencies by, as transformers sees it: a whole
