@@ -170,7 +170,7 @@ class DecoderLM(nn.Module):
             windows,
             backend=backend,
         )
-        return StepInputs(cos, sin, plans, local)
+        return StepInputs(cos, sin, plans, local, meta)
 
     def _context_lens(self, meta: BatchMetadata) -> torch.Tensor | None:
         """The sequence length LongRoPE picks each token's frequencies by, as transformers sees it: a whole
