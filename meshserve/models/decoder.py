@@ -157,8 +157,9 @@ class DecoderLM(nn.Module):
         cfg = self.config
         cos, sin = self.rotary(meta.positions, dtype, self._context_lens(meta))
         local = None if self.rotary_local is None else self.rotary_local(meta.positions, dtype)
-        # Soft-capped scores run in the torch path only (the native and Triton ops have no soft-capping).
-        backend = "reference" if cfg.attn_logit_softcap else attention_backend(cache.device, cache.dtype)
+        backend = attention_backend(cache.device, cache.dtype)
+        if cfg.attn_logit_softcap and backend == "triton":  # the Triton kernel has no soft-capping
+            backend = "reference"
         windows = {layer.self_attn.window for layer in self.layers}
         plans = plan_step(
             meta,
