@@ -23,6 +23,8 @@ def build_batch(items: list[WorkItem], block_size: int) -> tuple[torch.Tensor, B
     start = np.fromiter((it.start for it in items), dtype=np.int64, count=len(items))
     num_logits = np.fromiter((it.num_logits for it in items), dtype=np.int64, count=len(items))
     meta = batch_metadata(start, n, num_logits, [it.request.block_table for it in items], block_size)
+    known = np.fromiter((it.request.num_tokens for it in items), dtype=np.int64, count=len(items))
+    meta.rope_lens = torch.from_numpy(np.maximum(known, start + n))  # a verify's drafts count too
     chunks = [it.request.query_tokens(it.start, it.num_tokens) for it in items]
     input_ids = np.fromiter(chain.from_iterable(chunks), dtype=np.int64, count=int(n.sum()))
     return torch.from_numpy(input_ids), meta

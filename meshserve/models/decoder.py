@@ -174,12 +174,15 @@ class DecoderLM(nn.Module):
         return StepInputs(cos, sin, plans, local, meta)
 
     def _context_lens(self, meta: BatchMetadata) -> torch.Tensor | None:
-        """The sequence length LongRoPE picks each token's frequencies by, as transformers sees it: a whole
-        prompt run from position 0 at once counts its full length; any other token (a decode, a verify, a
-        later chunk) its own position + 1, the length transformers had when it generated that token."""
+        """The sequence length LongRoPE picks each token's frequencies by, as transformers sees it: the
+        sequence's whole known length (meta.rope_lens, which the engine sets: a prompt's full length in
+        every chunk, the length after a decode or verify). Without it: a whole prompt run from position 0
+        at once counts its full length; any other token its own position + 1."""
         if self.rotary.long_from is None:
             return None
         q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
+        if meta.rope_lens is not None:
+            return torch.repeat_interleave(meta.rope_lens.long(), q_lens, output_size=meta.num_tokens)
         whole = torch.where(meta.seq_lens.long() == q_lens, meta.seq_lens.long(), 0)
         whole = torch.repeat_interleave(whole, q_lens, output_size=meta.num_tokens)
         return torch.maximum(whole, meta.positions + 1)

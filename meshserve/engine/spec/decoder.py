@@ -90,10 +90,11 @@ class SpecDecoder:
         if isinstance(self.proposer, MTPProposer):
             self.proposer.observe(items, hidden)
 
-    def propose(self, running: Sequence[Request], max_model_len: int) -> None:
+    def propose(self, running: Sequence[Request], max_model_len: int, rope_switch: int | None = None) -> None:
         """Set drafts on running requests about to decode (none for requests that want logprobs or whose
         logits are processed: penalties, bias, min_tokens), and none at all while more requests run than
-        ``disable_by_batch_size``."""
+        ``disable_by_batch_size``. A request at most ``rope_switch`` tokens long (LongRoPE's original
+        context) drafts no further than that length: the engine recomputes it once it passes it."""
         off = self.config.disable_by_batch_size
         if off is not None and len(running) > off:
             return
@@ -103,6 +104,8 @@ class SpecDecoder:
             if decoding and r.params.logprobs is None and not r.params.processes_logits:
                 # Never draft past max_tokens (one token always comes from the target) or max_model_len.
                 limit = min(self.k, r.max_tokens - r.num_output_tokens - 1, max_model_len - r.num_tokens)
+                if rope_switch is not None and r.num_tokens <= rope_switch:
+                    limit = min(limit, rope_switch - r.num_tokens)
                 if limit > 0:
                     wanted.append(r)
                     limits.append(limit)
