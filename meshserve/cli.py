@@ -121,7 +121,7 @@ def generate(
     speculative_config: str | None = typer.Option(
         None,
         help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' or '
-        '\'{"method": "draft_model", "model": DIR}\'.',
+        '\'{"method": "draft_model", "model": DIR}\' or \'{"method": "mtp"}\' (DeepSeek-V3 MTP layer).',
     ),
     enable_prefix_caching: bool = typer.Option(True, help="Automatic prefix caching."),
     data_parallel_size: int = DATA_PARALLEL_SIZE,

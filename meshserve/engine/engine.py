@@ -83,13 +83,7 @@ class Engine:
         self.spec = (
             None
             if spec is None
-            else SpecDecoder(
-                spec,
-                mc.vocab_size,
-                dtype_name(mc.dtype),
-                max_model_len,
-                sched.max_num_seqs,
-            )
+            else SpecDecoder(spec, mc, max_model_len, sched.max_num_seqs, config.cache.block_size)
         )
         cache = config.cache
         tokens = sched.max_num_batched_tokens  # the kernel table covers steps up to this many tokens
@@ -117,9 +111,13 @@ class Engine:
         prefix_cache = PrefixCache(cache.block_size) if cache.enable_prefix_caching else None
         self.blocks = BlockManager(blocks, cache.block_size, prefix_cache, self.kv_caches)
         self.scheduler = Scheduler(sched, self.blocks)
+        self.rope_switch: int | None = self.model.rotary.long_from  # LongRoPE's original context
+        self.blocks.unshared_past = self.rope_switch
         if table is not None:  # SmoothGEMM's primitives and the fused MoE op are CPU code
             self.model.prepare_gemms(table, sched.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
+        if self.spec is not None:
+            self.spec.attach(self.model)
         self.stopper = StopChecker(self.tokenizer, mc.eos_token_ids, max_model_len)
         self.requests: dict[str, Request] = {}  # every completion in flight, by its own id
         self.groups: dict[str, RequestGroup] = {}  # by the caller's request id
@@ -303,7 +301,7 @@ class Engine:
             torch.set_num_threads(self.config.num_threads)  # have set its own in this one
         switches.use(self.config.switches)  # this engine's, should another in this process differ
         if self.spec is not None:  # drafts first, so verify work is scheduled with everything else
-            self.spec.propose(self.scheduler.running, self.max_model_len)
+            self.spec.propose(self.scheduler.running, self.max_model_len, self.rope_switch)
         plan = self.scheduler.schedule()
         if self.spec is not None:
             for request in plan.preempted:
@@ -322,6 +320,7 @@ class Engine:
                 touched.setdefault(request.parent_id, []).append(request)
                 continue
             self.scheduler.advance(item, len(tokens))
+            before = request.num_tokens
             for token, logprobs in tokens:  # a verify may add several; stop checks run after each
                 request.append_token(token, logprobs)
                 status = self.stopper.check(request)
@@ -335,6 +334,15 @@ class Engine:
                 if item.kind is WorkKind.VERIFY:  # rejected drafts: give back blocks past the kept tokens
                     self.blocks.truncate(request, request.num_tokens)
                 self.blocks.publish(request)  # newly full blocks of verified tokens join the prefix cache
+                switch = self.rope_switch
+                if switch is not None and before <= switch < request.num_tokens:
+                    # LongRoPE: past the original context every key rotates the long way (transformers
+                    # drops its cache there and recomputes the whole sequence): so does this request.
+                    self.scheduler.recompute(request)
+                    if self.spec is not None:
+                        self.spec.remove(request.request_id)
+        if self.spec is not None:  # after the tokens are in: which rows are verified is known now
+            self.spec.observe(plan.items, self.runner.hidden)
         finished = self._outputs(touched)
         self.num_steps += 1
         self.num_preemptions += len(plan.preempted)

@@ -45,6 +45,9 @@ class BlockManager:
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.prefix_cache = prefix_cache
         self.kv_caches = kv_caches
+        # LongRoPE: a sequence longer than this rotates all its keys the long way, so its blocks are not
+        # the same KV as a short sequence's for the same tokens: it neither reuses nor publishes any.
+        self.unshared_past: int | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -116,6 +119,8 @@ class BlockManager:
         cache = self.prefix_cache
         if cache is None or request.block_table or request.num_computed_tokens or request.prompt_logprobs:
             return 0  # (a request that wants prompt logprobs must compute its whole prompt)
+        if self.unshared_past is not None and request.num_tokens > self.unshared_past:
+            return 0
         m = cache.match(request.token_ids, max_tokens=request.num_tokens - 1)
         if m.copy_src is not None and self.num_free_blocks - cache.num_pinned(m) < 1:
             m.copy_src, m.num_tokens = None, len(m.block_ids) * self.block_size  # no room for the copy
@@ -142,7 +147,8 @@ class BlockManager:
 
     def publish(self, request: Request) -> None:
         """Add the request's newly filled blocks of verified, computed tokens to the prefix cache."""
-        if self.prefix_cache is not None:
+        long = self.unshared_past is not None and request.num_tokens > self.unshared_past
+        if self.prefix_cache is not None and not long:
             # A verify that stopped early has KV past its last kept token: publish only kept tokens.
             num_tokens = min(request.num_computed_tokens, request.num_tokens)
             self.prefix_cache.publish(request.block_table, request.token_ids, num_tokens, request.block_keys)

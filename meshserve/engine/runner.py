@@ -23,6 +23,8 @@ def build_batch(items: list[WorkItem], block_size: int) -> tuple[torch.Tensor, B
     start = np.fromiter((it.start for it in items), dtype=np.int64, count=len(items))
     num_logits = np.fromiter((it.num_logits for it in items), dtype=np.int64, count=len(items))
     meta = batch_metadata(start, n, num_logits, [it.request.block_table for it in items], block_size)
+    known = np.fromiter((it.request.num_tokens for it in items), dtype=np.int64, count=len(items))
+    meta.rope_lens = torch.from_numpy(np.maximum(known, start + n))  # a verify's drafts count too
     chunks = [it.request.query_tokens(it.start, it.num_tokens) for it in items]
     input_ids = np.fromiter(chain.from_iterable(chunks), dtype=np.int64, count=int(n.sum()))
     return torch.from_numpy(input_ids), meta
@@ -74,6 +76,9 @@ class ModelRunner:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
+        self.hidden: torch.Tensor | None = (
+            None  # the last forward's final-normed rows (the MTP draft's input)
+        )
 
     @torch.inference_mode()
     def execute(self, items: list[WorkItem]) -> torch.Tensor:
@@ -82,5 +87,5 @@ class ModelRunner:
         device = self.kv_caches[0].device
         if device.type != "cpu":  # the step's tensors go where the weights and the cache are
             input_ids, meta = input_ids.to(device), meta.to(device)
-        hidden = self.model(input_ids, meta, self.kv_caches)
+        self.hidden = hidden = self.model(input_ids, meta, self.kv_caches)
         return self.model.compute_logits(hidden[meta.logits_indices]).cpu()  # the sampler works on the CPU

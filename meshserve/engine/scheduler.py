@@ -146,6 +146,15 @@ class Scheduler:
             request.num_computed_tokens = item.start + item.num_tokens
         request.spec_token_ids = []
 
+    def recompute(self, request: Request) -> None:
+        """Drop a running request's KV and queue it to compute all its tokens again (LongRoPE's switch to
+        the long factors, which transformers makes by dropping its cache)."""
+        self.running.remove(request)
+        self.blocks.free(request)
+        request.num_computed_tokens = 0
+        request.spec_token_ids = []
+        self.add(request)
+
     def finish(self, request: Request, status: RequestStatus) -> None:
         """End a request (stop, length or abort) and free its blocks at once (a NEW one is in no queue)."""
         if request.status is RequestStatus.RUNNING:

@@ -84,10 +84,11 @@ def attend(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Write this step's K/V into the layer's cache and attend: q [T, heads, D] -> [T, heads, D].
-    Score soft-capping (Gemma 2) runs in the torch path only: plan such a model with backend="reference"."""
-    if softcap is not None and not isinstance(plan, AttentionPlan):
+    Score soft-capping (Gemma 2) runs in the torch and native paths: plan such a model with another
+    backend than "triton"."""
+    if softcap is not None and isinstance(plan, TritonPlan):
         raise ValueError(
-            "attention soft-capping needs the reference plan (the native and Triton ops lack it)"
+            "attention soft-capping needs the reference or native plan (the Triton kernel lacks it)"
         )
     if isinstance(plan, TritonPlan):
         from meshserve.kernels.triton_attention import prepare, triton_attention  # imports triton: only here
@@ -96,5 +97,5 @@ def attend(
             plan.on_device = prepare(plan.table, q.device)
         return triton_attention(q, k, v, kv_cache, plan.on_device, scale)
     if isinstance(plan, TaskTable):
-        return meta_attention(q, k, v, kv_cache, plan, scale)
+        return meta_attention(q, k, v, kv_cache, plan, scale, softcap)
     return paged_attention(q, k, v, kv_cache, plan, scale, softcap)

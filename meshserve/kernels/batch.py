@@ -30,6 +30,8 @@ class BatchMetadata:
     block_tables: int32 [S, max_blocks]; KV blocks of each sequence in order, padded with ``PAD_BLOCK``
         (not a block: the native attention op fails loudly on a task that reads past its sequence's blocks).
     logits_indices: int64 [N]; flat rows whose logits are needed (the rows that sample or verify).
+    rope_lens: int64 [S] or None; each sequence's whole length as far as known (a prompt's full length even
+        while it is prefilled in chunks): LongRoPE picks its factors by it. None: derived from the rows.
     """
 
     positions: torch.Tensor
@@ -38,10 +40,16 @@ class BatchMetadata:
     seq_lens: torch.Tensor
     block_tables: torch.Tensor
     logits_indices: torch.Tensor
+    rope_lens: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> BatchMetadata:
         """The same metadata on ``device`` (the engine's, when it is not the CPU)."""
-        return BatchMetadata(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+        return BatchMetadata(
+            *(
+                None if (t := getattr(self, f.name)) is None else t.to(device)
+                for f in dataclasses.fields(self)
+            )
+        )
 
     @property
     def num_tokens(self) -> int:

@@ -13,7 +13,7 @@ from meshserve.kernels.meta_attention import write_kv
 
 
 def _meta_attention_fake(
-    q, kv_cache, block_tables, tasks, thread_starts, combine, tree_mask, scale, partial_rows
+    q, kv_cache, block_tables, tasks, thread_starts, combine, tree_mask, scale, partial_rows, softcap=0.0
 ):
     return torch.empty_like(q)
 
@@ -24,9 +24,16 @@ def register_fake() -> None:
 
 
 def meta_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, table: TaskTable, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    table: TaskTable,
+    scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Write k/v [T, kv_heads, D] into the cache, then run the Task-Table: q [T, heads, D] -> same shape."""
+    """Write k/v [T, kv_heads, D] into the cache, then run the Task-Table: q [T, heads, D] -> same shape.
+    softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2)."""
     write_kv(k, v, kv_cache, table.slot_mapping)
     return torch.ops.meshserve.meta_attention(
         q,
@@ -38,4 +45,5 @@ def meta_attention(
         table.tree_mask,
         scale,
         table.partial_rows,
+        0.0 if softcap is None else float(softcap),
     )

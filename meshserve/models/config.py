@@ -94,6 +94,9 @@ class ModelConfig:
     kv_cache_parts: int = 2  # 2: K and V; 1: keys that are also the values (MLA's latent, head_dim wide)
     mla: MLAConfig | None = None  # DeepSeek's multi-head latent attention
     routing: GroupedRouting | None = None  # DeepSeek's grouped top-k router
+    num_mtp_layers: int = 0  # DeepSeek-V3's multi-token-prediction layers in the checkpoint
+    use_mtp: bool = False  # build (and load) the first of them: speculation's draft (method "mtp")
+    mtp_moe: bool = False  # that layer's MLP is MoE (it follows the checkpoint's dense / MoE layer rule)
 
     @property
     def is_moe(self) -> bool:

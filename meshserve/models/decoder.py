@@ -142,11 +142,24 @@ class DecoderLM(nn.Module):
         cfg = self.config
         if cfg.embedding_scale != 1.0:
             x = x * cfg.embedding_scale
-        cos, sin = self.rotary(meta.positions, x.dtype, self._context_lens(meta))
-        local = None if self.rotary_local is None else self.rotary_local(meta.positions, x.dtype)
-        cache = kv_caches[0]
-        # Soft-capped scores run in the torch path only (the native and Triton ops have no soft-capping).
-        backend = "reference" if cfg.attn_logit_softcap else attention_backend(cache.device, cache.dtype)
+        step = self.step_inputs(meta, x.dtype, kv_caches[0])
+        t = x.shape[0]
+        f32 = [layer.self_attn.qkv_proj.wants_f32(t) for layer in self.layers] + [False]
+        h = self.layers[0].input_layernorm(x, f32[0])
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            x, h = layer(x, h, kv_cache, step, next_norms[i], f32[i + 1])
+        return h
+
+    def step_inputs(self, meta: BatchMetadata, dtype: torch.dtype, cache: torch.Tensor) -> StepInputs:
+        """Rotary cos/sin and the attention plans one forward's layers share (any layer whose cache is
+        shaped like `cache`: the MTP draft's layer too)."""
+        cfg = self.config
+        cos, sin = self.rotary(meta.positions, dtype, self._context_lens(meta))
+        local = None if self.rotary_local is None else self.rotary_local(meta.positions, dtype)
+        backend = attention_backend(cache.device, cache.dtype)
+        if cfg.attn_logit_softcap and backend == "triton":  # the Triton kernel has no soft-capping
+            backend = "reference"
         windows = {layer.self_attn.window for layer in self.layers}
         plans = plan_step(
             meta,
@@ -158,22 +171,18 @@ class DecoderLM(nn.Module):
             windows,
             backend=backend,
         )
-        step = StepInputs(cos, sin, plans, local)
-        t = x.shape[0]
-        f32 = [layer.self_attn.qkv_proj.wants_f32(t) for layer in self.layers] + [False]
-        h = self.layers[0].input_layernorm(x, f32[0])
-        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
-        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            x, h = layer(x, h, kv_cache, step, next_norms[i], f32[i + 1])
-        return h
+        return StepInputs(cos, sin, plans, local, meta)
 
     def _context_lens(self, meta: BatchMetadata) -> torch.Tensor | None:
-        """The sequence length LongRoPE picks each token's frequencies by, as transformers sees it: a whole
-        prompt run from position 0 at once counts its full length; any other token (a decode, a verify, a
-        later chunk) its own position + 1, the length transformers had when it generated that token."""
+        """The sequence length LongRoPE picks each token's frequencies by, as transformers sees it: the
+        sequence's whole known length (meta.rope_lens, which the engine sets: a prompt's full length in
+        every chunk, the length after a decode or verify). Without it: a whole prompt run from position 0
+        at once counts its full length; any other token its own position + 1."""
         if self.rotary.long_from is None:
             return None
         q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
+        if meta.rope_lens is not None:
+            return torch.repeat_interleave(meta.rope_lens.long(), q_lens, output_size=meta.num_tokens)
         whole = torch.where(meta.seq_lens.long() == q_lens, meta.seq_lens.long(), 0)
         whole = torch.repeat_interleave(whole, q_lens, output_size=meta.num_tokens)
         return torch.maximum(whole, meta.positions + 1)

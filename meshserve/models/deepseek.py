@@ -1,7 +1,8 @@
 """DeepSeek-V2 / V3: multi-head latent attention (layers/mla.py) and grouped-routing MoE with shared experts
 (layers/grouped_moe.py) in the shared decoder. Layer i is MoE when i >= first_k_dense_replace and
 i % moe_layer_freq == 0. The multi-token-prediction layers a V3 checkpoint may carry
-(num_nextn_predict_layers, stored as layers past num_hidden_layers) are not part of the model: left unread.
+(num_nextn_predict_layers, stored as layers past num_hidden_layers) are left unread unless speculation asks
+for them (cfg.use_mtp): then the first is built as `mtp` (models/mtp.py) and drafts (engine/spec/mtp.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from meshserve.models.decoder import DecoderLM
 from meshserve.models.layers.grouped_moe import GroupedMoE, read_routing
 from meshserve.models.layers.mla import LatentAttention, read_mla
 from meshserve.models.layers.mlp import GatedMLP
+from meshserve.models.mtp import MTPLayer
 
 
 def _non_negative(hf: dict[str, Any], key: str, default: int) -> int:
@@ -34,7 +36,9 @@ class DeepseekV2ForCausalLM(DecoderLM):
         read_routing(cfg, hf, cls.scoring, cls.topk_method, cls.norm_topk_prob)
         first_dense = _non_negative(hf, "first_k_dense_replace", 0)
         freq = positive(hf, "moe_layer_freq", 1)
-        cfg.moe_layers = [i for i in range(cfg.num_layers) if i >= first_dense and i % freq == 0]
+        cfg.num_mtp_layers = _non_negative(hf, "num_nextn_predict_layers", 0)
+        moe = [i for i in range(cfg.num_layers + 1) if i >= first_dense and i % freq == 0]
+        cfg.moe_layers, cfg.mtp_moe = [i for i in moe if i < cfg.num_layers], cfg.num_layers in moe
         cfg.num_moe_layers = len(cfg.moe_layers)
         cfg.shared_expert_intermediate_size = cfg.moe_intermediate_size * _non_negative(
             hf, "n_shared_experts", 0
@@ -45,6 +49,11 @@ class DeepseekV2ForCausalLM(DecoderLM):
         super().__init__(cfg)
         q_name = "q_proj" if cfg.mla.q_lora_rank is None else "q_a_proj"
         self.fusions = {"qkv_proj": (q_name, "kv_a_proj_with_mqa")}  # the projections reading the input
+        if cfg.use_mtp:  # the checkpoint's layer num_hidden_layers; its tensors are read only then
+            n = cfg.num_layers
+            mlp = GroupedMoE(cfg) if cfg.mtp_moe else GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+            self.mtp = MTPLayer(cfg, mlp, self.make_attention(cfg, None))
+            self.checkpoint_aliases = (*self.checkpoint_aliases, ("model.mtp.", f"model.layers.{n}."))
 
     def make_attention(self, cfg: ModelConfig, window: int | None) -> nn.Module:
         return LatentAttention(cfg, window)

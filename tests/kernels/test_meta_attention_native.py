@@ -53,10 +53,11 @@ def random_step(seqs, block_size, kv_heads, heads, dim, dtype, seed):
     threads=st.sampled_from([1, 2, 3]),
     split_kv=st.booleans(),
     tile_rows=st.sampled_from([1, 5, 16, 64]),
+    softcap=st.sampled_from([None, 0.5, 5.0]),
     seed=st.integers(0, 1000),
 )
 def test_native_equals_torch_reference(
-    seqs, block_size, kv_heads, group, dim, dtype, window, threads, split_kv, tile_rows, seed
+    seqs, block_size, kv_heads, group, dim, dtype, window, threads, split_kv, tile_rows, softcap, seed
 ):
     heads = kv_heads * group
     meta, cache, q, k, v = random_step(seqs, block_size, kv_heads, heads, dim, dtype, seed)
@@ -67,9 +68,9 @@ def test_native_equals_torch_reference(
     # the values from float32 copies of the same inputs: the torch reference rounds scores and
     # probabilities to bfloat16 (as transformers does), which can land further from the exact result
     # than the kernel's float32 arithmetic (one seed: 0.022 off, the kernel 3e-5)
-    expected = paged_attention(q.float(), k.float(), v.float(), cache.float(), plan, dim**-0.5)
+    expected = paged_attention(q.float(), k.float(), v.float(), cache.float(), plan, dim**-0.5, softcap)
     table = plan_tasks(meta, heads, kv_heads, sizes, threads, window=window)
-    out = meta_attention(q, k, v, native_cache, table, dim**-0.5)
+    out = meta_attention(q, k, v, native_cache, table, dim**-0.5, softcap)
 
     assert torch.equal(native_cache, cache)  # the same slot write
     tol = TOLERANCE[dtype]
@@ -119,14 +120,16 @@ def test_split_kv_parts_are_combined_for_one_long_decode():
     torch.testing.assert_close(meta_attention(q, k, v, cache, table, 0.125), expected, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, 0.3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tree_verify_mask_matches_masked_attention(dtype):
-    """A 4-token tree draft (root, two children of the root, a grandchild) verified over a 9-token prefix."""
+def test_tree_verify_mask_matches_masked_attention(dtype, softcap):
+    """A 4-token tree draft (root, two children of the root, a grandchild) verified over a 9-token prefix;
+    soft-capped scores (Gemma 2's tanh) too."""
     tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
     meta, cache, q, k, v = random_step([(9, 4), (5, 1)], 4, 2, 4, 16, dtype, seed=5)
     table = plan_tasks(meta, 4, 2, TileSizes(16, 8, 256), num_threads=2, tree_masks={0: tree})
     assert (table.tasks[:, 7] == MaskKind.TREE).sum() == 2  # both KV heads of the tree tile
-    out = meta_attention(q, k, v, cache, table, 0.25)
+    out = meta_attention(q, k, v, cache, table, 0.25, softcap)
 
     keys, values = _history(cache, meta, 0, 13)  # read after the op: it wrote this step's K/V
     allowed = torch.ones(4, 13, dtype=torch.bool)
@@ -134,12 +137,15 @@ def test_tree_verify_mask_matches_masked_attention(dtype):
     group_keys = keys.repeat_interleave(2, dim=1).transpose(0, 1)
     group_values = values.repeat_interleave(2, dim=1).transpose(0, 1)
     scores = q[:4].float().transpose(0, 1) @ group_keys.transpose(1, 2) * 0.25
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~allowed, -torch.inf)
     expected = (torch.softmax(scores, -1) @ group_values).transpose(0, 1)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out[:4].float(), expected, atol=tol, rtol=tol)
-    decode = dense_reference(q[4:5].float(), *_history(cache, meta, 1, 6), 1, 0.25)
-    torch.testing.assert_close(out[4:5].float(), decode, atol=tol, rtol=tol)
+    if softcap is None:
+        decode = dense_reference(q[4:5].float(), *_history(cache, meta, 1, 6), 1, 0.25)
+        torch.testing.assert_close(out[4:5].float(), decode, atol=tol, rtol=tol)
 
 
 def _history(cache, meta, seq, length):
@@ -150,10 +156,10 @@ def _history(cache, meta, seq, length):
     return flat[0, slots].float(), flat[1, slots].float()
 
 
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3", "gemma2"])
 def test_models_run_the_native_op_by_default(arch, tiny_model_dir, monkeypatch):
     """A forward plans a Task-Table and every layer calls the native op (no silent torch fallback), MLA's
-    latent cache included."""
+    latent cache (on decode) and Gemma 2's soft-capped scores included."""
     from meshserve.kernels import attention
     from meshserve.models import load_model
     from meshserve.testing import PagedSequences
@@ -163,7 +169,12 @@ def test_models_run_the_native_op_by_default(arch, tiny_model_dir, monkeypatch):
     lm = load_model(tiny_model_dir(arch))
     seqs = PagedSequences(lm)
     first, second = seqs.add([1, 5, 6, 7]), seqs.add([1, 9])
-    seqs.step({first: 4, second: 2})
+    seqs.step({first: 4, second: 2})  # MLA expands a fresh prompt (models/layers/mla.py): no op call
+    assert len(calls) == (0 if arch == "deepseek_v3" else lm.config.num_layers)
+    calls.clear()
+    seqs.tokens[first].append(8)
+    seqs.tokens[second].append(3)
+    seqs.step({first: 1, second: 1})
     assert len(calls) == lm.config.num_layers
 
 
@@ -181,6 +192,7 @@ def test_op_registration_and_fake_impl_pass_torch_opcheck():
         table.tree_mask,
         0.25,
         table.partial_rows,
+        0.5,  # softcap
     )
     torch.library.opcheck(
         torch.ops.meshserve.meta_attention.default, args, test_utils=("test_schema", "test_faketensor")

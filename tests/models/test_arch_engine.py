@@ -67,13 +67,14 @@ def test_greedy_matches_transformers_with_prefix_cache_and_speculation(case):
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
-def test_longrope_prompt_past_the_original_context_matches_transformers(tiny_model_dir):
-    """A prompt longer than original_max_position_embeddings run in one step rotates with the long factors
-    throughout, as transformers does (a prompt prefilled in chunks across that length does not: see
-    docs/models.md)."""
+def test_longrope_matches_transformers_across_the_original_context(tiny_model_dir):
+    """LongRoPE past original_max_position_embeddings (16 here), as transformers 5 does it: a prompt longer
+    than that rotates the long way throughout, even prefilled in 8-token chunks; a shorter one that
+    generation carries past it is recomputed with the long factors (transformers drops its cache there);
+    with the prefix cache and n-gram drafts on, twice."""
     path = tiny_model_dir("phi3", original_max_position_embeddings=16)
     hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
-    prompts = [SHARED + tail for tail in TAILS[1:]] + [SHARED + SHARED]
+    prompts = [SHARED, SHARED + TAILS[1], SHARED + SHARED, SHARED[:9]]  # 11, 23, 22 and 9 tokens
     with torch.no_grad():
         expected = [
             hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)[
@@ -81,6 +82,15 @@ def test_longrope_prompt_past_the_original_context_matches_transformers(tiny_mod
             ].tolist()
             for p in prompts
         ]
-    llm = LLM(str(path), max_num_batched_tokens=64, max_model_len=64, enable_prefix_caching=False)
-    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
-    assert [o.token_ids for o in outputs] == expected
+    llm = LLM(
+        str(path),
+        max_num_batched_tokens=8,
+        max_model_len=64,
+        block_size=4,
+        enable_prefix_caching=True,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3},
+    )
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    for _ in range(2):
+        assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+    assert llm.engine.spec.draft_tokens > 0

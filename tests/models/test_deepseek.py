@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -266,3 +267,32 @@ def test_bad_deepseek_config_names_the_field(overrides, field, tmp_path):
     with pytest.raises(InputError) as err:
         load_config(path)
     assert err.value.field == field
+
+
+@pytest.mark.parametrize("form", ["expanded", "absorbed"])
+def test_prefill_forms_both_match_transformers(form, tiny_model_dir):
+    """Forced either way, MLA prefill (a first chunk, then a chunk over cached rows) and decodes equal
+    transformers; left alone, a fresh prompt expands and one-token decodes stay absorbed."""
+    from meshserve.models.layers.mla import LatentAttention, expanded_prefill
+
+    path = tiny_model_dir("deepseek_v3")
+    lm, hf = load_model(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for module in lm.model.modules():
+        if isinstance(module, LatentAttention):
+            module.expand = form == "expanded"
+    seqs = PagedSequences(lm, block_size=4)
+    tokens = prompts(lm.config.vocab_size, [19])[0]
+    seq = seqs.add(tokens)
+    rows = [seqs.step({seq: 11})[seq], seqs.step({seq: 8})[seq]]
+    seqs.tokens[seq].append(int(rows[-1][-1].argmax()))
+    rows.append(seqs.step({seq: 1})[seq])
+    torch.testing.assert_close(torch.cat(rows), hf_logits(hf, seqs.tokens[seq]), atol=ATOL, rtol=0)
+
+    from meshserve.engine.runner import batch_metadata
+
+    def meta(start: int, n: int):
+        ones = np.ones(1, dtype=np.int64)
+        return batch_metadata(np.array([start]), np.array([n]), ones, [list(range(64))], 4)
+
+    mla = lm.config.mla
+    assert expanded_prefill(meta(0, 19), mla) and not expanded_prefill(meta(40, 1), mla)

@@ -7,7 +7,7 @@ from typing import Any
 
 from meshserve.errors import InputError, require
 
-METHODS = ("ngram", "draft_model")
+METHODS = ("ngram", "draft_model", "mtp")
 MAX_SPECULATIVE_TOKENS = 16
 FIELD = "speculative_config"
 DEFAULT_DISABLE_BY_BATCH_SIZE = 4  # benchmarks/spec.py: speculation loses from batch 16 on (docs/engine.md)
@@ -17,8 +17,9 @@ DEFAULT_DISABLE_BY_BATCH_SIZE = 4  # benchmarks/spec.py: speculation loses from 
 class SpecConfig:
     """Speculative decoding settings.
 
-    method: "ngram" (prompt lookup in the request's own tokens) or "draft_model" (a smaller model with the
-        same tokenizer, run on its own contiguous KV).
+    method: "ngram" (prompt lookup in the request's own tokens), "draft_model" (a smaller model with the
+        same tokenizer, run on its own contiguous KV) or "mtp" (the target's own multi-token-prediction
+        layer, DeepSeek-V3's, fed the target's hidden states).
     num_speculative_tokens: drafts proposed per request per step (k); a verify item is k + 1 tokens.
     prompt_lookup_max / prompt_lookup_min: n-gram lengths tried, longest first (ngram only).
     model: draft model directory (draft_model only).

@@ -14,12 +14,16 @@ import torch
 
 from meshserve.engine.request import Request
 from meshserve.engine.sampler import pick
+from meshserve.engine.scheduler import WorkItem
 from meshserve.engine.spec.config import SpecConfig
 from meshserve.engine.spec.draft import DraftModelProposer
 from meshserve.engine.spec.draft_runner import unsupported_options
+from meshserve.engine.spec.mtp import MTPProposer
 from meshserve.engine.spec.ngram import NgramProposer
 from meshserve.engine.spec.verify import verify
-from meshserve.errors import InputError
+from meshserve.errors import InputError, require
+from meshserve.models.config import ModelConfig, dtype_name
+from meshserve.models.decoder import DecoderLM
 from meshserve.models.loader import load_model
 
 
@@ -27,14 +31,25 @@ class SpecDecoder:
     """Owns the proposer and the acceptance counters."""
 
     def __init__(
-        self, config: SpecConfig, vocab_size: int, dtype: str, max_model_len: int, max_num_seqs: int
+        self, config: SpecConfig, target: ModelConfig, max_model_len: int, max_num_seqs: int, block_size: int
     ) -> None:
         self.config = config
         self.k = config.num_speculative_tokens
+        self.kv_bytes = 0  # most bytes the proposer's own KV cache can take (none for n-gram lookup)
+        self._mtp = (max_model_len, block_size, max_num_seqs)
+        vocab_size, dtype = target.vocab_size, dtype_name(target.dtype)
+        self.proposer: NgramProposer | DraftModelProposer | MTPProposer | None = None
         if config.method == "ngram":
-            self.proposer: NgramProposer | DraftModelProposer = NgramProposer(
-                self.k, config.prompt_lookup_max, config.prompt_lookup_min
+            self.proposer = NgramProposer(self.k, config.prompt_lookup_max, config.prompt_lookup_min)
+        elif config.method == "mtp":  # the proposer needs the loaded target: attach() makes it
+            require(
+                target.num_mtp_layers > 0,
+                "speculative_config.method",
+                f"'mtp' needs a model with a multi-token-prediction layer; {target.name} ({target.arch}) "
+                "has none (config.json num_nextn_predict_layers)",
             )
+            target.use_mtp = True  # the model is built with its MTP layer, and the fit check counts it
+            self.kv_bytes = MTPProposer.cache_bytes(target, max_model_len, block_size, max_num_seqs)
         else:
             try:
                 draft = load_model(config.model, dtype)
@@ -59,19 +74,27 @@ class SpecDecoder:
             self.proposer = DraftModelProposer(
                 draft, self.k, max_model_len, config.draft_confidence, max_slots=slots
             )
+            self.kv_bytes = self.proposer.kv_bytes
         self.draft_tokens = 0
         self.accepted_tokens = 0
         self.verify_steps = 0
 
-    @property
-    def kv_bytes(self) -> int:
-        """Most bytes the proposer's own KV cache can take (the draft model's; 0 for n-gram lookup)."""
-        return self.proposer.kv_bytes if isinstance(self.proposer, DraftModelProposer) else 0
+    def attach(self, model: DecoderLM) -> None:
+        """Give the proposer the loaded target model (the MTP layer's home; others need nothing of it)."""
+        if self.config.method == "mtp":
+            max_len, block_size, slots = self._mtp
+            self.proposer = MTPProposer(model, self.k, max_len, block_size, slots)
 
-    def propose(self, running: Sequence[Request], max_model_len: int) -> None:
+    def observe(self, items: Sequence[WorkItem], hidden: torch.Tensor) -> None:
+        """The target's hidden rows of the step that ran ``items`` (the MTP proposer drafts from them)."""
+        if isinstance(self.proposer, MTPProposer):
+            self.proposer.observe(items, hidden)
+
+    def propose(self, running: Sequence[Request], max_model_len: int, rope_switch: int | None = None) -> None:
         """Set drafts on running requests about to decode (none for requests that want logprobs or whose
         logits are processed: penalties, bias, min_tokens), and none at all while more requests run than
-        ``disable_by_batch_size``."""
+        ``disable_by_batch_size``. A request at most ``rope_switch`` tokens long (LongRoPE's original
+        context) drafts no further than that length: the engine recomputes it once it passes it."""
         off = self.config.disable_by_batch_size
         if off is not None and len(running) > off:
             return
@@ -81,6 +104,8 @@ class SpecDecoder:
             if decoding and r.params.logprobs is None and not r.params.processes_logits:
                 # Never draft past max_tokens (one token always comes from the target) or max_model_len.
                 limit = min(self.k, r.max_tokens - r.num_output_tokens - 1, max_model_len - r.num_tokens)
+                if rope_switch is not None and r.num_tokens <= rope_switch:
+                    limit = min(limit, rope_switch - r.num_tokens)
                 if limit > 0:
                     wanted.append(r)
                     limits.append(limit)
@@ -133,8 +158,8 @@ class SpecDecoder:
         return out.tokens
 
     def remove(self, request_id: str) -> None:
-        """Forget a finished, aborted or preempted request (frees its draft-model KV)."""
-        if isinstance(self.proposer, DraftModelProposer):
+        """Forget a finished, aborted or preempted request (frees its draft-model or MTP KV)."""
+        if isinstance(self.proposer, DraftModelProposer | MTPProposer):
             self.proposer.remove(request_id)
 
     def counters(self) -> dict[str, int]:

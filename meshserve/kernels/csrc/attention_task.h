@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -22,7 +23,15 @@ enum Mask { NONE = 0, CAUSAL = 1, SLIDING = 2, TREE = 3 };
 // (MLA's latent: the first dims of each key row are its value).
 struct Shapes {
   int64_t heads, kv_heads, group, dim, block_size, blocks, max_blocks, v_half;
+  float softcap;  // > 0: scores become softcap * tanh(score / softcap) before the mask (Gemma 2); 0: off
 };
+
+// Gemma 2's score soft-capping over n scores in place (a no-op when softcap is 0).
+inline void soft_cap(float* scores, int64_t n, float softcap) {
+  if (softcap <= 0.f) return;
+  const float inv = 1.f / softcap;
+  for (int64_t j = 0; j < n; ++j) scores[j] = std::tanh(scores[j] * inv) * softcap;
+}
 
 // Pointers to the rows of KV positions [c0, c0 + n) of KV head h in the cache half `cache`, through the
 // sequence's block table: one division per chunk, not one per position.

@@ -126,6 +126,7 @@ void run_decode(const int32_t* t, const T* q, const T* cache, const int32_t* tab
         sc[r][j] = sum_lanes(dot);
       }
     }
+    for (int r = 0; r < R; ++r) soft_cap(sc[r], n, s.softcap);
     for (int r = 0; r < R; ++r) {  // online softmax of row r over the chunk's visible columns [jlo, jhi)
       const int64_t qpos = t[Q_POS0] + r / G;
       int64_t jlo = 0, jhi = n;

@@ -148,6 +148,7 @@ void run_task(const int32_t* t, const T* q, const T* cache, const int32_t* table
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* sc = p + r * kChunk;
+      soft_cap(sc, n, s.softcap);
       const int64_t qpos = t[Q_POS0] + r / G;
       int64_t jlo, jhi;
       row_range(t, qpos, c0, n, jlo, jhi);
@@ -211,10 +212,10 @@ void combine_parts(const int32_t* c, const Shapes& s, const float* part_acc, con
 template <typename T>
 void execute(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables, const at::Tensor& tasks,
              const at::Tensor& thread_starts, const at::Tensor& combine, const at::Tensor& tree, double scale,
-             int64_t partial_rows, at::Tensor& out) {
+             double softcap, int64_t partial_rows, at::Tensor& out) {
   const int64_t v_half = cache.size(0) == 2 ? cache.size(1) * cache.size(2) * cache.size(3) * q.size(2) : 0;
   const Shapes s{q.size(1), cache.size(3), q.size(1) / cache.size(3), q.size(2),
-                 cache.size(2), cache.size(1), tables.size(1), v_half};
+                 cache.size(2), cache.size(1), tables.size(1), v_half, static_cast<float>(softcap)};
   check_task_table(s, q.size(0), tables.size(0), tables.data_ptr<int32_t>(), tasks.data_ptr<int32_t>(),
                    tasks.size(0), thread_starts.data_ptr<int64_t>(), thread_starts.size(0),
                    combine.data_ptr<int32_t>(), combine.size(0), tree.numel(), partial_rows);
@@ -245,7 +246,7 @@ void execute(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tab
 
 at::Tensor meta_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                           const at::Tensor& tasks, const at::Tensor& thread_starts, const at::Tensor& combine,
-                          const at::Tensor& tree_mask, double scale, int64_t partial_rows) {
+                          const at::Tensor& tree_mask, double scale, int64_t partial_rows, double softcap) {
   TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && (kv_cache.size(0) == 2 || kv_cache.size(0) == 1),
               "q [T,H,D], kv_cache [2,N,B,KV,D] (or [1,...]: keys that are also the values)");
   TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "q and kv_cache must share a dtype");
@@ -261,11 +262,11 @@ at::Tensor meta_attention(const at::Tensor& q, const at::Tensor& kv_cache, const
   auto out = at::zeros_like(qc);
   if (q.scalar_type() == at::kFloat) {
     execute<float>(qc, cache, tables, tasks.contiguous(), thread_starts.contiguous(), combine.contiguous(),
-                   tree_mask.contiguous(), scale, partial_rows, out);
+                   tree_mask.contiguous(), scale, softcap, partial_rows, out);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kBFloat16, "meta_attention supports float32 and bfloat16");
     execute<c10::BFloat16>(qc, cache, tables, tasks.contiguous(), thread_starts.contiguous(),
-                           combine.contiguous(), tree_mask.contiguous(), scale, partial_rows, out);
+                           combine.contiguous(), tree_mask.contiguous(), scale, softcap, partial_rows, out);
   }
   return out;
 }
@@ -275,7 +276,7 @@ at::Tensor meta_attention(const at::Tensor& q, const at::Tensor& kv_cache, const
 TORCH_LIBRARY_FRAGMENT(meshserve, m) {
   m.def(
       "meta_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor tasks, Tensor thread_starts, "
-      "Tensor combine, Tensor tree_mask, float scale, int partial_rows) -> Tensor");
+      "Tensor combine, Tensor tree_mask, float scale, int partial_rows, float softcap=0.) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(meshserve, CPU, m) { m.impl("meta_attention", &meta_attention); }

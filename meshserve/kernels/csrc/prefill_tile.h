@@ -139,6 +139,8 @@ void run_tile(const int32_t* t, const T* q, const T* cache, const int32_t* table
     }
     for (; j < n; ++j)
       for (int64_t v = v0; v < v1; ++v) score_block<1, 1, DIM>(krows + j, qT, RP, v, sT + j * RP);
+    if (s.softcap > 0.f)
+      for (int64_t jj = 0; jj < n; ++jj) soft_cap(sT + jj * RP + v0 * 16, (v1 - v0) * 16, s.softcap);
     // Only a chunk the diagonal (or the window's edge) crosses is masked.
     const int64_t first_pos = pos0 + v0 * 16 / G, lanes_end = v1 * 16;
     const bool diagonal = causal && (c0 + n - 1 > first_pos || lanes_end > rows ||

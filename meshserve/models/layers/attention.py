@@ -10,6 +10,7 @@ from torch import nn
 from meshserve.kernels.attention import StepPlan, attend
 from meshserve.kernels.fused import rotary_qkv, rotary_reference
 from meshserve.kernels.smooth_gemm import SmoothLinear
+from meshserve.models.batch import BatchMetadata
 from meshserve.models.config import ModelConfig
 from meshserve.models.layers.norm import RMSNorm
 
@@ -17,12 +18,14 @@ from meshserve.models.layers.norm import RMSNorm
 @dataclass
 class StepInputs:
     """What every layer of one forward shares: rotary cos/sin [T, rotary_dim] and one attention plan per
-    sliding window (None: full attention); `local`: the sliding layers' own cos/sin (Gemma 3), if any."""
+    sliding window (None: full attention); `local`: the sliding layers' own cos/sin (Gemma 3), if any;
+    `meta`: the batch itself (MLA's expanded prefill reads each sequence's rows by its block table)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     plans: dict[int | None, StepPlan]
     local: tuple[torch.Tensor, torch.Tensor] | None = None
+    meta: BatchMetadata | None = None
 
 
 class Attention(nn.Module):

@@ -7,7 +7,15 @@ every head's K and V. Attention runs absorbed, as MQA over those rows: W_UK fold
 (q_h W_UK_h^T . c = q_h . c W_UK_h), so scores are [q_h W_UK_h^T ; q_pe_h] . [c ; k_pe], and W_UV applies
 after attention (softmax(s) V_h = (softmax(s) c) W_UV_h). The cache row doubles as the value row: the op's
 output is [softmax(s) c ; softmax(s) k_pe], whose rope columns are dropped (12.5% extra P.V work at the real
-512 + 64, against a second copy of every latent). Prefill runs the same absorbed form.
+512 + 64, against a second copy of every latent).
+
+A step of long prefill chunks runs expanded instead (`expanded_prefill`): each sequence's latent rows are read
+back by its block table, kv_b_proj expands them into every head's K (qk_nope + rope wide) and V (v_head_dim),
+and ordinary attention runs at those widths, as transformers computes MLA. Expanding costs
+kv_lora_rank x (qk_nope + v) per head per context row; absorbing costs the same per query row plus
+2 (kv_lora_rank + rope) per score against qk_nope + rope + v_head_dim expanded, so the step takes whichever
+its rows make cheaper: decodes stay absorbed; a chunk expands when it starts the prompt, or after a long
+cached context when it has more than ~160 rows (kv_lora_rank (qk_nope + v) / 832 on DeepSeek-V3's shapes).
 """
 
 from __future__ import annotations
@@ -17,12 +25,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from meshserve.errors import InputError
 from meshserve.kernels.attention import attend
 from meshserve.kernels.fused import rotary_reference
+from meshserve.kernels.meta_attention import write_kv
 from meshserve.kernels.smooth_gemm import SmoothLinear
+from meshserve.models.batch import BatchMetadata
 from meshserve.models.config import ModelConfig, flag, positive
 from meshserve.models.layers.attention import StepInputs
 from meshserve.models.layers.norm import RMSNorm
@@ -105,6 +116,7 @@ class LatentAttention(nn.Module):
             m.kv_lora_rank, cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False
         )
         self.o_proj = SmoothLinear(cfg.num_heads * m.v_head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.expand: bool | None = None  # None: each step takes the cheaper form; True / False forces one
 
     def _rope(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         """Rotary on x [T, heads, rope]. DeepSeek rotates interleaved pairs (x0, x1), (x2, x3)...: listing the
@@ -122,15 +134,75 @@ class LatentAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(q.contiguous()))
         q = q.view(t, heads, m.qk_head_dim)
         q_nope, q_pe = q.split((m.qk_nope_head_dim, m.qk_rope_head_dim), dim=-1)
+        key = torch.cat(
+            (self.kv_a_layernorm(latent.contiguous()), self._rope(k_pe[:, None, :], step)[:, 0]), -1
+        )
+        expand = self.expand
+        if expand is None:
+            expand = step.meta is not None and expanded_prefill(step.meta, m)
+        if expand and self.window is None:
+            o = self._expanded(torch.cat((q_nope, self._rope(q_pe, step)), -1), key, kv_cache, step.meta)
+        else:
+            o = self._absorbed(q_nope, self._rope(q_pe, step), key, kv_cache, step)
+        return self.o_proj(o.reshape(t, heads * m.v_head_dim), out_f32=True)
+
+    def _absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        key: torch.Tensor,
+        kv_cache: torch.Tensor,
+        step: StepInputs,
+    ) -> torch.Tensor:
+        """MQA over the latent rows with W_UK folded into the query and W_UV applied after: [T, H, v]."""
+        m, heads = self.mla, self.num_heads
         w = self.kv_b_proj.weight.view(heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
         w_uk, w_uv = w.split((m.qk_nope_head_dim, m.v_head_dim), dim=1)  # [H, nope, R], [H, v, R]
         # Absorb W_UK into the query, per head: [H, T, nope] @ [H, nope, R] (the weight read in place).
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
-        query = torch.cat((q_latent, self._rope(q_pe, step)), dim=-1)  # [T, H, R + rope]
-        key = torch.cat(
-            (self.kv_a_layernorm(latent.contiguous()), self._rope(k_pe[:, None, :], step)[:, 0]), -1
-        )
+        query = torch.cat((q_latent, q_pe), dim=-1)  # [T, H, R + rope]
         out = attend(query, key[:, None, :], key[:, None, :], kv_cache, step.plans[self.window], m.scale)
-        # W_UV after attention: [H, T, R] @ [H, R, v] -> [T, H * v].
-        o = torch.bmm(out[..., : m.kv_lora_rank].transpose(0, 1), w_uv.transpose(1, 2))
-        return self.o_proj(o.transpose(0, 1).reshape(t, heads * m.v_head_dim), out_f32=True)
+        # W_UV after attention: [H, T, R] @ [H, R, v] -> [T, H, v].
+        return torch.bmm(out[..., : m.kv_lora_rank].transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+
+    def _expanded(
+        self, query: torch.Tensor, key: torch.Tensor, kv_cache: torch.Tensor, meta: BatchMetadata
+    ) -> torch.Tensor:
+        """Ordinary attention over every sequence's K/V expanded from its latent rows: query [T, H, qk]
+        (rope part rotated), key [T, R + rope] this step's latent rows; returns [T, H, v]."""
+        m, heads = self.mla, self.num_heads
+        write_kv(key[:, None, :], key[:, None, :], kv_cache, meta.slot_mapping)
+        block = kv_cache.shape[2]
+        lens = meta.seq_lens.long()
+        q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
+        pos = torch.arange(int(lens.max()), device=lens.device)
+        tables = meta.block_tables.long().clamp(min=0)  # padding past a sequence's rows is masked below
+        slots = tables[:, pos // block] * block + pos % block  # [S, L]: each context row's cache slot
+        rows = kv_cache[0].reshape(-1, key.shape[-1])[slots]  # [S, L, R + rope]
+        latent, k_pe = rows.split((m.kv_lora_rank, m.qk_rope_head_dim), dim=-1)
+        kv = F.linear(latent, self.kv_b_proj.weight).unflatten(-1, (heads, -1))  # as transformers expands
+        k_nope, v = kv.split((m.qk_nope_head_dim, m.v_head_dim), dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, heads, -1)), dim=-1)
+        # Queries padded per sequence: flat row r is row j of sequence s, at position lens[s] - q_lens[s] + j.
+        seq = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), q_lens)
+        j = torch.arange(query.shape[0], device=lens.device) - meta.query_start_loc[:-1].long()[seq]
+        q = query.new_zeros(len(lens), int(q_lens.max()), heads, m.qk_head_dim)
+        q[seq, j] = query
+        q_pos = (lens - q_lens)[:, None] + torch.arange(q.shape[1], device=lens.device)
+        mask = pos[None, None, :] <= q_pos[:, :, None]  # [S, Q, L]: causal, and never past the sequence
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask[:, None], scale=m.scale
+        )
+        return out.transpose(1, 2)[seq, j]  # [T, H, v]
+
+
+def expanded_prefill(meta: BatchMetadata, mla: MLAConfig) -> bool:
+    """Whether expanding the step's latent rows into per-head K/V costs fewer multiply-adds than absorbing
+    (per head; the module docstring has the terms): true for long prefill chunks, false for decodes."""
+    lens = meta.seq_lens.long()
+    q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
+    expand = mla.kv_lora_rank * (mla.qk_nope_head_dim + mla.v_head_dim)
+    pairs = int((q_lens * lens).sum())  # query x key pairs, counted alike for both forms
+    absorbed = meta.num_tokens * expand + pairs * 2 * (mla.kv_lora_rank + mla.qk_rope_head_dim)
+    expanded = int(lens.sum()) * expand + pairs * (mla.qk_head_dim + mla.v_head_dim)
+    return expanded < absorbed

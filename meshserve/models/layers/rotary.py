@@ -115,10 +115,9 @@ class RotaryEmbedding(nn.Module):
     step gathers rows instead of recomputing cos and sin; the table's values are the same elementwise
     float32 products and roundings a direct computation would give.
 
-    LongRoPE rotates a token with its long frequencies when its sequence, this step included, is longer than
-    original_max_position_embeddings, else with the short ones: transformers' rule for a whole prompt and
-    for each generated token. (A prompt prefilled in chunks across that length keeps its early chunks'
-    short rotation in the cache, where transformers would rotate the whole prompt the long way.)
+    LongRoPE rotates a token with its long frequencies when its sequence (its whole known length: the
+    decoder's context_lens) is longer than original_max_position_embeddings, else with the short ones,
+    transformers' rule; the engine recomputes a sequence that generation carries past that length.
     """
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_pos: int) -> None:
