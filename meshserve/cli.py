@@ -297,12 +297,17 @@ def train_tiny(
     distill_weight: float = typer.Option(
         0.5, help="Draft loss: this x KL(target || draft) + the rest x cross-entropy on the data."
     ),
+    preset: str | None = typer.Option(
+        None,
+        help="Model shapes (a models.yaml-style file); default meshserve/training/models.yaml, the shipped "
+        "DeepSeek-style pair (models-mixtral.yaml beside it: the previous release's).",
+    ),
 ) -> None:
     """Train the shipped tiny MoE target and dense draft on the Python standard library's sources."""
     from pathlib import Path
 
     from meshserve.errors import require
-    from meshserve.training.train import TrainSettings, train
+    from meshserve.training.train import TrainSettings, load_preset, train
 
     require(minutes > 0, "minutes", f"must be > 0, got {minutes}")
     require(tokens is None or tokens > 0, "tokens", f"must be > 0, got {tokens}")
@@ -314,6 +319,7 @@ def train_tiny(
         f"--draft-only needs an existing checkpoint.pt, got {init}",
     )
     require(init is None or Path(init).is_file(), "init", f"no such checkpoint: {init}")
+    require(preset is None or Path(preset).is_file(), "preset", f"no such file: {preset}")
     require(threads >= 1, "threads", f"must be >= 1, got {threads}")
     require(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}")
     require(8 <= seq_len <= 512, "seq_len", f"must be in [8, 512] (max_position_embeddings), got {seq_len}")
@@ -330,7 +336,8 @@ def train_tiny(
         lr_draft=lr_draft,
         distill_weight=distill_weight,
     )
-    train(Path(work), Path(export) if export else None, settings, resume=resume)
+    shapes = load_preset(Path(preset)) if preset else None
+    train(Path(work), Path(export) if export else None, settings, resume=resume, preset=shapes)
 
 
 def main() -> None:

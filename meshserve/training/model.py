@@ -1,8 +1,9 @@
-"""A training-time decoder (Llama, or Mixtral with its sparse MoE) whose state_dict uses Hugging Face names.
+"""A training-time decoder (Llama, Mixtral with its sparse MoE, or DeepSeek-V3 with MLA and grouped routing:
+training/deepseek.py) whose state_dict uses Hugging Face names.
 
-Plain full-sequence forward with causal SDPA; no KV cache. The maths follows transformers' Llama and
-Mixtral exactly (RMSNorm in float32, rotate-half RoPE, softmax router in float32, top-k renormalised),
-so the saved weights give the same greedy output in transformers and in meshserve.
+Plain full-sequence forward with causal SDPA; no KV cache. The maths follows transformers' Llama,
+Mixtral and DeepseekV3 exactly (RMSNorm in float32, rotate-half RoPE, softmax router in float32, top-k
+renormalised), so the saved weights give the same greedy output in transformers and in meshserve.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.models.layers.norm import RMSNorm  # the serving layer: the same float32 maths
+from meshserve.training.deepseek import GroupedMoE, LatentAttention
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -102,13 +104,16 @@ class SparseMoE(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], index: int) -> None:
         super().__init__()
+        deepseek = cfg["arch"] == "deepseek_v3"
         self.input_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
-        self.self_attn = Attention(cfg)
+        self.self_attn = LatentAttention(cfg) if deepseek else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
         if cfg["arch"] == "mixtral":
             self.block_sparse_moe = SparseMoE(cfg)
+        elif deepseek and index >= cfg["first_k_dense_replace"]:
+            self.mlp = GroupedMoE(cfg)
         else:
             self.mlp = MLP(cfg["hidden_size"], cfg["intermediate_size"])
 
@@ -122,7 +127,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg["num_hidden_layers"]))
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
 
 
@@ -136,7 +141,7 @@ class TinyCausalLM(nn.Module):
         self.tied = bool(cfg.get("tie_word_embeddings", False))
         if not self.tied:
             self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
-        head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+        head_dim = cfg.get("qk_rope_head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
         inv_freq = 1.0 / cfg["rope_theta"] ** (
             torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         )
@@ -147,6 +152,8 @@ class TinyCausalLM(nn.Module):
     def _init(module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, GroupedMoE):
+            nn.init.normal_(module.gate.weight, std=0.02)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [batch, tokens, vocab] for ids [batch, tokens] (positions 0..tokens-1)."""
@@ -163,6 +170,12 @@ class TinyCausalLM(nn.Module):
     def balance_loss(self) -> torch.Tensor:
         losses = [m.balance_loss for m in self.modules() if isinstance(m, SparseMoE)]
         return torch.stack(losses).mean() if losses else torch.zeros(())
+
+    def update_router_bias(self, rate: float) -> None:
+        """Aux-loss-free balancing step of every grouped MoE layer (none in Llama / Mixtral)."""
+        for m in self.modules():
+            if isinstance(m, GroupedMoE):
+                m.update_bias(rate)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

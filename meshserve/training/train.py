@@ -41,7 +41,22 @@ ARCH_FIELDS = {
         "sliding_window": None,
         "router_jitter_noise": 0.0,
     },
+    "deepseek_v3": {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "q_lora_rank": None,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "norm_topk_prob": True,
+        "rope_interleave": True,
+        "moe_layer_freq": 1,
+        "num_nextn_predict_layers": 0,
+        "attention_bias": False,
+    },
 }
+# Kept float32 in the bfloat16 export, as DeepSeek ships them and transformers keeps them: the router's
+# sigmoid scores sit close together, and a rounded bias would change which experts are chosen.
+FLOAT32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 
 
 @dataclass
@@ -56,6 +71,7 @@ class TrainSettings:
     warmup_steps: int = 20
     weight_decay: float = 0.1
     balance_coef: float = 0.01
+    bias_update: float = 1e-3  # aux-loss-free router bias step (DeepSeek-V3's gamma); grouped MoE only
     distill_weight: float = 0.5
     threads: int = 2
     autocast_bf16: bool = False
@@ -135,6 +151,8 @@ def lr_factor(step: int, progress: float, warmup: int) -> float:
 
 def hf_config(cfg: dict[str, Any]) -> dict[str, Any]:
     fields = {k: v for k, v in cfg.items() if k != "arch"}
+    if cfg["arch"] == "deepseek_v3":  # MLA keeps every head's latent view: no grouped KV heads
+        fields["num_key_value_heads"] = cfg["num_attention_heads"]
     return {
         **ARCH_FIELDS[cfg["arch"]],
         **fields,
@@ -150,7 +168,10 @@ def hf_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def export_hf(model: TinyCausalLM, tok: Tokenizer, path: Path) -> Path:
     """A Hugging Face model directory (bfloat16 safetensors, config, tokenizer) that transformers loads."""
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().to(torch.float32 if k.endswith(FLOAT32_SUFFIXES) else torch.bfloat16).contiguous()
+        for k, v in model.state_dict().items()
+    }
     with atomic_path(path / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     cfg = hf_config(model.cfg)
@@ -318,6 +339,8 @@ def train(
             torch.nn.utils.clip_grad_norm_(models[k].parameters(), 1.0)
         for opt in opts.values():
             opt.step()
+        if not settings.draft_only:
+            target.update_router_bias(settings.bias_update)
         step += 1
         dt = time.perf_counter() - t0
         elapsed += dt

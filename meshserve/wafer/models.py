@@ -16,7 +16,7 @@ class Attention:
     num_heads: int
     num_kv_heads: int
     head_dim: int = 0  # gqa
-    q_lora_rank: int = 0  # mla
+    q_lora_rank: int = 0  # mla; 0: no query latent, a plain q_proj (DeepSeek's q_lora_rank null)
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
@@ -59,7 +59,8 @@ class MoEModel:
         a, h = self.attention, self.hidden_size
         if a.kind == "gqa":
             return h * a.head_dim * (2 * a.num_heads + 2 * a.num_kv_heads)
-        q = h * a.q_lora_rank + a.q_lora_rank * a.num_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+        qk = a.num_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+        q = h * a.q_lora_rank + a.q_lora_rank * qk if a.q_lora_rank else h * qk
         kv = h * (a.kv_lora_rank + a.qk_rope_head_dim)
         kv += a.kv_lora_rank * a.num_heads * (a.qk_nope_head_dim + a.v_head_dim)
         return q + kv + a.num_heads * a.v_head_dim * h
@@ -99,7 +100,11 @@ def load_model(name: str) -> MoEModel:
         kind=kind,
         num_heads=a.integer("num_heads"),
         num_kv_heads=a.integer("num_kv_heads"),
-        **({"head_dim": a.integer("head_dim")} if kind == "gqa" else {k: a.integer(k) for k in ints}),
+        **(
+            {"head_dim": a.integer("head_dim")}
+            if kind == "gqa"
+            else {k: a.integer(k, minimum=0 if k == "q_lora_rank" else 1) for k in ints}
+        ),
     )
     model = MoEModel(
         name=name,

@@ -1,5 +1,7 @@
 """train-tiny end to end on a toy corpus: a few steps, then the exported models load in meshserve and
-in transformers and agree with the training module; the corpus split and tokenizer are deterministic."""
+in transformers and agree with the training module; the corpus split and tokenizer are deterministic.
+The DeepSeek-V3-style target (MLA, grouped noaux_tc routing, a shared expert, layer 0 dense) exports to
+transformers' DeepseekV3, and its correction bias moves by the aux-loss-free rule, not by gradients."""
 
 from __future__ import annotations
 
@@ -7,12 +9,14 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from meshserve.engine import LLM, SamplingParams
 from meshserve.errors import InputError
 from meshserve.training.corpus import is_held_out, read_split, train_tokenizer
+from meshserve.training.deepseek import GroupedMoE
 from meshserve.training.model import TinyCausalLM
 from meshserve.training.train import TrainSettings, train
 
@@ -159,3 +163,87 @@ def test_draft_only_without_a_checkpoint_is_an_input_error(tmp_path):
         train(
             tmp_path, None, TrainSettings(draft_only=True, max_steps=1, threads=1), resume=True, preset=PRESET
         )
+
+
+DEEPSEEK = {
+    "arch": "deepseek_v3",
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 8,
+    "first_k_dense_replace": 1,
+    "intermediate_size": 48,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_group": 4,
+    "topk_group": 2,
+    "moe_intermediate_size": 16,
+    "n_shared_experts": 1,
+    "routed_scaling_factor": 2.5,
+    **COMMON,
+}
+BIAS = "mlp.gate.e_score_correction_bias"
+
+
+@pytest.fixture(scope="module")
+def trained_deepseek(tmp_path_factory):
+    root = toy_corpus(tmp_path_factory.mktemp("lib"))
+    out = tmp_path_factory.mktemp("run")
+    settings = TrainSettings(
+        minutes=10,
+        max_steps=6,
+        seq_len=32,
+        batch_size=4,
+        eval_windows=4,
+        threads=1,
+        warmup_steps=2,
+        lr_target=1e-2,
+        lr_draft=1e-2,
+        bias_update=1e-2,
+    )
+    metrics = train(out / "work", out / "models", settings, preset={**PRESET, "target": DEEPSEEK}, root=root)
+    return metrics, out
+
+
+def test_the_export_is_deepseek_v3_with_float32_router_and_a_moved_bias(trained_deepseek):
+    metrics, out = trained_deepseek
+    path = out / "models" / "tiny-moe"
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and cfg["topk_method"] == "noaux_tc"
+    assert cfg["q_lora_rank"] is None and cfg["num_key_value_heads"] == 2
+    with safe_open(path / "model.safetensors", "pt") as f:
+        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118
+    assert f"model.layers.0.{BIAS}" not in dtypes  # layer 0 is dense
+    assert dtypes[f"model.layers.1.{BIAS}"] == dtypes["model.layers.1.mlp.gate.weight"] == "F32"
+    assert dtypes["model.layers.1.mlp.experts.7.down_proj.weight"] == "BF16"
+    bias = load_file(path / "model.safetensors")[f"model.layers.2.{BIAS}"]
+    # 6 steps of +-0.01 each: every entry an even multiple of the step, at most 6 of them, not all zero
+    steps = bias / 1e-2
+    assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 6 and steps.any()
+    assert metrics["steps"] == 6
+
+
+def test_the_bias_rule_raises_the_underloaded_experts():
+    moe = GroupedMoE({**DEEPSEEK, "vocab_size": 320})
+    moe.load = torch.tensor([10.0, 0, 2, 4, 4, 4, 4, 4])  # mean 4
+    moe.update_bias(0.5)
+    assert moe.gate.e_score_correction_bias.tolist() == [-0.5, 0.5, 0.5, 0, 0, 0, 0, 0]
+
+
+def test_a_deepseek_export_gives_the_training_modules_logits_in_transformers_and_meshserve(trained_deepseek):
+    _, out = trained_deepseek
+    path = out / "models" / "tiny-moe"
+    module = TinyCausalLM({**DEEPSEEK, "vocab_size": 320})
+    module.load_state_dict({k: v.float() for k, v in load_file(path / "model.safetensors").items()})
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46, 47, 48]])
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, module(ids), rtol=1e-4, atol=1e-4)
+        greedy = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 10:].tolist()
+    with LLM(str(path), dtype="float32") as llm:
+        (got,) = llm.generate([ids[0].tolist()], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    assert got.token_ids == greedy

@@ -1,5 +1,7 @@
 """Hardware and model presets load, and bad preset data names the bad field."""
 
+import re
+
 import pytest
 
 from meshserve.errors import InputError
@@ -70,3 +72,16 @@ def test_injection_port_is_an_optional_die_field(tmp_path):
     port = "hbm_bandwidth_tb_per_s: 8\n  injection_bandwidth_gb_per_s: 900"
     path.write_text(source.replace("hbm_bandwidth_tb_per_s: 8", port))
     assert load_hardware(str(path)).die.injection_bandwidth == 900e9
+
+
+def test_mla_without_a_query_latent_counts_a_plain_q_proj(tmp_path):
+    """q_lora_rank 0 is DeepSeek's null (DeepSeek-V2-Lite, the shipped tiny-moe): one h x heads*(nope+rope)
+    query GEMM instead of the two low-rank ones."""
+    text = (PRESET_DIR / "models" / "deepseek-v2.yaml").read_text()
+    lite = tmp_path / "lite.yaml"
+    lite.write_text(re.sub(r"q_lora_rank: \d+", "q_lora_rank: 0", text))
+    full, model = load_model("deepseek-v2"), load_model(str(lite))
+    a, h = full.attention, full.hidden_size
+    qk = a.num_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+    assert model.attention.q_lora_rank == 0
+    assert model.attention_params - full.attention_params == h * qk - (h * a.q_lora_rank + a.q_lora_rank * qk)
