@@ -24,7 +24,8 @@ import yaml
 from meshserve.atomic import all_or_nothing, check_writable, write_atomic
 from meshserve.errors import require
 from meshserve.wafer.balance import BalanceConfig
-from meshserve.wafer.balance_setup import BalanceSetup, run_setup
+from meshserve.wafer.balance_setup import BalanceSetup, run_marked
+from meshserve.wafer.capacity import NO_FIT, fits
 from meshserve.wafer.fanout import run_many
 from meshserve.wafer.iteration import IterationResult
 from meshserve.wafer.presets import PRESET_DIR
@@ -97,7 +98,7 @@ def run_ladder(
     ]
     for setup in setups:  # fail on bad input before any long run starts
         setup.check()
-    results = run_many(run_setup, setups, executor, progress, "reproduce balance")
+    results = run_many(run_marked, setups, executor, progress, "reproduce balance")
     runs = iter(zip(setups, results, strict=True))
     gapped = []  # (figure key, setup, result) of our rungs, whose steady imbalance is broken down
     for model in spec["models"]:
@@ -196,6 +197,7 @@ def print_ladder(figures: dict) -> None:
             "rung",
             "compute ms",
             "all-to-all ms",
+            "return ms",
             "stall ms",
             "MoE ms",
             "attn red. ms",
@@ -207,11 +209,12 @@ def print_ladder(figures: dict) -> None:
         ):
             table.add_column(col, justify="left" if col == "rung" else "right")
         for r in m["ladder"]:
-            moe = r["moe_compute_s"] + r["a2a_s"] + r["stall_s"]
+            moe = r["moe_compute_s"] + r["a2a_s"] + r.get("return_s", 0.0) + r["stall_s"]
             table.add_row(
-                r["rung"],
+                r["rung"] + ("" if fits(r) else NO_FIT),
                 f"{r['moe_compute_s'] * 1e3:.1f}",
                 f"{r['a2a_s'] * 1e3:.1f}",
+                f"{r.get('return_s', 0.0) * 1e3:.1f}",
                 f"{r['stall_s'] * 1e3:.1f}",
                 f"{moe * 1e3:.1f}",
                 f"{r['allreduce_s'] * 1e3:.1f}",
@@ -223,9 +226,16 @@ def print_ladder(figures: dict) -> None:
             )
         console.print(table)
     console.print(
-        "  tok/s/device and 'vs NVL72': MoE time = expert compute + all-to-all + stall (the "
-        "attention output reduction excluded); 'incl. attn red.' adds it to every layer."
+        "  tok/s/device and 'vs NVL72': MoE time = expert compute (incl. migration HBM traffic) + "
+        "all-to-all + output return + stall (the attention output reduction excluded); 'incl. attn "
+        "red.' adds it to every layer."
     )
+    unfit = [(model, r) for model, m in figures["models"].items() for r in m["ladder"] if not fits(r)]
+    for model, r in unfit:
+        console.print(
+            f"  {NO_FIT.strip()} {model} / {r['rung']}: needs {r['memory_need_gb']:.0f} GB per die of "
+            f"{r['memory_capacity_gb']:.0f} GB (KV {r['kv_cache_gb']:.0f} GB)"
+        )
     table = Table(title="Headline figures (fractions; ours = mean over models unless marked best)")
     for col in ("figure", "ours", "paper"):
         table.add_column(col, justify="left" if col == "figure" else "right")
@@ -358,7 +368,12 @@ def plot_ladder(figures: dict, labels: list[str], out: Path) -> Path:
     width = 0.8 / len(models)
     for j, model in enumerate(models):
         by = {r["rung"]: r["vs_nvl72"] for r in figures["models"][model]["ladder"]}
-        ax.bar(np.arange(len(labels)) + j * width, [by[lab] for lab in labels], width, label=model)
+        bars = ax.bar(np.arange(len(labels)) + j * width, [by[lab] for lab in labels], width, label=model)
+        rows = {r["rung"]: r for r in figures["models"][model]["ladder"]}
+        for bar, lab in zip(bars, labels, strict=True):
+            if not fits(rows[lab]):  # exceeds a die's HBM: hatched
+                bar.set_hatch("xx")
+                bar.set_edgecolor("red")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from meshserve.wafer.balance import BalanceConfig, make_balancer, migrations
-from meshserve.wafer.balance_setup import BalanceSetup, run_setup, setup_parts
+from meshserve.wafer.balance_setup import BalanceSetup, run_marked, setup_parts
+from meshserve.wafer.capacity import NO_FIT
 from meshserve.wafer.fanout import run_many
 from meshserve.wafer.iteration import IterationResult, evaluate, load_ratio
 from meshserve.wafer.plots import save_figure
@@ -53,7 +54,7 @@ def steady_half(result: IterationResult) -> dict[str, float]:
 
 def ours_point(setup: BalanceSetup) -> dict[str, Any]:
     """ni-eplb's run and its steady_gap columns (per iteration), with its steady half."""
-    result = run_setup(setup)
+    result = run_marked(setup)
     gap = steady_gap(setup, result)
     out = {k: gap[k]["per_iteration"] for k in GAP_STEPS if k in gap}
     out["time_over_even"] = gap.get("simulated", {}).get("time_over_even")
@@ -87,7 +88,7 @@ def _job(job: tuple[str, BalanceSetup]) -> dict[str, Any]:
         return ours_point(setup)
     if kind == "eplb_vllm":
         return plan_once(setup)
-    return steady_half(run_setup(setup))
+    return steady_half(run_marked(setup))
 
 
 def ni_steady_curve(
@@ -121,15 +122,23 @@ def ni_steady_curve(
     for _, setup in jobs:  # bad input fails before any long run
         setup.check()
     results = iter(run_many(_job, jobs, executor, progress, "ni steady curve"))
+    fit = {s.tokens_per_device: s.fit() for _, s in jobs if s.hardware == jobs[0][1].hardware}
     points = [
-        {"tokens_per_device": t, **{kind: next(results) for kind in c["runs"]}}
+        {
+            "tokens_per_device": t,
+            **{kind: next(results) for kind in c["runs"]},
+            "fits_memory": fit[t].fits or not jobs[0][1].costs.check_capacity,
+            "memory_need_gb": fit[t].need / 1e9,
+        }
         for t in c["tokens_per_device"]
     ]
     reached = {
         kind: [
             p["tokens_per_device"]
             for p in points
-            if p[kind].get("simulated", np.inf) <= TARGET and p[kind]["stall_ms_per_iteration"] == 0
+            if p[kind].get("simulated", np.inf) <= TARGET
+            and p[kind]["stall_ms_per_iteration"] == 0
+            and p["fits_memory"]
         ]
         for kind in OURS
         if kind in c["runs"]
@@ -178,8 +187,9 @@ def print_ni_steady_curve(curve: dict, console: Any) -> None:
                 f"{p[k]['moe_ms_per_iteration']:.2f} ({p[k]['stall_ms_per_iteration']:.2f})"
                 for k in ("eplb_paper", "eplb_vllm")
             ] + [f"{p['none']['moe_ms_per_iteration']:.2f}"]
+            mark = "" if p.get("fits_memory", True) else NO_FIT
             table.add_row(
-                str(p["tokens_per_device"]) if first else "",
+                f"{p['tokens_per_device']}{mark}" if first else "",
                 DISPATCH[kind],
                 *(_num(p[kind].get(k)) for k in GAP_STEPS),
                 *(balance if first else [""] * 3),
@@ -187,6 +197,10 @@ def print_ni_steady_curve(curve: dict, console: Any) -> None:
                 *(times if first else [""] * 3),
             )
     console.print(table)
+    unfit = [p for p in curve["points"] if not p.get("fits_memory", True)]
+    if unfit:
+        needs = ", ".join(f"{p['tokens_per_device']}: {p['memory_need_gb']:.0f} GB" for p in unfit)
+        console.print(f"  {NO_FIT.strip()}: weights + replicas + KV per die exceed its HBM ({needs})")
     for kind, reached in curve["target_reached_at_tokens_per_device"].items():
         where = ", ".join(f"{t} tokens/device" for t in reached) if reached else "no point of the curve"
         console.print(
@@ -229,6 +243,9 @@ def ni_steady_png(curve: dict, out: str | Path) -> Path:
         left.plot(x, [p[k]["max_over_mean"] for p in curve["points"]], marker="s", color=color, label=k)
         right.plot(x, over_none(k), marker="s", color=color, label=f"{k} (stall included)")
     left.axhline(curve["target"], color="black", lw=0.8, ls="--", label=f"target {curve['target']:.2f}")
+    unfit = [p["tokens_per_device"] for p in curve["points"] if not p.get("fits_memory", True)]
+    for ax in (left, right) if unfit else ():  # grey from the first point that exceeds HBM
+        ax.axvspan(min(unfit), max(x), color="grey", alpha=0.2, label="does not fit in HBM")
     right.axhline(1.0, color="black", lw=0.8)
     left.set_ylabel("steady max/mean device load (per iteration)")
     right.set_ylabel("MoE time per iteration / static layout's")
