@@ -86,7 +86,7 @@ def require_fit(fit: Fit, where: str) -> None:
         raise InputError(
             "tokens_per_device",
             f"{where} does not fit in memory: {fit.describe()}; lower tokens_per_device or "
-            "context_tokens, or pass --no-check-capacity to simulate it anyway",
+            "context_tokens, or turn costs.check_capacity off to simulate it anyway",
         )
 
 

@@ -149,6 +149,12 @@ def reproduce_balance(
         help="bottleneck | fair-share [bottleneck]: how "
         "every run times the all-to-all, all-reduce and migration stalls.",
     ),
+    costs: str = typer.Option(
+        "realistic",
+        "--costs",
+        help="realistic | paper: charge the output return, migration HBM traffic, a link "
+        "ceiling for migration and check memory (presets/costs.yaml), or none of them.",
+    ),
 ) -> None:
     """Ablation ladder NVL72 -> WSC -> ER -> HER -> greedy -> topology-aware -> NI-Balancer.
 
@@ -167,6 +173,7 @@ def reproduce_balance(
         curves=curves,
         executor=executor,
         time_model=time_model,
+        costs=costs,
     )
 
 

@@ -57,3 +57,6 @@ def default_costs() -> Costs:
 
 
 COST_KNOBS = tuple(f.name for f in fields(Costs))
+
+# the --costs choices: the realistic defaults, or the paper's model (every cost off)
+COSTS = {"realistic": default_costs, "paper": Costs.paper}

@@ -20,6 +20,7 @@ import numpy as np
 from meshserve.wafer.balance import BalanceConfig
 from meshserve.wafer.balance_setup import BalanceSetup, run_marked
 from meshserve.wafer.capacity import NO_FIT, fits
+from meshserve.wafer.costs import default_costs
 from meshserve.wafer.fanout import run_many
 from meshserve.wafer.plots import save_figure
 
@@ -184,6 +185,7 @@ def run_curves(
         for role, label in spec["roles"].items()
     }
     settings = {k: spec[k] for k in ("tp", "tokens_per_device", "scenario", "seed", "time_model")}
+    settings["costs"] = spec.get("costs", default_costs())
     settings["iterations"] = min(spec["iterations"], spec["curves"]["iterations"])
     # list every run first (a dry pass that records the setups), run them all, then build the curves
     wanted: list[BalanceSetup] = []

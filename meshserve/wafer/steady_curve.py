@@ -30,6 +30,7 @@ import numpy as np
 from meshserve.wafer.balance import BalanceConfig, make_balancer, migrations
 from meshserve.wafer.balance_setup import BalanceSetup, run_marked, setup_parts
 from meshserve.wafer.capacity import NO_FIT
+from meshserve.wafer.costs import default_costs
 from meshserve.wafer.fanout import run_many
 from meshserve.wafer.iteration import IterationResult, evaluate, load_ratio
 from meshserve.wafer.plots import save_figure
@@ -116,6 +117,7 @@ def ni_steady_curve(
                         iterations=iterations,
                         scenario=spec["scenario"],
                         seed=spec["seed"],
+                        costs=spec.get("costs", default_costs()),
                     ),
                 )
             )
