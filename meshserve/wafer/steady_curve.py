@@ -31,8 +31,10 @@ from meshserve.wafer.balance import BalanceConfig, make_balancer, migrations
 from meshserve.wafer.balance_setup import BalanceSetup, run_marked, setup_parts
 from meshserve.wafer.capacity import NO_FIT
 from meshserve.wafer.costs import default_costs
+from meshserve.wafer.curves import crossover
 from meshserve.wafer.fanout import run_many
 from meshserve.wafer.iteration import IterationResult, evaluate, load_ratio
+from meshserve.wafer.models import load_model
 from meshserve.wafer.plots import save_figure
 from meshserve.wafer.steady import steady_gap
 
@@ -145,14 +147,46 @@ def ni_steady_curve(
         for kind in OURS
         if kind in c["runs"]
     }
+    balanced = next((s for kind, s in jobs if kind == "ni_eplb_balanced"), None)
+    layers = load_model(model).num_moe_layers
     return {
         "model": model,
         "iterations": iterations,
+        "num_moe_layers": layers,
+        "dispatch_solve_us": None if balanced is None else balanced.config.dispatch_solve_us,
+        "break_even": dispatch_break_even(points, layers, balanced.config.dispatch_solve_us)
+        if balanced is not None and "ni_eplb" in c["runs"]
+        else None,
         "target": TARGET,
         "runs": dict(c["runs"]),
         "points": points,
         "target_reached_at_tokens_per_device": reached,
     }
+
+
+SOLVE_SWEEP_US = (0.0, 10.0, 25.0, 50.0, 100.0)  # dispatch_solve_us values the break-even is printed for
+
+
+def dispatch_break_even(points: list[dict], layers: int, charged_us: float) -> dict:
+    """What the balanced dispatch saves per MoE layer, in time, and where its solve stops paying.
+
+    saving_us[i]: (even dispatch's - balanced dispatch's) steady MoE time per iteration / layers,
+    with the balanced run's own solve charge (``charged_us``, once per layer: every layer holds a
+    replica to level once a plan has landed) added back: what a free solve would save. A solve of
+    s us pays where saving_us > s; ``tokens_per_device[s]`` is the smallest batch where it does
+    (log-linear between points; None when it never does, or the first point already does).
+    """
+    tokens = [p["tokens_per_device"] for p in points]
+    saving = [
+        (p["ni_eplb"]["moe_ms_per_iteration"] - p["ni_eplb_balanced"]["moe_ms_per_iteration"]) * 1e3 / layers
+        + charged_us
+        for p in points
+    ]
+    even = {}
+    for solve in SOLVE_SWEEP_US:
+        net = np.asarray(saving) - solve
+        even[solve] = crossover(tokens, net.tolist()) if len(tokens) > 1 else None
+    return {"saving_us_per_layer": saving, "tokens_per_device": {str(k): v for k, v in even.items()}}
 
 
 def print_ni_steady_curve(curve: dict, console: Any) -> None:
@@ -203,6 +237,21 @@ def print_ni_steady_curve(curve: dict, console: Any) -> None:
     if unfit:
         needs = ", ".join(f"{p['tokens_per_device']}: {p['memory_need_gb']:.0f} GB" for p in unfit)
         console.print(f"  {NO_FIT.strip()}: weights + replicas + KV per die exceed its HBM ({needs})")
+    even = curve.get("break_even")
+    if even is not None:
+        saved = ", ".join(
+            f"{p['tokens_per_device']}: {us:+.1f} us"
+            for p, us in zip(curve["points"], even["saving_us_per_layer"], strict=True)
+        )
+        console.print(f"  balanced dispatch saves per MoE layer (free solve), by tokens/device: {saved}")
+        where = ", ".join(
+            f"{float(us):g} us: " + ("-" if t is None else f"{t:.0f}")
+            for us, t in even["tokens_per_device"].items()
+        )
+        console.print(
+            f"  break-even tokens/device by dispatch_solve_us (runs charged {curve['dispatch_solve_us']:g} "
+            f"us; '-': no crossing in range): {where}"
+        )
     for kind, reached in curve["target_reached_at_tokens_per_device"].items():
         where = ", ".join(f"{t} tokens/device" for t in reached) if reached else "no point of the curve"
         console.print(
