@@ -76,11 +76,24 @@ def pack(
             ideal = cost.score(ideal, reps.sum(axis=1, keepdims=True) / num_devices)
     else:
         ideal = np.asarray(bound, dtype=np.float64).reshape(layers, 1)
+    if cost is not None:  # DeviceCost.score's terms, in its order; the weight term kept per device
+        fc, cpt, io, a2a = (
+            cost.fixed_compute_s,
+            cost.compute_s_per_token,
+            cost.io_s_per_token,
+            cost.a2a_s_per_token,
+        )
+        memory = cost.fixed_memory_s + (used + 1) * cost.weight_s_per_expert
     for i in range(width):
         e, w = np.maximum(expert[:, i], 0), weight[:, i : i + 1]
         ok = (used < slots) & ~holds[rows, e] & (expert[:, i] >= 0)[:, None]
-        after = dev_load + w if cost is None else cost.score(dev_load + w, used + 1)
-        after = np.where(ok, after, np.inf)
+        tokens = dev_load + w
+        if cost is None:
+            after = tokens
+        else:
+            after = np.maximum(fc + tokens * cpt, memory + tokens * io)
+            after += tokens * a2a
+        after[~ok] = np.inf
         if near is None:
             choice = after.argmin(axis=1)
         else:
@@ -94,6 +107,8 @@ def pack(
         holds[r, e[placed], c] = True
         used[r, c] += 1
         dev_load[r, c] += weight[placed, i]
+        if cost is not None:
+            memory[r, c] = cost.fixed_memory_s + (used[r, c] + 1) * cost.weight_s_per_expert
     return holds
 
 
@@ -117,18 +132,21 @@ def relabel(holds: np.ndarray, current: np.ndarray, hops: np.ndarray) -> np.ndar
     rows = np.arange(layers)[:, None]
     device_of = np.full((layers, devices), -1)
     free = np.ones((layers, devices), dtype=bool)
-    while (device_of < 0).any():
-        open_cost = np.where(free[:, None, :] & (device_of < 0)[:, :, None], cost, np.inf)
-        want = open_cost.argmin(axis=2)  # [L, bins]
-        price = np.take_along_axis(open_cost, want[:, :, None], axis=2)[:, :, 0]
-        layer, bin_ = np.nonzero(np.isfinite(price))
-        key = layer * devices + want[layer, bin_]
-        order = np.lexsort((price[layer, bin_], key))
+    layer, bin_ = np.nonzero(device_of < 0)  # the bins left, in (layer, bin) order
+    while len(layer):  # each round only over the bins left (most are placed in the first rounds)
+        open_cost = np.where(free[layer], cost[layer, bin_], np.inf)  # [left, D]
+        want = open_cost.argmin(axis=1)
+        price = open_cost[np.arange(len(layer)), want]
+        key = layer * devices + want
+        order = np.lexsort((price, key))
         first = np.ones(len(order), dtype=bool)
         first[1:] = key[order][1:] != key[order][:-1]
         win = order[first]
-        device_of[layer[win], bin_[win]] = want[layer[win], bin_[win]]
-        free[layer[win], want[layer[win], bin_[win]]] = False
+        device_of[layer[win], bin_[win]] = want[win]
+        free[layer[win], want[win]] = False
+        left = np.ones(len(layer), dtype=bool)
+        left[win] = False
+        layer, bin_ = layer[left], bin_[left]
     out = np.zeros_like(holds)
     out[rows[:, :, None], np.arange(experts)[None, :, None], device_of[:, None, :]] = holds
     return out
