@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from meshserve.errors import InputError
 from meshserve.wafer import reproduce_balance as rb
 from meshserve.wafer.curves import crossover
 
@@ -92,3 +93,35 @@ def test_the_ladder_runs_under_the_fair_share_model_and_says_so(tmp_path, monkey
     for fast, fair in zip(*ladders, strict=True):
         assert fair["a2a_s"] == pytest.approx(fast["a2a_s"], rel=1e-6)
         assert fair["stall_s"] >= fast["stall_s"] * (1 - 1e-9)  # tests/wafer/test_fair_a2a.py times stalls
+
+
+def test_costs_paper_turns_every_charge_off(tmp_path, monkeypatch):
+    spec = rb.load_spec()
+    nvl = {"hardware": "nvl72", "mapping": "baseline"}
+    spec["ladder"] = [rb.Rung("NVL72", balancer="none", **nvl), rb.Rung("NI", balancer="ni", **nvl)]
+    spec["references"] = [
+        rb.Rung("EPLB", balancer="greedy", **nvl),
+        rb.Rung("ours", balancer="ni-eplb", **nvl),
+    ]
+    spec["roles"] = {
+        "gpu": "NVL72",
+        "gpu_balanced": "EPLB",
+        "unbalanced": "NVL72",
+        "ni": "NI",
+        "ours": "ours",
+    }
+    monkeypatch.setattr(rb, "load_spec", lambda: spec)
+    run = {
+        costs: rb.reproduce_balance(
+            tmp_path / costs, as_json=True, iterations=4, models=("deepseek-v3",), curves=False, costs=costs
+        )
+        for costs in ("realistic", "paper")
+    }
+    real, paper = (run[c]["settings"] for c in ("realistic", "paper"))
+    assert real["costs"]["output_return"] and not paper["costs"]["output_return"]
+    assert (real["config"]["dispatch_solve_us"], paper["config"]["dispatch_solve_us"]) == (100.0, 0.0)
+    rows = [run[c]["models"]["deepseek-v3"]["ladder"][0] for c in ("realistic", "paper")]
+    assert rows[0]["return_s"] > 0 == rows[1]["return_s"]
+    assert rows[0]["fits_memory"] and "fits_memory" not in rows[1]
+    with pytest.raises(InputError, match="costs"):
+        rb.reproduce_balance(tmp_path / "x", as_json=True, iterations=4, curves=False, costs="kind")
