@@ -113,7 +113,11 @@ def ni_steady_curve(
                         hardware=rung.hardware,
                         mapping=rung.mapping,
                         balancer=rung.balancer,
-                        config=rung.balance_config(config),
+                        # the balanced runs level with a free solve: what levelling saves, in
+                        # time; the break-even (dispatch_break_even) says which solve still pays
+                        config=dataclasses.replace(rung.balance_config(config), dispatch_solve_us=0.0)
+                        if kind == "ni_eplb_balanced"
+                        else rung.balance_config(config),
                         tp=spec["tp"],
                         tokens_per_device=tokens,
                         iterations=iterations,
@@ -154,7 +158,7 @@ def ni_steady_curve(
         "iterations": iterations,
         "num_moe_layers": layers,
         "dispatch_solve_us": None if balanced is None else balanced.config.dispatch_solve_us,
-        "break_even": dispatch_break_even(points, layers, balanced.config.dispatch_solve_us)
+        "break_even": dispatch_break_even(points, layers)
         if balanced is not None and "ni_eplb" in c["runs"]
         else None,
         "target": TARGET,
@@ -167,19 +171,18 @@ def ni_steady_curve(
 SOLVE_SWEEP_US = (0.0, 10.0, 25.0, 50.0, 100.0)  # dispatch_solve_us values the break-even is printed for
 
 
-def dispatch_break_even(points: list[dict], layers: int, charged_us: float) -> dict:
+def dispatch_break_even(points: list[dict], layers: int) -> dict:
     """What the balanced dispatch saves per MoE layer, in time, and where its solve stops paying.
 
     saving_us[i]: (even dispatch's - balanced dispatch's) steady MoE time per iteration / layers,
-    with the balanced run's own solve charge (``charged_us``, once per layer: every layer holds a
-    replica to level once a plan has landed) added back: what a free solve would save. A solve of
-    s us pays where saving_us > s; ``tokens_per_device[s]`` is the smallest batch where it does
-    (log-linear between points; None when it never does, or the first point already does).
+    the balanced runs levelling with a free solve (ni_steady_curve runs them so). A solve of s us,
+    once per layer, pays where saving_us > s (at most: a plan made knowing the solve's price may
+    keep fewer replicas); ``tokens_per_device[s]`` is the batch where it starts to (log-linear
+    between points; None when it never does, or the first point already does).
     """
     tokens = [p["tokens_per_device"] for p in points]
     saving = [
         (p["ni_eplb"]["moe_ms_per_iteration"] - p["ni_eplb_balanced"]["moe_ms_per_iteration"]) * 1e3 / layers
-        + charged_us
         for p in points
     ]
     even = {}
@@ -248,10 +251,7 @@ def print_ni_steady_curve(curve: dict, console: Any) -> None:
             f"{float(us):g} us: " + ("-" if t is None else f"{t:.0f}")
             for us, t in even["tokens_per_device"].items()
         )
-        console.print(
-            f"  break-even tokens/device by dispatch_solve_us (runs charged {curve['dispatch_solve_us']:g} "
-            f"us; '-': no crossing in range): {where}"
-        )
+        console.print(f"  break-even tokens/device by dispatch_solve_us ('-': no crossing in range): {where}")
     for kind, reached in curve["target_reached_at_tokens_per_device"].items():
         where = ", ".join(f"{t} tokens/device" for t in reached) if reached else "no point of the curve"
         console.print(

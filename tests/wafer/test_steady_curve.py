@@ -39,7 +39,7 @@ def test_the_curve_breaks_ni_eplb_down_beside_both_eplb_cadences(tmp_path):
         assert curve["target_reached_at_tokens_per_device"][kind] == reached
     assert ni_steady_png(curve, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     even = curve["break_even"]  # the balanced dispatch's saving, in time per layer, with its solve added back
-    assert curve["dispatch_solve_us"] == 100.0 and len(even["saving_us_per_layer"]) == 2
+    assert curve["dispatch_solve_us"] == 0.0 and len(even["saving_us_per_layer"]) == 2  # levelled for free
     assert set(even["tokens_per_device"]) == {"0.0", "10.0", "25.0", "50.0", "100.0"}
 
 
@@ -51,8 +51,8 @@ def test_the_solve_breaks_even_where_the_saving_per_layer_reaches_it():
             "ni_eplb_balanced": {"moe_ms_per_iteration": balanced_ms},
         }
 
-    # 2 layers, the balanced runs charged 100 us a layer: free, they save 50 us at 16 tokens, 200 at 256
-    even = dispatch_break_even([point(16, 1.0, 1.1), point(256, 1.0, 0.8)], 2, 100.0)
+    # 2 layers, levelled with a free solve: they save 50 us a layer at 16 tokens, 200 at 256
+    even = dispatch_break_even([point(16, 1.0, 0.9), point(256, 1.0, 0.6)], 2)
     assert even["saving_us_per_layer"] == pytest.approx([50.0, 200.0])
     assert even["tokens_per_device"]["100.0"] == pytest.approx(16 * 16 ** (1 / 3))  # 1/3 of the way in log
     assert even["tokens_per_device"]["0.0"] is None  # pays from the first point on
