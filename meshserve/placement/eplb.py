@@ -124,8 +124,8 @@ def relabel(holds: np.ndarray, current: np.ndarray, hops: np.ndarray) -> np.ndar
     layers, experts, devices = holds.shape
     near = nearest_holder(current, np.asarray(hops, dtype=np.float64))  # [L, E, D]
     most = int(holds.sum(axis=1).max())
-    member = np.argsort(~holds, axis=1, kind="stable")[:, :most, :]  # [L, slot, bin]: experts of each bin
-    present = np.take_along_axis(holds, member, axis=1)
+    member, present = ranked(holds.transpose(0, 2, 1), most)  # [L, bin, slot]: experts of each bin
+    member, present = member.transpose(0, 2, 1), present.transpose(0, 2, 1)  # [L, slot, bin]
     gathered = np.take_along_axis(near, member.transpose(0, 2, 1).reshape(layers, -1)[:, :, None], axis=1)
     gathered = gathered.reshape(layers, devices, most, devices)  # [L, bin, slot, D]
     cost = np.where(present.transpose(0, 2, 1)[..., None], gathered, 0.0).sum(axis=2)  # [L, bins, D]
@@ -152,15 +152,27 @@ def relabel(holds: np.ndarray, current: np.ndarray, hops: np.ndarray) -> np.ndar
     return out
 
 
+def ranked(holds: np.ndarray, most: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where ``holds`` [a, b, c] is True along its last axis, in order: (index [a, b, most], present).
+
+    Row (i, j) lists the c's with holds[i, j, c], ascending, then zeros (present False there):
+    what a stable argsort of ~holds gives for the True entries, without sorting every row.
+    """
+    i, j, k = np.nonzero(holds)
+    row = i * holds.shape[1] + j  # ascending: np.nonzero walks in C order
+    rank = np.arange(len(row)) - np.searchsorted(row, row)
+    index = np.zeros((*holds.shape[:2], most), dtype=np.int64)
+    present = np.zeros((*holds.shape[:2], most), dtype=bool)
+    index[i, j, rank], present[i, j, rank] = k, True
+    return index, present
+
+
 def nearest_holder(holds: np.ndarray, hops: np.ndarray) -> np.ndarray:
     """[layers, experts, devices] hops from each device to the nearest holder of each expert (0 = holds)."""
-    layers, experts, devices = holds.shape
     most = int(holds.sum(axis=2).max())
     # the holders of each (layer, expert), padded with the first one, as [layers, experts, most]
-    order = np.argsort(~holds, axis=2, kind="stable")[:, :, :most]
-    count = holds.sum(axis=2, keepdims=True)
-    slot = np.arange(most)[None, None, :]
-    holder = np.where(slot < count, order, order[:, :, :1])
+    order, present = ranked(holds, most)
+    holder = np.where(present, order, order[:, :, :1])
     hops = np.asarray(hops, dtype=np.float32)
     near = hops[holder[:, :, 0]]
     for k in range(1, most):  # one [layers, experts, devices] slab per holder rank, not all at once
