@@ -31,15 +31,14 @@ def main() -> None:
     start = time.perf_counter()
     curve = ni_steady_curve(spec, BalanceConfig(), progress=False)
     even = curve["break_even"]
-    print(
-        f"{curve['model']}, {curve['iterations']} iterations (second half), {curve['num_moe_layers']} MoE layers"
-    )
+    layers = curve["num_moe_layers"]
+    print(f"{curve['model']}, {curve['iterations']} iterations (second half), {layers} MoE layers")
     for p, us in zip(curve["points"], even["saving_us_per_layer"], strict=True):
         mark = "" if p["fits_memory"] else f" (does not fit: {p['memory_need_gb']:.0f} GB per die)"
+        even_ms, level_ms = (p[k]["moe_ms_per_iteration"] for k in ("ni_eplb", "ni_eplb_balanced"))
         print(
-            f"  {p['tokens_per_device']:>4} tokens/device: saves {us:+7.2f} us per layer; MoE ms/iteration even "
-            f"{p['ni_eplb']['moe_ms_per_iteration']:.3f}, balanced {p['ni_eplb_balanced']['moe_ms_per_iteration']:.3f}"
-            + mark
+            f"  {p['tokens_per_device']:>4} tokens/device: saves {us:+7.2f} us per layer; MoE ms/iteration "
+            f"even {even_ms:.3f}, balanced {level_ms:.3f}{mark}"
         )
     for solve, tokens in even["tokens_per_device"].items():
         where = "no crossing in range" if tokens is None else f"pays from {tokens:.0f} tokens/device"
