@@ -15,7 +15,7 @@ import time
 
 from meshserve.wafer.balance import BalanceConfig
 from meshserve.wafer.reproduce_balance import load_spec
-from meshserve.wafer.steady_curve import ni_steady_curve
+from meshserve.wafer.steady_curve import break_even_text, ni_steady_curve
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
             f"even {even_ms:.3f}, balanced {level_ms:.3f}{mark}"
         )
     for solve, tokens in even["tokens_per_device"].items():
-        where = "no crossing in range" if tokens is None else f"pays from {tokens:.0f} tokens/device"
+        where = break_even_text(even["saving_us_per_layer"], float(solve), tokens)
         print(f"  dispatch_solve_us {float(solve):>5g}: {where}")
     print(f"{time.perf_counter() - start:.0f} s")
 

@@ -192,6 +192,13 @@ def dispatch_break_even(points: list[dict], layers: int) -> dict:
     return {"saving_us_per_layer": saving, "tokens_per_device": {str(k): v for k, v in even.items()}}
 
 
+def break_even_text(saving_us: list[float], solve_us: float, tokens: float | None) -> str:
+    """One break-even as words: from which batch a solve of ``solve_us`` pays, or everywhere / nowhere."""
+    if tokens is not None:
+        return f"pays from {tokens:.0f} tokens/device"
+    return "pays at every batch in range" if min(saving_us, default=0.0) > solve_us else "never pays in range"
+
+
 def print_ni_steady_curve(curve: dict, console: Any) -> None:
     """One row per point: ni-eplb's four steady_gap columns, then each baseline's max/mean and times."""
     from rich.table import Table
@@ -248,10 +255,10 @@ def print_ni_steady_curve(curve: dict, console: Any) -> None:
         )
         console.print(f"  balanced dispatch saves per MoE layer (free solve), by tokens/device: {saved}")
         where = ", ".join(
-            f"{float(us):g} us: " + ("-" if t is None else f"{t:.0f}")
+            f"{float(us):g} us: {break_even_text(even['saving_us_per_layer'], float(us), t)}"
             for us, t in even["tokens_per_device"].items()
         )
-        console.print(f"  break-even tokens/device by dispatch_solve_us ('-': no crossing in range): {where}")
+        console.print(f"  break-even by dispatch_solve_us: {where}")
     for kind, reached in curve["target_reached_at_tokens_per_device"].items():
         where = ", ".join(f"{t} tokens/device" for t in reached) if reached else "no point of the curve"
         console.print(

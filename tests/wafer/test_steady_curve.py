@@ -6,7 +6,7 @@ import pytest
 
 from meshserve.wafer import reproduce_balance as rb
 from meshserve.wafer.balance import BalanceConfig
-from meshserve.wafer.steady_curve import dispatch_break_even, ni_steady_curve, ni_steady_png
+from meshserve.wafer.steady_curve import break_even_text, dispatch_break_even, ni_steady_curve, ni_steady_png
 
 
 def small_spec() -> dict:
@@ -56,3 +56,7 @@ def test_the_solve_breaks_even_where_the_saving_per_layer_reaches_it():
     assert even["saving_us_per_layer"] == pytest.approx([50.0, 200.0])
     assert even["tokens_per_device"]["100.0"] == pytest.approx(16 * 16 ** (1 / 3))  # 1/3 of the way in log
     assert even["tokens_per_device"]["0.0"] is None  # pays from the first point on
+    saving = even["saving_us_per_layer"]
+    assert break_even_text(saving, 0.0, None) == "pays at every batch in range"
+    assert break_even_text(saving, 500.0, None) == "never pays in range"
+    assert break_even_text(saving, 100.0, 40.3) == "pays from 40 tokens/device"
