@@ -76,11 +76,24 @@ def pack(
             ideal = cost.score(ideal, reps.sum(axis=1, keepdims=True) / num_devices)
     else:
         ideal = np.asarray(bound, dtype=np.float64).reshape(layers, 1)
+    if cost is not None:  # DeviceCost.score's terms, in its order; the weight term kept per device
+        fc, cpt, io, a2a = (
+            cost.fixed_compute_s,
+            cost.compute_s_per_token,
+            cost.io_s_per_token,
+            cost.a2a_s_per_token,
+        )
+        memory = cost.fixed_memory_s + (used + 1) * cost.weight_s_per_expert
     for i in range(width):
         e, w = np.maximum(expert[:, i], 0), weight[:, i : i + 1]
         ok = (used < slots) & ~holds[rows, e] & (expert[:, i] >= 0)[:, None]
-        after = dev_load + w if cost is None else cost.score(dev_load + w, used + 1)
-        after = np.where(ok, after, np.inf)
+        tokens = dev_load + w
+        if cost is None:
+            after = tokens
+        else:
+            after = np.maximum(fc + tokens * cpt, memory + tokens * io)
+            after += tokens * a2a
+        after[~ok] = np.inf
         if near is None:
             choice = after.argmin(axis=1)
         else:
@@ -94,6 +107,8 @@ def pack(
         holds[r, e[placed], c] = True
         used[r, c] += 1
         dev_load[r, c] += weight[placed, i]
+        if cost is not None:
+            memory[r, c] = cost.fixed_memory_s + (used[r, c] + 1) * cost.weight_s_per_expert
     return holds
 
 
@@ -109,40 +124,55 @@ def relabel(holds: np.ndarray, current: np.ndarray, hops: np.ndarray) -> np.ndar
     layers, experts, devices = holds.shape
     near = nearest_holder(current, np.asarray(hops, dtype=np.float64))  # [L, E, D]
     most = int(holds.sum(axis=1).max())
-    member = np.argsort(~holds, axis=1, kind="stable")[:, :most, :]  # [L, slot, bin]: experts of each bin
-    present = np.take_along_axis(holds, member, axis=1)
+    member, present = ranked(holds.transpose(0, 2, 1), most)  # [L, bin, slot]: experts of each bin
+    member, present = member.transpose(0, 2, 1), present.transpose(0, 2, 1)  # [L, slot, bin]
     gathered = np.take_along_axis(near, member.transpose(0, 2, 1).reshape(layers, -1)[:, :, None], axis=1)
     gathered = gathered.reshape(layers, devices, most, devices)  # [L, bin, slot, D]
     cost = np.where(present.transpose(0, 2, 1)[..., None], gathered, 0.0).sum(axis=2)  # [L, bins, D]
     rows = np.arange(layers)[:, None]
     device_of = np.full((layers, devices), -1)
     free = np.ones((layers, devices), dtype=bool)
-    while (device_of < 0).any():
-        open_cost = np.where(free[:, None, :] & (device_of < 0)[:, :, None], cost, np.inf)
-        want = open_cost.argmin(axis=2)  # [L, bins]
-        price = np.take_along_axis(open_cost, want[:, :, None], axis=2)[:, :, 0]
-        layer, bin_ = np.nonzero(np.isfinite(price))
-        key = layer * devices + want[layer, bin_]
-        order = np.lexsort((price[layer, bin_], key))
+    layer, bin_ = np.nonzero(device_of < 0)  # the bins left, in (layer, bin) order
+    while len(layer):  # each round only over the bins left (most are placed in the first rounds)
+        open_cost = np.where(free[layer], cost[layer, bin_], np.inf)  # [left, D]
+        want = open_cost.argmin(axis=1)
+        price = open_cost[np.arange(len(layer)), want]
+        key = layer * devices + want
+        order = np.lexsort((price, key))
         first = np.ones(len(order), dtype=bool)
         first[1:] = key[order][1:] != key[order][:-1]
         win = order[first]
-        device_of[layer[win], bin_[win]] = want[layer[win], bin_[win]]
-        free[layer[win], want[layer[win], bin_[win]]] = False
+        device_of[layer[win], bin_[win]] = want[win]
+        free[layer[win], want[win]] = False
+        left = np.ones(len(layer), dtype=bool)
+        left[win] = False
+        layer, bin_ = layer[left], bin_[left]
     out = np.zeros_like(holds)
     out[rows[:, :, None], np.arange(experts)[None, :, None], device_of[:, None, :]] = holds
     return out
 
 
+def ranked(holds: np.ndarray, most: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where ``holds`` [a, b, c] is True along its last axis, in order: (index [a, b, most], present).
+
+    Row (i, j) lists the c's with holds[i, j, c], ascending, then zeros (present False there):
+    what a stable argsort of ~holds gives for the True entries, without sorting every row.
+    """
+    i, j, k = np.nonzero(holds)
+    row = i * holds.shape[1] + j  # ascending: np.nonzero walks in C order
+    rank = np.arange(len(row)) - np.searchsorted(row, row)
+    index = np.zeros((*holds.shape[:2], most), dtype=np.int64)
+    present = np.zeros((*holds.shape[:2], most), dtype=bool)
+    index[i, j, rank], present[i, j, rank] = k, True
+    return index, present
+
+
 def nearest_holder(holds: np.ndarray, hops: np.ndarray) -> np.ndarray:
     """[layers, experts, devices] hops from each device to the nearest holder of each expert (0 = holds)."""
-    layers, experts, devices = holds.shape
     most = int(holds.sum(axis=2).max())
     # the holders of each (layer, expert), padded with the first one, as [layers, experts, most]
-    order = np.argsort(~holds, axis=2, kind="stable")[:, :, :most]
-    count = holds.sum(axis=2, keepdims=True)
-    slot = np.arange(most)[None, None, :]
-    holder = np.where(slot < count, order, order[:, :, :1])
+    order, present = ranked(holds, most)
+    holder = np.where(present, order, order[:, :, :1])
     hops = np.asarray(hops, dtype=np.float32)
     near = hops[holder[:, :, 0]]
     for k in range(1, most):  # one [layers, experts, devices] slab per holder rank, not all at once

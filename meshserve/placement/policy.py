@@ -35,6 +35,9 @@ class BalanceConfig:
         ``even`` (EPLB's and the paper's rule) or ``balanced`` (levelled on the iteration's own
         counts, after one all-gather of counts per layer; plans then get their replica groups
         joined, dispatch.join_replicas). dispatch_sweeps: the balanced split's levelling sweeps.
+    dispatch_solve_us: microseconds the balanced split's solve costs per layer that has a
+        replica to level, on top of the count all-gather (the published figure for the same idea:
+        DeepSeek's LPLB, ~100 us per solve; docs/wafer.md, "Balanced dispatch").
     reject_slower_plans: whoever applies a plan first predicts the MoE time of the plan's own
         window with it and without it (roofline compute + all-to-all) and drops a plan that would
         not lower it: balancers plan on token counts, and a replica adds its weight reads to its
@@ -50,6 +53,7 @@ class BalanceConfig:
     plan_slack: float = 0.02
     dispatch: str = "even"
     dispatch_sweeps: int = 32
+    dispatch_solve_us: float = 100.0
 
     def __post_init__(self) -> None:
         integer(self.window_size, "window_size", 1)
@@ -59,6 +63,7 @@ class BalanceConfig:
         number(self.plan_slack, "plan_slack", 0)
         check_rule(self.dispatch)
         integer(self.dispatch_sweeps, "dispatch_sweeps", 1)
+        number(self.dispatch_solve_us, "dispatch_solve_us", 0)
         if self.num_redundant_experts is not None:
             integer(self.num_redundant_experts, "num_redundant_experts", 0)
 

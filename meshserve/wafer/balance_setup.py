@@ -25,7 +25,9 @@ from meshserve.wafer.balance import (
     slots_per_device,
     static_placement,
 )
+from meshserve.wafer.capacity import Fit, die_memory, require_fit
 from meshserve.wafer.comm_model import CommModel, ExpertCost, LinkMap
+from meshserve.wafer.costs import Costs, default_costs
 from meshserve.wafer.fair_a2a import FairPhase
 from meshserve.wafer.hardware import Hardware, load_hardware
 from meshserve.wafer.iteration import IterationResult, check_trace, simulate_iterations
@@ -35,7 +37,7 @@ from meshserve.wafer.models import MoEModel, load_model
 from meshserve.wafer.synthetic import synthetic_trace
 from meshserve.wafer.timemodel import TIME_MODELS, collective_time, latency_s
 from meshserve.wafer.topology import Topology, topology_for
-from meshserve.wafer.traffic import Collective, attention_collectives, dispatch
+from meshserve.wafer.traffic import Collective, attention_collectives, dispatch, output_return
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ class BalanceSetup:
     expert_weight_bytes: bytes per routed-expert weight (1 = FP8 weights, compute unchanged);
     None = the model preset's element size. wafer_link_gb_per_s: overrides the platform's
     inter-wafer port bandwidth (multi-wafer meshes). time_model: how communication is timed
-    (timemodel.TIME_MODELS; CommModel).
+    (timemodel.TIME_MODELS; CommModel). costs: what is charged beyond the paper's model
+    (costs.py; presets/costs.yaml holds the realistic defaults).
     """
 
     model: str = "deepseek-v3"
@@ -68,6 +71,7 @@ class BalanceSetup:
     expert_weight_bytes: float | None = None
     wafer_link_gb_per_s: float | None = None
     time_model: str = "bottleneck"
+    costs: Costs = field(default_factory=default_costs)
 
     def platform(self) -> Hardware:
         """The hardware preset with this setup's inter-wafer bandwidth, if it sets one."""
@@ -87,6 +91,20 @@ class BalanceSetup:
         if hw.kind != "mesh":
             return "baseline"
         return "her" if hw.wafers > 1 else "er"
+
+    def fit(self) -> Fit:
+        """HBM per die this point needs (weights, replicas, KV at ``costs.context_tokens``)."""
+        hw, model = self.platform(), load_model(self.model)
+        slots = slots_per_device(model.routed_experts, hw.num_devices, redundant_experts(self, hw, model))
+        return die_memory(
+            model,
+            hw,
+            self.tp,
+            slots,
+            self.tokens_per_device,
+            self.costs.context_tokens,
+            self.expert_weight_bytes,
+        )
 
     def check(self) -> None:
         """Validate everything cheap to validate (presets, TP, mapping, balancer) without running."""
@@ -147,8 +165,13 @@ def comm_model(
     model: MoEModel,
     tokens_per_device: int,
     time_model: str = "bottleneck",
+    costs: Costs | None = None,
 ) -> CommModel:
-    """Routes, FTDs, all-to-all per-slot link loads and all-reduce link loads of one layout (cached)."""
+    """Routes, FTDs, all-to-all per-slot link loads and all-reduce link loads of one layout (cached).
+
+    costs: the output return, the migration ceiling and HBM charge (None: presets/costs.yaml).
+    """
+    costs = default_costs() if costs is None else costs
     topo = topology_for(hw)
     mapping = make_mapping(hw, tp, mapping_kind)
     tokens_per_group = tp * tokens_per_device
@@ -159,6 +182,7 @@ def comm_model(
         collective_time(topo, c, time_model)
         for c in attention_collectives(mapping, tokens_per_group, model.token_bytes)
     ]
+    back = output_return(mapping, tokens_per_group, model.token_bytes) if costs.output_return else []
     domains, bw = a2a_domains(mapping), topo.link_bandwidth
     # a balanced dispatch first gathers every domain member's per-expert counts (int32)
     peers = (domains[:, None] == domains[None, :]) & ~np.eye(topo.num_devices, dtype=bool)
@@ -185,6 +209,9 @@ def comm_model(
         count_exchange_time=collective_time(topo, counts, time_model).time_s,
         time_model=time_model,
         fair=fair,
+        return_time=float(sum(collective_time(topo, c, time_model).time_s for c in back)),
+        migration_ceiling=costs.migration_link_ceiling,
+        migration_hbm=costs.migration_hbm,
     )
 
 
@@ -258,9 +285,8 @@ def setup_parts(setup: BalanceSetup) -> SetupParts:
     """Build ``setup``'s comm model, trace, replicas, starting layout and costs (checked)."""
     setup.check()
     hw, model = setup.platform(), load_model(setup.model)
-    comm = comm_model(
-        hw, setup.tp, setup.resolved_mapping(hw), model, setup.tokens_per_device, setup.time_model
-    )
+    mapping = setup.resolved_mapping(hw)
+    comm = comm_model(hw, setup.tp, mapping, model, setup.tokens_per_device, setup.time_model, setup.costs)
     n = hw.num_devices
     redundant = redundant_experts(setup, hw, model)
     slots = slots_per_device(model.routed_experts, n, redundant)
@@ -276,16 +302,31 @@ def setup_parts(setup: BalanceSetup) -> SetupParts:
     )
 
 
-def run_setup(setup: BalanceSetup) -> IterationResult:
-    """Simulate ``setup.iterations`` decode iterations with the setup's balancer."""
+def run_setup(setup: BalanceSetup, refuse_unfit: bool = True) -> IterationResult:
+    """Simulate ``setup.iterations`` decode iterations with the setup's balancer.
+
+    With the capacity check on, a point whose die memory does not fit is refused (InputError
+    naming the numbers) unless ``refuse_unfit`` is False: tables and curves simulate it and mark
+    it (the result's ``fit``).
+    """
+    fit = setup.fit()
+    if setup.costs.check_capacity and refuse_unfit:
+        require_fit(fit, f"{setup.model} on {setup.hardware} at {setup.tokens_per_device} tokens/device")
     p = setup_parts(setup)
     balancer = make_balancer(setup.balancer, setup.config, p.comm.hops, p.redundant, p.planner_cost)
-    return simulate_iterations(p.trace.counts, p.trace.tokens_per_step(), balancer, p.base, p.comm, p.cost)
+    result = simulate_iterations(p.trace.counts, p.trace.tokens_per_step(), balancer, p.base, p.comm, p.cost)
+    result.fit = fit if setup.costs.check_capacity else None
+    return result
+
+
+def run_marked(setup: BalanceSetup) -> IterationResult:
+    """run_setup that simulates a point that does not fit and marks it (tables, curves, plots)."""
+    return run_setup(setup, refuse_unfit=False)
 
 
 def run_summary(setup: BalanceSetup) -> dict:
     """run_setup as one flat row: the setup's fields and the run's summary."""
-    result = run_setup(setup)
+    result = run_marked(setup)
     hw = load_hardware(setup.hardware)
     row = {
         "model": setup.model,

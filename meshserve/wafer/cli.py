@@ -36,11 +36,24 @@ def simulate(
     ep: int = EP,
     context: int = CONTEXT,
     time_model: str = TIME_MODEL,
+    trace_out: str = typer.Option(
+        None,
+        "--trace-out",
+        help="Also write one decode step as a Chrome trace JSON (per die, per link class, per "
+        "phase; open in chrome://tracing or ui.perfetto.dev).",
+    ),
 ) -> None:
     """Print one MoE layer phase by phase: time, hottest link and its load."""
     from meshserve.wafer.report import print_layer, run_layer
 
-    print_layer(*run_layer(hardware, model, tp, mapping, tokens_per_device, ep, context, time_model))
+    if trace_out is not None:
+        check_writable(trace_out, "trace_out")
+    result = run_layer(hardware, model, tp, mapping, tokens_per_device, ep, context, time_model)
+    print_layer(*result)
+    if trace_out is not None:
+        from meshserve.wafer.timeline import step_trace, write_trace
+
+        print(f"wrote {write_trace(step_trace(*result, context), trace_out)}")
 
 
 @app.command()
@@ -149,6 +162,12 @@ def reproduce_balance(
         help="bottleneck | fair-share [bottleneck]: how "
         "every run times the all-to-all, all-reduce and migration stalls.",
     ),
+    costs: str = typer.Option(
+        "realistic",
+        "--costs",
+        help="realistic | paper: charge the output return, migration HBM traffic, a link "
+        "ceiling for migration and check memory (presets/costs.yaml), or none of them.",
+    ),
 ) -> None:
     """Ablation ladder NVL72 -> WSC -> ER -> HER -> greedy -> topology-aware -> NI-Balancer.
 
@@ -167,6 +186,7 @@ def reproduce_balance(
         curves=curves,
         executor=executor,
         time_model=time_model,
+        costs=costs,
     )
 
 

@@ -77,6 +77,10 @@ class CommModel:
       dispatch of each layer that has a replicated expert (placement.dispatch).
     time_model: how the all-to-all, the all-reduce and migration stalls are timed (timemodel.py);
       fair: the all-to-all's (dispatch, combine) flows under ``fair-share``, None under bottleneck.
+    return_time: seconds per layer of the MoE output's return to every TP member after the
+      combine (traffic.output_return; 0 with the ``output_return`` cost off).
+    migration_ceiling: the highest utilisation streamed migration may fill a link to.
+    migration_hbm: charge expert copies' HBM reads and writes (costs.py).
     """
 
     hops: np.ndarray
@@ -92,6 +96,9 @@ class CommModel:
     count_exchange_time: float = 0.0
     time_model: str = "bottleneck"
     fair: tuple[FairPhase, FairPhase] | None = None
+    return_time: float = 0.0
+    migration_ceiling: float = 1.0
+    migration_hbm: bool = False
 
     @property
     def num_devices(self) -> int:

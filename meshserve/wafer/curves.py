@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from meshserve.wafer.balance import BalanceConfig
-from meshserve.wafer.balance_setup import BalanceSetup, run_setup
+from meshserve.wafer.balance_setup import BalanceSetup, run_marked
+from meshserve.wafer.capacity import NO_FIT, fits
+from meshserve.wafer.costs import default_costs
 from meshserve.wafer.fanout import run_many
 from meshserve.wafer.plots import save_figure
 
@@ -35,7 +37,7 @@ def _setup(rung, model: str, settings: dict, config: BalanceConfig, **extra: Any
 
 
 def _summary(setup: BalanceSetup) -> dict:
-    return run_setup(setup).summary()
+    return run_marked(setup).summary()
 
 
 def crossover(tokens: list[float], gain: list[float]) -> float | None:
@@ -68,6 +70,8 @@ def wsc_vs_nvl72_curve(
                     "gain_with_reduction": b["moe_and_reduction_tokens_per_s_per_device"]
                     / a["moe_and_reduction_tokens_per_s_per_device"]
                     - 1,
+                    "fits_memory": fits(a, b),
+                    "memory_need_gb": [r.get("memory_need_gb") for r in (a, b)],  # gpu, wsc
                 }
             )
     gpu64 = run(_setup(gpu, model, settings, config))
@@ -82,6 +86,7 @@ def wsc_vs_nvl72_curve(
                 "gain_with_reduction": b["moe_and_reduction_tokens_per_s_per_device"]
                 / gpu64["moe_and_reduction_tokens_per_s_per_device"]
                 - 1,
+                "fits_memory": fits(gpu64, b),
             }
         )
     cross = {}
@@ -114,6 +119,7 @@ def ni_skew_curve(
                 "max_over_mean_load": plain["max_over_mean_load"],
                 "ni_max_over_mean_load": ni["max_over_mean_load"],
                 "ni_compute_gain": plain["moe_compute_s"] / ni["moe_compute_s"] - 1,
+                "fits_memory": fits(plain, ni),
             }
         )
     return {"model": model, "iterations": settings["iterations"], "points": points}
@@ -131,6 +137,17 @@ def curves_png(wsc: dict, skew: dict, out: str | Path) -> Path:
         mine = [p for p in wsc["points"] if p["expert_weights"] == dtype]
         x = [p["tokens_per_device"] for p in mine]
         left.plot(x, [p["gain"] * 100 for p in mine], marker="o", label=f"{dtype} expert weights")
+        bad = [p for p in mine if not p.get("fits_memory", True)]
+        if bad:  # a point that does not fit a die's HBM: a red cross over its marker
+            left.scatter(
+                [p["tokens_per_device"] for p in bad],
+                [p["gain"] * 100 for p in bad],
+                marker="x",
+                s=80,
+                color="red",
+                zorder=3,
+                label="does not fit in HBM" if dtype == mine[0]["expert_weights"] else None,
+            )
         left.plot(
             x,
             [p["gain_with_reduction"] * 100 for p in mine],
@@ -168,6 +185,7 @@ def run_curves(
         for role, label in spec["roles"].items()
     }
     settings = {k: spec[k] for k in ("tp", "tokens_per_device", "scenario", "seed", "time_model")}
+    settings["costs"] = spec.get("costs", default_costs())
     settings["iterations"] = min(spec["iterations"], spec["curves"]["iterations"])
     # list every run first (a dry pass that records the setups), run them all, then build the curves
     wanted: list[BalanceSetup] = []
@@ -208,15 +226,25 @@ def print_curves(wsc: dict, skew: dict, console: Any) -> None:
     for tokens in dict.fromkeys(p["tokens_per_device"] for p in wsc["points"]):
         row = {p["expert_weights"]: p for p in wsc["points"] if p["tokens_per_device"] == tokens}
         table.add_row(
-            str(tokens), *(f"{row[k][g]:+.1%}" for k in kinds for g in ("gain", "gain_with_reduction"))
+            str(tokens),
+            *(
+                f"{row[k][g]:+.1%}" + ("" if row[k].get("fits_memory", True) else NO_FIT)
+                for k in kinds
+                for g in ("gain", "gain_with_reduction")
+            ),
         )
     console.print(table)
+    if not all(p.get("fits_memory", True) for p in wsc["points"]):
+        console.print(f"  {NO_FIT.strip()}: weights + replicas + KV exceed a die's HBM (capacity.py)")
     cross = ", ".join(
         f"{k}: {'none in range' if x is None else f'{x:.0f} tokens/device'}"
         for k, x in wsc["crossover_tokens_per_device"].items()
     )
     console.print(f"  crossover (WSC stops beating NVL72): {cross}")
-    links = ", ".join(f"{p['wafer_link_gb_per_s']:g} GB/s {p['gain']:+.1%}" for p in wsc["wafer_link"])
+    links = ", ".join(
+        f"{p['wafer_link_gb_per_s']:g} GB/s {p['gain']:+.1%}" + ("" if p.get("fits_memory", True) else NO_FIT)
+        for p in wsc["wafer_link"]
+    )
     console.print(
         f"  at {wsc['wafer_link'][0]['tokens_per_device']} tokens/device, bf16, by inter-wafer bandwidth: "
         f"{links}"
@@ -231,6 +259,6 @@ def print_curves(wsc: dict, skew: dict, console: Any) -> None:
             f"{p['zipf_exponent']:g}",
             f"{p['max_over_mean_load']:.2f}",
             f"{p['ni_max_over_mean_load']:.2f}",
-            f"{p['ni_compute_gain']:+.1%}",
+            f"{p['ni_compute_gain']:+.1%}" + ("" if p.get("fits_memory", True) else NO_FIT),
         )
     console.print(table)

@@ -24,6 +24,7 @@ from meshserve.errors import InputError
 from meshserve.wafer.balance import BalanceConfig, Balancer, Placement, imbalance, migrations
 from meshserve.wafer.balance.steps import split_steps
 from meshserve.wafer.balance.stream import Flight
+from meshserve.wafer.capacity import Fit
 from meshserve.wafer.comm_model import CommModel, ExpertCost
 from meshserve.wafer.timemodel import bottleneck_s
 
@@ -43,6 +44,9 @@ class IterationResult:
     rejected_plans: where its plan would not have lowered the predicted MoE time (dropped);
     even_compute_s: the MoE compute time of an even split (every device the mean tokens through
     the fewest experts any layout gives a device): compute_s over it is the balance in time.
+    return_s: the MoE output's return to the TP members after each combine (summed over layers);
+    migration_hbm_s: the part of compute_s that is expert copies' HBM reads and writes;
+    fit: the point's HBM per die (capacity.Fit), None with the capacity check off.
     """
 
     balancer: str
@@ -60,11 +64,15 @@ class IterationResult:
     rejected_plans: list[int] = field(default_factory=list)
     max_link_utilization: float = 0.0
     even_compute_s: np.ndarray | None = None
+    return_s: np.ndarray | None = None
+    migration_hbm_s: np.ndarray | None = None
+    fit: Fit | None = None
 
     @property
     def moe_time_s(self) -> np.ndarray:
-        """MoE layer time per iteration: compute + all-to-all + stalls."""
-        return self.compute_s + self.a2a_s + self.stall_s
+        """MoE layer time per iteration: compute + all-to-all + output return + stalls."""
+        back = 0.0 if self.return_s is None else self.return_s
+        return self.compute_s + self.a2a_s + back + self.stall_s
 
     @property
     def steady(self) -> slice:
@@ -107,6 +115,9 @@ class IterationResult:
             if moe > 0
             else 0.0,
             "max_migration_link_utilization": float(self.max_link_utilization),
+            "return_s": float(0.0 if self.return_s is None else self.return_s.sum()),
+            "migration_hbm_s": float(0.0 if self.migration_hbm_s is None else self.migration_hbm_s.sum()),
+            **({} if self.fit is None else self.fit.summary()),
         }
 
 
@@ -155,8 +166,9 @@ def evaluate(
     dispatch = comm.dispatch(flat).reshape(*load.shape[:2], -1)  # [S, L, a2a links]
     combine = comm.combine(flat).reshape(*load.shape[:2], -1)
     t_dispatch, t_combine = (t.reshape(load.shape[:2]) for t in comm.a2a_times(flat, dispatch, combine))
-    if config.dispatch == "balanced":  # only layers with a replica to level wait for the counts
-        t_dispatch = t_dispatch + comm.count_exchange_time * (placement.replicas() > 1).any(axis=1)
+    if config.dispatch == "balanced":  # only layers with a replica to level wait for counts + solve
+        wait = comm.count_exchange_time + config.dispatch_solve_us * 1e-6
+        t_dispatch = t_dispatch + wait * (placement.replicas() > 1).any(axis=1)
     return _Block(
         max_load=load.max(axis=2).mean(axis=1),
         mean_load=load.mean(axis=2).mean(axis=1),
@@ -260,8 +272,10 @@ def simulate_iterations(
             "a2a_s",
             "stall_s",
             "migrated_bytes",
+            "migration_hbm_s",
         )
     }
+    hbm_bw = cost.die.hbm_bandwidth
     placement, flight = base, None
     since, plans, rejected, worst = 0, [], [], 0.0
     config = balancer.config
@@ -287,7 +301,12 @@ def simulate_iterations(
             balancer.planned(float(evaluate(history, target, comm, cost, config).imbalance.mean()))
             if balancer.invasive or len(moves) == 0:
                 nbytes = np.full(len(moves), cost.weight_bytes)
-                series["stall_s"][it] += comm.transfer_time(moves.src, moves.dst, nbytes)
+                stall = comm.transfer_time(moves.src, moves.dst, nbytes)
+                if comm.migration_hbm and len(moves):  # the busiest die reads and writes its copies
+                    hbm = np.bincount(moves.src, minlength=comm.num_devices)
+                    hbm += np.bincount(moves.dst, minlength=comm.num_devices)
+                    stall = max(stall, hbm.max() * cost.weight_bytes / hbm_bw)
+                series["stall_s"][it] += stall
                 placement, since = target, it
             else:
                 steps = split_steps(moves, comm.ftd, comm.hops)
@@ -305,8 +324,10 @@ def simulate_iterations(
                     (block.dispatch_bytes[j], block.dispatch_s[j], comm.dispatch.links),
                     (block.combine_bytes[j], block.combine_s[j], comm.combine.links),
                 ]
-                landed, util = flight.advance(comm, a2a, config.chunk_bytes)
+                landed, util, hbm = flight.advance(comm, a2a, config.chunk_bytes)
                 worst = max(worst, util)
+                if comm.migration_hbm:  # the die moving most shares HBM with the expert reads
+                    series["migration_hbm_s"][it + j] = hbm.max() / hbm_bw
                 if flight.landed_layers().sum() > switched:  # the next iteration runs on a new table
                     end = it + j + 1
                     break
@@ -324,6 +345,7 @@ def simulate_iterations(
             )
         for key in ("max_load", "mean_load", "imbalance", "compute_s", "even_compute_s", "a2a_s"):
             series[key][it:end] = getattr(block, key)[: end - it]
+        series["compute_s"][it:end] += series["migration_hbm_s"][it:end]
         if flight is not None:
             placement = flight.placement()
             if landed:
@@ -345,4 +367,6 @@ def simulate_iterations(
         rejected_plans=rejected,
         max_link_utilization=worst,
         even_compute_s=series["even_compute_s"],
+        return_s=np.full(steps_total, comm.return_time * base.num_layers),
+        migration_hbm_s=series["migration_hbm_s"],
     )

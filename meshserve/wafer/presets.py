@@ -109,6 +109,13 @@ class Section:
             raise InputError(field, f"must be an integer >= {minimum}, got {value!r}")
         return value
 
+    def boolean(self, key: str) -> bool:
+        self.read.add(key)
+        value = self.data.get(key)
+        if not isinstance(value, bool):
+            raise InputError(f"{self.where}.{key}", f"must be true or false, got {value!r}")
+        return value
+
     def choice(self, key: str, allowed: tuple[str, ...]) -> str:
         self.read.add(key)
         value = self.data.get(key)

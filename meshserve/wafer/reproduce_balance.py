@@ -24,7 +24,9 @@ import yaml
 from meshserve.atomic import all_or_nothing, check_writable, write_atomic
 from meshserve.errors import require
 from meshserve.wafer.balance import BalanceConfig
-from meshserve.wafer.balance_setup import BalanceSetup, run_setup
+from meshserve.wafer.balance_setup import BalanceSetup, run_marked
+from meshserve.wafer.capacity import NO_FIT, fits
+from meshserve.wafer.costs import COSTS, default_costs
 from meshserve.wafer.fanout import run_many
 from meshserve.wafer.iteration import IterationResult
 from meshserve.wafer.presets import PRESET_DIR
@@ -80,7 +82,13 @@ def run_ladder(
     settings = {
         k: spec[k] for k in ("tp", "tokens_per_device", "iterations", "scenario", "seed", "time_model")
     }
-    settings_out = {**settings, "wsc": ni_rung.hardware, "config": config.__dict__}
+    settings["costs"] = spec.get("costs", default_costs())
+    settings_out = {
+        **settings,
+        "costs": dataclasses.asdict(settings["costs"]),
+        "wsc": ni_rung.hardware,
+        "config": config.__dict__,
+    }
     figures: dict = {"models": {}, "settings": settings_out}
     traces: dict[str, IterationResult] = {}
     setups = [
@@ -97,7 +105,7 @@ def run_ladder(
     ]
     for setup in setups:  # fail on bad input before any long run starts
         setup.check()
-    results = run_many(run_setup, setups, executor, progress, "reproduce balance")
+    results = run_many(run_marked, setups, executor, progress, "reproduce balance")
     runs = iter(zip(setups, results, strict=True))
     gapped = []  # (figure key, setup, result) of our rungs, whose steady imbalance is broken down
     for model in spec["models"]:
@@ -156,6 +164,30 @@ def _steady_gap(pair: list) -> dict:
     return steady_gap(*pair)
 
 
+def paper_readings(ours: float, paper: float) -> list[tuple[str, str, str]]:
+    """The paper's "improvement" of ``paper`` (e.g. 0.54) read as a speedup and as a latency cut.
+
+    Speedup: before / after = 1 + paper (1.54x; the time falls to x0.65). Latency cut: after =
+    (1 - paper) x before (x0.46), which is a speedup of 1 / (1 - paper) = +117%. Ours is shown in
+    both units: its speedup 1 + ours and its time ratio 1 / (1 + ours).
+    """
+    cut = 1.0 - paper
+    return [
+        (
+            f"reading 1, speedup: compute time before / after = {1 + paper:.2f}x "
+            f"(time x{1 / (1 + paper):.2f})",
+            f"{1 + ours:.2f}x",
+            f"{1 + paper:.2f}x",
+        ),
+        (
+            f"reading 2, latency cut: after = x{cut:.2f} before, i.e. a speedup of {1 / cut:.2f}x "
+            f"({1 / cut - 1:+.0%})",
+            f"x{1 / (1 + ours):.2f}",
+            f"x{cut:.2f}",
+        ),
+    ]
+
+
 def _model_figures(rows: list[dict], roles: dict[str, str]) -> dict:
     by = {r["rung"]: r for r in rows}
     gpu = by[roles["gpu"]]["moe_tokens_per_s_per_device"]
@@ -196,6 +228,7 @@ def print_ladder(figures: dict) -> None:
             "rung",
             "compute ms",
             "all-to-all ms",
+            "return ms",
             "stall ms",
             "MoE ms",
             "attn red. ms",
@@ -207,11 +240,12 @@ def print_ladder(figures: dict) -> None:
         ):
             table.add_column(col, justify="left" if col == "rung" else "right")
         for r in m["ladder"]:
-            moe = r["moe_compute_s"] + r["a2a_s"] + r["stall_s"]
+            moe = r["moe_compute_s"] + r["a2a_s"] + r.get("return_s", 0.0) + r["stall_s"]
             table.add_row(
-                r["rung"],
+                r["rung"] + ("" if fits(r) else NO_FIT),
                 f"{r['moe_compute_s'] * 1e3:.1f}",
                 f"{r['a2a_s'] * 1e3:.1f}",
+                f"{r.get('return_s', 0.0) * 1e3:.1f}",
                 f"{r['stall_s'] * 1e3:.1f}",
                 f"{moe * 1e3:.1f}",
                 f"{r['allreduce_s'] * 1e3:.1f}",
@@ -223,9 +257,16 @@ def print_ladder(figures: dict) -> None:
             )
         console.print(table)
     console.print(
-        "  tok/s/device and 'vs NVL72': MoE time = expert compute + all-to-all + stall (the "
-        "attention output reduction excluded); 'incl. attn red.' adds it to every layer."
+        "  tok/s/device and 'vs NVL72': MoE time = expert compute (incl. migration HBM traffic) + "
+        "all-to-all + output return + stall (the attention output reduction excluded); 'incl. attn "
+        "red.' adds it to every layer."
     )
+    unfit = [(model, r) for model, m in figures["models"].items() for r in m["ladder"] if not fits(r)]
+    for model, r in unfit:
+        console.print(
+            f"  {NO_FIT.strip()} {model} / {r['rung']}: needs {r['memory_need_gb']:.0f} GB per die of "
+            f"{r['memory_capacity_gb']:.0f} GB (KV {r['kv_cache_gb']:.0f} GB)"
+        )
     table = Table(title="Headline figures (fractions; ours = mean over models unless marked best)")
     for col in ("figure", "ours", "paper"):
         table.add_column(col, justify="left" if col == "figure" else "right")
@@ -238,6 +279,9 @@ def print_ladder(figures: dict) -> None:
         table.add_row(label, f"{figures[key]:+.1%}", f"{figures['paper'][key]:+.0%}")
         if f"{key}_max" in figures:
             table.add_row("  (best model)", f"{figures[key + '_max']:+.1%}", "")
+        if key == "ni_compute_gain":  # the paper's "+54%" read both ways
+            for reading, ours, paper in paper_readings(figures[key], figures["paper"][key]):
+                table.add_row(f"  {reading}", ours, paper)
     table.add_row(
         "  (attention reduction included, mean over models)",
         f"{figures['wsc_vs_nvl72_with_reduction_avg_gain']:+.1%}",
@@ -358,7 +402,12 @@ def plot_ladder(figures: dict, labels: list[str], out: Path) -> Path:
     width = 0.8 / len(models)
     for j, model in enumerate(models):
         by = {r["rung"]: r["vs_nvl72"] for r in figures["models"][model]["ladder"]}
-        ax.bar(np.arange(len(labels)) + j * width, [by[lab] for lab in labels], width, label=model)
+        bars = ax.bar(np.arange(len(labels)) + j * width, [by[lab] for lab in labels], width, label=model)
+        rows = {r["rung"]: r for r in figures["models"][model]["ladder"]}
+        for bar, lab in zip(bars, labels, strict=True):
+            if not fits(rows[lab]):  # exceeds a die's HBM: hatched
+                bar.set_hatch("xx")
+                bar.set_edgecolor("red")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
@@ -382,12 +431,14 @@ def reproduce_balance(
     curves: bool = True,
     executor: str = "local",
     time_model: str | None = None,
+    costs: str = "realistic",
 ) -> dict:
     """Run the ladder, write balance.json and the two plots under ``out``, print tables or JSON.
 
     Arguments left None take the values of presets/experiments/balance.yaml. executor: local, or
     ray to fan the independent runs out (fanout.py); the figures are the same. time_model: how every
-    run times communication (bottleneck or fair-share; docs/wafer.md, "Time models").
+    run times communication (bottleneck or fair-share; docs/wafer.md, "Time models"). costs:
+    ``realistic`` (presets/costs.yaml) or ``paper`` (every cost the paper leaves out turned off).
     """
     spec = load_spec()
     given = {
@@ -398,6 +449,8 @@ def reproduce_balance(
         "time_model": time_model,
     }
     spec.update({k: v for k, v in given.items() if v is not None})
+    require(costs in COSTS, "costs", f"unknown {costs!r}; allowed: {', '.join(COSTS)}")
+    spec["costs"] = COSTS[costs]()
     require(len(spec["models"]) > 0, "models", "list at least one model preset, e.g. deepseek-v3")
     require(spec["iterations"] >= 1, "iterations", f"must be >= 1, got {spec['iterations']}")
     require(
@@ -407,18 +460,21 @@ def reproduce_balance(
     )
     out = check_writable(out, "out", folder=True)
     start = time.perf_counter()
-    figures, traces = run_ladder(spec, progress=not as_json, executor=executor)
+    # the balanced dispatch's solve is a BalanceConfig knob: the paper's model charges it nothing
+    config = BalanceConfig() if costs == "realistic" else BalanceConfig(dispatch_solve_us=0.0)
+    figures, traces = run_ladder(spec, config=config, progress=not as_json, executor=executor)
     if curves:  # computed before anything is written, so a failure leaves no half set of files
         from meshserve.wafer.curves import curves_png, run_curves
 
         figures["wsc_vs_nvl72_curve"], figures["ni_skew_curve"] = run_curves(
-            spec, BalanceConfig(), progress=not as_json, executor=executor
+            spec, config, progress=not as_json, executor=executor
         )
         from meshserve.wafer.steady_curve import ni_steady_curve
 
-        figures["ni_steady_curve"] = ni_steady_curve(spec, BalanceConfig(), not as_json, executor)
+        figures["ni_steady_curve"] = ni_steady_curve(spec, config, not as_json, executor)
     figures["wall_s"] = time.perf_counter() - start  # every run, on this executor
     figures["time_model"] = spec["time_model"]
+    figures["costs"] = costs
     with all_or_nothing():
         figures["plots"] = [
             str(plot_load_traces(traces, spec["models"][0], figures["settings"]["wsc"], out)),

@@ -28,9 +28,13 @@ from typing import Any
 import numpy as np
 
 from meshserve.wafer.balance import BalanceConfig, make_balancer, migrations
-from meshserve.wafer.balance_setup import BalanceSetup, run_setup, setup_parts
+from meshserve.wafer.balance_setup import BalanceSetup, run_marked, setup_parts
+from meshserve.wafer.capacity import NO_FIT
+from meshserve.wafer.costs import default_costs
+from meshserve.wafer.curves import crossover
 from meshserve.wafer.fanout import run_many
 from meshserve.wafer.iteration import IterationResult, evaluate, load_ratio
+from meshserve.wafer.models import load_model
 from meshserve.wafer.plots import save_figure
 from meshserve.wafer.steady import steady_gap
 
@@ -53,7 +57,7 @@ def steady_half(result: IterationResult) -> dict[str, float]:
 
 def ours_point(setup: BalanceSetup) -> dict[str, Any]:
     """ni-eplb's run and its steady_gap columns (per iteration), with its steady half."""
-    result = run_setup(setup)
+    result = run_marked(setup)
     gap = steady_gap(setup, result)
     out = {k: gap[k]["per_iteration"] for k in GAP_STEPS if k in gap}
     out["time_over_even"] = gap.get("simulated", {}).get("time_over_even")
@@ -87,7 +91,7 @@ def _job(job: tuple[str, BalanceSetup]) -> dict[str, Any]:
         return ours_point(setup)
     if kind == "eplb_vllm":
         return plan_once(setup)
-    return steady_half(run_setup(setup))
+    return steady_half(run_marked(setup))
 
 
 def ni_steady_curve(
@@ -109,39 +113,90 @@ def ni_steady_curve(
                         hardware=rung.hardware,
                         mapping=rung.mapping,
                         balancer=rung.balancer,
-                        config=rung.balance_config(config),
+                        # the balanced runs level with a free solve: what levelling saves, in
+                        # time; the break-even (dispatch_break_even) says which solve still pays
+                        config=dataclasses.replace(rung.balance_config(config), dispatch_solve_us=0.0)
+                        if kind == "ni_eplb_balanced"
+                        else rung.balance_config(config),
                         tp=spec["tp"],
                         tokens_per_device=tokens,
                         iterations=iterations,
                         scenario=spec["scenario"],
                         seed=spec["seed"],
+                        costs=spec.get("costs", default_costs()),
                     ),
                 )
             )
     for _, setup in jobs:  # bad input fails before any long run
         setup.check()
     results = iter(run_many(_job, jobs, executor, progress, "ni steady curve"))
+    fit = {s.tokens_per_device: s.fit() for _, s in jobs if s.hardware == jobs[0][1].hardware}
     points = [
-        {"tokens_per_device": t, **{kind: next(results) for kind in c["runs"]}}
+        {
+            "tokens_per_device": t,
+            **{kind: next(results) for kind in c["runs"]},
+            "fits_memory": fit[t].fits or not jobs[0][1].costs.check_capacity,
+            "memory_need_gb": fit[t].need / 1e9,
+        }
         for t in c["tokens_per_device"]
     ]
     reached = {
         kind: [
             p["tokens_per_device"]
             for p in points
-            if p[kind].get("simulated", np.inf) <= TARGET and p[kind]["stall_ms_per_iteration"] == 0
+            if p[kind].get("simulated", np.inf) <= TARGET
+            and p[kind]["stall_ms_per_iteration"] == 0
+            and p["fits_memory"]
         ]
         for kind in OURS
         if kind in c["runs"]
     }
+    balanced = next((s for kind, s in jobs if kind == "ni_eplb_balanced"), None)
+    layers = load_model(model).num_moe_layers
     return {
         "model": model,
         "iterations": iterations,
+        "num_moe_layers": layers,
+        "dispatch_solve_us": None if balanced is None else balanced.config.dispatch_solve_us,
+        "break_even": dispatch_break_even(points, layers)
+        if balanced is not None and "ni_eplb" in c["runs"]
+        else None,
         "target": TARGET,
         "runs": dict(c["runs"]),
         "points": points,
         "target_reached_at_tokens_per_device": reached,
     }
+
+
+SOLVE_SWEEP_US = (0.0, 10.0, 25.0, 50.0, 100.0)  # dispatch_solve_us values the break-even is printed for
+
+
+def dispatch_break_even(points: list[dict], layers: int) -> dict:
+    """What the balanced dispatch saves per MoE layer, in time, and where its solve stops paying.
+
+    saving_us[i]: (even dispatch's - balanced dispatch's) steady MoE time per iteration / layers,
+    the balanced runs levelling with a free solve (ni_steady_curve runs them so). A solve of s us,
+    once per layer, pays where saving_us > s (at most: a plan made knowing the solve's price may
+    keep fewer replicas); ``tokens_per_device[s]`` is the batch where it starts to (log-linear
+    between points; None when it never does, or the first point already does).
+    """
+    tokens = [p["tokens_per_device"] for p in points]
+    saving = [
+        (p["ni_eplb"]["moe_ms_per_iteration"] - p["ni_eplb_balanced"]["moe_ms_per_iteration"]) * 1e3 / layers
+        for p in points
+    ]
+    even = {}
+    for solve in SOLVE_SWEEP_US:
+        net = np.asarray(saving) - solve
+        even[solve] = crossover(tokens, net.tolist()) if len(tokens) > 1 else None
+    return {"saving_us_per_layer": saving, "tokens_per_device": {str(k): v for k, v in even.items()}}
+
+
+def break_even_text(saving_us: list[float], solve_us: float, tokens: float | None) -> str:
+    """One break-even as words: from which batch a solve of ``solve_us`` pays, or everywhere / nowhere."""
+    if tokens is not None:
+        return f"pays from {tokens:.0f} tokens/device"
+    return "pays at every batch in range" if min(saving_us, default=0.0) > solve_us else "never pays in range"
 
 
 def print_ni_steady_curve(curve: dict, console: Any) -> None:
@@ -178,8 +233,9 @@ def print_ni_steady_curve(curve: dict, console: Any) -> None:
                 f"{p[k]['moe_ms_per_iteration']:.2f} ({p[k]['stall_ms_per_iteration']:.2f})"
                 for k in ("eplb_paper", "eplb_vllm")
             ] + [f"{p['none']['moe_ms_per_iteration']:.2f}"]
+            mark = "" if p.get("fits_memory", True) else NO_FIT
             table.add_row(
-                str(p["tokens_per_device"]) if first else "",
+                f"{p['tokens_per_device']}{mark}" if first else "",
                 DISPATCH[kind],
                 *(_num(p[kind].get(k)) for k in GAP_STEPS),
                 *(balance if first else [""] * 3),
@@ -187,6 +243,22 @@ def print_ni_steady_curve(curve: dict, console: Any) -> None:
                 *(times if first else [""] * 3),
             )
     console.print(table)
+    unfit = [p for p in curve["points"] if not p.get("fits_memory", True)]
+    if unfit:
+        needs = ", ".join(f"{p['tokens_per_device']}: {p['memory_need_gb']:.0f} GB" for p in unfit)
+        console.print(f"  {NO_FIT.strip()}: weights + replicas + KV per die exceed its HBM ({needs})")
+    even = curve.get("break_even")
+    if even is not None:
+        saved = ", ".join(
+            f"{p['tokens_per_device']}: {us:+.1f} us"
+            for p, us in zip(curve["points"], even["saving_us_per_layer"], strict=True)
+        )
+        console.print(f"  balanced dispatch saves per MoE layer (free solve), by tokens/device: {saved}")
+        where = ", ".join(
+            f"{float(us):g} us: {break_even_text(even['saving_us_per_layer'], float(us), t)}"
+            for us, t in even["tokens_per_device"].items()
+        )
+        console.print(f"  break-even by dispatch_solve_us: {where}")
     for kind, reached in curve["target_reached_at_tokens_per_device"].items():
         where = ", ".join(f"{t} tokens/device" for t in reached) if reached else "no point of the curve"
         console.print(
@@ -229,6 +301,9 @@ def ni_steady_png(curve: dict, out: str | Path) -> Path:
         left.plot(x, [p[k]["max_over_mean"] for p in curve["points"]], marker="s", color=color, label=k)
         right.plot(x, over_none(k), marker="s", color=color, label=f"{k} (stall included)")
     left.axhline(curve["target"], color="black", lw=0.8, ls="--", label=f"target {curve['target']:.2f}")
+    unfit = [p["tokens_per_device"] for p in curve["points"] if not p.get("fits_memory", True)]
+    for ax in (left, right) if unfit else ():  # grey from the first point that exceeds HBM
+        ax.axvspan(min(unfit), max(x), color="grey", alpha=0.2, label="does not fit in HBM")
     right.axhline(1.0, color="black", lw=0.8)
     left.set_ylabel("steady max/mean device load (per iteration)")
     right.set_ylabel("MoE time per iteration / static layout's")

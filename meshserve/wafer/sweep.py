@@ -20,6 +20,7 @@ from meshserve.atomic import all_or_nothing, check_writable, write_atomic
 from meshserve.errors import integer, require
 from meshserve.wafer.balance import BALANCERS, BalanceConfig
 from meshserve.wafer.balance_setup import BalanceSetup, run_summary
+from meshserve.wafer.capacity import NO_FIT, fits
 from meshserve.wafer.fanout import EXECUTORS, run_many
 from meshserve.wafer.presets import read_yaml
 
@@ -170,15 +171,20 @@ def plot_sweep(rows: list[dict], out: str | os.PathLike[str]) -> Path:
     labels = list(dict.fromkeys(key(r) for r in rows))
     balancers = list(dict.fromkeys(r["balancer"] for r in rows))
     value = {(*key(r), r["balancer"]): r["moe_tokens_per_s_per_device"] for r in rows}
+    unfit = {(*key(r), r["balancer"]) for r in rows if not r.get("fits_memory", True)}
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(balancers) / 2), 4.5))
     width = 0.8 / len(balancers)
     for j, b in enumerate(balancers):
         xs = [i + j * width for i in range(len(labels))]
-        ax.bar(xs, [value.get((*lab, b), 0.0) for lab in labels], width, label=b)
+        bars = ax.bar(xs, [value.get((*lab, b), 0.0) for lab in labels], width, label=b)
+        for bar, lab in zip(bars, labels, strict=True):
+            if (*lab, b) in unfit:  # exceeds a die's HBM: hatched
+                bar.set_hatch("xx")
+                bar.set_edgecolor("red")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
     ax.set_xticklabels([f"{m}\n{h} tp{t} b{bt}\n{mp}" for m, h, t, bt, mp in labels], fontsize=7)
     ax.set_ylabel("MoE tokens / s / device")
-    ax.set_title("Sweep: per-device MoE throughput by balancer")
+    ax.set_title("Sweep: per-device MoE throughput by balancer (hatched: does not fit in HBM)")
     ax.legend(title="balancer")
     fig.tight_layout()
     return save_figure(fig, Path(out) / "sweep_throughput.png", dpi=120)
@@ -204,7 +210,7 @@ def sweep_command(path: str, executor: str = "local", out: str = "out/sweep") ->
             *(str(r[c]) for c in cols),
             f"{r['max_over_mean_load']:.2f}",
             f"{r['stall_s'] * 1e3:.1f}",
-            f"{r['moe_tokens_per_s_per_device']:,.0f}",
+            f"{r['moe_tokens_per_s_per_device']:,.0f}" + ("" if fits(r) else NO_FIT),
         )
     console = Console()
     console.print(table)

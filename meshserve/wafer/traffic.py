@@ -62,6 +62,24 @@ def attention_collectives(m: Mapping, tokens_per_group: float, token_bytes: floa
     return out
 
 
+DUAL = {"all-reduce": "all-reduce", "reduce-scatter": "all-gather", "all-gather": "reduce-scatter"}
+
+
+def output_return(m: Mapping, tokens_per_group: float, token_bytes: float) -> list[Collective]:
+    """The MoE output's way back after the combine: the attention collectives undone, last first.
+
+    A die holds, after the combine, its experts' outputs for the tokens it dispatched: a partial
+    sum of each token's top-k (flat mappings: the experts of its FTD) or its shard of tokens
+    gathered from other wafers (hierarchical). The next attention needs every group token whole
+    on every TP member, so each collective is undone by its dual (all-gather <-> reduce-scatter;
+    an all-reduce of partial sums stays one), on the same rings with the same bytes.
+    """
+    return [
+        Collective(f"return {DUAL[c.name.removeprefix('wafer ')]}", c.traffic, c.steps)
+        for c in reversed(attention_collectives(m, tokens_per_group, token_bytes))
+    ]
+
+
 def device_share(placement: np.ndarray, expert_load: np.ndarray | None = None) -> np.ndarray:
     """[N] fraction of all routed (token, expert) copies that each device serves.
 

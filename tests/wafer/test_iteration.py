@@ -146,7 +146,7 @@ def test_a_layer_switches_as_soon_as_its_own_copies_landed():
     ]
     landed_at = {}
     for iteration in range(100):
-        done, _ = flight.advance(comm, a2a, 1 << 16)
+        done, _, _ = flight.advance(comm, a2a, 1 << 16)
         for layer in np.flatnonzero(flight.landed_layers()):
             landed_at.setdefault(int(layer), iteration)
         if landed_at.get(0) == iteration and not done:  # layer 0 in use, layer 2 still on its old table
@@ -343,6 +343,11 @@ def test_a_balanced_dispatch_levels_every_iteration_and_waits_for_the_counts_whe
     even, level = evaluate(idle, one, comm, cost), evaluate(idle, one, comm, cost, balanced)
     assert comm.count_exchange_time > 0
     waited = level.dispatch_s - even.dispatch_s
-    np.testing.assert_allclose(waited[:, 0], comm.count_exchange_time, rtol=1e-6)
+    solve = balanced.dispatch_solve_us * 1e-6  # the levelling's own solve, on top of the counts
+    np.testing.assert_allclose(waited[:, 0], comm.count_exchange_time + solve, rtol=1e-6)
     np.testing.assert_allclose(waited[:, 1:], 0.0, atol=1e-12)
     np.testing.assert_allclose(level.combine_s, even.combine_s)
+    free = evaluate(idle, one, comm, cost, dataclasses.replace(balanced, dispatch_solve_us=0.0))
+    solved = level.dispatch_s - free.dispatch_s  # dispatch_solve_us is charged where it levels
+    np.testing.assert_allclose(solved[:, 0], solve, rtol=1e-6)
+    np.testing.assert_allclose(solved[:, 1:], 0.0, atol=1e-12)

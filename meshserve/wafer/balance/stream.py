@@ -90,20 +90,25 @@ class Flight:
 
     def advance(
         self, comm: CommModel, a2a: list[tuple[np.ndarray, np.ndarray, np.ndarray]], chunk_bytes: int
-    ) -> tuple[bool, float]:
-        """Send one iteration's chunks; returns (every copy landed, highest link utilisation).
+    ) -> tuple[bool, float, np.ndarray]:
+        """Send one iteration's chunks; returns (every copy landed, highest link utilisation,
+        [devices] HBM bytes read + written by the chunks sent).
 
         a2a: the iteration's all-to-all phases, each (link bytes [layers, k], phase time [layers],
-        the k link ids): the windows of the global steps.
+        the k link ids): the windows of the global steps. A window is filled only up to
+        ``comm.migration_ceiling`` of its time x bandwidth (links saturate below 1.0). A step's
+        chunks are read from its source die's HBM and written to its destination's (a relay
+        stores a whole copy before its next step starts).
         """
         idx = self.active()
         rows = self.steps.src[idx] * comm.num_devices + self.steps.dst[idx]
         local = self.steps.phase[idx] == LOCAL
         layers = a2a[0][1].shape[0]
         sent = np.zeros(len(idx))
+        ceiling = comm.migration_ceiling
         # Local steps: the attention all-reduce window of every layer (same traffic in each layer).
         capacity = comm.allreduce_time * comm.bandwidth
-        per = window_bytes(comm.routes, rows[local], capacity - comm.allreduce_bytes, chunk_bytes)
+        per = window_bytes(comm.routes, rows[local], capacity * ceiling - comm.allreduce_bytes, chunk_bytes)
         sent[local] = per * layers
         worst = utilisation(comm, rows[local], per, comm.allreduce_bytes, capacity)
         # Global steps: each all-to-all phase's window in every layer.
@@ -111,13 +116,17 @@ class Flight:
             phase_bytes = np.zeros((layers, len(comm.bandwidth)))
             phase_bytes[:, links] = link_bytes
             capacity = phase_s[:, None] * comm.bandwidth[None, :]
-            per = window_bytes(comm.routes, rows[~local], capacity - phase_bytes, chunk_bytes)  # [L, steps]
+            slack = capacity * ceiling - phase_bytes
+            per = window_bytes(comm.routes, rows[~local], slack, chunk_bytes)  # [L, steps]
             sent[~local] += per.sum(axis=0)
             worst = max(worst, utilisation(comm, rows[~local], per, phase_bytes, capacity))
+        sent = np.minimum(sent, np.maximum(self.left[idx], 0.0))  # a step sends no more than is left
+        hbm = np.bincount(self.steps.src[idx], sent, comm.num_devices)
+        hbm += np.bincount(self.steps.dst[idx], sent, comm.num_devices)
         self.left[idx] -= sent
         finished = idx[self.left[idx] <= 0]
         self.done[self.steps.copy[finished]] += 1
-        return bool((self.done >= self.count).all()), worst
+        return bool((self.done >= self.count).all()), worst, hbm
 
 
 def utilisation(
