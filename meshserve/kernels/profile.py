@@ -265,7 +265,9 @@ def profile_shape(
     deadline: float | None = None,
 ) -> list[tuple[int, GemmChoice]]:
     """Rows (m_max, fastest choice) for one linear shape over the M points (``m_points``) up to max_m;
-    M points that would end past ``deadline`` (time.monotonic) are not measured and take F.linear.
+    M points that would end past ``deadline`` (time.monotonic) are not measured and take F.linear, and a
+    shape with no M point measured gets no rows (so a table lists only what was measured; the stand-in
+    table serves it until a later profile does).
 
     Then the guard: every chosen primitive is timed again against F.linear; one more than 3% slower
     (machine noise, or a choice that only won by luck) is replaced by F.linear.
@@ -293,7 +295,7 @@ def profile_shape(
             f"{shape_key(n, k)} {dtype}: slowest chosen / F.linear = {max(worst, 1.0):.3f} "
             f"(limit {SLOWER_LIMIT:.2f})"
         )
-    return _merge_rows(_rest_plain(rows, max_m))
+    return _merge_rows(_rest_plain(rows, max_m)) if rows else []
 
 
 def _paced(points: list[int], deadline: float | None) -> Iterator[int]:
@@ -338,7 +340,7 @@ def profile_bmm(
     deadline: float | None = None,
 ) -> list[tuple[int, GemmChoice]]:
     """Rows for stacked experts [e, n, k] (MoE): torch.bmm in the model dtype or in float32, per capacity M
-    (M points past ``deadline`` take torch.bmm, as in profile_shape).
+    (M points past ``deadline`` take torch.bmm, and none measured gives no rows, as in profile_shape).
 
     The weight is stored column-major per expert, as the loader leaves it (StackedExperts.transposed_layout).
     """
@@ -357,7 +359,7 @@ def profile_bmm(
         rows.append((m, options[best]))
     if report:
         report(f"{bmm_key(e, n, k)} {dtype}: " + ", ".join(f"M<={m} {c.name}" for m, c in _merge_rows(rows)))
-    return _merge_rows(_rest_plain(rows, max_m))
+    return _merge_rows(_rest_plain(rows, max_m)) if rows else []
 
 
 def profile_gemm(

@@ -60,3 +60,22 @@ def test_a_given_kernel_profile_is_used_as_is(tiny_model_dir, profile_on, tmp_pa
     GemmTable({"bfloat16": {"*": [(1, PLAIN)]}}, "test box").save(table)
     start(tiny_model_dir("llama"), kernel_profile=str(table))
     assert not user_table_path().exists()
+
+
+def test_a_shape_the_budget_ran_out_in_is_left_to_a_later_start(tiny_model_dir, profile_on, monkeypatch):
+    path = tiny_model_dir("llama")
+    real = kernel_profile.profile_shape
+    calls = []
+
+    def out_of_time_after_one(*args, **kwargs):
+        calls.append(args[:2])
+        return real(*args, **kwargs) if len(calls) == 1 else []  # what a passed deadline returns
+
+    monkeypatch.setattr(kernel_profile, "profile_shape", out_of_time_after_one)
+    llm = start(path)
+    cached = set(GemmTable.load(user_table_path()).gemm["bfloat16"])
+    assert cached == {shape_key(*calls[0])}
+    monkeypatch.setattr(kernel_profile, "profile_shape", real)
+    start(path)  # the next start measures the rest
+    shapes = {shape_key(*s) for s in kernel_profile.linear_shapes(llm.engine.model)}
+    assert shapes <= set(GemmTable.load(user_table_path()).gemm["bfloat16"])

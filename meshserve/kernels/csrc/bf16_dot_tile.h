@@ -57,6 +57,14 @@ inline float bf16_bits_to_float(uint16_t v) {
   return f;
 }
 
+// Software prefetch of a tile's weight: at k-pairs kk0 + phase, + period, ... it asks for the pair distance
+// ahead. The row groups of one K block (period of them, phases 0..period-1) share the block's lines between
+// them, so the requests spread over the whole block's compute instead of bunching in its first pass.
+// distance 0: none (the default; the MoE op's tiles read experts the hardware prefetcher keeps up with).
+struct Prefetch {
+  int64_t distance = 0, phase = 0, period = 1;
+};
+
 // Plain C++ tile: the fallback for builds without AVX512F, and what the vector tiles must match.
 template <typename A, int R, int C>
 void tile_scalar(const A* a, int64_t lda, const uint16_t* w, int64_t wstride, int64_t kk0, int64_t kk1,
@@ -91,15 +99,28 @@ inline void store_acc(__m512 (&acc)[R][C], float* c, int64_t ldc) {
     for (int j = 0; j < C; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
 }
 
+// Asks for pair kk of each of C column blocks (one cache line each) ahead of its use: decode-sized tiles
+// compute too little per weight byte for the hardware prefetcher alone to keep DRAM busy (docs/kernels.md).
+template <int C>
+inline void prefetch_pairs(const uint16_t* w, int64_t wstride, int64_t kk) {
+  for (int j = 0; j < C; ++j)
+    _mm_prefetch(reinterpret_cast<const char*>(w + j * wstride + kk * 2 * kBlockCols), _MM_HINT_T0);
+}
+
 // fp32 activations, bf16 weights widened in registers, FMA.
 template <int R, int C>
 void tile_fma(const float* a, int64_t lda, const uint16_t* w, int64_t wstride, int64_t kk0, int64_t kk1,
-              bool k_odd_tail, float* c, int64_t ldc, bool accumulate) {
+              bool k_odd_tail, float* c, int64_t ldc, bool accumulate, Prefetch pf) {
   __m512 acc[R][C];
   load_acc<R, C>(acc, c, ldc, accumulate);
   const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const int64_t full_end = k_odd_tail ? kk1 - 1 : kk1;
+  int64_t next_pf = pf.distance ? kk0 + pf.phase : kk1;
   for (int64_t kk = kk0; kk < full_end; ++kk) {
+    if (kk == next_pf) {
+      prefetch_pairs<C>(w, wstride, kk + pf.distance);
+      next_pf += pf.period;
+    }
     for (int j = 0; j < C; ++j) {
       const __m512i v = _mm512_loadu_si512(w + j * wstride + kk * 2 * kBlockCols);
       const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
@@ -176,11 +197,16 @@ void tile_f32(const float* a, int64_t lda, const float* wf, int64_t ks, float* c
 // bf16 activations, one vdpbf16ps per (row, column block, k-pair).
 template <int R, int C>
 void tile_dpbf16(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t wstride, int64_t kk0, int64_t kk1,
-                 bool k_odd_tail, float* c, int64_t ldc, bool accumulate) {
+                 bool k_odd_tail, float* c, int64_t ldc, bool accumulate, Prefetch pf) {
   __m512 acc[R][C];
   load_acc<R, C>(acc, c, ldc, accumulate);
   const int64_t full_end = k_odd_tail ? kk1 - 1 : kk1;
+  int64_t next_pf = pf.distance ? kk0 + pf.phase : kk1;
   for (int64_t kk = kk0; kk < kk1; ++kk) {
+    if (kk == next_pf) {
+      prefetch_pairs<C>(w, wstride, kk + pf.distance);
+      next_pf += pf.period;
+    }
     __m512bh bv[C];
     for (int j = 0; j < C; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(w + j * wstride + kk * 2 * kBlockCols);
     for (int r = 0; r < R; ++r) {
@@ -223,18 +249,18 @@ void dispatch(int rows, int cols, F&& f) {
 // built, else plain C++), rows 1..kTileRows, cols (column blocks) 1..kTileCols.
 template <typename A>
 void run_tile(int rows, int cols, const A* a, int64_t lda, const uint16_t* w, int64_t wstride, int64_t kk0,
-              int64_t kk1, bool k_odd_tail, float* c, int64_t ldc, bool accumulate) {
+              int64_t kk1, bool k_odd_tail, float* c, int64_t ldc, bool accumulate, Prefetch pf = {}) {
   dispatch(rows, cols, [&](auto r, auto cc) {
     constexpr int R = decltype(r)::value, C = decltype(cc)::value;
 #if defined(__AVX512BF16__)
     if constexpr (sizeof(A) == 2) {
-      tile_dpbf16<R, C>(a, lda, w, wstride, kk0, kk1, k_odd_tail, c, ldc, accumulate);
+      tile_dpbf16<R, C>(a, lda, w, wstride, kk0, kk1, k_odd_tail, c, ldc, accumulate, pf);
       return;
     }
 #endif
 #if defined(__AVX512F__)
     if constexpr (sizeof(A) == 4) {
-      tile_fma<R, C>(a, lda, w, wstride, kk0, kk1, k_odd_tail, c, ldc, accumulate);
+      tile_fma<R, C>(a, lda, w, wstride, kk0, kk1, k_odd_tail, c, ldc, accumulate, pf);
       return;
     }
 #endif

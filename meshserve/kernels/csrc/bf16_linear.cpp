@@ -32,6 +32,10 @@ constexpr int64_t kPairBlock = 64;                       // k-pairs per K block:
 // gate_up 2816x512, load ~5) in-register widening won at 16 rows (122 vs 101 GFLOP/s) and widening once
 // at 64 (135-142 vs 125); 32 lies between (not timed on its own). 128- and 32-pair blocks were no better.
 constexpr int64_t kWideRows = 32;
+// Weight pairs the tiles ask for ahead of use (2 KiB of each column block's stream). Decode-sized M left to
+// the hardware prefetcher read 24-38 GB/s; with this, 32-50 (2 threads, 1B shapes, docs/kernels.md); 16 and
+// 64 pairs were no better.
+constexpr int64_t kPrefetchPairs = 32;
 
 template <typename A, typename O>
 void bf16_linear_impl(const A* xs, int64_t lda, int64_t m, int64_t k, const uint16_t* w, int64_t n,
@@ -53,6 +57,7 @@ void bf16_linear_impl(const A* xs, int64_t lda, int64_t m, int64_t k, const uint
         const int64_t kk1 = std::min(k2, kk0 + kPairBlock);
         const bool odd_tail = (k % 2) && kk1 == k2;
         if (wide) bf16_tile::run_widen(cblocks, wp, wstride, kk0, kk1, wf.data());
+        const int64_t groups = (rows + kTileRows - 1) / kTileRows;  // row groups sharing the block's prefetch
         for (int64_t r = 0; r < rows; r += kTileRows) {
           const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
           const A* a = xs + (row0 + r) * lda;
@@ -64,8 +69,9 @@ void bf16_linear_impl(const A* xs, int64_t lda, int64_t m, int64_t k, const uint
               continue;
             }
           }
+          const bf16_tile::Prefetch pf{kPrefetchPairs, r / kTileRows, groups};
           bf16_tile::run_tile<A>(tile_rows, cblocks, a, lda, wp, wstride, kk0, kk1, odd_tail, c, kPanelCols,
-                                 kk0 > 0);
+                                 kk0 > 0, pf);
         }
       }
       const int64_t col0 = panel * kPanelCols, cols = std::min(kPanelCols, n - col0);
