@@ -189,7 +189,7 @@ def noc(
     pattern: str = typer.Option(
         "uniform",
         "--pattern",
-        help="uniform | transpose | bitcomp | tornado | neighbor | FILE.npy "
+        help="uniform | transpose | bitcomp | bitrev | shuffle | tornado | neighbor | randperm | FILE.npy "
         "([nodes, nodes] packets per source and destination).",
     ),
     packets_per_node: int = typer.Option(100, "--packets-per-node", help="Packets each node sends."),

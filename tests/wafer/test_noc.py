@@ -13,21 +13,55 @@ from meshserve.errors import InputError
 from meshserve.wafer.noc import noc_cycles, packet_matrix, permutation
 
 
-@pytest.mark.parametrize("pattern", ["transpose", "bitcomp", "tornado", "neighbor"])
+@pytest.mark.parametrize(
+    "pattern", ["transpose", "bitcomp", "bitrev", "shuffle", "tornado", "neighbor", "randperm"]
+)
 @pytest.mark.parametrize("k", [4, 8])
 def test_permutation_patterns_are_permutations(pattern, k):
     dest = permutation(pattern, k, k)
     assert sorted(dest) == list(range(k * k))
 
 
-def test_patterns_follow_booksim_definitions_on_4x4():
-    # node id = r * 4 + c
-    assert permutation("transpose", 4, 4)[1 * 4 + 2] == 2 * 4 + 1
-    assert permutation("bitcomp", 4, 4)[0] == 15
-    assert permutation("tornado", 4, 4)[0] == 1 * 4 + 1  # (0 + 4/2 - 1, 0 + 4/2 - 1)
-    assert permutation("neighbor", 4, 4)[3] == 0  # (0, 3) -> (0, 0)
+def booksim_digit_permutation(source: int, k: int, shift: int) -> int:
+    """BookSim2's tornado / neighbor (traffic.cpp): every base-k digit moved by `shift`, mod k."""
+    return sum(((source // k**d) % k + shift) % k * k**d for d in range(2))
+
+
+@pytest.mark.parametrize("k", [4, 5, 8])
+def test_patterns_follow_booksim_definitions(k):
+    n = k * k
+    nodes = range(n)
+    assert list(permutation("tornado", k, k)) == [
+        booksim_digit_permutation(s, k, (k + 1) // 2 - 1) for s in nodes
+    ]
+    assert list(permutation("neighbor", k, k)) == [booksim_digit_permutation(s, k, 1) for s in nodes]
+    if n & (n - 1) == 0:  # the bit patterns, on power-of-two node counts
+        bits = n.bit_length() - 1
+        assert list(permutation("bitcomp", k, k)) == [~s & (n - 1) for s in nodes]
+        assert list(permutation("bitrev", k, k)) == [int(f"{s:0{bits}b}"[::-1], 2) for s in nodes]
+        assert list(permutation("shuffle", k, k)) == [
+            ((s << 1) & (n - 1)) | bool((s << 1) & n) for s in nodes
+        ]
+    assert permutation("transpose", 4, 4)[1 * 4 + 2] == 2 * 4 + 1  # node id = r * 4 + c
     with pytest.raises(InputError, match="square"):
         permutation("transpose", 4, 8)
+    with pytest.raises(InputError, match="power-of-two"):
+        permutation("bitrev", 3, 4)
+
+
+def test_a_node_a_permutation_maps_to_itself_keeps_its_packets_as_booksim():
+    packets = packet_matrix("transpose", 4, 4, 10)
+    assert packets[5, 5] == 10 and packets.sum() == 160  # (1, 1) sends to itself, through its two ports
+
+
+def shift_right(tmp_path, packets: int) -> str:
+    """Every node of a 4x4 mesh but the last column sends to its right-hand neighbour: no shared link."""
+    matrix = np.zeros((16, 16))
+    for node in range(16):
+        if node % 4 != 3:
+            matrix[node, node + 1] = packets
+    np.save(tmp_path / "shift.npy", matrix)
+    return str(tmp_path / "shift.npy")
 
 
 def test_uniform_sends_packets_to_every_node_itself_included_evenly_as_booksim(tmp_path):
@@ -47,7 +81,7 @@ def test_one_flow_takes_exactly_the_bottleneck_time(tmp_path):
     np.save(tmp_path / "one.npy", packets)
     cycles = noc_cycles(4, 4, str(tmp_path / "one.npy"), 1, 20)["cycles"]
     assert cycles["flit"] == cycles["packet"] == cycles["bottleneck"] == 7 * 20 + 6 * 5 + 2
-    cycles = noc_cycles(4, 4, "neighbor", 3, 20)["cycles"]  # flows that never share a link
+    cycles = noc_cycles(4, 4, shift_right(tmp_path, 3), 1, 20)["cycles"]  # flows that never share a link
     assert cycles["flit"] == cycles["packet"] == cycles["bottleneck"]
 
 
@@ -114,7 +148,7 @@ def test_injection_ports_follow_the_port_bandwidth_and_only_help_where_the_port_
     assert two["cycles"]["bottleneck"] <= two["cycles"][model] < one["cycles"][model]  # two packets at once
     # one flow per node over one link: the link, not the port, limits, so a second port changes nothing
     single = [
-        noc_cycles(4, 4, "neighbor", 5, 20, models=(model,), injection_ports=p)["cycles"][model]
+        noc_cycles(4, 4, shift_right(tmp_path, 5), 1, 20, models=(model,), injection_ports=p)["cycles"][model]
         for p in (1, 2)
     ]
     assert single[0] == single[1]
