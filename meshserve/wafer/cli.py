@@ -195,7 +195,9 @@ def noc(
     packets_per_node: int = typer.Option(100, "--packets-per-node", help="Packets each node sends."),
     flits_per_packet: int = typer.Option(20, "--flits-per-packet", help="Flits per packet."),
     time_model: list[str] = typer.Option(
-        None, "--time-model", help="bottleneck | fair-share | packet | flit (repeat; default all)."
+        None,
+        "--time-model",
+        help="bottleneck | fair-share | packet | flit | flit-rr (repeat; default all but flit-rr).",
     ),
     injection_ports: int = typer.Option(
         None, "--injection-ports", help="Flits a node injects and ejects per cycle (default: noc.yaml)."

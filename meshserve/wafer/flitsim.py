@@ -4,7 +4,9 @@ Every cycle, over all virtual channels (VCs) of all routers at once (numpy):
 1. flits, credits and freed VCs scheduled for this cycle land (ring buffers indexed by cycle);
 2. VC allocation: a packet whose head flit sits in a VC and has no VC at the next router asks for
    a free one on its next channel; each channel grants its free VCs to the oldest requests
-   (ejection needs no VC);
+   (``vc_arbiter="age"``) or round robin over the requesting input VCs from the one it granted last
+   (``"round_robin"``, BookSim2's arbiter kind; docs/wafer.md shows BookSim2's congested
+   permutations between the two); ejection needs no VC;
 3. switch allocation, separable: each router input port picks one of its VCs that has a flit, a
    granted VC downstream and a credit for it (round robin over VCs), then each output channel
    picks one of the input ports asking for it (round robin from the input it served last:
@@ -35,6 +37,7 @@ def simulate_flits(
     params: NocParams,
     credit_cycles: int = 1,
     width: np.ndarray | None = None,
+    vc_arbiter: str = "age",
 ) -> int:
     """Cycles until the last flit has arrived (route, source, latency, is_eject as in packetsim).
 
@@ -81,6 +84,7 @@ def simulate_flits(
     returned = np.zeros((size, U), dtype=np.int64)
     freed = np.zeros((size, U), dtype=bool)
     last_in = np.full(C, -1, dtype=np.int64)  # each output's round-robin pointer: the input it last served
+    last_vc_in = np.full(C, -1, dtype=np.int64)  # the same for VC allocation (vc_arbiter="round_robin")
     num_in = C + nodes
     t, finish, delivered = 0, 0, 0
     while delivered < num:
@@ -96,7 +100,14 @@ def simulate_flits(
         live = np.flatnonzero(pkt >= 0)
         waiting = live[(out[live] == -1) & (got[live] > sent[live])]
         if len(waiting):
-            _allocate_vcs(waiting, pkt, hop, got, sent, out, route, is_eject, C, V)
+            if vc_arbiter == "age":
+                priority = pkt[waiting]
+            else:
+                nxt = route[pkt[waiting], hop[waiting] + 1]
+                in_vc = port[waiting] * V + waiting % V
+                priority = (in_vc - last_vc_in[nxt] - 1) % (num_in * V)
+            granted = _allocate_vcs(waiting, priority, pkt, hop, got, sent, out, route, is_eject, C, V)
+            last_vc_in[route[pkt[granted], hop[granted] + 1]] = port[granted] * V + granted % V
         ready = live[out[live] != -1]
         o = out[ready]
         ready = ready[(got[ready] > sent[ready]) & ((o == EJECT) | (credit[np.maximum(o, 0)] > 0))]
@@ -142,17 +153,18 @@ def simulate_flits(
     return int(finish)
 
 
-def _allocate_vcs(waiting, pkt, hop, got, sent, out, route, is_eject, C: int, V: int) -> None:
-    """Grant the waiting heads a free VC on their next channel, oldest packet first."""
+def _allocate_vcs(waiting, priority, pkt, hop, got, sent, out, route, is_eject, C: int, V: int) -> np.ndarray:
+    """Grant the waiting heads a free VC on their next channel, lowest priority value first; returns
+    the heads granted a VC (not those that eject)."""
     nxt = route[pkt[waiting], hop[waiting] + 1]
     eject = is_eject[nxt]
     out[waiting[eject]] = EJECT
-    waiting, nxt = waiting[~eject], nxt[~eject]
+    waiting, nxt, priority = waiting[~eject], nxt[~eject], priority[~eject]
     if len(waiting) == 0:
-        return
+        return waiting
     free = np.flatnonzero(pkt[: C * V] < 0)
     free_chan = free // V
-    order = np.lexsort((pkt[waiting], nxt))
+    order = np.lexsort((priority, nxt))
     waiting, nxt = waiting[order], nxt[order]
     rank = np.arange(len(nxt)) - np.searchsorted(nxt, nxt)
     start = np.searchsorted(free_chan, nxt)
@@ -162,3 +174,4 @@ def _allocate_vcs(waiting, pkt, hop, got, sent, out, route, is_eject, C: int, V:
     w = waiting[grant]
     out[w] = vc
     pkt[vc], hop[vc], got[vc], sent[vc], out[vc] = pkt[w], hop[w] + 1, 0, 0, -1
+    return w

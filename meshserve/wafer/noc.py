@@ -33,7 +33,10 @@ from meshserve.wafer.topology import Topology, topology_for
 from meshserve.wafer.traffic import Collective
 
 PATTERNS = ("uniform", "transpose", "bitcomp", "bitrev", "shuffle", "tornado", "neighbor", "randperm")
-NOC_MODELS = (*TIME_MODELS, "packet", "flit")
+# "flit-rr": the flit model with round-robin instead of oldest-first VC allocation, a sensitivity check
+# (BookSim2's congested permutations fall between the two; docs/wafer.md), not run unless asked for.
+NOC_MODELS = (*TIME_MODELS, "packet", "flit", "flit-rr")
+DEFAULT_MODELS = NOC_MODELS[:-1]
 DEFAULT_ORDER = ("flit", "packet", "bottleneck")  # the most faithful model that ran sets the figure
 
 
@@ -188,7 +191,7 @@ def noc_cycles(
     pattern: str,
     packets_per_node: int,
     flits_per_packet: int,
-    models: tuple[str, ...] = NOC_MODELS,
+    models: tuple[str, ...] = DEFAULT_MODELS,
     seed: int = 0,
     injection_ports: int | None = None,
     matrix: np.ndarray | None = None,
@@ -228,12 +231,17 @@ def noc_cycles(
     cycles, seconds = {}, {}
     for model in models:
         start = time.perf_counter()
-        if model in ("packet", "flit"):
+        if model in ("packet", "flit", "flit-rr"):
             route, source = packet_routes(topo, packets, seed)
             eject = topo.link_kind == "eject"
             width = np.rint(np.maximum(topo.link_bandwidth, 1.0)).astype(np.int64)  # n ports of one flit
-            simulate = simulate_packets if model == "packet" else simulate_flits
-            value = simulate(route, source, topo.link_latency, eject, params, width=width)
+            if model == "packet":
+                value = simulate_packets(route, source, topo.link_latency, eject, params, width=width)
+            else:
+                arbiter = "round_robin" if model == "flit-rr" else "age"
+                value = simulate_flits(
+                    route, source, topo.link_latency, eject, params, width=width, vc_arbiter=arbiter
+                )
         else:
             value = collective_time(
                 topo, Collective("batch", packets * float(flits_per_packet), 1), model
@@ -294,7 +302,7 @@ def run_noc(
         pattern,
         packets_per_node,
         flits_per_packet,
-        models or NOC_MODELS,
+        models or DEFAULT_MODELS,
         injection_ports=injection_ports,
     )
     reference = booksim_reference(result)

@@ -164,3 +164,12 @@ def test_injection_ports_follow_the_port_bandwidth_and_only_help_where_the_port_
     with pytest.raises(InputError) as err:
         noc_cycles(4, 4, "uniform", 1, 1, injection_ports=0)
     assert err.value.field == "injection_ports"
+
+
+def test_round_robin_vc_allocation_is_a_separate_model_with_the_same_bounds():
+    # on a 4x4 random permutation the VC allocation order matters: round robin lets flows fall behind
+    result = noc_cycles(4, 4, "randperm", 30, 20, models=("bottleneck", "flit", "flit-rr"))
+    cycles = result["cycles"]
+    assert cycles["flit-rr"] >= cycles["bottleneck"] - (6 * 5 + 2) and cycles["flit-rr"] >= 30 * 20
+    assert cycles["flit-rr"] != cycles["flit"]
+    assert set(noc_cycles(4, 4, "bitcomp", 2, 4)["cycles"]) == {"bottleneck", "fair-share", "packet", "flit"}
