@@ -202,6 +202,9 @@ def noc(
     injection_ports: int = typer.Option(
         None, "--injection-ports", help="Flits a node injects and ejects per cycle (default: noc.yaml)."
     ),
+    router: str = typer.Option(
+        "on-chip", "--router", help="on-chip (BookSim2's router) | die-to-die (the wafer's links; noc.yaml)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Cycles one batch of synthetic traffic takes on a mesh (1 flit per cycle per link), per time model."""
@@ -216,4 +219,5 @@ def noc(
         json_out,
         print_noc,
         injection_ports,
+        router,
     )

@@ -40,9 +40,16 @@ DEFAULT_MODELS = NOC_MODELS[:-1]
 DEFAULT_ORDER = ("flit", "packet", "bottleneck")  # the most faithful model that ran sets the figure
 
 
-def noc_defaults() -> dict:
-    """Router parameters and the cycle-level reference figures (presets/noc.yaml)."""
-    return read_yaml(PRESET_DIR / "noc.yaml", "noc")
+ROUTERS = ("on-chip", "die-to-die")
+
+
+def noc_defaults(router: str = "on-chip") -> dict:
+    """A router parameter set (presets/noc.yaml): on-chip (BookSim2's defaults) or die-to-die."""
+    require(router in ROUTERS, "router", f"unknown {router!r}; allowed: {', '.join(ROUTERS)}")
+    data = read_yaml(PRESET_DIR / "noc.yaml", "noc")
+    sets = {"die-to-die": data.pop("die_to_die")}
+    sets["on-chip"] = data
+    return sets[router]
 
 
 def permutation(pattern: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -195,6 +202,7 @@ def noc_cycles(
     seed: int = 0,
     injection_ports: int | None = None,
     matrix: np.ndarray | None = None,
+    router: str = "on-chip",
 ) -> dict:
     """Cycles each time model predicts for one batch, and how long each model took (seconds).
 
@@ -209,7 +217,7 @@ def noc_cycles(
     require(flits_per_packet >= 1, "flits_per_packet", f"must be >= 1, got {flits_per_packet}")
     for m in models:
         require(m in NOC_MODELS, "time_model", f"unknown {m!r}; allowed: {', '.join(NOC_MODELS)}")
-    d = Section(noc_defaults(), "noc")
+    d = Section(noc_defaults(router), "noc")
     params = NocParams(
         flits_per_packet, d.integer("vcs"), d.integer("vc_buffer_flits"), d.integer("hop_cycles")
     )
@@ -240,7 +248,14 @@ def noc_cycles(
             else:
                 arbiter = "round_robin" if model == "flit-rr" else "age"
                 value = simulate_flits(
-                    route, source, topo.link_latency, eject, params, width=width, vc_arbiter=arbiter
+                    route,
+                    source,
+                    topo.link_latency,
+                    eject,
+                    params,
+                    credit_cycles=d.integer("credit_cycles"),
+                    width=width,
+                    vc_arbiter=arbiter,
                 )
         else:
             value = collective_time(
@@ -257,6 +272,7 @@ def noc_cycles(
         "packets_per_node": packets_per_node,
         "flits_per_packet": flits_per_packet,
         "injection_ports": ports,
+        "router": router,
     }
 
 
@@ -291,6 +307,7 @@ def run_noc(
     as_json: bool,
     show,
     injection_ports: int | None = None,
+    router: str = "on-chip",
 ) -> dict:
     """The `meshserve wafer noc` command: compute, then print JSON or tables."""
     import json
@@ -304,8 +321,9 @@ def run_noc(
         flits_per_packet,
         models or DEFAULT_MODELS,
         injection_ports=injection_ports,
+        router=router,
     )
-    reference = booksim_reference(result)
+    reference = booksim_reference(result) if router == "on-chip" else None
     if reference is not None:
         result["booksim2_cycles"] = reference
         result["vs_booksim2"] = {m: c / reference for m, c in result["cycles"].items()}
@@ -324,7 +342,7 @@ def print_noc(result: dict) -> None:
     table = Table(
         title=f"{result['pattern']} on {result['mesh']}: {result['packets_per_node']} packets of "
         f"{result['flits_per_packet']} flits per node, 1 flit/cycle/link, "
-        f"{result['injection_ports']} injection port(s) per node"
+        f"{result['injection_ports']} injection port(s) per node, {result['router']} router"
     )
     for col in ("time model", "cycles", "vs BookSim2", "took (s)"):
         table.add_column(col, justify="left" if col == "time model" else "right")

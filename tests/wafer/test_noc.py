@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 from meshserve.cli import app
 from meshserve.errors import InputError
-from meshserve.wafer.noc import noc_cycles, packet_matrix, permutation
+from meshserve.wafer.noc import noc_cycles, noc_defaults, packet_matrix, permutation
 
 
 @pytest.mark.parametrize(
@@ -173,3 +174,23 @@ def test_round_robin_vc_allocation_is_a_separate_model_with_the_same_bounds():
     assert cycles["flit-rr"] >= cycles["bottleneck"] - (6 * 5 + 2) and cycles["flit-rr"] >= 30 * 20
     assert cycles["flit-rr"] != cycles["flit"]
     assert set(noc_cycles(4, 4, "bitcomp", 2, 4)["cycles"]) == {"bottleneck", "fair-share", "packet", "flit"}
+
+
+def test_die_to_die_links_need_bandwidth_delay_product_buffers(tmp_path):
+    # one flow over 6 hops of 100-cycle links: the die-to-die set's buffers and VCs cover the 200-cycle
+    # credit round trip, so the links stay busy (the bottleneck time); the on-chip set's 8 VCs would not
+    # (a VC is held for F + 200 cycles and 8 x 20 < 220), so the same flow takes longer
+    one = np.zeros((16, 16))
+    one[0, 15] = 20
+    np.save(tmp_path / "one.npy", one)
+    d2d = noc_cycles(
+        4, 4, str(tmp_path / "one.npy"), 1, 20, models=("bottleneck", "flit"), router="die-to-die"
+    )
+    assert d2d["router"] == "die-to-die"
+    assert d2d["cycles"]["flit"] == d2d["cycles"]["bottleneck"] == 20 * 20 + 6 * 100 + 2
+    few_vcs = dict(noc_defaults("die-to-die"), vcs=8)
+    with patch("meshserve.wafer.noc.noc_defaults", lambda router: few_vcs):
+        starved = noc_cycles(4, 4, str(tmp_path / "one.npy"), 1, 20, models=("flit",), router="die-to-die")
+    assert starved["cycles"]["flit"] > d2d["cycles"]["flit"]
+    with pytest.raises(InputError, match="router"):
+        noc_cycles(4, 4, "uniform", 1, 1, router="off-chip")
