@@ -7,10 +7,10 @@ Every cycle, over all virtual channels (VCs) of all routers at once (numpy):
    (``vc_arbiter="age"``) or round robin over the requesting input VCs from the one it granted last
    (``"round_robin"``, BookSim2's arbiter kind; docs/wafer.md shows BookSim2's congested
    permutations between the two); ejection needs no VC;
-3. switch allocation, separable: each router input port picks one of its VCs that has a flit, a
-   granted VC downstream and a credit for it (round robin over VCs), then each output channel
-   picks one of the input ports asking for it (round robin from the input it served last:
-   BookSim2's default arb_type, the grant arbiter of its iSLIP switch allocator);
+3. switch allocation, BookSim2's default iSLIP with one iteration: every VC that has a flit, a
+   granted VC downstream and a credit for it requests its output; each output channel grants one
+   input port (round robin from the input it served last, BookSim2's default arb_type), and each
+   input port accepts one of its grants (round robin over its VCs);
 4. each winner sends one flit: it lands downstream after the channel's latency, the upstream
    gets the credit back after ``credit_cycles``, and a VC is freed once its tail flit has left
    and that credit has returned (BookSim's wait-for-tail-credit).
@@ -118,17 +118,20 @@ def simulate_flits(
             ahead = (pending - slot) % size
             t += int(ahead[ahead > 0].min()) if (ahead > 0).any() else 1
             continue
-        # input stage: as many VCs per input port as it reads flits a cycle, round robin over VCs
-        key = (ready - t) % V
-        pick = np.lexsort((key, port[ready]))
-        ports = port[ready][pick]
-        ready = ready[pick][rank_in_runs(ports) < reads[ports]]
-        # output stage: as many requests per output channel as its width, round robin over inputs
         chan = np.where(out[ready] == EJECT, route[pkt[ready], hop[ready] + 1], out[ready] // V)
-        pick = np.lexsort(((port[ready] - last_in[chan] - 1) % num_in, chan))
-        chan = chan[pick]
+        # iSLIP, one iteration: every output grants as many requests as its width, round robin over input
+        # ports from the one it served last (then over VCs); every input port accepts as many grants as
+        # it reads flits a cycle, round robin over its VCs. (Input-first allocation, where a port picks
+        # one VC before knowing whether its output is free, idles ports that iSLIP keeps busy.)
+        pick = np.lexsort(((ready - t) % V, (port[ready] - last_in[chan] - 1) % num_in, chan))
+        granted, chan = ready[pick], chan[pick]
         keep = rank_in_runs(chan) < width[chan]
-        win, chan = ready[pick][keep], chan[keep]
+        granted, chan = granted[keep], chan[keep]
+        pick = np.lexsort(((granted - t) % V, port[granted]))
+        granted, chan = granted[pick], chan[pick]
+        ports = port[granted]
+        keep = rank_in_runs(ports) < reads[ports]
+        win, chan = granted[keep], chan[keep]
         last_in[chan] = port[win]
         sent[win] += 1
         to_vc = out[win] != EJECT
