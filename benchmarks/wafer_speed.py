@@ -1,6 +1,6 @@
 """How fast is the wafer simulator? Prints one (mapping, layer) evaluation on 8x8 and the full
 `reproduce comm` sweep, each beside its target (10 ms and 60 s on 2 cores), then the NoC time
-models' error against the cycle-level reference, the packet and flit models' speed on 4x4-16x16
+models' error against BookSim2's measured cycles, the packet and flit models' speed on 4x4-16x16
 and the packet and flit models with 1, 2 and 4 injection ports per node on 8x8.
 
 Run: .venv/bin/python benchmarks/wafer_speed.py
@@ -12,19 +12,13 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
-import yaml
-
 from meshserve.wafer.experiments import run_comm
 from meshserve.wafer.hardware import load_hardware
 from meshserve.wafer.mapping import make_mapping
 from meshserve.wafer.models import load_model
 from meshserve.wafer.plots import comparison_png
-from meshserve.wafer.presets import PRESET_DIR
 from meshserve.wafer.simulate import simulate_layer
-from meshserve.wafer.timemodel import collective_time
 from meshserve.wafer.topology import topology_for
-from meshserve.wafer.traffic import Collective
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -36,37 +30,21 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def model_error() -> None:
-    """Bottleneck / fair-share for a saturated uniform all-to-all, beside the cycle-level reference."""
-    reference = yaml.safe_load((PRESET_DIR / "experiments" / "noc_reference.yaml").read_text())
-    wsc = load_hardware("wsc-8x8")
-    for side, booksim in reference["booksim_bottleneck_over_cycle"].items():
-        topo = topology_for(wsc.with_mesh(side, side))
-        traffic = np.full((side * side, side * side), 1e6)
-        np.fill_diagonal(traffic, 0)
-        c = Collective("uniform all-to-all", traffic, 1)
-        start = time.perf_counter()
-        fair = collective_time(topo, c, "fair-share").bandwidth_s
-        took = time.perf_counter() - start
-        ratio = collective_time(topo, c, "bottleneck").bandwidth_s / fair
-        print(
-            f"uniform all-to-all {side}x{side}: bottleneck / fair-share = {ratio:.3f} "
-            f"(BookSim2 bottleneck / cycle-level = {booksim:.2f}); fair-share took {took:.2f} s"
-        )
-
-
 def noc_speed() -> None:
-    """The congestion-aware models on the saturated uniform all-to-all: speed and error vs BookSim2."""
+    """Every time model on the saturated uniform batch: speed and error vs BookSim2's measured cycles
+    (benchmarks/noc_validation.py prints every pattern)."""
     from meshserve.wafer.noc import booksim_reference, noc_cycles
 
     for side in (4, 8, 16):
-        result = noc_cycles(side, side, "uniform", 100, 20, models=("bottleneck", "packet", "flit"))
+        result = noc_cycles(
+            side, side, "uniform", 100, 20, models=("bottleneck", "fair-share", "packet", "flit")
+        )
         booksim = booksim_reference(result)
         for model, cycles in result["cycles"].items():
+            vs = "" if booksim is None else f" = {cycles / booksim:.3f}x BookSim2 ({booksim:,.0f})"
             print(
                 f"noc uniform {side}x{side}, 100 x 20-flit packets/node, {model:10s}: "
-                f"{cycles:6,} cycles = {cycles / booksim:.3f}x BookSim2 ({booksim:,.0f}); "
-                f"took {result['seconds'][model]:.2f} s"
+                f"{cycles:6,} cycles{vs}; took {result['seconds'][model]:.2f} s"
             )
 
 
@@ -110,7 +88,6 @@ def main() -> None:
         f"{result['regimes_total']} open-question regimes, plot included): {total:.2f} s "
         f"(target 60 s: {total / 60:.3f}x of target)"
     )
-    model_error()
     noc_speed()
     port_sweep()
 

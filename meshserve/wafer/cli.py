@@ -209,16 +209,21 @@ def noc(
     pattern: str = typer.Option(
         "uniform",
         "--pattern",
-        help="uniform | transpose | bitcomp | tornado | neighbor | FILE.npy "
+        help="uniform | transpose | bitcomp | bitrev | shuffle | tornado | neighbor | randperm | FILE.npy "
         "([nodes, nodes] packets per source and destination).",
     ),
     packets_per_node: int = typer.Option(100, "--packets-per-node", help="Packets each node sends."),
     flits_per_packet: int = typer.Option(20, "--flits-per-packet", help="Flits per packet."),
     time_model: list[str] = typer.Option(
-        None, "--time-model", help="bottleneck | fair-share | packet | flit (repeat; default all)."
+        None,
+        "--time-model",
+        help="bottleneck | fair-share | packet | flit | flit-rr (repeat; default all but flit-rr).",
     ),
     injection_ports: int = typer.Option(
         None, "--injection-ports", help="Flits a node injects and ejects per cycle (default: noc.yaml)."
+    ),
+    router: str = typer.Option(
+        "on-chip", "--router", help="on-chip (BookSim2's router) | die-to-die (the wafer's links; noc.yaml)."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -234,4 +239,5 @@ def noc(
         json_out,
         print_noc,
         injection_ports,
+        router,
     )

@@ -96,7 +96,7 @@ def noc_bytes(hw: Hardware, packets: float, flits_per_packet: int, models: tuple
     model's per-cycle ring buffers of one packet's flits over every channel."""
     lim = limits()
     estimate = topology_bytes(hw) + packets * lim.bytes_per_packet
-    if {"packet", "flit"} & set(models):
+    if {"packet", "flit", "flit-rr"} & set(models):
         estimate += packets * (hw.rows + hw.cols + 2) * lim.bytes_per_packet_hop
     if "packet" in models:
         channels = 6 * hw.num_devices  # at most 4 mesh links per die, plus its two ports

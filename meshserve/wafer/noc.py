@@ -2,13 +2,16 @@
 
 Units: a link carries one flit per cycle (bandwidth 1 = one flit per cycle, bytes = flits,
 seconds = cycles); every die has injection and ejection ports of ``injection_ports`` flits per
-cycle. Patterns on a rows x cols mesh, as BookSim defines them on k x k (each dimension uses its
-own k): transpose (r, c) -> (c, r) (square meshes only), bitcomp (r, c) -> (k-1-r, k-1-c), tornado
-(r, c) -> ((r + k/2 - 1) mod k, (c + k/2 - 1) mod k), neighbor (r, c) -> (r, (c + 1) mod k),
-uniform: every packet to a random node, itself included as in BookSim (its RandomInt(nodes - 1)
-is inclusive: 1/N of the packets only cross the node's injection and ejection ports), each
-source's packets spread as evenly as they go; or a .npy file holding a [nodes, nodes] matrix of
-packets per (source, destination).
+cycle. Patterns are BookSim2's (traffic.cpp) on a rows x cols mesh, node id = r * cols + c (BookSim's
+x is our column, routed first): transpose (r, c) -> (c, r) (square meshes only), bitcomp (r, c) ->
+(k-1-r, k-1-c), bitrev (the node id's bits reversed) and shuffle (its bits rotated left by one; both
+need a power-of-two node count), tornado: every coordinate x -> (x + ceil(k/2) - 1) mod k, neighbor:
+every coordinate x -> (x + 1) mod k, randperm: a seeded random permutation, uniform: every packet to
+a random node, itself included as in BookSim (its RandomInt(nodes - 1) is inclusive: 1/N of the
+packets only cross the node's injection and ejection ports), each source's packets spread as evenly
+as they go; or a .npy file holding a [nodes, nodes] matrix of packets per (source, destination). A
+permutation that maps a node to itself keeps its packets, as BookSim2 does: they cross only that
+node's two ports.
 """
 
 from __future__ import annotations
@@ -29,28 +32,49 @@ from meshserve.wafer.timemodel import TIME_MODELS, collective_time
 from meshserve.wafer.topology import Topology, topology_for
 from meshserve.wafer.traffic import Collective
 
-PATTERNS = ("uniform", "transpose", "bitcomp", "tornado", "neighbor")
-NOC_MODELS = (*TIME_MODELS, "packet", "flit")
+PATTERNS = ("uniform", "transpose", "bitcomp", "bitrev", "shuffle", "tornado", "neighbor", "randperm")
+# "flit-rr": the flit model with round-robin instead of oldest-first VC allocation, a sensitivity check
+# (BookSim2's congested permutations fall between the two; docs/wafer.md), not run unless asked for.
+NOC_MODELS = (*TIME_MODELS, "packet", "flit", "flit-rr")
+DEFAULT_MODELS = NOC_MODELS[:-1]
 DEFAULT_ORDER = ("flit", "packet", "bottleneck")  # the most faithful model that ran sets the figure
 
 
-def noc_defaults() -> dict:
-    """Router parameters and the cycle-level reference figures (presets/noc.yaml)."""
-    return read_yaml(PRESET_DIR / "noc.yaml", "noc")
+ROUTERS = ("on-chip", "die-to-die")
 
 
-def permutation(pattern: str, rows: int, cols: int) -> np.ndarray:
+def noc_defaults(router: str = "on-chip") -> dict:
+    """A router parameter set (presets/noc.yaml): on-chip (BookSim2's defaults) or die-to-die."""
+    require(router in ROUTERS, "router", f"unknown {router!r}; allowed: {', '.join(ROUTERS)}")
+    data = read_yaml(PRESET_DIR / "noc.yaml", "noc")
+    sets = {"die-to-die": data.pop("die_to_die")}
+    sets["on-chip"] = data
+    return sets[router]
+
+
+def permutation(pattern: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """[nodes] destination of every node under a BookSim permutation pattern."""
-    r, c = np.divmod(np.arange(rows * cols), cols)
+    n = rows * cols
+    node = np.arange(n)
+    r, c = np.divmod(node, cols)
     if pattern == "transpose":
         require(rows == cols, "pattern", f"transpose needs a square mesh, got {rows}x{cols}")
         return c * cols + r
     if pattern == "bitcomp":
         return (rows - 1 - r) * cols + (cols - 1 - c)
+    if pattern in ("bitrev", "shuffle"):
+        bits = n.bit_length() - 1
+        require(n == 1 << bits, "pattern", f"{pattern} needs a power-of-two node count, got {rows}x{cols}")
+        if pattern == "shuffle":
+            return ((node << 1) & (n - 1)) | (node >> (bits - 1))
+        digits = (node[:, None] >> np.arange(bits)) & 1  # least significant first
+        return digits @ (1 << np.arange(bits)[::-1])
     if pattern == "tornado":
-        return ((r + rows // 2 - 1) % rows) * cols + (c + cols // 2 - 1) % cols
+        return ((r + (rows + 1) // 2 - 1) % rows) * cols + (c + (cols + 1) // 2 - 1) % cols
     if pattern == "neighbor":
-        return r * cols + (c + 1) % cols
+        return ((r + 1) % rows) * cols + (c + 1) % cols
+    if pattern == "randperm":
+        return np.random.default_rng(seed).permutation(n)
     raise InputError("pattern", f"unknown {pattern!r}; allowed: {', '.join(PATTERNS)} or a .npy file")
 
 
@@ -67,8 +91,7 @@ def packet_matrix(pattern: str, rows: int, cols: int, packets_per_node: int, see
         dest = order[:, np.arange(packets_per_node) % n]
         np.add.at(out, (np.repeat(np.arange(n), packets_per_node), dest.ravel()), 1)
         return out
-    out[np.arange(n), permutation(pattern, rows, cols)] = packets_per_node
-    np.fill_diagonal(out, 0)  # a node that maps to itself sends nothing over the network
+    out[np.arange(n), permutation(pattern, rows, cols, seed)] = packets_per_node
     return out
 
 
@@ -175,11 +198,15 @@ def noc_cycles(
     pattern: str,
     packets_per_node: int,
     flits_per_packet: int,
-    models: tuple[str, ...] = NOC_MODELS,
+    models: tuple[str, ...] = DEFAULT_MODELS,
     seed: int = 0,
     injection_ports: int | None = None,
+    matrix: np.ndarray | None = None,
+    router: str = "on-chip",
 ) -> dict:
     """Cycles each time model predicts for one batch, and how long each model took (seconds).
+
+    matrix: [nodes, nodes] packets to send instead of the pattern's (the pattern then only names it).
 
     injection_ports: flits per cycle a node injects and ejects (None: presets/noc.yaml). The
     bottleneck and fair-share models cost it as port bandwidth, the flit and packet models as that
@@ -190,7 +217,7 @@ def noc_cycles(
     require(flits_per_packet >= 1, "flits_per_packet", f"must be >= 1, got {flits_per_packet}")
     for m in models:
         require(m in NOC_MODELS, "time_model", f"unknown {m!r}; allowed: {', '.join(NOC_MODELS)}")
-    d = Section(noc_defaults(), "noc")
+    d = Section(noc_defaults(router), "noc")
     params = NocParams(
         flits_per_packet, d.integer("vcs"), d.integer("vc_buffer_flits"), d.integer("hop_cycles")
     )
@@ -199,9 +226,9 @@ def noc_cycles(
     hw = noc_platform(rows, cols, ports, d.integer("hop_cycles"))
     # Every dimension that scales memory is estimated before anything is allocated: the mesh, then the
     # batch (packets x flits; a file's counts once its header and values are checked).
-    if pattern.endswith(".npy"):
+    if matrix is not None or pattern.endswith(".npy"):
         check_platform(hw)
-        packets = packet_matrix(pattern, rows, cols, packets_per_node, seed)
+        packets = packet_matrix(pattern, rows, cols, packets_per_node, seed) if matrix is None else matrix
         check_noc(hw, float(packets.sum(dtype=np.float64)), flits_per_packet, models, "pattern")
     else:
         check_noc(hw, rows * cols * packets_per_node, flits_per_packet, models, "packets_per_node")
@@ -212,12 +239,24 @@ def noc_cycles(
     cycles, seconds = {}, {}
     for model in models:
         start = time.perf_counter()
-        if model in ("packet", "flit"):
+        if model in ("packet", "flit", "flit-rr"):
             route, source = packet_routes(topo, packets, seed)
             eject = topo.link_kind == "eject"
             width = np.rint(np.maximum(topo.link_bandwidth, 1.0)).astype(np.int64)  # n ports of one flit
-            simulate = simulate_packets if model == "packet" else simulate_flits
-            value = simulate(route, source, topo.link_latency, eject, params, width=width)
+            if model == "packet":
+                value = simulate_packets(route, source, topo.link_latency, eject, params, width=width)
+            else:
+                arbiter = "round_robin" if model == "flit-rr" else "age"
+                value = simulate_flits(
+                    route,
+                    source,
+                    topo.link_latency,
+                    eject,
+                    params,
+                    credit_cycles=d.integer("credit_cycles"),
+                    width=width,
+                    vc_arbiter=arbiter,
+                )
         else:
             value = collective_time(
                 topo, Collective("batch", packets * float(flits_per_packet), 1), model
@@ -233,6 +272,7 @@ def noc_cycles(
         "packets_per_node": packets_per_node,
         "flits_per_packet": flits_per_packet,
         "injection_ports": ports,
+        "router": router,
     }
 
 
@@ -246,32 +286,16 @@ def parse_mesh(mesh: str) -> tuple[int, int]:
 
 
 def booksim_reference(result: dict) -> float | None:
-    """BookSim2's cycles for this run when it is one of the known uniform cases, else None.
+    """BookSim2's measured cycles for this run when it sent what a reference batch sent, else None."""
+    from meshserve.wafer.booksim import reference_cycles  # it builds its matrices with this module
 
-    The known figures are bottleneck / cycle-level ratios for a saturated uniform all-to-all (XY,
-    8 VCs, 20-flit packets, 100 packets per node), so cycles = our bottleneck bandwidth term on the
-    expected uniform matrix / ratio.
-    """
-    rows, cols = parse_mesh(result["mesh"])
-    ratios = read_yaml(PRESET_DIR / "experiments" / "noc_reference.yaml", "noc")[
-        "booksim_bottleneck_over_cycle"
-    ]
-    known = (
-        result["pattern"] == "uniform"
-        and rows == cols
-        and rows in ratios
-        and result["packets_per_node"] == 100
-        and result["flits_per_packet"] == 20
-        and result["injection_ports"] == 1
+    return reference_cycles(
+        result["pattern"],
+        result["mesh"],
+        result["injection_ports"],
+        result["packets_per_node"],
+        result["flits_per_packet"],
     )
-    if not known:
-        return None
-    n = rows * cols
-    flits = np.full((n, n), 100 * 20 / (n - 1))
-    np.fill_diagonal(flits, 0)
-    hw = noc_platform(rows, cols, 1.0, 1.0)
-    busy = collective_time(topology_for(hw), Collective("uniform", flits, 1)).bandwidth_s
-    return busy / ratios[rows]
 
 
 def run_noc(
@@ -283,6 +307,7 @@ def run_noc(
     as_json: bool,
     show,
     injection_ports: int | None = None,
+    router: str = "on-chip",
 ) -> dict:
     """The `meshserve wafer noc` command: compute, then print JSON or tables."""
     import json
@@ -294,10 +319,11 @@ def run_noc(
         pattern,
         packets_per_node,
         flits_per_packet,
-        models or NOC_MODELS,
+        models or DEFAULT_MODELS,
         injection_ports=injection_ports,
+        router=router,
     )
-    reference = booksim_reference(result)
+    reference = booksim_reference(result) if router == "on-chip" else None
     if reference is not None:
         result["booksim2_cycles"] = reference
         result["vs_booksim2"] = {m: c / reference for m, c in result["cycles"].items()}
@@ -316,7 +342,7 @@ def print_noc(result: dict) -> None:
     table = Table(
         title=f"{result['pattern']} on {result['mesh']}: {result['packets_per_node']} packets of "
         f"{result['flits_per_packet']} flits per node, 1 flit/cycle/link, "
-        f"{result['injection_ports']} injection port(s) per node"
+        f"{result['injection_ports']} injection port(s) per node, {result['router']} router"
     )
     for col in ("time model", "cycles", "vs BookSim2", "took (s)"):
         table.add_column(col, justify="left" if col == "time model" else "right")

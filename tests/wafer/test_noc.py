@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -10,24 +11,58 @@ from typer.testing import CliRunner
 
 from meshserve.cli import app
 from meshserve.errors import InputError
-from meshserve.wafer.noc import noc_cycles, packet_matrix, permutation
+from meshserve.wafer.noc import noc_cycles, noc_defaults, packet_matrix, permutation
 
 
-@pytest.mark.parametrize("pattern", ["transpose", "bitcomp", "tornado", "neighbor"])
+@pytest.mark.parametrize(
+    "pattern", ["transpose", "bitcomp", "bitrev", "shuffle", "tornado", "neighbor", "randperm"]
+)
 @pytest.mark.parametrize("k", [4, 8])
 def test_permutation_patterns_are_permutations(pattern, k):
     dest = permutation(pattern, k, k)
     assert sorted(dest) == list(range(k * k))
 
 
-def test_patterns_follow_booksim_definitions_on_4x4():
-    # node id = r * 4 + c
-    assert permutation("transpose", 4, 4)[1 * 4 + 2] == 2 * 4 + 1
-    assert permutation("bitcomp", 4, 4)[0] == 15
-    assert permutation("tornado", 4, 4)[0] == 1 * 4 + 1  # (0 + 4/2 - 1, 0 + 4/2 - 1)
-    assert permutation("neighbor", 4, 4)[3] == 0  # (0, 3) -> (0, 0)
+def booksim_digit_permutation(source: int, k: int, shift: int) -> int:
+    """BookSim2's tornado / neighbor (traffic.cpp): every base-k digit moved by `shift`, mod k."""
+    return sum(((source // k**d) % k + shift) % k * k**d for d in range(2))
+
+
+@pytest.mark.parametrize("k", [4, 5, 8])
+def test_patterns_follow_booksim_definitions(k):
+    n = k * k
+    nodes = range(n)
+    assert list(permutation("tornado", k, k)) == [
+        booksim_digit_permutation(s, k, (k + 1) // 2 - 1) for s in nodes
+    ]
+    assert list(permutation("neighbor", k, k)) == [booksim_digit_permutation(s, k, 1) for s in nodes]
+    if n & (n - 1) == 0:  # the bit patterns, on power-of-two node counts
+        bits = n.bit_length() - 1
+        assert list(permutation("bitcomp", k, k)) == [~s & (n - 1) for s in nodes]
+        assert list(permutation("bitrev", k, k)) == [int(f"{s:0{bits}b}"[::-1], 2) for s in nodes]
+        assert list(permutation("shuffle", k, k)) == [
+            ((s << 1) & (n - 1)) | bool((s << 1) & n) for s in nodes
+        ]
+    assert permutation("transpose", 4, 4)[1 * 4 + 2] == 2 * 4 + 1  # node id = r * 4 + c
     with pytest.raises(InputError, match="square"):
         permutation("transpose", 4, 8)
+    with pytest.raises(InputError, match="power-of-two"):
+        permutation("bitrev", 3, 4)
+
+
+def test_a_node_a_permutation_maps_to_itself_keeps_its_packets_as_booksim():
+    packets = packet_matrix("transpose", 4, 4, 10)
+    assert packets[5, 5] == 10 and packets.sum() == 160  # (1, 1) sends to itself, through its two ports
+
+
+def shift_right(tmp_path, packets: int) -> str:
+    """Every node of a 4x4 mesh but the last column sends to its right-hand neighbour: no shared link."""
+    matrix = np.zeros((16, 16))
+    for node in range(16):
+        if node % 4 != 3:
+            matrix[node, node + 1] = packets
+    np.save(tmp_path / "shift.npy", matrix)
+    return str(tmp_path / "shift.npy")
 
 
 def test_uniform_sends_packets_to_every_node_itself_included_evenly_as_booksim(tmp_path):
@@ -47,7 +82,7 @@ def test_one_flow_takes_exactly_the_bottleneck_time(tmp_path):
     np.save(tmp_path / "one.npy", packets)
     cycles = noc_cycles(4, 4, str(tmp_path / "one.npy"), 1, 20)["cycles"]
     assert cycles["flit"] == cycles["packet"] == cycles["bottleneck"] == 7 * 20 + 6 * 5 + 2
-    cycles = noc_cycles(4, 4, "neighbor", 3, 20)["cycles"]  # flows that never share a link
+    cycles = noc_cycles(4, 4, shift_right(tmp_path, 3), 1, 20)["cycles"]  # flows that never share a link
     assert cycles["flit"] == cycles["packet"] == cycles["bottleneck"]
 
 
@@ -114,7 +149,7 @@ def test_injection_ports_follow_the_port_bandwidth_and_only_help_where_the_port_
     assert two["cycles"]["bottleneck"] <= two["cycles"][model] < one["cycles"][model]  # two packets at once
     # one flow per node over one link: the link, not the port, limits, so a second port changes nothing
     single = [
-        noc_cycles(4, 4, "neighbor", 5, 20, models=(model,), injection_ports=p)["cycles"][model]
+        noc_cycles(4, 4, shift_right(tmp_path, 5), 1, 20, models=(model,), injection_ports=p)["cycles"][model]
         for p in (1, 2)
     ]
     assert single[0] == single[1]
@@ -126,7 +161,37 @@ def test_injection_ports_follow_the_port_bandwidth_and_only_help_where_the_port_
         noc_cycles(4, 4, str(tmp_path / "alone.npy"), 1, 20, models=(model,), injection_ports=p)
         for p in (1, 2)
     ]
-    assert [b["cycles"][model] for b in both] == [2 * 20 + 2, 20 + 2]
+    # (the flit model's one-iteration VC allocation may give the second packet its VC a cycle later)
+    assert [b["cycles"][model] for b in both] in ([2 * 20 + 2, 20 + 2], [2 * 20 + 2, 20 + 3])
     with pytest.raises(InputError) as err:
         noc_cycles(4, 4, "uniform", 1, 1, injection_ports=0)
     assert err.value.field == "injection_ports"
+
+
+def test_round_robin_vc_allocation_is_a_separate_model_with_the_same_bounds():
+    # on 4x4 uniform traffic the VC allocation order matters: round robin lets flows fall behind
+    result = noc_cycles(4, 4, "uniform", 30, 20, models=("bottleneck", "flit", "flit-rr"))
+    cycles = result["cycles"]
+    assert cycles["flit-rr"] >= cycles["bottleneck"] - (6 * 5 + 2) and cycles["flit-rr"] >= 30 * 20
+    assert cycles["flit-rr"] != cycles["flit"]
+    assert set(noc_cycles(4, 4, "bitcomp", 2, 4)["cycles"]) == {"bottleneck", "fair-share", "packet", "flit"}
+
+
+def test_die_to_die_links_need_bandwidth_delay_product_buffers(tmp_path):
+    # one flow over 6 hops of 100-cycle links: each die-to-die VC buffers the 200-cycle credit round trip,
+    # so the links stay busy (the bottleneck time); with the on-chip set's 8-flit buffers the flow waits
+    # for credits most of the time
+    one = np.zeros((16, 16))
+    one[0, 15] = 20
+    np.save(tmp_path / "one.npy", one)
+    d2d = noc_cycles(
+        4, 4, str(tmp_path / "one.npy"), 1, 20, models=("bottleneck", "flit"), router="die-to-die"
+    )
+    assert d2d["router"] == "die-to-die"
+    assert d2d["cycles"]["flit"] == d2d["cycles"]["bottleneck"] == 20 * 20 + 6 * 100 + 2
+    small = dict(noc_defaults("die-to-die"), vc_buffer_flits=8)
+    with patch("meshserve.wafer.noc.noc_defaults", lambda router: small):
+        starved = noc_cycles(4, 4, str(tmp_path / "one.npy"), 1, 20, models=("flit",), router="die-to-die")
+    assert starved["cycles"]["flit"] > 3 * d2d["cycles"]["flit"]
+    with pytest.raises(InputError, match="router"):
+        noc_cycles(4, 4, "uniform", 1, 1, router="off-chip")
