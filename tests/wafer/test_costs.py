@@ -42,7 +42,7 @@ def run(name: str, costs: Costs, steps: int = 80, hbm_bandwidth: float | None = 
 
 def test_defaults_are_the_realistic_values_and_paper_turns_each_off():
     assert ON.output_return and ON.migration_hbm and ON.check_capacity
-    assert ON.migration_link_ceiling == pytest.approx(0.80)  # flit model's saturation, 8x8 uniform
+    assert ON.migration_link_ceiling == pytest.approx(0.69)  # flit model's saturation, 8x8 uniform
     assert not (OFF.output_return or OFF.migration_hbm or OFF.check_capacity)
     assert OFF.migration_link_ceiling == 1.0
     with pytest.raises(InputError, match="migration_link_ceiling"):
