@@ -4,7 +4,8 @@ decides it (the shipped draft must be much cheaper per step than its target for 
     flock /tmp/meshserve-bench.lock .venv/bin/python benchmarks/forward_latency.py [--tokens 64]
         [--repeats 5] [--dtypes bfloat16 float32] [--threads 1]
 
-Models: the shipped tiny-draft (0.6M) and tiny-moe (3.9M) plus throughput.py's llama-5m (random weights).
+Models: the shipped tiny-draft (0.6M) and tiny-moe (10.6M, 2.3M active) plus throughput.py's llama-5m
+(random weights).
 Each generates --tokens tokens for one 32-token prompt (greedy, ignore_eos) with the fused native
 elementwise ops (kernels/fused.py) and with their torch references (MESHSERVE_FUSED=reference),
 alternating, so both columns see the same machine noise. Printed: the median per-step ms of the decode

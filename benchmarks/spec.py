@@ -4,17 +4,16 @@ n-gram prompt lookup) vs no speculation, on held-out code prompts.
     .venv/bin/python benchmarks/spec.py [--requests 16] [--k 1 2 3] [--batch 1 16] [--repeats 3] [--threads 1]
         [--confidence 0.1 0.2] [--draft DIR [DIR ...]]
 
-The target is meshserve/assets/models/tiny-moe (MoE, 8 experts top-2), the draft tiny-draft (dense, same
-tokenizer, distilled from the target; docs/models.md), or the --draft directories side by side. Each
---confidence adds draft rows whose requests stop drafting at the first token the draft gives less than
-that probability (speculative_config.draft_confidence). Prompts are 64-160 tokens from stdlib files the
-models never trained on; greedy, 64 output tokens each. Settings alternate within every repeat (a busy
-machine skews the ratios less) and the fastest repeat is kept. Every run must give the same tokens as the
-run without speculation (greedy verification is exact). Beside wall-clock tok/s it prints the process CPU
-time per output token and its ratio ("cpu x"): on a shared machine the CPU time is the steadier of the
-two (with --threads 1 it excludes the time spent waiting for a core).
-
-Speculation pauses while more requests run than speculative_config.disable_by_batch_size (default
+The target is meshserve/assets/models/tiny-moe (DeepSeek-style MoE, 64 experts top-8), the draft
+tiny-draft (dense, same tokenizer, distilled from the target; docs/models.md), or the --draft directories
+side by side. Each --confidence adds draft rows whose requests stop drafting at the first token the draft
+gives less than that probability (speculative_config.draft_confidence). Prompts are 64-160 tokens from
+stdlib files the models never trained on; greedy, 64 output tokens each. Settings alternate within every
+repeat (a busy machine skews the ratios less) and the fastest repeat is kept. Every run must give the same
+tokens as the run without speculation (greedy verification is exact). Beside wall-clock tok/s it prints
+the process CPU time per output token and its ratio ("cpu x"): on a shared machine the CPU time is the
+steadier of the two (with --threads 1 it excludes the time spent waiting for a core). Speculation pauses
+while more requests run than speculative_config.disable_by_batch_size (default
 DEFAULT_DISABLE_BY_BATCH_SIZE); batches above it also get "always" rows (disable_by_batch_size None),
 which show what the rule saves.
 """

@@ -1,10 +1,11 @@
 """`make run` / `meshserve demo`: the whole system on the shipped tiny models, in a few minutes.
 
-1. Serving: a mixed workload on the trained tiny MoE with its draft (demo/serving.py): completions,
-   throughput, TTFT/TPOT, prefix-cache hit rate, speculative acceptance; the expert-load trace recorded.
-2. The bridge: the recorded trace's balance (max/mean expert load).
-3. Wafer: the trace replayed on a 2x4 mesh, then fitted and scaled to DeepSeek-V3 on 4 wafers of 8x8
-   (demo/replay.py): ER-Mapping and NI-Balancer against the baselines; the link heatmaps of wsc-8x8.
+1. Serving: a mixed workload on the trained tiny MoE (DeepSeek-V3 in small) with its draft
+   (demo/serving.py): completions, throughput, TTFT/TPOT, prefix-cache hit rate, speculative acceptance;
+   the expert-load trace recorded.
+2. The bridge: the recorded trace's balance (max/mean expert load, per expert group).
+3. Wafer: the trace replayed as recorded on a 2x4 and an 8x8 mesh (demo/replay.py): ER-Mapping and
+   NI-Balancer against the baselines; the link heatmaps of DeepSeek-V3 on wsc-8x8.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from rich.text import Text
 
 from meshserve.assets import TINY_DRAFT, TINY_MOE
 from meshserve.traces import ExpertTrace
-from meshserve.wafer.trace_fit import balancedness
+from meshserve.wafer.trace_fit import balancedness  # max/mean load; the fitting is not used here
 
 
 def _serving_section(console: Console, out: Path, target: Path, draft: Path) -> Path:
@@ -26,7 +27,10 @@ def _serving_section(console: Console, out: Path, target: Path, draft: Path) -> 
     from meshserve.engine.spec.config import DEFAULT_DISABLE_BY_BATCH_SIZE
     from meshserve.models.tokenizer import Tokenizer
 
-    console.rule("1. Serving engine: tiny MoE (8 experts, top-2) + draft, trained on Python's stdlib")
+    console.rule(
+        "1. Serving engine: tiny MoE (DeepSeek-style: MLA, 64 experts top-8 in 8 groups, a shared expert) "
+        "+ draft, trained on Python's stdlib"
+    )
     r = run_serving(out, target, draft)
     tokenizer = Tokenizer.from_dir(target)
     for prompt, completion in _readable_samples(tokenizer, r.outputs, 3):
@@ -76,7 +80,7 @@ def _p90(values) -> float:
     return float(np.percentile(values, 90)) if len(values) else 0.0
 
 
-def _trace_section(console: Console, trace_path: Path) -> None:
+def _trace_section(console: Console, trace_path: Path, target: Path) -> None:
     trace = ExpertTrace.load(trace_path)
     b = balancedness(trace.counts)
     console.rule("2. The bridge: the expert-load trace the router recorded")
@@ -86,13 +90,26 @@ def _trace_section(console: Console, trace_path: Path) -> None:
         f"top-{trace.top_k}"
     )
     shares = trace.counts.sum(axis=0) / trace.counts.sum(axis=(0, 2))[:, None]
+    groups = _groups(target, trace.num_experts)
     for layer, row in enumerate(shares):
-        console.print(f"  layer {layer}: share per expert " + " ".join(f"{s:5.1%}" for s in row))
+        console.print(
+            f"  MoE layer {layer}: hottest expert {row.max():5.1%} (mean {1 / row.size:.1%}), coldest "
+            f"{row.min():4.1%}; share per group of {row.size // groups} experts "
+            + " ".join(f"{s:5.1%}" for s in row.reshape(groups, -1).sum(axis=1))
+        )
     console.print(
         f"max/mean expert load: {b['max_over_mean_total']:.2f} over the whole trace (mean over "
         f"layers; worst layer {b['max_over_mean_total_worst']:.2f}), {b['max_over_mean_per_step']:.2f} "
         "per step (1.00 = perfectly balanced)"
     )
+
+
+def _groups(target: Path, num_experts: int) -> int:
+    """The served model's router groups (config.json n_group; 1 without groups)."""
+    import json
+
+    n_group = json.loads((target / "config.json").read_text()).get("n_group") or 1
+    return n_group if num_experts % n_group == 0 else 1
 
 
 def _replay_table(title: str, rows: list[dict]) -> Table:
@@ -137,53 +154,15 @@ def _gains(console: Console, rows: list[dict], unbalanced: str) -> None:
 
 
 def _wafer_section(console: Console, trace_path: Path, out: Path) -> list[Path]:
-    from meshserve.demo.replay import replay_scaled, replay_small
+    from meshserve.demo.replay import MESHES, replay_recorded
 
-    console.rule("3. Wafer simulator: the recorded trace replayed (sums over iterations)")
-    small = replay_small(trace_path, out)
-    console.print(_replay_table("tiny-moe's own trace on a 2x4 mesh, TP=2", small))
-    _gains(console, small, "er")
-    large, pop, scaled_path = replay_scaled(trace_path, out)
-    fitted = ExpertTrace.load(scaled_path).meta["fitted_zipf_exponent"]
-    console.print(
-        f"fitted to the recorded trace: Zipf exponent {fitted:.2f} over 8 experts (same log-share spread: "
-        f"{pop.zipf_exponent:.2f} over 256), {_drift_words(trace_path, pop)} -> {scaled_path}"
-    )
-    console.print(
-        f"with that exponent and no drift the hottest of 256 experts gets {_zipf_max_over_mean(pop):.2f}x "
-        "the mean load (the unbalanced rows' max/mean below, up to sampling noise and drift)"
-    )
-    console.print(
-        _replay_table(
-            "that skew and drift on DeepSeek-V3 (58 MoE layers x 256 experts, top-8), "
-            "4 wafers of 8x8, TP=4, 64 tokens/die",
-            large,
-        )
-    )
-    _gains(console, large, "her")
-    return [Path(small[0]["plot"]), Path(large[0]["plot"]), scaled_path]
-
-
-def _drift_words(trace_path: Path, pop) -> str:
-    """The fitted drift, or why there is none: a zero sigma is the fit's "cannot tell", not a measurement."""
-    from meshserve.wafer.trace_fit import window_steps
-
-    if pop.drift_sigma > 0:
-        return f"drift sigma {pop.drift_sigma:.2f}, drift time {pop.drift_steps:.0f} steps"
-    counts = ExpertTrace.load(trace_path).counts
-    window = window_steps(counts)
-    return (
-        f"drift not measurable ({counts.shape[0] // window} windows of {window} steps: their lag-2 "
-        "covariance is not positive, so drift cannot be told from noise; drawn without drift)"
-    )
-
-
-def _zipf_max_over_mean(pop) -> float:
-    """Hottest expert's share over the mean share for Zipf popularity over 256 experts."""
-    import numpy as np
-
-    weights = np.arange(1, 257, dtype=np.float64) ** -pop.zipf_exponent
-    return float(weights[0] / weights.mean())
+    console.rule("3. Wafer simulator: the recorded trace replayed as it is (sums over iterations)")
+    by_mesh = replay_recorded(trace_path, out)
+    for label, *_, holds in MESHES:
+        rows = by_mesh[label]
+        console.print(_replay_table(f"tiny-moe's trace on {label}: {holds}", rows))
+        _gains(console, rows, "er")
+    return [Path(rows[0]["plot"]) for rows in by_mesh.values()]
 
 
 def _heatmaps(out: Path) -> list[Path]:
@@ -207,7 +186,7 @@ def run_demo(out_dir: str | Path = "out", target: Path = TINY_MOE, draft: Path =
     out.mkdir(parents=True, exist_ok=True)
     console = Console(width=max(Console().width, 130))
     trace_path = _serving_section(console, out, Path(target), Path(draft))
-    _trace_section(console, trace_path)
+    _trace_section(console, trace_path, Path(target))
     written = [trace_path, *_wafer_section(console, trace_path, out), *_heatmaps(out)]
     console.rule("files")
     for path in written:

@@ -1,6 +1,10 @@
-"""The demo's wafer half: replay the engine's expert-load trace on a small mesh, and - fitted and scaled
-up - as a DeepSeek-V3-sized trace on 4 wafers of 8x8, comparing mappings (ER) and balancers (NI).
+"""The demo's wafer half: replay the engine's expert-load trace as it was recorded (the shipped model's own
+routing shape: 3 MoE layers x 64 experts, top-8) on two meshes, comparing mappings (ER) and balancers (NI):
+wsc-2x4, one expert group (8 experts) per die, and wsc-8x8, one expert per die.
 
+No fitting or stretching: the preset (meshserve/assets/wafer/tiny-moe.yaml) has the trace's shape, and a
+trace of another shape is refused. An old trace of another model (the Mixtral tiny-moe's 8 experts, say) can
+still be fitted and drawn at another size with `meshserve.wafer.trace_fit.scaled_trace` (docs/wafer.md).
 This file reads the trace file only (meshserve/traces.py, the bridge); it never touches the engine.
 """
 
@@ -12,18 +16,20 @@ import numpy as np
 from rich.progress import Progress
 
 from meshserve.assets import TINY_MOE_WAFER, WSC_2X4
+from meshserve.errors import require
 from meshserve.traces import ExpertTrace
 from meshserve.wafer.balance_setup import BalanceSetup, run_setup
 from meshserve.wafer.iteration import IterationResult
 from meshserve.wafer.models import load_model
 from meshserve.wafer.reproduce_balance import plot_load_traces
-from meshserve.wafer.synthetic import Popularity
-from meshserve.wafer.trace_fit import scaled_trace
 
-# (mapping, balancer) rungs; the mesh's own mappings: ER on one wafer, hierarchical ER on several.
-SMALL_RUNGS = (("baseline", "none"), ("er", "none"), ("er", "greedy"), ("er", "ni"))
-LARGE_RUNGS = (("baseline", "none"), ("er", "none"), ("her", "none"), ("her", "greedy"), ("her", "ni"))
-LARGE_MODEL, LARGE_HARDWARE, LARGE_TP, LARGE_TOKENS_PER_DEVICE = "deepseek-v3", "wsc-4x8x8", 4, 64
+# (mapping, balancer) rungs: each mesh is one wafer, so ER is its own mapping.
+RUNGS = (("baseline", "none"), ("er", "none"), ("er", "greedy"), ("er", "ni"))
+# (label, hardware preset, dies, attention TP, what a die holds at the start)
+MESHES = (
+    ("wsc-2x4", str(WSC_2X4), 8, 2, "one expert group (8 experts) per die, TP=2"),
+    ("wsc-8x8", "wsc-8x8", 64, 4, "one expert per die, TP=4"),
+)
 
 
 def run_rungs(label: str, rungs: tuple[tuple[str, str], ...], out: Path, **setup: object) -> list[dict]:
@@ -42,58 +48,40 @@ def run_rungs(label: str, rungs: tuple[tuple[str, str], ...], out: Path, **setup
     return [{**r, "plot": str(plot)} for r in rows]
 
 
-def replay_small(trace_path: Path, out: Path, min_iterations: int = 200) -> list[dict]:
-    """The recorded trace itself on a 2x4 mesh (one die per expert of the tiny MoE), TP=2.
-
-    A short recording is played in a loop up to min_iterations, so the balancers have time to act.
-    """
+def looped(trace_path: Path, out: Path, min_iterations: int) -> tuple[Path, int]:
+    """The trace, played in a loop up to min_iterations steps (so the balancers have time to act)."""
     trace = ExpertTrace.load(trace_path)
-    if trace.num_steps < min_iterations:
-        loops = -(-min_iterations // trace.num_steps)
-        meta = {**trace.meta, "looped_from_steps": trace.num_steps}
-        looped = np.tile(trace.counts, (loops, 1, 1))
-        trace = ExpertTrace(looped, trace.model, trace.top_k, trace.source, meta)
-        trace_path = trace.save(out / "expert_trace_looped.npz")
-    tokens_per_device = max(1, round(float(trace.tokens_per_step().mean()) / 8))
-    return run_rungs(
-        "tiny-moe on wsc-2x4",
-        SMALL_RUNGS,
-        out / "replay-tiny",
-        model=str(TINY_MOE_WAFER),
-        hardware=str(WSC_2X4),
-        tp=2,
-        tokens_per_device=tokens_per_device,
-        iterations=trace.num_steps,
-        trace=str(trace_path),
-    )
+    if trace.num_steps >= min_iterations:
+        return trace_path, trace.num_steps
+    loops = -(-min_iterations // trace.num_steps)
+    meta = {**trace.meta, "looped_from_steps": trace.num_steps}
+    counts = np.tile(trace.counts, (loops, 1, 1))
+    trace = ExpertTrace(counts, trace.model, trace.top_k, trace.source, meta)
+    return trace.save(out / "expert_trace_looped.npz"), trace.num_steps
 
 
-def replay_scaled(
-    trace_path: Path, out: Path, iterations: int = 100, seed: int = 0
-) -> tuple[list[dict], Popularity, Path]:
-    """Fit the recorded trace's skew and drift, draw a DeepSeek-V3-sized trace from it, replay that."""
-    model = load_model(LARGE_MODEL)
-    devices = 4 * 8 * 8
-    scaled, pop = scaled_trace(
-        ExpertTrace.load(trace_path),
-        model=LARGE_MODEL,
-        num_layers=model.num_moe_layers,
-        num_experts=model.routed_experts,
-        top_k=model.top_k,
-        tokens_per_step=LARGE_TOKENS_PER_DEVICE * devices,
-        steps=iterations,
-        seed=seed,
+def replay_recorded(trace_path: Path, out: Path, min_iterations: int = 200) -> dict[str, list[dict]]:
+    """The recorded trace itself on each mesh of MESHES: rows per mesh, plots under out/replay-<mesh>/."""
+    model = load_model(str(TINY_MOE_WAFER))
+    trace = ExpertTrace.load(trace_path)
+    require(
+        trace.top_k == model.top_k,
+        f"trace {trace_path}",
+        f"top-{trace.top_k} routing; the {model.name} preset routes top-{model.top_k}",
     )
-    path = scaled.save(out / "expert_trace_deepseek_v3_fitted.npz")
-    rows = run_rungs(
-        f"{LARGE_MODEL} on {LARGE_HARDWARE}",
-        LARGE_RUNGS,
-        out / "replay-deepseek-v3",
-        model=LARGE_MODEL,
-        hardware=LARGE_HARDWARE,
-        tp=LARGE_TP,
-        tokens_per_device=LARGE_TOKENS_PER_DEVICE,
-        iterations=iterations,
-        trace=str(path),
-    )
-    return rows, pop, path
+    path, steps = looped(trace_path, out, min_iterations)
+    tokens_per_step = float(ExpertTrace.load(path).tokens_per_step().mean())
+    return {
+        label: run_rungs(
+            f"tiny-moe on {label}",
+            RUNGS,
+            out / f"replay-{label}",
+            model=str(TINY_MOE_WAFER),
+            hardware=hardware,
+            tp=tp,
+            tokens_per_device=max(1, round(tokens_per_step / dies)),
+            iterations=steps,
+            trace=str(path),
+        )
+        for label, hardware, dies, tp, _ in MESHES
+    }

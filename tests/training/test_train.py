@@ -247,3 +247,19 @@ def test_a_deepseek_export_gives_the_training_modules_logits_in_transformers_and
     with LLM(str(path), dtype="float32") as llm:
         (got,) = llm.generate([ids[0].tolist()], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     assert got.token_ids == greedy
+
+
+def test_train_tiny_presets_the_shipped_shapes_and_refuses_a_missing_file(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from meshserve.cli import main
+    from meshserve.training.train import PRESET, load_preset
+
+    assert load_preset()["target"]["arch"] == "deepseek_v3"  # the shipped pair
+    assert load_preset(PRESET.with_name("models-mixtral.yaml"))["target"]["num_local_experts"] == 8
+    missing = str(tmp_path / "nope.yaml")
+    argv = ["meshserve", "train-tiny", "--preset", missing, "--work", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and "preset" in capsys.readouterr().err
