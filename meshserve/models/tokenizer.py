@@ -82,6 +82,11 @@ class Tokenizer:
         return tokenizer
 
     @property
+    def backend(self) -> HFTokenizer:
+        """The `tokenizers` tokenizer itself (its vocabulary and JSON, for the grammar compiler)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
