@@ -70,6 +70,7 @@ def test_json_schema_output_validates_for_each_completion_with_and_without_specu
     for text in outputs:
         jsonschema.validate(json.loads(text), SCHEMA)
     assert texts(speculative, spec) == outputs  # the grammar checks drafts; output is unchanged
+    assert speculative.engine.spec.draft_tokens > 0
 
 
 def test_json_object_regex_and_choice(plain, speculative):
