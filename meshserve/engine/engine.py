@@ -335,6 +335,8 @@ class Engine:
                     status: RequestStatus | None = RequestStatus.FINISHED_ERROR
                 else:
                     status = self.stopper.check(request)
+                    if status is None and request.matcher is not None and request.matcher.is_terminated():
+                        status = RequestStatus.FINISHED_STOPPED  # the grammar is complete (ignore_eos too)
                 if status is not None:
                     self.blocks.publish(request)  # its full blocks serve the next turn of a chat
                     self._finish(request, status)

@@ -2,7 +2,7 @@
 
 A request whose SamplingParams carry ``structured_outputs`` gets one xgrammar ``GrammarMatcher`` per
 completion (n > 1: one each). Before a row is sampled its matcher fills that row's bitmask (one bit per
-token id, 1 = allowed) and one ``masked_fill`` over the batch sets every forbidden logit to -inf; the
+token id, 1 = allowed) and one native pass over the batch sets every forbidden logit to -inf; the
 token sampled is then accepted into the matcher. A verify walks the drafts instead: row j's mask is the
 state after drafts 1..j, the walk stops at the first draft the grammar rejects, and the matcher rolls
 back. The target's masked pick at that row can never equal the rejected draft, so verify rejects it as it
@@ -26,7 +26,6 @@ from meshserve.engine.structured_params import StructuredOutputsParams
 from meshserve.errors import InputError
 
 MAX_WHITESPACE = 4  # longest whitespace run between JSON tokens when any whitespace is allowed
-_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 class Grammars:
@@ -127,9 +126,14 @@ def verify_bitmask(
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor | None) -> torch.Tensor:
-    """``logits`` [R, V] with every token a row's bitmask forbids at -inf (in place: one masked_fill)."""
+    """``logits`` [R, V] float32 with every token a row's bitmask forbids at -inf, in place, by xgrammar's
+    native kernel (one pass over the masked rows; 2-3x the speed of unpacking the bits with torch ops,
+    benchmarks/structured.py). Rows whose mask allows everything are skipped."""
     if bitmask is None:
         return logits
-    vocab = logits.shape[1]
-    allowed = ((bitmask.unsqueeze(-1) >> _SHIFTS) & 1).view(bitmask.shape[0], -1)[:, :vocab]
-    return logits.masked_fill_(allowed == 0, float("-inf"))
+    rows = torch.nonzero((bitmask != -1).any(dim=1)).flatten().tolist()
+    if rows:
+        import xgrammar as xgr
+
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
+    return logits

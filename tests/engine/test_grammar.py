@@ -129,3 +129,10 @@ def test_exactly_one_kind_is_set():
         StructuredOutputsParams(json={"b": 1, "a": 2}).key
         == StructuredOutputsParams(json='{"a":2,"b":1}').key
     )
+
+
+def test_a_complete_grammar_ends_the_request_even_with_ignore_eos(plain):
+    spec = StructuredOutputsParams(choice=["yes", "no"])
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, structured_outputs=spec)
+    (out,) = plain.generate(["hi"], params, use_tqdm=False)
+    assert out.outputs[0].text in ("yes", "no") and out.outputs[0].finish_reason == "stop"
