@@ -112,8 +112,10 @@ def message_with_calls(choice: dict[str, Any], plan: ToolPlan) -> dict[str, Any]
 
 
 class ToolStream:
-    """Rewrites a chat stream's chunks: text is held back, and the last chunk of each choice carries the
-    content left over and the tool calls, ``{"index", "id", "type", "function": {"name", "arguments"}}``."""
+    """Rewrites a chat stream's chunks into OpenAI's tool-call deltas. A named function's arguments stream
+    as they are generated (the first delta carries ``index``, ``id``, ``type`` and the name, the next ones
+    argument text); otherwise the text is held back and the last chunk of each choice carries the content
+    left over and the whole calls, ``{"index", "id", "type", "function": {"name", "arguments"}}``."""
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
@@ -123,7 +125,12 @@ class ToolStream:
         for choice in chunk["choices"]:
             delta = choice["delta"]
             index = choice["index"]
-            self.text[index] = self.text.get(index, "") + (delta.pop("content", None) or "")
+            new = delta.pop("content", None) or ""
+            if self.plan.mode == "named":
+                self._named(choice, new, first=index not in self.text)
+                self.text[index] = self.text.get(index, "") + new
+                continue
+            self.text[index] = self.text.get(index, "") + new
             if choice["finish_reason"] is None:
                 continue
             content, calls = self.plan.calls(self.text[index])
@@ -133,6 +140,15 @@ class ToolStream:
                 if choice["finish_reason"] == "stop":
                     choice["finish_reason"] = "tool_calls"
         return chunk
+
+    def _named(self, choice: dict[str, Any], new: str, first: bool) -> None:
+        call: dict[str, Any] = {"index": 0, "function": {"arguments": new}}
+        if first:
+            call = {**_openai([ToolCall(self.plan.name or "", new)])[0], "index": 0}
+        if first or new:
+            choice["delta"]["tool_calls"] = [call]
+        if choice["finish_reason"] == "stop":
+            choice["finish_reason"] = "tool_calls"
 
 
 def _openai(calls: list[ToolCall]) -> list[dict[str, Any]]:

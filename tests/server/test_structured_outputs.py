@@ -174,9 +174,10 @@ def test_tool_choice_required_round_trip(client, stream):
     assert reason in ("stop", "length")
 
 
-def test_named_tool_choice_round_trip(client):
+@pytest.mark.parametrize("stream", [False, True])
+def test_named_tool_choice_round_trip(client, stream):
     named = {"type": "function", "function": {"name": "get_time"}}
-    calls, _ = tool_round_trip(client, named, stream=False)
+    calls, _ = tool_round_trip(client, named, stream)
     assert [c["function"]["name"] for c in calls] == ["get_time"]
     jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), TIME["function"]["parameters"])
 
@@ -184,3 +185,17 @@ def test_named_tool_choice_round_trip(client):
 def test_tool_choice_none_is_plain_text(client):
     choice = chat(client, tools=[WEATHER], tool_choice="none", max_tokens=4).choices[0]
     assert choice.message.tool_calls is None and choice.finish_reason in ("stop", "length")
+
+
+def test_a_named_functions_arguments_stream_as_they_are_generated(client):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    deltas = [
+        chunk.choices[0].delta.tool_calls[0]
+        for chunk in chat(client, stream=True, tools=[TIME], tool_choice=named)
+        if chunk.choices and chunk.choices[0].delta.tool_calls
+    ]
+    assert len(deltas) > 1 and deltas[0].id and deltas[0].function.name == "get_time"
+    assert all(d.index == 0 and d.id is None for d in deltas[1:])
+    jsonschema.validate(
+        json.loads("".join(d.function.arguments for d in deltas)), TIME["function"]["parameters"]
+    )
