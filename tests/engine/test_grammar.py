@@ -11,9 +11,8 @@ import jsonschema
 import pytest
 import torch
 
-from meshserve.engine import LLM, SamplingParams
+from meshserve import LLM, SamplingParams, StructuredOutputsParams
 from meshserve.engine.grammar import apply_bitmask, decode_bitmask, verify_bitmask
-from meshserve.engine.structured_params import StructuredOutputsParams
 from meshserve.errors import InputError
 
 SCHEMA = {
