@@ -97,3 +97,14 @@ def test_bad_tool_messages_name_the_field(tokenizer):
         with pytest.raises(InputError) as err:
             tokenizer.apply_chat_template(chat)
         assert err.value.field == field
+
+
+def test_llm_chat_passes_tools_to_the_template(tiny_model_dir, tokenizer):
+    from meshserve import LLM, SamplingParams
+
+    llm = LLM(str(tiny_model_dir("llama")), max_model_len=1024)
+    llm.tokenizer.chat_template = TEMPLATE
+    params = SamplingParams(temperature=0, max_tokens=2)
+    (out,) = llm.chat(conversation(json.dumps(ARGS)), params, use_tqdm=False, tools=TOOLS)
+    assert out.prompt_token_ids == tokenizer.apply_chat_template(conversation(json.dumps(ARGS)), tools=TOOLS)
+    assert "<tools>" in tokenizer.decode(out.prompt_token_ids)
