@@ -244,6 +244,9 @@ def serve(
     eplb_config: str | None = EPLB_CONFIG,
     oversubscribe: bool = OVERSUBSCRIBE,
     device: str = DEVICE,
+    tool_call_parser: str | None = typer.Option(
+        None, help="How tool calls are read from text under tool_choice auto: hermes, llama3_json, mistral."
+    ),
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /metrics)."""
     from meshserve.server.serve import serve as run
@@ -257,6 +260,7 @@ def serve(
         log_level=uvicorn_log_level,
         graceful_shutdown_s=graceful_shutdown_s,
         max_connections=max_connections,
+        tool_call_parser=tool_call_parser,
         dtype=dtype,
         revision=revision,
         max_model_len=max_model_len,

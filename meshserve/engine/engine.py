@@ -21,6 +21,7 @@ import torch
 from meshserve import switches
 from meshserve.config import EngineConfig, SchedulerConfig
 from meshserve.engine.device import free_memory, resolve_device
+from meshserve.engine.grammar import Grammars, apply_bitmask, decode_bitmask
 from meshserve.engine.groups import RequestGroup, child_params
 from meshserve.engine.kernel_profile import gemm_table_for
 from meshserve.engine.kv_cache import BlockManager, allocate_kv_cache, block_bytes, num_kv_blocks
@@ -119,6 +120,7 @@ class Engine:
         if self.spec is not None:
             self.spec.attach(self.model)
         self.stopper = StopChecker(self.tokenizer, mc.eos_token_ids, max_model_len)
+        self.grammars = Grammars(self.tokenizer, mc.vocab_size, mc.eos_token_ids)
         self.requests: dict[str, Request] = {}  # every completion in flight, by its own id
         self.groups: dict[str, RequestGroup] = {}  # by the caller's request id
         self.num_steps = 0
@@ -221,6 +223,9 @@ class Engine:
             "stop_token_ids",
             f"token ids must be in [0, {vocab - 1}] (vocab_size={vocab})",
         )
+        spec = params.structured_outputs
+        if spec is not None:  # a bad spec fails here, before anything changes (a cache hit if compiled)
+            self.grammars.compile(spec)
         room = self.max_model_len - n
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         children = []
@@ -229,6 +234,7 @@ class Engine:
             seed = self._seeds.getrandbits(64) if own.seed is None else own.seed
             child = Request(child_id, token_ids, own, max_tokens, prompt=text, seed=seed)
             child.parent_id, child.index, child.stream = request_id, index, stream
+            child.matcher = None if spec is None else self.grammars.matcher(spec)
             self.stopper.start(child)
             self.requests[child_id] = child
             children.append(child)
@@ -323,7 +329,13 @@ class Engine:
             before = request.num_tokens
             for token, logprobs in tokens:  # a verify may add several; stop checks run after each
                 request.append_token(token, logprobs)
-                status = self.stopper.check(request)
+                if request.matcher is not None and not request.matcher.accept_token(token):
+                    request.error = f"token {token} does not match the request's structured_outputs"
+                    status: RequestStatus | None = RequestStatus.FINISHED_ERROR
+                else:
+                    status = self.stopper.check(request)
+                    if status is None and request.matcher is not None and request.matcher.is_terminated():
+                        status = RequestStatus.FINISHED_STOPPED  # the grammar is complete (ignore_eos too)
                 if status is not None:
                     self.blocks.publish(request)  # its full blocks serve the next turn of a chat
                     self._finish(request, status)
@@ -450,6 +462,7 @@ class Engine:
 
     def _sample_batch(self, rows: torch.Tensor, reqs: list[Request]) -> list[tuple[int, Any]]:
         rows = process_logits(rows, reqs, self.model_config.eos_token_ids)
+        apply_bitmask(rows, decode_bitmask([r.matcher for r in reqs], rows.shape[1]))
         if not bool(rows.amax(dim=1).isfinite().all()):  # the max is NaN, +inf, or -inf when all are
             raise FloatingPointError("logits are NaN, +inf or all -inf after this request's processors")
         positions = [r.num_output_tokens for r in reqs]

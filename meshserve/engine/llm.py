@@ -105,11 +105,13 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
         """Generate a reply to one conversation (a list of {"role", "content"} messages) or to each of
-        several, formatted with the model's chat template (tokenizer_config.json) or a plain fallback."""
+        several, formatted with the model's chat template (tokenizer_config.json) or a plain fallback;
+        ``tools`` (OpenAI's function specs) go to the template, as vLLM's ``LLM.chat`` passes them."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt, tools) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def get_default_sampling_params(self) -> SamplingParams:

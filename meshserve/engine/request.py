@@ -68,6 +68,7 @@ class Request:
         self.block_table: list[int] = []
         self.spec_token_ids: list[int] = []  # draft tokens proposed for the next verify step
         self.block_keys: list[bytes] = []  # prefix-cache chain keys of its leading full blocks (APC)
+        self.matcher: Any = None  # its grammar's state when it has structured_outputs (grammar.py)
         self.status = RequestStatus.NEW  # the scheduler's add makes it WAITING
         self.arrival_order = next(_arrivals)  # FCFS priority; preemption picks the largest
         self.num_preemptions = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from meshserve.engine.structured_params import StructuredOutputsParams
 from meshserve.errors import InputError, require, text
 
 MAX_LOGPROBS = 20
@@ -51,6 +52,7 @@ class SamplingParams:
     ignore_eos: keep generating after the model's EOS token.
     logprobs: return log-probabilities of the top n tokens (and the sampled one) at every step.
     prompt_logprobs: the same for every prompt token (given the tokens before it; None for the first).
+    structured_outputs: the output must match a JSON schema, a regex, a choice or a grammar (grammar.py).
     """
 
     n: int = 1
@@ -70,6 +72,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +112,11 @@ class SamplingParams:
         self.stop_token_ids = ids
         require(
             isinstance(self.ignore_eos, bool), "ignore_eos", f"must be true or false, got {self.ignore_eos!r}"
+        )
+        require(
+            self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+            "structured_outputs",
+            "must be a StructuredOutputsParams",
         )
 
     @property

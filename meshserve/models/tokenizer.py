@@ -82,6 +82,11 @@ class Tokenizer:
         return tokenizer
 
     @property
+    def backend(self) -> HFTokenizer:
+        """The `tokenizers` tokenizer itself (its vocabulary and JSON, for the grammar compiler)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -110,8 +115,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a chat (OpenAI-style messages) rendered with the model's chat template.
+    def apply_chat_template(
+        self, messages: Any, add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Token ids of a chat (OpenAI-style messages, and ``tools`` for the template) rendered with the
+        model's chat template.
 
         A template writes its own special tokens (e.g. BOS), so only the plain fallback adds them."""
         messages = check_messages(messages)
@@ -120,7 +128,7 @@ class Tokenizer:
             for i in (self.bos_token_id, (self.eos_token_ids or [None])[0])
         ]
         text = render_chat(
-            messages, self.chat_template, special[0] or "", special[1] or "", add_generation_prompt
+            messages, self.chat_template, special[0] or "", special[1] or "", add_generation_prompt, tools
         )
         return self.encode(text, add_special_tokens=self.chat_template is None, field="messages")
 

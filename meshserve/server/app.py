@@ -28,6 +28,9 @@ from meshserve.errors import InputError
 from meshserve.server.metrics import ServerMetrics
 from meshserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from meshserve.server.responses import ChoiceState, chat_chunk, completion_chunk, usage
+from meshserve.server.structured import constrained
+from meshserve.server.tool_parsers import PARSERS
+from meshserve.server.tools import ToolStream, message_with_calls, plan_tools
 
 RETRY_AFTER_S = 1
 MAX_BODY_BYTES = 4 << 20  # far above max_model_len tokens of text; larger bodies get 413 unread
@@ -94,14 +97,22 @@ def build_app(
     served_model_name: str,
     on_shutdown: Callable[[], None] | None = None,
     aliases: tuple[str, ...] = (),
+    tool_parser: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``llm`` under ``served_model_name`` (requests may also name an alias,
-    e.g. the model directory given on the command line; only the served name is ever shown)."""
+    e.g. the model directory given on the command line; only the served name is ever shown).
+    ``tool_parser``: how tool calls are read from text under tool_choice auto (server/tool_parsers.py)."""
+    require(
+        tool_parser is None or tool_parser in PARSERS,
+        "tool_call_parser",
+        f"must be one of {', '.join(PARSERS)}, got {tool_parser!r}",
+    )
     metrics = ServerMetrics(served_model_name)
     llm.on_step, llm.on_abort = metrics.on_step, metrics.forget
     engine = llm.engine
     tokenizer = engine.tokenizer
     defaults = dict(engine.model_config.generation_defaults)
+    grammars = getattr(engine, "grammars", None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -226,6 +237,7 @@ def build_app(
         params = body.sampling_params(
             defaults, check_max_tokens(body.max_tokens, "max_tokens"), body.logprobs
         )
+        params = await constrained(params, body, grammars)
         prompts = [p for p in body.prompts()]
         check_choices(len(prompts), len(prompts) * params.n, "prompt")
         streams = await start(prompts, params)
@@ -255,9 +267,11 @@ def build_app(
         check_model(body.model)
         max_tokens = check_max_tokens(body.completion_tokens(), "max_completion_tokens")
         params = body.sampling_params(defaults, max_tokens, body.num_logprobs())
+        tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, tool_parser)
+        params = await constrained(params, body, grammars, tools.structured)
         # off the event loop: a long chat takes a while to render and tokenize
         prompt = await asyncio.to_thread(
-            tokenizer.apply_chat_template, body.messages, body.add_generation_prompt
+            tokenizer.apply_chat_template, body.messages, body.add_generation_prompt, tools.tools
         )
         streams = await start([prompt], params)
         header = {
@@ -268,8 +282,13 @@ def build_app(
         states = [ChoiceState(k, tokenizer, body.logprobs, chat=True) for k in range(params.n)]
         prompt_tokens = [0]
         if body.stream:
+            rewrite = ToolStream(tools).chunk if tools.active else (lambda chunk: chunk)
             chunks = _merged(
-                streams, params.n, states, prompt_tokens, lambda s, choices: chat_chunk(header, choices)
+                streams,
+                params.n,
+                states,
+                prompt_tokens,
+                lambda s, choices: rewrite(chat_chunk(header, choices)),
             )
             return StreamingResponse(
                 _sse(
@@ -288,7 +307,7 @@ def build_app(
             {
                 **header,
                 "object": "chat.completion",
-                "choices": [s.final_choice() for s in states],
+                "choices": [message_with_calls(s.final_choice(), tools) for s in states],
                 "usage": usage(prompt_tokens, states),
             }
         )

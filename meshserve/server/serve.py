@@ -118,6 +118,7 @@ def serve(
     graceful_shutdown_s: float = 10.0,
     log_level: str = "info",
     max_connections: int = MAX_CONNECTIONS,
+    tool_call_parser: str | None = None,
     **engine_args: Any,
 ) -> None:
     """Serve ``model`` (a Hugging Face-format directory) over the OpenAI API until stopped."""
@@ -128,7 +129,7 @@ def serve(
     pin_mmap_threshold()  # a long-running engine: freed tensors go back to the OS, RSS stays flat
     llm = AsyncLLM.from_args(model, max_waiting=max_waiting, **engine_args)
     name = served_model_name or Path(model).name  # never the server's filesystem path
-    app = build_app(llm, name, aliases=() if served_model_name else (model,))
+    app = build_app(llm, name, aliases=() if served_model_name else (model,), tool_parser=tool_call_parser)
     config = server_config(app, host, port, log_level, graceful_shutdown_s, max_connections)
     logger.info("serving %s as %r on http://%s:%d", model, name, host, port)
     # uvicorn shuts down gracefully on these signals, then re-raises them to the handlers it found:
@@ -156,6 +157,7 @@ class ServerThread:
         log_level: str = "warning",
         grace_s: float = 10.0,
         max_connections: int = MAX_CONNECTIONS,
+        tool_parser: str | None = None,
     ) -> None:
         import threading
         import time
@@ -163,7 +165,7 @@ class ServerThread:
         from meshserve.server.app import build_app
 
         self.llm, self.url = llm, f"http://127.0.0.1:{port}"
-        app = build_app(llm, served_model_name)
+        app = build_app(llm, served_model_name, tool_parser=tool_parser)
         config = server_config(app, "127.0.0.1", port, log_level, grace_s, max_connections)
         self.server = graceful_server(config, grace_s, app.state.cut_streams)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

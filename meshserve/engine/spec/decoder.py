@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from meshserve.engine.grammar import apply_bitmask, verify_bitmask
 from meshserve.engine.request import Request
 from meshserve.engine.sampler import pick
 from meshserve.engine.scheduler import WorkItem
@@ -143,14 +144,16 @@ class SpecDecoder:
         width = int(n.max())
         offsets = torch.arange(width).clamp(max=n[:, None] - 1)  # pad rows repeat the item's last row
         rows = torch.as_tensor(list(first_rows), dtype=torch.long)[:, None] + offsets
-        padded = [
-            r.spec_token_ids[: m - 1] + [0] * (width - m) for r, m in zip(requests, n.tolist(), strict=True)
-        ]
+        own = [r.spec_token_ids[: m - 1] for r, m in zip(requests, n.tolist(), strict=True)]
+        padded = [d + [0] * (width - 1 - len(d)) for d in own]
         drafts = torch.tensor(padded, dtype=torch.long).view(len(requests), width - 1)
         params = [r.params for r in requests for _ in range(width)]
         seeds = [r.seed for r in requests for _ in range(width)]
         positions = [r.num_output_tokens + j for r in requests for j in range(width)]
-        target = pick(logits[rows.flatten()], params, seeds, positions).view(rows.shape)
+        # a structured request's rows are masked as its decodes would be, after the drafts before them
+        masks = verify_bitmask([r.matcher for r in requests], own, width, logits.shape[1])
+        target_logits = apply_bitmask(logits[rows.flatten()].float(), masks)
+        target = pick(target_logits, params, seeds, positions).view(rows.shape)
         out = verify(target, drafts, n - 1)
         self.draft_tokens += int((n - 1).sum())
         self.accepted_tokens += sum(out.num_accepted)
