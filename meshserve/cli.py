@@ -158,7 +158,8 @@ def generate(
         **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config, oversubscribe),
     ) as llm:
         # one generate call starts at most MAX_CHOICES completions: a longer prompt file runs in parts
-        parts = [prompts[i : i + MAX_CHOICES] for i in range(0, len(prompts), MAX_CHOICES)]
+        step = MAX_CHOICES // params.n
+        parts = [prompts[i : i + step] for i in range(0, len(prompts), step)]
         outputs = [out for part in parts for out in llm.generate(part, params, use_tqdm=False)]
     for out in outputs:
         print(out.text)
