@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from meshserve.config import EngineConfig
 from meshserve.engine.engine import Engine
 from meshserve.engine.outputs import RequestOutput
-from meshserve.engine.sampling_params import SamplingParams, check_choices
+from meshserve.engine.sampling_params import MAX_CHOICES, SamplingParams
 from meshserve.errors import InputError
 
 if TYPE_CHECKING:
@@ -57,8 +57,9 @@ class LLM:
         """Generate for every prompt (a string, a token-id list, a vLLM prompt dict, or a list of them).
 
         All or nothing: when anything goes wrong (bad input, Ctrl-C) the requests this call added are
-        aborted, so the engine serves later calls as if this one never happened. One call starts at most
-        MAX_CHOICES completions (prompts x n), as one HTTP request does.
+        aborted, so the engine serves later calls as if this one never happened. Any number of prompts
+        is served (vLLM's offline batch), but at most MAX_CHOICES completions (prompts x n, the bound of
+        one HTTP request) are in the engine at once: the next prompt goes in as earlier ones finish.
         """
         prompts = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -75,27 +76,36 @@ class LLM:
                     "sampling_params",
                     f"got {len(params)} for {len(prompts)} prompts; give one, or one per prompt",
                 )
-        # a params entry that is not a SamplingParams is refused by add_request, naming sampling_params
-        completions = sum(p.n if isinstance(p, SamplingParams) else 1 for p in params)
-        check_choices(len(prompts), completions, "prompts")
         ids: list[str] = []
         try:
-            for prompt, p in zip(prompts, params, strict=True):
-                ids.append(self.engine.add_request(prompt, p))
-            return self._run(ids, use_tqdm)
+            return self._run(prompts, params, ids, use_tqdm)
         except BaseException:  # bad input, Ctrl-C, anything: take back what this call added
             for request_id in ids:
                 self.engine.abort(request_id)
             raise
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        wanted = set(ids)
+    def _run(
+        self, prompts: list[Prompt], params: list[SamplingParams], ids: list[str], use_tqdm: bool
+    ) -> list[RequestOutput]:
+        """Step until every prompt's request finished, adding prompts while fewer than MAX_CHOICES
+        completions of this call are in the engine; ``ids`` collects the ids added (for an abort)."""
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
-            while len(done) < len(ids) and self.engine.has_unfinished():
+        width = {}  # request id -> its completions (n), while in the engine
+        with tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm) as bar:
+            while len(done) < len(prompts):
+                while len(ids) < len(prompts):
+                    p = params[len(ids)]
+                    n = p.n if isinstance(p, SamplingParams) else 1  # add_request refuses a non-params
+                    if width and sum(width.values()) + n > MAX_CHOICES:
+                        break
+                    ids.append(self.engine.add_request(prompts[len(ids)], p))
+                    width[ids[-1]] = n
+                if not self.engine.has_unfinished():
+                    break
                 for out in self.engine.step():
-                    if out.request_id in wanted:
+                    if out.request_id in width:
                         done[out.request_id] = out
+                        del width[out.request_id]
                         bar.update(1)
         return [done[i] for i in ids]
 

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshserve.engine.async_llm import AsyncLLM, EngineBusy, EngineDead, RequestStream
 from meshserve.engine.sampling_params import check_choices
-from meshserve.errors import InputError
+from meshserve.errors import InputError, require
 from meshserve.server.metrics import ServerMetrics
 from meshserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from meshserve.server.responses import ChoiceState, chat_chunk, completion_chunk, usage

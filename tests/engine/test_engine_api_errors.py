@@ -177,24 +177,36 @@ def test_bad_sampling_params_name_the_field_and_leave_nothing(llm, params):
     assert_nothing_left(llm)
 
 
-def test_a_call_starts_at_most_max_choices_completions_as_an_http_request_does(llm, alone):
-    """prompts x n per generate / chat call (n summed over per-prompt params): the HTTP bound, refused
-    before anything is queued."""
+def test_a_call_serves_any_number_of_prompts_with_at_most_max_choices_completions_in_the_engine(llm, alone):
+    """vLLM's offline batch: every prompt is served, but a call keeps at most MAX_CHOICES completions
+    (prompts x n, the bound of one HTTP request) in the engine at once."""
+    in_engine: list[int] = []
+    add = llm.engine.add_request
+    live: dict[str, int] = {}
+
+    def counting_add(prompt, params):
+        request_id = add(prompt, params)
+        live[request_id] = params.n
+        in_engine.append(sum(live.values()))
+        return request_id
+
+    step = llm.engine.step
+
+    def counting_step():
+        outs = step()
+        for out in outs:
+            live.pop(out.request_id, None)
+        return outs
+
     wide = SamplingParams(n=MAX_CHOICES // 4, max_tokens=1)
-    calls = [
-        (["hi"] * (MAX_CHOICES + 1), GREEDY, MAX_CHOICES + 1),
-        (["hi"] * 5, wide, 5 * wide.n),
-        (["hi"] * 5, [wide] * 4 + [GREEDY], MAX_CHOICES + 1),
-    ]
-    for prompts, params, completions in calls:
-        with pytest.raises(InputError) as err:
-            llm.generate(prompts, params, use_tqdm=False)
-        assert err.value.field == "prompts" and f"x n = {completions} completions" in err.value.message
-        assert f"at most {MAX_CHOICES} per call" in err.value.message
-        assert_nothing_left(llm)
-    conversation = [{"role": "user", "content": "hi"}]
-    with pytest.raises(InputError) as err:
-        llm.chat([conversation] * (MAX_CHOICES + 1), GREEDY, use_tqdm=False)
-    assert err.value.field == "prompts"
+    llm.engine.add_request, llm.engine.step = counting_add, counting_step
+    try:
+        outs = llm.generate(["hi"] * 5, [wide] * 4 + [GREEDY], use_tqdm=False)
+        assert [len(o.outputs) for o in outs] == [wide.n] * 4 + [1]
+        many = llm.generate(["hi"] * (MAX_CHOICES + 3), SamplingParams(max_tokens=1), use_tqdm=False)
+        assert len(many) == MAX_CHOICES + 3 and all(len(o.outputs[0].token_ids) == 1 for o in many)
+    finally:
+        llm.engine.add_request, llm.engine.step = add, step
+    assert max(in_engine) <= MAX_CHOICES
     assert_nothing_left(llm)
     assert [o.outputs[0].token_ids for o in llm.generate(GOOD, GREEDY, use_tqdm=False)] == alone
