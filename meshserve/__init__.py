@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "AsyncLLM", "Engine", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "AsyncLLM", "Engine", "PoolingParams", "RequestOutput", "SamplingParams"]
 
-_ENGINE_NAMES = {"LLM", "Engine", "RequestOutput", "SamplingParams", "CompletionOutput"}
+_ENGINE_NAMES = {"LLM", "Engine", "PoolingParams", "RequestOutput", "SamplingParams", "CompletionOutput"}
 
 
 def __getattr__(name: str) -> Any:

@@ -64,6 +64,7 @@ class RequestGroup:
                 first.arrival_time, min(times, default=None), max(ends) if finished and ends else None
             ),
             prompt_logprobs=first.prompt_logprobs,
+            embedding=first.embedding,
         )
 
 

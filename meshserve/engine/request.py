@@ -84,6 +84,17 @@ class Request:
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
+        # A pooling request (pooling.py) runs its prompt only: its fold so far, then the embedding.
+        self.pooling: Any = None
+        self.pooled: Any = None
+        self.embedding: Any = None
+
+    @property
+    def needs_whole_prompt(self) -> bool:
+        """Reads every prompt row (prompt logprobs, MEAN / CLS pooling): takes no cached prefix blocks."""
+        return self.prompt_logprobs is not None or (
+            self.pooling is not None and self.pooling.needs_whole_prompt
+        )
 
     @property
     def num_tokens(self) -> int:

@@ -75,6 +75,8 @@ class ModelConfig:
     norm_topk_prob: bool = True
     # Sampling defaults from generation_config.json (SamplingParams names), used when a request omits them.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    # PoolingParams fields a sentence-transformers checkpoint declares (pooling_config.py); {} for none
+    pooling_defaults: dict[str, Any] = field(default_factory=dict)
     layer_windows: list[int | None] = field(default_factory=list)  # sliding window per layer; None: full
     # Family options (the defaults are Llama's): see the arch file that sets each.
     hidden_act: str = "silu"

@@ -94,7 +94,12 @@ class Tokenizer:
                 field, f"{len(text)} characters is too long: at most {limit} (more cannot fit max_model_len)"
             )
         try:
-            return self._tok.encode(checked_text(text, field), add_special_tokens=add_special_tokens).ids
+            # encode_batch releases the GIL (encode holds it): a long prompt tokenized in the front door's
+            # thread pool does not stall the engine thread's Python between forwards.
+            (encoding,) = self._tok.encode_batch(
+                [checked_text(text, field)], add_special_tokens=add_special_tokens
+            )
+            return encoding.ids
         except (TypeError, ValueError) as err:  # not InputError: the Rust side's own refusals
             if isinstance(err, InputError):
                 raise
