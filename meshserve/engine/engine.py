@@ -185,12 +185,15 @@ class Engine:
         params: SamplingParams | PoolingParams | None = None,
         request_id: str | None = None,
         stream: bool = False,
+        detokenize: bool = True,
     ) -> str:
         """Queue a prompt (text or token ids); returns its request id. Bad input raises InputError.
 
         ``stream``: ``step()`` reports this request's new tokens and text every step (deltas), not only
-        its final output. With PoolingParams the prompt only runs prefill and its output carries the
-        ``embedding`` (pooling.py).
+        its final output. ``detokenize=False``: outputs carry token ids and no text (the caller, e.g.
+        AsyncLLM's front door, makes the text off this thread); stop strings still detokenize here, as
+        matching them needs the text. With PoolingParams the prompt only runs prefill and its output
+        carries the ``embedding`` (pooling.py).
         """
         require(not self._closed, "engine", "is closed; create a new LLM / Engine to generate again")
         params = SamplingParams() if params is None else params
@@ -245,6 +248,7 @@ class Engine:
             child = Request(child_id, token_ids, own, max_tokens, prompt=text, seed=seed)
             child.parent_id, child.index, child.stream = request_id, index, stream
             child.pooling = pooling
+            child.detokenize = detokenize or bool(own.stop_strings)
             self.stopper.start(child)
             self.requests[child_id] = child
             children.append(child)

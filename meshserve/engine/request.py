@@ -80,6 +80,7 @@ class Request:
         )
         self.output_text = ""
         self.detokenizer: Any = None  # incremental detokenizer, made for streaming or stop strings
+        self.detokenize = True  # False: outputs carry token ids only, the caller makes the text
         self.stop_reason: int | str | None = None
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.first_token_time: float | None = None
