@@ -115,7 +115,7 @@ class BlockManager:
         makes no copy (it would redo it every step while it waits)."""
         cache = self.prefix_cache
         if cache is None or request.block_table or request.num_computed_tokens or request.needs_whole_prompt:
-            return 0  # (a request that wants prompt logprobs or MEAN pooling must compute its whole prompt)
+            return 0  # (prompt logprobs, pooling: pooling.py)
         m = cache.match(request.token_ids, max_tokens=request.num_tokens - 1)
         if m.copy_src is not None and self.num_free_blocks - cache.num_pinned(m) < 1:
             m.copy_src, m.num_tokens = None, len(m.block_ids) * self.block_size  # no room for the copy

@@ -8,9 +8,10 @@ which frees its KV blocks. Each chunk's rows are folded into the request's runni
     MEAN  the mean over every prompt token (sentence-transformers' mean pooling)
     CLS   the first token's
 
-and ``normalize`` (the default, as vLLM's embed task) divides by the L2 norm. MEAN and CLS read the
-prompt's first rows, so such a request takes no cached prefix blocks (their hidden states were never
-kept); a preempted request starts its fold again when its prompt is recomputed from position 0.
+and ``normalize`` (the default, as vLLM's embed task) divides by the L2 norm. A pooling request takes
+no cached prefix blocks: MEAN and CLS need every row's hidden state (never kept), and even LAST would
+read a prefix computed in another batch, so the same input would not always give the same bits. A
+preempted request starts its fold again when its prompt is recomputed from position 0.
 """
 
 from __future__ import annotations
@@ -44,11 +45,6 @@ class PoolingParams:
         )
         object.__setattr__(self, "pooling_type", self.pooling_type.upper())
         require(isinstance(self.normalize, bool), "normalize", f"must be a bool, got {self.normalize!r}")
-
-    @property
-    def needs_whole_prompt(self) -> bool:
-        """MEAN and CLS read rows from the prompt's start, so none may come from a cached prefix."""
-        return self.pooling_type != "LAST"
 
 
 def fold_chunks(hidden: torch.Tensor, items: Sequence[WorkItem], row_starts: Sequence[int]) -> None:

@@ -92,10 +92,8 @@ class Request:
 
     @property
     def needs_whole_prompt(self) -> bool:
-        """Reads every prompt row (prompt logprobs, MEAN / CLS pooling): takes no cached prefix blocks."""
-        return self.prompt_logprobs is not None or (
-            self.pooling is not None and self.pooling.needs_whole_prompt
-        )
+        """Computes its whole prompt (prompt logprobs, pooling): takes no cached prefix blocks."""
+        return self.prompt_logprobs is not None or self.pooling is not None
 
     @property
     def num_tokens(self) -> int:

@@ -115,10 +115,13 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(
+        self, messages: Any, add_generation_prompt: bool = True, add_special_tokens: bool | None = None
+    ) -> list[int]:
         """Token ids of a chat (OpenAI-style messages) rendered with the model's chat template.
 
-        A template writes its own special tokens (e.g. BOS), so only the plain fallback adds them."""
+        A template writes its own special tokens (e.g. BOS), so by default (``add_special_tokens`` None)
+        only the plain fallback adds them."""
         messages = check_messages(messages)
         special = [
             self._tok.id_to_token(i) if i is not None else None
@@ -127,7 +130,9 @@ class Tokenizer:
         text = render_chat(
             messages, self.chat_template, special[0] or "", special[1] or "", add_generation_prompt
         )
-        return self.encode(text, add_special_tokens=self.chat_template is None, field="messages")
+        if add_special_tokens is None:
+            add_special_tokens = self.chat_template is None
+        return self.encode(text, add_special_tokens=add_special_tokens, field="messages")
 
     def detokenizer(self) -> IncrementalDetokenizer:
         """A fresh streaming detokenizer for one request's output."""

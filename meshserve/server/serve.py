@@ -101,16 +101,21 @@ def serve(
     max_waiting: int | None = None,
     graceful_shutdown_s: float = 10.0,
     log_level: str = "info",
+    api_key: str | None = None,
+    task: str = "auto",
     **engine_args: Any,
 ) -> None:
-    """Serve ``model`` (a Hugging Face-format directory) over the OpenAI API until stopped."""
+    """Serve ``model`` (a Hugging Face-format directory) over the OpenAI API until stopped. ``api_key``
+    (else MESHSERVE_API_KEY): required on /v1 routes; ``task``: auto, generate or embed."""
+    from meshserve import switches
     from meshserve.server.app import build_app
 
     number(graceful_shutdown_s, "graceful_shutdown_s", 0.0, MAX_GRACE_S)
+    api_key = api_key or switches.value("MESHSERVE_API_KEY") or None
     pin_mmap_threshold()  # a long-running engine: freed tensors go back to the OS, RSS stays flat
     llm = AsyncLLM.from_args(model, max_waiting=max_waiting, **engine_args)
     name = served_model_name or Path(model).name  # never the server's filesystem path
-    app = build_app(llm, name, aliases=() if served_model_name else (model,))
+    app = build_app(llm, name, aliases=() if served_model_name else (model,), api_key=api_key, task=task)
     config = server_config(app, host, port, log_level, graceful_shutdown_s)
     logger.info("serving %s as %r on http://%s:%d", model, name, host, port)
     # uvicorn shuts down gracefully on these signals, then re-raises them to the handlers it found:
@@ -137,6 +142,7 @@ class ServerThread:
         port: int,
         log_level: str = "warning",
         grace_s: float = 10.0,
+        **app_args: Any,
     ) -> None:
         import threading
         import time
@@ -144,7 +150,7 @@ class ServerThread:
         from meshserve.server.app import build_app
 
         self.llm, self.url = llm, f"http://127.0.0.1:{port}"
-        app = build_app(llm, served_model_name)
+        app = build_app(llm, served_model_name, **app_args)
         config = server_config(app, "127.0.0.1", port, log_level, grace_s)
         self.server = graceful_server(config, grace_s, app.state.cut_streams)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
