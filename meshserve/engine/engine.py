@@ -200,6 +200,13 @@ class Engine:
         pooling = params if isinstance(params, PoolingParams) else None
         if pooling is not None:
             params = SamplingParams(max_tokens=1)  # never sampled: it ends after its prompt
+        mc = self.model_config
+        require(
+            pooling is not None or not mc.headless,
+            "sampling_params",
+            f"model {mc.name} ({mc.arch}) has no LM head: it serves embeddings only (PoolingParams, "
+            "LLM.embed, /v1/embeddings)",
+        )
         require(
             isinstance(params, SamplingParams), "sampling_params", "must be a SamplingParams or PoolingParams"
         )

@@ -101,6 +101,12 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def headless(self) -> bool:
+        """An ``...Model`` checkpoint (e.g. LlamaModel): no LM head and no ``model.`` prefix; embeddings
+        only (its lm_head is tied to the input embedding so the forward has one)."""
+        return self.arch.endswith("Model")
+
 
 # generation_config.json name -> SamplingParams name, for the defaults a request inherits (as vLLM does).
 GENERATION_DEFAULTS = {

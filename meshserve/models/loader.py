@@ -93,6 +93,8 @@ def load_config(
     config = parse_config(hf, arch, name=_name(path), dtype=torch_dtype, generation=generation)
     cls.configure(config, hf)
     config.pooling_defaults = read_pooling(path)
+    if config.headless:  # no LM head to load: the forward's logits read the input embedding
+        config.tie_word_embeddings = True
     tokenizer = Tokenizer.from_dir(path, config.bos_token_id, config.eos_token_ids)
     if not config.eos_token_ids:
         config.eos_token_ids = list(tokenizer.eos_token_ids)
