@@ -4,6 +4,7 @@ open; --task embed: embeddings only."""
 from __future__ import annotations
 
 import dataclasses
+import signal
 
 import httpx
 import openai
@@ -58,3 +59,29 @@ def test_auto_task_is_embed_for_embedding_checkpoints(server):
     assert resolve_task("auto", mc_st) == "embed"
     with pytest.raises(ValueError, match="task: must be one of auto, generate, embed"):
         resolve_task("classify", mc)
+
+
+def test_serve_takes_the_key_from_meshserve_api_key(model_dir, monkeypatch):
+    """``meshserve serve`` without --api-key reads the MESHSERVE_API_KEY switch."""
+    from meshserve import switches
+    from meshserve.server import serve as serve_module
+
+    monkeypatch.setenv("MESHSERVE_API_KEY", KEY)
+    switches.refresh()
+    apps = []
+
+    class Captured:
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(
+        serve_module, "graceful_server", lambda config, *_: apps.append(config.app) or Captured()
+    )
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        serve_module.serve(model_dir, port=free_port(), max_model_len=32, block_size=4)
+    finally:  # serve installs its own signal handlers
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    keys = [m.kwargs["key"] for m in apps[0].user_middleware if m.cls.__name__ == "ApiKey"]
+    assert keys == [KEY]
