@@ -109,8 +109,10 @@ def serve(
     (else MESHSERVE_API_KEY): required on /v1 routes; ``task``: auto, generate or embed."""
     from meshserve import switches
     from meshserve.server.app import build_app
+    from meshserve.server.tasks import check_task
 
     number(graceful_shutdown_s, "graceful_shutdown_s", 0.0, MAX_GRACE_S)
+    check_task(task)  # before the model loads
     api_key = api_key or switches.value("MESHSERVE_API_KEY") or None
     pin_mmap_threshold()  # a long-running engine: freed tensors go back to the OS, RSS stays flat
     llm = AsyncLLM.from_args(model, max_waiting=max_waiting, **engine_args)

@@ -16,9 +16,14 @@ TASKS = ("auto", "generate", "embed")
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
-def resolve_task(task: str, mc: ModelConfig) -> str:
+def check_task(task: str) -> str:
     require(task in TASKS, "task", f"must be one of {', '.join(TASKS)}, got {task!r}")
-    if task != "auto":
+    return task
+
+
+def resolve_task(task: str, mc: ModelConfig) -> str:
+    """``generate`` or ``embed`` for ``task`` on the model ``mc``."""
+    if check_task(task) != "auto":
         return task
     return "embed" if mc.arch.endswith("Model") or mc.pooling_defaults else "generate"
 
