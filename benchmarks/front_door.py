@@ -66,7 +66,7 @@ def main() -> None:
         print(f"prompt: {chars:,} characters, tokenized alone in {time.perf_counter() - begin:.3f} s")
         for where in ("engine thread", "front door"):
             took, gap = asyncio.run(longest_gap(llm, text, where))
-            print(f"{where:>13}: tokenizing took {took:.3f} s; the stream's longest gap meanwhile {gap:.3f} s")
+            print(f"{where:>13}: tokenizing took {took:.3f} s; the stream's longest gap then {gap:.3f} s")
     finally:
         llm.shutdown()
 

@@ -96,3 +96,24 @@ def test_sentence_transformers_pooling_is_the_default(tmp_path):
     )
     with pytest.raises(InputError, match="1_Pooling/config.json: one pooling mode at a time"):
         read_pooling(tmp_path)
+
+
+def test_a_preempted_pooling_request_folds_again_from_the_start(model_dir, expected):
+    """A generation that grows until the KV cache is full preempts a later pooling request mid-prompt;
+    the pooling request is recomputed and its embedding is still the whole prompt's."""
+    llm = LLM(
+        str(model_dir),
+        dtype="float32",
+        max_num_batched_tokens=8,
+        block_size=4,
+        num_kv_blocks=12,
+        max_model_len=48,
+    )
+    engine = llm.engine
+    engine.add_request([1, 2, 3, 4, 5], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    pooled = engine.add_request(PROMPTS[1], PoolingParams("MEAN"))
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step()})
+    assert engine.num_preemptions > 0
+    torch.testing.assert_close(done[pooled].embedding, expected["MEAN"][1], atol=2e-5, rtol=1e-4)
