@@ -10,11 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "AsyncLLM", "Engine", "RequestOutput", "SamplingParams", "StructuredOutputsParams"]
+__all__ = [
+    "LLM",
+    "AsyncLLM",
+    "Engine",
+    "PoolingParams",
+    "RequestOutput",
+    "SamplingParams",
+    "StructuredOutputsParams",
+]
 
 _ENGINE_NAMES = {
     "LLM",
     "Engine",
+    "PoolingParams",
     "RequestOutput",
     "SamplingParams",
     "CompletionOutput",

@@ -51,7 +51,7 @@ def env() -> None:
     print("switches (read once at engine start; meshserve/switches.py):")
     values = switches.refresh()
     for s in switches.SWITCHES:
-        shown = values[s.name] or "(unset)"
+        shown = ("(set)" if s.secret else values[s.name]) if values[s.name] else "(unset)"
         print(f"  {s.name}={shown}  [default {s.default or 'unset'}]  {s.help}")
     for name, help_text in switches.FOREIGN.items():
         print(f"  {name}={os.environ.get(name, '(unset)')}  {help_text}")
@@ -248,12 +248,21 @@ def serve(
     tool_call_parser: str | None = typer.Option(
         None, help="How tool calls are read from text under tool_choice auto: hermes, llama3_json, mistral."
     ),
+    api_key: str | None = typer.Option(
+        None, help="Clients must send 'Authorization: Bearer KEY' to /v1 routes (else MESHSERVE_API_KEY)."
+    ),
+    task: str = typer.Option(
+        "auto", help="generate, embed (/v1/embeddings only), or auto: embed for an embedding checkpoint."
+    ),
 ) -> None:
-    """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /metrics)."""
+    """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models,
+    /tokenize, /detokenize, /metrics)."""
     from meshserve.server.serve import serve as run
 
     run(
         model,
+        api_key=api_key,
+        task=task,
         host=host,
         port=port,
         served_model_name=served_model_name,

@@ -27,6 +27,7 @@ class Switch:
     default: str
     choices: tuple[str, ...]
     help: str
+    secret: bool = False  # `meshserve env` prints "(set)", never the value
 
 
 SWITCHES = (
@@ -89,6 +90,14 @@ SWITCHES = (
         "",
         (),
         "Memory budget of a wafer run in GiB (wafer/limits.py, read per run); unset: presets/limits.yaml.",
+    ),
+    Switch(
+        "MESHSERVE_API_KEY",
+        "",
+        (),
+        "meshserve serve: the key clients must send as 'Authorization: Bearer <key>' when --api-key is not "
+        "given (`meshserve env` shows only whether it is set).",
+        secret=True,
     ),
     Switch(
         "MESHSERVE_EP_FAULT",

@@ -75,12 +75,14 @@ def test_an_engine_reads_the_switches_once_when_it_starts(tiny_model_dir, monkey
 def test_meshserve_env_prints_the_switches_and_the_kernel_paths(monkeypatch):
     monkeypatch.setenv("MESHSERVE_ATTENTION", "reference")
     monkeypatch.setenv("MESHSERVE_PROFILE_DIR", "/tmp/h31-nowhere")
+    monkeypatch.setenv("MESHSERVE_API_KEY", "sk-never-printed")
     result = CliRunner().invoke(app, ["env"])
     assert result.exit_code == 0, result.output
     for name in [*switches.BY_NAME, *switches.FOREIGN]:
         assert f"  {name}=" in result.output
     assert "MESHSERVE_ATTENTION=reference  [default auto]" in result.output
     assert "MESHSERVE_PROFILE_DIR=/tmp/h31-nowhere" in result.output
+    assert "MESHSERVE_API_KEY=(set)" in result.output and "sk-never-printed" not in result.output
     assert "attention cpu float32: reference" in result.output
     assert "attention cuda: reference" in result.output
     assert "native build: " in result.output and "gemm table: " in result.output

@@ -3,7 +3,8 @@
 One thread owns the Engine and runs its loop: take new requests and aborts from an inbox, run a step,
 hand each step's outputs to the event loop. The event loop never waits on a forward; an add waits
 for the end of the current step (where the engine is free to take it), an abort is applied there too
-and frees the request's blocks before the next step. Nothing here knows HTTP.
+and frees the request's blocks before the next step. Nothing here knows HTTP. The engine thread only
+steps: prompts are tokenized and streamed tokens detokenized on the caller's side (front_door.py).
 
     llm = AsyncLLM.from_args("model_dir", max_num_seqs=32)
     async for out in llm.generate("Hello", SamplingParams(max_tokens=8)):
@@ -24,8 +25,10 @@ from typing import Any
 
 from meshserve.config import EngineConfig
 from meshserve.engine.engine import Engine
+from meshserve.engine.front_door import OutputText, PromptTokenizer
 from meshserve.engine.llm import make_engine
 from meshserve.engine.outputs import RequestOutput
+from meshserve.engine.pooling import PoolingParams
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.errors import InputError, require
 
@@ -64,6 +67,7 @@ class AsyncLLM:
         self._stopping = threading.Event()
         self._drained = threading.Event()  # the loop has ended: calls left in the inbox only get EngineDead
         self.error: BaseException | None = None
+        self._tokenize = PromptTokenizer(engine.tokenizer)
         self._thread = threading.Thread(target=self._run, name="meshserve-engine", daemon=True)
         self._thread.start()
 
@@ -76,16 +80,23 @@ class AsyncLLM:
         return self._thread.is_alive() and not self._stopping.is_set()
 
     async def add_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | PoolingParams,
+        request_id: str | None = None,
     ) -> RequestStream:
-        """Queue a request; returns its stream of outputs. Raises InputError / EngineBusy / EngineDead
-        before anything is queued. Call ``stream.abort()`` when done with it early (in a finally)."""
+        """Queue a request (PoolingParams: an embedding); returns its stream of outputs. Raises InputError
+        / EngineBusy / EngineDead before anything is queued. Call ``stream.abort()`` when done with it
+        early (in a finally)."""
         request_id = f"req-{next(self._ids)}" if request_id is None else request_id
         require(request_id not in self._streams, "request_id", f"{request_id!r} is already in use")
-        stream = RequestStream(self, request_id)
+        # Stop strings are matched on the text in the engine, which then makes that text itself.
+        here = isinstance(params, SamplingParams) and not params.stop_strings
+        stream = RequestStream(self, request_id, OutputText(self.engine.tokenizer) if here else None)
         self._streams[request_id] = (asyncio.get_running_loop(), stream.queue)
         try:
-            await self._call("add", (prompt, params, request_id))
+            token_ids = await self._tokenize(prompt)
+            await self._call("add", (token_ids, params, request_id, not here))
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -116,6 +127,7 @@ class AsyncLLM:
         up to ``timeout`` seconds (None: until the engine has closed)."""
         self._stopping.set()
         self._inbox.put(("stop", None, None))
+        self._tokenize.close()
         self._thread.join(timeout)
 
     async def _call(self, kind: str, payload: Any) -> Any:
@@ -162,8 +174,8 @@ class AsyncLLM:
                 waiting = self.engine.num_waiting
                 if self.max_waiting is not None and waiting >= self.max_waiting:
                     raise EngineBusy(f"{waiting} requests are waiting (max_waiting={self.max_waiting})")
-                prompt, params, request_id = payload
-                result = self.engine.add_request(prompt, params, request_id, stream=True)
+                prompt, params, request_id, detokenize = payload
+                result = self.engine.add_request(prompt, params, request_id, True, detokenize)
             elif kind == "abort":
                 result = self.engine.abort(payload)
                 if self.on_abort is not None:
@@ -205,11 +217,12 @@ class AsyncLLM:
 class RequestStream:
     """Async iterator over one request's output deltas; ``abort()`` ends it early (no-op once finished)."""
 
-    def __init__(self, llm: AsyncLLM, request_id: str) -> None:
+    def __init__(self, llm: AsyncLLM, request_id: str, text: OutputText | None = None) -> None:
         self.llm = llm
         self.request_id = request_id
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
+        self.text = text  # makes the outputs' text here, when the engine sends token ids only
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -225,7 +238,7 @@ class RequestStream:
         if out.finished:
             self.finished = True
             self.llm._streams.pop(self.request_id, None)
-        return out
+        return out if self.text is None else self.text.fill(out)
 
     def abort(self) -> None:
         if not self.finished:

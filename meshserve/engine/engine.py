@@ -27,6 +27,7 @@ from meshserve.engine.kernel_profile import gemm_table_for
 from meshserve.engine.kv_cache import BlockManager, allocate_kv_cache, block_bytes, num_kv_blocks
 from meshserve.engine.logits_processors import process_logits
 from meshserve.engine.outputs import RequestOutput
+from meshserve.engine.pooling import PoolingParams, fold_chunks
 from meshserve.engine.prefix_cache import PrefixCache
 from meshserve.engine.prompt_logprobs import record_prompt_logprobs
 from meshserve.engine.request import Request, RequestStatus
@@ -181,18 +182,34 @@ class Engine:
     def add_request(
         self,
         prompt: str | list[int],
-        params: SamplingParams | None = None,
+        params: SamplingParams | PoolingParams | None = None,
         request_id: str | None = None,
         stream: bool = False,
+        detokenize: bool = True,
     ) -> str:
         """Queue a prompt (text or token ids); returns its request id. Bad input raises InputError.
 
         ``stream``: ``step()`` reports this request's new tokens and text every step (deltas), not only
-        its final output.
+        its final output. ``detokenize=False``: outputs carry token ids and no text (the caller, e.g.
+        AsyncLLM's front door, makes the text off this thread); stop strings still detokenize here, as
+        matching them needs the text. With PoolingParams the prompt only runs prefill and its output
+        carries the ``embedding`` (pooling.py).
         """
         require(not self._closed, "engine", "is closed; create a new LLM / Engine to generate again")
         params = SamplingParams() if params is None else params
-        require(isinstance(params, SamplingParams), "sampling_params", "must be a SamplingParams")
+        pooling = params if isinstance(params, PoolingParams) else None
+        if pooling is not None:
+            params = SamplingParams(max_tokens=1)  # never sampled: it ends after its prompt
+        mc = self.model_config
+        require(
+            pooling is not None or not mc.headless,
+            "sampling_params",
+            f"model {mc.name} ({mc.arch}) has no LM head: it serves embeddings only (PoolingParams, "
+            "LLM.embed, /v1/embeddings)",
+        )
+        require(
+            isinstance(params, SamplingParams), "sampling_params", "must be a SamplingParams or PoolingParams"
+        )
         if request_id is None:
             request_id = next(i for i in map(str, self._ids) if i not in self.groups)
         request_id = str(request_id)
@@ -205,12 +222,18 @@ class Engine:
         text = prompt if isinstance(prompt, str) else None
         token_ids = self._prompt_tokens(prompt)
         n = len(token_ids)
-        limit = self.max_model_len - 1
+        if pooling is None:
+            limit = self.max_model_len - 1
+            require(
+                n <= limit,
+                "prompt",
+                f"{n} tokens is too long: at most max_model_len - 1 = {limit} "
+                f"(max_model_len={self.max_model_len}) so one token can be generated",
+            )
         require(
-            n <= limit,
+            n <= self.max_model_len,
             "prompt",
-            f"{n} tokens is too long: at most max_model_len - 1 = {limit} "
-            f"(max_model_len={self.max_model_len}) so one token can be generated",
+            f"{n} tokens is too long: at most max_model_len = {self.max_model_len}",
         )
         vocab = self.model_config.vocab_size
         require(
@@ -235,6 +258,8 @@ class Engine:
             child = Request(child_id, token_ids, own, max_tokens, prompt=text, seed=seed)
             child.parent_id, child.index, child.stream = request_id, index, stream
             child.matcher = None if spec is None else self.grammars.matcher(spec)
+            child.pooling = pooling
+            child.detokenize = detokenize or bool(own.stop_strings)
             self.stopper.start(child)
             self.requests[child_id] = child
             children.append(child)
@@ -314,11 +339,18 @@ class Engine:
                 self.spec.remove(request.request_id)
         if not plan.items:
             return []
-        logits = self.runner.execute(plan.items)
+        logits, hidden = self.runner.execute(plan.items)
         self._record_experts()
         touched: dict[str, list[Request]] = {}
+        pooled = self._pool(plan.items, hidden)
         for item, tokens in zip(plan.items, self._new_tokens(plan.items, logits), strict=True):
             request = item.request
+            if request in pooled:  # prompt-only work: done when its last chunk has run; its KV goes
+                self.scheduler.advance(item, 0)
+                if request.embedding is not None:
+                    self._finish(request, RequestStatus.FINISHED_STOPPED)
+                    touched.setdefault(request.parent_id, []).append(request)
+                continue
             if isinstance(tokens, Exception):  # its own sampling failed: end it alone, with the reason
                 request.error = f"sampling failed: {type(tokens).__name__}: {str(tokens)[:200]}"
                 logger.warning("request %s: %s", request.request_id, request.error)
@@ -404,6 +436,13 @@ class Engine:
                 self._forget(group)
         return outputs
 
+    def _pool(self, items: list[WorkItem], hidden: torch.Tensor) -> set[Request]:
+        """Fold the pooling requests' rows of this step into their embeddings; returns those requests."""
+        rows = np.concatenate([[0], np.cumsum([it.num_tokens for it in items])[:-1]]).tolist()
+        chosen = [i for i, it in enumerate(items) if it.request.pooling is not None]
+        fold_chunks(hidden, [items[i] for i in chosen], [rows[i] for i in chosen])
+        return {items[i].request for i in chosen}
+
     def _new_tokens(
         self, items: list[WorkItem], logits: torch.Tensor
     ) -> list[list[tuple[int, Any]] | Exception]:
@@ -415,7 +454,9 @@ class Engine:
         plain = [
             i
             for i, it in enumerate(items)
-            if it.kind is not WorkKind.VERIFY and it.start + it.num_tokens == it.request.num_tokens
+            if it.kind is not WorkKind.VERIFY
+            and it.start + it.num_tokens == it.request.num_tokens
+            and it.request.pooling is None
         ]
         prompt = [
             i

@@ -64,11 +64,14 @@ class RequestGroup:
                 first.arrival_time, min(times, default=None), max(ends) if finished and ends else None
             ),
             prompt_logprobs=first.prompt_logprobs,
+            embedding=first.embedding,
         )
 
 
 def _completion(request: Request, stopper: StopChecker, delta: bool) -> CompletionOutput:
-    if request.is_finished:
+    if not request.detokenize:
+        text = ""  # the caller detokenizes (AsyncLLM's front door)
+    elif request.is_finished:
         text = stopper.final_text(request)
     else:
         text = stopper.streamable_text(request) if request.detokenizer is not None else request.output_text

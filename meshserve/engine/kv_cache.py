@@ -117,8 +117,8 @@ class BlockManager:
         would not fit in the free blocks, return None and change nothing, so an admission that must fail
         makes no copy (it would redo it every step while it waits)."""
         cache = self.prefix_cache
-        if cache is None or request.block_table or request.num_computed_tokens or request.prompt_logprobs:
-            return 0  # (a request that wants prompt logprobs must compute its whole prompt)
+        if cache is None or request.block_table or request.num_computed_tokens or request.needs_whole_prompt:
+            return 0  # (prompt logprobs, pooling: pooling.py)
         if self.unshared_past is not None and request.num_tokens > self.unshared_past:
             return 0
         m = cache.match(request.token_ids, max_tokens=request.num_tokens - 1)

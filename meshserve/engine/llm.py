@@ -4,6 +4,7 @@ llm = LLM("path/to/model", max_num_batched_tokens=512)
 llm = LLM("path/to/moe", data_parallel_size=4, enable_expert_parallel=True)  # N rank processes
 outputs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0, max_tokens=32))
 outputs[0].text, outputs[0].token_ids, outputs[0].finish_reason, outputs[0].metrics
+llm.embed(["Hello", "The sky is"])[0].embedding   # final hidden states pooled: float32 [hidden]
 llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=32))  # the model's chat template
 """
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from meshserve.config import EngineConfig
 from meshserve.engine.engine import Engine
 from meshserve.engine.outputs import RequestOutput
+from meshserve.engine.pooling import PoolingParams
 from meshserve.engine.sampling_params import MAX_CHOICES, SamplingParams
 from meshserve.errors import InputError
 
@@ -62,20 +64,27 @@ class LLM:
         one HTTP request) are in the engine at once: the next prompt goes in as earlier ones finish.
         """
         prompts = _as_prompt_list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
-        elif not isinstance(sampling_params, list | tuple):
-            raise InputError(
-                "sampling_params",
-                f"must be a SamplingParams or a list of them, got {type(sampling_params).__name__}",
-            )
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise InputError(
-                    "sampling_params",
-                    f"got {len(params)} for {len(prompts)} prompts; give one, or one per prompt",
-                )
+        default = sampling_params or self.get_default_sampling_params()
+        params = _per_prompt(sampling_params, default, SamplingParams, "sampling_params", len(prompts))
+        return self._add_and_run(prompts, params, use_tqdm)
+
+    def embed(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One embedding per prompt (``out.embedding``, float32 [hidden]): the final hidden states pooled
+        as ``pooling_params`` says (default: the checkpoint's sentence-transformers pooling, else LAST,
+        L2-normalized). Each runs through the engine as a prefill-only request; all or nothing."""
+        prompts = _as_prompt_list(prompts)
+        default = pooling_params or self.get_default_pooling_params()
+        params = _per_prompt(pooling_params, default, PoolingParams, "pooling_params", len(prompts))
+        return self._add_and_run(prompts, params, use_tqdm)
+
+    def _add_and_run(
+        self, prompts: list[str | list[int]], params: list[Any], use_tqdm: bool
+    ) -> list[RequestOutput]:
         ids: list[str] = []
         try:
             return self._run(prompts, params, ids, use_tqdm)
@@ -85,7 +94,7 @@ class LLM:
             raise
 
     def _run(
-        self, prompts: list[Prompt], params: list[SamplingParams], ids: list[str], use_tqdm: bool
+        self, prompts: list[Prompt], params: list[Any], ids: list[str], use_tqdm: bool
     ) -> list[RequestOutput]:
         """Step until every prompt's request finished, adding prompts while fewer than MAX_CHOICES
         completions of this call are in the engine; ``ids`` collects the ids added (for an abort)."""
@@ -128,6 +137,10 @@ class LLM:
         """SamplingParams with the model's generation_config.json defaults (vLLM's behaviour)."""
         return SamplingParams(**self.engine.model_config.generation_defaults)
 
+    def get_default_pooling_params(self) -> PoolingParams:
+        """PoolingParams with the checkpoint's sentence-transformers pooling, else LAST, normalized."""
+        return PoolingParams(**self.engine.model_config.pooling_defaults)
+
     def close(self) -> None:
         """Finish up: writes the expert trace when one was asked for."""
         self.engine.close()
@@ -137,6 +150,17 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _per_prompt(given: object, default: Any, kind: type, field: str, n: int) -> list[Any]:
+    """One params object per prompt: ``given`` is None / one ``kind`` for all, or a list of one per prompt."""
+    if given is None or isinstance(given, kind):
+        return [default] * n
+    if not isinstance(given, list | tuple):
+        raise InputError(field, f"must be a {kind.__name__} or a list of them, got {type(given).__name__}")
+    if len(given) != n:
+        raise InputError(field, f"got {len(given)} for {n} prompts; give one, or one per prompt")
+    return list(given)
 
 
 def _as_prompt_list(prompts: object) -> list[str | list[int]]:

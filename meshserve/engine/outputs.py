@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class CompletionOutput:
@@ -42,6 +44,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     prompt_logprobs: list[dict[int, float] | None] | None = None  # when asked for; None for position 0
+    embedding: torch.Tensor | None = None  # a pooling request's float32 vector [hidden], once finished
 
     @property
     def text(self) -> str:

@@ -81,10 +81,20 @@ class Request:
         )
         self.output_text = ""
         self.detokenizer: Any = None  # incremental detokenizer, made for streaming or stop strings
+        self.detokenize = True  # False: outputs carry token ids only, the caller makes the text
         self.stop_reason: int | str | None = None
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
+        # A pooling request (pooling.py) runs its prompt only: its fold so far, then the embedding.
+        self.pooling: Any = None
+        self.pooled: Any = None
+        self.embedding: Any = None
+
+    @property
+    def needs_whole_prompt(self) -> bool:
+        """Computes its whole prompt (prompt logprobs, pooling): takes no cached prefix blocks."""
+        return self.prompt_logprobs is not None or self.pooling is not None
 
     @property
     def num_tokens(self) -> int:

@@ -81,11 +81,14 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, items: list[WorkItem]) -> torch.Tensor:
-        """One forward for all items; float32 logits [sum(num_logits), vocab] on the CPU, in item order."""
+    def execute(self, items: list[WorkItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward for all items: float32 logits [sum(num_logits), vocab] on the CPU, in item order, and
+        the final hidden states [T, hidden] of every row (pooling requests read theirs)."""
         input_ids, meta = build_batch(items, self.block_size)
         device = self.kv_caches[0].device
         if device.type != "cpu":  # the step's tensors go where the weights and the cache are
             input_ids, meta = input_ids.to(device), meta.to(device)
         self.hidden = hidden = self.model(input_ids, meta, self.kv_caches)
-        return self.model.compute_logits(hidden[meta.logits_indices]).cpu()  # the sampler works on the CPU
+        if meta.logits_indices.numel() == 0:  # a step of pooling chunks only
+            return torch.empty(0, self.model.config.vocab_size), hidden
+        return self.model.compute_logits(hidden[meta.logits_indices]).cpu(), hidden  # sampler: on the CPU

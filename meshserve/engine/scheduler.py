@@ -186,7 +186,8 @@ class Scheduler:
             room = self.blocks.capacity(request) - start
             if room > 0:
                 n = min(n, room)
-        num_logits = n if wants_prompt_logits(request) else int(n == pending)
+        # A pooling request never samples: its hidden rows are read, not its logits.
+        num_logits = n if wants_prompt_logits(request) else int(n == pending and request.pooling is None)
         return WorkItem(request, WorkKind.PREFILL, start, n, num_logits)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:

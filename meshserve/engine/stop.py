@@ -22,8 +22,8 @@ class StopChecker:
         self.max_model_len = max_model_len
 
     def start(self, request: Request) -> None:
-        """Prepare a new request: only stop strings and streaming need text while it runs."""
-        if request.params.stop_strings or request.stream:
+        """Prepare a new request: only stop strings and streaming (with text) need text while it runs."""
+        if request.params.stop_strings or (request.stream and request.detokenize):
             request.detokenizer = self.tokenizer.detokenizer()
 
     def check(self, request: Request) -> RequestStatus | None:

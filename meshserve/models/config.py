@@ -75,6 +75,8 @@ class ModelConfig:
     norm_topk_prob: bool = True
     # Sampling defaults from generation_config.json (SamplingParams names), used when a request omits them.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    # PoolingParams fields a sentence-transformers checkpoint declares (pooling_config.py); {} for none
+    pooling_defaults: dict[str, Any] = field(default_factory=dict)
     layer_windows: list[int | None] = field(default_factory=list)  # sliding window per layer; None: full
     # Family options (the defaults are Llama's): see the arch file that sets each.
     hidden_act: str = "silu"
@@ -101,6 +103,12 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def headless(self) -> bool:
+        """An ``...Model`` checkpoint (e.g. LlamaModel): no LM head and no ``model.`` prefix; embeddings
+        only (its lm_head is tied to the input embedding so the forward has one)."""
+        return self.arch.endswith("Model")
 
 
 # generation_config.json name -> SamplingParams name, for the defaults a request inherits (as vLLM does).

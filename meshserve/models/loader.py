@@ -16,6 +16,7 @@ from meshserve.memory import MemoryNeed, check_memory
 from meshserve.models.config import AUTO, ModelConfig, parse_config, parse_dtype, resolve_aliases
 from meshserve.models.decoder import DecoderLM
 from meshserve.models.hub import resolve_model
+from meshserve.models.pooling_config import read_pooling
 from meshserve.models.registry import ARCHITECTURES
 from meshserve.models.tokenizer import Tokenizer
 from meshserve.models.weights import load_weights
@@ -91,6 +92,9 @@ def load_config(
     hf = resolve_aliases(hf, cls.config_aliases)
     config = parse_config(hf, arch, name=_name(path), dtype=torch_dtype, generation=generation)
     cls.configure(config, hf)
+    config.pooling_defaults = read_pooling(path)
+    if config.headless:  # no LM head to load: the forward's logits read the input embedding
+        config.tie_word_embeddings = True
     tokenizer = Tokenizer.from_dir(path, config.bos_token_id, config.eos_token_ids)
     if not config.eos_token_ids:
         config.eos_token_ids = list(tokenizer.eos_token_ids)

@@ -32,3 +32,5 @@ ARCHITECTURES: dict[str, type[DecoderLM]] = {
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
+# The same decoders saved without their LM head (LlamaModel, Qwen3Model, ...): embedding checkpoints.
+ARCHITECTURES |= {name.removesuffix("ForCausalLM") + "Model": cls for name, cls in ARCHITECTURES.items()}

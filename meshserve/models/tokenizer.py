@@ -99,7 +99,12 @@ class Tokenizer:
                 field, f"{len(text)} characters is too long: at most {limit} (more cannot fit max_model_len)"
             )
         try:
-            return self._tok.encode(checked_text(text, field), add_special_tokens=add_special_tokens).ids
+            # encode_batch releases the GIL (encode holds it): a long prompt tokenized in the front door's
+            # thread pool does not stall the engine thread's Python between forwards.
+            (encoding,) = self._tok.encode_batch(
+                [checked_text(text, field)], add_special_tokens=add_special_tokens
+            )
+            return encoding.ids
         except (TypeError, ValueError) as err:  # not InputError: the Rust side's own refusals
             if isinstance(err, InputError):
                 raise
@@ -116,12 +121,17 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: Any, add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None
+        self,
+        messages: Any,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        add_special_tokens: bool | None = None,
     ) -> list[int]:
         """Token ids of a chat (OpenAI-style messages, and ``tools`` for the template) rendered with the
         model's chat template.
 
-        A template writes its own special tokens (e.g. BOS), so only the plain fallback adds them."""
+        A template writes its own special tokens (e.g. BOS), so by default (``add_special_tokens`` None)
+        only the plain fallback adds them."""
         messages = check_messages(messages)
         special = [
             self._tok.id_to_token(i) if i is not None else None
@@ -130,7 +140,9 @@ class Tokenizer:
         text = render_chat(
             messages, self.chat_template, special[0] or "", special[1] or "", add_generation_prompt, tools
         )
-        return self.encode(text, add_special_tokens=self.chat_template is None, field="messages")
+        if add_special_tokens is None:
+            add_special_tokens = self.chat_template is None
+        return self.encode(text, add_special_tokens=add_special_tokens, field="messages")
 
     def detokenizer(self) -> IncrementalDetokenizer:
         """A fresh streaming detokenizer for one request's output."""

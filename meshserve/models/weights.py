@@ -160,8 +160,8 @@ class Checkpoint:
 Part = tuple[str, tuple[int | slice, ...]]
 
 
-def _candidates(name: str, aliases: tuple[tuple[str, str], ...]) -> list[str]:
-    base = name if name.startswith("lm_head.") else "model." + name
+def _candidates(name: str, aliases: tuple[tuple[str, str], ...], prefix: str = "model.") -> list[str]:
+    base = name if name.startswith("lm_head.") else prefix + name
     return [base] + [base.replace(ours, theirs) for ours, theirs in aliases if ours in base]
 
 
@@ -178,7 +178,7 @@ def _stacked(keys: list[str], ckpt: Checkpoint, lead: tuple[int, ...]) -> tuple[
 def _parts(name: str, ckpt: Checkpoint, model: DecoderLM) -> tuple[list[Part], list[int]] | None:
     """The checkpoint tensors that make up our parameter `name`, and the shape they make; None if absent."""
     gate, up, down = model.expert_names
-    for key in _candidates(name, model.checkpoint_aliases):
+    for key in _candidates(name, model.checkpoint_aliases, _prefix(model)):
         if key in ckpt:
             return [(key, ())], list(ckpt.shape(key))
         stem, _, leaf = key.rpartition(".")
@@ -203,13 +203,18 @@ def _parts(name: str, ckpt: Checkpoint, model: DecoderLM) -> tuple[list[Part], l
 
 def _missing_keys(name: str, ckpt: Checkpoint, model: DecoderLM) -> list[str]:
     """The checkpoint names we looked for under Hugging Face's classic naming and did not find."""
-    key = _candidates(name, model.checkpoint_aliases)[-1]
+    key = _candidates(name, model.checkpoint_aliases, _prefix(model))[-1]
     stem, _, leaf = key.rpartition(".")
     owner, _, fused = stem.rpartition(".")
     if stem.endswith(".experts"):
         return [f"{stem}.<expert>.{leaf}.weight"]
     parts = [f"{owner}.{p}.{leaf}" for p in {**FUSED, **model.fusions}.get(fused, ())] or [key]
     return [p for p in parts if p not in ckpt]
+
+
+def _prefix(model: DecoderLM) -> str:
+    """A headless checkpoint (``LlamaModel``) names its tensors without the ``model.`` prefix."""
+    return "" if model.config.headless else "model."
 
 
 def _empty(module: nn.Module, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over an AsyncLLM.
 
-/v1/completions and /v1/chat/completions (JSON or SSE streams), /v1/models, /health, /metrics.
+/v1/completions and /v1/chat/completions (JSON or SSE streams), /v1/models, /health, /metrics; and from
+their own modules /v1/embeddings (embeddings.py), /tokenize and /detokenize (tokenize.py), --api-key
+(auth.py) and --task (tasks.py).
 Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad
 parameters (named in ``param``), 404 for an unknown model, 503 with Retry-After when the waiting
 queue is full. A client that goes away has its request aborted and its KV blocks freed at once.
@@ -23,12 +25,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshserve.engine.async_llm import AsyncLLM, EngineBusy, EngineDead, RequestStream
+from meshserve.engine.pooling import PoolingParams
 from meshserve.engine.sampling_params import check_choices
 from meshserve.errors import InputError, require
+from meshserve.server.auth import ApiKey
+from meshserve.server.embeddings import embeddings_router
 from meshserve.server.metrics import ServerMetrics
 from meshserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from meshserve.server.responses import ChoiceState, chat_chunk, completion_chunk, usage
 from meshserve.server.structured import constrained
+from meshserve.server.tasks import EmbedOnly, resolve_task
+from meshserve.server.tokenize import tokenize_router
 from meshserve.server.tool_parsers import PARSERS
 from meshserve.server.tools import ToolStream, message_with_calls, plan_tools
 
@@ -98,10 +105,13 @@ def build_app(
     on_shutdown: Callable[[], None] | None = None,
     aliases: tuple[str, ...] = (),
     tool_parser: str | None = None,
+    api_key: str | None = None,
+    task: str = "auto",
 ) -> FastAPI:
     """The FastAPI app serving ``llm`` under ``served_model_name`` (requests may also name an alias,
     e.g. the model directory given on the command line; only the served name is ever shown).
-    ``tool_parser``: how tool calls are read from text under tool_choice auto (server/tool_parsers.py)."""
+    ``tool_parser``: how tool calls are read from text under tool_choice auto (server/tool_parsers.py);
+    ``api_key``: required on /v1 and (de)tokenize; ``task``: tasks.py."""
     require(
         tool_parser is None or tool_parser in PARSERS,
         "tool_call_parser",
@@ -121,6 +131,10 @@ def build_app(
 
     app = FastAPI(title="meshserve", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    if resolve_task(task, engine.model_config) == "embed":
+        app.add_middleware(EmbedOnly)
+    if api_key:  # added last: runs first, before the body is read
+        app.add_middleware(ApiKey, key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -312,6 +326,9 @@ def build_app(
             }
         )
 
+    pooling = PoolingParams(**engine.model_config.pooling_defaults)
+    app.include_router(embeddings_router(llm, served_model_name, check_model, pooling))
+    app.include_router(tokenize_router(tokenizer, engine.max_model_len, check_model))
     app.state.llm, app.state.metrics, app.state.cut_streams = llm, metrics, cut_streams
     return app
 

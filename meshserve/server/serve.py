@@ -119,17 +119,25 @@ def serve(
     log_level: str = "info",
     max_connections: int = MAX_CONNECTIONS,
     tool_call_parser: str | None = None,
+    api_key: str | None = None,
+    task: str = "auto",
     **engine_args: Any,
 ) -> None:
-    """Serve ``model`` (a Hugging Face-format directory) over the OpenAI API until stopped."""
+    """Serve ``model`` (a Hugging Face-format directory) over the OpenAI API until stopped. ``api_key``
+    (else MESHSERVE_API_KEY): required on /v1 routes; ``task``: auto, generate or embed."""
+    from meshserve import switches
     from meshserve.server.app import build_app
+    from meshserve.server.tasks import check_task
 
     number(graceful_shutdown_s, "graceful_shutdown_s", 0.0, MAX_GRACE_S)
     integer(max_connections, "max_connections", 1)  # before the model loads
+    check_task(task)
+    api_key = api_key or switches.value("MESHSERVE_API_KEY") or None
     pin_mmap_threshold()  # a long-running engine: freed tensors go back to the OS, RSS stays flat
     llm = AsyncLLM.from_args(model, max_waiting=max_waiting, **engine_args)
     name = served_model_name or Path(model).name  # never the server's filesystem path
-    app = build_app(llm, name, aliases=() if served_model_name else (model,), tool_parser=tool_call_parser)
+    aliases = () if served_model_name else (model,)
+    app = build_app(llm, name, aliases=aliases, tool_parser=tool_call_parser, api_key=api_key, task=task)
     config = server_config(app, host, port, log_level, graceful_shutdown_s, max_connections)
     logger.info("serving %s as %r on http://%s:%d", model, name, host, port)
     # uvicorn shuts down gracefully on these signals, then re-raises them to the handlers it found:
@@ -157,7 +165,7 @@ class ServerThread:
         log_level: str = "warning",
         grace_s: float = 10.0,
         max_connections: int = MAX_CONNECTIONS,
-        tool_parser: str | None = None,
+        **app_args: Any,
     ) -> None:
         import threading
         import time
@@ -165,7 +173,7 @@ class ServerThread:
         from meshserve.server.app import build_app
 
         self.llm, self.url = llm, f"http://127.0.0.1:{port}"
-        app = build_app(llm, served_model_name, tool_parser=tool_parser)
+        app = build_app(llm, served_model_name, **app_args)
         config = server_config(app, "127.0.0.1", port, log_level, grace_s, max_connections)
         self.server = graceful_server(config, grace_s, app.state.cut_streams)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
