@@ -124,11 +124,12 @@ class LatentAttention(nn.Module):
         dot products are transformers' exactly."""
         if self.mla.rope_interleave:
             x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
-        return rotary_reference(x, step.cos, step.sin)
+        # In cos/sin's dtype: V2 rotates in float32 (transformers' complex product), V3 in the model's.
+        return rotary_reference(x.to(step.cos.dtype), step.cos, step.sin).to(x.dtype)
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, step: StepInputs) -> torch.Tensor:
         m, t, heads = self.mla, x.shape[0], self.num_heads
-        dtype = step.cos.dtype
+        dtype = self.kv_b_proj.weight.dtype  # the model's (x may be float32 for a float32 GEMM)
         q, latent, k_pe = self.qkv_proj(x).to(dtype).split(self.split, dim=-1)
         if m.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q.contiguous()))
@@ -190,9 +191,11 @@ class LatentAttention(nn.Module):
         q[seq, j] = query
         q_pos = (lens - q_lens)[:, None] + torch.arange(q.shape[1], device=lens.device)
         mask = pos[None, None, :] <= q_pos[:, :, None]  # [S, Q, L]: causal, and never past the sequence
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask[:, None], scale=m.scale
-        )
+        # Transformers' eager maths, rounding alike: scores in the model dtype, softmax in float32.
+        scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) * m.scale  # [S, H, Q, L]
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, v.transpose(1, 2))  # [S, H, Q, v]
         return out.transpose(1, 2)[seq, j]  # [T, H, v]
 
 
