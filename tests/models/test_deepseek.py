@@ -326,3 +326,18 @@ def test_prefill_forms_both_match_transformers(form, tiny_model_dir):
 
     mla = lm.config.mla
     assert expanded_prefill(meta(0, 19), mla) and not expanded_prefill(meta(40, 1), mla)
+
+
+def test_expanded_prefill_in_query_slices_gives_the_same_logits(tiny_model_dir, monkeypatch):
+    """A long prompt's expanded scores are computed in query slices (bounded memory), bit for bit alike."""
+    import meshserve.models.layers.mla as mla
+
+    lm = load_model(tiny_model_dir("deepseek_v3"), dtype="bfloat16")
+    tokens = prompts(lm.config.vocab_size, [41])[0]
+    outs = []
+    for budget in (mla.SCORE_ELEMENTS, 300):  # 300: a few query rows per slice at 4 heads
+        monkeypatch.setattr(mla, "SCORE_ELEMENTS", budget)
+        seqs = PagedSequences(lm)
+        seq = seqs.add(tokens)
+        outs.append(seqs.step({seq: len(tokens)})[seq])
+    assert torch.equal(outs[0], outs[1])
