@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
+from meshserve.models.batch import BatchMetadata
 from meshserve.models.config import ModelConfig, positive, read_moe
 from meshserve.models.decoder import DecoderLM
+from meshserve.models.layers.attention import StepInputs
 from meshserve.models.layers.grouped_moe import GroupedMoE, read_routing
 from meshserve.models.layers.mla import LatentAttention, read_mla
 from meshserve.models.layers.mlp import GatedMLP
@@ -28,6 +31,7 @@ class DeepseekV2ForCausalLM(DecoderLM):
 
     config_aliases: ClassVar[dict[str, str]] = {"num_experts": "n_routed_experts"}
     scoring, topk_method, norm_topk_prob, interleave = "softmax", "greedy", False, True
+    rope_in_float32 = True  # transformers' V2 rotates as a float32 complex product, then rounds
 
     @classmethod
     def configure(cls, cfg: ModelConfig, hf: dict[str, Any]) -> None:
@@ -58,6 +62,9 @@ class DeepseekV2ForCausalLM(DecoderLM):
     def make_attention(self, cfg: ModelConfig, window: int | None) -> nn.Module:
         return LatentAttention(cfg, window)
 
+    def step_inputs(self, meta: BatchMetadata, dtype: torch.dtype, cache: torch.Tensor) -> StepInputs:
+        return super().step_inputs(meta, torch.float32 if self.rope_in_float32 else dtype, cache)
+
     def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
         if layer not in cfg.moe_layers:
             return GatedMLP(cfg.hidden_size, cfg.intermediate_size)
@@ -73,3 +80,4 @@ class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
         "num_mtp_layers": "num_nextn_predict_layers",
     }
     scoring, topk_method, norm_topk_prob = "sigmoid", "noaux_tc", True
+    rope_in_float32 = False  # V3 rotates in the model's dtype, as transformers does

@@ -117,6 +117,36 @@ def test_bfloat16_runs_close_to_transformers(arch, tiny_model_dir):
     torch.testing.assert_close(ours, hf_logits(hf, tokens), atol=0.1, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_bfloat16_greedy_tokens_equal_transformers_when_mla_runs_expanded(arch, tiny_model_dir):
+    """bfloat16: a prompt's logits are transformers' bit for bit (prefill expands MLA with transformers' eager
+    rounding), and with every step expanded the greedy tokens are transformers' bfloat16 tokens. Absorbed
+    decodes (the default) reorder the sums (W_UK folded into the query, float32 accumulation over the
+    latent width, W_UV after), so a near-tie a few tokens in may go the other way (docs/deepseek.md)."""
+    from meshserve.models.layers.mla import LatentAttention
+
+    path = tiny_model_dir(arch)
+    lm = load_model(path, dtype="bfloat16")
+    hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.bfloat16)
+    batch = prompts(lm.config.vocab_size)
+    seqs = PagedSequences(lm)
+    seq = seqs.add(batch[-1])
+    assert torch.equal(seqs.step({seq: len(batch[-1])})[seq], hf_logits(hf, batch[-1]))
+    for module in lm.model.modules():
+        if isinstance(module, LatentAttention):
+            module.expand = True
+    for p in batch:
+        with torch.no_grad():
+            expected = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        seqs = PagedSequences(lm)
+        seq = seqs.add(p)
+        logits = seqs.step({seq: len(p)})[seq]
+        for _ in range(8):
+            seqs.tokens[seq].append(int(logits[-1].argmax()))
+            logits = seqs.step({seq: 1})[seq]
+        assert seqs.tokens[seq] == expected[0].tolist()
+
+
 def mixed_batch() -> list[list[int]]:
     """Prompt lengths 1 to 33, two sharing a 17-token prefix, one repetitive (n-gram drafts get accepted)."""
     shared = prompts(512, [17])[0]
@@ -296,3 +326,18 @@ def test_prefill_forms_both_match_transformers(form, tiny_model_dir):
 
     mla = lm.config.mla
     assert expanded_prefill(meta(0, 19), mla) and not expanded_prefill(meta(40, 1), mla)
+
+
+def test_expanded_prefill_in_query_slices_gives_the_same_logits(tiny_model_dir, monkeypatch):
+    """A long prompt's expanded scores are computed in query slices (bounded memory), bit for bit alike."""
+    import meshserve.models.layers.mla as mla
+
+    lm = load_model(tiny_model_dir("deepseek_v3"), dtype="bfloat16")
+    tokens = prompts(lm.config.vocab_size, [41])[0]
+    outs = []
+    for budget in (mla.SCORE_ELEMENTS, 300):  # 300: a few query rows per slice at 4 heads
+        monkeypatch.setattr(mla, "SCORE_ELEMENTS", budget)
+        seqs = PagedSequences(lm)
+        seq = seqs.add(tokens)
+        outs.append(seqs.step({seq: len(tokens)})[seq])
+    assert torch.equal(outs[0], outs[1])

@@ -94,6 +94,9 @@ def read_mla(cfg: ModelConfig, hf: dict[str, Any], interleave_default: bool) -> 
     cfg.rotary_dim, cfg.kv_cache_parts = mla.qk_rope_head_dim, 1
 
 
+SCORE_ELEMENTS = 1 << 24  # the expanded form's scores per query slice (64 MiB in float32)
+
+
 class LatentAttention(nn.Module):
     """MLA over the paged latent cache. `qkv_proj` fuses the two projections that read the layer input
     (q_a_proj or q_proj, and kv_a_proj_with_mqa) so one GEMM serves both."""
@@ -124,11 +127,12 @@ class LatentAttention(nn.Module):
         dot products are transformers' exactly."""
         if self.mla.rope_interleave:
             x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
-        return rotary_reference(x, step.cos, step.sin)
+        # In cos/sin's dtype: V2 rotates in float32 (transformers' complex product), V3 in the model's.
+        return rotary_reference(x.to(step.cos.dtype), step.cos, step.sin).to(x.dtype)
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, step: StepInputs) -> torch.Tensor:
         m, t, heads = self.mla, x.shape[0], self.num_heads
-        dtype = step.cos.dtype
+        dtype = self.kv_b_proj.weight.dtype  # the model's (x may be float32 for a float32 GEMM)
         q, latent, k_pe = self.qkv_proj(x).to(dtype).split(self.split, dim=-1)
         if m.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q.contiguous()))
@@ -190,10 +194,17 @@ class LatentAttention(nn.Module):
         q[seq, j] = query
         q_pos = (lens - q_lens)[:, None] + torch.arange(q.shape[1], device=lens.device)
         mask = pos[None, None, :] <= q_pos[:, :, None]  # [S, Q, L]: causal, and never past the sequence
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask[:, None], scale=m.scale
-        )
-        return out.transpose(1, 2)[seq, j]  # [T, H, v]
+        # Transformers' eager maths, rounding alike: scores in the model dtype, softmax in float32; in query
+        # slices that keep each slice's scores under SCORE_ELEMENTS.
+        q, k, v = q.transpose(1, 2), k.permute(0, 2, 3, 1), v.transpose(1, 2)
+        step = max(1, SCORE_ELEMENTS // (q.shape[0] * heads * k.shape[-1]))
+        out = []
+        for q0 in range(0, q.shape[2], step):
+            scores = torch.matmul(q[:, :, q0 : q0 + step], k) * m.scale  # [S, H, rows, L]
+            scores = scores.masked_fill(~mask[:, None, q0 : q0 + step], float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out.append(torch.matmul(probs, v))  # [S, H, rows, v]
+        return torch.cat(out, dim=2).transpose(1, 2)[seq, j]  # [T, H, v]
 
 
 def expanded_prefill(meta: BatchMetadata, mla: MLAConfig) -> bool:
