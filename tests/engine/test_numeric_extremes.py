@@ -151,8 +151,8 @@ def test_a_request_that_fails_in_a_verify_ends_alone(tiny_model_dir):
     engine.add_request(repetitive, broken, "broken")
     propose = engine.spec.propose
 
-    def propose_then_break(running, max_model_len):
-        propose(running, max_model_len)
+    def propose_then_break(*args):
+        propose(*args)
         bad = engine.requests.get("broken")
         if bad is not None and bad.spec_token_ids:
             broken.top_k = 1 << 70  # as a value the checks miss would: it overflows in the verify
