@@ -240,6 +240,10 @@ def serve(
     eplb_config: str | None = EPLB_CONFIG,
     oversubscribe: bool = OVERSUBSCRIBE,
     device: str = DEVICE,
+    num_threads: int | None = typer.Option(None, help="torch threads (default: all usable cores)."),
+    trace_file: str | None = typer.Option(
+        None, help="Write each step's and request's timeline here (JSON lines; benchmarks/serve_phases.py)."
+    ),
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /metrics)."""
     from meshserve.server.serve import serve as run
@@ -252,6 +256,8 @@ def serve(
         max_waiting=max_waiting_requests,
         log_level=uvicorn_log_level,
         graceful_shutdown_s=graceful_shutdown_s,
+        trace_file=trace_file,
+        num_threads=num_threads,
         dtype=dtype,
         revision=revision,
         max_model_len=max_model_len,

@@ -35,6 +35,7 @@ from meshserve.engine.sampling_params import SamplingParams
 from meshserve.engine.scheduler import Scheduler, WorkItem, WorkKind
 from meshserve.engine.spec.decoder import SpecDecoder
 from meshserve.engine.stop import StopChecker
+from meshserve.engine.timeline import now
 from meshserve.errors import InputError, require
 from meshserve.kernels.profile import GemmTable
 from meshserve.memory import MemoryNeed, check_memory
@@ -75,9 +76,7 @@ class Engine:
         )
         self.max_model_len = max_model_len
         self.tokenizer.bound_prompt_chars(max_model_len)
-        sched = SchedulerConfig(
-            config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, max_model_len
-        )
+        sched = replace(config.scheduler, max_model_len=max_model_len)
         self._seeds = random.Random(config.seed)  # seeds of unseeded requests: a run reproduces as a whole
         spec = config.speculative_config
         self.spec = (
@@ -184,11 +183,13 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         stream: bool = False,
+        arrival: float | None = None,
     ) -> str:
         """Queue a prompt (text or token ids); returns its request id. Bad input raises InputError.
 
         ``stream``: ``step()`` reports this request's new tokens and text every step (deltas), not only
-        its final output.
+        its final output. ``arrival``: when the caller received it (``time.monotonic()``; default now),
+        the start of its timeline (engine/timeline.py).
         """
         require(not self._closed, "engine", "is closed; create a new LLM / Engine to generate again")
         params = SamplingParams() if params is None else params
@@ -229,7 +230,7 @@ class Engine:
         for index, child_id in enumerate(child_ids):
             own = params if params.n == 1 else child_params(params, index)
             seed = self._seeds.getrandbits(64) if own.seed is None else own.seed
-            child = Request(child_id, token_ids, own, max_tokens, prompt=text, seed=seed)
+            child = Request(child_id, token_ids, own, max_tokens, prompt=text, seed=seed, arrival=arrival)
             child.parent_id, child.index, child.stream = request_id, index, stream
             self.stopper.start(child)
             self.requests[child_id] = child
@@ -302,6 +303,7 @@ class Engine:
         if torch.get_num_threads() != self.config.num_threads:  # per calling thread; another engine may
             torch.set_num_threads(self.config.num_threads)  # have set its own in this one
         switches.use(self.config.switches)  # this engine's, should another in this process differ
+        start = now()
         if self.spec is not None:  # drafts first, so verify work is scheduled with everything else
             self.spec.propose(self.scheduler.running, self.max_model_len)
         plan = self.scheduler.schedule()
@@ -313,7 +315,9 @@ class Engine:
         logits = self.runner.execute(plan.items)
         self._record_experts()
         touched: dict[str, list[Request]] = {}
-        for item, tokens in zip(plan.items, self._new_tokens(plan.items, logits), strict=True):
+        new_tokens = self._new_tokens(plan.items, logits)
+        done = now()  # every token of this step is ready now (the requests' timelines)
+        for item, tokens in zip(plan.items, new_tokens, strict=True):
             request = item.request
             if isinstance(tokens, Exception):  # its own sampling failed: end it alone, with the reason
                 request.error = f"sampling failed: {type(tokens).__name__}: {str(tokens)[:200]}"
@@ -323,7 +327,7 @@ class Engine:
                 continue
             self.scheduler.advance(item, len(tokens))
             for token, logprobs in tokens:  # a verify may add several; stop checks run after each
-                request.append_token(token, logprobs)
+                request.append_token(token, logprobs, done)
                 status = self.stopper.check(request)
                 if status is not None:
                     self.blocks.publish(request)  # its full blocks serve the next turn of a chat
@@ -346,7 +350,13 @@ class Engine:
             "waiting": len(self.scheduler.waiting),
             "preempted": len(plan.preempted),
             "kv_usage": self.blocks.usage,
+            # monotonic: started (schedule), tokens sampled (the forward is done), outputs made
+            "start": start,
+            "sampled": done,
+            "end": now(),
+            "budget": plan.budget,
         }
+        self.scheduler.budget.observe(plan.num_tokens, self.last_stats["end"] - start)
         if self.blocks.prefix_cache is not None:
             self.last_stats["prefix_hit_rate"] = self.blocks.prefix_cache.stats()["hit_rate"]
         if self.spec is not None:
@@ -453,6 +463,7 @@ class Engine:
         if self.spec is not None:
             self.spec.remove(request.request_id)
         request.finish_time = time.time()
+        request.timeline.finished = now()
 
     def _record_experts(self) -> None:
         if self.config.record_expert_trace is None:

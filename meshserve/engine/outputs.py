@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshserve.engine.timeline import Timeline
+
 
 @dataclass
 class CompletionOutput:
@@ -20,11 +22,13 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
-    """Wall-clock times (time.time()) of arrival, first generated token and finish."""
+    """Wall-clock times (time.time()) of arrival, first generated token and finish; ``timeline``: the
+    (first) completion's monotonic phase times (engine/timeline.py), shared with the engine while it runs."""
 
     arrival_time: float
     first_token_time: float | None
     finish_time: float | None
+    timeline: Timeline | None = None
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -101,14 +101,16 @@ def serve(
     max_waiting: int | None = None,
     graceful_shutdown_s: float = 10.0,
     log_level: str = "info",
+    trace_file: str | None = None,
     **engine_args: Any,
 ) -> None:
-    """Serve ``model`` (a Hugging Face-format directory) over the OpenAI API until stopped."""
+    """Serve ``model`` (a Hugging Face-format directory) over the OpenAI API until stopped; ``trace_file``:
+    write every step's and request's timeline there (JSON lines, engine/timeline.py)."""
     from meshserve.server.app import build_app
 
     number(graceful_shutdown_s, "graceful_shutdown_s", 0.0, MAX_GRACE_S)
     pin_mmap_threshold()  # a long-running engine: freed tensors go back to the OS, RSS stays flat
-    llm = AsyncLLM.from_args(model, max_waiting=max_waiting, **engine_args)
+    llm = AsyncLLM.from_args(model, max_waiting=max_waiting, trace_file=trace_file, **engine_args)
     name = served_model_name or Path(model).name  # never the server's filesystem path
     app = build_app(llm, name, aliases=() if served_model_name else (model,))
     config = server_config(app, host, port, log_level, graceful_shutdown_s)
