@@ -222,6 +222,9 @@ def serve(
     max_model_len: int | None = typer.Option(None, help="Longest prompt + output (default: the model's)."),
     max_num_seqs: int | None = typer.Option(None, help="Requests running at once."),
     max_num_batched_tokens: int = typer.Option(2048, help="Tokens per engine step."),
+    tpot_target_ms: float | None = typer.Option(
+        None, help="Keep each step (the time between tokens) under this: the step's token budget adapts."
+    ),
     block_size: int = typer.Option(16, help="Tokens per KV block."),
     kv_cache_memory: float | None = typer.Option(None, help="GiB for the KV cache (default: derived)."),
     enable_prefix_caching: bool = typer.Option(True, help="Automatic prefix caching."),
@@ -263,6 +266,7 @@ def serve(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        tpot_target_ms=tpot_target_ms,
         block_size=block_size,
         kv_cache_memory=kv_cache_memory,
         enable_prefix_caching=enable_prefix_caching,
