@@ -73,3 +73,26 @@ def test_a_tight_target_chunks_a_late_prompt_and_the_tokens_stay_exact(tiny_mode
 def test_a_target_that_is_not_a_positive_time_is_refused(tiny_model_dir):
     with pytest.raises(InputError, match="tpot_target_ms"):
         Engine.from_args(str(tiny_model_dir("llama")), tpot_target_ms=0)
+
+
+def test_a_budget_held_too_small_grows_while_full_steps_end_under_the_target():
+    budget = TokenBudget(30.0, 2048)
+    budget.observe(256, 0.300)  # one slow prefill (the cores were busy): b looks like 1 ms per token
+    for _ in range(5):
+        budget.observe(8, 0.008)
+    start = budget.tokens(8)
+    assert start < 40
+    sizes = []
+    for _ in range(12):  # the machine is fast again: 5 ms + 0.05 ms per token
+        n = budget.tokens(8)
+        sizes.append(n)
+        budget.observe(n, 0.005 + 0.00005 * n)
+    assert sizes == sorted(sizes) and sizes[-1] > 5 * start  # each full, fast step let it grow
+    assert budget.tokens(8) <= 500  # and it stops near the target: (30 - 5) / 0.05 tokens
+
+
+def test_a_target_under_the_fixed_cost_keeps_steps_at_half_per_token_work():
+    budget = TokenBudget(4.0, 2048)  # below a = 5 ms: no step size can meet it
+    for tokens in [4, 300, 4, 600] * 4:
+        budget.observe(tokens, 0.005 + 0.0001 * tokens)
+    assert budget.tokens(4) == 50  # a / b: the step is 10 ms, half of it per-token work
