@@ -66,16 +66,19 @@ class BodyLimit:
         if size is not None and (not size.isdigit() or int(size) > self.limit):
             await self._refuse(scope, receive, send, size.decode("latin-1")[:40])
             return
-        received = 0
+        received, body_done = 0, False
 
         async def counted() -> dict:
-            nonlocal received
+            nonlocal received, body_done
+            if body_done:  # a response waiting for the client to go away (a stream): no time limit
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
             except TimeoutError:
                 raise StarletteHTTPException(408, f"body: no bytes for {BODY_TIMEOUT_S:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.limit:  # FastAPI passes HTTPExceptions from reading the body through
                     raise StarletteHTTPException(413, f"body: at most {self.limit} bytes, got more")
             return message
