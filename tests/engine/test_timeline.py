@@ -59,3 +59,19 @@ def test_a_served_run_writes_steps_and_requests_that_the_breakdown_reads(tiny_mo
     ttft = sum(parts[k] for k in ("front", "queue", "prefill", "deliver"))
     tpot = sum(parts[k] for k in ("compute_decode", "compute_mixed", "outputs", "loop"))
     assert abs(ttft - parts["ttft"]).max() < 1e-9 and abs(tpot - parts["tpot"]).max() < 1e-9
+
+
+def test_a_request_arriving_between_steps_starts_its_prefill_in_the_next_step(tiny_model_dir):
+    engine = Engine.from_args(
+        str(tiny_model_dir("llama")), max_model_len=64, block_size=4, max_num_batched_tokens=32
+    )
+    for prompt in ([1, 5, 6], [1, 7, 8], [1, 9, 10]):
+        engine.add_request(prompt, PARAMS)
+    engine.step()  # their prompts; from now on they decode
+    late = engine.add_request([1] + list(range(20, 40)), PARAMS)
+    before = engine.num_steps
+    engine.step()
+    request = engine.requests[late]
+    assert engine.last_stats["tokens"] == {"prefill": 21, "decode": 3, "verify": 0}  # beside the decodes
+    assert request.timeline.scheduled is not None and len(request.timeline.token_times) == 1
+    assert engine.num_steps == before + 1
