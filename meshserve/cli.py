@@ -226,6 +226,9 @@ def serve(
     max_model_len: int | None = typer.Option(None, help="Longest prompt + output (default: the model's)."),
     max_num_seqs: int | None = typer.Option(None, help="Requests running at once."),
     max_num_batched_tokens: int = typer.Option(2048, help="Tokens per engine step."),
+    tpot_target_ms: float | None = typer.Option(
+        None, help="Keep each step (the time between tokens) under this: the step's token budget adapts."
+    ),
     block_size: int = typer.Option(16, help="Tokens per KV block."),
     kv_cache_memory: float | None = typer.Option(None, help="GiB for the KV cache (default: derived)."),
     enable_prefix_caching: bool = typer.Option(True, help="Automatic prefix caching."),
@@ -254,6 +257,10 @@ def serve(
     task: str = typer.Option(
         "auto", help="generate, embed (/v1/embeddings only), or auto: embed for an embedding checkpoint."
     ),
+    num_threads: int | None = typer.Option(None, help="torch threads (default: all usable cores)."),
+    trace_file: str | None = typer.Option(
+        None, help="Write each step's and request's timeline here (JSON lines; benchmarks/serve_phases.py)."
+    ),
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models,
     /tokenize, /detokenize, /metrics)."""
@@ -271,11 +278,14 @@ def serve(
         graceful_shutdown_s=graceful_shutdown_s,
         max_connections=max_connections,
         tool_call_parser=tool_call_parser,
+        trace_file=trace_file,
+        num_threads=num_threads,
         dtype=dtype,
         revision=revision,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        tpot_target_ms=tpot_target_ms,
         block_size=block_size,
         kv_cache_memory=kv_cache_memory,
         enable_prefix_caching=enable_prefix_caching,

@@ -26,6 +26,7 @@ DEVICES = ("cpu", "cuda")  # engine/device.py turns these into torch devices
 DEFAULT_MAX_NUM_SEQS = 128
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_TOKENS = 1 << 24  # token budgets and lengths beyond 16M are typos, not settings
+MAX_TPOT_MS = 60_000.0  # a time-between-tokens target of over a minute is a unit mistake
 
 
 def available_cores() -> int:
@@ -77,11 +78,14 @@ class SchedulerConfig:
     max_num_batched_tokens: tokens per step (prefill chunks + decodes + verify tokens together).
     max_num_seqs: requests running at once (default: 128, or the token budget if smaller).
     max_model_len: longest prompt + output; None takes the model's max_position_embeddings.
+    tpot_target_ms: keep each step's time (the time between a request's tokens) under this many ms: the
+        step's token budget adapts, up to max_num_batched_tokens (engine/token_budget.py). None = off.
     """
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int | None = None
     max_model_len: int | None = None
+    tpot_target_ms: float | None = None
 
     def __post_init__(self) -> None:
         self.max_num_batched_tokens = integer(
@@ -98,6 +102,8 @@ class SchedulerConfig:
         )
         if self.max_model_len is not None:  # the model's max_position_embeddings caps it (Engine)
             self.max_model_len = integer(self.max_model_len, "max_model_len", 2, MAX_TOKENS)
+        if self.tpot_target_ms is not None:
+            self.tpot_target_ms = number(self.tpot_target_ms, "tpot_target_ms", 0, MAX_TPOT_MS, low_open=True)
 
 
 @dataclass

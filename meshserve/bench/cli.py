@@ -1,4 +1,5 @@
-"""``meshserve bench serve``: the serving benchmark client (HTTP only: it measures any OpenAI server)."""
+"""``meshserve bench serve``: the serving benchmark client (HTTP only: it measures any OpenAI server);
+``meshserve bench phases``: a served run's TTFT and TPOT phases from its timeline file."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from meshserve.bench.datasets import (
     random_requests,
     sharegpt_requests,
 )
+from meshserve.bench.phases import breakdown, format_breakdown, read_trace
 from meshserve.bench.serve import format_summary, parse_goodput, run_benchmark, summarize
 from meshserve.errors import InputError, require
 
@@ -74,3 +76,14 @@ def bench_serve(
     if save_result:
         with atomic_path(save_result) as tmp:
             tmp.write_text(json.dumps(summary, indent=2, default=str))
+
+
+@app.command("phases")
+def bench_phases(
+    trace_file: str = typer.Argument(..., help="A timeline file from `meshserve serve --trace-file`."),
+    title: str = typer.Option("", help="Heading of the table."),
+) -> None:
+    """Split a served run's TTFT and TPOT into phases (queue, prefill, decode steps, loop, delivery)."""
+    steps, requests = read_trace(trace_file)
+    require(bool(requests), "trace_file", f"{trace_file} holds no finished request")
+    print(format_breakdown(breakdown(steps, requests), title))

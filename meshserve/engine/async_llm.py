@@ -30,6 +30,7 @@ from meshserve.engine.llm import make_engine
 from meshserve.engine.outputs import RequestOutput
 from meshserve.engine.pooling import PoolingParams
 from meshserve.engine.sampling_params import SamplingParams
+from meshserve.engine.timeline import TimelineWriter, now
 from meshserve.errors import InputError, require
 
 logger = logging.getLogger(__name__)
@@ -50,14 +51,20 @@ class AsyncLLM:
 
     max_waiting: most requests waiting for admission; more raise EngineBusy (None = no limit).
     on_step: called in the engine thread after every step with its outputs (metrics).
+    trace_file: write every step's and finished request's timeline there (JSON lines, engine/timeline.py).
     """
 
     def __init__(
-        self, engine: Engine, max_waiting: int | None = None, on_step: StepHook | None = None
+        self,
+        engine: Engine,
+        max_waiting: int | None = None,
+        on_step: StepHook | None = None,
+        trace_file: str | None = None,
     ) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
         self.on_step = on_step
+        self.trace = None if trace_file is None else TimelineWriter(trace_file)
         self.on_abort: Callable[[str], None] | None = None  # engine thread, after an abort (metrics)
         self._inbox: queue.SimpleQueue[tuple[str, Any, concurrent.futures.Future | None]] = (
             queue.SimpleQueue()
@@ -72,8 +79,12 @@ class AsyncLLM:
         self._thread.start()
 
     @classmethod
-    def from_args(cls, model: str, max_waiting: int | None = None, **engine_args: Any) -> AsyncLLM:
-        return cls(make_engine(EngineConfig.from_args(model, **engine_args)), max_waiting)
+    def from_args(
+        cls, model: str, max_waiting: int | None = None, trace_file: str | None = None, **engine_args: Any
+    ) -> AsyncLLM:
+        return cls(
+            make_engine(EngineConfig.from_args(model, **engine_args)), max_waiting, trace_file=trace_file
+        )
 
     @property
     def alive(self) -> bool:
@@ -88,6 +99,7 @@ class AsyncLLM:
         """Queue a request (PoolingParams: an embedding); returns its stream of outputs. Raises InputError
         / EngineBusy / EngineDead before anything is queued. Call ``stream.abort()`` when done with it
         early (in a finally)."""
+        arrival = now()
         request_id = f"req-{next(self._ids)}" if request_id is None else request_id
         require(request_id not in self._streams, "request_id", f"{request_id!r} is already in use")
         # Stop strings are matched on the text in the engine, which then makes that text itself.
@@ -96,7 +108,7 @@ class AsyncLLM:
         self._streams[request_id] = (asyncio.get_running_loop(), stream.queue)
         try:
             token_ids = await self._tokenize(prompt)
-            await self._call("add", (token_ids, params, request_id, not here))
+            await self._call("add", (token_ids, params, request_id, not here, arrival))
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -150,10 +162,13 @@ class AsyncLLM:
                     self._handle(self._inbox.get_nowait())
                 if self._stopping.is_set() or not self.engine.has_unfinished():
                     continue
+                steps = self.engine.num_steps
                 outputs = self.engine.step()
+                self._deliver(outputs)  # first: the streams wait on nothing else
                 if self.on_step is not None:
                     self.on_step(self.engine, outputs)
-                self._deliver(outputs)
+                if self.trace is not None and self.engine.num_steps > steps:  # a step ran (not all waited)
+                    self.trace.step(self.engine.last_stats)
         except BaseException as err:  # a failed step: every open stream learns of it, health goes red
             logger.exception("engine loop failed")
             self.error = err
@@ -162,6 +177,8 @@ class AsyncLLM:
             self._drained.set()  # before draining: a call put after the drain sees it and drains itself
             self._drain()
             self.engine.close()
+            if self.trace is not None:
+                self.trace.close()
             for loop, stream in list(self._streams.values()):
                 loop.call_soon_threadsafe(stream.put_nowait, EngineDead("the engine stopped"))
 
@@ -174,8 +191,10 @@ class AsyncLLM:
                 waiting = self.engine.num_waiting
                 if self.max_waiting is not None and waiting >= self.max_waiting:
                     raise EngineBusy(f"{waiting} requests are waiting (max_waiting={self.max_waiting})")
-                prompt, params, request_id, detokenize = payload
-                result = self.engine.add_request(prompt, params, request_id, True, detokenize)
+                prompt, params, request_id, detokenize, arrival = payload
+                result = self.engine.add_request(
+                    prompt, params, request_id, stream=True, detokenize=detokenize, arrival=arrival
+                )
             elif kind == "abort":
                 result = self.engine.abort(payload)
                 if self.on_abort is not None:
@@ -235,9 +254,14 @@ class RequestStream:
             self.finished = True
             self.llm._streams.pop(self.request_id, None)
             raise out
+        timeline = out.metrics.timeline
+        if timeline is not None:
+            timeline.delivered.append(now())
         if out.finished:
             self.finished = True
             self.llm._streams.pop(self.request_id, None)
+            if timeline is not None and self.llm.trace is not None:
+                self.llm.trace.request(self.request_id, timeline)
         return out if self.text is None else self.text.fill(out)
 
     def abort(self) -> None:

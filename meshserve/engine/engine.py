@@ -37,6 +37,7 @@ from meshserve.engine.sampling_params import SamplingParams
 from meshserve.engine.scheduler import Scheduler, WorkItem, WorkKind
 from meshserve.engine.spec.decoder import SpecDecoder
 from meshserve.engine.stop import StopChecker
+from meshserve.engine.timeline import now
 from meshserve.errors import InputError, require
 from meshserve.kernels.profile import GemmTable
 from meshserve.memory import MemoryNeed, check_memory
@@ -77,9 +78,7 @@ class Engine:
         )
         self.max_model_len = max_model_len
         self.tokenizer.bound_prompt_chars(max_model_len)
-        sched = SchedulerConfig(
-            config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, max_model_len
-        )
+        sched = replace(config.scheduler, max_model_len=max_model_len)
         self._seeds = random.Random(config.seed)  # seeds of unseeded requests: a run reproduces as a whole
         spec = config.speculative_config
         self.spec = (
@@ -186,6 +185,7 @@ class Engine:
         request_id: str | None = None,
         stream: bool = False,
         detokenize: bool = True,
+        arrival: float | None = None,
     ) -> str:
         """Queue a prompt (text or token ids); returns its request id. Bad input raises InputError.
 
@@ -193,7 +193,8 @@ class Engine:
         its final output. ``detokenize=False``: outputs carry token ids and no text (the caller, e.g.
         AsyncLLM's front door, makes the text off this thread); stop strings still detokenize here, as
         matching them needs the text. With PoolingParams the prompt only runs prefill and its output
-        carries the ``embedding`` (pooling.py).
+        carries the ``embedding`` (pooling.py). ``arrival``: when the caller received it
+        (``time.monotonic()``; default now), the start of its timeline (engine/timeline.py).
         """
         require(not self._closed, "engine", "is closed; create a new LLM / Engine to generate again")
         params = SamplingParams() if params is None else params
@@ -255,7 +256,7 @@ class Engine:
         for index, child_id in enumerate(child_ids):
             own = params if params.n == 1 else child_params(params, index)
             seed = self._seeds.getrandbits(64) if own.seed is None else own.seed
-            child = Request(child_id, token_ids, own, max_tokens, prompt=text, seed=seed)
+            child = Request(child_id, token_ids, own, max_tokens, prompt=text, seed=seed, arrival=arrival)
             child.parent_id, child.index, child.stream = request_id, index, stream
             child.matcher = None if spec is None else self.grammars.matcher(spec)
             child.pooling = pooling
@@ -331,6 +332,7 @@ class Engine:
         if torch.get_num_threads() != self.config.num_threads:  # per calling thread; another engine may
             torch.set_num_threads(self.config.num_threads)  # have set its own in this one
         switches.use(self.config.switches)  # this engine's, should another in this process differ
+        start = now()
         if self.spec is not None:  # drafts first, so verify work is scheduled with everything else
             self.spec.propose(self.scheduler.running, self.max_model_len, self.rope_switch)
         plan = self.scheduler.schedule()
@@ -343,7 +345,9 @@ class Engine:
         self._record_experts()
         touched: dict[str, list[Request]] = {}
         pooled = self._pool(plan.items, hidden)
-        for item, tokens in zip(plan.items, self._new_tokens(plan.items, logits), strict=True):
+        new_tokens = self._new_tokens(plan.items, logits)
+        done = now()  # every token of this step is ready now (the requests' timelines)
+        for item, tokens in zip(plan.items, new_tokens, strict=True):
             request = item.request
             if request in pooled:  # prompt-only work: done when its last chunk has run; its KV goes
                 self.scheduler.advance(item, 0)
@@ -360,7 +364,7 @@ class Engine:
             self.scheduler.advance(item, len(tokens))
             before = request.num_tokens
             for token, logprobs in tokens:  # a verify may add several; stop checks run after each
-                request.append_token(token, logprobs)
+                request.append_token(token, logprobs, done)
                 if request.matcher is not None and not request.matcher.accept_token(token):
                     request.error = f"token {token} does not match the request's structured_outputs"
                     status: RequestStatus | None = RequestStatus.FINISHED_ERROR
@@ -398,7 +402,13 @@ class Engine:
             "waiting": len(self.scheduler.waiting),
             "preempted": len(plan.preempted),
             "kv_usage": self.blocks.usage,
+            # monotonic: started (schedule), tokens sampled (the forward is done), outputs made
+            "start": start,
+            "sampled": done,
+            "end": now(),
+            "budget": plan.budget,
         }
+        self.scheduler.budget.observe(plan.num_tokens, self.last_stats["end"] - start)
         if self.blocks.prefix_cache is not None:
             self.last_stats["prefix_hit_rate"] = self.blocks.prefix_cache.stats()["hit_rate"]
         if self.spec is not None:
@@ -515,6 +525,7 @@ class Engine:
         if self.spec is not None:
             self.spec.remove(request.request_id)
         request.finish_time = time.time()
+        request.timeline.finished = now()
 
     def _record_experts(self) -> None:
         if self.config.record_expert_trace is None:

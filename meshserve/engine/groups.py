@@ -61,7 +61,10 @@ class RequestGroup:
             outputs=outputs,
             finished=finished,
             metrics=RequestMetrics(
-                first.arrival_time, min(times, default=None), max(ends) if finished and ends else None
+                first.arrival_time,
+                min(times, default=None),
+                max(ends) if finished and ends else None,
+                first.timeline,
             ),
             prompt_logprobs=first.prompt_logprobs,
             embedding=first.embedding,

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from meshserve.engine.timeline import Timeline
+
 
 @dataclass
 class CompletionOutput:
@@ -22,11 +24,13 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
-    """Wall-clock times (time.time()) of arrival, first generated token and finish."""
+    """Wall-clock times (time.time()) of arrival, first generated token and finish; ``timeline``: the
+    (first) completion's monotonic phase times (engine/timeline.py), shared with the engine while it runs."""
 
     arrival_time: float
     first_token_time: float | None
     finish_time: float | None
+    timeline: Timeline | None = None
 
     @property
     def time_to_first_token(self) -> float | None:

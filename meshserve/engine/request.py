@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from meshserve.engine.sampling_params import SamplingParams
+from meshserve.engine.timeline import Timeline, now
 
 _arrivals = itertools.count()
 
@@ -51,6 +52,7 @@ class Request:
         prompt: str | None = None,
         arrival_time: float | None = None,
         seed: int | None = None,
+        arrival: float | None = None,
     ) -> None:
         self.request_id = request_id
         self.parent_id = request_id  # the id the caller knows; differs for the n > 1 children
@@ -86,6 +88,10 @@ class Request:
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
+        # monotonic phase times (timeline.py); ``arrival``: when the caller took the request, if earlier
+        self.timeline = Timeline(num_prompt_tokens=self.num_prompt_tokens)
+        if arrival is not None:
+            self.timeline.arrival = arrival
         # A pooling request (pooling.py) runs its prompt only: its fold so far, then the embedding.
         self.pooling: Any = None
         self.pooled: Any = None
@@ -123,10 +129,14 @@ class Request:
             return self.token_ids[start:end]
         return self.token_ids[start:] + self.spec_token_ids[: end - len(self.token_ids)]
 
-    def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
-        """Record one sampled token (and its top logprobs when asked for)."""
+    def append_token(
+        self, token_id: int, logprobs: dict[int, float] | None = None, at: float | None = None
+    ) -> None:
+        """Record one sampled token (and its top logprobs when asked for); ``at``: the monotonic time its
+        step ended (default: now)."""
         if self.first_token_time is None:
             self.first_token_time = time.time()
+        self.timeline.token_times.append(now() if at is None else at)
         self.token_ids.append(token_id)
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)

@@ -1,7 +1,8 @@
 """Token-budget hybrid scheduling: one function fills each step with decode, verify and prefill work.
 
 Every step has ``max_num_batched_tokens`` tokens to hand out (XY-Serve's token-wise scheduling,
-SplitFuse / chunked prefill):
+SplitFuse / chunked prefill), or fewer under a ``tpot_target_ms`` (token_budget.py: the step time
+measured so far says how many tokens fit the target):
 
 1. running requests that are generating get their tokens first: 1 for a decode, 1 + drafts for a
    verify (so time between tokens stays bounded);
@@ -24,6 +25,8 @@ from meshserve.config import SchedulerConfig
 from meshserve.engine.kv_cache import BlockManager
 from meshserve.engine.prompt_logprobs import wants_prompt_logits
 from meshserve.engine.request import Request, RequestStatus
+from meshserve.engine.timeline import now
+from meshserve.engine.token_budget import TokenBudget
 
 
 class WorkKind(enum.Enum):
@@ -49,10 +52,12 @@ class WorkItem:
 
 @dataclass
 class SchedulerOutput:
-    """One step's plan: the work items (one flat batch) and the requests preempted to make room."""
+    """One step's plan: the work items (one flat batch), the requests preempted to make room, and the
+    token budget it was planned under."""
 
     items: list[WorkItem] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    budget: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -77,9 +82,12 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.budget = TokenBudget(config.tpot_target_ms, config.max_num_batched_tokens)
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
+        if request.timeline.queued is None:  # a preempted request keeps its first queue time
+            request.timeline.queued = now()
         bisect.insort(self.waiting, request, key=_by_arrival)
 
     def has_unfinished(self) -> bool:
@@ -87,8 +95,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Choose this step's work under the token budget (see the module docstring)."""
-        budget = self.config.max_num_batched_tokens
-        out = SchedulerOutput()
+        budget = self.budget.tokens(len(self.running))
+        out = SchedulerOutput(budget=budget)
         chosen: dict[Request, WorkItem] = {}
         # Generating requests first (False sorts first), then prompts in progress; each in arrival order.
         order = sorted(self.running, key=lambda r: (not self._generating(r), r.arrival_order))
@@ -129,6 +137,8 @@ class Scheduler:
             self.blocks.record_prefix(request, reused)
             self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
+            if request.timeline.scheduled is None:
+                request.timeline.scheduled = now()
             bisect.insort(self.running, request, key=_by_arrival)
             chosen[request] = item
             budget -= item.num_tokens

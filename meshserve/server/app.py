@@ -16,7 +16,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -76,16 +76,19 @@ class BodyLimit:
         if size is not None and (not size.isdigit() or int(size) > self.limit):
             await self._refuse(scope, receive, send, size.decode("latin-1")[:40])
             return
-        received = 0
+        received, body_done = 0, False
 
         async def counted() -> dict:
-            nonlocal received
+            nonlocal received, body_done
+            if body_done:  # a response waiting for the client to go away (a stream): no time limit
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
             except TimeoutError:
                 raise StarletteHTTPException(408, f"body: no bytes for {BODY_TIMEOUT_S:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.limit:  # FastAPI passes HTTPExceptions from reading the body through
                     raise StarletteHTTPException(413, f"body: at most {self.limit} bytes, got more")
             return message
@@ -341,6 +344,29 @@ async def _merged(
     make_chunk: Callable[[Any, list[dict]], dict],
 ) -> AsyncIterator[dict]:
     """Chunks of all prompts' streams, interleaved as they arrive."""
+    async with aclosing(_interleaved(streams)) as outputs:  # closed (streams aborted) when we are
+        async for i, out in outputs:
+            if failed := [c.error for c in out.outputs if c.finish_reason == "error"]:
+                raise RequestFailed(f"request failed: {failed[0]}")
+            prompt_tokens[i] = len(out.prompt_token_ids)
+            if out.prompt_logprobs is not None:
+                for state in states[i * n : (i + 1) * n]:
+                    state.prompt_logprobs = out.prompt_logprobs
+            choices = [c for comp in out.outputs if (c := states[i * n + comp.index].delta(comp)) is not None]
+            if choices:
+                yield make_chunk(out, choices)
+
+
+async def _interleaved(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
+    """(stream index, output) of every stream as outputs arrive; one stream (most requests) is read
+    directly, with no relay task and queue between it and the response (one event-loop hop per delta)."""
+    if len(streams) == 1:
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            streams[0].abort()
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, stream: RequestStream) -> None:
@@ -362,15 +388,7 @@ async def _merged(
                 continue
             if isinstance(out, BaseException):
                 raise out
-            if failed := [c.error for c in out.outputs if c.finish_reason == "error"]:
-                raise RequestFailed(f"request failed: {failed[0]}")
-            prompt_tokens[i] = len(out.prompt_token_ids)
-            if out.prompt_logprobs is not None:
-                for state in states[i * n : (i + 1) * n]:
-                    state.prompt_logprobs = out.prompt_logprobs
-            choices = [c for comp in out.outputs if (c := states[i * n + comp.index].delta(comp)) is not None]
-            if choices:
-                yield make_chunk(out, choices)
+            yield i, out
     finally:
         for task in tasks:
             task.cancel()

@@ -89,6 +89,16 @@ class ServerMetrics:
             "vllm:request_time_per_output_token_seconds", "Per request: decode time / token."
         )
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.")
+        # A finished request's phases (engine/timeline.py), vLLM's names.
+        self.phases = {
+            "queue": histogram("vllm:request_queue_time_seconds", "Queued to first scheduled."),
+            "prefill": histogram("vllm:request_prefill_time_seconds", "First scheduled to first token."),
+            "decode": histogram("vllm:request_decode_time_seconds", "First token to finish."),
+            "inference": histogram("vllm:request_inference_time_seconds", "First scheduled to finish."),
+            "front": histogram(
+                "meshserve:request_front_time_seconds", "Arrival to queued (tokenize, wait for a step end)."
+            ),
+        }
         self.finished = Counter(
             "vllm:request_success",
             "Finished requests, by finish reason.",
@@ -130,8 +140,11 @@ class ServerMetrics:
         new_tokens = sum(len(c.token_ids) for c in out.outputs)
         self.generation_tokens.labels(m).inc(new_tokens)
         last, count = self._token_time.get(rid), self._token_count.get(rid, 0)
+        timeline = out.metrics.timeline
         if new_tokens:
-            if last is None and out.metrics.first_token_time is not None:
+            if last is None and timeline is not None and timeline.first_token is not None:
+                self.ttft.labels(m).observe(timeline.first_token - timeline.arrival)  # from the front door
+            elif last is None and out.metrics.first_token_time is not None:
                 self.ttft.labels(m).observe(out.metrics.first_token_time - out.metrics.arrival_time)
             elif last is not None:
                 self.itl.labels(m).observe(now - last)
@@ -145,6 +158,10 @@ class ServerMetrics:
             for c in out.outputs:
                 if c.finish_reason:
                     self.finished.labels(m, c.finish_reason).inc()
+            if timeline is not None:
+                for phase, seconds in timeline.phases().items():
+                    if phase in self.phases:
+                        self.phases[phase].labels(m).observe(seconds)
 
     def forget(self, request_id: str) -> None:
         """Drop a request's timing state (it finished, or was aborted and never will)."""

@@ -121,10 +121,12 @@ def serve(
     tool_call_parser: str | None = None,
     api_key: str | None = None,
     task: str = "auto",
+    trace_file: str | None = None,
     **engine_args: Any,
 ) -> None:
     """Serve ``model`` (a Hugging Face-format directory) over the OpenAI API until stopped. ``api_key``
-    (else MESHSERVE_API_KEY): required on /v1 routes; ``task``: auto, generate or embed."""
+    (else MESHSERVE_API_KEY): required on /v1 routes; ``task``: auto, generate or embed; ``trace_file``:
+    write every step's and request's timeline there (JSON lines, engine/timeline.py)."""
     from meshserve import switches
     from meshserve.server.app import build_app
     from meshserve.server.tasks import check_task
@@ -134,7 +136,7 @@ def serve(
     check_task(task)
     api_key = api_key or switches.value("MESHSERVE_API_KEY") or None
     pin_mmap_threshold()  # a long-running engine: freed tensors go back to the OS, RSS stays flat
-    llm = AsyncLLM.from_args(model, max_waiting=max_waiting, **engine_args)
+    llm = AsyncLLM.from_args(model, max_waiting=max_waiting, trace_file=trace_file, **engine_args)
     name = served_model_name or Path(model).name  # never the server's filesystem path
     aliases = () if served_model_name else (model,)
     app = build_app(llm, name, aliases=aliases, tool_parser=tool_call_parser, api_key=api_key, task=task)

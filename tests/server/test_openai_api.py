@@ -130,6 +130,12 @@ def test_metrics_use_vllm_names(client, server):
         "vllm:prefix_cache_queries_total",
         "vllm:num_preemptions_total",
         'meshserve:step_tokens_count{kind="prefill"',
+        # a finished request's phases (its timeline): observed once it ends
+        "vllm:request_queue_time_seconds_count{",
+        "vllm:request_prefill_time_seconds_count{",
+        "vllm:request_decode_time_seconds_count{",
+        "vllm:request_inference_time_seconds_count{",
+        "meshserve:request_front_time_seconds_count{",
     ):
         assert name in text, name
 

@@ -160,10 +160,12 @@ class DistributedEngine:
         request_id: str | None = None,
         stream: bool = False,
         detokenize: bool = True,
+        arrival: float | None = None,
     ) -> str:
         """Queue a prompt on the least-busy rank; returns its request id. Bad input raises InputError.
 
-        ``stream``, ``detokenize``: as Engine.add_request's.
+        ``stream``, ``detokenize``, ``arrival``: as Engine.add_request's (the ranks share one host's
+        monotonic clock).
         """
         if request_id is None:
             request_id = next(i for i in map(str, self._ids) if i not in self.owner)
@@ -171,7 +173,7 @@ class DistributedEngine:
         require(request_id not in self.owner, "request_id", f"{request_id!r} is already in use")
         busy = np.bincount(np.fromiter(self.owner.values(), dtype=np.int64), minlength=self.num_ranks)
         rank = int(busy.argmin())
-        self._call(rank, "add", (prompt, params, request_id, stream, detokenize))
+        self._call(rank, "add", (prompt, params, request_id, stream, detokenize, arrival))
         self.owner[request_id] = rank
         self._added += 1
         return request_id

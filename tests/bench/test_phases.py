@@ -1,0 +1,56 @@
+"""The phase breakdown on a hand-made trace: each step's time lands in the part it belongs to."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from meshserve.bench.phases import breakdown, format_breakdown, read_trace
+from meshserve.errors import InputError
+
+
+def step(start: float, sampled: float, end: float, prefill: int = 0) -> dict:
+    return {
+        "type": "step",
+        "start": start,
+        "sampled": sampled,
+        "end": end,
+        "tokens": {"prefill": prefill, "decode": 1},
+    }
+
+
+def test_decode_gaps_split_into_compute_outputs_and_loop():
+    # steps: a prefill step (0-10 ms), then decode-only steps of 4 ms compute, 1 ms outputs, 2 ms loop
+    steps = [step(0.000, 0.010, 0.011, prefill=8)]
+    t = 0.011
+    for _ in range(3):
+        steps.append(step(t + 0.002, t + 0.006, t + 0.007))
+        t += 0.007
+    request = {
+        "type": "request",
+        "arrival": -0.003,
+        "queued": -0.001,
+        "scheduled": 0.0,
+        "finished": steps[-1]["end"],
+        "token_times": [s["sampled"] for s in steps],
+        "delivered": [s["end"] + 0.0005 for s in steps],
+    }
+    parts = breakdown(steps, [request])
+    np.testing.assert_allclose(
+        [parts[k][0] for k in ("front", "queue", "prefill", "deliver", "ttft")],
+        [0.002, 0.001, 0.010, 0.0015, 0.0145],
+    )
+    np.testing.assert_allclose(
+        [parts[k][0] for k in ("tpot", "compute_decode", "compute_mixed", "outputs", "loop")],
+        [0.007, 0.004, 0.0, 0.001, 0.002],
+    )
+    assert "TPOT (1 requests): mean 7.0 ms" in format_breakdown(parts, "run")
+
+
+def test_a_trace_that_is_not_json_lines_is_refused(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"type": "step"}) + "\nnot json\n")
+    with pytest.raises(InputError, match="t.jsonl:2"):
+        read_trace(path)
