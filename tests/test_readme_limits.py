@@ -48,6 +48,7 @@ ROW = {  # constant -> the README table row ("what" column) that states it
     "MAX_GRACE_S": "SIGTERM",
     "CUT_MARGIN_S": "SIGTERM",
     "MAX_TOKENS": SECTION,
+    "MAX_TPOT_MS": SECTION,
 }
 
 
