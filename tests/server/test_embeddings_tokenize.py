@@ -24,8 +24,11 @@ def test_embeddings_shape_norm_determinism_and_usage(client, server, offline):
     hidden = offline.engine.model_config.hidden_size
     assert vectors(first).shape == (3, hidden) and [d.index for d in first.data] == [0, 1, 2]
     torch.testing.assert_close(vectors(first).norm(dim=1), torch.ones(3))
-    assert vectors(first)[0].tolist() == vectors(first)[2].tolist()
-    assert vectors(first).tolist() == vectors(again).tolist()  # deterministic, base64 == float
+    # the same input gives the same vector to float rounding: the step's row count picks the GEMM kernel
+    # (kernel tables are keyed by M), so two batches may sum in another order
+    same = {"atol": 1e-6, "rtol": 1e-5}
+    torch.testing.assert_close(vectors(first)[0], vectors(first)[2], **same)
+    torch.testing.assert_close(vectors(first), vectors(again), **same)  # deterministic, base64 == float
     expected = torch.stack([o.embedding for o in offline.embed(inputs, use_tqdm=False)])
     torch.testing.assert_close(vectors(first), expected, atol=1e-5, rtol=1e-4)
     tokens = sum(len(o.prompt_token_ids) for o in offline.embed(inputs, use_tqdm=False))
@@ -37,7 +40,7 @@ def test_embeddings_shape_norm_determinism_and_usage(client, server, offline):
     ids = offline.tokenizer.encode("jumps over")
     by_ids = client.embeddings.create(model=server.model, input=[ids, ids[:2]])
     assert (
-        vectors(by_ids)[0].tolist() == vectors(first)[1].tolist()
+        torch.allclose(vectors(by_ids)[0], vectors(first)[1], atol=1e-6, rtol=1e-5)
         and by_ids.usage.prompt_tokens == len(ids) + 2
     )
     raw = client.embeddings.create(model=server.model, input="jumps over", extra_body={"normalize": False})
