@@ -133,7 +133,6 @@ def generate(
 ) -> None:
     """Complete prompts with a local model and print the completions."""
     from meshserve.engine import LLM, SamplingParams
-    from meshserve.engine.sampling_params import MAX_CHOICES
 
     prompts = _read_prompts(prompt, prompt_file)
     params = SamplingParams(
@@ -157,10 +156,7 @@ def generate(
         device=device,
         **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config, oversubscribe),
     ) as llm:
-        # one generate call starts at most MAX_CHOICES completions: a longer prompt file runs in parts
-        step = MAX_CHOICES // params.n
-        parts = [prompts[i : i + step] for i in range(0, len(prompts), step)]
-        outputs = [out for part in parts for out in llm.generate(part, params, use_tqdm=False)]
+        outputs = llm.generate(prompts, params, use_tqdm=False)  # it bounds what is in the engine at once
     for out in outputs:
         print(out.text)
 

@@ -10,7 +10,7 @@ llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=32))  # 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -64,9 +64,9 @@ class LLM:
         one HTTP request) are in the engine at once: the next prompt goes in as earlier ones finish.
         """
         prompts = _as_prompt_list(prompts)
-        default = sampling_params or self.get_default_sampling_params()
+        default = self.get_default_sampling_params
         params = _per_prompt(sampling_params, default, SamplingParams, "sampling_params", len(prompts))
-        return self._add_and_run(prompts, params, use_tqdm)
+        return self._run(prompts, params, use_tqdm)
 
     def embed(
         self,
@@ -78,45 +78,39 @@ class LLM:
         as ``pooling_params`` says (default: the checkpoint's sentence-transformers pooling, else LAST,
         L2-normalized). Each runs through the engine as a prefill-only request; all or nothing."""
         prompts = _as_prompt_list(prompts)
-        default = pooling_params or self.get_default_pooling_params()
+        default = self.get_default_pooling_params
         params = _per_prompt(pooling_params, default, PoolingParams, "pooling_params", len(prompts))
-        return self._add_and_run(prompts, params, use_tqdm)
+        return self._run(prompts, params, use_tqdm)
 
-    def _add_and_run(
-        self, prompts: list[str | list[int]], params: list[Any], use_tqdm: bool
-    ) -> list[RequestOutput]:
+    def _run(self, prompts: list[Prompt], params: list[Any], use_tqdm: bool) -> list[RequestOutput]:
+        """Step until every prompt's request finished, adding prompts while fewer than MAX_CHOICES
+        completions of this call are in the engine. All or nothing: on any error (bad input, Ctrl-C)
+        the requests this call added are aborted."""
         ids: list[str] = []
+        done: dict[str, RequestOutput] = {}
+        width: dict[str, int] = {}  # request id -> its completions (n), while in the engine
         try:
-            return self._run(prompts, params, ids, use_tqdm)
-        except BaseException:  # bad input, Ctrl-C, anything: take back what this call added
+            with tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm) as bar:
+                while len(done) < len(prompts):
+                    while len(ids) < len(prompts):
+                        p = params[len(ids)]
+                        n = p.n if isinstance(p, SamplingParams) else 1  # add_request refuses a non-params
+                        if width and sum(width.values()) + n > MAX_CHOICES:
+                            break
+                        ids.append(self.engine.add_request(prompts[len(ids)], p))
+                        width[ids[-1]] = n
+                    if not self.engine.has_unfinished():
+                        break
+                    for out in self.engine.step():
+                        if out.request_id in width:
+                            done[out.request_id] = out
+                            del width[out.request_id]
+                            bar.update(1)
+            return [done[i] for i in ids]
+        except BaseException:  # take back what this call added, so later calls run as if it never happened
             for request_id in ids:
                 self.engine.abort(request_id)
             raise
-
-    def _run(
-        self, prompts: list[Prompt], params: list[Any], ids: list[str], use_tqdm: bool
-    ) -> list[RequestOutput]:
-        """Step until every prompt's request finished, adding prompts while fewer than MAX_CHOICES
-        completions of this call are in the engine; ``ids`` collects the ids added (for an abort)."""
-        done: dict[str, RequestOutput] = {}
-        width = {}  # request id -> its completions (n), while in the engine
-        with tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm) as bar:
-            while len(done) < len(prompts):
-                while len(ids) < len(prompts):
-                    p = params[len(ids)]
-                    n = p.n if isinstance(p, SamplingParams) else 1  # add_request refuses a non-params
-                    if width and sum(width.values()) + n > MAX_CHOICES:
-                        break
-                    ids.append(self.engine.add_request(prompts[len(ids)], p))
-                    width[ids[-1]] = n
-                if not self.engine.has_unfinished():
-                    break
-                for out in self.engine.step():
-                    if out.request_id in width:
-                        done[out.request_id] = out
-                        del width[out.request_id]
-                        bar.update(1)
-        return [done[i] for i in ids]
 
     def chat(
         self,
@@ -152,10 +146,13 @@ class LLM:
         self.close()
 
 
-def _per_prompt(given: object, default: Any, kind: type, field: str, n: int) -> list[Any]:
-    """One params object per prompt: ``given`` is None / one ``kind`` for all, or a list of one per prompt."""
-    if given is None or isinstance(given, kind):
-        return [default] * n
+def _per_prompt(given: object, default: Callable[[], Any], kind: type, field: str, n: int) -> list[Any]:
+    """One params object per prompt: ``given`` is None (``default()`` for all), one ``kind`` for all, or a
+    list of one per prompt."""
+    if given is None:
+        return [default()] * n
+    if isinstance(given, kind):
+        return [given] * n
     if not isinstance(given, list | tuple):
         raise InputError(field, f"must be a {kind.__name__} or a list of them, got {type(given).__name__}")
     if len(given) != n:

@@ -55,10 +55,10 @@ def test_generate_parallel_flags_report_bad_values(tiny_model_dir, monkeypatch, 
 
 
 def test_a_prompt_file_past_one_calls_bound_runs_in_parts(tiny_model_dir, tmp_path, monkeypatch):
-    """LLM.generate starts at most MAX_CHOICES completions a call; the CLI runs a longer file in parts."""
-    import meshserve.engine.sampling_params as sampling_params
+    """LLM.generate keeps at most MAX_CHOICES completions in the engine; a longer file runs in parts."""
+    import meshserve.engine.llm as llm_module
 
-    monkeypatch.setattr(sampling_params, "MAX_CHOICES", 2)
+    monkeypatch.setattr(llm_module, "MAX_CHOICES", 2)
     model = str(tiny_model_dir("llama"))
     prompts = ["hello world", "the sky is", "a b c", "one two three", "x y"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
