@@ -106,11 +106,15 @@ class AsyncLLM:
         here = isinstance(params, SamplingParams) and not params.stop_strings
         stream = RequestStream(self, request_id, OutputText(self.engine.tokenizer) if here else None)
         self._streams[request_id] = (asyncio.get_running_loop(), stream.queue)
+        sent = False
         try:
             token_ids = await self._tokenize(prompt)
+            sent = True
             await self._call("add", (token_ids, params, request_id, not here, arrival))
-        except BaseException:
+        except BaseException as err:
             self._streams.pop(request_id, None)
+            if sent and not isinstance(err, (InputError, EngineBusy, EngineDead)):
+                self.abort(request_id)  # the caller left while the add was queued: nobody will read it
             raise
         return stream
 
@@ -186,6 +190,10 @@ class AsyncLLM:
         if message is None:
             return
         kind, payload, future = message
+        # A caller that left (cancelled) before the engine took its call gets nothing done; once running, the
+        # future can no longer be cancelled, so answering it below cannot raise in (and stop) this loop.
+        if future is not None and not future.set_running_or_notify_cancel():
+            return
         try:
             if kind == "add":
                 waiting = self.engine.num_waiting
@@ -219,7 +227,12 @@ class AsyncLLM:
             if target is not None:
                 by_loop.setdefault(target[0], []).append((target[1], out))
         for loop, items in by_loop.items():  # one wake-up of the event loop per step
-            loop.call_soon_threadsafe(_put_all, items)
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop has closed: its readers are gone, so are their requests
+                for _, out in items:
+                    self._streams.pop(out.request_id, None)
+                    self._handle(("abort", out.request_id, None))
 
     def _drain(self) -> None:
         """Fail calls still in the inbox (the engine is stopping); the engine thread and a late caller may

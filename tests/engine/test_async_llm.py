@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -47,5 +48,59 @@ def test_a_call_put_after_the_engine_stopped_gets_engine_dead_not_a_hang(tiny_mo
     try:
         asyncio.run(main())
         assert isinstance(llm.error, RuntimeError) and not llm.alive
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("engine_took_it", [False, True], ids=["before the engine took it", "after"])
+def test_a_caller_that_leaves_while_its_add_is_queued_runs_nothing_for_it(tiny_model_dir, engine_took_it):
+    """A client that hangs up between queueing its request and hearing back: the engine keeps serving, and
+    the request does not run to the end for a reader that is gone."""
+    llm = AsyncLLM.from_args(str(tiny_model_dir("llama")), max_model_len=128, block_size=4)
+    real_call, engine_busy = llm._call, threading.Event()
+
+    async def call_and_hang_up(kind, payload):
+        if kind != "add":
+            return await real_call(kind, payload)
+        if not engine_took_it:  # hold the engine thread so the add waits in the inbox
+            llm._inbox.put(("call", lambda engine: engine_busy.wait(10), None))
+        queued = asyncio.ensure_future(real_call(kind, payload))
+        await asyncio.sleep(0)  # the add is in the inbox now
+        while engine_took_it and "left" not in llm.engine.groups:
+            time.sleep(0.001)  # blocking: this loop does not hear the engine's answer before the hang-up
+        queued.cancel()
+        engine_busy.set()
+        return await queued
+
+    llm._call = call_and_hang_up
+
+    async def main() -> bool:
+        with pytest.raises(asyncio.CancelledError):
+            await llm.add_request([1, 5, 6], SamplingParams(max_tokens=100, ignore_eos=True), "left")
+        llm._call = real_call
+        # the inbox is FIFO: this snapshot is taken after the add and whatever the hang-up sent
+        return await asyncio.wait_for(llm.call(lambda engine: "left" in engine.groups), timeout=10)
+
+    try:
+        assert asyncio.run(main()) is False
+        assert llm.alive and "left" not in llm._streams
+    finally:
+        llm.shutdown()
+
+
+def test_a_stream_whose_event_loop_closed_is_aborted_and_the_engine_keeps_serving(tiny_model_dir):
+    llm = AsyncLLM.from_args(str(tiny_model_dir("llama")), max_model_len=128, block_size=4)
+
+    async def start_and_walk_away() -> None:
+        await llm.add_request([1, 5, 6], SamplingParams(max_tokens=100, ignore_eos=True), "orphan")
+
+    async def snapshot() -> tuple[bool, int]:
+        await asyncio.sleep(0.2)  # a few steps deliver to the closed loop
+        return await llm.call(lambda engine: ("orphan" in engine.groups, engine.blocks.num_free_blocks))
+
+    try:
+        asyncio.run(start_and_walk_away())  # closes its loop with the stream unread
+        running, free = asyncio.run(snapshot())
+        assert llm.alive and not running and free == llm.engine.blocks.num_blocks
     finally:
         llm.shutdown()
