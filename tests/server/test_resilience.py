@@ -114,7 +114,10 @@ def test_200_streams_with_random_disconnects(server, offline):
     while not (server.blocks_free and not server.llm.engine.has_unfinished()):
         assert time.time() < deadline, "blocks still held after every client left"
         time.sleep(0.05)
-    assert server.llm.on_step.__self__.num_tracked == 0  # the metrics forgot the aborted requests too
+    # The metrics hook runs in the engine thread after a step's outputs are delivered, so read it there,
+    # between steps (read from here, it raced the last step's hook: 2 of 200 still tracked, once in 6 runs).
+    metrics = server.llm.on_step.__self__
+    assert asyncio.run(server.llm.call(lambda engine: metrics.num_tracked)) == 0  # aborted ones forgotten
 
 
 def test_sigterm_stops_gracefully_with_exit_0(model_dir):
