@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 
@@ -102,5 +103,34 @@ def test_a_stream_whose_event_loop_closed_is_aborted_and_the_engine_keeps_servin
         asyncio.run(start_and_walk_away())  # closes its loop with the stream unread
         running, free = asyncio.run(snapshot())
         assert llm.alive and not running and free == llm.engine.blocks.num_blocks
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_callers_cancelled_at_random_moments_leave_nothing_behind(tiny_model_dir, seed):
+    """Fuzz: clients that give up at any point (tokenizing, queueing, mid-stream, never) never stop the
+    engine, and once all are gone no request and no KV block is left."""
+    llm = AsyncLLM.from_args(str(tiny_model_dir("llama")), max_model_len=128, block_size=4)
+    rng = random.Random(seed)
+
+    async def client(i: int) -> None:
+        async for _ in llm.generate([1, 5 + i % 50, 6], SamplingParams(max_tokens=rng.randint(1, 40))):
+            pass
+
+    async def main() -> tuple[int, int]:
+        tasks = [asyncio.ensure_future(client(i)) for i in range(60)]
+        for task in tasks:
+            await asyncio.sleep(rng.choice([0, 0, 0.0005, 0.002]))
+            if rng.random() < 0.6:
+                task.cancel()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=60)
+        return await asyncio.wait_for(
+            llm.call(lambda engine: (len(engine.groups), engine.blocks.num_free_blocks)), timeout=10
+        )
+
+    try:
+        left, free = asyncio.run(main())
+        assert llm.alive and left == 0 and free == llm.engine.blocks.num_blocks and not llm._streams
     finally:
         llm.shutdown()
