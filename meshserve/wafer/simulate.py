@@ -73,10 +73,14 @@ def simulate_layer(
     ep: int | None = None,
     context: int = DEFAULT_CONTEXT,
     time_model: str = "bottleneck",
+    prefill_tokens_per_device: float = 0.0,
+    prompt: int = 0,
 ) -> LayerResult:
     """Evaluate one MoE layer in decode.
 
-    tokens_per_device: decode tokens per device; a TP group holds tokens_per_device * TP tokens.
+    tokens_per_device: tokens per device; a TP group holds tokens_per_device * TP tokens.
+    prefill_tokens_per_device of them are prompt tokens of ``prompt``-token prompts (a mixed or a
+    prefill step, compute.attention_s); the rest decode against ``context`` tokens each.
     placement [experts, devices] (default: mapping-independent round-robin over ep devices) and
     expert_load [experts] (default uniform) decide where routed tokens go.
     """
@@ -84,6 +88,13 @@ def simulate_layer(
         raise InputError("tokens_per_device", f"must be a finite number > 0, got {tokens_per_device}")
     if context < 0:
         raise InputError("context", f"must be >= 0, got {context}")
+    if not 0 <= prefill_tokens_per_device <= tokens_per_device:
+        raise InputError(
+            "prefill_tokens_per_device",
+            f"must be in [0, tokens_per_device={tokens_per_device}], got {prefill_tokens_per_device}",
+        )
+    if prefill_tokens_per_device and prompt < 1:
+        raise InputError("prompt", f"must be >= 1 token when prefill tokens run, got {prompt}")
     topo = topology_for(hw)
     if mapping.num_devices != topo.num_devices:
         raise InputError("mapping", f"covers {mapping.num_devices} devices; {hw.name} has {topo.num_devices}")
@@ -100,8 +111,10 @@ def simulate_layer(
     combine_t = collective_time(topo, combine(d), time_model)
     copies = mapping.num_groups * tokens * model.top_k * device_share(placement, expert_load)
     expert_s = compute.experts_s(hw.die, model, placement, copies, tokens, mapping.tp)
+    prefill = prefill_tokens_per_device * mapping.tp
+    attention = compute.attention_s(hw.die, model, tokens, mapping.tp, context, prefill, prompt)
     phases = [
-        _compute_phase("attention", compute.attention_s(hw.die, model, tokens, mapping.tp, context), links),
+        _compute_phase("attention", attention, links),
         *attn,
         dispatch_t,
         _compute_phase("experts", float(expert_s.max()), links),

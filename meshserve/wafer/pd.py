@@ -1,0 +1,459 @@
+"""Prefill/decode deployment on one platform: mixed (every die does both) or disaggregated.
+
+mixed (what `simulate` models, plus the prompts): each step packs a die's B decode tokens with
+the prompt tokens that keep requests flowing in steady state (B * P / O per die: a request brings
+P prompt tokens per O output tokens), so every decode token waits for prompt work (TPOT); a new
+prompt runs whole in the step after it arrives, in chunks of presets/pd.yaml's prefill budget per
+die when longer, so it waits max(1, P / (budget * TP)) such steps for its first token (TTFT).
+
+disagg: the first ``prefill_dies`` dies (whole mesh rows, or GPUs of the one switch node) run
+prefill iterations of whole prompts (presets/pd.yaml's budget per die); the rest decode B tokens
+per die. Each side is simulated as its own platform: an XY route between two dies of a block of
+rows never leaves the block, so its collectives are the full mesh's. Each request's KV cache then
+moves from its prefill TP group to a decode TP group, member j to member j, on the full platform's
+routes; requests spread evenly over all (prefill group, decode group) pairs.
+
+Shared links: a KV flow runs along its source row, then down its destination column, over links
+that both sides' collectives use. Each link is a processor-sharing server: the collectives get
+its bandwidth less the KV stream's mean share (so they slow down), and a KV flow gets what the
+collectives and the other KV flows leave (M/G/1-PS mean sojourn: size / (bandwidth x (1 - load)));
+the request rate is the fixed point of that slowdown, and the KV stream may load no link past
+pd.yaml's link_ceiling. docs/wafer.md ("Disaggregated prefill and decode") says what this leaves out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from meshserve.errors import InputError, integer
+from meshserve.wafer.capacity import Fit, die_memory
+from meshserve.wafer.hardware import Hardware
+from meshserve.wafer.mapping import Mapping, block_shape, make_mapping
+from meshserve.wafer.models import MoEModel
+from meshserve.wafer.presets import PRESET_DIR, Section, read_yaml
+from meshserve.wafer.simulate import LayerResult, simulate_layer, step_s
+from meshserve.wafer.timemodel import bottleneck_s
+from meshserve.wafer.topology import Topology, topology_for
+
+DEPLOYS = ("mixed", "disagg")
+PD_PATH = PRESET_DIR / "pd.yaml"
+
+
+@dataclass(frozen=True)
+class Mix:
+    """A request mix: mean prompt and output lengths in tokens."""
+
+    prompt_tokens: int
+    output_tokens: int
+
+    def __post_init__(self) -> None:
+        integer(self.prompt_tokens, "prompt_tokens", 1)
+        integer(self.output_tokens, "output_tokens", 1)
+
+    @property
+    def context(self) -> int:
+        """Mean context a decode token attends to over a request's life."""
+        return self.prompt_tokens + self.output_tokens // 2
+
+    @property
+    def label(self) -> str:
+        return f"{self.prompt_tokens}/{self.output_tokens}"
+
+
+@dataclass(frozen=True)
+class PDSettings:
+    """presets/pd.yaml: the prefill budget, the KV stream's link ceiling, the --plot sweep."""
+
+    prefill_tokens_per_device: float
+    link_ceiling: float
+    mixes: tuple[Mix, ...]
+    compare_on: tuple[str, ...]
+
+
+@cache
+def pd_settings() -> PDSettings:
+    """presets/pd.yaml, validated like every preset (unknown keys refused)."""
+    s = Section(read_yaml(PD_PATH, "pd"), "pd")
+    ceiling = s.number("link_ceiling")
+    if ceiling >= 1:
+        raise InputError("pd.link_ceiling", f"must be < 1 (a link's utilisation), got {ceiling}")
+    mixes = s.data.get("mixes") if s.has("mixes") else None
+    if not isinstance(mixes, list) or not mixes or any(not isinstance(m, list) or len(m) != 2 for m in mixes):
+        raise InputError(
+            "pd.mixes", f"must be a non-empty list of [prompt, output] token pairs, got {mixes!r}"
+        )
+    others = s.data.get("compare_on", []) if s.has("compare_on") else []
+    if not isinstance(others, list) or not all(isinstance(o, str) for o in others):
+        raise InputError("pd.compare_on", f"must be a list of hardware preset names, got {others!r}")
+    out = PDSettings(
+        s.number("prefill_tokens_per_device"), ceiling, tuple(Mix(*m) for m in mixes), tuple(others)
+    )
+    s.reject_unknown()
+    return out
+
+
+def kv_bytes_per_request(model: MoEModel, prompt_tokens: int) -> float:
+    """One copy of a prompt's KV cache, every layer (GQA: K and V heads; MLA: the latent + rope key)."""
+    return float(model.num_layers * model.kv_bytes_per_token * prompt_tokens)
+
+
+def kv_member_bytes(model: MoEModel, prompt_tokens: int, tp: int) -> float:
+    """What one TP member holds of it, and so sends to its counterpart (model.kv_shards)."""
+    return kv_bytes_per_request(model, prompt_tokens) / model.kv_shards(tp)
+
+
+def kv_transfer_s(
+    topo: Topology, src: np.ndarray, dst: np.ndarray, nbytes: float, free: np.ndarray | None = None
+) -> np.ndarray:
+    """Seconds for flows src[i] -> dst[i] of ``nbytes`` each: over the narrowest free bandwidth on
+    the route (``free`` [links] bytes/s, default the links' own) plus the route's latency."""
+    free = topo.link_bandwidth if free is None else free
+    src, dst = np.asarray(src), np.asarray(dst)
+    routes = topo.incidence[src * topo.num_devices + dst]
+    per_byte = routes.multiply(1.0 / np.maximum(free, 1e-300)).max(axis=1).toarray().ravel()
+    return nbytes * per_byte + topo.path_latency[src, dst]
+
+
+@dataclass(frozen=True, eq=False)
+class Side:
+    """One side of a split platform, simulated as a platform of its own."""
+
+    hw: Hardware
+    mapping: Mapping
+    devices: np.ndarray  # [n] the full platform's id of each of its dies
+    links: np.ndarray  # [its links] the full platform's id of each of its links
+
+
+def _supported(hw: Hardware) -> None:
+    if (hw.kind == "mesh" and hw.wafers > 1) or (hw.kind == "switch" and hw.devices > hw.devices_per_node):
+        raise InputError(
+            "hardware",
+            f"a disaggregated deployment is modelled on one wafer or one switch node; {hw.name} has "
+            f"{hw.num_devices // hw.devices_per_wafer}",
+        )
+
+
+def _part(hw: Hardware, dies: int) -> Hardware:
+    """The platform of ``dies`` dies cut from hw: whole rows of a mesh, GPUs of one switch node."""
+    if hw.kind == "mesh":
+        return hw.with_mesh(dies // hw.cols, hw.cols, 1)
+    return dataclasses.replace(hw, name=f"{hw.name}[{dies}]", devices=dies, devices_per_node=dies)
+
+
+def splits(hw: Hardware, tp: int) -> list[int]:
+    """Prefill die counts hw allows with TP groups of tp: whole mesh rows, both sides tiled by TP."""
+    _supported(hw)
+    n, unit = hw.num_devices, hw.cols if hw.kind == "mesh" else 1
+
+    def tiles(dies: int) -> bool:
+        shape = (dies // hw.cols, hw.cols) if hw.kind == "mesh" else (1, dies)
+        return block_shape(*shape, tp) is not None
+
+    return [d for d in range(unit, n, unit) if tiles(d) and tiles(n - d)]
+
+
+def _embed(full: Topology, part: Topology, devices: np.ndarray) -> np.ndarray:
+    """The full platform's id of every link of ``part`` (its dies at ``devices``; a switch node
+    past its dies keeps its offset past the full platform's dies)."""
+    kinds = np.unique(full.link_kind)
+    size = int(max(full.link_src.max(), full.link_dst.max())) + 1
+
+    def node(ids: np.ndarray) -> np.ndarray:
+        inside = ids < part.num_devices
+        return np.where(
+            inside, devices[np.minimum(ids, part.num_devices - 1)], full.num_devices + ids - part.num_devices
+        )
+
+    def keys(src: np.ndarray, dst: np.ndarray, kind: np.ndarray) -> np.ndarray:
+        return (src * size + dst) * len(kinds) + np.searchsorted(kinds, kind)
+
+    ref = keys(full.link_src, full.link_dst, full.link_kind)
+    order = np.argsort(ref)
+    want = keys(node(part.link_src), node(part.link_dst), part.link_kind)
+    at = order[np.minimum(np.searchsorted(ref[order], want), len(ref) - 1)]
+    assert (ref[at] == want).all(), "a side's link is not a link of the full platform"
+    return at
+
+
+def split_platform(hw: Hardware, prefill_dies: int, tp: int, mapping: str) -> tuple[Side, Side]:
+    """The prefill side (the first ``prefill_dies`` dies) and the decode side (the rest)."""
+    allowed = splits(hw, tp)
+    if prefill_dies not in allowed:
+        raise InputError(
+            "prefill_dies",
+            f"a disaggregated deployment needs prefill and decode dies, whole "
+            f"{'mesh rows' if hw.kind == 'mesh' else 'GPUs'} tiled by TP={tp} groups on each side; allowed "
+            f"on {hw.name}: {', '.join(map(str, allowed)) or 'none'}; got {prefill_dies}",
+        )
+    full = topology_for(hw)
+    sides = []
+    for first, dies in ((0, prefill_dies), (prefill_dies, hw.num_devices - prefill_dies)):
+        sub = _part(hw, dies)
+        devices = np.arange(first, first + dies)
+        sides.append(
+            Side(sub, make_mapping(sub, tp, mapping), devices, _embed(full, topology_for(sub), devices))
+        )
+    return sides[0], sides[1]
+
+
+def step_link_bytes(model: MoEModel, layer: LayerResult) -> np.ndarray:
+    """[links] bytes a step puts on each link: each MoE layer's collectives, a dense layer's 2 reductions."""
+    return model.num_moe_layers * (layer.attention_loads + layer.moe_loads) + (
+        2 * model.first_dense_layers * layer.attention_loads
+    )
+
+
+def slowed(layer: LayerResult, bandwidth: np.ndarray, share: np.ndarray) -> LayerResult:
+    """The layer with its collectives on links whose ``share`` [links] another stream holds: the
+    bottleneck time on what is left (a fair-share phase is scaled by the same ratio)."""
+    free = bandwidth * (1.0 - share)
+    phases = []
+    for p in layer.phases:
+        if p.model != "roofline" and p.bandwidth_s > 0:
+            scale = float(bottleneck_s(p.loads, free) / bottleneck_s(p.loads, bandwidth))
+            p = dataclasses.replace(
+                p, time_s=p.latency_s + p.bandwidth_s * scale, bandwidth_s=p.bandwidth_s * scale
+            )
+        phases.append(p)
+    return dataclasses.replace(layer, phases=phases)
+
+
+@dataclass(frozen=True)
+class PDPoint:
+    """One deployment at one mix, per iteration and in steady state (seconds, bytes, per second).
+
+    prefill_step_s: a prefill iteration (disagg) or a mixed step; decode_step_s: a decode step.
+    bound: what caps the request rate (prefill, decode or kv-links; mixed: steps).
+    kv_transfer_s: a request's KV move, mean over (prefill group, decode group) pairs, under load.
+    link_utilization: the busiest link's share of time, all traffic; kv_link_utilization: KV's
+    share of the link it loads most. decode_only_step_s: a step with no prompt work (`simulate`'s).
+    """
+
+    deploy: str
+    hardware: str
+    model: str
+    mix: Mix
+    tp: int
+    tokens_per_device: float
+    prefill_dies: int
+    decode_dies: int
+    ttft_s: float
+    tpot_s: float
+    prefill_step_s: float
+    decode_step_s: float
+    decode_only_step_s: float
+    requests_per_s: float
+    output_tokens_per_s_per_die: float
+    bound: str
+    kv_bytes_per_request: float
+    kv_wire_bytes_per_request: float
+    kv_transfer_s: float
+    kv_transfer_worst_s: float
+    kv_link_utilization: float
+    link_utilization: float
+    fits: bool
+    memory: str
+
+    def summary(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(prompt_tokens=self.mix.prompt_tokens, output_tokens=self.mix.output_tokens)
+        del out["mix"]
+        return out
+
+
+def _slots(model: MoEModel, dies: int) -> int:
+    return -(-model.routed_experts // dies)
+
+
+def _tightest(*fits: Fit) -> Fit:
+    return max(fits, key=lambda f: f.need / f.capacity)
+
+
+def mixed(
+    hw: Hardware, model: MoEModel, mix: Mix, tp: int, mapping: str, tokens: float, time_model: str
+) -> PDPoint:
+    """Every die decodes ``tokens`` tokens per step and runs the prompt tokens that keep pace."""
+    budget = pd_settings().prefill_tokens_per_device
+    m = make_mapping(hw, tp, mapping)
+    prompt = tokens * mix.prompt_tokens / mix.output_tokens
+    layer = simulate_layer(
+        hw,
+        model,
+        m,
+        tokens + prompt,
+        context=mix.context,
+        time_model=time_model,
+        prefill_tokens_per_device=prompt,
+        prompt=mix.prompt_tokens,
+    )
+    step = step_s(hw, model, m, layer, tokens + prompt, mix.context)
+    alone = simulate_layer(hw, model, m, tokens, context=mix.context, time_model=time_model)
+    topo = topology_for(hw)
+    fit = die_memory(
+        model, hw, tp, _slots(model, hw.num_devices), tokens, mix.prompt_tokens + mix.output_tokens
+    )
+    n = hw.num_devices
+    return PDPoint(
+        deploy="mixed",
+        hardware=hw.name,
+        model=model.name,
+        mix=mix,
+        tp=tp,
+        tokens_per_device=tokens,
+        prefill_dies=n,
+        decode_dies=n,
+        ttft_s=max(1.0, mix.prompt_tokens / (budget * tp)) * step,
+        tpot_s=step,
+        prefill_step_s=step,
+        decode_step_s=step,
+        decode_only_step_s=step_s(hw, model, m, alone, tokens, mix.context),
+        requests_per_s=n * tokens / (step * mix.output_tokens),
+        output_tokens_per_s_per_die=tokens / step,
+        bound="steps",
+        kv_bytes_per_request=kv_bytes_per_request(model, mix.prompt_tokens),
+        kv_wire_bytes_per_request=0.0,
+        kv_transfer_s=0.0,
+        kv_transfer_worst_s=0.0,
+        kv_link_utilization=0.0,
+        link_utilization=float((step_link_bytes(model, layer) / topo.link_bandwidth).max() / step),
+        fits=fit.fits,
+        memory=fit.describe(),
+    )
+
+
+def disagg(
+    hw: Hardware,
+    model: MoEModel,
+    mix: Mix,
+    tp: int,
+    mapping: str,
+    tokens: float,
+    time_model: str,
+    prefill_dies: int,
+    settings: PDSettings | None = None,
+) -> PDPoint:
+    """``prefill_dies`` dies prefill, the rest decode ``tokens`` tokens per die; KV moves between them."""
+    settings = settings or pd_settings()
+    pre, dec = split_platform(hw, prefill_dies, tp, mapping)
+    p_len, o_len = mix.prompt_tokens, mix.output_tokens
+    prompts = max(1, round(settings.prefill_tokens_per_device * tp / p_len))  # per TP group per iteration
+    p_tokens = prompts * p_len / tp
+    layers = {
+        "prefill": simulate_layer(
+            pre.hw,
+            model,
+            pre.mapping,
+            p_tokens,
+            context=0,
+            time_model=time_model,
+            prefill_tokens_per_device=p_tokens,
+            prompt=p_len,
+        ),
+        "decode": simulate_layer(
+            dec.hw, model, dec.mapping, tokens, context=mix.context, time_model=time_model
+        ),
+    }
+    sides = {"prefill": (pre, p_tokens), "decode": (dec, tokens)}
+    topo = topology_for(hw)
+    bw = topo.link_bandwidth
+    member = kv_member_bytes(model, p_len, tp)
+    g_pre, g_dec = pre.devices[pre.mapping.groups], dec.devices[dec.mapping.groups]  # [groups, tp] full ids
+    src = np.broadcast_to(g_pre[:, None, :], (len(g_pre), len(g_dec), tp))
+    dst = np.broadcast_to(g_dec[None, :, :], (len(g_pre), len(g_dec), tp))
+    traffic = np.zeros((hw.num_devices, hw.num_devices))
+    np.add.at(traffic, (src.ravel(), dst.ravel()), member / (len(g_pre) * len(g_dec)))
+    kv_per_rate = topo.link_loads(traffic) / bw  # a link's KV utilisation per request/s
+
+    def run(rate: float) -> tuple[dict[str, float], np.ndarray]:
+        """Step times with the KV stream at ``rate`` requests/s on the links; the collectives' link use."""
+        share, steps, busy = rate * kv_per_rate, {}, np.zeros(topo.num_links)
+        for name, (side, n_tokens) in sides.items():
+            layer = slowed(layers[name], bw[side.links], share[side.links])
+            context = mix.context if name == "decode" else 0
+            steps[name] = step_s(side.hw, model, side.mapping, layer, n_tokens, context)
+            busy[side.links] += step_link_bytes(model, layers[name]) / bw[side.links] / steps[name]
+        return steps, busy
+
+    def capacity(steps: dict[str, float]) -> dict[str, float]:
+        return {
+            "prefill": len(g_pre) * prompts / steps["prefill"],
+            "decode": dec.devices.size * tokens / (steps["decode"] * o_len),
+        }
+
+    steps, busy = run(0.0)  # the KV stream's headroom: the collectives at their fastest, busiest
+    used = kv_per_rate > 0
+    kv_cap = float(((settings.link_ceiling - busy[used]).clip(min=0) / kv_per_rate[used]).min(initial=np.inf))
+    lo, hi = 0.0, min(*capacity(steps).values(), kv_cap)
+    for _ in range(60):  # the rate the slowed sides sustain: f(rate) = rate, f falls as rate grows
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if min(*capacity(run(mid)[0]).values(), kv_cap) >= mid else (lo, mid)
+    rate = lo
+    steps, busy = run(rate)
+    caps = {**capacity(steps), "kv-links": kv_cap}
+    share = rate * kv_per_rate
+    flows = kv_transfer_s(topo, src.reshape(-1), dst.reshape(-1), member, bw * (1 - busy - share))
+    pair = flows.reshape(len(g_pre), len(g_dec), tp).max(axis=2)
+    n = hw.num_devices
+    fit = _tightest(
+        die_memory(model, pre.hw, tp, _slots(model, pre.devices.size), prompts / tp, p_len),
+        die_memory(model, dec.hw, tp, _slots(model, dec.devices.size), tokens, p_len + o_len),
+    )
+    return PDPoint(
+        deploy="disagg",
+        hardware=hw.name,
+        model=model.name,
+        mix=mix,
+        tp=tp,
+        tokens_per_device=tokens,
+        prefill_dies=prefill_dies,
+        decode_dies=n - prefill_dies,
+        ttft_s=steps["prefill"],
+        tpot_s=steps["decode"],
+        prefill_step_s=steps["prefill"],
+        decode_step_s=steps["decode"],
+        decode_only_step_s=steps["decode"],
+        requests_per_s=rate,
+        output_tokens_per_s_per_die=rate * o_len / n,
+        bound=min(caps, key=caps.get),
+        kv_bytes_per_request=kv_bytes_per_request(model, p_len),
+        kv_wire_bytes_per_request=member * tp,
+        kv_transfer_s=float(pair.mean()),
+        kv_transfer_worst_s=float(pair.max()),
+        kv_link_utilization=float(share.max()),
+        link_utilization=float((busy + share).max()),
+        fits=fit.fits,
+        memory=fit.describe(),
+    )
+
+
+def deployment(
+    hw: Hardware,
+    model: MoEModel,
+    mix: Mix,
+    *,
+    deploy: str = "mixed",
+    prefill_dies: int | None = None,
+    tp: int = 4,
+    mapping: str = "er",
+    tokens_per_device: float = 64,
+    time_model: str = "bottleneck",
+) -> PDPoint:
+    """One deployment at one mix. disagg without ``prefill_dies`` takes the split with the highest
+    output throughput among those that fit the dies' memory (among all when none fits)."""
+    if deploy not in DEPLOYS:
+        raise InputError("deploy", f"unknown {deploy!r}; allowed: {', '.join(DEPLOYS)}")
+    if deploy == "mixed":
+        if prefill_dies is not None:
+            raise InputError("prefill_dies", "is for deploy=disagg; a mixed deployment prefills on every die")
+        return mixed(hw, model, mix, tp, mapping, tokens_per_device, time_model)
+    if prefill_dies is not None:
+        return disagg(hw, model, mix, tp, mapping, tokens_per_device, time_model, prefill_dies)
+    options = splits(hw, tp)
+    if not options:
+        split_platform(hw, 0, tp, mapping)  # raises, naming what is allowed
+    points = [disagg(hw, model, mix, tp, mapping, tokens_per_device, time_model, d) for d in options]
+    return max(points, key=lambda p: (p.fits, p.output_tokens_per_s_per_die))
