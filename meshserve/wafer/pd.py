@@ -2,16 +2,18 @@
 
 mixed (what `simulate` models, plus the prompts): each step packs a die's B decode tokens with
 the prompt tokens that keep requests flowing in steady state (B * P / O per die: a request brings
-P prompt tokens per O output tokens), so every decode token waits for prompt work (TPOT); a new
-prompt runs whole in the step after it arrives, in chunks of presets/pd.yaml's prefill budget per
-die when longer, so it waits max(1, P / (budget * TP)) such steps for its first token (TTFT).
+P prompt tokens per O output tokens; B falls to what the budget below sustains), so every decode
+token waits for prompt work (TPOT). A new prompt runs in the steps after it arrives, in
+ceil(P / (budget * TP)) chunks of at most presets/pd.yaml's prefill budget per die, each on top
+of the dies' decode tokens (TTFT).
 
 disagg: the first ``prefill_dies`` dies (whole mesh rows, or GPUs of the one switch node) run
-prefill iterations of whole prompts (presets/pd.yaml's budget per die); the rest decode B tokens
-per die. Each side is simulated as its own platform: an XY route between two dies of a block of
-rows never leaves the block, so its collectives are the full mesh's. Each request's KV cache then
-moves from its prefill TP group to a decode TP group, member j to member j, on the full platform's
-routes; requests spread evenly over all (prefill group, decode group) pairs.
+prefill iterations of whole prompts (as few per TP group as keep up with the decode side, at most
+presets/pd.yaml's budget per die); the rest decode B tokens per die. Each side is simulated as a
+platform of its own: an XY route between two dies of a block of rows never leaves the block, so
+its collectives are the full mesh's. Each request's KV cache then moves from its prefill TP group
+to a decode TP group, member j to member j, on the full platform's routes; requests spread
+evenly over all (prefill group, decode group) pairs.
 
 Shared links: a KV flow runs along its source row, then down its destination column, over links
 that both sides' collectives use. Each link is a processor-sharing server: the collectives get
@@ -24,6 +26,7 @@ pd.yaml's link_ceiling. docs/wafer.md ("Disaggregated prefill and decode") says 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import cache
 
@@ -276,21 +279,31 @@ def _tightest(*fits: Fit) -> Fit:
 def mixed(
     hw: Hardware, model: MoEModel, mix: Mix, tp: int, mapping: str, tokens: float, time_model: str
 ) -> PDPoint:
-    """Every die decodes ``tokens`` tokens per step and runs the prompt tokens that keep pace."""
+    """Every die decodes ``tokens`` tokens per step and runs the prompt tokens that keep pace:
+    B * P / O per die, at most presets/pd.yaml's prefill budget (when the mix needs more, the
+    decode batch falls to what the budget sustains)."""
     budget = pd_settings().prefill_tokens_per_device
     m = make_mapping(hw, tp, mapping)
-    prompt = tokens * mix.prompt_tokens / mix.output_tokens
-    layer = simulate_layer(
-        hw,
-        model,
-        m,
-        tokens + prompt,
-        context=mix.context,
-        time_model=time_model,
-        prefill_tokens_per_device=prompt,
-        prompt=mix.prompt_tokens,
-    )
-    step = step_s(hw, model, m, layer, tokens + prompt, mix.context)
+    tokens = min(tokens, budget * mix.output_tokens / mix.prompt_tokens)
+
+    def run(prompt: float) -> tuple[LayerResult, float]:
+        """A step of the decode batch plus ``prompt`` prompt tokens per die: the layer, the step's seconds."""
+        layer = simulate_layer(
+            hw,
+            model,
+            m,
+            tokens + prompt,
+            context=mix.context,
+            time_model=time_model,
+            prefill_tokens_per_device=prompt,
+            prompt=mix.prompt_tokens,
+        )
+        return layer, step_s(hw, model, m, layer, tokens + prompt, mix.context)
+
+    layer, step = run(tokens * mix.prompt_tokens / mix.output_tokens)
+    # a new prompt's chunks each wait a step, no shorter than the steady mean one
+    chunks = math.ceil(mix.prompt_tokens / (budget * tp))
+    ttft = chunks * max(step, run(mix.prompt_tokens / tp / chunks)[1])
     alone = simulate_layer(hw, model, m, tokens, context=mix.context, time_model=time_model)
     topo = topology_for(hw)
     fit = die_memory(
@@ -306,7 +319,7 @@ def mixed(
         tokens_per_device=tokens,
         prefill_dies=n,
         decode_dies=n,
-        ttft_s=max(1.0, mix.prompt_tokens / (budget * tp)) * step,
+        ttft_s=ttft,
         tpot_s=step,
         prefill_step_s=step,
         decode_step_s=step,
@@ -340,28 +353,40 @@ def disagg(
     settings = settings or pd_settings()
     pre, dec = split_platform(hw, prefill_dies, tp, mapping)
     p_len, o_len = mix.prompt_tokens, mix.output_tokens
-    prompts = max(1, round(settings.prefill_tokens_per_device * tp / p_len))  # per TP group per iteration
-    p_tokens = prompts * p_len / tp
-    layers = {
-        "prefill": simulate_layer(
+    g_pre, g_dec = pre.devices[pre.mapping.groups], dec.devices[dec.mapping.groups]  # [groups, tp] full ids
+    decode = simulate_layer(dec.hw, model, dec.mapping, tokens, context=mix.context, time_model=time_model)
+    decode_rate = (
+        dec.devices.size * tokens / (step_s(dec.hw, model, dec.mapping, decode, tokens, mix.context) * o_len)
+    )
+
+    @cache
+    def prefill(prompts: int) -> tuple[LayerResult, float]:
+        """A prefill iteration of ``prompts`` prompts per TP group: the layer and its request rate."""
+        n_tokens = prompts * p_len / tp
+        layer = simulate_layer(
             pre.hw,
             model,
             pre.mapping,
-            p_tokens,
+            n_tokens,
             context=0,
             time_model=time_model,
-            prefill_tokens_per_device=p_tokens,
+            prefill_tokens_per_device=n_tokens,
             prompt=p_len,
-        ),
-        "decode": simulate_layer(
-            dec.hw, model, dec.mapping, tokens, context=mix.context, time_model=time_model
-        ),
-    }
+        )
+        return layer, len(g_pre) * prompts / step_s(pre.hw, model, pre.mapping, layer, n_tokens, 0)
+
+    # the fewest prompts per iteration that keep up with the decode side (each waits for its whole
+    # iteration: fewer is a shorter TTFT), at most the budget's worth
+    lo, hi = 1, max(1, math.floor(settings.prefill_tokens_per_device * tp / p_len))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if prefill(mid)[1] >= decode_rate else (mid + 1, hi)
+    prompts, p_tokens = lo, lo * p_len / tp
+    layers = {"prefill": prefill(prompts)[0], "decode": decode}
     sides = {"prefill": (pre, p_tokens), "decode": (dec, tokens)}
     topo = topology_for(hw)
     bw = topo.link_bandwidth
     member = kv_member_bytes(model, p_len, tp)
-    g_pre, g_dec = pre.devices[pre.mapping.groups], dec.devices[dec.mapping.groups]  # [groups, tp] full ids
     src = np.broadcast_to(g_pre[:, None, :], (len(g_pre), len(g_dec), tp))
     dst = np.broadcast_to(g_dec[None, :, :], (len(g_pre), len(g_dec), tp))
     traffic = np.zeros((hw.num_devices, hw.num_devices))

@@ -1,10 +1,14 @@
 """Mixed vs disaggregated prefill/decode on the wafer: KV bytes, its moves over the mesh, the split."""
 
+import json
+
 import numpy as np
 import pytest
 
 from meshserve.errors import InputError
+from meshserve.testing import run_cli
 from meshserve.wafer.hardware import load_hardware
+from meshserve.wafer.mapping import make_mapping
 from meshserve.wafer.models import load_model
 from meshserve.wafer.pd import (
     Mix,
@@ -12,11 +16,12 @@ from meshserve.wafer.pd import (
     kv_bytes_per_request,
     kv_member_bytes,
     kv_transfer_s,
+    pd_settings,
     split_platform,
     splits,
 )
 from meshserve.wafer.report import run_layer
-from meshserve.wafer.simulate import step_s
+from meshserve.wafer.simulate import simulate_layer, step_s
 from meshserve.wafer.topology import topology_for
 
 WSC = load_hardware("wsc-8x8")
@@ -123,3 +128,38 @@ def test_disagg_picks_the_split_with_the_most_throughput():
     assert best.output_tokens_per_s_per_die == max(p.output_tokens_per_s_per_die for p in fitting)
     # a prompt-heavier mix wants more prefill dies
     assert deployment(WSC, V3, Mix(4096, 256), deploy="disagg").prefill_dies > best.prefill_dies
+
+
+def test_a_prompt_step_attends_causally_and_is_refused_past_its_tokens():
+    m = make_mapping(WSC, 4, "er")
+    decode = simulate_layer(WSC, V3, m, 512, context=2048)
+    prompt = simulate_layer(WSC, V3, m, 512, context=2048, prefill_tokens_per_device=512, prompt=2048)
+    # the same tokens, but each attends to (2048 + 1) / 2 tokens, not 2048: less attention, same comm
+    assert prompt.phase("attention").time_s < decode.phase("attention").time_s
+    assert prompt.comm_s == decode.comm_s
+    with pytest.raises(InputError, match="prefill_tokens_per_device"):
+        simulate_layer(WSC, V3, m, 64, prefill_tokens_per_device=65, prompt=100)
+    with pytest.raises(InputError, match="prompt"):
+        simulate_layer(WSC, V3, m, 64, prefill_tokens_per_device=64)
+
+
+def test_pd_command_writes_the_sweep_figure_and_json(tmp_path):
+    out = tmp_path / "figs" / "pd.png"
+    result = run_cli(
+        ["wafer", "pd", "--prompt-tokens", "4096", "--output-tokens", "256", "--json", "--plot", str(out)]
+    )
+    assert result.code == 0, result.err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in out.parent.iterdir()] == ["pd.png"]  # written atomically: no temp file left
+    data = json.loads(result.out)
+    assert [p["deploy"] for p in data["points"]] == ["mixed", "disagg"]
+    mixes = pd_settings().mixes
+    assert len(data["sweep"]) == 2 * 2 * len(mixes)  # wsc-8x8 and nvl72, mixed and disagg, every mix
+    assert {p["hardware"] for p in data["sweep"]} == {"wsc-8x8", "nvl72"}
+
+
+def test_pd_command_names_a_bad_flag():
+    result = run_cli(["wafer", "pd", "--deploy", "disagg", "--prefill-dies", "0"])
+    assert result.code == 2 and result.err.startswith("error: prefill_dies: "), result.err
+    result = run_cli(["wafer", "pd", "--plot", "pd.jpg"])
+    assert result.code == 2 and result.err.startswith("error: plot: "), result.err
