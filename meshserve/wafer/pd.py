@@ -136,7 +136,7 @@ def _supported(hw: Hardware) -> None:
         raise InputError(
             "hardware",
             f"a disaggregated deployment is modelled on one wafer or one switch node; {hw.name} has "
-            f"{hw.num_devices // hw.devices_per_wafer}",
+            f"{hw.num_devices // hw.devices_per_wafer} {'wafers' if hw.kind == 'mesh' else 'nodes'}",
         )
 
 
