@@ -1,6 +1,7 @@
 """Mixed vs disaggregated prefill/decode on the wafer: KV bytes, its moves over the mesh, the split."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -86,6 +87,9 @@ def test_mixed_decode_step_is_todays_simulate():
         "wsc-8x8", "deepseek-v3", 4, "er", 64, None, mix.context, "bottleneck"
     )
     assert point.decode_only_step_s == step_s(hw, mo, m, layer, tokens, mix.context)
+    shown = run_cli(["wafer", "simulate", "--context", str(mix.context)])  # the defaults: wsc-8x8, V3, er, 64
+    ms = re.search(r"decode step over 61 layers:\s+([\d.]+) ms", shown.out)
+    assert ms and float(ms.group(1)) == round(point.decode_only_step_s * 1e3, 2), shown.out
     # the prompts' share of each step is what mixing costs decode
     assert point.tpot_s > point.decode_only_step_s
     assert point.output_tokens_per_s_per_die == pytest.approx(64 / point.tpot_s)
