@@ -18,11 +18,10 @@ from meshserve.wafer.pd import (
     kv_member_bytes,
     kv_transfer_s,
     pd_settings,
-    split_platform,
-    splits,
 )
 from meshserve.wafer.report import run_layer
 from meshserve.wafer.simulate import simulate_layer, step_s
+from meshserve.wafer.split import splits
 from meshserve.wafer.topology import topology_for
 
 WSC = load_hardware("wsc-8x8")
@@ -93,21 +92,6 @@ def test_mixed_decode_step_is_todays_simulate():
     # the prompts' share of each step is what mixing costs decode
     assert point.tpot_s > point.decode_only_step_s
     assert point.output_tokens_per_s_per_die == pytest.approx(64 / point.tpot_s)
-
-
-@pytest.mark.parametrize("hw", [WSC, NVL], ids=lambda h: h.name)
-def test_each_side_routes_its_collectives_on_the_full_platforms_links(hw):
-    pre, dec = split_platform(hw, splits(hw, 4)[1], 4, "er")
-    full = topology_for(hw)
-    rng = np.random.default_rng(0)
-    for side in (pre, dec):
-        local = rng.random((side.devices.size, side.devices.size))
-        np.fill_diagonal(local, 0)
-        traffic = np.zeros((hw.num_devices, hw.num_devices))
-        traffic[np.ix_(side.devices, side.devices)] = local
-        embedded = np.zeros(full.num_links)
-        embedded[side.links] = topology_for(side.hw).link_loads(local)
-        assert embedded == pytest.approx(full.link_loads(traffic))
 
 
 @pytest.mark.parametrize("hw", [WSC, NVL], ids=lambda h: h.name)
