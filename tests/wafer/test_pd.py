@@ -5,9 +5,11 @@ import re
 
 import numpy as np
 import pytest
+import yaml
 
 from meshserve.errors import InputError
 from meshserve.testing import run_cli
+from meshserve.wafer import pd
 from meshserve.wafer.hardware import load_hardware
 from meshserve.wafer.mapping import make_mapping
 from meshserve.wafer.models import load_model
@@ -19,6 +21,7 @@ from meshserve.wafer.pd import (
     kv_transfer_s,
     pd_settings,
 )
+from meshserve.wafer.presets import PRESET_DIR
 from meshserve.wafer.report import run_layer
 from meshserve.wafer.simulate import simulate_layer, step_s
 from meshserve.wafer.split import splits
@@ -151,3 +154,26 @@ def test_pd_command_names_a_bad_flag():
     assert result.code == 2 and result.err.startswith("error: prefill_dies: "), result.err
     result = run_cli(["wafer", "pd", "--plot", "pd.jpg"])
     assert result.code == 2 and result.err.startswith("error: plot: "), result.err
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"link_ceiling": 1.0}, "pd.link_ceiling"),
+        ({"mixes": [[2048]]}, "pd.mixes"),
+        ({"mixes": [[0, 512]]}, "prompt_tokens"),
+        ({"prefil_tokens_per_device": 2048}, "pd.prefil_tokens_per_device"),
+        ({"compare_on": "nvl72"}, "pd.compare_on"),
+    ],
+)
+def test_a_bad_pd_preset_names_its_field(tmp_path, monkeypatch, change, field):
+    data = yaml.safe_load((PRESET_DIR / "pd.yaml").read_text()) | change
+    (tmp_path / "pd.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(pd, "PD_PATH", tmp_path / "pd.yaml")
+    pd.pd_settings.cache_clear()
+    try:
+        with pytest.raises(InputError) as err:
+            pd.pd_settings()
+        assert err.value.field == field
+    finally:
+        pd.pd_settings.cache_clear()
