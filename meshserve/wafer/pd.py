@@ -122,6 +122,14 @@ def kv_transfer_s(
     return nbytes * per_byte + topo.path_latency[src, dst]
 
 
+def kv_flows(prefill_groups: np.ndarray, decode_groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(src, dst) of every KV flow, for every (prefill group, decode group) pair in that order:
+    member j of the prefill group sends to member j of the decode group."""
+    shape = (len(prefill_groups), len(decode_groups), prefill_groups.shape[1])
+    src = np.broadcast_to(prefill_groups[:, None, :], shape)
+    return src.reshape(-1), np.broadcast_to(decode_groups[None, :, :], shape).reshape(-1)
+
+
 def step_link_bytes(model: MoEModel, layer: LayerResult) -> np.ndarray:
     """[links] bytes a step puts on each link: each MoE layer's collectives, a dense layer's 2 reductions."""
     return model.num_moe_layers * (layer.attention_loads + layer.moe_loads) + (
@@ -306,10 +314,9 @@ def disagg(
     topo = topology_for(hw)
     bw = topo.link_bandwidth
     member = kv_member_bytes(model, p_len, tp)
-    src = np.broadcast_to(g_pre[:, None, :], (len(g_pre), len(g_dec), tp))
-    dst = np.broadcast_to(g_dec[None, :, :], (len(g_pre), len(g_dec), tp))
+    src, dst = kv_flows(g_pre, g_dec)
     traffic = np.zeros((hw.num_devices, hw.num_devices))
-    np.add.at(traffic, (src.ravel(), dst.ravel()), member / (len(g_pre) * len(g_dec)))
+    np.add.at(traffic, (src, dst), member / (len(g_pre) * len(g_dec)))  # one request, spread evenly
     kv_per_rate = topo.link_loads(traffic) / bw  # a link's KV utilisation per request/s
 
     def run(rate: float) -> tuple[dict[str, float], np.ndarray]:
@@ -339,7 +346,7 @@ def disagg(
     steps, busy = run(rate)
     caps = {**capacity(steps), "kv-links": kv_cap}
     share = rate * kv_per_rate
-    flows = kv_transfer_s(topo, src.reshape(-1), dst.reshape(-1), member, bw * (1 - busy - share))
+    flows = kv_transfer_s(topo, src, dst, member, bw * (1 - busy - share))
     pair = flows.reshape(len(g_pre), len(g_dec), tp).max(axis=2)
     n = hw.num_devices
     fit = _tightest(
