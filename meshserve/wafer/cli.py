@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from meshserve.atomic import check_writable
-from meshserve.errors import require
+from meshserve.errors import number, require
 
 app = typer.Typer(no_args_is_help=True, help="Wafer-scale MoE simulator (MoEntwine).")
 reproduce = typer.Typer(no_args_is_help=True, help="Reproduce the paper's comparisons.")
@@ -259,12 +259,19 @@ def pd(
         help="Dies that prefill under disagg (whole mesh rows; default: the best split).",
     ),
     time_model: str = TIME_MODEL,
+    tpot_slo_ms: float = typer.Option(
+        None,
+        "--tpot-slo-ms",
+        help="Decode the largest batch per die (<= --tokens-per-device) meeting this TPOT and HBM.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     plot: str = typer.Option(
         None, "--plot", help="Also write a PNG: mixed vs disagg over presets/pd.yaml's prompt/output mixes."
     ),
 ) -> None:
     """Mixed vs disaggregated prefill/decode: TTFT, TPOT, throughput and KV moves over the mesh."""
+    if tpot_slo_ms is not None:
+        number(tpot_slo_ms, "tpot_slo_ms", 0, low_open=True)
     if plot is not None:
         require(
             plot.lower().endswith(".png"), "plot", f"is a PNG image: give a path ending .png, got {plot!r}"
@@ -283,6 +290,7 @@ def pd(
         mapping=mapping,
         tokens_per_device=tokens_per_device,
         time_model=time_model,
+        tpot_slo_s=None if tpot_slo_ms is None else tpot_slo_ms / 1e3,
         as_json=json_out,
         plot=plot,
     )

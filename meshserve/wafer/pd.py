@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 
-from meshserve.errors import InputError, integer
+from meshserve.errors import InputError, integer, number
 from meshserve.wafer.capacity import Fit, die_memory
 from meshserve.wafer.hardware import Hardware
 from meshserve.wafer.mapping import make_mapping
@@ -161,6 +162,7 @@ class PDPoint:
     kv_transfer_s: a request's KV move, mean over (prefill group, decode group) pairs, under load.
     link_utilization: the busiest link's share of time, all traffic; kv_link_utilization: KV's
     share of the link it loads most. decode_only_step_s: a step with no prompt work (`simulate`'s).
+    tpot_slo_s: the TPOT limit the decode batch (tokens_per_device) was chosen for, if any.
     """
 
     deploy: str
@@ -187,10 +189,19 @@ class PDPoint:
     link_utilization: float
     fits: bool
     memory: str
+    tpot_slo_s: float | None = None
+
+    @property
+    def meets_slo(self) -> bool:
+        return self.tpot_slo_s is None or self.tpot_s <= self.tpot_slo_s
 
     def summary(self) -> dict:
         out = dataclasses.asdict(self)
-        out.update(prompt_tokens=self.mix.prompt_tokens, output_tokens=self.mix.output_tokens)
+        out.update(
+            prompt_tokens=self.mix.prompt_tokens,
+            output_tokens=self.mix.output_tokens,
+            meets_slo=self.meets_slo,
+        )
         del out["mix"]
         return out
 
@@ -381,6 +392,24 @@ def disagg(
     )
 
 
+def largest_batch(at: Callable[[float], PDPoint], most: float, tpot_slo_s: float) -> PDPoint:
+    """The point ``at(batch)`` with the largest decode batch per die in [1, most] whose TPOT meets
+    the limit and whose dies' HBM holds it (bisection: both get worse as the batch grows); the
+    batch-1 point when none does."""
+
+    def ok(batch: float) -> bool:
+        point = at(batch)
+        return point.tpot_s <= tpot_slo_s and point.fits
+
+    lo, hi = 1.0, float(most)
+    if ok(hi):
+        lo = hi
+    for _ in range(16 if lo < hi else 0):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return dataclasses.replace(at(lo), tpot_slo_s=tpot_slo_s)
+
+
 def deployment(
     hw: Hardware,
     model: MoEModel,
@@ -392,19 +421,30 @@ def deployment(
     mapping: str = "er",
     tokens_per_device: float = 64,
     time_model: str = "bottleneck",
+    tpot_slo_s: float | None = None,
 ) -> PDPoint:
     """One deployment at one mix. disagg without ``prefill_dies`` takes the split with the highest
-    output throughput among those that fit the dies' memory (among all when none fits)."""
+    output throughput among those that fit the dies' memory (among all when none fits).
+    tpot_slo_s: decode the largest batch per die, up to ``tokens_per_device``, whose TPOT meets it
+    and that fits the dies' HBM."""
     if deploy not in DEPLOYS:
         raise InputError("deploy", f"unknown {deploy!r}; allowed: {', '.join(DEPLOYS)}")
+    if tpot_slo_s is not None:
+        number(tpot_slo_s, "tpot_slo_s", 0, low_open=True)
+    if tokens_per_device < 1:
+        raise InputError("tokens_per_device", f"must be >= 1 decode token per die, got {tokens_per_device}")
+
+    def best(at: Callable[[float], PDPoint]) -> PDPoint:
+        return (
+            at(tokens_per_device) if tpot_slo_s is None else largest_batch(at, tokens_per_device, tpot_slo_s)
+        )
+
     if deploy == "mixed":
         if prefill_dies is not None:
             raise InputError("prefill_dies", "is for deploy=disagg; a mixed deployment prefills on every die")
-        return mixed(hw, model, mix, tp, mapping, tokens_per_device, time_model)
-    if prefill_dies is not None:
-        return disagg(hw, model, mix, tp, mapping, tokens_per_device, time_model, prefill_dies)
-    options = splits(hw, tp)
+        return best(lambda b: mixed(hw, model, mix, tp, mapping, b, time_model))
+    options = splits(hw, tp) if prefill_dies is None else [prefill_dies]
     if not options:
         split_platform(hw, 0, tp, mapping)  # raises, naming what is allowed
-    points = [disagg(hw, model, mix, tp, mapping, tokens_per_device, time_model, d) for d in options]
-    return max(points, key=lambda p: (p.fits, p.output_tokens_per_s_per_die))
+    points = [best(lambda b, d=d: disagg(hw, model, mix, tp, mapping, b, time_model, d)) for d in options]
+    return max(points, key=lambda p: (p.fits, p.meets_slo, p.output_tokens_per_s_per_die))

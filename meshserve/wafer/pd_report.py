@@ -69,7 +69,7 @@ def print_points(rows: list[PDPoint], console: Console, title: str) -> None:
             p.mix.label,
             p.deploy,
             split,
-            f"{p.tokens_per_device:g}",
+            f"{p.tokens_per_device:.3g}",
             f"{p.ttft_s * 1e3:.1f}",
             f"{p.tpot_s * 1e3:.2f}",
             f"{p.prefill_step_s * 1e3:.1f}",
@@ -144,6 +144,7 @@ def run_pd(
     mapping: str,
     tokens_per_device: float,
     time_model: str,
+    tpot_slo_s: float | None = None,
     as_json: bool = False,
     plot: str | None = None,
 ) -> None:
@@ -151,10 +152,14 @@ def run_pd(
     hw, mo = load_hardware(hardware), load_model(model)
     check_layer(hw, mo.routed_experts)
     kw = {"tp": tp, "mapping": mapping, "tokens_per_device": tokens_per_device, "time_model": time_model}
+    kw["tpot_slo_s"] = tpot_slo_s
     rows = points(hw, mo, mix, deploy, prefill_dies, **kw)
-    title = (
-        f"{mo.name}, TP={tp}, {mapping} mapping, {tokens_per_device:g} decode tokens/die, {time_model} model"
+    batch = (
+        f"{tokens_per_device:g} decode tokens/die"
+        if tpot_slo_s is None
+        else f"the most decode tokens/die (<= {tokens_per_device:g}) with TPOT <= {tpot_slo_s * 1e3:g} ms"
     )
+    title = f"{mo.name}, TP={tp}, {mapping} mapping, {batch}, {time_model} model"
     swept: list[PDPoint] = []
     if plot is not None:
         settings = pd_settings()

@@ -149,11 +149,23 @@ def test_pd_command_writes_the_sweep_figure_and_json(tmp_path):
     assert {p["hardware"] for p in data["sweep"]} == {"wsc-8x8", "nvl72"}
 
 
+def test_a_tpot_limit_decodes_the_largest_batch_that_meets_it():
+    mix = Mix(2048, 512)
+    point = deployment(WSC, V3, mix, tpot_slo_s=0.02, tokens_per_device=256)
+    assert point.meets_slo and point.tpot_s <= 0.02 and 1 < point.tokens_per_device < 256
+    assert deployment(WSC, V3, mix, tokens_per_device=point.tokens_per_device * 1.01).tpot_s > 0.02
+    # a limit no batch meets: the smallest batch, marked
+    tight = deployment(WSC, V3, mix, deploy="disagg", prefill_dies=40, tpot_slo_s=1e-4)
+    assert not tight.meets_slo and tight.tokens_per_device == 1 and tight.summary()["meets_slo"] is False
+
+
 def test_pd_command_names_a_bad_flag():
     result = run_cli(["wafer", "pd", "--deploy", "disagg", "--prefill-dies", "0"])
     assert result.code == 2 and result.err.startswith("error: prefill_dies: "), result.err
     result = run_cli(["wafer", "pd", "--plot", "pd.jpg"])
     assert result.code == 2 and result.err.startswith("error: plot: "), result.err
+    result = run_cli(["wafer", "pd", "--tpot-slo-ms", "0"])
+    assert result.code == 2 and result.err.startswith("error: tpot_slo_ms: "), result.err
 
 
 @pytest.mark.parametrize(
