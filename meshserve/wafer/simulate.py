@@ -68,19 +68,18 @@ def simulate_layer(
     mapping: Mapping,
     tokens_per_device: float,
     *,
+    prefill_tokens_per_device: float = 0.0,
+    prompt: int = 0,
     placement: np.ndarray | None = None,
     expert_load: np.ndarray | None = None,
     ep: int | None = None,
     context: int = DEFAULT_CONTEXT,
     time_model: str = "bottleneck",
-    prefill_tokens_per_device: float = 0.0,
-    prompt: int = 0,
 ) -> LayerResult:
-    """Evaluate one MoE layer in decode.
+    """Evaluate one MoE layer in decode, or in a step that also runs prompts: prefill_tokens_per_device
+    of the tokens_per_device are tokens of ``prompt``-token prompts (compute.attention_s).
 
-    tokens_per_device: tokens per device; a TP group holds tokens_per_device * TP tokens.
-    prefill_tokens_per_device of them are prompt tokens of ``prompt``-token prompts (a mixed or a
-    prefill step, compute.attention_s); the rest decode against ``context`` tokens each.
+    tokens_per_device: decode tokens per device; a TP group holds tokens_per_device * TP tokens.
     placement [experts, devices] (default: mapping-independent round-robin over ep devices) and
     expert_load [experts] (default uniform) decide where routed tokens go.
     """
