@@ -90,7 +90,7 @@ def test_mixed_decode_step_is_todays_simulate():
     )
     assert point.decode_only_step_s == step_s(hw, mo, m, layer, tokens, mix.context)
     shown = run_cli(["wafer", "simulate", "--context", str(mix.context)])  # the defaults: wsc-8x8, V3, er, 64
-    ms = re.search(r"decode step over 61 layers:\s+([\d.]+) ms", shown.out)
+    ms = re.search(r"decode\s+step\s+over\s+61\s+layers:\s+([\d.]+)\s+ms", shown.out)  # rich wraps lines
     assert ms and float(ms.group(1)) == round(point.decode_only_step_s * 1e3, 2), shown.out
     # the prompts' share of each step is what mixing costs decode
     assert point.tpot_s > point.decode_only_step_s
