@@ -132,8 +132,9 @@ def kv_flows(prefill_groups: np.ndarray, decode_groups: np.ndarray) -> tuple[np.
 
 
 def step_link_bytes(model: MoEModel, layer: LayerResult) -> np.ndarray:
-    """[links] bytes a step puts on each link: each MoE layer's collectives, a dense layer's 2 reductions."""
-    return model.num_moe_layers * (layer.attention_loads + layer.moe_loads) + (
+    """[links] bytes a step puts on each link: every phase of each MoE layer (compute phases carry
+    none), the attention reduction twice in each dense layer."""
+    return model.num_moe_layers * sum(p.loads for p in layer.phases) + (
         2 * model.first_dense_layers * layer.attention_loads
     )
 
