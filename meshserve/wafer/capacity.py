@@ -68,9 +68,7 @@ def die_memory(
     dense = model.attention_params * model.num_layers
     dense += 3 * model.hidden_size * model.dense_intermediate_size * model.first_dense_layers
     dense += model.shared_experts * model.expert_params * model.num_moe_layers
-    a = model.attention
-    kv_split = min(tp, a.num_kv_heads) if a.kind == "gqa" else 1  # MLA: the latent on every member
-    kv = tp * tokens_per_device * context * model.kv_bytes_per_token * model.num_layers / kv_split
+    kv = tp * tokens_per_device * context * model.kv_bytes_per_token * model.num_layers / model.kv_shards(tp)
     return Fit(
         experts=float(experts),
         dense_weights=float(dense * model.bytes_per_element / tp),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from meshserve.atomic import check_writable
-from meshserve.errors import require
+from meshserve.errors import number, require
 
 app = typer.Typer(no_args_is_help=True, help="Wafer-scale MoE simulator (MoEntwine).")
 reproduce = typer.Typer(no_args_is_help=True, help="Reproduce the paper's comparisons.")
@@ -240,4 +240,57 @@ def noc(
         print_noc,
         injection_ports,
         router,
+    )
+
+
+@app.command()
+def pd(
+    hardware: str = HARDWARE,
+    model: str = MODEL,
+    tp: int = TP,
+    mapping: str = MAPPING,
+    tokens_per_device: float = TOKENS,
+    prompt_tokens: int = typer.Option(2048, "--prompt-tokens", help="Mean prompt length (tokens)."),
+    output_tokens: int = typer.Option(512, "--output-tokens", help="Mean output length (tokens)."),
+    deploy: str = typer.Option("both", "--deploy", help="mixed | disagg | both."),
+    prefill_dies: int = typer.Option(
+        None,
+        "--prefill-dies",
+        help="Dies that prefill under disagg (whole mesh rows; default: the best split).",
+    ),
+    time_model: str = TIME_MODEL,
+    tpot_slo_ms: float = typer.Option(
+        None,
+        "--tpot-slo-ms",
+        help="Decode the largest batch per die (<= --tokens-per-device) meeting this TPOT and HBM.",
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    plot: str = typer.Option(
+        None, "--plot", help="Also write a PNG: mixed vs disagg over presets/pd.yaml's prompt/output mixes."
+    ),
+) -> None:
+    """Mixed vs disaggregated prefill/decode: TTFT, TPOT, throughput and KV moves over the mesh."""
+    if tpot_slo_ms is not None:
+        number(tpot_slo_ms, "tpot_slo_ms", 0, low_open=True)
+    if plot is not None:
+        require(
+            plot.lower().endswith(".png"), "plot", f"is a PNG image: give a path ending .png, got {plot!r}"
+        )
+        check_writable(plot, "plot")
+    from meshserve.wafer.pd import Mix
+    from meshserve.wafer.pd_report import run_pd
+
+    run_pd(
+        hardware,
+        model,
+        Mix(prompt_tokens, output_tokens),
+        deploy,
+        prefill_dies,
+        tp=tp,
+        mapping=mapping,
+        tokens_per_device=tokens_per_device,
+        time_model=time_model,
+        tpot_slo_s=None if tpot_slo_ms is None else tpot_slo_ms / 1e3,
+        as_json=json_out,
+        plot=plot,
     )

@@ -20,16 +20,29 @@ def roofline_s(die: Die, flops: np.ndarray | float, hbm_bytes: np.ndarray | floa
     return np.maximum(np.asarray(flops) / die.peak_flops, np.asarray(hbm_bytes) / die.hbm_bandwidth)
 
 
-def attention_s(die: Die, model: MoEModel, tokens_per_group: float, tp: int, context: int) -> float:
+def attention_s(
+    die: Die,
+    model: MoEModel,
+    tokens_per_group: float,
+    tp: int,
+    context: int,
+    prefill_tokens: float = 0.0,
+    prompt: int = 0,
+) -> float:
     """One attention block on one TP member: its 1/TP of the heads for all the group's tokens.
 
     Reads its share of the weights and of the KV cache (GQA: KV heads split over TP, replicated
     when TP exceeds them; MLA: the shared latent cache is read in full by every member).
+    ``prefill_tokens`` of the group's tokens belong to prompts ``prompt`` tokens long: each attends
+    causally to (prompt + 1) / 2 tokens on average, and a prompt's KV is written once and read once
+    (it stays on chip within a query tile, flash attention's premise: optimistic for long prompts);
+    the other tokens decode against ``context`` tokens each.
     """
-    kv = tokens_per_group * context * model.kv_bytes_per_token
-    kv /= min(tp, model.attention.num_kv_heads) if model.attention.kind == "gqa" else 1
+    decode = tokens_per_group - prefill_tokens
+    kv = (decode * context + 2 * prefill_tokens) * model.kv_bytes_per_token / model.kv_shards(tp)
     flops = 2 * tokens_per_group * model.attention_params / tp
-    flops += tokens_per_group * context * model.attention_flops_per_context_token / tp
+    attended = decode * context + prefill_tokens * (prompt + 1) / 2
+    flops += attended * model.attention_flops_per_context_token / tp
     return float(roofline_s(die, flops, model.attention_params * model.bytes_per_element / tp + kv))
 
 

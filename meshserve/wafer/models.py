@@ -73,6 +73,12 @@ class MoEModel:
             return 2 * a.num_kv_heads * a.head_dim * self.bytes_per_element
         return (a.kv_lora_rank + a.qk_rope_head_dim) * self.bytes_per_element
 
+    def kv_shards(self, tp: int) -> int:
+        """How many ways a TP group splits a sequence's KV cache: GQA splits its KV heads over TP
+        (replicated when TP exceeds them); MLA's latent has no heads to split, so every member
+        holds all of it."""
+        return min(tp, self.attention.num_kv_heads) if self.attention.kind == "gqa" else 1
+
     @property
     def attention_flops_per_context_token(self) -> int:
         """FLOPs one query token spends per context token (scores + weighted sum), all heads."""

@@ -68,13 +68,16 @@ def simulate_layer(
     mapping: Mapping,
     tokens_per_device: float,
     *,
+    prefill_tokens_per_device: float = 0.0,
+    prompt: int = 0,
     placement: np.ndarray | None = None,
     expert_load: np.ndarray | None = None,
     ep: int | None = None,
     context: int = DEFAULT_CONTEXT,
     time_model: str = "bottleneck",
 ) -> LayerResult:
-    """Evaluate one MoE layer in decode.
+    """Evaluate one MoE layer in decode, or in a step that also runs prompts: prefill_tokens_per_device
+    of the tokens_per_device are tokens of ``prompt``-token prompts (compute.attention_s).
 
     tokens_per_device: decode tokens per device; a TP group holds tokens_per_device * TP tokens.
     placement [experts, devices] (default: mapping-independent round-robin over ep devices) and
@@ -84,6 +87,13 @@ def simulate_layer(
         raise InputError("tokens_per_device", f"must be a finite number > 0, got {tokens_per_device}")
     if context < 0:
         raise InputError("context", f"must be >= 0, got {context}")
+    if not 0 <= prefill_tokens_per_device <= tokens_per_device:
+        raise InputError(
+            "prefill_tokens_per_device",
+            f"must be in [0, tokens_per_device={tokens_per_device}], got {prefill_tokens_per_device}",
+        )
+    if prefill_tokens_per_device and prompt < 1:
+        raise InputError("prompt", f"must be >= 1 token when prefill tokens run, got {prompt}")
     topo = topology_for(hw)
     if mapping.num_devices != topo.num_devices:
         raise InputError("mapping", f"covers {mapping.num_devices} devices; {hw.name} has {topo.num_devices}")
@@ -100,8 +110,10 @@ def simulate_layer(
     combine_t = collective_time(topo, combine(d), time_model)
     copies = mapping.num_groups * tokens * model.top_k * device_share(placement, expert_load)
     expert_s = compute.experts_s(hw.die, model, placement, copies, tokens, mapping.tp)
+    prefill = prefill_tokens_per_device * mapping.tp
+    attention = compute.attention_s(hw.die, model, tokens, mapping.tp, context, prefill, prompt)
     phases = [
-        _compute_phase("attention", compute.attention_s(hw.die, model, tokens, mapping.tp, context), links),
+        _compute_phase("attention", attention, links),
         *attn,
         dispatch_t,
         _compute_phase("experts", float(expert_s.max()), links),
