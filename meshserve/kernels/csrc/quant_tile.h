@@ -1,0 +1,275 @@
+// quant_tile.h: the register tiles of meshserve's weight-only int8 / int4 GEMMs (quant_linear.cpp,
+// quant_moe.cpp). Layout (made once per layer by meshserve/kernels/quant_gemm.py's pack_quant):
+//   q      [blocks][units][64 bytes]: per block of 16 output columns and unit of K, one 32-bit lane per
+//          column holding its next kUnitK k (int8: 4 signed bytes; int4: 8 unsigned nibbles, low first);
+//   scales [blocks][groups][16] float32, zeros [blocks][groups][16] int8 / uint8 or none (symmetric:
+//          0 for int8, 8 for int4); each group is a whole number of units (the packer zero-pads it).
+// W = (q - z) * s. Activations are float32 rows over the same padded K (zeros in the padding).
+//
+// Two ways through a panel of up to kPanelBlocks column blocks (run_panel):
+// - few rows (decode): tile_small dequantizes in registers: each 64-byte load is one unit of 16 columns,
+//   each k's 16 integers become float32 (int8: shift left then arithmetic shift right; int4: shift and
+//   mask; then vcvtdq2ps) and feed one FMA per row. Sums run per group, c += s * sum(q * x) at the group's
+//   end; the zero term -s * z * sum(x) is subtracted once per group and column at the end (add_zero_terms).
+//   So the weight stream costs 2-3 integer ops, one convert and one FMA per 16 weights: the GEMV stays
+//   read-bound. The weight is prefetched kPrefetchUnits ahead (as bf16_linear.cpp found, decode-sized
+//   tiles compute too little per byte for the hardware prefetcher alone).
+// - many rows (prefill): dequantize_block writes (q - z) * s for kWideK k of the panel into a float32
+//   scratch tile (16 KiB, in L1) and bf16_tile::tile_f32 runs the plain FMA tile on it: the decode work is
+//   paid once per block, not per row group. Never more than that block is unpacked.
+// Builds without AVX512F compile plain C++ loops instead (the same sums up to float32 summation order).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "bf16_dot_tile.h"
+
+namespace meshserve {
+namespace quant_tile {
+
+constexpr int64_t kBlockCols = 16;
+constexpr int kPanelBlocks = 4;                             // 64 output columns per panel (one task)
+constexpr int64_t kPanelCols = kBlockCols * kPanelBlocks;
+constexpr int64_t kUnitBytes = 64;
+constexpr int kTileRows = 4;      // rows per small tile: 4 x 4 blocks = 16 accumulators
+constexpr int kWideTileRows = 6;  // rows per tile_f32 call: 6 x 4 blocks = 24 accumulators
+// Rows from which a task dequantizes each K block once instead of in registers per row group: at 16 rows
+// a tile_small pass costs 4 row groups x (3-4 decode ops + 4 FMA) per 16 weights, the scratch 2 + 16.
+constexpr int64_t kWideRows = 16;
+constexpr int64_t kSmallK = 256;  // k per K block of the small path (int8 16 KiB of a panel, int4 8 KiB)
+constexpr int64_t kWideK = 64;    // k per scratch block: 64 x 64 float32 = 16 KiB
+constexpr int64_t kPrefetchUnits = 32;  // 2 KiB ahead in each column block's stream
+
+// One packed weight [n, K] (one expert of a stack).
+struct Matrix {
+  int bits;                      // 8 or 4
+  int64_t n, blocks;             // output columns, 16-column blocks
+  int64_t groups, group_units;   // groups along K, units per (padded) group
+  const uint8_t* q;              // [blocks][groups * group_units][64]
+  const float* scales;           // [blocks][groups][16]
+  const uint8_t* zeros;          // [blocks][groups][16], int8 (8 bits) or uint8 (4 bits); null: symmetric
+
+  int64_t unit_k() const { return bits == 8 ? 4 : 8; }
+  int64_t units() const { return groups * group_units; }
+  int64_t padded_k() const { return units() * unit_k(); }
+  // Whether -s * z * sum(x) is nonzero anywhere (int8 symmetric: z = 0).
+  bool zero_term() const { return zeros != nullptr || bits == 4; }
+  float zero(int64_t block, int64_t g, int64_t lane) const {
+    if (!zeros) return bits == 4 ? 8.f : 0.f;
+    const uint8_t z = zeros[(block * groups + g) * kBlockCols + lane];
+    return bits == 8 ? static_cast<float>(static_cast<int8_t>(z)) : static_cast<float>(z);
+  }
+};
+
+// The integer at k offset kk (< unit_k) of lane `lane` in one unit (plain C++; the vector tiles' meaning).
+template <int Bits>
+inline int lane_value(const uint8_t* unit, int lane, int kk) {
+  if constexpr (Bits == 8) return static_cast<int8_t>(unit[4 * lane + kk]);
+  const uint8_t byte = unit[4 * lane + kk / 2];
+  return kk % 2 ? byte >> 4 : byte & 0xF;
+}
+
+#if defined(__AVX512F__)
+// The 16 integers at k offset KK of a unit's lanes, as float32.
+template <int Bits, int KK>
+inline __m512 unit_k_ps(__m512i v) {
+  if constexpr (Bits == 8) {
+    const __m512i high = KK == 3 ? v : _mm512_slli_epi32(v, 24 - 8 * KK);  // byte KK to the top
+    return _mm512_cvtepi32_ps(_mm512_srai_epi32(high, 24));
+  } else {
+    const __m512i shifted = KK == 0 ? v : _mm512_srli_epi32(v, 4 * KK);
+    return _mm512_cvtepi32_ps(KK == 7 ? shifted : _mm512_and_si512(shifted, _mm512_set1_epi32(0xF)));
+  }
+}
+
+template <int... I, typename F>
+inline void unrolled(std::integer_sequence<int, I...>, F&& f) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+#endif
+
+// c[r][16j + l] += s_j[l] * sum over units [u0, u1) of q . a[r] for R rows and C column blocks, within one
+// group (s: the group's scales of block 0, block j's sstride floats further). a: float32 rows lda apart
+// over the padded K; w: block 0's unit 0, block j bstride bytes further; c: rows ldc apart. pf: prefetch
+// this many units ahead (0: none).
+template <int Bits, int R, int C>
+void tile_small(const float* a, int64_t lda, const uint8_t* w, int64_t bstride, int64_t u0, int64_t u1,
+                const float* s, int64_t sstride, float* c, int64_t ldc, int64_t pf) {
+  constexpr int kUnitK = Bits == 8 ? 4 : 8;
+#if defined(__AVX512F__)
+  constexpr int S = R * C <= 8 ? 2 : 1;  // accumulator sets: few rows need more independent FMA chains
+  __m512 acc[R][C][S];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j)
+      for (int t = 0; t < S; ++t) acc[r][j][t] = _mm512_setzero_ps();
+  for (int64_t u = u0; u < u1; ++u) {
+    if (pf)
+      for (int j = 0; j < C; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(w + j * bstride + (u + pf) * kUnitBytes), _MM_HINT_T0);
+    for (int j = 0; j < C; ++j) {
+      const __m512i v = _mm512_loadu_si512(w + j * bstride + u * kUnitBytes);
+      unrolled(std::make_integer_sequence<int, kUnitK>{}, [&](auto kk) {
+        constexpr int KK = decltype(kk)::value;
+        const __m512 wk = unit_k_ps<Bits, KK>(v);
+        for (int r = 0; r < R; ++r)
+          acc[r][j][KK % S] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + u * kUnitK + KK]), wk, acc[r][j][KK % S]);
+      });
+    }
+  }
+  for (int j = 0; j < C; ++j) {
+    const __m512 sj = _mm512_loadu_ps(s + j * sstride);
+    for (int r = 0; r < R; ++r) {
+      const __m512 sum = S == 2 ? _mm512_add_ps(acc[r][j][0], acc[r][j][S - 1]) : acc[r][j][0];
+      float* cr = c + r * ldc + kBlockCols * j;
+      _mm512_storeu_ps(cr, _mm512_fmadd_ps(sum, sj, _mm512_loadu_ps(cr)));
+    }
+  }
+#else
+  (void)pf;
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j)
+      for (int lane = 0; lane < kBlockCols; ++lane) {
+        float sum = 0.f;
+        for (int64_t u = u0; u < u1; ++u)
+          for (int kk = 0; kk < kUnitK; ++kk)
+            sum += static_cast<float>(lane_value<Bits>(w + j * bstride + u * kUnitBytes, lane, kk)) *
+                   a[r * lda + u * kUnitK + kk];
+        c[r * ldc + kBlockCols * j + lane] += s[j * sstride + lane] * sum;
+      }
+#endif
+}
+
+// wf[k][16j + l] = (q - z) * s for the units [u0, u1) of C column blocks starting at `block` (row length
+// 16C): the scratch tile the wide path runs bf16_tile::tile_f32 on.
+template <int Bits, int C>
+void dequantize_block(const Matrix& m, int64_t block, int64_t u0, int64_t u1, float* wf) {
+  constexpr int kUnitK = Bits == 8 ? 4 : 8;
+  constexpr int64_t ldw = C * kBlockCols;
+  for (int j = 0; j < C; ++j) {
+    const uint8_t* wq = m.q + (block + j) * m.units() * kUnitBytes;
+    const float* sb = m.scales + (block + j) * m.groups * kBlockCols;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t g = u / m.group_units;
+      float* dst = wf + (u - u0) * kUnitK * ldw + j * kBlockCols;
+#if defined(__AVX512F__)
+      const __m512 s = _mm512_loadu_ps(sb + g * kBlockCols);
+      alignas(64) float zl[kBlockCols];
+      for (int lane = 0; lane < kBlockCols; ++lane) zl[lane] = m.zero(block + j, g, lane);
+      const __m512 z = _mm512_load_ps(zl);
+      const __m512i v = _mm512_loadu_si512(wq + u * kUnitBytes);
+      unrolled(std::make_integer_sequence<int, kUnitK>{}, [&](auto kk) {
+        constexpr int KK = decltype(kk)::value;
+        _mm512_storeu_ps(dst + KK * ldw, _mm512_mul_ps(_mm512_sub_ps(unit_k_ps<Bits, KK>(v), z), s));
+      });
+#else
+      for (int kk = 0; kk < kUnitK; ++kk)
+        for (int lane = 0; lane < kBlockCols; ++lane)
+          dst[kk * ldw + lane] =
+              (static_cast<float>(lane_value<Bits>(wq + u * kUnitBytes, lane, kk)) - m.zero(block + j, g, lane)) *
+              sb[g * kBlockCols + lane];
+#endif
+    }
+  }
+}
+
+// c[r][col] -= sum_g s[g][col] * z[g][col] * sx[r][g] for C blocks from `block` (sx: a's group sums, rows
+// `groups` apart): the zero term the small tiles leave out.
+template <int C>
+void add_zero_terms(const Matrix& m, int64_t block, const float* sx, int64_t rows, float* c, int64_t ldc) {
+  for (int64_t g = 0; g < m.groups; ++g)
+    for (int j = 0; j < C; ++j) {
+      float zs[kBlockCols];
+      const float* s = m.scales + ((block + j) * m.groups + g) * kBlockCols;
+      for (int lane = 0; lane < kBlockCols; ++lane) zs[lane] = s[lane] * m.zero(block + j, g, lane);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* cr = c + r * ldc + j * kBlockCols;
+        const float x = sx[r * m.groups + g];
+#pragma omp simd
+        for (int lane = 0; lane < kBlockCols; ++lane) cr[lane] -= zs[lane] * x;
+      }
+    }
+}
+
+// Calls f(std::integral_constant<int, R>) for R in 1..Max.
+template <int Max, typename F>
+void with_rows(int rows, F&& f) {
+  static_assert(Max >= 1 && Max <= 6);
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: if constexpr (Max >= 2) f(std::integral_constant<int, 2>{}); break;
+    case 3: if constexpr (Max >= 3) f(std::integral_constant<int, 3>{}); break;
+    case 4: if constexpr (Max >= 4) f(std::integral_constant<int, 4>{}); break;
+    case 5: if constexpr (Max >= 5) f(std::integral_constant<int, 5>{}); break;
+    default: if constexpr (Max >= 6) f(std::integral_constant<int, 6>{}); break;
+  }
+}
+
+template <int Bits, int C>
+void run_panel_c(const Matrix& m, int64_t block, const float* a, int64_t lda, const float* sx, int64_t rows,
+                 float* c, float* scratch) {
+  constexpr int kUnitK = Bits == 8 ? 4 : 8;
+  std::fill(c, c + rows * kPanelCols, 0.f);
+  const int64_t units = m.units(), bstride = units * kUnitBytes, sstride = m.groups * kBlockCols;
+  const uint8_t* w = m.q + block * bstride;
+  const float* s = m.scales + block * sstride;
+  if (rows >= kWideRows) {  // dequantize each K block once into the scratch tile, then plain FMA tiles
+    constexpr int64_t step = kWideK / kUnitK;
+    for (int64_t u0 = 0; u0 < units; u0 += step) {
+      const int64_t u1 = std::min(units, u0 + step);
+      dequantize_block<Bits, C>(m, block, u0, u1, scratch);
+      for (int64_t r = 0; r < rows; r += kWideTileRows)
+        with_rows<kWideTileRows>(static_cast<int>(std::min<int64_t>(kWideTileRows, rows - r)), [&](auto rr) {
+          bf16_tile::tile_f32<decltype(rr)::value, C>(a + r * lda + u0 * kUnitK, lda, scratch,
+                                                      (u1 - u0) * kUnitK, c + r * kPanelCols, kPanelCols, true);
+        });
+    }
+    return;
+  }
+  constexpr int64_t step = kSmallK / kUnitK;
+  for (int64_t b0 = 0; b0 < units; b0 += step) {  // K blocks: later row groups find the block in L1
+    const int64_t b1 = std::min(units, b0 + step);
+    for (int64_t r = 0; r < rows; r += kTileRows) {
+      const int64_t pf = r == 0 ? kPrefetchUnits : 0;
+      with_rows<kTileRows>(static_cast<int>(std::min<int64_t>(kTileRows, rows - r)), [&](auto rr) {
+        for (int64_t u0 = b0; u0 < b1;) {  // the parts of groups inside this K block
+          const int64_t g = u0 / m.group_units, u1 = std::min(b1, (g + 1) * m.group_units);
+          tile_small<Bits, decltype(rr)::value, C>(a + r * lda, lda, w, bstride, u0, u1, s + g * kBlockCols,
+                                                   sstride, c + r * kPanelCols, kPanelCols, pf);
+          u0 = u1;
+        }
+      });
+    }
+  }
+  if (m.zero_term()) add_zero_terms<C>(m, block, sx, rows, c, kPanelCols);
+}
+
+// c[r][0..64) = a[r] . W[panel's columns]^T for `rows` rows (the columns past n are garbage). a: float32
+// rows lda apart over m.padded_k() (zero in the group padding); sx[r][g] = sum of a[r] over group g (read
+// when m.zero_term()); scratch: kWideK * kPanelCols floats.
+inline void run_panel(const Matrix& m, int64_t panel, const float* a, int64_t lda, const float* sx,
+                      int64_t rows, float* c, float* scratch) {
+  const int64_t block = panel * kPanelBlocks;
+  const int cols = static_cast<int>(std::min<int64_t>(kPanelBlocks, m.blocks - block));
+  auto with_cols = [&](auto bits) {
+    constexpr int B = decltype(bits)::value;
+    switch (cols) {
+      case 1: run_panel_c<B, 1>(m, block, a, lda, sx, rows, c, scratch); break;
+      case 2: run_panel_c<B, 2>(m, block, a, lda, sx, rows, c, scratch); break;
+      case 3: run_panel_c<B, 3>(m, block, a, lda, sx, rows, c, scratch); break;
+      default: run_panel_c<B, 4>(m, block, a, lda, sx, rows, c, scratch); break;
+    }
+  };
+  if (m.bits == 8) with_cols(std::integral_constant<int, 8>{});
+  else with_cols(std::integral_constant<int, 4>{});
+}
+
+}  // namespace quant_tile
+}  // namespace meshserve
