@@ -124,13 +124,17 @@ def native_quant(native_op) -> None:
         pytest.fail("the native build has no quant_linear / quant_moe: rebuild the native kernels")
 
 
+# The decode tiles sum (q + offset) * x and subtract (offset + z) * sum(x) (csrc/quant_tile.h kLaneOffset).
+LANE_OFFSET = {8: 384, 4: 16}
+
+
 def magnitude(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
-    """|x| @ ((|q| + |z|) * s).T: what bounds the float32 rounding of the kernels' sums, whose zero term
-    s * z * sum(x) is added apart from s * sum(q * x)."""
+    """|x| @ ((|q| + |z| + 2 offset) * s).T: what bounds the float32 rounding of the kernels' sums, whose
+    zero term s * (offset + z) * sum(x) is added apart from s * sum((q + offset) * x)."""
     q = (unpack_int4(w.qweight) if w.bits == 4 else w.qweight).float().abs()
     z = (w.zeros.float() if w.zeros is not None else torch.full_like(w.scales, 8 if w.bits == 4 else 0)).abs()
     per_col = lambda t: t.repeat_interleave(w.group_size, dim=-1)  # noqa: E731
-    dense = (q + per_col(z)) * per_col(w.scales)
+    dense = (q + per_col(z) + 2 * LANE_OFFSET[w.bits]) * per_col(w.scales)
     xs = x.float().abs() if w.perm is None else x.float().abs()[:, w.perm]
     return xs @ dense.T
 

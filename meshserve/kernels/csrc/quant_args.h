@@ -95,21 +95,21 @@ inline void kernel_row(const T* src, const int64_t* perm, const quant_tile::Matr
 }
 
 // All rows of x [M, K] (float32 or bfloat16, any row stride) as kernel rows: (a [M, padded K], sx [M,
-// groups] or undefined when w has no zero term).
+// groups]).
 inline std::tuple<at::Tensor, at::Tensor> kernel_rows(const at::Tensor& x, const at::Tensor& perm,
                                                       const quant_tile::Matrix& w, int64_t group_size) {
   const int64_t m = x.size(0);
   at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor a = at::empty({m, w.padded_k()}, x.options().dtype(at::kFloat));
-  at::Tensor sx = w.zero_term() ? at::empty({m, w.groups}, a.options()) : at::Tensor();
+  at::Tensor sx = at::empty({m, w.groups}, a.options());
   const int64_t* p = perm.defined() ? perm.data_ptr<int64_t>() : nullptr;
   float* as = a.data_ptr<float>();
-  float* sxs = sx.defined() ? sx.data_ptr<float>() : nullptr;
+  float* sxs = sx.data_ptr<float>();
   const int64_t ld = xc.stride(0), grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, x.size(1)));
   auto run = [&](const auto* xs) {
     at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        kernel_row(xs + r * ld, p, w, group_size, as + r * w.padded_k(), sxs ? sxs + r * w.groups : nullptr);
+        kernel_row(xs + r * ld, p, w, group_size, as + r * w.padded_k(), sxs + r * w.groups);
     });
   };
   if (x.scalar_type() == at::kFloat) run(xc.data_ptr<float>());

@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> expert_rows(const Weight& w, const std::vecto
                                                Src src) {
   const quant_tile::Matrix& m0 = w.experts[0];
   at::Tensor a = at::empty({pairs, m0.padded_k()}, at::kFloat);
-  at::Tensor sx = m0.zero_term() ? at::empty({pairs, m0.groups}, at::kFloat) : at::Tensor();
+  at::Tensor sx = at::empty({pairs, m0.groups}, at::kFloat);
   float* as = a.data_ptr<float>();
   float* sxs = sx.defined() ? sx.data_ptr<float>() : nullptr;
   deal(static_cast<int64_t>(blocks.size()), [&](int64_t i) {

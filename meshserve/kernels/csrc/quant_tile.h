@@ -11,8 +11,8 @@
 //   each k's 16 integers become float32 (int8: shift left then arithmetic shift right; int4: shift and
 //   mask; then vcvtdq2ps) and feed one FMA per row. Sums run per group, c += s * sum(q * x) at the group's
 //   end; the zero term -s * z * sum(x) is subtracted once per group and column at the end (add_zero_terms).
-//   So the weight stream costs 2-3 integer ops, one convert and one FMA per 16 weights: the GEMV stays
-//   read-bound. The weight is prefetched kPrefetchUnits ahead (as bf16_linear.cpp found, decode-sized
+//   The integers become floats by bit moves, not converts (kLaneScale below), so the weight stream costs
+//   two integer ops and one FMA per 16 weights: the GEMV stays read-bound. The weight is prefetched kPrefetchUnits ahead (as bf16_linear.cpp found, decode-sized
 //   tiles compute too little per byte for the hardware prefetcher alone).
 // - many rows (prefill): dequantize_block writes (q - z) * s for kWideK k of the panel into a float32
 //   scratch tile (16 KiB, in L1) and bf16_tile::tile_f32 runs the plain FMA tile on it: the decode work is
@@ -60,8 +60,6 @@ struct Matrix {
   int64_t unit_k() const { return bits == 8 ? 4 : 8; }
   int64_t units() const { return groups * group_units; }
   int64_t padded_k() const { return units() * unit_k(); }
-  // Whether -s * z * sum(x) is nonzero anywhere (int8 symmetric: z = 0).
-  bool zero_term() const { return zeros != nullptr || bits == 4; }
   float zero(int64_t block, int64_t g, int64_t lane) const {
     if (!zeros) return bits == 4 ? 8.f : 0.f;
     const uint8_t z = zeros[(block * groups + g) * kBlockCols + lane];
@@ -77,8 +75,48 @@ inline int lane_value(const uint8_t* unit, int lane, int kk) {
   return kk % 2 ? byte >> 4 : byte & 0xF;
 }
 
+// The small tiles read each integer q as the float32 v = 1 + (q + kBias) / kLaneScale in [1, 2): its bits
+// are q's bits moved under the exponent of 1.0 (one shift and one and-or, no int -> float convert), so
+// q = kLaneScale * v - kLaneOffset and (q - z) s = kLaneScale s v - (kLaneOffset + z) s: the tiles sum
+// kLaneScale s * sum(v x) per group and add_zero_terms subtracts (kLaneOffset + z) s * sum(x).
+// int4: v = 1 + q / 16 (the nibble in the mantissa's top 4 bits); int8: v = 1 + (q + 128) / 256 (the byte,
+// sign bit flipped, in its top 8).
+template <int Bits>
+constexpr float kLaneScale = Bits == 8 ? 256.f : 16.f;
+template <int Bits>
+constexpr float kLaneOffset = Bits == 8 ? 384.f : 16.f;
+
+template <int Bits>
+inline float lane_float(const uint8_t* unit, int lane, int kk) {  // v, exactly (plain C++)
+  return (static_cast<float>(lane_value<Bits>(unit, lane, kk)) + kLaneOffset<Bits>) / kLaneScale<Bits>;
+}
+
 #if defined(__AVX512F__)
-// The 16 integers at k offset KK of a unit's lanes, as float32.
+template <int Shift>
+inline __m512i shift_left(__m512i v) {  // by Shift bits, right when negative
+  if constexpr (Shift > 0) return _mm512_slli_epi32(v, Shift);
+  else if constexpr (Shift < 0) return _mm512_srli_epi32(v, -Shift);
+  else return v;
+}
+
+// v (above) of the 16 integers at k offset KK of a unit's lanes. int8 lanes arrive with their sign bits
+// flipped (unit_bias).
+template <int Bits, int KK>
+inline __m512 unit_v_ps(__m512i lanes) {
+  constexpr int kTop = 23 - (Bits == 8 ? 8 : 4);                  // where the field starts in the mantissa
+  const __m512i field = shift_left<kTop - (Bits == 8 ? 8 : 4) * KK>(lanes);
+  const __m512i mask = _mm512_set1_epi32(Bits == 8 ? 0x007F8000 : 0x00780000);
+  // (field & mask) | 1.0f: vpternlogd's truth table 0xEA is (A & B) | C
+  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(field, mask, _mm512_set1_epi32(0x3F800000), 0xEA));
+}
+
+template <int Bits>
+inline __m512i unit_bias(__m512i v) {  // int8: q + 128 = q with its sign bit flipped
+  if constexpr (Bits == 8) return _mm512_xor_si512(v, _mm512_set1_epi32(static_cast<int32_t>(0x80808080u)));
+  else return v;
+}
+
+// The 16 integers at k offset KK of a unit's lanes, as float32 q (the wide path's dequantization).
 template <int Bits, int KK>
 inline __m512 unit_k_ps(__m512i v) {
   if constexpr (Bits == 8) {
@@ -96,16 +134,17 @@ inline void unrolled(std::integer_sequence<int, I...>, F&& f) {
 }
 #endif
 
-// c[r][16j + l] += s_j[l] * sum over units [u0, u1) of q . a[r] for R rows and C column blocks, within one
-// group (s: the group's scales of block 0, block j's sstride floats further). a: float32 rows lda apart
-// over the padded K; w: block 0's unit 0, block j bstride bytes further; c: rows ldc apart. pf: prefetch
-// this many units ahead (0: none).
+// c[r][16j + l] += kLaneScale * s_j[l] * sum over units [u0, u1) of v . a[r] for R rows and C column
+// blocks, within one group (s: the group's scales of block 0, block j's sstride floats further; v: the
+// lane floats above). a: float32 rows lda apart over the padded K; w: block 0's unit 0, block j bstride
+// bytes further; c: rows ldc apart. pf: prefetch this many units ahead (0: none).
 template <int Bits, int R, int C>
 void tile_small(const float* a, int64_t lda, const uint8_t* w, int64_t bstride, int64_t u0, int64_t u1,
                 const float* s, int64_t sstride, float* c, int64_t ldc, int64_t pf) {
   constexpr int kUnitK = Bits == 8 ? 4 : 8;
 #if defined(__AVX512F__)
-  constexpr int S = R * C <= 8 ? 2 : 1;  // accumulator sets: few rows need more independent FMA chains
+  // accumulator sets: few rows need more independent FMA chains (an FMA's latency is 4 cycles)
+  constexpr int S = R * C <= 4 ? 4 : R * C <= 8 ? 2 : 1;
   __m512 acc[R][C][S];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < C; ++j)
@@ -115,19 +154,20 @@ void tile_small(const float* a, int64_t lda, const uint8_t* w, int64_t bstride, 
       for (int j = 0; j < C; ++j)
         _mm_prefetch(reinterpret_cast<const char*>(w + j * bstride + (u + pf) * kUnitBytes), _MM_HINT_T0);
     for (int j = 0; j < C; ++j) {
-      const __m512i v = _mm512_loadu_si512(w + j * bstride + u * kUnitBytes);
+      const __m512i v = unit_bias<Bits>(_mm512_loadu_si512(w + j * bstride + u * kUnitBytes));
       unrolled(std::make_integer_sequence<int, kUnitK>{}, [&](auto kk) {
         constexpr int KK = decltype(kk)::value;
-        const __m512 wk = unit_k_ps<Bits, KK>(v);
+        const __m512 wk = unit_v_ps<Bits, KK>(v);
         for (int r = 0; r < R; ++r)
           acc[r][j][KK % S] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + u * kUnitK + KK]), wk, acc[r][j][KK % S]);
       });
     }
   }
   for (int j = 0; j < C; ++j) {
-    const __m512 sj = _mm512_loadu_ps(s + j * sstride);
+    const __m512 sj = _mm512_mul_ps(_mm512_loadu_ps(s + j * sstride), _mm512_set1_ps(kLaneScale<Bits>));
     for (int r = 0; r < R; ++r) {
-      const __m512 sum = S == 2 ? _mm512_add_ps(acc[r][j][0], acc[r][j][S - 1]) : acc[r][j][0];
+      __m512 sum = acc[r][j][0];
+      for (int t = 1; t < S; ++t) sum = _mm512_add_ps(sum, acc[r][j][t]);
       float* cr = c + r * ldc + kBlockCols * j;
       _mm512_storeu_ps(cr, _mm512_fmadd_ps(sum, sj, _mm512_loadu_ps(cr)));
     }
@@ -140,9 +180,8 @@ void tile_small(const float* a, int64_t lda, const uint8_t* w, int64_t bstride, 
         float sum = 0.f;
         for (int64_t u = u0; u < u1; ++u)
           for (int kk = 0; kk < kUnitK; ++kk)
-            sum += static_cast<float>(lane_value<Bits>(w + j * bstride + u * kUnitBytes, lane, kk)) *
-                   a[r * lda + u * kUnitK + kk];
-        c[r * ldc + kBlockCols * j + lane] += s[j * sstride + lane] * sum;
+            sum += lane_float<Bits>(w + j * bstride + u * kUnitBytes, lane, kk) * a[r * lda + u * kUnitK + kk];
+        c[r * ldc + kBlockCols * j + lane] += kLaneScale<Bits> * s[j * sstride + lane] * sum;
       }
 #endif
 }
@@ -155,40 +194,44 @@ void dequantize_block(const Matrix& m, int64_t block, int64_t u0, int64_t u1, fl
   constexpr int64_t ldw = C * kBlockCols;
   for (int j = 0; j < C; ++j) {
     const uint8_t* wq = m.q + (block + j) * m.units() * kUnitBytes;
-    const float* sb = m.scales + (block + j) * m.groups * kBlockCols;
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t g = u / m.group_units;
-      float* dst = wf + (u - u0) * kUnitK * ldw + j * kBlockCols;
+    for (int64_t g0 = u0; g0 < u1;) {  // the parts of groups in [u0, u1): one scale and zero vector each
+      const int64_t g = g0 / m.group_units, g1 = std::min(u1, (g + 1) * m.group_units);
+      alignas(64) float sl[kBlockCols], zl[kBlockCols];
+      for (int lane = 0; lane < kBlockCols; ++lane) {
+        sl[lane] = m.scales[((block + j) * m.groups + g) * kBlockCols + lane];
+        zl[lane] = m.zero(block + j, g, lane);
+      }
+      for (int64_t u = g0; u < g1; ++u) {
+        float* dst = wf + (u - u0) * kUnitK * ldw + j * kBlockCols;
 #if defined(__AVX512F__)
-      const __m512 s = _mm512_loadu_ps(sb + g * kBlockCols);
-      alignas(64) float zl[kBlockCols];
-      for (int lane = 0; lane < kBlockCols; ++lane) zl[lane] = m.zero(block + j, g, lane);
-      const __m512 z = _mm512_load_ps(zl);
-      const __m512i v = _mm512_loadu_si512(wq + u * kUnitBytes);
-      unrolled(std::make_integer_sequence<int, kUnitK>{}, [&](auto kk) {
-        constexpr int KK = decltype(kk)::value;
-        _mm512_storeu_ps(dst + KK * ldw, _mm512_mul_ps(_mm512_sub_ps(unit_k_ps<Bits, KK>(v), z), s));
-      });
+        const __m512 s = _mm512_load_ps(sl), z = _mm512_load_ps(zl);
+        const __m512i v = _mm512_loadu_si512(wq + u * kUnitBytes);
+        unrolled(std::make_integer_sequence<int, kUnitK>{}, [&](auto kk) {
+          constexpr int KK = decltype(kk)::value;
+          _mm512_storeu_ps(dst + KK * ldw, _mm512_mul_ps(_mm512_sub_ps(unit_k_ps<Bits, KK>(v), z), s));
+        });
 #else
-      for (int kk = 0; kk < kUnitK; ++kk)
-        for (int lane = 0; lane < kBlockCols; ++lane)
-          dst[kk * ldw + lane] =
-              (static_cast<float>(lane_value<Bits>(wq + u * kUnitBytes, lane, kk)) - m.zero(block + j, g, lane)) *
-              sb[g * kBlockCols + lane];
+        for (int kk = 0; kk < kUnitK; ++kk)
+          for (int lane = 0; lane < kBlockCols; ++lane)
+            dst[kk * ldw + lane] =
+                (static_cast<float>(lane_value<Bits>(wq + u * kUnitBytes, lane, kk)) - zl[lane]) * sl[lane];
 #endif
+      }
+      g0 = g1;
     }
   }
 }
 
-// c[r][col] -= sum_g s[g][col] * z[g][col] * sx[r][g] for C blocks from `block` (sx: a's group sums, rows
-// `groups` apart): the zero term the small tiles leave out.
-template <int C>
+// c[r][col] -= sum_g s[g][col] * (kLaneOffset + z[g][col]) * sx[r][g] for C blocks from `block` (sx: a's
+// group sums, rows `groups` apart): the term the small tiles leave out.
+template <int Bits, int C>
 void add_zero_terms(const Matrix& m, int64_t block, const float* sx, int64_t rows, float* c, int64_t ldc) {
   for (int64_t g = 0; g < m.groups; ++g)
     for (int j = 0; j < C; ++j) {
       float zs[kBlockCols];
       const float* s = m.scales + ((block + j) * m.groups + g) * kBlockCols;
-      for (int lane = 0; lane < kBlockCols; ++lane) zs[lane] = s[lane] * m.zero(block + j, g, lane);
+      for (int lane = 0; lane < kBlockCols; ++lane)
+        zs[lane] = s[lane] * (kLaneOffset<Bits> + m.zero(block + j, g, lane));
       for (int64_t r = 0; r < rows; ++r) {
         float* cr = c + r * ldc + j * kBlockCols;
         const float x = sx[r * m.groups + g];
@@ -248,12 +291,12 @@ void run_panel_c(const Matrix& m, int64_t block, const float* a, int64_t lda, co
       });
     }
   }
-  if (m.zero_term()) add_zero_terms<C>(m, block, sx, rows, c, kPanelCols);
+  add_zero_terms<Bits, C>(m, block, sx, rows, c, kPanelCols);
 }
 
 // c[r][0..64) = a[r] . W[panel's columns]^T for `rows` rows (the columns past n are garbage). a: float32
 // rows lda apart over m.padded_k() (zero in the group padding); sx[r][g] = sum of a[r] over group g (read
-// when m.zero_term()); scratch: kWideK * kPanelCols floats.
+// by the small path); scratch: kWideK * kPanelCols floats.
 inline void run_panel(const Matrix& m, int64_t panel, const float* a, int64_t lda, const float* sx,
                       int64_t rows, float* c, float* scratch) {
   const int64_t block = panel * kPanelBlocks;
