@@ -44,7 +44,10 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   at::Tensor a, sx;
   std::tie(a, sx) = quant_args::kernel_rows(x, pm, w, group_size);
   const float* as = a.data_ptr<float>();
-  const float* sxs = sx.defined() ? sx.data_ptr<float>() : nullptr;
+  // bfloat16 x: the same rows as bfloat16 bits (exact) for the dot path
+  const at::Tensor a16 = x.scalar_type() == at::kBFloat16 && m >= quant_tile::kDotRows ? a.to(at::kBFloat16) : at::Tensor();
+  const uint16_t* a16s = a16.defined() ? reinterpret_cast<const uint16_t*>(a16.data_ptr<at::BFloat16>()) : nullptr;
+  const float* sxs = sx.data_ptr<float>();
   const float* bs = b32.defined() ? b32.data_ptr<float>() : nullptr;
   const int64_t lda = a.size(1), panels = (w.blocks + quant_tile::kPanelBlocks - 1) / quant_tile::kPanelBlocks;
   const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
@@ -56,8 +59,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
     for (int64_t task = begin; task < end; ++task) {
       const int64_t panel = task / row_blocks, row0 = (task % row_blocks) * kRowBlock;
       const int64_t rows = std::min(kRowBlock, m - row0);
-      quant_tile::run_panel(w, panel, as + row0 * lda, lda, sxs ? sxs + row0 * w.groups : nullptr, rows,
-                            c.data(), scratch.data());
+      quant_tile::run_panel(w, panel, as + row0 * lda, a16s ? a16s + row0 * lda : nullptr, lda,
+                            sxs + row0 * w.groups, rows, c.data(), scratch.data());
       const int64_t col0 = panel * kPanelCols, cols = std::min(kPanelCols, n - col0);
       for (int64_t r = 0; r < rows; ++r) {
         const float* src = c.data() + r * kPanelCols;

@@ -61,18 +61,23 @@ Weight weight(const char* name, const at::Tensor& q, const at::Tensor& s, const 
   return w;
 }
 
-// For each block, for each panel of w: run_panel on the block's kernel rows a [pairs][lda] (sx [pairs][G]);
-// done(pair, col0, cols, c) receives each pair's float32 results for columns [col0, col0 + cols).
+// For each block, for each panel of w: run_panel on the block's kernel rows a [pairs][lda] (a16: as bfloat16
+// bits when the rows are bfloat16 values, else undefined; sx [pairs][G]); done(pair, col0, cols, c)
+// receives each pair's float32 results for columns [col0, col0 + cols).
 template <typename Done>
-void run_experts(const Weight& w, const std::vector<Block>& blocks, const float* a, const float* sx, Done done) {
+void run_experts(const Weight& w, const std::vector<Block>& blocks, const at::Tensor& a, const at::Tensor& a16,
+                 const at::Tensor& sx, Done done) {
   const int64_t panels = w.panels(), n = w.experts[0].n, lda = w.experts[0].padded_k(), g = w.experts[0].groups;
   const int64_t tasks = static_cast<int64_t>(blocks.size()) * panels;
+  const float* as = a.data_ptr<float>();
+  const float* sxs = sx.data_ptr<float>();
+  const uint16_t* a16s = a16.defined() ? reinterpret_cast<const uint16_t*>(a16.data_ptr<at::BFloat16>()) : nullptr;
   deal(tasks, [&](int64_t task) {
     thread_local std::vector<float> c(kRowBlock * kPanelCols), scratch(quant_tile::kWideK * kPanelCols);
     const Block& blk = blocks[task / panels];
     const int64_t panel = task % panels, col0 = panel * kPanelCols, cols = std::min(kPanelCols, n - col0);
-    quant_tile::run_panel(w.experts[blk.expert], panel, a + blk.first * lda, lda, sx ? sx + blk.first * g : nullptr,
-                          blk.rows, c.data(), scratch.data());
+    quant_tile::run_panel(w.experts[blk.expert], panel, as + blk.first * lda, a16s ? a16s + blk.first * lda : nullptr,
+                          lda, sxs + blk.first * g, blk.rows, c.data(), scratch.data());
     for (int64_t r = 0; r < blk.rows; ++r) done(blk.first + r, col0, cols, c.data() + r * kPanelCols);
   });
 }
@@ -85,12 +90,12 @@ std::tuple<at::Tensor, at::Tensor> expert_rows(const Weight& w, const std::vecto
   at::Tensor a = at::empty({pairs, m0.padded_k()}, at::kFloat);
   at::Tensor sx = at::empty({pairs, m0.groups}, at::kFloat);
   float* as = a.data_ptr<float>();
-  float* sxs = sx.defined() ? sx.data_ptr<float>() : nullptr;
+  float* sxs = sx.data_ptr<float>();
   deal(static_cast<int64_t>(blocks.size()), [&](int64_t i) {
     const Block& blk = blocks[i];
     for (int64_t p = blk.first; p < blk.first + blk.rows; ++p)
       quant_args::kernel_row<T>(src(p), w.perm_of(blk.expert), w.experts[blk.expert], w.group_size,
-                                as + p * m0.padded_k(), sxs ? sxs + p * m0.groups : nullptr);
+                                as + p * m0.padded_k(), sxs + p * m0.groups);
   });
   return {a, sx};
 }
@@ -131,7 +136,9 @@ at::Tensor quant_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
   std::tie(a13, sx13) = expert_rows<Bits>(w13, blocks, pairs, [&](int64_t p) { return xs + token_of[p] * hidden; });
   at::Tensor h = at::empty({pairs, 2 * inter}, at::kFloat);
   float* hs = h.data_ptr<float>();
-  run_experts(w13, blocks, a13.data_ptr<float>(), sx13.defined() ? sx13.data_ptr<float>() : nullptr,
+  // bfloat16 rows (x's values, and the rounded activations below) also go to the dot path as bfloat16 bits
+  const bool dot = !std::is_same_v<T, float> && pairs >= quant_tile::kDotRows;
+  run_experts(w13, blocks, a13, dot ? a13.to(at::kBFloat16) : at::Tensor(), sx13,
               [&](int64_t p, int64_t col0, int64_t cols, const float* c) {
                 std::copy(c, c + cols, hs + p * 2 * inter + col0);
               });
@@ -152,7 +159,7 @@ at::Tensor quant_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
   std::tie(a2, sx2) = expert_rows<float>(w2, blocks, pairs, [&](int64_t p) { return hs + p * 2 * inter; });
   at::Tensor pair_out = at::empty({pairs, hidden}, at::kFloat);
   float* outs = pair_out.data_ptr<float>();
-  run_experts(w2, blocks, a2.data_ptr<float>(), sx2.defined() ? sx2.data_ptr<float>() : nullptr,
+  run_experts(w2, blocks, a2, dot ? a2.to(at::kBFloat16) : at::Tensor(), sx2,
               [&](int64_t p, int64_t col0, int64_t cols, const float* c) {
                 for (int64_t col = 0; col < cols; ++col) outs[p * hidden + col0 + col] = c[col] * weight_of[p];
               });

@@ -6,7 +6,7 @@
 //          0 for int8, 8 for int4); each group is a whole number of units (the packer zero-pads it).
 // W = (q - z) * s. Activations are float32 rows over the same padded K (zeros in the padding).
 //
-// Two ways through a panel of up to kPanelBlocks column blocks (run_panel):
+// Three ways through a panel of up to kPanelBlocks column blocks (run_panel):
 // - few rows (decode): tile_small dequantizes in registers: each 64-byte load is one unit of 16 columns,
 //   each k's 16 integers become float32 (int8: shift left then arithmetic shift right; int4: shift and
 //   mask; then vcvtdq2ps) and feed one FMA per row. Sums run per group, c += s * sum(q * x) at the group's
@@ -17,6 +17,9 @@
 // - many rows (prefill): dequantize_block writes (q - z) * s for kWideK k of the panel into a float32
 //   scratch tile (16 KiB, in L1) and bf16_tile::tile_f32 runs the plain FMA tile on it: the decode work is
 //   paid once per block, not per row group. Never more than that block is unpacked.
+// - many bfloat16 rows: integer_pairs writes the block's integers q as bfloat16 (exact: |q| <= 128) in the
+//   pair layout of bf16_dot_tile.h and its vdpbf16ps tile sums q . x per group part, exact products and
+//   float32 sums as the others; s and the zero term are applied as on the small path.
 // Builds without AVX512F compile plain C++ loops instead (the same sums up to float32 summation order).
 #pragma once
 
@@ -47,6 +50,11 @@ constexpr int64_t kWideRows = 16;
 constexpr int64_t kSmallK = 256;  // k per K block of the small path (int8 16 KiB of a panel, int4 8 KiB)
 constexpr int64_t kWideK = 64;    // k per scratch block: 64 x 64 float32 = 16 KiB
 constexpr int64_t kPrefetchUnits = 32;  // 2 KiB ahead in each column block's stream
+// bfloat16 rows from which a task writes each K block's integers once as bfloat16 pairs and runs the
+// vdpbf16ps tile of bf16_dot_tile.h (on this machine kind twice the float32 FMA's rate): 8 rows amortise
+// the conversion (about 7 ops per 32 weights) over 8 dot products.
+constexpr int64_t kDotRows = 8;
+constexpr int64_t kDotK = 128;  // k per pair scratch block: 64 pairs x 64 columns x 2 bytes = 16 KiB
 
 // One packed weight [n, K] (one expert of a stack).
 struct Matrix {
@@ -222,16 +230,18 @@ void dequantize_block(const Matrix& m, int64_t block, int64_t u0, int64_t u1, fl
   }
 }
 
-// c[r][col] -= sum_g s[g][col] * (kLaneOffset + z[g][col]) * sx[r][g] for C blocks from `block` (sx: a's
-// group sums, rows `groups` apart): the term the small tiles leave out.
-template <int Bits, int C>
-void add_zero_terms(const Matrix& m, int64_t block, const float* sx, int64_t rows, float* c, int64_t ldc) {
+// c[r][col] -= sum_g s[g][col] * (offset + z[g][col]) * sx[r][g] for C blocks from `block` (sx: a's group
+// sums, rows `groups` apart): the term the small and dot tiles leave out (offset: their lanes' kLaneOffset
+// or 0).
+template <int C>
+void add_zero_terms(const Matrix& m, int64_t block, const float* sx, int64_t rows, float* c, int64_t ldc,
+                    float offset) {
   for (int64_t g = 0; g < m.groups; ++g)
     for (int j = 0; j < C; ++j) {
       float zs[kBlockCols];
       const float* s = m.scales + ((block + j) * m.groups + g) * kBlockCols;
       for (int lane = 0; lane < kBlockCols; ++lane)
-        zs[lane] = s[lane] * (kLaneOffset<Bits> + m.zero(block + j, g, lane));
+        zs[lane] = s[lane] * (offset + m.zero(block + j, g, lane));
       for (int64_t r = 0; r < rows; ++r) {
         float* cr = c + r * ldc + j * kBlockCols;
         const float x = sx[r * m.groups + g];
@@ -239,6 +249,78 @@ void add_zero_terms(const Matrix& m, int64_t block, const float* sx, int64_t row
         for (int lane = 0; lane < kBlockCols; ++lane) cr[lane] -= zs[lane] * x;
       }
     }
+}
+
+// The units [u0, u1) of C column blocks from `block` as bfloat16 integers in bf16_dot_tile.h's pair layout:
+// wp [C][pairs][16][2], column block j wstride elements after j - 1. q is exact in bfloat16 (|q| <= 128),
+// and the bfloat16 of a small integer is its float32's high half.
+template <int Bits, int C>
+void integer_pairs(const Matrix& m, int64_t block, int64_t u0, int64_t u1, uint16_t* wp, int64_t wstride) {
+  constexpr int kUnitK = Bits == 8 ? 4 : 8;
+  for (int j = 0; j < C; ++j) {
+    const uint8_t* wq = m.q + (block + j) * m.units() * kUnitBytes;
+    for (int64_t u = u0; u < u1; ++u) {
+      uint16_t* dst = wp + j * wstride + (u - u0) * kUnitK * kBlockCols;
+#if defined(__AVX512F__)
+      const __m512i v = _mm512_loadu_si512(wq + u * kUnitBytes);
+      unrolled(std::make_integer_sequence<int, kUnitK / 2>{}, [&](auto p) {
+        constexpr int P = decltype(p)::value;
+        const __m512i lo = _mm512_castps_si512(unit_k_ps<Bits, 2 * P>(v));
+        const __m512i hi = _mm512_castps_si512(unit_k_ps<Bits, 2 * P + 1>(v));
+        // (hi & 0xFFFF0000) | (lo >> 16): vpternlogd's 0xEA is (A & B) | C
+        const __m512i pair = _mm512_ternarylogic_epi32(hi, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u)),
+                                                       _mm512_srli_epi32(lo, 16), 0xEA);
+        _mm512_storeu_si512(dst + P * 2 * kBlockCols, pair);
+      });
+#else
+      for (int kk = 0; kk < kUnitK; ++kk)
+        for (int lane = 0; lane < kBlockCols; ++lane) {
+          const float f = static_cast<float>(lane_value<Bits>(wq + u * kUnitBytes, lane, kk));
+          uint32_t bits;
+          std::memcpy(&bits, &f, sizeof bits);
+          dst[(kk / 2) * 2 * kBlockCols + 2 * lane + kk % 2] = static_cast<uint16_t>(bits >> 16);
+        }
+#endif
+    }
+  }
+}
+
+// The bfloat16 path of run_panel_c (rows >= kDotRows): per K block of kDotK, the integers as pairs, then
+// per group part and row group of <= 8 the dpbf16 tile into cg and c += s * cg.
+template <int Bits, int C>
+void run_dot_panel(const Matrix& m, int64_t block, const uint16_t* a16, int64_t lda, const float* sx,
+                   int64_t rows, float* c, uint16_t* wp) {
+  constexpr int kUnitK = Bits == 8 ? 4 : 8;
+  constexpr int64_t step = kDotK / kUnitK, wstride = kDotK * kBlockCols;
+  constexpr int kRows = bf16_tile::kTileRows;
+  alignas(64) float cg[kRows * kPanelCols];
+  const int64_t units = m.units();
+  for (int64_t b0 = 0; b0 < units; b0 += step) {
+    const int64_t b1 = std::min(units, b0 + step);
+    integer_pairs<Bits, C>(m, block, b0, b1, wp, wstride);
+    for (int64_t u0 = b0; u0 < b1;) {  // the parts of groups inside this K block
+      const int64_t g = u0 / m.group_units, u1 = std::min(b1, (g + 1) * m.group_units);
+      const int64_t kk0 = (u0 - b0) * kUnitK / 2, kk1 = (u1 - b0) * kUnitK / 2;
+      for (int64_t r = 0; r < rows; r += kRows) {
+        const int rr = static_cast<int>(std::min<int64_t>(kRows, rows - r));
+        const uint16_t* ar = a16 + r * lda + b0 * kUnitK;
+        for (int half = 0; 2 * half < C; ++half)  // two tiles of <= 2 blocks (16 accumulators each)
+          bf16_tile::run_tile<uint16_t>(rr, std::min(2, C - 2 * half), ar, lda, wp + 2 * half * wstride, wstride,
+                                        kk0, kk1, false, cg + 2 * half * kBlockCols, kPanelCols, false);
+        for (int j = 0; j < C; ++j) {
+          const float* s = m.scales + ((block + j) * m.groups + g) * kBlockCols;
+          for (int i = 0; i < rr; ++i) {
+            float* cr = c + (r + i) * kPanelCols + j * kBlockCols;
+            const float* gr = cg + i * kPanelCols + j * kBlockCols;
+#pragma omp simd
+            for (int lane = 0; lane < kBlockCols; ++lane) cr[lane] += s[lane] * gr[lane];
+          }
+        }
+      }
+      u0 = u1;
+    }
+  }
+  add_zero_terms<C>(m, block, sx, rows, c, kPanelCols, 0.f);
 }
 
 // Calls f(std::integral_constant<int, R>) for R in 1..Max.
@@ -256,10 +338,14 @@ void with_rows(int rows, F&& f) {
 }
 
 template <int Bits, int C>
-void run_panel_c(const Matrix& m, int64_t block, const float* a, int64_t lda, const float* sx, int64_t rows,
-                 float* c, float* scratch) {
+void run_panel_c(const Matrix& m, int64_t block, const float* a, const uint16_t* a16, int64_t lda,
+                 const float* sx, int64_t rows, float* c, float* scratch) {
   constexpr int kUnitK = Bits == 8 ? 4 : 8;
   std::fill(c, c + rows * kPanelCols, 0.f);
+  if (a16 && rows >= kDotRows) {
+    run_dot_panel<Bits, C>(m, block, a16, lda, sx, rows, c, reinterpret_cast<uint16_t*>(scratch));
+    return;
+  }
   const int64_t units = m.units(), bstride = units * kUnitBytes, sstride = m.groups * kBlockCols;
   const uint8_t* w = m.q + block * bstride;
   const float* s = m.scales + block * sstride;
@@ -291,23 +377,24 @@ void run_panel_c(const Matrix& m, int64_t block, const float* a, int64_t lda, co
       });
     }
   }
-  add_zero_terms<Bits, C>(m, block, sx, rows, c, kPanelCols);
+  add_zero_terms<C>(m, block, sx, rows, c, kPanelCols, kLaneOffset<Bits>);
 }
 
 // c[r][0..64) = a[r] . W[panel's columns]^T for `rows` rows (the columns past n are garbage). a: float32
-// rows lda apart over m.padded_k() (zero in the group padding); sx[r][g] = sum of a[r] over group g (read
-// by the small path); scratch: kWideK * kPanelCols floats.
-inline void run_panel(const Matrix& m, int64_t panel, const float* a, int64_t lda, const float* sx,
-                      int64_t rows, float* c, float* scratch) {
+// rows lda apart over m.padded_k() (zero in the group padding); a16: the same rows as bfloat16 bits when
+// they are bfloat16 values (null otherwise: the dot path is skipped); sx[r][g] = sum of a[r] over group g
+// (read by the small and dot paths); scratch: kWideK * kPanelCols floats.
+inline void run_panel(const Matrix& m, int64_t panel, const float* a, const uint16_t* a16, int64_t lda,
+                      const float* sx, int64_t rows, float* c, float* scratch) {
   const int64_t block = panel * kPanelBlocks;
   const int cols = static_cast<int>(std::min<int64_t>(kPanelBlocks, m.blocks - block));
   auto with_cols = [&](auto bits) {
     constexpr int B = decltype(bits)::value;
     switch (cols) {
-      case 1: run_panel_c<B, 1>(m, block, a, lda, sx, rows, c, scratch); break;
-      case 2: run_panel_c<B, 2>(m, block, a, lda, sx, rows, c, scratch); break;
-      case 3: run_panel_c<B, 3>(m, block, a, lda, sx, rows, c, scratch); break;
-      default: run_panel_c<B, 4>(m, block, a, lda, sx, rows, c, scratch); break;
+      case 1: run_panel_c<B, 1>(m, block, a, a16, lda, sx, rows, c, scratch); break;
+      case 2: run_panel_c<B, 2>(m, block, a, a16, lda, sx, rows, c, scratch); break;
+      case 3: run_panel_c<B, 3>(m, block, a, a16, lda, sx, rows, c, scratch); break;
+      default: run_panel_c<B, 4>(m, block, a, a16, lda, sx, rows, c, scratch); break;
     }
   };
   if (m.bits == 8) with_cols(std::integral_constant<int, 8>{});
