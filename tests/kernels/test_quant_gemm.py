@@ -72,11 +72,11 @@ def test_pack_round_trips_and_keeps_only_the_packed_bytes(
     packed = pack_quant(w)
     back = unpack_quant(packed)
     assert torch.equal(dequantize(back), dequantize(w))
-    # no float copy: the packed bytes are the QuantWeight's, scaled by the padding of N and of each group
-    n_pad = -(-n // 16) * 16
-    g_pad = -(-group_size // (4 if bits == 8 else 8)) * (4 if bits == 8 else 8)
-    ints = w.qweight.numel() * (n_pad / n) * (g_pad / group_size)
-    group_bytes = w.scales.numel() * (n_pad / n) * (4 + (w.zeros is not None))
+    # no float copy: the packed bytes are the QuantWeight's, with N padded to 16 and each group to a unit
+    unit = 4 if bits == 8 else 8
+    n_pad, g_pad, experts_count = -(-n // 16) * 16, -(-group_size // unit) * unit, max(1, sum(experts))
+    ints = experts_count * n_pad * groups * g_pad * bits // 8
+    group_bytes = experts_count * n_pad * groups * (4 + (w.zeros is not None))
     perm_bytes = 0 if w.perm is None else w.perm.numel() * 8
     assert packed.nbytes == ints + group_bytes + perm_bytes
     assert [t.dtype for t in packed.tensors()] == [

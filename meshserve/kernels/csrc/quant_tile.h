@@ -285,42 +285,17 @@ void integer_pairs(const Matrix& m, int64_t block, int64_t u0, int64_t u1, uint1
   }
 }
 
-// The bfloat16 path of run_panel_c (rows >= kDotRows): per K block of kDotK, the integers as pairs, then
-// per group part and row group of <= 8 the dpbf16 tile into cg and c += s * cg.
-template <int Bits, int C>
-void run_dot_panel(const Matrix& m, int64_t block, const uint16_t* a16, int64_t lda, const float* sx,
-                   int64_t rows, float* c, uint16_t* wp) {
-  constexpr int kUnitK = Bits == 8 ? 4 : 8;
-  constexpr int64_t step = kDotK / kUnitK, wstride = kDotK * kBlockCols;
-  constexpr int kRows = bf16_tile::kTileRows;
-  alignas(64) float cg[kRows * kPanelCols];
-  const int64_t units = m.units();
-  for (int64_t b0 = 0; b0 < units; b0 += step) {
-    const int64_t b1 = std::min(units, b0 + step);
-    integer_pairs<Bits, C>(m, block, b0, b1, wp, wstride);
-    for (int64_t u0 = b0; u0 < b1;) {  // the parts of groups inside this K block
-      const int64_t g = u0 / m.group_units, u1 = std::min(b1, (g + 1) * m.group_units);
-      const int64_t kk0 = (u0 - b0) * kUnitK / 2, kk1 = (u1 - b0) * kUnitK / 2;
-      for (int64_t r = 0; r < rows; r += kRows) {
-        const int rr = static_cast<int>(std::min<int64_t>(kRows, rows - r));
-        const uint16_t* ar = a16 + r * lda + b0 * kUnitK;
-        for (int half = 0; 2 * half < C; ++half)  // two tiles of <= 2 blocks (16 accumulators each)
-          bf16_tile::run_tile<uint16_t>(rr, std::min(2, C - 2 * half), ar, lda, wp + 2 * half * wstride, wstride,
-                                        kk0, kk1, false, cg + 2 * half * kBlockCols, kPanelCols, false);
-        for (int j = 0; j < C; ++j) {
-          const float* s = m.scales + ((block + j) * m.groups + g) * kBlockCols;
-          for (int i = 0; i < rr; ++i) {
-            float* cr = c + (r + i) * kPanelCols + j * kBlockCols;
-            const float* gr = cg + i * kPanelCols + j * kBlockCols;
-#pragma omp simd
-            for (int lane = 0; lane < kBlockCols; ++lane) cr[lane] += s[lane] * gr[lane];
-          }
-        }
-      }
-      u0 = u1;
-    }
-  }
-  add_zero_terms<C>(m, block, sx, rows, c, kPanelCols, 0.f);
+// c = a . w over pairs [kk0, kk1) of R bfloat16 rows and C column blocks (rows kPanelCols apart): the
+// vdpbf16ps tile of bf16_dot_tile.h where built, else its plain C++ tile. R <= 6 with C = 4 keeps 24
+// accumulators and 4 weight vectors per 6 broadcasts in registers.
+template <int R, int C>
+inline void dot_tile(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t wstride, int64_t kk0, int64_t kk1,
+                     float* c) {
+#if defined(__AVX512BF16__)
+  bf16_tile::tile_dpbf16<R, C>(a, lda, w, wstride, kk0, kk1, false, c, kPanelCols, false, {});
+#else
+  bf16_tile::tile_scalar<uint16_t, R, C>(a, lda, w, wstride, kk0, kk1, false, c, kPanelCols, false);
+#endif
 }
 
 // Calls f(std::integral_constant<int, R>) for R in 1..Max.
@@ -335,6 +310,42 @@ void with_rows(int rows, F&& f) {
     case 5: if constexpr (Max >= 5) f(std::integral_constant<int, 5>{}); break;
     default: if constexpr (Max >= 6) f(std::integral_constant<int, 6>{}); break;
   }
+}
+
+// The bfloat16 path of run_panel_c (rows >= kDotRows): per K block of kDotK, the integers as pairs, then
+// per group part and row group of <= kWideTileRows the dpbf16 tile into cg and c += s * cg.
+template <int Bits, int C>
+void run_dot_panel(const Matrix& m, int64_t block, const uint16_t* a16, int64_t lda, const float* sx,
+                   int64_t rows, float* c, uint16_t* wp) {
+  constexpr int kUnitK = Bits == 8 ? 4 : 8;
+  constexpr int64_t step = kDotK / kUnitK, wstride = kDotK * kBlockCols;
+  alignas(64) float cg[kWideTileRows * kPanelCols];
+  const int64_t units = m.units();
+  for (int64_t b0 = 0; b0 < units; b0 += step) {
+    const int64_t b1 = std::min(units, b0 + step);
+    integer_pairs<Bits, C>(m, block, b0, b1, wp, wstride);
+    for (int64_t u0 = b0; u0 < b1;) {  // the parts of groups inside this K block
+      const int64_t g = u0 / m.group_units, u1 = std::min(b1, (g + 1) * m.group_units);
+      const int64_t kk0 = (u0 - b0) * kUnitK / 2, kk1 = (u1 - b0) * kUnitK / 2;
+      for (int64_t r = 0; r < rows; r += kWideTileRows) {
+        const int rr = static_cast<int>(std::min<int64_t>(kWideTileRows, rows - r));
+        with_rows<kWideTileRows>(rr, [&](auto n) {
+          dot_tile<decltype(n)::value, C>(a16 + r * lda + b0 * kUnitK, lda, wp, wstride, kk0, kk1, cg);
+        });
+        for (int j = 0; j < C; ++j) {
+          const float* s = m.scales + ((block + j) * m.groups + g) * kBlockCols;
+          for (int i = 0; i < rr; ++i) {
+            float* cr = c + (r + i) * kPanelCols + j * kBlockCols;
+            const float* gr = cg + i * kPanelCols + j * kBlockCols;
+#pragma omp simd
+            for (int lane = 0; lane < kBlockCols; ++lane) cr[lane] += s[lane] * gr[lane];
+          }
+        }
+      }
+      u0 = u1;
+    }
+  }
+  add_zero_terms<C>(m, block, sx, rows, c, kPanelCols, 0.f);
 }
 
 template <int Bits, int C>
