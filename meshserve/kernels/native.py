@@ -110,12 +110,13 @@ def load() -> bool:
         )
         return False
     torch.ops.load_library(str(path))
-    from meshserve.kernels import bf16_gemm, fused, fused_moe, meta_attention_native
+    from meshserve.kernels import bf16_gemm, fused, fused_moe, meta_attention_native, quant_gemm
 
     meta_attention_native.register_fake()
     bf16_gemm.register_fake()
     fused.register_fake()
     fused_moe.register_fake()
+    quant_gemm.register_fake()
     return True
 
 

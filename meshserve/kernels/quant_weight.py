@@ -86,7 +86,8 @@ def dequantize(w: QuantWeight, original_order: bool = True) -> torch.Tensor:
     if w.perm is None or not original_order:
         return dense
     out = torch.empty_like(dense)
-    out.scatter_(-1, w.perm.expand_as(dense), dense)  # W[..., perm[j]] = W_perm[..., j]
+    # W[..., perm[j]] = W_perm[..., j]; perm is [..., K] (one per expert), the same for every output row
+    out.scatter_(-1, w.perm.unsqueeze(-2).expand_as(dense), dense)
     return out
 
 

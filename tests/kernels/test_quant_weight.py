@@ -54,3 +54,13 @@ def test_act_order_perm_computes_the_same_linear():
 def test_a_group_size_that_does_not_divide_k_is_named():
     with pytest.raises(ValueError, match="group_size must divide in_features"):
         QuantWeight(8, torch.zeros(2, 10, dtype=torch.int8), torch.ones(2, 3), None, 3)
+
+
+def test_stacked_experts_each_apply_their_own_perm():
+    w = torch.randn(3, 4, 32)
+    qw = quantize_int4(w, group_size=8)
+    perm = torch.stack([torch.randperm(32) for _ in range(3)])
+    stacked = QuantWeight(4, qw.qweight, qw.scales, qw.zeros, 8, perm)
+    for e in range(3):
+        one = QuantWeight(4, qw.qweight[e], qw.scales[e], qw.zeros[e], 8, perm[e])
+        assert torch.equal(dequantize(stacked)[e], dequantize(one))
