@@ -131,3 +131,20 @@ def test_missing_packed_tensor_is_named(tiny_model_dir, tmp_path):
     save_file(tensors, str(file))
     with pytest.raises(InputError, match="model.layers.1.mlp.down_proj.scales"):
         load_model(tmp_path / "q")
+
+
+def test_a_quantized_draft_model_is_refused(tiny_model_dir, tmp_path):
+    export_quantized(tiny_model_dir("llama"), tmp_path / "q", tmp_path / "r", "gptq", bits=4, group_size=32)
+    spec = {"method": "draft_model", "model": str(tmp_path / "q"), "num_speculative_tokens": 2}
+    with pytest.raises(InputError, match="speculative_config.model: .* uses quantization"):
+        LLM(str(tiny_model_dir("llama")), speculative_config=spec)
+
+
+def test_expert_parallel_refuses_quantized_experts(tiny_model_dir):
+    with pytest.raises(InputError, match="quantization: expert parallelism does not dispatch or migrate"):
+        LLM(
+            str(tiny_model_dir("mixtral")),
+            quantization="int8",
+            data_parallel_size=2,
+            enable_expert_parallel=True,
+        )
