@@ -106,6 +106,22 @@ def decode_rate(path: Path, method: str | None, tokens: int) -> tuple[float, int
         return rate, model_bytes(model), packed, dense
 
 
+def write_dense(path: Path, config: dict) -> None:
+    """A random bfloat16 Llama of `config`'s shape with its projections at transformers' init spread
+    (initializer_range 0.02): make_tiny_model's wider test spread (WEIGHT_STD) makes a 2048-wide residual
+    stream grow ~3.6x a layer, and such a model's logits flip under any rounding, bf16's own included."""
+    from safetensors.torch import load_file, save_file
+
+    from meshserve.testing import WEIGHT_STD, make_tiny_model
+
+    make_tiny_model(path, arch="llama", dtype="bfloat16", **config)
+    for file in path.glob("*.safetensors"):
+        tensors = load_file(str(file))
+        scale = config.get("initializer_range", 0.02) / WEIGHT_STD
+        tensors = {k: (v * scale if k.endswith("proj.weight") else v) for k, v in tensors.items()}
+        save_file(tensors, str(file), {"format": "pt"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -118,8 +134,6 @@ def main() -> None:
     args = parser.parse_args()
     from load import DENSE  # benchmarks/load.py: Llama-3.2-1B's shape
 
-    from meshserve.testing import make_tiny_model
-
     print(f"load average {os.getloadavg()[0]:.2f}; threads {torch.get_num_threads()}")
     windows = held_out_windows(args.windows, args.window)
     ppl = {name(m): perplexity(m, windows) for m in METHODS}
@@ -130,16 +144,18 @@ def main() -> None:
 
     path = Path(args.dir) / f"llama-1b-{args.layers}l"
     if not (path / "config.json").exists():
-        make_tiny_model(path, arch="llama", dtype="bfloat16", **{**DENSE, "num_hidden_layers": args.layers})
+        write_dense(path, {**DENSE, "num_hidden_layers": args.layers})
     ids = [1] + torch.randint(
         3, DENSE["vocab_size"], (127,), generator=torch.Generator().manual_seed(0)
     ).tolist()
     base = torch.log_softmax(logits(load_model(path, dtype="bfloat16"), ids), dim=-1)
-    for method in METHODS[1:]:
-        logp = torch.log_softmax(logits(load_model(path, dtype="bfloat16", quantization=method), ids), dim=-1)
+    others = {"float32 (the floor: bf16's own rounding)": ("float32", None)}
+    others |= {m: ("bfloat16", m) for m in METHODS[1:]}
+    for label, (dtype, method) in others.items():
+        logp = torch.log_softmax(logits(load_model(path, dtype=dtype, quantization=method), ids), dim=-1)
         kl = float((base.exp() * (base - logp)).sum(-1).mean())
         top1 = float((base.argmax(-1) == logp.argmax(-1)).float().mean())
-        print(f"~1B shapes ({args.layers} layers), {method}: mean KL {kl:.5f}, top-1 agreement {top1:.3f}")
+        print(f"~1B shapes ({args.layers} layers), {label} vs bf16: mean KL {kl:.5f}, top-1 {top1:.3f}")
 
     rows = {name(m): decode_rate(path, m, args.decode_tokens) for m in METHODS}
     bf16_rate, bf16_bytes = rows["bf16"][0], rows["bf16"][1]
