@@ -79,8 +79,8 @@ REVISION = typer.Option(None, help="Snapshot of a cached model id: branch, tag o
 DTYPE = typer.Option("auto", help="auto (the checkpoint's torch_dtype), float32, bfloat16 or float16.")
 QUANTIZATION = typer.Option(
     None,
-    help="Weight-only quantization: gptq, awq (the checkpoint's format), int8 or int4 (made while a float "
-    "checkpoint loads); default: the checkpoint's quantization_config, else none.",
+    help="Weight-only quantization: gptq, awq, compressed-tensors (the checkpoint's format), int8 or int4 "
+    "(made while a float checkpoint loads); default: the checkpoint's quantization_config, else none.",
 )
 DEVICE = typer.Option("cpu", help="cpu (native kernels) or cuda (torch reference kernels, NCCL).")
 EPLB_CONFIG = typer.Option(

@@ -114,7 +114,8 @@ class EngineConfig:
     dtype: "auto" (the checkpoint's torch_dtype), "float32", "bfloat16" or "float16".
     revision: the cached snapshot of a model id: a branch, tag or commit (None = "main").
     quantization: weight-only quantization, vLLM's names (docs/quantization.md): None = the checkpoint's
-        own (its config.json quantization_config, else none); "gptq", "awq" (a checkpoint in that format);
+        own (its config.json quantization_config, else none); "gptq", "awq", "compressed-tensors" (a
+        checkpoint in that format);
         "int8" (per-output-channel symmetric) or "int4" (group 128, asymmetric), made while a float
         checkpoint loads.
 

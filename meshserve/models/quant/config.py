@@ -11,7 +11,7 @@ from meshserve.errors import InputError
 METHODS = ("gptq", "awq", "compressed-tensors", "int8", "int4")
 AT_LOAD = ("int8", "int4")  # made from a float checkpoint while it loads
 FIELD = "config.json:quantization_config"
-BITS = {"gptq": (4, 8), "awq": (4,)}
+BITS = {"gptq": (4, 8), "awq": (4,), "compressed-tensors": (4, 8)}
 INT4_GROUP = 128  # quantization="int4": group size along K (clipped to K where K is smaller)
 
 
@@ -64,15 +64,17 @@ def resolve_quantization(requested: str | None, hf: dict[str, Any]) -> QuantConf
         return _gptq(stored)
     if method == "awq":
         return _awq(stored)
-    supported = ", ".join(m for m in METHODS if m not in AT_LOAD and m != "compressed-tensors")
+    if method == "compressed-tensors":
+        return _compressed(stored)
+    supported = ", ".join(m for m in METHODS if m not in AT_LOAD)
     raise InputError(f"{FIELD}.quant_method", f"unsupported {method!r}; supported checkpoints: {supported}")
 
 
-def _bits(stored: dict[str, Any], method: str) -> int:
-    bits = stored.get("bits", stored.get("w_bit"))
+def _bits(stored: dict[str, Any], method: str, field: str = f"{FIELD}.bits") -> int:
+    bits = stored.get("bits", stored.get("w_bit", stored.get("num_bits")))
     allowed = BITS[method]
     if bits not in allowed:
-        raise InputError(f"{FIELD}.bits", f"{method} with {bits!r} bits is not supported; allowed: {allowed}")
+        raise InputError(field, f"{method} with {bits!r} bits is not supported; allowed: {allowed}")
     return bits
 
 
@@ -112,4 +114,36 @@ def _awq(stored: dict[str, Any]) -> QuantConfig:
         _group(stored),
         sym=False,
         skip=tuple(stored.get("modules_to_not_convert") or ()),
+    )
+
+
+def _compressed(stored: dict[str, Any]) -> QuantConfig:
+    """llm-compressor's weight-only int (W4A16 / W8A16) in the pack-quantized format: one config group."""
+    field = f"{FIELD}.config_groups"
+    fmt = stored.get("format")
+    if fmt != "pack-quantized":
+        raise InputError(f"{FIELD}.format", f"unsupported {fmt!r}; allowed: pack-quantized (weight-only int)")
+    groups = stored.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise InputError(field, "must hold exactly one group (one scheme for every quantized layer)")
+    ((name, scheme),) = groups.items()
+    weights = scheme.get("weights") if isinstance(scheme, dict) else None
+    if not isinstance(weights, dict) or weights.get("type", "int") != "int":
+        raise InputError(f"{field}.{name}.weights", "must describe int weights")
+    if scheme.get("input_activations") is not None:
+        raise InputError(f"{field}.{name}.input_activations", "quantized activations are not supported")
+    strategy = weights.get("strategy", "group")
+    if strategy not in ("group", "channel"):
+        raise InputError(
+            f"{field}.{name}.weights.strategy", f"unsupported {strategy!r}; allowed: group, channel"
+        )
+    group = _group(weights) if strategy == "group" else -1
+    ignore = stored.get("ignore") or []
+    return QuantConfig(
+        "compressed-tensors",
+        _bits(weights, "compressed-tensors", f"{field}.{name}.weights.num_bits"),
+        group,
+        desc_act=weights.get("actorder") not in (None, False),
+        sym=bool(weights.get("symmetric", True)),
+        skip=tuple(i.removeprefix("model.") for i in ignore if not i.startswith("re:") and i != "lm_head"),
     )

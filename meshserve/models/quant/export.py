@@ -1,5 +1,6 @@
-"""Write a float Hugging Face checkpoint as a GPTQ or AWQ one (round-to-nearest on each format's grid), and
-the float checkpoint those integers stand for: the reference a loader of the quantized one must match.
+"""Write a float Hugging Face checkpoint as a GPTQ, AWQ or compressed-tensors one (round-to-nearest on each
+format's grid), and the float checkpoint those integers stand for: the reference a loader of the quantized
+one must match.
 
 For tests and benchmarks: real quantizers (GPTQ's error feedback, AWQ's scaling search) pick better
 integers, but store them in exactly this layout.
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from meshserve.errors import InputError
 from meshserve.models.quant.awq import quantize_awq
+from meshserve.models.quant.compressed import quantize_compressed
 from meshserve.models.quant.gptq import quantize_gptq
 
 # The linear layers the formats quantize: attention and MLP projections, and per-expert w1/w2/w3 (the router
@@ -49,8 +51,8 @@ def export_quantized(
 ) -> None:
     """`src` (a float model directory) -> `dst` in `method` ("gptq" or "awq") format and `reference`, a float
     copy of `src` whose quantized layers hold the values dst's integers stand for."""
-    if method not in ("gptq", "awq"):
-        raise InputError("method", f"unsupported {method!r}; allowed: gptq, awq")
+    if method not in ("gptq", "awq", "compressed-tensors"):
+        raise InputError("method", f"unsupported {method!r}; allowed: gptq, awq, compressed-tensors")
     src, dst, reference = Path(src), Path(dst), Path(reference)
     tensors = {}
     for file in sorted(src.glob("*.safetensors")):
@@ -61,7 +63,9 @@ def export_quantized(
             packed[name] = dense[name] = w
             continue
         stem = name.removesuffix(".weight")
-        if method == "gptq":
+        if method == "compressed-tensors":
+            parts, values = quantize_compressed(w, bits, group_size, sym)
+        elif method == "gptq":
             perm = _act_order(name, w.shape[1]) if desc_act else None
             parts, values = quantize_gptq(w, bits, group_size, sym, perm, int(checkpoint_format == "gptq"))
         else:
@@ -70,7 +74,19 @@ def export_quantized(
         dense[name] = values.to(w.dtype)
     config = json.loads((src / "config.json").read_text())
     quant = {"quant_method": method, "bits": bits, "group_size": group_size}
-    if method == "gptq":
+    if method == "compressed-tensors":
+        weights = {"num_bits": bits, "type": "int", "symmetric": sym, "actorder": None}
+        weights |= (
+            {"strategy": "channel"} if group_size == -1 else {"strategy": "group", "group_size": group_size}
+        )
+        groups = {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}}
+        quant = {
+            "quant_method": method,
+            "format": "pack-quantized",
+            "config_groups": groups,
+            "ignore": ["lm_head"],
+        }
+    elif method == "gptq":
         quant |= {"desc_act": desc_act, "sym": sym, "checkpoint_format": checkpoint_format}
     else:
         quant |= {"zero_point": True, "version": "gemm"}

@@ -18,7 +18,7 @@ from meshserve.errors import InputError
 from meshserve.kernels.quant_weight import QuantWeight, quantize_int4, quantize_int8
 from meshserve.models.layers.quant_experts import QuantExperts
 from meshserve.models.layers.quant_linear import QuantLinear
-from meshserve.models.quant import awq, gptq
+from meshserve.models.quant import awq, compressed, gptq
 from meshserve.models.quant.config import QuantConfig
 from meshserve.models.quant.layout import group_size
 from meshserve.models.quant.merge import concat_rows, stack_experts
@@ -43,16 +43,23 @@ def _at_load(dense: torch.Tensor, qc: QuantConfig, name: str) -> QuantWeight:
     return quantize_int4(dense, group_size(qc, dense.shape[-1], name))
 
 
+# Each format's tensors of one layer (the first names the layer), and those it may leave out.
+PARTS = {"gptq": gptq.PARTS, "awq": awq.PARTS, "compressed-tensors": compressed.PARTS}
+OPTIONAL = ("g_idx", *compressed.OPTIONAL)
+
+
 def _packed(ckpt: Any, stem: str, qc: QuantConfig) -> QuantWeight:
-    """One checkpoint layer `stem` (its name without .qweight) in the checkpoint's own format."""
-    names = gptq.PARTS if qc.method == "gptq" else awq.PARTS
+    """One checkpoint layer `stem` (its name without the format's first part) in its own format."""
+    names = PARTS[qc.method]
     tensors = {p: ckpt.read(f"{stem}.{p}") for p in names if f"{stem}.{p}" in ckpt}
-    missing = [f"{stem}.{p}" for p in names if p != "g_idx" and p not in tensors]
+    missing = [f"{stem}.{p}" for p in names if p not in OPTIONAL and p not in tensors]
     if missing:
         raise InputError("weights", f"missing tensors: {', '.join(missing)}")
     try:
         if qc.method == "gptq":
             return gptq.read_gptq(tensors, qc.bits, qc.group_size, qc.zero_offset)
+        if qc.method == "compressed-tensors":
+            return compressed.read_compressed(tensors, qc.bits, qc.group_size)
         return awq.read_awq(tensors, qc.group_size)
     except ValueError as err:
         raise InputError(f"{stem}.qweight", str(err)) from None
@@ -61,10 +68,11 @@ def _packed(ckpt: Any, stem: str, qc: QuantConfig) -> QuantWeight:
 def _linear(ckpt: Any, find: Find, name: str, qc: QuantConfig, dtype: torch.dtype) -> QuantWeight:
     if qc.at_load:
         return _at_load(_dense(ckpt, find, f"{name}.weight", dtype), qc, name)
-    found = find(f"{name}.qweight")  # fused layers: the q/k/v (gate/up) parts, in order
+    anchor = PARTS[qc.method][0]
+    found = find(f"{name}.{anchor}")  # fused layers: the q/k/v (gate/up) parts, in order
     if found is None:
-        raise InputError("weights", f"missing tensors: {name}.qweight (a {qc.method} checkpoint)")
-    stems = [key.removesuffix(".qweight") for key, _ in found[0]]
+        raise InputError("weights", f"missing tensors: {name}.{anchor} (a {qc.method} checkpoint)")
+    stems = [key.removesuffix(f".{anchor}") for key, _ in found[0]]
     try:
         return concat_rows([_packed(ckpt, s, qc) for s in stems], name)
     except ValueError as err:
@@ -88,9 +96,10 @@ def _experts(
         )
     gate, up, down = expert_names
     count = module.quant_weight(0).qweight.shape[0]
+    anchor = PARTS[qc.method][0]
     for base in candidates(f"{name}.gate_up_proj"):
         stem = base.rpartition(".")[0]
-        if f"{stem}.0.{gate}.qweight" in ckpt:
+        if f"{stem}.0.{gate}.{anchor}" in ckpt:
             try:
                 gate_up = [
                     concat_rows([_packed(ckpt, f"{stem}.{e}.{p}", qc) for p in (gate, up)])
@@ -100,7 +109,9 @@ def _experts(
                 return stack_experts(gate_up, name), stack_experts(downs, name)
             except ValueError as err:
                 raise InputError(f"{stem}.qweight", str(err)) from None
-    raise InputError("weights", f"missing tensors: {name}.<expert>.{gate}.qweight (a {qc.method} checkpoint)")
+    raise InputError(
+        "weights", f"missing tensors: {name}.<expert>.{gate}.{anchor} (a {qc.method} checkpoint)"
+    )
 
 
 def fill_quantized(

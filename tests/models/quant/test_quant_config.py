@@ -27,6 +27,24 @@ def test_auto_reads_the_checkpoint():
     assert resolve_quantization(None, {"quantization_config": awq}).group_size == 64
 
 
+CT = {
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 4, "strategy": "group", "group_size": 128, "symmetric": True},
+        }
+    },
+    "ignore": ["lm_head", "model.layers.0.mlp.down_proj"],
+}
+
+
+def test_compressed_tensors_scheme():
+    qc = resolve_quantization("compressed-tensors", {"quantization_config": CT})
+    assert (qc.bits, qc.group_size, qc.sym, qc.skip) == (4, 128, True, ("layers.0.mlp.down_proj",))
+
+
 def test_at_load_methods():
     assert (resolve_quantization("int8", {}).bits, resolve_quantization("int4", {}).group_size) == (8, 128)
 
@@ -39,6 +57,8 @@ def test_at_load_methods():
         (None, {"quant_method": "awq", "version": "gemv"}, "quantization_config.version", "allowed: gemm"),
         (None, GPTQ | {"group_size": 0}, "quantization_config.group_size", "or -1"),
         (None, {"quant_method": "bitsandbytes"}, "quant_method", "supported checkpoints: gptq, awq"),
+        (None, CT | {"format": "float-quantized"}, "quantization_config.format", "allowed: pack-quantized"),
+        (None, CT | {"config_groups": {}}, "quantization_config.config_groups", "exactly one group"),
         ("fp8", None, "quantization", "allowed: gptq, awq, compressed-tensors, int8, int4"),
         ("int8", GPTQ, "quantization", "this one is gptq"),
         ("awq", GPTQ, "quantization", "the checkpoint is 'gptq'"),

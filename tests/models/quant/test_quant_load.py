@@ -35,6 +35,14 @@ CASES = {
     "awq": ("llama", {"method": "awq", "group_size": 32}),
     "mixtral_gptq": ("mixtral", {"method": "gptq", "bits": 4, "group_size": 32, "sym": False}),
     "mixtral_awq": ("mixtral", {"method": "awq", "group_size": 32}),
+    "compressed_w4a16_asym": (
+        "llama",
+        {"method": "compressed-tensors", "bits": 4, "group_size": 32, "sym": False},
+    ),
+    "mixtral_compressed_w8a16_channel": (
+        "mixtral",
+        {"method": "compressed-tensors", "bits": 8, "group_size": -1},
+    ),
 }
 
 
