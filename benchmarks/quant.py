@@ -131,23 +131,31 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--sections", default="quality,speed", help="comma-separated: quality, speed")
     args = parser.parse_args()
     from load import DENSE  # benchmarks/load.py: Llama-3.2-1B's shape
 
+    sections = set(args.sections.split(","))
     print(f"load average {os.getloadavg()[0]:.2f}; threads {torch.get_num_threads()}")
+    path = Path(args.dir) / f"llama-1b-{args.layers}l"
+    if not (path / "config.json").exists():
+        write_dense(path, {**DENSE, "num_hidden_layers": args.layers})
+    if "quality" in sections:
+        quality(path, args)
+    if "speed" in sections:
+        speed(path, args.decode_tokens)
+    print(f"load average {os.getloadavg()[0]:.2f}")
+
+
+def quality(path: Path, args: argparse.Namespace) -> None:
     windows = held_out_windows(args.windows, args.window)
     ppl = {name(m): perplexity(m, windows) for m in METHODS}
     print(
         f"tiny-moe held-out perplexity ({len(windows)} x {args.window} tokens): "
         + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items())
     )
-
-    path = Path(args.dir) / f"llama-1b-{args.layers}l"
-    if not (path / "config.json").exists():
-        write_dense(path, {**DENSE, "num_hidden_layers": args.layers})
-    ids = [1] + torch.randint(
-        3, DENSE["vocab_size"], (127,), generator=torch.Generator().manual_seed(0)
-    ).tolist()
+    vocab = load_model(path).config.vocab_size
+    ids = [1] + torch.randint(3, vocab, (127,), generator=torch.Generator().manual_seed(0)).tolist()
     base = torch.log_softmax(logits(load_model(path, dtype="bfloat16"), ids), dim=-1)
     others = {"float32 (the floor: bf16's own rounding)": ("float32", None)}
     others |= {m: ("bfloat16", m) for m in METHODS[1:]}
@@ -157,7 +165,9 @@ def main() -> None:
         top1 = float((base.argmax(-1) == logp.argmax(-1)).float().mean())
         print(f"~1B shapes ({args.layers} layers), {label} vs bf16: mean KL {kl:.5f}, top-1 {top1:.3f}")
 
-    rows = {name(m): decode_rate(path, m, args.decode_tokens) for m in METHODS}
+
+def speed(path: Path, tokens: int) -> None:
+    rows = {name(m): decode_rate(path, m, tokens) for m in METHODS}
     bf16_rate, bf16_bytes = rows["bf16"][0], rows["bf16"][1]
     for key, (rate, total, packed, dense) in rows.items():
         layers = f", quantized layers {packed / dense:.3f}x their bf16 bytes" if dense else ""
@@ -165,7 +175,6 @@ def main() -> None:
             f"{key}: decode {rate:.2f} tok/s ({rate / bf16_rate:.2f}x bf16), weights {total / 2**20:.0f} MiB "
             f"({total / bf16_bytes:.3f}x bf16){layers}"
         )
-    print(f"load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from meshserve.errors import InputError
+from meshserve.kernels.quant_weight import QuantWeight
 from meshserve.kernels.smooth_gemm import SmoothLinear
 from meshserve.models.layers.moe import StackedExperts
 from meshserve.models.layers.quant_experts import QuantExperts
@@ -38,7 +39,7 @@ def _quantized(name: str, qc: QuantConfig, tied: bool) -> bool:
     return not any(part in name for part in (*DENSE_ONLY, *qc.skip))
 
 
-def _empty(qc: QuantConfig, lead: tuple[int, ...], n: int, k: int, layer: str) -> torch.Tensor:
+def _empty(qc: QuantConfig, lead: tuple[int, ...], n: int, k: int, layer: str) -> QuantWeight:
     zeros = qc.method == "int4" or not qc.sym
     return empty_quant(lead, n, k, qc.bits, group_size(qc, k, layer), zeros, qc.desc_act)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from meshserve.kernels.quant_weight import QuantWeight
@@ -15,7 +17,9 @@ def _zeros(w: QuantWeight) -> torch.Tensor:
     return torch.full(w.scales.shape, 8 if w.bits == 4 else 0, dtype=dtype)
 
 
-def _join(parts: list[QuantWeight], join: callable, what: str) -> QuantWeight:
+def _join(
+    parts: list[QuantWeight], join: Callable[[list[torch.Tensor]], torch.Tensor], what: str
+) -> QuantWeight:
     first = parts[0]
     for p in parts[1:]:
         if (p.bits, p.group_size, p.in_features) != (first.bits, first.group_size, first.in_features):
