@@ -137,7 +137,7 @@ def main() -> None:
 
     sections = set(args.sections.split(","))
     print(f"load average {os.getloadavg()[0]:.2f}; threads {torch.get_num_threads()}")
-    path = Path(args.dir) / f"llama-1b-{args.layers}l"
+    path = Path(args.dir) / f"llama-1b-{args.layers}l-init002"
     if not (path / "config.json").exists():
         write_dense(path, {**DENSE, "num_hidden_layers": args.layers})
     if "quality" in sections:
