@@ -77,6 +77,11 @@ OVERSUBSCRIBE = typer.Option(False, help="Start more rank processes than this ma
 MODEL_HELP = "Hugging Face-format model directory, or an Org/Name id in the local Hugging Face cache."
 REVISION = typer.Option(None, help="Snapshot of a cached model id: branch, tag or commit (default: main).")
 DTYPE = typer.Option("auto", help="auto (the checkpoint's torch_dtype), float32, bfloat16 or float16.")
+QUANTIZATION = typer.Option(
+    None,
+    help="Weight-only quantization: gptq, awq, compressed-tensors (the checkpoint's format), int8 or int4 "
+    "(made while a float checkpoint loads); default: the checkpoint's quantization_config, else none.",
+)
 DEVICE = typer.Option("cpu", help="cpu (native kernels) or cuda (torch reference kernels, NCCL).")
 EPLB_CONFIG = typer.Option(
     None,
@@ -117,6 +122,7 @@ def generate(
     stop: list[str] | None = typer.Option(None, help="Stop string (repeatable)."),
     ignore_eos: bool = typer.Option(False, help="Keep generating past the EOS token."),
     dtype: str = DTYPE,
+    quantization: str | None = QUANTIZATION,
     max_model_len: int | None = typer.Option(None, help="Longest prompt + output (default: the model's)."),
     speculative_config: str | None = typer.Option(
         None,
@@ -148,6 +154,7 @@ def generate(
     with LLM(
         model,
         dtype=dtype,
+        quantization=quantization,
         revision=revision,
         max_model_len=max_model_len,
         max_num_seqs=min(len(prompts), 128),
@@ -219,6 +226,7 @@ def serve(
     port: int = typer.Option(8000, help="Port to listen on."),
     served_model_name: str | None = typer.Option(None, help="Model name in the API (default: --model)."),
     dtype: str = DTYPE,
+    quantization: str | None = QUANTIZATION,
     max_model_len: int | None = typer.Option(None, help="Longest prompt + output (default: the model's)."),
     max_num_seqs: int | None = typer.Option(None, help="Requests running at once."),
     max_num_batched_tokens: int = typer.Option(2048, help="Tokens per engine step."),
@@ -277,6 +285,7 @@ def serve(
         trace_file=trace_file,
         num_threads=num_threads,
         dtype=dtype,
+        quantization=quantization,
         revision=revision,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,

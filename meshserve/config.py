@@ -113,6 +113,11 @@ class EngineConfig:
     model: a model directory, or a Hugging Face id (Org/Name) found in the local cache (models/hub.py).
     dtype: "auto" (the checkpoint's torch_dtype), "float32", "bfloat16" or "float16".
     revision: the cached snapshot of a model id: a branch, tag or commit (None = "main").
+    quantization: weight-only quantization, vLLM's names (docs/quantization.md): None = the checkpoint's
+        own (its config.json quantization_config, else none); "gptq", "awq", "compressed-tensors" (a
+        checkpoint in that format);
+        "int8" (per-output-channel symmetric) or "int4" (group 128, asymmetric), made while a float
+        checkpoint loads.
 
     record_expert_trace: path of an expert-load trace (.npz, docs/traces.md) written on close (MoE only).
     speculative_config: vLLM-style dict, e.g. ``{"method": "ngram", "num_speculative_tokens": 3}``
@@ -134,6 +139,7 @@ class EngineConfig:
     dtype: str = "auto"
     seed: int = 0
     revision: str | None = None
+    quantization: str | None = None
     record_expert_trace: str | None = None
     speculative_config: dict[str, Any] | SpecConfig | None = None
     num_threads: int | None = None
@@ -155,6 +161,13 @@ class EngineConfig:
             self.revision is None or (isinstance(self.revision, str) and bool(self.revision)),
             "revision",
             f"must be a branch, tag or commit name, got {self.revision!r}",
+        )
+        from meshserve.models.quant.config import METHODS  # here: the models package imports this one
+
+        require(
+            self.quantization is None or self.quantization in METHODS,
+            "quantization",
+            f"unsupported {self.quantization!r}; allowed: {', '.join(METHODS)} (None: the checkpoint's own)",
         )
         self.seed = integer(self.seed, "seed", 0, 2**64 - 1)  # seeds the seeds of unseeded requests
         require(self.device in DEVICES, "device", f"unknown {self.device!r}; allowed: {', '.join(DEVICES)}")

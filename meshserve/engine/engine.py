@@ -42,7 +42,7 @@ from meshserve.errors import InputError, require
 from meshserve.kernels.profile import GemmTable
 from meshserve.memory import MemoryNeed, check_memory
 from meshserve.models.config import dtype_name
-from meshserve.models.loader import build_model, load_config, meta_model, weight_bytes
+from meshserve.models.loader import build_model, load_config, meta_model, model_bytes, weight_bytes
 from meshserve.traces import ExpertTrace
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class Engine:
         switches.use(config.switches)  # before the model loads: its layers choose their kernels then
         torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
-        mc, self.tokenizer = load_config(config.model, config.dtype, config.revision)
+        mc, self.tokenizer = load_config(config.model, config.dtype, config.revision, config.quantization)
         self.model_config = mc
         limit = mc.max_position_embeddings
         max_model_len = config.scheduler.max_model_len or limit
@@ -148,7 +148,7 @@ class Engine:
         KV cache's block count."""
         mc, config = self.model_config, self.config
         meta = meta_model(mc)
-        weights = sum(p.numel() * p.element_size() for p in meta.parameters())
+        weights = model_bytes(meta)
         copies = 0 if table is None else meta.kernel_copy_bytes(table, sched.max_num_batched_tokens)
         spec = config.speculative_config
         draft = 0

@@ -13,6 +13,7 @@ from meshserve.errors import InputError
 if TYPE_CHECKING:  # DeepSeek's layers own their settings
     from meshserve.models.layers.grouped_moe import GroupedRouting
     from meshserve.models.layers.mla import MLAConfig
+    from meshserve.models.quant.config import QuantConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO = "auto"  # the checkpoint's own dtype (config.json's torch_dtype, or dtype in transformers 5)
@@ -99,6 +100,7 @@ class ModelConfig:
     num_mtp_layers: int = 0  # DeepSeek-V3's multi-token-prediction layers in the checkpoint
     use_mtp: bool = False  # build (and load) the first of them: speculation's draft (method "mtp")
     mtp_moe: bool = False  # that layer's MLP is MoE (it follows the checkpoint's dense / MoE layer rule)
+    quantization: QuantConfig | None = None  # weight-only int8 / int4 layers (models/quant/)
 
     @property
     def is_moe(self) -> bool:

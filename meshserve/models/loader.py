@@ -17,6 +17,8 @@ from meshserve.models.config import AUTO, ModelConfig, parse_config, parse_dtype
 from meshserve.models.decoder import DecoderLM
 from meshserve.models.hub import resolve_model
 from meshserve.models.pooling_config import read_pooling
+from meshserve.models.quant.config import resolve_quantization
+from meshserve.models.quant.layout import quantize_layout, quantized_bytes
 from meshserve.models.registry import ARCHITECTURES
 from meshserve.models.tokenizer import Tokenizer
 from meshserve.models.weights import load_weights
@@ -70,19 +72,30 @@ def meta_model(config: ModelConfig) -> DecoderLM:
             if p is not None:
                 typed.setdefault(id(p), nn.Parameter(p.to(dtype), requires_grad=False))
                 module._parameters[name] = typed[id(p)]
+    if config.quantization is not None:  # quantized layers in their packed form (models/quant/layout.py)
+        quantize_layout(model, config.quantization, config.dtype, config.tie_word_embeddings)
     return model
 
 
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of a model's weights: its parameters plus its quantized layers' packed buffers."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + quantized_bytes(model)
+
+
 def weight_bytes(config: ModelConfig) -> int:
-    """Bytes of the model's parameters in its dtype."""
-    return sum(p.numel() * p.element_size() for p in meta_model(config).parameters())
+    """Bytes of the model's weights in its dtype (quantized layers at their packed size)."""
+    return model_bytes(meta_model(config))
 
 
 def load_config(
-    path: str | Path, dtype: str | torch.dtype = AUTO, revision: str | None = None
+    path: str | Path,
+    dtype: str | torch.dtype = AUTO,
+    revision: str | None = None,
+    quantization: str | None = None,
 ) -> tuple[ModelConfig, Tokenizer]:
     """The model's config and tokenizer from `path` (a directory, or a model id in the local Hugging Face
-    cache at `revision`), without reading any weights. dtype "auto" is the checkpoint's own."""
+    cache at `revision`), without reading any weights. dtype "auto" is the checkpoint's own; quantization
+    None is the checkpoint's own (its quantization_config, if any), else one of quant.config.METHODS."""
     path = resolve_model(path, revision)
     hf = _read_json(path / "config.json", required=True)
     torch_dtype = parse_dtype(dtype, hf)
@@ -92,6 +105,7 @@ def load_config(
     hf = resolve_aliases(hf, cls.config_aliases)
     config = parse_config(hf, arch, name=_name(path), dtype=torch_dtype, generation=generation)
     cls.configure(config, hf)
+    config.quantization = resolve_quantization(quantization, hf)
     config.pooling_defaults = read_pooling(path)
     if config.headless:  # no LM head to load: the forward's logits read the input embedding
         config.tie_word_embeddings = True
@@ -111,12 +125,16 @@ def load_config(
 
 
 def load_model(
-    path: str | Path, dtype: str | torch.dtype = AUTO, revision: str | None = None, check_fits: bool = True
+    path: str | Path,
+    dtype: str | torch.dtype = AUTO,
+    revision: str | None = None,
+    check_fits: bool = True,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load config.json, safetensors weights (single or sharded) and tokenizer.json from `path` (see
     load_config and build_model); unless ``check_fits`` is off (the caller checked more), the weights must
     fit the memory available first."""
-    config, tokenizer = load_config(path, dtype, revision)
+    config, tokenizer = load_config(path, dtype, revision, quantization)
     if check_fits:
         check_memory(MemoryNeed(weights=weight_bytes(config)), available_memory(), "config.json")
     return LoadedModel(model=build_model(config, path, revision), config=config, tokenizer=tokenizer)

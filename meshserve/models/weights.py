@@ -26,10 +26,19 @@ from torch import nn
 from meshserve.errors import InputError
 from meshserve.models.decoder import DecoderLM
 from meshserve.models.layers.moe import StackedExperts
+from meshserve.models.quant.load import fill_quantized
 
 INDEX = "model.safetensors.index.json"
 # safetensors dtype names: the ones we load, and the names of the rest for the error message.
 WEIGHT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# Integer tensors of packed quantized formats (GPTQ / AWQ): read as they are by Checkpoint.read.
+PACKED_DTYPES = {
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I64": torch.int64,
+}
 OTHER_DTYPES = {"F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "BOOL": "bool"}
 OTHER_DTYPES |= {f"{k}{b}": f"{n}{b}" for k, n in (("I", "int"), ("U", "uint")) for b in (8, 16, 32, 64)}
 # Our fused tensors and the checkpoint tensors they concatenate (along dim 0).
@@ -64,7 +73,8 @@ def _read_header(path: Path, size: int) -> dict[str, Entry]:
         if key == "__metadata__":
             continue
         dtype, shape, (start, stop) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        itemsize = WEIGHT_DTYPES[dtype].itemsize if dtype in WEIGHT_DTYPES else None
+        known = WEIGHT_DTYPES.get(dtype, PACKED_DTYPES.get(dtype))
+        itemsize = None if known is None else known.itemsize
         if itemsize is not None and stop - start != math.prod(shape) * itemsize:
             raise ValueError(f"{key}: {stop - start} bytes for shape {list(shape)} of {dtype}")
         if not 0 <= start <= stop <= size - base:
@@ -123,6 +133,25 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(e.stop - e.start for e in self._entries.values())
+
+    def read(self, key: str) -> torch.Tensor:
+        """Tensor `key` as stored (a quantized layer's packed integers, scales, zeros or g_idx), copied out of
+        the map; float ones are refused when they hold NaN / inf."""
+        e = self._entries[key]
+        dtype = WEIGHT_DTYPES.get(e.dtype, PACKED_DTYPES.get(e.dtype))
+        if dtype is None:
+            raise InputError(
+                f"{e.file}:{key}", f"dtype {OTHER_DTYPES.get(e.dtype, e.dtype)} is not supported here"
+            )
+        count = (e.stop - e.start) // dtype.itemsize
+        out = (
+            torch.frombuffer(self._maps[e.file], dtype=dtype, count=count, offset=e.start)
+            .view(e.shape)
+            .clone()
+        )
+        if dtype.is_floating_point and out.numel() and not bool(torch.isfinite(out).all()):
+            raise InputError(f"{e.file}:{key}", "holds NaN or infinite values")
+        return out
 
     def copy_into(self, key: str, dest: torch.Tensor) -> None:
         """Copy tensor `key` into `dest` (same shape, any dtype and strides), CHUNK_BYTES of the file at a
@@ -253,6 +282,16 @@ def load_weights(model: DecoderLM, path: Path) -> None:
             for key, index in plan[name]:
                 ckpt.copy_into(key, data[index])
             loaded[id(param)] = nn.Parameter(data, requires_grad=False)
+        qc = model.config.quantization
+        if qc is not None:  # packed layers: buffers, filled from their own tensors (models/quant/load.py)
+            fill_quantized(
+                model,
+                ckpt,
+                qc,
+                lambda n: _parts(n, ckpt, model),
+                lambda n: _candidates(n, model.checkpoint_aliases, _prefix(model)),
+                model.config.dtype,
+            )
     for module in model.modules():  # every reference, tied ones included, to the loaded parameter
         for leaf, param in list(module._parameters.items()):
             if param is not None and id(param) in loaded:

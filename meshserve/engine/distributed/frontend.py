@@ -87,7 +87,16 @@ class DistributedEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         parallel = config.parallel
-        self.model_config, self.tokenizer = load_config(config.model, config.dtype, config.revision)
+        self.model_config, self.tokenizer = load_config(
+            config.model, config.dtype, config.revision, config.quantization
+        )
+        require(
+            self.model_config.quantization is None
+            or not (parallel.enable_expert_parallel and self.model_config.is_moe),
+            "quantization",
+            "expert parallelism does not dispatch or migrate quantized experts yet; "
+            "use data parallelism alone, or a float checkpoint",
+        )
         require(
             config.record_expert_trace is None or self.model_config.is_moe,
             "record_expert_trace",
@@ -111,6 +120,7 @@ class DistributedEngine:
             config.dtype,
             config.seed,
             config.revision,
+            quantization=config.quantization,
             device=config.device,
             cache=config.cache,
             scheduler=config.scheduler,

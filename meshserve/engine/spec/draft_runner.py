@@ -59,6 +59,7 @@ UNSUPPORTED = {
     "residual_scale": 1.0,
     "logits_scale": 1.0,
     "local_rope_theta": None,
+    "quantization": None,  # the runner folds norms into dense weights
 }
 
 

@@ -1,0 +1,158 @@
+"""Quantized checkpoints load into packed layers and compute what transformers computes with the weights
+their integers stand for: GPTQ and AWQ written at test time by our writers (models/quant/export.py), and
+int8 / int4 made at load from a float checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from meshserve.engine import LLM, SamplingParams
+from meshserve.errors import InputError
+from meshserve.kernels.quant_weight import dequantize
+from meshserve.models import load_model
+from meshserve.models.layers.quant_experts import QuantExperts
+from meshserve.models.layers.quant_linear import QuantLinear
+from meshserve.models.loader import model_bytes
+from meshserve.models.quant.export import export_quantized
+
+PROMPTS = [[1, 40, 41, 42, 43, 44], [1, 7, 9, 300, 12, 88, 90, 91, 17, 5]]
+MAX_TOKENS = 8
+CASES = {
+    "gptq4_act_order_asym": (
+        "llama",
+        {"method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sym": False},
+    ),
+    "gptq4_sym": ("llama", {"method": "gptq", "bits": 4, "group_size": 32}),
+    "gptq8_one_group": ("llama", {"method": "gptq", "bits": 8, "group_size": -1}),
+    "gptq4_v2": (
+        "llama",
+        {"method": "gptq", "bits": 4, "group_size": 64, "sym": False, "checkpoint_format": "gptq_v2"},
+    ),
+    "awq": ("llama", {"method": "awq", "group_size": 32}),
+    "mixtral_gptq": ("mixtral", {"method": "gptq", "bits": 4, "group_size": 32, "sym": False}),
+    "mixtral_awq": ("mixtral", {"method": "awq", "group_size": 32}),
+    "compressed_w4a16_asym": (
+        "llama",
+        {"method": "compressed-tensors", "bits": 4, "group_size": 32, "sym": False},
+    ),
+    "mixtral_compressed_w8a16_channel": (
+        "mixtral",
+        {"method": "compressed-tensors", "bits": 8, "group_size": -1},
+    ),
+}
+
+
+def greedy(path: Path, **engine_args) -> list[list[int]]:
+    llm = LLM(str(path), max_num_batched_tokens=64, block_size=4, max_model_len=64, **engine_args)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    )
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def transformers_greedy(path: Path) -> list[list[int]]:
+    hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [
+            hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)[
+                0, len(p) :
+            ].tolist()
+            for p in PROMPTS
+        ]
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, tiny_model_dir, tmp_path_factory):
+    arch, kwargs = CASES[request.param]
+    out = tmp_path_factory.mktemp(request.param)
+    export_quantized(tiny_model_dir(arch), out / "quantized", out / "reference", **kwargs)
+    return out / "quantized", out / "reference", arch
+
+
+def test_greedy_equals_the_dequantized_reference(exported):
+    quantized, reference, _ = exported
+    assert greedy(quantized) == transformers_greedy(reference)
+
+
+def test_layers_hold_only_packed_weights(exported):
+    quantized, reference, arch = exported
+    lm, dense = load_model(quantized), load_model(reference)
+    kinds = {type(m) for m in lm.model.modules()}
+    assert QuantLinear in kinds and (QuantExperts in kinds) == (arch == "mixtral")
+    assert not isinstance(lm.model.lm_head, QuantLinear)  # the head stays float unless the checkpoint says
+    assert model_bytes(lm.model) < model_bytes(dense.model)
+    qkv = lm.model.layers[0].self_attn.qkv_proj
+    assert torch.allclose(
+        dequantize(qkv.quant_weight()), dense.model.layers[0].self_attn.qkv_proj.weight, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_at_load_equals_its_dequantized_reference(method, arch, tiny_model_dir, tmp_path):
+    path = tiny_model_dir(arch)
+    quantized = load_model(path, quantization=method)
+    # The reference: the float model with each quantized layer's weights replaced by their dequantized values.
+    reference = load_model(path)
+    modules = dict(reference.model.named_modules())
+    for name, module in quantized.model.named_modules():
+        if isinstance(module, QuantLinear):
+            modules[name].weight.data = dequantize(module.quant_weight()).to(modules[name].weight.dtype)
+        elif isinstance(module, QuantExperts):
+            for which, p in enumerate(("gate_up_proj", "down_proj")):
+                getattr(modules[name], p).data = dequantize(module.quant_weight(which))
+    ids = torch.tensor(PROMPTS[1])
+    from meshserve.testing import PagedSequences
+
+    ours, theirs = (PagedSequences(m) for m in (quantized, reference))
+    a, b = ours.add(PROMPTS[1]), theirs.add(PROMPTS[1])
+    assert torch.allclose(ours.step({a: len(ids)})[a], theirs.step({b: len(ids)})[b], atol=1e-4)
+    expect = 8 if method == "int8" else 4
+    assert {m.bits for m in quantized.model.modules() if isinstance(m, QuantLinear)} == {expect}
+
+
+def test_int8_at_load_serves_through_the_engine(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    tokens = greedy(path, quantization="int8")
+    assert [len(t) for t in tokens] == [MAX_TOKENS] * len(PROMPTS)
+
+
+def test_unsupported_bits_name_the_field(tiny_model_dir, tmp_path):
+    export_quantized(tiny_model_dir("llama"), tmp_path / "q", tmp_path / "r", "gptq", bits=4, group_size=32)
+    config = (tmp_path / "q" / "config.json").read_text().replace('"bits": 4', '"bits": 3')
+    (tmp_path / "q" / "config.json").write_text(config)
+    with pytest.raises(InputError, match="quantization_config.bits: gptq with 3 bits is not supported"):
+        load_model(tmp_path / "q")
+
+
+def test_missing_packed_tensor_is_named(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    export_quantized(tiny_model_dir("llama"), tmp_path / "q", tmp_path / "r", "awq", group_size=32)
+    file = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(str(file))
+    del tensors["model.layers.1.mlp.down_proj.scales"]
+    save_file(tensors, str(file))
+    with pytest.raises(InputError, match="model.layers.1.mlp.down_proj.scales"):
+        load_model(tmp_path / "q")
+
+
+def test_a_quantized_draft_model_is_refused(tiny_model_dir, tmp_path):
+    export_quantized(tiny_model_dir("llama"), tmp_path / "q", tmp_path / "r", "gptq", bits=4, group_size=32)
+    spec = {"method": "draft_model", "model": str(tmp_path / "q"), "num_speculative_tokens": 2}
+    with pytest.raises(InputError, match="speculative_config.model: .* uses quantization"):
+        LLM(str(tiny_model_dir("llama")), speculative_config=spec)
+
+
+def test_expert_parallel_refuses_quantized_experts(tiny_model_dir):
+    with pytest.raises(InputError, match="quantization: expert parallelism does not dispatch or migrate"):
+        LLM(
+            str(tiny_model_dir("mixtral")),
+            quantization="int8",
+            data_parallel_size=2,
+            enable_expert_parallel=True,
+        )
