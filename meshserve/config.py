@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # auto: the checkpoint's (config.json)
 DEVICES = ("cpu", "cuda")  # engine/device.py turns these into torch devices
+ROLES = ("mixed", "prefill", "decode")  # prefill/decode disaggregation (engine/pd/, docs/disaggregation.md)
 DEFAULT_MAX_NUM_SEQS = 128
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_TOKENS = 1 << 24  # token budgets and lengths beyond 16M are typos, not settings
@@ -128,6 +129,9 @@ class EngineConfig:
         GPU, torch reference kernels; engine/device.py). Checked against the machine when the engine starts.
     switches: the environment switches this engine runs with (meshserve/switches.py), read here once, with
         this argument's entries over the environment, e.g. ``{"MESHSERVE_ATTENTION": "triton"}``.
+    role: "mixed" (prefill and decode here), "prefill" (run prompts and sample the first token, then hand
+        the request and its KV blocks over: ``Engine.handoffs``) or "decode" (also continue requests handed
+        over by a prefill engine, engine/pd/). Engine configuration, not another engine: it can change live.
     """
 
     model: str
@@ -143,6 +147,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig | None = None
     switches: Mapping[str, str] | None = None
+    role: str = "mixed"
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and bool(self.model), "model", "must be a model directory")
@@ -157,6 +162,7 @@ class EngineConfig:
             f"must be a branch, tag or commit name, got {self.revision!r}",
         )
         self.seed = integer(self.seed, "seed", 0, 2**64 - 1)  # seeds the seeds of unseeded requests
+        require(self.role in ROLES, "role", f"unknown {self.role!r}; allowed: {', '.join(ROLES)}")
         require(self.device in DEVICES, "device", f"unknown {self.device!r}; allowed: {', '.join(DEVICES)}")
         if self.record_expert_trace is not None:  # fail now, not when the trace is written on close
             trace = self.record_expert_trace

@@ -121,6 +121,8 @@ class Engine:
             self.spec.attach(self.model)
         self.stopper = StopChecker(self.tokenizer, mc.eos_token_ids, max_model_len)
         self.grammars = Grammars(self.tokenizer, mc.vocab_size, mc.eos_token_ids)
+        self.role = config.role  # prefill: requests past their first token go to ``handoffs`` (engine/pd/)
+        self.handoffs: list[Request] = []  # handed off, blocks still held until ``release`` (KV moved)
         self.requests: dict[str, Request] = {}  # every completion in flight, by its own id
         self.groups: dict[str, RequestGroup] = {}  # by the caller's request id
         self.num_steps = 0
@@ -210,6 +212,11 @@ class Engine:
         )
         require(
             isinstance(params, SamplingParams), "sampling_params", "must be a SamplingParams or PoolingParams"
+        )
+        require(
+            self.role != "prefill" or params.n == 1,
+            "n",
+            f"a prefill engine hands single completions to a decode engine: n must be 1, got {params.n}",
         )
         if request_id is None:
             request_id = next(i for i in map(str, self._ids) if i not in self.groups)
@@ -304,6 +311,27 @@ class Engine:
         self._forget(group)
         return True
 
+    def release(self, request: Request) -> None:
+        """Free the blocks of a handed-off request (its KV has moved, or its transfer failed)."""
+        self.handoffs.remove(request)
+        self.blocks.free(request)
+
+    def adopt(self, request: Request) -> None:
+        """Continue a request handed over by a prefill engine, its KV already in its blocks (engine/pd/)."""
+        require(
+            request.request_id not in self.groups, "request_id", f"{request.request_id!r} is already in use"
+        )
+        self.stopper.start(request)
+        self.stopper.check(request)  # the first token again: the detokenizer (stop strings) catches up
+        spec = request.params.structured_outputs
+        if spec is not None:  # the grammar's state after the first token (matchers do not travel)
+            request.matcher = self.grammars.matcher(spec)
+            request.matcher.accept_token(request.token_ids[-1])
+        self.requests[request.request_id] = request
+        self.groups[request.request_id] = RequestGroup(request.request_id, [request], request.stream)
+        self.blocks.publish(request)  # the prompt's full blocks serve later prompts here too
+        self.scheduler.resume(request)
+
     def _forget(self, group: RequestGroup) -> None:
         del self.groups[group.request_id]
         for child in group.children:
@@ -378,7 +406,15 @@ class Engine:
                     break
             if tokens:
                 touched.setdefault(request.parent_id, []).append(request)
-            if not request.is_finished:
+            if (
+                tokens and not request.is_finished and self.role == "prefill"
+            ):  # first token out: decode goes on
+                self.blocks.publish(request)
+                self.scheduler.hand_off(request)
+                self.handoffs.append(request)
+                if self.spec is not None:
+                    self.spec.remove(request.request_id)
+            elif not request.is_finished:
                 if item.kind is WorkKind.VERIFY:  # rejected drafts: give back blocks past the kept tokens
                     self.blocks.truncate(request, request.num_tokens)
                 self.blocks.publish(request)  # newly full blocks of verified tokens join the prefix cache
@@ -562,6 +598,8 @@ class Engine:
         self._closed = True
         for request in [r for r in self.requests.values() if not r.is_finished]:  # held ones too
             self._finish(request, RequestStatus.FINISHED_ABORTED)
+        for request in list(self.handoffs):
+            self.release(request)
         trace = self.expert_trace()
         if trace is not None:
             trace.save(self.config.record_expert_trace)

@@ -106,6 +106,8 @@ class LLM:
                             done[out.request_id] = out
                             del width[out.request_id]
                             bar.update(1)
+                    for request in list(getattr(self.engine, "handoffs", ())):  # role prefill, offline: no
+                        self.engine.release(request)  # decode engine takes them; outputs end at "handoff"
             return [done[i] for i in ids]
         except BaseException:  # take back what this call added, so later calls run as if it never happened
             for request_id in ids:
