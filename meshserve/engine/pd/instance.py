@@ -1,0 +1,132 @@
+"""One role's process: an Engine plus its side of the KV link, serving a front end's commands through a pipe.
+
+The loop: commands from the pipe (add, abort, stats, close), offers waiting on the link (decode), one engine
+step when there is work, and the handed-off requests' transfers (prefill). Outputs go back through the pipe as
+("out", RequestOutput); a prefill instance sends only those that end there (at the first token, or failed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from meshserve.config import EngineConfig
+from meshserve.engine.distributed.worker import portable
+from meshserve.engine.engine import Engine
+from meshserve.engine.outputs import RequestOutput
+from meshserve.engine.pd.link import DECODE, PREFILL, KVLink, TransferError
+from meshserve.engine.pd.receiver import Receiver
+from meshserve.engine.pd.sender import Sender
+from meshserve.errors import InputError
+
+logger = logging.getLogger(__name__)
+IDLE_S = 0.002  # how long an idle instance waits on its pipe before it looks for offers again
+
+
+@dataclass
+class InstanceSpec:
+    role: str  # "prefill" or "decode"
+    config: EngineConfig
+    init_method: str  # the KV link's rendezvous (link.py)
+    timeout_s: float  # one transfer's waits
+    threads: int  # this process's share of the cores
+
+
+class Instance:
+    def __init__(self, spec: InstanceSpec) -> None:
+        self.role = spec.role
+        self.engine = Engine(dataclasses.replace(spec.config, role=spec.role, num_threads=spec.threads))
+        rank = PREFILL if spec.role == "prefill" else DECODE
+        self.link = KVLink.connect(spec.init_method, rank, spec.timeout_s)
+        self.side = Sender(self.engine, self.link) if rank == PREFILL else Receiver(self.engine, self.link)
+        self.handed: dict[str, RequestOutput] = {}  # prefill: the output each handed-off request ended with
+
+    def serve(self, conn: Connection) -> None:
+        """Answer commands and run the engine until "close" or the front end is gone."""
+        while True:
+            while conn.poll():
+                try:
+                    command, args = conn.recv()
+                except (EOFError, OSError):
+                    return
+                if command == "close":
+                    return
+                self.handle(conn, command, args)
+            if not self.work(conn):
+                conn.poll(IDLE_S)
+
+    def handle(self, conn: Connection, command: str, args: tuple) -> None:
+        if command == "add":
+            prompt, params, request_id, stream = args
+            try:
+                self.engine.add_request(prompt, params, request_id, stream=stream)
+            except InputError as err:
+                conn.send(("rejected", request_id, portable(err)))
+        elif command == "abort":
+            self.engine.abort(*args)
+        elif command == "stats":
+            conn.send(("stats", self.stats()))
+        else:
+            raise ValueError(f"unknown command {command!r}")
+
+    def work(self, conn: Connection) -> bool:
+        """One round: offers, a step, transfers; False when there was nothing to do."""
+        worked = isinstance(self.side, Receiver) and self.side.poll() > 0
+        if self.engine.has_unfinished():
+            worked = True
+            for out in self.engine.step():
+                if out.finish_reason == "handoff":
+                    self.handed[out.request_id] = out
+                else:
+                    conn.send(("out", out))
+        if isinstance(self.side, Sender):
+            for request in list(self.engine.handoffs):
+                worked = True
+                try:
+                    if not self.side.transfer(request):
+                        break  # the decode side is full: try again after the next step
+                    self.handed.pop(request.request_id, None)
+                except TransferError as err:
+                    conn.send(("out", failed(self.handed.pop(request.request_id), str(err))))
+        return worked
+
+    def stats(self) -> dict[str, Any]:
+        """What /metrics shows per role: queue, KV use, transfers."""
+        engine = self.engine
+        return {
+            "role": self.role,
+            "waiting": len(engine.scheduler.waiting),
+            "running": len(engine.scheduler.running),
+            "handoffs": len(engine.handoffs),
+            "num_blocks": engine.blocks.num_blocks,
+            "num_free_blocks": engine.blocks.num_free_blocks,
+            "kv_usage": engine.blocks.usage,
+            "transfer": self.side.stats.summary(),
+        }
+
+    def close(self) -> None:
+        self.engine.close()
+        self.link.close()
+
+
+def failed(out: RequestOutput, error: str) -> RequestOutput:
+    """A handed-off request's output, ended with ``error`` instead."""
+    completion = dataclasses.replace(out.outputs[0], finish_reason="error", error=error)
+    return dataclasses.replace(out, outputs=[completion], finished=True)
+
+
+def run_instance(spec: InstanceSpec, conn: Connection) -> None:
+    """Process entry point: start, say ("ready", max_model_len) or ("error", ...), then serve."""
+    try:
+        instance = Instance(spec)
+    except BaseException as err:  # noqa: BLE001 - reported to the front end, which stops both
+        conn.send(("error", portable(err)))
+        return
+    conn.send(("ready", instance.engine.max_model_len))
+    try:
+        instance.serve(conn)
+    finally:
+        instance.close()
