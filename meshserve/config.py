@@ -132,6 +132,7 @@ class EngineConfig:
     role: "mixed" (prefill and decode here), "prefill" (run prompts and sample the first token, then hand
         the request and its KV blocks over: ``Engine.handoffs``) or "decode" (also continue requests handed
         over by a prefill engine, engine/pd/). Engine configuration, not another engine: it can change live.
+    pd: "prefill=1,decode=1" runs a prefill and a decode process behind this engine's interface (PDEngine).
     """
 
     model: str
@@ -148,6 +149,7 @@ class EngineConfig:
     parallel: ParallelConfig | None = None
     switches: Mapping[str, str] | None = None
     role: str = "mixed"
+    pd: str | None = None
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and bool(self.model), "model", "must be a model directory")
@@ -195,6 +197,10 @@ class EngineConfig:
             "method 'draft_model' runs on device cpu only (its draft runs on the CPU); use 'ngram'",
         )
         self.parallel = self.parallel or ParallelConfig()
+        if self.pd is not None:
+            from meshserve.engine.pd.config import parse_pd
+
+            parse_pd(self.pd)
         self.switches = read_switches(self.switches)
 
     @classmethod

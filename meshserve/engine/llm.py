@@ -25,13 +25,18 @@ from meshserve.errors import InputError
 
 if TYPE_CHECKING:
     from meshserve.engine.distributed import DistributedEngine
+    from meshserve.engine.pd.frontend import PDEngine
 
 Prompt = str | Sequence[int] | dict[str, Any]
 
 
-def make_engine(config: EngineConfig) -> Engine | DistributedEngine:
+def make_engine(config: EngineConfig) -> Engine | DistributedEngine | PDEngine:
     """An Engine in this process, or N rank processes behind a DistributedEngine (data_parallel_size > 1
     or enable_expert_parallel)."""
+    if config.pd is not None:  # a prefill and a decode process (engine/pd/)
+        from meshserve.engine.pd.frontend import PDEngine
+
+        return PDEngine(config)
     if config.parallel.distributed:
         from meshserve.engine.distributed import DistributedEngine
 

@@ -1,4 +1,6 @@
-"""PDEngine: one prefill and one decode process behind one interface (add_request / poll / abort / generate).
+"""PDEngine: one prefill and one decode process behind the Engine interface (add_request / step / abort /
+has_unfinished / close), so LLM, AsyncLLM and the HTTP server run over it as they are
+(``LLM(model, pd="prefill=1,decode=1")``, ``meshserve serve --pd prefill=1,decode=1``).
 
 Requests go to the prefill instance; their outputs come from whichever instance ends them (prefill: at the
 first token or a failed transfer; decode: everything else). The instances share the cores (each its own
@@ -10,6 +12,7 @@ checked); its finalizer terminates both processes (no orphans).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import tempfile
@@ -21,15 +24,18 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from meshserve.config import EngineConfig, available_cores
+from meshserve.engine.distributed.frontend import RankBlocks
 from meshserve.engine.distributed.processes import _kill  # terminate, then kill; removes the rendezvous file
 from meshserve.engine.distributed.ranks import RankError
 from meshserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from meshserve.engine.pd.config import ROLES
 from meshserve.engine.pd.instance import InstanceSpec, run_instance
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.errors import InputError, require
+from meshserve.models.loader import load_config
 
-ROLES = ("prefill", "decode")
 START_TIMEOUT_S = 300.0
+STEP_WAIT_S = 0.02  # step(): how long to wait for outputs before returning none
 
 
 class PDError(RankError):
@@ -38,6 +44,9 @@ class PDError(RankError):
 
 class PDEngine:
     def __init__(self, config: EngineConfig, transfer_timeout_s: float = 30.0) -> None:
+        self.config = config
+        self.model_config, self.tokenizer = load_config(config.model, config.dtype, config.revision)
+        config = dataclasses.replace(config, pd=None)
         require(
             transfer_timeout_s > 0, "transfer_timeout_s", f"must be > 0 seconds, got {transfer_timeout_s}"
         )
@@ -64,7 +73,7 @@ class PDEngine:
         self.unfinished: dict[str, tuple[list[int] | str, SamplingParams]] = {}
         self.dead: str | None = None
         self._early: list[tuple] = []  # messages met while waiting for another kind
-        self._ids = itertools.count()
+        self._ids = itertools.count()  # request ids, stats tokens
         for role in ROLES:
             reply = self._reply(role, START_TIMEOUT_S)
             if reply[0] != "ready":
@@ -74,27 +83,73 @@ class PDEngine:
                     raise InputError(*value)
                 raise PDError(f"the {role} instance failed to start: {value[-1]}")
             self.max_model_len = reply[1]
+        self.tokenizer.bound_prompt_chars(self.max_model_len)
+        # What the HTTP server reads of an Engine: stats from the instances' latest reports (instance.py).
+        self.role_stats: dict[str, dict[str, Any]] = {}
+        self.num_steps = 0
+        self.num_preemptions = 0
+        self.last_stats: dict[str, Any] = {}
+        self.blocks = RankBlocks()
+        self.spec = None
 
     def add_request(
         self,
         prompt: str | list[int],
-        params: SamplingParams,
+        params: SamplingParams | None = None,
         request_id: str | None = None,
         stream: bool = False,
+        detokenize: bool = True,
+        arrival: float | None = None,
     ) -> str:
+        """Queue a prompt on the prefill instance (as Engine.add_request). Its bad input comes back as an
+        output ending in "error" naming the field (the instance checks it)."""
         if self.dead is not None:
             raise PDError(self.dead)
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        params = SamplingParams() if params is None else params
+        require(
+            isinstance(params, SamplingParams), "sampling_params", "must be a SamplingParams (no pooling)"
+        )
+        require(
+            params.n == 1,
+            "n",
+            f"a prefill/decode pair serves single completions: n must be 1, got {params.n}",
+        )
+        if request_id is None:
+            request_id = next(i for i in map(str, self._ids) if i not in self.unfinished)
+        request_id = str(request_id)
         require(request_id not in self.unfinished, "request_id", f"{request_id!r} is already in use")
-        self.conns["prefill"].send(("add", (prompt, params, request_id, stream)))
+        self.conns["prefill"].send(("add", (prompt, params, request_id, stream, detokenize, arrival)))
         self.unfinished[request_id] = (prompt, params)
         return request_id
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> bool:
+        if self.unfinished.pop(str(request_id), None) is None:
+            return False
         for role in ROLES:
             if self.procs[role].is_alive():
-                self.conns[role].send(("abort", (request_id,)))
-        self.unfinished.pop(request_id, None)
+                with contextlib.suppress(OSError):
+                    self.conns[role].send(("abort", (str(request_id),)))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.unfinished)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting on the prefill instance (its latest report)."""
+        return self.role_stats.get("prefill", {}).get("waiting", 0)
+
+    def step(self) -> list[RequestOutput]:
+        """The outputs that arrive within a short wait (the instances step on their own)."""
+        outs = self.poll(STEP_WAIT_S)
+        self.num_steps += 1
+        stats = self.role_stats.values()
+        self.last_stats = {
+            "running": sum(s["running"] for s in stats),
+            "waiting": sum(s["waiting"] for s in stats),
+            "kv_usage": max((s["kv_usage"] for s in stats), default=0.0),
+        }
+        return outs
 
     def poll(self, timeout_s: float) -> list[RequestOutput]:
         """Outputs that arrive within ``timeout_s`` (finished, or deltas of streamed requests)."""
@@ -112,6 +167,8 @@ class PDEngine:
                 outs.append(value[0])
                 if value[0].finished:
                     del self.unfinished[value[0].request_id]
+            elif kind == "stats":
+                self.role_stats[value[0]["role"]] = value[0]
             elif kind == "rejected" and value[0] in self.unfinished:
                 del self.unfinished[value[0]]
                 completion = CompletionOutput(0, "", [], "error", error=f"{value[1][1]}: {value[1][2]}")
@@ -147,12 +204,14 @@ class PDEngine:
         out = {}
         for role in ROLES:
             if self.procs[role].is_alive():
-                self.conns[role].send(("stats", ()))
-                out[role] = self._reply(role, timeout_s, "stats")[1]
+                token = next(self._ids)
+                self.conns[role].send(("stats", (token,)))
+                out[role] = self.role_stats[role] = self._reply(role, timeout_s, ("stats", token))[1]
         return out
 
-    def _reply(self, role: str, timeout_s: float, kind: str | None = None) -> tuple:
-        """The next message of ``kind`` from ``role`` (outputs met on the way are kept for poll)."""
+    def _reply(self, role: str, timeout_s: float, kind: tuple | None = None) -> tuple:
+        """The next message from ``role`` (with ``kind``: the one whose first and last items are those; others
+        met on the way are kept for poll)."""
         conn, deadline = self.conns[role], time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if conn.poll(0.1):
@@ -160,7 +219,7 @@ class PDEngine:
                     message = conn.recv()
                 except (EOFError, OSError):
                     break
-                if kind is None or message[0] == kind:
+                if kind is None or (message[0], message[-1]) == kind:
                     return message
                 self._early.append(message)
             elif not self.procs[role].is_alive():

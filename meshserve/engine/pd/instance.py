@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -24,6 +25,7 @@ from meshserve.errors import InputError
 
 logger = logging.getLogger(__name__)
 IDLE_S = 0.002  # how long an idle instance waits on its pipe before it looks for offers again
+REPORT_S = 0.25  # how often an instance sends its stats unasked
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Instance:
         rank = PREFILL if spec.role == "prefill" else DECODE
         self.link = KVLink.connect(spec.init_method, rank, spec.timeout_s)
         self.side = Sender(self.engine, self.link) if rank == PREFILL else Receiver(self.engine, self.link)
+        self._next_report = 0.0
         self.handed: dict[str, RequestOutput] = {}  # prefill: the output each handed-off request ended with
 
     def serve(self, conn: Connection) -> None:
@@ -57,18 +60,23 @@ class Instance:
                 self.handle(conn, command, args)
             if not self.work(conn):
                 conn.poll(IDLE_S)
+            elif (
+                time.monotonic() > self._next_report
+            ):  # while busy: queue, KV use for the front end's metrics
+                conn.send(("stats", self.stats(), None))
+                self._next_report = time.monotonic() + REPORT_S
 
     def handle(self, conn: Connection, command: str, args: tuple) -> None:
         if command == "add":
-            prompt, params, request_id, stream = args
+            prompt, params, request_id, stream, detokenize, arrival = args
             try:
-                self.engine.add_request(prompt, params, request_id, stream=stream)
+                self.engine.add_request(prompt, params, request_id, stream, detokenize, arrival)
             except InputError as err:
                 conn.send(("rejected", request_id, portable(err)))
         elif command == "abort":
             self.engine.abort(*args)
         elif command == "stats":
-            conn.send(("stats", self.stats()))
+            conn.send(("stats", self.stats(), *args))
         else:
             raise ValueError(f"unknown command {command!r}")
 

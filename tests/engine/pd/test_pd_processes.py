@@ -8,7 +8,10 @@ import time
 import pytest
 
 from meshserve.config import EngineConfig
+from meshserve.engine import LLM, SamplingParams
+from meshserve.engine.pd.config import parse_pd
 from meshserve.engine.pd.frontend import PDEngine
+from meshserve.errors import InputError
 from tests.engine.pd.workload import ARGS, GREEDY, PROMPTS, mixed_tokens
 
 
@@ -47,3 +50,19 @@ def test_one_prefill_and_one_decode_process_equal_mixed(model):
         assert stats["prefill"]["transfer"]["bytes"] == transfer["bytes"] > 0
         assert_no_blocks_held(stats)
     assert not any(p.is_alive() for p in pd.procs.values())
+
+
+def test_llm_with_pd_runs_the_pair_behind_generate(model):
+    expected = mixed_tokens(model, PROMPTS[:3])
+    with LLM(model, pd="prefill=1,decode=1", **ARGS) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY, use_tqdm=False)] == expected
+        assert set(llm.engine.role_stats) == {"prefill", "decode"}  # reported while they worked
+        with pytest.raises(InputError, match="n must be 1"):
+            llm.generate(PROMPTS[:1], SamplingParams(n=2), use_tqdm=False)
+
+
+def test_pd_spec_is_checked():
+    with pytest.raises(InputError, match="prefill=1,decode=1"):
+        parse_pd("prefill=2,decode=1")
+    with pytest.raises(InputError, match="pd"):
+        parse_pd("prefill")
