@@ -257,6 +257,11 @@ def serve(
     trace_file: str | None = typer.Option(
         None, help="Write each step's and request's timeline here (JSON lines; benchmarks/serve_phases.py)."
     ),
+    pd: str | None = typer.Option(
+        None,
+        help="Prefill/decode disaggregation: 'prefill=1,decode=1' starts a prefill and a decode process "
+        "(cores split) behind this endpoint, KV moved over torch.distributed (docs/disaggregation.md).",
+    ),
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models,
     /tokenize, /detokenize, /metrics)."""
@@ -289,6 +294,7 @@ def serve(
         device=device,
         speculative_config=_json_option("speculative_config", speculative_config),
         **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config, oversubscribe),
+        **({} if pd is None else {"pd": pd}),
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from meshserve.config import EngineConfig, available_cores
+from meshserve.config import EngineConfig
 from meshserve.engine.distributed.frontend import RankBlocks
 from meshserve.engine.distributed.processes import _kill  # terminate, then kill; removes the rendezvous file
 from meshserve.engine.distributed.ranks import RankError
@@ -53,7 +53,7 @@ class PDEngine:
         store = tempfile.NamedTemporaryFile(prefix="meshserve-pd-", delete=False)  # noqa: SIM115
         store.close()
         os.unlink(store.name)  # the file store creates it
-        cores = available_cores()
+        cores = config.num_threads  # the cores this engine may use, split between the two processes
         threads = {"prefill": max(1, cores // 2), "decode": max(1, cores - cores // 2)}
         ctx = mp.get_context("spawn")
         self.procs: dict[str, Any] = {}
