@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from meshserve import switches
-from meshserve.config import EngineConfig, SchedulerConfig
+from meshserve.config import ROLES, EngineConfig, SchedulerConfig
 from meshserve.engine.device import free_memory, resolve_device
 from meshserve.engine.grammar import Grammars, apply_bitmask, decode_bitmask
 from meshserve.engine.groups import RequestGroup, child_params
@@ -311,22 +311,35 @@ class Engine:
         self._forget(group)
         return True
 
+    def set_role(self, role: str) -> None:
+        """Change role between steps; weights, KV and requests stay. To "prefill": each running request is
+        handed off after the next token it samples (its KV moves with it), so in-flight work moves on to a
+        decode engine; from "prefill": later requests decode here, those handed off already still move."""
+        require(role in ROLES, "role", f"unknown {role!r}; allowed: {', '.join(ROLES)}")
+        require(
+            role != "prefill" or all(g.held == [] for g in self.groups.values()), "role", "n > 1 in flight"
+        )
+        self.role = role
+
     def release(self, request: Request) -> None:
         """Free the blocks of a handed-off request (its KV has moved, or its transfer failed)."""
         self.handoffs.remove(request)
         self.blocks.free(request)
 
     def adopt(self, request: Request) -> None:
-        """Continue a request handed over by a prefill engine, its KV already in its blocks (engine/pd/)."""
+        """Continue a request handed over by another engine, its KV already in its blocks (engine/pd/)."""
         require(
             request.request_id not in self.groups, "request_id", f"{request.request_id!r} is already in use"
         )
         self.stopper.start(request)
-        self.stopper.check(request)  # the first token again: the detokenizer (stop strings) catches up
+        if request.detokenizer is not None:  # catch up on the tokens sampled there (stop strings, streaming)
+            for token in request.output_token_ids:
+                request.detokenizer.add(token)
         spec = request.params.structured_outputs
-        if spec is not None:  # the grammar's state after the first token (matchers do not travel)
+        if spec is not None:  # the grammar's state after those tokens (matchers do not travel)
             request.matcher = self.grammars.matcher(spec)
-            request.matcher.accept_token(request.token_ids[-1])
+            for token in request.output_token_ids:
+                request.matcher.accept_token(token)
         self.requests[request.request_id] = request
         self.groups[request.request_id] = RequestGroup(request.request_id, [request], request.stream)
         self.blocks.publish(request)  # the prompt's full blocks serve later prompts here too
@@ -406,15 +419,7 @@ class Engine:
                     break
             if tokens:
                 touched.setdefault(request.parent_id, []).append(request)
-            if (
-                tokens and not request.is_finished and self.role == "prefill"
-            ):  # first token out: decode goes on
-                self.blocks.publish(request)
-                self.scheduler.hand_off(request)
-                self.handoffs.append(request)
-                if self.spec is not None:
-                    self.spec.remove(request.request_id)
-            elif not request.is_finished:
+            if not request.is_finished:
                 if item.kind is WorkKind.VERIFY:  # rejected drafts: give back blocks past the kept tokens
                     self.blocks.truncate(request, request.num_tokens)
                 self.blocks.publish(request)  # newly full blocks of verified tokens join the prefix cache
@@ -423,6 +428,11 @@ class Engine:
                     # LongRoPE: past the original context every key rotates the long way (transformers
                     # drops its cache there and recomputes the whole sequence): so does this request.
                     self.scheduler.recompute(request)
+                    if self.spec is not None:
+                        self.spec.remove(request.request_id)
+                elif tokens and self.role == "prefill":  # it sampled: a decode engine goes on (engine/pd/)
+                    self.scheduler.hand_off(request)
+                    self.handoffs.append(request)
                     if self.spec is not None:
                         self.spec.remove(request.request_id)
         if self.spec is not None:  # after the tokens are in: which rows are verified is known now

@@ -19,7 +19,8 @@ from meshserve.engine.timeline import Timeline
 
 @dataclass
 class Handoff:
-    """A prefill engine's request after its first token (picklable)."""
+    """A request after a token it sampled (its first on a prefill engine; any, after a role switch);
+    picklable."""
 
     request_id: str
     prompt: str | None
@@ -35,7 +36,9 @@ class Handoff:
     arrival_time: float
     first_token_time: float | None
     timeline: Timeline
-    num_blocks: int  # blocks that hold the prompt's KV
+    num_computed: int  # tokens with KV: the prompt after its first token, all but the last mid-decode
+    num_blocks: int  # blocks that hold that KV
+    num_sent: tuple[int, int] = (0, 0)  # output tokens and characters already streamed to the caller
 
     @classmethod
     def of(cls, request: Request, block_size: int) -> Handoff:
@@ -55,11 +58,13 @@ class Handoff:
             arrival_time=request.arrival_time,
             first_token_time=request.first_token_time,
             timeline=copy.deepcopy(request.timeline),
-            num_blocks=-(-len(prompt) // block_size),
+            num_computed=request.num_computed_tokens,
+            num_blocks=-(-request.num_computed_tokens // block_size),
+            num_sent=(request.num_sent_tokens, request.num_sent_chars),
         )
 
     def request(self) -> Request:
-        """The request as the decode engine runs it: prompt plus first token, no KV yet."""
+        """The request as the decode engine runs it: its tokens so far, no KV yet."""
         r = Request(
             self.request_id,
             self.prompt_token_ids,
@@ -73,19 +78,20 @@ class Handoff:
         r.stream, r.detokenize = self.stream, self.detokenize
         r.logprobs, r.prompt_logprobs = copy.copy(self.logprobs), self.prompt_logprobs
         r.first_token_time, r.timeline = self.first_token_time, copy.deepcopy(self.timeline)
+        r.num_sent_tokens, r.num_sent_chars = self.num_sent
         return r
 
 
 def allocate(engine: Engine, handoff: Handoff) -> tuple[Request, int] | None:
-    """The request with blocks for its prompt's KV, and how many leading blocks already hold it (the decode
+    """The request with blocks for its KV, and how many leading blocks already hold it (the decode
     engine's prefix cache: those are not sent); None, with nothing held, when the blocks are not free now.
 
     Prefix keys are salted per cache (prefix_cache.py), so the two sides cannot compare keys: the decode
     side matches the token ids itself and answers with a block count."""
     request = handoff.request()
     blocks = engine.blocks
-    reused = blocks.match_prefix(request)
-    if not blocks.allocate(request, request.num_prompt_tokens):
+    reused = blocks.match_prefix(request)  # at most num_tokens - 1 = num_computed tokens
+    if not blocks.allocate(request, handoff.num_computed):
         blocks.free(request)
         return None
     blocks.record_prefix(request, reused)  # the decode side's hit rate: prompt tokens it did not receive
@@ -93,6 +99,6 @@ def allocate(engine: Engine, handoff: Handoff) -> tuple[Request, int] | None:
 
 
 def land(engine: Engine, request: Request) -> None:
-    """The prompt's KV is in the request's blocks: the decode engine continues it from its first token."""
-    request.num_computed_tokens = request.num_prompt_tokens
+    """The KV is in the request's blocks: the decode engine continues it from its last sampled token."""
+    request.num_computed_tokens = request.num_tokens - 1
     engine.adopt(request)

@@ -85,11 +85,15 @@ class Instance:
         worked = isinstance(self.side, Receiver) and self.side.poll() > 0
         if self.engine.has_unfinished():
             worked = True
-            for out in self.engine.step():
-                if out.finish_reason == "handoff":
-                    self.handed[out.request_id] = out
-                else:
+            outs = self.engine.step()
+            streamed = {r.request_id for r in self.engine.handoffs if r.stream}
+            for out in outs:
+                if out.finish_reason != "handoff":
                     conn.send(("out", out))
+                    continue
+                self.handed[out.request_id] = out
+                if out.request_id in streamed:  # its new tokens go out now; the decode side sends the rest
+                    conn.send(("out", ended(out, None, finished=False)))
         if isinstance(self.side, Sender):
             for request in list(self.engine.handoffs):
                 worked = True
@@ -98,7 +102,8 @@ class Instance:
                         break  # the decode side is full: try again after the next step
                     self.handed.pop(request.request_id, None)
                 except TransferError as err:
-                    conn.send(("out", failed(self.handed.pop(request.request_id), str(err))))
+                    out = self.handed.pop(request.request_id)
+                    conn.send(("out", ended(out, str(err), finished=True, empty=request.stream)))
         return worked
 
     def stats(self) -> dict[str, Any]:
@@ -120,10 +125,14 @@ class Instance:
         self.link.close()
 
 
-def failed(out: RequestOutput, error: str) -> RequestOutput:
-    """A handed-off request's output, ended with ``error`` instead."""
-    completion = dataclasses.replace(out.outputs[0], finish_reason="error", error=error)
-    return dataclasses.replace(out, outputs=[completion], finished=True)
+def ended(out: RequestOutput, error: str | None, finished: bool, empty: bool = False) -> RequestOutput:
+    """A handed-off request's output as the front end sees it: going on (its tokens streamed now), or ended
+    with ``error`` (``empty``: its tokens were streamed already)."""
+    reason = "error" if error is not None else None
+    completion = dataclasses.replace(out.outputs[0], finish_reason=reason, error=error)
+    if empty:
+        completion = dataclasses.replace(completion, text="", token_ids=[], logprobs=None)
+    return dataclasses.replace(out, outputs=[completion], finished=finished)
 
 
 def run_instance(spec: InstanceSpec, conn: Connection) -> None:

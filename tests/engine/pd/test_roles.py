@@ -3,6 +3,8 @@ continues them; the tokens equal the mixed engine's, and every block comes back 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from meshserve.engine import LLM, Engine, SamplingParams
@@ -22,19 +24,27 @@ def run_pair(
     prompts: list[list[int]],
     params: SamplingParams,
     moved: list | None = None,
+    roles: dict[int, str] | None = None,
 ) -> dict:
+    """Step both engines until every prompt has finished. ``moved``: collects the blocks copied and the
+    output tokens each moved request had; ``roles``: the prefill engine's role from a step on."""
     ids = [prefill.add_request(p, params) for p in prompts]
     done = {}
-    while len(done) < len(ids):
+    for step in itertools.count():
+        if len(done) == len(ids):
+            return {i: done[i] for i in ids}
+        if roles and step in roles:
+            prefill.set_role(roles[step])
         for out in prefill.step():
-            if out.finish_reason != "handoff":  # ended at its first token: never handed over
+            if out.finish_reason != "handoff":  # ended there: at its first token, or decoded while mixed
                 done[out.request_id] = out
+        outputs = [r.num_output_tokens for r in prefill.handoffs]
         copied = move(prefill, decode)
         if moved is not None:
-            moved.append(copied)
+            moved.append((copied, outputs))
         for out in decode.step():
             done[out.request_id] = out
-    return {i: done[i] for i in ids}
+    raise AssertionError("unreachable")
 
 
 def test_prefill_then_decode_equals_mixed_and_frees_every_block(model):
@@ -46,10 +56,24 @@ def test_prefill_then_decode_equals_mixed_and_frees_every_block(model):
     assert [o.token_ids for o in outs.values()] == expected
     assert decode.last_stats.get("spec_acceptance_rate", 0) > 0  # drafts ran on the decode side
     assert decode.blocks.prefix_cache.stats()["hit_rate"] > 0  # shared prefixes were not sent again
-    assert sum(moved) < sum(-(-len(p) // ARGS["block_size"]) for p in PROMPTS)
+    assert sum(c for c, _ in moved) < sum(-(-len(p) // ARGS["block_size"]) for p in PROMPTS)
     for engine in (prefill, decode):
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
         assert not engine.handoffs and not engine.has_unfinished()
+
+
+def test_switching_roles_mid_run_hands_in_flight_requests_over_and_keeps_tokens(model):
+    """The prefill engine turns mixed (requests decode there), then prefill again: each request it decodes
+    is handed over mid-decode after its next token, with all its KV; the tokens never change."""
+    expected = mixed_tokens(model)
+    prefill = Engine.from_args(model, role="prefill", **ARGS)
+    decode = Engine.from_args(model, role="decode", **ARGS)
+    moved: list[int] = []
+    outs = run_pair(prefill, decode, PROMPTS, GREEDY, moved, roles={1: "mixed", 8: "prefill"})
+    assert [o.token_ids for o in outs.values()] == expected
+    assert max(n for _, outputs in moved for n in outputs) > 1  # handed over mid-decode
+    for engine in (prefill, decode):
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
 def test_seeded_sampling_and_logprobs_continue_as_in_mixed(model):
