@@ -55,3 +55,23 @@ def test_metrics_show_each_role(pd_server):
     for role in ("prefill", "decode"):
         assert f'meshserve:pd_kv_cache_usage_perc{{model_name="tiny-llama",role="{role}"}}' in text
     assert 'meshserve:pd_transfer_bytes{model_name="tiny-llama",role="decode"}' in text
+
+
+def test_admin_switches_a_role_live_and_tokens_stay(model_dir, pd_server):
+    with LLM(model_dir, **ARGS) as llm:
+        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+        expected = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].text
+    client = openai.OpenAI(base_url=f"{pd_server.url}/v1", api_key="none", max_retries=0)
+    for role in ("mixed", "prefill"):
+        answer = httpx.post(f"{pd_server.url}/admin/role", json={"instance": "prefill", "role": role})
+        assert answer.status_code == 200 and answer.json()["roles"]["prefill"] == role
+        done = client.completions.create(
+            model="tiny-llama",
+            prompt=PROMPTS[0],
+            max_tokens=10,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert done.choices[0].text == expected
+    bad = httpx.post(f"{pd_server.url}/admin/role", json={"instance": "decode", "role": "prefill"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "role"

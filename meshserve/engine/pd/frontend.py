@@ -28,7 +28,7 @@ from meshserve.engine.distributed.frontend import RankBlocks
 from meshserve.engine.distributed.processes import _kill  # terminate, then kill; removes the rendezvous file
 from meshserve.engine.distributed.ranks import RankError
 from meshserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from meshserve.engine.pd.config import ROLES
+from meshserve.engine.pd.config import ROLES, parse_pd
 from meshserve.engine.pd.instance import InstanceSpec, run_instance
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.errors import InputError, require
@@ -45,6 +45,8 @@ class PDError(RankError):
 class PDEngine:
     def __init__(self, config: EngineConfig, transfer_timeout_s: float = 30.0) -> None:
         self.config = config
+        _, self.policy = parse_pd(config.pd) if config.pd is not None else (None, None)
+        self.roles = {role: role for role in ROLES}  # each instance's role now (set_role, the policy)
         self.model_config, self.tokenizer = load_config(config.model, config.dtype, config.revision)
         config = dataclasses.replace(config, pd=None)
         require(
@@ -91,6 +93,7 @@ class PDEngine:
         self.last_stats: dict[str, Any] = {}
         self.blocks = RankBlocks()
         self.spec = None
+        self.switches: list[tuple[float, str, str]] = []  # (monotonic time, instance, role) of each switch
 
     def add_request(
         self,
@@ -118,7 +121,7 @@ class PDEngine:
             request_id = next(i for i in map(str, self._ids) if i not in self.unfinished)
         request_id = str(request_id)
         require(request_id not in self.unfinished, "request_id", f"{request_id!r} is already in use")
-        self.conns["prefill"].send(("add", (prompt, params, request_id, stream, detokenize, arrival)))
+        self.conns[self._route()].send(("add", (prompt, params, request_id, stream, detokenize, arrival)))
         self.unfinished[request_id] = (prompt, params)
         return request_id
 
@@ -130,6 +133,31 @@ class PDEngine:
                 with contextlib.suppress(OSError):
                     self.conns[role].send(("abort", (str(request_id),)))
         return True
+
+    def _route(self) -> str:
+        """The instance a new prompt goes to: the prefill one, or the decode one while it is mixed and its
+        queue is the shorter."""
+        if self.roles["decode"] != "mixed":
+            return "prefill"
+        waiting = {r: self.role_stats.get(r, {}).get("waiting", 0) for r in ROLES}
+        return min(ROLES, key=lambda r: (waiting[r], r != "prefill"))
+
+    def set_role(self, instance: str, role: str) -> None:
+        """Switch an instance's role live (weights and KV stay; Engine.set_role): the prefill instance between
+        prefill and mixed (it decodes its own requests), the decode one between decode and mixed (prompts
+        go to it too)."""
+        allowed = {"prefill": ("prefill", "mixed"), "decode": ("decode", "mixed")}
+        require(instance in allowed, "instance", f"unknown {instance!r}; allowed: {', '.join(allowed)}")
+        require(
+            role in allowed[instance],
+            "role",
+            f"the {instance} instance switches between {' and '.join(allowed[instance])}, got {role!r}",
+        )
+        if self.dead is not None:
+            raise PDError(self.dead)
+        self.conns[instance].send(("role", (role,)))
+        self.roles[instance] = role
+        self.switches.append((time.monotonic(), instance, role))
 
     def has_unfinished(self) -> bool:
         return bool(self.unfinished)
@@ -143,6 +171,9 @@ class PDEngine:
         """The outputs that arrive within a short wait (the instances step on their own)."""
         outs = self.poll(STEP_WAIT_S)
         self.num_steps += 1
+        if self.policy is not None and self.dead is None:
+            for instance, role in self.policy.decide(self.roles, self.role_stats).items():
+                self.set_role(instance, role)
         stats = self.role_stats.values()
         self.last_stats = {
             "running": sum(s["running"] for s in stats),
@@ -154,13 +185,12 @@ class PDEngine:
     def poll(self, timeout_s: float) -> list[RequestOutput]:
         """Outputs that arrive within ``timeout_s`` (finished, or deltas of streamed requests)."""
         messages, self._early = self._early, []
-        live = {self.conns[r]: r for r in ROLES if self.procs[r].is_alive() or self.conns[r].poll()}
-        for conn in wait(list(live), timeout=0 if messages else timeout_s):
-            while conn.poll():
-                try:
-                    messages.append(conn.recv())
-                except (EOFError, OSError):
-                    break
+        live = [self.conns[r] for r in ROLES if self.procs[r].is_alive() or self.conns[r].poll()]
+        if wait(live, timeout=0 if messages else timeout_s):
+            # A request's messages from the prefill side precede its decode side's (it reaches the decode
+            # side after them): drain the decode pipe first, then the prefill one, and take prefill's first.
+            later = _drain(self.conns["decode"])
+            messages += _drain(self.conns["prefill"]) + later
         outs: list[RequestOutput] = []
         for kind, *value in messages:
             if kind == "out" and value[0].request_id in self.unfinished:
@@ -245,6 +275,17 @@ class PDEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _drain(conn: Connection) -> list[tuple]:
+    messages = []
+    while True:
+        try:
+            if not conn.poll():
+                return messages
+            messages.append(conn.recv())
+        except (EOFError, OSError):  # its process is gone
+            return messages
 
 
 def _output(request_id: str, completion: CompletionOutput) -> RequestOutput:

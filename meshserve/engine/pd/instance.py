@@ -75,6 +75,8 @@ class Instance:
                 conn.send(("rejected", request_id, portable(err)))
         elif command == "abort":
             self.engine.abort(*args)
+        elif command == "role":
+            self.engine.set_role(*args)
         elif command == "stats":
             conn.send(("stats", self.stats(), *args))
         else:
@@ -110,7 +112,8 @@ class Instance:
         """What /metrics shows per role: queue, KV use, transfers."""
         engine = self.engine
         return {
-            "role": self.role,
+            "role": self.role,  # which instance: its role now is the engine's
+            "engine_role": engine.role,
             "waiting": len(engine.scheduler.waiting),
             "running": len(engine.scheduler.running),
             "handoffs": len(engine.handoffs),
