@@ -201,6 +201,12 @@ class EngineConfig:
             from meshserve.engine.pd.config import parse_pd
 
             parse_pd(self.pd)
+            require(
+                not self.parallel.distributed and self.role == "mixed",
+                "pd",
+                "runs one prefill and one decode process itself: no data_parallel_size > 1, expert "
+                "parallelism or role with it",
+            )
         self.switches = read_switches(self.switches)
 
     @classmethod

@@ -317,7 +317,9 @@ class Engine:
         decode engine; from "prefill": later requests decode here, those handed off already still move."""
         require(role in ROLES, "role", f"unknown {role!r}; allowed: {', '.join(ROLES)}")
         require(
-            role != "prefill" or all(g.held == [] for g in self.groups.values()), "role", "n > 1 in flight"
+            role != "prefill" or all(len(g.children) == 1 for g in self.groups.values()),
+            "role",
+            "cannot switch to prefill while a request with n > 1 runs here (completions move one by one)",
         )
         self.role = role
 

@@ -112,3 +112,11 @@ def test_bad_role_and_n_are_named(model):
     prefill = Engine.from_args(model, role="prefill", **ARGS)
     with pytest.raises(InputError, match="n must be 1"):
         prefill.add_request([1, 2], SamplingParams(n=2))
+    mixed = Engine.from_args(model, **ARGS)
+    mixed.add_request([1, 2], SamplingParams(n=2))
+    with pytest.raises(InputError, match="n > 1"):
+        mixed.set_role("prefill")
+    with pytest.raises(InputError, match="role"):
+        mixed.set_role("both")
+    with pytest.raises(InputError, match="pd"):
+        LLM(model, pd="prefill=1,decode=1", data_parallel_size=2, **ARGS)
