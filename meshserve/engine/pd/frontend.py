@@ -42,8 +42,38 @@ class PDError(RankError):
     """An instance failed to start or died."""
 
 
+class Spawned:
+    """An instance this front end started: a process and its pipe."""
+
+    def __init__(self, proc: Any, conn: Connection) -> None:
+        self.proc, self.conn = proc, conn
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def gone(self) -> str:
+        self.proc.join(1.0)
+        return f"exited (code {self.proc.exitcode})"
+
+
+class Remote:
+    """An instance started on its own (``meshserve serve --role``), reached over a socket (remote.py)."""
+
+    def __init__(self, conn: Connection, address: str) -> None:
+        self.conn, self.address, self.closed = conn, address, False
+
+    def alive(self) -> bool:
+        return not self.closed
+
+    def gone(self) -> str:
+        return f"at {self.address} closed its connection"
+
+
 class PDEngine:
-    def __init__(self, config: EngineConfig, transfer_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, config: EngineConfig, transfer_timeout_s: float = 30.0, endpoints: dict[str, Any] | None = None
+    ) -> None:
+        """Start both instances here, or (``endpoints``: remote.py) talk to instances started on their own."""
         self.config = config
         _, self.policy = parse_pd(config.pd) if config.pd is not None else (None, None)
         self.roles = {role: role for role in ROLES}  # each instance's role now (set_role, the policy)
@@ -52,26 +82,12 @@ class PDEngine:
         require(
             transfer_timeout_s > 0, "transfer_timeout_s", f"must be > 0 seconds, got {transfer_timeout_s}"
         )
-        store = tempfile.NamedTemporaryFile(prefix="meshserve-pd-", delete=False)  # noqa: SIM115
-        store.close()
-        os.unlink(store.name)  # the file store creates it
-        cores = config.num_threads  # the cores this engine may use, split between the two processes
-        threads = {"prefill": max(1, cores // 2), "decode": max(1, cores - cores // 2)}
-        ctx = mp.get_context("spawn")
-        self.procs: dict[str, Any] = {}
-        self.conns: dict[str, Connection] = {}
-        procs: list[Any] = []
-        self._finalizer = weakref.finalize(self, _kill, procs, store.name)
-        for role in ROLES:
-            spec = InstanceSpec(role, config, f"file://{store.name}", transfer_timeout_s, threads[role])
-            ours, theirs = ctx.Pipe()
-            proc = ctx.Process(
-                target=run_instance, args=(spec, theirs), daemon=True, name=f"meshserve-{role}"
-            )
-            proc.start()
-            theirs.close()
-            procs.append(proc)
-            self.procs[role], self.conns[role] = proc, ours
+        if endpoints is None:
+            endpoints = self._spawn(config, transfer_timeout_s)
+        else:
+            self._finalizer = weakref.finalize(self, _close_all, [e.conn for e in endpoints.values()])
+        self.endpoints = endpoints
+        self.conns = {role: e.conn for role, e in endpoints.items()}
         self.unfinished: dict[str, tuple[list[int] | str, SamplingParams]] = {}
         self.dead: str | None = None
         self._early: list[tuple] = []  # messages met while waiting for another kind
@@ -94,6 +110,28 @@ class PDEngine:
         self.blocks = RankBlocks()
         self.spec = None
         self.switches: list[tuple[float, str, str]] = []  # (monotonic time, instance, role) of each switch
+
+    def _spawn(self, config: EngineConfig, transfer_timeout_s: float) -> dict[str, Spawned]:
+        store = tempfile.NamedTemporaryFile(prefix="meshserve-pd-", delete=False)  # noqa: SIM115
+        store.close()
+        os.unlink(store.name)  # the file store creates it
+        cores = config.num_threads  # the cores this engine may use, split between the two processes
+        threads = {"prefill": max(1, cores // 2), "decode": max(1, cores - cores // 2)}
+        ctx = mp.get_context("spawn")
+        procs: list[Any] = []
+        self._finalizer = weakref.finalize(self, _kill, procs, store.name)
+        endpoints = {}
+        for role in ROLES:
+            spec = InstanceSpec(role, config, f"file://{store.name}", transfer_timeout_s, threads[role])
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(
+                target=run_instance, args=(spec, theirs), daemon=True, name=f"meshserve-{role}"
+            )
+            proc.start()
+            theirs.close()
+            procs.append(proc)
+            endpoints[role] = Spawned(proc, ours)
+        return endpoints
 
     def add_request(
         self,
@@ -129,7 +167,7 @@ class PDEngine:
         if self.unfinished.pop(str(request_id), None) is None:
             return False
         for role in ROLES:
-            if self.procs[role].is_alive():
+            if self.endpoints[role].alive():
                 with contextlib.suppress(OSError):
                     self.conns[role].send(("abort", (str(request_id),)))
         return True
@@ -185,12 +223,12 @@ class PDEngine:
     def poll(self, timeout_s: float) -> list[RequestOutput]:
         """Outputs that arrive within ``timeout_s`` (finished, or deltas of streamed requests)."""
         messages, self._early = self._early, []
-        live = [self.conns[r] for r in ROLES if self.procs[r].is_alive() or self.conns[r].poll()]
+        live = [self.conns[r] for r in ROLES if self.endpoints[r].alive() or self.conns[r].poll()]
         if wait(live, timeout=0 if messages else timeout_s):
             # A request's messages from the prefill side precede its decode side's (it reaches the decode
             # side after them): drain the decode pipe first, then the prefill one, and take prefill's first.
-            later = _drain(self.conns["decode"])
-            messages += _drain(self.conns["prefill"]) + later
+            later = _drain(self.endpoints["decode"])
+            messages += _drain(self.endpoints["prefill"]) + later
         outs: list[RequestOutput] = []
         for kind, *value in messages:
             if kind == "out" and value[0].request_id in self.unfinished:
@@ -204,9 +242,8 @@ class PDEngine:
                 completion = CompletionOutput(0, "", [], "error", error=f"{value[1][1]}: {value[1][2]}")
                 outs.append(_output(value[0], completion))
         for role in ROLES:
-            if not self.procs[role].is_alive() and self.dead is None:
-                self.procs[role].join(1.0)
-                self.dead = f"the {role} instance exited (code {self.procs[role].exitcode})"
+            if not self.endpoints[role].alive() and self.dead is None:
+                self.dead = f"the {role} instance {self.endpoints[role].gone()}"
         if self.dead is not None:
             outs += [
                 _output(i, CompletionOutput(0, "", [], "error", error=self.dead)) for i in self.unfinished
@@ -233,7 +270,7 @@ class PDEngine:
         """Each live instance's queue, KV use and transfer counters."""
         out = {}
         for role in ROLES:
-            if self.procs[role].is_alive():
+            if self.endpoints[role].alive():
                 token = next(self._ids)
                 self.conns[role].send(("stats", (token,)))
                 out[role] = self.role_stats[role] = self._reply(role, timeout_s, ("stats", token))[1]
@@ -248,24 +285,32 @@ class PDEngine:
                 try:
                     message = conn.recv()
                 except (EOFError, OSError):
+                    if isinstance(self.endpoints[role], Remote):
+                        self.endpoints[role].closed = True
                     break
                 if kind is None or (message[0], message[-1]) == kind:
                     return message
                 self._early.append(message)
-            elif not self.procs[role].is_alive():
+            elif not self.endpoints[role].alive():
                 break
         self.kill()
         raise PDError(f"the {role} instance did not answer within {timeout_s:g} s or exited")
 
     def close(self) -> None:
         for role in ROLES:
-            if self.procs[role].is_alive():
+            if self.endpoints[role].alive():
                 with contextlib.suppress(OSError):  # it just died
                     self.conns[role].send(("close", ()))
         deadline = time.monotonic() + 10.0
-        for proc in self.procs.values():
-            proc.join(max(0.0, deadline - time.monotonic()))
+        for endpoint in self.endpoints.values():
+            if isinstance(endpoint, Spawned):
+                endpoint.proc.join(max(0.0, deadline - time.monotonic()))
         self.kill()
+
+    @property
+    def procs(self) -> dict[str, Any]:
+        """The instances' processes, when this front end started them."""
+        return {r: e.proc for r, e in self.endpoints.items() if isinstance(e, Spawned)}
 
     def kill(self) -> None:
         self._finalizer()
@@ -277,15 +322,22 @@ class PDEngine:
         self.close()
 
 
-def _drain(conn: Connection) -> list[tuple]:
+def _drain(endpoint: Spawned | Remote) -> list[tuple]:
     messages = []
     while True:
         try:
-            if not conn.poll():
+            if not endpoint.conn.poll():
                 return messages
-            messages.append(conn.recv())
+            messages.append(endpoint.conn.recv())
         except (EOFError, OSError):  # its process is gone
+            if isinstance(endpoint, Remote):
+                endpoint.closed = True
             return messages
+
+
+def _close_all(conns: list[Connection]) -> None:
+    for conn in conns:
+        conn.close()
 
 
 def _output(request_id: str, completion: CompletionOutput) -> RequestOutput:

@@ -47,24 +47,22 @@ class Instance:
         self._next_report = 0.0
         self.handed: dict[str, RequestOutput] = {}  # prefill: the output each handed-off request ended with
 
-    def serve(self, conn: Connection) -> None:
-        """Answer commands and run the engine until "close" or the front end is gone."""
-        while True:
-            while conn.poll():
-                try:
+    def serve(self, conn: Connection) -> bool:
+        """Answer commands and run the engine until "close" (True) or the front end is gone (False)."""
+        try:
+            while True:
+                while conn.poll():
                     command, args = conn.recv()
-                except (EOFError, OSError):
-                    return
-                if command == "close":
-                    return
-                self.handle(conn, command, args)
-            if not self.work(conn):
-                conn.poll(IDLE_S)
-            elif (
-                time.monotonic() > self._next_report
-            ):  # while busy: queue, KV use for the front end's metrics
-                conn.send(("stats", self.stats(), None))
-                self._next_report = time.monotonic() + REPORT_S
+                    if command == "close":
+                        return True
+                    self.handle(conn, command, args)
+                if not self.work(conn):
+                    conn.poll(IDLE_S)
+                elif time.monotonic() > self._next_report:  # while busy: queue and KV use for the metrics
+                    conn.send(("stats", self.stats(), None))
+                    self._next_report = time.monotonic() + REPORT_S
+        except (EOFError, OSError):  # the front end hung up
+            return False
 
     def handle(self, conn: Connection, command: str, args: tuple) -> None:
         if command == "add":
