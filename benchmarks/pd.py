@@ -7,13 +7,14 @@ the same rate: prompt-heavy (long prompts, few output tokens) and decode-heavy (
 tokens). Prints TTFT and TPOT (mean, p99) per arrangement, the KV transfer bytes and latency per request
 (1P+1D), and, for a load whose mix flips from prompt-heavy to decode-heavy half way, the TPOT p99 of the
 requests before and after the prefill instance switches to mixed at the flip (POST /admin/role's switch,
-here called directly), beside the same load with no switch. Both arrangements share the cores: the mixed
-engine uses all of them, each instance of the pair half (torch.set_num_threads per process).
+here called directly), beside the same load with no switch. The mixed engine runs with all cores' threads
+and with one (what each instance of the pair gets: the cores are split, torch.set_num_threads per process).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -107,10 +108,13 @@ def main() -> None:
         )
         for mix in MIXES:
             load = workload([mix], args.requests, args.rate, shape["vocab_size"], args.seed)
-            engine = Engine(config)
-            drive(engine, load[:2])  # warm-up: kernels, first allocations
-            print(f"{mix:13s} mixed  {summary(drive(engine, load))}")
-            engine.close()
+            for threads in sorted(
+                {config.num_threads, 1}, reverse=True
+            ):  # all cores, and one as each instance
+                engine = Engine(dataclasses.replace(config, num_threads=threads))
+                drive(engine, load[:2])  # warm-up: kernels, first allocations
+                print(f"{mix:13s} mixed, {threads} thread(s) {summary(drive(engine, load))}")
+                engine.close()
             with PDEngine(EngineConfig.from_args(model, pd="prefill=1,decode=1", **ENGINE)) as pd:
                 drive(pd, load[:2])
                 before = pd.stats()["decode"]["transfer"]
