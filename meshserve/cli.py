@@ -265,11 +265,53 @@ def serve(
     trace_file: str | None = typer.Option(
         None, help="Write each step's and request's timeline here (JSON lines; benchmarks/serve_phases.py)."
     ),
+    pd: str | None = typer.Option(
+        None,
+        help="Prefill/decode disaggregation: 'prefill=1,decode=1' starts a prefill and a decode process "
+        "(cores split) behind this endpoint, KV moved over torch.distributed (docs/disaggregation.md).",
+    ),
+    role: str = typer.Option(
+        "mixed",
+        help="mixed (this endpoint), or prefill / decode: run one instance of a pair (no HTTP) for a "
+        "front end started with --pd-connect; needs --kv-rendezvous, --listen and a key.",
+    ),
+    kv_rendezvous: str = typer.Option(
+        "tcp://127.0.0.1:29600", help="--role: where the pair's KV link meets (the prefill side hosts it)."
+    ),
+    listen: str = typer.Option("127.0.0.1:29700", help="--role: HOST:PORT the front end connects to."),
+    pd_connect: str | None = typer.Option(
+        None, help="Serve over instances started with --role: 'prefill=HOST:PORT,decode=HOST:PORT'."
+    ),
+    transfer_timeout_s: float = typer.Option(30.0, help="--role: one KV transfer's waits, in seconds."),
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models,
     /tokenize, /detokenize, /metrics)."""
     from meshserve.server.serve import serve as run
 
+    if role != "mixed":  # one instance of a prefill/decode pair, for a --pd-connect front end
+        from meshserve import switches
+        from meshserve.engine.pd.remote import run_role
+
+        key = api_key or switches.value("MESHSERVE_API_KEY") or None
+        args = {"max_model_len": max_model_len, "max_num_seqs": max_num_seqs, "block_size": block_size}
+        run_role(
+            model,
+            role,
+            kv_rendezvous,
+            listen,
+            key,
+            transfer_timeout_s,
+            dtype=dtype,
+            revision=revision,
+            max_num_batched_tokens=max_num_batched_tokens,
+            kv_cache_memory=kv_cache_memory,
+            enable_prefix_caching=enable_prefix_caching,
+            seed=seed,
+            num_threads=num_threads,
+            speculative_config=_json_option("speculative_config", speculative_config),
+            **{k: v for k, v in args.items() if v is not None},
+        )
+        return
     run(
         model,
         api_key=api_key,
@@ -298,6 +340,8 @@ def serve(
         device=device,
         speculative_config=_json_option("speculative_config", speculative_config),
         **_parallel_args(data_parallel_size, enable_expert_parallel, enable_eplb, eplb_config, oversubscribe),
+        **({} if pd is None else {"pd": pd}),
+        pd_connect=pd_connect,
     )
 
 

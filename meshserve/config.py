@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # auto: the checkpoint's (config.json)
 DEVICES = ("cpu", "cuda")  # engine/device.py turns these into torch devices
+ROLES = ("mixed", "prefill", "decode")  # prefill/decode disaggregation (engine/pd/, docs/disaggregation.md)
 DEFAULT_MAX_NUM_SEQS = 128
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_TOKENS = 1 << 24  # token budgets and lengths beyond 16M are typos, not settings
@@ -133,6 +134,10 @@ class EngineConfig:
         GPU, torch reference kernels; engine/device.py). Checked against the machine when the engine starts.
     switches: the environment switches this engine runs with (meshserve/switches.py), read here once, with
         this argument's entries over the environment, e.g. ``{"MESHSERVE_ATTENTION": "triton"}``.
+    role: "mixed" (prefill and decode here), "prefill" (run prompts and sample the first token, then hand
+        the request and its KV blocks over: ``Engine.handoffs``) or "decode" (also continue requests handed
+        over by a prefill engine, engine/pd/). Engine configuration, not another engine: it can change live.
+    pd: "prefill=1,decode=1" runs a prefill and a decode process behind this engine's interface (PDEngine).
     """
 
     model: str
@@ -149,6 +154,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig | None = None
     switches: Mapping[str, str] | None = None
+    role: str = "mixed"
+    pd: str | None = None
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and bool(self.model), "model", "must be a model directory")
@@ -170,6 +177,7 @@ class EngineConfig:
             f"unsupported {self.quantization!r}; allowed: {', '.join(METHODS)} (None: the checkpoint's own)",
         )
         self.seed = integer(self.seed, "seed", 0, 2**64 - 1)  # seeds the seeds of unseeded requests
+        require(self.role in ROLES, "role", f"unknown {self.role!r}; allowed: {', '.join(ROLES)}")
         require(self.device in DEVICES, "device", f"unknown {self.device!r}; allowed: {', '.join(DEVICES)}")
         if self.record_expert_trace is not None:  # fail now, not when the trace is written on close
             trace = self.record_expert_trace
@@ -202,6 +210,16 @@ class EngineConfig:
             "method 'draft_model' runs on device cpu only (its draft runs on the CPU); use 'ngram'",
         )
         self.parallel = self.parallel or ParallelConfig()
+        if self.pd is not None:
+            from meshserve.engine.pd.config import parse_pd
+
+            parse_pd(self.pd)
+            require(
+                not self.parallel.distributed and self.role == "mixed",
+                "pd",
+                "runs one prefill and one decode process itself: no data_parallel_size > 1, expert "
+                "parallelism or role with it",
+            )
         self.switches = read_switches(self.switches)
 
     @classmethod

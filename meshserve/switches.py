@@ -106,6 +106,14 @@ SWITCHES = (
         "Fault drill for tests: start:R fails rank R while it starts, stall:R stops its migration chunks, "
         "close:0 makes torchrun's rank 0 take 12 s before it closes the other ranks.",
     ),
+    Switch(
+        "MESHSERVE_PD_FAULT",
+        "",
+        (),
+        "Fault drill for tests of prefill/decode transfers (engine/pd/): die:recv makes the decode process "
+        "exit in its first KV receive, stall:send makes the prefill process wait past the timeout before "
+        "its first KV send.",
+    ),
 )
 BY_NAME = {s.name: s for s in SWITCHES}
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from meshserve import switches
-from meshserve.config import EngineConfig, SchedulerConfig
+from meshserve.config import ROLES, EngineConfig, SchedulerConfig
 from meshserve.engine.device import free_memory, resolve_device
 from meshserve.engine.grammar import Grammars, apply_bitmask, decode_bitmask
 from meshserve.engine.groups import RequestGroup, child_params
@@ -121,6 +121,8 @@ class Engine:
             self.spec.attach(self.model)
         self.stopper = StopChecker(self.tokenizer, mc.eos_token_ids, max_model_len)
         self.grammars = Grammars(self.tokenizer, mc.vocab_size, mc.eos_token_ids)
+        self.role = config.role  # prefill: requests past their first token go to ``handoffs`` (engine/pd/)
+        self.handoffs: list[Request] = []  # handed off, blocks still held until ``release`` (KV moved)
         self.requests: dict[str, Request] = {}  # every completion in flight, by its own id
         self.groups: dict[str, RequestGroup] = {}  # by the caller's request id
         self.num_steps = 0
@@ -210,6 +212,11 @@ class Engine:
         )
         require(
             isinstance(params, SamplingParams), "sampling_params", "must be a SamplingParams or PoolingParams"
+        )
+        require(
+            self.role != "prefill" or params.n == 1,
+            "n",
+            f"a prefill engine hands single completions to a decode engine: n must be 1, got {params.n}",
         )
         if request_id is None:
             request_id = next(i for i in map(str, self._ids) if i not in self.groups)
@@ -304,6 +311,42 @@ class Engine:
         self._forget(group)
         return True
 
+    def set_role(self, role: str) -> None:
+        """Change role between steps; weights, KV and requests stay. To "prefill": each running request is
+        handed off after the next token it samples (its KV moves with it), so in-flight work moves on to a
+        decode engine; from "prefill": later requests decode here, those handed off already still move."""
+        require(role in ROLES, "role", f"unknown {role!r}; allowed: {', '.join(ROLES)}")
+        require(
+            role != "prefill" or all(len(g.children) == 1 for g in self.groups.values()),
+            "role",
+            "cannot switch to prefill while a request with n > 1 runs here (completions move one by one)",
+        )
+        self.role = role
+
+    def release(self, request: Request) -> None:
+        """Free the blocks of a handed-off request (its KV has moved, or its transfer failed)."""
+        self.handoffs.remove(request)
+        self.blocks.free(request)
+
+    def adopt(self, request: Request) -> None:
+        """Continue a request handed over by another engine, its KV already in its blocks (engine/pd/)."""
+        require(
+            request.request_id not in self.groups, "request_id", f"{request.request_id!r} is already in use"
+        )
+        self.stopper.start(request)
+        if request.detokenizer is not None:  # catch up on the tokens sampled there (stop strings, streaming)
+            for token in request.output_token_ids:
+                request.detokenizer.add(token)
+        spec = request.params.structured_outputs
+        if spec is not None:  # the grammar's state after those tokens (matchers do not travel)
+            request.matcher = self.grammars.matcher(spec)
+            for token in request.output_token_ids:
+                request.matcher.accept_token(token)
+        self.requests[request.request_id] = request
+        self.groups[request.request_id] = RequestGroup(request.request_id, [request], request.stream)
+        self.blocks.publish(request)  # the prompt's full blocks serve later prompts here too
+        self.scheduler.resume(request)
+
     def _forget(self, group: RequestGroup) -> None:
         del self.groups[group.request_id]
         for child in group.children:
@@ -387,6 +430,11 @@ class Engine:
                     # LongRoPE: past the original context every key rotates the long way (transformers
                     # drops its cache there and recomputes the whole sequence): so does this request.
                     self.scheduler.recompute(request)
+                    if self.spec is not None:
+                        self.spec.remove(request.request_id)
+                elif tokens and self.role == "prefill":  # it sampled: a decode engine goes on (engine/pd/)
+                    self.scheduler.hand_off(request)
+                    self.handoffs.append(request)
                     if self.spec is not None:
                         self.spec.remove(request.request_id)
         if self.spec is not None:  # after the tokens are in: which rows are verified is known now
@@ -562,6 +610,8 @@ class Engine:
         self._closed = True
         for request in [r for r in self.requests.values() if not r.is_finished]:  # held ones too
             self._finish(request, RequestStatus.FINISHED_ABORTED)
+        for request in list(self.handoffs):
+            self.release(request)
         trace = self.expert_trace()
         if trace is not None:
             trace.save(self.config.record_expert_trace)

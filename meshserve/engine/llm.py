@@ -25,13 +25,18 @@ from meshserve.errors import InputError
 
 if TYPE_CHECKING:
     from meshserve.engine.distributed import DistributedEngine
+    from meshserve.engine.pd.frontend import PDEngine
 
 Prompt = str | Sequence[int] | dict[str, Any]
 
 
-def make_engine(config: EngineConfig) -> Engine | DistributedEngine:
+def make_engine(config: EngineConfig) -> Engine | DistributedEngine | PDEngine:
     """An Engine in this process, or N rank processes behind a DistributedEngine (data_parallel_size > 1
     or enable_expert_parallel)."""
+    if config.pd is not None:  # a prefill and a decode process (engine/pd/)
+        from meshserve.engine.pd.frontend import PDEngine
+
+        return PDEngine(config)
     if config.parallel.distributed:
         from meshserve.engine.distributed import DistributedEngine
 
@@ -106,6 +111,8 @@ class LLM:
                             done[out.request_id] = out
                             del width[out.request_id]
                             bar.update(1)
+                    for request in list(getattr(self.engine, "handoffs", ())):  # role prefill, offline: no
+                        self.engine.release(request)  # decode engine takes them; outputs end at "handoff"
             return [done[i] for i in ids]
         except BaseException:  # take back what this call added, so later calls run as if it never happened
             for request_id in ids:

@@ -4,6 +4,8 @@
                       ^                     |
                       +----preempt----------+        (any unfinished state) --abort--> FINISHED_ABORTED
                                                      (running, its sampling fails) --> FINISHED_ERROR
+                                  (a prefill engine, first token sampled) --> HANDED_OFF (its blocks stay
+                                   held until its KV has moved to a decode engine: engine/pd/)
 
 NEW: made but not queued (an n > 1 completion held until its sibling's prompt KV is cached).
 
@@ -34,6 +36,7 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
     FINISHED_ERROR = "error"  # its own parameters failed in a step; the others in the batch go on
+    HANDED_OFF = "handoff"  # done here (a prefill engine): a decode engine continues it
 
     @property
     def finished(self) -> bool:

@@ -165,6 +165,17 @@ class Scheduler:
         request.spec_token_ids = []
         self.add(request)
 
+    def hand_off(self, request: Request) -> None:
+        """A running request leaves this scheduler (prefill role) with its blocks still held: they are freed
+        once its KV has moved (engine/pd/)."""
+        self.running.remove(request)
+        request.status = RequestStatus.HANDED_OFF
+
+    def resume(self, request: Request) -> None:
+        """Run a request whose KV is already in its blocks (handed over by a prefill engine)."""
+        request.status = RequestStatus.RUNNING
+        bisect.insort(self.running, request, key=_by_arrival)
+
     def finish(self, request: Request, status: RequestStatus) -> None:
         """End a request (stop, length or abort) and free its blocks at once (a NEW one is in no queue)."""
         if request.status is RequestStatus.RUNNING:

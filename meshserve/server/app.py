@@ -28,6 +28,7 @@ from meshserve.engine.async_llm import AsyncLLM, EngineBusy, EngineDead, Request
 from meshserve.engine.pooling import PoolingParams
 from meshserve.engine.sampling_params import check_choices
 from meshserve.errors import InputError, require
+from meshserve.server.admin import add_admin_routes
 from meshserve.server.auth import ApiKey
 from meshserve.server.embeddings import embeddings_router
 from meshserve.server.metrics import ServerMetrics
@@ -138,6 +139,7 @@ def build_app(
         app.add_middleware(EmbedOnly)
     if api_key:  # added last: runs first, before the body is read
         app.add_middleware(ApiKey, key=api_key)
+    add_admin_routes(app, llm)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:

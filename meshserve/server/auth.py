@@ -1,4 +1,4 @@
-"""--api-key: every /v1 route, /tokenize and /detokenize need ``Authorization: Bearer <key>``.
+"""--api-key: every /v1 and /admin route, /tokenize and /detokenize need ``Authorization: Bearer <key>``.
 
 Without it (or with another key) the answer is 401 in OpenAI's error shape. The key is compared in
 constant time (``hmac.compare_digest``), so response times say nothing about how much of a guess was
@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 
 def protected(path: str) -> bool:
-    return path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+    return path == "/v1" or path.startswith(("/v1/", "/admin/")) or path in ("/tokenize", "/detokenize")
 
 
 class ApiKey:

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from meshserve.engine.engine import Engine
 from meshserve.engine.outputs import RequestOutput
+from meshserve.server.pd_metrics import PDMetrics
 
 LATENCY_BUCKETS = (
     0.001,
@@ -105,6 +106,7 @@ class ServerMetrics:
             [*labels, "finished_reason"],
             registry=r,
         )
+        self.pd = PDMetrics(r)  # per role, when the engine is a prefill/decode pair
         self._last: dict[str, float] = {}  # engine totals at the previous step
         self._token_time: dict[str, float] = {}  # request id -> time of its latest streamed tokens
         self._token_count: dict[str, int] = {}  # request id -> tokens streamed so far
@@ -113,6 +115,8 @@ class ServerMetrics:
         """Engine-thread hook: read the step's stats and the outputs it produced."""
         now = time.time()
         stats, m = engine.last_stats, self.model
+        if getattr(engine, "role_stats", None):
+            self.pd.on_step(m, engine.role_stats)
         self.running.labels(m).set(stats.get("running", 0))
         self.waiting.labels(m).set(stats.get("waiting", 0))
         self.kv_usage.labels(m).set(stats.get("kv_usage", 0.0))

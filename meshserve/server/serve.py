@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from meshserve.config import EngineConfig
 from meshserve.engine.async_llm import AsyncLLM
 from meshserve.errors import integer, number
 from meshserve.memory import pin_mmap_threshold
@@ -122,11 +123,13 @@ def serve(
     api_key: str | None = None,
     task: str = "auto",
     trace_file: str | None = None,
+    pd_connect: str | None = None,
     **engine_args: Any,
 ) -> None:
     """Serve ``model`` (a Hugging Face-format directory) over the OpenAI API until stopped. ``api_key``
     (else MESHSERVE_API_KEY): required on /v1 routes; ``task``: auto, generate or embed; ``trace_file``:
-    write every step's and request's timeline there (JSON lines, engine/timeline.py)."""
+    write every step's and request's timeline there (JSON lines, engine/timeline.py); ``pd_connect``:
+    "prefill=HOST:PORT,decode=HOST:PORT", instances started with ``meshserve serve --role``."""
     from meshserve import switches
     from meshserve.server.app import build_app
     from meshserve.server.tasks import check_task
@@ -136,7 +139,13 @@ def serve(
     check_task(task)
     api_key = api_key or switches.value("MESHSERVE_API_KEY") or None
     pin_mmap_threshold()  # a long-running engine: freed tensors go back to the OS, RSS stays flat
-    llm = AsyncLLM.from_args(model, max_waiting=max_waiting, trace_file=trace_file, **engine_args)
+    if pd_connect is None:
+        llm = AsyncLLM.from_args(model, max_waiting=max_waiting, trace_file=trace_file, **engine_args)
+    else:  # a front door over prefill / decode instances started on their own (engine/pd/remote.py)
+        from meshserve.engine.pd.remote import connect
+
+        engine = connect(EngineConfig.from_args(model, **engine_args), pd_connect, api_key)
+        llm = AsyncLLM(engine, max_waiting, trace_file=trace_file)
     name = served_model_name or Path(model).name  # never the server's filesystem path
     aliases = () if served_model_name else (model,)
     app = build_app(llm, name, aliases=aliases, tool_parser=tool_call_parser, api_key=api_key, task=task)

@@ -1,0 +1,150 @@
+"""One role's process: an Engine plus its side of the KV link, serving a front end's commands through a pipe.
+
+The loop: commands from the pipe (add, abort, stats, close), offers waiting on the link (decode), one engine
+step when there is work, and the handed-off requests' transfers (prefill). Outputs go back through the pipe as
+("out", RequestOutput); a prefill instance sends only those that end there (at the first token, or failed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from meshserve.config import EngineConfig
+from meshserve.engine.distributed.worker import portable
+from meshserve.engine.engine import Engine
+from meshserve.engine.outputs import RequestOutput
+from meshserve.engine.pd.link import DECODE, PREFILL, KVLink, TransferError
+from meshserve.engine.pd.receiver import Receiver
+from meshserve.engine.pd.sender import Sender
+from meshserve.errors import InputError
+
+logger = logging.getLogger(__name__)
+IDLE_S = 0.002  # how long an idle instance waits on its pipe before it looks for offers again
+REPORT_S = 0.25  # how often an instance sends its stats unasked
+
+
+@dataclass
+class InstanceSpec:
+    role: str  # "prefill" or "decode"
+    config: EngineConfig
+    init_method: str  # the KV link's rendezvous (link.py)
+    timeout_s: float  # one transfer's waits
+    threads: int  # this process's share of the cores
+
+
+class Instance:
+    def __init__(self, spec: InstanceSpec) -> None:
+        self.role = spec.role
+        self.engine = Engine(dataclasses.replace(spec.config, role=spec.role, num_threads=spec.threads))
+        rank = PREFILL if spec.role == "prefill" else DECODE
+        self.link = KVLink.connect(spec.init_method, rank, spec.timeout_s)
+        self.side = Sender(self.engine, self.link) if rank == PREFILL else Receiver(self.engine, self.link)
+        self._next_report = 0.0
+        self.handed: dict[str, RequestOutput] = {}  # prefill: the output each handed-off request ended with
+
+    def serve(self, conn: Connection) -> bool:
+        """Answer commands and run the engine until "close" (True) or the front end is gone (False)."""
+        try:
+            while True:
+                while conn.poll():
+                    command, args = conn.recv()
+                    if command == "close":
+                        return True
+                    self.handle(conn, command, args)
+                if not self.work(conn):
+                    conn.poll(IDLE_S)
+                elif time.monotonic() > self._next_report:  # while busy: queue and KV use for the metrics
+                    conn.send(("stats", self.stats(), None))
+                    self._next_report = time.monotonic() + REPORT_S
+        except (EOFError, OSError):  # the front end hung up
+            return False
+
+    def handle(self, conn: Connection, command: str, args: tuple) -> None:
+        if command == "add":
+            prompt, params, request_id, stream, detokenize, arrival = args
+            try:
+                self.engine.add_request(prompt, params, request_id, stream, detokenize, arrival)
+            except InputError as err:
+                conn.send(("rejected", request_id, portable(err)))
+        elif command == "abort":
+            self.engine.abort(*args)
+        elif command == "role":
+            self.engine.set_role(*args)
+        elif command == "stats":
+            conn.send(("stats", self.stats(), *args))
+        else:
+            raise ValueError(f"unknown command {command!r}")
+
+    def work(self, conn: Connection) -> bool:
+        """One round: offers, a step, transfers; False when there was nothing to do."""
+        worked = isinstance(self.side, Receiver) and self.side.poll() > 0
+        if self.engine.has_unfinished():
+            worked = True
+            outs = self.engine.step()
+            streamed = {r.request_id for r in self.engine.handoffs if r.stream}
+            for out in outs:
+                if out.finish_reason != "handoff":
+                    conn.send(("out", out))
+                    continue
+                self.handed[out.request_id] = out
+                if out.request_id in streamed:  # its new tokens go out now; the decode side sends the rest
+                    conn.send(("out", ended(out, None, finished=False)))
+        if isinstance(self.side, Sender):
+            for request in list(self.engine.handoffs):
+                worked = True
+                try:
+                    if not self.side.transfer(request):
+                        break  # the decode side is full: try again after the next step
+                    self.handed.pop(request.request_id, None)
+                except TransferError as err:
+                    out = self.handed.pop(request.request_id)
+                    conn.send(("out", ended(out, str(err), finished=True, empty=request.stream)))
+        return worked
+
+    def stats(self) -> dict[str, Any]:
+        """What /metrics shows per role: queue, KV use, transfers."""
+        engine = self.engine
+        return {
+            "role": self.role,  # which instance: its role now is the engine's
+            "engine_role": engine.role,
+            "waiting": len(engine.scheduler.waiting),
+            "running": len(engine.scheduler.running),
+            "handoffs": len(engine.handoffs),
+            "num_blocks": engine.blocks.num_blocks,
+            "num_free_blocks": engine.blocks.num_free_blocks,
+            "kv_usage": engine.blocks.usage,
+            "transfer": self.side.stats.summary(),
+        }
+
+    def close(self) -> None:
+        self.engine.close()
+        self.link.close()
+
+
+def ended(out: RequestOutput, error: str | None, finished: bool, empty: bool = False) -> RequestOutput:
+    """A handed-off request's output as the front end sees it: going on (its tokens streamed now), or ended
+    with ``error`` (``empty``: its tokens were streamed already)."""
+    reason = "error" if error is not None else None
+    completion = dataclasses.replace(out.outputs[0], finish_reason=reason, error=error)
+    if empty:
+        completion = dataclasses.replace(completion, text="", token_ids=[], logprobs=None)
+    return dataclasses.replace(out, outputs=[completion], finished=finished)
+
+
+def run_instance(spec: InstanceSpec, conn: Connection) -> None:
+    """Process entry point: start, say ("ready", max_model_len) or ("error", ...), then serve."""
+    try:
+        instance = Instance(spec)
+    except BaseException as err:  # noqa: BLE001 - reported to the front end, which stops both
+        conn.send(("error", portable(err)))
+        return
+    conn.send(("ready", instance.engine.max_model_len))
+    try:
+        instance.serve(conn)
+    finally:
+        instance.close()

@@ -1,0 +1,47 @@
+"""Transfers that fail: the decode process dies mid-transfer, a transfer times out. Every request completes
+correctly or ends with an error naming the cause, and neither side keeps a block."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshserve.config import EngineConfig
+from meshserve.engine.pd.frontend import PDEngine
+from tests.engine.pd.test_pd_processes import assert_no_blocks_held, settled
+from tests.engine.pd.workload import ARGS, GREEDY, PROMPTS, mixed_tokens
+
+TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir) -> str:
+    return str(tiny_model_dir("llama", num_hidden_layers=2))
+
+
+def drill(model: str, fault: str) -> PDEngine:
+    config = EngineConfig.from_args(model, switches={"MESHSERVE_PD_FAULT": fault}, **ARGS)
+    return PDEngine(config, transfer_timeout_s=TIMEOUT_S)
+
+
+def test_decode_killed_mid_transfer_fails_requests_clearly_and_frees_prefill_blocks(model):
+    with drill(model, "die:recv") as pd:
+        outs = pd.generate(PROMPTS[:2], GREEDY, timeout_s=120)
+        assert [o.finish_reason for o in outs] == ["error", "error"]
+        assert all("decode instance exited (code 17)" in o.outputs[0].error for o in outs)
+        stats = settled(pd)
+        assert set(stats) == {"prefill"}
+        assert stats["prefill"]["transfer"]["failures"] >= 2  # tried, then tried once more
+        assert_no_blocks_held(stats)
+    assert not any(p.is_alive() for p in pd.procs.values())
+
+
+def test_a_transfer_timeout_is_retried_and_the_request_completes_exactly(model):
+    expected = mixed_tokens(model, PROMPTS[:2])
+    with drill(model, "stall:send") as pd:
+        outs = pd.generate(PROMPTS[:2], GREEDY, timeout_s=120)
+        assert [o.token_ids for o in outs] == expected
+        stats = settled(pd)
+        assert stats["decode"]["transfer"]["failures"] == 1  # its receive timed out, blocks freed
+        assert stats["prefill"]["transfer"]["failures"] == 1  # its send found the pair closed: retried
+        assert stats["decode"]["transfer"]["transfers"] == 2
+        assert_no_blocks_held(stats)
