@@ -10,6 +10,11 @@ def test_results_come_back_in_argument_order():
     assert run_many(lambda x: x * x, [3, 1, 2], progress=False) == [9, 1, 4]
 
 
+def test_processes_give_the_local_results_in_argument_order():
+    args = [5, -3, 2, 0, 7]
+    assert run_many(abs, args, executor="processes", progress=False) == run_many(abs, args, progress=False)
+
+
 def test_unknown_executor_names_the_field():
     with pytest.raises(InputError, match="executor"):
         run_many(abs, [1], executor="dask", progress=False)
