@@ -18,3 +18,13 @@ def test_processes_give_the_local_results_in_argument_order():
 def test_unknown_executor_names_the_field():
     with pytest.raises(InputError, match="executor"):
         run_many(abs, [1], executor="dask", progress=False)
+
+
+def _refuse(x: int) -> int:
+    raise InputError("x", f"must be even, got {x}")
+
+
+def test_an_input_error_in_a_worker_reaches_the_caller_as_itself():
+    with pytest.raises(InputError, match="x: must be even, got 3") as caught:
+        run_many(_refuse, [3], executor="processes", progress=False)
+    assert caught.value.field == "x"
