@@ -92,9 +92,10 @@ def packings(draw):
 @given(packings())
 def test_pack_matches_the_per_replica_loop(problem):
     load, reps, devices, slots, kwargs = problem
-    np.testing.assert_array_equal(
-        pack(load, reps, devices, slots, **kwargs), loop_pack(load, reps, devices, slots, **kwargs)
-    )
+    with np.errstate(divide="ignore", invalid="ignore"):  # a layer with no tokens: both divide by 0
+        np.testing.assert_array_equal(
+            pack(load, reps, devices, slots, **kwargs), loop_pack(load, reps, devices, slots, **kwargs)
+        )
 
 
 def test_pack_stacked_options_match_separate_packs():
