@@ -53,29 +53,31 @@ def pack(
     even share), and among those it takes the one that already holds the expert, else the one
     nearest a current holder: the fewest bytes x hops of copying (every copy is one expert's
     bytes, so hops rank them) for about EPLB's balance. Layers may have different replica counts.
+
+    One step per replica rank, vectorised over layers. Layers are taken most replicas first, so
+    the layers still placing at rank i are a prefix: a stack of options with fewer replicas
+    (timed_plan's) costs only its own ranks. Each step writes its scores into reused buffers.
     """
     layers, experts = load.shape
-    rows = np.arange(layers)
-    # each layer's replicas heaviest first; a layer with fewer replicas is padded with empty items
-    width = int(reps.sum(axis=1).max())
-    expert = np.full((layers, width), -1)
-    for i in range(layers):
-        items = np.repeat(np.arange(experts), reps[i])
-        expert[i, : len(items)] = items
-    weight = np.where(expert >= 0, np.take_along_axis(load / reps, np.maximum(expert, 0), axis=1), -np.inf)
-    order = np.argsort(-weight, axis=1, kind="stable")
-    expert = np.take_along_axis(expert, order, axis=1)
-    weight = np.maximum(np.take_along_axis(weight, order, axis=1), 0.0)  # padding: 0 tokens, never placed
-    holds = np.zeros((layers, experts, num_devices), dtype=bool)
-    used = np.zeros((layers, num_devices), dtype=np.int64)
-    dev_load = np.zeros((layers, num_devices))
-    near = None if current is None else nearest_holder(current, np.asarray(hops, dtype=np.float64))
     if bound is None:
         ideal = load.sum(axis=1, keepdims=True) / num_devices  # [layers, 1]: a perfectly even share
         if cost is not None:
             ideal = cost.score(ideal, reps.sum(axis=1, keepdims=True) / num_devices)
     else:
         ideal = np.asarray(bound, dtype=np.float64).reshape(layers, 1)
+    count = reps.sum(axis=1)
+    by_count = np.argsort(-count, kind="stable")  # the layers, most replicas first
+    count, ideal = count[by_count], ideal[by_count]
+    width = int(count.max(initial=0))
+    active = (count[None, :] > np.arange(width)[:, None]).sum(axis=1)  # layers placing at each rank
+    expert, weight = heaviest_first(load[by_count], reps[by_count], width)  # [width, layers]
+    holds = np.zeros((layers, experts, num_devices), dtype=bool)
+    used = np.zeros((layers, num_devices), dtype=np.int64)
+    full = np.zeros((layers, num_devices), dtype=bool)
+    dev_load = np.zeros((layers, num_devices))
+    tokens, score, scratch = (np.empty((layers, num_devices)) for _ in range(3))  # reused buffers
+    near = None if current is None else nearest_holder(current, np.asarray(hops, dtype=np.float64))
+    limit, twice = ideal * (1.0 + slack), 2 * ideal
     if cost is not None:  # DeviceCost.score's terms, in its order; the weight term kept per device
         fc, cpt, io, a2a = (
             cost.fixed_compute_s,
@@ -85,31 +87,60 @@ def pack(
         )
         memory = cost.fixed_memory_s + (used + 1) * cost.weight_s_per_expert
     for i in range(width):
-        e, w = np.maximum(expert[:, i], 0), weight[:, i : i + 1]
-        ok = (used < slots) & ~holds[rows, e] & (expert[:, i] >= 0)[:, None]
-        tokens = dev_load + w
-        if cost is None:
-            after = tokens
-        else:
-            after = np.maximum(fc + tokens * cpt, memory + tokens * io)
-            after += tokens * a2a
-        after[~ok] = np.inf
+        m = int(active[i])
+        rows, e, w = np.arange(m), expert[i, :m], weight[i, :m, None]
+        blocked = holds[rows, e]  # a copy: the devices that hold this expert already, or are full
+        blocked |= full[:m]
+        after = np.add(dev_load[:m], w, out=tokens[:m])  # the device's tokens with this replica
+        if cost is not None:  # max(fc + tokens x cpt, memory + tokens x io) + tokens x a2a
+            t, after, other = after, np.multiply(after, cpt, out=score[:m]), scratch[:m]
+            after += fc
+            np.multiply(t, io, out=other)
+            other += memory[:m]
+            np.maximum(after, other, out=after)
+            after += np.multiply(t, a2a, out=other)
+        np.copyto(after, np.inf, where=blocked)
         if near is None:
             choice = after.argmin(axis=1)
         else:
             # devices this replica does not push past the bound, or the least loaded
-            fits = ok & (after <= ideal * (1.0 + slack))
+            fits = ~blocked & (after <= limit[:m])
             close = np.where(fits.any(axis=1, keepdims=True), fits, after == after.min(axis=1, keepdims=True))
-            hops_to = np.where(close, near[rows, e], np.inf)  # 0 where it already holds the expert
-            choice = (hops_to + after / (2 * ideal)).argmin(axis=1)
-        placed = ok[rows, choice]  # a layer with no room left for this expert drops the replica
+            hops_to = np.where(close, near[by_count[:m], e], np.inf)  # 0 where it already holds the expert
+            choice = (hops_to + after / twice[:m]).argmin(axis=1)
+        placed = ~blocked[rows, choice]  # a layer with no room left for this expert drops the replica
         r, c = rows[placed], choice[placed]
         holds[r, e[placed], c] = True
         used[r, c] += 1
-        dev_load[r, c] += weight[placed, i]
+        full[r, c] = used[r, c] >= slots
+        dev_load[r, c] += w[placed, 0]
         if cost is not None:
             memory[r, c] = cost.fixed_memory_s + (used[r, c] + 1) * cost.weight_s_per_expert
-    return holds
+    out = np.empty_like(holds)
+    out[by_count] = holds
+    return out
+
+
+def heaviest_first(load: np.ndarray, reps: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each layer's replicas as (expert, tokens) [width, layers], heaviest first (ties: lower expert).
+
+    A replica carries load / reps of its expert's tokens; a layer with fewer than ``width``
+    replicas is padded at its end (expert 0, weight 0: never reached, pack stops each layer at
+    its count).
+    """
+    layers, experts = load.shape
+    per = np.where(reps > 0, load / np.maximum(reps, 1), -np.inf)  # an expert with no replica: none
+    # every (layer, expert) pair repeated reps times, in expert order, then sorted by weight
+    layer = np.repeat(np.arange(layers), reps.sum(axis=1))
+    item = np.repeat(np.tile(np.arange(experts), layers), reps.ravel())
+    rank = np.arange(len(item)) - np.searchsorted(layer, layer)
+    expert = np.zeros((layers, width), dtype=np.int64)
+    weight = np.full((layers, width), -np.inf)
+    expert[layer, rank], weight[layer, rank] = item, per[layer, item]
+    order = np.argsort(-weight, axis=1, kind="stable")
+    expert = np.take_along_axis(expert, order, axis=1)
+    weight = np.maximum(np.take_along_axis(weight, order, axis=1), 0.0)
+    return np.ascontiguousarray(expert.T), np.ascontiguousarray(weight.T)
 
 
 def relabel(holds: np.ndarray, current: np.ndarray, hops: np.ndarray) -> np.ndarray:

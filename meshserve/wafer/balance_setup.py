@@ -34,10 +34,11 @@ from meshserve.wafer.iteration import IterationResult, check_trace, simulate_ite
 from meshserve.wafer.limits import check_iterations
 from meshserve.wafer.mapping import Mapping, make_mapping
 from meshserve.wafer.models import MoEModel, load_model
+from meshserve.wafer.simulate import return_phases
 from meshserve.wafer.synthetic import synthetic_trace
 from meshserve.wafer.timemodel import TIME_MODELS, collective_time, latency_s
 from meshserve.wafer.topology import Topology, topology_for
-from meshserve.wafer.traffic import Collective, attention_collectives, dispatch, output_return
+from meshserve.wafer.traffic import Collective, attention_collectives, dispatch
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def comm_model(
         collective_time(topo, c, time_model)
         for c in attention_collectives(mapping, tokens_per_group, model.token_bytes)
     ]
-    back = output_return(mapping, tokens_per_group, model.token_bytes) if costs.output_return else []
+    returned = return_phases(topo, mapping, tokens_per_group, model.token_bytes, time_model, costs)
     domains, bw = a2a_domains(mapping), topo.link_bandwidth
     # a balanced dispatch first gathers every domain member's per-expert counts (int32)
     peers = (domains[:, None] == domains[None, :]) & ~np.eye(topo.num_devices, dtype=bool)
@@ -209,7 +210,7 @@ def comm_model(
         count_exchange_time=collective_time(topo, counts, time_model).time_s,
         time_model=time_model,
         fair=fair,
-        return_time=float(sum(collective_time(topo, c, time_model).time_s for c in back)),
+        return_time=float(sum(p.time_s for p in returned)),
         migration_ceiling=costs.migration_link_ceiling,
         migration_hbm=costs.migration_hbm,
     )

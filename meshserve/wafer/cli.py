@@ -152,9 +152,10 @@ def reproduce_balance(
         "weight type, inter-wafer bandwidth and trace skew (first model).",
     ),
     executor: str = typer.Option(
-        "local",
+        "processes",
         "--executor",
-        help="local | ray: fan the independent runs out (pip install 'meshserve[ray]').",
+        help="processes (one worker per core) | local (one after another) | ray (pip install "
+        "'meshserve[ray]'): where the independent runs go; the figures are the same.",
     ),
     time_model: str = typer.Option(
         None,
@@ -193,7 +194,9 @@ def reproduce_balance(
 @app.command()
 def sweep(
     spec: str = typer.Argument(..., help="Sweep YAML (see meshserve/wafer/presets/sweeps/example.yaml)."),
-    executor: str = typer.Option("local", "--executor", help="local | ray (pip install 'meshserve[ray]')."),
+    executor: str = typer.Option(
+        "local", "--executor", help="local | processes | ray (pip install 'meshserve[ray]')."
+    ),
     out: str = typer.Option("out/sweep", "--out", help="Folder for results.csv and plots."),
 ) -> None:
     """Cross product models x platforms x TP x batch x balancer; CSV + plots."""

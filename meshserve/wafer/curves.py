@@ -203,7 +203,8 @@ def run_curves(
     for curve in (wsc_vs_nvl72_curve, ni_skew_curve):
         curve(spec, rungs, settings, config, record)
     unique = list(dict.fromkeys(wanted))
-    done = dict(zip(unique, run_many(_summary, unique, executor, progress, "curves"), strict=True))
+    runs = run_many(_summary, unique, executor, progress, "curves", size=lambda s: s.tokens_per_device)
+    done = dict(zip(unique, runs, strict=True))
     return (
         wsc_vs_nvl72_curve(spec, rungs, settings, config, done.__getitem__),
         ni_skew_curve(spec, rungs, settings, config, done.__getitem__),

@@ -16,7 +16,7 @@ from meshserve.wafer.hardware import Hardware, load_hardware
 from meshserve.wafer.mapping import make_mapping
 from meshserve.wafer.models import MoEModel, load_model
 from meshserve.wafer.presets import PRESET_DIR
-from meshserve.wafer.simulate import simulate_layer
+from meshserve.wafer.simulate import RETURN, simulate_layer
 
 
 def load_spec() -> dict[str, Any]:
@@ -33,11 +33,16 @@ def scale_hardware(entry: dict[str, Any]) -> Hardware:
 def comm_point(hw: Hardware, model: MoEModel, tp: int, kind: str, tokens: float, time_model: str) -> dict:
     """Communication of one MoE layer under one mapping, in microseconds and megabytes."""
     layer = simulate_layer(hw, model, make_mapping(hw, tp, kind), tokens, time_model=time_model)
-    attention = [p for p in layer.phases if p.model != "roofline" and p.name not in ("dispatch", "combine")]
+    attention = [
+        p
+        for p in layer.phases
+        if p.model != "roofline" and p.name not in ("dispatch", "combine") and not p.name.startswith(RETURN)
+    ]
     return {  # plain floats: the result goes to JSON
-        "comm_us": float(layer.comm_s * 1e6),
+        "comm_us": float(layer.comm_s * 1e6),  # attention reduction + all-to-all + output return
         "attention_us": float(layer.attention_comm_s * 1e6),
         "all_to_all_us": float(layer.all_to_all_s * 1e6),
+        "return_us": float(layer.return_s * 1e6),
         "attention_hot_mb": float(max(p.hottest_bytes for p in attention) / 1e6),
         "dispatch_hot_mb": float(layer.phase("dispatch").hottest_bytes / 1e6),
     }

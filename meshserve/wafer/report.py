@@ -61,7 +61,8 @@ def print_layer(hw: Hardware, mo: MoEModel, m: Mapping, tokens: float, layer: La
     console.print(
         f"MoE layer: {layer.total_s * 1e6:.1f} us = compute {layer.compute_s * 1e6:.1f} + communication "
         f"{layer.comm_s * 1e6:.1f} (all-to-all {layer.all_to_all_s * 1e6:.1f}, attention reduction "
-        f"{layer.attention_comm_s * 1e6:.1f}); decode step over {mo.num_layers} layers: {step * 1e3:.2f} ms; "
+        f"{layer.attention_comm_s * 1e6:.1f}, output return {layer.return_s * 1e6:.1f}); "
+        f"decode step over {mo.num_layers} layers: {step * 1e3:.2f} ms; "
         f"communication times from the {layer.time_model} model, compute from the die roofline."
     )
 
@@ -79,7 +80,8 @@ def print_comm(result: dict, console: Console) -> None:
     """The reproduce-comm tables: comparison, anchors beside ours, and the open question."""
     kinds = list(dict.fromkeys(k for r in result["rows"] for k in r["mappings"]))
     table = Table(
-        title=f"Communication per MoE layer in us (change vs baseline), TP={result['tp']}, "
+        title="Communication per MoE layer in us: attention reduction + all-to-all + output return "
+        f"(change vs baseline), TP={result['tp']}, "
         f"{result['tokens_per_device']:g} tokens/device, {result['time_model']} model"
     )
     for col in ["model", "platform", *kinds]:

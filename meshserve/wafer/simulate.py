@@ -1,7 +1,8 @@
 """One decode step of an MoE model on a platform, phase by phase.
 
 An MoE layer = attention compute -> attention output reduction (all-reduce, or reduce-scatter +
-wafer all-gather for hierarchical mappings) -> MoE dispatch -> expert compute -> MoE combine.
+wafer all-gather for hierarchical mappings) -> MoE dispatch -> expert compute -> MoE combine ->
+the output's return to every TP member (the ``output_return`` cost, presets/costs.yaml).
 Phases run one after another (no overlap); the layer's time is their sum.
 """
 
@@ -14,12 +15,13 @@ import numpy as np
 
 from meshserve.errors import InputError
 from meshserve.wafer import compute
+from meshserve.wafer.costs import Costs, default_costs
 from meshserve.wafer.hardware import Hardware
 from meshserve.wafer.mapping import Mapping, expert_placement
 from meshserve.wafer.models import MoEModel
 from meshserve.wafer.timemodel import PhaseTime, collective_time
-from meshserve.wafer.topology import topology_for
-from meshserve.wafer.traffic import attention_collectives, combine, device_share, dispatch
+from meshserve.wafer.topology import Topology, topology_for
+from meshserve.wafer.traffic import attention_collectives, combine, device_share, dispatch, output_return
 
 DEFAULT_CONTEXT = 4096  # context tokens per decoding sequence (KV-cache reads)
 
@@ -43,7 +45,12 @@ class LayerResult:
 
     @property
     def attention_comm_s(self) -> float:
-        return self.comm_s - self.all_to_all_s
+        return self.comm_s - self.all_to_all_s - self.return_s
+
+    @property
+    def return_s(self) -> float:
+        """The MoE output's return after the combine (0 with the ``output_return`` cost off)."""
+        return sum(p.time_s for p in self.phases if p.name.startswith(RETURN))
 
     @property
     def all_to_all_s(self) -> float:
@@ -56,6 +63,26 @@ class LayerResult:
     @property
     def total_s(self) -> float:
         return self.comm_s + self.compute_s
+
+
+RETURN = "return "  # the name prefix of the output-return phases (traffic.output_return)
+
+
+def return_phases(
+    topo: Topology,
+    mapping: Mapping,
+    tokens_per_group: float,
+    token_bytes: float,
+    time_model: str,
+    costs: Costs,
+) -> list[PhaseTime]:
+    """The MoE output's way back to every TP member after the combine (traffic.output_return),
+    timed; none with the ``output_return`` cost off. Every simulator charges it through here."""
+    if not costs.output_return:
+        return []
+    return [
+        collective_time(topo, c, time_model) for c in output_return(mapping, tokens_per_group, token_bytes)
+    ]
 
 
 def _compute_phase(name: str, seconds: float, num_links: int) -> PhaseTime:
@@ -75,13 +102,15 @@ def simulate_layer(
     ep: int | None = None,
     context: int = DEFAULT_CONTEXT,
     time_model: str = "bottleneck",
+    costs: Costs | None = None,
 ) -> LayerResult:
     """Evaluate one MoE layer in decode, or in a step that also runs prompts: prefill_tokens_per_device
     of the tokens_per_device are tokens of ``prompt``-token prompts (compute.attention_s).
 
     tokens_per_device: decode tokens per device; a TP group holds tokens_per_device * TP tokens.
     placement [experts, devices] (default: mapping-independent round-robin over ep devices) and
-    expert_load [experts] (default uniform) decide where routed tokens go.
+    expert_load [experts] (default uniform) decide where routed tokens go. costs: which costs
+    beyond the paper's are charged (None: presets/costs.yaml; here only ``output_return``).
     """
     if not 0 < tokens_per_device < math.inf:  # also refuses NaN
         raise InputError("tokens_per_device", f"must be a finite number > 0, got {tokens_per_device}")
@@ -118,6 +147,7 @@ def simulate_layer(
         dispatch_t,
         _compute_phase("experts", float(expert_s.max()), links),
         combine_t,
+        *return_phases(topo, mapping, tokens, model.token_bytes, time_model, costs or default_costs()),
     ]
     return LayerResult(
         phases=phases,

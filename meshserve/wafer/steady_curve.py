@@ -94,6 +94,12 @@ def _job(job: tuple[str, BalanceSetup]) -> dict[str, Any]:
     return steady_half(run_marked(setup))
 
 
+def _job_size(job: tuple[str, BalanceSetup]) -> float:
+    """A job's rough cost: its tokens, twice for a run broken down by steady_gap (it re-plans)."""
+    kind, setup = job
+    return setup.tokens_per_device * (2 if kind in OURS else 1)
+
+
 def ni_steady_curve(
     spec: dict, config: BalanceConfig, progress: bool = True, executor: str = "local"
 ) -> dict[str, Any]:
@@ -129,7 +135,7 @@ def ni_steady_curve(
             )
     for _, setup in jobs:  # bad input fails before any long run
         setup.check()
-    results = iter(run_many(_job, jobs, executor, progress, "ni steady curve"))
+    results = iter(run_many(_job, jobs, executor, progress, "ni steady curve", size=_job_size))
     fit = {s.tokens_per_device: s.fit() for _, s in jobs if s.hardware == jobs[0][1].hardware}
     points = [
         {

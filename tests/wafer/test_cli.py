@@ -46,14 +46,19 @@ def test_reproduce_comm_json(tmp_path):
     result = runner.invoke(app, ["wafer", "reproduce", "comm", "--json", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert 0 < data["er_reduction_max"] < 1 and -1 < data["her_reduction_max"] < 1
+    # ER cuts the all-to-all; with the output return charged (a second attention reduction, which
+    # ER slows) its total can be above the baseline's
+    assert 0 < data["er_a2a_reduction_max"] < 1 and -1 < data["her_reduction_max"] < 1
+    row = data["rows"][0]["mappings"]["er"]
+    assert row["comm_us"] == pytest.approx(row["attention_us"] + row["all_to_all_us"] + row["return_us"])
     assert data["paper"]["her_reduction_max"] == 0.62 and data["time_model"] == "bottleneck"
     # her-ftd keeps the all-to-all in FTD blocks: it halves her's all-to-all on the multi-wafer scale
     assert data["her_ftd_a2a_reduction_max"] > data["her_a2a_reduction_max"]
     ports = [row["injection_gb_per_s"] for row in data["injection_sweep"]]
     assert ports == sorted(ports) and data["injection_sweep"][-1]["er_dispatch_ratio"] == pytest.approx(0.5)
     for kind in ("er", "er_bal", "her", "her_bal", "her_ftd"):
-        assert -1 < data[f"{kind}_reduction_max"] < 1 and -1 < data[f"{kind}_a2a_reduction_max"] < 1
+        # a total can more than double (her-ftd's return undoes its all-gather of full tokens)
+        assert data[f"{kind}_reduction_max"] < 1 and -1 < data[f"{kind}_a2a_reduction_max"] < 1
     assert (tmp_path / "wafer_comm.png").exists() and (tmp_path / "wafer_comm.json").exists()
 
 

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from meshserve.wafer.balance_setup import comm_model
+from meshserve.wafer.costs import Costs
 from meshserve.wafer.hardware import load_hardware
 from meshserve.wafer.mapping import make_mapping
 from meshserve.wafer.models import load_model
@@ -16,9 +18,10 @@ V3 = load_model("deepseek-v3")
 def test_layer_phases_and_totals():
     m = make_mapping(WSC, 4, "er")
     layer = simulate_layer(WSC, V3, m, 64)
-    assert [p.name for p in layer.phases] == ["attention", "all-reduce", "dispatch", "experts", "combine"]
+    names = ["attention", "all-reduce", "dispatch", "experts", "combine", "return all-reduce"]
+    assert [p.name for p in layer.phases] == names
     assert layer.total_s == pytest.approx(sum(p.time_s for p in layer.phases))
-    assert layer.comm_s == pytest.approx(layer.attention_comm_s + layer.all_to_all_s)
+    assert layer.comm_s == pytest.approx(layer.attention_comm_s + layer.all_to_all_s + layer.return_s)
     assert all(p.model in ("bottleneck", "roofline") for p in layer.phases)
     assert step_s(WSC, V3, m, layer, 64) > V3.num_moe_layers * layer.total_s
 
@@ -65,3 +68,24 @@ def test_skewed_expert_load_slows_the_hottest_device():
     skew = simulate_layer(WSC, V3, m, 64, expert_load=load)
     assert skew.phase("experts").time_s > even.phase("experts").time_s
     assert skew.phase("dispatch").time_s > even.phase("dispatch").time_s
+
+
+@pytest.mark.parametrize(
+    "hardware,mapping", [("wsc-8x8", "er"), ("wsc-8x8", "baseline"), ("wsc-4x8x8", "her")]
+)
+def test_the_output_return_is_the_iteration_models_return(hardware, mapping):
+    """`simulate` and `reproduce comm` charge the return `reproduce balance` charges (one function)."""
+    hw = load_hardware(hardware)
+    layer = simulate_layer(hw, V3, make_mapping(hw, 4, mapping), 64)
+    comm = comm_model(hw, 4, mapping, V3, 64)
+    assert layer.return_s > 0 and layer.return_s == pytest.approx(comm.return_time, rel=1e-12)
+    # the attention collectives undone on the same rings: as long as the reduction itself
+    assert layer.return_s == pytest.approx(layer.attention_comm_s, rel=0.05)
+
+
+def test_the_paper_costs_leave_the_return_out():
+    m = make_mapping(WSC, 4, "er")
+    on, off = simulate_layer(WSC, V3, m, 64), simulate_layer(WSC, V3, m, 64, costs=Costs.paper())
+    assert off.return_s == 0 and [p.name for p in off.phases][-1] == "combine"
+    assert on.comm_s - off.comm_s == pytest.approx(on.return_s)
+    assert on.attention_comm_s == pytest.approx(off.attention_comm_s)

@@ -163,3 +163,8 @@ def test_ray_executor_matches_local(tmp_path):
     finally:
         ray.shutdown()
     assert remote == local
+
+
+def test_processes_executor_matches_local():
+    spec = parse_sweep({**TINY, "iterations": 12})
+    assert run_sweep(spec, executor="processes", progress=False) == run_sweep(spec, progress=False)
