@@ -67,6 +67,8 @@ class AsyncLLM:
         self.on_step = on_step
         self.trace = None if trace_file is None else TimelineWriter(trace_file)
         self.on_abort: Callable[[str], None] | None = None  # engine thread, after an abort (metrics)
+        # engine thread, before that abort when the front door ended the request (stop strings): its output
+        self.on_finish: Callable[[RequestOutput], None] | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Any, concurrent.futures.Future | None]] = (
             queue.SimpleQueue()
         )
@@ -129,10 +131,10 @@ class AsyncLLM:
         finally:
             stream.abort()
 
-    def abort(self, request_id: str, index: int | None = None) -> None:
+    def abort(self, request_id: str, index: int | None = None, ended: RequestOutput | None = None) -> None:
         """Abort a request (or only its completion ``index``); its blocks are freed before the engine's
-        next step."""
-        self._inbox.put(("abort", (request_id, index), None))
+        next step. ``ended``: the last output of a request the front door ended (for ``on_finish``)."""
+        self._inbox.put(("abort", (request_id, index, ended), None))
 
     async def call(self, fn: Callable[[Engine], Any]) -> Any:
         """Run ``fn(engine)`` in the engine thread between steps (for consistent snapshots)."""
@@ -200,8 +202,10 @@ class AsyncLLM:
                     prompt, params, request_id, stream=True, detokenize=detokenize, arrival=arrival
                 )
             elif kind == "abort":
-                request_id, index = payload
+                request_id, index, ended = payload
                 result = self.engine.abort(request_id, index)
+                if self.on_finish is not None and ended is not None:
+                    self.on_finish(ended)
                 if self.on_abort is not None and index is None:
                     self.on_abort(request_id)
             elif kind == "call":
@@ -272,7 +276,7 @@ class RequestStream:
             self.finished = True
             self.llm._streams.pop(self.request_id, None)
             if not engine_finished:  # ended here on stop strings: the engine frees what it still runs
-                self.llm.abort(self.request_id)
+                self.llm.abort(self.request_id, ended=out)
             if timeline is not None and self.llm.trace is not None:
                 self.llm.trace.request(self.request_id, timeline)
         else:

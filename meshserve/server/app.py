@@ -122,7 +122,7 @@ def build_app(
         f"must be one of {', '.join(PARSERS)}, got {tool_parser!r}",
     )
     metrics = ServerMetrics(served_model_name)
-    llm.on_step, llm.on_abort = metrics.on_step, metrics.forget
+    llm.on_step, llm.on_abort, llm.on_finish = metrics.on_step, metrics.forget, metrics.on_finish
     engine = llm.engine
     tokenizer = engine.tokenizer
     defaults = dict(engine.model_config.generation_defaults)

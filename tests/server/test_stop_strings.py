@@ -4,8 +4,10 @@ include_stop_str_in_output; the stopped requests leave no KV blocks behind."""
 
 from __future__ import annotations
 
+import re
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -49,3 +51,24 @@ def test_stopped_choices_and_usage_equal_llm_generate(client, server, offline, s
     while not server.blocks_free and time.monotonic() < deadline:  # aborts land at the engine's next loop
         time.sleep(0.05)
     assert server.blocks_free
+
+
+def finished_on_stop(server) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    line = re.search(r'^vllm:request_success_total\{[^}]*finished_reason="stop"[^}]*\} (\S+)$', text, re.M)
+    return 0.0 if line is None else float(line.group(1))
+
+
+def test_a_request_ended_on_a_stop_string_is_counted_as_the_engine_counted_it(client, server, offline):
+    free = offline.generate(PROMPT, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0].text
+    before = finished_on_stop(server)
+    for stream in (False, True):
+        out = client.completions.create(
+            model=server.model, prompt=PROMPT, max_tokens=16, temperature=0, stop=free[5:8], stream=stream
+        )
+        if stream:
+            list(out)
+    deadline = time.monotonic() + 5
+    while finished_on_stop(server) < before + 2 and time.monotonic() < deadline:  # counted at the abort
+        time.sleep(0.05)
+    assert finished_on_stop(server) == before + 2
