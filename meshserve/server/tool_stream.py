@@ -16,72 +16,79 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshserve.server.partial_json import canonical_prefix, partial_calls, skip_space
+from meshserve.server.partial_json import Memo, canonical_prefix, partial_calls, skip_space
 from meshserve.server.tools import ToolPlan
 
 Calls = list[tuple[str | None, str]]  # (name once whole, arguments' canonical text so far)
 PYTHON_TAG = "<|python_tag|>"
 
 
-def _before(text: str, marker: str) -> tuple[str, str | None]:
-    """(content surely before ``marker``, the text after the first marker or None if none yet)."""
-    at = text.find(marker)
-    if at >= 0:
-        return text[:at].rstrip(), text[at + len(marker) :]
+def _before(text: str, marker: str, at: int = 0) -> tuple[str, int | None]:
+    """(content surely before ``marker``, where the text after the first marker starts, or None)."""
+    found = text.find(marker, at)
+    if found >= 0:
+        return text[:found].rstrip(), found + len(marker)
     for k in range(min(len(marker) - 1, len(text)), 0, -1):  # a tail that may be the marker's start
         if marker.startswith(text[-k:]):
             return text[:-k].rstrip(), None
     return text.rstrip(), None
 
 
-def partial_hermes(text: str) -> tuple[str, Calls]:
-    content, rest = _before(text, "<tool_call>")
+def partial_hermes(text: str, memo: Memo) -> tuple[str, Calls]:
+    content, at = _before(text, "<tool_call>")
     calls: Calls = []
-    while rest is not None:
-        body, _, tail = rest.partition("</tool_call>")
-        calls += partial_calls(body, ("arguments", "parameters"), "")[:1]
-        rest = tail.partition("<tool_call>")[2] if "<tool_call>" in tail else None
+    while at is not None:
+        close = text.find("</tool_call>", at)
+        body = text if close < 0 else text[:close]
+        calls += partial_calls(body, at, ("arguments", "parameters"), "", memo)[:1]
+        at = None if close < 0 else _before(text, "<tool_call>", close)[1]
     return content, calls
 
 
-def partial_llama3_json(text: str) -> tuple[str, Calls]:
-    start = skip_space(text, 0)
-    body = text[start:]
-    if PYTHON_TAG.startswith(body) or (body.startswith(PYTHON_TAG) and not body[len(PYTHON_TAG) :].strip()):
+def partial_llama3_json(text: str, memo: Memo) -> tuple[str, Calls]:
+    at = skip_space(text, 0)
+    if text.startswith(PYTHON_TAG, at):
+        at = skip_space(text, at + len(PYTHON_TAG))
+    elif PYTHON_TAG.startswith(text[at:]):
+        return "", []  # undecided: the tag may be coming
+    if at == len(text):
         return "", []  # undecided: a call may follow
-    body = body.removeprefix(PYTHON_TAG).lstrip()
-    if body.startswith("{"):  # the whole message is calls: no content
-        return "", partial_calls(body, ("parameters", "arguments"), ";")
+    if text.startswith("{", at):  # the whole message is calls: no content
+        return "", partial_calls(text, at, ("parameters", "arguments"), ";", memo)
     return text, []
 
 
-def partial_mistral(text: str) -> tuple[str, Calls]:
-    content, rest = _before(text, "[TOOL_CALLS]")
-    if rest is None or not rest.strip():
+def partial_mistral(text: str, memo: Memo) -> tuple[str, Calls]:
+    content, at = _before(text, "[TOOL_CALLS]")
+    if at is None or not text[at:].strip():
         return content, []
-    if rest.lstrip().startswith("["):  # v3: one JSON list of {"name", "arguments"}
-        body = rest.lstrip()[1:]
-        return content, partial_calls(body, ("arguments", "parameters"), ",")
+    at = skip_space(text, at)
+    if text.startswith("[", at):  # v3: one JSON list of {"name", "arguments"}
+        return content, partial_calls(text, at + 1, ("arguments", "parameters"), ",", memo)
     calls: Calls = []
-    for part in rest.split("[TOOL_CALLS]"):  # v11+: name[ARGS]{...} per call
-        name, found, args = part.partition("[ARGS]")
-        if not found:
+    while at is not None:  # v11+: name[ARGS]{...} per call, each after its own [TOOL_CALLS]
+        args = text.find("[ARGS]", at)
+        following = text.find("[TOOL_CALLS]", at)
+        if args < 0 or 0 <= following < args:
             break
-        calls.append((name.strip(), canonical_prefix(args.lstrip())[0]))
+        name = text[at:args].strip()
+        calls.append((name, canonical_prefix(text, skip_space(text, args + len("[ARGS]")), memo)[0]))
+        at = None if following < 0 else following + len("[TOOL_CALLS]")
     return content, calls
 
 
 PARTIAL = {"hermes": partial_hermes, "llama3_json": partial_llama3_json, "mistral": partial_mistral}
 
 
-def partial(plan: ToolPlan, text: str) -> tuple[str, Calls]:
-    """(content so far, calls so far) of a running choice's text under ``plan``."""
+def partial(plan: ToolPlan, text: str, memo: Memo) -> tuple[str, Calls]:
+    """(content so far, calls so far) of a running choice's text under ``plan``; ``memo``: the choice's
+    (partial_json.py), so each call reads only the text that is new."""
     if plan.mode == "named":
-        return "", [(plan.name, canonical_prefix(text)[0])]
+        return "", [(plan.name, canonical_prefix(text, 0, memo)[0])]
     if plan.mode == "required":
-        body = text.lstrip()
-        return "", partial_calls(body[1:], ("parameters",), ",") if body.startswith("[") else []
-    return PARTIAL[plan.parser](text) if plan.parser else (text, [])
+        at = skip_space(text, 0)
+        return "", partial_calls(text, at + 1, ("parameters",), ",", memo) if text.startswith("[", at) else []
+    return PARTIAL[plan.parser](text, memo) if plan.parser else (text, [])
 
 
 @dataclass
@@ -91,6 +98,7 @@ class _Sent:
     text: str = ""  # the choice's whole text so far
     content: str = ""
     arguments: list[str] = field(default_factory=list)
+    memo: Memo = field(default_factory=dict)
 
 
 class ToolStream:
@@ -106,7 +114,7 @@ class ToolStream:
             delta = choice["delta"]
             sent.text += delta.pop("content", None) or ""
             if choice["finish_reason"] is None:
-                content, calls = partial(self.plan, sent.text)
+                content, calls = partial(self.plan, sent.text, sent.memo)
             else:
                 final, whole = self.plan.calls(sent.text)
                 calls = [(c.name, c.arguments) for c in whole]

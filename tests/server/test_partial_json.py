@@ -16,11 +16,12 @@ RAW = '{"city":"Par\\u00e9is \\"x\\" \\ud83d\\ude00\\n","n":[1, 2.50,-3e2 ,0],"o
 TOOLS = [{"type": "function", "function": {"name": n}} for n in ("get_weather", "f")]
 
 
-def test_every_prefix_of_the_raw_text_gives_a_prefix_of_the_canonical_text():
+@pytest.mark.parametrize("memo", [None, {}], ids=["fresh", "resumed"])
+def test_every_prefix_of_the_raw_text_gives_a_prefix_of_the_canonical_text(memo):
     final = json.dumps(json.loads(RAW), ensure_ascii=False)
     before = ""
     for k in range(len(RAW) + 1):
-        text, end = canonical_prefix(RAW[:k])
+        text, end = canonical_prefix(RAW[:k], 0, memo)
         assert final.startswith(text) and text.startswith(before), RAW[:k]
         before = text
         assert end == (len(RAW) if k == len(RAW) else None)
@@ -34,7 +35,7 @@ def test_what_could_still_change_is_held_back(raw, fixed):
 
 def test_call_objects_one_after_another():
     raw = '{"name": "a", "parameters": {"x": 1}}; {"parameters": {}, "name": "b"}; {"name": "c", "param'
-    assert partial_calls(raw, ("parameters",), ";") == [("a", '{"x": 1}'), ("b", "{}"), ("c", "")]
+    assert partial_calls(raw, 0, ("parameters",), ";") == [("a", '{"x": 1}'), ("b", "{}"), ("c", "")]
 
 
 @pytest.mark.parametrize(
