@@ -67,6 +67,9 @@ def test_stop_strings_stream_what_llm_generate_returns_without_the_engine_thread
     cases = [(p, params) for p in PROMPTS for params in stop_cases(offline, p)]
     expected = [completions(offline.generate(p, params, use_tqdm=False)[0]) for p, params in cases]
     assert sum(any(isinstance(c[3], str) for c in e) for e in expected) >= len(cases) - 2  # most stop so
+    for (_, params), e in zip(cases, expected, strict=True):  # the stop string is cut off, or kept
+        stopped = [(text, stop) for text, _, _, stop, _ in e if isinstance(stop, str)]
+        assert all(text.endswith(stop) == params.include_stop_str_in_output for text, stop in stopped)
     llm = AsyncLLM.from_args(model_dir, speculative_config=speculative, **ARGS)
     tok = llm.engine.tokenizer
     threads: set[str] = set()
