@@ -4,7 +4,8 @@ One thread owns the Engine and runs its loop: take new requests and aborts from 
 hand each step's outputs to the event loop. The event loop never waits on a forward; an add waits
 for the end of the current step (where the engine is free to take it), an abort is applied there too
 and frees the request's blocks before the next step. Nothing here knows HTTP. The engine thread only
-steps: prompts are tokenized and streamed tokens detokenized on the caller's side (front_door.py).
+steps: prompts are tokenized, streamed tokens detokenized and stop strings matched on the caller's side
+(front_door.py), which aborts a completion in the engine once its stop string is found.
 
     llm = AsyncLLM.from_args("model_dir", max_num_seqs=32)
     async for out in llm.generate("Hello", SamplingParams(max_tokens=8)):
@@ -66,6 +67,8 @@ class AsyncLLM:
         self.on_step = on_step
         self.trace = None if trace_file is None else TimelineWriter(trace_file)
         self.on_abort: Callable[[str], None] | None = None  # engine thread, after an abort (metrics)
+        # engine thread, before that abort when the front door ended the request (stop strings): its output
+        self.on_finish: Callable[[RequestOutput], None] | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Any, concurrent.futures.Future | None]] = (
             queue.SimpleQueue()
         )
@@ -102,9 +105,11 @@ class AsyncLLM:
         arrival = now()
         request_id = f"req-{next(self._ids)}" if request_id is None else request_id
         require(request_id not in self._streams, "request_id", f"{request_id!r} is already in use")
-        # Stop strings are matched on the text in the engine, which then makes that text itself.
-        here = isinstance(params, SamplingParams) and not params.stop_strings
-        stream = RequestStream(self, request_id, OutputText(self.engine.tokenizer) if here else None)
+        here = isinstance(params, SamplingParams)  # its text is made here, off the engine thread
+        eos = self.engine.model_config.eos_token_ids
+        stream = RequestStream(
+            self, request_id, OutputText(self.engine.tokenizer, params, eos) if here else None
+        )
         self._streams[request_id] = (asyncio.get_running_loop(), stream.queue)
         sent = False
         try:
@@ -130,9 +135,10 @@ class AsyncLLM:
         finally:
             stream.abort()
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request; its blocks are freed before the engine's next step."""
-        self._inbox.put(("abort", request_id, None))
+    def abort(self, request_id: str, index: int | None = None, ended: RequestOutput | None = None) -> None:
+        """Abort a request (or only its completion ``index``); its blocks are freed before the engine's
+        next step. ``ended``: the last output of a request the front door ended (for ``on_finish``)."""
+        self._inbox.put(("abort", (request_id, index, ended), None))
 
     async def call(self, fn: Callable[[Engine], Any]) -> Any:
         """Run ``fn(engine)`` in the engine thread between steps (for consistent snapshots)."""
@@ -204,9 +210,12 @@ class AsyncLLM:
                     prompt, params, request_id, stream=True, detokenize=detokenize, arrival=arrival
                 )
             elif kind == "abort":
-                result = self.engine.abort(payload)
-                if self.on_abort is not None:
-                    self.on_abort(payload)
+                request_id, index, ended = payload
+                result = self.engine.abort(request_id, index)
+                if self.on_finish is not None and ended is not None:
+                    self.on_finish(ended)
+                if self.on_abort is not None and index is None:
+                    self.on_abort(request_id)
             elif kind == "call":
                 result = payload(self.engine)
             else:  # stop
@@ -262,20 +271,31 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        out = await self.queue.get()
-        if isinstance(out, BaseException):
-            self.finished = True
-            self.llm._streams.pop(self.request_id, None)
-            raise out
+        while True:
+            out = await self.queue.get()
+            if isinstance(out, BaseException):
+                self.finished = True
+                self.llm._streams.pop(self.request_id, None)
+                raise out
+            engine_finished = out.finished
+            if self.text is not None:
+                out = self.text.fill(out)  # may end completions on a stop string
+            if out.outputs or out.finished:
+                break  # else it held only tokens past stop strings
         timeline = out.metrics.timeline
         if timeline is not None:
             timeline.delivered.append(now())
         if out.finished:
             self.finished = True
             self.llm._streams.pop(self.request_id, None)
+            if not engine_finished:  # ended here on stop strings: the engine frees what it still runs
+                self.llm.abort(self.request_id, ended=out)
             if timeline is not None and self.llm.trace is not None:
                 self.llm.trace.request(self.request_id, timeline)
-        return out if self.text is None else self.text.fill(out)
+        else:
+            for index in self.text.stopped if self.text is not None else ():
+                self.llm.abort(self.request_id, index)
+        return out
 
     def abort(self) -> None:
         if not self.finished:

@@ -192,10 +192,10 @@ class Engine:
         """Queue a prompt (text or token ids); returns its request id. Bad input raises InputError.
 
         ``stream``: ``step()`` reports this request's new tokens and text every step (deltas), not only
-        its final output. ``detokenize=False``: outputs carry token ids and no text (the caller, e.g.
-        AsyncLLM's front door, makes the text off this thread); stop strings still detokenize here, as
-        matching them needs the text. With PoolingParams the prompt only runs prefill and its output
-        carries the ``embedding`` (pooling.py). ``arrival``: when the caller received it
+        its final output. ``detokenize=False``: outputs carry token ids and no text, and stop strings are
+        the caller's to match (AsyncLLM's front door does both off this thread, and aborts a completion
+        that reached one: ``abort(request_id, index)``). With PoolingParams the prompt only runs prefill
+        and its output carries the ``embedding`` (pooling.py). ``arrival``: when the caller received it
         (``time.monotonic()``; default now), the start of its timeline (engine/timeline.py).
         """
         require(not self._closed, "engine", "is closed; create a new LLM / Engine to generate again")
@@ -267,7 +267,7 @@ class Engine:
             child.parent_id, child.index, child.stream = request_id, index, stream
             child.matcher = None if spec is None else self.grammars.matcher(spec)
             child.pooling = pooling
-            child.detokenize = detokenize or bool(own.stop_strings)
+            child.detokenize = detokenize
             self.stopper.start(child)
             self.requests[child_id] = child
             children.append(child)
@@ -298,17 +298,20 @@ class Engine:
         )
         return token_ids
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request (all its n completions) now, free its blocks and forget it; False if unknown or
+    def abort(self, request_id: str, index: int | None = None) -> bool:
+        """Stop a request (all its n completions, or only completion ``index``) now and free its blocks;
+        a request with nothing left running is forgotten (it reports nothing more). False if unknown or
         already finished."""
         group = self.groups.get(str(request_id))
         if group is None or group.finished:
             return False
-        for child in group.children:
+        chosen = [c for c in group.children if index is None or c.index == index]
+        for child in chosen:
             if not child.is_finished:
                 self._finish(child, RequestStatus.FINISHED_ABORTED)
-        group.held = []
-        self._forget(group)
+        group.held = [c for c in group.held if c not in chosen]
+        if group.finished:
+            self._forget(group)
         return True
 
     def set_role(self, role: str) -> None:

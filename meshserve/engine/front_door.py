@@ -3,9 +3,10 @@
 The engine thread only steps. Before a request reaches it, its prompt text is tokenized here: short
 prompts inline, long ones in a small thread pool (``Tokenizer.encode`` releases the GIL, so the engine
 thread's Python keeps running beside it). Streamed outputs come back as token ids; ``OutputText``
-turns them into text in the caller's thread, one incremental detokenizer per completion. Requests with
-stop strings are the exception: matching a stop string needs the text where the stop is decided, so
-the engine detokenizes those itself and their text passes through.
+turns them into text in the caller's thread, one incremental detokenizer per completion, and matches
+stop strings there (the engine never looks for them). A completion that reaches one ends here at once:
+its text is cut as the engine would have cut it, tokens the engine made past it are dropped (the engine
+may be a step or a verify ahead), and the caller aborts it in the engine.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from meshserve.engine.outputs import RequestOutput
+from meshserve.engine.outputs import CompletionOutput, RequestOutput
+from meshserve.engine.sampling_params import SamplingParams
+from meshserve.engine.stop import StopStrings, final_text
 from meshserve.errors import require
 
 INLINE_CHARS = 4096  # shorter prompts tokenize in well under a millisecond: not worth a thread hop
@@ -43,30 +46,64 @@ class PromptTokenizer:
 class OutputText:
     """Text deltas of one streamed request's completions, made from the token ids the engine sends.
 
-    The result equals what the engine would have sent: the incremental detokenizer's text while a
-    completion runs, and on its last delta the full decode, less the EOS / stop token that ended it."""
+    The result equals what the engine would have sent had it made the text (StopChecker): the text while
+    a completion runs (less a tail that could start a stop string), and on its last delta the full
+    decode less the EOS / stop token that ended it, or the text cut at the stop string that ended it.
+    ``stopped``: the completions the last ``fill`` ended on a stop string (still running in the engine).
+    """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, params: SamplingParams, eos_token_ids: list[int]) -> None:
         self.tokenizer = tokenizer
-        self._streams: dict[int, Any] = {}  # completion index -> IncrementalDetokenizer
+        self.params = params
+        self.eos = frozenset() if params.ignore_eos else frozenset(eos_token_ids)
+        self._texts: dict[int, StopStrings] = {}  # completion index -> its text so far
         self._sent: dict[int, int] = {}  # completion index -> characters sent
+        self._done: set[int] = set()  # completions that have sent their last delta
+        self.stopped: list[int] = []
 
     def fill(self, out: RequestOutput) -> RequestOutput:
+        """``out`` with its completions' text filled in; ``finished`` once every completion has ended."""
+        self.stopped = []
+        kept = []
         for completion in out.outputs:
             index = completion.index
-            stream = self._streams.get(index)
-            if stream is None:
-                stream = self._streams[index] = self.tokenizer.detokenizer()
-            sent = self._sent.get(index, 0)
+            if index in self._done:
+                continue  # tokens the engine made past this completion's stop string
+            text = self._texts.get(index)
+            if text is None:
+                text = self._texts[index] = StopStrings(self.tokenizer, self.params)
+            if self._add(text, completion):
+                self.stopped.append(index)
             if completion.finish_reason is None:
-                for token in completion.token_ids:
-                    stream.add(token)
-                text = stream.text
+                full = text.streamable()
             else:
-                ids = stream.ids + list(completion.token_ids)
-                if ids and completion.finish_reason == "stop":
-                    ids = ids[:-1]  # EOS or a stop token id ended it; it is not part of the text
-                text = self.tokenizer.decode(ids)
-            completion.text = text[sent:]
-            self._sent[index] = max(len(text), sent)
+                self._done.add(index)
+                full = final_text(self.tokenizer, text.ids, completion.finish_reason, text)
+            sent = self._sent.get(index, 0)
+            completion.text = full[sent:]
+            self._sent[index] = max(len(full), sent)
+            kept.append(completion)
+        out.outputs = kept
+        out.finished = out.finished or len(self._done) == self.params.n
         return out
+
+    def _add(self, text: StopStrings, completion: CompletionOutput) -> bool:
+        """Add the completion's new tokens in order, as StopChecker.check would; True when one completes a
+        stop string (the completion then ends with it, and the tokens after it are dropped)."""
+        tokens = completion.token_ids
+        for k, token in enumerate(tokens):
+            delta = text.add(token)
+            if k == len(tokens) - 1 and self._ended_on(token, completion):
+                return False  # EOS, a stop token id or a refused token ended it: never a stop string
+            if text.match(delta):
+                completion.token_ids = tokens[: k + 1]
+                if completion.logprobs is not None:
+                    completion.logprobs = completion.logprobs[: k + 1]
+                completion.finish_reason, completion.stop_reason = "stop", text.stop
+                return True
+        return False
+
+    def _ended_on(self, token: int, completion: CompletionOutput) -> bool:
+        if completion.finish_reason == "error":
+            return True
+        return completion.finish_reason == "stop" and (token == completion.stop_reason or token in self.eos)

@@ -77,7 +77,7 @@ def _completion(request: Request, stopper: StopChecker, delta: bool) -> Completi
     elif request.is_finished:
         text = stopper.final_text(request)
     else:
-        text = stopper.streamable_text(request) if request.detokenizer is not None else request.output_text
+        text = stopper.streamable_text(request)
     tokens = request.output_token_ids
     logprobs = request.logprobs
     if delta:

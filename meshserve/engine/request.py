@@ -84,8 +84,7 @@ class Request:
         self.prompt_logprobs: list[dict[int, float] | None] | None = (
             None if params.prompt_logprobs is None else [None]
         )
-        self.output_text = ""
-        self.detokenizer: Any = None  # incremental detokenizer, made for streaming or stop strings
+        self.text: Any = None  # its text as tokens arrive (stop.StopStrings), when the engine makes text
         self.detokenize = True  # False: outputs carry token ids only, the caller makes the text
         self.stop_reason: int | str | None = None
         self.arrival_time = time.time() if arrival_time is None else arrival_time

@@ -52,6 +52,7 @@ class SamplingParams:
     ignore_eos: keep generating after the model's EOS token.
     logprobs: return log-probabilities of the top n tokens (and the sampled one) at every step.
     prompt_logprobs: the same for every prompt token (given the tokens before it; None for the first).
+    include_stop_str_in_output: cut the text just after the stop string instead (vLLM's name).
     structured_outputs: the output must match a JSON schema, a regex, a choice or a grammar (grammar.py).
     """
 
@@ -73,6 +74,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    include_stop_str_in_output: bool = False
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,9 +112,9 @@ class SamplingParams:
         for i in ids:
             _integer(i, "stop_token_ids", 0, None, "(token ids)")
         self.stop_token_ids = ids
-        require(
-            isinstance(self.ignore_eos, bool), "ignore_eos", f"must be true or false, got {self.ignore_eos!r}"
-        )
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            value = getattr(self, name)
+            require(isinstance(value, bool), name, f"must be true or false, got {value!r}")
         require(
             self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
             "structured_outputs",

@@ -38,7 +38,8 @@ from meshserve.server.structured import constrained
 from meshserve.server.tasks import EmbedOnly, resolve_task
 from meshserve.server.tokenize import tokenize_router
 from meshserve.server.tool_parsers import PARSERS
-from meshserve.server.tools import ToolStream, message_with_calls, plan_tools
+from meshserve.server.tool_stream import ToolStream
+from meshserve.server.tools import message_with_calls, plan_tools
 
 RETRY_AFTER_S = 1
 MAX_BODY_BYTES = 4 << 20  # far above max_model_len tokens of text; larger bodies get 413 unread
@@ -122,7 +123,7 @@ def build_app(
         f"must be one of {', '.join(PARSERS)}, got {tool_parser!r}",
     )
     metrics = ServerMetrics(served_model_name)
-    llm.on_step, llm.on_abort = metrics.on_step, metrics.forget
+    llm.on_step, llm.on_abort, llm.on_finish = metrics.on_step, metrics.forget, metrics.on_finish
     engine = llm.engine
     tokenizer = engine.tokenizer
     defaults = dict(engine.model_config.generation_defaults)

@@ -154,18 +154,27 @@ class ServerMetrics:
                 self.itl.labels(m).observe(now - last)
             self._token_time[rid], self._token_count[rid] = now, count + new_tokens
         if out.finished:
-            self.forget(rid)
-            self.e2e.labels(m).observe(now - out.metrics.arrival_time)
-            first, count = out.metrics.first_token_time, count + new_tokens
-            if first is not None and count > 1:
-                self.tpot.labels(m).observe((now - first) / (count - 1))
-            for c in out.outputs:
-                if c.finish_reason:
-                    self.finished.labels(m, c.finish_reason).inc()
-            if timeline is not None:
-                for phase, seconds in timeline.phases().items():
-                    if phase in self.phases:
-                        self.phases[phase].labels(m).observe(seconds)
+            self._finish(out, now, count + new_tokens)
+
+    def on_finish(self, out: RequestOutput) -> None:
+        """Engine-thread hook: a request AsyncLLM's front door ended (on stop strings), whose tokens
+        ``on_step`` has counted; its latencies and finish reasons, as if the engine had ended it."""
+        self._finish(out, time.time(), self._token_count.get(out.request_id, 0))
+
+    def _finish(self, out: RequestOutput, now: float, count: int) -> None:
+        m = self.model
+        self.forget(out.request_id)
+        self.e2e.labels(m).observe(now - out.metrics.arrival_time)
+        first = out.metrics.first_token_time
+        if first is not None and count > 1:
+            self.tpot.labels(m).observe((now - first) / (count - 1))
+        for c in out.outputs:
+            if c.finish_reason:
+                self.finished.labels(m, c.finish_reason).inc()
+        if out.metrics.timeline is not None:
+            for phase, seconds in out.metrics.timeline.phases().items():
+                if phase in self.phases:
+                    self.phases[phase].labels(m).observe(seconds)
 
     def forget(self, request_id: str) -> None:
         """Drop a request's timing state (it finished, or was aborted and never will)."""

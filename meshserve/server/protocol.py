@@ -27,6 +27,7 @@ SAMPLING_FIELDS = (
     "seed",
     "stop",
     "stop_token_ids",
+    "include_stop_str_in_output",
     "ignore_eos",
     "min_tokens",
     "logit_bias",
@@ -90,6 +91,7 @@ class _SamplingRequest(_Strict):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None  # vLLM's extension
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     logit_bias: dict[str, float] | None = None

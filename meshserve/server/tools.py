@@ -8,8 +8,8 @@
   (one call when ``parallel_tool_calls`` is false), so the arguments always parse;
 - ``{"type": "function", "function": {"name": ...}}``: the grammar forces that function's parameters
   object, which becomes the one call's arguments.
-Calls come back as ``message.tool_calls`` with ``finish_reason: "tool_calls"``; a stream holds the text
-back and sends the calls in OpenAI's delta shape (index, id, type, name, arguments) as it ends.
+Calls come back as ``message.tool_calls`` with ``finish_reason: "tool_calls"``; a stream sends them in
+OpenAI's delta shape as they are generated (tool_stream.py).
 """
 
 from __future__ import annotations
@@ -109,46 +109,6 @@ def message_with_calls(choice: dict[str, Any], plan: ToolPlan) -> dict[str, Any]
         if choice["finish_reason"] == "stop":
             choice["finish_reason"] = "tool_calls"
     return choice
-
-
-class ToolStream:
-    """Rewrites a chat stream's chunks into OpenAI's tool-call deltas. A named function's arguments stream
-    as they are generated (the first delta carries ``index``, ``id``, ``type`` and the name, the next ones
-    argument text); otherwise the text is held back and the last chunk of each choice carries the content
-    left over and the whole calls, ``{"index", "id", "type", "function": {"name", "arguments"}}``."""
-
-    def __init__(self, plan: ToolPlan) -> None:
-        self.plan = plan
-        self.text: dict[int, str] = {}
-
-    def chunk(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        for choice in chunk["choices"]:
-            delta = choice["delta"]
-            index = choice["index"]
-            new = delta.pop("content", None) or ""
-            if self.plan.mode == "named":
-                self._named(choice, new, first=index not in self.text)
-                self.text[index] = self.text.get(index, "") + new
-                continue
-            self.text[index] = self.text.get(index, "") + new
-            if choice["finish_reason"] is None:
-                continue
-            content, calls = self.plan.calls(self.text[index])
-            delta["content"] = content
-            if calls:
-                delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(_openai(calls))]
-                if choice["finish_reason"] == "stop":
-                    choice["finish_reason"] = "tool_calls"
-        return chunk
-
-    def _named(self, choice: dict[str, Any], new: str, first: bool) -> None:
-        call: dict[str, Any] = {"index": 0, "function": {"arguments": new}}
-        if first:
-            call = {**_openai([ToolCall(self.plan.name or "", new)])[0], "index": 0}
-        if first or new:
-            choice["delta"]["tool_calls"] = [call]
-        if choice["finish_reason"] == "stop":
-            choice["finish_reason"] = "tool_calls"
 
 
 def _openai(calls: list[ToolCall]) -> list[dict[str, Any]]:

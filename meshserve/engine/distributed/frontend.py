@@ -188,11 +188,13 @@ class DistributedEngine:
         self._added += 1
         return request_id
 
-    def abort(self, request_id: str) -> bool:
-        rank = self.owner.pop(str(request_id), None)
+    def abort(self, request_id: str, index: int | None = None) -> bool:
+        """As Engine.abort; a request stays owned until it is aborted whole (or finishes)."""
+        request_id = str(request_id)
+        rank = self.owner.pop(request_id, None) if index is None else self.owner.get(request_id)
         if rank is None or self.closed:  # after a RankError there is nothing left to abort
             return False
-        return bool(self._call(rank, "abort", (str(request_id),)))
+        return bool(self._call(rank, "abort", (request_id, index)))
 
     @property
     def closed(self) -> bool:
