@@ -62,8 +62,8 @@ SWITCHES = (
         "MESHSERVE_PROFILE_DIR",
         "",
         (),
-        "Folder of this machine's kernel profiles (gemm-<isa>-<threads>t.json, attention.json); unset: "
-        "$XDG_CACHE_HOME/meshserve/profiles, else ~/.cache/meshserve/profiles.",
+        "Folder of this machine's kernel profiles (gemm-<isa>-<threads>t.json, attention.json, mla.json); "
+        "unset: $XDG_CACHE_HOME/meshserve/profiles, else ~/.cache/meshserve/profiles.",
     ),
     Switch(
         "MESHSERVE_PROFILE",

@@ -1,13 +1,16 @@
 """Expert-load traces: the one format the serving engine writes and the wafer simulator replays.
 
 A trace holds, for every recorded step and MoE layer, how many tokens the router sent to each
-expert: ``counts[step, layer, expert]`` (int64, >= 0). Metadata says where it came from. It is
+expert: ``counts[step, layer, expert]`` (int64, >= 0). The last ``draft_layers`` layers, if any, are a
+speculative draft's own MoE (DeepSeek-V3's MTP layer): their tokens are drafts, not served tokens, so
+`target()` drops them for a simulator of the served model. Metadata says where it came from. It is
 stored as a single ``.npz`` file (``counts`` + ``meta`` as JSON) and written atomically, so a
 crashed writer never leaves half a file. See docs/traces.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zipfile
@@ -45,6 +48,8 @@ class ExpertTrace:
     top_k: experts per token, so tokens per step = counts[s, l].sum() / top_k.
     source: who made it, e.g. "engine" or "synthetic:fixed".
     meta: anything else worth keeping (seed, generator parameters, engine settings).
+    draft_layers: how many of the last layers are a speculative draft's MoE layers, after the model's own
+      (a step's row there sums every draft forward that proposed the tokens the step verified).
     """
 
     counts: np.ndarray
@@ -52,6 +57,7 @@ class ExpertTrace:
     top_k: int
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
+    draft_layers: int = 0
 
     def __post_init__(self) -> None:
         counts = np.asarray(self.counts)
@@ -61,6 +67,14 @@ class ExpertTrace:
             raise InputError("counts", "must be non-negative integers")
         if self.top_k < 1 or self.top_k > max(counts.shape[2], 1):
             raise InputError("top_k", f"must be in [1, {counts.shape[2]}] (experts), got {self.top_k}")
+        layers = counts.shape[1]
+        if isinstance(self.draft_layers, bool) or not isinstance(self.draft_layers, int):
+            raise InputError("draft_layers", f"must be an integer, got {self.draft_layers!r}")
+        if not 0 <= self.draft_layers < max(layers, 1):
+            raise InputError(
+                "draft_layers",
+                f"must be in [0, {max(layers - 1, 0)}] ({layers} layers), got {self.draft_layers}",
+            )
         object.__setattr__(self, "counts", counts.astype(np.int64, copy=False))
 
     @property
@@ -75,9 +89,15 @@ class ExpertTrace:
     def num_experts(self) -> int:
         return int(self.counts.shape[2])
 
+    def target(self) -> ExpertTrace:
+        """The trace of the served model's own layers: the draft layers dropped."""
+        if not self.draft_layers:
+            return self
+        return dataclasses.replace(self, counts=self.counts[:, : -self.draft_layers], draft_layers=0)
+
     def tokens_per_step(self) -> np.ndarray:
-        """Tokens routed per step (float: mean over layers of counts / top_k)."""
-        return self.counts.sum(axis=2).mean(axis=1) / self.top_k
+        """Tokens served per step (float: mean over the model's own layers of counts / top_k)."""
+        return self.target().counts.sum(axis=2).mean(axis=1) / self.top_k
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically to ``path`` (.npz); returns the path written."""
@@ -88,6 +108,7 @@ class ExpertTrace:
             "top_k": self.top_k,
             "source": self.source,
             "meta": self.meta,
+            "draft_layers": self.draft_layers,
         }
         with atomic_path(path) as tmp, tmp.open("wb") as fh:  # a file handle: savez adds no suffix
             np.savez_compressed(fh, counts=self.counts, meta=np.array(json.dumps(header)))
@@ -118,6 +139,7 @@ class ExpertTrace:
                 top_k=top_k,
                 source=str(header["source"]),
                 meta=header.get("meta", {}),
+                draft_layers=header.get("draft_layers", 0),  # absent before draft layers were recorded
             )
         except InputError as err:
             raise InputError(field, str(err)) from None

@@ -61,3 +61,23 @@ def test_loading_something_else_names_the_file(tmp_path):
         ExpertTrace.load(junk)
     with pytest.raises(InputError, match="no such file"):
         ExpertTrace.load(tmp_path / "missing.npz")
+
+
+def test_draft_layers_round_trip_and_stay_out_of_the_served_tokens(tmp_path):
+    """A speculative draft's MoE layer (DeepSeek's MTP) is recorded after the model's own layers, flagged."""
+    counts = np.concatenate((np.full((2, 3, 8), 3), np.full((2, 1, 8), 5)), axis=1)  # drafts route more
+    trace = ExpertTrace(counts=counts, model="m", top_k=2, source="engine", draft_layers=1)
+    loaded = ExpertTrace.load(trace.save(tmp_path / "run.npz"))
+    assert loaded.draft_layers == 1 and loaded.num_layers == 4
+    np.testing.assert_allclose(loaded.tokens_per_step(), [12.0, 12.0])  # the 3 main layers' tokens
+    target = loaded.target()
+    assert target.draft_layers == 0 and target.counts.shape == (2, 3, 8)
+    np.testing.assert_array_equal(target.counts, counts[:, :3])
+    assert make_trace().target().draft_layers == 0  # a trace without one is its own target
+
+
+@pytest.mark.parametrize("draft_layers", [3, -1, 1.0, True])
+def test_draft_layers_leave_a_main_layer(draft_layers):
+    with pytest.raises(InputError) as err:
+        ExpertTrace(np.zeros((1, 3, 4), dtype=np.int64), "m", 1, "test", draft_layers=draft_layers)
+    assert err.value.field == "draft_layers"

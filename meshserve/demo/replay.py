@@ -10,6 +10,7 @@ This file reads the trace file only (meshserve/traces.py, the bridge); it never 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ def looped(trace_path: Path, out: Path, min_iterations: int) -> tuple[Path, int]
     loops = -(-min_iterations // trace.num_steps)
     meta = {**trace.meta, "looped_from_steps": trace.num_steps}
     counts = np.tile(trace.counts, (loops, 1, 1))
-    trace = ExpertTrace(counts, trace.model, trace.top_k, trace.source, meta)
+    trace = dataclasses.replace(trace, counts=counts, meta=meta)
     return trace.save(out / "expert_trace_looped.npz"), trace.num_steps
 
 

@@ -591,11 +591,11 @@ class Engine:
         """Tokens routed per expert for every recorded step so far (None when not recording)."""
         if self.config.record_expert_trace is None:
             return None
-        mc = self.model_config
+        mc, draft = self.model_config, self.model.draft_moe_layers
         counts = (
             np.stack(self._expert_counts)
             if self._expert_counts
-            else np.zeros((0, mc.num_moe_layers, mc.num_experts), dtype=np.int64)
+            else np.zeros((0, mc.num_moe_layers + draft, mc.num_experts), dtype=np.int64)
         )
         meta = {
             "dtype": dtype_name(self.model_config.dtype),
@@ -604,7 +604,7 @@ class Engine:
             "max_num_seqs": self.scheduler.config.max_num_seqs,
             "arch": mc.arch,
         }
-        return ExpertTrace(counts=counts, model=mc.name, top_k=mc.top_k, source="engine", meta=meta)
+        return ExpertTrace(counts, mc.name, mc.top_k, "engine", meta, draft_layers=draft)
 
     def close(self) -> None:
         """Abort what is left and write the expert trace (atomically) if one was asked for."""

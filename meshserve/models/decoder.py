@@ -94,6 +94,9 @@ class DecoderLM(nn.Module):
     config_aliases: ClassVar[dict[str, str]] = {}
     # Per-expert tensor names in classic checkpoints: (gate, up, down).
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # MoE layers a speculative draft built into the model routes through (DeepSeek's MTP), counted after the
+    # main ones by expert_counts.
+    draft_moe_layers: int = 0
     # Fused tensors of this architecture beyond weights.FUSED: our name -> the checkpoint tensors it stacks.
     fusions: ClassVar[dict[str, tuple[str, ...]]] = {}
 
@@ -222,7 +225,8 @@ class DecoderLM(nn.Module):
         return sum(module.kept_bytes(*choices) for module, choices in self._gemm_choices(table, max_tokens))
 
     def expert_counts(self) -> torch.Tensor | None:
-        """Tokens routed to each expert in the last forward, [num_moe_layers, num_experts]; None if dense."""
+        """Tokens routed to each expert in the last forward, [num_moe_layers + draft_moe_layers, num_experts]
+        (a draft's MoE layers last); None if dense."""
         if not self._moe:
             return None
         return torch.stack([moe.last_counts for moe in self._moe])

@@ -58,6 +58,15 @@ class DeepseekV2ForCausalLM(DecoderLM):
             mlp = GroupedMoE(cfg) if cfg.mtp_moe else GatedMLP(cfg.hidden_size, cfg.intermediate_size)
             self.mtp = MTPLayer(cfg, mlp, self.make_attention(cfg, None))
             self.checkpoint_aliases = (*self.checkpoint_aliases, ("model.mtp.", f"model.layers.{n}."))
+            self.draft_moe_layers = int(cfg.mtp_moe and bool(self._moe))
+
+    def expert_counts(self) -> torch.Tensor | None:
+        """The main layers' counts of the last forward, then the MTP layer's (a draft layer) summed over the
+        drafts since the last call."""
+        counts = super().expert_counts()
+        if not self.draft_moe_layers:
+            return counts
+        return torch.cat((counts, self.mtp.take_counts()[None]))
 
     def make_attention(self, cfg: ModelConfig, window: int | None) -> nn.Module:
         return LatentAttention(cfg, window)

@@ -125,7 +125,7 @@ class BalanceSetup:
             f"unknown {self.balancer!r}; allowed: {', '.join(BALANCERS)}",
         )
         if self.trace is not None:
-            counts = ExpertTrace.load(self.trace).counts
+            counts = ExpertTrace.load(self.trace).target().counts  # the served model's layers
             try:
                 check_trace(counts, model.num_moe_layers, model.routed_experts)
             except InputError as err:  # name the file, as every other fault of a trace file does
@@ -224,7 +224,7 @@ def expert_cost(model: MoEModel, hw: Hardware, weight_bytes: float | None = None
 def setup_trace(setup: BalanceSetup, model: MoEModel, num_devices: int) -> ExpertTrace:
     """The recorded trace (checked against the model) or a synthetic one for this batch."""
     if setup.trace is not None:
-        trace = ExpertTrace.load(setup.trace)
+        trace = ExpertTrace.load(setup.trace).target()  # a draft's MoE layers are not the preset's
         return dataclasses.replace(trace, counts=trace.counts[: setup.iterations])
     return drawn_trace(
         model,

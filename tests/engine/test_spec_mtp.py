@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from meshserve.engine import LLM, SamplingParams
 from meshserve.errors import InputError
+from meshserve.traces import ExpertTrace
 
 SETTINGS = {"block_size": 4, "max_num_batched_tokens": 24, "max_num_seqs": 4}
 PARAMS = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -66,6 +67,25 @@ def test_mtp_drafts_leave_greedy_output_unchanged(weights, tiny_model_dir, tmp_p
     assert llm.engine.spec.draft_tokens > 0
     if weights == "copying":  # random weights accept none: here verify keeps some of the MTP's drafts
         assert llm.engine.spec.accepted_tokens > 0
+
+
+def test_mtp_moe_routing_is_recorded_as_a_draft_layer(tiny_model_dir, tmp_path):
+    """The MTP layer's MoE routes every row the proposer feeds it: the expert trace records those as one
+    more layer after the main ones, flagged as a draft layer; the main layers hold the served tokens."""
+    path = tiny_model_dir("deepseek_v3", num_nextn_predict_layers=1)
+    trace_file = tmp_path / "trace.npz"
+    spec = {"method": "mtp", "num_speculative_tokens": 3}
+    with LLM(str(path), **SETTINGS, speculative_config=spec, record_expert_trace=str(trace_file)) as llm:
+        mtp, rows = llm.engine.model.mtp, []
+        predict = mtp.predict
+        mtp.predict = lambda embeds, *rest: rows.append(len(embeds)) or predict(embeds, *rest)
+        llm.generate(batch(), PARAMS, use_tqdm=False)
+        main_layers = llm.engine.model_config.num_moe_layers
+    trace = ExpertTrace.load(trace_file)
+    assert trace.draft_layers == 1 and trace.num_layers == main_layers + 1
+    assert trace.counts[:, -1].sum() == trace.top_k * sum(rows) > 0  # every MTP row, each step's once
+    main = trace.target().counts
+    assert (main.sum(axis=2) == trace.top_k * trace.tokens_per_step()[:, None]).all()
 
 
 def test_mtp_needs_an_mtp_layer(tiny_model_dir):

@@ -109,6 +109,18 @@ def test_recorded_trace_of_another_model_is_rejected_through_the_cli(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_recorded_draft_layer_is_left_out_of_the_replay(tmp_path):
+    """A trace recorded with MTP drafting holds the MTP layer's MoE after the 58 main layers: the sweep
+    replays the served model's layers, as it would the same trace without the draft layer."""
+    counts = np.random.default_rng(0).integers(0, 64, size=(15, 59, 256))
+    with_draft = ExpertTrace(counts, "deepseek-v3", 8, "engine", draft_layers=1)
+    rows = []
+    for name, trace in {"with": with_draft, "without": with_draft.target()}.items():
+        spec = {**TINY, "balancers": ["none"], "trace": str(trace.save(tmp_path / f"{name}.npz"))}
+        rows.append(run_sweep(parse_sweep(spec), progress=False))
+    assert rows[0] == rows[1] and len(rows[0]) == 1
+
+
 def test_reproduce_balance_json_has_the_headline_fractions(tmp_path):
     result = runner.invoke(
         app,

@@ -13,23 +13,32 @@ A step of long prefill chunks runs expanded instead (`expanded_prefill`): each s
 back by its block table, kv_b_proj expands them into every head's K (qk_nope + rope wide) and V (v_head_dim),
 and ordinary attention runs at those widths, as transformers computes MLA. Expanding costs
 kv_lora_rank x (qk_nope + v) per head per context row; absorbing costs the same per query row plus
-2 (kv_lora_rank + rope) per score against qk_nope + rope + v_head_dim expanded, so the step takes whichever
-its rows make cheaper: decodes stay absorbed; a chunk expands when it starts the prompt, or after a long
-cached context when it has more than ~160 rows (kv_lora_rank (qk_nope + v) / 832 on DeepSeek-V3's shapes).
+2 (kv_lora_rank + rope) per score against qk_nope + rope + v_head_dim expanded. Those four terms are weighed
+by what each costs on this machine (`FormCosts`: nanoseconds per multiply-add, fitted to timings of both
+forms by `benchmarks/mla_attention.py --write-profile`, kept in kernels/profiles/mla.json per ISA, dtype and
+row width), and the step takes the form predicted faster. With no profile for the machine each weighs 1: the
+multiply-add count alone, by which decodes stay absorbed and a chunk expands when it starts the prompt, or
+after a long cached context when it has more than ~160 rows (kv_lora_rank (qk_nope + v) / 832 on
+DeepSeek-V3's shapes).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshserve import switches
 from meshserve.errors import InputError
 from meshserve.kernels.attention import attend
+from meshserve.kernels.attention_tiles import profile_key
 from meshserve.kernels.fused import rotary_reference
 from meshserve.kernels.meta_attention import write_kv
 from meshserve.kernels.smooth_gemm import SmoothLinear
@@ -143,7 +152,8 @@ class LatentAttention(nn.Module):
         )
         expand = self.expand
         if expand is None:
-            expand = step.meta is not None and expanded_prefill(step.meta, m)
+            costs = form_costs(m.kv_lora_rank + m.qk_rope_head_dim, dtype)
+            expand = step.meta is not None and expanded_prefill(step.meta, m, costs)
         if expand and self.window is None:
             o = self._expanded(torch.cat((q_nope, self._rope(q_pe, step)), -1), key, kv_cache, step.meta)
         else:
@@ -207,13 +217,55 @@ class LatentAttention(nn.Module):
         return torch.cat(out, dim=2).transpose(1, 2)[seq, j]  # [T, H, v]
 
 
-def expanded_prefill(meta: BatchMetadata, mla: MLAConfig) -> bool:
-    """Whether expanding the step's latent rows into per-head K/V costs fewer multiply-adds than absorbing
-    (per head; the module docstring has the terms): true for long prefill chunks, false for decodes."""
+@dataclass(frozen=True)
+class FormCosts:
+    """Nanoseconds per multiply-add of each term of the two forms' costs (module docstring): the projections
+    (W_UK / W_UV per query row absorbed, kv_b_proj per context row expanded) and the score pairs."""
+
+    absorbed_rows: float = 1.0
+    absorbed_pairs: float = 1.0
+    expanded_rows: float = 1.0
+    expanded_pairs: float = 1.0
+
+
+SHIPPED_PROFILE = Path(__file__).parents[2] / "kernels" / "profiles" / "mla.json"
+
+
+def user_profile_path() -> Path:
+    """Where `benchmarks/mla_attention.py --write-profile` puts this machine's fit by default."""
+    return switches.profile_dir() / "mla.json"
+
+
+@cache
+def form_costs(width: int, dtype: torch.dtype) -> FormCosts:
+    """This machine's measured weights for latent rows `width` wide: its own profile, else the shipped entry
+    for its ISA, else all 1 (the multiply-add count)."""
+    entries = json.loads(SHIPPED_PROFILE.read_text())["entries"]
+    user = user_profile_path()
+    if user.exists():
+        entries = {**entries, **json.loads(user.read_text()).get("entries", {})}
+    entry = entries.get(profile_key(width, dtype), {})
+    return FormCosts(**{k: float(v) for k, v in entry.items() if k in asdict(FormCosts())})
+
+
+def form_terms(meta: BatchMetadata, mla: MLAConfig) -> tuple[int, int, int, int]:
+    """Multiply-adds per head of each FormCosts term for the step (absorbed rows, absorbed pairs, expanded
+    rows, expanded pairs)."""
     lens = meta.seq_lens.long()
     q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
     expand = mla.kv_lora_rank * (mla.qk_nope_head_dim + mla.v_head_dim)
     pairs = int((q_lens * lens).sum())  # query x key pairs, counted alike for both forms
-    absorbed = meta.num_tokens * expand + pairs * 2 * (mla.kv_lora_rank + mla.qk_rope_head_dim)
-    expanded = int(lens.sum()) * expand + pairs * (mla.qk_head_dim + mla.v_head_dim)
-    return expanded < absorbed
+    return (
+        meta.num_tokens * expand,
+        pairs * 2 * (mla.kv_lora_rank + mla.qk_rope_head_dim),
+        int(lens.sum()) * expand,
+        pairs * (mla.qk_head_dim + mla.v_head_dim),
+    )
+
+
+def expanded_prefill(meta: BatchMetadata, mla: MLAConfig, costs: FormCosts = FormCosts()) -> bool:
+    """Whether the step's expanded form is predicted faster than its absorbed form, by `costs` (default:
+    fewer multiply-adds): true for long prefill chunks, false for decodes."""
+    a_rows, a_pairs, e_rows, e_pairs = form_terms(meta, mla)
+    absorbed = costs.absorbed_rows * a_rows + costs.absorbed_pairs * a_pairs
+    return costs.expanded_rows * e_rows + costs.expanded_pairs * e_pairs < absorbed
