@@ -337,9 +337,9 @@ class Engine:
             request.request_id not in self.groups, "request_id", f"{request.request_id!r} is already in use"
         )
         self.stopper.start(request)
-        if request.detokenizer is not None:  # catch up on the tokens sampled there (stop strings, streaming)
+        if request.text is not None:  # catch up on the tokens sampled there (stop strings, streaming)
             for token in request.output_token_ids:
-                request.detokenizer.add(token)
+                request.text.add(token)
         spec = request.params.structured_outputs
         if spec is not None:  # the grammar's state after those tokens (matchers do not travel)
             request.matcher = self.grammars.matcher(spec)

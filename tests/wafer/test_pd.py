@@ -105,7 +105,9 @@ def test_disagg_moves_kv_over_links_the_collectives_share(hw):
     assert 0 < point.kv_link_utilization <= point.link_utilization <= 0.69  # pd.yaml's link ceiling
     # under load a move takes longer than on idle links, and the worst pair no less than the mean
     alone = kv_member_bytes(V3, 4096, 4) / hw.link_bandwidth
-    assert alone < point.kv_transfer_s <= point.kv_transfer_worst_s
+    assert (
+        alone < point.kv_transfer_s <= point.kv_transfer_worst_s * (1 + 1e-12)
+    )  # a mean of equal pairs may round up
     assert point.requests_per_s == pytest.approx(point.output_tokens_per_s_per_die * hw.num_devices / 256)
     # decode no longer waits for prompts: its step is shorter than the mixed one at the same batch
     assert point.tpot_s < deployment(hw, V3, mix).tpot_s
