@@ -42,3 +42,18 @@ def test_form_costs_read_this_machines_profile_first(tmp_path, switch):
         assert form_costs(64, torch.bfloat16) == FormCosts()  # no entry for that width: the count
     finally:
         form_costs.cache_clear()
+
+
+def test_shipped_fits_pick_the_form_measured_faster():
+    """Every shipped entry, at each timing it was fitted to where one form was over 10% faster, picks
+    that form (DeepSeek-V2/V3's MLA widths; the timings' head count)."""
+    from meshserve.models.layers.mla import SHIPPED_PROFILE
+
+    v3_mla = MLAConfig(None, 512, 128, 64, 128, True, 1.0)
+    for key, entry in json.loads(SHIPPED_PROFILE.read_text())["entries"].items():
+        costs = FormCosts(**{k: v for k, v in entry.items() if k != "measured"})
+        for m in entry["measured"]:
+            absorbed, expanded = m["ms"]
+            if max(absorbed, expanded) > 1.1 * min(absorbed, expanded):
+                picks = expanded_prefill(step(m["cached"], m["rows"], m["seqs"]), v3_mla, costs)
+                assert picks == (expanded < absorbed), (key, m)
