@@ -12,6 +12,7 @@ may be a step or a verify ahead), and the caller aborts it in the engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -62,13 +63,15 @@ class OutputText:
         self.stopped: list[int] = []
 
     def fill(self, out: RequestOutput) -> RequestOutput:
-        """``out`` with its completions' text filled in; ``finished`` once every completion has ended."""
+        """A copy of ``out`` with its completions' text filled in; ``finished`` once every completion has
+        ended. ``out`` itself is the engine thread's (its metrics hook reads it): it is not changed."""
         self.stopped = []
         kept = []
         for completion in out.outputs:
             index = completion.index
             if index in self._done:
                 continue  # tokens the engine made past this completion's stop string
+            completion = dataclasses.replace(completion)
             text = self._texts.get(index)
             if text is None:
                 text = self._texts[index] = StopStrings(self.tokenizer, self.params)
@@ -83,9 +86,9 @@ class OutputText:
             completion.text = full[sent:]
             self._sent[index] = max(len(full), sent)
             kept.append(completion)
-        out.outputs = kept
-        out.finished = out.finished or len(self._done) == self.params.n
-        return out
+        return dataclasses.replace(
+            out, outputs=kept, finished=out.finished or len(self._done) == self.params.n
+        )
 
     def _add(self, text: StopStrings, completion: CompletionOutput) -> bool:
         """Add the completion's new tokens in order, as StopChecker.check would; True when one completes a
