@@ -95,7 +95,7 @@ def _experts(
             for w in ("gate_up_proj", "down_proj")
         )
     gate, up, down = expert_names
-    count = module.quant_weight(0).qweight.shape[0]
+    count = module.num_experts
     anchor = PARTS[qc.method][0]
     for base in candidates(f"{name}.gate_up_proj"):
         stem = base.rpartition(".")[0]

@@ -35,6 +35,7 @@ CASES = {
     "awq": ("llama", {"method": "awq", "group_size": 32}),
     "mixtral_gptq": ("mixtral", {"method": "gptq", "bits": 4, "group_size": 32, "sym": False}),
     "mixtral_awq": ("mixtral", {"method": "awq", "group_size": 32}),
+    "mixtral_gptq_act_order": ("mixtral", {"method": "gptq", "bits": 4, "group_size": 32, "desc_act": True}),
     "compressed_w4a16_asym": (
         "llama",
         {"method": "compressed-tensors", "bits": 4, "group_size": 32, "sym": False},
