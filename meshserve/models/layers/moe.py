@@ -41,6 +41,7 @@ class StackedExperts(nn.Module):
     """All experts as two stacked tensors (transformers v5 layout): [E, 2I, H] ([gate; up]), [E, H, I]."""
 
     _by_m: tuple[list[GemmChoice], list[GemmChoice]] | None = None
+    quantized = False  # QuantExperts (quant_experts.py) says True: SparseMoE then calls its `moe`
     packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the fused op's weights (pack_experts)
     fused_max_tokens = 0  # steps of at most this many tokens take the fused op
 
@@ -181,6 +182,8 @@ class SparseMoE(nn.Module):
             self.last_counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
         if fused:
             out = fused_moe(x, experts, weights, packed)
+        elif self.experts.quantized:
+            out = self.experts.moe(x, experts, weights)
         else:
             out = self._experts_torch(x, weights, experts, self.last_counts)
         shared = self.shared_output(x)

@@ -1,28 +1,23 @@
-"""QuantExperts: a MoE layer's stacked experts as two QuantWeights ([E, 2I, H] gate/up, [E, H, I] down), in
-place of StackedExperts. SparseMoE runs them through its sort-and-pack path; each batched matmul reads one
-stacked QuantWeight."""
+"""QuantExperts: a MoE layer's routed experts weight-only int8 / int4, in place of StackedExperts: gate/up
+[E, 2I, H] and down [E, H, I], held packed (kernels/quant_gemm.py) and run by ``quant_moe``: each token's
+rows go through its top-k experts and are summed by their routing weights in one native call."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from meshserve.kernels.quant_weight import QuantWeight, dequantize
-from meshserve.models.layers.quant_linear import QUANT_PARTS
+from meshserve.kernels.quant_gemm import quant_moe, unpack_quant
+from meshserve.kernels.quant_weight import QuantWeight
+from meshserve.models.layers.quant_linear import PackedBuffers
 
-WEIGHTS = ("gate_up", "down")
-
-
-def expert_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
-    """x [E, M, K] times each expert's W [E, N, K] transposed -> [E, M, N] in x's dtype (the torch oracle:
-    dequantized per call, until the native quantized MoE op is merged)."""
-    return torch.bmm(x.float(), dequantize(w).transpose(1, 2)).to(x.dtype)
+WEIGHTS = ("gate_up_", "down_")
 
 
-class QuantExperts(nn.Module):
-    """All experts quantized; ``packed`` is None so SparseMoE takes its torch path through ``matmul``."""
+class QuantExperts(PackedBuffers):
+    """All experts quantized; SparseMoE routes, then calls ``moe``."""
 
-    packed = None
+    quantized = True
+    packed = None  # not the fused bf16 op's packed copy: SparseMoE's fused test reads it
     fused_max_tokens = 0
 
     def __init__(self, gate_up: QuantWeight, down: QuantWeight) -> None:
@@ -31,20 +26,20 @@ class QuantExperts(nn.Module):
 
     def set_weights(self, gate_up: QuantWeight, down: QuantWeight) -> None:
         for prefix, w in zip(WEIGHTS, (gate_up, down), strict=True):
-            setattr(self, f"_{prefix}_form", (w.bits, w.group_size))
-            for name in QUANT_PARTS:
-                self.register_buffer(f"{prefix}_{name}", getattr(w, name))
+            self._hold(prefix, w)
 
     def quant_weight(self, which: int) -> QuantWeight:
-        prefix = WEIGHTS[which]
-        bits, group = getattr(self, f"_{prefix}_form")
-        qweight, scales, zeros, perm = (getattr(self, f"{prefix}_{name}") for name in QUANT_PARTS)
-        return QuantWeight(bits, qweight, scales, zeros, group, perm)
+        """Weights ``which`` (0: gate_up, 1: down) as a QuantWeight (unpacked: tests and inspection)."""
+        return unpack_quant(self._packed(WEIGHTS[which]))
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_qweight.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return self.quant_weight(0).nbytes + self.quant_weight(1).nbytes
+        return sum(self._packed(p).nbytes for p in WEIGHTS)
 
-    def matmul(self, x: torch.Tensor, which: int) -> torch.Tensor:
-        """x [E, M, K] times expert weights ``which`` (0: gate_up, 1: down), transposed: [E, M, N]."""
-        return expert_matmul(x, self.quant_weight(which))
+    def moe(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_j weights[t, j] * expert_{experts[t, j]}(x[t]) for x [T, H], in x's dtype."""
+        return quant_moe(x, experts, weights, *(self._packed(p) for p in WEIGHTS))

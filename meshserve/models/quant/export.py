@@ -34,7 +34,6 @@ def _act_order(name: str, k: int) -> torch.Tensor:
     site = name
     for pattern, shared in SAME_INPUT:
         site = re.sub(pattern, shared, site)
-    site = re.sub(r"\.experts\.\d+\.", ".experts.", site)  # one order per layer's experts (ours fuse them)
     return torch.randperm(k, generator=torch.Generator().manual_seed(zlib.crc32(site.encode())))
 
 

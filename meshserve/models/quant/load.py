@@ -62,7 +62,7 @@ def _packed(ckpt: Any, stem: str, qc: QuantConfig) -> QuantWeight:
             return compressed.read_compressed(tensors, qc.bits, qc.group_size)
         return awq.read_awq(tensors, qc.group_size)
     except ValueError as err:
-        raise InputError(f"{stem}.qweight", str(err)) from None
+        raise InputError(f"{stem}.{names[0]}", str(err)) from None
 
 
 def _linear(ckpt: Any, find: Find, name: str, qc: QuantConfig, dtype: torch.dtype) -> QuantWeight:
@@ -76,7 +76,7 @@ def _linear(ckpt: Any, find: Find, name: str, qc: QuantConfig, dtype: torch.dtyp
     try:
         return concat_rows([_packed(ckpt, s, qc) for s in stems], name)
     except ValueError as err:
-        raise InputError(f"{name}.qweight", str(err)) from None
+        raise InputError(f"{name}.{anchor}", str(err)) from None
 
 
 def _experts(
@@ -95,7 +95,7 @@ def _experts(
             for w in ("gate_up_proj", "down_proj")
         )
     gate, up, down = expert_names
-    count = module.quant_weight(0).qweight.shape[0]
+    count = module.num_experts
     anchor = PARTS[qc.method][0]
     for base in candidates(f"{name}.gate_up_proj"):
         stem = base.rpartition(".")[0]
@@ -108,7 +108,7 @@ def _experts(
                 downs = [_packed(ckpt, f"{stem}.{e}.{down}", qc) for e in range(count)]
                 return stack_experts(gate_up, name), stack_experts(downs, name)
             except ValueError as err:
-                raise InputError(f"{stem}.qweight", str(err)) from None
+                raise InputError(f"{stem}.{anchor}", str(err)) from None
     raise InputError(
         "weights", f"missing tensors: {name}.<expert>.{gate}.{anchor} (a {qc.method} checkpoint)"
     )

@@ -35,6 +35,7 @@ CASES = {
     "awq": ("llama", {"method": "awq", "group_size": 32}),
     "mixtral_gptq": ("mixtral", {"method": "gptq", "bits": 4, "group_size": 32, "sym": False}),
     "mixtral_awq": ("mixtral", {"method": "awq", "group_size": 32}),
+    "mixtral_gptq_act_order": ("mixtral", {"method": "gptq", "bits": 4, "group_size": 32, "desc_act": True}),
     "compressed_w4a16_asym": (
         "llama",
         {"method": "compressed-tensors", "bits": 4, "group_size": 32, "sym": False},
@@ -156,3 +157,19 @@ def test_expert_parallel_refuses_quantized_experts(tiny_model_dir):
             data_parallel_size=2,
             enable_expert_parallel=True,
         )
+
+
+@pytest.mark.parametrize(("method", "most"), [("int8", 0.55), ("int4", 0.3)])
+def test_quantized_layers_keep_only_their_packed_bytes(method, most, tiny_model_dir):
+    """Resident bytes of the quantized layers against the same layers in bfloat16 (the issue's targets)."""
+    model = load_model(tiny_model_dir("mixtral"), quantization=method).model
+    packed = dense = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            packed, dense = packed + m.nbytes, dense + m.in_features * m.out_features * 2
+        elif isinstance(m, QuantExperts):
+            packed += m.nbytes
+            dense += sum(
+                w.qweight.shape[0] * w.out_features * w.in_features * 2 for w in map(m.quant_weight, (0, 1))
+            )
+    assert 0 < packed <= most * dense
