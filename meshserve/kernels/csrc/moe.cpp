@@ -35,6 +35,7 @@
 
 #include "bf16_bits.h"
 #include "bf16_dot_tile.h"
+#include "expert_order.h"
 #include "fast_exp.h"
 
 namespace meshserve {
@@ -120,9 +121,7 @@ inline void silu_mul(const float* gate, const float* up, float* out) {
 #endif
 }
 
-struct Block {
-  int64_t expert, first, rows;  // pairs [first, first + rows) of the expert-sorted order
-};
+using expert_order::Block;
 
 // The rows of blk (row(p): pair p's float32 input row) times one packed float32 block [k][64], in
 // micro-tiles of kMaxRows (the block, 64-90 KB here, stays in L2 while the task's micro-tiles reuse it);
@@ -189,33 +188,12 @@ at::Tensor fused_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
   const int64_t experts = w13.size(0), inter = w13.size(1) * kCols / 2, hidden_pad = w2.size(1) * kCols;
   const int64_t pairs = tokens * k, blocks13 = w13.size(1), blocks2 = w2.size(1);
 
-  // Counting sort of pairs by expert (stable: token order within an expert).
-  const int64_t* ids = topk_ids.data_ptr<int64_t>();
-  const float* route_w = topk_weights.data_ptr<float>();
-  std::vector<int64_t> start(experts + 1, 0), pos(pairs), token_of(pairs);
-  std::vector<float> weight_of(pairs);
-  for (int64_t p = 0; p < pairs; ++p) {
-    TORCH_CHECK(ids[p] >= 0 && ids[p] < experts, "fused_moe: expert id ", ids[p], " outside [0, ", experts, ")");
-    ++start[ids[p] + 1];
-  }
-  for (int64_t e = 0; e < experts; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t p = 0; p < pairs; ++p) {
-    const int64_t s = fill[ids[p]]++;
-    pos[p] = s;
-    token_of[s] = p / k;
-    weight_of[s] = route_w[p];
-  }
+  const auto [start, pos, token_of, weight_of] = expert_order::sort_by_expert(
+      topk_ids.data_ptr<int64_t>(), topk_weights.data_ptr<float>(), tokens, k, experts, "fused_moe");
   // Each expert's pairs in near-equal blocks of <= kRowBlock (whole micro-tiles but the last), largest first.
   constexpr bool kBf16 = !std::is_same_v<T, float>;
   constexpr int64_t unit = kBf16 ? kPairRows : kMaxRows;
-  std::vector<Block> blocks;
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t n = start[e + 1] - start[e], parts = (n + kRowBlock - 1) / kRowBlock;
-    const int64_t size = parts ? ((n + parts - 1) / parts + unit - 1) / unit * unit : 0;
-    for (int64_t f = start[e]; f < start[e + 1]; f += size) blocks.push_back({e, f, std::min(size, start[e + 1] - f)});
-  }
-  std::stable_sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.rows > b.rows; });
+  const std::vector<Block> blocks = expert_order::row_blocks(start, kRowBlock, unit);
   const int64_t nblocks = static_cast<int64_t>(blocks.size());
 
   const T* xs = x.data_ptr<T>();

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "bf16_bits.h"
+#include "expert_order.h"
 #include "fast_exp.h"
 #include "quant_args.h"
 #include "quant_tile.h"
@@ -30,9 +31,7 @@ namespace {
 using quant_tile::kPanelCols;
 constexpr int64_t kRowBlock = 48;  // most pairs per task: whole tiles of both paths (4 and 6 rows)
 
-struct Block {
-  int64_t expert, first, rows;  // pairs [first, first + rows) of the expert-sorted order
-};
+using expert_order::Block;
 
 // Runs task(i) for i in [0, n) across torch's threads, each taking the next index when it is free.
 template <typename Task>
@@ -105,29 +104,9 @@ at::Tensor quant_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
                           const Weight& w13, const Weight& w2) {
   const int64_t tokens = x.size(0), hidden = x.size(1), k = topk_ids.size(1), pairs = tokens * k;
   const int64_t experts = static_cast<int64_t>(w13.experts.size()), inter = w2.k;
-  const int64_t* ids = topk_ids.data_ptr<int64_t>();
-  const float* route_w = topk_weights.data_ptr<float>();
-  std::vector<int64_t> start(experts + 1, 0), pos(pairs), token_of(pairs);
-  std::vector<float> weight_of(pairs);
-  for (int64_t p = 0; p < pairs; ++p) {
-    TORCH_CHECK(ids[p] >= 0 && ids[p] < experts, "quant_moe: expert id ", ids[p], " outside [0, ", experts, ")");
-    ++start[ids[p] + 1];
-  }
-  for (int64_t e = 0; e < experts; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t p = 0; p < pairs; ++p) {
-    const int64_t s = fill[ids[p]]++;
-    pos[p] = s;
-    token_of[s] = p / k;
-    weight_of[s] = route_w[p];
-  }
-  std::vector<Block> blocks;  // each expert's pairs in near-equal blocks of <= kRowBlock, largest first
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t n = start[e + 1] - start[e], parts = (n + kRowBlock - 1) / kRowBlock;
-    const int64_t size = parts ? (n + parts - 1) / parts : 0;
-    for (int64_t f = start[e]; f < start[e + 1]; f += size) blocks.push_back({e, f, std::min(size, start[e + 1] - f)});
-  }
-  std::stable_sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.rows > b.rows; });
+  const auto [start, pos, token_of, weight_of] = expert_order::sort_by_expert(
+      topk_ids.data_ptr<int64_t>(), topk_weights.data_ptr<float>(), tokens, k, experts, "quant_moe");
+  const std::vector<Block> blocks = expert_order::row_blocks(start, kRowBlock, 1);
 
   using Bits = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
   const Bits* xs = reinterpret_cast<const Bits*>(x.data_ptr<T>());
