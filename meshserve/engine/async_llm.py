@@ -241,7 +241,7 @@ class AsyncLLM:
             except RuntimeError:  # that event loop has closed: its readers are gone, so are their requests
                 for _, out in items:
                     self._streams.pop(out.request_id, None)
-                    self._handle(("abort", out.request_id, None))
+                    self._handle(("abort", (out.request_id, None, None), None))
 
     def _drain(self) -> None:
         """Fail calls still in the inbox (the engine is stopping); the engine thread and a late caller may

@@ -90,10 +90,10 @@ def test_a_caller_that_leaves_while_its_add_is_queued_runs_nothing_for_it(tiny_m
 
 
 def test_a_stream_whose_event_loop_closed_is_aborted_and_the_engine_keeps_serving(tiny_model_dir):
-    llm = AsyncLLM.from_args(str(tiny_model_dir("llama")), max_model_len=128, block_size=4)
+    llm = AsyncLLM.from_args(str(tiny_model_dir("llama")), max_model_len=1024, block_size=4)
 
     async def start_and_walk_away() -> None:
-        await llm.add_request([1, 5, 6], SamplingParams(max_tokens=100, ignore_eos=True), "orphan")
+        await llm.add_request([1, 5, 6], SamplingParams(max_tokens=1000, ignore_eos=True), "orphan")
 
     async def snapshot() -> tuple[bool, int]:
         await asyncio.sleep(0.2)  # a few steps deliver to the closed loop

@@ -4,6 +4,8 @@ KV transfers."""
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import openai
 import pytest
@@ -75,3 +77,26 @@ def test_admin_switches_a_role_live_and_tokens_stay(model_dir, pd_server):
         assert done.choices[0].text == expected
     bad = httpx.post(f"{pd_server.url}/admin/role", json={"instance": "decode", "role": "prefill"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "role"
+
+
+def test_a_stop_string_ends_the_request_on_the_pair_as_on_one_engine(model_dir, pd_server):
+    """The front door ends a completion on its stop string and aborts it in the engine by completion index:
+    the pair takes that abort (it once raised TypeError in the engine thread, so the request ran on)."""
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    with LLM(model_dir, **ARGS) as llm:
+        full = llm.generate(PROMPTS[:1], greedy, use_tqdm=False)[0].text
+        assert len(full) >= 6
+        stop = full[3:5]
+        stopping = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop=[stop])
+        expected = llm.generate(PROMPTS[:1], stopping, use_tqdm=False)[0].text
+    client = openai.OpenAI(base_url=f"{pd_server.url}/v1", api_key="none", max_retries=0)
+    done = client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPTS[0],
+        max_tokens=10,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
+    assert done.choices[0].text == expected and done.choices[0].finish_reason == "stop"
+    assert asyncio.run(pd_server.llm.call(lambda engine: engine.abort("gone", 0))) is False

@@ -163,7 +163,8 @@ class PDEngine:
         self.unfinished[request_id] = (prompt, params)
         return request_id
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, index: int | None = None) -> bool:
+        """As Engine.abort; a pair runs n = 1 only, so ending completion ``index`` ends the request."""
         if self.unfinished.pop(str(request_id), None) is None:
             return False
         for role in ROLES:
