@@ -130,6 +130,8 @@ class EngineConfig:
         process may run on (``os.sched_getaffinity``).
     kernel_profile: a GEMM profile written by ``meshserve profile``; None = the tables for this machine's
         ISA and threads, its missing shapes profiled on first use (engine/kernel_profile.py, docs/gemm.md).
+    kernel_memory_budget: bytes the GEMM kernels may keep in extra weight layouts (0: each linear keeps
+        one layout of its weights; kernels/gemm_layout.py, docs/engine.md "Memory").
     device: "cpu" (native kernels where they apply) or "cuda" (weights, KV cache and step tensors on the
         GPU, torch reference kernels; engine/device.py). Checked against the machine when the engine starts.
     switches: the environment switches this engine runs with (meshserve/switches.py), read here once, with
@@ -149,6 +151,7 @@ class EngineConfig:
     speculative_config: dict[str, Any] | SpecConfig | None = None
     num_threads: int | None = None
     kernel_profile: str | None = None
+    kernel_memory_budget: int = 0
     device: str = "cpu"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -177,6 +180,7 @@ class EngineConfig:
             f"unsupported {self.quantization!r}; allowed: {', '.join(METHODS)} (None: the checkpoint's own)",
         )
         self.seed = integer(self.seed, "seed", 0, 2**64 - 1)  # seeds the seeds of unseeded requests
+        self.kernel_memory_budget = integer(self.kernel_memory_budget, "kernel_memory_budget", 0, 2**63 - 1)
         require(self.role in ROLES, "role", f"unknown {self.role!r}; allowed: {', '.join(ROLES)}")
         require(self.device in DEVICES, "device", f"unknown {self.device!r}; allowed: {', '.join(DEVICES)}")
         if self.record_expert_trace is not None:  # fail now, not when the trace is written on close

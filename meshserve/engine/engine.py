@@ -115,7 +115,9 @@ class Engine:
         self.rope_switch: int | None = self.model.rotary.long_from  # LongRoPE's original context
         self.blocks.unshared_past = self.rope_switch
         if table is not None:  # SmoothGEMM's primitives and the fused MoE op are CPU code
-            self.model.prepare_gemms(table, sched.max_num_batched_tokens)
+            self.model.prepare_gemms(
+                table, sched.max_num_batched_tokens, sched.max_num_seqs, config.kernel_memory_budget
+            )
         self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
         if self.spec is not None:
             self.spec.attach(self.model)
@@ -151,7 +153,13 @@ class Engine:
         mc, config = self.model_config, self.config
         meta = meta_model(mc)
         weights = model_bytes(meta)
-        copies = 0 if table is None else meta.kernel_copy_bytes(table, sched.max_num_batched_tokens)
+        copies = (
+            0
+            if table is None
+            else meta.kernel_copy_bytes(
+                table, sched.max_num_batched_tokens, sched.max_num_seqs, config.kernel_memory_budget
+            )
+        )
         spec = config.speculative_config
         draft = 0
         if spec is not None and spec.method == "draft_model":

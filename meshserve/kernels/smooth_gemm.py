@@ -29,7 +29,6 @@ only the real rows are read back.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,39 +36,13 @@ from torch import nn
 
 from meshserve.kernels import native
 from meshserve.kernels.bf16_gemm import (
-    BLOCK_COLS,
-    PANEL_COLS,
     bf16_linear,
     brgemm_linear,
     pack_bf16_pairs,
     pack_bf16_panels,
 )
-
-KERNELS = ("linear", "packed", "packed_f32", "bf16_fma", "dpbf16", "brgemm")
-NATIVE_KERNELS = ("bf16_fma", "dpbf16", "brgemm")  # the ops compute any M as is: their tile is always 1
-
-
-@dataclass(frozen=True)
-class GemmChoice:
-    """One primitive: a kernel from KERNELS and an M-tile (1 = the exact M, no padding)."""
-
-    kernel: str
-    tile: int = 1
-
-    def __post_init__(self) -> None:
-        if self.kernel not in KERNELS:
-            raise ValueError(f"unknown GEMM kernel {self.kernel!r}; allowed: {', '.join(KERNELS)}")
-        if self.tile < 1:
-            raise ValueError(f"GEMM tile must be >= 1, got {self.tile}")
-        if self.kernel in NATIVE_KERNELS and self.tile != 1:
-            raise ValueError(f"GEMM kernel {self.kernel!r} tile must be 1, got {self.tile}")
-
-    @property
-    def name(self) -> str:
-        return self.kernel if self.tile == 1 else f"{self.kernel}/t{self.tile}"
-
-
-PLAIN = GemmChoice("linear")
+from meshserve.kernels.gemm_choice import KERNELS, NATIVE_KERNELS, PLAIN, GemmChoice  # noqa: F401
+from meshserve.kernels.gemm_layout import LayoutPlan, plan_layouts
 
 
 class StagingBuffers(threading.local):
@@ -158,48 +131,49 @@ def run_bmm(
 class SmoothLinear(nn.Linear):
     """``nn.Linear`` (same parameters, same loading) whose forward runs the primitive its table picks for M.
 
-    Until ``prepare`` is called it is exactly ``nn.Linear``.
+    Until ``prepare`` is called it is exactly ``nn.Linear``. ``prepare`` keeps one layout of the weight
+    (kernels/gemm_layout.py): where it is a packed one, the loaded weight becomes a meta tensor (shape and
+    dtype only). ``keep_weight`` says the weight is read elsewhere too (a tied lm_head), so it stays.
     """
 
     _by_m: list[GemmChoice] | None = None
+    keep_weight = False
 
-    def _layouts(self, by_m: list[GemmChoice]) -> tuple[list[GemmChoice], set[str]]:
-        """The choices this layer can run (native ones need a bfloat16 weight and the built op) and the
-        weight copies they need beside the weight: "pairs", "panels", "packed", "packed_f32"."""
-        if self.weight.dtype != torch.bfloat16 or not native.load():
+    def plan(self, by_m: list[GemmChoice], decode_m: int = 1, budget: int = 0) -> LayoutPlan:
+        """What ``prepare`` with these arguments keeps (works on a meta-device layer: shapes only)."""
+        if self.weight.dtype != torch.bfloat16 or not native.load():  # native ones need both
             by_m = [PLAIN if c.kernel in NATIVE_KERNELS else c for c in by_m]
-        kernels = {c.kernel for c in by_m}
-        # For a float32 layer "packed_f32" is just "packed".
-        needs_f32 = "packed_f32" in kernels and self.weight.dtype != torch.float32
-        needs_packed = "packed" in kernels or ("packed_f32" in kernels and not needs_f32)
-        wanted = {
-            "pairs": bool(kernels & {"bf16_fma", "dpbf16"}),
-            "panels": "brgemm" in kernels,
-            "packed": needs_packed,
-            "packed_f32": needs_f32,
-        }
-        return by_m, {name for name, needed in wanted.items() if needed}
-
-    def kept_bytes(self, by_m: list[GemmChoice]) -> int:
-        """Bytes ``prepare(by_m)`` keeps beside the weight (works on a meta-device layer: shapes only)."""
-        layouts = self._layouts(by_m)[1]
         n, k = self.weight.shape
-        pairs = -(-n // BLOCK_COLS) * BLOCK_COLS * -(-k // 2) * 4  # pack_bf16_pairs pads N and K
-        panels = -(-n // PANEL_COLS) * PANEL_COLS * -(-k // 2) * 4  # pack_bf16_panels pads N and K too
-        size = {"pairs": pairs, "panels": panels, "packed": n * k * self.weight.element_size()}
-        size["packed_f32"] = n * k * 4 + (0 if self.bias is None else n * 4)
-        return sum(size[name] for name in layouts)
+        return plan_layouts(
+            by_m, n, k, self.weight.dtype, self.bias is not None, decode_m, budget, self.keep_weight
+        )
 
-    def prepare(self, by_m: list[GemmChoice]) -> None:
-        """Use ``by_m[M]`` for M tokens (the last entry beyond its end); prepack the weights it needs."""
+    def kept_bytes(self, by_m: list[GemmChoice], decode_m: int = 1, budget: int = 0) -> int:
+        """Bytes ``prepare`` keeps beyond the loaded weight."""
+        return self.plan(by_m, decode_m, budget).extra_bytes
+
+    def prepare(self, by_m: list[GemmChoice], decode_m: int = 1, budget: int = 0) -> LayoutPlan:
+        """Use ``by_m[M]`` for M tokens (the last entry beyond its end) as far as the layouts kept allow
+        (``budget``: bytes for layouts beyond the one); pack them and drop the loaded weight unless kept."""
+        plan = self.plan(by_m, decode_m, budget)
         w = self.weight.detach()
-        by_m, layouts = self._layouts(by_m)
-        self._pairs = pack_bf16_pairs(w) if "pairs" in layouts else None
-        self._panels = pack_bf16_panels(w) if "panels" in layouts else None
-        self._packed = pack_weight(w) if "packed" in layouts else None
-        self._packed_f32 = pack_weight(w.float()) if "packed_f32" in layouts else None
+        if w.is_meta:  # prepared before and dropped: only the same layouts can serve again
+            if set(plan.layouts) != self._layouts:
+                raise RuntimeError(f"this layer keeps only {sorted(self._layouts)}; cannot repack it")
+            self._by_m = plan.by_m
+            return plan
+        self._layouts = set(plan.layouts)
+        self._pairs = pack_bf16_pairs(w) if "pairs" in self._layouts else None
+        self._panels = pack_bf16_panels(w) if "panels" in self._layouts else None
+        packed = "packed" in self._layouts or ("packed_f32" in self._layouts and w.dtype == torch.float32)
+        self._packed = pack_weight(w) if packed else None
+        f32 = "packed_f32" in self._layouts and w.dtype != torch.float32
+        self._packed_f32 = pack_weight(w.float()) if f32 else None
         self._bias_f32 = None if self.bias is None or self._packed_f32 is None else self.bias.detach().float()
-        self._by_m = list(by_m)
+        self._by_m = plan.by_m
+        if "weight" not in self._layouts:
+            self.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), False)
+        return plan
 
     def wants_f32(self, m: int) -> bool:
         """Whether M tokens run a float32 GEMM on this bfloat16 layer (then float32 input saves a cast)."""

@@ -122,6 +122,7 @@ class DecoderLM(nn.Module):
         self.lm_head = SmoothLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:  # one parameter: named_parameters (and loading) see embed_tokens only
             self.lm_head.weight = self.embed_tokens.weight
+            self.lm_head.keep_weight = True  # the embedding reads it: it stays the layout kept
         self._moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
 
     @classmethod
@@ -214,15 +215,31 @@ class DecoderLM(nn.Module):
                 weights = (module.gate_up_proj, module.down_proj)
                 yield module, [table.by_m(bmm_key(*w.shape), w.dtype, max_tokens) for w in weights]
 
-    def prepare_gemms(self, table: GemmTable, max_tokens: int) -> None:
-        """Hand every linear layer its SmoothGEMM choices for M = 0..max_tokens and prepack its weights."""
-        for module, choices in self._gemm_choices(table, max_tokens):
-            module.prepare(*choices)
+    def prepare_gemms(self, table: GemmTable, max_tokens: int, decode_m: int = 1, budget: int = 0) -> int:
+        """Hand every linear layer its SmoothGEMM choices for M = 0..max_tokens and pack the one layout of
+        its weights each keeps (kernels/gemm_layout.py: chosen at M = 1..decode_m; extra layouts within
+        ``budget`` bytes, first come first served); returns the bytes kept beyond the loaded weights."""
+        return self._layouts(table, max_tokens, decode_m, budget, prepare=True)
 
-    def kernel_copy_bytes(self, table: GemmTable, max_tokens: int) -> int:
+    def kernel_copy_bytes(self, table: GemmTable, max_tokens: int, decode_m: int = 1, budget: int = 0) -> int:
         """Bytes prepare_gemms will keep beyond the loaded weights (net of those it drops); the model may be
         on the meta device."""
-        return sum(module.kept_bytes(*choices) for module, choices in self._gemm_choices(table, max_tokens))
+        return self._layouts(table, max_tokens, decode_m, budget, prepare=False)
+
+    def _layouts(self, table: GemmTable, max_tokens: int, decode_m: int, budget: int, prepare: bool) -> int:
+        extra = 0
+        for module, choices in self._gemm_choices(table, max_tokens):
+            if isinstance(module, SmoothLinear):
+                plan = (module.prepare if prepare else module.plan)(*choices, decode_m, budget)
+                budget -= plan.budget_used
+                extra += plan.extra_bytes
+            else:  # the expert blocks keep one copy too, extra ones within the budget (moe.py)
+                _, _, kept, used = module.plan(*choices, budget=budget)
+                if prepare:
+                    module.prepare(*choices, budget=budget)
+                budget -= used
+                extra += kept
+        return extra
 
     def expert_counts(self) -> torch.Tensor | None:
         """Tokens routed to each expert in the last forward, [num_moe_layers + draft_moe_layers, num_experts]

@@ -157,14 +157,18 @@ def test_steps_over_the_fused_limit_take_the_batched_matmuls(monkeypatch):
     moe = SparseMoE(64, 48, num_experts=4, top_k=2, renormalize=True, weights_in_model_dtype=False)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    reference = copy.deepcopy(moe)
-    moe.experts.prepare([PLAIN], [PLAIN])
+    reference, one_copy = copy.deepcopy(moe), copy.deepcopy(moe)
+    moe.experts.prepare([PLAIN], [PLAIN], budget=1 << 20)  # a budget pays for the second copy
     assert not moe.experts.gate_up_proj.is_meta  # the batched matmuls still need the stacked weights
     with torch.no_grad():
         for tokens in (8, 9):
             x = torch.randn(tokens, 64)
             torch.testing.assert_close(moe(x), reference(x), atol=4e-5, rtol=1e-5)
-    assert calls == [8]
+        assert calls == [8]
+        one_copy.experts.prepare([PLAIN], [PLAIN])  # no budget: one copy, the op serves every step
+        assert one_copy.experts.gate_up_proj.is_meta
+        torch.testing.assert_close(one_copy(x), reference(x), atol=4e-5, rtol=1e-5)
+        assert calls == [8, 9]
 
 
 def test_reference_mode_keeps_the_torch_path(switch):
@@ -235,7 +239,10 @@ def test_bfloat16_layer_the_op_always_serves_keeps_no_float32_copy():
     assert moe.experts.gate_up_proj.is_meta and moe.experts.down_proj.is_meta  # the packed copy is the one
     with pytest.raises(RuntimeError, match="kept only packed"):
         moe.experts.prepare(f32, f32, fused=False)
-    torch_path.experts.prepare(f32, f32, fused=False)  # the torch path serves every step: it gets its copies
+    no_budget = copy.deepcopy(torch_path)
+    no_budget.experts.prepare(f32, f32, fused=False)  # a float32 copy is a second copy: none without budget
+    assert no_budget.experts._f32 == (None, None)
+    torch_path.experts.prepare(f32, f32, fused=False, budget=1 << 20)  # the torch path serves every step
     assert all(w is not None and w.dtype == torch.float32 for w in torch_path.experts._f32)
 
 

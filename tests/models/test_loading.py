@@ -118,7 +118,7 @@ def test_the_fit_check_counts_kernel_copies_and_the_draft_before_allocating(tmp_
     monkeypatch.setattr(engine_module, "free_memory", lambda device: int(1.5 * weights))
     monkeypatch.setattr(engine_module, "build_model", lambda *a: pytest.fail("allocated before checking"))
     with pytest.raises(InputError, match=r"iB of weights, .* MiB of kernel copies\), more than the") as err:
-        Engine.from_args(str(path), kernel_profile=str(tables["packed_f32"]))
+        Engine.from_args(str(path), kernel_profile=str(tables["packed_f32"]), kernel_memory_budget=1 << 30)
     assert err.value.field == "model"
     spec = {"method": "draft_model", "model": str(path), "num_speculative_tokens": 2}
     with pytest.raises(InputError, match=r"MiB of weights, .* MiB of draft\)"):

@@ -58,40 +58,76 @@ class StackedExperts(nn.Module):
         for p in (self.gate_up_proj, self.down_proj):
             p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
 
+    def plan(
+        self,
+        gate_up_by_m: list[GemmChoice],
+        down_by_m: list[GemmChoice],
+        fused: bool | None = None,
+        budget: int = 0,
+    ) -> tuple[int, tuple[bool, bool], int, int]:
+        """What ``prepare`` keeps (the weights may be on meta): (the fused op's step limit, 0 = no op;
+        whether each weight keeps a float32 copy; bytes kept beyond the loaded weights; of those, the
+        bytes ``budget`` paid for). One copy unless the budget pays: the fused op's packed copy replaces
+        the loaded weights and serves every step, whatever its listed limit (profiles/moe.json); a limit
+        and the float32 copies of the torch path's ``packed_f32`` choices need a second copy each."""
+        w, down = self.gate_up_proj, self.down_proj
+        fused = use_fused_moe(w.dtype, w.shape[2]) if fused is None else fused
+        loaded = (w.numel() + down.numel()) * w.dtype.itemsize
+        limit, extra, used = 0, 0, 0
+        if fused:
+            meta = (torch.empty(p.shape, dtype=p.dtype, device="meta") for p in (w, down))
+            packed = sum(p.numel() * p.element_size() for p in pack_experts(*meta))
+            limit = fused_max_tokens(w.dtype)
+            if limit < sys.maxsize and packed <= budget:  # both copies: the torch path serves big steps
+                extra = used = packed
+            else:
+                limit, extra = sys.maxsize, packed - loaded
+        keep_f32 = []
+        for p, by_m in zip((w, down), (gate_up_by_m, down_by_m), strict=True):
+            size = p.numel() * 4
+            keep = (
+                limit < sys.maxsize
+                and p.dtype != torch.float32
+                and any(c.kernel == "packed_f32" for c in by_m)
+                and used + size <= budget
+            )
+            keep_f32.append(keep)
+            extra, used = extra + size * keep, used + size * keep
+        return limit, (keep_f32[0], keep_f32[1]), extra, used
+
     def prepare(
-        self, gate_up_by_m: list[GemmChoice], down_by_m: list[GemmChoice], fused: bool | None = None
-    ) -> None:
-        """SmoothGEMM choices per expert capacity M (index = M) for the two batched matmuls; a float32 copy
-        of a bf16 weight is made once when some M runs it in float32 (``packed_f32``) and the torch path can
-        run. With ``fused`` (the default wherever the native op serves this dtype) the weights are packed
-        for the fused op, which serves steps of up to ``fused_max_tokens`` tokens (profiles/moe.json; no limit
-        listed, every step); larger steps keep the batched matmuls. Where the op serves every step the packed
-        copy is the only one: the loaded weights are dropped (left on the meta device, shapes only)."""
+        self,
+        gate_up_by_m: list[GemmChoice],
+        down_by_m: list[GemmChoice],
+        fused: bool | None = None,
+        budget: int = 0,
+    ) -> int:
+        """SmoothGEMM choices per expert capacity M (index = M) for the torch path's two batched matmuls,
+        and the weights packed for the fused op (the default wherever the native op serves this dtype),
+        kept as ``plan`` says; returns the bytes of ``budget`` spent. Where the packed copy is the only
+        one, the loaded weights are dropped (left on the meta device, shapes only)."""
         w = self.gate_up_proj.detach()
         if w.is_meta:  # packed earlier and dropped: the packed copy is all there is
             if fused is False or self.packed is None:
                 raise RuntimeError("these experts were packed for the fused MoE op and kept only packed")
             self._by_m, self._f32 = (gate_up_by_m, down_by_m), (None, None)
-            return
-        self.packed = None
-        if use_fused_moe(w.dtype, w.shape[2]) if fused is None else fused:
+            return 0
+        limit, keep_f32, _, used = self.plan(gate_up_by_m, down_by_m, fused, budget)
+        self.packed, self.fused_max_tokens = None, limit
+        if limit:
             if not native.load():
                 raise RuntimeError(f"the fused MoE op is not built: run `{native.BUILD_COMMAND}`")
-            self.fused_max_tokens = fused_max_tokens(w.dtype)
-            if self.fused_max_tokens == sys.maxsize:  # the packed copy will be the only one: pack over it
+            if limit == sys.maxsize:  # the packed copy will be the only one: pack over it
                 self.packed = pack_experts_in_place(w, self.down_proj.detach())
                 self.drop_unpacked()
             else:
                 self.packed = pack_experts(w, self.down_proj.detach())
         self._by_m = (gate_up_by_m, down_by_m)
-        # The float32 copies serve only the batched matmuls: none when the op takes every step size.
-        torch_path_runs = self.packed is None or self.fused_max_tokens < sys.maxsize
         self._f32 = tuple(
-            p.detach().float()
-            if torch_path_runs and p.dtype != torch.float32 and any(c.kernel == "packed_f32" for c in by_m)
-            else None
-            for p, by_m in zip((self.gate_up_proj, self.down_proj), self._by_m, strict=True)
+            p.detach().float() if keep else None
+            for p, keep in zip((self.gate_up_proj, self.down_proj), keep_f32, strict=True)
         )
+        return used
 
     def drop_unpacked(self) -> None:
         """Keep only the packed copy: the stacked weights become meta tensors (their shapes stay)."""
@@ -99,22 +135,9 @@ class StackedExperts(nn.Module):
             w = getattr(self, name)
             setattr(self, name, nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), False))
 
-    def kept_bytes(self, gate_up_by_m: list[GemmChoice], down_by_m: list[GemmChoice]) -> int:
-        """Bytes ``prepare`` with these choices keeps beyond the loaded weights (they may be on meta):
-        the packed copy's padding where it replaces them, the whole packed copy and any float32 copies
-        where the torch path still runs."""
-        w, down = self.gate_up_proj, self.down_proj
-        fused = use_fused_moe(w.dtype, w.shape[2])
-        meta = (torch.empty(p.shape, dtype=p.dtype, device="meta") for p in (w, down))
-        packed = sum(p.numel() * p.element_size() for p in pack_experts(*meta)) if fused else 0
-        torch_path_runs = not fused or fused_max_tokens(w.dtype) < sys.maxsize
-        f32 = sum(
-            p.numel() * 4
-            for p, by_m in zip((w, down), (gate_up_by_m, down_by_m), strict=True)
-            if torch_path_runs and p.dtype != torch.float32 and any(c.kernel == "packed_f32" for c in by_m)
-        )
-        dropped = 0 if torch_path_runs else (w.numel() + down.numel()) * w.dtype.itemsize
-        return packed + f32 - dropped
+    def kept_bytes(self, gate_up_by_m: list[GemmChoice], down_by_m: list[GemmChoice], budget: int = 0) -> int:
+        """Bytes ``prepare`` with these choices keeps beyond the loaded weights (they may be on meta)."""
+        return self.plan(gate_up_by_m, down_by_m, budget=budget)[2]
 
     def matmul(self, x: torch.Tensor, which: int) -> torch.Tensor:
         """x [E, M, K] times expert weights ``which`` (0: gate_up, 1: down), transposed: [E, M, N]."""
