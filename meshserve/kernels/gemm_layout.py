@@ -51,6 +51,9 @@ DEFAULT = {
 }
 
 
+ROW_LAYOUTS = ("weight", "pairs", "panels")  # layouts whose rows can be read back (weight_rows)
+
+
 def layout_of(choice: GemmChoice, dtype: torch.dtype) -> str:
     """The weight layout ``choice`` reads on a layer of ``dtype``."""
     layout = READS[choice.kernel]
@@ -66,6 +69,14 @@ def layout_bytes(layout: str, n: int, k: int, dtype: torch.dtype, bias: bool) ->
     if layout == "packed_f32":
         return n * k * 4 + (n * 4 if bias else 0)
     return n * k * dtype.itemsize
+
+
+def weight_rows(layout: str, packed: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows ``ids`` of a [N, k] weight kept as ``layout`` ("pairs" or "panels"): an embedding lookup of a
+    tied lm_head. Each row's k-pairs sit in its column of a [blocks, k/2, cols, 2] array."""
+    cols = BLOCK_COLS if layout == "pairs" else PANEL_COLS
+    blocks = packed.view(packed.shape[0], packed.shape[1], cols, 2)
+    return blocks[ids // cols, :, ids % cols].reshape(*ids.shape, -1)[..., :k]
 
 
 @dataclass(frozen=True)
@@ -94,24 +105,23 @@ def plan_layouts(
     bias: bool = False,
     decode_m: int = 1,
     budget: int = 0,
-    keep_weight: bool = False,
+    rows_read: bool = False,
 ) -> LayoutPlan:
     """The layouts a [n, k] linear keeps for the table's choices ``by_m`` (index = M) and what each M runs.
 
-    ``keep_weight``: the loaded weight is read elsewhere too (an lm_head tied to the embedding), so it is
-    the layout kept. ``budget``: bytes this layer may spend on extra layouts."""
+    ``rows_read``: the weight's rows are read elsewhere too (an lm_head tied to the embedding), so the
+    layout kept must give them back (ROW_LAYOUTS). ``budget``: bytes this layer may spend on extra layouts."""
     if not by_m:
         raise ValueError("by_m must list a choice for M = 0 at least")
     layouts = [layout_of(c, dtype) for c in by_m]
-    if keep_weight:
-        primary = "weight"
-    else:  # the layout picked at M = 1..decode_m, M weighted 1/M: every doubling of the batch counts alike
-        votes: Counter[str] = Counter()
-        for m, layout in enumerate(layouts[1 : decode_m + 1] or layouts[-1:], start=1):
+    votes: Counter[str] = Counter({"weight": 0.0} if rows_read else {})
+    # The layout picked at M = 1..decode_m, M weighted 1/M: every doubling of the batch counts alike.
+    for m, layout in enumerate(layouts[1 : decode_m + 1] or layouts[-1:], start=1):
+        if layout in ROW_LAYOUTS or not rows_read:
             votes[layout] += 1 / m
-        primary = max(votes, key=votes.__getitem__)  # a tie goes to the layout seen at the smaller M
-        if _budget_cost(primary, n, k, dtype, bias, True) > budget:
-            primary = "packed"  # the float32 copy does not fit: oneDNN's kernel in the model dtype
+    primary = max(votes, key=votes.__getitem__)  # a tie goes to the layout seen first
+    if _budget_cost(primary, n, k, dtype, bias, True) > budget:
+        primary = "packed"  # the float32 copy does not fit: oneDNN's kernel in the model dtype
     used = _budget_cost(primary, n, k, dtype, bias, True)
     kept = [primary]
     for layout, _ in Counter(lay for lay in layouts if lay != primary).most_common():

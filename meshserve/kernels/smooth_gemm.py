@@ -42,7 +42,7 @@ from meshserve.kernels.bf16_gemm import (
     pack_bf16_panels,
 )
 from meshserve.kernels.gemm_choice import KERNELS, NATIVE_KERNELS, PLAIN, GemmChoice  # noqa: F401
-from meshserve.kernels.gemm_layout import LayoutPlan, plan_layouts
+from meshserve.kernels.gemm_layout import LayoutPlan, plan_layouts, weight_rows
 
 
 class StagingBuffers(threading.local):
@@ -133,11 +133,12 @@ class SmoothLinear(nn.Linear):
 
     Until ``prepare`` is called it is exactly ``nn.Linear``. ``prepare`` keeps one layout of the weight
     (kernels/gemm_layout.py): where it is a packed one, the loaded weight becomes a meta tensor (shape and
-    dtype only). ``keep_weight`` says the weight is read elsewhere too (a tied lm_head), so it stays.
+    dtype only). ``rows_read`` says the weight's rows are read elsewhere too (a tied lm_head's embedding,
+    through ``rows``), so the layout kept must give them back.
     """
 
     _by_m: list[GemmChoice] | None = None
-    keep_weight = False
+    rows_read = False
 
     def plan(self, by_m: list[GemmChoice], decode_m: int = 1, budget: int = 0) -> LayoutPlan:
         """What ``prepare`` with these arguments keeps (works on a meta-device layer: shapes only)."""
@@ -145,7 +146,7 @@ class SmoothLinear(nn.Linear):
             by_m = [PLAIN if c.kernel in NATIVE_KERNELS else c for c in by_m]
         n, k = self.weight.shape
         return plan_layouts(
-            by_m, n, k, self.weight.dtype, self.bias is not None, decode_m, budget, self.keep_weight
+            by_m, n, k, self.weight.dtype, self.bias is not None, decode_m, budget, self.rows_read
         )
 
     def kept_bytes(self, by_m: list[GemmChoice], decode_m: int = 1, budget: int = 0) -> int:
@@ -174,6 +175,13 @@ class SmoothLinear(nn.Linear):
         if "weight" not in self._layouts:
             self.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), False)
         return plan
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the weight [N, K] from the layout kept (what a tied embedding looks up)."""
+        if not self.weight.is_meta:
+            return F.embedding(ids, self.weight)
+        layout = "panels" if self._panels is not None else "pairs"
+        return weight_rows(layout, self._panels if layout == "panels" else self._pairs, ids, self.in_features)
 
     def wants_f32(self, m: int) -> bool:
         """Whether M tokens run a float32 GEMM on this bfloat16 layer (then float32 input saves a cast)."""

@@ -22,6 +22,7 @@ from meshserve.models.layers.mlp import GatedMLP
 from meshserve.models.layers.moe import SparseMoE, StackedExperts
 from meshserve.models.layers.norm import RMSNorm
 from meshserve.models.layers.rotary import RotaryEmbedding
+from meshserve.models.layers.tied_embedding import TiedEmbedding
 
 
 class DecoderLayer(nn.Module):
@@ -122,7 +123,7 @@ class DecoderLM(nn.Module):
         self.lm_head = SmoothLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:  # one parameter: named_parameters (and loading) see embed_tokens only
             self.lm_head.weight = self.embed_tokens.weight
-            self.lm_head.keep_weight = True  # the embedding reads it: it stays the layout kept
+            self.lm_head.rows_read = True  # the embedding reads its rows: the layout kept gives them back
         self._moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
 
     @classmethod
@@ -219,7 +220,12 @@ class DecoderLM(nn.Module):
         """Hand every linear layer its SmoothGEMM choices for M = 0..max_tokens and pack the one layout of
         its weights each keeps (kernels/gemm_layout.py: chosen at M = 1..decode_m; extra layouts within
         ``budget`` bytes, first come first served); returns the bytes kept beyond the loaded weights."""
-        return self._layouts(table, max_tokens, decode_m, budget, prepare=True)
+        extra = self._layouts(table, max_tokens, decode_m, budget, prepare=True)
+        if (
+            self.config.tie_word_embeddings and self.lm_head.weight.is_meta
+        ):  # the head packed the shared weight
+            self.embed_tokens = TiedEmbedding(self.lm_head)
+        return extra
 
     def kernel_copy_bytes(self, table: GemmTable, max_tokens: int, decode_m: int = 1, budget: int = 0) -> int:
         """Bytes prepare_gemms will keep beyond the loaded weights (net of those it drops); the model may be

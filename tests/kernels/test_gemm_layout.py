@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from meshserve import LLM, SamplingParams
 from meshserve.kernels.gemm_layout import layout_bytes, plan_layouts
 from meshserve.kernels.smooth_gemm import GemmChoice, SmoothLinear
+from meshserve.models.layers.tied_embedding import TiedEmbedding
 from meshserve.testing import make_tiny_model
 
 TOL = {"atol": 2e-2, "rtol": 1.6e-2}  # bfloat16 output, rounded once
@@ -77,18 +78,24 @@ def test_a_float32_copy_needs_the_budget_even_as_the_one_layout():
     assert paid.layouts == ("packed_f32",) and paid.extra_bytes == paid.budget_used == 32 * 16 * 2
 
 
-def test_a_weight_read_elsewhere_is_the_layout_kept():
+def test_a_tied_head_keeps_a_layout_its_rows_read_back_from():
     layer = bf16_layer()
-    layer.keep_weight = True  # as an lm_head tied to the embedding
-    plan = layer.prepare(by_m(ROWS, 64), decode_m=1)
-    assert plan.layouts == ("weight",) and plan.extra_bytes == 0 and not layer.weight.is_meta
-    assert held_bytes(layer) == layer.weight.nbytes + layer.bias.nbytes
+    weight = layer.weight.detach().clone()
+    layer.rows_read = True  # as an lm_head tied to the embedding
+    ids = torch.tensor([0, 17, 71, 5])
+    for decode_m, layout in ((1, "panels"), (8, "pairs")):
+        plan = layer.plan(by_m(ROWS, 64), decode_m)
+        assert plan.layouts == (layout,)
+    packed_only = [GemmChoice("packed")] * 9  # oneDNN's layout cannot give rows back: the weight stays
+    assert layer.plan(packed_only, 8).layouts == ("weight",)
+    layer.prepare(by_m(ROWS, 64), decode_m=8)
+    assert layer.weight.is_meta and torch.equal(layer.rows(ids), weight[ids])
 
 
 def test_a_bfloat16_engine_holds_its_weights_once_and_answers_as_f_linear_does(tmp_path):
-    path = make_tiny_model(tmp_path / "m", arch="llama", dtype="bfloat16")
+    path = make_tiny_model(tmp_path / "m", arch="llama", dtype="bfloat16", tie_word_embeddings=True)
     tables = {}
-    for name, rows in (("mixed", ROWS), ("linear", [(1, "linear", 1)])):
+    for name, rows in (("mixed", ROWS), ("linear", [(1, "linear", 1)])):  # tied: the embedding reads the head
         tables[name] = tmp_path / f"{name}.json"
         tables[name].write_text(
             json.dumps({"version": 1, "gemm": {"bfloat16": {"*": [list(r) for r in rows]}}})
@@ -101,6 +108,7 @@ def test_a_bfloat16_engine_holds_its_weights_once_and_answers_as_f_linear_does(t
         model = llm.engine.model
         linears = [m for m in model.modules() if isinstance(m, SmoothLinear)]
         assert all(m.weight.is_meta for m in linears) == (name == "mixed")
+        assert isinstance(model.embed_tokens, TiedEmbedding) == (name == "mixed")  # no second vocab matrix
         weights = sum(m.weight.numel() * 2 for m in linears)  # bfloat16: one copy, as loaded
         assert (
             weights

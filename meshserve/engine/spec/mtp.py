@@ -52,7 +52,7 @@ class MTPProposer:
         cfg = model.config
         self.model, self.k, self.block_size = model, k, block_size
         per_slot = math.ceil(max_len / block_size)
-        device = model.embed_tokens.weight.device
+        device = model.norm.weight.device  # a tied embedding's weight may live packed (TiedEmbedding)
         self.cache = allocate_kv_cache(
             1, max_slots * per_slot, block_size, 1, cfg.head_dim, cfg.dtype, device, cfg.kv_cache_parts
         )[0]
