@@ -6,7 +6,8 @@ Writes (once) a dense checkpoint of Llama-3.2-1B's shape and a Mixtral-layout Mo
 vocab 32k) of about the same size, then measures each loader in its own process:
 
 - ``meshserve load``: ``load_model`` alone (the loader: meta build, weights read once);
-- ``meshserve engine``: a whole ``Engine`` (load, kernel packing, a KV cache of ``--kv-gib``);
+- ``meshserve engine``: a whole ``Engine`` (load, kernel packing, a KV cache of ``--kv-gib``; the GEMM table
+  ``--kernel-profile``, default this machine's), then ``served``: RSS after one short greedy generate;
 - ``transformers``: ``AutoModelForCausalLM.from_pretrained(dtype=torch.bfloat16)``.
 
 Each row: RSS after imports (the runtime's fixed size, ``base``), peak RSS (VmHWM) and steady RSS after
@@ -75,7 +76,7 @@ def weight_mib(path: Path) -> float:
     return Checkpoint(path).nbytes / (1 << 20)
 
 
-def measure(who: str, path: Path, kv_gib: float) -> dict[str, float]:
+def measure(who: str, path: Path, kv_gib: float, profile: str | None = None) -> dict[str, float]:
     """One loader in this (fresh) process: imports first, then the load, timed."""
     import torch
 
@@ -98,7 +99,9 @@ def measure(who: str, path: Path, kv_gib: float) -> dict[str, float]:
         native.load()  # the kernels' library is part of the runtime, not of the load
 
         def load() -> object:
-            return Engine.from_args(str(path), kv_cache_memory=kv_gib, max_model_len=2048, max_num_seqs=8)
+            return Engine.from_args(
+                str(path), kv_cache_memory=kv_gib, max_model_len=2048, max_num_seqs=8, kernel_profile=profile
+            )
 
     gc.collect()
     base = rss("VmRSS")
@@ -118,6 +121,13 @@ def measure(who: str, path: Path, kv_gib: float) -> dict[str, float]:
             for chunk in t.split(rows) if t.dim() else [t]:
                 chunk.float().sum()
     out["touched"] = rss("VmRSS")
+    if who == "meshserve-engine":  # serving: one prompt of 64 tokens, 8 greedy tokens out
+        from meshserve import SamplingParams
+
+        loaded.add_request(list(range(1, 65)), SamplingParams(temperature=0, max_tokens=8), detokenize=False)
+        while loaded.has_unfinished():
+            loaded.step()
+        out["served"] = rss("VmRSS")
     del loaded
     return out
 
@@ -138,15 +148,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--who", nargs="+", choices=WHO, default=list(WHO))
     parser.add_argument("--kv-gib", type=float, default=0.25, help="the engine's KV cache (GiB)")
+    parser.add_argument("--kernel-profile", help="GEMM table JSON for the engine (default: this machine's)")
     parser.add_argument("--delete", action="store_true", help="remove the checkpoints afterwards")
     parser.add_argument("--measure", nargs=2, metavar=("WHO", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure[0], Path(args.measure[1]), args.kv_gib)))
+        print(json.dumps(measure(args.measure[0], Path(args.measure[1]), args.kv_gib, args.kernel_profile)))
         return
     print(
         f"{'model':6} {'loader':17} {'weights':>8} {'base':>6} {'peak':>7} {'ratio':>6} {'steady':>7} "
-        f"{'ratio':>6} {'touched':>7} {'ratio':>6} {'seconds':>7}",
+        f"{'ratio':>6} {'touched':>7} {'ratio':>6} {'served':>7} {'ratio':>6} {'seconds':>7}",
         flush=True,
     )
     for name in args.models:
@@ -156,14 +167,18 @@ def main() -> None:
         weights = weight_mib(path)
         for who in args.who:
             cmd = [sys.executable, __file__, "--measure", who, str(path), "--kv-gib", str(args.kv_gib)]
+            cmd += ["--kernel-profile", args.kernel_profile] if args.kernel_profile else []
             r = json.loads(
                 subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
             )
-            ratio = {k: (r[k] - r["base"] - r["kv"]) / weights for k in ("peak", "steady", "touched")}
+            r.setdefault("served", float("nan"))
+            ratio = {
+                k: (r[k] - r["base"] - r["kv"]) / weights for k in ("peak", "steady", "touched", "served")
+            }
             print(
                 f"{name:6} {who:17} {weights:8.0f} {r['base']:6.0f} {r['peak']:7.0f} {ratio['peak']:5.2f}x "
                 f"{r['steady']:7.0f} {ratio['steady']:5.2f}x {r['touched']:7.0f} {ratio['touched']:5.2f}x "
-                f"{r['seconds']:7.1f}",
+                f"{r['served']:7.0f} {ratio['served']:5.2f}x {r['seconds']:7.1f}",
                 flush=True,
             )
         if args.delete:
