@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from meshserve import LLM, SamplingParams
 from meshserve.kernels.gemm_layout import layout_bytes, plan_layouts
+from meshserve.kernels.profile import GemmTable
 from meshserve.kernels.smooth_gemm import GemmChoice, SmoothLinear
 from meshserve.models.layers.tied_embedding import TiedEmbedding
+from meshserve.models.loader import meta_model
 from meshserve.testing import make_tiny_model
 
 TOL = {"atol": 2e-2, "rtol": 1.6e-2}  # bfloat16 output, rounded once
@@ -110,6 +112,12 @@ def test_a_bfloat16_engine_holds_its_weights_once_and_answers_as_f_linear_does(t
         assert all(m.weight.is_meta for m in linears) == (name == "mixed")
         assert isinstance(model.embed_tokens, TiedEmbedding) == (name == "mixed")  # no second vocab matrix
         weights = sum(m.weight.numel() * 2 for m in linears)  # bfloat16: one copy, as loaded
+        table, sched = GemmTable.load(table), llm.engine.config.scheduler
+        counted = meta_model(llm.engine.model_config).kernel_copy_bytes(
+            table, sched.max_num_batched_tokens, sched.max_num_seqs
+        )
+        held = sum(held_bytes(m) for m in linears) - sum(m.bias.nbytes for m in linears if m.bias is not None)
+        assert counted == held - weights  # the fit check counts exactly what is kept
         assert (
             weights
             <= sum(held_bytes(m) for m in linears) - sum(m.bias.nbytes for m in linears if m.bias is not None)
