@@ -249,7 +249,18 @@ class DecoderLM(nn.Module):
 
     def expert_counts(self) -> torch.Tensor | None:
         """Tokens routed to each expert in the last forward, [num_moe_layers + draft_moe_layers, num_experts]
-        (a draft's MoE layers last); None if dense."""
+        (a draft's MoE layers last, as draft_expert_counts takes them); None if dense."""
         if not self._moe:
             return None
+        counts = self.main_expert_counts()
+        return torch.cat((counts, self.draft_expert_counts())) if self.draft_moe_layers else counts
+
+    def main_expert_counts(self) -> torch.Tensor:
+        """Tokens the model's own MoE layers routed to each expert in the last forward, [num_moe_layers,
+        num_experts]."""
         return torch.stack([moe.last_counts for moe in self._moe])
+
+    def draft_expert_counts(self) -> torch.Tensor:
+        """Tokens the draft's MoE layers routed since the last call, [draft_moe_layers, num_experts]; then
+        starts again (a draft runs several forwards per engine step)."""
+        return torch.zeros(self.draft_moe_layers, self.config.num_experts, dtype=torch.long)

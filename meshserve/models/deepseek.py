@@ -60,13 +60,9 @@ class DeepseekV2ForCausalLM(DecoderLM):
             self.checkpoint_aliases = (*self.checkpoint_aliases, ("model.mtp.", f"model.layers.{n}."))
             self.draft_moe_layers = int(cfg.mtp_moe and bool(self._moe))
 
-    def expert_counts(self) -> torch.Tensor | None:
-        """The main layers' counts of the last forward, then the MTP layer's (a draft layer) summed over the
-        drafts since the last call."""
-        counts = super().expert_counts()
-        if not self.draft_moe_layers:
-            return counts
-        return torch.cat((counts, self.mtp.take_counts()[None]))
+    def draft_expert_counts(self) -> torch.Tensor:
+        """The MTP layer's counts (a draft layer), summed over its forwards since the last call."""
+        return self.mtp.take_counts()[None] if self.draft_moe_layers else super().draft_expert_counts()
 
     def make_attention(self, cfg: ModelConfig, window: int | None) -> nn.Module:
         return LatentAttention(cfg, window)

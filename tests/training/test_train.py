@@ -263,3 +263,16 @@ def test_train_tiny_presets_the_shipped_shapes_and_refuses_a_missing_file(tmp_pa
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 2 and "preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tokens", ["0", "-1024"])
+def test_train_tiny_refuses_a_token_budget_that_is_not_positive(tokens, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from meshserve.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["meshserve", "train-tiny", "--tokens", tokens, "--work", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and f"tokens: must be > 0, got {tokens}" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before the token cache is built

@@ -141,7 +141,8 @@ class DistributedEngine:
             record_counts=config.record_expert_trace is not None,
         )
         self.ranks = start_ranks(spec, parallel.oversubscribe)
-        self.max_model_len = self.ranks.started(START_TIMEOUT_S)[0]
+        started = self.ranks.started(START_TIMEOUT_S)[0]
+        self.max_model_len, self.draft_moe_layers = started.max_model_len, started.draft_moe_layers
         self.tokenizer.bound_prompt_chars(self.max_model_len)  # LLM.chat tokenizes here
         self.owner: dict[str, int] = {}  # unfinished request -> its rank
         self._ids = itertools.count()
@@ -230,9 +231,11 @@ class DistributedEngine:
         if "routed" in infos[0]:  # expert-parallel: what each rank's experts computed
             self.last_stats["routed"] = np.array([i["routed"] for i in infos])  # [rank, moe_layer]
         if "counts" in infos[0]:  # what every rank's routers sent to each expert, [layer, expert]
-            self.last_stats["expert_counts"] = np.sum([i["counts"] for i in infos], axis=0)
+            self.last_stats["expert_counts"] = counts = np.sum([i["counts"] for i in infos], axis=0)
             if self.config.record_expert_trace is not None and any(i["forward"] for i in infos):
-                self._expert_counts.append(self.last_stats["expert_counts"])
+                if self.draft_moe_layers:  # the draft's own MoE after the main layers, as Engine records it
+                    counts = np.concatenate((counts, np.sum([i["draft_counts"] for i in infos], axis=0)))
+                self._expert_counts.append(counts)
         for record in (r for r in infos[0].get("eplb", []) if r.get("final")):
             self.migrations.append(record)
             if record.get("error"):
@@ -248,7 +251,7 @@ class DistributedEngine:
         counts = (
             np.stack(self._expert_counts)
             if self._expert_counts
-            else np.zeros((0, mc.num_moe_layers, mc.num_experts), dtype=np.int64)
+            else np.zeros((0, mc.num_moe_layers + self.draft_moe_layers, mc.num_experts), dtype=np.int64)
         )
         meta = {
             "dtype": dtype_name(self.model_config.dtype),
@@ -258,7 +261,10 @@ class DistributedEngine:
             "max_num_seqs": sched.max_num_seqs,
             "data_parallel_size": self.num_ranks,
         }
-        return ExpertTrace(counts=counts, model=mc.name, top_k=mc.top_k, source="engine", meta=meta)
+        draft = self.draft_moe_layers
+        return ExpertTrace(
+            counts=counts, model=mc.name, top_k=mc.top_k, source="engine", meta=meta, draft_layers=draft
+        )
 
     def holds(self) -> np.ndarray | None:
         """The expert placement the ranks serve now (rank 0's view; all ranks switch together)."""

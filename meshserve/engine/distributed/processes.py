@@ -53,7 +53,7 @@ class SpawnedRanks:
         return not self._finalizer.alive
 
     def started(self, timeout_s: float) -> list[Any]:
-        """Every rank's ("ready", max_model_len) once all have built their engines."""
+        """Every rank's worker.Started once all have built their engines."""
         return self.replies(list(range(self.num_ranks)), "start", timeout_s)
 
     def ask(self, ranks: list[int], command: str, args: tuple, timeout_s: float) -> list[Any]:

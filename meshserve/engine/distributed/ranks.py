@@ -28,7 +28,7 @@ class Ranks(Protocol):
     def closed(self) -> bool: ...
 
     def started(self, timeout_s: float) -> list[Any]:
-        """Every rank's answer to starting (its max_model_len) once all have built their engines."""
+        """Every rank's answer to starting (worker.Started) once all have built their engines."""
         ...
 
     def ask(self, ranks: list[int], command: str, args: tuple, timeout_s: float) -> list[Any]:

@@ -135,7 +135,7 @@ class TorchrunRanks:
         return self._closed
 
     def started(self, timeout_s: float) -> list[Any]:
-        """Every rank's ("ready", max_model_len) once all have built their engines."""
+        """Every rank's worker.Started once all have built their engines."""
         return self._answers(list(range(self.num_ranks)), "start", self._start, timeout_s)
 
     def ask(self, ranks: list[int], command: str, args: tuple, timeout_s: float) -> list[Any]:

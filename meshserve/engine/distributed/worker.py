@@ -56,6 +56,16 @@ class RankSpec:
         return dataclasses.replace(self, rank=rank, init_method=init_method, local_rank=local)
 
 
+@dataclass(frozen=True)
+class Started:
+    """What a rank tells the front end once its engine is built."""
+
+    max_model_len: int
+    draft_moe_layers: (
+        int  # its speculative draft's own MoE layers (DeepSeek's MTP), traced after the main ones
+    )
+
+
 class RankWorker:
     """The engine of one rank and, with EP, its expert-parallel layers and live balancer."""
 
@@ -94,16 +104,19 @@ class RankWorker:
             "preemptions": engine.num_preemptions,
             "prefix_cache": None if prefix is None else prefix.stats(),
         }
+        model = engine.model
         if self.ep is not None:
             info["routed"] = self.ep.received()
             info["counts"] = self.ep.counts()
         elif self.record_counts:  # data parallel only: this rank's whole MoE layers routed these
             mc = engine.model_config
             info["counts"] = (
-                engine.model.expert_counts().cpu().numpy().astype(np.int64)
+                model.main_expert_counts().cpu().numpy().astype(np.int64)
                 if info["forward"]
                 else np.zeros((mc.num_moe_layers, mc.num_experts), dtype=np.int64)
             )
+        if self.record_counts and model.draft_moe_layers:  # a draft's own MoE (the MTP layer): never sharded
+            info["draft_counts"] = model.draft_expert_counts().cpu().numpy().astype(np.int64)
         if self.balancer is not None:
             info["eplb"] = self.balancer.after_step(info["counts"])
         info["step_s"] = time.perf_counter() - start
@@ -159,17 +172,18 @@ def join(spec: RankSpec) -> None:
 
 
 def start_worker(spec: RankSpec) -> tuple[RankWorker | None, tuple[str, Any]]:
-    """This rank's worker and its start reply ("ready", max_model_len); (None, ("error", ...)) when it could
-    not start (every start failure goes back to the front end, which stops all ranks)."""
+    """This rank's worker and its start reply ("ready", Started); (None, ("error", ...)) when it could not
+    start (every start failure goes back to the front end, which stops all ranks)."""
     try:
         worker = RankWorker(spec)
     except BaseException as err:  # noqa: BLE001 - reported, see above
         return None, ("error", portable(err))
-    return worker, ("ready", worker.engine.max_model_len)
+    engine = worker.engine
+    return worker, ("ready", Started(engine.max_model_len, engine.model.draft_moe_layers))
 
 
 def run_rank(spec: RankSpec, conn: Connection) -> None:
-    """Process entry point: start, say ("ready", max_model_len), then answer commands until "close" or EOF."""
+    """Process entry point: start, say ("ready", Started), then answer commands until "close" or EOF."""
     worker, start = start_worker(spec)
     conn.send(start)
     if worker is None:
