@@ -110,6 +110,27 @@ def unpack_quant(p: PackedQuant) -> QuantWeight:
     return QuantWeight(bits, qweight.contiguous(), unblocked(p.scales), zeros, gs, p.perm)
 
 
+def dequantize_rows(p: PackedQuant, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` [T] of W [N, K] as float32 [T, K], read from the packed layout (a tied quantized lm_head
+    serving as the input embedding: only the looked-up rows are unpacked). Equal to dequantize(W)[rows]."""
+    k, gs, bits = p.in_features, p.group_size, p.bits
+    groups = k // gs
+    block, lane = rows // BLOCK_COLS, rows % BLOCK_COLS
+    q = p.qweight.unflatten(-1, (BLOCK_COLS, 4))[block, :, lane]  # [T, G*U, 4 bytes]: each row's lane
+    if bits == 4:
+        q = unpack_int4(q)
+    q = q.reshape(len(rows), groups, -1)[..., :gs].float()  # [T, G, gs] (the group padding dropped)
+    scales = p.scales[block, :, lane][..., None]  # [T, G, 1]
+    default_zero = 8.0 if bits == 4 else 0.0  # what a symmetric layer's missing zeros stand for
+    zeros = default_zero if p.zeros is None else p.zeros[block, :, lane][..., None].float()
+    dense = ((q - zeros) * scales).flatten(-2)
+    if p.perm is None:
+        return dense
+    out = torch.empty_like(dense)
+    out[:, p.perm] = dense  # W[:, perm[j]] = W_perm[:, j]
+    return out
+
+
 def native_ready() -> bool:
     """The native ops are built here (native.load warns loudly once when they are not)."""
     return native.load() and hasattr(torch.ops.meshserve, "quant_linear")

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from meshserve.kernels.fused_moe import moe_reference
 from meshserve.kernels.quant_gemm import (
     PackedQuant,
+    dequantize_rows,
     native_ready,
     pack_quant,
     quant_linear,
@@ -50,6 +51,26 @@ def random_quant(
         perm = torch.stack([torch.randperm(k, generator=gen) for _ in range(lead[0] if lead else 1)])
         perm = perm.reshape(*lead, k)
     return QuantWeight(bits, q, scales, z, group_size, perm)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 50),
+    groups=st.integers(1, 3),
+    group_size=st.sampled_from([2, 12, 32, 64]),
+    bits=st.sampled_from([8, 4]),
+    zeros=st.booleans(),
+    act_order=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_dequantize_rows_reads_the_rows_of_the_packed_weight(
+    n, groups, group_size, bits, zeros, act_order, seed
+):
+    """The tied embedding's lookup: rows of W, in the checkpoint's column order, from the packed layout."""
+    gen = torch.manual_seed(seed)
+    w = random_quant((), n, groups * group_size, bits, group_size, zeros, act_order, gen)
+    rows = torch.randint(0, n, (7,), generator=gen)
+    assert torch.equal(dequantize_rows(pack_quant(w), rows), dequantize(w)[rows])
 
 
 @settings(max_examples=30, deadline=None)

@@ -88,7 +88,7 @@ class DistributedEngine:
         self.config = config
         parallel = config.parallel
         self.model_config, self.tokenizer = load_config(
-            config.model, config.dtype, config.revision, config.quantization
+            config.model, config.dtype, config.revision, config.quantization, config.quantize_lm_head
         )
         require(
             self.model_config.quantization is None
@@ -121,6 +121,7 @@ class DistributedEngine:
             config.seed,
             config.revision,
             quantization=config.quantization,
+            quantize_lm_head=config.quantize_lm_head,
             device=config.device,
             cache=config.cache,
             scheduler=config.scheduler,
