@@ -105,11 +105,19 @@ def test_pack_round_trips_and_keeps_only_the_packed_bytes(
     ]
 
 
-def test_int4_lane_holds_eight_k_from_the_low_nibble():
+def test_int4_lane_holds_even_k_in_its_low_half_and_odd_k_in_its_high_half():
     q = torch.arange(16, dtype=torch.uint8).repeat(16, 1)  # row c: k = 0..15 holds value k
     w = QuantWeight(4, pack_int4(q), torch.ones(16, 1), None, 16)
-    lane0 = pack_quant(w).qweight[0, 0, :4]  # column 0, k 0..7
-    assert lane0.tolist() == [0x10, 0x32, 0x54, 0x76]
+    lane0 = pack_quant(w).qweight[0, 0, :4]  # column 0, k 0..7: nibbles from the low one hold 0 2 4 6 1 3 5 7
+    assert lane0.tolist() == [0x20, 0x64, 0x31, 0x75]
+    # so the 32-bit lane shifted right by 4p holds k 2p and 2p + 1 in the low nibbles of its two halves
+    word = int.from_bytes(bytes(lane0.tolist()), "little")
+    assert [((word >> 4 * p) & 0xF, (word >> (16 + 4 * p)) & 0xF) for p in range(4)] == [
+        (0, 1),
+        (2, 3),
+        (4, 5),
+        (6, 7),
+    ]
 
 
 def test_select_takes_experts_in_the_packed_form():
