@@ -91,13 +91,6 @@ class DistributedEngine:
             config.model, config.dtype, config.revision, config.quantization, config.quantize_lm_head
         )
         require(
-            self.model_config.quantization is None
-            or not (parallel.enable_expert_parallel and self.model_config.is_moe),
-            "quantization",
-            "expert parallelism does not dispatch or migrate quantized experts yet; "
-            "use data parallelism alone, or a float checkpoint",
-        )
-        require(
             config.record_expert_trace is None or self.model_config.is_moe,
             "record_expert_trace",
             f"model {self.model_config.name} ({self.model_config.arch}) has no MoE layers to trace",

@@ -204,16 +204,6 @@ def test_a_quantized_draft_model_is_refused(tiny_model_dir, tmp_path):
         LLM(str(tiny_model_dir("llama")), speculative_config=spec)
 
 
-def test_expert_parallel_refuses_quantized_experts(tiny_model_dir):
-    with pytest.raises(InputError, match="quantization: expert parallelism does not dispatch or migrate"):
-        LLM(
-            str(tiny_model_dir("mixtral")),
-            quantization="int8",
-            data_parallel_size=2,
-            enable_expert_parallel=True,
-        )
-
-
 @pytest.mark.parametrize(("method", "most"), [("int8", 0.55), ("int4", 0.3)])
 def test_quantized_layers_keep_only_their_packed_bytes(method, most, tiny_model_dir):
     """Resident bytes of the quantized layers against the same layers in bfloat16 (the issue's targets)."""
