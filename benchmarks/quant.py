@@ -9,7 +9,8 @@
    ``--dir``): mean KL(bf16 || quantized) of the next-token distributions and top-1 agreement over one
    prompt's positions; decode tok/s at batch 1 (``--decode-tokens`` tokens timed after the first; best of
    two runs) and the resident weight bytes: the whole model, and the quantized layers against their
-   bfloat16 size (the tied embedding / lm_head stays bfloat16 in both).
+   bfloat16 size. int8 / int4 quantize the lm_head too (their default), the tied input embedding reading
+   its quantized rows; ``--keep-head`` adds rows with the head kept in bfloat16.
 The quantized GEMMs run whatever meshserve/models/layers/quant_linear.py's ``quant_linear`` picks.
 """
 
@@ -81,12 +82,15 @@ def quant_split(model: torch.nn.Module) -> tuple[int, int]:
     return packed, dense
 
 
-def decode_rate(path: Path, method: str | None, tokens: int) -> tuple[float, int, int, int]:
+def decode_rate(
+    path: Path, method: str | None, tokens: int, head: bool | None = None
+) -> tuple[float, int, int, int]:
     """Decode tok/s at batch 1 (best of two), model bytes, and the quantized layers' (packed, bf16) bytes."""
     with LLM(
         str(path),
         dtype="bfloat16",
         quantization=method,
+        quantize_lm_head=head,
         max_num_seqs=1,
         max_model_len=256,
         max_num_batched_tokens=256,
@@ -132,6 +136,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--sections", default="quality,speed", help="comma-separated: quality, speed")
+    parser.add_argument("--keep-head", action="store_true", help="speed: also int8 / int4 with a bf16 head")
     args = parser.parse_args()
     from load import DENSE  # benchmarks/load.py: Llama-3.2-1B's shape
 
@@ -143,7 +148,7 @@ def main() -> None:
     if "quality" in sections:
         quality(path, args)
     if "speed" in sections:
-        speed(path, args.decode_tokens)
+        speed(path, args.decode_tokens, args.keep_head)
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 
@@ -166,8 +171,10 @@ def quality(path: Path, args: argparse.Namespace) -> None:
         print(f"~1B shapes ({args.layers} layers), {label} vs bf16: mean KL {kl:.5f}, top-1 {top1:.3f}")
 
 
-def speed(path: Path, tokens: int) -> None:
+def speed(path: Path, tokens: int, keep_head: bool) -> None:
     rows = {name(m): decode_rate(path, m, tokens) for m in METHODS}
+    if keep_head:
+        rows |= {f"{m} (bf16 head)": decode_rate(path, m, tokens, head=False) for m in METHODS[1:]}
     bf16_rate, bf16_bytes = rows["bf16"][0], rows["bf16"][1]
     for key, (rate, total, packed, dense) in rows.items():
         layers = f", quantized layers {packed / dense:.3f}x their bf16 bytes" if dense else ""

@@ -82,6 +82,12 @@ QUANTIZATION = typer.Option(
     help="Weight-only quantization: gptq, awq, compressed-tensors (the checkpoint's format), int8 or int4 "
     "(made while a float checkpoint loads); default: the checkpoint's quantization_config, else none.",
 )
+QUANTIZE_LM_HEAD = typer.Option(
+    None,
+    "--quantize-lm-head/--no-quantize-lm-head",
+    help="Quantize the lm_head too (default: yes for int8 / int4, as the checkpoint stores it for gptq, "
+    "no for awq and compressed-tensors); a tied input embedding reads the same quantized rows.",
+)
 DEVICE = typer.Option("cpu", help="cpu (native kernels) or cuda (torch reference kernels, NCCL).")
 EPLB_CONFIG = typer.Option(
     None,
@@ -123,6 +129,7 @@ def generate(
     ignore_eos: bool = typer.Option(False, help="Keep generating past the EOS token."),
     dtype: str = DTYPE,
     quantization: str | None = QUANTIZATION,
+    quantize_lm_head: bool | None = QUANTIZE_LM_HEAD,
     max_model_len: int | None = typer.Option(None, help="Longest prompt + output (default: the model's)."),
     speculative_config: str | None = typer.Option(
         None,
@@ -155,6 +162,7 @@ def generate(
         model,
         dtype=dtype,
         quantization=quantization,
+        quantize_lm_head=quantize_lm_head,
         revision=revision,
         max_model_len=max_model_len,
         max_num_seqs=min(len(prompts), 128),
@@ -227,6 +235,7 @@ def serve(
     served_model_name: str | None = typer.Option(None, help="Model name in the API (default: --model)."),
     dtype: str = DTYPE,
     quantization: str | None = QUANTIZATION,
+    quantize_lm_head: bool | None = QUANTIZE_LM_HEAD,
     max_model_len: int | None = typer.Option(None, help="Longest prompt + output (default: the model's)."),
     max_num_seqs: int | None = typer.Option(None, help="Requests running at once."),
     max_num_batched_tokens: int = typer.Option(2048, help="Tokens per engine step."),
@@ -328,6 +337,7 @@ def serve(
         num_threads=num_threads,
         dtype=dtype,
         quantization=quantization,
+        quantize_lm_head=quantize_lm_head,
         revision=revision,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,

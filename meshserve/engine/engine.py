@@ -62,7 +62,9 @@ class Engine:
         switches.use(config.switches)  # before the model loads: its layers choose their kernels then
         torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
-        mc, self.tokenizer = load_config(config.model, config.dtype, config.revision, config.quantization)
+        mc, self.tokenizer = load_config(
+            config.model, config.dtype, config.revision, config.quantization, config.quantize_lm_head
+        )
         self.model_config = mc
         limit = mc.max_position_embeddings
         max_model_len = config.scheduler.max_model_len or limit

@@ -10,8 +10,9 @@ the way the register tile of csrc/quant_tile.h broadcasts an activation against 
 - K is split into the QuantWeight's groups; each group is zero-padded to a whole number of units of
   UNIT_K[bits] k (4 for int8, 8 for int4) -- a no-op for group sizes that are multiples of 8.
 - ``qweight`` [..., ceil(N/16), units, 64]: per block of 16 output columns and per unit, 16 x 32-bit
-  lanes, lane c holding column c's UNIT_K values (int8: 4 bytes, k in byte order; int4: 8 nibbles, k in
-  nibble order from the low one). N is zero-padded to a multiple of 16.
+  lanes, lane c holding column c's UNIT_K values (int8: 4 bytes, k in byte order; int4: 8 nibbles from the
+  low one holding k 0, 2, 4, 6, 1, 3, 5, 7, so one shift puts k 2p and 2p + 1 in the lane's two 16-bit
+  halves: csrc/quant_tile.h's bfloat16 pair tile). N is zero-padded to a multiple of 16.
 - ``scales`` float32 [..., ceil(N/16), G, 16] and ``zeros`` (the QuantWeight's dtype, or None) alike.
 - ``perm`` as the QuantWeight's (act-order): the kernels apply it to x.
 """
@@ -28,6 +29,8 @@ from meshserve.kernels.quant_weight import QuantWeight, pack_int4, quant_linear_
 
 BLOCK_COLS = 16  # output columns per packed block (csrc/quant_tile.h kBlockCols)
 UNIT_K = {8: 4, 4: 8}  # k per 32-bit lane of a unit
+NIBBLE_K = [0, 2, 4, 6, 1, 3, 5, 7]  # the k each nibble of an int4 lane holds (csrc nibble_slot)
+K_NIBBLE = [0, 4, 1, 5, 2, 6, 3, 7]  # the nibble holding each k
 
 
 @dataclass
@@ -78,7 +81,7 @@ def pack_quant(w: QuantWeight) -> PackedQuant:
     q = q.unflatten(-3, (nb, BLOCK_COLS)).unflatten(-1, (gp // unit, unit))  # [..., nb, 16, G, U, unit]
     q = q.movedim(-4, -2)  # [..., nb, G, U, 16, unit]
     if bits == 4:
-        q = pack_int4(q)  # 8 nibbles -> 4 bytes per lane, k in nibble order
+        q = pack_int4(q[..., NIBBLE_K])  # 8 nibbles -> 4 bytes per lane
     qweight = q.reshape(*lead, nb, groups * gp // unit, 64).contiguous()
 
     def blocked(t: torch.Tensor) -> torch.Tensor:  # [..., N, G] -> [..., nb, G, 16]
@@ -98,7 +101,7 @@ def unpack_quant(p: PackedQuant) -> QuantWeight:
     lead = p.qweight.shape[:-3]
     q = p.qweight.unflatten(-1, (BLOCK_COLS, 4))  # [..., nb, G*U, 16, 4 bytes]
     if bits == 4:
-        q = unpack_int4(q)  # [..., nb, G*U, 16, 8]
+        q = unpack_int4(q)[..., K_NIBBLE]  # [..., nb, G*U, 16, 8]
     q = q.unflatten(-3, (groups, gp // unit)).movedim(-2, -4)  # [..., nb, 16, G, U, unit]
     q = q.reshape(*lead, nb * BLOCK_COLS, groups, gp)[..., :n, :, :gs].reshape(*lead, n, k)
 
@@ -108,6 +111,27 @@ def unpack_quant(p: PackedQuant) -> QuantWeight:
     zeros = None if p.zeros is None else unblocked(p.zeros)
     qweight = pack_int4(q) if bits == 4 else q
     return QuantWeight(bits, qweight.contiguous(), unblocked(p.scales), zeros, gs, p.perm)
+
+
+def dequantize_rows(p: PackedQuant, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` [T] of W [N, K] as float32 [T, K], read from the packed layout (a tied quantized lm_head
+    serving as the input embedding: only the looked-up rows are unpacked). Equal to dequantize(W)[rows]."""
+    k, gs, bits = p.in_features, p.group_size, p.bits
+    groups = k // gs
+    block, lane = rows // BLOCK_COLS, rows % BLOCK_COLS
+    q = p.qweight.unflatten(-1, (BLOCK_COLS, 4))[block, :, lane]  # [T, G*U, 4 bytes]: each row's lane
+    if bits == 4:
+        q = unpack_int4(q)[..., K_NIBBLE]
+    q = q.reshape(len(rows), groups, -1)[..., :gs].float()  # [T, G, gs] (the group padding dropped)
+    scales = p.scales[block, :, lane][..., None]  # [T, G, 1]
+    default_zero = 8.0 if bits == 4 else 0.0  # what a symmetric layer's missing zeros stand for
+    zeros = default_zero if p.zeros is None else p.zeros[block, :, lane][..., None].float()
+    dense = ((q - zeros) * scales).flatten(-2)
+    if p.perm is None:
+        return dense
+    out = torch.empty_like(dense)
+    out[:, p.perm] = dense  # W[:, perm[j]] = W_perm[:, j]
+    return out
 
 
 def native_ready() -> bool:

@@ -92,10 +92,12 @@ def load_config(
     dtype: str | torch.dtype = AUTO,
     revision: str | None = None,
     quantization: str | None = None,
+    quantize_lm_head: bool | None = None,
 ) -> tuple[ModelConfig, Tokenizer]:
     """The model's config and tokenizer from `path` (a directory, or a model id in the local Hugging Face
     cache at `revision`), without reading any weights. dtype "auto" is the checkpoint's own; quantization
-    None is the checkpoint's own (its quantization_config, if any), else one of quant.config.METHODS."""
+    None is the checkpoint's own (its quantization_config, if any), else one of quant.config.METHODS;
+    quantize_lm_head None is that method's default (quant.config.resolve_quantization)."""
     path = resolve_model(path, revision)
     hf = _read_json(path / "config.json", required=True)
     torch_dtype = parse_dtype(dtype, hf)
@@ -105,7 +107,7 @@ def load_config(
     hf = resolve_aliases(hf, cls.config_aliases)
     config = parse_config(hf, arch, name=_name(path), dtype=torch_dtype, generation=generation)
     cls.configure(config, hf)
-    config.quantization = resolve_quantization(quantization, hf)
+    config.quantization = resolve_quantization(quantization, hf, quantize_lm_head)
     config.pooling_defaults = read_pooling(path)
     if config.headless:  # no LM head to load: the forward's logits read the input embedding
         config.tie_word_embeddings = True
@@ -130,11 +132,12 @@ def load_model(
     revision: str | None = None,
     check_fits: bool = True,
     quantization: str | None = None,
+    quantize_lm_head: bool | None = None,
 ) -> LoadedModel:
     """Load config.json, safetensors weights (single or sharded) and tokenizer.json from `path` (see
     load_config and build_model); unless ``check_fits`` is off (the caller checked more), the weights must
     fit the memory available first."""
-    config, tokenizer = load_config(path, dtype, revision, quantization)
+    config, tokenizer = load_config(path, dtype, revision, quantization, quantize_lm_head)
     if check_fits:
         check_memory(MemoryNeed(weights=weight_bytes(config)), available_memory(), "config.json")
     return LoadedModel(model=build_model(config, path, revision), config=config, tokenizer=tokenizer)

@@ -46,7 +46,7 @@ int main() {
                     qv[col * kp + k] = v;
                     uint8_t* lane = q.data() + ((col / 16) * units + u) * kUnitBytes + 4 * (col % 16);
                     if (bits == 8) lane[kk] = static_cast<uint8_t>(v);
-                    else lane[kk / 2] |= static_cast<uint8_t>(v << (4 * (kk % 2)));
+                    else lane[nibble_slot(kk) / 2] |= static_cast<uint8_t>(v << (4 * (nibble_slot(kk) % 2)));
                   }
               for (size_t i = 0; i < s.size(); ++i) {
                 s[i] = next_int(1, 1000) * 1e-4f;

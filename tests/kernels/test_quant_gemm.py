@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from meshserve.kernels.fused_moe import moe_reference
 from meshserve.kernels.quant_gemm import (
     PackedQuant,
+    dequantize_rows,
     native_ready,
     pack_quant,
     quant_linear,
@@ -55,6 +56,26 @@ def random_quant(
 @settings(max_examples=30, deadline=None)
 @given(
     n=st.integers(1, 50),
+    groups=st.integers(1, 3),
+    group_size=st.sampled_from([2, 12, 32, 64]),
+    bits=st.sampled_from([8, 4]),
+    zeros=st.booleans(),
+    act_order=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_dequantize_rows_reads_the_rows_of_the_packed_weight(
+    n, groups, group_size, bits, zeros, act_order, seed
+):
+    """The tied embedding's lookup: rows of W, in the checkpoint's column order, from the packed layout."""
+    gen = torch.manual_seed(seed)
+    w = random_quant((), n, groups * group_size, bits, group_size, zeros, act_order, gen)
+    rows = torch.randint(0, n, (7,), generator=gen)
+    assert torch.equal(dequantize_rows(pack_quant(w), rows), dequantize(w)[rows])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 50),
     groups=st.integers(1, 4),
     group_size=st.sampled_from([2, 4, 12, 32, 64]),
     bits=st.sampled_from([8, 4]),
@@ -84,11 +105,19 @@ def test_pack_round_trips_and_keeps_only_the_packed_bytes(
     ]
 
 
-def test_int4_lane_holds_eight_k_from_the_low_nibble():
+def test_int4_lane_holds_even_k_in_its_low_half_and_odd_k_in_its_high_half():
     q = torch.arange(16, dtype=torch.uint8).repeat(16, 1)  # row c: k = 0..15 holds value k
     w = QuantWeight(4, pack_int4(q), torch.ones(16, 1), None, 16)
-    lane0 = pack_quant(w).qweight[0, 0, :4]  # column 0, k 0..7
-    assert lane0.tolist() == [0x10, 0x32, 0x54, 0x76]
+    lane0 = pack_quant(w).qweight[0, 0, :4]  # column 0, k 0..7: nibbles from the low one hold 0 2 4 6 1 3 5 7
+    assert lane0.tolist() == [0x20, 0x64, 0x31, 0x75]
+    # so the 32-bit lane shifted right by 4p holds k 2p and 2p + 1 in the low nibbles of its two halves
+    word = int.from_bytes(bytes(lane0.tolist()), "little")
+    assert [((word >> 4 * p) & 0xF, (word >> (16 + 4 * p)) & 0xF) for p in range(4)] == [
+        (0, 1),
+        (2, 3),
+        (4, 5),
+        (6, 7),
+    ]
 
 
 def test_select_takes_experts_in_the_packed_form():

@@ -12,6 +12,7 @@ from torch import nn
 from meshserve.engine.distributed.expert_map import ExpertMap
 from meshserve.models.layers.moe import SparseMoE
 from meshserve.models.layers.moe_ep import ExpertParallelMoE, SlotExperts
+from meshserve.models.layers.quant_slots import QuantSlotExperts
 
 
 class ExpertParallel:
@@ -64,15 +65,7 @@ class ExpertParallel:
         while the current ones keep serving."""
         new = ExpertMap(holds, self.device)
         local = [
-            SlotExperts.empty(
-                layer.hidden_size,
-                layer.intermediate_size,
-                len(new.local_experts(i, self.rank)),
-                self._dtype,
-                self.device,
-                packed=layer.local.experts.packed is not None,
-            )
-            for i, layer in enumerate(self.layers)
+            layer.local.like(len(new.local_experts(i, self.rank))) for i, layer in enumerate(self.layers)
         ]
         return Prepared(new, local)
 
@@ -88,7 +81,7 @@ class Prepared:
     """A placement ready to install: its lookup tables and this rank's experts per MoE layer."""
 
     map: ExpertMap
-    local: list[SlotExperts]
+    local: list[SlotExperts | QuantSlotExperts]
 
     def parts(self, layer: int, expert: int, rank: int) -> list[torch.Tensor]:
         """Where expert ``expert`` of MoE layer ``layer`` goes on ``rank`` (this rank), as flat views."""

@@ -88,14 +88,7 @@ class DistributedEngine:
         self.config = config
         parallel = config.parallel
         self.model_config, self.tokenizer = load_config(
-            config.model, config.dtype, config.revision, config.quantization
-        )
-        require(
-            self.model_config.quantization is None
-            or not (parallel.enable_expert_parallel and self.model_config.is_moe),
-            "quantization",
-            "expert parallelism does not dispatch or migrate quantized experts yet; "
-            "use data parallelism alone, or a float checkpoint",
+            config.model, config.dtype, config.revision, config.quantization, config.quantize_lm_head
         )
         require(
             config.record_expert_trace is None or self.model_config.is_moe,
@@ -121,6 +114,7 @@ class DistributedEngine:
             config.seed,
             config.revision,
             quantization=config.quantization,
+            quantize_lm_head=config.quantize_lm_head,
             device=config.device,
             cache=config.cache,
             scheduler=config.scheduler,

@@ -54,7 +54,7 @@ class Migration:
         self.ep, self.group, self.rank = ep, group, ep.rank
         self.timeout = timedelta(seconds=timeout_s)
         self.new: Prepared = ep.allocate(target)
-        self.element_size = ep.layers[0].local.experts.down_proj.element_size()
+        self.element_size = ep.layers[0].local.element_size  # 1: quantized slots move as bytes
         self.chunks = self._schedule(target, moves, max(1, chunk_bytes // self.element_size))
         # The busiest rank's share of the schedule, counted as advance() counts a gap's load: every replica
         # of the target loads its rank (a local copy, once), a moved one its source rank as well.

@@ -44,8 +44,9 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   at::Tensor a, sx;
   std::tie(a, sx) = quant_args::kernel_rows(x, pm, w, group_size);
   const float* as = a.data_ptr<float>();
-  // bfloat16 x: the same rows as bfloat16 bits (exact) for the dot path
-  const at::Tensor a16 = x.scalar_type() == at::kBFloat16 && m >= quant_tile::kDotRows ? a.to(at::kBFloat16) : at::Tensor();
+  // bfloat16 x: the same rows as bfloat16 bits (exact) for the dot path and int4's small pair tile
+  const bool pairs = m >= quant_tile::kDotRows || bits == 4;
+  const at::Tensor a16 = x.scalar_type() == at::kBFloat16 && pairs ? a.to(at::kBFloat16) : at::Tensor();
   const uint16_t* a16s = a16.defined() ? reinterpret_cast<const uint16_t*>(a16.data_ptr<at::BFloat16>()) : nullptr;
   const float* sxs = sx.data_ptr<float>();
   const float* bs = b32.defined() ? b32.data_ptr<float>() : nullptr;

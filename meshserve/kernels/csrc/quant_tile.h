@@ -1,7 +1,8 @@
 // quant_tile.h: the register tiles of meshserve's weight-only int8 / int4 GEMMs (quant_linear.cpp,
 // quant_moe.cpp). Layout (made once per layer by meshserve/kernels/quant_gemm.py's pack_quant):
 //   q      [blocks][units][64 bytes]: per block of 16 output columns and unit of K, one 32-bit lane per
-//          column holding its next kUnitK k (int8: 4 signed bytes; int4: 8 unsigned nibbles, low first);
+//          column holding its next kUnitK k (int8: 4 signed bytes; int4: 8 unsigned nibbles, k 0, 2, 4, 6
+//          in nibbles 0-3 and k 1, 3, 5, 7 in nibbles 4-7: nibble_slot);
 //   scales [blocks][groups][16] float32, zeros [blocks][groups][16] int8 / uint8 or none (symmetric:
 //          0 for int8, 8 for int4); each group is a whole number of units (the packer zero-pads it).
 // W = (q - z) * s. Activations are float32 rows over the same padded K (zeros in the padding).
@@ -12,7 +13,9 @@
 //   mask; then vcvtdq2ps) and feed one FMA per row. Sums run per group, c += s * sum(q * x) at the group's
 //   end; the zero term -s * z * sum(x) is subtracted once per group and column at the end (add_zero_terms).
 //   The integers become floats by bit moves, not converts (kLaneScale below), so the weight stream costs
-//   two integer ops and one FMA per 16 weights: the GEMV stays read-bound. The weight is prefetched kPrefetchUnits ahead (as bf16_linear.cpp found, decode-sized
+//   two integer ops and one FMA per 16 weights: the GEMV stays read-bound. int4 with bfloat16 rows
+//   (tile_small_pairs) makes the nibbles bfloat16 instead: one shift and one and-or give 32 weights as 16
+//   pairs for one vdpbf16ps, half the int4 FMA path's ops per byte (which ran compute-bound). The weight is prefetched kPrefetchUnits ahead (as bf16_linear.cpp found, decode-sized
 //   tiles compute too little per byte for the hardware prefetcher alone).
 // - many rows (prefill): dequantize_block writes (q - z) * s for kWideK k of the panel into a float32
 //   scratch tile (16 KiB, in L1) and bf16_tile::tile_f32 runs the plain FMA tile on it: the decode work is
@@ -75,12 +78,17 @@ struct Matrix {
   }
 };
 
+// The nibble of an int4 lane holding k offset kk: even k in the low 16 bits, odd k in the high 16 bits, so
+// (lane >> 4p) & 0x000F000F holds k 2p and 2p + 1 in the two halves of a bfloat16 pair (tile_small_pairs).
+constexpr int nibble_slot(int kk) { return kk % 2 ? 4 + kk / 2 : kk / 2; }
+
 // The integer at k offset kk (< unit_k) of lane `lane` in one unit (plain C++; the vector tiles' meaning).
 template <int Bits>
 inline int lane_value(const uint8_t* unit, int lane, int kk) {
   if constexpr (Bits == 8) return static_cast<int8_t>(unit[4 * lane + kk]);
-  const uint8_t byte = unit[4 * lane + kk / 2];
-  return kk % 2 ? byte >> 4 : byte & 0xF;
+  const int slot = nibble_slot(kk);
+  const uint8_t byte = unit[4 * lane + slot / 2];
+  return slot % 2 ? byte >> 4 : byte & 0xF;
 }
 
 // The small tiles read each integer q as the float32 v = 1 + (q + kBias) / kLaneScale in [1, 2): its bits
@@ -112,7 +120,8 @@ inline __m512i shift_left(__m512i v) {  // by Shift bits, right when negative
 template <int Bits, int KK>
 inline __m512 unit_v_ps(__m512i lanes) {
   constexpr int kTop = 23 - (Bits == 8 ? 8 : 4);                  // where the field starts in the mantissa
-  const __m512i field = shift_left<kTop - (Bits == 8 ? 8 : 4) * KK>(lanes);
+  constexpr int kFrom = Bits == 8 ? 8 * KK : 4 * nibble_slot(KK);  // where it starts in the lane
+  const __m512i field = shift_left<kTop - kFrom>(lanes);
   const __m512i mask = _mm512_set1_epi32(Bits == 8 ? 0x007F8000 : 0x00780000);
   // (field & mask) | 1.0f: vpternlogd's truth table 0xEA is (A & B) | C
   return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(field, mask, _mm512_set1_epi32(0x3F800000), 0xEA));
@@ -131,8 +140,9 @@ inline __m512 unit_k_ps(__m512i v) {
     const __m512i high = KK == 3 ? v : _mm512_slli_epi32(v, 24 - 8 * KK);  // byte KK to the top
     return _mm512_cvtepi32_ps(_mm512_srai_epi32(high, 24));
   } else {
-    const __m512i shifted = KK == 0 ? v : _mm512_srli_epi32(v, 4 * KK);
-    return _mm512_cvtepi32_ps(KK == 7 ? shifted : _mm512_and_si512(shifted, _mm512_set1_epi32(0xF)));
+    constexpr int kFrom = 4 * nibble_slot(KK);
+    const __m512i shifted = kFrom == 0 ? v : _mm512_srli_epi32(v, kFrom);
+    return _mm512_cvtepi32_ps(kFrom == 28 ? shifted : _mm512_and_si512(shifted, _mm512_set1_epi32(0xF)));
   }
 }
 
@@ -193,6 +203,52 @@ void tile_small(const float* a, int64_t lda, const uint8_t* w, int64_t bstride, 
       }
 #endif
 }
+
+#if defined(__AVX512BF16__)
+// tile_small for int4 and bfloat16 rows a (raw bits, lda apart): each lane's nibbles k 2p and 2p + 1 become
+// the bfloat16 pair (v_2p, v_2p+1), v = 1 + q / 16 (0x3F80 | q << 3: the nibble in the top of the 7-bit
+// mantissa), and one vdpbf16ps sums them against the broadcast pair (a_2p, a_2p+1) for 16 columns. Products
+// of bfloat16 are exact in float32, so this is tile_small's sum up to float32 summation order.
+template <int R, int C>
+void tile_small_pairs(const uint16_t* a, int64_t lda, const uint8_t* w, int64_t bstride, int64_t u0, int64_t u1,
+                      const float* s, int64_t sstride, float* c, int64_t ldc, int64_t pf) {
+  constexpr int kUnitK = 8;
+  constexpr int S = R * C <= 4 ? 4 : R * C <= 8 ? 2 : 1;
+  __m512 acc[R][C][S];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j)
+      for (int t = 0; t < S; ++t) acc[r][j][t] = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi32(0x00780078), one = _mm512_set1_epi32(0x3F803F80);
+  for (int64_t u = u0; u < u1; ++u) {
+    if (pf)
+      for (int j = 0; j < C; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(w + j * bstride + (u + pf) * kUnitBytes), _MM_HINT_T0);
+    for (int j = 0; j < C; ++j) {
+      const __m512i v = _mm512_loadu_si512(w + j * bstride + u * kUnitBytes);
+      unrolled(std::make_integer_sequence<int, kUnitK / 2>{}, [&](auto p) {
+        constexpr int P = decltype(p)::value;
+        // nibbles P and 4 + P to bits 3-6 and 19-22, then (x & mask) | one (vpternlogd 0xEA)
+        const __m512bh wp =
+            (__m512bh)_mm512_ternarylogic_epi32(shift_left<3 - 4 * P>(v), mask, one, 0xEA);
+        for (int r = 0; r < R; ++r) {
+          int32_t pair;
+          std::memcpy(&pair, a + r * lda + u * kUnitK + 2 * P, sizeof pair);
+          acc[r][j][P % S] = _mm512_dpbf16_ps(acc[r][j][P % S], (__m512bh)_mm512_set1_epi32(pair), wp);
+        }
+      });
+    }
+  }
+  for (int j = 0; j < C; ++j) {
+    const __m512 sj = _mm512_mul_ps(_mm512_loadu_ps(s + j * sstride), _mm512_set1_ps(kLaneScale<4>));
+    for (int r = 0; r < R; ++r) {
+      __m512 sum = acc[r][j][0];
+      for (int t = 1; t < S; ++t) sum = _mm512_add_ps(sum, acc[r][j][t]);
+      float* cr = c + r * ldc + kBlockCols * j;
+      _mm512_storeu_ps(cr, _mm512_fmadd_ps(sum, sj, _mm512_loadu_ps(cr)));
+    }
+  }
+}
+#endif
 
 // wf[k][16j + l] = (q - z) * s for the units [u0, u1) of C column blocks starting at `block` (row length
 // 16C): the scratch tile the wide path runs bf16_tile::tile_f32 on.
@@ -381,6 +437,14 @@ void run_panel_c(const Matrix& m, int64_t block, const float* a, const uint16_t*
       with_rows<kTileRows>(static_cast<int>(std::min<int64_t>(kTileRows, rows - r)), [&](auto rr) {
         for (int64_t u0 = b0; u0 < b1;) {  // the parts of groups inside this K block
           const int64_t g = u0 / m.group_units, u1 = std::min(b1, (g + 1) * m.group_units);
+#if defined(__AVX512BF16__)
+          if (Bits == 4 && a16) {
+            tile_small_pairs<decltype(rr)::value, C>(a16 + r * lda, lda, w, bstride, u0, u1, s + g * kBlockCols,
+                                                     sstride, c + r * kPanelCols, kPanelCols, pf);
+            u0 = u1;
+            continue;
+          }
+#endif
           tile_small<Bits, decltype(rr)::value, C>(a + r * lda, lda, w, bstride, u0, u1, s + g * kBlockCols,
                                                    sstride, c + r * kPanelCols, kPanelCols, pf);
           u0 = u1;
@@ -393,7 +457,7 @@ void run_panel_c(const Matrix& m, int64_t block, const float* a, const uint16_t*
 
 // c[r][0..64) = a[r] . W[panel's columns]^T for `rows` rows (the columns past n are garbage). a: float32
 // rows lda apart over m.padded_k() (zero in the group padding); a16: the same rows as bfloat16 bits when
-// they are bfloat16 values (null otherwise: the dot path is skipped); sx[r][g] = sum of a[r] over group g
+// they are bfloat16 values (null otherwise: the dot path and int4's small pair tile are skipped); sx[r][g] = sum of a[r] over group g
 // (read by the small and dot paths); scratch: kWideK * kPanelCols floats.
 inline void run_panel(const Matrix& m, int64_t panel, const float* a, const uint16_t* a16, int64_t lda,
                       const float* sx, int64_t rows, float* c, float* scratch) {

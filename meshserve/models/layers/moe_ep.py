@@ -4,7 +4,8 @@ combine). Transport is torch.distributed's ``all_to_all_single`` with split size
 
 The layer wraps a SparseMoE: the router, the shared expert and the final weighted sum are the same
 code and the same float operations as the single-process layer, and the held experts run through
-SparseMoE's own grouped GEMMs (``SlotExperts``), so outputs match the single-process engine. A rank
+SparseMoE's own grouped GEMMs (``SlotExperts``; quantized experts through ``quant_moe`` on their packed
+slots, quant_slots.py), so outputs match the single-process engine. A rank
 with no tokens still calls ``forward`` on an empty batch: the all-to-alls need every rank.
 """
 
@@ -20,6 +21,8 @@ from torch import nn
 
 from meshserve.kernels.fused_moe import fused_moe, pack_experts
 from meshserve.models.layers.moe import SparseMoE, StackedExperts
+from meshserve.models.layers.quant_experts import QuantExperts
+from meshserve.models.layers.quant_slots import QuantSlotExperts
 
 
 class Placement(Protocol):
@@ -100,6 +103,17 @@ class SlotExperts(SparseMoE):
         ]
         return cls(h, i, *meta, packed=tuple(p[index] for p in experts.packed))
 
+    def like(self, slots: int) -> SlotExperts:
+        """``slots`` uninitialised slots of this layout (``empty``)."""
+        down, packed = self.experts.down_proj, self.experts.packed
+        device = (down if packed is None else packed[0]).device  # a packed layer's stacked weights are meta
+        return SlotExperts.empty(down.shape[1], down.shape[2], slots, down.dtype, device, packed is not None)
+
+    @property
+    def element_size(self) -> int:
+        """Bytes per element of ``parts``."""
+        return self.experts.down_proj.element_size()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.experts.packed
         if packed is None:
@@ -143,10 +157,14 @@ class ExpertParallelMoE(nn.Module):
         super().__init__()
         self.moe, self.layer, self.rank, self.group = moe, layer, rank, group
         self.placement = placement
-        experts = moe.experts
-        self.intermediate_size = experts.down_proj.shape[2]
-        self.hidden_size = experts.down_proj.shape[1]
-        self.local = SlotExperts.held(experts, torch.from_numpy(held))
+        experts, index = moe.experts, torch.from_numpy(held)
+        if isinstance(experts, QuantExperts):  # held in their packed form
+            self.local: SlotExperts | QuantSlotExperts = QuantSlotExperts.held(experts, index)
+            self.hidden_size, self.intermediate_size = self.local.hidden_size, self.local.intermediate_size
+        else:
+            self.intermediate_size = experts.down_proj.shape[2]
+            self.hidden_size = experts.down_proj.shape[1]
+            self.local = SlotExperts.held(experts, index)
         moe.experts = None  # this rank keeps only the experts it holds
         self.last_received = 0  # pairs this rank's experts computed in the last forward
 

@@ -44,7 +44,9 @@ class PackedBuffers(nn.Module):
     """Holds PackedQuant weights as buffers named ``{prefix}_{part}`` (``qweight`` etc. for prefix "")."""
 
     def _hold(self, prefix: str, w: QuantWeight) -> None:
-        p = pack_quant(w)
+        self._hold_packed(prefix, pack_quant(w))
+
+    def _hold_packed(self, prefix: str, p: PackedQuant) -> None:
         setattr(self, f"_{prefix}form", (p.bits, p.out_features, p.in_features, p.group_size))
         for name in QUANT_PARTS:
             self.register_buffer(f"{prefix}{name}", getattr(p, name))

@@ -3,7 +3,7 @@ config.json ``quantization_config``, checked into one QuantConfig before any wei
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshserve.errors import InputError
@@ -21,7 +21,9 @@ class QuantConfig:
 
     desc_act: GPTQ act-order (g_idx reorders K); sym: zero points fixed at 2**(bits-1);
     zero_offset: added to each stored zero (GPTQ's v1 format stores z - 1); lm_head: the head is quantized
-    too; skip: module name fragments left unquantized (AWQ's modules_to_not_convert).
+    too (``head_config`` says how); lm_head_packed: the checkpoint stores it packed (GPTQ's
+    ``lm_head: true``), else it is made at load from the float head; skip: module name fragments left
+    unquantized (AWQ's modules_to_not_convert).
     """
 
     method: str
@@ -31,6 +33,7 @@ class QuantConfig:
     sym: bool = True
     zero_offset: int = 0
     lm_head: bool = False
+    lm_head_packed: bool = False
     skip: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -38,8 +41,46 @@ class QuantConfig:
         return self.method in AT_LOAD
 
 
-def resolve_quantization(requested: str | None, hf: dict[str, Any]) -> QuantConfig | None:
-    """The QuantConfig for `requested` (None: whatever the checkpoint declares, else none) and config.json."""
+def head_config(qc: QuantConfig) -> QuantConfig:
+    """How the lm_head is quantized: in the checkpoint's own format where it ships the head packed (and for
+    int8 / int4 at load), else round-to-nearest at load with the checkpoint's bits (int8 per channel, int4
+    in groups of INT4_GROUP)."""
+    if qc.at_load or qc.lm_head_packed:
+        return qc
+    return (
+        QuantConfig("int8", 8, -1, lm_head=True)
+        if qc.bits == 8
+        else QuantConfig("int4", 4, INT4_GROUP, lm_head=True)
+    )
+
+
+def resolve_quantization(
+    requested: str | None, hf: dict[str, Any], quantize_lm_head: bool | None = None
+) -> QuantConfig | None:
+    """The QuantConfig for `requested` (None: whatever the checkpoint declares, else none) and config.json.
+
+    quantize_lm_head None takes each format's default: int8 / int4 at load quantize the head (it is the
+    largest single GEMV of a decode step at small sizes); GPTQ keeps it as the checkpoint stores it
+    (``lm_head``, false by default, as vLLM loads it); AWQ and compressed-tensors keep it float. True
+    quantizes a float head at load (``head_config``); False keeps it in the model dtype, which a checkpoint
+    that stores it packed cannot do.
+    """
+    qc = _resolve(requested, hf)
+    if qc is None:
+        if quantize_lm_head:
+            raise InputError("quantize_lm_head", "needs quantization (this model loads unquantized)")
+        return None
+    if quantize_lm_head is False and qc.lm_head_packed:
+        raise InputError(
+            "quantize_lm_head",
+            f"this {qc.method} checkpoint stores lm_head quantized (quantization_config.lm_head: true); "
+            "it loads only quantized",
+        )
+    head = qc.at_load if quantize_lm_head is None else quantize_lm_head
+    return replace(qc, lm_head=qc.lm_head_packed or head)
+
+
+def _resolve(requested: str | None, hf: dict[str, Any]) -> QuantConfig | None:
     if requested is not None and requested not in METHODS:
         raise InputError("quantization", f"unsupported {requested!r}; allowed: {', '.join(METHODS)}")
     stored = hf.get("quantization_config")
@@ -98,7 +139,7 @@ def _gptq(stored: dict[str, Any]) -> QuantConfig:
         desc_act=bool(stored.get("desc_act", False)),
         sym=bool(stored.get("sym", True)),
         zero_offset=1 if fmt == "gptq" else 0,  # v1 stores each zero point minus one
-        lm_head=bool(stored.get("lm_head", False)),
+        lm_head_packed=bool(stored.get("lm_head", False)),
     )
 
 
@@ -146,4 +187,5 @@ def _compressed(stored: dict[str, Any]) -> QuantConfig:
         desc_act=weights.get("actorder") not in (None, False),
         sym=bool(weights.get("symmetric", True)),
         skip=tuple(i.removeprefix("model.") for i in ignore if not i.startswith("re:") and i != "lm_head"),
+        lm_head_packed="lm_head" not in ignore,  # llm-compressor quantizes every Linear it does not ignore
     )

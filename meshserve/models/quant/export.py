@@ -47,18 +47,24 @@ def export_quantized(
     sym: bool = True,
     desc_act: bool = False,
     checkpoint_format: str = "gptq",
+    lm_head: bool = False,
 ) -> None:
     """`src` (a float model directory) -> `dst` in `method` ("gptq" or "awq") format and `reference`, a float
-    copy of `src` whose quantized layers hold the values dst's integers stand for."""
+    copy of `src` whose quantized layers hold the values dst's integers stand for. lm_head (GPTQ, a model
+    with its own lm_head.weight): quantize the head too, as GPTQModel's ``lm_head=True`` writes it."""
     if method not in ("gptq", "awq", "compressed-tensors"):
         raise InputError("method", f"unsupported {method!r}; allowed: gptq, awq, compressed-tensors")
+    if lm_head and method != "gptq":
+        raise InputError("lm_head", f"a quantized lm_head is written for gptq only, not {method}")
     src, dst, reference = Path(src), Path(dst), Path(reference)
     tensors = {}
     for file in sorted(src.glob("*.safetensors")):
         tensors |= load_file(str(file))
+    if lm_head and "lm_head.weight" not in tensors:
+        raise InputError("lm_head", f"{src} ties lm_head to the embedding: there is no lm_head.weight")
     packed, dense = {}, {}
     for name, w in tensors.items():
-        if not LINEAR.search(name):
+        if not (LINEAR.search(name) or (lm_head and name == "lm_head.weight")):
             packed[name] = dense[name] = w
             continue
         stem = name.removesuffix(".weight")
@@ -86,7 +92,12 @@ def export_quantized(
             "ignore": ["lm_head"],
         }
     elif method == "gptq":
-        quant |= {"desc_act": desc_act, "sym": sym, "checkpoint_format": checkpoint_format}
+        quant |= {
+            "desc_act": desc_act,
+            "sym": sym,
+            "checkpoint_format": checkpoint_format,
+            "lm_head": lm_head,
+        }
     else:
         quant |= {"zero_point": True, "version": "gemm"}
     for out, data, cfg in (

@@ -11,9 +11,10 @@ from meshserve.errors import InputError
 from meshserve.kernels.quant_weight import QuantWeight
 from meshserve.kernels.smooth_gemm import SmoothLinear
 from meshserve.models.layers.moe import StackedExperts
+from meshserve.models.layers.quant_embedding import QuantEmbedding
 from meshserve.models.layers.quant_experts import QuantExperts
 from meshserve.models.layers.quant_linear import QuantLinear, empty_quant
-from meshserve.models.quant.config import INT4_GROUP, QuantConfig
+from meshserve.models.quant.config import INT4_GROUP, QuantConfig, head_config
 
 # Layers whose dense weight other code reads directly (MLA's absorbed kv_b_proj) stay in the model dtype.
 DENSE_ONLY = ("kv_b_proj",)
@@ -33,9 +34,9 @@ def group_size(qc: QuantConfig, k: int, layer: str) -> int:
     return group
 
 
-def _quantized(name: str, qc: QuantConfig, tied: bool) -> bool:
+def _quantized(name: str, qc: QuantConfig) -> bool:
     if name == "lm_head":
-        return qc.lm_head and not tied
+        return qc.lm_head
     return not any(part in name for part in (*DENSE_ONLY, *qc.skip))
 
 
@@ -46,12 +47,14 @@ def _empty(qc: QuantConfig, lead: tuple[int, ...], n: int, k: int, layer: str) -
 
 def quantize_layout(model: nn.Module, qc: QuantConfig, dtype: torch.dtype, tied: bool) -> None:
     """Swap every quantized SmoothLinear for a QuantLinear and every StackedExperts for QuantExperts (shapes
-    only: call on a model built on the meta device; the loader fills them)."""
+    only: call on a model built on the meta device; the loader fills them). A quantized lm_head tied to the
+    input embedding is its one copy: the embedding becomes a QuantEmbedding that reads the head's rows."""
     with torch.device("meta"):
         for name, module in list(model.named_modules()):
-            if isinstance(module, SmoothLinear) and _quantized(name, qc, tied):
+            if isinstance(module, SmoothLinear) and _quantized(name, qc):
                 n, k = module.weight.shape
-                new = QuantLinear(_empty(qc, (), n, k, name), module.bias, dtype)
+                layer_qc = head_config(qc) if name == "lm_head" else qc
+                new = QuantLinear(_empty(layer_qc, (), n, k, name), module.bias, dtype)
             elif isinstance(module, StackedExperts):
                 e, n13, k13 = module.gate_up_proj.shape
                 _, n2, k2 = module.down_proj.shape
@@ -60,6 +63,8 @@ def quantize_layout(model: nn.Module, qc: QuantConfig, dtype: torch.dtype, tied:
                 continue
             owner, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(owner), leaf, new)
+        if tied and isinstance(getattr(model, "lm_head", None), QuantLinear):
+            model.embed_tokens = QuantEmbedding(model.lm_head)
 
 
 def quantized_bytes(model: nn.Module) -> int:

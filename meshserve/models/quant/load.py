@@ -19,7 +19,7 @@ from meshserve.kernels.quant_weight import QuantWeight, quantize_int4, quantize_
 from meshserve.models.layers.quant_experts import QuantExperts
 from meshserve.models.layers.quant_linear import QuantLinear
 from meshserve.models.quant import awq, compressed, gptq
-from meshserve.models.quant.config import QuantConfig
+from meshserve.models.quant.config import QuantConfig, head_config
 from meshserve.models.quant.layout import group_size
 from meshserve.models.quant.merge import concat_rows, stack_experts
 
@@ -117,9 +117,15 @@ def _experts(
 def fill_quantized(
     model: nn.Module, ckpt: Any, qc: QuantConfig, find: Find, candidates: Find, dtype: torch.dtype
 ) -> None:
-    """Give every QuantLinear and QuantExperts of `model` its weights from `ckpt`."""
+    """Give every QuantLinear and QuantExperts of `model` its weights from `ckpt` (a quantized lm_head made
+    at load from a tied checkpoint reads the input embedding: the checkpoint has no lm_head.weight)."""
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            module.set_weight(_linear(ckpt, find, name, qc, dtype))
+            layer_qc, source = qc, name
+            if name == "lm_head":
+                layer_qc = head_config(qc)
+                if layer_qc.at_load and model.config.tie_word_embeddings:
+                    source = "embed_tokens"
+            module.set_weight(_linear(ckpt, find, source, layer_qc, dtype))
         elif isinstance(module, QuantExperts):
             module.set_weights(*_experts(ckpt, find, candidates, name, module, qc, dtype, model.expert_names))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshserve.errors import InputError
-from meshserve.models.quant.config import resolve_quantization
+from meshserve.models.quant.config import head_config, resolve_quantization
 
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": False}
 
@@ -47,6 +47,32 @@ def test_compressed_tensors_scheme():
 
 def test_at_load_methods():
     assert (resolve_quantization("int8", {}).bits, resolve_quantization("int4", {}).group_size) == (8, 128)
+
+
+def test_lm_head_defaults_per_format_and_the_knob():
+    gptq = {"quantization_config": GPTQ}
+    assert resolve_quantization("int8", {}).lm_head  # at load: the head too
+    assert not resolve_quantization("int4", {}, quantize_lm_head=False).lm_head
+    assert not resolve_quantization(None, gptq).lm_head  # GPTQ: as the checkpoint stores it
+    stored = resolve_quantization(None, {"quantization_config": GPTQ | {"lm_head": True}})
+    assert stored.lm_head and stored.lm_head_packed and head_config(stored) == stored
+    # a float head quantized at load from a packed checkpoint: round-to-nearest with its bits
+    opted = resolve_quantization(None, gptq, quantize_lm_head=True)
+    assert opted.lm_head and (head_config(opted).method, head_config(opted).group_size) == ("int4", 128)
+    assert resolve_quantization("compressed-tensors", {"quantization_config": CT}).lm_head is False
+
+
+@pytest.mark.parametrize(
+    ("requested", "stored", "knob", "message"),
+    [
+        (None, GPTQ | {"lm_head": True}, False, "stores lm_head quantized"),
+        (None, None, True, "needs quantization"),
+    ],
+)
+def test_lm_head_knob_errors_name_it(requested, stored, knob, message):
+    hf = {} if stored is None else {"quantization_config": stored}
+    with pytest.raises(InputError, match=f"quantize_lm_head: .*{message}"):
+        resolve_quantization(requested, hf, quantize_lm_head=knob)
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,12 @@ from meshserve.engine import LLM, SamplingParams
 from meshserve.errors import InputError
 from meshserve.kernels.quant_weight import dequantize
 from meshserve.models import load_model
+from meshserve.models.layers.quant_embedding import QuantEmbedding
 from meshserve.models.layers.quant_experts import QuantExperts
 from meshserve.models.layers.quant_linear import QuantLinear
-from meshserve.models.loader import model_bytes
+from meshserve.models.loader import LoadedModel, model_bytes
 from meshserve.models.quant.export import export_quantized
+from meshserve.testing import PagedSequences
 
 PROMPTS = [[1, 40, 41, 42, 43, 44], [1, 7, 9, 300, 12, 88, 90, 91, 17, 5]]
 MAX_TOKENS = 8
@@ -28,6 +30,7 @@ CASES = {
     ),
     "gptq4_sym": ("llama", {"method": "gptq", "bits": 4, "group_size": 32}),
     "gptq8_one_group": ("llama", {"method": "gptq", "bits": 8, "group_size": -1}),
+    "gptq4_lm_head": ("llama", {"method": "gptq", "bits": 4, "group_size": 32, "lm_head": True}),
     "gptq4_v2": (
         "llama",
         {"method": "gptq", "bits": 4, "group_size": 64, "sym": False, "checkpoint_format": "gptq_v2"},
@@ -71,20 +74,21 @@ def exported(request, tiny_model_dir, tmp_path_factory):
     arch, kwargs = CASES[request.param]
     out = tmp_path_factory.mktemp(request.param)
     export_quantized(tiny_model_dir(arch), out / "quantized", out / "reference", **kwargs)
-    return out / "quantized", out / "reference", arch
+    return out / "quantized", out / "reference", arch, kwargs
 
 
 def test_greedy_equals_the_dequantized_reference(exported):
-    quantized, reference, _ = exported
+    quantized, reference, *_ = exported
     assert greedy(quantized) == transformers_greedy(reference)
 
 
 def test_layers_hold_only_packed_weights(exported):
-    quantized, reference, arch = exported
+    quantized, reference, arch, kwargs = exported
     lm, dense = load_model(quantized), load_model(reference)
     kinds = {type(m) for m in lm.model.modules()}
     assert QuantLinear in kinds and (QuantExperts in kinds) == (arch == "mixtral")
-    assert not isinstance(lm.model.lm_head, QuantLinear)  # the head stays float unless the checkpoint says
+    # the head stays float unless the checkpoint says (GPTQ's lm_head: true)
+    assert isinstance(lm.model.lm_head, QuantLinear) == kwargs.get("lm_head", False)
     assert model_bytes(lm.model) < model_bytes(dense.model)
     qkv = lm.model.layers[0].self_attn.qkv_proj
     assert torch.allclose(
@@ -92,12 +96,9 @@ def test_layers_hold_only_packed_weights(exported):
     )
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-@pytest.mark.parametrize("arch", ["llama", "mixtral"])
-def test_at_load_equals_its_dequantized_reference(method, arch, tiny_model_dir, tmp_path):
-    path = tiny_model_dir(arch)
-    quantized = load_model(path, quantization=method)
-    # The reference: the float model with each quantized layer's weights replaced by their dequantized values.
+def dequantized_reference(path: Path, quantized: LoadedModel) -> LoadedModel:
+    """The float model with each quantized layer's weights replaced by their dequantized values (a tied
+    lm_head's are the embedding's too: one parameter)."""
     reference = load_model(path)
     modules = dict(reference.model.named_modules())
     for name, module in quantized.model.named_modules():
@@ -106,14 +107,68 @@ def test_at_load_equals_its_dequantized_reference(method, arch, tiny_model_dir, 
         elif isinstance(module, QuantExperts):
             for which, p in enumerate(("gate_up_proj", "down_proj")):
                 getattr(modules[name], p).data = dequantize(module.quant_weight(which))
-    ids = torch.tensor(PROMPTS[1])
-    from meshserve.testing import PagedSequences
+    return reference
 
-    ours, theirs = (PagedSequences(m) for m in (quantized, reference))
-    a, b = ours.add(PROMPTS[1]), theirs.add(PROMPTS[1])
-    assert torch.allclose(ours.step({a: len(ids)})[a], theirs.step({b: len(ids)})[b], atol=1e-4)
+
+def paged_greedy(lm: LoadedModel, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens of one sequence through the model's forward, and its prompt's logits."""
+    seqs = PagedSequences(lm)
+    seq = seqs.add(prompt)
+    first = logits = seqs.step({seq: len(prompt)})[seq]
+    out = []
+    for _ in range(steps):
+        out.append(int(logits[-1].argmax()))
+        seqs.tokens[seq].append(out[-1])
+        logits = seqs.step({seq: 1})[seq]
+    return out, first
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("llama", True), ("mixtral", False)])
+def test_at_load_equals_its_dequantized_reference(method, arch, tied, tiny_model_dir):
+    path = tiny_model_dir(arch, tie_word_embeddings=tied)
+    quantized = load_model(path, quantization=method)
+    reference = dequantized_reference(path, quantized)
+    ours, ours_logits = paged_greedy(quantized, PROMPTS[1], MAX_TOKENS)
+    theirs, their_logits = paged_greedy(reference, PROMPTS[1], MAX_TOKENS)
+    assert torch.allclose(ours_logits, their_logits, atol=1e-4) and ours == theirs
     expect = 8 if method == "int8" else 4
     assert {m.bits for m in quantized.model.modules() if isinstance(m, QuantLinear)} == {expect}
+    # the lm_head is quantized too; tied, the input embedding reads its rows (no float copy of either)
+    assert isinstance(quantized.model.lm_head, QuantLinear)
+    assert isinstance(quantized.model.embed_tokens, QuantEmbedding) == tied
+
+
+@pytest.mark.parametrize(("method", "most"), [("int8", 0.55), ("int4", 0.3)])
+def test_a_tied_quantized_head_is_resident_once(method, most, tiny_model_dir):
+    path = tiny_model_dir("llama", tie_word_embeddings=True)
+    model, dense = load_model(path, quantization=method).model, load_model(path).model
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    assert all(vocab not in p.shape for p in model.parameters())  # no float embedding left
+    head = model.lm_head.nbytes
+    assert 0 < head <= most * vocab * hidden * 2  # against the head in bfloat16
+    assert model_bytes(model) == sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        m.nbytes for m in model.modules() if isinstance(m, QuantLinear | QuantExperts)
+    )
+    saved = model_bytes(dense) - model_bytes(model)
+    assert saved > vocab * hidden * 4 - head  # the float32 embedding went, its quantized copy is the head
+
+
+def test_the_knob_keeps_the_head_float(tiny_model_dir):
+    path = tiny_model_dir("llama", tie_word_embeddings=True)
+    model = load_model(path, quantization="int8", quantize_lm_head=False).model
+    assert not isinstance(model.lm_head, QuantLinear) and isinstance(model.embed_tokens, torch.nn.Embedding)
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_a_gptq_checkpoint_float_head_quantized_at_load(tiny_model_dir, tmp_path):
+    export_quantized(tiny_model_dir("llama"), tmp_path / "q", tmp_path / "r", "gptq", bits=4, group_size=32)
+    quantized = load_model(tmp_path / "q", quantize_lm_head=True)
+    head, float_head = quantized.model.lm_head, load_model(tmp_path / "r").model.lm_head.weight
+    assert (head.bits, head.group_size) == (4, 64)  # int4 at load's grid: groups of gcd(K, 128)
+    assert (dequantize(head.quant_weight()) - float_head).abs().max() < float_head.abs().max() / 8
+    reference = dequantized_reference(tmp_path / "r", quantized)
+    assert paged_greedy(quantized, PROMPTS[0], 4)[0] == paged_greedy(reference, PROMPTS[0], 4)[0]
 
 
 def test_int8_at_load_serves_through_the_engine(tiny_model_dir):
@@ -147,16 +202,6 @@ def test_a_quantized_draft_model_is_refused(tiny_model_dir, tmp_path):
     spec = {"method": "draft_model", "model": str(tmp_path / "q"), "num_speculative_tokens": 2}
     with pytest.raises(InputError, match="speculative_config.model: .* uses quantization"):
         LLM(str(tiny_model_dir("llama")), speculative_config=spec)
-
-
-def test_expert_parallel_refuses_quantized_experts(tiny_model_dir):
-    with pytest.raises(InputError, match="quantization: expert parallelism does not dispatch or migrate"):
-        LLM(
-            str(tiny_model_dir("mixtral")),
-            quantization="int8",
-            data_parallel_size=2,
-            enable_expert_parallel=True,
-        )
 
 
 @pytest.mark.parametrize(("method", "most"), [("int8", 0.55), ("int4", 0.3)])
