@@ -1,8 +1,11 @@
 """One role's process: an Engine plus its side of the KV link, serving a front end's commands through a pipe.
 
-The loop: commands from the pipe (add, abort, stats, close), offers waiting on the link (decode), one engine
+The loop: commands from the pipe (add, abort, stats, close), offers waiting on the links (decode), one engine
 step when there is work, and the handed-off requests' transfers (prefill). Outputs go back through the pipe as
 ("out", RequestOutput); a prefill instance sends only those that end there (at the first token, or failed).
+
+A prefill instance has a link to every decode instance and sends each request to the one the front end
+chose for it (``add``'s target); a decode instance takes offers from every prefill instance.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from meshserve.config import EngineConfig
 from meshserve.engine.distributed.worker import portable
 from meshserve.engine.engine import Engine
 from meshserve.engine.outputs import RequestOutput
-from meshserve.engine.pd.link import DECODE, PREFILL, KVLink, TransferError
+from meshserve.engine.pd.link import DECODE, PREFILL, KVLink, TransferError, open_store
 from meshserve.engine.pd.receiver import Receiver
 from meshserve.engine.pd.sender import Sender
+from meshserve.engine.pd.stats import TransferStats
 from meshserve.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -35,17 +39,37 @@ class InstanceSpec:
     init_method: str  # the KV link's rendezvous (link.py)
     timeout_s: float  # one transfer's waits
     threads: int  # this process's share of the cores
+    index: int = 0  # which instance of its role
+    counts: tuple[int, int] = (1, 1)  # prefill and decode instances in all
+    name: str = ""  # what the front end calls it (default: the role)
 
 
 class Instance:
     def __init__(self, spec: InstanceSpec) -> None:
         self.role = spec.role
+        self.name = spec.name or spec.role
         self.engine = Engine(dataclasses.replace(spec.config, role=spec.role, num_threads=spec.threads))
-        rank = PREFILL if spec.role == "prefill" else DECODE
-        self.link = KVLink.connect(spec.init_method, rank, spec.timeout_s)
-        self.side = Sender(self.engine, self.link) if rank == PREFILL else Receiver(self.engine, self.link)
+        num_prefill, num_decode = spec.counts
+        rank = spec.index if spec.role == "prefill" else num_prefill + spec.index
+        store = open_store(spec.init_method, rank, num_prefill + num_decode, spec.timeout_s)
+        self.transfers = TransferStats()  # every link's transfers together
+        self.links: list[KVLink] = []
+        if spec.role == "prefill":  # one Sender per decode instance, by its index
+            self.links = [
+                KVLink.pair(store, spec.index, d, PREFILL, spec.timeout_s) for d in range(num_decode)
+            ]
+            self.senders = [Sender(self.engine, link, self.transfers) for link in self.links]
+            self.receivers: list[Receiver] = []
+        else:
+            self.links = [
+                KVLink.pair(store, p, spec.index, DECODE, spec.timeout_s) for p in range(num_prefill)
+            ]
+            self.receivers = [Receiver(self.engine, link, self.transfers) for link in self.links]
+            self.senders = []
         self._next_report = 0.0
+        self._busy = False
         self.handed: dict[str, RequestOutput] = {}  # prefill: the output each handed-off request ended with
+        self.targets: dict[str, int] = {}  # prefill: the decode instance each request goes to
 
     def serve(self, conn: Connection) -> bool:
         """Answer commands and run the engine until "close" (True) or the front end is gone (False)."""
@@ -56,21 +80,29 @@ class Instance:
                     if command == "close":
                         return True
                     self.handle(conn, command, args)
-                if not self.work(conn):
+                if self.work(conn):
+                    self._busy = True
+                    if time.monotonic() > self._next_report:  # while busy: queue and KV use for routing
+                        conn.send(("stats", self.stats(), None))
+                        self._next_report = time.monotonic() + REPORT_S
+                else:
+                    if self._busy:  # once idle again: so the front end does not route on a stale queue
+                        conn.send(("stats", self.stats(), None))
+                        self._busy = False
                     conn.poll(IDLE_S)
-                elif time.monotonic() > self._next_report:  # while busy: queue and KV use for the metrics
-                    conn.send(("stats", self.stats(), None))
-                    self._next_report = time.monotonic() + REPORT_S
         except (EOFError, OSError):  # the front end hung up
             return False
 
     def handle(self, conn: Connection, command: str, args: tuple) -> None:
         if command == "add":
-            prompt, params, request_id, stream, detokenize, arrival = args
+            prompt, params, request_id, stream, detokenize, arrival, target = args
             try:
                 self.engine.add_request(prompt, params, request_id, stream, detokenize, arrival)
             except InputError as err:
                 conn.send(("rejected", request_id, portable(err)))
+                return
+            if self.senders:
+                self.targets[request_id] = target
         elif command == "abort":
             self.engine.abort(*args)
         elif command == "role":
@@ -82,7 +114,7 @@ class Instance:
 
     def work(self, conn: Connection) -> bool:
         """One round: offers, a step, transfers; False when there was nothing to do."""
-        worked = isinstance(self.side, Receiver) and self.side.poll() > 0
+        worked = sum(receiver.poll() for receiver in self.receivers) > 0
         if self.engine.has_unfinished():
             worked = True
             outs = self.engine.step()
@@ -90,40 +122,56 @@ class Instance:
             for out in outs:
                 if out.finish_reason != "handoff":
                     conn.send(("out", out))
+                    self._settle(out.request_id)
                     continue
                 self.handed[out.request_id] = out
                 if out.request_id in streamed:  # its new tokens go out now; the decode side sends the rest
                     conn.send(("out", ended(out, None, finished=False)))
-        if isinstance(self.side, Sender):
-            for request in list(self.engine.handoffs):
-                worked = True
-                try:
-                    if not self.side.transfer(request):
-                        break  # the decode side is full: try again after the next step
-                    self.handed.pop(request.request_id, None)
-                except TransferError as err:
-                    out = self.handed.pop(request.request_id)
-                    conn.send(("out", ended(out, str(err), finished=True, empty=request.stream)))
+        full: set[int] = set()  # decode instances with no room now: their requests wait, in order
+        for request in list(self.engine.handoffs):
+            target = self.targets.get(request.parent_id, 0)
+            if target in full:
+                continue
+            worked = True
+            try:
+                if not self.senders[target].transfer(request):
+                    full.add(target)  # try again after the next step
+                    continue
+                self.handed.pop(request.request_id, None)
+            except TransferError as err:
+                out = self.handed.pop(request.request_id)
+                conn.send(("out", ended(out, str(err), finished=True, empty=request.stream)))
+            self._settle(request.parent_id)
         return worked
+
+    def _settle(self, request_id: str) -> None:
+        """Forget a request's decode target once nothing of it is left here."""
+        engine = self.engine
+        if request_id not in engine.groups and all(r.parent_id != request_id for r in engine.handoffs):
+            self.targets.pop(request_id, None)
 
     def stats(self) -> dict[str, Any]:
         """What /metrics shows per role: queue, KV use, transfers."""
         engine = self.engine
+        queued = engine.scheduler.waiting + engine.scheduler.running
         return {
-            "role": self.role,  # which instance: its role now is the engine's
+            "role": self.name,  # which instance: its role now is the engine's
             "engine_role": engine.role,
             "waiting": len(engine.scheduler.waiting),
             "running": len(engine.scheduler.running),
+            "queued_tokens": sum(r.num_tokens - r.num_computed_tokens for r in queued),  # for routing
             "handoffs": len(engine.handoffs),
             "num_blocks": engine.blocks.num_blocks,
             "num_free_blocks": engine.blocks.num_free_blocks,
             "kv_usage": engine.blocks.usage,
-            "transfer": self.side.stats.summary(),
+            "transfer": self.transfers.summary(),
+            "steps": engine.num_steps,
         }
 
     def close(self) -> None:
         self.engine.close()
-        self.link.close()
+        for link in self.links:
+            link.close()
 
 
 def ended(out: RequestOutput, error: str | None, finished: bool, empty: bool = False) -> RequestOutput:

@@ -62,7 +62,10 @@ def test_llm_with_pd_runs_the_pair_behind_generate(model):
 
 
 def test_pd_spec_is_checked():
-    with pytest.raises(InputError, match="prefill=1,decode=1"):
-        parse_pd("prefill=2,decode=1")
+    assert parse_pd("prefill=2,decode=3")[0] == {"prefill": 2, "decode": 3}
+    with pytest.raises(InputError, match="at least one prefill and one decode"):
+        parse_pd("prefill=0,decode=1")
+    with pytest.raises(InputError, match="at most 16 instances"):
+        parse_pd("prefill=9,decode=8")
     with pytest.raises(InputError, match="pd"):
         parse_pd("prefill")
