@@ -84,10 +84,14 @@ class Handoff:
 
 def allocate(engine: Engine, handoff: Handoff) -> tuple[Request, int] | None:
     """The request with blocks for its KV, and how many leading blocks already hold it (the decode
-    engine's prefix cache: those are not sent); None, with nothing held, when the blocks are not free now.
+    engine's prefix cache: those are not sent); None, with nothing held, when the blocks are not free now
+    or the engine already runs ``max_num_seqs`` requests (its batch, and the draft's slots, are that big).
 
     Prefix keys are salted per cache (prefix_cache.py), so the two sides cannot compare keys: the decode
     side matches the token ids itself and answers with a block count."""
+    scheduler = engine.scheduler
+    if len(scheduler.running) >= scheduler.config.max_num_seqs:
+        return None
     request = handoff.request()
     blocks = engine.blocks
     reused = blocks.match_prefix(request)  # at most num_tokens - 1 = num_computed tokens

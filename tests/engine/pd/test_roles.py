@@ -62,6 +62,23 @@ def test_prefill_then_decode_equals_mixed_and_frees_every_block(model):
         assert not engine.handoffs and not engine.has_unfinished()
 
 
+def test_the_decode_engine_adopts_no_more_than_max_num_seqs(model):
+    """Handed-off requests beyond the decode engine's max_num_seqs wait on the prefill side (they once all
+    joined: a batch of 6 under max_num_seqs=4 turned speculation off by disable_by_batch_size)."""
+    prefill = Engine.from_args(model, role="prefill", **ARGS)
+    decode = Engine.from_args(model, role="decode", **ARGS)
+    for p in PROMPTS:
+        prefill.add_request(p, GREEDY)
+    most = 0
+    while prefill.has_unfinished() or prefill.handoffs or decode.has_unfinished():
+        prefill.step()
+        move(prefill, decode)
+        most = max(most, len(decode.scheduler.running))
+        decode.step()
+    assert most == ARGS["max_num_seqs"] < len(PROMPTS)
+    assert decode.blocks.num_free_blocks == decode.blocks.num_blocks
+
+
 def test_switching_roles_mid_run_hands_in_flight_requests_over_and_keeps_tokens(model):
     """The prefill engine turns mixed (requests decode there), then prefill again: each request it decodes
     is handed over mid-decode after its next token, with all its KV; the tokens never change."""
