@@ -22,7 +22,7 @@ from meshserve.engine.distributed.worker import portable
 from meshserve.engine.engine import Engine
 from meshserve.engine.outputs import RequestOutput
 from meshserve.engine.pd.link import DECODE, PREFILL, KVLink, TransferError, open_store
-from meshserve.engine.pd.receiver import Receiver
+from meshserve.engine.pd.receiver import Cancelled, Receiver
 from meshserve.engine.pd.sender import Sender
 from meshserve.engine.pd.stats import TransferStats
 from meshserve.errors import InputError
@@ -64,7 +64,10 @@ class Instance:
             self.links = [
                 KVLink.pair(store, p, spec.index, DECODE, spec.timeout_s) for p in range(num_prefill)
             ]
-            self.receivers = [Receiver(self.engine, link, self.transfers) for link in self.links]
+            self.cancelled = Cancelled()  # aborted before their offers came: every link's
+            self.receivers = [
+                Receiver(self.engine, link, self.transfers, self.cancelled) for link in self.links
+            ]
             self.senders = []
         self._next_report = 0.0
         self._busy = False
@@ -104,13 +107,27 @@ class Instance:
             if self.senders:
                 self.targets[request_id] = target
         elif command == "abort":
-            self.engine.abort(*args)
+            self.abort(*args)
         elif command == "role":
             self.engine.set_role(*args)
         elif command == "stats":
             conn.send(("stats", self.stats(), *args))
         else:
             raise ValueError(f"unknown command {command!r}")
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """End a request here, wherever it is: running (Engine.abort), handed off and waiting for its
+        transfer (its blocks freed, never offered), or not here yet (a decode instance remembers it, and
+        cancels its offer when it comes)."""
+        known = self.engine.abort(request_id, index)
+        for request in list(self.engine.handoffs):
+            if request.parent_id == request_id and index in (None, request.index):
+                self.engine.release(request)
+                self.handed.pop(request.request_id, None)
+                self._settle(request_id)
+                known = True
+        if self.receivers and not known:
+            self.cancelled.add(request_id)
 
     def work(self, conn: Connection) -> bool:
         """One round: offers, a step, transfers; False when there was nothing to do."""

@@ -45,3 +45,22 @@ def test_a_transfer_timeout_is_retried_and_the_request_completes_exactly(model):
         assert stats["prefill"]["transfer"]["failures"] == 1  # its send found the pair closed: retried
         assert stats["decode"]["transfer"]["transfers"] == 2
         assert_no_blocks_held(stats)
+
+
+def test_a_request_aborted_while_its_offer_waits_is_cancelled_on_the_decode_side(model):
+    """The caller goes away after the first token, while the request's offer waits for a slow decode side
+    (the drill holds each offer 1 s): the decode instance drops the offer (no blocks, no decode step) and
+    the prefill instance frees the request's blocks."""
+    config = EngineConfig.from_args(model, switches={"MESHSERVE_PD_FAULT": "hold:offer"}, **ARGS)
+    with PDEngine(config, transfer_timeout_s=30.0) as pd:
+        request_id = pd.add_request(PROMPTS[0], GREEDY, stream=True)
+        first = []
+        while not first:  # the prefill instance streams the first token as it hands the request off
+            first = [o for o in pd.poll(0.1) if o.request_id == request_id]
+        assert not first[0].finished and len(first[0].outputs[0].token_ids) == 1
+        assert pd.abort(request_id)
+        stats = settled(pd)
+        assert stats["decode"]["transfer"]["cancelled"] == stats["prefill"]["transfer"]["cancelled"] == 1
+        assert stats["decode"]["transfer"]["transfers"] == 0 and stats["decode"]["steps"] == 0
+        assert_no_blocks_held(stats)
+        assert not pd.has_unfinished()
