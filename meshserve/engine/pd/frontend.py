@@ -30,9 +30,11 @@ from meshserve.config import EngineConfig
 from meshserve.engine.distributed.frontend import RankBlocks
 from meshserve.engine.distributed.processes import _kill  # terminate, then kill; removes the rendezvous file
 from meshserve.engine.distributed.ranks import RankError
-from meshserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from meshserve.engine.groups import child_ids
+from meshserve.engine.outputs import RequestOutput
 from meshserve.engine.pd.config import ROLES, instance_names, parse_pd
 from meshserve.engine.pd.instance import InstanceSpec, run_instance
+from meshserve.engine.pd.merge import Pending
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.errors import InputError, require
 from meshserve.models.loader import load_config
@@ -98,7 +100,8 @@ class PDEngine:
         # Routed since an instance's latest report: prompt tokens (to take prompts), blocks (to decode).
         self.routed_tokens = dict.fromkeys(self.kinds, 0)
         self.routed_blocks = dict.fromkeys(self.kinds, 0)
-        self.unfinished: dict[str, tuple[list[int] | str, SamplingParams]] = {}
+        self.unfinished: dict[str, Pending] = {}  # by the caller's id
+        self.parents: dict[str, str] = {}  # an n > 1 request's completion ids (the decode side's) -> its id
         self.dead: str | None = None
         self._early: list[tuple] = []  # messages met while waiting for another kind
         self._ids = itertools.count()  # request ids, stats tokens
@@ -174,18 +177,15 @@ class PDEngine:
         require(
             isinstance(params, SamplingParams), "sampling_params", "must be a SamplingParams (no pooling)"
         )
-        require(
-            params.n == 1,
-            "n",
-            f"a prefill/decode pair serves single completions: n must be 1, got {params.n}",
-        )
         if request_id is None:
             request_id = next(i for i in map(str, self._ids) if i not in self.unfinished)
         request_id = str(request_id)
         require(request_id not in self.unfinished, "request_id", f"{request_id!r} is already in use")
         name, target = self._route(self._num_tokens(prompt))
         self.conns[name].send(("add", (prompt, params, request_id, stream, detokenize, arrival, target)))
-        self.unfinished[request_id] = (prompt, params)
+        self.unfinished[request_id] = Pending(request_id, params.n, stream)
+        if params.n > 1:
+            self.parents |= dict.fromkeys(child_ids(request_id, params.n), request_id)
         return request_id
 
     def _num_tokens(self, prompt: str | list[int]) -> int:
@@ -198,14 +198,28 @@ class PDEngine:
             return 0
 
     def abort(self, request_id: str, index: int | None = None) -> bool:
-        """As Engine.abort; a pair runs n = 1 only, so ending completion ``index`` ends the request."""
-        if self.unfinished.pop(str(request_id), None) is None:
+        """As Engine.abort: the request (completion ``index``, or all) ends on every instance, wherever it
+        is (instance.py); it reports nothing more once no completion runs."""
+        request_id = str(request_id)
+        pending = self.unfinished.get(request_id)
+        if pending is None or (index is not None and index in pending.done):
             return False
+        pending.end(index, "abort")
+        if pending.finished:
+            self._forget(request_id)
+        children = child_ids(request_id, pending.n)
+        children = children if index is None else children[index : index + 1]
         for name in self.kinds:
             if self.endpoints[name].alive():
                 with contextlib.suppress(OSError):
-                    self.conns[name].send(("abort", (str(request_id),)))
+                    self.conns[name].send(("abort", (request_id, index, children)))
         return True
+
+    def _forget(self, request_id: str) -> None:
+        pending = self.unfinished.pop(request_id)
+        if pending.n > 1:
+            for child in child_ids(request_id, pending.n):
+                del self.parents[child]
 
     def _route(self, tokens: int) -> tuple[str, int | None]:
         """Where a prompt of ``tokens`` goes: the instance taking prompts with the fewest queued prompt tokens
@@ -283,24 +297,26 @@ class PDEngine:
             messages += [m for n in prefill for m in _drain(self.endpoints[n])] + later
         outs: list[RequestOutput] = []
         for kind, *value in messages:
-            if kind == "out" and value[0].request_id in self.unfinished:
-                outs.append(value[0])
-                if value[0].finished:
-                    del self.unfinished[value[0].request_id]
+            if kind == "out":
+                request_id = self.parents.get(value[0].request_id, value[0].request_id)
+                pending = self.unfinished.get(request_id)
+                out = None if pending is None else pending.take(value[0])
+                if out is not None:
+                    outs.append(out)
+                if pending is not None and pending.finished:
+                    self._forget(request_id)
             elif kind == "stats":
                 self._report(value[0])
             elif kind == "rejected" and value[0] in self.unfinished:
-                del self.unfinished[value[0]]
-                completion = CompletionOutput(0, "", [], "error", error=f"{value[1][1]}: {value[1][2]}")
-                outs.append(_output(value[0], completion))
+                outs.append(self.unfinished[value[0]].end(None, "error", f"{value[1][1]}: {value[1][2]}"))
+                self._forget(value[0])
         for name in self.kinds:
             if not self.endpoints[name].alive() and self.dead is None:
                 self.dead = f"the {name} instance {self.endpoints[name].gone()}"
         if self.dead is not None:
-            outs += [
-                _output(i, CompletionOutput(0, "", [], "error", error=self.dead)) for i in self.unfinished
-            ]
+            outs += [pending.end(None, "error", self.dead) for pending in self.unfinished.values()]
             self.unfinished.clear()
+            self.parents.clear()
         return outs
 
     def generate(
@@ -397,10 +413,3 @@ def _drain(endpoint: Spawned | Remote) -> list[tuple]:
 def _close_all(conns: list[Connection]) -> None:
     for conn in conns:
         conn.close()
-
-
-def _output(request_id: str, completion: CompletionOutput) -> RequestOutput:
-    """The final output of a request that ended here (its instance died, or refused it)."""
-    return RequestOutput(
-        request_id, None, [], [completion], True, RequestMetrics(time.time(), None, time.time())
-    )

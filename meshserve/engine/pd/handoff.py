@@ -22,7 +22,8 @@ class Handoff:
     """A request after a token it sampled (its first on a prefill engine; any, after a role switch);
     picklable."""
 
-    request_id: str
+    request_id: str  # the completion's own id (``child_ids``: the caller's when n = 1)
+    index: int  # which of the caller's n completions: the decode side runs each as a request of its own
     prompt: str | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]
@@ -44,7 +45,8 @@ class Handoff:
     def of(cls, request: Request, block_size: int) -> Handoff:
         prompt = request.token_ids[: request.num_prompt_tokens]
         return cls(
-            request_id=request.parent_id,
+            request_id=request.request_id,
+            index=request.index,
             prompt=request.prompt,
             prompt_token_ids=prompt,
             output_token_ids=request.output_token_ids,
@@ -74,6 +76,7 @@ class Handoff:
             arrival_time=self.arrival_time,
             seed=self.seed,
         )
+        r.index = self.index
         r.token_ids += self.output_token_ids
         r.stream, r.detokenize = self.stream, self.detokenize
         r.logprobs, r.prompt_logprobs = copy.copy(self.logprobs), self.prompt_logprobs

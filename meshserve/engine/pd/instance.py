@@ -20,11 +20,12 @@ from typing import Any
 from meshserve.config import EngineConfig
 from meshserve.engine.distributed.worker import portable
 from meshserve.engine.engine import Engine
-from meshserve.engine.outputs import RequestOutput
+from meshserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from meshserve.engine.pd.link import DECODE, PREFILL, KVLink, TransferError, open_store
 from meshserve.engine.pd.receiver import Cancelled, Receiver
 from meshserve.engine.pd.sender import Sender
 from meshserve.engine.pd.stats import TransferStats
+from meshserve.engine.request import Request
 from meshserve.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -115,10 +116,11 @@ class Instance:
         else:
             raise ValueError(f"unknown command {command!r}")
 
-    def abort(self, request_id: str, index: int | None = None) -> None:
-        """End a request here, wherever it is: running (Engine.abort), handed off and waiting for its
-        transfer (its blocks freed, never offered), or not here yet (a decode instance remembers it, and
-        cancels its offer when it comes)."""
+    def abort(self, request_id: str, index: int | None, children: list[str]) -> None:
+        """End a request (completion ``index``, or all) here, wherever it is: running (Engine.abort),
+        handed off and waiting for its transfer (its blocks freed, never offered), or not here yet (a
+        decode instance, which runs each completion as a request of its own, ``children``, remembers
+        those it does not know, and cancels their offers when they come)."""
         known = self.engine.abort(request_id, index)
         for request in list(self.engine.handoffs):
             if request.parent_id == request_id and index in (None, request.index):
@@ -127,7 +129,9 @@ class Instance:
                 self._settle(request_id)
                 known = True
         if self.receivers and not known:
-            self.cancelled.add(request_id)
+            for child in children:
+                if not self.engine.abort(child):
+                    self.cancelled.add(child)
 
     def work(self, conn: Connection) -> bool:
         """One round: offers, a step, transfers; False when there was nothing to do."""
@@ -135,15 +139,9 @@ class Instance:
         if self.engine.has_unfinished():
             worked = True
             outs = self.engine.step()
-            streamed = {r.request_id for r in self.engine.handoffs if r.stream}
+            handed = {(r.parent_id, r.index): r for r in self.engine.handoffs}
             for out in outs:
-                if out.finish_reason != "handoff":
-                    conn.send(("out", out))
-                    self._settle(out.request_id)
-                    continue
-                self.handed[out.request_id] = out
-                if out.request_id in streamed:  # its new tokens go out now; the decode side sends the rest
-                    conn.send(("out", ended(out, None, finished=False)))
+                self.report(conn, out, handed)
         full: set[int] = set()  # decode instances with no room now: their requests wait, in order
         for request in list(self.engine.handoffs):
             target = self.targets.get(request.parent_id, 0)
@@ -156,10 +154,41 @@ class Instance:
                     continue
                 self.handed.pop(request.request_id, None)
             except TransferError as err:
-                out = self.handed.pop(request.request_id)
+                out = self.handed.pop(request.request_id, None)
+                if out is None:  # an n > 1 request's output comes once all its completions are handed off
+                    completion = CompletionOutput(request.index, "", [], "handoff")
+                    out = RequestOutput(
+                        request.parent_id,
+                        None,
+                        [],
+                        [completion],
+                        True,
+                        RequestMetrics(time.time(), None, None),
+                    )
                 conn.send(("out", ended(out, str(err), finished=True, empty=request.stream)))
             self._settle(request.parent_id)
         return worked
+
+    def report(self, conn: Connection, out: RequestOutput, handed: dict[tuple[str, int], Request]) -> None:
+        """Send the front end what it gets of a step's output: completions that ended here, and a streamed
+        request's new tokens; a completion handed off (``handed``, by (request id, index)) ends on the
+        decode side, so here it is kept for a failed transfer's error."""
+        moving = [c for c in out.outputs if c.finish_reason == "handoff"]
+        stream = False
+        for completion in moving:
+            request = handed.get((out.request_id, completion.index))
+            if request is not None:  # (else its transfer has failed already, and said so)
+                self.handed[request.request_id] = dataclasses.replace(out, outputs=[completion])
+                stream = request.stream
+        going = [c for c in out.outputs if c.finish_reason != "handoff"]
+        if stream:  # the handed-off completions' new tokens go out now; the decode side sends the rest
+            going = [
+                c if c.finish_reason != "handoff" else dataclasses.replace(c, finish_reason=None)
+                for c in out.outputs
+            ]
+        if going:
+            conn.send(("out", dataclasses.replace(out, outputs=going, finished=not moving and out.finished)))
+        self._settle(out.request_id)
 
     def _settle(self, request_id: str) -> None:
         """Forget a request's decode target once nothing of it is left here."""
