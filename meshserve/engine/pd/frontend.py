@@ -2,9 +2,9 @@
 has_unfinished / close), so LLM, AsyncLLM and the HTTP server run over it as they are
 (``LLM(model, pd="prefill=2,decode=1")``, ``meshserve serve --pd prefill=1,decode=1``).
 
-The router: a prompt goes to the instance that takes prompts (the prefill ones, and decode ones switched
-to mixed) with the fewest queued prompt tokens, and its KV to the decode instance with the most free KV
-blocks; both counts are the instances' latest reports plus what was routed to them since. Outputs come
+The router (router.py): a prompt goes to the instance that takes prompts (the prefill ones, and decode ones
+switched to mixed) with the fewest queued prompt tokens, and its KV to the decode instance with the most
+free KV blocks; both counts are the instances' latest reports plus what was routed to them since. Outputs come
 from whichever instance ends a request (prefill: at the first token or a failed transfer; decode:
 everything else). The instances share the cores (each its own torch threads) and meet over KV links
 whose rendezvous is a temporary file. An instance that dies ends every unfinished request with an error
@@ -35,6 +35,7 @@ from meshserve.engine.outputs import RequestOutput
 from meshserve.engine.pd.config import ROLES, instance_names, parse_pd
 from meshserve.engine.pd.instance import InstanceSpec, run_instance
 from meshserve.engine.pd.merge import Pending
+from meshserve.engine.pd.router import Router
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.errors import InputError, require
 from meshserve.models.loader import load_config
@@ -96,10 +97,7 @@ class PDEngine:
             self._finalizer = weakref.finalize(self, _close_all, [e.conn for e in endpoints.values()])
         self.endpoints = endpoints
         self.conns = {name: e.conn for name, e in endpoints.items()}
-        self.block_size = config.cache.block_size
-        # Routed since an instance's latest report: prompt tokens (to take prompts), blocks (to decode).
-        self.routed_tokens = dict.fromkeys(self.kinds, 0)
-        self.routed_blocks = dict.fromkeys(self.kinds, 0)
+        self.router = Router(self.kinds, config.cache.block_size)
         self.unfinished: dict[str, Pending] = {}  # by the caller's id
         self.parents: dict[str, str] = {}  # an n > 1 request's completion ids (the decode side's) -> its id
         self.dead: str | None = None
@@ -181,7 +179,7 @@ class PDEngine:
             request_id = next(i for i in map(str, self._ids) if i not in self.unfinished)
         request_id = str(request_id)
         require(request_id not in self.unfinished, "request_id", f"{request_id!r} is already in use")
-        name, target = self._route(self._num_tokens(prompt))
+        name, target = self.router.route(self.roles, self._num_tokens(prompt))
         self.conns[name].send(("add", (prompt, params, request_id, stream, detokenize, arrival, target)))
         self.unfinished[request_id] = Pending(request_id, params.n, stream)
         if params.n > 1:
@@ -221,29 +219,6 @@ class PDEngine:
             for child in child_ids(request_id, pending.n):
                 del self.parents[child]
 
-    def _route(self, tokens: int) -> tuple[str, int | None]:
-        """Where a prompt of ``tokens`` goes: the instance taking prompts with the fewest queued prompt tokens
-        (a prefill one on a tie), and, when that is a prefill instance, the index of the decode instance
-        with the most free KV blocks (the first on a tie) for its KV."""
-        takers = [n for n, kind in self.kinds.items() if kind == "prefill" or self.roles[n] == "mixed"]
-        name = min(
-            takers,
-            key=lambda n: (
-                self._reported(n, "queued_tokens") + self.routed_tokens[n],
-                self.kinds[n] != "prefill",
-            ),
-        )
-        self.routed_tokens[name] += tokens
-        if self.kinds[name] != "prefill":
-            return name, None  # a mixed decode instance decodes it too
-        free = [self._reported(d, "num_free_blocks") - self.routed_blocks[d] for d in self.decoders]
-        target = free.index(max(free))
-        self.routed_blocks[self.decoders[target]] += -(-tokens // self.block_size)
-        return name, target
-
-    def _reported(self, name: str, key: str) -> int:
-        return self.role_stats.get(name, {}).get(key, 0)
-
     def set_role(self, instance: str, role: str) -> None:
         """Switch an instance's role live (weights and KV stay; Engine.set_role): a prefill instance between
         prefill and mixed (it decodes its own requests), a decode one between decode and mixed (prompts
@@ -268,7 +243,8 @@ class PDEngine:
     @property
     def num_waiting(self) -> int:
         """Requests waiting on the prefill instances (their latest reports)."""
-        return sum(self._reported(n, "waiting") for n, kind in self.kinds.items() if kind == "prefill")
+        stats = self.role_stats
+        return sum(stats.get(n, {}).get("waiting", 0) for n, kind in self.kinds.items() if kind == "prefill")
 
     def step(self) -> list[RequestOutput]:
         """The outputs that arrive within a short wait (the instances step on their own)."""
@@ -348,7 +324,7 @@ class PDEngine:
         """An instance's latest report: what was routed to it before is in its counts now."""
         name = stats["role"]
         self.role_stats[name] = stats
-        self.routed_tokens[name] = self.routed_blocks[name] = 0
+        self.router.report(name, stats)
         return stats
 
     def _reply(self, role: str, timeout_s: float, kind: tuple | None = None) -> tuple:
