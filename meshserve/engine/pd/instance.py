@@ -135,7 +135,9 @@ class Instance:
 
     def work(self, conn: Connection) -> bool:
         """One round: offers, a step, transfers; False when there was nothing to do."""
-        worked = sum(receiver.poll() for receiver in self.receivers) > 0
+        if sum(receiver.poll() for receiver in self.receivers) > 0:
+            return True  # commands that came during the transfers (an abort) are read before the next step
+        worked = False
         if self.engine.has_unfinished():
             worked = True
             outs = self.engine.step()

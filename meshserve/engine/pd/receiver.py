@@ -24,7 +24,9 @@ from meshserve.errors import InputError
 logger = logging.getLogger(__name__)
 CANCELLED = "cancelled"  # the reply to an offer of an aborted request
 KEPT = 4096  # aborted ids remembered for offers still to come
-HOLD_S = 1.0  # the "hold:offer" drill: how long an offer waits in the store before it is taken
+HOLD_S = (
+    1.0  # the drills: how long "hold:offer" leaves an offer in the store ("stall:recv" stalls twice that)
+)
 
 
 class Cancelled(OrderedDict):
@@ -81,8 +83,11 @@ class Receiver:
         try:
             if blocks:
                 data = torch.empty(kv_blocks.shape(self.engine.kv_caches, len(blocks)), dtype=self._dtype)
-                if switches.value("MESHSERVE_PD_FAULT") == "die:recv":
+                fault = switches.value("MESHSERVE_PD_FAULT")
+                if fault == "die:recv":
                     os._exit(17)  # the drill: this process dies in the middle of a transfer
+                if fault == "stall:recv":
+                    time.sleep(2 * HOLD_S)  # the drill: a slow transfer
                 self.link.recv(data, generation, seq)
                 kv_blocks.scatter(self.engine.kv_caches, blocks, data)
             land(self.engine, request)
