@@ -276,7 +276,7 @@ def serve(
     ),
     pd: str | None = typer.Option(
         None,
-        help="Prefill/decode disaggregation: 'prefill=1,decode=1' starts a prefill and a decode process "
+        help="Prefill/decode disaggregation: 'prefill=N,decode=M' starts N prefill and M decode processes "
         "(cores split) behind this endpoint, KV moved over torch.distributed (docs/disaggregation.md).",
     ),
     role: str = typer.Option(

@@ -143,7 +143,7 @@ class EngineConfig:
     role: "mixed" (prefill and decode here), "prefill" (run prompts and sample the first token, then hand
         the request and its KV blocks over: ``Engine.handoffs``) or "decode" (also continue requests handed
         over by a prefill engine, engine/pd/). Engine configuration, not another engine: it can change live.
-    pd: "prefill=1,decode=1" runs a prefill and a decode process behind this engine's interface (PDEngine).
+    pd: "prefill=N,decode=M" runs N prefill and M decode processes behind this engine's interface (PDEngine).
     """
 
     model: str
@@ -228,7 +228,7 @@ class EngineConfig:
             require(
                 not self.parallel.distributed and self.role == "mixed",
                 "pd",
-                "runs one prefill and one decode process itself: no data_parallel_size > 1, expert "
+                "runs its prefill and decode processes itself: no data_parallel_size > 1, expert "
                 "parallelism or role with it",
             )
         self.switches = read_switches(self.switches)

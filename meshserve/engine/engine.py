@@ -22,7 +22,7 @@ from meshserve import switches
 from meshserve.config import ROLES, EngineConfig, SchedulerConfig
 from meshserve.engine.device import free_memory, resolve_device
 from meshserve.engine.grammar import Grammars, apply_bitmask, decode_bitmask
-from meshserve.engine.groups import RequestGroup, child_params
+from meshserve.engine.groups import RequestGroup, child_ids, child_params
 from meshserve.engine.kernel_profile import gemm_table_for
 from meshserve.engine.kv_cache import BlockManager, allocate_kv_cache, block_bytes, num_kv_blocks
 from meshserve.engine.logits_processors import process_logits
@@ -223,17 +223,12 @@ class Engine:
         require(
             isinstance(params, SamplingParams), "sampling_params", "must be a SamplingParams or PoolingParams"
         )
-        require(
-            self.role != "prefill" or params.n == 1,
-            "n",
-            f"a prefill engine hands single completions to a decode engine: n must be 1, got {params.n}",
-        )
         if request_id is None:
             request_id = next(i for i in map(str, self._ids) if i not in self.groups)
         request_id = str(request_id)
-        child_ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
+        ids = child_ids(request_id, params.n)
         require(
-            request_id not in self.groups and not any(c in self.requests for c in child_ids),
+            request_id not in self.groups and not any(c in self.requests for c in ids),
             "request_id",
             f"{request_id!r} is already in use",
         )
@@ -270,7 +265,7 @@ class Engine:
         room = self.max_model_len - n
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         children = []
-        for index, child_id in enumerate(child_ids):
+        for index, child_id in enumerate(ids):
             own = params if params.n == 1 else child_params(params, index)
             seed = self._seeds.getrandbits(64) if own.seed is None else own.seed
             child = Request(child_id, token_ids, own, max_tokens, prompt=text, seed=seed, arrival=arrival)
@@ -326,14 +321,10 @@ class Engine:
 
     def set_role(self, role: str) -> None:
         """Change role between steps; weights, KV and requests stay. To "prefill": each running request is
-        handed off after the next token it samples (its KV moves with it), so in-flight work moves on to a
-        decode engine; from "prefill": later requests decode here, those handed off already still move."""
+        handed off after the next token it samples (its KV moves with it; each of n completions on its own),
+        so in-flight work moves on to a decode engine; from "prefill": later requests decode here, those
+        handed off already still move."""
         require(role in ROLES, "role", f"unknown {role!r}; allowed: {', '.join(ROLES)}")
-        require(
-            role != "prefill" or all(len(g.children) == 1 for g in self.groups.values()),
-            "role",
-            "cannot switch to prefill while a request with n > 1 runs here (completions move one by one)",
-        )
         self.role = role
 
     def release(self, request: Request) -> None:

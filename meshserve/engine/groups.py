@@ -19,6 +19,11 @@ from meshserve.engine.stop import StopChecker
 SEED_MOD = 1 << 64
 
 
+def child_ids(request_id: str, n: int) -> list[str]:
+    """The ids of a request's n completions: its own when n = 1."""
+    return [request_id] if n == 1 else [f"{i}_{request_id}" for i in range(n)]
+
+
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
     """Completion ``index``'s settings: n = 1, and seed + index so the n samples differ but reproduce."""
     seed = None if params.seed is None else (params.seed + index) % SEED_MOD

@@ -20,6 +20,10 @@ TRANSFER = {
     "bytes": ("meshserve:pd_transfer_bytes", "KV bytes moved."),
     "seconds": ("meshserve:pd_transfer_seconds", "Seconds spent in KV transfers (offer to ack)."),
     "blocks_skipped": ("meshserve:pd_transfer_blocks_skipped", "Blocks the decode side held already."),
+    "cancelled": (
+        "meshserve:pd_transfers_cancelled",
+        "Offers of requests aborted on their way: nothing sent.",
+    ),
 }
 
 

@@ -100,3 +100,20 @@ def test_a_stop_string_ends_the_request_on_the_pair_as_on_one_engine(model_dir, 
     )
     assert done.choices[0].text == expected and done.choices[0].finish_reason == "stop"
     assert asyncio.run(pd_server.llm.call(lambda engine: engine.abort("gone", 0))) is False
+
+
+def test_n_seeded_completions_through_the_pair_equal_mixed(model_dir, pd_server):
+    params = SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=6, ignore_eos=True)
+    with LLM(model_dir, **ARGS) as llm:
+        expected = [c.text for c in llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs]
+    client = openai.OpenAI(base_url=f"{pd_server.url}/v1", api_key="none", max_retries=0)
+    done = client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPTS[0],
+        n=2,
+        seed=3,
+        temperature=0.8,
+        max_tokens=6,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.text for c in sorted(done.choices, key=lambda c: c.index)] == expected

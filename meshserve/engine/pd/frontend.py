@@ -1,12 +1,15 @@
-"""PDEngine: one prefill and one decode process behind the Engine interface (add_request / step / abort /
+"""PDEngine: N prefill and M decode processes behind the Engine interface (add_request / step / abort /
 has_unfinished / close), so LLM, AsyncLLM and the HTTP server run over it as they are
-(``LLM(model, pd="prefill=1,decode=1")``, ``meshserve serve --pd prefill=1,decode=1``).
+(``LLM(model, pd="prefill=2,decode=1")``, ``meshserve serve --pd prefill=1,decode=1``).
 
-Requests go to the prefill instance; their outputs come from whichever instance ends them (prefill: at the
-first token or a failed transfer; decode: everything else). The instances share the cores (each its own
-torch threads) and meet over a KV link whose rendezvous is a temporary file. An instance that dies ends
-every unfinished request with an error naming it (the other instance keeps running, so its blocks can be
-checked); its finalizer terminates both processes (no orphans).
+The router (router.py): a prompt goes to the instance that takes prompts (the prefill ones, and decode ones
+switched to mixed) with the fewest queued prompt tokens, and its KV to the decode instance with the most
+free KV blocks; both counts are the instances' latest reports plus what was routed to them since. Outputs come
+from whichever instance ends a request (prefill: at the first token or a failed transfer; decode:
+everything else). The instances share the cores (each its own torch threads) and meet over KV links
+whose rendezvous is a temporary file. An instance that dies ends every unfinished request with an error
+naming it (the others keep running, so their blocks can be checked); the finalizer terminates every
+process (no orphans).
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ from meshserve.config import EngineConfig
 from meshserve.engine.distributed.frontend import RankBlocks
 from meshserve.engine.distributed.processes import _kill  # terminate, then kill; removes the rendezvous file
 from meshserve.engine.distributed.ranks import RankError
-from meshserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from meshserve.engine.pd.config import ROLES, parse_pd
+from meshserve.engine.groups import child_ids
+from meshserve.engine.outputs import RequestOutput
+from meshserve.engine.pd.config import ROLES, instance_names, parse_pd
 from meshserve.engine.pd.instance import InstanceSpec, run_instance
+from meshserve.engine.pd.merge import Pending
+from meshserve.engine.pd.router import Router
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.errors import InputError, require
 from meshserve.models.loader import load_config
@@ -73,33 +79,38 @@ class PDEngine:
     def __init__(
         self, config: EngineConfig, transfer_timeout_s: float = 30.0, endpoints: dict[str, Any] | None = None
     ) -> None:
-        """Start both instances here, or (``endpoints``: remote.py) talk to instances started on their own."""
+        """Start the instances here, or (``endpoints``: remote.py) talk to a pair started on its own."""
         self.config = config
-        _, self.policy = parse_pd(config.pd) if config.pd is not None else (None, None)
-        self.roles = {role: role for role in ROLES}  # each instance's role now (set_role, the policy)
+        counts, self.policy = parse_pd(config.pd) if config.pd is not None else ({r: 1 for r in ROLES}, None)
+        names = instance_names(counts)
+        self.kinds = {name: role for role in ROLES for name in names[role]}  # each instance's own role
+        self.decoders = names["decode"]  # by index: the target a prefill instance sends a request's KV to
+        self.roles = dict(self.kinds)  # each instance's role now (set_role, the policy)
         self.model_config, self.tokenizer = load_config(config.model, config.dtype, config.revision)
         config = dataclasses.replace(config, pd=None)
         require(
             transfer_timeout_s > 0, "transfer_timeout_s", f"must be > 0 seconds, got {transfer_timeout_s}"
         )
         if endpoints is None:
-            endpoints = self._spawn(config, transfer_timeout_s)
+            endpoints = self._spawn(config, transfer_timeout_s, counts)
         else:
             self._finalizer = weakref.finalize(self, _close_all, [e.conn for e in endpoints.values()])
         self.endpoints = endpoints
-        self.conns = {role: e.conn for role, e in endpoints.items()}
-        self.unfinished: dict[str, tuple[list[int] | str, SamplingParams]] = {}
+        self.conns = {name: e.conn for name, e in endpoints.items()}
+        self.router = Router(self.kinds, config.cache.block_size)
+        self.unfinished: dict[str, Pending] = {}  # by the caller's id
+        self.parents: dict[str, str] = {}  # an n > 1 request's completion ids (the decode side's) -> its id
         self.dead: str | None = None
         self._early: list[tuple] = []  # messages met while waiting for another kind
         self._ids = itertools.count()  # request ids, stats tokens
-        for role in ROLES:
-            reply = self._reply(role, START_TIMEOUT_S)
+        for name in self.kinds:
+            reply = self._reply(name, START_TIMEOUT_S)
             if reply[0] != "ready":
                 self.kill()
                 kind, *value = reply[1]
                 if kind == "input":
                     raise InputError(*value)
-                raise PDError(f"the {role} instance failed to start: {value[-1]}")
+                raise PDError(f"the {name} instance failed to start: {value[-1]}")
             self.max_model_len = reply[1]
         self.tokenizer.bound_prompt_chars(self.max_model_len)
         # What the HTTP server reads of an Engine: stats from the instances' latest reports (instance.py).
@@ -110,27 +121,41 @@ class PDEngine:
         self.blocks = RankBlocks()
         self.spec = None
         self.switches: list[tuple[float, str, str]] = []  # (monotonic time, instance, role) of each switch
+        self.stats()  # every instance's free blocks and queue, for the first routes
 
-    def _spawn(self, config: EngineConfig, transfer_timeout_s: float) -> dict[str, Spawned]:
+    def _spawn(
+        self, config: EngineConfig, transfer_timeout_s: float, counts: dict[str, int]
+    ) -> dict[str, Spawned]:
         store = tempfile.NamedTemporaryFile(prefix="meshserve-pd-", delete=False)  # noqa: SIM115
         store.close()
         os.unlink(store.name)  # the file store creates it
-        cores = config.num_threads  # the cores this engine may use, split between the two processes
-        threads = {"prefill": max(1, cores // 2), "decode": max(1, cores - cores // 2)}
+        total = len(self.kinds)  # the cores this engine may use, split between the processes
+        cores = [max(1, config.num_threads // total + (k < config.num_threads % total)) for k in range(total)]
         ctx = mp.get_context("spawn")
         procs: list[Any] = []
         self._finalizer = weakref.finalize(self, _kill, procs, store.name)
         endpoints = {}
-        for role in ROLES:
-            spec = InstanceSpec(role, config, f"file://{store.name}", transfer_timeout_s, threads[role])
+        numbers = {"prefill": 0, "decode": 0}
+        for (name, role), threads in zip(self.kinds.items(), cores, strict=True):
+            index, numbers[role] = numbers[role], numbers[role] + 1
+            spec = InstanceSpec(
+                role,
+                config,
+                f"file://{store.name}",
+                transfer_timeout_s,
+                threads,
+                index,
+                (counts["prefill"], counts["decode"]),
+                name,
+            )
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(
-                target=run_instance, args=(spec, theirs), daemon=True, name=f"meshserve-{role}"
+                target=run_instance, args=(spec, theirs), daemon=True, name=f"meshserve-{name}"
             )
             proc.start()
             theirs.close()
             procs.append(proc)
-            endpoints[role] = Spawned(proc, ours)
+            endpoints[name] = Spawned(proc, ours)
         return endpoints
 
     def add_request(
@@ -150,47 +175,61 @@ class PDEngine:
         require(
             isinstance(params, SamplingParams), "sampling_params", "must be a SamplingParams (no pooling)"
         )
-        require(
-            params.n == 1,
-            "n",
-            f"a prefill/decode pair serves single completions: n must be 1, got {params.n}",
-        )
         if request_id is None:
             request_id = next(i for i in map(str, self._ids) if i not in self.unfinished)
         request_id = str(request_id)
         require(request_id not in self.unfinished, "request_id", f"{request_id!r} is already in use")
-        self.conns[self._route()].send(("add", (prompt, params, request_id, stream, detokenize, arrival)))
-        self.unfinished[request_id] = (prompt, params)
+        name, target = self.router.route(self.roles, self._num_tokens(prompt))
+        self.conns[name].send(("add", (prompt, params, request_id, stream, detokenize, arrival, target)))
+        self.unfinished[request_id] = Pending(request_id, params.n, stream)
+        if params.n > 1:
+            self.parents |= dict.fromkeys(child_ids(request_id, params.n), request_id)
         return request_id
 
+    def _num_tokens(self, prompt: str | list[int]) -> int:
+        """The prompt's length in tokens for the router (a bad prompt's error comes from the instance)."""
+        if not isinstance(prompt, str):
+            return len(prompt) if isinstance(prompt, (list, tuple)) else 0
+        try:
+            return len(self.tokenizer.encode(prompt))
+        except InputError:
+            return 0
+
     def abort(self, request_id: str, index: int | None = None) -> bool:
-        """As Engine.abort; a pair runs n = 1 only, so ending completion ``index`` ends the request."""
-        if self.unfinished.pop(str(request_id), None) is None:
+        """As Engine.abort: the request (completion ``index``, or all) ends on every instance, wherever it
+        is (instance.py); it reports nothing more once no completion runs."""
+        request_id = str(request_id)
+        pending = self.unfinished.get(request_id)
+        if pending is None or (index is not None and index in pending.done):
             return False
-        for role in ROLES:
-            if self.endpoints[role].alive():
+        pending.end(index, "abort")
+        if pending.finished:
+            self._forget(request_id)
+        children = child_ids(request_id, pending.n)
+        children = children if index is None else children[index : index + 1]
+        for name in self.kinds:
+            if self.endpoints[name].alive():
                 with contextlib.suppress(OSError):
-                    self.conns[role].send(("abort", (str(request_id),)))
+                    self.conns[name].send(("abort", (request_id, index, children)))
         return True
 
-    def _route(self) -> str:
-        """The instance a new prompt goes to: the prefill one, or the decode one while it is mixed and its
-        queue is the shorter."""
-        if self.roles["decode"] != "mixed":
-            return "prefill"
-        waiting = {r: self.role_stats.get(r, {}).get("waiting", 0) for r in ROLES}
-        return min(ROLES, key=lambda r: (waiting[r], r != "prefill"))
+    def _forget(self, request_id: str) -> None:
+        pending = self.unfinished.pop(request_id)
+        if pending.n > 1:
+            for child in child_ids(request_id, pending.n):
+                del self.parents[child]
 
     def set_role(self, instance: str, role: str) -> None:
-        """Switch an instance's role live (weights and KV stay; Engine.set_role): the prefill instance between
-        prefill and mixed (it decodes its own requests), the decode one between decode and mixed (prompts
-        go to it too)."""
-        allowed = {"prefill": ("prefill", "mixed"), "decode": ("decode", "mixed")}
-        require(instance in allowed, "instance", f"unknown {instance!r}; allowed: {', '.join(allowed)}")
+        """Switch an instance's role live (weights and KV stay; Engine.set_role): a prefill instance between
+        prefill and mixed (it decodes its own requests), a decode one between decode and mixed (prompts
+        go to it too). Each switches only between its own role and mixed, so at least one instance always
+        prefills and one decodes."""
+        require(instance in self.kinds, "instance", f"unknown {instance!r}; allowed: {', '.join(self.kinds)}")
+        allowed = (self.kinds[instance], "mixed")
         require(
-            role in allowed[instance],
+            role in allowed,
             "role",
-            f"the {instance} instance switches between {' and '.join(allowed[instance])}, got {role!r}",
+            f"the {instance} instance switches between {' and '.join(allowed)}, got {role!r}",
         )
         if self.dead is not None:
             raise PDError(self.dead)
@@ -203,15 +242,16 @@ class PDEngine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests waiting on the prefill instance (its latest report)."""
-        return self.role_stats.get("prefill", {}).get("waiting", 0)
+        """Requests waiting on the prefill instances (their latest reports)."""
+        stats = self.role_stats
+        return sum(stats.get(n, {}).get("waiting", 0) for n, kind in self.kinds.items() if kind == "prefill")
 
     def step(self) -> list[RequestOutput]:
         """The outputs that arrive within a short wait (the instances step on their own)."""
         outs = self.poll(STEP_WAIT_S)
         self.num_steps += 1
         if self.policy is not None and self.dead is None:
-            for instance, role in self.policy.decide(self.roles, self.role_stats).items():
+            for instance, role in self.policy.decide(self.roles, self.role_stats, self.kinds).items():
                 self.set_role(instance, role)
         stats = self.role_stats.values()
         self.last_stats = {
@@ -224,32 +264,35 @@ class PDEngine:
     def poll(self, timeout_s: float) -> list[RequestOutput]:
         """Outputs that arrive within ``timeout_s`` (finished, or deltas of streamed requests)."""
         messages, self._early = self._early, []
-        live = [self.conns[r] for r in ROLES if self.endpoints[r].alive() or self.conns[r].poll()]
+        live = [self.conns[n] for n in self.kinds if self.endpoints[n].alive() or self.conns[n].poll()]
         if wait(live, timeout=0 if messages else timeout_s):
             # A request's messages from the prefill side precede its decode side's (it reaches the decode
-            # side after them): drain the decode pipe first, then the prefill one, and take prefill's first.
-            later = _drain(self.endpoints["decode"])
-            messages += _drain(self.endpoints["prefill"]) + later
+            # side after them): drain the decode pipes first, then the prefill ones, and take prefill's first.
+            later = [m for n in self.decoders for m in _drain(self.endpoints[n])]
+            prefill = [n for n, kind in self.kinds.items() if kind == "prefill"]
+            messages += [m for n in prefill for m in _drain(self.endpoints[n])] + later
         outs: list[RequestOutput] = []
         for kind, *value in messages:
-            if kind == "out" and value[0].request_id in self.unfinished:
-                outs.append(value[0])
-                if value[0].finished:
-                    del self.unfinished[value[0].request_id]
+            if kind == "out":
+                request_id = self.parents.get(value[0].request_id, value[0].request_id)
+                pending = self.unfinished.get(request_id)
+                out = None if pending is None else pending.take(value[0])
+                if out is not None:
+                    outs.append(out)
+                if pending is not None and pending.finished:
+                    self._forget(request_id)
             elif kind == "stats":
-                self.role_stats[value[0]["role"]] = value[0]
+                self._report(value[0])
             elif kind == "rejected" and value[0] in self.unfinished:
-                del self.unfinished[value[0]]
-                completion = CompletionOutput(0, "", [], "error", error=f"{value[1][1]}: {value[1][2]}")
-                outs.append(_output(value[0], completion))
-        for role in ROLES:
-            if not self.endpoints[role].alive() and self.dead is None:
-                self.dead = f"the {role} instance {self.endpoints[role].gone()}"
+                outs.append(self.unfinished[value[0]].end(None, "error", f"{value[1][1]}: {value[1][2]}"))
+                self._forget(value[0])
+        for name in self.kinds:
+            if not self.endpoints[name].alive() and self.dead is None:
+                self.dead = f"the {name} instance {self.endpoints[name].gone()}"
         if self.dead is not None:
-            outs += [
-                _output(i, CompletionOutput(0, "", [], "error", error=self.dead)) for i in self.unfinished
-            ]
+            outs += [pending.end(None, "error", self.dead) for pending in self.unfinished.values()]
             self.unfinished.clear()
+            self.parents.clear()
         return outs
 
     def generate(
@@ -270,12 +313,19 @@ class PDEngine:
     def stats(self, timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
         """Each live instance's queue, KV use and transfer counters."""
         out = {}
-        for role in ROLES:
-            if self.endpoints[role].alive():
+        for name in self.kinds:
+            if self.endpoints[name].alive():
                 token = next(self._ids)
-                self.conns[role].send(("stats", (token,)))
-                out[role] = self.role_stats[role] = self._reply(role, timeout_s, ("stats", token))[1]
+                self.conns[name].send(("stats", (token,)))
+                out[name] = self._report(self._reply(name, timeout_s, ("stats", token))[1])
         return out
+
+    def _report(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """An instance's latest report: what was routed to it before is in its counts now."""
+        name = stats["role"]
+        self.role_stats[name] = stats
+        self.router.report(name, stats)
+        return stats
 
     def _reply(self, role: str, timeout_s: float, kind: tuple | None = None) -> tuple:
         """The next message from ``role`` (with ``kind``: the one whose first and last items are those; others
@@ -298,10 +348,10 @@ class PDEngine:
         raise PDError(f"the {role} instance did not answer within {timeout_s:g} s or exited")
 
     def close(self) -> None:
-        for role in ROLES:
-            if self.endpoints[role].alive():
+        for name in self.kinds:
+            if self.endpoints[name].alive():
                 with contextlib.suppress(OSError):  # it just died
-                    self.conns[role].send(("close", ()))
+                    self.conns[name].send(("close", ()))
         deadline = time.monotonic() + 10.0
         for endpoint in self.endpoints.values():
             if isinstance(endpoint, Spawned):
@@ -339,10 +389,3 @@ def _drain(endpoint: Spawned | Remote) -> list[tuple]:
 def _close_all(conns: list[Connection]) -> None:
     for conn in conns:
         conn.close()
-
-
-def _output(request_id: str, completion: CompletionOutput) -> RequestOutput:
-    """The final output of a request that ended here (its instance died, or refused it)."""
-    return RequestOutput(
-        request_id, None, [], [completion], True, RequestMetrics(time.time(), None, time.time())
-    )

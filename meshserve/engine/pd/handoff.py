@@ -22,7 +22,8 @@ class Handoff:
     """A request after a token it sampled (its first on a prefill engine; any, after a role switch);
     picklable."""
 
-    request_id: str
+    request_id: str  # the completion's own id (``child_ids``: the caller's when n = 1)
+    index: int  # which of the caller's n completions: the decode side runs each as a request of its own
     prompt: str | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]
@@ -44,7 +45,8 @@ class Handoff:
     def of(cls, request: Request, block_size: int) -> Handoff:
         prompt = request.token_ids[: request.num_prompt_tokens]
         return cls(
-            request_id=request.parent_id,
+            request_id=request.request_id,
+            index=request.index,
             prompt=request.prompt,
             prompt_token_ids=prompt,
             output_token_ids=request.output_token_ids,
@@ -74,6 +76,7 @@ class Handoff:
             arrival_time=self.arrival_time,
             seed=self.seed,
         )
+        r.index = self.index
         r.token_ids += self.output_token_ids
         r.stream, r.detokenize = self.stream, self.detokenize
         r.logprobs, r.prompt_logprobs = copy.copy(self.logprobs), self.prompt_logprobs
@@ -84,10 +87,14 @@ class Handoff:
 
 def allocate(engine: Engine, handoff: Handoff) -> tuple[Request, int] | None:
     """The request with blocks for its KV, and how many leading blocks already hold it (the decode
-    engine's prefix cache: those are not sent); None, with nothing held, when the blocks are not free now.
+    engine's prefix cache: those are not sent); None, with nothing held, when the blocks are not free now
+    or the engine already runs ``max_num_seqs`` requests (its batch, and the draft's slots, are that big).
 
     Prefix keys are salted per cache (prefix_cache.py), so the two sides cannot compare keys: the decode
     side matches the token ids itself and answers with a block count."""
+    scheduler = engine.scheduler
+    if len(scheduler.running) >= scheduler.config.max_num_seqs:
+        return None
     request = handoff.request()
     blocks = engine.blocks
     reused = blocks.match_prefix(request)  # at most num_tokens - 1 = num_computed tokens

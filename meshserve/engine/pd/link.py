@@ -1,5 +1,9 @@
 """The transport between a prefill process (rank 0) and a decode process (rank 1), all torch.distributed.
 
+With N prefill and M decode instances every (prefill, decode) pair has its own link: one store for all
+(``open_store``; instance ranks 0..N-1 prefill, N..N+M-1 decode), each pair's keys and gloo groups under
+its own prefix ("pair/P/D"), so a pair is exactly the one-to-one case: point to point, nothing shared.
+
 Control messages (offers, replies, acks: small, picklable) go through the rendezvous store, where the decode
 side can look for them between its steps without blocking. The KV goes through a gloo group, one send of one
 contiguous tensor per transfer (kv_blocks.py), posted only once both sides know it is due.
@@ -47,26 +51,14 @@ class KVLink:
 
     @classmethod
     def connect(cls, init_method: str, rank: int, timeout_s: float) -> KVLink:
-        """Meet the other side at ``init_method``; waits up to ``timeout_s`` for it."""
-        # worker.join: imported while a group exists, torch._dynamo would keep it alive past close
-        import torch._dynamo  # noqa: F401
+        """Meet the other side of a lone pair at ``init_method``; waits up to ``timeout_s`` for it."""
+        return cls(open_store(init_method, rank, 2, timeout_s), rank, timeout_s)
 
-        url = urlparse(init_method)
-        timeout = timedelta(seconds=timeout_s)
-        if url.scheme == "file":
-            store: dist.Store = dist.FileStore(url.path, 2)
-            store.set_timeout(timeout)
-        elif url.scheme in ("tcp", "env"):
-            host = url.hostname if url.scheme == "tcp" else os.environ.get("MASTER_ADDR", "")
-            port = url.port if url.scheme == "tcp" else int(os.environ.get("MASTER_PORT", "0"))
-            if not host or not port:
-                raise InputError("rendezvous", f"needs a host and a port, got {init_method!r}")
-            store = dist.TCPStore(host, port, 2, is_master=rank == PREFILL, timeout=timeout)
-        else:
-            raise InputError(
-                "rendezvous", f"must be file://PATH, tcp://HOST:PORT or env://, got {init_method!r}"
-            )
-        return cls(store, rank, timeout_s)
+    @classmethod
+    def pair(cls, store: dist.Store, prefill: int, decode: int, rank: int, timeout_s: float) -> KVLink:
+        """The link between prefill instance ``prefill`` and decode instance ``decode`` over a shared store;
+        ``rank``: this side (PREFILL or DECODE)."""
+        return cls(dist.PrefixStore(f"pair/{prefill}/{decode}", store), rank, timeout_s)
 
     # -- control messages ---------------------------------------------------------------------------
 
@@ -129,3 +121,23 @@ class KVLink:
     def close(self) -> None:
         self._retire()
         self._retired.clear()
+
+
+def open_store(init_method: str, rank: int, world: int, timeout_s: float) -> dist.Store:
+    """The rendezvous store of ``world`` instances; rank 0 (the first prefill instance) hosts a TCP one."""
+    # worker.join: imported while a group exists, torch._dynamo would keep it alive past close
+    import torch._dynamo  # noqa: F401
+
+    url = urlparse(init_method)
+    timeout = timedelta(seconds=timeout_s)
+    if url.scheme == "file":
+        store: dist.Store = dist.FileStore(url.path, world)
+        store.set_timeout(timeout)
+        return store
+    if url.scheme in ("tcp", "env"):
+        host = url.hostname if url.scheme == "tcp" else os.environ.get("MASTER_ADDR", "")
+        port = url.port if url.scheme == "tcp" else int(os.environ.get("MASTER_PORT", "0"))
+        if not host or not port:
+            raise InputError("rendezvous", f"needs a host and a port, got {init_method!r}")
+        return dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout)
+    raise InputError("rendezvous", f"must be file://PATH, tcp://HOST:PORT or env://, got {init_method!r}")

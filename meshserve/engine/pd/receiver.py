@@ -1,12 +1,15 @@
 """The decode side of a transfer: between its steps, take the prefill side's offers in order, allocate, say
 which leading blocks the prefix cache already holds, receive the rest in one tensor, and continue the
-request. A receive that fails or times out frees the blocks it allocated and tells the prefill side."""
+request. A receive that fails or times out frees the blocks it allocated and tells the prefill side. An
+offer of a request the caller aborted before it got here is answered CANCELLED: nothing is allocated or
+sent, and the prefill side frees its blocks."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections import OrderedDict
 
 import torch
 
@@ -19,18 +22,42 @@ from meshserve.engine.pd.stats import TransferStats
 from meshserve.errors import InputError
 
 logger = logging.getLogger(__name__)
+CANCELLED = "cancelled"  # the reply to an offer of an aborted request
+KEPT = 4096  # aborted ids remembered for offers still to come
+HOLD_S = (
+    1.0  # the drills: how long "hold:offer" leaves an offer in the store ("stall:recv" stalls twice that)
+)
+
+
+class Cancelled(OrderedDict):
+    """Ids of requests aborted before their offer arrived (the oldest forgotten past KEPT)."""
+
+    def add(self, request_id: str) -> None:
+        self[request_id] = None
+        while len(self) > KEPT:
+            self.popitem(last=False)
 
 
 class Receiver:
-    def __init__(self, engine: Engine, link: KVLink, stats: TransferStats | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        link: KVLink,
+        stats: TransferStats | None = None,
+        cancelled: Cancelled | None = None,
+    ) -> None:
         self.engine, self.link = engine, link
         self.stats = TransferStats() if stats is None else stats
+        self.cancelled = Cancelled() if cancelled is None else cancelled
         self.seq = 0
+        self._seen: dict[int, float] = {}  # the drill: when each held offer was first seen
 
     def poll(self) -> int:
         """Take every offer waiting now; returns how many requests joined the engine."""
         joined = 0
         while True:
+            if self._held():
+                return joined
             found, offer = self.link.take("offer", self.seq)
             if not found:
                 return joined
@@ -40,6 +67,11 @@ class Receiver:
     def _accept(self, seq: int, generation: int, handoff: Handoff) -> bool:
         if self.link.take("cancel", seq)[0]:
             return False  # the prefill side gave up on this offer (and tries again under a new seq)
+        if handoff.request_id in self.cancelled:  # aborted on its way here: no blocks, no decode steps
+            del self.cancelled[handoff.request_id]
+            self.stats.cancelled += 1
+            self.link.put("reply", seq, CANCELLED)
+            return False
         start = time.perf_counter()
         got = allocate(self.engine, handoff)
         if got is None:
@@ -51,8 +83,11 @@ class Receiver:
         try:
             if blocks:
                 data = torch.empty(kv_blocks.shape(self.engine.kv_caches, len(blocks)), dtype=self._dtype)
-                if switches.value("MESHSERVE_PD_FAULT") == "die:recv":
+                fault = switches.value("MESHSERVE_PD_FAULT")
+                if fault == "die:recv":
                     os._exit(17)  # the drill: this process dies in the middle of a transfer
+                if fault == "stall:recv":
+                    time.sleep(2 * HOLD_S)  # the drill: a slow transfer
                 self.link.recv(data, generation, seq)
                 kv_blocks.scatter(self.engine.kv_caches, blocks, data)
             land(self.engine, request)
@@ -66,6 +101,15 @@ class Receiver:
         nbytes = kv_blocks.nbytes(self.engine.kv_caches, len(blocks))
         self.stats.record(len(blocks), held, nbytes, time.perf_counter() - start)
         return True
+
+    def _held(self) -> bool:
+        """The drill "hold:offer" (a slow decode side): an offer waits HOLD_S in the store before it is
+        taken."""
+        if switches.value("MESHSERVE_PD_FAULT") != "hold:offer" or not self.link.store.check(
+            [f"offer/{self.seq}"]
+        ):
+            return False
+        return time.monotonic() - self._seen.setdefault(self.seq, time.monotonic()) < HOLD_S
 
     @property
     def _dtype(self) -> torch.dtype:

@@ -1,7 +1,8 @@
 """The prefill side of a transfer: offer a handed-off request, send the blocks the decode side lacks, free.
 
 One transfer (``seq``): offer (generation, Handoff) -> the decode side replies with the leading blocks it
-already holds, or None when it has no free blocks now -> one send of the other blocks -> its ack. A failure
+already holds, None when it has no room now, or CANCELLED when the request was aborted (nothing is sent;
+the blocks are freed here) -> one send of the other blocks -> its ack. A failure
 or timeout starts a new generation (link.py) and the transfer is tried once more; after a second failure
 the request is failed with the reason. Either way the prefill side frees the request's blocks, except while
 the decode side is full (the request waits for a later try, blocks held).
@@ -17,6 +18,7 @@ from meshserve.engine.engine import Engine
 from meshserve.engine.pd import kv_blocks
 from meshserve.engine.pd.handoff import Handoff
 from meshserve.engine.pd.link import KVLink, TransferError
+from meshserve.engine.pd.receiver import CANCELLED
 from meshserve.engine.pd.stats import TransferStats
 from meshserve.engine.request import Request
 
@@ -33,7 +35,8 @@ class Sender:
         self._stalled = False
 
     def transfer(self, request: Request) -> bool:
-        """Move one handed-off request: True once the decode side holds it (blocks freed here), False when
+        """Move one handed-off request: True once the decode side holds it or dropped it, aborted (blocks
+        freed here either way), False when
         the decode side has no room now (blocks kept: try later). TransferError after the last attempt
         failed, its blocks freed."""
         for attempt in range(1, ATTEMPTS + 1):
@@ -66,6 +69,9 @@ class Sender:
             raise
         if held is None:
             return False
+        if held == CANCELLED:
+            self.stats.cancelled += 1
+            return True
         blocks = request.block_table[held : handoff.num_blocks]
         nbytes = 0
         if blocks:

@@ -16,6 +16,7 @@ class TransferStats:
     failures: int = 0
     blocks_sent: int = 0
     blocks_skipped: int = 0  # held by the decode side's prefix cache: not sent
+    cancelled: int = 0  # offers of requests aborted before the decode side took them: nothing sent
     bytes: int = 0
     seconds: float = 0.0
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # (bytes, seconds) per transfer
@@ -36,6 +37,7 @@ class TransferStats:
             "failures": self.failures,
             "blocks_sent": self.blocks_sent,
             "blocks_skipped": self.blocks_skipped,
+            "cancelled": self.cancelled,
             "bytes": self.bytes,
             "seconds": self.seconds,
         }

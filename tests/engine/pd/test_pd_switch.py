@@ -71,3 +71,14 @@ def test_policy_switches_with_hysteresis():
     assert policy.decide(mixed, stats(0, 1)) == {"prefill": "prefill"}
     with pytest.raises(InputError, match="low < high"):
         RolePolicy(high=2, low=2)
+
+
+def test_policy_with_several_instances_of_a_role_judges_each_on_its_own_queue():
+    policy = RolePolicy(high=4, low=1)
+    kinds = {"prefill0": "prefill", "prefill1": "prefill", "decode": "decode"}
+    roles = dict(kinds)
+    stats = {"prefill0": {"waiting": 0}, "prefill1": {"waiting": 3}, "decode": {"running": 5}}
+    assert policy.decide(roles, stats, kinds) == {"prefill0": "mixed"}  # prefill1 still has a queue
+    stats["prefill1"]["waiting"] = 5  # prompt-heavy on one prefill instance is enough to ...
+    stats["decode"]["running"] = 0
+    assert policy.decide(roles, stats, kinds) == {"decode": "mixed"}  # ... let the decode one take prompts

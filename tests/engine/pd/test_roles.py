@@ -62,6 +62,23 @@ def test_prefill_then_decode_equals_mixed_and_frees_every_block(model):
         assert not engine.handoffs and not engine.has_unfinished()
 
 
+def test_the_decode_engine_adopts_no_more_than_max_num_seqs(model):
+    """Handed-off requests beyond the decode engine's max_num_seqs wait on the prefill side (they once all
+    joined: a batch of 6 under max_num_seqs=4 turned speculation off by disable_by_batch_size)."""
+    prefill = Engine.from_args(model, role="prefill", **ARGS)
+    decode = Engine.from_args(model, role="decode", **ARGS)
+    for p in PROMPTS:
+        prefill.add_request(p, GREEDY)
+    most = 0
+    while prefill.has_unfinished() or prefill.handoffs or decode.has_unfinished():
+        prefill.step()
+        move(prefill, decode)
+        most = max(most, len(decode.scheduler.running))
+        decode.step()
+    assert most == ARGS["max_num_seqs"] < len(PROMPTS)
+    assert decode.blocks.num_free_blocks == decode.blocks.num_blocks
+
+
 def test_switching_roles_mid_run_hands_in_flight_requests_over_and_keeps_tokens(model):
     """The prefill engine turns mixed (requests decode there), then prefill again: each request it decodes
     is handed over mid-decode after its next token, with all its KV; the tokens never change."""
@@ -106,16 +123,25 @@ def test_offline_prefill_engine_returns_first_tokens(model):
         assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 
-def test_bad_role_and_n_are_named(model):
+def test_a_prefill_engine_hands_each_of_n_completions_off_on_its_own(model):
+    """n = 3 with the prefix cache: the first completion's prompt KV is shared by the others (as mixed), and
+    each is handed off after its own first token, seeded as the mixed engine seeds it."""
+    params = SamplingParams(n=3, temperature=0.8, seed=5, max_tokens=8, ignore_eos=True)
+    with LLM(model, **ARGS) as llm:
+        mixed = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0]
+    prefill = Engine.from_args(model, role="prefill", **ARGS)
+    prefill.add_request(PROMPTS[0], params, "r")
+    while prefill.has_unfinished():
+        prefill.step()
+    assert [(r.request_id, r.index) for r in prefill.handoffs] == [("0_r", 0), ("1_r", 1), ("2_r", 2)]
+    assert [r.output_token_ids for r in prefill.handoffs] == [c.token_ids[:1] for c in mixed.outputs]
+    assert prefill.blocks.prefix_cache.stats()["hit_rate"] > 0  # the prompt was computed once
+
+
+def test_bad_role_is_named(model):
     with pytest.raises(InputError, match="role"):
         Engine.from_args(model, role="both", **ARGS)
-    prefill = Engine.from_args(model, role="prefill", **ARGS)
-    with pytest.raises(InputError, match="n must be 1"):
-        prefill.add_request([1, 2], SamplingParams(n=2))
     mixed = Engine.from_args(model, **ARGS)
-    mixed.add_request([1, 2], SamplingParams(n=2))
-    with pytest.raises(InputError, match="n > 1"):
-        mixed.set_role("prefill")
     with pytest.raises(InputError, match="role"):
         mixed.set_role("both")
     with pytest.raises(InputError, match="pd"):
