@@ -92,15 +92,41 @@ def _level(placement: Placement, counts: np.ndarray, sweeps: int) -> tuple[np.nd
     where = np.concatenate(
         [(np.arange(b)[:, None, None] * (layers * n) + cols[None]).ravel() for _, cols, _, _ in groups]
     )
+    # every group's moves land in one buffer, in ``where``'s order (float64: a group of more than two
+    # replicas levels in float64, and float32 moves convert exactly)
+    moves = np.empty(len(where))
+    ends = np.cumsum([b * cols.size for _, cols, _, _ in groups])
+    views = [
+        moves[end - b * cols.size : end].reshape(b, *cols.shape)
+        for end, (_, cols, _, _) in zip(ends, groups, strict=True)
+    ]
+    pairs = [np.empty(s.shape, np.float32) if s.shape[2] == 2 else None for s in shares]  # scratch
     for _ in range(sweeps):
-        moves = []
-        for (c, cols, step, _), share in zip(groups, shares, strict=True):
-            others = load[:, cols] - share  # [B, M, r] the holders' load without this expert
-            move = step * (_levelled(others, c) - share)
+        for (c, cols, step, _), share, view, move in zip(groups, shares, views, pairs, strict=True):
+            if move is None:
+                others = load[:, cols] - share  # [B, M, r] the holders' load without this expert
+                view[...] = step * (_levelled(others, c) - share)
+                share += view
+                continue
+            np.take(load, cols, axis=1, out=move)  # two holders: the same float32 steps, in place
+            move -= share
+            _level_pair(move, c)
+            move -= share
+            move *= step
             share += move
-            moves.append(move.ravel())
-        load += np.bincount(where, weights=np.concatenate(moves), minlength=load.size).reshape(load.shape)
+            view[...] = move
+        load += np.bincount(where, weights=moves, minlength=load.size).reshape(load.shape)
     return load.reshape(*lead, layers, n), groups, shares
+
+
+def _level_pair(others: np.ndarray, count: np.ndarray) -> None:
+    """:func:`_levelled` of two holders written over ``others`` [B, M, 2] (the same float32 operations)."""
+    first = np.add(count, others[..., 1])
+    first -= others[..., 0]
+    first /= 2
+    np.clip(first, 0, count, out=first)
+    others[..., 0] = first
+    np.subtract(count, first, out=others[..., 1])
 
 
 def _levelled(others: np.ndarray, count: np.ndarray) -> np.ndarray:
