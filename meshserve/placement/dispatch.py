@@ -45,6 +45,30 @@ def balanced_load(placement: Placement, counts: np.ndarray, sweeps: int = 32) ->
     squared device loads, whose minimum is also the smallest possible maximum
     (tests/placement/test_dispatch.py checks against a linear program). Float32 [..., L, N].
     """
+    return _level(placement, counts, sweeps)[0]
+
+
+def balanced_shares(placement: Placement, counts: np.ndarray, sweeps: int = 32) -> np.ndarray:
+    """Tokens each replica serves under :func:`balanced_load`'s levelling: [..., L, E, most replicas].
+
+    Replica j of an expert is its j-th holder in device order; an expert with r replicas has zeros
+    after its r-th column (one replica: its whole count in column 0). Float32, the levelling's own
+    split: what a dispatcher that routes by it sends where (engine/distributed/balanced.py).
+    """
+    counts = np.asarray(counts, dtype=np.float32)
+    _, groups, shares = _level(placement, counts, sweeps)
+    layers, experts, _ = placement.holds.shape
+    lead = counts.shape[:-2]
+    flat = counts.reshape(-1, layers * experts)
+    out = np.zeros((len(flat), layers * experts, max(int(placement.replicas().max()), 1)), np.float32)
+    out[:, :, 0] = flat
+    for (_, _, _, item), share in zip(groups, shares, strict=True):
+        out[:, item, : share.shape[2]] = share
+    return out.reshape(*lead, layers, experts, out.shape[2])
+
+
+def _level(placement: Placement, counts: np.ndarray, sweeps: int) -> tuple[np.ndarray, list, list]:
+    """The levelling of :func:`balanced_load`: (device loads, replicated-expert groups, their shares)."""
     counts = np.asarray(counts, dtype=np.float32)
     layers, experts, n = placement.holds.shape
     lead = counts.shape[:-2]
@@ -54,29 +78,55 @@ def balanced_load(placement: Placement, counts: np.ndarray, sweeps: int = 32) ->
     replicas = placement.replicas()
     crowd = (placement.holds & (replicas > 1)[:, :, None]).sum(axis=1)  # [L, N] replicated experts there
     replicas = replicas.ravel()
-    groups = []  # experts with r replicas: (their counts [B, M], holders' flat (layer, device) [M, r], step)
+    groups = []  # experts with r replicas: (counts [B, M], holders' flat (layer, device) [M, r], step, items)
     for r in np.unique(replicas[replicas > 1]):
         item = np.flatnonzero(replicas == r)
         layer, expert = np.divmod(item, experts)
         device = np.nonzero(placement.holds[layer, expert])[1].reshape(len(item), r)
         cols = layer[:, None] * n + device
         step = (1.0 / crowd.ravel()[cols].max(axis=1, keepdims=True)).astype(np.float32)
-        groups.append((flat[:, item], cols, step))
+        groups.append((flat[:, item], cols, step, item))
     if not groups:
-        return load.reshape(*lead, layers, n)
-    shares = [np.repeat(c[:, :, None] / cols.shape[1], cols.shape[1], axis=2) for c, cols, _ in groups]
+        return load.reshape(*lead, layers, n), [], []
+    shares = [np.repeat(c[:, :, None] / cols.shape[1], cols.shape[1], axis=2) for c, cols, _, _ in groups]
     where = np.concatenate(
-        [(np.arange(b)[:, None, None] * (layers * n) + cols[None]).ravel() for _, cols, _ in groups]
+        [(np.arange(b)[:, None, None] * (layers * n) + cols[None]).ravel() for _, cols, _, _ in groups]
     )
+    # every group's moves land in one buffer, in ``where``'s order (float64: a group of more than two
+    # replicas levels in float64, and float32 moves convert exactly)
+    moves = np.empty(len(where))
+    ends = np.cumsum([b * cols.size for _, cols, _, _ in groups])
+    views = [
+        moves[end - b * cols.size : end].reshape(b, *cols.shape)
+        for end, (_, cols, _, _) in zip(ends, groups, strict=True)
+    ]
+    pairs = [np.empty(s.shape, np.float32) if s.shape[2] == 2 else None for s in shares]  # scratch
     for _ in range(sweeps):
-        moves = []
-        for (c, cols, step), share in zip(groups, shares, strict=True):
-            others = load[:, cols] - share  # [B, M, r] the holders' load without this expert
-            move = step * (_levelled(others, c) - share)
+        for (c, cols, step, _), share, view, move in zip(groups, shares, views, pairs, strict=True):
+            if move is None:
+                others = load[:, cols] - share  # [B, M, r] the holders' load without this expert
+                view[...] = step * (_levelled(others, c) - share)
+                share += view
+                continue
+            np.take(load, cols, axis=1, out=move)  # two holders: the same float32 steps, in place
+            move -= share
+            _level_pair(move, c)
+            move -= share
+            move *= step
             share += move
-            moves.append(move.ravel())
-        load += np.bincount(where, weights=np.concatenate(moves), minlength=load.size).reshape(load.shape)
-    return load.reshape(*lead, layers, n)
+            view[...] = move
+        load += np.bincount(where, weights=moves, minlength=load.size).reshape(load.shape)
+    return load.reshape(*lead, layers, n), groups, shares
+
+
+def _level_pair(others: np.ndarray, count: np.ndarray) -> None:
+    """:func:`_levelled` of two holders written over ``others`` [B, M, 2] (the same float32 operations)."""
+    first = np.add(count, others[..., 1])
+    first -= others[..., 0]
+    first /= 2
+    np.clip(first, 0, count, out=first)
+    others[..., 0] = first
+    np.subtract(count, first, out=others[..., 1])
 
 
 def _levelled(others: np.ndarray, count: np.ndarray) -> np.ndarray:

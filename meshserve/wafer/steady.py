@@ -37,21 +37,26 @@ from meshserve.wafer.iteration import EVEN, IterationResult
 
 
 def max_over_mean(
-    placement: Placement, counts: np.ndarray, config: BalanceConfig = EVEN
+    placement: Placement, counts: np.ndarray, config: BalanceConfig = EVEN, load: np.ndarray | None = None
 ) -> tuple[float, float]:
     """Max/mean device load of ``counts`` [S, L, E] (per iteration, and on their mean load) under
-    the config's dispatch rule."""
-    load = config.device_load(placement, counts)  # [S, L, N]
+    the config's dispatch rule; ``load``: ``config.device_load(placement, counts)`` when known."""
+    load = config.device_load(placement, counts) if load is None else load  # [S, L, N]
     per_iteration = load.max(axis=2).mean(axis=1) / load.mean(axis=2).mean(axis=1)
     mean = config.device_load(placement, counts.mean(axis=0))
     return float(per_iteration.mean()), float(mean.max(axis=1).mean() / mean.mean())
 
 
 def time_over_even(
-    placement: Placement, counts: np.ndarray, cost: DeviceCost, config: BalanceConfig = EVEN
+    placement: Placement,
+    counts: np.ndarray,
+    cost: DeviceCost,
+    config: BalanceConfig = EVEN,
+    load: np.ndarray | None = None,
 ) -> float:
-    """MoE compute time of ``counts`` [S, L, E] under ``placement`` over the even split's (see module)."""
-    load = config.device_load(placement, counts)
+    """MoE compute time of ``counts`` [S, L, E] under ``placement`` over the even split's (see module);
+    ``load`` as in :func:`max_over_mean`."""
+    load = config.device_load(placement, counts) if load is None else load
     busy = placement.busy_experts(counts)
     fewest = -(-placement.num_experts // placement.num_devices)
     even = cost.time(load.mean(axis=2), fewest).sum()
@@ -100,8 +105,9 @@ def gap(
 
     def score(plan: Placement, scored: np.ndarray, load: np.ndarray) -> tuple[float, ...]:
         plan = config.applied(plan, load)  # as the simulator applies it
-        timed = () if cost is None else (time_over_even(plan, scored, cost, config),)
-        return (*max_over_mean(plan, scored, config), *timed)
+        per = config.device_load(plan, scored)  # both scores read it (a balanced split levels 32 sweeps)
+        timed = () if cost is None else (time_over_even(plan, scored, cost, config, per),)
+        return (*max_over_mean(plan, scored, config, per), *timed)
 
     for t in starts:
         scored, history = counts[t : t + horizon], counts[t - window : t].mean(axis=0)

@@ -8,7 +8,13 @@ from scipy.sparse.csgraph import connected_components
 
 from meshserve.errors import InputError
 from meshserve.placement import BalanceConfig, Placement, make_balancer, slots_per_device, static_placement
-from meshserve.placement.dispatch import balanced_load, device_load, for_dispatch, join_replicas
+from meshserve.placement.dispatch import (
+    balanced_load,
+    balanced_shares,
+    device_load,
+    for_dispatch,
+    join_replicas,
+)
 from tests.placement.test_balancers import mesh_hops, skewed_load
 
 
@@ -134,3 +140,18 @@ def test_joined_groups_let_a_balanced_dispatch_absorb_fresh_noise():
     joined = for_dispatch(plan, load, "balanced")
     assert spread(joined, "balanced") < spread(plan, "balanced") < spread(plan, "even")
     assert for_dispatch(plan, load, "even") is plan
+
+
+def test_balanced_shares_are_the_split_behind_balanced_load():
+    rng = np.random.default_rng(1)
+    table = random_table(rng, layers=2, experts=8, devices=6, most=3)
+    counts = rng.integers(0, 50, (3, 2, 8)).astype(np.float32)
+    shares = balanced_shares(table, counts)  # [3, 2, 8, most]: replica j = the j-th holder by device
+    np.testing.assert_allclose(shares.sum(axis=-1), counts, rtol=1e-5)
+    replicas = table.replicas()
+    assert (shares[..., np.arange(shares.shape[-1]) >= replicas[..., None]] == 0).all()
+    load = np.zeros((3, 2, 6))
+    for layer, expert in np.ndindex(2, 8):
+        holders = np.flatnonzero(table.holds[layer, expert])
+        load[:, layer, holders] += shares[:, layer, expert, : len(holders)]
+    np.testing.assert_allclose(load, balanced_load(table, counts), rtol=1e-4, atol=1e-3)

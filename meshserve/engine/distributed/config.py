@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from meshserve.engine.distributed.balanced import EP_DISPATCH
 from meshserve.errors import InputError, require
 
 BALANCER_NAMES = ("greedy", "topology", "ni")
@@ -89,6 +90,9 @@ class ParallelConfig:
     eplb_config: EPLBConfig fields as a dict.
     expert_placement: initial ``holds[moe_layer, expert, rank]`` (bool array, or a .npy path);
         None spreads experts evenly and fills the redundant slots round robin.
+    ep_dispatch: how a pair picks among its expert's replicas: ``even`` (each replica an equal share, no
+        communication) or ``balanced`` (the step's counts all-gathered, replicas levelled; SGLang's
+        ``--ep-dispatch-algorithm``; engine/distributed/balanced.py).
     step_timeout_s: the front end's wait for one step of every rank before it calls the engine dead.
     oversubscribe: spawn more ranks than this process has cores (each rank gets one thread); without
         it such a size is refused, since ranks that share cores make no progress worth having.
@@ -99,6 +103,7 @@ class ParallelConfig:
     enable_eplb: bool = False
     eplb_config: dict[str, Any] | EPLBConfig = field(default_factory=dict)
     expert_placement: Any = None
+    ep_dispatch: str = "even"
     step_timeout_s: float = 120.0
     oversubscribe: bool = False
 
@@ -115,6 +120,11 @@ class ParallelConfig:
             not self.enable_eplb or self.enable_expert_parallel,
             "enable_eplb",
             "needs enable_expert_parallel=True (it moves experts between ranks)",
+        )
+        require(
+            self.ep_dispatch in EP_DISPATCH,
+            "ep_dispatch",
+            f"unknown {self.ep_dispatch!r}; allowed: {', '.join(EP_DISPATCH)}",
         )
         require(self.step_timeout_s > 0, "step_timeout_s", f"must be > 0, got {self.step_timeout_s}")
         self.eplb_config = EPLBConfig.from_dict(self.eplb_config)

@@ -4,6 +4,7 @@
 consecutive slots in expert order. Each token-expert pair goes to one replica of its expert, chosen
 without communication: pair i of rank r takes replica (i + r) mod replicas, so replicas share an
 expert's tokens evenly (the rule the balancers plan with) and every rank computes the same answer.
+``balanced_destinations`` is the balanced rule instead (balanced.py): picks from the step's counts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from meshserve.engine.distributed.balanced import balanced_picks, replica_bounds
 from meshserve.errors import InputError, require
 
 
@@ -66,6 +68,7 @@ class ExpertMap:
         ranks_first = np.argsort(~self.holds, axis=2, kind="stable")[:, :, : int(replicas.max())]
         self.replica_rank = torch.from_numpy(np.ascontiguousarray(ranks_first)).to(device)
         self.num_replicas = torch.from_numpy(replicas).to(device)
+        self.replicated = replicas.max(axis=1) > 1  # [layer]: a layer of single copies has nothing to level
         slot = np.cumsum(self.holds, axis=1) - 1
         self.slot_of = torch.from_numpy(np.where(self.holds, slot, -1)).to(device)  # [layer, expert, rank]
 
@@ -81,4 +84,14 @@ class ExpertMap:
         """The rank each pair (expert ids, flat) of ``rank`` is sent to."""
         pair = torch.arange(experts.numel(), device=experts.device)
         pick = (pair + rank) % self.num_replicas[layer, experts]
+        return self.replica_rank[layer, experts, pick]
+
+    def balanced_destinations(
+        self, layer: int, experts: torch.Tensor, rank: int, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """The rank each pair of ``rank`` is sent to under the balanced rule; ``counts`` [ranks, experts] are
+        the step's pair counts of every rank (the same on every rank, so every rank gets the same quotas)."""
+        bounds = replica_bounds(self.holds[layer], counts.sum(dim=0).cpu().numpy())
+        offset = counts[:rank].sum(dim=0).to(experts.device)
+        pick = balanced_picks(experts, offset, torch.from_numpy(bounds).to(experts.device))
         return self.replica_rank[layer, experts, pick]

@@ -16,10 +16,16 @@ from meshserve.models.layers.quant_slots import QuantSlotExperts
 
 
 class ExpertParallel:
-    """Wraps every SparseMoE of ``model`` in an ExpertParallelMoE holding this rank's experts of ``holds``."""
+    """Wraps every SparseMoE of ``model`` in an ExpertParallelMoE holding this rank's experts of ``holds``;
+    ``dispatch`` is ParallelConfig.ep_dispatch (even | balanced)."""
 
     def __init__(
-        self, model: nn.Module, holds: np.ndarray, rank: int, group: dist.ProcessGroup | None = None
+        self,
+        model: nn.Module,
+        holds: np.ndarray,
+        rank: int,
+        group: dist.ProcessGroup | None = None,
+        dispatch: str = "even",
     ) -> None:
         self.rank = rank
         self._dtype, self.device = next(model.parameters()).dtype, next(model.parameters()).device
@@ -29,7 +35,7 @@ class ExpertParallel:
             if isinstance(block.mlp, SparseMoE):
                 i = len(self.layers)
                 held = self.map.local_experts(i, rank)
-                block.mlp = ExpertParallelMoE(block.mlp, i, self.map, held, rank, group)
+                block.mlp = ExpertParallelMoE(block.mlp, i, self.map, held, rank, group, dispatch)
                 self.layers.append(block.mlp)
 
     @property

@@ -133,6 +133,7 @@ class DistributedEngine:
             threads,
             parallel.step_timeout_s,
             record_counts=config.record_expert_trace is not None,
+            dispatch=parallel.ep_dispatch,
         )
         self.ranks = start_ranks(spec, parallel.oversubscribe)
         started = self.ranks.started(START_TIMEOUT_S)[0]

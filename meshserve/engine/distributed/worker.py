@@ -50,6 +50,7 @@ class RankSpec:
     threads: int
     timeout_s: float
     record_counts: bool = False  # report the router's expert counts every step (expert trace)
+    dispatch: str = "even"  # ParallelConfig.ep_dispatch
 
     def for_rank(self, rank: int, init_method: str, local_rank: int | None = None) -> RankSpec:
         local = rank if local_rank is None else local_rank
@@ -84,7 +85,7 @@ class RankWorker:
         if spec.holds is not None:
             from meshserve.engine.distributed.expert_parallel import ExpertParallel
 
-            self.ep = ExpertParallel(self.engine.model, spec.holds, spec.rank)
+            self.ep = ExpertParallel(self.engine.model, spec.holds, spec.rank, dispatch=spec.dispatch)
             if spec.eplb is not None:
                 from meshserve.engine.distributed.eplb import LiveBalancer
 

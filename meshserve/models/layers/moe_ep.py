@@ -29,8 +29,13 @@ class Placement(Protocol):
     """What dispatch needs from a placement (engine/distributed/expert_map.py's ExpertMap)."""
 
     slot_of: torch.Tensor
+    replicated: np.ndarray  # [moe_layer] bool: the layer has an expert with several replicas
 
     def destinations(self, layer: int, experts: torch.Tensor, rank: int) -> torch.Tensor: ...
+
+    def balanced_destinations(
+        self, layer: int, experts: torch.Tensor, rank: int, counts: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 class SlotExperts(SparseMoE):
@@ -143,7 +148,11 @@ class SlotExperts(SparseMoE):
 
 
 class ExpertParallelMoE(nn.Module):
-    """A SparseMoE whose routed experts live on several ranks; ``layer`` indexes the MoE layers."""
+    """A SparseMoE whose routed experts live on several ranks; ``layer`` indexes the MoE layers.
+
+    ``dispatch``: ``even`` sends each pair to a replica without communication; ``balanced`` all-gathers
+    the step's per-expert counts first and levels the replicas' loads (engine/distributed/balanced.py).
+    """
 
     def __init__(
         self,
@@ -153,9 +162,11 @@ class ExpertParallelMoE(nn.Module):
         held: np.ndarray,
         rank: int,
         group: dist.ProcessGroup | None = None,
+        dispatch: str = "even",
     ) -> None:
         super().__init__()
         self.moe, self.layer, self.rank, self.group = moe, layer, rank, group
+        self.dispatch = dispatch
         self.placement = placement
         experts, index = moe.experts, torch.from_numpy(held)
         if isinstance(experts, QuantExperts):  # held in their packed form
@@ -175,7 +186,11 @@ class ExpertParallelMoE(nn.Module):
         pair_expert = experts.reshape(-1)  # pair p = token p // k, choice p % k
         self.moe.last_counts = torch.bincount(pair_expert, minlength=self.moe.num_experts)
 
-        dest = self.placement.destinations(self.layer, pair_expert, self.rank)
+        if self.dispatch == "balanced" and self.placement.replicated[self.layer]:
+            counts = self._gather(self.moe.last_counts)
+            dest = self.placement.balanced_destinations(self.layer, pair_expert, self.rank, counts)
+        else:
+            dest = self.placement.destinations(self.layer, pair_expert, self.rank)
         order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=self.placement.slot_of.shape[2])
         recv_counts = torch.empty_like(send_counts)
@@ -192,6 +207,12 @@ class ExpertParallelMoE(nn.Module):
         out = (pair_out.view(t, k, hidden) * weights[..., None]).sum(dim=1).to(x.dtype)
         shared = self.moe.shared_output(x)  # every rank holds the shared expert
         return out if shared is None else out + shared
+
+    def _gather(self, counts: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``counts`` [experts] as [ranks, experts] (one all-gather)."""
+        out = [torch.empty_like(counts) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(out, counts.contiguous(), group=self.group)  # gloo has no all_gather_into_tensor
+        return torch.stack(out)
 
     def _exchange(self, data: torch.Tensor, recv: list[int], send: list[int]) -> torch.Tensor:
         """all_to_all_single of rows: ``send[r]`` rows to rank r, ``recv[r]`` rows from rank r."""
