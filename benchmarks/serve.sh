@@ -66,17 +66,17 @@ start_server() {  # name port command...: a session of its own, so its whole pro
   echo "$name did not come up" >&2; exit 1
 }
 
-bench() {  # server dataset rate prompts result
-  "$BIN/meshserve" bench serve --base-url "${URL[$1]}" --model llama-28m --dataset "$2" \
+bench() {  # server dataset rate prompts result seed
+  "$BIN/meshserve" bench serve --seed "$6" --base-url "${URL[$1]}" --model llama-28m --dataset "$2" \
     --num-prompts "$4" --request-rate "$3" --random-input-len 256 --random-output-len 64 \
     --prefix-len 192 --suffix-len 64 --vocab-size 4096 --save-result "$5" >/dev/null 2>&1
 }
 
-measure() {  # server dataset rate rep: runs while the server is the only one awake
+measure() {  # server dataset rate rep seed: runs while the server is the only one awake
   local t0 t1
   kill -CONT -- "-${PGID[$1]}"
   t0=$(mono)
-  bench "$1" "$2" "$3" "$NUM_PROMPTS" "$OUT/$1-$2-$3-$4.json"
+  bench "$1" "$2" "$3" "$NUM_PROMPTS" "$OUT/$1-$2-$3-$4.json" "$5"
   t1=$(mono)
   cut -d' ' -f1 /proc/loadavg >>"$OUT/loads"
   kill -STOP -- "-${PGID[$1]}"
@@ -103,15 +103,19 @@ fi
 
 for server in "${SERVERS[@]}"; do  # warm up (first-call allocations, thread pools), not measured
   kill -CONT -- "-${PGID[$server]}"
-  bench "$server" random inf 8 "$WORK/warmup.json"
+  bench "$server" random inf 8 "$WORK/warmup.json" 1000
   kill -STOP -- "-${PGID[$server]}"
 done
+# Every run its own seed (prompts and arrival times), the same for both servers: with one seed for all,
+# a server's prefix cache would hold every prompt after the first run and prefill nothing.
+seed=0
 for dataset in $DATASETS; do
   for rate in $RATES; do
     for rep in $(seq "$REPEATS"); do
+      seed=$((seed + 1))
       order=("${SERVERS[@]}")
       if [ $((rep % 2)) = 0 ]; then order=($(printf '%s\n' "${SERVERS[@]}" | tac)); fi
-      for server in "${order[@]}"; do measure "$server" "$dataset" "$rate" "$rep"; done
+      for server in "${order[@]}"; do measure "$server" "$dataset" "$rate" "$rep" "$seed"; done
     done
   done
 done
