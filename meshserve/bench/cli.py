@@ -16,7 +16,7 @@ from meshserve.bench.datasets import (
     random_requests,
     sharegpt_requests,
 )
-from meshserve.bench.phases import breakdown, format_breakdown, read_trace
+from meshserve.bench.phases import breakdown, format_breakdown, read_trace, within
 from meshserve.bench.serve import format_summary, parse_goodput, run_benchmark, summarize
 from meshserve.errors import InputError, require
 
@@ -78,12 +78,27 @@ def bench_serve(
             tmp.write_text(json.dumps(summary, indent=2, default=str))
 
 
+def parse_window(text: str) -> tuple[float, float]:
+    """``"START:END"`` (seconds) -> (start, end)."""
+    try:
+        start, end = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise InputError("window", f"expected START:END seconds, got {text!r}") from None
+    require(start <= end, "window", f"START must be <= END, got {text!r}")
+    return start, end
+
+
 @app.command("phases")
 def bench_phases(
     trace_file: str = typer.Argument(..., help="A timeline file from `meshserve serve --trace-file`."),
     title: str = typer.Option("", help="Heading of the table."),
+    window: list[str] | None = typer.Option(
+        None, help="START:END monotonic seconds: only steps and arrivals inside; repeatable."
+    ),
 ) -> None:
     """Split a served run's TTFT and TPOT into phases (queue, prefill, decode steps, loop, delivery)."""
     steps, requests = read_trace(trace_file)
+    if window:
+        steps, requests = within(steps, requests, [parse_window(w) for w in window])
     require(bool(requests), "trace_file", f"{trace_file} holds no finished request")
     print(format_breakdown(breakdown(steps, requests), title))

@@ -38,6 +38,21 @@ def read_trace(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, A
     return steps, requests
 
 
+def within(
+    steps: list[dict[str, Any]], requests: list[dict[str, Any]], windows: list[tuple[float, float]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The steps that started and the requests that arrived inside any of ``windows`` ((start, end)
+    monotonic seconds; the server's clock is the host's CLOCK_MONOTONIC, so a benchmark script on the
+    same host can mark its runs' windows and read one long-lived server's trace run by run)."""
+    lo = np.array([w[0] for w in windows], dtype=np.float64)
+    hi = np.array([w[1] for w in windows], dtype=np.float64)
+
+    def inside(t: float) -> bool:
+        return bool(np.any((lo <= t) & (t <= hi)))
+
+    return [s for s in steps if inside(s["start"])], [r for r in requests if inside(r["arrival"])]
+
+
 def breakdown(steps: list[dict[str, Any]], requests: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Per request (those with a first token, and with 2+ tokens for the TPOT parts), seconds in each
     phase: ``ttft`` and TTFT_PARTS, ``tpot`` and TPOT_PARTS (each per output token after the first)."""

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from meshserve.bench.phases import breakdown, format_breakdown, read_trace
+from meshserve.bench.cli import parse_window
+from meshserve.bench.phases import breakdown, format_breakdown, read_trace, within
 from meshserve.errors import InputError
 
 
@@ -54,3 +55,19 @@ def test_a_trace_that_is_not_json_lines_is_refused(tmp_path):
     path.write_text(json.dumps({"type": "step"}) + "\nnot json\n")
     with pytest.raises(InputError, match="t.jsonl:2"):
         read_trace(path)
+
+
+def test_windows_keep_the_steps_and_requests_of_their_runs():
+    # one long-lived server's trace holding two runs, 0-1 s and 5-6 s: a script reads them one at a time
+    steps = [step(t, t + 0.01, t + 0.02) for t in (0.5, 2.0, 5.5)]
+    requests = [{"type": "request", "arrival": t} for t in (0.2, 3.0, 5.9)]
+    kept_steps, kept_requests = within(steps, requests, [(0.0, 1.0), (5.0, 6.0)])
+    assert [s["start"] for s in kept_steps] == [0.5, 5.5]
+    assert [r["arrival"] for r in kept_requests] == [0.2, 5.9]
+
+
+def test_a_window_is_start_colon_end():
+    assert parse_window("1.5:2") == (1.5, 2.0)
+    for bad in ("1.5", "2:1", "a:b"):
+        with pytest.raises(InputError, match="window"):
+            parse_window(bad)
