@@ -13,6 +13,8 @@ from functools import cached_property
 
 import numpy as np
 
+from meshserve.placement.plan import count_true
+
 
 @dataclass(frozen=True, eq=False)
 class DeviceCost:
@@ -62,14 +64,14 @@ class DeviceCost:
 
 def device_tokens(holds: np.ndarray, load: np.ndarray) -> np.ndarray:
     """Tokens per device [layers, devices]: replicas split their expert's tokens evenly."""
-    reps = np.maximum(holds.sum(axis=2), 1)
+    reps = np.maximum(count_true(holds, 2), 1)
     return np.einsum("le,led->ld", load / reps, holds)
 
 
 def device_use(holds: np.ndarray, load: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, active experts) per device [layers, devices]: a device reads the weights of the
     experts it holds that get tokens (load: [layers, experts] tokens per expert)."""
-    return device_tokens(holds, load), (holds & (load > 0)[:, :, None]).sum(axis=1)
+    return device_tokens(holds, load), count_true(holds & (load > 0)[:, :, None], 1)
 
 
 def layer_time(holds: np.ndarray, load: np.ndarray, cost: DeviceCost) -> np.ndarray:

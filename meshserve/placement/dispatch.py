@@ -17,7 +17,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from meshserve.errors import require
-from meshserve.placement.plan import Placement
+from meshserve.placement.plan import Placement, count_true, true_indices
 
 DISPATCH_RULES = ("even", "balanced")
 
@@ -76,13 +76,13 @@ def _level(placement: Placement, counts: np.ndarray, sweeps: int) -> tuple[np.nd
     b = len(flat)
     load = placement.device_load(flat.reshape(b, layers, experts)).reshape(b, layers * n)  # the even split
     replicas = placement.replicas()
-    crowd = (placement.holds & (replicas > 1)[:, :, None]).sum(axis=1)  # [L, N] replicated experts there
+    crowd = count_true(placement.holds & (replicas > 1)[:, :, None], 1)  # [L, N] replicated experts there
     replicas = replicas.ravel()
     groups = []  # experts with r replicas: (counts [B, M], holders' flat (layer, device) [M, r], step, items)
     for r in np.unique(replicas[replicas > 1]):
         item = np.flatnonzero(replicas == r)
         layer, expert = np.divmod(item, experts)
-        device = np.nonzero(placement.holds[layer, expert])[1].reshape(len(item), r)
+        device = (np.flatnonzero(placement.holds[layer, expert]) % n).reshape(len(item), r)
         cols = layer[:, None] * n + device
         step = (1.0 / crowd.ravel()[cols].max(axis=1, keepdims=True)).astype(np.float32)
         groups.append((flat[:, item], cols, step, item))
@@ -163,7 +163,7 @@ def join_replicas(placement: Placement, load: np.ndarray) -> Placement:
     replicas = placement.replicas()
     multi = holds & (replicas > 1)[:, :, None]  # [L, E, N]
     # one graph over (layer, device) nodes: devices sharing a replicated expert are joined
-    layer, expert, device = np.nonzero(multi)
+    layer, expert, device = true_indices(multi)
     if not len(layer):  # no replicated expert: nothing to join
         return placement
     node = layer * n + device

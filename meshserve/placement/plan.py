@@ -15,6 +15,19 @@ import numpy as np
 from meshserve.errors import InputError, require
 
 
+def count_true(mask: np.ndarray, axis: int) -> np.ndarray:
+    """``mask.sum(axis)`` of a bool array (int64), summed as bytes: numpy sums bools through a cast to
+    int64 per element, about 4x slower (these tables are [layers, experts, devices], millions of bools)."""
+    small = np.uint16 if mask.shape[axis] < 2**16 else np.int64
+    return np.asarray(mask, dtype=bool).view(np.uint8).sum(axis=axis, dtype=small).astype(np.int64)
+
+
+def true_indices(mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``np.nonzero(mask)``, the same arrays in the same order, from ``np.flatnonzero``: about 8x faster
+    on a 3-D mask (numpy's multi-dimensional nonzero walks every index)."""
+    return np.unravel_index(np.flatnonzero(mask), np.shape(mask))
+
+
 @dataclass(frozen=True, eq=False)
 class Placement:
     """Replica table ``holds[layers, experts, devices]`` (bool) and the slot capacity per device."""
@@ -41,11 +54,11 @@ class Placement:
 
     def replicas(self) -> np.ndarray:
         """Replicas per expert, [layers, experts]."""
-        return self.holds.sum(axis=2)
+        return count_true(self.holds, 2)
 
     @cached_property
     def _used(self) -> np.ndarray:
-        return self.holds.sum(axis=1)
+        return count_true(self.holds, 1)
 
     def used_slots(self) -> np.ndarray:
         """Occupied slots per device, [layers, devices]."""
@@ -59,7 +72,7 @@ class Placement:
     @cached_property
     def _entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every replica as (layer * experts + expert, layer * devices + device, 1 / replicas)."""
-        layer, expert, device = np.nonzero(self.holds)
+        layer, expert, device = true_indices(self.holds)
         reps = np.maximum(self.replicas(), 1)[layer, expert]
         return layer * self.num_experts + expert, layer * self.num_devices + device, 1.0 / reps
 
@@ -143,7 +156,7 @@ class Migrations:
 
 def migrations(old: Placement, new: Placement, hops: np.ndarray) -> Migrations:
     """Copies that bring ``new``'s replicas to devices that did not hold them under ``old``."""
-    layer, expert, dst = np.nonzero(new.holds & ~old.holds)
+    layer, expert, dst = true_indices(new.holds & ~old.holds)
     holders = old.holds[layer, expert]  # [copies, devices]
     dist = np.where(holders, np.asarray(hops, dtype=np.float64)[:, dst].T, np.inf)
     src = dist.argmin(axis=1) if len(layer) else np.zeros(0, dtype=np.int64)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshserve.placement.plan import Placement
+from meshserve.placement.plan import Placement, count_true
 from meshserve.placement.policy import Balancer
 
 
@@ -21,8 +21,8 @@ def topology_plan(load: np.ndarray, base: Placement, hops: np.ndarray, extra: in
     holds = base.holds.copy()
     layers = holds.shape[0]
     rows = np.arange(layers)
-    reps = holds.sum(axis=2).astype(np.float64)
-    used = holds.sum(axis=1)
+    reps = count_true(holds, 2).astype(np.float64)
+    used = count_true(holds, 1)
     dev_load = np.einsum("le,led->ld", load / reps, holds)
     hops = np.asarray(hops, dtype=np.float64)
     active = np.ones(layers, dtype=bool)

@@ -57,6 +57,9 @@ def test_a_run_too_short_for_a_steady_state_prints_no_floor(tmp_path, capsys):
     assert "reading 1, speedup" in out and "1.54x" in out
     assert "reading 2, latency cut: after = x0.46 before, i.e. a speedup of 2.17x (+117%)" in out
     assert figures["time_model"] == figures["settings"]["time_model"] == "bottleneck"
+    # the wall time is never mistaken for the full default run's (issue 28's 300 s target)
+    assert figures["reduced_by"] == {"iterations": 12, "models": ["deepseek-v2"], "curves": False}
+    assert "wall time for a REDUCED run (iterations=12, models=['deepseek-v2'], curves=False)" in out
 
 
 def test_the_ladder_runs_under_the_fair_share_model_and_says_so(tmp_path, monkeypatch):
