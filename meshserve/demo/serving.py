@@ -21,7 +21,7 @@ from meshserve.training.prompts import code_prompts
 
 # Chosen on the previous (Mixtral) pair at batch 1, quiet (benchmarks/spec.py, docs/models.md): k=1 / 2 / 3
 # / 4 accepted 78.5 / 74.2 / 64.6 / 55.8% and ran 0.98 / 1.13 / 1.15 / 1.13x fp32. Not re-measured for the
-# DeepSeek-style pair (its demo acceptance at k=3: 58.5%).
+# DeepSeek-style pair (its demo acceptance at k=3: 48.6%, docs/models.md).
 SPECULATIVE_TOKENS = 3
 
 
