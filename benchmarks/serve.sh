@@ -69,7 +69,8 @@ start_server() {  # name port command...: a session of its own, so its whole pro
 bench() {  # server dataset rate prompts result seed
   "$BIN/meshserve" bench serve --seed "$6" --base-url "${URL[$1]}" --model llama-28m --dataset "$2" \
     --num-prompts "$4" --request-rate "$3" --random-input-len 256 --random-output-len 64 \
-    --prefix-len 192 --suffix-len 64 --vocab-size 4096 --save-result "$5" >/dev/null 2>&1
+    --prefix-len 192 --suffix-len 64 --vocab-size 4096 --save-result "$5" >"$WORK/bench.log" 2>&1 ||
+    { echo "bench serve against $1 failed:" >&2; tail -20 "$WORK/bench.log" >&2; exit 1; }
 }
 
 measure() {  # server dataset rate rep seed: runs while the server is the only one awake
