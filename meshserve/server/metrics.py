@@ -7,6 +7,7 @@ counters fed by the engine's cumulative totals, and per-request latencies observ
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -110,6 +111,10 @@ class ServerMetrics:
         self._last: dict[str, float] = {}  # engine totals at the previous step
         self._token_time: dict[str, float] = {}  # request id -> time of its latest streamed tokens
         self._token_count: dict[str, int] = {}  # request id -> tokens streamed so far
+        # Series bound on first use and kept: ``labels()`` takes a lock and a dict lookup, and the engine
+        # thread would call it for every output of every step, between two forwards. (Bound lazily, so a
+        # series appears in /metrics only once it has been touched, as before.)
+        self._series: dict[tuple[str, ...], Any] = {}
 
     def on_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
         """Engine-thread hook: read the step's stats and the outputs it produced."""
@@ -117,13 +122,14 @@ class ServerMetrics:
         stats, m = engine.last_stats, self.model
         if getattr(engine, "role_stats", None):
             self.pd.on_step(m, engine.role_stats)
-        self.running.labels(m).set(stats.get("running", 0))
-        self.waiting.labels(m).set(stats.get("waiting", 0))
-        self.kv_usage.labels(m).set(stats.get("kv_usage", 0.0))
+        series = self.series
+        series("running").set(stats.get("running", 0))
+        series("waiting").set(stats.get("waiting", 0))
+        series("kv_usage").set(stats.get("kv_usage", 0.0))
         for kind, n in stats.get("tokens", {}).items():
             if n:
-                self.step_tokens.labels(m, kind).observe(n)
-        self.prompt_tokens.labels(m).inc(stats.get("tokens", {}).get("prefill", 0))
+                series("step_tokens", kind).observe(n)
+        series("prompt_tokens").inc(stats.get("tokens", {}).get("prefill", 0))
         totals: dict[str, float] = {"preemptions": engine.num_preemptions}
         if engine.blocks.prefix_cache is not None:
             cache = engine.blocks.prefix_cache.stats()
@@ -140,18 +146,18 @@ class ServerMetrics:
             self._observe(out, now)
 
     def _observe(self, out: RequestOutput, now: float) -> None:
-        m, rid = self.model, out.request_id
+        rid, series = out.request_id, self.series
         new_tokens = sum(len(c.token_ids) for c in out.outputs)
-        self.generation_tokens.labels(m).inc(new_tokens)
+        series("generation_tokens").inc(new_tokens)
         last, count = self._token_time.get(rid), self._token_count.get(rid, 0)
         timeline = out.metrics.timeline
         if new_tokens:
             if last is None and timeline is not None and timeline.first_token is not None:
-                self.ttft.labels(m).observe(timeline.first_token - timeline.arrival)  # from the front door
+                series("ttft").observe(timeline.first_token - timeline.arrival)  # from the front door
             elif last is None and out.metrics.first_token_time is not None:
-                self.ttft.labels(m).observe(out.metrics.first_token_time - out.metrics.arrival_time)
+                series("ttft").observe(out.metrics.first_token_time - out.metrics.arrival_time)
             elif last is not None:
-                self.itl.labels(m).observe(now - last)
+                series("itl").observe(now - last)
             self._token_time[rid], self._token_count[rid] = now, count + new_tokens
         if out.finished:
             self._finish(out, now, count + new_tokens)
@@ -175,6 +181,14 @@ class ServerMetrics:
             for phase, seconds in out.metrics.timeline.phases().items():
                 if phase in self.phases:
                     self.phases[phase].labels(m).observe(seconds)
+
+    def series(self, name: str, *labels: str) -> Any:
+        """Metric ``name``'s series for this model (and ``labels``), bound once."""
+        key = (name, *labels)
+        bound = self._series.get(key)
+        if bound is None:
+            bound = self._series[key] = getattr(self, name).labels(self.model, *labels)
+        return bound
 
     def forget(self, request_id: str) -> None:
         """Drop a request's timing state (it finished, or was aborted and never will)."""
