@@ -1,6 +1,7 @@
 """Prefill/decode disaggregation on this machine: mixed (one engine) vs 1 prefill + 1 decode process.
 
     flock /tmp/bench.lock .venv/bin/python benchmarks/pd.py [--requests 16] [--rate 2] [--small]
+        [--pd prefill=1,decode=1 --pd prefill=2,decode=1 ...] [--no-flip]
 
 Open-loop load: requests arrive at ``--rate`` per second (seeded Poisson), each streamed, under two mixes at
 the same rate: prompt-heavy (long prompts, few output tokens) and decode-heavy (short prompts, many output
@@ -82,6 +83,18 @@ def drive(engine: Any, load: list[dict[str, Any]], switch_at: int | None = None)
     return rows
 
 
+def received(pd: PDEngine) -> list[dict[str, float]]:
+    """Each decode instance's transfer counters (warm-up included: take differences)."""
+    stats = pd.stats()
+    return [stats[name]["transfer"] for name in pd.decoders]
+
+
+def arrangement(spec: str) -> str:
+    """ "prefill=2,decode=1" as "2P+1D"."""
+    counts = dict(part.split("=") for part in spec.split(","))
+    return f"{counts['prefill']}P+{counts['decode']}D"
+
+
 def summary(rows: list[dict[str, float]]) -> str:
     ttft = np.array([r["ttft"] for r in rows]) * 1e3
     tpot = np.array([r["tpot"] for r in rows if r["tpot"] == r["tpot"]]) * 1e3
@@ -97,7 +110,15 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2.0, help="arrivals per second")
     parser.add_argument("--small", action="store_true", help="a 2-layer, 128-wide model (a quick check)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pd",
+        action="append",
+        help="arrangements to run beside mixed, e.g. --pd prefill=1,decode=1 --pd prefill=2,decode=1 "
+        "(default: 1P+1D); the flipping mix runs on 1P+1D",
+    )
+    parser.add_argument("--no-flip", action="store_true", help="skip the flipping mix")
     args = parser.parse_args()
+    arrangements = args.pd or ["prefill=1,decode=1"]
     shape = SMALL if args.small else LLAMA
     with tempfile.TemporaryDirectory() as tmp:
         model = str(make_tiny_model(Path(tmp) / "llama", **shape))
@@ -115,19 +136,23 @@ def main() -> None:
                 drive(engine, load[:2])  # warm-up: kernels, first allocations
                 print(f"{mix:13s} mixed, {threads} thread(s) {summary(drive(engine, load))}")
                 engine.close()
-            with PDEngine(EngineConfig.from_args(model, pd="prefill=1,decode=1", **ENGINE)) as pd:
-                drive(pd, load[:2])
-                before = pd.stats()["decode"]["transfer"]
-                rows = drive(pd, load)
-                after = pd.stats()["decode"]["transfer"]
-                n = after["transfers"] - before["transfers"]
-                per = (after["bytes"] - before["bytes"]) / max(n, 1)
-                print(
-                    f"{mix:13s} 1P+1D  {summary(rows)} | KV {per / 1024:.0f} KiB/request, transfer "
-                    f"mean {after['latency_mean_s'] * 1e3:.1f} p99 {after['latency_p99_s'] * 1e3:.1f} ms"
-                )
+            for spec in arrangements:
+                with PDEngine(EngineConfig.from_args(model, pd=spec, **ENGINE)) as pd:
+                    drive(pd, load[:2])
+                    before = received(pd)
+                    rows = drive(pd, load)
+                    after = received(pd)
+                    n = sum(a["transfers"] - b["transfers"] for a, b in zip(after, before, strict=True))
+                    per = sum(a["bytes"] - b["bytes"] for a, b in zip(after, before, strict=True)) / max(n, 1)
+                    mean = sum(a["seconds"] for a in after) / max(sum(a["transfers"] for a in after), 1)
+                    p99 = max(a.get("latency_p99_s", 0.0) for a in after)
+                    name = arrangement(spec)
+                    print(
+                        f"{mix:13s} {name:6s} {summary(rows)} | KV {per / 1024:.0f} KiB/request, "
+                        f"transfer mean {mean * 1e3:.1f} p99 {p99 * 1e3:.1f} ms (p99: the worst instance's)"
+                    )
         flip = workload(list(MIXES), args.requests, args.rate, shape["vocab_size"], args.seed + 1)
-        for switch in (None, args.requests):
+        for switch in () if args.no_flip else (None, args.requests):
             with PDEngine(EngineConfig.from_args(model, pd="prefill=1,decode=1", **ENGINE)) as pd:
                 drive(pd, flip[:2])
                 rows = drive(pd, flip, switch_at=switch)
