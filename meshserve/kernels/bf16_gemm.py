@@ -24,38 +24,30 @@ BLOCK_COLS = 16  # output columns per packed block (csrc/bf16_dot_tile.h kBlockC
 PANEL_COLS = 64  # output columns per brgemm panel (csrc/brgemm_linear.cpp kPanelCols)
 
 
-def _vnni(weight: torch.Tensor, cols: int, in_place: bool = False) -> torch.Tensor:
+def _vnni(weight: torch.Tensor, cols: int) -> torch.Tensor:
     """W [N, K] -> [ceil(N/cols), ceil(K/2), 2 cols] bfloat16: per block of ``cols`` output columns and
     k-pair, the columns' (w[k], w[k+1]) side by side. N and K are zero-padded; where no padding is needed
-    the permute reads the weight itself, and ``in_place`` writes the result over the weight's own storage
-    (each block keeps its byte range), ~64 MiB of blocks at a time: packing a 1B model's 500 MiB tied
-    lm_head then holds no second copy of it."""
+    the permute reads the weight itself, so packing holds one extra copy at a time, not two (a 1B model's
+    tied lm_head is 500 MiB)."""
     n, k = weight.shape
     nb, k2 = -(-n // cols), -(-k // 2)
     padded = weight
     if (nb * cols, 2 * k2) != (n, k) or weight.dtype != torch.bfloat16:
         padded = weight.new_zeros(nb * cols, 2 * k2, dtype=torch.bfloat16)
         padded[:n, :k] = weight
-    blocks = padded.reshape(nb, cols, k2, 2)
-    if not (in_place and padded is weight and weight.is_contiguous()):
-        return blocks.permute(0, 2, 1, 3).reshape(nb, k2, 2 * cols).contiguous()
-    out = weight.view(nb, k2, 2 * cols)
-    step = max(1, (64 << 20) // (cols * k * 2))
-    for b in range(0, nb, step):  # the right side is a new tensor before it is written back
-        out[b : b + step] = blocks[b : b + step].permute(0, 2, 1, 3).reshape(-1, k2, 2 * cols)
-    return out
+    return padded.reshape(nb, cols, k2, 2).permute(0, 2, 1, 3).reshape(nb, k2, 2 * cols).contiguous()
 
 
-def pack_bf16_pairs(weight: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+def pack_bf16_pairs(weight: torch.Tensor) -> torch.Tensor:
     """W [N, K] -> [ceil(N/16), ceil(K/2), 32] bfloat16: per 16-column block and k-pair, the 16 columns'
     (w[k], w[k+1]) side by side (one 512-bit load per dot product). N and K are zero-padded."""
-    return _vnni(weight, BLOCK_COLS, in_place)
+    return _vnni(weight, BLOCK_COLS)
 
 
-def pack_bf16_panels(weight: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+def pack_bf16_panels(weight: torch.Tensor) -> torch.Tensor:
     """W [N, K] -> [ceil(N/64), ceil(K/2), 128] bfloat16: per 64-column panel, brgemm's VNNI layout
     [K/2][64][2] (each column's k-pair side by side). N and K are zero-padded."""
-    return _vnni(weight, PANEL_COLS, in_place)
+    return _vnni(weight, PANEL_COLS)
 
 
 def brgemm_linear(

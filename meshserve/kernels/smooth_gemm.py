@@ -164,9 +164,8 @@ class SmoothLinear(nn.Linear):
             self._by_m = plan.by_m
             return plan
         self._layouts = set(plan.layouts)
-        alone = len(plan.layouts) == 1  # the one layout may take the loaded weight's storage
-        self._pairs = pack_bf16_pairs(w, alone) if "pairs" in self._layouts else None
-        self._panels = pack_bf16_panels(w, alone) if "panels" in self._layouts else None
+        self._pairs = pack_bf16_pairs(w) if "pairs" in self._layouts else None
+        self._panels = pack_bf16_panels(w) if "panels" in self._layouts else None
         packed = "packed" in self._layouts or ("packed_f32" in self._layouts and w.dtype == torch.float32)
         self._packed = pack_weight(w) if packed else None
         f32 = "packed_f32" in self._layouts and w.dtype != torch.float32

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from meshserve import LLM, SamplingParams
-from meshserve.kernels.bf16_gemm import pack_bf16_pairs, pack_bf16_panels
 from meshserve.kernels.gemm_layout import layout_bytes, plan_layouts
 from meshserve.kernels.profile import GemmTable
 from meshserve.kernels.smooth_gemm import GemmChoice, SmoothLinear
@@ -126,15 +125,3 @@ def test_a_bfloat16_engine_holds_its_weights_once_and_answers_as_f_linear_does(t
         )
         outs[name] = [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
     assert outs["mixed"] == outs["linear"]
-
-
-@pytest.mark.parametrize("pack", [pack_bf16_pairs, pack_bf16_panels])
-def test_packing_in_place_reuses_the_weights_storage_and_equals_a_copy(pack):
-    w = (torch.randn(192, 96) * 0.05).to(torch.bfloat16)
-    expected = pack(w)
-    address = w.data_ptr()
-    packed = pack(w, in_place=True)
-    assert packed.data_ptr() == address and torch.equal(packed, expected)
-    odd = torch.randn(70, 96).to(torch.bfloat16)  # padding needed: a new tensor, the weight untouched
-    before = odd.clone()
-    assert torch.equal(pack(odd, in_place=True), pack(before)) and torch.equal(odd, before)
