@@ -221,9 +221,12 @@ class DecoderLM(nn.Module):
         its weights each keeps (kernels/gemm_layout.py: chosen at M = 1..decode_m; extra layouts within
         ``budget`` bytes, first come first served); returns the bytes kept beyond the loaded weights."""
         extra = self._layouts(table, max_tokens, decode_m, budget, prepare=True)
+        # the head packed the shared weight (a quantized head's embedding reads its packed rows already)
         if (
-            self.config.tie_word_embeddings and self.lm_head.weight.is_meta
-        ):  # the head packed the shared weight
+            self.config.tie_word_embeddings
+            and isinstance(self.lm_head, SmoothLinear)
+            and self.lm_head.weight.is_meta
+        ):
             self.embed_tokens = TiedEmbedding(self.lm_head)
         return extra
 

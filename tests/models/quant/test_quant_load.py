@@ -177,6 +177,19 @@ def test_int8_at_load_serves_through_the_engine(tiny_model_dir):
     assert [len(t) for t in tokens] == [MAX_TOKENS] * len(PROMPTS)
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_tied_quantized_head_serves_through_the_engine_as_loaded(method, tiny_model_dir):
+    # The engine packs its float linears after loading; the quantized head must keep its own embedding.
+    path = tiny_model_dir("llama", tie_word_embeddings=True)
+    llm = LLM(str(path), max_num_batched_tokens=64, block_size=4, max_model_len=64, quantization=method)
+    out = llm.generate(
+        [{"prompt_token_ids": PROMPTS[1]}], SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    )
+    assert isinstance(llm.engine.model.embed_tokens, QuantEmbedding)
+    loaded, _ = paged_greedy(load_model(path, quantization=method), PROMPTS[1], MAX_TOKENS)
+    assert out[0].outputs[0].token_ids == loaded
+
+
 def test_unsupported_bits_name_the_field(tiny_model_dir, tmp_path):
     export_quantized(tiny_model_dir("llama"), tmp_path / "q", tmp_path / "r", "gptq", bits=4, group_size=32)
     config = (tmp_path / "q" / "config.json").read_text().replace('"bits": 4', '"bits": 3')
