@@ -37,5 +37,19 @@ PYEOF
     "$PY" -m pip install -q transformers
     touch "$STAMP"
 fi
+# meshserve's own requirements that vLLM's do not bring (it is installed --no-deps), checked on every run so
+# a venv made before meshserve gained one (scipy) still imports it; nothing is installed when all are there.
+"$PY" - <<'PYEOF' | xargs -r "$PY" -m pip install -q
+import re
+from importlib.metadata import PackageNotFoundError, requires, version
+for req in requires("meshserve") or []:
+    name = re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0]
+    if "extra ==" in req or name.lower() in {"torch", "xgrammar"}:
+        continue
+    try:
+        version(name)
+    except PackageNotFoundError:
+        print(req.replace(" ", ""))
+PYEOF
 [[ "${1:-}" == "--setup-only" ]] && exit 0
 exec "$PY" "$ROOT/benchmarks/peers/vllm_race.py" "$@"
