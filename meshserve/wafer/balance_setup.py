@@ -51,7 +51,8 @@ class BalanceSetup:
     trace: path of a recorded trace; None draws a synthetic one (``scenario``, ``seed``,
     ``zipf_exponent``: routing skew, None = the synthetic default).
     expert_weight_bytes: bytes per routed-expert weight (1 = FP8 weights, compute unchanged);
-    None = the model preset's element size. wafer_link_gb_per_s: overrides the platform's
+    None = what a recorded trace says its engine held (a quantized engine records
+    it), else the model preset's element size. wafer_link_gb_per_s: overrides the platform's
     inter-wafer port bandwidth (multi-wafer meshes). time_model: how communication is timed
     (timemodel.TIME_MODELS; CommModel). costs: what is charged beyond the paper's model
     (costs.py; presets/costs.yaml holds the realistic defaults).
@@ -104,8 +105,16 @@ class BalanceSetup:
             slots,
             self.tokens_per_device,
             self.costs.context_tokens,
-            self.expert_weight_bytes,
+            self.weight_bytes(),
         )
+
+    def weight_bytes(self) -> float | None:
+        """Bytes per routed-expert weight: the setting, else what a recorded trace's engine held (a
+        quantized engine records it), else None (the model's element size)."""
+        if self.expert_weight_bytes is not None or self.trace is None:
+            return self.expert_weight_bytes
+        recorded = ExpertTrace.load(self.trace).meta.get("expert_weight_bytes")
+        return None if recorded is None else float(recorded)
 
     def check(self) -> None:
         """Validate everything cheap to validate (presets, TP, mapping, balancer) without running."""
@@ -292,7 +301,7 @@ def setup_parts(setup: BalanceSetup) -> SetupParts:
     redundant = redundant_experts(setup, hw, model)
     slots = slots_per_device(model.routed_experts, n, redundant)
     base = static_placement(model.num_moe_layers, model.routed_experts, n, slots)
-    cost = expert_cost(model, hw, setup.expert_weight_bytes)
+    cost = expert_cost(model, hw, setup.weight_bytes())
     return SetupParts(
         comm,
         setup_trace(setup, model, n),

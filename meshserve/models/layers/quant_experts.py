@@ -32,6 +32,12 @@ class QuantExperts(PackedBuffers):
         """Weights ``which`` (0: gate_up, 1: down) as a QuantWeight (unpacked: tests and inspection)."""
         return unpack_quant(self._packed(WEIGHTS[which]))
 
+    def bytes_per_weight(self) -> float:
+        """Resident bytes per expert weight, scales and zeros included (what a migration or a read moves)."""
+        packed = [self._packed(p) for p in WEIGHTS]
+        weights = self.num_experts * sum(p.out_features * p.in_features for p in packed)
+        return sum(p.nbytes for p in packed) / weights
+
     @property
     def num_experts(self) -> int:
         return self.gate_up_qweight.shape[0]
