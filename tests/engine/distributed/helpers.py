@@ -28,3 +28,17 @@ def tokens(llm: LLM, prompts: list[list[int]] = PROMPTS) -> list[list[int]]:
 
 def assert_all_exited(llm: LLM) -> None:
     assert all(not p.is_alive() for p in llm.engine.ranks.procs)
+
+
+def serve_until_migrated(llm: LLM, expected: list[list[int]]) -> list[dict]:
+    """Serve PROMPTS again and again (tokens checked every time) until a migration has switched in; then
+    check the ranks hold its placement and serve the same tokens on it. Returns the completed migrations."""
+    for _ in range(10):  # copies in the gaps between steps may need more than one round
+        assert tokens(llm) == expected
+        done = [m for m in llm.engine.migrations if not m.get("error")]
+        if done:
+            break
+    assert done, "no migration completed; the test would not cover the switch"
+    assert (llm.engine.holds() == done[-1]["holds_after"]).all()
+    assert tokens(llm) == expected  # on the new placement
+    return done

@@ -7,7 +7,7 @@ import pytest
 
 from meshserve.engine import LLM
 from meshserve.engine.distributed.worker import FAULT_ENV
-from tests.engine.distributed.helpers import ARGS, tokens
+from tests.engine.distributed.helpers import ARGS, serve_until_migrated, tokens
 
 
 def generate_until_migrated(mixtral: str, ranks: int, expected: list[list[int]], **eplb) -> list[dict]:
@@ -22,15 +22,7 @@ def generate_until_migrated(mixtral: str, ranks: int, expected: list[list[int]],
         eplb_config=config,
         **ARGS,
     ) as llm:
-        for _ in range(10):  # copies in the gaps between steps may need more than one round
-            assert tokens(llm) == expected
-            done = [m for m in llm.engine.migrations if not m.get("error")]
-            if done:
-                break
-        assert done, "no migration completed; the test would not cover the switch"
-        assert (llm.engine.holds() == done[-1]["holds_after"]).all()
-        # Tokens after the switch, on the new placement.
-        assert tokens(llm) == expected
+        serve_until_migrated(llm, expected)
     return llm.engine.migrations
 
 
