@@ -25,9 +25,8 @@ import torch
 
 from meshserve.engine import LLM, SamplingParams
 from meshserve.models import load_model
-from meshserve.models.layers.quant_experts import QuantExperts
-from meshserve.models.layers.quant_linear import QuantLinear
 from meshserve.models.loader import model_bytes
+from meshserve.models.quant.layout import quantized_split
 from meshserve.testing import PagedSequences
 from meshserve.training.corpus import read_held_out
 
@@ -64,24 +63,6 @@ def held_out_windows(n: int, length: int) -> list[list[int]]:
     return [tokenizer.encode(t)[:length] for t in texts[:n]]
 
 
-def quant_split(model: torch.nn.Module) -> tuple[int, int]:
-    """(packed bytes of the quantized layers, the bfloat16 bytes those layers would take)."""
-    packed = dense = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            packed, dense = packed + m.nbytes, dense + m.in_features * m.out_features * 2
-        elif isinstance(m, QuantExperts):
-            packed += m.nbytes
-            dense += sum(
-                m.quant_weight(i).qweight.shape[0]
-                * m.quant_weight(i).out_features
-                * m.quant_weight(i).in_features
-                * 2
-                for i in (0, 1)
-            )
-    return packed, dense
-
-
 def decode_rate(
     path: Path, method: str | None, tokens: int, head: bool | None = None
 ) -> tuple[float, int, int, int]:
@@ -106,7 +87,7 @@ def decode_rate(
         run(2)  # warm-up
         rate = max(tokens / (run(tokens + 1) - run(1)) for _ in range(2))
         model = llm.engine.model
-        packed, dense = quant_split(model)
+        packed, dense = quantized_split(model)
         return rate, model_bytes(model), packed, dense
 
 

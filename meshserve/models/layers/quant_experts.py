@@ -32,11 +32,14 @@ class QuantExperts(PackedBuffers):
         """Weights ``which`` (0: gate_up, 1: down) as a QuantWeight (unpacked: tests and inspection)."""
         return unpack_quant(self._packed(WEIGHTS[which]))
 
+    @property
+    def num_weights(self) -> int:
+        """Expert weights held (experts x out x in, gate_up and down), read off the packed forms."""
+        return self.num_experts * sum(p.out_features * p.in_features for p in map(self._packed, WEIGHTS))
+
     def bytes_per_weight(self) -> float:
         """Resident bytes per expert weight, scales and zeros included (what a migration or a read moves)."""
-        packed = [self._packed(p) for p in WEIGHTS]
-        weights = self.num_experts * sum(p.out_features * p.in_features for p in packed)
-        return sum(p.nbytes for p in packed) / weights
+        return self.nbytes / self.num_weights
 
     @property
     def num_experts(self) -> int:

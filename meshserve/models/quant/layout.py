@@ -70,3 +70,14 @@ def quantize_layout(model: nn.Module, qc: QuantConfig, dtype: torch.dtype, tied:
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes of the quantized layers' packed weights (buffers, so not among the model's parameters)."""
     return sum(m.nbytes for m in model.modules() if isinstance(m, QuantLinear | QuantExperts))
+
+
+def quantized_split(model: nn.Module) -> tuple[int, int]:
+    """(resident bytes of the quantized layers, the bytes those layers would take in bfloat16)."""
+    packed = dense = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            packed, dense = packed + m.nbytes, dense + m.in_features * m.out_features * 2
+        elif isinstance(m, QuantExperts):
+            packed, dense = packed + m.nbytes, dense + m.num_weights * 2
+    return packed, dense

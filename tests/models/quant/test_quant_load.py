@@ -19,6 +19,7 @@ from meshserve.models.layers.quant_experts import QuantExperts
 from meshserve.models.layers.quant_linear import QuantLinear
 from meshserve.models.loader import LoadedModel, model_bytes
 from meshserve.models.quant.export import export_quantized
+from meshserve.models.quant.layout import quantized_split
 from meshserve.testing import PagedSequences
 
 PROMPTS = [[1, 40, 41, 42, 43, 44], [1, 7, 9, 300, 12, 88, 90, 91, 17, 5]]
@@ -221,13 +222,5 @@ def test_a_quantized_draft_model_is_refused(tiny_model_dir, tmp_path):
 def test_quantized_layers_keep_only_their_packed_bytes(method, most, tiny_model_dir):
     """Resident bytes of the quantized layers against the same layers in bfloat16 (the issue's targets)."""
     model = load_model(tiny_model_dir("mixtral"), quantization=method).model
-    packed = dense = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            packed, dense = packed + m.nbytes, dense + m.in_features * m.out_features * 2
-        elif isinstance(m, QuantExperts):
-            packed += m.nbytes
-            dense += sum(
-                w.qweight.shape[0] * w.out_features * w.in_features * 2 for w in map(m.quant_weight, (0, 1))
-            )
+    packed, dense = quantized_split(model)
     assert 0 < packed <= most * dense
