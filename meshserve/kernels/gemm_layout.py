@@ -8,11 +8,13 @@ Each SmoothGEMM primitive reads one layout of the weight [N, K]:
 
 A table measured per M may pick primitives on several layouts for one shape; keeping each one's copy held
 up to four copies of the weights (3.1x them for a 1B model on a 2-core avx512_bf16 machine). The plan keeps
-ONE layout: the one the table picks at decode-sized M (1..decode_m, the engine's max_num_seqs: steps bound by
-reading the weights, where the layout decides the speed), each M weighted 1/M so every doubling of the batch
-counts alike and M = 1 counts most. Every M whose table choice reads another layout runs the
-table's choice at the nearest M that reads the kept layout, else that layout's own primitive (DEFAULT).
-The loaded weight is dropped unless it is the layout kept.
+ONE layout: the one the table picks at M = 1. Batch-1 decode reads every weight once per token, so the
+layout decides its speed most; and on the 1B Llama shape (2-core avx512_bf16, docs/gemm.md) keeping M = 1's
+layout was also faster at 16-sequence decode and 500-token prefill than keeping the layout most picked over
+M = 1..max_num_seqs (1/M-weighted, this module's first rule): 21.0 / 36.4 / 175.7 vs 9.2 / 20.8 / 133.6
+tok/s. Every M whose table choice reads another layout runs the table's choice at the nearest M that reads
+the kept layout, else that layout's own primitive (DEFAULT). The loaded weight is dropped unless it is the
+layout kept.
 
 Extra layouts cost memory only with an explicit byte budget (EngineConfig.kernel_memory_budget, default 0):
 the other layouts the table picks, most-used first, while they fit. A float32 layout of a bfloat16 layer is
@@ -103,23 +105,20 @@ def plan_layouts(
     k: int,
     dtype: torch.dtype,
     bias: bool = False,
-    decode_m: int = 1,
     budget: int = 0,
     rows_read: bool = False,
 ) -> LayoutPlan:
     """The layouts a [n, k] linear keeps for the table's choices ``by_m`` (index = M) and what each M runs.
 
     ``rows_read``: the weight's rows are read elsewhere too (an lm_head tied to the embedding), so the
-    layout kept must give them back (ROW_LAYOUTS). ``budget``: bytes this layer may spend on extra layouts."""
+    layout kept must give them back (ROW_LAYOUTS): the first M's from 1 up that gives them, else the weight
+    as loaded. ``budget``: bytes this layer may spend on extra layouts."""
     if not by_m:
         raise ValueError("by_m must list a choice for M = 0 at least")
     layouts = [layout_of(c, dtype) for c in by_m]
-    votes: Counter[str] = Counter({"weight": 0.0} if rows_read else {})
-    # The layout picked at M = 1..decode_m, M weighted 1/M: every doubling of the batch counts alike.
-    for m, layout in enumerate(layouts[1 : decode_m + 1] or layouts[-1:], start=1):
-        if layout in ROW_LAYOUTS or not rows_read:
-            votes[layout] += 1 / m
-    primary = max(votes, key=votes.__getitem__)  # a tie goes to the layout seen first
+    from_one = layouts[1:] or layouts
+    allowed = [lay for lay in from_one if lay in ROW_LAYOUTS] if rows_read else from_one
+    primary = allowed[0] if allowed else "weight"
     if _budget_cost(primary, n, k, dtype, bias, True) > budget:
         primary = "packed"  # the float32 copy does not fit: oneDNN's kernel in the model dtype
     used = _budget_cost(primary, n, k, dtype, bias, True)

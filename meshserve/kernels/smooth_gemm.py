@@ -140,23 +140,21 @@ class SmoothLinear(nn.Linear):
     _by_m: list[GemmChoice] | None = None
     rows_read = False
 
-    def plan(self, by_m: list[GemmChoice], decode_m: int = 1, budget: int = 0) -> LayoutPlan:
+    def plan(self, by_m: list[GemmChoice], budget: int = 0) -> LayoutPlan:
         """What ``prepare`` with these arguments keeps (works on a meta-device layer: shapes only)."""
         if self.weight.dtype != torch.bfloat16 or not native.load():  # native ones need both
             by_m = [PLAIN if c.kernel in NATIVE_KERNELS else c for c in by_m]
         n, k = self.weight.shape
-        return plan_layouts(
-            by_m, n, k, self.weight.dtype, self.bias is not None, decode_m, budget, self.rows_read
-        )
+        return plan_layouts(by_m, n, k, self.weight.dtype, self.bias is not None, budget, self.rows_read)
 
-    def kept_bytes(self, by_m: list[GemmChoice], decode_m: int = 1, budget: int = 0) -> int:
+    def kept_bytes(self, by_m: list[GemmChoice], budget: int = 0) -> int:
         """Bytes ``prepare`` keeps beyond the loaded weight."""
-        return self.plan(by_m, decode_m, budget).extra_bytes
+        return self.plan(by_m, budget).extra_bytes
 
-    def prepare(self, by_m: list[GemmChoice], decode_m: int = 1, budget: int = 0) -> LayoutPlan:
+    def prepare(self, by_m: list[GemmChoice], budget: int = 0) -> LayoutPlan:
         """Use ``by_m[M]`` for M tokens (the last entry beyond its end) as far as the layouts kept allow
         (``budget``: bytes for layouts beyond the one); pack them and drop the loaded weight unless kept."""
-        plan = self.plan(by_m, decode_m, budget)
+        plan = self.plan(by_m, budget)
         w = self.weight.detach()
         if w.is_meta:  # prepared before and dropped: only the same layouts can serve again
             if set(plan.layouts) != self._layouts:
