@@ -40,7 +40,7 @@ from meshserve.engine.stop import StopChecker
 from meshserve.engine.timeline import now
 from meshserve.errors import InputError, require
 from meshserve.kernels.profile import GemmTable
-from meshserve.memory import MemoryNeed, check_memory
+from meshserve.memory import MemoryNeed, check_memory, release_free_heap
 from meshserve.models.config import dtype_name
 from meshserve.models.layers.quant_experts import QuantExperts
 from meshserve.models.loader import build_model, load_config, meta_model, model_bytes, weight_bytes
@@ -122,6 +122,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
         if self.spec is not None:
             self.spec.attach(self.model)
+        release_free_heap()  # the holes loading and packing left in the heap are not steady memory
         self.stopper = StopChecker(self.tokenizer, mc.eos_token_ids, max_model_len)
         self.grammars = Grammars(self.tokenizer, mc.vocab_size, mc.eos_token_ids)
         self.role = config.role  # prefill: requests past their first token go to ``handoffs`` (engine/pd/)

@@ -22,6 +22,7 @@ from meshserve.kernels import native
 
 BLOCK_COLS = 16  # output columns per packed block (csrc/bf16_dot_tile.h kBlockCols)
 PANEL_COLS = 64  # output columns per brgemm panel (csrc/brgemm_linear.cpp kPanelCols)
+SCRATCH_BYTES = 32 << 20  # _vnni_in_place: blocks staged at once
 
 
 def _vnni(weight: torch.Tensor, cols: int) -> torch.Tensor:
@@ -38,16 +39,45 @@ def _vnni(weight: torch.Tensor, cols: int) -> torch.Tensor:
     return padded.reshape(nb, cols, k2, 2).permute(0, 2, 1, 3).reshape(nb, k2, 2 * cols).contiguous()
 
 
-def pack_bf16_pairs(weight: torch.Tensor) -> torch.Tensor:
+def _vnni_in_place(weight: torch.Tensor, cols: int) -> torch.Tensor | None:
+    """``_vnni`` written over the weight's own storage, or None where it needs padding (N not a multiple of
+    ``cols``, K odd) or the weight is not contiguous bfloat16. Block b of the layout takes the bytes of
+    rows b*cols..(b+1)*cols-1, so each run of blocks is staged through one scratch of at most SCRATCH_BYTES
+    and written back over itself: packing a 1B model's 500 MiB tied lm_head holds no second copy, and the
+    scratch is the only allocation. The weight's values are gone afterwards: the caller drops it."""
+    n, k = weight.shape
+    if n % cols or k % 2 or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+        return None
+    nb, k2 = n // cols, k // 2
+    source = weight.view(nb, cols, k2, 2).permute(0, 2, 1, 3)  # [nb, k2, cols, 2], the layout's order
+    out = weight.view(nb, k2, cols, 2)
+    block = cols * k
+    step = max(1, SCRATCH_BYTES // (block * weight.element_size()))
+    # one size for every layer, above glibc's largest mmap threshold: mapped and unmapped whole, so the
+    # scratches of a model's many layers leave no holes in the heap
+    flat = torch.empty(max(step * block, SCRATCH_BYTES // weight.element_size()), dtype=weight.dtype)
+    for b in range(0, nb, step):  # read a run of blocks whole before writing over it
+        m = min(step, nb - b)
+        scratch = flat[: m * block].view(m, k2, cols, 2)
+        scratch.copy_(source[b : b + m])
+        out[b : b + m].copy_(scratch)
+    return out.view(nb, k2, 2 * cols)
+
+
+def pack_bf16_pairs(weight: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """W [N, K] -> [ceil(N/16), ceil(K/2), 32] bfloat16: per 16-column block and k-pair, the 16 columns'
-    (w[k], w[k+1]) side by side (one 512-bit load per dot product). N and K are zero-padded."""
-    return _vnni(weight, BLOCK_COLS)
+    (w[k], w[k+1]) side by side (one 512-bit load per dot product). N and K are zero-padded. ``in_place``:
+    over the weight's own storage where no padding is needed (_vnni_in_place), else a new tensor."""
+    packed = _vnni_in_place(weight, BLOCK_COLS) if in_place else None
+    return _vnni(weight, BLOCK_COLS) if packed is None else packed
 
 
-def pack_bf16_panels(weight: torch.Tensor) -> torch.Tensor:
+def pack_bf16_panels(weight: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """W [N, K] -> [ceil(N/64), ceil(K/2), 128] bfloat16: per 64-column panel, brgemm's VNNI layout
-    [K/2][64][2] (each column's k-pair side by side). N and K are zero-padded."""
-    return _vnni(weight, PANEL_COLS)
+    [K/2][64][2] (each column's k-pair side by side). N and K are zero-padded. ``in_place`` as for
+    pack_bf16_pairs."""
+    packed = _vnni_in_place(weight, PANEL_COLS) if in_place else None
+    return _vnni(weight, PANEL_COLS) if packed is None else packed
 
 
 def brgemm_linear(

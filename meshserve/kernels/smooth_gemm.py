@@ -128,6 +128,16 @@ def run_bmm(
     return torch.bmm(x, weight.transpose(1, 2))
 
 
+def _sole_holder(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is all of its storage and nothing else (a view, a detached alias) holds it: then
+    packing may write over it. A parameter shared by two modules (a tied embedding) is one tensor."""
+    if weight.is_meta:
+        return False
+    storage = weight.untyped_storage()
+    # two holders: the weight and `storage` here
+    return storage.nbytes() == weight.nbytes and torch._C._storage_Use_Count(storage._cdata) <= 2
+
+
 class SmoothLinear(nn.Linear):
     """``nn.Linear`` (same parameters, same loading) whose forward runs the primitive its table picks for M.
 
@@ -155,6 +165,7 @@ class SmoothLinear(nn.Linear):
         """Use ``by_m[M]`` for M tokens (the last entry beyond its end) as far as the layouts kept allow
         (``budget``: bytes for layouts beyond the one); pack them and drop the loaded weight unless kept."""
         plan = self.plan(by_m, budget)
+        own = len(plan.layouts) == 1 and _sole_holder(self.weight)  # the one layout may take its bytes
         w = self.weight.detach()
         if w.is_meta:  # prepared before and dropped: only the same layouts can serve again
             if set(plan.layouts) != self._layouts:
@@ -162,8 +173,8 @@ class SmoothLinear(nn.Linear):
             self._by_m = plan.by_m
             return plan
         self._layouts = set(plan.layouts)
-        self._pairs = pack_bf16_pairs(w) if "pairs" in self._layouts else None
-        self._panels = pack_bf16_panels(w) if "panels" in self._layouts else None
+        self._pairs = pack_bf16_pairs(w, own) if "pairs" in self._layouts else None
+        self._panels = pack_bf16_panels(w, own) if "panels" in self._layouts else None
         packed = "packed" in self._layouts or ("packed_f32" in self._layouts and w.dtype == torch.float32)
         self._packed = pack_weight(w) if packed else None
         f32 = "packed_f32" in self._layouts and w.dtype != torch.float32

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshserve.kernels import native
+from meshserve.kernels import bf16_gemm, native
 from meshserve.kernels.bf16_gemm import (
     bf16_linear,
     bf16_linear_reference,
@@ -128,6 +128,18 @@ def test_pack_layout_pairs_k_per_column():
     assert p[0, 1, :6].tolist() == [2.0, 3.0, 7.0, 8.0, 12.0, 13.0]  # pair k=2,3 of columns 0, 1, 2
     assert p[0, 2, :6].tolist() == [4.0, 0.0, 9.0, 0.0, 14.0, 0.0]  # odd-K tail pairs with zero
     assert p[0, :, 6:].abs().sum() == 0  # padded columns
+
+
+@pytest.mark.parametrize("pack", [pack_bf16_pairs, pack_bf16_panels])
+def test_packing_in_place_takes_the_weights_storage_and_equals_a_copy(pack, monkeypatch):
+    monkeypatch.setattr(bf16_gemm, "SCRATCH_BYTES", 3 * 64 * 96 * 2)  # 3 panels / 12 pair blocks per run
+    w = (torch.randn(320, 96) * 0.05).to(torch.bfloat16)
+    expected = pack(w)
+    packed = pack(w, in_place=True)
+    assert packed.data_ptr() == w.data_ptr() and torch.equal(packed, expected)
+    odd = torch.randn(70, 96).to(torch.bfloat16)  # padding needed: a new tensor, the weight untouched
+    before = odd.clone()
+    assert torch.equal(pack(odd, in_place=True), pack(before)) and torch.equal(odd, before)
 
 
 def test_mismatched_packed_weight_is_rejected():

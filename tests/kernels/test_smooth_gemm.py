@@ -7,8 +7,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+from meshserve.kernels import bf16_gemm
 from meshserve.kernels.bf16_gemm import pack_bf16_pairs, pack_bf16_panels
+from meshserve.kernels.profile import GemmTable
 from meshserve.kernels.smooth_gemm import (
     KERNELS,
     NATIVE_KERNELS,
@@ -20,6 +24,8 @@ from meshserve.kernels.smooth_gemm import (
     run_bmm,
     run_choice,
 )
+from meshserve.models import load_model
+from meshserve.testing import make_tiny_model
 
 # bfloat16 rounds the output once; the float32 kernels only sum in another order.
 TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 1.6e-2}}
@@ -126,3 +132,55 @@ def test_expert_bmm_equals_torch_bmm(kernel):
     x = torch.randn(4, 5, 8).to(torch.bfloat16)
     out = run_bmm(GemmChoice(kernel), x, w, w.float())
     torch.testing.assert_close(out, torch.bmm(x, w.transpose(1, 2)), **TOL[torch.bfloat16])
+
+
+class NewTensors(TorchDispatchMode):
+    """Bytes of every tensor an op allocates (an output sharing no storage with the op's inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in _strided(args, kwargs)}
+        self.sizes += [
+            t.untyped_storage().nbytes()
+            for t in _strided(out)
+            if t.untyped_storage().data_ptr() not in inputs
+        ]
+        return out
+
+
+def _strided(*trees) -> list[torch.Tensor]:
+    """The tensors with storage (not meta, not oneDNN's opaque layout) among ``trees``' leaves."""
+    leaves = tree_leaves(trees)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and not t.is_meta and t.layout == torch.strided]
+
+
+def test_a_tied_head_packs_over_its_loaded_weight_and_never_holds_two_copies(
+    tmp_path, monkeypatch, native_op
+):
+    # every layer's 64-column panel 8 KiB (hidden and intermediate 64), the head 64 KiB (vocab 512)
+    path = make_tiny_model(
+        tmp_path / "m", arch="llama", dtype="bfloat16", tie_word_embeddings=True, intermediate_size=64
+    )
+    lm = load_model(path)
+    head = lm.model.lm_head
+    loaded, head_bytes = head.weight.data_ptr(), head.weight.nbytes
+    ids = torch.tensor([0, 5, 300])
+    rows = head.weight[ids].clone()
+    monkeypatch.setattr(bf16_gemm, "SCRATCH_BYTES", head_bytes // 8)  # the head in eight runs of panels
+    with NewTensors() as new:
+        lm.model.prepare_gemms(GemmTable({"bfloat16": {"*": [(1, GemmChoice("brgemm"))]}}), max_tokens=16)
+    assert head._panels.data_ptr() == loaded and head.weight.is_meta
+    assert new.sizes and max(new.sizes) <= head_bytes // 8  # a scratch, never the head again
+    assert torch.equal(lm.model.embed_tokens(ids), rows)  # the embedding reads the packed rows
+
+
+def test_a_weight_held_elsewhere_is_packed_into_a_new_tensor(native_op):
+    layer = SmoothLinear(64, 128, bias=False).to(torch.bfloat16)
+    alias = layer.weight.detach()  # a view someone still reads
+    before = alias.clone()
+    layer.prepare([GemmChoice("brgemm")] * 9)
+    assert torch.equal(alias, before) and layer._panels.data_ptr() != alias.data_ptr()
