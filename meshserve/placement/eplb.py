@@ -114,7 +114,7 @@ def pack(
         if near is None:
             choice = after.argmin(axis=1)
         else:
-            # devices this replica does not push past the bound (a blocked one is inf: never), or the
+            # devices this replica does not push past the (finite) bound (a blocked one is inf: never), or the
             # least loaded
             close = np.less_equal(after, limit[:m], out=fits_rows[:m])
             some = close.any(axis=1)
