@@ -8,7 +8,10 @@ replicas per MoE layer (spread_placement: experts 0, 1, ... get them in turn, so
 replicated) and no live balancing, once per dispatch rule; runs interleaved (even, balanced, even,
 ...). Per rule: the mean over steps and MoE layers of max/mean pairs computed per rank (one step's
 imbalance, what that step waits for), the same on the loads summed over the run, the p50 / p90 step
-time (median over repeats), and whether the greedy tokens equal the even rule's.
+time (median over repeats), and whether the greedy tokens equal the even rule's. Then the balanced
+rule's quota solve alone (balanced.replica_bounds, what every rank runs per MoE layer per step) on
+the run's own per-layer expert counts: the native operator and its numpy reference, microseconds
+per layer.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ import numpy as np
 from ep_migration import skewed_model, workload
 
 from meshserve.engine import LLM, SamplingParams
+from meshserve.engine.distributed.balanced import replica_bounds, replica_bounds_reference
+from meshserve.engine.distributed.expert_map import spread_placement
+from meshserve.kernels import native
 
 RULES = ("even", "balanced")
 
 
 def serve(model: Path, ranks: int, rule: str, requests: int) -> dict:
-    """One run: per-step wall time and pairs computed per rank [steps, ranks, moe_layers], and the tokens."""
+    """One run: per-step wall time, pairs computed per rank [steps, ranks, moe_layers], pairs per expert
+    [steps, moe_layers, experts] and the tokens."""
     args = dict(
         data_parallel_size=ranks,
         oversubscribe=True,  # --ranks 4 on a 2-core machine
@@ -43,14 +50,37 @@ def serve(model: Path, ranks: int, rule: str, requests: int) -> dict:
     with LLM(str(model), **args) as llm:
         engine = llm.engine
         ids = [engine.add_request(prompt, params) for prompt in workload(requests)]
-        times, routed, out = [], [], {}
+        times, routed, counts, out = [], [], [], {}
         while engine.has_unfinished():
             start = time.perf_counter()
             for o in engine.step():
                 out[o.request_id] = o.token_ids
             times.append(time.perf_counter() - start)
             routed.append(engine.last_stats["routed"])
-    return {"times": np.array(times), "routed": np.array(routed), "tokens": [out.get(i) for i in ids]}
+            counts.append(engine.last_stats["expert_counts"])
+    return {
+        "times": np.array(times),
+        "routed": np.array(routed),
+        "counts": np.array(counts),
+        "tokens": [out.get(i) for i in ids],
+    }
+
+
+def solve_us(counts: np.ndarray, ranks: int) -> dict[str, float]:
+    """Mean microseconds of one MoE layer's quota solve over counts [steps, moe_layers, experts] on the run's
+    placement (spread_placement with ``ranks`` redundant replicas), native and numpy reference."""
+    steps, layers, experts = counts.shape
+    holds = spread_placement(layers, experts, ranks, ranks)
+    out = {}
+    for name, solve in (("native", replica_bounds), ("numpy reference", replica_bounds_reference)):
+        if name == "native" and not native.load():
+            continue
+        start = time.perf_counter()
+        for step in counts:
+            for layer, c in enumerate(step):
+                solve(holds[layer], c)
+        out[name] = 1e6 * (time.perf_counter() - start) / (steps * layers)
+    return out
 
 
 def max_over_mean(routed: np.ndarray) -> float:
@@ -84,6 +114,11 @@ def main() -> None:
                     f"{max_over_mean(first['routed'].sum(axis=0)):13.3f} {p50:12.1f} {p90:12.1f} "
                     f"{len(first['times']):6d}  {same}"
                 )
+            solve = solve_us(runs["balanced"][0]["counts"], ranks)
+            print(
+                "balanced quota solve per MoE layer: "
+                + ", ".join(f"{k} {v:.1f} us" for k, v in solve.items())
+            )
 
 
 if __name__ == "__main__":

@@ -104,8 +104,10 @@ def _level(placement: Placement, counts: np.ndarray, sweeps: int) -> tuple[np.nd
     for _ in range(sweeps):
         for (c, cols, step, _), share, view, move in zip(groups, shares, views, pairs, strict=True):
             if move is None:
-                others = load[:, cols] - share  # [B, M, r] the holders' load without this expert
-                view[...] = step * (_levelled(others, c) - share)
+                others = np.take(load, cols, axis=1)  # [B, M, r] the holders' load without this expert
+                others -= share
+                np.subtract(_levelled(others, c), share, out=view)
+                view *= step
                 share += view
                 continue
             np.take(load, cols, axis=1, out=move)  # two holders: the same float32 steps, in place
@@ -129,15 +131,43 @@ def _level_pair(others: np.ndarray, count: np.ndarray) -> None:
     np.subtract(count, first, out=others[..., 1])
 
 
+# replicas up to which _levelled sorts by a network of min / max (r^2 / 2 array ops, each over every expert)
+SORT_NETWORK_MOST = 8
+
+
 def _levelled(others: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """[B, M, r] the split of ``count`` [B, M] over r holders that levels their loads ``others``."""
-    if others.shape[2] == 2:  # closed form: half the difference, clipped to what there is
+    """[B, M, r] the split of ``count`` [B, M] over r holders that levels their loads ``others``.
+
+    Water-filling: the k lowest holders rise to (count + their loads) / k for the largest k whose
+    level still tops the k-th lowest load. Computed one holder rank at a time over all B x M
+    experts at once (a sorting network of min / max, then running sums): numpy's sort and cumsum
+    along a short last axis cost ~300 ns per expert, most of `reproduce balance`'s time. The same
+    float32 sums in the same order as a sort and cumsum along the axis, so the split is the same.
+    """
+    r = others.shape[2]
+    if r == 2:  # closed form: half the difference, clipped to what there is
         first = np.clip((count + others[..., 1] - others[..., 0]) / 2, 0, count)
         return np.stack([first, count - first], axis=2)
-    low = np.sort(others, axis=2)
-    level = (count[..., None] + np.cumsum(low, axis=2)) / np.arange(1, others.shape[2] + 1)
-    filled = np.maximum((level > low).sum(axis=2, keepdims=True) - 1, 0)  # holders under the level
-    return np.maximum(np.take_along_axis(level, filled, axis=2) - others, 0.0)
+    ranked = np.moveaxis(others, 2, 0)  # [r, B, M]: each holder rank one contiguous array
+    if r > SORT_NETWORK_MOST:  # few such experts: numpy's sort, the same values in the same order
+        low = list(np.moveaxis(np.sort(others, axis=2), 2, 0).copy())
+    else:
+        low = list(ranked.copy())
+        for sweep in range(r):  # odd-even transposition: r rounds sort r values
+            for k in range(sweep % 2, r - 1, 2):
+                low[k], low[k + 1] = np.minimum(low[k], low[k + 1]), np.maximum(low[k], low[k + 1])
+    levels, under, total = [], np.zeros(count.shape, dtype=np.int8), low[0].copy()
+    for k in range(r):
+        if k:
+            total += low[k]  # cumsum's float32 running sum, lowest first
+        # float64, as numpy divides the float32 sum by an int64 arange
+        levels.append(np.divide(np.add(count, total), k + 1, dtype=np.float64))
+        under += levels[k] > low[k]
+    filled, fill = np.maximum(under - 1, 0), levels[0]  # the level of the most holders under it
+    for k in range(1, r):
+        np.copyto(fill, levels[k], where=filled == k)
+    out = np.subtract(fill, ranked)
+    return np.moveaxis(np.maximum(out, 0.0, out=out), 0, 2)
 
 
 def for_dispatch(plan: Placement, load: np.ndarray, rule: str) -> Placement:

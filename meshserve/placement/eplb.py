@@ -71,12 +71,20 @@ def pack(
     width = int(count.max(initial=0))
     active = (count[None, :] > np.arange(width)[:, None]).sum(axis=1)  # layers placing at each rank
     expert, weight = heaviest_first(load[by_count], reps[by_count], width)  # [width, layers]
-    holds = np.zeros((layers, experts, num_devices), dtype=bool)
+    holds = np.zeros((layers * experts, num_devices), dtype=bool)  # row: layer (by_count) x experts + expert
+    first = np.arange(layers) * experts  # each layer's first row in holds
     used = np.zeros((layers, num_devices), dtype=np.int64)
     full = np.zeros((layers, num_devices), dtype=bool)
     dev_load = np.zeros((layers, num_devices))
     tokens, score, scratch = (np.empty((layers, num_devices)) for _ in range(3))  # reused buffers
-    near = None if current is None else nearest_holder(current, np.asarray(hops, dtype=np.float64))
+    blocked_rows, fits_rows = (np.empty((layers, num_devices), dtype=bool) for _ in range(2))
+    near = None
+    if current is not None:  # hops to the nearest holder, rows as holds'
+        near = nearest_holder(current, np.asarray(hops, dtype=np.float64))[by_count]
+        near, hops_rows = (
+            near.reshape(layers * experts, num_devices),
+            np.empty((layers, num_devices), near.dtype),
+        )
     limit, twice = ideal * (1.0 + slack), 2 * ideal
     if cost is not None:  # DeviceCost.score's terms, in its order; the weight term kept per device
         fc, cpt, io, a2a = (
@@ -86,10 +94,13 @@ def pack(
             cost.a2a_s_per_token,
         )
         memory = cost.fixed_memory_s + (used + 1) * cost.weight_s_per_expert
+    everyone = np.arange(layers)
     for i in range(width):
         m = int(active[i])
-        rows, e, w = np.arange(m), expert[i, :m], weight[i, :m, None]
-        blocked = holds[rows, e]  # a copy: the devices that hold this expert already, or are full
+        rows, w = everyone[:m], weight[i, :m, None]
+        item = first[:m] + expert[i, :m]
+        # the devices that hold this expert already, or are full (np.take: rows of holds, no fancy index)
+        blocked = np.take(holds, item, axis=0, out=blocked_rows[:m])
         blocked |= full[:m]
         after = np.add(dev_load[:m], w, out=tokens[:m])  # the device's tokens with this replica
         if cost is not None:  # max(fc + tokens x cpt, memory + tokens x io) + tokens x a2a
@@ -103,21 +114,29 @@ def pack(
         if near is None:
             choice = after.argmin(axis=1)
         else:
-            # devices this replica does not push past the bound, or the least loaded
-            fits = ~blocked & (after <= limit[:m])
-            close = np.where(fits.any(axis=1, keepdims=True), fits, after == after.min(axis=1, keepdims=True))
-            hops_to = np.where(close, near[by_count[:m], e], np.inf)  # 0 where it already holds the expert
-            choice = (hops_to + after / twice[:m]).argmin(axis=1)
+            # devices this replica does not push past the (finite) bound (a blocked one is inf: never), or the
+            # least loaded
+            close = np.less_equal(after, limit[:m], out=fits_rows[:m])
+            some = close.any(axis=1)
+            if not some.all():
+                close = np.where(some[:, None], close, after == after.min(axis=1, keepdims=True))
+            hops_to = np.take(near, item, axis=0, out=hops_rows[:m])  # 0 where it already holds the expert
+            np.putmask(hops_to, ~close, np.inf)
+            choice = (hops_to + np.divide(after, twice[:m], out=scratch[:m])).argmin(axis=1)
         placed = ~blocked[rows, choice]  # a layer with no room left for this expert drops the replica
-        r, c = rows[placed], choice[placed]
-        holds[r, e[placed], c] = True
+        r, c, at, w = (
+            (rows, choice, item, w[:, 0])
+            if placed.all()
+            else (rows[placed], choice[placed], item[placed], w[placed, 0])
+        )
+        holds[at, c] = True
         used[r, c] += 1
         full[r, c] = used[r, c] >= slots
-        dev_load[r, c] += w[placed, 0]
+        dev_load[r, c] += w
         if cost is not None:
             memory[r, c] = cost.fixed_memory_s + (used[r, c] + 1) * cost.weight_s_per_expert
-    out = np.empty_like(holds)
-    out[by_count] = holds
+    out = np.empty((layers, experts, num_devices), dtype=bool)
+    out[by_count] = holds.reshape(layers, experts, num_devices)
     return out
 
 

@@ -3,6 +3,8 @@
 Every rank keeps the last ``window_size`` steps of the expert loads its router produced. Every
 ``step_interval`` steps the windows are summed onto rank 0, which runs the configured balancer
 (meshserve.placement: the same planners the wafer simulator costs) and broadcasts the new placement.
+Under ``ep_dispatch="balanced"`` a plan is applied and scored as the simulator does for that rule
+(:func:`live_policy`): its replica groups joined, its balancedness on the levelled loads.
 The copies that build it (migration.py) run:
 
 - invasive: all at once inside the step that planned them; that step waits (vLLM / SGLang's way);
@@ -44,10 +46,23 @@ from meshserve.placement import (
 )
 
 
-def balancedness(placement: Placement, load: np.ndarray) -> float:
-    """vLLM's balancedness: mean over ranks / max over ranks of the token load, averaged over layers."""
-    per_rank = placement.device_load(load)
+def balancedness(placement: Placement, load: np.ndarray, policy: BalanceConfig | None = None) -> float:
+    """vLLM's balancedness: mean over ranks / max over ranks of the token load, averaged over layers; the
+    load split over replicas by ``policy``'s dispatch rule (None: the even split)."""
+    per_rank = (policy or BalanceConfig()).device_load(placement, load)
     return float((per_rank.mean(axis=-1) / np.maximum(per_rank.max(axis=-1), 1e-12)).mean())
+
+
+def live_policy(cfg: EPLBConfig, dispatch: str) -> BalanceConfig:
+    """The planners' knobs for a live balancer whose ranks dispatch by ``dispatch`` (ep_dispatch): under
+    ``balanced`` its plans are applied and scored as the simulator does (BalanceConfig.applied: the replica
+    groups joined so the step's levelling reaches every rank; device_load: the balanced split's loads)."""
+    return BalanceConfig(
+        num_redundant_experts=cfg.num_redundant_experts,
+        window_size=cfg.window_size,
+        step_interval=cfg.step_interval,
+        dispatch=dispatch,
+    )
 
 
 class LiveBalancer:
@@ -63,12 +78,8 @@ class LiveBalancer:
         self.tick = 0
         self.slots = slots_per_device(experts, world_size, cfg.num_redundant_experts)
         self.hops = 1 - np.eye(world_size)  # ranks behind one switch: every peer is one hop away
-        policy = BalanceConfig(
-            num_redundant_experts=cfg.num_redundant_experts,
-            window_size=cfg.window_size,
-            step_interval=cfg.step_interval,
-        )
-        self.planner = make_balancer(cfg.balancer, policy, self.hops, cfg.num_redundant_experts)
+        self.policy = live_policy(cfg, ep.dispatch)
+        self.planner = make_balancer(cfg.balancer, self.policy, self.hops, cfg.num_redundant_experts)
         self.base = Placement(spread_placement(layers, experts, world_size, 0), self.slots)
         self.side = self._side_group()
         self.migration: Migration | None = None
@@ -106,7 +117,8 @@ class LiveBalancer:
         new = torch.zeros(layers, experts, ranks, dtype=torch.uint8)
         current = Placement(self.ep.holds, self.slots)
         if self.rank == 0:
-            new = torch.from_numpy(self.planner.plan(load.numpy(), current, self.base).holds.astype(np.uint8))
+            plan = self.policy.applied(self.planner.plan(load.numpy(), current, self.base), load.numpy())
+            new = torch.from_numpy(plan.holds.astype(np.uint8))
         dist.broadcast(new, src=0)
         target = Placement(new.numpy().astype(bool), self.slots)
         target.validate()
@@ -119,8 +131,8 @@ class LiveBalancer:
             "balancer": self.cfg.balancer,
             "copies": len(moves),
             "bytes": len(moves) * self.ep.expert_bytes(),
-            "balancedness_before": balancedness(current, load.numpy()),
-            "balancedness_after": balancedness(target, load.numpy()),
+            "balancedness_before": balancedness(current, load.numpy(), self.policy),
+            "balancedness_after": balancedness(target, load.numpy(), self.policy),
             "holds_before": current.holds,
             "holds_after": target.holds,
             "load": load.numpy(),

@@ -27,7 +27,7 @@ class ExpertParallel:
         group: dist.ProcessGroup | None = None,
         dispatch: str = "even",
     ) -> None:
-        self.rank = rank
+        self.rank, self.dispatch = rank, dispatch
         self._dtype, self.device = next(model.parameters()).dtype, next(model.parameters()).device
         self.map = ExpertMap(holds, self.device)
         self.layers: list[ExpertParallelMoE] = []

@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshserve.engine import LLM
-from meshserve.engine.distributed.balanced import balanced_picks, replica_bounds
+from meshserve.engine.distributed.balanced import balanced_picks, replica_bounds, replica_bounds_reference
 from meshserve.engine.distributed.expert_map import ExpertMap
 from meshserve.errors import InputError
+from meshserve.kernels import native
 from tests.engine.distributed.helpers import ARGS, assert_all_exited, tokens
 
 
@@ -17,6 +20,31 @@ def test_quotas_level_the_ranks_and_keep_every_pair():
     holds = np.array([[True, True], [False, True]])  # expert 0 on ranks 0 and 1, expert 1 on rank 1
     bounds = replica_bounds(holds, np.array([10, 6]))
     np.testing.assert_array_equal(bounds, [[8, 10], [6, 6]])  # rank 0: 8 pairs of expert 0, rank 1: 2 + 6
+
+
+@st.composite
+def layers(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int]:
+    """A replica table [experts, ranks] (every expert on some rank), the step's counts and the sweeps."""
+    experts, ranks = draw(st.integers(1, 24)), draw(st.integers(1, 8))
+    cells = st.lists(st.booleans(), min_size=experts * ranks, max_size=experts * ranks)
+    holds = np.array(draw(cells), dtype=bool).reshape(experts, ranks)
+    homes = draw(st.lists(st.integers(0, ranks - 1), min_size=experts, max_size=experts))
+    holds[np.arange(experts), homes] = True
+    most = draw(st.sampled_from([3, 60, 5000, 10**6]))
+    counts = np.array(
+        draw(st.lists(st.integers(0, most), min_size=experts, max_size=experts)), dtype=np.int64
+    )
+    return holds, counts, draw(st.integers(1, 40))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(layers())
+def test_the_native_solve_gives_the_reference_quotas(layer):
+    assert native.load(), f"native kernels missing: run `{native.BUILD_COMMAND}` (make test does)"
+    holds, counts, sweeps = layer
+    np.testing.assert_array_equal(
+        replica_bounds(holds, counts, sweeps), replica_bounds_reference(holds, counts, sweeps)
+    )
 
 
 def test_every_rank_picks_its_own_pairs_and_together_they_fill_each_quota():

@@ -10,7 +10,9 @@ from meshserve.engine.distributed.worker import FAULT_ENV
 from tests.engine.distributed.helpers import ARGS, serve_until_migrated, tokens
 
 
-def generate_until_migrated(mixtral: str, ranks: int, expected: list[list[int]], **eplb) -> list[dict]:
+def generate_until_migrated(
+    mixtral: str, ranks: int, expected: list[list[int]], dispatch: str = "even", **eplb
+) -> list[dict]:
     """Serve PROMPTS again and again (tokens checked every time) until a migration has switched in."""
     config = {"window_size": 2, "step_interval": 2, "num_redundant_experts": 2, "chunk_bytes": 16384, **eplb}
     with LLM(
@@ -20,6 +22,7 @@ def generate_until_migrated(mixtral: str, ranks: int, expected: list[list[int]],
         enable_expert_parallel=True,
         enable_eplb=True,
         eplb_config=config,
+        ep_dispatch=dispatch,
         **ARGS,
     ) as llm:
         serve_until_migrated(llm, expected)
@@ -34,6 +37,13 @@ def test_non_invasive_migration_on_four_ranks_keeps_the_tokens(mixtral, expected
     # step_interval gaps, one more for the chunk that did not fit, and the switch at the next boundary.
     assert all(m["switch_tick"] - m["tick"] <= 4 for m in done), [(m["tick"], m["switch_tick"]) for m in done]
     assert all(m["bytes"] > 0 and m["copies"] > 0 for m in done)
+
+
+def test_a_balanced_dispatch_migrates_to_joined_plans_and_keeps_the_tokens(mixtral, expected):
+    migrations = generate_until_migrated(mixtral, 2, expected, "balanced", mode="invasive", balancer="greedy")
+    assert migrations and not any(m.get("error") for m in migrations)
+    # the planner's table as the ranks dispatch it (eplb.live_policy), scored on the levelled loads
+    assert all(m["balancedness_after"] >= m["balancedness_before"] - 1e-9 for m in migrations)
 
 
 @pytest.mark.slow
