@@ -22,7 +22,7 @@ import httpx
 from tqdm.auto import tqdm
 
 from meshserve.engine.async_llm import AsyncLLM
-from meshserve.memory import pin_mmap_threshold, rss_mib
+from meshserve.memory import pin_malloc_thresholds, rss_mib
 from meshserve.server.serve import ServerThread, free_port
 from meshserve.testing import make_tiny_model
 
@@ -81,7 +81,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=200, help="requests before the first RSS reading")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    pin_mmap_threshold()  # as `meshserve serve` does
+    pin_malloc_thresholds()  # as `meshserve serve` does
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model(
             Path(tmp) / "llama",

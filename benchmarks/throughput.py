@@ -16,7 +16,8 @@ meshserve runs all requests through its token-budget scheduler. Both print outpu
 Then a steady-state run of ``--steps`` engine steps (requests keep arriving; first arch, last
 dtype) checks that the KV cache is allocated once (same tensors, same addresses) and resident
 memory stays flat (within 2% from the first quarter of the run to the end; the RSS series is
-printed). glibc's mmap threshold is pinned for that part (see ``pin_mmap_threshold``).
+printed). glibc's malloc thresholds are pinned for that part, as the server pins them
+(``pin_malloc_thresholds``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from meshserve.engine import LLM, SamplingParams
-from meshserve.memory import pin_mmap_threshold, rss_mib
+from meshserve.memory import pin_malloc_thresholds, rss_mib
 from meshserve.testing import make_tiny_model
 
 LLAMA = {
@@ -225,8 +226,8 @@ def main() -> None:
                 if (arch, dtype) == (args.archs[0], args.dtypes[-1]):
                     steady_path = path
         if args.steps:
-            # After the timed runs: the pinned threshold makes every large tensor an mmap (slower).
-            print(f"glibc mmap threshold pinned: {pin_mmap_threshold()}")
+            # After the timed runs, as the server runs: malloc thresholds pinned.
+            print(f"glibc malloc thresholds pinned: {pin_malloc_thresholds()}")
             steady_state(steady_path, args.dtypes[-1], args.budget, args.steps, args.seed)
     print(
         f"\noutput tokens/s (floor for issue 5: meshserve >= 2x transformers); "

@@ -1,8 +1,10 @@
 """TTFT and TPOT split into phases, from a server's timeline file (``meshserve serve --trace-file``).
 
-TTFT (server side) = front (arrival -> queued: tokenize, wait for the running step to end)
-                   + queue (queued -> first scheduled) + prefill (first scheduled -> first token)
-                   + deliver (first token -> its delta on the event loop).
+TTFT (server side) = front (arrival -> queued) + queue (queued -> first scheduled)
+                   + prefill (first scheduled -> first token) + deliver (first token -> its delta on the
+                   event loop); front = parse (arrival -> submitted: the HTTP body read and validated,
+                   the prompt tokenized) + step wait (submitted -> queued: the engine thread finishing
+                   the step in progress before it takes the request).
 TPOT = (last token - first token) / (tokens - 1), the gaps between a request's tokens. Every step k
 runs start_k -> sampled_k -> end_k, so the time between two samplings, sampled_{k-1} -> sampled_k, is
 outputs (end_{k-1} - sampled_{k-1}: stop checks, detokenize, deltas) + loop (start_k - end_{k-1}:
@@ -22,6 +24,7 @@ import numpy as np
 from meshserve.errors import InputError
 
 TTFT_PARTS = ("front", "queue", "prefill", "deliver")
+FRONT_PARTS = ("parse", "step_wait")  # front, split (records with ``submitted``: AsyncLLM's trace)
 TPOT_PARTS = ("compute_decode", "compute_mixed", "outputs", "loop")
 
 
@@ -61,7 +64,8 @@ def within(
 
 def breakdown(steps: list[dict[str, Any]], requests: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Per request (those with a first token, and with 2+ tokens for the TPOT parts), seconds in each
-    phase: ``ttft`` and TTFT_PARTS, ``tpot`` and TPOT_PARTS (each per output token after the first)."""
+    phase: ``ttft`` and TTFT_PARTS (front also as FRONT_PARTS, NaN without ``submitted``), ``tpot`` and
+    TPOT_PARTS (each per output token after the first)."""
     done = [
         r for r in requests if r["token_times"] and r["queued"] is not None and r["scheduled"] is not None
     ]
@@ -75,6 +79,10 @@ def breakdown(steps: list[dict[str, Any]], requests: list[dict[str, Any]]) -> di
         "deliver": delivered - first,
         "ttft": delivered - col["arrival"],
     }
+    submitted = np.array(
+        [np.nan if r.get("submitted") is None else r["submitted"] for r in done], dtype=np.float64
+    )
+    out["parse"], out["step_wait"] = submitted - col["arrival"], col["queued"] - submitted
     multi = [r for r in done if len(r["token_times"]) > 1]
     t0 = np.array([r["token_times"][0] for r in multi], dtype=np.float64)
     t1 = np.array([r["token_times"][-1] for r in multi], dtype=np.float64)
@@ -120,5 +128,8 @@ def format_breakdown(parts: dict[str, np.ndarray], title: str = "") -> str:
         lines.append(
             f"{total.upper()} ({n} requests): mean {ms(parts[total])} ms, p99 {ms(parts[total], 99)} ms"
         )
-        lines += [f"  {name:<16} {ms(parts[name]):>8} ms" for name in names]
+        for name in names:
+            lines.append(f"  {name:<16} {ms(parts[name]):>8} ms")
+            if name == "front":
+                lines += [f"    {part:<14} {ms(parts[part]):>8} ms" for part in FRONT_PARTS]
     return "\n".join(lines)

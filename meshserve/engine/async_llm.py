@@ -98,11 +98,13 @@ class AsyncLLM:
         prompt: str | list[int],
         params: SamplingParams | PoolingParams,
         request_id: str | None = None,
+        arrival: float | None = None,
     ) -> RequestStream:
         """Queue a request (PoolingParams: an embedding); returns its stream of outputs. Raises InputError
         / EngineBusy / EngineDead before anything is queued. Call ``stream.abort()`` when done with it
-        early (in a finally)."""
-        arrival = now()
+        early (in a finally). ``arrival``: when the caller received it (``timeline.now()``; default now),
+        the start of its timeline."""
+        arrival = now() if arrival is None else arrival
         request_id = f"req-{next(self._ids)}" if request_id is None else request_id
         require(request_id not in self._streams, "request_id", f"{request_id!r} is already in use")
         here = isinstance(params, SamplingParams)  # its text is made here, off the engine thread
@@ -115,6 +117,7 @@ class AsyncLLM:
         try:
             token_ids = await self._tokenize(prompt)
             sent = True
+            stream.submitted = now()
             await self._call("add", (token_ids, params, request_id, not here, arrival))
         except BaseException as err:
             self._streams.pop(request_id, None)
@@ -264,6 +267,7 @@ class RequestStream:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
         self.text = text  # makes the outputs' text here, when the engine sends token ids only
+        self.submitted: float | None = None  # handed to the engine thread (tokenized): the trace's split
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -291,7 +295,7 @@ class RequestStream:
             if not engine_finished:  # ended here on stop strings: the engine frees what it still runs
                 self.llm.abort(self.request_id, ended=out)
             if timeline is not None and self.llm.trace is not None:
-                self.llm.trace.request(self.request_id, timeline)
+                self.llm.trace.request(self.request_id, timeline, submitted=self.submitted)
         else:
             for index in self.text.stopped if self.text is not None else ():
                 self.llm.abort(self.request_id, index)

@@ -4,8 +4,9 @@
                                                     each token: token_times[i]
                                                     each delta reaching its stream: delivered[j]
 
-``arrival`` is when the caller handed the request over (the server's handler, ``AsyncLLM``), ``queued``
-when the scheduler took it (after tokenization and the wait for the end of the running step),
+``arrival`` is when the caller received the request (the HTTP server: when its head reached the app;
+``AsyncLLM``'s caller otherwise), ``queued`` when the scheduler took it (after tokenization and the wait
+for the end of the running step; the trace file adds ``submitted``, the hand-over to the engine thread),
 ``scheduled`` its first step, ``token_times`` the end of the step that produced each output token, and
 ``delivered`` when each streamed delta reached the event loop (the cross-thread hop). The engine
 thread writes everything but ``delivered``; the event loop appends to that one only. Recording is a
@@ -91,8 +92,10 @@ class TimelineWriter:
         keys = ("start", "sampled", "end", "tokens", "num_seqs", "running", "waiting", "budget")
         self._write({"type": "step", **{k: stats[k] for k in keys if k in stats}})
 
-    def request(self, request_id: str, timeline: Timeline) -> None:
-        self._write(timeline.record(request_id))
+    def request(self, request_id: str, timeline: Timeline, submitted: float | None = None) -> None:
+        """``submitted``: when the front door handed it to the engine thread (AsyncLLM), splitting front
+        into parse (HTTP body, tokenization) and the wait for the step in progress to end."""
+        self._write({**timeline.record(request_id), "submitted": submitted})
 
     def _write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":")) + "\n"

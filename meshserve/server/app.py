@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from meshserve.engine.async_llm import AsyncLLM, EngineBusy, EngineDead, RequestStream
 from meshserve.engine.pooling import PoolingParams
 from meshserve.engine.sampling_params import check_choices
+from meshserve.engine.timeline import now
 from meshserve.errors import InputError, require
 from meshserve.server.admin import add_admin_routes
 from meshserve.server.auth import ApiKey
@@ -74,6 +75,8 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # the request's arrival (its timeline's start): before the body is read, parsed and tokenized
+        scope.setdefault("state", {})["arrival"] = now()
         size = dict(scope["headers"]).get(b"content-length")
         if size is not None and (not size.isdigit() or int(size) > self.limit):
             await self._refuse(scope, receive, send, size.decode("latin-1")[:40])
@@ -238,12 +241,13 @@ def build_app(
             stream.queue.put_nowait(EngineDead(reason))
         return len(cut)
 
-    async def start(prompts: list[str | list[int]], params: Any) -> list[RequestStream]:
+    async def start(prompts: list[str | list[int]], params: Any, request: Request) -> list[RequestStream]:
         """Queue every prompt (all or nothing: on an error the ones queued are aborted)."""
         streams: list[RequestStream] = []
+        arrival = getattr(request.state, "arrival", None)  # BodyLimit's stamp
         try:
             for prompt in prompts:
-                streams.append(await llm.add_request(prompt, params, f"cmpl-{uuid.uuid4().hex}"))
+                streams.append(await llm.add_request(prompt, params, f"cmpl-{uuid.uuid4().hex}", arrival))
         except BaseException:
             for stream in streams:
                 stream.abort()
@@ -260,7 +264,7 @@ def build_app(
         params = await constrained(params, body, grammars)
         prompts = [p for p in body.prompts()]
         check_choices(len(prompts), len(prompts) * params.n, "prompt")
-        streams = await start(prompts, params)
+        streams = await start(prompts, params, request)
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served_model_name}
         states = [
             ChoiceState(i * params.n + k, tokenizer, body.logprobs is not None, chat=False)
@@ -293,7 +297,7 @@ def build_app(
         prompt = await asyncio.to_thread(
             tokenizer.apply_chat_template, body.messages, body.add_generation_prompt, tools.tools
         )
-        streams = await start([prompt], params)
+        streams = await start([prompt], params, request)
         header = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),

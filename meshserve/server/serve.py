@@ -21,7 +21,7 @@ from typing import Any
 from meshserve.config import EngineConfig
 from meshserve.engine.async_llm import AsyncLLM
 from meshserve.errors import integer, number
-from meshserve.memory import pin_mmap_threshold
+from meshserve.memory import pin_malloc_thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def serve(
     integer(max_connections, "max_connections", 1)  # before the model loads
     check_task(task)
     api_key = api_key or switches.value("MESHSERVE_API_KEY") or None
-    pin_mmap_threshold()  # a long-running engine: freed tensors go back to the OS, RSS stays flat
+    pin_malloc_thresholds()  # a long-running engine: steps reuse heap memory, RSS flat after warm-up
     if pd_connect is None:
         llm = AsyncLLM.from_args(model, max_waiting=max_waiting, trace_file=trace_file, **engine_args)
     else:  # a front door over prefill / decode instances started on their own (engine/pd/remote.py)

@@ -32,6 +32,7 @@ def test_decode_gaps_split_into_compute_outputs_and_loop():
     request = {
         "type": "request",
         "arrival": -0.003,
+        "submitted": -0.0025,
         "queued": -0.001,
         "scheduled": 0.0,
         "finished": steps[-1]["end"],
@@ -43,6 +44,7 @@ def test_decode_gaps_split_into_compute_outputs_and_loop():
         [parts[k][0] for k in ("front", "queue", "prefill", "deliver", "ttft")],
         [0.002, 0.001, 0.010, 0.0015, 0.0145],
     )
+    np.testing.assert_allclose([parts["parse"][0], parts["step_wait"][0]], [0.0005, 0.0015])
     np.testing.assert_allclose(
         [parts[k][0] for k in ("tpot", "compute_decode", "compute_mixed", "outputs", "loop")],
         [0.007, 0.004, 0.0, 0.001, 0.002],
