@@ -280,6 +280,12 @@ def test_linear_reads_strided_rows_and_ignores_what_lies_past_k():
     wide[:, 96] = float("nan")
     y = quant_linear(wide[:, :96], pack_quant(w))
     assert_float32_close(y, quant_linear_reference(wide[:, :96], w), magnitude(wide[:, :96], w))
+    # the brgemm path reads bfloat16 rows in place when they need no act-order or padding
+    w = random_quant((), 33, 96, 4, 32, True, False, gen)
+    wide = torch.randn(40, 97, generator=gen).bfloat16()
+    wide[:, 96] = float("nan")
+    y = quant_linear(wide[:, :96], pack_quant(w), brgemm_rows=0)
+    assert_float32_close(y, quant_linear_reference(wide[:, :96].float(), w), magnitude(wide[:, :96], w))
 
 
 @pytest.mark.usefixtures("native_quant")

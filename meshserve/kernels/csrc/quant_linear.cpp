@@ -43,18 +43,27 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0) return out;
   const at::Tensor pm = perm.has_value() && perm->defined() ? *perm : at::Tensor();
-  at::Tensor a, sx;
-  std::tie(a, sx) = quant_args::kernel_rows(x, pm, w, group_size);
-  const float* as = a.data_ptr<float>();
-  // bfloat16 x: the same rows as bfloat16 bits (exact) for the dot and brgemm paths and int4's small pair tile
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const bool brgemm = bf16 && m >= brgemm_rows;
-  const bool pairs = m >= quant_tile::kDotRows || bits == 4 || brgemm;
-  const at::Tensor a16 = bf16 && pairs ? a.to(at::kBFloat16) : at::Tensor();
+  // The brgemm path reads bfloat16 x as it is when it is already in the kernel's K order (no act-order, no
+  // group padding); every other case makes the kernel rows (float32, with group sums) first.
+  const bool as_is =
+      brgemm && !pm.defined() && w.padded_k() == x.size(1) && x.stride(1) == 1 && x.stride(0) >= x.size(1);
+  at::Tensor a, sx, a16;
+  if (as_is) {
+    a16 = x;
+  } else {
+    std::tie(a, sx) = quant_args::kernel_rows(x, pm, w, group_size);
+    // bfloat16 x: the same rows as bfloat16 bits (exact) for the dot and brgemm paths and int4's pair tile
+    const bool pairs = m >= quant_tile::kDotRows || bits == 4 || brgemm;
+    if (bf16 && pairs) a16 = a.to(at::kBFloat16);
+  }
+  const float* as = a.defined() ? a.data_ptr<float>() : nullptr;
   const uint16_t* a16s = a16.defined() ? reinterpret_cast<const uint16_t*>(a16.data_ptr<at::BFloat16>()) : nullptr;
-  const float* sxs = sx.data_ptr<float>();
+  const float* sxs = sx.defined() ? sx.data_ptr<float>() : nullptr;
   const float* bs = b32.defined() ? b32.data_ptr<float>() : nullptr;
-  const int64_t lda = a.size(1), panels = (w.blocks + quant_tile::kPanelBlocks - 1) / quant_tile::kPanelBlocks;
+  const int64_t lda = as_is ? x.stride(0) : a.size(1);
+  const int64_t panels = (w.blocks + quant_tile::kPanelBlocks - 1) / quant_tile::kPanelBlocks;
   const int64_t row_block = quant_brgemm::task_rows(m, panels, brgemm, at::get_num_threads());
   const int64_t row_blocks = (m + row_block - 1) / row_block;
   float* of = bf16 ? nullptr : out.data_ptr<float>();
@@ -65,8 +74,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
     for (int64_t task = begin; task < end; ++task) {
       const int64_t panel = task / row_blocks, row0 = (task % row_blocks) * row_block;
       const int64_t rows = std::min(row_block, m - row0);
-      quant_brgemm::run_rows(w, panel, as + row0 * lda, a16s ? a16s + row0 * lda : nullptr, lda,
-                             sxs + row0 * w.groups, rows, brgemm ? 0 : rows + 1, scratch);
+      quant_brgemm::run_rows(w, panel, as ? as + row0 * lda : nullptr, a16s ? a16s + row0 * lda : nullptr, lda,
+                             sxs ? sxs + row0 * w.groups : nullptr, rows, brgemm ? 0 : rows + 1, scratch);
       const int64_t col0 = panel * kPanelCols, cols = std::min(kPanelCols, n - col0);
       for (int64_t r = 0; r < rows; ++r) {
         const float* src = scratch.c.data() + r * kPanelCols;
