@@ -8,9 +8,11 @@
 2. On random ~1B Llama shapes (benchmarks/load.py's DENSE, ``--layers`` of its 16 layers; written once to
    ``--dir``): mean KL(bf16 || quantized) of the next-token distributions and top-1 agreement over one
    prompt's positions; decode tok/s at batch 1 (``--decode-tokens`` tokens timed after the first; best of
-   two runs) and the resident weight bytes: the whole model, and the quantized layers against their
-   bfloat16 size. int8 / int4 quantize the lm_head too (their default), the tied input embedding reading
-   its quantized rows; ``--keep-head`` adds rows with the head kept in bfloat16.
+   two runs), prefill tok/s of one ``--prefill-tokens`` prompt in one step (M = 256 by default: the
+   quantized GEMMs' large-M path, kernels/profiles/quant.json; best of two) and the resident weight bytes:
+   the whole model, and the quantized layers against their bfloat16 size. int8 / int4 quantize the lm_head
+   too (their default), the tied input embedding reading its quantized rows; ``--keep-head`` adds rows with
+   the head kept in bfloat16.
 The quantized GEMMs run whatever meshserve/models/layers/quant_linear.py's ``quant_linear`` picks.
 """
 
@@ -63,32 +65,35 @@ def held_out_windows(n: int, length: int) -> list[list[int]]:
     return [tokenizer.encode(t)[:length] for t in texts[:n]]
 
 
-def decode_rate(
-    path: Path, method: str | None, tokens: int, head: bool | None = None
-) -> tuple[float, int, int, int]:
-    """Decode tok/s at batch 1 (best of two), model bytes, and the quantized layers' (packed, bf16) bytes."""
+def rates(
+    path: Path, method: str | None, tokens: int, prefill: int, head: bool | None = None
+) -> tuple[float, float, int, int, int]:
+    """Decode tok/s at batch 1 and prefill tok/s of one ``prefill``-token prompt (best of two each), model
+    bytes, and the quantized layers' (packed, bf16) bytes."""
     with LLM(
         str(path),
         dtype="bfloat16",
         quantization=method,
         quantize_lm_head=head,
         max_num_seqs=1,
-        max_model_len=256,
-        max_num_batched_tokens=256,
+        max_model_len=max(256, prefill + 1),
+        max_num_batched_tokens=max(256, prefill),
         enable_prefix_caching=False,
     ) as llm:
-        prompt = {"prompt_token_ids": list(range(3, 35))}
 
-        def run(n: int) -> float:
+        def run(n: int, prompt_len: int = 32) -> float:
+            prompt = {"prompt_token_ids": [3 + i % 1000 for i in range(prompt_len)]}
             start = time.perf_counter()
             llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
             return time.perf_counter() - start
 
         run(2)  # warm-up
         rate = max(tokens / (run(tokens + 1) - run(1)) for _ in range(2))
+        run(1, prefill)  # warm-up at the prefill's M
+        prefill_rate = max(prefill / run(1, prefill) for _ in range(2))  # the prompt's step and one sample
         model = llm.engine.model
         packed, dense = quantized_split(model)
-        return rate, model_bytes(model), packed, dense
+        return rate, prefill_rate, model_bytes(model), packed, dense
 
 
 def write_dense(path: Path, config: dict) -> None:
@@ -114,6 +119,7 @@ def main() -> None:
     )
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the 16 of Llama-3.2-1B")
     parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--prefill-tokens", type=int, default=256, help="the prefill row's prompt (M)")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--sections", default="quality,speed", help="comma-separated: quality, speed")
@@ -129,7 +135,7 @@ def main() -> None:
     if "quality" in sections:
         quality(path, args)
     if "speed" in sections:
-        speed(path, args.decode_tokens, args.keep_head)
+        speed(path, args.decode_tokens, args.prefill_tokens, args.keep_head)
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 
@@ -152,15 +158,16 @@ def quality(path: Path, args: argparse.Namespace) -> None:
         print(f"~1B shapes ({args.layers} layers), {label} vs bf16: mean KL {kl:.5f}, top-1 {top1:.3f}")
 
 
-def speed(path: Path, tokens: int, keep_head: bool) -> None:
-    rows = {name(m): decode_rate(path, m, tokens) for m in METHODS}
+def speed(path: Path, tokens: int, prefill: int, keep_head: bool) -> None:
+    rows = {name(m): rates(path, m, tokens, prefill) for m in METHODS}
     if keep_head:
-        rows |= {f"{m} (bf16 head)": decode_rate(path, m, tokens, head=False) for m in METHODS[1:]}
-    bf16_rate, bf16_bytes = rows["bf16"][0], rows["bf16"][1]
-    for key, (rate, total, packed, dense) in rows.items():
+        rows |= {f"{m} (bf16 head)": rates(path, m, tokens, prefill, head=False) for m in METHODS[1:]}
+    bf16_rate, bf16_prefill, bf16_bytes = rows["bf16"][0], rows["bf16"][1], rows["bf16"][2]
+    for key, (rate, pre, total, packed, dense) in rows.items():
         layers = f", quantized layers {packed / dense:.3f}x their bf16 bytes" if dense else ""
         print(
-            f"{key}: decode {rate:.2f} tok/s ({rate / bf16_rate:.2f}x bf16), weights {total / 2**20:.0f} MiB "
+            f"{key}: decode {rate:.2f} tok/s ({rate / bf16_rate:.2f}x bf16), prefill ({prefill} tokens) "
+            f"{pre:.1f} tok/s ({pre / bf16_prefill:.2f}x bf16), weights {total / 2**20:.0f} MiB "
             f"({total / bf16_bytes:.3f}x bf16){layers}"
         )
 

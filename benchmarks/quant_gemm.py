@@ -1,11 +1,14 @@
-"""Weight-only int8 / int4 linears vs our bfloat16 ones on Llama-3.2-1B's shapes, decode-sized M.
+"""Weight-only int8 / int4 linears vs our bfloat16 ones on Llama-3.2-1B's shapes, decode-sized M (or any).
 
     flock /tmp/bench.lock .venv/bin/python benchmarks/quant_gemm.py [--m 1 4 16 64] [--repeats 5]
-        [--layers qkv o gate_up down lm_head] [--threads 2]
+        [--layers qkv o gate_up down lm_head] [--threads 2] [--kernels ...] [--pass-mib 256]
 
 Kernels, each on its weight packed once: ``bf16_fma`` and ``dpbf16`` (the native bfloat16 op as
-SmoothLinear runs it: float32 or bfloat16 activations), ``int8`` (quantization="int8": per-channel
-symmetric) and ``int4`` (quantization="int4": group 128, asymmetric) through ``quant_linear``. Each layer is
+SmoothLinear runs it: float32 or bfloat16 activations), ``brgemm`` (the bfloat16 brgemm op, what a
+profile picks for prefill), ``int8`` (quantization="int8": per-channel symmetric) and ``int4``
+(quantization="int4": group 128, asymmetric) through ``quant_linear`` on the path it picks here
+(profiles/quant.json); ``int8/tiles`` and ``int4/tiles`` force its register tiles, ``int8/brgemm`` and
+``int4/brgemm`` its brgemm path (csrc/quant_brgemm.h), to compare the two at prefill M. Each layer is
 timed over enough copies of its weight (random integers and scales; the values do not change the speed)
 that a pass reads >= 256 MiB, so the weights come from DRAM as in a decode step, not from the caches.
 Per cell: microseconds per call (median of --repeats passes), weight GB/s (packed bytes with scales and
@@ -19,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 from meshserve.kernels import native
-from meshserve.kernels.bf16_gemm import bf16_linear, pack_bf16_pairs
+from meshserve.kernels.bf16_gemm import bf16_linear, brgemm_linear, pack_bf16_pairs, pack_bf16_panels
 from meshserve.kernels.quant_gemm import pack_quant, quant_linear, unpack_quant
 from meshserve.kernels.quant_weight import QuantWeight, quant_linear_reference
 
@@ -39,15 +43,18 @@ SHAPES = {
 }
 DECODER_LAYERS = 16
 PASS_BYTES = 256 << 20
-KERNELS = ("bf16_fma", "dpbf16", "int8", "int4")
+KERNELS = ("bf16_fma", "dpbf16", "int8", "int4")  # the default set (decode)
+ALL_KERNELS = (*KERNELS, "brgemm", "int8/tiles", "int4/tiles", "int8/brgemm", "int4/brgemm")
+BRGEMM_ROWS = {"tiles": sys.maxsize, "brgemm": 0}  # quant_linear's brgemm_rows forcing one path
 
 
 def random_weight(kernel: str, n: int, k: int, gen: torch.Generator):
     """One packed weight of the kernel's kind and its packed bytes."""
-    if kernel in ("bf16_fma", "dpbf16"):
-        packed = pack_bf16_pairs((torch.randn(n, k, generator=gen) * 0.02).bfloat16())
+    if kernel in ("bf16_fma", "dpbf16", "brgemm"):
+        pack = pack_bf16_panels if kernel == "brgemm" else pack_bf16_pairs
+        packed = pack((torch.randn(n, k, generator=gen) * 0.02).bfloat16())
         return packed, packed.numel() * 2
-    if kernel == "int8":
+    if kernel.startswith("int8"):
         q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
         w = QuantWeight(8, q, torch.rand(n, 1, generator=gen) * 1e-3, None, k)
     else:
@@ -63,17 +70,21 @@ def run(kernel: str, packed, n: int, x: torch.Tensor, x32: torch.Tensor) -> torc
         return bf16_linear(x32, packed, n, None, True)
     if kernel == "dpbf16":
         return bf16_linear(x, packed, n, None, True, dpbf16=True)
-    return quant_linear(x, packed)
+    if kernel == "brgemm":
+        return brgemm_linear(x, packed, n, None, True)
+    path = kernel.partition("/")[2]
+    return quant_linear(x, packed, brgemm_rows=BRGEMM_ROWS[path] if path else None)
 
 
 def check(kernel: str, packed, n: int, k: int) -> None:
     """The kernel against its oracle on a few rows (small weights stand in for the big ones' layout)."""
     x = torch.randn(3, k).bfloat16()
     y = run(kernel, packed, n, x, x.float()).float()
-    if kernel in ("int8", "int4"):
+    if kernel.startswith("int"):
         ref = quant_linear_reference(x.float(), unpack_quant(packed))
     else:
-        w = packed.view(packed.shape[0], -1, 16, 2).permute(0, 2, 1, 3).reshape(-1, packed.shape[1] * 2)
+        cols = packed.shape[2] // 2  # 16 (pairs) or 64 (brgemm panels)
+        w = packed.view(packed.shape[0], -1, cols, 2).permute(0, 2, 1, 3).reshape(-1, packed.shape[1] * 2)
         ref = F.linear(x.float(), w[:n, :k].float())
     torch.testing.assert_close(y, ref.float(), atol=2e-2 * ref.abs().max().item(), rtol=2e-2, msg=kernel)
 
@@ -114,7 +125,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--kernels", nargs="+", choices=ALL_KERNELS, default=list(KERNELS))
+    parser.add_argument("--pass-mib", type=int, default=PASS_BYTES >> 20, help="weight bytes per timed pass")
     args = parser.parse_args()
+    kernels = args.kernels
     if not native.load():
         raise SystemExit(f"native kernels not built: run `{native.BUILD_COMMAND}`")
     roof = read_roofline(args.threads)
@@ -124,13 +138,15 @@ def main() -> None:
     for layer in args.layers:
         n, k = SHAPES[layer]
         print(f"\n{layer} {n}x{k}: us per call / weight GB/s / % of roofline")
-        print(f"{'M':>5s} " + "".join(f"{name:>26s}" for name in KERNELS))
+        print(f"{'M':>5s} " + "".join(f"{name:>26s}" for name in kernels))
         rows: dict[int, list[str]] = {m: [] for m in args.m}
-        for kernel in KERNELS:
+        for kernel in kernels:
             small, _ = random_weight(kernel, 48, k, gen)
             check(kernel, small, 48, k)
             first, nbytes = random_weight(kernel, n, k, gen)
-            copies = [first] + [random_weight(kernel, n, k, gen)[0] for _ in range(PASS_BYTES // nbytes)]
+            copies = [first] + [
+                random_weight(kernel, n, k, gen)[0] for _ in range((args.pass_mib << 20) // nbytes)
+            ]
             for m in args.m:
                 t = time_layer(kernel, copies, n, k, m, args.repeats, gen)
                 seconds[(layer, kernel, m)] = t
@@ -139,15 +155,15 @@ def main() -> None:
             del copies, first
         for m in args.m:
             print(f"{m:5d} " + "".join(f"{cell:>26s}" for cell in rows[m]), flush=True)
-    if set(args.layers) == set(SHAPES):
+    if set(args.layers) == set(SHAPES) and any(not kern.startswith("int") for kern in kernels):
         print(f"\n1B decode step ({DECODER_LAYERS} x (qkv + o + gate_up + down) + lm_head): tok/s (x bf16)")
         for m in args.m:
             step = {
                 kern: DECODER_LAYERS * sum(seconds[(lay, kern, m)] for lay in ("qkv", "o", "gate_up", "down"))
                 + seconds[("lm_head", kern, m)]
-                for kern in KERNELS
+                for kern in kernels
             }
-            bf16 = min(step["bf16_fma"], step["dpbf16"])
+            bf16 = min(s for kern, s in step.items() if not kern.startswith("int"))
             cells = "  ".join(f"{kern} {m / s:8.1f} ({bf16 / s:4.2f}x)" for kern, s in step.items())
             print(f"M={m:3d}  {cells}")
 

@@ -86,6 +86,7 @@ def test_meshserve_env_prints_the_switches_and_the_kernel_paths(monkeypatch):
     assert "attention cpu float32: reference" in result.output
     assert "attention cuda: reference" in result.output
     assert "native build: " in result.output and "gemm table: " in result.output
+    assert "quantized gemm cpu bfloat16: register tiles" in result.output
 
 
 def test_meshserve_env_refuses_a_bad_switch(monkeypatch):

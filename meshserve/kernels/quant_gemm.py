@@ -19,18 +19,24 @@ the way the register tile of csrc/quant_tile.h broadcasts an activation against 
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass, fields
+from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from meshserve.kernels import native
+from meshserve.kernels.cpu import isa_tag
 from meshserve.kernels.quant_weight import QuantWeight, pack_int4, quant_linear_reference, unpack_int4
 
 BLOCK_COLS = 16  # output columns per packed block (csrc/quant_tile.h kBlockCols)
 UNIT_K = {8: 4, 4: 8}  # k per 32-bit lane of a unit
 NIBBLE_K = [0, 2, 4, 6, 1, 3, 5, 7]  # the k each nibble of an int4 lane holds (csrc nibble_slot)
 K_NIBBLE = [0, 4, 1, 5, 2, 6, 3, 7]  # the nibble holding each k
+PATHS = Path(__file__).parent / "profiles" / "quant.json"
 
 
 @dataclass
@@ -139,16 +145,40 @@ def native_ready() -> bool:
     return native.load() and hasattr(torch.ops.meshserve, "quant_linear")
 
 
+@cache
+def _brgemm_rows(isa: str) -> int:
+    return int(json.loads(PATHS.read_text())["brgemm_min_rows"].get(isa, sys.maxsize))
+
+
+def brgemm_min_rows() -> int:
+    """Fewest bfloat16 rows (a linear's M, an expert's rows) the quantized ops run through the brgemm path:
+    the weight dequantized a K block at a time into a bfloat16 scratch for oneDNN's micro-kernel
+    (csrc/quant_brgemm.h). profiles/quant.json, keyed by this CPU's ISA tag; a tag not listed never does."""
+    return _brgemm_rows(isa_tag())
+
+
+def _rows(brgemm_rows: int | None) -> int:
+    if brgemm_rows is None:
+        return brgemm_min_rows()
+    if brgemm_rows < 0:
+        raise ValueError(f"brgemm_rows must be >= 0 (0: every call takes the brgemm path), got {brgemm_rows}")
+    return brgemm_rows
+
+
 def _op_args(p: PackedQuant) -> tuple:
     return (p.qweight, p.scales, p.zeros, p.perm, p.bits, p.group_size, p.out_features)
 
 
-def quant_linear(x: torch.Tensor, packed: PackedQuant, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W.T (+ bias) [M, N] in x's dtype for x bfloat16 or float32 [M, K]; float32 sums."""
+def quant_linear(
+    x: torch.Tensor, packed: PackedQuant, bias: torch.Tensor | None = None, brgemm_rows: int | None = None
+) -> torch.Tensor:
+    """y = x @ W.T (+ bias) [M, N] in x's dtype for x bfloat16 or float32 [M, K]; float32 sums.
+    ``brgemm_rows``: M from which bfloat16 x takes the brgemm path (None: ``brgemm_min_rows()``)."""
     if x.dim() != 2 or x.shape[1] != packed.in_features:
         raise ValueError(f"x must be [M, {packed.in_features}] (in_features), got {tuple(x.shape)}")
+    rows = _rows(brgemm_rows)
     if native_ready():
-        return torch.ops.meshserve.quant_linear(x, *_op_args(packed), bias)
+        return torch.ops.meshserve.quant_linear(x, *_op_args(packed), bias, rows)
     return quant_linear_reference(x, unpack_quant(packed), bias)
 
 
@@ -158,9 +188,11 @@ def quant_moe(
     topk_weights: torch.Tensor,
     w13: PackedQuant,
     w2: PackedQuant,
+    brgemm_rows: int | None = None,
 ) -> torch.Tensor:
     """``fused_moe`` over quantized experts: sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for x
-    [T, H], each expert down(SiLU(gate(x)) * up(x)) with w13 [E, 2I, H] ([gate; up]) and w2 [E, H, I]."""
+    [T, H], each expert down(SiLU(gate(x)) * up(x)) with w13 [E, 2I, H] ([gate; up]) and w2 [E, H, I].
+    ``brgemm_rows``: an expert's rows from which bfloat16 x takes the brgemm path (None: this CPU's)."""
     if w13.out_features != 2 * w2.in_features or w13.in_features != w2.out_features:
         raise ValueError(
             f"w13 must be [E, 2I, H] and w2 [E, H, I]: got w13 out/in {w13.out_features}/{w13.in_features}, "
@@ -169,8 +201,10 @@ def quant_moe(
     if x.dim() != 2 or x.shape[1] != w13.in_features:
         raise ValueError(f"x must be [T, {w13.in_features}] (hidden size), got {tuple(x.shape)}")
     ids, weights = topk_ids.to(torch.int64).contiguous(), topk_weights.float().contiguous()
+    rows = _rows(brgemm_rows)
     if native_ready():
-        return torch.ops.meshserve.quant_moe(x.contiguous(), ids, weights, *_op_args(w13), *_op_args(w2))
+        args = (x.contiguous(), ids, weights, *_op_args(w13), *_op_args(w2), rows)
+        return torch.ops.meshserve.quant_moe(*args)
     return quant_moe_reference(x, ids, weights, unpack_quant(w13), unpack_quant(w2))
 
 
@@ -201,7 +235,7 @@ def _expert(w: QuantWeight, e: int) -> QuantWeight:
     return QuantWeight(w.bits, w.qweight[e], w.scales[e], pick(w.zeros), w.group_size, pick(w.perm))
 
 
-def _quant_linear_fake(x, qweight, scales, zeros, perm, bits, group_size, n, bias=None):
+def _quant_linear_fake(x, qweight, scales, zeros, perm, bits, group_size, n, bias=None, brgemm_rows=None):
     return x.new_empty(x.shape[0], n)
 
 

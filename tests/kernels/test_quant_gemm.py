@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshserve.kernels.cpu import X86_TAGS
 from meshserve.kernels.fused_moe import moe_reference
 from meshserve.kernels.quant_gemm import (
+    PATHS,
     PackedQuant,
+    brgemm_min_rows,
     dequantize_rows,
     native_ready,
     pack_quant,
@@ -214,6 +220,58 @@ def test_linear_equals_the_dequantized_reference(
 
 
 @pytest.mark.usefixtures("native_quant")
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(0, 300),
+    n=st.integers(1, 140),
+    group_size=st.sampled_from([32, 128, None]),
+    groups=st.integers(1, 12),
+    k_alone=st.integers(1, 700),
+    bits=st.sampled_from([8, 4]),
+    zeros=st.booleans(),
+    act_order=st.booleans(),
+    bias=st.booleans(),
+    brgemm_rows=st.sampled_from([0, 33]),
+    threads=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_prefill_brgemm_path_equals_the_dequantized_reference(
+    m, n, group_size, groups, k_alone, bits, zeros, act_order, bias, brgemm_rows, threads, seed
+):
+    """bfloat16 rows from brgemm_rows on: the weight dequantized a K block (512) at a time into a bfloat16
+    scratch for oneDNN's brgemm (csrc/quant_brgemm.h): K past one block, groups across blocks, calls of 32
+    rows and tasks of up to 256 rows, tails of each."""
+    gen = torch.Generator().manual_seed(seed)
+    k = groups * group_size if group_size else 2 * k_alone
+    w = random_quant((), n, k, bits, group_size or k, zeros, act_order, gen)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen) if bias else None
+    torch.set_num_threads(threads)
+    try:
+        y = quant_linear(x, pack_quant(w), b, brgemm_rows=brgemm_rows)
+    finally:
+        torch.set_num_threads(2)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    ref = quant_linear_reference(x.float(), w, b)
+    assert_float32_close(y, ref, magnitude(x, w) + (0 if b is None else b.abs()))
+
+
+def test_the_prefill_path_is_chosen_by_isa_tag_not_cpu_name():
+    table = json.loads(PATHS.read_text())["brgemm_min_rows"]
+    assert set(table) <= set(X86_TAGS)  # capability tags (kernels/cpu.py), never a CPU's name
+    assert all(rows >= 1 for rows in table.values())
+    assert "avx2" not in table  # no bfloat16 dot products: oneDNN's brgemm has no fast bfloat16 path there
+    assert brgemm_min_rows() in (*table.values(), sys.maxsize)
+
+
+@pytest.mark.usefixtures("native_quant")
+def test_a_negative_brgemm_rows_is_named():
+    p = pack_quant(random_quant((), 16, 64, 8, 64, False, False, torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="brgemm_rows"):
+        quant_linear(torch.randn(2, 64).bfloat16(), p, brgemm_rows=-1)
+
+
+@pytest.mark.usefixtures("native_quant")
 def test_linear_reads_strided_rows_and_ignores_what_lies_past_k():
     """A column slice of a wider activation; a NaN just past K must not leak into the sums."""
     gen = torch.Generator().manual_seed(4)
@@ -222,6 +280,12 @@ def test_linear_reads_strided_rows_and_ignores_what_lies_past_k():
     wide[:, 96] = float("nan")
     y = quant_linear(wide[:, :96], pack_quant(w))
     assert_float32_close(y, quant_linear_reference(wide[:, :96], w), magnitude(wide[:, :96], w))
+    # the brgemm path reads bfloat16 rows in place when they need no act-order or padding
+    w = random_quant((), 33, 96, 4, 32, True, False, gen)
+    wide = torch.randn(40, 97, generator=gen).bfloat16()
+    wide[:, 96] = float("nan")
+    y = quant_linear(wide[:, :96], pack_quant(w), brgemm_rows=0)
+    assert_float32_close(y, quant_linear_reference(wide[:, :96].float(), w), magnitude(wide[:, :96], w))
 
 
 @pytest.mark.usefixtures("native_quant")
@@ -237,10 +301,11 @@ def test_linear_reads_strided_rows_and_ignores_what_lies_past_k():
     zeros=st.booleans(),
     act_order=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    brgemm_rows=st.sampled_from([None, 0, 40]),  # this CPU's choice, or the brgemm path forced
     seed=st.integers(0, 2**16),
 )
 def test_experts_equal_their_reference(
-    tokens, hidden, inter, experts, k, bits, group_size, zeros, act_order, dtype, seed
+    tokens, hidden, inter, experts, k, bits, group_size, zeros, act_order, dtype, brgemm_rows, seed
 ):
     k = min(k, experts)
     gen = torch.Generator().manual_seed(seed)
@@ -250,7 +315,7 @@ def test_experts_equal_their_reference(
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)
     ids = torch.rand(tokens, experts, generator=gen).topk(k, dim=-1).indices
     weights = torch.rand(tokens, k, generator=gen)
-    out = quant_moe(x, ids, weights, pack_quant(w13), pack_quant(w2))
+    out = quant_moe(x, ids, weights, pack_quant(w13), pack_quant(w2), brgemm_rows=brgemm_rows)
     assert out.dtype == dtype and out.shape == x.shape
     ref = quant_moe_reference(x, ids, weights, w13, w2).float()
     scale = ref.abs().amax().item() if ref.numel() else 0.0
@@ -285,6 +350,7 @@ def test_ops_pass_opcheck():
     p = pack_quant(random_quant((), 20, 64, 4, 32, True, True, gen))
     args = (torch.randn(3, 64), p.qweight, p.scales, p.zeros, p.perm, 4, 32, 20, torch.randn(20))
     torch.library.opcheck(torch.ops.meshserve.quant_linear.default, args)
+    torch.library.opcheck(torch.ops.meshserve.quant_linear.default, (args[0].bfloat16(), *args[1:], 0))
     w13 = pack_quant(random_quant((3,), 16, 64, 8, 32, True, False, gen))
     w2 = pack_quant(random_quant((3,), 64, 8, 8, 8, False, True, gen))
     ids = torch.tensor([[0, 2], [1, 0]])

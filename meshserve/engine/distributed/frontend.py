@@ -138,6 +138,7 @@ class DistributedEngine:
         self.ranks = start_ranks(spec, parallel.oversubscribe)
         started = self.ranks.started(START_TIMEOUT_S)[0]
         self.max_model_len, self.draft_moe_layers = started.max_model_len, started.draft_moe_layers
+        self.expert_weight_bytes = started.expert_weight_bytes  # the same on every rank: one packed layout
         self.tokenizer.bound_prompt_chars(self.max_model_len)  # LLM.chat tokenizes here
         self.owner: dict[str, int] = {}  # unfinished request -> its rank
         self._ids = itertools.count()
@@ -256,6 +257,8 @@ class DistributedEngine:
             "max_num_seqs": sched.max_num_seqs,
             "data_parallel_size": self.num_ranks,
         }
+        if self.expert_weight_bytes is not None:  # as Engine.expert_trace: the simulator charges packed bytes
+            meta["expert_weight_bytes"] = self.expert_weight_bytes
         draft = self.draft_moe_layers
         return ExpertTrace(
             counts=counts, model=mc.name, top_k=mc.top_k, source="engine", meta=meta, draft_layers=draft

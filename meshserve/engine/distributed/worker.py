@@ -26,6 +26,7 @@ from meshserve.engine.device import process_group_backend, resolve_device
 from meshserve.engine.distributed.config import EPLBConfig
 from meshserve.engine.engine import Engine
 from meshserve.errors import InputError
+from meshserve.models.layers.quant_experts import expert_weight_bytes
 
 # Fault injection for tests and drills: "start:R" fails rank R while starting, "stall:R" makes rank R
 # never send its migration chunks (see eplb.py), "close:0" makes torchrun's rank 0 slow to close its ranks.
@@ -65,6 +66,7 @@ class Started:
     draft_moe_layers: (
         int  # its speculative draft's own MoE layers (DeepSeek's MTP), traced after the main ones
     )
+    expert_weight_bytes: float | None  # bytes per expert weight of quantized experts (the rank holds them)
 
 
 class RankWorker:
@@ -179,8 +181,9 @@ def start_worker(spec: RankSpec) -> tuple[RankWorker | None, tuple[str, Any]]:
         worker = RankWorker(spec)
     except BaseException as err:  # noqa: BLE001 - reported, see above
         return None, ("error", portable(err))
-    engine = worker.engine
-    return worker, ("ready", Started(engine.max_model_len, engine.model.draft_moe_layers))
+    model = worker.engine.model
+    started = Started(worker.engine.max_model_len, model.draft_moe_layers, expert_weight_bytes(model))
+    return worker, ("ready", started)
 
 
 def run_rank(spec: RankSpec, conn: Connection) -> None:

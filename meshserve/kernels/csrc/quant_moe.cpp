@@ -4,8 +4,9 @@
 // Torch oracle: kernels/quant_gemm.py's quant_moe_reference. Token-expert pairs are counting-sorted by
 // expert (stable); each pair's input becomes a kernel row in expert order (the expert's act-order perm
 // applied, groups padded, group sums: quant_args.h), so an expert's rows are contiguous. Tasks (expert,
-// block of <= kRowBlock pairs, panel of 64 output columns) run quant_tile.h's run_panel, dealt to threads
-// largest first. gate_up writes float32 [pairs, 2I]; SiLU(gate) * up is rounded to x's dtype (as the
+// block of pairs, panel of 64 output columns) are dealt to threads largest first: a block of bfloat16 rows
+// with at least brgemm_rows pairs runs quant_brgemm.h's path (blocks of up to 256 pairs), others quant_tile.h's
+// register tiles (48 rows a call). gate_up writes float32 [pairs, 2I]; SiLU(gate) * up is rounded to x's dtype (as the
 // reference) and becomes the down GEMM's kernel rows; down's epilogue scales by the routing weight; a last
 // pass adds each token's k rows in float32 and rounds once.
 #include <ATen/ATen.h>
@@ -23,22 +24,24 @@
 #include "expert_order.h"
 #include "fast_exp.h"
 #include "quant_args.h"
+#include "quant_brgemm.h"
 #include "quant_tile.h"
 
 namespace meshserve {
 namespace {
 
 using quant_tile::kPanelCols;
-constexpr int64_t kRowBlock = 48;  // most pairs per task: whole tiles of both paths (4 and 6 rows)
 
 using expert_order::Block;
 
 // Runs task(i) for i in [0, n) across torch's threads, each taking the next index when it is free.
+// amx: release brgemm's tile state after (AMX machines).
 template <typename Task>
-void deal(int64_t n, Task task) {
+void deal(int64_t n, Task task, bool amx = false) {
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     for (int64_t i = next++; i < n; i = next++) task(i);
+    if (amx) at::native::cpublas::brgemm_release();
   });
 }
 
@@ -60,25 +63,30 @@ Weight weight(const char* name, const at::Tensor& q, const at::Tensor& s, const 
   return w;
 }
 
-// For each block, for each panel of w: run_panel on the block's kernel rows a [pairs][lda] (a16: as bfloat16
-// bits when the rows are bfloat16 values, else undefined; sx [pairs][G]); done(pair, col0, cols, c)
-// receives each pair's float32 results for columns [col0, col0 + cols).
+// For each block, for each panel of w: quant_brgemm::run_rows on the block's kernel rows a [pairs][lda] (a16:
+// as bfloat16 bits when the rows are bfloat16 values, else undefined; sx [pairs][G]); done(pair, col0, cols,
+// c) receives each pair's float32 results for columns [col0, col0 + cols).
 template <typename Done>
 void run_experts(const Weight& w, const std::vector<Block>& blocks, const at::Tensor& a, const at::Tensor& a16,
-                 const at::Tensor& sx, Done done) {
+                 const at::Tensor& sx, int64_t brgemm_rows, Done done) {
   const int64_t panels = w.panels(), n = w.experts[0].n, lda = w.experts[0].padded_k(), g = w.experts[0].groups;
   const int64_t tasks = static_cast<int64_t>(blocks.size()) * panels;
   const float* as = a.data_ptr<float>();
   const float* sxs = sx.data_ptr<float>();
   const uint16_t* a16s = a16.defined() ? reinterpret_cast<const uint16_t*>(a16.data_ptr<at::BFloat16>()) : nullptr;
+  int64_t most = 0;
+  for (const Block& blk : blocks) most = std::max(most, blk.rows);
+  const bool brgemm = a16s && most >= brgemm_rows;
   deal(tasks, [&](int64_t task) {
-    thread_local std::vector<float> c(kRowBlock * kPanelCols), scratch(quant_tile::kWideK * kPanelCols);
+    thread_local quant_brgemm::Scratch scratch;
+    scratch.ensure(most, brgemm);
     const Block& blk = blocks[task / panels];
     const int64_t panel = task % panels, col0 = panel * kPanelCols, cols = std::min(kPanelCols, n - col0);
-    quant_tile::run_panel(w.experts[blk.expert], panel, as + blk.first * lda, a16s ? a16s + blk.first * lda : nullptr,
-                          lda, sxs + blk.first * g, blk.rows, c.data(), scratch.data());
-    for (int64_t r = 0; r < blk.rows; ++r) done(blk.first + r, col0, cols, c.data() + r * kPanelCols);
-  });
+    quant_brgemm::run_rows(w.experts[blk.expert], panel, as + blk.first * lda,
+                           a16s ? a16s + blk.first * lda : nullptr, lda, sxs + blk.first * g, blk.rows, brgemm_rows,
+                           scratch);
+    for (int64_t r = 0; r < blk.rows; ++r) done(blk.first + r, col0, cols, scratch.c.data() + r * kPanelCols);
+  }, brgemm);
 }
 
 // Kernel rows of w for pairs in expert order: row p from src(p) (T values), expert expert_of(p).
@@ -101,12 +109,15 @@ std::tuple<at::Tensor, at::Tensor> expert_rows(const Weight& w, const std::vecto
 
 template <typename T>
 at::Tensor quant_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                          const Weight& w13, const Weight& w2) {
+                          const Weight& w13, const Weight& w2, int64_t brgemm_rows) {
   const int64_t tokens = x.size(0), hidden = x.size(1), k = topk_ids.size(1), pairs = tokens * k;
   const int64_t experts = static_cast<int64_t>(w13.experts.size()), inter = w2.k;
   const auto [start, pos, token_of, weight_of] = expert_order::sort_by_expert(
       topk_ids.data_ptr<int64_t>(), topk_weights.data_ptr<float>(), tokens, k, experts, "quant_moe");
-  const std::vector<Block> blocks = expert_order::row_blocks(start, kRowBlock, 1);
+  // bfloat16 rows that may reach brgemm_rows in one expert: blocks of up to kTaskRows pairs
+  const bool wide = !std::is_same_v<T, float> && pairs >= brgemm_rows;
+  const std::vector<Block> blocks = expert_order::row_blocks(
+      start, wide ? quant_brgemm::kTaskRows : quant_brgemm::kRegisterRows, 1);
 
   using Bits = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
   const Bits* xs = reinterpret_cast<const Bits*>(x.data_ptr<T>());
@@ -116,8 +127,9 @@ at::Tensor quant_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
   at::Tensor h = at::empty({pairs, 2 * inter}, at::kFloat);
   float* hs = h.data_ptr<float>();
   // bfloat16 rows (x's values, and the rounded activations below) also go to the dot path as bfloat16 bits
-  const bool dot = !std::is_same_v<T, float> && (pairs >= quant_tile::kDotRows || w13.experts[0].bits == 4);
-  run_experts(w13, blocks, a13, dot ? a13.to(at::kBFloat16) : at::Tensor(), sx13,
+  const bool dot =
+      !std::is_same_v<T, float> && (pairs >= quant_tile::kDotRows || w13.experts[0].bits == 4 || wide);
+  run_experts(w13, blocks, a13, dot ? a13.to(at::kBFloat16) : at::Tensor(), sx13, brgemm_rows,
               [&](int64_t p, int64_t col0, int64_t cols, const float* c) {
                 std::copy(c, c + cols, hs + p * 2 * inter + col0);
               });
@@ -138,7 +150,7 @@ at::Tensor quant_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
   std::tie(a2, sx2) = expert_rows<float>(w2, blocks, pairs, [&](int64_t p) { return hs + p * 2 * inter; });
   at::Tensor pair_out = at::empty({pairs, hidden}, at::kFloat);
   float* outs = pair_out.data_ptr<float>();
-  run_experts(w2, blocks, a2, dot ? a2.to(at::kBFloat16) : at::Tensor(), sx2,
+  run_experts(w2, blocks, a2, dot ? a2.to(at::kBFloat16) : at::Tensor(), sx2, brgemm_rows,
               [&](int64_t p, int64_t col0, int64_t cols, const float* c) {
                 for (int64_t col = 0; col < cols; ++col) outs[p * hidden + col0 + col] = c[col] * weight_of[p];
               });
@@ -167,7 +179,8 @@ at::Tensor quant_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::
                      const at::Tensor& q13, const at::Tensor& s13, const c10::optional<at::Tensor>& z13,
                      const c10::optional<at::Tensor>& p13, int64_t bits13, int64_t gs13, int64_t n13,
                      const at::Tensor& q2, const at::Tensor& s2, const c10::optional<at::Tensor>& z2,
-                     const c10::optional<at::Tensor>& p2, int64_t bits2, int64_t gs2, int64_t n2) {
+                     const c10::optional<at::Tensor>& p2, int64_t bits2, int64_t gs2, int64_t n2,
+                     int64_t brgemm_rows) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quant_moe: x must be a contiguous [tokens, hidden] tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "quant_moe: x must be float32 or bfloat16");
@@ -180,8 +193,8 @@ at::Tensor quant_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::
   const Weight w13 = weight("w13", q13, s13, z13, p13, bits13, gs13, n13, x.size(1));
   const Weight w2 = weight("w2", q2, s2, z2, p2, bits2, gs2, n2, n13 / 2);
   TORCH_CHECK(q2.size(0) == q13.size(0), "quant_moe: w13 and w2 must hold the same experts");
-  if (x.scalar_type() == at::kFloat) return quant_moe_impl<float>(x, topk_ids, topk_weights, w13, w2);
-  return quant_moe_impl<at::BFloat16>(x, topk_ids, topk_weights, w13, w2);
+  if (x.scalar_type() == at::kFloat) return quant_moe_impl<float>(x, topk_ids, topk_weights, w13, w2, brgemm_rows);
+  return quant_moe_impl<at::BFloat16>(x, topk_ids, topk_weights, w13, w2, brgemm_rows);
 }
 
 }  // namespace
@@ -189,7 +202,7 @@ at::Tensor quant_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::
 TORCH_LIBRARY_FRAGMENT(meshserve, m) {
   m.def("quant_moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor q13, Tensor s13, Tensor? z13, "
         "Tensor? p13, int bits13, int gs13, int n13, Tensor q2, Tensor s2, Tensor? z2, Tensor? p2, int bits2, "
-        "int gs2, int n2) -> Tensor");
+        "int gs2, int n2, int brgemm_rows=9223372036854775807) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(meshserve, CPU, m) { m.impl("quant_moe", &quant_moe); }

@@ -11,11 +11,10 @@ from __future__ import annotations
 import torch
 
 from meshserve.kernels.quant_gemm import PackedQuant, quant_moe
-from meshserve.models.layers.quant_experts import WEIGHTS, QuantExperts
-from meshserve.models.layers.quant_linear import PackedBuffers
+from meshserve.models.layers.quant_experts import WEIGHTS, PackedExperts, QuantExperts
 
 
-class QuantSlotExperts(PackedBuffers):
+class QuantSlotExperts(PackedExperts):
     """Slots of packed int8 / int4 experts: gate_up [S, 2I, H] and down [S, H, I]."""
 
     element_size = 1  # parts are byte views
