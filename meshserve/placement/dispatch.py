@@ -141,7 +141,7 @@ def _levelled(others: np.ndarray, count: np.ndarray) -> np.ndarray:
     Water-filling: the k lowest holders rise to (count + their loads) / k for the largest k whose
     level still tops the k-th lowest load. Computed one holder rank at a time over all B x M
     experts at once (a sorting network of min / max, then running sums): numpy's sort and cumsum
-    along a short last axis cost ~300 ns per expert, most of `reproduce balance`'s time. The same
+    along a short last axis cost ~300 ns per expert, once most of `reproduce balance`'s time. The same
     float32 sums in the same order as a sort and cumsum along the axis, so the split is the same.
     """
     r = others.shape[2]
@@ -156,7 +156,7 @@ def _levelled(others: np.ndarray, count: np.ndarray) -> np.ndarray:
         for sweep in range(r):  # odd-even transposition: r rounds sort r values
             for k in range(sweep % 2, r - 1, 2):
                 low[k], low[k + 1] = np.minimum(low[k], low[k + 1]), np.maximum(low[k], low[k + 1])
-    levels, under, total = [], np.zeros(count.shape, dtype=np.int8), low[0].copy()
+    levels, under, total = [], np.zeros(count.shape, dtype=np.int16), low[0].copy()
     for k in range(r):
         if k:
             total += low[k]  # cumsum's float32 running sum, lowest first
