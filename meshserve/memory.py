@@ -17,14 +17,16 @@ TRIM_THRESHOLD = 64 << 20
 def pin_malloc_thresholds(mmap: int = MMAP_THRESHOLD, trim: int = TRIM_THRESHOLD) -> bool:
     """Fix glibc's mmap and trim thresholds (as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ do) for a
     long-running engine: a step's tensors come from the heap and are reused by the next step, and the heap
-    stops growing once it holds the peak working set (RSS flat after warm-up).
+    need not grow past the peak working set.
 
     Left alone, glibc raises both thresholds each time a large block is freed, so the heap creeps up
-    towards the peak working set over the whole run. A low mmap threshold (64 KiB, as this once was) does
-    keep RSS flat, but then every activation over 64 KiB is a fresh mmap: its pages fault in zeroed and
+    towards the peak working set over the whole run. A low mmap threshold (64 KiB, as this once was) returns
+    memory at once, but then every activation over 64 KiB is a fresh mmap: its pages fault in zeroed and
     munmap returns them, about a thousand page faults per step of a 28M model (a 256-token prefill step
-    took 67 ms instead of 43). Tensors above ``mmap`` (32 MiB, glibc's maximum) are still mmapped; free
-    space over ``trim`` at the heap's top goes back to the OS. Returns False where there is no glibc.
+    took 67 ms instead of 43), and benchmarks/soak.py's RSS grew as much with it (+32% over 800 requests,
+    against +31% with these thresholds: that growth has another cause). Tensors above ``mmap`` (32 MiB,
+    glibc's maximum) are still mmapped; free space over ``trim`` at the heap's top goes back to the OS.
+    Returns False where there is no glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

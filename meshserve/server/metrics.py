@@ -98,7 +98,8 @@ class ServerMetrics:
             "decode": histogram("vllm:request_decode_time_seconds", "First token to finish."),
             "inference": histogram("vllm:request_inference_time_seconds", "First scheduled to finish."),
             "front": histogram(
-                "meshserve:request_front_time_seconds", "Arrival to queued (tokenize, wait for a step end)."
+                "meshserve:request_front_time_seconds",
+                "Arrival to queued (body read, tokenize, wait for a step end).",
             ),
         }
         self.finished = Counter(
