@@ -11,7 +11,8 @@ vocab 32k) of about the same size, then measures each loader in its own process:
 - ``transformers``: ``AutoModelForCausalLM.from_pretrained(dtype=torch.bfloat16)``.
 
 Each row: RSS after imports (the runtime's fixed size, ``base``), peak RSS (VmHWM) and steady RSS after
-loading, each less base and the engine's KV cache as a ratio to the checkpoint's weight bytes, and seconds.
+loading, each less base and the engine's KV cache as a ratio to the checkpoint's weight bytes, and seconds;
+with ``--decode``, the engine's batch-1 decode tok/s (``decode_rate``) after that.
 transformers maps the safetensors and leaves bfloat16 tensors as views of the map, so its weights become
 resident only when read: every row reads each weight once after loading (``touched``: steady RSS then, as a
 ratio) so all count what serving holds. ``--delete`` removes the checkpoints afterwards.
@@ -76,7 +77,27 @@ def weight_mib(path: Path) -> float:
     return Checkpoint(path).nbytes / (1 << 20)
 
 
-def measure(who: str, path: Path, kv_gib: float, profile: str | None = None) -> dict[str, float]:
+def decode_rate(engine: object, rounds: int = 3) -> float:
+    """Batch-1 decode tok/s of a loaded Engine (vllm_race's decode1): one 32-token prompt -> 64 greedy
+    tokens (EOS ignored, prefill included), the median of ``rounds`` after a warm-up, new prompts each."""
+    import statistics
+
+    from meshserve import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    rates = []
+    for r in range(rounds + 1):
+        engine.add_request([10 + (7 * r + 13 * i) % 30000 for i in range(32)], params, detokenize=False)
+        start, tokens = time.perf_counter(), 0
+        while engine.has_unfinished():
+            tokens += sum(len(o.token_ids) for o in engine.step())  # finished requests only
+        rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates[1:])
+
+
+def measure(
+    who: str, path: Path, kv_gib: float, profile: str | None = None, decode: bool = False
+) -> dict[str, float]:
     """One loader in this (fresh) process: imports first, then the load, timed."""
     import torch
 
@@ -128,6 +149,8 @@ def measure(who: str, path: Path, kv_gib: float, profile: str | None = None) -> 
         while loaded.has_unfinished():
             loaded.step()
         out["served"] = rss("VmRSS")
+        if decode:
+            out["decode"] = decode_rate(loaded)
     del loaded
     return out
 
@@ -150,14 +173,18 @@ def main() -> None:
     parser.add_argument("--kv-gib", type=float, default=0.25, help="the engine's KV cache (GiB)")
     parser.add_argument("--kernel-profile", help="GEMM table JSON for the engine (default: this machine's)")
     parser.add_argument("--delete", action="store_true", help="remove the checkpoints afterwards")
+    parser.add_argument(
+        "--decode", action="store_true", help="engine rows: also batch-1 decode tok/s (decode_rate)"
+    )
     parser.add_argument("--measure", nargs=2, metavar=("WHO", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure[0], Path(args.measure[1]), args.kv_gib, args.kernel_profile)))
+        who, path = args.measure[0], Path(args.measure[1])
+        print(json.dumps(measure(who, path, args.kv_gib, args.kernel_profile, args.decode)))
         return
     print(
         f"{'model':6} {'loader':17} {'weights':>8} {'base':>6} {'peak':>7} {'ratio':>6} {'steady':>7} "
-        f"{'ratio':>6} {'touched':>7} {'ratio':>6} {'served':>7} {'ratio':>6} {'seconds':>7}",
+        f"{'ratio':>6} {'touched':>7} {'ratio':>6} {'served':>7} {'ratio':>6} {'seconds':>7} {'tok/s':>6}",
         flush=True,
     )
     for name in args.models:
@@ -168,22 +195,24 @@ def main() -> None:
         for who in args.who:
             cmd = [sys.executable, __file__, "--measure", who, str(path), "--kv-gib", str(args.kv_gib)]
             cmd += ["--kernel-profile", args.kernel_profile] if args.kernel_profile else []
+            cmd += ["--decode"] if args.decode else []
             r = json.loads(
                 subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
             )
             r.setdefault("served", float("nan"))
+            r.setdefault("decode", float("nan"))
             ratio = {
                 k: (r[k] - r["base"] - r["kv"]) / weights for k in ("peak", "steady", "touched", "served")
             }
             print(
                 f"{name:6} {who:17} {weights:8.0f} {r['base']:6.0f} {r['peak']:7.0f} {ratio['peak']:5.2f}x "
                 f"{r['steady']:7.0f} {ratio['steady']:5.2f}x {r['touched']:7.0f} {ratio['touched']:5.2f}x "
-                f"{r['served']:7.0f} {ratio['served']:5.2f}x {r['seconds']:7.1f}",
+                f"{r['served']:7.0f} {ratio['served']:5.2f}x {r['seconds']:7.1f} {r['decode']:6.1f}",
                 flush=True,
             )
         if args.delete:
             shutil.rmtree(path)
-    print("MiB; each ratio is (RSS - base - KV cache) / weights; one process per row")
+    print("MiB; each ratio is (RSS - base - KV cache) / weights; one process per row; tok/s: --decode")
 
 
 if __name__ == "__main__":

@@ -131,11 +131,11 @@ def run_bmm(
 def _sole_holder(weight: torch.Tensor) -> bool:
     """Whether ``weight`` is all of its storage and nothing else (a view, a detached alias) holds it: then
     packing may write over it. A parameter shared by two modules (a tied embedding) is one tensor."""
-    if weight.is_meta:
+    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: without it, never in place
+    if weight.is_meta or use_count is None:
         return False
     storage = weight.untyped_storage()
-    # two holders: the weight and `storage` here
-    return storage.nbytes() == weight.nbytes and torch._C._storage_Use_Count(storage._cdata) <= 2
+    return storage.nbytes() == weight.nbytes and use_count(storage._cdata) <= 2  # the weight and `storage`
 
 
 class SmoothLinear(nn.Linear):
