@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ep_migration import skewed_model, workload
+from ep_migration import skewed_model, step_workload
 
-from meshserve.engine import LLM, SamplingParams
+from meshserve.engine import LLM
 from meshserve.engine.distributed.balanced import replica_bounds, replica_bounds_reference
 from meshserve.engine.distributed.expert_map import spread_placement
 from meshserve.kernels import native
@@ -46,24 +46,8 @@ def serve(model: Path, ranks: int, rule: str, requests: int) -> dict:
         block_size=16,
         max_model_len=256,
     )
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     with LLM(str(model), **args) as llm:
-        engine = llm.engine
-        ids = [engine.add_request(prompt, params) for prompt in workload(requests)]
-        times, routed, counts, out = [], [], [], {}
-        while engine.has_unfinished():
-            start = time.perf_counter()
-            for o in engine.step():
-                out[o.request_id] = o.token_ids
-            times.append(time.perf_counter() - start)
-            routed.append(engine.last_stats["routed"])
-            counts.append(engine.last_stats["expert_counts"])
-    return {
-        "times": np.array(times),
-        "routed": np.array(routed),
-        "counts": np.array(counts),
-        "tokens": [out.get(i) for i in ids],
-    }
+        return step_workload(llm.engine, requests)
 
 
 def solve_us(counts: np.ndarray, ranks: int) -> dict[str, float]:

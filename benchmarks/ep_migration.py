@@ -88,25 +88,34 @@ def serve(model: Path, ranks: int, mode: str | None, eplb: dict, requests: int) 
     )
     if mode is not None:
         args |= {"enable_eplb": True, "eplb_config": {**eplb, "mode": mode}}
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     with LLM(str(model), **args) as llm:
         engine = llm.engine
-        for prompt in workload(requests):
-            engine.add_request(prompt, params)
-        times, routed, counts = [], [], []
-        while engine.has_unfinished():
-            start = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - start)
-            routed.append(engine.last_stats["routed"])
-            counts.append(engine.last_stats["expert_counts"])
-        return {
-            "times": np.array(times),
-            "routed": np.array(routed),
-            "counts": np.array(counts),
+        return step_workload(engine, requests) | {
             "migrations": list(engine.migrations),
             "holds": engine.holds(),
         }
+
+
+def step_workload(engine, requests: int) -> dict:
+    """Add ``requests`` of the workload (greedy, 64 tokens each) and step the engine to the end: per-step
+    wall times, pairs routed per rank and expert counts (the step's last_stats), and each request's tokens
+    in the order added."""
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    ids = [engine.add_request(prompt, params) for prompt in workload(requests)]
+    times, routed, counts, out = [], [], [], {}
+    while engine.has_unfinished():
+        start = time.perf_counter()
+        for o in engine.step():
+            out[o.request_id] = o.token_ids
+        times.append(time.perf_counter() - start)
+        routed.append(engine.last_stats["routed"])
+        counts.append(engine.last_stats["expert_counts"])
+    return {
+        "times": np.array(times),
+        "routed": np.array(routed),
+        "counts": np.array(counts),
+        "tokens": [out.get(i) for i in ids],
+    }
 
 
 def balancedness(per_rank: np.ndarray) -> float:

@@ -9,10 +9,9 @@ Each SmoothGEMM primitive reads one layout of the weight [N, K]:
 A table measured per M may pick primitives on several layouts for one shape; keeping each one's copy held
 up to four copies of the weights (3.1x them for a 1B model on a 2-core avx512_bf16 machine). The plan keeps
 ONE layout: the one the table picks at M = 1. Batch-1 decode reads every weight once per token, so the
-layout decides its speed most; and on the 1B Llama shape (2-core avx512_bf16, docs/gemm.md) keeping M = 1's
-layout was also faster at 16-sequence decode and 500-token prefill than keeping the layout most picked over
-M = 1..max_num_seqs (1/M-weighted, this module's first rule): 21.0 / 36.4 / 175.7 vs 9.2 / 20.8 / 133.6
-tok/s. Every M whose table choice reads another layout runs the table's choice at the nearest M that reads
+layout decides its speed most (the first rule, the layout most picked over M = 1..max_num_seqs weighted
+1/M, kept F.linear's loaded weight for most 1B Llama layers: docs/gemm.md, figures in docs/kernels.md).
+Every M whose table choice reads another layout runs the table's choice at the nearest M that reads
 the kept layout, else that layout's own primitive (DEFAULT). The loaded weight is dropped unless it is the
 layout kept.
 
