@@ -118,7 +118,9 @@ class Engine:
         self.rope_switch: int | None = self.model.rotary.long_from  # LongRoPE's original context
         self.blocks.unshared_past = self.rope_switch
         if table is not None:  # SmoothGEMM's primitives and the fused MoE op are CPU code
-            self.model.prepare_gemms(table, sched.max_num_batched_tokens, config.kernel_memory_budget)
+            self.model.prepare_gemms(
+                table, sched.max_num_batched_tokens, config.kernel_memory_budget, sched.max_num_seqs
+            )
         self.runner = ModelRunner(self.model, self.kv_caches, cache.block_size)
         if self.spec is not None:
             self.spec.attach(self.model)
@@ -158,7 +160,9 @@ class Engine:
         copies = (
             0
             if table is None
-            else meta.kernel_copy_bytes(table, sched.max_num_batched_tokens, config.kernel_memory_budget)
+            else meta.kernel_copy_bytes(
+                table, sched.max_num_batched_tokens, config.kernel_memory_budget, sched.max_num_seqs
+            )
         )
         spec = config.speculative_config
         draft = 0

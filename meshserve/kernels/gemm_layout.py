@@ -11,6 +11,10 @@ up to four copies of the weights (3.1x them for a 1B model on a 2-core avx512_bf
 ONE layout: the one the table picks at M = 1. Batch-1 decode reads every weight once per token, so the
 layout decides its speed most (the first rule, the layout most picked over M = 1..max_num_seqs weighted
 1/M, kept F.linear's loaded weight for most 1B Llama layers: docs/gemm.md, figures in docs/kernels.md).
+Except where M = 1 picks F.linear on the loaded weight: that pick says only that no prepared layout beats
+a plain GEMV there (by a little, as a rule), while a prepared layout the larger decode batches pick wins by
+much, so the weighted vote over M = 1..decode_m decides (float32 toy models: F.linear at M = 1, oneDNN's
+packed layout at most M above it).
 Every M whose table choice reads another layout runs the table's choice at the nearest M that reads
 the kept layout, else that layout's own primitive (DEFAULT). The loaded weight is dropped unless it is the
 layout kept.
@@ -106,18 +110,27 @@ def plan_layouts(
     bias: bool = False,
     budget: int = 0,
     rows_read: bool = False,
+    *,
+    decode_m: int = 1,
 ) -> LayoutPlan:
     """The layouts a [n, k] linear keeps for the table's choices ``by_m`` (index = M) and what each M runs.
 
     ``rows_read``: the weight's rows are read elsewhere too (an lm_head tied to the embedding), so the
     layout kept must give them back (ROW_LAYOUTS): the first M's from 1 up that gives them, else the weight
-    as loaded. ``budget``: bytes this layer may spend on extra layouts."""
+    as loaded. ``budget``: bytes this layer may spend on extra layouts. ``decode_m``: the largest decode
+    batch (max_num_seqs), the M that vote when M = 1 picks the loaded weight."""
     if not by_m:
         raise ValueError("by_m must list a choice for M = 0 at least")
     layouts = [layout_of(c, dtype) for c in by_m]
     from_one = layouts[1:] or layouts
     allowed = [lay for lay in from_one if lay in ROW_LAYOUTS] if rows_read else from_one
     primary = allowed[0] if allowed else "weight"
+    if primary == "weight":  # M weighted 1/M: every doubling of the batch counts alike, M = 1 most
+        votes: Counter[str] = Counter()
+        for m, layout in enumerate(from_one[:decode_m], start=1):
+            if layout in allowed:
+                votes[layout] += 1 / m
+        primary = max(votes, key=votes.__getitem__, default=primary)  # a tie goes to the first seen
     if _budget_cost(primary, n, k, dtype, bias, True) > budget:
         primary = "packed"  # the float32 copy does not fit: oneDNN's kernel in the model dtype
     used = _budget_cost(primary, n, k, dtype, bias, True)

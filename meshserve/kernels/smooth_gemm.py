@@ -150,21 +150,22 @@ class SmoothLinear(nn.Linear):
     _by_m: list[GemmChoice] | None = None
     rows_read = False
 
-    def plan(self, by_m: list[GemmChoice], budget: int = 0) -> LayoutPlan:
+    def plan(self, by_m: list[GemmChoice], budget: int = 0, *, decode_m: int = 1) -> LayoutPlan:
         """What ``prepare`` with these arguments keeps (works on a meta-device layer: shapes only)."""
         if self.weight.dtype != torch.bfloat16 or not native.load():  # native ones need both
             by_m = [PLAIN if c.kernel in NATIVE_KERNELS else c for c in by_m]
         n, k = self.weight.shape
-        return plan_layouts(by_m, n, k, self.weight.dtype, self.bias is not None, budget, self.rows_read)
+        bias = self.bias is not None
+        return plan_layouts(by_m, n, k, self.weight.dtype, bias, budget, self.rows_read, decode_m=decode_m)
 
-    def kept_bytes(self, by_m: list[GemmChoice], budget: int = 0) -> int:
+    def kept_bytes(self, by_m: list[GemmChoice], budget: int = 0, *, decode_m: int = 1) -> int:
         """Bytes ``prepare`` keeps beyond the loaded weight."""
-        return self.plan(by_m, budget).extra_bytes
+        return self.plan(by_m, budget, decode_m=decode_m).extra_bytes
 
-    def prepare(self, by_m: list[GemmChoice], budget: int = 0) -> LayoutPlan:
+    def prepare(self, by_m: list[GemmChoice], budget: int = 0, *, decode_m: int = 1) -> LayoutPlan:
         """Use ``by_m[M]`` for M tokens (the last entry beyond its end) as far as the layouts kept allow
         (``budget``: bytes for layouts beyond the one); pack them and drop the loaded weight unless kept."""
-        plan = self.plan(by_m, budget)
+        plan = self.plan(by_m, budget, decode_m=decode_m)
         own = len(plan.layouts) == 1 and _sole_holder(self.weight)  # the one layout may take its bytes
         w = self.weight.detach()
         if w.is_meta:  # prepared before and dropped: only the same layouts can serve again

@@ -216,11 +216,12 @@ class DecoderLM(nn.Module):
                 weights = (module.gate_up_proj, module.down_proj)
                 yield module, [table.by_m(bmm_key(*w.shape), w.dtype, max_tokens) for w in weights]
 
-    def prepare_gemms(self, table: GemmTable, max_tokens: int, budget: int = 0) -> int:
+    def prepare_gemms(self, table: GemmTable, max_tokens: int, budget: int = 0, decode_m: int = 1) -> int:
         """Hand every linear layer its SmoothGEMM choices for M = 0..max_tokens and pack the one layout of
-        its weights each keeps (kernels/gemm_layout.py: the one its table picks at M = 1; extra layouts within
-        ``budget`` bytes, first come first served); returns the bytes kept beyond the loaded weights."""
-        extra = self._layouts(table, max_tokens, budget, prepare=True)
+        its weights each keeps (kernels/gemm_layout.py: the one its table picks at M = 1, or voted over
+        M = 1..decode_m; extra layouts within ``budget`` bytes, first come first served); returns the bytes
+        kept beyond the loaded weights."""
+        extra = self._layouts(table, max_tokens, budget, decode_m, prepare=True)
         # the head packed the shared weight (a quantized head's embedding reads its packed rows already)
         if (
             self.config.tie_word_embeddings
@@ -230,16 +231,16 @@ class DecoderLM(nn.Module):
             self.embed_tokens = TiedEmbedding(self.lm_head)
         return extra
 
-    def kernel_copy_bytes(self, table: GemmTable, max_tokens: int, budget: int = 0) -> int:
+    def kernel_copy_bytes(self, table: GemmTable, max_tokens: int, budget: int = 0, decode_m: int = 1) -> int:
         """Bytes prepare_gemms will keep beyond the loaded weights (net of those it drops); the model may be
         on the meta device."""
-        return self._layouts(table, max_tokens, budget, prepare=False)
+        return self._layouts(table, max_tokens, budget, decode_m, prepare=False)
 
-    def _layouts(self, table: GemmTable, max_tokens: int, budget: int, prepare: bool) -> int:
+    def _layouts(self, table: GemmTable, max_tokens: int, budget: int, decode_m: int, prepare: bool) -> int:
         extra = 0
         for module, choices in self._gemm_choices(table, max_tokens):
             if isinstance(module, SmoothLinear):
-                plan = (module.prepare if prepare else module.plan)(*choices, budget)
+                plan = (module.prepare if prepare else module.plan)(*choices, budget, decode_m=decode_m)
                 budget -= plan.budget_used
                 extra += plan.extra_bytes
             else:  # the expert blocks keep one copy too, extra ones within the budget (moe.py)

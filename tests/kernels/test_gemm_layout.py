@@ -76,6 +76,36 @@ def test_batch_one_keeps_its_layout_when_most_larger_batches_pick_another(tmp_pa
     assert {m._by_m[m_] for m in linears for m_ in (1, 3, 64)} == {GemmChoice("dpbf16")}
 
 
+def test_a_plain_gemv_at_batch_one_gives_way_to_the_layout_the_decode_batches_pick(tmp_path):
+    """This project's 2-core avx512_bf16 float32 table for the toy Llama: F.linear at M = 1, oneDNN's packed
+    layout at most larger M. Keeping M = 1's loaded weight ran F.linear at every batch (toy float32 race
+    1,194-1,284 vs 1,406-1,579 tok/s); the 1/M-weighted vote over M = 1..max_num_seqs keeps packed."""
+    rows = [(1, "linear", 1), (3, "packed", 1), (4, "linear", 1), (256, "packed", 1)]
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"version": 1, "gemm": {"float32": {"*": [list(r) for r in rows]}}}))
+    path = make_tiny_model(tmp_path / "m", arch="llama", dtype="float32")
+    prompts, greedy = [[1, 5, 9, 30], list(range(3, 40))], SamplingParams(temperature=0, max_tokens=6)
+    outs = []
+    for seqs, layout in ((64, "packed"), (1, "weight")):  # at max_num_seqs=1 only M = 1 votes
+        llm = LLM(str(path), max_num_seqs=seqs, kernel_profile=str(table))
+        linears = [m for m in llm.engine.model.modules() if isinstance(m, SmoothLinear)]
+        assert linears and all(m._layouts == {layout} for m in linears)
+        if layout == "packed":  # M = 1 runs the nearest packed choice; M = 4's F.linear too
+            assert {m._by_m[m_] for m in linears for m_ in (1, 4, 64)} == {GemmChoice("packed")}
+        outs.append([o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)])
+    assert outs[0] == outs[1]
+
+
+def test_the_vote_keeps_batch_one_layout_unless_it_is_the_loaded_weight():
+    packed_above = [(1, "linear", 1), (64, "packed", 1)]
+    assert plan_layouts(by_m(packed_above, 64), 32, 16, torch.float32, decode_m=64).layouts == ("packed",)
+    assert plan_layouts(by_m(packed_above, 64), 32, 16, torch.float32).layouts == ("weight",)  # decode_m=1
+    linear_above = [(1, "dpbf16", 1), (64, "linear", 1)]  # a prepared layout at M = 1 is kept whatever votes
+    assert plan_layouts(by_m(linear_above, 64), 32, 16, torch.bfloat16, decode_m=64).layouts == ("pairs",)
+    tied = plan_layouts(by_m(packed_above, 64), 32, 16, torch.float32, rows_read=True, decode_m=64)
+    assert tied.layouts == ("weight",)  # oneDNN's layout gives no rows back to a tied embedding
+
+
 def test_a_budget_buys_the_next_most_used_layouts_and_the_fit_check_counts_them():
     layer = bf16_layer()
     x = torch.randn(64, 64).to(torch.bfloat16)
