@@ -134,3 +134,64 @@ def test_callers_cancelled_at_random_moments_leave_nothing_behind(tiny_model_dir
         assert llm.alive and left == 0 and free == llm.engine.blocks.num_blocks and not llm._streams
     finally:
         llm.shutdown()
+
+
+def test_with_no_spare_core_the_engine_steps_again_only_after_the_loop_took_the_outputs(tiny_model_dir):
+    """Every core in the forward: the event loop's work on a step's deltas runs between steps, not inside
+    the next forward (where it would slow every op), so no step ends while a reader holds the loop."""
+    llm = AsyncLLM.from_args(str(tiny_model_dir("llama")), max_model_len=128, block_size=4)
+    llm._wait_for_loop = True  # as on a machine whose cores all run the forward
+
+    async def main() -> list[tuple[int, int]]:
+        seen = []
+        async for _ in llm.generate([1, 5, 6], SamplingParams(max_tokens=6, ignore_eos=True)):
+            before = llm.engine.num_steps
+            time.sleep(0.008)  # the loop's own work on a delta (SSE, text), far longer than a tiny step
+            seen.append((before, llm.engine.num_steps))
+        return seen
+
+    try:
+        seen = asyncio.run(main())
+        assert len(seen) == 6 and all(before == after for before, after in seen), seen
+    finally:
+        llm.shutdown()
+
+
+def test_a_stuck_event_loop_holds_the_engine_back_for_at_most_the_handoff_wait(tiny_model_dir):
+    llm = AsyncLLM.from_args(str(tiny_model_dir("llama")), max_model_len=256, block_size=4)
+    llm._wait_for_loop = True
+
+    async def main() -> int:
+        await llm.add_request([1, 5, 6], SamplingParams(max_tokens=100, ignore_eos=True))
+        start = llm.engine.num_steps
+        time.sleep(0.5)  # the loop takes nothing: each step's wait ends at HANDOFF_WAIT_S
+        return llm.engine.num_steps - start
+
+    try:
+        steps = asyncio.run(main())
+        assert steps >= 5, steps  # 0.5 s / 0.02 s = 25 at most; a wait without its bound would allow 0
+    finally:
+        llm.shutdown()
+
+
+def test_shutdown_with_a_stream_whose_event_loop_closed_ends_the_engine_thread_cleanly(tiny_model_dir):
+    """A stream left open when its event loop closed: the engine thread tells the others EngineDead and
+    closes the engine; the closed loop's stream is skipped, not an exception that skips the rest."""
+    llm = AsyncLLM.from_args(str(tiny_model_dir("llama")), max_model_len=256, block_size=4)
+    failures: list[BaseException] = []
+    hook, threading.excepthook = threading.excepthook, lambda args: failures.append(args.exc_value)
+    gate = threading.Event()
+    llm.engine.step = lambda: gate.wait(10) and []  # no output reaches the stream before the loop closes
+
+    async def main() -> None:
+        await llm.add_request([1, 5, 6], SamplingParams(max_tokens=200, ignore_eos=True))
+
+    try:
+        asyncio.run(main())  # the loop closes with the request still streaming
+        llm._stopping.set()
+        gate.set()
+        llm.shutdown()
+        assert not llm._thread.is_alive() and not failures, failures
+    finally:
+        threading.excepthook = hook
+        llm.shutdown()
