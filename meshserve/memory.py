@@ -24,9 +24,9 @@ def pin_malloc_thresholds(mmap: int = MMAP_THRESHOLD, trim: int = TRIM_THRESHOLD
     memory at once, but then every activation over 64 KiB is a fresh mmap: its pages fault in zeroed and
     munmap returns them, about a thousand page faults per step of a 28M model (a 256-token prefill step
     took 67 ms instead of 43), and benchmarks/soak.py's RSS grew as much with it (+32% over 800 requests,
-    against +31% with these thresholds: that growth has another cause). Tensors above ``mmap`` (32 MiB,
-    glibc's maximum) are still mmapped; free space over ``trim`` at the heap's top goes back to the OS.
-    Returns False where there is no glibc.
+    against +31% with these thresholds: oneDNN's per-shape caches, docs/engine.md). Tensors above ``mmap``
+    (32 MiB, glibc's maximum) are still mmapped; free space over ``trim`` at the heap's top goes back to the
+    OS. Returns False where there is no glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
