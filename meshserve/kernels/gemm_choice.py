@@ -29,3 +29,20 @@ class GemmChoice:
 
 
 PLAIN = GemmChoice("linear")
+
+# oneDNN keeps one primitive per GEMM shape (JIT code and scratch, ~300 KB each, up to 1,024 of them), so an
+# exact-M oneDNN choice over a wide range of M grows the process a primitive per new M for the whole of a
+# serving run (benchmarks/soak.py: +5% RSS over its second half, +18% after warm-up). Above EXACT_M such a
+# choice rounds M up to an eighth of its power of two (8 shapes per doubling, padding under 1/8).
+ONEDNN_KERNELS = ("packed", "packed_f32")
+EXACT_M = 64
+
+
+def bounded_shapes(by_m: list[GemmChoice]) -> list[GemmChoice]:
+    """``by_m`` (index = M) with every oneDNN choice above EXACT_M tiled to at most 8 shapes per doubling."""
+    return [
+        GemmChoice(c.kernel, max(c.tile, 1 << ((m - 1).bit_length() - 4)))
+        if m > EXACT_M and c.kernel in ONEDNN_KERNELS
+        else c
+        for m, c in enumerate(by_m)
+    ]

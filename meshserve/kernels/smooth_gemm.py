@@ -28,6 +28,7 @@ only the real rows are read back.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import torch
@@ -41,7 +42,13 @@ from meshserve.kernels.bf16_gemm import (
     pack_bf16_pairs,
     pack_bf16_panels,
 )
-from meshserve.kernels.gemm_choice import KERNELS, NATIVE_KERNELS, PLAIN, GemmChoice  # noqa: F401
+from meshserve.kernels.gemm_choice import (  # noqa: F401
+    KERNELS,
+    NATIVE_KERNELS,
+    PLAIN,
+    GemmChoice,
+    bounded_shapes,
+)
 from meshserve.kernels.gemm_layout import LayoutPlan, plan_layouts, weight_rows
 
 
@@ -156,7 +163,8 @@ class SmoothLinear(nn.Linear):
             by_m = [PLAIN if c.kernel in NATIVE_KERNELS else c for c in by_m]
         n, k = self.weight.shape
         bias = self.bias is not None
-        return plan_layouts(by_m, n, k, self.weight.dtype, bias, budget, self.rows_read, decode_m=decode_m)
+        plan = plan_layouts(by_m, n, k, self.weight.dtype, bias, budget, self.rows_read, decode_m=decode_m)
+        return dataclasses.replace(plan, by_m=bounded_shapes(plan.by_m))
 
     def kept_bytes(self, by_m: list[GemmChoice], budget: int = 0, *, decode_m: int = 1) -> int:
         """Bytes ``prepare`` keeps beyond the loaded weight."""

@@ -184,3 +184,34 @@ def test_a_weight_held_elsewhere_is_packed_into_a_new_tensor(native_op):
     before = alias.clone()
     layer.prepare([GemmChoice("brgemm")] * 9)
     assert torch.equal(alias, before) and layer._panels.data_ptr() != alias.data_ptr()
+
+
+class OneDnnShapes(TorchDispatchMode):
+    """The M of every oneDNN linear call (each new one costs a cached primitive for the process's life)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.mkldnn._linear_pointwise.default:
+            self.rows.add(args[0].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_exact_m_onednn_choice_sees_a_bounded_set_of_shapes_over_a_serving_run(dtype):
+    """A table picking oneDNN at exact M up to 512 made a serving process hold a primitive per M seen
+    (benchmarks/soak.py's RSS grew all run): above M = 64 the layer pads to 8 shapes per doubling."""
+    torch.manual_seed(0)
+    layer = SmoothLinear(64, 40, bias=True).to(dtype)
+    ref_layer = {"weight": layer.weight.detach().clone(), "bias": layer.bias.detach().clone()}
+    layer.prepare([GemmChoice("packed_f32" if dtype == torch.bfloat16 else "packed")] * 513, budget=1 << 20)
+    x = torch.randn(512, 64).to(dtype)
+    seen = OneDnnShapes()
+    with seen:
+        outs = {m: layer(x[:m]) for m in range(1, 513)}
+    assert len(seen.rows) == 64 + 3 * 8 and max(seen.rows) == 512  # exact to 64, then 72, 80, .., 512
+    ref = F.linear(x.float(), ref_layer["weight"].float(), ref_layer["bias"].float())
+    for m in (64, 65, 100, 129, 300, 512):  # the padded rows never reach the real ones
+        torch.testing.assert_close(outs[m].float(), ref[:m], **TOL[dtype])
