@@ -1,8 +1,9 @@
 // Checks every path of meshserve/kernels/csrc/quant_tile.h's run_panel (decode tiles, the float32 scratch
-// tile, the bfloat16 pair tile; int8 and int4; zero points or none; groups padded to whole units; 1-4
-// column blocks; 1-40 rows) against a double-precision sum of (q - z) * s * a; prints the largest error
-// relative to the sum of |terms|. tests/kernels/test_quant_tile.py compiles it for this CPU (vector
-// tiles) and without AVX-512 (the plain C++ fallback).
+// tile, the bfloat16 pair tiles: int4's, and int8's from 2 rows, a 1-row remainder at 5; int8 and int4;
+// zero points or none; groups padded to whole units; 1-4 column blocks; 1-40 rows) against a
+// double-precision sum of (q - z) * s * a; prints the largest error relative to the sum of |terms|.
+// tests/kernels/test_quant_tile.py compiles it for this CPU (vector tiles) and without AVX-512 (the plain
+// C++ fallback).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -32,7 +33,7 @@ int main() {
       for (int groups : {1, 3})
         for (int cols : {1, 4})
           for (int zeros : {0, 1})
-            for (int rows : {1, 3, 9, 17, 40}) {
+            for (int rows : {1, 2, 3, 5, 9, 17, 40}) {
               const int unit_k = bits == 8 ? 4 : 8, gu = (gs + unit_k - 1) / unit_k, gp = gu * unit_k;
               const int64_t units = int64_t(groups) * gu, kp = int64_t(groups) * gp;
               std::vector<int> qv(cols * 16 * kp, 0);  // [col][kp], zero in the padding

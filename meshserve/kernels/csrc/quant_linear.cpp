@@ -54,8 +54,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
     a16 = x;
   } else {
     std::tie(a, sx) = quant_args::kernel_rows(x, pm, w, group_size);
-    // bfloat16 x: the same rows as bfloat16 bits (exact) for the dot and brgemm paths and int4's pair tile
-    const bool pairs = m >= quant_tile::kDotRows || bits == 4 || brgemm;
+    // bfloat16 x: the same rows as bfloat16 bits (exact) for the pair, dot and brgemm paths
+    const bool pairs = quant_tile::wants_bf16_rows(static_cast<int>(bits), m) || brgemm;
     if (bf16 && pairs) a16 = a.to(at::kBFloat16);
   }
   const float* as = a.defined() ? a.data_ptr<float>() : nullptr;

@@ -128,7 +128,7 @@ at::Tensor quant_moe_impl(const at::Tensor& x, const at::Tensor& topk_ids, const
   float* hs = h.data_ptr<float>();
   // bfloat16 rows (x's values, and the rounded activations below) also go to the dot path as bfloat16 bits
   const bool dot =
-      !std::is_same_v<T, float> && (pairs >= quant_tile::kDotRows || w13.experts[0].bits == 4 || wide);
+      !std::is_same_v<T, float> && (quant_tile::wants_bf16_rows(w13.experts[0].bits, pairs) || wide);
   run_experts(w13, blocks, a13, dot ? a13.to(at::kBFloat16) : at::Tensor(), sx13, brgemm_rows,
               [&](int64_t p, int64_t col0, int64_t cols, const float* c) {
                 std::copy(c, c + cols, hs + p * 2 * inter + col0);

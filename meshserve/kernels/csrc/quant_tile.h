@@ -57,7 +57,13 @@ constexpr int64_t kPrefetchUnits = 32;  // 2 KiB ahead in each column block's st
 // vdpbf16ps tile of bf16_dot_tile.h (on this machine kind twice the float32 FMA's rate): 8 rows amortise
 // the conversion (about 7 ops per 32 weights) over 8 dot products.
 constexpr int64_t kDotRows = 8;
-constexpr int64_t kDotK = 128;  // k per pair scratch block: 64 pairs x 64 columns x 2 bytes = 16 KiB
+constexpr int64_t kDotK = 128;
+// int8 with bfloat16 rows: from this many rows the small path runs tile_small_int8_pairs (fewer ops per row).
+constexpr int64_t kInt8PairRows = 2;
+
+// Whether bfloat16 activation rows are worth passing as bfloat16 bits too (run_panel's a16): int4's pair
+// tile at any rows, int8's pair and dot tiles from kInt8PairRows.
+inline bool wants_bf16_rows(int bits, int64_t rows) { return bits == 4 || rows >= kInt8PairRows; }  // k per pair scratch block: 64 pairs x 64 columns x 2 bytes = 16 KiB
 
 // One packed weight [n, K] (one expert of a stack).
 struct Matrix {
@@ -115,22 +121,20 @@ inline __m512i shift_left(__m512i v) {  // by Shift bits, right when negative
   else return v;
 }
 
-// v (above) of the 16 integers at k offset KK of a unit's lanes. int8 lanes arrive with their sign bits
-// flipped (unit_bias).
+// v (above) of the 16 integers at k offset KK of a unit's lanes. int8 bytes are two's complement: the
+// field's top bit (the sign) is flipped on the way (q + 128), in the same vpternlogd.
 template <int Bits, int KK>
 inline __m512 unit_v_ps(__m512i lanes) {
   constexpr int kTop = 23 - (Bits == 8 ? 8 : 4);                  // where the field starts in the mantissa
   constexpr int kFrom = Bits == 8 ? 8 * KK : 4 * nibble_slot(KK);  // where it starts in the lane
   const __m512i field = shift_left<kTop - kFrom>(lanes);
   const __m512i mask = _mm512_set1_epi32(Bits == 8 ? 0x007F8000 : 0x00780000);
-  // (field & mask) | 1.0f: vpternlogd's truth table 0xEA is (A & B) | C
-  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(field, mask, _mm512_set1_epi32(0x3F800000), 0xEA));
-}
-
-template <int Bits>
-inline __m512i unit_bias(__m512i v) {  // int8: q + 128 = q with its sign bit flipped
-  if constexpr (Bits == 8) return _mm512_xor_si512(v, _mm512_set1_epi32(static_cast<int32_t>(0x80808080u)));
-  else return v;
+  // int4: (field & mask) | 1.0f (vpternlogd's 0xEA is (A & B) | C); int8: mask ? field ^ C : C with C = 1.0f
+  // and the sign bit (0x6A), so the sign is flipped and the exponent set in one op
+  if constexpr (Bits == 8)
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(field, mask, _mm512_set1_epi32(0x3FC00000), 0x6A));
+  else
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(field, mask, _mm512_set1_epi32(0x3F800000), 0xEA));
 }
 
 // The 16 integers at k offset KK of a unit's lanes, as float32 q (the wide path's dequantization).
@@ -172,7 +176,7 @@ void tile_small(const float* a, int64_t lda, const uint8_t* w, int64_t bstride, 
       for (int j = 0; j < C; ++j)
         _mm_prefetch(reinterpret_cast<const char*>(w + j * bstride + (u + pf) * kUnitBytes), _MM_HINT_T0);
     for (int j = 0; j < C; ++j) {
-      const __m512i v = unit_bias<Bits>(_mm512_loadu_si512(w + j * bstride + u * kUnitBytes));
+      const __m512i v = _mm512_loadu_si512(w + j * bstride + u * kUnitBytes);
       unrolled(std::make_integer_sequence<int, kUnitK>{}, [&](auto kk) {
         constexpr int KK = decltype(kk)::value;
         const __m512 wk = unit_v_ps<Bits, KK>(v);
@@ -243,6 +247,56 @@ void tile_small_pairs(const uint16_t* a, int64_t lda, const uint8_t* w, int64_t 
     for (int r = 0; r < R; ++r) {
       __m512 sum = acc[r][j][0];
       for (int t = 1; t < S; ++t) sum = _mm512_add_ps(sum, acc[r][j][t]);
+      float* cr = c + r * ldc + kBlockCols * j;
+      _mm512_storeu_ps(cr, _mm512_fmadd_ps(sum, sj, _mm512_loadu_ps(cr)));
+    }
+  }
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// tile_small for int8 and bfloat16 rows a (raw bits, lda apart; kInt8PairRows rows and more): the 16 bytes of
+// 4 columns x 4 k of a unit become float32 q by one sign extension (from memory) and one convert, two such
+// vectors one vector of bfloat16 (exact: |q| <= 128) holding column i's pairs (q_k0, q_k1), (q_k2, q_k3) in
+// lanes 2i, 2i + 1, and one vdpbf16ps per row sums 8 columns x 4 k against the broadcast (a_k0, a_k1), (a_k2,
+// a_k3). Per 64 bytes that is 10 ops and 2 per row, against tile_small's 8 and 4: from two rows it does less
+// (at one row more: tile_small stays). The sums are q . a itself (no lane offset, scale 1).
+template <int R, int C>
+void tile_small_int8_pairs(const uint16_t* a, int64_t lda, const uint8_t* w, int64_t bstride, int64_t u0,
+                           int64_t u1, const float* s, int64_t sstride, float* c, int64_t ldc, int64_t pf) {
+  constexpr int kUnitK = 4;
+  __m512 acc[R][C][2];  // [.][.][h]: columns 8h..8h + 7 of the block, two lanes each
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_ps();
+  for (int64_t u = u0; u < u1; ++u) {
+    if (pf)
+      for (int j = 0; j < C; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(w + j * bstride + (u + pf) * kUnitBytes), _MM_HINT_T0);
+    __m512i av[R];
+    for (int r = 0; r < R; ++r) {
+      int64_t four;  // a_k0..a_k3 of this unit
+      std::memcpy(&four, a + r * lda + u * kUnitK, sizeof four);
+      av[r] = _mm512_set1_epi64(four);
+    }
+    for (int j = 0; j < C; ++j) {
+      const uint8_t* unit = w + j * bstride + u * kUnitBytes;
+      for (int h = 0; h < 2; ++h) {
+        auto q_ps = [&](int at) {
+          return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(unit + at))));
+        };
+        const __m512bh pairs = _mm512_cvtne2ps_pbh(q_ps(32 * h + 16), q_ps(32 * h));
+        for (int r = 0; r < R; ++r) acc[r][j][h] = _mm512_dpbf16_ps(acc[r][j][h], (__m512bh)av[r], pairs);
+      }
+    }
+  }
+  // column i of the block: lanes 2i and 2i + 1 of acc[h = i / 8] (vpermt2ps picks across the two)
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int j = 0; j < C; ++j) {
+    const __m512 sj = _mm512_loadu_ps(s + j * sstride);
+    for (int r = 0; r < R; ++r) {
+      const __m512 sum = _mm512_add_ps(_mm512_permutex2var_ps(acc[r][j][0], even, acc[r][j][1]),
+                                       _mm512_permutex2var_ps(acc[r][j][0], odd, acc[r][j][1]));
       float* cr = c + r * ldc + kBlockCols * j;
       _mm512_storeu_ps(cr, _mm512_fmadd_ps(sum, sj, _mm512_loadu_ps(cr)));
     }
@@ -430,6 +484,11 @@ void run_panel_c(const Matrix& m, int64_t block, const float* a, const uint16_t*
     return;
   }
   constexpr int64_t step = kSmallK / kUnitK;
+#if defined(__AVX512BF16__)
+  const bool int8_pairs = Bits == 8 && a16 && rows >= kInt8PairRows;
+#else
+  const bool int8_pairs = false;
+#endif
   for (int64_t b0 = 0; b0 < units; b0 += step) {  // K blocks: later row groups find the block in L1
     const int64_t b1 = std::min(units, b0 + step);
     for (int64_t r = 0; r < rows; r += kTileRows) {
@@ -438,6 +497,13 @@ void run_panel_c(const Matrix& m, int64_t block, const float* a, const uint16_t*
         for (int64_t u0 = b0; u0 < b1;) {  // the parts of groups inside this K block
           const int64_t g = u0 / m.group_units, u1 = std::min(b1, (g + 1) * m.group_units);
 #if defined(__AVX512BF16__)
+          if (int8_pairs) {
+            tile_small_int8_pairs<decltype(rr)::value, C>(a16 + r * lda, lda, w, bstride, u0, u1,
+                                                          s + g * kBlockCols, sstride, c + r * kPanelCols,
+                                                          kPanelCols, pf);
+            u0 = u1;
+            continue;
+          }
           if (Bits == 4 && a16) {
             tile_small_pairs<decltype(rr)::value, C>(a16 + r * lda, lda, w, bstride, u0, u1, s + g * kBlockCols,
                                                      sstride, c + r * kPanelCols, kPanelCols, pf);
@@ -452,7 +518,7 @@ void run_panel_c(const Matrix& m, int64_t block, const float* a, const uint16_t*
       });
     }
   }
-  add_zero_terms<C>(m, block, sx, rows, c, kPanelCols, kLaneOffset<Bits>);
+  add_zero_terms<C>(m, block, sx, rows, c, kPanelCols, int8_pairs ? 0.f : kLaneOffset<Bits>);
 }
 
 // c[r][0..64) = a[r] . W[panel's columns]^T for `rows` rows (the columns past n are garbage). a: float32
