@@ -112,6 +112,21 @@ def test_decode_tiles_over_odd_kv_lengths(dtype, group, dim, threads):
     torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_decode_tile_row_with_a_wholly_hidden_chunk(dtype, dim):
+    """A 4-row causal task (the decode tile) whose first row ends on a chunk's last position: the next
+    chunk is all masked for that row (its probabilities 0, its running max and sum untouched) while the
+    other rows see part of it."""
+    meta, cache, q, k, v = random_step([(31, 4), (60, 3)], 16, 2, 2, dim, dtype, seed=dim)
+    expected = paged_attention(q, k, v, cache.clone(), plan_attention(meta, 16), dim**-0.5)
+    table = plan_tasks(meta, 2, 2, TileSizes(16, 4, 64), 1)
+    assert (table.tasks[:, 2] == 4).any() and (table.tasks[:, 7] == 1).all()  # 4-row causal tasks
+    out = meta_attention(q, k, v, cache, table, dim**-0.5)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+
+
 def test_split_kv_parts_are_combined_for_one_long_decode():
     meta, cache, q, k, v = random_step([(700, 1)], 16, 1, 4, 64, torch.float32, seed=3)
     table = plan_tasks(meta, 4, 1, TileSizes(16, 4, 64), num_threads=2)

@@ -51,29 +51,31 @@ inline void kv_rows(const T* cache, const int32_t* table, const Shapes& s, int64
 // Prefetch the cache lines of one K or V row. A task reads each line once, and with the block table between
 // them the hardware prefetchers lose the stream at every block edge: without this every chunk waits on the
 // memory latency row after row.
-template <typename T>
+// Locality 3 fills L1; 2 stops at L2, whose miss queue holds more lines in flight than L1's, so a request
+// further ahead does not hold back the nearer ones.
+template <int LOCALITY = 3, typename T>
 inline void prefetch_row(const T* row, int64_t D) {
-  for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(row + d, 0, 3);
+  for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(row + d, 0, LOCALITY);
 }
 
 // Prefetch n K rows and their V rows (v_half elements further).
-template <typename T>
+template <int LOCALITY = 3, typename T>
 inline void prefetch_rows(const T* const* rows, int64_t n, int64_t D, int64_t v_half) {
   for (int64_t j = 0; j < n; ++j) {
-    prefetch_row(rows[j], D);
-    prefetch_row(rows[j] + v_half, D);
+    prefetch_row<LOCALITY>(rows[j], D);
+    prefetch_row<LOCALITY>(rows[j] + v_half, D);
   }
 }
 
 // Prefetch KV positions [c0, c0 + n) of KV head h (K and V rows), clipped to [c0, hi).
-template <typename T>
+template <int LOCALITY = 3, typename T>
 inline void prefetch_chunk(const T* cache, const int32_t* table, const Shapes& s, int64_t h, int64_t c0,
                            int64_t hi) {
   const int64_t n = std::min<int64_t>(kChunk, hi - c0);
   if (n <= 0) return;
   const T* rows[kChunk];
   kv_rows(cache, table, s, h, c0, n, s.dim, rows);
-  prefetch_rows(rows, n, s.dim, s.blocks * s.block_size * s.kv_heads * s.dim);
+  prefetch_rows<LOCALITY>(rows, n, s.dim, s.blocks * s.block_size * s.kv_heads * s.dim);
 }
 
 // Rows r = query (r / G) x head (r % G) of task t: acc [rows, D] unnormalised, m / l the running max / sum.

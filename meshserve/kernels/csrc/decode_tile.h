@@ -22,21 +22,37 @@ namespace attention {
 
 constexpr int64_t kDecodeRows = 4;
 
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 
-// 16 values from the cache as float32 (bfloat16: the raw bits shifted into a float's high half).
+// 32 values from p as two float32 vectors: float as they are; bfloat16 as the even elements (the raw bits
+// shifted into a float's high half) and the odd ones (the low half masked off): one 64-byte load and two
+// integer ops, where widening 16 at a time costs a split vpmovzxwd and an insert per 16. Dot products do not
+// care about the order; a sum of V rows leaves its output lanes in that order (interleave32 restores it).
 template <typename T>
-inline f32x16 load16_as_float(const T* p) {
+inline void load32_as_float(const T* p, f32x16& a, f32x16& b) {
   if constexpr (std::is_same_v<T, float>) {
-    return load16(p);
+    a = load16(p);
+    b = load16(p + 16);
   } else {
-    u16x16 bits;
+    u32x16 bits;
     std::memcpy(&bits, p, sizeof(bits));
-    const u32x16 wide = __builtin_convertvector(bits, u32x16) << 16;
-    f32x16 f;
-    std::memcpy(&f, &wide, sizeof(f));
-    return f;
+    const u32x16 even = bits << 16, odd = bits & 0xFFFF0000u;
+    std::memcpy(&a, &even, sizeof(a));
+    std::memcpy(&b, &odd, sizeof(b));
+  }
+}
+
+// Stores the 32 values load32_as_float<T> split into (a, b), in their original order.
+template <typename T>
+inline void store32_in_order(float* p, f32x16 a, f32x16 b) {
+  if constexpr (std::is_same_v<T, float>) {
+    store16(p, a);
+    store16(p + 16, b);
+  } else {
+    const i32x16 lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+    store16(p, __builtin_shuffle(a, b, lo));
+    store16(p + 16, __builtin_shuffle(a, b, lo + 8));
   }
 }
 
@@ -71,44 +87,109 @@ inline void sum4(const f32x16* d, float* s) {
 #endif
 }
 
-// One decode / short task of R rows (mask NONE, CAUSAL or SLIDING; DIM a multiple of 16).
+// Online softmax of one row's chunk scores sc[0, kChunk) over its visible columns [jlo, jhi): sc becomes
+// the probabilities (0 where hidden) and (m, l) the running max and sum; returns the factor the row's
+// accumulator must be scaled by, or -1 when nothing in the chunk is visible (sc all 0, nothing changes).
+inline float softmax_chunk(float* sc, int64_t jlo, int64_t jhi, float& m, float& l) {
+#if defined(__AVX512F__)
+  static_assert(kChunk == 32, "two 16-lane vectors per chunk");
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lo = _mm512_set1_epi32(static_cast<int32_t>(jlo)), hi = _mm512_set1_epi32(static_cast<int32_t>(jhi));
+  __mmask16 vis[2];
+  __m512 x[2];
+  for (int b = 0; b < 2; ++b) {
+    const __m512i j = _mm512_add_epi32(lane, _mm512_set1_epi32(16 * b));
+    vis[b] = _mm512_cmpge_epi32_mask(j, lo) & _mm512_cmplt_epi32_mask(j, hi);
+    x[b] = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), vis[b], sc + 16 * b);
+  }
+  const float cmax = _mm512_reduce_max_ps(_mm512_max_ps(x[0], x[1]));
+  if (cmax == kNegInf) {
+    std::memset(sc, 0, kChunk * sizeof(float));
+    return -1.f;
+  }
+  const float m_new = std::max(m, cmax), alpha = exp_nonpositive(m - m_new);
+  __m512 sum = _mm512_setzero_ps();
+  for (int b = 0; b < 2; ++b) {
+    const __m512 p = _mm512_maskz_mov_ps(vis[b], exp_clamped16(_mm512_sub_ps(x[b], _mm512_set1_ps(m_new))));
+    _mm512_storeu_ps(sc + 16 * b, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  m = m_new;
+  l = l * alpha + _mm512_reduce_add_ps(sum);
+  return alpha;
+#else
+  float cmax = kNegInf;
+  for (int64_t j = jlo; j < jhi; ++j) cmax = std::max(cmax, sc[j]);
+  if (cmax == kNegInf) {
+    std::fill(sc, sc + kChunk, 0.f);
+    return -1.f;
+  }
+  const float m_new = std::max(m, cmax), alpha = exp_nonpositive(m - m_new);
+  float sum = 0.f;
+  for (int64_t j = 0; j < kChunk; ++j) {
+    const float p = (j >= jlo && j < jhi) ? exp_nonpositive(sc[j] - m_new) : 0.f;
+    sc[j] = p;
+    sum += p;
+  }
+  m = m_new;
+  l = l * alpha + sum;
+  return alpha;
+#endif
+}
+
+// One decode / short task of R rows (mask NONE, CAUSAL or SLIDING; DIM a multiple of 32). Rows hold 32
+// values per pair of vectors in load32_as_float's order, queries and accumulators alike.
 template <typename T, int DIM, int R>
 void run_decode(const int32_t* t, const T* q, const T* cache, const int32_t* tables, const Shapes& s,
                 float scale, T* out, float* part_acc, float* part_ml) {
+  static_assert(DIM % 32 == 0, "rows are read 32 values at a time");
   constexpr int NV = DIM / 16;
   const int64_t G = s.group, h = t[KV_HEAD], lo = t[KV_LO], hi = t[KV_HI], window = t[WINDOW];
   f32x16 qv[R][NV], acc[R][NV];
   float m[R], l[R], sc[R][kChunk];
   for (int r = 0; r < R; ++r) {
     const T* src = q + ((t[Q_START] + r / G) * s.heads + h * G + r % G) * DIM;
-    for (int i = 0; i < NV; ++i) {
-      qv[r][i] = load16_as_float(src + i * 16) * scale;
-      acc[r][i] = f32x16{};
+    for (int i = 0; i < NV; i += 2) {
+      load32_as_float(src + i * 16, qv[r][i], qv[r][i + 1]);
+      qv[r][i] *= scale;
+      qv[r][i + 1] *= scale;
+      acc[r][i] = acc[r][i + 1] = f32x16{};
     }
     m[r] = kNegInf;
     l[r] = 0.f;
   }
   const int32_t* table = tables + t[SEQ] * s.max_blocks;
   const int64_t v_half = s.v_half;
-  // Row pointers of this chunk and the next. The next chunk's K / V lines are requested a row at a time
-  // inside the score and P.V loops while this chunk computes (one burst per chunk queued on the line fill
-  // buffers and was slower); the first chunk's go out at once.
+  // Row pointers of this chunk, the next and the one after. The next chunk's K / V lines are requested into
+  // L1 a row at a time inside the score and P.V loops while this chunk computes (one burst per chunk queued
+  // on the line fill buffers and was slower), the chunk after's into L2: one chunk ahead alone leaves a
+  // chunk's worth of DRAM latency exposed when the KV is cold (it is, in a forward through all layers).
   const T* rows_a[kChunk];
   const T* rows_b[kChunk];
+  const T* rows_c[kChunk];
   const T** krow = rows_a;
   const T** next = rows_b;
+  const T** after = rows_c;
   kv_rows(cache, table, s, h, lo, std::min(kChunk, hi - lo), DIM, krow);
   prefetch_rows(krow, std::min(kChunk, hi - lo), DIM, v_half);
+  const int64_t n_second = std::min(kChunk, hi - lo - kChunk);
+  if (n_second > 0) kv_rows(cache, table, s, h, lo + kChunk, n_second, DIM, next);
+  for (int64_t j = 0; j < n_second; ++j) {
+    prefetch_row<2>(next[j], DIM);
+    prefetch_row<2>(next[j] + v_half, DIM);
+  }
   for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
     const int64_t n = std::min(kChunk, hi - c0), n_next = std::min(kChunk, hi - c0 - kChunk);
-    if (n_next > 0) kv_rows(cache, table, s, h, c0 + kChunk, n_next, DIM, next);
+    const int64_t n_after = std::min(kChunk, hi - c0 - 2 * kChunk);
+    if (n_after > 0) kv_rows(cache, table, s, h, c0 + 2 * kChunk, n_after, DIM, after);
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {  // 4 positions' dot products reduced together (sum4)
       f32x16 dot[R][4];
       for (int jj = 0; jj < 4; ++jj) {
         if (j + jj < n_next) prefetch_row(next[j + jj], DIM);
+        if (j + jj < n_after) prefetch_row<2>(after[j + jj], DIM);
         f32x16 k[NV];
-        for (int i = 0; i < NV; ++i) k[i] = load16_as_float(krow[j + jj] + i * 16);
+        for (int i = 0; i < NV; i += 2) load32_as_float(krow[j + jj] + i * 16, k[i], k[i + 1]);
         for (int r = 0; r < R; ++r) {
           dot[r][jj] = k[0] * qv[r][0];
           for (int i = 1; i < NV; ++i) dot[r][jj] += k[i] * qv[r][i];
@@ -118,8 +199,9 @@ void run_decode(const int32_t* t, const T* q, const T* cache, const int32_t* tab
     }
     for (; j < n; ++j) {
       if (j < n_next) prefetch_row(next[j], DIM);
+      if (j < n_after) prefetch_row<2>(after[j], DIM);
       f32x16 k[NV];
-      for (int i = 0; i < NV; ++i) k[i] = load16_as_float(krow[j] + i * 16);
+      for (int i = 0; i < NV; i += 2) load32_as_float(krow[j] + i * 16, k[i], k[i + 1]);
       for (int r = 0; r < R; ++r) {
         f32x16 dot = k[0] * qv[r][0];
         for (int i = 1; i < NV; ++i) dot += k[i] * qv[r][i];
@@ -127,43 +209,31 @@ void run_decode(const int32_t* t, const T* q, const T* cache, const int32_t* tab
       }
     }
     for (int r = 0; r < R; ++r) soft_cap(sc[r], n, s.softcap);
-    for (int r = 0; r < R; ++r) {  // online softmax of row r over the chunk's visible columns [jlo, jhi)
+    for (int r = 0; r < R; ++r) {  // row r's visible columns [jlo, jhi) of the chunk
       const int64_t qpos = t[Q_POS0] + r / G;
       int64_t jlo = 0, jhi = n;
       if (t[MASK] != NONE) {
         jhi = std::min<int64_t>(n, qpos + 1 - c0);
         if (t[MASK] == SLIDING) jlo = std::max<int64_t>(0, qpos - window + 1 - c0);
       }
-      float cmax = kNegInf;
-      for (int64_t j = jlo; j < jhi; ++j) cmax = std::max(cmax, sc[r][j]);
-      if (cmax == kNegInf) {  // nothing visible to this row in this chunk
-        std::fill(sc[r], sc[r] + n, 0.f);
-        continue;
-      }
-      const float m_new = std::max(m[r], cmax), alpha = exp_nonpositive(m[r] - m_new);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < kChunk; ++j) {
-        const float p = (j >= jlo && j < jhi) ? exp_nonpositive(sc[r][j] - m_new) : 0.f;
-        sc[r][j] = p;
-        sum += p;
-      }
-      m[r] = m_new;
-      l[r] = l[r] * alpha + sum;
-      for (int i = 0; i < NV; ++i) acc[r][i] *= alpha;
+      const float alpha = softmax_chunk(sc[r], jlo, jhi, m[r], l[r]);
+      if (alpha >= 0.f)
+        for (int i = 0; i < NV; ++i) acc[r][i] *= alpha;
     }
     for (int64_t j = 0; j < n; ++j) {
       if (j < n_next) prefetch_row(next[j] + v_half, DIM);
+      if (j < n_after) prefetch_row<2>(after[j] + v_half, DIM);
       f32x16 v[NV];
-      for (int i = 0; i < NV; ++i) v[i] = load16_as_float(krow[j] + v_half + i * 16);
+      for (int i = 0; i < NV; i += 2) load32_as_float(krow[j] + v_half + i * 16, v[i], v[i + 1]);
       for (int r = 0; r < R; ++r)
         for (int i = 0; i < NV; ++i) acc[r][i] += sc[r][j] * v[i];
     }
     std::swap(krow, next);
+    std::swap(next, after);
   }
   float rows_acc[R * DIM];
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < NV; ++i) store16(rows_acc + r * DIM + i * 16, acc[r][i]);
+    for (int i = 0; i < NV; i += 2) store32_in_order<T>(rows_acc + r * DIM + i * 16, acc[r][i], acc[r][i + 1]);
   finish_task(t, s, rows_acc, m, l, R, DIM, out, part_acc, part_ml);
 }
 

@@ -90,7 +90,7 @@ void run_task(const int32_t* t, const T* q, const T* cache, const int32_t* table
   // Few rows (decodes): K rows stay as they are and each score is one dot product; transposing K would
   // cost more than the rows save.
   const bool direct = rows <= kDirectRows;
-  if constexpr (DIM > 0 && DIM % 16 == 0) {  // the common head dims: decode_tile.h, prefill_tile.h
+  if constexpr (DIM > 0 && DIM % 32 == 0) {  // the common head dims: decode_tile.h, prefill_tile.h
     if (t[MASK] != TREE && direct)
       return run_decode_rows<T, DIM>(rows, t, q, cache, tables, s, scale, out, part_acc, part_ml);
     if (t[MASK] != TREE) return run_tile<T, DIM>(t, q, cache, tables, s, scale, out, part_acc, part_ml, buf);
@@ -235,8 +235,15 @@ void execute(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tab
   at::parallel_for(0, thread_starts.size(0) - 1, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     for (int64_t w = begin; w < end; ++w)
-      for (int64_t i = starts[w]; i < starts[w + 1]; ++i)
+      for (int64_t i = starts[w]; i < starts[w + 1]; ++i) {
+        // The next task's first KV lines, into L2 while this one runs: a task otherwise starts on a cold
+        // chunk (a decode's whole range is a few chunks, so that wait is a large share of it).
+        if (i + 1 < starts[w + 1]) {
+          const int32_t* n = task + (i + 1) * NCOLS;
+          prefetch_chunk<2>(cp, tp + n[SEQ] * s.max_blocks, s, n[KV_HEAD], n[KV_LO], n[KV_HI]);
+        }
         run(task + i * NCOLS, qp, cp, tp, bits, s, sc, op, pa, pm, buf);
+      }
   });
   const int32_t* cb = combine.data_ptr<int32_t>();
   at::parallel_for(0, combine.size(0), 1, [&](int64_t begin, int64_t end) {
