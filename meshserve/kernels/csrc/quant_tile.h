@@ -57,13 +57,13 @@ constexpr int64_t kPrefetchUnits = 32;  // 2 KiB ahead in each column block's st
 // vdpbf16ps tile of bf16_dot_tile.h (on this machine kind twice the float32 FMA's rate): 8 rows amortise
 // the conversion (about 7 ops per 32 weights) over 8 dot products.
 constexpr int64_t kDotRows = 8;
-constexpr int64_t kDotK = 128;
+constexpr int64_t kDotK = 128;  // k per pair scratch block: 64 pairs x 64 columns x 2 bytes = 16 KiB
 // int8 with bfloat16 rows: from this many rows the small path runs tile_small_int8_pairs (fewer ops per row).
 constexpr int64_t kInt8PairRows = 2;
 
 // Whether bfloat16 activation rows are worth passing as bfloat16 bits too (run_panel's a16): int4's pair
 // tile at any rows, int8's pair and dot tiles from kInt8PairRows.
-inline bool wants_bf16_rows(int bits, int64_t rows) { return bits == 4 || rows >= kInt8PairRows; }  // k per pair scratch block: 64 pairs x 64 columns x 2 bytes = 16 KiB
+inline bool wants_bf16_rows(int bits, int64_t rows) { return bits == 4 || rows >= kInt8PairRows; }
 
 // One packed weight [n, K] (one expert of a stack).
 struct Matrix {
