@@ -84,7 +84,7 @@ class AsyncLLM:
         self._drained = threading.Event()  # the loop has ended: calls left in the inbox only get EngineDead
         # Set by the event loop once it has run the streams a step's outputs woke (see _run).
         self._taken = threading.Event()
-        self._wait_for_loop = _no_spare_core(engine)
+        self._wait_for_loop = _no_spare_core(engine.config)
         self.error: BaseException | None = None
         self._tokenize = PromptTokenizer(engine.tokenizer)
         self._thread = threading.Thread(target=self._run, name="meshserve-engine", daemon=True)
@@ -335,8 +335,6 @@ def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]], taken: threading.
     asyncio.get_running_loop().call_soon(taken.set)
 
 
-def _no_spare_core(engine: Any) -> bool:
+def _no_spare_core(config: EngineConfig) -> bool:
     """The engine's forward runs on every core this process may use (no core left for the event loop)."""
-    config = getattr(engine, "config", None)
-    threads = getattr(config, "num_threads", None)
-    return getattr(config, "device", "cpu") == "cpu" and threads is not None and threads >= available_cores()
+    return config.device == "cpu" and config.num_threads >= available_cores()
